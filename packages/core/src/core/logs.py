@@ -1,0 +1,216 @@
+"""Text logs and metric logs of a run.
+
+- :func:`setup_logging`: Python logging to stderr and ``<run>/train.log`` (rank 0; other ranks
+  print warnings and errors only, prefixed with their rank).
+- :class:`MetricsLogger`: one JSON object per log event in ``<run>/metrics.jsonl`` (always),
+  plus Weights & Biases and TensorBoard when enabled, and ``metrics.csv`` at the end.
+
+Self-check: ``python -m core.logs``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import sys
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from core.errors import UserError
+from core.settings import LoggerConfig
+
+log = logging.getLogger(__name__)
+
+_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_HANDLER_TAG = "_core_handler"
+
+
+def setup_logging(run_dir: Path | None, rank: int = 0, level: int = logging.INFO) -> None:
+    """Send log records to stderr and, on rank 0, to ``<run_dir>/train.log``.
+
+    Calling it again (e.g. once the run folder is known) replaces the handlers it added before.
+
+    Args:
+        run_dir: the run folder, or None before it exists.
+        rank: global rank of this process.
+        level: level of rank 0 (other ranks log warnings and above).
+    """
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, _HANDLER_TAG, False)]:
+        root.removeHandler(handler)
+        handler.close()
+    fmt = _FORMAT if rank == 0 else f"[rank {rank}] {_FORMAT}"
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(logging.Formatter(fmt, datefmt="%H:%M:%S"))
+    setattr(stream, _HANDLER_TAG, True)
+    root.addHandler(stream)
+    if run_dir is not None and rank == 0:
+        file = logging.FileHandler(Path(run_dir) / "train.log", encoding="utf-8")
+        file.setFormatter(logging.Formatter(_FORMAT))
+        setattr(file, _HANDLER_TAG, True)
+        root.addHandler(file)
+    root.setLevel(level if rank == 0 else logging.WARNING)
+    # Libraries that are chatty at INFO level.
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain Python numbers for tensors / numpy scalars; NaN and inf become strings."""
+    if hasattr(value, "item") and callable(value.item):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """All records of a ``metrics.jsonl`` file (missing file: empty list)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+class MetricsLogger:
+    """Writes metrics of rank 0 to ``metrics.jsonl`` and the optional loggers.
+
+    Args:
+        run_dir: the run folder.
+        cfg: the ``logger`` config group.
+        config: the resolved run config as plain data (sent to W&B).
+        run_name: display name for W&B.
+        enabled: False on ranks other than 0 (every call is then a no-op).
+    """
+
+    def __init__(self, run_dir: Path, cfg: LoggerConfig, config: Mapping[str, Any], run_name: str, enabled: bool = True) -> None:
+        self.run_dir = Path(run_dir)
+        self.cfg = cfg
+        self.enabled = enabled
+        self.path = self.run_dir / "metrics.jsonl"
+        self._wandb = None
+        self._tensorboard = None
+        if not enabled:
+            return
+        if cfg.wandb:
+            self._wandb = self._start_wandb(config, run_name)
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:
+                raise UserError(
+                    "logger.tensorboard=true needs the tensorboard package: install core[tensorboard] "
+                    f"(uv sync --extra tensorboard) or set logger.tensorboard=false. ({err})"
+                ) from None
+            self._tensorboard = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+
+    def _start_wandb(self, config: Mapping[str, Any], run_name: str) -> Any:
+        """Start (or resume, same id) a W&B run in ``<run>/wandb``; the key comes from the environment only."""
+        import wandb
+
+        mode = self.cfg.wandb_mode
+        if os.environ.get("WANDB_MODE") in ("offline", "disabled"):
+            mode = os.environ["WANDB_MODE"]  # the user's environment wins, e.g. on nodes without network
+        if mode == "online" and not os.environ.get("WANDB_API_KEY"):
+            log.warning("W&B: no WANDB_API_KEY in the environment; using the key of `wandb login` if there is one.")
+        run_id_file = self.run_dir / ".wandb_id"
+        run_id = run_id_file.read_text().strip() if run_id_file.is_file() else uuid.uuid4().hex[:12]
+        run_id_file.write_text(run_id)
+        return wandb.init(
+            project=self.cfg.wandb_project,
+            entity=self.cfg.wandb_entity,
+            name=run_name,
+            id=run_id,
+            resume="allow",
+            dir=str(self.run_dir),
+            config=dict(config),
+            mode=mode,
+        )
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        """Write one log event.
+
+        Args:
+            metrics: ``{key: number}``, e.g. ``{"train/loss": 2.3, "lr": 1e-4}``.
+            step: the optimizer step the metrics belong to.
+        """
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        numeric = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+        if self._wandb is not None:
+            self._wandb.log(numeric, step=int(step))
+        if self._tensorboard is not None:
+            for key, value in numeric.items():
+                self._tensorboard.add_scalar(key, value, global_step=int(step))
+
+    def truncate_after(self, step: int) -> int:
+        """Drop records after ``step`` (a resume repeats them), moving them to ``metrics.discarded.jsonl``.
+
+        Args:
+            step: the step the run resumes from.
+
+        Returns:
+            How many records were moved.
+        """
+        if not self.enabled or not self.path.is_file():
+            return 0
+        records = read_metrics(self.path)
+        keep = [r for r in records if r["step"] <= step]
+        dropped = [r for r in records if r["step"] > step]
+        if dropped:
+            with open(self.run_dir / "metrics.discarded.jsonl", "a", encoding="utf-8") as handle:
+                handle.writelines(json.dumps(r) + "\n" for r in dropped)
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
+            os.replace(tmp, self.path)
+        return len(dropped)
+
+    def write_csv(self) -> Path | None:
+        """Write ``metrics.csv`` with one column per key seen (empty cells where a key is absent)."""
+        if not self.enabled or not self.cfg.csv:
+            return None
+        records = read_metrics(self.path)
+        if not records:
+            return None
+        columns = ["step"] + sorted({k for r in records for k in r} - {"step"})
+        out = self.run_dir / "metrics.csv"
+        with open(out, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(records)
+        return out
+
+    def close(self) -> None:
+        """Flush and close the optional loggers."""
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
+
+
+if __name__ == "__main__":  # self-check: python -m core.logs
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        setup_logging(Path(tmp))
+        logger = MetricsLogger(Path(tmp), LoggerConfig(), {}, "selfcheck")
+        for step in range(1, 6):
+            logger.log({"train/loss": 1.0 / step, "lr": 1e-3}, step)
+        logger.log({"val/loss": 0.5}, 5)
+        assert logger.truncate_after(3) == 3
+        logger.write_csv()
+        logging.getLogger("core").info("hello from the self-check")
+        print((Path(tmp) / "metrics.csv").read_text(), end="")
+        assert "hello" in (Path(tmp) / "train.log").read_text()
+    print("core.logs: ok")

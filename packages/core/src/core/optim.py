@@ -1,0 +1,174 @@
+"""Optimizers by name and learning-rate schedules with warmup.
+
+- :func:`parameter_groups`: weight decay only on weight matrices (not biases, norms, embeddings
+  of norms); frozen parameters are left out.
+- :func:`build_optimizer`: ``adamw``, ``adamw_fused``, ``sgd``, ``adafactor`` (transformers),
+  ``adamw_8bit`` / ``paged_adamw_8bit`` / ``paged_adamw_32bit`` (bitsandbytes).
+- :class:`WarmupSchedule`: linear warmup, then constant, linear or cosine decay, as a
+  multiplicative factor for ``LambdaLR`` (so per-group learning rates keep their ratios).
+
+Self-check: ``python -m core.optim``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from core.errors import ConfigError
+from core.settings import OptimConfig
+
+_NO_DECAY_HINTS = ("bias", "norm", "ln_", "layernorm", "layer_norm", "rmsnorm")
+
+
+def parameter_groups(model: nn.Module, weight_decay: float, lr: float | None = None, name: str = "") -> list[dict[str, Any]]:
+    """Split a model's trainable parameters into decay / no-decay groups.
+
+    Args:
+        model: the module.
+        weight_decay: decay of the weight group.
+        lr: optional learning rate for both groups (default: the optimizer's).
+        name: label kept in each group (shows up in logs as ``lr/<name>``).
+
+    Returns:
+        Up to two param-group dicts; empty groups are dropped.
+    """
+    decay, no_decay = [], []
+    for pname, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        lowered = pname.lower()
+        if param.ndim < 2 or any(h in lowered for h in _NO_DECAY_HINTS):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    groups = []
+    for params, wd, suffix in ((decay, weight_decay, "decay"), (no_decay, 0.0, "no_decay")):
+        if params:
+            group: dict[str, Any] = {"params": params, "weight_decay": wd, "name": f"{name}{'/' if name else ''}{suffix}"}
+            if lr is not None:
+                group["lr"] = lr
+            groups.append(group)
+    return groups
+
+
+def _bnb() -> Any:
+    try:
+        import bitsandbytes as bnb
+    except ImportError as err:
+        raise ConfigError(
+            "The 8-bit / paged optimizers need bitsandbytes: install core[bnb] "
+            f"(it comes with lora_llm) or choose optim.name=adamw. ({err})"
+        ) from None
+    return bnb
+
+
+def build_optimizer(groups: Iterable[dict[str, Any]], cfg: OptimConfig, device_type: str = "cpu") -> torch.optim.Optimizer:
+    """Create the optimizer named in ``cfg.name`` over the given parameter groups.
+
+    Args:
+        groups: param groups (from :func:`parameter_groups` or a task's own split).
+        cfg: the ``optim`` config group.
+        device_type: ``cpu`` / ``cuda``: ``adamw_fused`` needs CUDA.
+
+    Returns:
+        The optimizer; every group has ``initial_lr`` set for the schedule.
+    """
+    groups = [dict(g) for g in groups]
+    if not any(g["params"] for g in groups):
+        raise ConfigError("No trainable parameters: every parameter is frozen. Check the model's freezing switches.")
+    betas = tuple(cfg.betas)
+    if cfg.name == "adamw":
+        opt: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    elif cfg.name == "adamw_fused":
+        if device_type != "cuda":
+            raise ConfigError("optim.name=adamw_fused needs a CUDA device; use optim.name=adamw on the CPU.")
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay, fused=True)
+    elif cfg.name == "sgd":
+        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    elif cfg.name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # A fixed, scheduled learning rate (the users' recipe), not Adafactor's relative step size.
+        opt = Adafactor(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, scale_parameter=False, relative_step=False, warmup_init=False)
+    elif cfg.name in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"):
+        bnb = _bnb()
+        cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit, "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[cfg.name]
+        opt = cls(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    else:  # pragma: no cover - the config's Literal type rules this out
+        raise ConfigError(f"Unknown optimizer optim.name={cfg.name!r}.")
+    for group in opt.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+    return opt
+
+
+class WarmupSchedule:
+    """Learning-rate factor for step ``s``: linear warmup to 1, then the chosen decay.
+
+    Args:
+        total_steps: optimizer steps of the whole run.
+        warmup_steps: steps of linear warmup.
+        kind: ``constant``, ``linear`` or ``cosine``.
+        min_ratio: factor at the last step for ``linear`` / ``cosine``.
+    """
+
+    def __init__(self, total_steps: int, warmup_steps: int, kind: str, min_ratio: float = 0.0) -> None:
+        self.total_steps = max(1, total_steps)
+        self.warmup_steps = max(0, min(warmup_steps, self.total_steps))
+        self.kind = kind
+        self.min_ratio = min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        if self.kind == "constant":
+            return 1.0
+        span = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        if self.kind == "linear":
+            shape = 1.0 - progress
+        else:
+            shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.min_ratio + (1.0 - self.min_ratio) * shape
+
+
+def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
+    """Warmup length in steps: ``warmup_steps`` if set, else ``warmup_ratio * total_steps``."""
+    return cfg.warmup_steps if cfg.warmup_steps > 0 else int(math.ceil(cfg.warmup_ratio * total_steps))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """A ``LambdaLR`` stepping once per optimizer step.
+
+    Args:
+        optimizer: the optimizer.
+        cfg: the ``optim`` group.
+        total_steps: optimizer steps of the whole run.
+    """
+    schedule = WarmupSchedule(total_steps, warmup_steps(cfg, total_steps), cfg.scheduler, cfg.min_lr_ratio)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=schedule)
+
+
+if __name__ == "__main__":  # self-check: python -m core.optim
+    model = nn.Sequential()
+    model.add_module("proj", nn.Linear(4, 4))
+    model.add_module("norm", nn.LayerNorm(4))
+    groups = parameter_groups(model, weight_decay=0.1)
+    assert [len(g["params"]) for g in groups] == [1, 3]
+    for name in ("adamw", "sgd", "adafactor", "adamw_8bit", "paged_adamw_8bit"):
+        opt = build_optimizer(groups, OptimConfig(name=name, lr=1e-3))
+        print(f"{name:>16}: {type(opt).__module__}.{type(opt).__name__}")
+    opt = build_optimizer(groups, OptimConfig(lr=1.0))
+    sched = build_scheduler(opt, OptimConfig(lr=1.0, warmup_steps=2, scheduler="cosine"), total_steps=10)
+    lrs = []
+    for _ in range(10):
+        lrs.append(round(opt.param_groups[0]["lr"], 3))
+        opt.step()
+        sched.step()
+    print("cosine with 2 warmup steps:", lrs)
+    assert lrs[0] < lrs[1] < lrs[2] == 1.0 and lrs[-1] < 0.1
+    print("core.optim: ok")

@@ -1,0 +1,300 @@
+"""The engine's config groups: ``run``, ``trainer``, ``optim``, ``checkpoint``, ``fsdp``, ``logger``, ``debug``.
+
+A task package defines its root config by subclassing :class:`TrainConfig` and adding its own
+groups (``data``, ``model``, ...). Every field has a docstring; ``train --help`` prints them.
+Range checks live in ``__post_init__`` so a bad value fails when the config is built, with the
+key in the message.
+
+Self-check: ``python -m core.settings``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+from core.errors import ConfigError
+
+Precision = Literal["auto", "32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true"]
+
+
+@dataclass
+class RunConfig:
+    """Where the run folder goes and what it is called."""
+
+    root: Path = Path("runs")
+    """Folder holding every run folder; each run gets ``NNN_YYYYMMDD_HHMMSS[_name]`` inside it."""
+    name: str = ""
+    """Optional suffix of the run folder name (letters, digits, ``-``, ``_``, ``.``)."""
+    dir: Optional[Path] = None
+    """Use this run folder instead of a new one (created if missing). ``latest`` picks the newest
+    run folder under ``run.root`` (with ``run.name`` if set). With ``trainer.resume=auto`` the run
+    continues from that folder's newest checkpoint."""
+
+    def __post_init__(self) -> None:
+        bad = [c for c in self.name if not (c.isalnum() or c in "-_.")]
+        if bad:
+            raise ConfigError(
+                f"Config key 'run.name' = {self.name!r} contains {''.join(sorted(set(bad)))!r}; "
+                "use letters, digits, '-', '_' or '.' only (it becomes part of a folder name)."
+            )
+
+
+@dataclass
+class TrainerConfig:
+    """Hardware, precision, loop length, accumulation, validation and checkpoint cadence."""
+
+    accelerator: Literal["auto", "cpu", "cuda", "gpu", "mps"] = "auto"
+    """Device type; ``auto`` picks CUDA when available, else the CPU."""
+    devices: Union[int, str] = "auto"
+    """Devices per node: a number, ``auto`` (all visible GPUs, or 1 CPU process), or a list like ``0,1``."""
+    num_nodes: int = 1
+    """Number of nodes (under SLURM: ``$SLURM_NNODES``)."""
+    strategy: str = "auto"
+    """``auto`` (DDP on several devices), ``ddp``, ``fsdp`` (see the ``fsdp`` group), or a DeepSpeed
+    stage such as ``deepspeed_stage_2`` / ``deepspeed_stage_3`` (needs ``core[deepspeed]``)."""
+    precision: Precision = "auto"
+    """``auto`` = ``bf16-mixed`` on GPUs that support bfloat16, else ``32-true``. Also ``bf16-true``,
+    ``16-mixed`` (GPU only), ``32-true``."""
+    max_steps: Optional[int] = None
+    """Stop after this many optimizer steps (null: no step limit)."""
+    max_epochs: Optional[int] = None
+    """Stop after this many passes over the training data (null: no epoch limit when
+    ``max_steps`` is set, else 1 epoch)."""
+    batch_size: int = 8
+    """Micro-batch size per device (samples per forward pass)."""
+    eval_batch_size: Optional[int] = None
+    """Batch size per device for validation and evaluation (null: same as ``batch_size``)."""
+    accumulate_grad_batches: int = 1
+    """Micro-batches per optimizer step; gradient sync is skipped on all but the last one."""
+    loss_normalization: Literal["token", "mean"] = "token"
+    """``token``: the loss of an optimizer step is the sum of token losses divided by the number of
+    loss tokens in the whole step, over all micro-batches and ranks (accumulation-invariant).
+    ``mean``: the average of per-micro-batch mean losses (the classic, length-biased way)."""
+    gradient_clip_val: Optional[float] = 1.0
+    """Clip the global gradient norm to this value (null: no clipping)."""
+    log_every_n_steps: int = 10
+    """Write training loss, learning rate and throughput every N optimizer steps."""
+    val_every_n_steps: Optional[int] = None
+    """Validate every N optimizer steps (null: only at the end)."""
+    val_at_end: bool = True
+    """Validate once more when training ends."""
+    limit_val_batches: Optional[int] = None
+    """Use at most this many validation batches per rank (null: all; handy for smoke tests)."""
+    ckpt_every_n_steps: Optional[int] = None
+    """Save a checkpoint every N optimizer steps (null: at each validation, or only at the end)."""
+    seed: int = 42
+    """Seed for Python, NumPy, torch (all devices), data order and data-loader workers."""
+    deterministic: Union[bool, Literal["warn"]] = False
+    """Use deterministic algorithms (and the cuDNN / cuBLAS settings they need); ``warn`` only
+    warns about non-deterministic ops instead of failing."""
+    resume: Optional[str] = "auto"
+    """``auto``: continue from the newest complete checkpoint of the run folder if it has one
+    (a new run folder has none; a requeued SLURM job or ``run.dir`` reuses one). A path: start
+    from that checkpoint. null: never resume (fails if the run folder already has checkpoints)."""
+    num_workers: int = 0
+    """Data-loader worker processes per rank (0: load in the training process)."""
+    group_by_length: bool = False
+    """Batch samples of similar length together (less padding); order stays seeded."""
+    find_unused_parameters: bool = False
+    """DDP only: search for parameters without gradients each step (slow; only if really needed)."""
+    matmul_precision: Literal["highest", "high", "medium"] = "high"
+    """``torch.set_float32_matmul_precision``: ``high`` allows TF32 on Ampere+ GPUs."""
+
+    def __post_init__(self) -> None:
+        positive = {
+            "trainer.num_nodes": self.num_nodes,
+            "trainer.batch_size": self.batch_size,
+            "trainer.accumulate_grad_batches": self.accumulate_grad_batches,
+            "trainer.log_every_n_steps": self.log_every_n_steps,
+        }
+        optional_positive = {
+            "trainer.max_steps": self.max_steps,
+            "trainer.max_epochs": self.max_epochs,
+            "trainer.eval_batch_size": self.eval_batch_size,
+            "trainer.val_every_n_steps": self.val_every_n_steps,
+            "trainer.ckpt_every_n_steps": self.ckpt_every_n_steps,
+            "trainer.limit_val_batches": self.limit_val_batches,
+        }
+        for key, value in {**positive, **optional_positive}.items():
+            if value is not None and value < 1:
+                raise ConfigError(f"Config key '{key}' must be at least 1, got {value}.")
+        if self.gradient_clip_val is not None and self.gradient_clip_val <= 0:
+            raise ConfigError(f"Config key 'trainer.gradient_clip_val' must be positive or null, got {self.gradient_clip_val}.")
+        if self.num_workers < 0:
+            raise ConfigError(f"Config key 'trainer.num_workers' must be 0 or more, got {self.num_workers}.")
+
+    @property
+    def epoch_limit(self) -> Optional[int]:
+        """Epochs to train: ``max_epochs``, or 1 when neither limit is set, or None (unlimited)
+        when only ``max_steps`` is set."""
+        if self.max_epochs is None and self.max_steps is None:
+            return 1
+        return self.max_epochs
+
+    @property
+    def val_batch_size(self) -> int:
+        """Batch size used for validation and evaluation."""
+        return self.eval_batch_size or self.batch_size
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule."""
+
+    name: Literal["adamw", "adamw_fused", "sgd", "adafactor", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "adamw"
+    """``adamw`` (torch), ``adamw_fused`` (CUDA), ``sgd``, ``adafactor`` (transformers, with a fixed
+    learning rate), or a bitsandbytes optimizer: ``adamw_8bit``, ``paged_adamw_8bit``, ``paged_adamw_32bit``."""
+    lr: float = 3e-4
+    """Peak learning rate (reached after warmup)."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay; never applied to biases and normalisation weights."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam betas (beta1, beta2)."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    momentum: float = 0.0
+    """SGD momentum."""
+    scheduler: Literal["constant", "linear", "cosine"] = "cosine"
+    """Learning-rate shape after warmup: ``constant``, ``linear`` decay or ``cosine`` decay."""
+    warmup_steps: int = 0
+    """Linear warmup over this many optimizer steps (takes precedence over ``warmup_ratio``)."""
+    warmup_ratio: float = 0.0
+    """Warmup as a fraction of the total optimizer steps (used when ``warmup_steps`` is 0)."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate of ``linear`` / ``cosine`` decay as a fraction of ``lr``."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"Config key 'optim.lr' must be positive, got {self.lr}.")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"Config key 'optim.warmup_ratio' must be in [0, 1), got {self.warmup_ratio}.")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"Config key 'optim.warmup_steps' must be 0 or more, got {self.warmup_steps}.")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"Config key 'optim.min_lr_ratio' must be in [0, 1], got {self.min_lr_ratio}.")
+        if self.weight_decay < 0:
+            raise ConfigError(f"Config key 'optim.weight_decay' must be 0 or more, got {self.weight_decay}.")
+
+
+@dataclass
+class CheckpointConfig:
+    """Which checkpoints are kept and which model ends up in ``final/``."""
+
+    keep_last: int = 2
+    """Keep the newest N checkpoints (0: none beyond the best ones)."""
+    keep_best: int = 1
+    """Also keep the N best checkpoints by ``checkpoint.monitor``."""
+    monitor: Optional[str] = "val/loss"
+    """Metric that ranks checkpoints (a key logged by validation, e.g. ``val/loss`` or ``val/rougeL``)."""
+    mode: Literal["min", "max"] = "min"
+    """Whether a lower (``min``) or higher (``max``) monitored value is better."""
+    load_best_at_end: bool = True
+    """Export the best checkpoint (not the last) to ``final/`` when a monitored metric exists."""
+    trainable_only: bool = False
+    """Store only parameters that require gradients (adapters); frozen weights are rebuilt from the base."""
+
+    def __post_init__(self) -> None:
+        if self.keep_last < 0 or self.keep_best < 0:
+            raise ConfigError("Config keys 'checkpoint.keep_last' and 'checkpoint.keep_best' must be 0 or more.")
+        if self.keep_last == 0 and self.keep_best == 0:
+            raise ConfigError(
+                "With 'checkpoint.keep_last=0' and 'checkpoint.keep_best=0' no checkpoint would survive; "
+                "keep at least one so the run can resume."
+            )
+
+
+@dataclass
+class FSDPConfig:
+    """Settings of ``trainer.strategy=fsdp`` (ignored by other strategies)."""
+
+    sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD"] = "FULL_SHARD"
+    """How parameters, gradients and optimizer state are sharded across ranks."""
+    auto_wrap: list[str] = field(default_factory=list)
+    """Module classes that become FSDP units: dotted import paths or class names found in the
+    model; empty: the task's own choice (its transformer blocks)."""
+    activation_checkpointing: bool = False
+    """Non-reentrant activation checkpointing of the wrapped blocks."""
+    backward_prefetch: Literal["BACKWARD_PRE", "BACKWARD_POST", "none"] = "BACKWARD_PRE"
+    """Prefetch the next unit's parameters during backward."""
+    limit_all_gathers: bool = True
+    """Rate-limit all-gathers so memory does not spike."""
+    sync_module_states: bool = True
+    """Broadcast rank 0's weights to all ranks at wrap time."""
+    cpu_offload: bool = False
+    """Offload parameters and gradients to CPU memory (slow; only to fit)."""
+    state_dict_type: Literal["sharded", "full"] = "sharded"
+    """Checkpoint format: one shard per rank (fast) or one full file (portable)."""
+    use_orig_params: bool = True
+    """Keep original parameters visible (needed for per-module learning rates and frozen parts)."""
+
+
+@dataclass
+class LoggerConfig:
+    """Where metrics go besides ``metrics.jsonl`` (which is always written)."""
+
+    wandb: bool = False
+    """Log to Weights & Biases too. The API key is read from ``WANDB_API_KEY`` only."""
+    wandb_project: str = "finetune"
+    """W&B project name."""
+    wandb_entity: Optional[str] = None
+    """W&B entity (team or user); null: your default."""
+    wandb_mode: Literal["online", "offline"] = "online"
+    """``offline`` writes to ``<run>/wandb`` without network; sync later with ``wandb sync``."""
+    tensorboard: bool = False
+    """Write TensorBoard event files to ``<run>/tensorboard`` (needs ``core[tensorboard]``)."""
+    csv: bool = True
+    """Also write ``metrics.csv`` (one column per key) when the run ends."""
+    progress_bar: bool = True
+    """A tqdm bar on rank 0; refreshes every 30 s when the output is not a terminal (SLURM logs)."""
+    plot: bool = True
+    """Write ``curves.png`` (losses and validation metrics over steps) when the run ends."""
+
+
+@dataclass
+class DebugConfig:
+    """Switches for looking inside a run."""
+
+    shapes: bool = False
+    """Log every module's input and output tensor shapes for the first batch (forward hooks)."""
+    overfit_batches: int = 0
+    """Train on only the first N batches of data, repeated (0: off); a model that cannot overfit them is broken."""
+    detect_anomaly: bool = False
+    """``torch.autograd.set_detect_anomaly``: find the op that made a NaN (slow)."""
+
+    def __post_init__(self) -> None:
+        if self.overfit_batches < 0:
+            raise ConfigError(f"Config key 'debug.overfit_batches' must be 0 or more, got {self.overfit_batches}.")
+
+
+@dataclass
+class TrainConfig:
+    """The engine's part of every task's root config; task packages subclass it and add groups."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    """Run folder."""
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    """Training loop."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and schedule."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoint retention."""
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    """FSDP settings."""
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    """Metric loggers."""
+    debug: DebugConfig = field(default_factory=DebugConfig)
+    """Debugging switches."""
+
+
+if __name__ == "__main__":  # self-check: python -m core.settings
+    from core.config import describe_keys, field_docs, iter_keys, load_config
+
+    missing = [key for key, _, doc in iter_keys(TrainConfig) if not doc]
+    assert not missing, f"fields without a docstring: {missing}"
+    cfg = load_config(TrainConfig, overrides=["trainer.max_steps=5", "optim.lr=1e-4"])
+    assert cfg.trainer.max_steps == 5 and cfg.optim.lr == 1e-4
+    print(describe_keys(TrainConfig).splitlines()[0])
+    print(f"{sum(1 for _ in iter_keys(TrainConfig))} keys, all documented; {len(field_docs(TrainerConfig))} trainer keys")
+    print("core.settings: ok")

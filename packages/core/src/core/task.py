@@ -1,0 +1,218 @@
+"""The contract between a task package and the engine.
+
+A task (summarization, LoRA, Qwen-VL, or the tiny task of the tests) subclasses :class:`Task`
+and fills in data, model, loss and metrics; the :class:`core.trainer.Trainer` does everything
+else (devices, precision, accumulation, validation scheduling, checkpoints, resume, logging).
+
+Batches are dicts of tensors. Every sample of a *validation* batch carries its dataset index
+under ``"index"`` (shape ``(batch,)``) so that results gathered from several ranks can be
+de-duplicated and ordered exactly as on one process.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from core.optim import parameter_groups
+from core.settings import TrainConfig
+
+IGNORE_INDEX = -100
+"""Label value that the loss ignores (padding, prompt tokens, vision tokens)."""
+
+
+@dataclass
+class StepOutput:
+    """The loss of one micro-batch, as a *sum* so the engine can normalise it correctly.
+
+    Attributes:
+        loss_sum: scalar tensor, sum of the per-token (or per-sample) losses of the micro-batch.
+        num_tokens: how many tokens (or samples) ``loss_sum`` adds up; scalar tensor or int.
+    """
+
+    loss_sum: torch.Tensor
+    num_tokens: torch.Tensor | int
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> StepOutput:
+    """Summed cross-entropy over the labelled tokens, computed in float32.
+
+    Args:
+        logits: ``(batch, seq, vocab)`` model outputs.
+        labels: ``(batch, seq)`` target ids, ``IGNORE_INDEX`` where no loss is taken.
+        shift: True for causal LMs (token ``t`` predicts label ``t+1``); False for seq2seq
+            decoders, whose labels are already aligned with the logits.
+
+    Returns:
+        :class:`StepOutput` with the loss sum and the number of labelled tokens.
+    """
+    if shift:
+        logits = logits[:, :-1, :]
+        labels = labels[:, 1:]
+    labels = labels.to(logits.device)
+    loss_sum = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return StepOutput(loss_sum=loss_sum, num_tokens=(labels != IGNORE_INDEX).sum())
+
+
+def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample summed cross-entropy and label counts (for validation records).
+
+    Args:
+        logits: ``(batch, seq, vocab)``.
+        labels: ``(batch, seq)`` with ``IGNORE_INDEX`` where no loss is taken.
+        shift: as in :func:`token_loss_sum`.
+
+    Returns:
+        ``(loss_sums, counts)``, both ``(batch,)`` float32 / int64 tensors.
+    """
+    if shift:
+        logits = logits[:, :-1, :]
+        labels = labels[:, 1:]
+    labels = labels.to(logits.device)
+    losses = torch.nn.functional.cross_entropy(
+        logits.transpose(1, 2).float(), labels, ignore_index=IGNORE_INDEX, reduction="none"
+    )  # (batch, seq)
+    return losses.sum(dim=1), (labels != IGNORE_INDEX).sum(dim=1)
+
+
+class Task(ABC):
+    """What a task package provides to the Trainer.
+
+    Call order on every rank: ``setup`` -> ``train_dataset`` / ``val_dataset`` ->
+    ``configure_model`` -> (``training_step`` per micro-batch, ``validation_step`` per batch,
+    ``compute_metrics`` on rank 0) -> ``save_final`` on rank 0.
+
+    Args:
+        cfg: the task's root config (a :class:`core.settings.TrainConfig` subclass).
+    """
+
+    #: Short name used in logs and the manifest.
+    name: str = "task"
+    #: True for causal LMs: the loss of token ``t`` predicts label ``t+1``, so the first label never counts.
+    shift_labels: bool = False
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+
+    # -- data ----------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Read and validate the data, build the tokenizer. Raise ``UserError`` for bad input.
+
+        Runs before the run folder exists, so bad input leaves no half-made run behind.
+        """
+
+    def data_files(self) -> list[Path]:
+        """Every local data file the task read (their sha256 goes into the manifest)."""
+        return []
+
+    @abstractmethod
+    def train_dataset(self) -> Dataset:
+        """The training samples (``len`` and ``[i]``)."""
+
+    def val_dataset(self) -> Dataset | None:
+        """The validation samples, or None for no validation."""
+        return None
+
+    def sample_lengths(self, dataset: Dataset) -> Sequence[int] | None:
+        """Per-sample lengths (tokens) for length grouping and sorted evaluation; None if unknown."""
+        return None
+
+    @abstractmethod
+    def collate(self, samples: list[Any]) -> dict[str, torch.Tensor]:
+        """Stack samples into a batch of tensors (dynamic padding here)."""
+
+    # -- model ---------------------------------------------------------------------------------
+
+    @abstractmethod
+    def configure_model(self) -> nn.Module:
+        """Build the model (on the current default device and dtype, set by the Trainer)."""
+
+    def parameter_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """Optimizer param groups; default: decay / no-decay split of the trainable parameters."""
+        return parameter_groups(model, self.cfg.optim.weight_decay)
+
+    def fsdp_wrap_classes(self) -> set[type[nn.Module]]:
+        """Module classes FSDP wraps as units (transformer blocks). Empty: no auto-wrap."""
+        return set()
+
+    def flops_per_token(self, model: nn.Module) -> float | None:
+        """Training FLOPs per input token (for MFU); default ``6 x parameters`` (forward + backward)."""
+        return 6.0 * sum(p.numel() for p in model.parameters())
+
+    # -- steps ---------------------------------------------------------------------------------
+
+    def count_loss_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        """Tokens of a batch that the loss counts (must match ``training_step``'s ``num_tokens``).
+
+        Default: labels that are not ``IGNORE_INDEX``, without the first position when
+        :attr:`shift_labels` is set.
+        """
+        labels = batch["labels"][:, 1:] if self.shift_labels else batch["labels"]
+        return int((labels != IGNORE_INDEX).sum())
+
+    def count_input_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        """Non-padding input tokens of a batch (throughput); default: ``attention_mask`` sum."""
+        if "attention_mask" in batch:
+            return int(batch["attention_mask"].sum())
+        return int(batch["input_ids"].numel()) if "input_ids" in batch else 0
+
+    def batch_size_of(self, batch: dict[str, torch.Tensor]) -> int:
+        """Samples in a batch."""
+        first = next(v for v in batch.values() if isinstance(v, torch.Tensor))
+        return int(first.shape[0])
+
+    @abstractmethod
+    def training_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
+        """Forward one micro-batch; return the *summed* loss and its token count."""
+
+    def validation_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+        """Per-sample validation records; each needs ``"index"`` and, by default, ``loss_sum`` / ``tokens``.
+
+        The default runs :meth:`training_step`-style forward per sample via :meth:`sample_losses`.
+        """
+        sums, counts = self.sample_losses(model, batch)
+        return [
+            {"index": int(i), "loss_sum": float(s), "tokens": int(c)}
+            for i, s, c in zip(batch["index"].tolist(), sums.tolist(), counts.tolist())
+        ]
+
+    def sample_losses(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample loss sums and token counts, both ``(batch,)``. Override for validation loss."""
+        raise NotImplementedError(f"{type(self).__name__} must implement sample_losses() or validation_step()")
+
+    def compute_metrics(self, records: list[dict[str, Any]]) -> dict[str, float]:
+        """Metrics over all validation records (gathered, de-duplicated, sorted by index).
+
+        Default: ``loss`` = token-weighted mean loss.
+        """
+        tokens = sum(r["tokens"] for r in records)
+        return {"loss": sum(r["loss_sum"] for r in records) / max(tokens, 1)}
+
+    # -- output --------------------------------------------------------------------------------
+
+    def save_final(self, model: nn.Module, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
+        """Write the trained model to ``out_dir`` (rank 0 only), loadable by ``from_pretrained``.
+
+        Args:
+            model: the unwrapped model.
+            state_dict: its full (gathered) state dict on the CPU.
+            out_dir: an empty folder.
+        """
+        if not hasattr(model, "save_pretrained"):
+            torch.save(state_dict, out_dir / "model.pt")
+            return
+        model.save_pretrained(out_dir, state_dict=state_dict)
+
+    def manifest_entries(self) -> dict[str, Any]:
+        """Task facts for ``manifest.json``: metric implementation and version, tokenizer, model source."""
+        return {}

@@ -1,0 +1,892 @@
+"""The Trainer: one class on Lightning Fabric that reads top to bottom.
+
+    fit -> setup (launch, seed, data, run folder, model, optimizer, resume)
+        -> train_loop -> training_step (one optimizer step over an accumulation window)
+                      -> val_loop (every N steps, all ranks at once)
+                      -> save (atomic checkpoint)   /   stop on SIGTERM or SIGUSR1
+        -> finish (last validation, final checkpoint, best model -> final/, summary, plot)
+
+Features and exact behaviour:
+
+- **Accumulation** counts micro-batches: an optimizer step consumes ``accumulate_grad_batches``
+  micro-batches (the last window of the last epoch may be shorter); gradient sync is skipped on
+  all but the last (``fabric.no_backward_sync``).
+- **Per-token loss** (``trainer.loss_normalization=token``, default): before the window runs,
+  its loss-token count is summed over micro-batches *and ranks*; each micro-batch's summed loss
+  is divided by that total (times the world size, which DDP's gradient averaging divides out).
+  So batch 8 x 1 step equals batch 2 x 4 steps, and 2 ranks equal 1 rank with twice the batch.
+- **Exact resume**: a checkpoint holds model (or only trainable parameters), optimizer,
+  scheduler, step / epoch / batch counters, every rank's RNG states and the running loss sums of
+  the current logging interval. Data order is a pure function of (seed, epoch), so a resumed
+  run skips consumed batches by index. On the CPU with ``trainer.deterministic=true`` a run
+  stopped at step k and resumed ends with bit-identical weights and the same logged losses.
+- **Stop signals**: SIGTERM / SIGUSR1 set a flag; at the next step boundary every rank agrees
+  (one all-reduce shared with the token count), a checkpoint is written, ``summary.json`` says
+  ``interrupted`` and ``fit`` returns normally (exit code 0). Under SLURM, SIGUSR1 (sent before
+  the time limit by ``#SBATCH --signal=USR1@N``) also requeues the job; the requeued job finds
+  its run folder by job id and resumes by itself.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric import Fabric
+from torch import nn
+
+from core.checkpoint import CheckpointInfo, CheckpointManager, read_checkpoint
+from core.config import to_dict, to_yaml
+from core.data import ShardedBatchSampler, build_dataloader
+from core.debug import ShapeLogger
+from core.distributed import broadcast_object, gather_objects, gather_records
+from core.errors import ConfigError, UserError
+from core.logs import MetricsLogger, setup_logging
+from core.manifest import build_manifest
+from core.optim import build_optimizer, build_scheduler
+from core.plots import plot_curves
+from core.reproducibility import rng_state, seed_all, set_deterministic, set_rng_state
+from core.runs import RunDir, resolve_run_dir
+from core.settings import TrainConfig
+from core.signals import StopSignal, requeue_slurm_job
+from core.task import Task
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Progress:
+    """Counters that say where training is; saved in every checkpoint.
+
+    Attributes:
+        step: optimizer steps done.
+        epoch: epoch of the next micro-batch.
+        batch: index (within the epoch) of the next micro-batch.
+        samples: training samples seen (all ranks).
+        tokens: non-padding input tokens seen (all ranks).
+        train_seconds: time spent in the training loop, over all sessions of the run.
+        interval_loss_sum: summed token loss since the last log event (all ranks).
+        interval_tokens: loss tokens since the last log event (all ranks).
+    """
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+    samples: int = 0
+    tokens: int = 0
+    train_seconds: float = 0.0
+    interval_loss_sum: float = 0.0
+    interval_tokens: float = 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain-data copy for the checkpoint."""
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict`."""
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+@dataclass
+class FitResult:
+    """What :meth:`Trainer.fit` returns.
+
+    Attributes:
+        status: ``completed`` or ``interrupted``.
+        run_dir: the run folder.
+        step: optimizer steps done.
+        best: ``{"metric", "value", "step", "path"}`` of the best checkpoint, if any.
+        metrics: the last validation metrics.
+    """
+
+    status: str
+    run_dir: Path
+    step: int
+    best: dict[str, Any] | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    global_rank: int = 0
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """``auto`` -> ``bf16-mixed`` on a bfloat16-capable GPU, else ``32-true``; checks the rest.
+
+    Raises:
+        ConfigError: 16-bit mixed precision asked for on the CPU.
+    """
+    cuda = accelerator in ("auto", "cuda", "gpu") and torch.cuda.is_available()
+    if precision == "auto":
+        return "bf16-mixed" if cuda and torch.cuda.is_bf16_supported() else "32-true"
+    if precision.startswith("16") and not cuda:
+        raise ConfigError(
+            f"trainer.precision={precision} needs a CUDA GPU; on the CPU use bf16-mixed or 32-true."
+        )
+    return precision
+
+
+def build_strategy(cfg: TrainConfig, task: Task) -> Any:
+    """The Fabric strategy for ``trainer.strategy`` (FSDP gets its settings from ``cfg.fsdp``).
+
+    Raises:
+        ConfigError: a DeepSpeed strategy without deepspeed installed, or FSDP without a GPU.
+    """
+    name = cfg.trainer.strategy
+    if name.startswith("deepspeed"):
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError(
+                f"trainer.strategy={name} needs DeepSpeed: install core[deepspeed] (uv sync --extra deepspeed), "
+                "or use trainer.strategy=ddp / fsdp."
+            )
+        return name
+    if name == "ddp":
+        from lightning.fabric.strategies import DDPStrategy
+
+        return DDPStrategy(find_unused_parameters=cfg.trainer.find_unused_parameters)
+    if name != "fsdp":
+        return name
+    if not torch.cuda.is_available():
+        raise ConfigError("trainer.strategy=fsdp needs CUDA GPUs; on the CPU use trainer.strategy=ddp.")
+    from lightning.fabric.strategies import FSDPStrategy
+    from torch.distributed.fsdp import BackwardPrefetch, CPUOffload
+
+    wrap = resolve_wrap_classes(cfg.fsdp.auto_wrap, task)
+    fsdp = cfg.fsdp
+    return FSDPStrategy(
+        auto_wrap_policy=wrap or None,
+        activation_checkpointing_policy=wrap if (fsdp.activation_checkpointing and wrap) else None,
+        sharding_strategy=fsdp.sharding_strategy,
+        backward_prefetch=None if fsdp.backward_prefetch == "none" else BackwardPrefetch[fsdp.backward_prefetch],
+        limit_all_gathers=fsdp.limit_all_gathers,
+        sync_module_states=fsdp.sync_module_states,
+        cpu_offload=CPUOffload(offload_params=True) if fsdp.cpu_offload else None,
+        state_dict_type=fsdp.state_dict_type,
+        use_orig_params=fsdp.use_orig_params,
+    )
+
+
+def resolve_wrap_classes(names: list[str], task: Task) -> set[type[nn.Module]]:
+    """Module classes for FSDP auto-wrap: dotted import paths, names of the task's own classes, or
+    (empty list) the task's default.
+
+    Raises:
+        ConfigError: a name that cannot be found.
+    """
+    defaults = task.fsdp_wrap_classes()
+    if not names:
+        return set(defaults)
+    import importlib
+
+    by_name = {cls.__name__: cls for cls in defaults}
+    found = set()
+    for name in names:
+        if name in by_name:
+            found.add(by_name[name])
+            continue
+        module_name, _, attr = name.rpartition(".")
+        try:
+            found.add(getattr(importlib.import_module(module_name), attr))
+        except (ImportError, AttributeError, ValueError):
+            raise ConfigError(
+                f"fsdp.auto_wrap: cannot import '{name}'. Give a dotted path such as "
+                "'transformers.models.llama.modeling_llama.LlamaDecoderLayer'"
+                + (f" or one of {sorted(by_name)}" if by_name else "") + "."
+            ) from None
+    return found
+
+
+class Trainer:
+    """Fits a :class:`core.task.Task` with the settings of its config.
+
+    Args:
+        cfg: the task's root config.
+        task: the task.
+        argv: the command line to record (default ``sys.argv``).
+    """
+
+    def __init__(self, cfg: TrainConfig, task: Task, argv: list[str] | None = None) -> None:
+        self.cfg = cfg
+        self.task = task
+        self.argv = list(sys.argv if argv is None else argv)
+        tc = cfg.trainer
+        set_deterministic(tc.deterministic)  # before anything initialises CUDA
+        self.precision = resolve_precision(tc.precision, tc.accelerator)
+        self.fabric = Fabric(
+            accelerator=tc.accelerator,
+            devices=tc.devices,
+            num_nodes=tc.num_nodes,
+            strategy=build_strategy(cfg, task),
+            precision=self.precision,
+        )
+        self.progress = Progress()
+        self.metrics: dict[str, float] = {}
+        self.metrics_step = -1
+        self._interval_loss: torch.Tensor | None = None
+        self.run: RunDir | None = None
+        self.logger: MetricsLogger | None = None
+        self.checkpoints: CheckpointManager | None = None
+
+    # ==========================================================================================
+    # fit
+    # ==========================================================================================
+
+    def fit(self) -> FitResult:
+        """Train until ``max_steps`` / ``max_epochs`` or a stop signal; then export ``final/``.
+
+        Returns:
+            A :class:`FitResult`. Raises ``UserError`` for bad input (before the run folder
+            exists where possible); any error after that marks the run ``failed``.
+        """
+        # The handlers stay installed until the end: a signal during set-up stops at the first
+        # step boundary, and one during the final export does not kill the run half-written.
+        with StopSignal() as stop:
+            self.setup()
+            start = time.perf_counter()
+            try:
+                stopped = self.train_loop(stop)
+                if stopped is not None:
+                    return self.interrupt(stopped, time.perf_counter() - start)
+                return self.finish(time.perf_counter() - start)
+            except BaseException as err:
+                self.write_summary("failed", time.perf_counter() - start, error=f"{type(err).__name__}: {err}")
+                raise
+            finally:
+                if self.logger is not None:
+                    self.logger.close()
+
+    # ==========================================================================================
+    # setup
+    # ==========================================================================================
+
+    def setup(self) -> None:
+        """Launch processes, seed, read data, open the run folder, build model / optimizer / data
+        loaders and resume if asked."""
+        cfg, fabric = self.cfg, self.fabric
+        fabric.launch()
+        torch.set_float32_matmul_precision(cfg.trainer.matmul_precision)
+        transformers_quiet()
+        setup_logging(None, fabric.global_rank)
+        seed_all(cfg.trainer.seed)
+        self.task.setup()  # bad input fails here, before a run folder exists
+        self.train_data = self.task.train_dataset()
+        self.val_data = self.task.val_dataset()
+        if len(self.train_data) == 0:
+            raise UserError("The training set is empty: check the data files / data settings.")
+        self.open_run()
+        try:
+            self.build_model()
+            self.build_dataloaders()
+            self.build_optimizer()
+            self.resume()
+        except BaseException as err:
+            self.write_summary("failed", 0.0, error=f"{type(err).__name__}: {err}")
+            raise
+
+    def open_run(self) -> None:
+        """Choose the run folder on rank 0, share it, and write ``config.yaml`` / ``manifest.json``."""
+        cfg, fabric = self.cfg, self.fabric
+        run = None
+        if fabric.global_rank == 0:
+            run = resolve_run_dir(cfg.run.root, cfg.run.name, cfg.run.dir)
+        self.run = broadcast_object(run)
+        self.checkpoints = CheckpointManager(self.run.checkpoints, cfg.checkpoint)
+        setup_logging(self.run.path, fabric.global_rank)
+        log.info("Run folder: %s (%s)", self.run.path, self.run.reason)
+        # config.yaml records what "auto" became; run.dir stays as given, so `train -c
+        # <run>/config.yaml` reproduces the run in a new folder.
+        cfg.trainer.precision = self.precision
+        self.resolved_config = to_dict(cfg)
+        if fabric.global_rank == 0:
+            self._write_once("config.yaml", to_yaml(cfg))
+            entries = self.task.manifest_entries()
+            manifest = build_manifest(
+                seed=cfg.trainer.seed,
+                data_files=self.task.data_files(),
+                metrics=entries.pop("metrics", None),
+                argv=self.argv,
+                extra={
+                    "task": self.task.name,
+                    "world_size": fabric.world_size,
+                    "strategy": type(fabric.strategy).__name__,
+                    "precision": self.precision,
+                    "run_dir": str(self.run.path),
+                    "run_dir_reason": self.run.reason,
+                    **entries,
+                },
+            )
+            self._write_once("manifest.json", json.dumps(manifest, indent=1, default=str))
+        self.logger = MetricsLogger(
+            self.run.path, cfg.logger, self.resolved_config, self.run.path.name, enabled=fabric.global_rank == 0
+        )
+        self.write_summary("running", 0.0)
+
+    def _write_once(self, name: str, text: str) -> None:
+        """Write ``name`` in the run folder; when it exists (a resumed run) keep it and add a
+        timestamped copy if the content changed."""
+        path = self.run.path / name
+        if path.exists():
+            if path.read_text(encoding="utf-8") != text:
+                stem, dot, ext = name.partition(".")
+                path = self.run.path / f"{stem}.{time.strftime('%Y%m%d_%H%M%S')}{dot}{ext}"
+            else:
+                return
+        path.write_text(text, encoding="utf-8")
+
+    def build_model(self) -> None:
+        """Build the model on the device (``fabric.init_module``), add shape hooks if asked, wrap it."""
+        fabric = self.fabric
+        with fabric.init_module(empty_init=False):
+            module = self.task.configure_model()
+        total = sum(p.numel() for p in module.parameters())
+        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        log.info("Parameters: %s total, %s trainable (%.2f%%)", f"{total:,}", f"{trainable:,}", 100.0 * trainable / max(total, 1))
+        self.param_counts = {"total": total, "trainable": trainable}
+        self.trainable_names = [n for n, p in module.named_parameters() if p.requires_grad]
+        self.flops_per_token = self.task.flops_per_token(module)
+        self.shape_logger = ShapeLogger(module) if self.cfg.debug.shapes else None
+        self.deepspeed = self.cfg.trainer.strategy.startswith("deepspeed")
+        self.module = module
+        if not self.deepspeed:  # FSDP needs the wrapped module before the optimizer is made
+            self.model = fabric.setup_module(module)
+            if hasattr(module, "generate"):
+                self.model.mark_forward_method("generate")
+
+    def build_dataloaders(self) -> None:
+        """Seeded, resumable, sharded loaders for training and validation."""
+        cfg, fabric, task = self.cfg, self.fabric, self.task
+        tc = cfg.trainer
+        limit = None
+        if cfg.debug.overfit_batches:
+            if tc.max_steps is None:
+                raise ConfigError("debug.overfit_batches needs trainer.max_steps (epochs of a few batches are meaningless).")
+            limit = cfg.debug.overfit_batches * tc.batch_size * fabric.world_size
+        lengths = task.sample_lengths(self.train_data) if tc.group_by_length else None
+        if tc.group_by_length and lengths is None:
+            raise ConfigError(f"trainer.group_by_length=true, but the {task.name} task does not report sample lengths.")
+        self.train_sampler = ShardedBatchSampler(
+            len(self.train_data),
+            tc.batch_size,
+            rank=fabric.global_rank,
+            world_size=fabric.world_size,
+            shuffle=not cfg.debug.overfit_batches,
+            seed=tc.seed,
+            lengths=lengths,
+            group_by_length=tc.group_by_length,
+            limit_samples=limit,
+        )
+        cuda = fabric.device.type == "cuda"
+        self.train_loader = build_dataloader(self.train_data, self.train_sampler, task.collate, tc.num_workers, cuda, tc.seed)
+        self.val_loader = None
+        if self.val_data is not None and len(self.val_data) > 0:
+            self.val_loader = self.eval_loader(self.val_data)
+        per_epoch = self.train_sampler.num_batches()
+        accum = tc.accumulate_grad_batches
+        steps = [tc.max_steps] if tc.max_steps else []
+        if tc.epoch_limit and not cfg.debug.overfit_batches:
+            steps.append(math.ceil(tc.epoch_limit * per_epoch / accum))
+        self.total_steps = min(steps)
+        log.info(
+            "Data: %d training samples, %d micro-batches/epoch/rank, %d optimizer steps (batch %d x accumulation %d x %d ranks)",
+            len(self.train_data), per_epoch, self.total_steps, tc.batch_size, accum, fabric.world_size,
+        )
+
+    def eval_loader(self, dataset: Any) -> Any:
+        """A loader for evaluation: no shuffling, longest samples first when lengths are known,
+        padded so every rank runs the same number of batches."""
+        tc = self.cfg.trainer
+        lengths = self.task.sample_lengths(dataset)
+        sampler = ShardedBatchSampler(
+            len(dataset), tc.val_batch_size, rank=self.fabric.global_rank, world_size=self.fabric.world_size,
+            shuffle=False, lengths=lengths, sort_by_length=lengths is not None,
+        )
+        return build_dataloader(dataset, sampler, self.task.collate, tc.num_workers, self.fabric.device.type == "cuda", tc.seed)
+
+    def build_optimizer(self) -> None:
+        """Optimizer over the task's parameter groups, and the warmup + decay schedule."""
+        fabric = self.fabric
+        groups = self.task.parameter_groups(self.module if self.deepspeed else self.model.module)
+        optimizer = build_optimizer(groups, self.cfg.optim, fabric.device.type)
+        if self.deepspeed:
+            self.model, self.optimizer = fabric.setup(self.module, optimizer)
+        else:
+            self.optimizer = fabric.setup_optimizers(optimizer)
+        self.scheduler = build_scheduler(optimizer, self.cfg.optim, self.total_steps)
+
+    def resume(self) -> None:
+        """Load a checkpoint if ``trainer.resume`` asks for one (``auto``: the run folder's newest)."""
+        choice = self.cfg.trainer.resume
+        existing = self.checkpoints.latest()
+        if choice is None or str(choice).lower() in ("none", "false", "no", ""):
+            if existing is not None:
+                raise UserError(
+                    f"Run folder {self.run.path} already has checkpoints (newest: {existing.path.name}) and "
+                    "trainer.resume is off; set trainer.resume=auto to continue it, or choose another run.dir."
+                )
+            return
+        if str(choice) == "auto":
+            if existing is None:
+                return
+            info = existing
+        else:
+            info = read_checkpoint(Path(choice))
+        self.load(info)
+        dropped = self.logger.truncate_after(self.progress.step)
+        log.info(
+            "Resumed from %s: step %d, epoch %d, batch %d%s",
+            info.path, self.progress.step, self.progress.epoch, self.progress.batch,
+            f" ({dropped} log records after that step moved to metrics.discarded.jsonl)" if dropped else "",
+        )
+
+    # ==========================================================================================
+    # training
+    # ==========================================================================================
+
+    def micro_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Micro-batches across epochs from the saved position on; advances ``progress.epoch/batch``."""
+        tc = self.cfg.trainer
+        while self.cfg.debug.overfit_batches or tc.epoch_limit is None or self.progress.epoch < tc.epoch_limit:
+            self.train_sampler.set_epoch(self.progress.epoch, start_batch=self.progress.batch)
+            # Worker seeds come from the loader's generator; reseed per epoch so a resumed run's
+            # workers get the same seeds as an uninterrupted run's.
+            self.train_loader.generator.manual_seed(tc.seed + self.progress.epoch)
+            for batch in self.train_loader:
+                self.progress.batch += 1
+                yield batch
+            self.progress.epoch += 1
+            self.progress.batch = 0
+
+    def train_loop(self, stop: StopSignal) -> str | None:
+        """Optimizer steps until the end or a stop signal.
+
+        Returns:
+            The name of the stop signal, or None when training ran to its end.
+        """
+        tc, fabric = self.cfg.trainer, self.fabric
+        accum = tc.accumulate_grad_batches
+        stream = self.micro_batches()
+        self.model.train()
+        bar = self.progress_bar()
+        clock = time.perf_counter()
+        interval = {"start": clock, "samples": 0, "tokens": 0}
+        while self.progress.step < self.total_steps:
+            position = (self.progress.epoch, self.progress.batch)
+            window = list(itertools.islice(stream, accum))
+            if not window:
+                break  # data exhausted (max_epochs)
+            counts = self.window_counts(window, stop)
+            if counts["stop"]:
+                self.progress.epoch, self.progress.batch = position  # the window was not trained on
+                self.progress.train_seconds += time.perf_counter() - clock
+                bar.close()
+                return stop.name or "SIGTERM"
+            loss_sum, loss_tokens, grad_norm = self.training_step(window, counts["loss_tokens"])
+            self.progress.step += 1
+            self.progress.samples += counts["samples"]
+            self.progress.tokens += counts["input_tokens"]
+            self.accumulate_interval_loss(loss_sum, loss_tokens)
+            interval["samples"] += counts["samples"]
+            interval["tokens"] += counts["input_tokens"]
+            step = self.progress.step
+            if step % tc.log_every_n_steps == 0 or step == self.total_steps:
+                now = time.perf_counter()
+                self.log_train(grad_norm, now - interval["start"], interval["samples"], interval["tokens"], bar)
+                interval = {"start": now, "samples": 0, "tokens": 0}
+            bar.update(1)
+            validated = False
+            if tc.val_every_n_steps and step % tc.val_every_n_steps == 0 and step < self.total_steps:
+                self.val_loop()
+                validated = True
+            every = tc.ckpt_every_n_steps or tc.val_every_n_steps
+            if every and step % every == 0 and step < self.total_steps:
+                self.save(metrics=self.metrics if validated else None)
+        self.progress.train_seconds += time.perf_counter() - clock
+        bar.close()
+        return None
+
+    def window_counts(self, window: list[dict[str, torch.Tensor]], stop: StopSignal) -> dict[str, int]:
+        """Count samples and tokens of an accumulation window, summed over ranks, and agree on stopping.
+
+        One all-reduce per optimizer step carries both the loss-token count (needed before the
+        forward passes for per-token normalisation) and the stop flag.
+
+        Returns:
+            ``{"loss_tokens", "samples", "input_tokens", "stop"}``, each summed over all ranks.
+        """
+        local = torch.tensor(
+            [
+                sum(self.task.count_loss_tokens(b) for b in window),
+                sum(self.task.batch_size_of(b) for b in window),
+                sum(self.task.count_input_tokens(b) for b in window),
+                int(stop.received is not None),
+            ],
+            dtype=torch.float64 if self.fabric.device.type != "mps" else torch.float32,
+        )
+        if self.fabric.world_size > 1:
+            local = self.fabric.all_reduce(local.to(self.fabric.device), reduce_op="sum").cpu()
+        loss_tokens, samples, input_tokens, stop_flag = (int(v) for v in local.tolist())
+        return {"loss_tokens": loss_tokens, "samples": samples, "input_tokens": input_tokens, "stop": stop_flag}
+
+    def training_step(self, window: list[dict[str, torch.Tensor]], global_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """One optimizer step over the micro-batches of ``window``.
+
+        Args:
+            window: 1..``accumulate_grad_batches`` micro-batches (CPU tensors).
+            global_tokens: loss tokens of the whole window over all ranks.
+
+        Returns:
+            ``(loss_sum, loss_tokens, grad_norm)``: this rank's summed token loss and token count
+            (detached, on the device), and the gradient norm before clipping (or None).
+        """
+        fabric, model, task = self.fabric, self.model, self.task
+        per_token = self.cfg.trainer.loss_normalization == "token"
+        loss_sum = torch.zeros((), device=fabric.device)
+        loss_tokens = torch.zeros((), device=fabric.device)
+        for i, batch in enumerate(window):
+            batch = fabric.to_device(batch)
+            last = i == len(window) - 1
+            with fabric.no_backward_sync(model, enabled=not last):
+                if self.shape_logger is not None:
+                    out = task.training_step(model, batch)
+                    self.shape_logger.remove()
+                    self.shape_logger = None
+                else:
+                    out = task.training_step(model, batch)
+                if per_token:
+                    # DDP averages gradients over ranks: multiply by world size to get a plain sum / total.
+                    loss = out.loss_sum * (fabric.world_size / max(global_tokens, 1))
+                else:
+                    loss = out.loss_sum / torch.clamp(torch.as_tensor(out.num_tokens, device=out.loss_sum.device), min=1) / len(window)
+                fabric.backward(loss, model=model)
+            loss_sum += out.loss_sum.detach().float()
+            loss_tokens += torch.as_tensor(out.num_tokens, device=fabric.device).float()
+        grad_norm = None
+        if self.cfg.trainer.gradient_clip_val is not None:
+            grad_norm = fabric.clip_gradients(model, self.optimizer, max_norm=self.cfg.trainer.gradient_clip_val, error_if_nonfinite=False)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_lrs = [group["lr"] for group in self.optimizer.param_groups]  # what this step used
+        self.scheduler.step()
+        return loss_sum, loss_tokens, grad_norm
+
+    def interval_sums(self) -> torch.Tensor:
+        """Running ``[loss_sum, loss_tokens]`` of this rank since the last log event (float64, on
+        the device). After a resume rank 0 starts from the sums stored in the checkpoint."""
+        if self._interval_loss is None:
+            start = [self.progress.interval_loss_sum, self.progress.interval_tokens] if self.fabric.global_rank == 0 else [0.0, 0.0]
+            self._interval_loss = torch.tensor(start, dtype=torch.float64, device=self.fabric.device)
+        return self._interval_loss
+
+    def accumulate_interval_loss(self, loss_sum: torch.Tensor, loss_tokens: torch.Tensor) -> None:
+        """Add a step's loss to the running sums of the current logging interval (no sync)."""
+        sums = self.interval_sums()
+        sums[0] += loss_sum.double()
+        sums[1] += loss_tokens.double()
+
+    def reduce_interval_loss(self) -> tuple[float, float]:
+        """Sum the interval's loss and tokens over ranks (a collective: call on every rank)."""
+        sums = self.interval_sums()
+        if self.fabric.world_size > 1:
+            sums = self.fabric.all_reduce(sums.clone(), reduce_op="sum")
+        loss, tokens = sums.tolist()
+        return loss, tokens
+
+    def log_train(self, grad_norm: torch.Tensor | None, seconds: float, samples: int, tokens: int, bar: Any) -> None:
+        """Write the training metrics of the interval that ends at this step."""
+        loss_sum, loss_tokens = self.reduce_interval_loss()
+        self._interval_loss = None
+        self.progress.interval_loss_sum = self.progress.interval_tokens = 0.0
+        loss = loss_sum / max(loss_tokens, 1.0)
+        if not math.isfinite(loss):
+            log.warning("Training loss is %s at step %d: lower optim.lr, raise warmup, or check the data.", loss, self.progress.step)
+        metrics: dict[str, Any] = {
+            "train/loss": loss,
+            "lr": self.step_lrs[0],
+            "epoch": self.epochs_done(),
+            "throughput/samples_per_sec": samples / max(seconds, 1e-9),
+            "throughput/tokens_per_sec": tokens / max(seconds, 1e-9),
+        }
+        names = {g.get("name", "").removesuffix("/decay").removesuffix("/no_decay") for g in self.optimizer.param_groups}
+        if len(names - {"", "decay", "no_decay"}) > 1:  # several named groups (e.g. vision / llm): one lr each
+            for group, lr in zip(self.optimizer.param_groups, self.step_lrs):
+                metrics[f"lr/{group['name'].removesuffix('/decay').removesuffix('/no_decay')}"] = lr
+        if grad_norm is not None:
+            metrics["train/grad_norm"] = float(grad_norm)
+        if self.fabric.device.type == "cuda":
+            metrics["memory/peak_allocated_gb"] = torch.cuda.max_memory_allocated(self.fabric.device) / 2**30
+            metrics["memory/peak_reserved_gb"] = torch.cuda.max_memory_reserved(self.fabric.device) / 2**30
+            mfu = self.mfu(tokens, seconds)
+            if mfu is not None:
+                metrics["throughput/mfu"] = mfu
+        self.logger.log(metrics, self.progress.step)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{metrics['lr']:.2e}", refresh=False)
+
+    def epochs_done(self) -> float:
+        """Fractional epochs consumed so far."""
+        return self.progress.epoch + self.progress.batch / max(1, self.train_sampler.num_batches())
+
+    def mfu(self, tokens: int, seconds: float) -> float | None:
+        """Model FLOPs utilisation per device over an interval, when the FLOPs are known."""
+        from lightning.fabric.utilities.throughput import get_available_flops
+
+        if not self.flops_per_token:
+            return None
+        dtype = torch.bfloat16 if "bf16" in self.precision else (torch.float16 if self.precision.startswith("16") else torch.float32)
+        available = get_available_flops(self.fabric.device, dtype)
+        if not available:
+            return None
+        return self.flops_per_token * tokens / max(seconds, 1e-9) / self.fabric.world_size / available
+
+    def progress_bar(self) -> Any:
+        """A tqdm bar on rank 0 (quiet in log files: one refresh per 30 s when not a terminal)."""
+        from tqdm.auto import tqdm
+
+        enabled = self.cfg.logger.progress_bar and self.fabric.global_rank == 0
+        tty = sys.stderr.isatty()
+        return tqdm(
+            total=self.total_steps, initial=self.progress.step, disable=not enabled, desc="train",
+            unit="step", dynamic_ncols=True, mininterval=0.5 if tty else 30.0, file=sys.stderr,
+        )
+
+    # ==========================================================================================
+    # validation
+    # ==========================================================================================
+
+    def val_loop(self) -> dict[str, float]:
+        """Validate on every rank at once; metrics are computed on the gathered records.
+
+        Returns:
+            ``{"val/<name>": value}``; also logged and kept in ``self.metrics``.
+        """
+        if self.val_loader is None:
+            return {}
+        start = time.perf_counter()
+        raw = evaluate(self.fabric, self.task, self.model, self.val_loader, self.cfg.trainer.limit_val_batches)
+        self.metrics = {f"val/{k}": v for k, v in raw.items()}
+        self.metrics_step = self.progress.step
+        self.logger.log({**self.metrics, "val/seconds": time.perf_counter() - start}, self.progress.step)
+        log.info("step %d validation: %s", self.progress.step, ", ".join(f"{k}={v:.4f}" for k, v in self.metrics.items()))
+        return self.metrics
+
+    # ==========================================================================================
+    # save / load
+    # ==========================================================================================
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The state a checkpoint holds (objects with ``state_dict`` are converted by Fabric)."""
+        loss, tokens = self.reduce_interval_loss()
+        self.progress.interval_loss_sum, self.progress.interval_tokens = loss, tokens
+        # Continue from the reduced sums exactly as a resumed run would (rank 0 holds them).
+        self._interval_loss = None
+        return {
+            "model": self.model,
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+            "progress": self.progress.state_dict(),
+            "rng": gather_objects(rng_state()),
+            "trainable_names": self.trainable_names if self.cfg.checkpoint.trainable_only else None,
+        }
+
+    def save(self, metrics: dict[str, float] | None = None) -> Path:
+        """Write a checkpoint of the current step (all ranks).
+
+        Args:
+            metrics: validation metrics of this step (for best-k), or None.
+        """
+        keep = set(self.trainable_names)
+        filter_ = {"model": lambda name, _: name in keep} if self.cfg.checkpoint.trainable_only else None
+        path = self.checkpoints.save(self.fabric, self.checkpoint_state(), self.progress.step, metrics, filter=filter_)
+        log.info("Saved checkpoint %s", path)
+        return path
+
+    def load(self, info: CheckpointInfo) -> None:
+        """Restore model, optimizer, scheduler, counters and this rank's RNG states from ``info``."""
+        state = {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler}
+        trainable_only = self.cfg.checkpoint.trainable_only
+        try:
+            rest = self.fabric.load(info.state_path, state, strict=not trainable_only, weights_only=False)
+        except (KeyError, RuntimeError) as err:
+            raise UserError(f"Checkpoint {info.path} does not match this model / optimizer: {err}") from None
+        saved_names = rest.get("trainable_names")
+        if trainable_only and saved_names is not None and sorted(saved_names) != sorted(self.trainable_names):
+            raise UserError(
+                f"Checkpoint {info.path} holds other trainable parameters than this model "
+                f"({len(saved_names)} saved vs {len(self.trainable_names)} now): the model or adapter settings changed."
+            )
+        self.progress.load_state_dict(rest["progress"])
+        rng = rest["rng"]
+        set_rng_state(rng[self.fabric.global_rank] if len(rng) == self.fabric.world_size else rng[0])
+        self._interval_loss = None
+
+    # ==========================================================================================
+    # the end
+    # ==========================================================================================
+
+    def interrupt(self, signal_name: str, seconds: float) -> FitResult:
+        """Checkpoint at this step boundary, mark the run interrupted, requeue under SLURM."""
+        self.save(metrics=self.metrics if self.metrics_step == self.progress.step else None)
+        self.write_summary("interrupted", seconds, signal=signal_name)
+        log.warning("Stopped by %s at step %d; resume with trainer.resume=auto run.dir=%s", signal_name, self.progress.step, self.run.path)
+        if signal_name == "SIGUSR1" and self.fabric.global_rank == 0 and os.environ.get("SLURM_JOB_ID"):
+            requeue_slurm_job()
+        return FitResult("interrupted", self.run.path, self.progress.step, self.best_summary(), self.metrics, self.fabric.global_rank)
+
+    def finish(self, seconds: float) -> FitResult:
+        """Last validation and checkpoint, export of the best (or last) model, summary and plot."""
+        cfg = self.cfg
+        if cfg.trainer.val_at_end and self.val_loader is not None and self.metrics_step != self.progress.step:
+            self.val_loop()
+        latest = self.checkpoints.latest()
+        if latest is None or latest.step != self.progress.step:
+            self.save(metrics=self.metrics if self.metrics_step == self.progress.step else None)
+        checksums = self.replica_checksums()
+        self.export_final()
+        summary = self.write_summary("completed", seconds, rank_weight_sha256=checksums)
+        if self.fabric.global_rank == 0:
+            self.logger.write_csv()
+            if cfg.logger.plot:
+                plot_curves(self.logger.path, self.run.path / "curves.png", self.run.path.name)
+        log.info("Done: %s", json.dumps({k: summary[k] for k in ("status", "global_step", "best", "final_dir")}, default=str))
+        return FitResult("completed", self.run.path, self.progress.step, self.best_summary(), self.metrics, self.fabric.global_rank)
+
+    def replica_checksums(self) -> list[str] | None:
+        """Each rank's weight checksum (data-parallel replicas must agree); None when sharded."""
+        from lightning.fabric.strategies import DeepSpeedStrategy, FSDPStrategy
+
+        if isinstance(self.fabric.strategy, (FSDPStrategy, DeepSpeedStrategy)):
+            return None
+        sums = gather_objects(weights_checksum(self.model.module))
+        if len(set(sums)) > 1:
+            log.error("Model replicas differ across ranks after training: %s", sums)
+        return sums
+
+    def export_final(self) -> Path:
+        """Load the best checkpoint's weights (if asked and known) and save the model to ``final/``."""
+        best = self.checkpoints.best()
+        if self.cfg.checkpoint.load_best_at_end and best is not None and best.step != self.progress.step:
+            log.info("Loading the best checkpoint (%s=%.4f at step %d) for final/", self.cfg.checkpoint.monitor, best.metrics[self.cfg.checkpoint.monitor], best.step)
+            self.fabric.load(best.state_path, {"model": self.model}, strict=not self.cfg.checkpoint.trainable_only, weights_only=False)
+        state_dict = full_state_dict(self.fabric, self.model)
+        final = self.run.final
+        if self.fabric.global_rank == 0:
+            import shutil
+
+            tmp = final.with_name("final.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            self.task.save_final(self.model.module, state_dict, tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            log.info("Saved the trained model to %s", final)
+        self.fabric.barrier()
+        return final
+
+    def best_summary(self) -> dict[str, Any] | None:
+        """The best checkpoint as ``{"metric", "value", "step", "path"}``, or None."""
+        best = self.checkpoints.best() if self.checkpoints else None
+        if best is None:
+            return None
+        metric = self.cfg.checkpoint.monitor
+        return {"metric": metric, "value": best.metrics[metric], "step": best.step, "path": str(best.path)}
+
+    def write_summary(self, status: str, seconds: float, **extra: Any) -> dict[str, Any]:
+        """Write ``summary.json`` (rank 0): status, step, best metric, wall time, throughput."""
+        train_seconds = self.progress.train_seconds
+        summary = {
+            "status": status,
+            "global_step": self.progress.step,
+            "total_steps": getattr(self, "total_steps", None),
+            "epoch": self.epochs_done() if hasattr(self, "train_sampler") else 0.0,
+            "best": self.best_summary(),
+            "last_metrics": self.metrics,
+            "wall_seconds": seconds,
+            "train_seconds": train_seconds,
+            "samples_per_sec": self.progress.samples / train_seconds if train_seconds > 0 else None,
+            "tokens_per_sec": self.progress.tokens / train_seconds if train_seconds > 0 else None,
+            "samples_seen": self.progress.samples,
+            "tokens_seen": self.progress.tokens,
+            "parameters": getattr(self, "param_counts", None),
+            "final_dir": str(self.run.final) if self.run and status == "completed" else None,
+            **extra,
+        }
+        if self.run is not None and self.fabric.global_rank == 0:
+            tmp = self.run.path / "summary.json.tmp"
+            tmp.write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
+            os.replace(tmp, self.run.path / "summary.json")
+        return summary
+
+
+def transformers_quiet() -> None:
+    """Silence transformers' progress bars (they flood SLURM log files)."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover
+        return
+    hf_logging.disable_progress_bar()
+
+
+def weights_checksum(model: nn.Module) -> str:
+    """sha256 over every parameter's bytes, in name order (to compare replicas across ranks)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        digest.update(name.encode())
+        digest.update(param.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def full_state_dict(fabric: Fabric, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's state dict on the CPU (gathered from all shards under FSDP).
+
+    Call on every rank; the result is only complete on rank 0 under FSDP.
+    """
+    from lightning.fabric.strategies import FSDPStrategy
+
+    if isinstance(fabric.strategy, FSDPStrategy):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model._forward_module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    module = model.module if hasattr(model, "module") else model
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+
+def evaluate(fabric: Fabric, task: Task, model: nn.Module, loader: Any, limit_batches: int | None = None) -> dict[str, float]:
+    """Run ``task.validation_step`` over a (sharded) loader on every rank and compute metrics.
+
+    Records from all ranks are gathered, padded repeats dropped, and the metric computed on rank
+    0 then broadcast, so the result equals a single-process run on the same data.
+
+    Args:
+        fabric: the launched Fabric.
+        task: the task.
+        model: the set-up model.
+        loader: a loader over a :class:`core.data.ShardedBatchSampler` with ``shuffle=False``.
+        limit_batches: stop after this many batches per rank.
+
+    Returns:
+        The task's metrics (without prefix).
+    """
+    was_training = model.training
+    model.eval()
+    records: list[dict[str, Any]] = []
+    with torch.no_grad():
+        for i, batch in enumerate(loader):
+            if limit_batches is not None and i >= limit_batches:
+                break
+            records.extend(task.validation_step(model, fabric.to_device(batch)))
+    model.train(was_training)
+    gathered = gather_records(records)
+    metrics = task.compute_metrics(gathered) if fabric.global_rank == 0 else None
+    return broadcast_object(metrics)

@@ -1,0 +1,199 @@
+"""The trainer in one process: run folder, equivalences, checkpoints, resume, loggers, optimizers."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from core.checkpoint import CheckpointManager
+from core.errors import UserError
+from core.settings import CheckpointConfig
+from core.testing import final_weights, max_weight_diff, read_jsonl, train_losses
+
+
+def test_run_folder_has_everything_and_final_loads_with_from_pretrained(run_toy, tmp_path):
+    result = run_toy("trainer.max_steps=6", "trainer.batch_size=4", "trainer.val_every_n_steps=3", "trainer.log_every_n_steps=2", "run.name=smoke")
+    run = result.run_dir
+    assert result.status == "completed" and result.step == 6
+    assert run.parent == tmp_path / "runs" and run.name.startswith("001_") and run.name.endswith("_smoke")
+    for name in ("config.yaml", "manifest.json", "metrics.jsonl", "metrics.csv", "train.log", "summary.json", "curves.png"):
+        assert (run / name).is_file(), name
+    # config.yaml is the resolved config: it builds the same config again.
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["trainer"]["precision"] == "32-true" and saved["trainer"]["max_steps"] == 6
+    manifest = json.loads((run / "manifest.json").read_text())
+    for key in ("seed", "python", "torch", "cuda", "distributions", "git", "uv_lock", "data_files", "metrics", "command", "host", "slurm", "gpus"):
+        assert key in manifest, key
+    assert manifest["distributions"]["torch"] and manifest["uv_lock"]["sha256"]
+    records = read_jsonl(run / "metrics.jsonl")
+    assert [r["step"] for r in records if "train/loss" in r] == [2, 4, 6]
+    assert {"lr", "throughput/samples_per_sec", "throughput/tokens_per_sec", "train/grad_norm"} <= set(records[0])
+    assert [r["step"] for r in records if "val/loss" in r] == [3, 6]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["global_step"] == 6
+    assert summary["best"]["metric"] == "val/loss" and summary["samples_per_sec"] > 0
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000003", "step-0000006"]
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(run / "final")
+    assert (run / "final" / "model.safetensors").is_file()
+    assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 50)
+
+
+def test_accumulation_equivalence_8x1_equals_2x4(run_toy):
+    common = ("model.dropout=0", "trainer.max_steps=4", "trainer.log_every_n_steps=1", "trainer.val_at_end=false")
+    big = run_toy(*common, "trainer.batch_size=8", "trainer.accumulate_grad_batches=1", root="big")
+    small = run_toy(*common, "trainer.batch_size=2", "trainer.accumulate_grad_batches=4", root="small")
+    diff = max_weight_diff(final_weights(big.run_dir), final_weights(small.run_dir))
+    assert diff < 1e-5, diff
+    big_losses, small_losses = train_losses(big.run_dir), train_losses(small.run_dir)
+    assert big_losses.keys() == small_losses.keys() == {1, 2, 3, 4}
+    assert all(abs(big_losses[s] - small_losses[s]) < 1e-5 for s in big_losses)
+    # The classic bug (mean of per-micro-batch means) gives a different model on variable-length data.
+    naive = run_toy(*common, "trainer.batch_size=2", "trainer.accumulate_grad_batches=4", "trainer.loss_normalization=mean", root="naive")
+    assert max_weight_diff(final_weights(big.run_dir), final_weights(naive.run_dir)) > 100 * max(diff, 1e-7)
+
+
+def test_same_seed_same_losses_other_seed_other_losses(run_toy):
+    args = ("trainer.max_steps=5", "trainer.log_every_n_steps=1", "trainer.deterministic=true", "trainer.val_at_end=false")
+    a = train_losses(run_toy(*args, root="a").run_dir)
+    b = train_losses(run_toy(*args, root="b").run_dir)
+    c = train_losses(run_toy(*args, "trainer.seed=7", root="c").run_dir)
+    assert a == b
+    assert a != c
+
+
+def test_resume_from_path_matches_uninterrupted_run(run_toy):
+    args = ("trainer.max_steps=8", "trainer.log_every_n_steps=1", "trainer.ckpt_every_n_steps=2", "checkpoint.keep_last=10", "trainer.deterministic=true")
+    full = run_toy(*args, root="full")
+    ckpt = full.run_dir / "checkpoints" / "step-0000004"
+    resumed = run_toy(*args, f"trainer.resume={ckpt}", root="resumed")
+    assert max_weight_diff(final_weights(full.run_dir), final_weights(resumed.run_dir)) == 0.0
+    full_losses, resumed_losses = train_losses(full.run_dir), train_losses(resumed.run_dir)
+    assert sorted(resumed_losses) == [5, 6, 7, 8]
+    assert all(resumed_losses[s] == full_losses[s] for s in resumed_losses)
+
+
+def test_resume_off_refuses_a_run_folder_with_checkpoints(run_toy, tmp_path):
+    first = run_toy("trainer.max_steps=2")
+    with pytest.raises(UserError, match="already has checkpoints"):
+        run_toy("trainer.max_steps=4", f"run.dir={first.run_dir}", "trainer.resume=null")
+    # resume=auto continues it; metrics of the first session stay.
+    again = run_toy("trainer.max_steps=4", f"run.dir={first.run_dir}", "trainer.log_every_n_steps=1")
+    assert again.run_dir == first.run_dir and again.step == 4
+    assert sorted(train_losses(first.run_dir)) == [2, 3, 4]
+    with pytest.raises(UserError, match="is not a complete checkpoint"):
+        run_toy("trainer.max_steps=2", f"trainer.resume={tmp_path / 'nowhere'}")
+
+
+def test_keep_last_k_and_best_k_by_monitored_metric(run_toy):
+    result = run_toy(
+        "trainer.max_steps=6", "trainer.val_every_n_steps=1", "checkpoint.keep_last=2", "checkpoint.keep_best=1",
+        "checkpoint.monitor=val/accuracy", "checkpoint.mode=max", "optim.lr=3e-3",
+    )
+    manager = CheckpointManager(result.run_dir / "checkpoints", CheckpointConfig(monitor="val/accuracy", mode="max"))
+    steps = [c.step for c in manager.list()]
+    best = manager.best()
+    expected = sorted({5, 6, best.step})
+    assert steps == expected
+    metrics = read_jsonl(result.run_dir / "metrics.jsonl")
+    accuracy = {r["step"]: r["val/accuracy"] for r in metrics if "val/accuracy" in r}
+    assert best.metrics["val/accuracy"] == max(accuracy.values())
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    assert summary["best"]["step"] == best.step
+
+
+def test_a_save_killed_before_its_rename_leaves_the_previous_checkpoint_usable(run_toy, monkeypatch):
+    result = run_toy("trainer.max_steps=2", "trainer.ckpt_every_n_steps=1", "checkpoint.keep_last=5")
+    ckpts = result.run_dir / "checkpoints"
+    from lightning.fabric import Fabric
+
+    import core.checkpoint as checkpoint_module
+
+    fabric = Fabric(accelerator="cpu", devices=1)
+    manager = CheckpointManager(ckpts, CheckpointConfig(keep_last=5))
+
+    def dies(*args, **kwargs):
+        raise KeyboardInterrupt("killed during save")
+
+    monkeypatch.setattr(checkpoint_module.os, "replace", dies)
+    with pytest.raises(KeyboardInterrupt):
+        manager.save(fabric, {"model": torch.nn.Linear(2, 2)}, step=3)
+    monkeypatch.undo()
+    assert (ckpts / ".tmp-step-0000003").is_dir()  # the half-written one
+    assert manager.latest().step == 2  # ...is not a checkpoint
+    state = torch.load(manager.latest().state_path, weights_only=False)
+    assert state["progress"]["step"] == 2
+    manager.save(fabric, {"model": torch.nn.Linear(2, 2)}, step=3)
+    assert not list(ckpts.glob(".tmp-*")) and manager.latest().step == 3
+
+
+def test_trainable_only_checkpoints_hold_just_the_trainable_weights_and_resume(run_toy):
+    args = ("model.freeze_embeddings=true", "checkpoint.trainable_only=true", "trainer.ckpt_every_n_steps=2", "checkpoint.keep_last=5", "trainer.deterministic=true")
+    full = run_toy(*args, "trainer.max_steps=4", root="full")
+    state = torch.load(full.run_dir / "checkpoints" / "step-0000002" / "state", weights_only=False)
+    assert not any("wte" in k or "wpe" in k for k in state["model"])
+    assert any("h.0.attn" in k for k in state["model"])
+    resumed = run_toy(*args, "trainer.max_steps=4", f"trainer.resume={full.run_dir / 'checkpoints' / 'step-0000002'}", root="resumed")
+    assert max_weight_diff(final_weights(full.run_dir), final_weights(resumed.run_dir)) == 0.0
+    # final/ always holds the whole model, frozen weights included.
+    assert "transformer.wte.weight" in final_weights(full.run_dir)
+
+
+def test_debug_shapes_logs_module_shapes_once(run_toy):
+    result = run_toy("trainer.max_steps=2", "debug.shapes=true", "trainer.batch_size=3")
+    log = (result.run_dir / "train.log").read_text()
+    lines = [line for line in log.splitlines() if "shapes | " in line]
+    assert any("lm_head (Linear): in [(3, " in line and ", 50) float32" in line for line in lines)
+    assert len([line for line in lines if "lm_head (Linear)" in line]) == 1
+
+
+def test_wandb_offline_and_tensorboard(run_toy, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    result = run_toy("trainer.max_steps=2", "trainer.log_every_n_steps=1", "logger.wandb=true", "logger.wandb_mode=offline", "logger.tensorboard=true")
+    assert list((result.run_dir / "wandb").glob("offline-run-*")), "W&B offline run folder missing"
+    assert list((result.run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("name", ["adafactor", "adamw_8bit", "paged_adamw_8bit", "sgd"])
+def test_optimizers_by_name_train(run_toy, name):
+    result = run_toy("trainer.max_steps=3", f"optim.name={name}", "trainer.log_every_n_steps=1", "optim.lr=1e-3")
+    losses = train_losses(result.run_dir)
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses.values())
+
+
+def test_warmup_ratio_and_cosine_schedule_in_logged_lr(run_toy):
+    result = run_toy("trainer.max_steps=10", "optim.warmup_ratio=0.3", "optim.scheduler=cosine", "optim.lr=1e-3", "trainer.log_every_n_steps=1")
+    lrs = {r["step"]: r["lr"] for r in read_jsonl(result.run_dir / "metrics.jsonl") if "lr" in r}
+    assert lrs[1] < lrs[2] < lrs[3] < lrs[4] == pytest.approx(1e-3)
+    assert lrs[10] < lrs[6] < lrs[4]
+
+
+def test_overfit_batches_learns_a_fixed_batch(run_toy):
+    result = run_toy("debug.overfit_batches=1", "trainer.max_steps=80", "optim.lr=3e-3", "model.dropout=0", "trainer.log_every_n_steps=10", "trainer.val_at_end=false")
+    losses = train_losses(result.run_dir)
+    assert losses[80] < 0.5 * losses[10], losses
+
+
+def test_bf16_mixed_precision_runs_on_cpu(run_toy):
+    result = run_toy("trainer.max_steps=2", "trainer.precision=bf16-mixed", "trainer.log_every_n_steps=1")
+    assert yaml.safe_load((result.run_dir / "config.yaml").read_text())["trainer"]["precision"] == "bf16-mixed"
+    assert all(math.isfinite(v) for v in train_losses(result.run_dir).values())
+
+
+def test_gpu_only_settings_fail_clearly_on_cpu(run_toy):
+    from core.errors import ConfigError
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ConfigError, match="trainer.strategy=fsdp needs CUDA GPUs"):
+        run_toy("trainer.max_steps=1", "trainer.strategy=fsdp")
+    with pytest.raises(ConfigError, match="needs a CUDA GPU; on the CPU use bf16-mixed"):
+        run_toy("trainer.max_steps=1", "trainer.precision=16-mixed")

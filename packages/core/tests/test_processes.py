@@ -1,0 +1,169 @@
+"""Behaviour that needs real processes: signals and exact resume, SLURM requeue, DDP on 2 CPU
+processes (gloo), kills during checkpoint writes, concurrent run numbering."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from core.testing import final_weights, max_weight_diff, read_jsonl, train_losses
+
+pytestmark = pytest.mark.slow
+
+TOY = [sys.executable, "-m", "core.testing"]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "CORE_TASK"))}
+    env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra})
+    return env
+
+
+def _start(args: list[str], log: Path, **env: str) -> subprocess.Popen:
+    return subprocess.Popen([*TOY, "train", *args], stdout=open(log, "w"), stderr=subprocess.STDOUT, env=_env(**env))
+
+
+def _wait_for_step(root: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for metrics in root.glob("*/metrics.jsonl"):
+            if f'"step": {step},' in metrics.read_text():
+                return
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        time.sleep(0.05)
+    raise TimeoutError(f"no step {step} within {timeout} s")
+
+
+def _only_run(root: Path) -> Path:
+    runs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+SLOW_RUN = [
+    "trainer.max_steps=24", "trainer.batch_size=4", "trainer.log_every_n_steps=1", "trainer.deterministic=true",
+    "trainer.val_every_n_steps=8", "data.collate_delay=0.05", "logger.progress_bar=false",
+]
+
+
+@pytest.mark.parametrize("sig, slurm", [(signal.SIGTERM, False), (signal.SIGUSR1, True)], ids=["SIGTERM", "SIGUSR1-slurm-requeue"])
+def test_stopped_run_resumes_to_bit_identical_weights_and_losses(tmp_path, sig, slurm):
+    """Stop a real run with a signal, start it again, compare with a run that never stopped.
+
+    SIGUSR1 variant: the job has a SLURM job id and no run.dir; starting the same command again
+    (what a requeue does) must land in the same run folder and resume by itself.
+    """
+    env = {"SLURM_JOB_ID": "4242"} if slurm else {}
+    full = _start([*SLOW_RUN, f"run.root={tmp_path / 'full'}"], tmp_path / "full.log")
+    cut = _start([*SLOW_RUN, f"run.root={tmp_path / 'cut'}"], tmp_path / "cut.log", **env)
+    _wait_for_step(tmp_path / "cut", 5, cut)
+    cut.send_signal(sig)
+    assert cut.wait(timeout=120) == 0, (tmp_path / "cut.log").read_text()
+    run = _only_run(tmp_path / "cut")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["signal"] == signal.Signals(sig).name
+    stopped_at = summary["global_step"]
+    assert 5 <= stopped_at < 24
+    assert (run / "checkpoints" / f"step-{stopped_at:07d}" / "meta.json").is_file()
+
+    again_args = [*SLOW_RUN, f"run.root={tmp_path / 'cut'}"] + ([] if slurm else [f"run.dir={run}"])
+    resumed = _start(again_args, tmp_path / "resume.log", **env)
+    assert resumed.wait(timeout=300) == 0, (tmp_path / "resume.log").read_text()
+    assert full.wait(timeout=300) == 0, (tmp_path / "full.log").read_text()
+    assert _only_run(tmp_path / "cut") == run, "the restarted job must reuse its run folder"
+    assert f"Resumed from {run / 'checkpoints' / f'step-{stopped_at:07d}'}" in (tmp_path / "resume.log").read_text()
+
+    full_run = _only_run(tmp_path / "full")
+    assert max_weight_diff(final_weights(full_run), final_weights(run)) == 0.0
+    full_losses, cut_losses = train_losses(full_run), train_losses(run)
+    assert sorted(cut_losses) == list(range(1, 25))
+    assert [cut_losses[s] for s in range(stopped_at + 1, 25)] == [full_losses[s] for s in range(stopped_at + 1, 25)]
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+
+
+def test_ddp_on_two_cpu_processes_matches_one_process_and_gathers_metrics_exactly(tmp_path):
+    """2 ranks x batch 2 == 1 rank x batch 4; replicas identical; evaluation equal on 1 and 2 ranks."""
+    common = ["trainer.max_steps=5", "model.dropout=0", "trainer.accelerator=cpu", "logger.progress_bar=false", "trainer.log_every_n_steps=1"]
+    two = subprocess.run(
+        [*TOY, "train", *common, "trainer.devices=2", "trainer.strategy=ddp", "trainer.batch_size=2", f"run.root={tmp_path / 'two'}"],
+        capture_output=True, text=True, env=_env(), timeout=300,
+    )
+    assert two.returncode == 0, two.stdout + two.stderr
+    one = subprocess.run(
+        [*TOY, "train", *common, "trainer.devices=1", "trainer.batch_size=4", f"run.root={tmp_path / 'one'}"],
+        capture_output=True, text=True, env=_env(), timeout=300,
+    )
+    assert one.returncode == 0, one.stdout + one.stderr
+    run_two, run_one = _only_run(tmp_path / "two"), _only_run(tmp_path / "one")
+    summary = json.loads((run_two / "summary.json").read_text())
+    assert len(summary["rank_weight_sha256"]) == 2 and len(set(summary["rank_weight_sha256"])) == 1
+    assert max_weight_diff(final_weights(run_two), final_weights(run_one)) < 1e-5
+    assert all(abs(a - b) < 1e-5 for a, b in zip(train_losses(run_two).values(), train_losses(run_one).values()))
+    # 13 validation samples: 2 ranks pad one repeat, which the gather drops again.
+    val_two = [r for r in read_jsonl(run_two / "metrics.jsonl") if "val/loss" in r][-1]
+    assert val_two["val/samples"] == 13.0
+
+    metrics = {}
+    for devices in (1, 2):
+        done = subprocess.run(
+            [*TOY, "evaluate", "--model", str(run_two / "final"), f"trainer.devices={devices}", "trainer.accelerator=cpu", "trainer.eval_batch_size=2"],
+            capture_output=True, text=True, env=_env(), timeout=300,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        line = next(x for x in done.stdout.splitlines() if x.startswith("METRICS "))
+        metrics[devices] = json.loads(line.removeprefix("METRICS "))
+    assert metrics[1]["samples"] == metrics[2]["samples"] == 13.0
+    assert metrics[1]["accuracy"] == metrics[2]["accuracy"]
+    assert metrics[1]["loss"] == pytest.approx(metrics[2]["loss"], rel=1e-6)
+
+
+def test_kill_9_during_checkpoint_writes_never_leaves_a_broken_checkpoint(tmp_path):
+    """A process writes large checkpoints in a loop and is SIGKILLed; every complete one must load."""
+    script = textwrap.dedent(
+        f"""
+        import torch
+        from lightning.fabric import Fabric
+        from core.checkpoint import CheckpointManager
+        from core.settings import CheckpointConfig
+        fabric = Fabric(accelerator="cpu", devices=1)
+        manager = CheckpointManager({str(tmp_path / 'ckpt')!r}, CheckpointConfig(keep_last=3, keep_best=0, monitor=None))
+        step = 0
+        while True:
+            step += 1
+            manager.save(fabric, {{"w": torch.full((4_000_000,), float(step)), "step": step}}, step)
+            print(step, flush=True)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=_env())
+    for _ in range(3):  # let it write a few
+        proc.stdout.readline()
+    time.sleep(0.37)
+    proc.kill()
+    proc.wait()
+    import torch
+
+    from core.checkpoint import CheckpointManager
+    from core.settings import CheckpointConfig
+
+    manager = CheckpointManager(tmp_path / "ckpt", CheckpointConfig(keep_last=3, keep_best=0, monitor=None))
+    complete = manager.list()
+    assert complete, "at least the first checkpoints were complete"
+    for info in complete:
+        state = torch.load(info.state_path, weights_only=False)
+        assert state["step"] == info.step and float(state["w"][-1]) == float(info.step)
+
+
+def test_two_jobs_starting_at_once_get_different_experiment_numbers(tmp_path):
+    code = "import sys; from pathlib import Path; from core.runs import new_run_dir; print(new_run_dir(Path(sys.argv[1]), sys.argv[2]).name)"
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), f"job{i}"], stdout=subprocess.PIPE, text=True) for i in range(6)]
+    names = [p.communicate(timeout=60)[0].strip() for p in procs]
+    numbers = sorted(int(n.split("_")[0]) for n in names)
+    assert numbers == [1, 2, 3, 4, 5, 6], names

@@ -1,0 +1,3 @@
+"""lora_llm task package (work in progress)."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+"""summarization task package (work in progress)."""
+
+__version__ = "0.1.0"
