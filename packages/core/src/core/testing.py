@@ -199,21 +199,25 @@ def train(argv: list[str] | None = None) -> int:
 
 @user_errors_exit_2
 def evaluate(argv: list[str]) -> int:
-    """``evaluate --model DIR [key=value ...]``: validation metrics of a saved model, printed as JSON."""
-    from lightning.fabric import Fabric
+    """``evaluate --model DIR [key=value ...]``: validation metrics of a saved model, printed as JSON.
+
+    The pattern every task's ``evaluate`` follows: build Fabric from the config, launch (DDP
+    ranks), load the model with ``from_pretrained``, evaluate on a sharded loader, print on rank 0.
+    """
     from transformers import AutoModelForCausalLM
 
-    from core.trainer import Trainer, evaluate as run_eval
+    from core.trainer import build_fabric, eval_dataloader
+    from core.trainer import evaluate as run_evaluation
 
     model_dir = Path(argv[argv.index("--model") + 1])
     rest = [a for a in argv if a not in ("--model", str(model_dir))]
     cfg, _ = parse_train_args(rest, prog="toy-evaluate", description="", config_cls=ToyConfig, presets_dir=None)
-    trainer = Trainer(cfg, ToyTask(cfg))
-    fabric: Fabric = trainer.fabric
+    task = ToyTask(cfg)
+    fabric = build_fabric(cfg, task)
     fabric.launch()
-    trainer.task.setup()
+    task.setup()
     model = fabric.setup_module(AutoModelForCausalLM.from_pretrained(model_dir))
-    metrics = run_eval(fabric, trainer.task, model, trainer.eval_loader(trainer.task.val_dataset()))
+    metrics = run_evaluation(fabric, task, model, eval_dataloader(fabric, task, task.val_dataset(), cfg.trainer))
     if fabric.global_rank == 0:
         print("METRICS " + json.dumps(metrics))
     return 0

@@ -176,6 +176,43 @@ def build_strategy(cfg: TrainConfig, task: Task) -> Any:
     )
 
 
+def build_fabric(cfg: TrainConfig, task: Task) -> Fabric:
+    """A Fabric object for ``cfg.trainer`` (not launched yet). Turns on deterministic algorithms
+    first when asked, since cuBLAS reads its setting when CUDA starts.
+
+    Args:
+        cfg: the task's root config.
+        task: the task (FSDP asks it which blocks to wrap).
+    """
+    tc = cfg.trainer
+    set_deterministic(tc.deterministic)
+    return Fabric(
+        accelerator=tc.accelerator,
+        devices=tc.devices,
+        num_nodes=tc.num_nodes,
+        strategy=build_strategy(cfg, task),
+        precision=resolve_precision(tc.precision, tc.accelerator),
+    )
+
+
+def eval_dataloader(fabric: Fabric, task: Task, dataset: Any, tc: Any) -> Any:
+    """A loader for validation / evaluation on every rank: no shuffling, longest samples first
+    when the task reports lengths, padded so every rank runs the same number of batches.
+
+    Args:
+        fabric: the (launched) Fabric.
+        task: gives ``collate`` and ``sample_lengths``.
+        dataset: the samples.
+        tc: the ``trainer`` config group (batch size, workers, seed).
+    """
+    lengths = task.sample_lengths(dataset)
+    sampler = ShardedBatchSampler(
+        len(dataset), tc.val_batch_size, rank=fabric.global_rank, world_size=fabric.world_size,
+        shuffle=False, lengths=lengths, sort_by_length=lengths is not None,
+    )
+    return build_dataloader(dataset, sampler, task.collate, tc.num_workers, fabric.device.type == "cuda", tc.seed)
+
+
 def resolve_wrap_classes(names: list[str], task: Task) -> set[type[nn.Module]]:
     """Module classes for FSDP auto-wrap: dotted import paths, names of the task's own classes, or
     (empty list) the task's default.
@@ -219,16 +256,8 @@ class Trainer:
         self.cfg = cfg
         self.task = task
         self.argv = list(sys.argv if argv is None else argv)
-        tc = cfg.trainer
-        set_deterministic(tc.deterministic)  # before anything initialises CUDA
-        self.precision = resolve_precision(tc.precision, tc.accelerator)
-        self.fabric = Fabric(
-            accelerator=tc.accelerator,
-            devices=tc.devices,
-            num_nodes=tc.num_nodes,
-            strategy=build_strategy(cfg, task),
-            precision=self.precision,
-        )
+        self.fabric = build_fabric(cfg, task)
+        self.precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
         self.progress = Progress()
         self.metrics: dict[str, float] = {}
         self.metrics_step = -1
@@ -402,15 +431,8 @@ class Trainer:
         )
 
     def eval_loader(self, dataset: Any) -> Any:
-        """A loader for evaluation: no shuffling, longest samples first when lengths are known,
-        padded so every rank runs the same number of batches."""
-        tc = self.cfg.trainer
-        lengths = self.task.sample_lengths(dataset)
-        sampler = ShardedBatchSampler(
-            len(dataset), tc.val_batch_size, rank=self.fabric.global_rank, world_size=self.fabric.world_size,
-            shuffle=False, lengths=lengths, sort_by_length=lengths is not None,
-        )
-        return build_dataloader(dataset, sampler, self.task.collate, tc.num_workers, self.fabric.device.type == "cuda", tc.seed)
+        """See :func:`eval_dataloader`."""
+        return eval_dataloader(self.fabric, self.task, dataset, self.cfg.trainer)
 
     def build_optimizer(self) -> None:
         """Optimizer over the task's parameter groups, and the warmup + decay schedule."""
