@@ -102,6 +102,8 @@ class Task(ABC):
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
+        #: The run folder; set by the Trainer once it exists (before ``configure_model``).
+        self.run_dir: Path | None = None
 
     # -- data ----------------------------------------------------------------------------------
 
@@ -124,7 +126,8 @@ class Task(ABC):
         return None
 
     def sample_lengths(self, dataset: Dataset) -> Sequence[int] | None:
-        """Per-sample lengths (tokens) for length grouping and sorted evaluation; None if unknown."""
+        """Per-sample lengths (tokens, as the collator pads them) for length grouping, sorted
+        evaluation and the per-epoch padding share in the logs; None if unknown."""
         return None
 
     @abstractmethod

@@ -330,6 +330,7 @@ class Trainer:
             run = resolve_run_dir(cfg.run.root, cfg.run.name, cfg.run.dir)
         self.run = broadcast_object(run)
         self.checkpoints = CheckpointManager(self.run.checkpoints, cfg.checkpoint)
+        self.task.run_dir = self.run.path
         setup_logging(self.run.path, fabric.global_rank)
         log.info("Run folder: %s (%s)", self.run.path, self.run.reason)
         # config.yaml records what "auto" became; run.dir stays as given, so `train -c
@@ -400,7 +401,8 @@ class Trainer:
             if tc.max_steps is None:
                 raise ConfigError("debug.overfit_batches needs trainer.max_steps (epochs of a few batches are meaningless).")
             limit = cfg.debug.overfit_batches * tc.batch_size * fabric.world_size
-        lengths = task.sample_lengths(self.train_data) if tc.group_by_length else None
+        lengths = task.sample_lengths(self.train_data)
+        self.train_lengths = lengths
         if tc.group_by_length and lengths is None:
             raise ConfigError(f"trainer.group_by_length=true, but the {task.name} task does not report sample lengths.")
         self.train_sampler = ShardedBatchSampler(
@@ -410,7 +412,7 @@ class Trainer:
             world_size=fabric.world_size,
             shuffle=not cfg.debug.overfit_batches,
             seed=tc.seed,
-            lengths=lengths,
+            lengths=lengths if tc.group_by_length else None,
             group_by_length=tc.group_by_length,
             limit_samples=limit,
         )
@@ -478,6 +480,8 @@ class Trainer:
         """Micro-batches across epochs from the saved position on; advances ``progress.epoch/batch``."""
         tc = self.cfg.trainer
         while self.cfg.debug.overfit_batches or tc.epoch_limit is None or self.progress.epoch < tc.epoch_limit:
+            if self.progress.batch == 0:
+                self.log_padding_share(self.progress.epoch)
             self.train_sampler.set_epoch(self.progress.epoch, start_batch=self.progress.batch)
             # Worker seeds come from the loader's generator; reseed per epoch so a resumed run's
             # workers get the same seeds as an uninterrupted run's.
@@ -487,6 +491,25 @@ class Trainer:
                 yield batch
             self.progress.epoch += 1
             self.progress.batch = 0
+
+    def log_padding_share(self, epoch: int) -> None:
+        """Log the share of padding tokens the epoch's batches will carry (all ranks), from the
+        task's sample lengths and the sampler's batches; nothing when lengths are unknown."""
+        if self.train_lengths is None:
+            return
+        lengths = self.train_lengths
+        real = padded = 0
+        world = self.fabric.world_size
+        for batch in self.train_sampler.global_batches(epoch):
+            per_rank = len(batch) // world
+            for r in range(world):
+                part = [lengths[i] for i in batch[r * per_rank : (r + 1) * per_rank]]
+                if part:
+                    real += sum(part)
+                    padded += max(part) * len(part)
+        share = 1.0 - real / max(padded, 1)
+        self.logger.log({"data/padding_share": share, "data/epoch": epoch}, self.progress.step)
+        log.info("Epoch %d: %.1f%% of the input tokens are padding", epoch, 100 * share)
 
     def train_loop(self, stop: StopSignal) -> str | None:
         """Optimizer steps until the end or a stop signal.
