@@ -32,7 +32,10 @@ def test_run_folder_has_everything_and_final_loads_with_from_pretrained(run_toy,
     assert manifest["distributions"]["torch"] and manifest["uv_lock"]["sha256"]
     records = read_jsonl(run / "metrics.jsonl")
     assert [r["step"] for r in records if "train/loss" in r] == [2, 4, 6]
-    assert {"lr", "throughput/samples_per_sec", "throughput/tokens_per_sec", "train/grad_norm"} <= set(records[0])
+    train_records = [r for r in records if "train/loss" in r]
+    assert {"lr", "throughput/samples_per_sec", "throughput/tokens_per_sec", "train/grad_norm", "epoch"} <= set(train_records[0])
+    padding = [r for r in records if "data/padding_share" in r]
+    assert padding and 0.0 < padding[0]["data/padding_share"] < 1.0
     assert [r["step"] for r in records if "val/loss" in r] == [3, 6]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["global_step"] == 6
