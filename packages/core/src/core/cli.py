@@ -92,7 +92,8 @@ def parse_train_args(
         SystemExit: ``--help`` or an unknown flag (argparse, exit code 2).
     """
     parser = train_parser(prog, description, config_cls, presets_dir, default_preset)
-    args = parser.parse_args(argv)
+    # Intermixed: `train trainer.max_steps=5 -c tiny x=y` works as well as `train -c tiny ...`.
+    args = parser.parse_intermixed_args(argv)
     if args.help_keys:
         print(describe_keys(config_cls))
         raise SystemExit(0)
