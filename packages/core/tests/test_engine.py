@@ -200,3 +200,36 @@ def test_gpu_only_settings_fail_clearly_on_cpu(run_toy):
         run_toy("trainer.max_steps=1", "trainer.strategy=fsdp")
     with pytest.raises(ConfigError, match="needs a CUDA GPU; on the CPU use bf16-mixed"):
         run_toy("trainer.max_steps=1", "trainer.precision=16-mixed")
+
+
+def test_data_loader_workers_are_seeded_and_resume_exactly(run_toy):
+    args = ("trainer.max_steps=6", "trainer.log_every_n_steps=1", "trainer.num_workers=2", "trainer.deterministic=true",
+            "trainer.ckpt_every_n_steps=3", "checkpoint.keep_last=5")
+    a = run_toy(*args, root="a")
+    b = run_toy(*args, root="b")
+    assert train_losses(a.run_dir) == train_losses(b.run_dir)
+    resumed = run_toy(*args, f"trainer.resume={a.run_dir / 'checkpoints' / 'step-0000003'}", root="c")
+    assert max_weight_diff(final_weights(a.run_dir), final_weights(resumed.run_dir)) == 0.0
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (FSDP and CUDA memory are GPU-only)")
+
+
+@pytest.mark.gpu
+@gpu
+def test_fsdp_and_bf16_on_one_gpu_log_memory_and_mfu(run_toy):
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+
+    result = run_toy("trainer.accelerator=cuda", "trainer.devices=1", "trainer.strategy=fsdp", "trainer.precision=bf16-mixed",
+                     f"fsdp.auto_wrap=[{GPT2Block.__module__}.{GPT2Block.__name__}]", "fsdp.activation_checkpointing=true",
+                     "trainer.max_steps=4", "trainer.log_every_n_steps=1", "trainer.ckpt_every_n_steps=2")
+    records = [r for r in read_jsonl(result.run_dir / "metrics.jsonl") if "train/loss" in r]
+    assert records and all(r["memory/peak_allocated_gb"] > 0 for r in records)
+    assert "throughput/mfu" in records[-1]
+    resumed = run_toy("trainer.accelerator=cuda", "trainer.devices=1", "trainer.strategy=fsdp", "trainer.precision=bf16-mixed",
+                      f"fsdp.auto_wrap=[{GPT2Block.__module__}.{GPT2Block.__name__}]", "trainer.max_steps=4",
+                      f"trainer.resume={result.run_dir / 'checkpoints' / 'step-0000002'}", root="resumed")
+    assert resumed.step == 4
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(result.run_dir / "final")
