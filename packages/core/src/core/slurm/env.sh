@@ -25,6 +25,15 @@ REPO_DIR="${REPO_DIR:-${SLURM_SUBMIT_DIR:-$PWD}}"
 export REPO_DIR
 DEVICE="${DEVICE:-gpu}"
 
+# Outside the workspace (task wheels installed into your own venv) there is nothing to sync.
+if [[ ! -f "$REPO_DIR/uv.lock" ]]; then
+    SKIP_SYNC=1
+    VENV_DIR="${VENV_DIR:-${VIRTUAL_ENV:-}}"
+    if [[ -z "$VENV_DIR" ]]; then
+        echo "error: $REPO_DIR is not the workspace (no uv.lock); set VENV_DIR to the venv that has the task installed" >&2
+        exit 2
+    fi
+fi
 if [[ -n "${LOCAL_SCRATCH:-}" ]]; then
     mkdir -p "$LOCAL_SCRATCH"
     VENV_DIR="${VENV_DIR:-$LOCAL_SCRATCH/venv-$TASK}"

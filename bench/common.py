@@ -1,0 +1,85 @@
+"""Shared helpers of the benchmarks: repeated timing with median and spread, machine facts,
+Markdown tables."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from importlib.metadata import version
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def machine() -> str:
+    """One line: CPU, cores, GPU (if any), date, versions."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+        cpu = model
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    versions = ", ".join(f"{p} {version(p)}" for p in ("torch", "lightning", "transformers", "peft") if _has(p))
+    return f"{cpu}, {os.cpu_count()} cores, {gpu}; {datetime.now():%Y-%m-%d}; Python {sys.version.split()[0]}, {versions}"
+
+
+def _has(package: str) -> bool:
+    try:
+        version(package)
+        return True
+    except Exception:
+        return False
+
+
+def git_commit() -> str:
+    """Short commit of the checkout (with + when dirty)."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        return sha + ("+" if dirty else "")
+    except OSError:
+        return "?"
+
+
+def repeat(variants: dict[str, Callable[[], float]], repetitions: int) -> dict[str, list[float]]:
+    """Run each variant ``repetitions`` times, interleaved (a, b, c, a, b, c, ...) so slow phases
+    of a noisy machine hit every variant alike.
+
+    Args:
+        variants: ``{name: function returning one measurement}``.
+
+    Returns:
+        ``{name: [measurements]}``.
+    """
+    out: dict[str, list[float]] = {name: [] for name in variants}
+    for rep in range(repetitions):
+        for name, run in variants.items():
+            value = run()
+            out[name].append(value)
+            print(f"  rep {rep + 1}/{repetitions} {name}: {value:.4g}", file=sys.stderr, flush=True)
+    return out
+
+
+def median_spread(values: Sequence[float]) -> tuple[float, float, float]:
+    """``(median, min, max)``."""
+    return statistics.median(values), min(values), max(values)
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def report(title: str, command: str, body: str) -> str:
+    """A section for docs/benchmarks.md."""
+    return f"## {title}\n\nMachine: {machine()}; commit {git_commit()}.\nCommand: `{command}`\n\n{body}\n"
