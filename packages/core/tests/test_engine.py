@@ -233,3 +233,14 @@ def test_fsdp_and_bf16_on_one_gpu_log_memory_and_mfu(run_toy):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(result.run_dir / "final")
+
+
+def test_adafactor_bf16_true_resume_keeps_float32_statistics_and_is_exact(run_toy):
+    args = ("optim.name=adafactor", "trainer.precision=bf16-true", "trainer.max_steps=4", "trainer.ckpt_every_n_steps=2",
+            "checkpoint.keep_last=5", "trainer.deterministic=true", "optim.lr=1e-3")
+    full = run_toy(*args, root="full")
+    state = torch.load(full.run_dir / "checkpoints" / "step-0000002" / "state", weights_only=False)
+    dtypes = {v.dtype for entries in state["optimizer"]["state"].values() for v in entries.values() if torch.is_tensor(v) and v.is_floating_point()}
+    assert torch.float32 in dtypes, "Adafactor keeps float32 statistics for bf16 parameters"
+    resumed = run_toy(*args, f"trainer.resume={full.run_dir / 'checkpoints' / 'step-0000002'}", root="resumed")
+    assert max_weight_diff(final_weights(full.run_dir), final_weights(resumed.run_dir)) == 0.0

@@ -103,7 +103,36 @@ def build_optimizer(groups: Iterable[dict[str, Any]], cfg: OptimConfig, device_t
         raise ConfigError(f"Unknown optimizer optim.name={cfg.name!r}.")
     for group in opt.param_groups:
         group.setdefault("initial_lr", group["lr"])
+    keep_state_dtypes(opt)
     return opt
+
+
+def keep_state_dtypes(optimizer: torch.optim.Optimizer) -> None:
+    """Make ``optimizer.load_state_dict`` keep the saved dtype of every state tensor.
+
+    torch casts floating state tensors to their parameter's dtype when loading. Optimizers that
+    keep float32 statistics for bfloat16 parameters (Adafactor, 8-bit optimizers' scales) would
+    come back with bf16 statistics, so a resumed run would drift from an uninterrupted one. The
+    pre-hook remembers the state as saved; the post-hook puts back each tensor whose dtype the
+    cast changed (the cast copy has already lost the precision, so it cannot be re-cast).
+    """
+    saved: dict[str, Any] = {}
+
+    def pre_hook(opt: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in opt.param_groups for p in group["params"]]
+        saved["by_param"] = {p: state_dict["state"][i] for i, p in zip(saved_ids, params) if i in state_dict["state"]}
+
+    def post_hook(opt: torch.optim.Optimizer) -> None:
+        for param, entries in saved.pop("by_param", {}).items():
+            live = opt.state.get(param, {})
+            for key, value in entries.items():
+                current = live.get(key)
+                if torch.is_tensor(value) and torch.is_tensor(current) and value.is_floating_point() and current.dtype != value.dtype:
+                    live[key] = value.to(device=current.device)
+
+    optimizer.register_load_state_dict_pre_hook(pre_hook)
+    optimizer.register_load_state_dict_post_hook(post_hook)
 
 
 class WarmupSchedule:
