@@ -1,0 +1,216 @@
+"""The LoRA / QLoRA task's config: the engine's groups plus ``data``, ``model``, ``lora`` and ``quant``.
+
+The field defaults are the users' proposed recipe (r=8, alpha=16, dropout 0.05 on the q/k/v/o
+projections, 4-bit NF4 with double quantisation, max length 512, gradient checkpointing); the
+engine groups (batch 1 x accumulation 16, lr 2e-4, 3 epochs, warmup 100, ``paged_adamw_8bit``,
+adapter-only checkpoints) are set by the presets in ``lora_llm/presets/``.
+
+Self-check: ``python -m lora_llm.config``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from core.errors import ConfigError
+from core.settings import TrainConfig
+
+
+@dataclass
+class DataConfig:
+    """Where the instruction / chat records come from and how they become token sequences."""
+
+    train_files: list[str] = field(default_factory=lambda: ["sample:en"])
+    """Training data: JSON array or JSONL files of instruction records (``instruction``, ``input``,
+    ``output``: Alpaca / KoAlpaca form), chat records (``messages`` with ``role`` / ``content``)
+    or pre-tokenized records (``input_ids`` + ``labels``, as ``prepare`` writes them); a Hugging
+    Face dataset id or a local dataset folder; or a shipped sample: ``sample:en`` (300 Stanford
+    Alpaca records, CC BY-NC 4.0) or ``sample:ko`` (48 Korean records)."""
+    val_files: list[str] = field(default_factory=list)
+    """Validation data in the same forms; empty: hold out ``val_size`` of the training records."""
+    val_size: float = 0.05
+    """Held-out share of the training records when ``val_files`` is empty: a fraction below 1, or a
+    record count (1 and up); 0 for no validation."""
+    hf_split: str = "train"
+    """Split to read from a Hugging Face dataset id or local dataset folder."""
+    hf_subset: Optional[str] = None
+    """Configuration (subset) name of a Hugging Face dataset, if it has several."""
+    max_samples: Optional[int] = None
+    """Use only the first N records of each training file (after reading; null: all). For smoke runs."""
+    template: Literal["auto", "alpaca", "alpaca_ko", "chat"] = "auto"
+    """How an instruction record becomes a prompt: ``alpaca`` (the Stanford Alpaca prompt),
+    ``alpaca_ko`` (the same prompt in Korean, as KoAlpaca uses), ``chat`` (the tokenizer's chat
+    template, or a built-in plain one when it has none), ``auto`` (``chat`` when the tokenizer has a
+    chat template, else ``alpaca`` / ``alpaca_ko`` by the record's language). Chat records always
+    use the chat template."""
+    max_length: int = 512
+    """Longest token sequence (prompt + response + EOS); longer responses are cut at the end
+    (counted and reported), never dropped whole."""
+    min_response_tokens: int = 8
+    """A record whose prompt leaves fewer response tokens than this within ``max_length`` counts as a
+    too-long prompt (see ``long_prompts``)."""
+    long_prompts: Literal["error", "skip"] = "error"
+    """What to do with a record whose prompt is too long for ``max_length``: ``error`` (exit code 2,
+    naming the file and line) or ``skip`` it (counted and reported)."""
+    on_bad_record: Literal["error", "skip"] = "error"
+    """What to do with a malformed record (missing or non-text fields, empty output): ``error``
+    (exit code 2, naming the file and line) or ``skip`` it (counted and reported)."""
+    train_on_prompt: bool = False
+    """Also train on the prompt tokens (default: only the response and its EOS carry loss)."""
+    packing: bool = False
+    """Pack several samples into each row of up to ``max_length`` tokens (less padding). Every sample
+    keeps its own positions and attends only to itself (see the package README)."""
+    seed: int = 1234
+    """Seed of the train / validation split (independent of ``trainer.seed``)."""
+
+    def __post_init__(self) -> None:
+        """Range checks (``ConfigError`` names the key)."""
+        if not self.train_files:
+            raise ConfigError("Config key 'data.train_files' is empty: give at least one data file, dataset id or sample:en.")
+        if self.max_length < 8:
+            raise ConfigError(f"Config key 'data.max_length' must be at least 8, got {self.max_length}.")
+        if not 1 <= self.min_response_tokens < self.max_length:
+            raise ConfigError(f"Config key 'data.min_response_tokens' must be in [1, data.max_length), got {self.min_response_tokens}.")
+        if self.val_size < 0 or (self.val_size >= 1 and not float(self.val_size).is_integer()):
+            raise ConfigError(f"Config key 'data.val_size' must be 0, a fraction below 1, or a whole record count; got {self.val_size}.")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ConfigError(f"Config key 'data.max_samples' must be at least 1 or null, got {self.max_samples}.")
+
+
+@dataclass
+class TinyModelConfig:
+    """The ``tiny`` model: a small Llama built from a config with random weights (offline tests)."""
+
+    hidden_size: int = 64
+    """Hidden size."""
+    intermediate_size: int = 192
+    """MLP inner size (sizes are multiples of 32: bitsandbytes' CPU 4-bit inference kernel needs that)."""
+    num_layers: int = 2
+    """Decoder layers."""
+    num_heads: int = 4
+    """Attention heads."""
+    num_kv_heads: int = 2
+    """Key / value heads (grouped-query attention when fewer than ``num_heads``)."""
+    max_positions: int = 1024
+    """Longest sequence the position embedding (RoPE) is set up for."""
+    seed: int = 0
+    """Seed of the random weights: every rank and every resumed session builds the same model."""
+
+
+@dataclass
+class ModelConfig:
+    """The base causal LM."""
+
+    name: str = "microsoft/phi-2"
+    """A Hugging Face Hub id (``gpt2``, ``TinyLlama/TinyLlama-1.1B-Chat-v1.0``, ``microsoft/phi-2``),
+    a local folder written by ``save_pretrained``, or ``tiny`` (built from ``model.tiny`` with the
+    tokenizer shipped in the package, saved to ``<run>/base``)."""
+    tokenizer: Optional[str] = None
+    """Tokenizer to use (Hub id or folder); null: the model's own."""
+    revision: Optional[str] = None
+    """Hub revision (branch, tag or commit) of the model and tokenizer; null: the default branch."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """dtype of the frozen (not quantized) base weights. ``auto``: bfloat16 on GPUs that support it,
+    else float16 on GPUs; float32 on the CPU and under FSDP (FSDP keeps one dtype per shard and
+    computes in ``trainer.precision``). Adapters are always float32."""
+    attn_implementation: Optional[Literal["eager", "sdpa", "flash_attention_2"]] = "sdpa"
+    """Attention kernel (null: the transformers default)."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in backward (non-reentrant, input gradients enabled so a frozen base
+    still passes gradients to the adapters): much less memory, about 30% slower."""
+    trust_remote_code: bool = False
+    """Allow model code from the Hub repository (only for repositories you trust)."""
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    """Shape of the ``tiny`` model."""
+
+
+@dataclass
+class LoraSettings:
+    """The LoRA adapter (peft ``LoraConfig``)."""
+
+    r: int = 8
+    """Rank of the low-rank update."""
+    alpha: float = 16.0
+    """Scaling numerator: the update is multiplied by ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA)."""
+    dropout: float = 0.05
+    """Dropout on the adapter's input."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Module names (or name suffixes such as ``attn.c_attn``) that get adapters; ``[all-linear]``
+    adapts every linear layer except the output head."""
+    bias: Literal["none", "all", "lora_only"] = "none"
+    """Which biases train along with the adapters."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling ``alpha / sqrt(r)``."""
+
+    def __post_init__(self) -> None:
+        """Range checks (``ConfigError`` names the key)."""
+        if self.r < 1:
+            raise ConfigError(f"Config key 'lora.r' must be at least 1, got {self.r}.")
+        if self.alpha <= 0:
+            raise ConfigError(f"Config key 'lora.alpha' must be positive, got {self.alpha}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"Config key 'lora.dropout' must be in [0, 1), got {self.dropout}.")
+        if not self.target_modules:
+            raise ConfigError("Config key 'lora.target_modules' is empty: name the layers to adapt, e.g. [q_proj, v_proj] or [all-linear].")
+
+
+@dataclass
+class QuantConfig:
+    """Loading the frozen base in 4 or 8 bits with bitsandbytes (QLoRA)."""
+
+    bits: Optional[Literal[4, 8]] = 4
+    """4 (NF4 / FP4), 8 (LLM.int8) or null (no quantization: plain LoRA on a 16/32-bit base)."""
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type; NF4 is the QLoRA paper's choice for normally distributed weights."""
+    double_quant: bool = True
+    """Quantize the quantization constants too (about 0.4 bits per parameter less)."""
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """dtype the 4-bit weights are dequantized to for matmuls. ``auto``: bfloat16 on GPUs that
+    support it, else float16 on GPUs, float32 on the CPU."""
+    skip_modules: list[str] = field(default_factory=list)
+    """Module names left unquantized besides the output head (e.g. ``[dense]``)."""
+
+
+@dataclass
+class LoraLLMConfig(TrainConfig):
+    """Root config of the ``lora_llm`` task."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    """Data files, prompt template, lengths, packing."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The base model."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """The adapter."""
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    """Quantization of the frozen base."""
+
+    def __post_init__(self) -> None:
+        """Refuse combinations that cannot work with a quantized base (FSDP, 16-bit-true precision)."""
+        if self.quant.bits is not None and self.trainer.strategy == "fsdp":
+            raise ConfigError(
+                "QLoRA (quant.bits=4/8) cannot be sharded with FSDP here: use trainer.strategy=ddp for QLoRA "
+                "on several GPUs, or quant.bits=null for LoRA with FSDP."
+            )
+        if self.quant.bits is not None and self.trainer.precision in ("bf16-true", "16-true"):
+            raise ConfigError(
+                f"trainer.precision={self.trainer.precision} casts every weight, which bitsandbytes forbids for a "
+                "quantized base: use bf16-mixed (GPU), 16-mixed (GPU) or 32-true, or quant.bits=null."
+            )
+
+
+if __name__ == "__main__":  # self-check: python -m lora_llm.config
+    from core.config import iter_keys, load_config
+
+    missing = [key for key, _, doc in iter_keys(LoraLLMConfig) if not doc]
+    assert not missing, f"fields without a docstring: {missing}"
+    cfg = load_config(LoraLLMConfig, overrides=["lora.r=16", "quant.bits=null", "data.train_files=[a.jsonl]"])
+    assert cfg.lora.r == 16 and cfg.quant.bits is None and cfg.data.train_files == ["a.jsonl"]
+    try:
+        load_config(LoraLLMConfig, overrides=["trainer.strategy=fsdp"])
+    except ConfigError as err:
+        print("fsdp + 4-bit refused:", str(err)[:60], "...")
+    else:
+        raise AssertionError("QLoRA + FSDP must be refused")
+    print(f"{sum(1 for _ in iter_keys(LoraLLMConfig))} keys, all documented")
+    print("lora_llm.config: ok")

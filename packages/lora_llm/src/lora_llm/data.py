@@ -1,0 +1,822 @@
+"""Instruction and chat records -> token sequences whose loss covers only the response.
+
+Reading (:func:`read_records`): JSON arrays or JSONL files of
+
+- instruction records ``{"instruction", "input" (optional), "output"}`` (Stanford Alpaca, KoAlpaca),
+- chat records ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``,
+- pre-tokenized records ``{"input_ids": [...], "labels": [...]}`` (what ``prepare`` writes),
+
+or a Hugging Face dataset (Hub id or local folder), or a shipped sample (``sample:en``,
+``sample:ko``). Every problem names the file and line (or record) and how to fix it.
+
+Encoding (:class:`Encoder`): an instruction record becomes a prompt (the Alpaca template in
+English, the same template in Korean, or the tokenizer's chat template) plus the response; a
+chat record is rendered with the chat template, and every assistant turn is trained. The prompt
+and each response are tokenized separately and concatenated, so the boundary between masked
+and trained tokens is exact and inference sees exactly the training prompt. EOS is appended to
+the response and trained. Labels are ``-100`` on prompt tokens (unless ``train_on_prompt``).
+
+Truncation: a sequence longer than ``max_length`` loses the *end of its response*, counted in
+:class:`EncodeStats`; a prompt that leaves fewer than ``min_response_tokens`` is an error (or
+skipped and counted), so no response is ever dropped silently.
+
+Batching: :func:`collate` pads on the right; the attention mask and the label mask come from the
+sample *lengths*, never from token ids, so an EOS equal to the pad token is still attended and
+trained. :func:`pack` and :class:`PackedDataset` put several samples in one row with positions
+restarting at 0 for each sample, no attention mask and no KV cache: transformers then derives a
+block-diagonal causal mask from the position ids (``masking_utils.find_packed_sequence_indices``)
+for eager, SDPA and flash attention alike, so no sample sees another's tokens (checked on the
+loaded model before training: ``lora_llm.task.check_packing``); the first label of every packed
+sample is masked because it would be predicted from the previous sample.
+
+Self-check: ``python -m lora_llm.data``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import re
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from core.errors import UserError
+from core.task import IGNORE_INDEX
+from lora_llm.config import DataConfig
+
+log = logging.getLogger(__name__)
+
+ASSETS = Path(__file__).parent / "assets"
+SAMPLES = {"en": ASSETS / "alpaca_en_sample.json", "ko": ASSETS / "ko_instructions.jsonl"}
+"""Shipped data, named ``sample:<key>`` in ``data.train_files``."""
+
+PROMPTS = {
+    "alpaca": {
+        "input": (
+            "Below is an instruction that describes a task, paired with an input that provides further context. "
+            "Write a response that appropriately completes the request.\n\n"
+            "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+        ),
+        "no_input": (
+            "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+            "### Instruction:\n{instruction}\n\n### Response:\n"
+        ),
+    },
+    "alpaca_ko": {
+        "input": (
+            "아래는 작업을 설명하는 지시문과 추가 맥락을 제공하는 입력이 짝을 이룬 예시입니다. "
+            "요청을 적절히 완료하는 응답을 작성하세요.\n\n"
+            "### 지시문:\n{instruction}\n\n### 입력:\n{input}\n\n### 응답:\n"
+        ),
+        "no_input": (
+            "아래는 작업을 설명하는 지시문입니다. 요청을 적절히 완료하는 응답을 작성하세요.\n\n"
+            "### 지시문:\n{instruction}\n\n### 응답:\n"
+        ),
+    },
+}
+"""The Stanford Alpaca prompt (with and without an input) and the same prompt in Korean."""
+
+BUILTIN_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if not loop.first %}{{ '\\n\\n' }}{% endif %}"
+    "{{ '### ' + message['role'] | capitalize + ':\\n' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '\\n\\n### Assistant:\\n' }}{% endif %}"
+)
+"""Chat template for tokenizers without one (GPT-2, Phi-2, the tiny model): plain ``### Role:``
+headers, each assistant turn ends with EOS. It is saved with the adapter's tokenizer."""
+
+ROLES = ("system", "user", "assistant")
+_HANGUL = re.compile(r"[\uac00-\ud7a3\u1100-\u11ff\u3130-\u318f]")
+_LETTER = re.compile(r"[^\W\d_]")
+
+
+# ------------------------------------------------------------------------------------------------
+# Records
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Record:
+    """One training or inference record, normalised.
+
+    Attributes:
+        source: where it came from (``file:line``), for messages.
+        instruction / input / output: an instruction record's fields (``output`` may be empty
+            for inference prompts).
+        messages: a chat record's turns (``[{"role", "content"}]``), else None.
+        input_ids / labels: a pre-tokenized record's tokens, else None.
+    """
+
+    source: str
+    instruction: str = ""
+    input: str = ""
+    output: str = ""
+    messages: list[dict[str, str]] | None = None
+    input_ids: list[int] | None = None
+    labels: list[int] | None = None
+
+    @property
+    def kind(self) -> str:
+        """``instruction``, ``chat`` or ``tokenized``."""
+        if self.input_ids is not None:
+            return "tokenized"
+        return "chat" if self.messages is not None else "instruction"
+
+
+class BadRecord(ValueError):
+    """A record that cannot be used (the message says what is wrong and where)."""
+
+
+def is_korean(text: str) -> bool:
+    """True when at least 30% of the letters of ``text`` are Hangul."""
+    letters = _LETTER.findall(text)
+    return bool(letters) and len(_HANGUL.findall(text)) >= 0.3 * len(letters)
+
+
+def parse_record(obj: Any, source: str, for_inference: bool = False) -> Record:
+    """Check one raw record and normalise it.
+
+    Args:
+        obj: the decoded JSON value (or dataset row).
+        source: ``file:line`` for messages.
+        for_inference: accept records without a response (``output`` / final assistant turn).
+
+    Returns:
+        The :class:`Record`.
+
+    Raises:
+        BadRecord: wrong type, missing or non-text fields, empty output, bad roles.
+    """
+    if not isinstance(obj, dict):
+        raise BadRecord(f"{source}: a record must be a JSON object, got {type(obj).__name__}.")
+    if "input_ids" in obj:
+        return _parse_tokenized(obj, source)
+    if "messages" in obj:
+        return _parse_chat(obj, source, for_inference)
+    missing = [k for k in ("instruction", "output") if k not in obj and not (for_inference and k == "output")]
+    if missing:
+        raise BadRecord(
+            f"{source}: the record has no {' / '.join(repr(m) for m in missing)} field (its keys: {', '.join(map(str, obj)) or 'none'}). "
+            "Instruction records need 'instruction' and 'output' (optionally 'input'); chat records need 'messages'."
+        )
+    fields = {}
+    for key in ("instruction", "input", "output"):
+        value = obj.get(key)
+        if value is None:
+            value = ""
+        if not isinstance(value, str):
+            raise BadRecord(f"{source}: '{key}' must be text, got {type(value).__name__} ({str(value)[:40]!r}).")
+        fields[key] = value
+    if not fields["instruction"].strip():
+        raise BadRecord(f"{source}: 'instruction' is empty.")
+    if not for_inference and not fields["output"].strip():
+        raise BadRecord(f"{source}: 'output' is empty, so there is no response to train on.")
+    return Record(source=source, **fields)
+
+
+def _parse_chat(obj: dict[str, Any], source: str, for_inference: bool) -> Record:
+    """Check a chat record's ``messages`` (see :func:`parse_record`)."""
+    messages = obj["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise BadRecord(f"{source}: 'messages' must be a non-empty list of {{'role', 'content'}} objects.")
+    clean = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str) or message.get("role") not in ROLES:
+            raise BadRecord(
+                f"{source}: message {i} must be an object with 'role' (one of {', '.join(ROLES)}) and text 'content', got {str(message)[:60]!r}."
+            )
+        clean.append({"role": message["role"], "content": message["content"]})
+    if for_inference:
+        if clean[-1]["role"] == "assistant":
+            raise BadRecord(f"{source}: the last message is the assistant's; for generation it must be a user message.")
+        return Record(source=source, messages=clean)
+    if clean[-1]["role"] != "assistant":
+        raise BadRecord(f"{source}: the last message must be the assistant's answer (the part that is trained), got '{clean[-1]['role']}'.")
+    empty = [i for i, m in enumerate(clean) if m["role"] == "assistant" and not m["content"].strip()]
+    if empty:
+        raise BadRecord(f"{source}: assistant message {empty[0]} is empty, so there is nothing to train on.")
+    return Record(source=source, messages=clean)
+
+
+def _parse_tokenized(obj: dict[str, Any], source: str) -> Record:
+    """Check a pre-tokenized record (see :func:`parse_record`)."""
+    ids, labels = obj.get("input_ids"), obj.get("labels")
+    if not isinstance(ids, list) or not isinstance(labels, list) or len(ids) != len(labels) or not ids:
+        raise BadRecord(f"{source}: a pre-tokenized record needs 'input_ids' and 'labels' lists of the same, non-zero length.")
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids + labels):
+        raise BadRecord(f"{source}: 'input_ids' and 'labels' must hold integers only.")
+    if all(t == IGNORE_INDEX for t in labels):
+        raise BadRecord(f"{source}: every label is {IGNORE_INDEX}, so there is nothing to train on.")
+    return Record(source=source, input_ids=ids, labels=labels)
+
+
+def _json_array_items(text: str, path: Path) -> Iterator[tuple[int, Any]]:
+    """Decode a JSON array element by element, yielding ``(line number, element)``.
+
+    Raises:
+        UserError: the file is not a well-formed JSON array (with line and column).
+    """
+    decoder = json.JSONDecoder()
+    pos = len(text) - len(text.lstrip())
+    if not text[pos:].startswith("["):
+        raise UserError(f"Data file {path} is not a JSON array (it must start with '['); JSON lines files need the .jsonl extension.")
+    pos += 1
+    expect_item = True
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n":
+            pos += 1
+        if pos >= len(text):
+            raise UserError(f"Data file {path} ends before its JSON array is closed (missing ']').")
+        char = text[pos]
+        if char == "]":
+            return
+        if char == ",":
+            if expect_item:
+                line = text.count("\n", 0, pos) + 1
+                raise UserError(f"Data file {path} line {line}: unexpected ',' in the JSON array.")
+            expect_item = True
+            pos += 1
+            continue
+        if not expect_item:
+            line = text.count("\n", 0, pos) + 1
+            raise UserError(f"Data file {path} line {line}: expected ',' or ']' between records.")
+        try:
+            value, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as err:
+            raise UserError(f"Data file {path} line {err.lineno} column {err.colno}: not valid JSON ({err.msg}). Fix the file.") from None
+        yield text.count("\n", 0, pos) + 1, value
+        pos = end
+        expect_item = False
+
+
+def resolve_spec(spec: str) -> Path | str:
+    """``sample:<name>`` -> the shipped file; an existing path -> Path; anything else stays a dataset id.
+
+    Raises:
+        UserError: an unknown sample name, or something that looks like a missing local file.
+    """
+    if spec.startswith("sample:"):
+        key = spec.split(":", 1)[1]
+        if key not in SAMPLES:
+            raise UserError(f"Unknown shipped sample '{spec}'; the package ships {', '.join('sample:' + k for k in SAMPLES)}.")
+        return SAMPLES[key]
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path
+    if path.suffix.lower() in (".json", ".jsonl") or spec.startswith((".", "/", "~")) or "\\" in spec:
+        raise UserError(f"Data file '{spec}' does not exist (data.train_files / data.val_files). Give an existing .json / .jsonl file.")
+    return spec
+
+
+def read_raw(spec: str, split: str = "train", subset: str | None = None) -> Iterator[tuple[str, Any]]:
+    """Yield ``(source, raw record)`` from a file, dataset folder, dataset id or shipped sample.
+
+    Raises:
+        UserError: unreadable file, malformed JSON array, unavailable dataset.
+    """
+    where = resolve_spec(spec)
+    if isinstance(where, Path) and where.is_file():
+        text = where.read_text(encoding="utf-8-sig")
+        stripped = text.lstrip()
+        if where.suffix.lower() == ".json" and stripped.startswith("["):
+            for i, (line, value) in enumerate(_json_array_items(text, where)):
+                yield f"{where}:{line} (record {i})", value
+            return
+        if where.suffix.lower() not in (".json", ".jsonl"):
+            raise UserError(f"Data file {where} has an unsupported type: use a JSON array (.json) or JSON lines (.jsonl).")
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as err:
+                value = BadRecord(f"{where}:{number}: not valid JSON ({err.msg} at column {err.colno}).")
+            yield f"{where}:{number}", value
+        return
+    for i, row in enumerate(_dataset_rows(where, split, subset)):
+        yield f"{spec}[{split}] row {i}", row
+
+
+def _dataset_rows(where: Path | str, split: str, subset: str | None) -> Iterator[dict[str, Any]]:
+    """Rows of a dataset folder (``save_to_disk`` or data files) or a Hub dataset id.
+
+    Raises:
+        UserError: the dataset cannot be loaded here (offline, unknown split, ...).
+    """
+    import datasets
+
+    from core.hub import hub_reachable
+
+    try:
+        if isinstance(where, Path) and (where / "dataset_info.json").is_file() or isinstance(where, Path) and (where / "dataset_dict.json").is_file():
+            loaded = datasets.load_from_disk(str(where))
+            ds = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+        else:
+            if not isinstance(where, Path) and not hub_reachable():
+                # Without network the Hub client retries for a while; use the local cache only.
+                datasets.config.HF_HUB_OFFLINE = True
+            ds = datasets.load_dataset(str(where), subset, split=split)
+    except Exception as err:  # datasets raises many types (ConnectionError, FileNotFoundError, ValueError, ...)
+        raise UserError(
+            f"Cannot load the dataset '{where}' (split '{split}'{f', subset {subset}' if subset else ''}): {type(err).__name__}: "
+            f"{str(err)[:300]}. Without network use a local .json / .jsonl file or a folder written by Dataset.save_to_disk."
+        ) from None
+    yield from ds
+
+
+def read_records(spec: str, cfg: DataConfig, for_inference: bool = False) -> tuple[list[Record], list[str]]:
+    """Read and check every record of one data source.
+
+    Args:
+        spec: a ``data.train_files`` entry.
+        cfg: the data settings (``on_bad_record``, ``hf_split``, ``hf_subset``).
+        for_inference: records without responses are fine (``infer --input``).
+
+    Returns:
+        ``(records, problems)``: the good records, and one message per skipped bad record.
+
+    Raises:
+        UserError: a bad record when ``data.on_bad_record=error``.
+    """
+    records, problems = [], []
+    for source, raw in read_raw(spec, cfg.hf_split, cfg.hf_subset):
+        try:
+            if isinstance(raw, BadRecord):
+                raise raw
+            records.append(parse_record(raw, source, for_inference))
+        except BadRecord as err:
+            if cfg.on_bad_record == "error" or for_inference:
+                raise UserError(f"Bad record in {err} Fix the record, or set data.on_bad_record=skip to leave such records out (they are counted).") from None
+            problems.append(str(err))
+    return records, problems
+
+
+def split_records(records: list[Record], val_size: float, seed: int) -> tuple[list[Record], list[Record]]:
+    """Hold out a seeded random share of the records for validation.
+
+    Args:
+        records: all training records.
+        val_size: fraction (< 1) or count (>= 1); 0: no validation.
+        seed: split seed.
+
+    Returns:
+        ``(train, val)``, each in the original order.
+    """
+    n = len(records)
+    count = int(round(n * val_size)) if val_size < 1 else int(val_size)
+    if val_size > 0 and n > 1:
+        count = max(1, count)
+    count = min(count, n - 1) if n > 1 else 0
+    if count <= 0:
+        return list(records), []
+    held = set(np.random.default_rng(seed).permutation(n)[:count].tolist())
+    return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
+
+
+# ------------------------------------------------------------------------------------------------
+# Encoding
+# ------------------------------------------------------------------------------------------------
+
+
+class PromptTooLong(ValueError):
+    """A prompt that leaves no room for the response within ``max_length``."""
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    """Whether the tokenizer brings its own chat template."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+class Encoder:
+    """Turns records into ``input_ids`` / ``labels`` (and prompts into ids for generation).
+
+    Args:
+        tokenizer: a Hugging Face tokenizer (pad token set).
+        template: ``data.template`` (``auto``, ``alpaca``, ``alpaca_ko``, ``chat``).
+        max_length: longest sequence.
+        min_response_tokens: response room a prompt must leave.
+        train_on_prompt: labels on the prompt tokens too.
+        chat_source: ``tokenizer`` or ``builtin``: where the chat template comes from; None:
+            ``tokenizer`` when it has one. Inference passes what training used (the built-in
+            template is saved with the adapter's tokenizer, which then *has* a chat template, but
+            ``auto`` must still pick the Alpaca prompt the adapter was trained on).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        template: str = "auto",
+        max_length: int = 512,
+        min_response_tokens: int = 8,
+        train_on_prompt: bool = False,
+        chat_source: str | None = None,
+    ) -> None:
+        """See the class docstring; decides once whether the tokenizer adds BOS by itself."""
+        self.tokenizer = tokenizer
+        self.template = template
+        self.max_length = max_length
+        self.min_response_tokens = min_response_tokens
+        self.train_on_prompt = train_on_prompt
+        self.chat_source = chat_source or ("tokenizer" if has_chat_template(tokenizer) else "builtin")
+        self.eos_id = tokenizer.eos_token_id
+        if self.eos_id is None:
+            raise UserError("The tokenizer has no EOS token; the model could never learn to stop. Choose a tokenizer with one (model.tokenizer).")
+        bos = tokenizer.bos_token_id
+        # Does the tokenizer add BOS by itself (Llama) or not (GPT-2)? Prompts get it the same way.
+        self.add_bos = bos is not None and tokenizer.encode("a", add_special_tokens=True)[:1] == [bos] and tokenizer.encode("a", add_special_tokens=False)[:1] != [bos]
+
+    # -- text --------------------------------------------------------------------------------
+
+    def style(self, record: Record) -> str:
+        """The template a record uses: ``alpaca``, ``alpaca_ko`` or ``chat``."""
+        if record.kind == "chat" or self.template == "chat":
+            return "chat"
+        if self.template == "auto":
+            if self.chat_source == "tokenizer":
+                return "chat"
+            return "alpaca_ko" if is_korean(record.instruction + " " + record.input) else "alpaca"
+        return self.template
+
+    def use_chat(self) -> None:
+        """Install the built-in chat template on a tokenizer that has none."""
+        if not has_chat_template(self.tokenizer):
+            self.tokenizer.chat_template = BUILTIN_CHAT_TEMPLATE
+
+    def render_chat(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+        """The chat template's text for ``messages``."""
+        self.use_chat()
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+    def messages_of(self, record: Record) -> list[dict[str, str]]:
+        """Chat turns of a record (an instruction record becomes one user turn + the answer)."""
+        if record.messages is not None:
+            return record.messages
+        user = record.instruction + (f"\n\n{record.input}" if record.input.strip() else "")
+        turns = [{"role": "user", "content": user}]
+        if record.output:
+            turns.append({"role": "assistant", "content": record.output})
+        return turns
+
+    def segments(self, record: Record) -> list[tuple[str, bool]]:
+        """The record's text as ``(text, trained)`` pieces, prompt pieces untrained.
+
+        For chat, every assistant turn is one trained piece: the text the template adds for that
+        turn after the generation prompt (the answer and the template's end-of-turn marker).
+
+        Raises:
+            BadRecord: a chat template that does not render conversations incrementally.
+        """
+        style = self.style(record)
+        if style != "chat":
+            prompt = PROMPTS[style]["input" if record.input.strip() else "no_input"].format(instruction=record.instruction, input=record.input)
+            return [(prompt, False)] + ([(record.output, True)] if record.output else [])
+        messages = self.messages_of(record)
+        pieces: list[tuple[str, bool]] = []
+        done = ""
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prompt = self.render_chat(messages[:i], generation_prompt=True)
+            full = self.render_chat(messages[: i + 1], generation_prompt=False)
+            if not prompt.startswith(done) or not full.startswith(prompt):
+                raise BadRecord(f"{record.source}: the chat template does not render this conversation turn by turn; use data.template=alpaca.")
+            pieces += [(prompt[len(done):], False), (full[len(prompt):], True)]
+            done = full
+        if messages[-1]["role"] != "assistant":  # an inference prompt: end with the generation prompt
+            prompt = self.render_chat(messages, generation_prompt=True)
+            pieces.append((prompt[len(done):], False))
+        return pieces
+
+    # -- tokens ------------------------------------------------------------------------------
+
+    def tokens(self, record: Record) -> tuple[list[int], list[bool]]:
+        """Token ids of a record and whether each is trained (response + EOS).
+
+        Returns:
+            ``(ids, trained)``, two lists of equal length ``seq``.
+        """
+        ids: list[int] = []
+        trained: list[bool] = []
+        chat = self.style(record) == "chat"
+        if self.add_bos and not chat:
+            ids.append(self.tokenizer.bos_token_id)
+            trained.append(False)
+        pieces = self.segments(record)
+        for text, is_trained in pieces:
+            piece = self.tokenizer.encode(text, add_special_tokens=False)
+            ids += piece
+            trained += [is_trained] * len(piece)
+        # EOS ends every response and is trained; a chat template's turn may already end with it.
+        if pieces and pieces[-1][1] and ids[-1] != self.eos_id:
+            ids.append(self.eos_id)
+            trained.append(True)
+        return ids, trained
+
+    def prompt_ids(self, record: Record) -> list[int]:
+        """Token ids of the prompt to generate from (a record without output / final answer)."""
+        ids, _ = self.tokens(Record(source=record.source, instruction=record.instruction, input=record.input, messages=record.messages))
+        return ids
+
+    def encode(self, record: Record) -> dict[str, Any]:
+        """``input_ids`` / ``labels`` for training, truncated to ``max_length``.
+
+        Returns:
+            ``{"input_ids", "labels"}`` (lists of length ``seq <= max_length``; labels ``-100`` on
+            untrained tokens), ``"source"``, ``"style"``, ``"prompt_tokens"`` (before the first
+            trained token), ``"response_tokens"`` (trained tokens kept) and ``"cut_tokens"``
+            (trained tokens removed by truncation).
+
+        Raises:
+            PromptTooLong: the prompt leaves fewer than ``min_response_tokens`` tokens.
+            BadRecord: the response has no tokens.
+        """
+        if record.kind == "tokenized":
+            ids, labels = list(record.input_ids), list(record.labels)
+            trained = [t != IGNORE_INDEX for t in labels]
+            style = "tokenized"
+        else:
+            ids, trained = self.tokens(record)
+            style = self.style(record)
+            labels = [t if (keep or self.train_on_prompt) else IGNORE_INDEX for t, keep in zip(ids, trained)]
+        if not any(trained):
+            raise BadRecord(f"{record.source}: the response has no tokens.")
+        prompt_tokens = trained.index(True)
+        cut = 0
+        if len(ids) > self.max_length:
+            if prompt_tokens > self.max_length - self.min_response_tokens:
+                raise PromptTooLong(
+                    f"{record.source}: the prompt has {prompt_tokens} tokens, which leaves fewer than "
+                    f"data.min_response_tokens={self.min_response_tokens} of data.max_length={self.max_length} for the response."
+                )
+            cut = sum(trained[self.max_length:])
+            ids, labels, trained = ids[: self.max_length], labels[: self.max_length], trained[: self.max_length]
+        return {
+            "input_ids": ids,
+            "labels": labels,
+            "source": record.source,
+            "style": style,
+            "prompt_tokens": prompt_tokens,
+            "response_tokens": sum(trained),
+            "cut_tokens": cut,
+        }
+
+
+@dataclass
+class EncodeStats:
+    """Counts and length distributions of an encoded data set (logged, and written by ``prepare``)."""
+
+    records: int = 0
+    bad_records_skipped: int = 0
+    long_prompts_skipped: int = 0
+    truncated_samples: int = 0
+    response_tokens_cut: int = 0
+    styles: Counter = field(default_factory=Counter)
+    prompt_lengths: list[int] = field(default_factory=list)
+    response_lengths: list[int] = field(default_factory=list)
+    total_lengths: list[int] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def add(self, example: dict[str, Any]) -> None:
+        """Count one encoded example (from :meth:`Encoder.encode`)."""
+        self.styles[example["style"]] += 1
+        self.prompt_lengths.append(example["prompt_tokens"])
+        self.response_lengths.append(example["response_tokens"])
+        self.total_lengths.append(len(example["input_ids"]))
+        if example["cut_tokens"]:
+            self.truncated_samples += 1
+            self.response_tokens_cut += example["cut_tokens"]
+
+    def summary(self, max_length: int) -> dict[str, Any]:
+        """Plain-data report: counts, templates, truncation and length percentiles."""
+
+        def pct(values: list[int]) -> dict[str, float]:
+            """Mean, p50 / p90 / p99 and max of a list of lengths."""
+            if not values:
+                return {}
+            arr = np.asarray(values)
+            return {"mean": round(float(arr.mean()), 1), "p50": float(np.percentile(arr, 50)), "p90": float(np.percentile(arr, 90)),
+                    "p99": float(np.percentile(arr, 99)), "max": int(arr.max())}
+
+        kept = len(self.total_lengths)
+        return {
+            "records_read": self.records,
+            "samples": kept,
+            "bad_records_skipped": self.bad_records_skipped,
+            "long_prompts_skipped": self.long_prompts_skipped,
+            "truncated_samples": self.truncated_samples,
+            "truncated_share": self.truncated_samples / max(kept, 1),
+            "response_tokens_cut": self.response_tokens_cut,
+            "trained_tokens": int(sum(self.response_lengths)),
+            "max_length": max_length,
+            "templates": dict(self.styles),
+            "lengths": {"prompt": pct(self.prompt_lengths), "response": pct(self.response_lengths), "total": pct(self.total_lengths)},
+            "problems": self.problems[:20],
+        }
+
+    def describe(self, name: str) -> str:
+        """One log line: samples, skips, truncation, length percentiles."""
+        total = self.summary(0)["lengths"]["total"]
+        return (
+            f"{name}: {len(self.total_lengths)} samples from {self.records} records ({dict(self.styles)}); "
+            f"skipped {self.bad_records_skipped} bad, {self.long_prompts_skipped} with too-long prompts; "
+            f"{self.truncated_samples} responses truncated ({self.response_tokens_cut} response tokens cut); "
+            f"tokens p50 {total.get('p50', 0):.0f}, p90 {total.get('p90', 0):.0f}, max {total.get('max', 0)}"
+        )
+
+
+def encode_records(records: Sequence[Record], encoder: Encoder, long_prompts: str = "error", problems: Sequence[str] = ()) -> tuple[list[dict[str, Any]], EncodeStats]:
+    """Encode records, applying the too-long-prompt policy.
+
+    Args:
+        records: parsed records.
+        encoder: the :class:`Encoder`.
+        long_prompts: ``error`` or ``skip``.
+        problems: messages of bad records skipped while reading (counted in the stats).
+
+    Returns:
+        ``(examples, stats)``.
+
+    Raises:
+        UserError: a too-long prompt (``long_prompts=error``) or a response without tokens.
+    """
+    stats = EncodeStats(records=len(records) + len(problems), bad_records_skipped=len(problems), problems=list(problems))
+    examples = []
+    for record in records:
+        try:
+            example = encoder.encode(record)
+        except PromptTooLong as err:
+            if long_prompts == "error":
+                raise UserError(
+                    f"Prompt too long: {err} Raise data.max_length, shorten the record, or set data.long_prompts=skip "
+                    "to leave such records out (they are counted)."
+                ) from None
+            stats.long_prompts_skipped += 1
+            stats.problems.append(str(err))
+            continue
+        except BadRecord as err:
+            raise UserError(f"Bad record: {err}") from None
+        stats.add(example)
+        examples.append(example)
+    return examples, stats
+
+
+# ------------------------------------------------------------------------------------------------
+# Datasets, packing, collation
+# ------------------------------------------------------------------------------------------------
+
+
+class SFTDataset(Dataset):
+    """Encoded examples. Item: ``{"index": int, "input_ids": list[int], "labels": list[int]}``."""
+
+    def __init__(self, examples: list[dict[str, Any]]) -> None:
+        """Keep the encoded examples (dicts from :meth:`Encoder.encode`)."""
+        self.examples = examples
+
+    def __len__(self) -> int:
+        """Number of samples."""
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        """Sample ``i``: its index, ``input_ids`` and ``labels`` (lists of length ``seq``)."""
+        example = self.examples[i]
+        return {"index": i, "input_ids": example["input_ids"], "labels": example["labels"]}
+
+    def lengths(self) -> list[int]:
+        """Tokens per item (what the collator pads to)."""
+        return [len(e["input_ids"]) for e in self.examples]
+
+
+def pack(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Best-fit-decreasing bin packing of sample lengths into rows of ``capacity`` tokens.
+
+    Deterministic: longest samples first (ties by index), each into the fullest row it still fits.
+
+    Args:
+        lengths: tokens per sample (each ``<= capacity``).
+        capacity: row length (``data.max_length``).
+
+    Returns:
+        Rows as lists of sample indices (ascending within a row).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, row id), sorted
+    for i in order:
+        need = lengths[i]
+        if need > capacity:
+            raise ValueError(f"sample {i} has {need} tokens, more than the row capacity {capacity}")
+        at = bisect.bisect_left(free, (need, -1))
+        if at < len(free):
+            room, row = free.pop(at)
+        else:
+            room, row = capacity, len(rows)
+            rows.append([])
+        rows[row].append(i)
+        if room - need > 0:
+            bisect.insort(free, (room - need, row))
+    return [sorted(r) for r in rows]
+
+
+class PackedDataset(Dataset):
+    """Rows of several examples each. Item: ``{"index", "input_ids", "labels", "position_ids"}``.
+
+    ``position_ids`` restart at 0 for every sample; ``labels`` of each sample's first token are
+    ``-100`` (it would be predicted from the previous sample's last token).
+
+    Args:
+        examples: encoded examples.
+        max_length: row capacity.
+    """
+
+    def __init__(self, examples: list[dict[str, Any]], max_length: int) -> None:
+        """Pack ``examples`` into rows of at most ``max_length`` tokens (see :func:`pack`)."""
+        self.examples = examples
+        self.rows = pack([len(e["input_ids"]) for e in examples], max_length)
+
+    def __len__(self) -> int:
+        """Number of packed rows."""
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        """Row ``i``: its samples concatenated; lists of length ``row tokens``."""
+        ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        for j in self.rows[i]:
+            example = self.examples[j]
+            ids += example["input_ids"]
+            labels += [IGNORE_INDEX] + example["labels"][1:]
+            positions += list(range(len(example["input_ids"])))
+        return {"index": i, "input_ids": ids, "labels": labels, "position_ids": positions}
+
+    def lengths(self) -> list[int]:
+        """Tokens per row."""
+        return [sum(len(self.examples[j]["input_ids"]) for j in row) for row in self.rows]
+
+
+def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of items into a batch.
+
+    The masks come from the item lengths, not from token ids: a pad id equal to EOS never hides
+    the trained EOS.
+
+    Args:
+        samples: items of :class:`SFTDataset` or :class:`PackedDataset`.
+        pad_id: token id written into padding positions.
+
+    Returns:
+        ``input_ids``, ``attention_mask`` (1 on real tokens) and ``labels`` (``-100`` on padding),
+        all ``(batch, width)``; ``position_ids`` ``(batch, width)`` for packed rows (padding
+        positions count from 0 again, a segment of their own); ``index`` ``(batch,)``.
+    """
+    width = max(len(s["input_ids"]) for s in samples)
+    batch = len(samples)
+    ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((batch, width), dtype=torch.long)
+    packed = "position_ids" in samples[0]
+    positions = torch.zeros((batch, width), dtype=torch.long) if packed else None
+    for row, sample in enumerate(samples):
+        n = len(sample["input_ids"])
+        ids[row, :n] = torch.tensor(sample["input_ids"])
+        labels[row, :n] = torch.tensor(sample["labels"])
+        mask[row, :n] = 1
+        if positions is not None:
+            positions[row, :n] = torch.tensor(sample["position_ids"])
+            positions[row, n:] = torch.arange(width - n)
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels, "index": torch.tensor([s["index"] for s in samples])}
+    if positions is not None:
+        out["position_ids"] = positions
+    return out
+
+
+if __name__ == "__main__":  # self-check: python -m lora_llm.data
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ASSETS / "tiny_tokenizer")
+    cfg = DataConfig()
+    en, _ = read_records("sample:en", cfg)
+    ko, _ = read_records("sample:ko", cfg)
+    encoder = Encoder(tok, max_length=128)
+    examples, stats = encode_records(en[:40] + ko[:10], encoder, long_prompts="skip")
+    print(stats.describe("sample"))
+    first = examples[-1]
+    trained = [t for t in first["labels"] if t != IGNORE_INDEX]
+    print("ko prompt:", repr(tok.decode(first["input_ids"][: first["prompt_tokens"]])[-40:]))
+    print("ko trained:", repr(tok.decode(trained)))
+    assert trained[-1] == tok.eos_token_id and first["labels"][: first["prompt_tokens"]] == [IGNORE_INDEX] * first["prompt_tokens"]
+    chat = Record(source="demo", messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}])
+    ids, flags = encoder.tokens(chat)
+    print("chat trained:", repr(tok.decode([t for t, f in zip(ids, flags) if f])))
+    packed = PackedDataset(examples, 128)
+    batch = collate([packed[0], packed[1]], tok.pad_token_id)
+    print(f"{len(examples)} samples -> {len(packed)} packed rows; batch {tuple(batch['input_ids'].shape)}")
+    print("lora_llm.data: ok")

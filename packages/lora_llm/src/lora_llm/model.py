@@ -1,0 +1,544 @@
+"""The base causal LM (Hub id, local folder or the ``tiny`` model), quantization, and the LoRA adapter.
+
+- :func:`load_tokenizer`: the model's tokenizer (the ``tiny`` model's ships in ``assets/``); a
+  missing pad token becomes EOS (the collator masks by length, so EOS is still trained).
+- :func:`build_tiny_base`: a small ``LlamaForCausalLM`` from a config with seeded random weights,
+  saved with ``save_pretrained`` so it loads (and quantizes) through the real loading code.
+- :func:`load_base`: ``AutoModelForCausalLM.from_pretrained`` in 16/32 bits or, with
+  ``BitsAndBytesConfig``, in 4-bit NF4 / FP4 (double quantisation, compute dtype) or 8 bits.
+  bitsandbytes >= 0.45 runs both on the CPU too.
+- :func:`add_adapter`: ``prepare_model_for_kbit_training`` for a quantized base (frozen, norms in
+  float32), non-reentrant gradient checkpointing with input gradients enabled (a frozen embedding
+  would otherwise cut the gradient path), then peft's ``get_peft_model`` with a ``LoraConfig``.
+- :func:`load_adapter_model`: base + a saved adapter for ``infer`` / ``merge``, with checks that
+  the adapter fits the base (exit code 2 otherwise).
+
+Self-check: ``python -m lora_llm.model`` (tiny model, 4-bit, one backward pass, save and reload).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from core.errors import UserError
+from core.hub import ensure_available
+from lora_llm.config import LoraSettings, ModelConfig, QuantConfig, TinyModelConfig
+from lora_llm.data import ASSETS
+
+log = logging.getLogger(__name__)
+# bitsandbytes warns at import that an optional extra ('kernels') is missing, then uses its own
+# CPU kernel; the message only confuses.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+TINY = "tiny"
+TINY_TOKENIZER = ASSETS / "tiny_tokenizer"
+SETTINGS_FILE = "lora_llm.json"
+"""Written next to the adapter: the prompt template, quantization and base model it was trained with."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def is_tiny(name: str) -> bool:
+    """Whether ``model.name`` asks for the built-in tiny model."""
+    return str(name) == TINY
+
+
+def cuda_dtype() -> torch.dtype:
+    """bfloat16 on GPUs that support it, else float16."""
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def base_dtype(choice: str, device_type: str, strategy: str = "auto") -> torch.dtype:
+    """The dtype of the frozen base weights for ``model.dtype`` (see its documentation)."""
+    if choice != "auto":
+        return DTYPES[choice]
+    if device_type != "cuda" or strategy == "fsdp":
+        return torch.float32
+    return cuda_dtype()
+
+
+def compute_dtype(choice: str, device_type: str) -> torch.dtype:
+    """The dtype 4-bit weights are dequantized to for ``quant.compute_dtype``."""
+    if choice != "auto":
+        return DTYPES[choice]
+    return cuda_dtype() if device_type == "cuda" else torch.float32
+
+
+@contextmanager
+def peft_quietly() -> Iterator[None]:
+    """Hide the deprecation warning peft 0.21 triggers in transformers 5 (``is_gradient_checkpointing``),
+    and its missing-keys warning (:func:`load_adapter_model` turns a mismatch into an error)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
+        warnings.filterwarnings("ignore", message="Found missing adapter keys", category=UserWarning)
+        yield
+
+
+@contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Temporarily set torch's default dtype (the trainer's ``init_module`` may have changed it)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+# ------------------------------------------------------------------------------------------------
+# Tokenizer and the tiny model
+# ------------------------------------------------------------------------------------------------
+
+
+def load_tokenizer(cfg: ModelConfig, source: str | Path | None = None) -> Any:
+    """Load the tokenizer of ``cfg`` (or from ``source``), with a pad token and right padding.
+
+    Args:
+        cfg: the ``model`` group.
+        source: a folder or Hub id that overrides ``model.tokenizer`` / ``model.name``.
+
+    Raises:
+        UserError: a Hub id that cannot be downloaded here, or a missing folder.
+    """
+    from transformers import AutoTokenizer
+
+    key = "model.tokenizer" if cfg.tokenizer else "model.name"
+    if source is None:
+        source = cfg.tokenizer or (TINY_TOKENIZER if is_tiny(cfg.name) else cfg.name)
+    ensure_available(source, what="tokenizer", key=key, filename="tokenizer_config.json")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UserError(f"Cannot load a tokenizer from '{source}' ({key}): {err}") from None
+    if tokenizer.pad_token is None:
+        # Padding positions are masked by length, so pad == EOS does not hide the trained EOS.
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def tiny_config(spec: TinyModelConfig, tokenizer: Any) -> Any:
+    """The ``LlamaConfig`` of the tiny model (vocabulary and special ids from ``tokenizer``)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_kv_heads,
+        max_position_embeddings=spec.max_positions, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+    )
+
+
+def build_tiny_base(spec: TinyModelConfig, tokenizer: Any, out_dir: Path) -> Path:
+    """Write the tiny model (seeded random weights) and its tokenizer to ``out_dir``.
+
+    An existing ``out_dir`` (a resumed run) is kept as it is. The weights depend only on
+    ``spec`` (``seed`` included), so every rank and session builds the same model.
+
+    Args:
+        spec: ``model.tiny``.
+        tokenizer: the shipped tiny tokenizer.
+        out_dir: ``<run>/base``.
+
+    Returns:
+        ``out_dir``.
+    """
+    from transformers import LlamaForCausalLM
+
+    if (out_dir / "config.json").is_file():
+        return out_dir
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with torch.random.fork_rng(devices=[]), torch.device("cpu"), default_dtype(torch.float32):
+        torch.manual_seed(spec.seed)
+        model = LlamaForCausalLM(tiny_config(spec, tokenizer))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+# ------------------------------------------------------------------------------------------------
+# Base model and adapter
+# ------------------------------------------------------------------------------------------------
+
+
+def quantization_config(quant: QuantConfig, device_type: str) -> Any:
+    """``BitsAndBytesConfig`` for ``quant`` (None when ``quant.bits`` is null)."""
+    if quant.bits is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quant.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(quant.skip_modules) or None)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type, bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype(quant.compute_dtype, device_type),
+        llm_int8_skip_modules=list(quant.skip_modules) or None,
+    )
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether a transformers model was loaded in 4 or 8 bits."""
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+
+
+def cpu_4bit_inference_kernel(model: nn.Module, enabled: bool) -> None:
+    """Allow or forbid bitsandbytes' AVX512-BF16 4-bit kernel on the CPU.
+
+    bitsandbytes 0.50 repacks a ``Linear4bit`` weight for that kernel the first time it runs in
+    eval mode without gradients (a validation pass), and from then on uses the kernel in training
+    too, although it has no backward: gradients through the frozen base are silently lost
+    (``tests/test_lora_llm_model.py`` shows it). Training therefore turns it off. For inference it
+    stays on where bitsandbytes can use it (output features a multiple of 32).
+
+    Args:
+        model: a model loaded in 4 bits (other models are left alone).
+        enabled: True for inference, False for training.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = bool(module.support_avx512bf16_for_cpu and enabled and module.out_features % 32 == 0)
+
+
+def load_base(
+    name_or_path: str | Path, cfg: ModelConfig, quant: QuantConfig | None, device: torch.device, strategy: str = "auto", training: bool = True
+) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained`` on ``device``, quantized when ``quant.bits`` is set.
+
+    Args:
+        name_or_path: Hub id or folder.
+        cfg: the ``model`` group (dtype, attention, revision).
+        quant: the ``quant`` group, or None for a 16/32-bit base.
+        device: where the weights go.
+        strategy: ``trainer.strategy`` (FSDP wants float32 base weights).
+        training: the model will be trained (see :func:`cpu_4bit_inference_kernel`).
+
+    Returns:
+        The model (eval mode, as from_pretrained leaves it).
+
+    Raises:
+        UserError: the model cannot be found or loaded.
+    """
+    from transformers import AutoModelForCausalLM
+
+    ensure_available(name_or_path, what="model", key="model.name")
+    bnb = quantization_config(quant, device.type) if quant is not None else None
+    kwargs: dict[str, Any] = {
+        "dtype": base_dtype(cfg.dtype, device.type, strategy),
+        "revision": cfg.revision,
+        "trust_remote_code": cfg.trust_remote_code,
+        "device_map": {"": device},
+    }
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    if bnb is not None:
+        kwargs["quantization_config"] = bnb
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as err:
+        raise UserError(f"Cannot load the model '{name_or_path}' (model.name): {err}") from None
+    cpu_4bit_inference_kernel(model, enabled=not training)
+    return model
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing, with gradients flowing from a frozen embedding.
+
+    ``enable_input_require_grads`` makes the embedding output require grad, so the first
+    checkpointed block has an input that carries a gradient even though every base weight is
+    frozen (needed by reentrant checkpointing, harmless for the non-reentrant kind used here).
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # pragma: no cover - older transformers
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.enable_input_require_grads()
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Distinct last name parts of the linear layers (candidates for ``lora.target_modules``)."""
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) or type(module).__name__ in ("Conv1D", "Linear4bit", "Linear8bitLt"):
+            names.add(name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def add_adapter(model: nn.Module, lora: LoraSettings, gradient_checkpointing: bool) -> nn.Module:
+    """Freeze the base, set up checkpointing, and wrap it in a peft ``PeftModel`` with LoRA.
+
+    Args:
+        model: a transformers causal LM (quantized or not).
+        lora: the ``lora`` group.
+        gradient_checkpointing: ``model.gradient_checkpointing``.
+
+    Returns:
+        The ``PeftModel``; only the adapter weights (float32) require grad.
+
+    Raises:
+        UserError: ``lora.target_modules`` names layers the model does not have.
+    """
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if is_quantized(model):
+        # Freezes everything and casts the remaining 16-bit weights (norms, embeddings, head) to float32.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    else:
+        model.requires_grad_(False)
+    if gradient_checkpointing:
+        enable_checkpointing(model)
+    model.config.use_cache = False  # the cache is useless in training and conflicts with checkpointing
+    targets: Any = "all-linear" if list(lora.target_modules) == ["all-linear"] else list(lora.target_modules)
+    # GPT-2 style Conv1D layers store their weight transposed; peft must know (it would warn and guess).
+    conv1d = any(type(m).__name__ == "Conv1D" for m in model.modules())
+    config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, bias=lora.bias,
+        use_rslora=lora.use_rslora, fan_in_fan_out=conv1d, task_type="CAUSAL_LM",
+    )
+    try:
+        with peft_quietly():
+            return get_peft_model(model, config)
+    except ValueError as err:
+        raise UserError(
+            f"lora.target_modules={list(lora.target_modules)} does not fit this model ({err}). Its linear layers are: "
+            f"{', '.join(linear_module_names(model))}; or use lora.target_modules=[all-linear]."
+        ) from None
+
+
+def real_numel(param: torch.Tensor) -> int:
+    """Number of weights a parameter stands for (a packed 4-bit tensor holds two per byte)."""
+    quant_state = getattr(param, "quant_state", None)
+    if quant_state is not None and getattr(quant_state, "shape", None) is not None:
+        return int(torch.Size(quant_state.shape).numel())
+    return param.numel()
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameters, counting 4-bit weights at their real size."""
+    trainable = total = 0
+    for param in model.parameters():
+        n = real_numel(param)
+        total += n
+        trainable += n if param.requires_grad else 0
+    return trainable, total
+
+
+def decoder_layer_classes(model_cls: type) -> set[type[nn.Module]]:
+    """The transformer block classes of a transformers model class (its ``_no_split_modules``)."""
+    import sys
+
+    module = sys.modules[model_cls.__module__]
+    return {getattr(module, name) for name in (getattr(model_cls, "_no_split_modules", None) or []) if hasattr(module, name)}
+
+
+def causal_lm_class(config: Any) -> type:
+    """The transformers class ``AutoModelForCausalLM`` builds for a model config (no weights read)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM._model_mapping[type(config)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Saved adapters: infer and merge
+# ------------------------------------------------------------------------------------------------
+
+
+def read_adapter(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``adapter_config.json`` and this package's ``lora_llm.json`` (empty if absent) of an adapter folder.
+
+    Raises:
+        UserError: the folder does not exist or is not a peft adapter.
+    """
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise UserError(f"Adapter folder '{adapter_dir}' does not exist; give a run's final/ folder (runs/NNN_.../final).")
+    config_file = adapter_dir / "adapter_config.json"
+    if not config_file.is_file() or not any(adapter_dir.glob("adapter_model.*")):
+        raise UserError(
+            f"'{adapter_dir}' is not a LoRA adapter folder: it needs adapter_config.json and adapter_model.safetensors "
+            "(what train writes to <run>/final)."
+        )
+    settings_file = adapter_dir / SETTINGS_FILE
+    settings = json.loads(settings_file.read_text(encoding="utf-8")) if settings_file.is_file() else {}
+    return json.loads(config_file.read_text(encoding="utf-8")), settings
+
+
+def resolve_base(adapter_dir: Path, adapter_config: dict[str, Any], base: str | None) -> str:
+    """The base model for an adapter: ``--base``, else the adapter's ``base_model_name_or_path``
+    (for a moved run folder of the ``tiny`` preset: its sibling ``base/`` folder).
+
+    Raises:
+        UserError: no base is known.
+    """
+    if base:
+        return str(base)
+    named = adapter_config.get("base_model_name_or_path")
+    if named and Path(named).is_dir():
+        return named
+    sibling = Path(adapter_dir).resolve().parent / "base"
+    if (sibling / "config.json").is_file():
+        return str(sibling)
+    if named and not Path(named).is_absolute():
+        return named
+    raise UserError(f"The adapter in '{adapter_dir}' names base model '{named}', which is not here; pass --base NAME_OR_DIR.")
+
+
+def check_not_quantized_checkpoint(base: str) -> None:
+    """Refuse a base folder saved in 4/8 bits (merging into it would corrupt the weights).
+
+    Raises:
+        UserError: ``config.json`` of the folder has a bitsandbytes ``quantization_config``.
+    """
+    config_file = Path(base) / "config.json"
+    if config_file.is_file():
+        quant = json.loads(config_file.read_text(encoding="utf-8")).get("quantization_config")
+        if quant:
+            raise UserError(
+                f"The base '{base}' is a quantized checkpoint ({quant.get('quant_method', 'bitsandbytes')}); merging an adapter into "
+                "4/8-bit weights corrupts them. Give the original 16/32-bit base with --base."
+            )
+
+
+def load_adapter_model(adapter_dir: Path, base: str, cfg: ModelConfig, quant: QuantConfig | None, device: torch.device) -> nn.Module:
+    """Base model + saved adapter, checked to fit, in eval mode.
+
+    Args:
+        adapter_dir: a ``final/`` folder.
+        base: the base model (see :func:`resolve_base`).
+        cfg: model settings (dtype, attention).
+        quant: quantization of the base, or None.
+        device: where to load.
+
+    Returns:
+        The ``PeftModel``.
+
+    Raises:
+        UserError: the adapter does not match the base (missing layers, other shapes, other depth).
+    """
+    from peft import PeftModel
+    from safetensors import safe_open
+
+    model = load_base(base, cfg, quant, device, training=False)
+    try:
+        with peft_quietly():
+            model = PeftModel.from_pretrained(model, str(adapter_dir))
+    except (ValueError, RuntimeError, KeyError) as err:
+        raise UserError(f"The adapter in '{adapter_dir}' does not match the base model '{base}': {' '.join(str(err).split())[:400]}") from None
+    weights = adapter_dir / "adapter_model.safetensors"
+    if weights.is_file():
+        with safe_open(str(weights), framework="pt") as handle:
+            saved = len(list(handle.keys()))
+        present = sum(1 for name, _ in model.named_parameters() if "lora_" in name)
+        if saved != present:
+            raise UserError(
+                f"The adapter in '{adapter_dir}' does not match the base model '{base}': it holds {saved} LoRA tensors, "
+                f"the base has places for {present} (another depth or other layer names). Pass the base it was trained on with --base."
+            )
+    model.eval()
+    return model
+
+
+def write_settings(out_dir: Path, settings: dict[str, Any]) -> None:
+    """Write ``lora_llm.json`` (prompt template, quantization, base) next to an adapter."""
+    (Path(out_dir) / SETTINGS_FILE).write_text(json.dumps(settings, indent=1, ensure_ascii=False), encoding="utf-8")
+
+
+def generate(model: nn.Module, tokenizer: Any, prompts: list[list[int]], *, max_new_tokens: int = 256, do_sample: bool = True,
+             temperature: float = 0.7, top_p: float = 0.9, top_k: int = 50, repetition_penalty: float = 1.0, batch_size: int = 8) -> list[str]:
+    """Generate a continuation for each prompt (batched, left-padded).
+
+    Args:
+        model: the causal LM (with or without adapter), eval mode.
+        tokenizer: its tokenizer (pad and EOS tokens set).
+        prompts: token ids of each prompt (as :meth:`lora_llm.data.Encoder.prompt_ids` makes them).
+        max_new_tokens / do_sample / temperature / top_p / top_k / repetition_penalty: sampling settings.
+        batch_size: prompts per ``generate`` call.
+
+    Returns:
+        The generated text of each prompt (special tokens removed), in order.
+    """
+    device = model.get_input_embeddings().weight.device
+    sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample else {}
+    # Longest prompts together: less padding per batch; results are put back in order.
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    results: dict[int, str] = {}
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        width = max(len(prompts[i]) for i in chunk)
+        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, i in enumerate(chunk):  # left padding: every prompt ends where generation starts
+            ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+            mask[row, width - len(prompts[i]) :] = 1
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens, do_sample=do_sample,
+                repetition_penalty=repetition_penalty, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **sampling,
+            )
+        for row, i in enumerate(chunk):
+            results[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
+    return [results[i] for i in range(len(prompts))]
+
+
+def merge_and_check(model: nn.Module, probe: torch.Tensor) -> tuple[nn.Module, dict[str, float]]:
+    """Merge the adapter into the (16/32-bit) base and compare logits on a probe input.
+
+    Args:
+        model: a ``PeftModel`` on an unquantized base, eval mode.
+        probe: ``(1, seq)`` token ids.
+
+    Returns:
+        ``(merged model, numbers)`` with ``max_abs_diff`` (merged vs adapter logits),
+        ``max_abs_logit`` and ``adapter_effect`` (adapter vs plain base logits: shows the check is
+        not trivially met by an adapter that changes nothing).
+    """
+    with torch.no_grad():
+        with model.disable_adapter():
+            plain = model(input_ids=probe).logits.float()
+        adapted = model(input_ids=probe).logits.float()
+        merged = model.merge_and_unload()
+        after = merged(input_ids=probe).logits.float()
+    return merged, {
+        "max_abs_diff": float((after - adapted).abs().max()),
+        "max_abs_logit": float(adapted.abs().max()),
+        "adapter_effect": float((adapted - plain).abs().max()),
+    }
+
+
+if __name__ == "__main__":  # self-check: python -m lora_llm.model
+    import tempfile
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(ModelConfig(name=TINY))
+    with tempfile.TemporaryDirectory() as tmp:
+        base = build_tiny_base(TinyModelConfig(), tok, Path(tmp) / "base")
+        model = load_base(base, ModelConfig(name=str(base)), QuantConfig(bits=4), torch.device("cpu"))
+        print("quantized:", type(model.model.layers[0].self_attn.q_proj).__name__, "compute", model.model.layers[0].self_attn.q_proj.compute_dtype)
+        model = add_adapter(model, LoraSettings(), gradient_checkpointing=True)
+        trainable, total = parameter_counts(model)
+        print(f"trainable {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+        model.train()
+        ids = torch.tensor([tok.encode("Hello world, this is a test.")])
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+        assert all(g is not None and g.abs().sum() > 0 for g in grads), "LoRA B must get gradients through the frozen 4-bit base"
+        model.save_pretrained(Path(tmp) / "adapter")
+        with peft_quietly():
+            again = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), Path(tmp) / "adapter")
+        print(f"loss {loss.item():.3f}; adapter files: {sorted(p.name for p in (Path(tmp) / 'adapter').iterdir())}; reloaded {type(again).__name__}")
+    print("lora_llm.model: ok")

@@ -1,0 +1,328 @@
+"""The task glue: data, model and loss of LoRA / QLoRA fine-tuning for the core Trainer.
+
+- ``setup`` (before the run folder exists): tokenizer, records read and checked, encoded,
+  split, packed if asked; every bad input raises ``UserError`` (exit code 2).
+- ``configure_model``: the base (the ``tiny`` one is first written to ``<run>/base``), 4/8-bit
+  loading, gradient checkpointing, LoRA; logs the data statistics and the trainable share and
+  writes ``<run>/data_stats.json``.
+- ``training_step``: causal-LM token loss as a sum (``shift=True``), so accumulation and ranks
+  normalise per token. Packed rows pass ``position_ids`` and no attention mask.
+- ``save_final``: only the adapter (``adapter_model.safetensors`` + ``adapter_config.json``),
+  the tokenizer and ``lora_llm.json``: ``PeftModel.from_pretrained(base, final)`` loads it.
+
+Self-check: ``python -m lora_llm.task`` (a few optimizer steps of the tiny preset in a temp folder).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from core.errors import ConfigError, UserError
+from core.hub import ensure_available
+from core.task import StepOutput, Task, per_sample_loss, token_loss_sum
+from lora_llm import __version__
+from lora_llm.config import LoraLLMConfig
+from lora_llm.data import (
+    Encoder,
+    EncodeStats,
+    PackedDataset,
+    Record,
+    SFTDataset,
+    collate,
+    encode_records,
+    read_records,
+    resolve_spec,
+    split_records,
+)
+from lora_llm.model import (
+    add_adapter,
+    build_tiny_base,
+    causal_lm_class,
+    decoder_layer_classes,
+    is_tiny,
+    load_base,
+    load_tokenizer,
+    parameter_counts,
+    write_settings,
+)
+
+log = logging.getLogger(__name__)
+
+
+def global_rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op without a process group)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits of a batch from :func:`lora_llm.data.collate`.
+
+    Args:
+        model: the (wrapped) causal LM.
+        batch: ``input_ids`` / ``attention_mask`` ``(batch, seq)``, and ``position_ids``
+            ``(batch, seq)`` for packed rows.
+
+    Returns:
+        ``(batch, seq, vocab)`` logits.
+    """
+    if "position_ids" in batch:
+        # Packed rows: no attention mask and no KV cache, so transformers builds the
+        # block-diagonal causal mask from the restarting position ids (each sample attends only
+        # to itself); with a cache it would silently treat the row as one sequence.
+        return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+
+
+def check_packing(model: nn.Module, pad_id: int) -> float:
+    """Check on the loaded model that packed samples do not see each other.
+
+    Runs two random sequences packed into one row and each on its own, and compares logits.
+
+    Args:
+        model: the base model (before the adapter).
+        pad_id: a valid token id.
+
+    Returns:
+        The largest logit difference, relative to the largest logit.
+
+    Raises:
+        ConfigError: the architecture lets packed samples attend to each other.
+    """
+    vocab = model.get_input_embeddings().weight.shape[0]
+    device = model.get_input_embeddings().weight.device
+    gen = torch.Generator().manual_seed(0)
+    first = torch.randint(0, vocab, (1, 7), generator=gen).to(device)
+    second = torch.randint(0, vocab, (1, 5), generator=gen).to(device)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        alone = [model(input_ids=x, use_cache=False).logits.float() for x in (first, second)]
+        positions = torch.cat([torch.arange(7), torch.arange(5)]).unsqueeze(0).to(device)
+        packed = model(input_ids=torch.cat([first, second], dim=1), position_ids=positions, use_cache=False).logits.float()
+    model.train(was_training)
+    reference = torch.cat(alone, dim=1)
+    diff = float((packed - reference).abs().max() / (reference.abs().max() + 1e-6))
+    tolerance = 1e-4 if reference.dtype == torch.float32 and next(model.parameters()).dtype == torch.float32 else 2e-2
+    if diff > tolerance:
+        raise ConfigError(
+            f"data.packing=true is not safe for this model: packed samples change each other's logits (relative difference {diff:.2e}). "
+            "Its attention does not follow restarting position ids; set data.packing=false."
+        )
+    return diff
+
+
+class LoraLLMTask(Task):
+    """LoRA / QLoRA supervised fine-tuning of a causal LM on instruction or chat data.
+
+    Args:
+        cfg: the root config.
+    """
+
+    name = "lora_llm"
+    shift_labels = True
+
+    def __init__(self, cfg: LoraLLMConfig) -> None:
+        """Keep the config; everything else happens in :meth:`setup` and :meth:`configure_model`."""
+        super().__init__(cfg)
+        self.cfg: LoraLLMConfig = cfg
+        self.files: list[Path] = []
+        self.stats: dict[str, EncodeStats] = {}
+
+    # -- data ----------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Tokenizer, records, encoding, split and packing; raises ``UserError`` for bad input."""
+        cfg = self.cfg
+        self.tokenizer = load_tokenizer(cfg.model)
+        if not is_tiny(cfg.model.name):
+            ensure_available(cfg.model.name, what="model", key="model.name")
+        d = cfg.data
+        self.encoder = Encoder(self.tokenizer, d.template, d.max_length, d.min_response_tokens, d.train_on_prompt)
+        train_records, train_problems = self.read(d.train_files, d.max_samples)
+        if d.val_files:
+            val_records, val_problems = self.read(d.val_files, None)
+        else:
+            train_records, val_records = split_records(train_records, d.val_size, d.seed)
+            val_problems = []
+        train_examples, self.stats["train"] = encode_records(train_records, self.encoder, d.long_prompts, train_problems)
+        if not train_examples:
+            raise UserError(f"No usable training samples in {d.train_files}: {self.stats['train'].describe('train')}.")
+        self.train_data = PackedDataset(train_examples, d.max_length) if d.packing else SFTDataset(train_examples)
+        self.val_data = None
+        if val_records:
+            val_examples, self.stats["val"] = encode_records(val_records, self.encoder, d.long_prompts, val_problems)
+            self.val_data = SFTDataset(val_examples) if val_examples else None
+
+    def read(self, specs: list[str], limit: int | None) -> tuple[list[Record], list[str]]:
+        """Records of several data sources (the first ``limit`` of each) and the skipped problems."""
+        records: list[Record] = []
+        problems: list[str] = []
+        for spec in specs:
+            where = resolve_spec(spec)
+            if isinstance(where, Path) and where.is_file():
+                self.files.append(where)
+            found, bad = read_records(spec, self.cfg.data)
+            records += found[:limit] if limit else found
+            problems += bad
+        return records, problems
+
+    def data_files(self) -> list[Path]:
+        """Local data files read (their sha256 go into the manifest)."""
+        return self.files
+
+    def train_dataset(self) -> SFTDataset | PackedDataset:
+        """Training samples (packed rows with ``data.packing``)."""
+        return self.train_data
+
+    def val_dataset(self) -> SFTDataset | None:
+        """Validation samples (never packed: losses are per sample)."""
+        return self.val_data
+
+    def sample_lengths(self, dataset: Any) -> list[int]:
+        """Tokens per item, for length grouping and the padding share in the logs."""
+        return dataset.lengths()
+
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """See :func:`lora_llm.data.collate`."""
+        return collate(samples, self.tokenizer.pad_token_id)
+
+    # -- model ---------------------------------------------------------------------------------
+
+    def configure_model(self) -> nn.Module:
+        """Base (quantized when asked) + LoRA, on the device the trainer set as default."""
+        cfg = self.cfg
+        self.report_data()
+        device = torch.get_default_device()
+        name: str | Path = cfg.model.name
+        if is_tiny(cfg.model.name):
+            base = (Path(self.run_dir) / "base").resolve()
+            if global_rank() == 0:
+                build_tiny_base(cfg.model.tiny, self.tokenizer, base)
+            barrier()
+            name = base
+        self.base_name = str(name)
+        model = load_base(name, cfg.model, cfg.quant, device, cfg.trainer.strategy)
+        if len(self.tokenizer) > model.get_input_embeddings().weight.shape[0]:
+            raise UserError(
+                f"The tokenizer has {len(self.tokenizer)} tokens but the model only {model.get_input_embeddings().weight.shape[0]} "
+                "embeddings: model.tokenizer does not belong to model.name."
+            )
+        if cfg.data.packing:
+            log.info("Packing check: packed vs separate logits differ by %.1e (relative)", check_packing(model, self.tokenizer.pad_token_id))
+        model = add_adapter(model, cfg.lora, cfg.model.gradient_checkpointing)
+        trainable, total = parameter_counts(model)
+        self.counts = {"trainable": trainable, "total": total}
+        bits = f"{cfg.quant.bits}-bit {cfg.quant.quant_type if cfg.quant.bits == 4 else 'int8'}" if cfg.quant.bits else "16/32-bit"
+        log.info(
+            "LoRA r=%d alpha=%g on %s of a %s base: %s trainable of %s parameters (%.3f%%)",
+            cfg.lora.r, cfg.lora.alpha, ",".join(cfg.lora.target_modules), bits, f"{trainable:,}", f"{total:,}", 100.0 * trainable / total,
+        )
+        return model
+
+    def report_data(self) -> None:
+        """Log the data statistics (truncation included) and write ``<run>/data_stats.json``."""
+        for split, stats in self.stats.items():
+            log.info("%s", stats.describe(split))
+            if stats.truncated_samples:
+                log.warning(
+                    "%s: %d of %d responses were cut at data.max_length=%d (%d response tokens lost); raise data.max_length to keep them",
+                    split, stats.truncated_samples, len(stats.total_lengths), self.cfg.data.max_length, stats.response_tokens_cut,
+                )
+            for problem in stats.problems[:5]:
+                log.warning("%s: skipped: %s", split, problem)
+        if self.run_dir is not None and global_rank() == 0:
+            report = {split: stats.summary(self.cfg.data.max_length) for split, stats in self.stats.items()}
+            if isinstance(self.train_data, PackedDataset):
+                report["train"]["packed_rows"] = len(self.train_data)
+            (Path(self.run_dir) / "data_stats.json").write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
+
+    def fsdp_wrap_classes(self) -> set[type[nn.Module]]:
+        """The model's decoder block class (``LlamaDecoderLayer``, ``PhiDecoderLayer``, ...), read
+        from its config (the Hub presets' architectures ship with the package)."""
+        from lora_llm.memory import model_config
+
+        config, _ = model_config(self.cfg)
+        return decoder_layer_classes(causal_lm_class(config))
+
+    def flops_per_token(self, model: nn.Module) -> float:
+        """Training FLOPs per token with a frozen base: forward 2N, input gradients 2N, adapter
+        weight gradients 2T, and one more forward 2N with gradient checkpointing."""
+        trainable, total = parameter_counts(model)
+        return (6.0 if self.cfg.model.gradient_checkpointing else 4.0) * total + 2.0 * trainable
+
+    # -- steps ---------------------------------------------------------------------------------
+
+    def training_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
+        """Summed next-token loss over the trained (response) tokens of a micro-batch."""
+        return token_loss_sum(forward_logits(model, batch), batch["labels"], shift=True)
+
+    def sample_losses(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample loss sums and trained-token counts, both ``(batch,)``."""
+        return per_sample_loss(forward_logits(model, batch), batch["labels"], shift=True)
+
+    def compute_metrics(self, records: list[dict[str, Any]]) -> dict[str, float]:
+        """Token-weighted validation loss and its perplexity."""
+        tokens = sum(r["tokens"] for r in records)
+        loss = sum(r["loss_sum"] for r in records) / max(tokens, 1)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+    # -- output --------------------------------------------------------------------------------
+
+    def save_final(self, model: nn.Module, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
+        """The adapter only (+ tokenizer and ``lora_llm.json``), loadable with ``PeftModel.from_pretrained``."""
+        model.save_pretrained(out_dir, state_dict=state_dict)
+        self.tokenizer.save_pretrained(out_dir)
+        write_settings(out_dir, self.settings())
+
+    def settings(self) -> dict[str, Any]:
+        """What ``infer`` and ``merge`` need to rebuild the training setup."""
+        cfg = self.cfg
+        return {
+            "lora_llm_version": __version__,
+            "base_model": getattr(self, "base_name", cfg.model.name),
+            "model_name": cfg.model.name,
+            "template": cfg.data.template,
+            "chat_source": self.encoder.chat_source,
+            "max_length": cfg.data.max_length,
+            "quant": {"bits": cfg.quant.bits, "quant_type": cfg.quant.quant_type, "double_quant": cfg.quant.double_quant,
+                      "compute_dtype": cfg.quant.compute_dtype},
+            "model_dtype": cfg.model.dtype,
+            "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "target_modules": list(cfg.lora.target_modules)},
+        }
+
+    def manifest_entries(self) -> dict[str, Any]:
+        """Model, tokenizer, template and quantization facts, and how perplexity is computed."""
+        return {
+            "metrics": {"perplexity": {"implementation": "exp(token-weighted mean cross-entropy of response tokens)", "version": __version__}},
+            "lora_llm": {**self.settings(), "tokenizer": self.tokenizer.name_or_path,
+                         "data": {k: v.summary(self.cfg.data.max_length) for k, v in self.stats.items()}},
+        }
+
+
+if __name__ == "__main__":  # self-check: python -m lora_llm.task
+    import tempfile
+
+    from core.config import load_config
+    from core.trainer import Trainer
+    from lora_llm.cli import PRESETS
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(LoraLLMConfig, "tiny", [f"run.root={tmp}", "trainer.max_steps=3", "trainer.max_epochs=null", "data.max_samples=40",
+                                                   "logger.progress_bar=false", "trainer.log_every_n_steps=1", "logger.plot=false"], PRESETS)
+        result = Trainer(cfg, LoraLLMTask(cfg), argv=["self-check"]).fit()
+        print(result.status, result.step, result.metrics)
+        print("final/:", sorted(p.name for p in (result.run_dir / "final").iterdir()))
+    print("lora_llm.task: ok")

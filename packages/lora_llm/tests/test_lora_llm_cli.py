@@ -1,0 +1,109 @@
+"""Real processes: the command-line entry points and their exit codes, QLoRA with DDP on 2 CPU
+processes (gloo), and the GPU-only paths (FSDP LoRA, QLoRA on CUDA), skipped without a GPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from core.testing import train_losses
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+CLI = [sys.executable, "-m", "lora_llm.cli"]
+
+
+def env(**extra: str) -> dict[str, str]:
+    """The test environment for subprocesses: offline, one thread, no SLURM or task selection."""
+    out = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "CORE_TASK"))}
+    out.update({"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra})
+    return out
+
+
+def run(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run a command, capturing its output."""
+    return subprocess.run(args, capture_output=True, text=True, env=env(), timeout=timeout)
+
+
+def only_run(root: Path) -> Path:
+    """The single run folder under ``root``."""
+    runs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def test_entry_points_and_exit_codes(tmp_path):
+    # The shared `train` of core dispatches to this package; --dry-run needs no weights and no network.
+    done = run([str(BIN / "train"), "--task", "lora_llm", "-c", "tinyllama", "--dry-run"])
+    assert done.returncode == 0, done.stderr
+    assert "1,102,301,184 total, 2,252,800 trainable" in done.stdout
+    # A Hub preset offline: exit code 2, one clear paragraph, fast, no run folder.
+    start = time.time()
+    done = run([str(BIN / "lora-llm-train"), "-c", "phi2", f"run.root={tmp_path / 'runs'}"])
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "error: Cannot load the tokenizer 'microsoft/phi-2'" in done.stderr and "-c tiny" in done.stderr
+    assert time.time() - start < 60 and not (tmp_path / "runs").exists()
+    # infer with an adapter folder that does not exist.
+    done = run([str(BIN / "infer"), "--task", "lora_llm", "--adapter", str(tmp_path / "missing"), "--prompt", "Hi"])
+    assert done.returncode == 2 and "does not exist" in done.stderr, done.stderr
+    # merge without its required arguments: argparse's usage error, also code 2.
+    done = run([*CLI, "merge", "--adapter", str(tmp_path)])
+    assert done.returncode == 2 and "--out" in done.stderr
+
+
+def test_qlora_ddp_on_two_cpu_processes_matches_one_process(tmp_path, run_tiny):
+    """2 ranks x batch 4 == 1 rank x batch 8 for a 4-bit base with LoRA (gloo, real processes)."""
+    common = ["trainer.max_steps=3", "trainer.max_epochs=null", "data.max_samples=64", "lora.dropout=0", "trainer.log_every_n_steps=1",
+              "trainer.val_every_n_steps=null", "logger.progress_bar=false", "logger.plot=false", "trainer.accelerator=cpu"]
+    done = run([*CLI, "train", "-c", "tiny", *common, "trainer.devices=2", "trainer.strategy=ddp", "trainer.batch_size=4",
+                f"run.root={tmp_path / 'two'}"], timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    two = only_run(tmp_path / "two")
+    one = run_tiny(*common, "trainer.batch_size=8", root="one").run_dir
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert len(summary["rank_weight_sha256"]) == 2 and len(set(summary["rank_weight_sha256"])) == 1
+    a, b = load_file(two / "final" / "adapter_model.safetensors"), load_file(one / "final" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    losses_two, losses_one = train_losses(two), train_losses(one)
+    assert sorted(losses_two) == [1, 2, 3] and all(abs(losses_two[s] - losses_one[s]) < 1e-5 for s in losses_two)
+    # The second rank loaded the base that rank 0 wrote into the run folder.
+    assert (two / "base" / "model.safetensors").is_file()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP needs CUDA GPUs; this machine has none")
+def test_fsdp_lora_on_gpus(tmp_path):
+    """LoRA (16-bit base, no quantization) sharded with FSDP over every visible GPU."""
+    devices = torch.cuda.device_count()
+    done = run([*CLI, "train", "-c", "tiny", "quant.bits=null", "trainer.strategy=fsdp", f"trainer.devices={devices}",
+                "trainer.accelerator=cuda", "trainer.max_steps=4", "trainer.max_epochs=null", "data.max_samples=64",
+                "logger.progress_bar=false", f"run.root={tmp_path}"], timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = only_run(tmp_path)
+    assert json.loads((result / "manifest.json").read_text())["strategy"] == "FSDPStrategy"
+    tensors = load_file(result / "final" / "adapter_model.safetensors")
+    assert len(tensors) == 16 and all(torch.isfinite(t).all() for t in tensors.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="QLoRA on CUDA needs a GPU; this machine has none")
+def test_qlora_on_a_gpu_with_bf16_compute(tmp_path):
+    done = run([*CLI, "train", "-c", "tiny", "trainer.accelerator=cuda", "trainer.devices=1", "trainer.max_steps=4",
+                "trainer.max_epochs=null", "data.max_samples=64", "logger.progress_bar=false", f"run.root={tmp_path}"], timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = only_run(tmp_path)
+    metrics = [json.loads(line) for line in (result / "metrics.jsonl").read_text().splitlines()]
+    assert any("memory/peak_allocated_gb" in m for m in metrics)
+    done = run([*CLI, "infer", "--adapter", str(result / "final"), "--prompt", "Hi", "--max-new-tokens", "4"])
+    assert done.returncode == 0, done.stderr
