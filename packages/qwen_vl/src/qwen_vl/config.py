@@ -1,0 +1,233 @@
+"""The root config of the qwen_vl task: the engine's groups plus ``data``, ``model`` and ``generation``.
+
+Every field has a docstring (``train --help-keys`` prints them). Range checks live in
+``__post_init__`` so a bad value fails when the config is built, naming the key.
+
+Self-check: ``python -m qwen_vl.config``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+from core.errors import ConfigError
+from core.settings import TrainConfig
+
+# Qwen2.5-VL's own limits: at least 4 vision tokens per image, at most 16384 (factor 28 = patch 14 x merge 2).
+QWEN_MIN_PIXELS = 4 * 28 * 28
+"""Smallest image area Qwen2.5-VL's processor resizes to by default (4 vision tokens)."""
+
+
+@dataclass
+class DataConfig:
+    """Conversation files, image size limits and sequence length."""
+
+    train_file: Optional[Path] = None
+    """JSONL of training conversations (one record per line; the ``messages`` or the LLaVA
+    ``conversations`` layout, see the package README). Relative image paths are resolved against
+    the folder of this file."""
+    val_file: Optional[Path] = None
+    """JSONL of validation conversations (same layout); null: no validation."""
+    min_pixels: Optional[int] = 3136
+    """Smallest image area (height x width) fed to the vision tower: smaller images are upscaled.
+    Applied both to ``qwen_vl_utils.process_vision_info`` and to the processor, so the vision
+    tokens per image are ``round(h/28) * round(w/28)`` after resizing into [min_pixels, max_pixels].
+    null: the processor's own setting (the one saved with the model)."""
+    max_pixels: Optional[int] = 401408
+    """Largest image area fed to the vision tower: bigger images are downscaled, so no image makes
+    more than ``max_pixels / 784`` vision tokens (401408 = 512 tokens). null: the processor's own
+    setting (Qwen2.5-VL ships 12845056 = 16384 tokens: set this for big images)."""
+    max_source_pixels: int = 100_000_000
+    """Refuse image files with more pixels than this before decoding them (they would take
+    ``3 x pixels`` bytes of memory to decode); such a record is an input error."""
+    verify_images: Literal["decode", "header"] = "decode"
+    """How images are checked before training: ``decode`` every one (a truncated or corrupt file
+    stops the run before it starts), or read only each ``header`` (size and format; much faster
+    for hundreds of thousands of images, but a corrupt file then stops the run when it is reached,
+    still naming the record, with the checkpoints so far kept)."""
+    max_length: Optional[int] = None
+    """Longest conversation in tokens (text + vision tokens); a longer record is an input error
+    (or dropped with ``data.drop_too_long``). null: no limit."""
+    drop_too_long: bool = False
+    """Drop records longer than ``data.max_length`` (logged with their ids) instead of failing."""
+    system_prompt: Optional[str] = None
+    """System message for records that have none; null: the chat template's default
+    (``You are a helpful assistant.``)."""
+
+    def __post_init__(self) -> None:
+        for key, value in (("data.min_pixels", self.min_pixels), ("data.max_pixels", self.max_pixels)):
+            if value is not None and value < 1:
+                raise ConfigError(f"Config key '{key}' must be positive or null, got {value}.")
+        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
+            raise ConfigError(
+                f"Config key 'data.min_pixels' ({self.min_pixels}) is larger than 'data.max_pixels' ({self.max_pixels})."
+            )
+        if self.max_length is not None and self.max_length < 8:
+            raise ConfigError(f"Config key 'data.max_length' must be at least 8 or null, got {self.max_length}.")
+        if self.max_source_pixels < 1:
+            raise ConfigError(f"Config key 'data.max_source_pixels' must be positive, got {self.max_source_pixels}.")
+
+
+@dataclass
+class LoraSettings:
+    """Optional LoRA adapters on the language model (peft); the vision tower never gets adapters."""
+
+    enabled: bool = False
+    """Train LoRA adapters instead of the language model's weights (needs ``model.train_llm=true``).
+    ``final/`` holds the merged model (plain ``from_pretrained``) and the adapter in ``final/adapter``."""
+    r: int = 8
+    """Adapter rank."""
+    alpha: int = 16
+    """Adapter scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    """Linear layers of the language model that get adapters (names inside its decoder layers;
+    the vision tower's layers of the same names are excluded)."""
+
+    def __post_init__(self) -> None:
+        if self.r < 1 or self.alpha < 1:
+            raise ConfigError(f"Config keys 'model.lora.r' and 'model.lora.alpha' must be at least 1, got {self.r}, {self.alpha}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"Config key 'model.lora.dropout' must be in [0, 1), got {self.dropout}.")
+        if not self.target_modules:
+            raise ConfigError("Config key 'model.lora.target_modules' is empty; name at least one layer, e.g. [q_proj,v_proj].")
+
+
+@dataclass
+class TinyModel:
+    """Size of the ``tiny`` model (random weights, built from a config; for tests and CPU smoke runs)."""
+
+    hidden_size: int = 64
+    """Language model hidden size."""
+    num_layers: int = 2
+    """Language model decoder layers."""
+    num_heads: int = 4
+    """Attention heads (head size = hidden_size / num_heads, a multiple of 4 for 3D RoPE)."""
+    num_kv_heads: int = 2
+    """Key/value heads (grouped-query attention)."""
+    intermediate_size: int = 128
+    """Language model MLP width."""
+    vision_depth: int = 2
+    """Vision transformer blocks (the last one uses full attention, the others window attention)."""
+    vision_hidden_size: int = 32
+    """Vision transformer width."""
+    vision_heads: int = 2
+    """Vision attention heads."""
+    vision_intermediate_size: int = 64
+    """Vision MLP width."""
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 4:
+            raise ConfigError(
+                "Config keys 'model.tiny.hidden_size' / 'model.tiny.num_heads': the head size must be a whole "
+                f"multiple of 4, got {self.hidden_size} / {self.num_heads}."
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError("Config key 'model.tiny.num_kv_heads' must divide 'model.tiny.num_heads'.")
+        if self.vision_hidden_size % self.vision_heads:
+            raise ConfigError("Config key 'model.tiny.vision_heads' must divide 'model.tiny.vision_hidden_size'.")
+
+
+@dataclass
+class ModelConfig:
+    """Which model, which parts train, and their learning rates."""
+
+    name: str = "tiny"
+    """``tiny`` (a small Qwen2.5-VL with random weights and the processor shipped in this package;
+    offline), a Hub id such as ``Qwen/Qwen2.5-VL-3B-Instruct``, or a local ``save_pretrained`` folder."""
+    processor: Optional[str] = None
+    """Processor (tokenizer, chat template, image processor) folder or Hub id; null: the same as
+    ``model.name`` (for ``tiny``: the processor shipped in this package)."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """Attention kernel (``flash_attention_2`` needs the flash-attn package and a GPU)."""
+    train_vision: bool = False
+    """Train the vision tower (patch embedding and vision blocks)."""
+    train_merger: bool = True
+    """Train the merger (the projector from vision features to the language model)."""
+    train_llm: bool = True
+    """Train the language model (embeddings, decoder layers, head), or its LoRA adapters when
+    ``model.lora.enabled``."""
+    lr_vision: Optional[float] = None
+    """Learning rate of the vision tower; null: ``optim.lr``."""
+    lr_merger: Optional[float] = None
+    """Learning rate of the merger; null: ``optim.lr``."""
+    lr_llm: Optional[float] = None
+    """Learning rate of the language model (or its adapters); null: ``optim.lr``."""
+    gradient_checkpointing: bool = False
+    """Non-reentrant activation checkpointing of decoder layers and vision blocks through
+    transformers, for single-device / DDP runs. Under FSDP use ``fsdp.activation_checkpointing``
+    (this switch is then ignored, so blocks are not checkpointed twice)."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA on the language model."""
+    tiny: TinyModel = field(default_factory=TinyModel)
+    """Size of the ``tiny`` model."""
+
+    def __post_init__(self) -> None:
+        if self.lora.enabled and not self.train_llm:
+            raise ConfigError(
+                "Config key 'model.lora.enabled' is true but 'model.train_llm' is false: LoRA adapters that do not "
+                "train do nothing. Set model.train_llm=true (the base weights stay frozen) or model.lora.enabled=false."
+            )
+        for key, value in (("model.lr_vision", self.lr_vision), ("model.lr_merger", self.lr_merger), ("model.lr_llm", self.lr_llm)):
+            if value is not None and value <= 0:
+                raise ConfigError(f"Config key '{key}' must be positive or null, got {value}.")
+
+
+@dataclass
+class GenerationSettings:
+    """Generation during validation, ``evaluate`` and ``infer`` (greedy decoding)."""
+
+    max_new_tokens: int = 16
+    """Most tokens generated per answer."""
+    in_validation: bool = True
+    """Generate answers during validation and compute the counting metrics (exact match and mean
+    absolute error of the parsed count); false: validation loss only (faster)."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"Config key 'generation.max_new_tokens' must be at least 1, got {self.max_new_tokens}.")
+
+
+@dataclass
+class QwenVLConfig(TrainConfig):
+    """Root config of the qwen_vl task."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    """Data settings."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model settings."""
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    """Generation settings."""
+
+    def __post_init__(self) -> None:
+        if self.trainer.strategy == "fsdp" and not self.fsdp.use_orig_params:
+            raise ConfigError(
+                "Config key 'fsdp.use_orig_params' must stay true for qwen_vl: the per-part learning rates "
+                "(vision / merger / llm) and frozen parts need FSDP to keep the original parameters."
+            )
+
+
+if __name__ == "__main__":  # self-check: python -m qwen_vl.config
+    from core.config import iter_keys, load_config
+
+    missing = [key for key, _, doc in iter_keys(QwenVLConfig) if not doc]
+    assert not missing, f"fields without a docstring: {missing}"
+    cfg = load_config(QwenVLConfig, overrides=["data.max_pixels=12544", "model.lr_merger=1e-4"])
+    assert cfg.data.max_pixels == 12544 and cfg.model.lr_merger == 1e-4
+    try:
+        load_config(QwenVLConfig, overrides=["trainer.strategy=fsdp", "fsdp.use_orig_params=false"])
+        raise AssertionError("FSDP without original parameters must fail")
+    except ConfigError:
+        pass
+    try:
+        load_config(QwenVLConfig, overrides=["model.lora.enabled=true", "model.train_llm=false"])
+        raise AssertionError("LoRA without train_llm must fail")
+    except ConfigError as err:
+        print("rejected as expected:", str(err)[:80], "...")
+    print(f"{sum(1 for _ in iter_keys(QwenVLConfig))} keys, all documented")
+    print("qwen_vl.config: ok")

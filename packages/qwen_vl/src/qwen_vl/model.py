@@ -1,0 +1,340 @@
+"""Qwen2.5-VL models: the tiny random one, Hub presets, local folders; what trains; export to ``final/``.
+
+- :func:`load_processor`: the processor of ``model.processor`` / ``model.name`` (``tiny``: the one
+  shipped in ``qwen_vl/assets/tiny_processor``); Hub ids fail fast offline (``core.hub``).
+- :func:`build_model`: ``AutoModelForImageTextToText`` (``Qwen2_5_VLForConditionalGeneration``)
+  from a Hub id or folder, or from :func:`tiny_config` with random weights; then the training
+  switches: which parts train (vision tower, merger, language model), LoRA on the language model.
+- :func:`param_groups`: one optimizer group per part (``vision``, ``merger``, ``llm``), each with
+  its own learning rate, split into decay / no-decay.
+- :func:`export_final`: ``final/`` that plain ``AutoModelForImageTextToText.from_pretrained`` and
+  ``AutoProcessor.from_pretrained`` load (LoRA merged; the adapter also in ``final/adapter``).
+
+The model's parts (transformers 5 layout of ``Qwen2_5_VLForConditionalGeneration``)::
+
+    model.visual.patch_embed, model.visual.blocks[i]  (Qwen2_5_VLVisionBlock)   -> "vision"
+    model.visual.merger                              (Qwen2_5_VLPatchMerger)   -> "merger"
+    model.language_model (embed_tokens, layers[i]: Qwen2_5_VLDecoderLayer, norm), lm_head -> "llm"
+
+Self-check: ``python -m qwen_vl.model``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from core.errors import UserError
+from core.hub import ensure_available
+from core.optim import parameter_groups
+from qwen_vl.config import LoraSettings, ModelConfig, TinyModel
+from qwen_vl.tiny_processor import TINY_PROCESSOR_DIR
+
+log = logging.getLogger(__name__)
+
+TINY = "tiny"
+"""``model.name`` of the small random model."""
+
+
+def processor_source(cfg: ModelConfig) -> str:
+    """Where the processor comes from: ``model.processor``, else ``model.name`` (``tiny``: the shipped folder)."""
+    if cfg.processor:
+        return cfg.processor
+    return str(TINY_PROCESSOR_DIR) if cfg.name == TINY else cfg.name
+
+
+def check_sources(cfg: ModelConfig) -> None:
+    """Fail fast (seconds, not a 30 s retry loop) when the model or processor cannot be loaded here.
+
+    Raises:
+        UserError: a missing local folder, or a Hub id that is neither cached nor downloadable.
+    """
+    if cfg.name != TINY:
+        ensure_available(cfg.name, what="model", key="model.name", offline_preset=TINY)
+    # a Hub processor repo may lack config.json; every Qwen2.5-VL one has preprocessor_config.json
+    ensure_available(processor_source(cfg), what="processor", key="model.processor" if cfg.processor else "model.name",
+                     offline_preset=TINY, filename="preprocessor_config.json")
+
+
+def load_processor(cfg: ModelConfig) -> Any:
+    """The Qwen2.5-VL processor (tokenizer with chat template, image and video processors).
+
+    Raises:
+        UserError: it cannot be found or is not a Qwen2.5-VL style processor.
+    """
+    from transformers import AutoProcessor
+
+    check_sources(cfg)
+    source = processor_source(cfg)
+    try:
+        processor = AutoProcessor.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise UserError(f"Cannot load a processor from {source!r}: {err}") from None
+    if not hasattr(processor, "image_processor") or not hasattr(processor, "tokenizer"):
+        raise UserError(
+            f"{source!r} holds a {type(processor).__name__}, not a vision-language processor; "
+            "point model.processor at a Qwen2.5-VL one."
+        )
+    return processor
+
+
+def tiny_config(t: TinyModel, tokenizer: Any, image_processor: Any) -> Any:
+    """A small ``Qwen2_5_VLConfig`` that fits the tiny processor.
+
+    Args:
+        t: sizes.
+        tokenizer: gives the vocabulary size and the special token ids.
+        image_processor: gives patch, merge and temporal patch sizes (must agree with the vision tower).
+
+    Returns:
+        The config (``model_type`` ``qwen2_5_vl``).
+    """
+    from transformers import Qwen2_5_VLConfig
+
+    ids = tokenizer.convert_tokens_to_ids
+    half = t.hidden_size // t.num_heads // 2
+    # 3D RoPE splits each head's rotary half into temporal / height / width sections (Qwen: 16/24/24 of 64).
+    section = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+        num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads,
+        max_position_embeddings=8192, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
+        bos_token_id=None, eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
+    )
+    vision = dict(
+        depth=t.vision_depth, hidden_size=t.vision_hidden_size, intermediate_size=t.vision_intermediate_size,
+        num_heads=t.vision_heads, out_hidden_size=t.hidden_size, patch_size=int(image_processor.patch_size),
+        spatial_merge_size=int(image_processor.merge_size), temporal_patch_size=int(image_processor.temporal_patch_size),
+        window_size=112, fullatt_block_indexes=[t.vision_depth - 1], tokens_per_second=2,
+    )
+    return Qwen2_5_VLConfig(
+        text_config=text, vision_config=vision, image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"), tie_word_embeddings=False,
+    )
+
+
+def hf_model(model: nn.Module) -> nn.Module:
+    """The ``Qwen2_5_VLForConditionalGeneration`` inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def model_parts(model: nn.Module) -> dict[str, list[nn.Module]]:
+    """The modules of each trainable part.
+
+    Returns:
+        ``{"vision": [patch_embed, blocks], "merger": [merger], "llm": [language_model, lm_head]}``.
+
+    Raises:
+        UserError: the model does not have Qwen2.5-VL's layout.
+    """
+    base = hf_model(model)
+    try:
+        visual, language = base.model.visual, base.model.language_model
+        return {
+            "vision": [visual.patch_embed, visual.blocks],
+            "merger": [visual.merger],
+            "llm": [language, base.lm_head],
+        }
+    except AttributeError:
+        raise UserError(
+            f"{type(base).__name__} does not have Qwen2.5-VL's layout (model.visual / model.language_model / lm_head); "
+            "model.name must be a Qwen2.5-VL model."
+        ) from None
+
+
+def lora_targets(lora: LoraSettings) -> str:
+    """peft ``target_modules`` regex: the named linear layers inside the language model's decoder layers only
+    (the vision blocks have layers of the same names, e.g. ``gate_proj``)."""
+    names = "|".join(sorted(lora.target_modules))
+    return rf".*language_model\.layers\.\d+\.(?:self_attn|mlp)\.(?:{names})"
+
+
+def lora_config(lora: LoraSettings) -> Any:
+    """The peft ``LoraConfig`` for the settings."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora_targets(lora), bias="none")
+
+
+def set_trainable(model: nn.Module, cfg: ModelConfig) -> nn.Module:
+    """Apply the training switches: LoRA (optional) and which parts train.
+
+    Args:
+        model: the Qwen2.5-VL model.
+        cfg: the ``model`` config group.
+
+    Returns:
+        The model, or a peft model around it when ``model.lora.enabled``.
+    """
+    if cfg.lora.enabled:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora_config(cfg.lora))  # freezes everything but the adapters
+    parts = model_parts(model)
+    wanted = {"vision": cfg.train_vision, "merger": cfg.train_merger, "llm": cfg.train_llm and not cfg.lora.enabled}
+    for name, modules in parts.items():
+        for module in modules:
+            for param_name, param in module.named_parameters():
+                if "lora_" in param_name:
+                    continue  # adapters stay trainable
+                param.requires_grad_(wanted[name])
+    return model
+
+
+def build_model(cfg: ModelConfig, processor: Any, gradient_checkpointing: bool) -> nn.Module:
+    """The model on the current default device and dtype (Fabric's ``init_module`` sets both), with the switches applied.
+
+    Args:
+        cfg: the ``model`` config group.
+        processor: gives the tokenizer ids (tiny model) and is checked against the model.
+        gradient_checkpointing: turn on transformers' non-reentrant checkpointing.
+
+    Returns:
+        ``Qwen2_5_VLForConditionalGeneration`` (or a peft model around it).
+    """
+    from transformers import AutoModelForImageTextToText
+
+    dtype = torch.get_default_dtype()
+    if cfg.name == TINY:
+        config = tiny_config(cfg.tiny, processor.tokenizer, processor.image_processor)
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype, attn_implementation=cfg.attn_implementation)
+    else:
+        check_sources(cfg)
+        try:
+            model = AutoModelForImageTextToText.from_pretrained(cfg.name, dtype=dtype, attn_implementation=cfg.attn_implementation)
+        except (OSError, ValueError) as err:
+            raise UserError(f"Cannot load the model {cfg.name!r} (model.name): {err}") from None
+    tok = processor.tokenizer
+    image_token = tok.convert_tokens_to_ids("<|image_pad|>")
+    if getattr(model.config, "image_token_id", None) != image_token:
+        raise UserError(
+            f"The processor's <|image_pad|> id ({image_token}) differs from the model's image_token_id "
+            f"({getattr(model.config, 'image_token_id', None)}): model.processor does not belong to model.name."
+        )
+    # Answers end at <|im_end|>; <|endoftext|> also stops (Qwen's own generation config does the same).
+    model.generation_config.eos_token_id = [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")]
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.do_sample = False
+    for key in ("temperature", "top_p", "top_k"):  # Qwen's Hub config samples; greedy here, without warnings
+        setattr(model.generation_config, key, None)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return set_trainable(model, cfg)
+
+
+def param_groups(model: nn.Module, cfg: ModelConfig, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+    """Optimizer groups: ``vision``, ``merger``, ``llm`` with their learning rates, each split into decay / no-decay.
+
+    Args:
+        model: the (possibly wrapped) model.
+        cfg: the ``model`` group (per-part learning rates).
+        lr: ``optim.lr``, for parts without their own.
+        weight_decay: ``optim.weight_decay``.
+
+    Returns:
+        Param-group dicts named ``vision/decay``, ``llm/no_decay``, ...; parts without trainable
+        parameters are left out.
+
+    Raises:
+        RuntimeError: a trainable parameter that no part holds (the model layout changed).
+    """
+    rates = {"vision": cfg.lr_vision, "merger": cfg.lr_merger, "llm": cfg.lr_llm}
+    groups: list[dict[str, Any]] = []
+    for name, modules in model_parts(model).items():
+        # a ModuleList view de-duplicates shared tensors (tied embeddings) within a part
+        groups += parameter_groups(nn.ModuleList(modules), weight_decay, rates[name] or lr, name)
+    covered = {id(p) for g in groups for p in g["params"]}
+    stray = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
+    if stray:
+        raise RuntimeError(f"Trainable parameters outside the vision / merger / llm parts: {stray[:5]}")
+    return groups
+
+
+def expected_param_dtype(precision: str) -> torch.dtype:
+    """The dtype every parameter has under a Fabric precision (``-true``: that dtype; mixed: float32)."""
+    return {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}.get(precision, torch.float32)
+
+
+def check_dtypes(model: nn.Module, expected: torch.dtype) -> None:
+    """Fail when any floating parameter has another dtype than ``expected`` (e.g. after a resume).
+
+    Raises:
+        RuntimeError: with the first offending parameter names.
+    """
+    wrong = [f"{n} ({p.dtype})" for n, p in model.named_parameters() if p.is_floating_point() and p.dtype != expected]
+    if wrong:
+        raise RuntimeError(f"{len(wrong)} parameters are not {expected}: {wrong[:5]}; every tensor must share one dtype.")
+
+
+def wrap_classes() -> set[type[nn.Module]]:
+    """The FSDP units (and activation-checkpointing units): decoder layers and vision blocks."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLDecoderLayer, Qwen2_5_VLVisionBlock
+
+    return {Qwen2_5_VLDecoderLayer, Qwen2_5_VLVisionBlock}
+
+
+def export_final(model: nn.Module, state_dict: dict[str, torch.Tensor], out_dir: Path, processor: Any, lora: LoraSettings | None) -> None:
+    """Write ``final/``: the model in ``save_pretrained`` form (safetensors) and its processor.
+
+    The weights come from ``state_dict`` (gathered from all shards under FSDP) into a fresh
+    skeleton of the same config on the meta device, so the (possibly sharded, wrapped) training
+    model is not touched. With LoRA the adapters are merged into the weights (peft's
+    ``merge_and_unload``) so ``final/`` loads as a plain model; the adapter alone goes to
+    ``final/adapter``.
+
+    Args:
+        model: the unwrapped training model (gives config and generation config).
+        state_dict: its full state dict on the CPU.
+        out_dir: an empty folder.
+        processor: saved next to the model (with the pixel limits used in training).
+        lora: the LoRA settings when adapters were trained, else None.
+    """
+    from transformers import AutoModelForImageTextToText
+
+    base = hf_model(model)
+    dtype = next((t.dtype for t in state_dict.values() if t.is_floating_point()), torch.float32)
+    with torch.device("meta"):
+        skeleton = AutoModelForImageTextToText.from_config(base.config, dtype=dtype)
+    if lora is not None:
+        from peft import get_peft_model
+
+        with torch.device("meta"):
+            skeleton = get_peft_model(skeleton, lora_config(lora))
+        skeleton.load_state_dict(state_dict, strict=True, assign=True)
+        skeleton.save_pretrained(out_dir / "adapter")
+        skeleton = skeleton.merge_and_unload()
+    else:
+        skeleton.load_state_dict(state_dict, strict=True, assign=True)
+    skeleton.generation_config = base.generation_config
+    skeleton.config.dtype = dtype
+    skeleton.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+
+
+if __name__ == "__main__":  # self-check: python -m qwen_vl.model
+    import tempfile
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    cfg = ModelConfig(train_vision=True, lr_vision=1e-5)
+    processor = load_processor(cfg)
+    model = build_model(cfg, processor, gradient_checkpointing=False)
+    counts = {k: sum(p.numel() for m in v for p in m.parameters()) for k, v in model_parts(model).items()}
+    print(type(model).__name__, "parameters per part:", counts)
+    groups = param_groups(model, cfg, lr=1e-4, weight_decay=0.0)
+    print("groups:", [(g["name"], g.get("lr"), len(g["params"])) for g in groups])
+    lora = build_model(ModelConfig(lora=LoraSettings(enabled=True)), processor, gradient_checkpointing=False)
+    adapters = [n for n, p in lora.named_parameters() if p.requires_grad and "lora_" in n]
+    assert adapters and all("language_model" in n for n in adapters)
+    print(f"LoRA: {len(adapters)} adapter tensors, all in the language model")
+    with tempfile.TemporaryDirectory() as tmp:
+        export_final(lora, {k: v.detach().clone() for k, v in lora.state_dict().items()}, Path(tmp), processor, ModelConfig().lora)
+        loaded = AutoModelForImageTextToText.from_pretrained(tmp)
+        AutoProcessor.from_pretrained(tmp)
+        print("final/ with merged LoRA loads as", type(loaded).__name__)
+    print("qwen_vl.model: ok")

@@ -1,0 +1,304 @@
+"""The Qwen2.5-VL task: what the core Trainer needs to fine-tune it.
+
+- ``setup``: processor (fails fast offline for Hub ids), pixel limits, every record validated
+  and measured (bad input -> ``UserError`` before the run folder exists).
+- ``training_step``: one forward of text + images; the loss is the summed cross-entropy of the
+  assistant tokens (causal shift), normalised by the engine per token of the optimizer step.
+  The vocabulary head runs only where a label follows (``logits_to_keep``), not over the
+  vision and prompt tokens that make up most of a sequence.
+  Batches without images carry a masked dummy image (:class:`qwen_vl.data.Collator`), so every
+  rank runs the vision tower every step: FSDP does not hang and DDP sees no unused parameters.
+- ``validation_step``: per-sample loss, plus greedy answers from the prompts (left-padded) whose
+  parsed counts give ``count_accuracy`` / ``count_mae``; records carry their index, so the
+  engine gathers them from all ranks exactly as one process would see them. Under FSDP (or
+  DeepSpeed stage 3) ``generate`` runs with ``synced_gpus`` so ranks that finish early keep
+  joining the all-gathers.
+- ``fsdp_wrap_classes``: decoder layers and vision blocks (also the activation-checkpointing units).
+- ``parameter_groups``: vision / merger / llm with their own learning rates.
+- ``save_final``: merged weights + processor, loadable with plain ``from_pretrained``.
+
+Self-check: ``python -m qwen_vl.task`` (a few training steps of the tiny model on drawn data).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from core.errors import UserError
+from core.task import IGNORE_INDEX, StepOutput, Task, per_sample_loss, token_loss_sum
+from qwen_vl import __version__
+from qwen_vl.config import QwenVLConfig
+from qwen_vl.data import Collator, ConversationData, Encoder, load_conversations
+from qwen_vl.metrics import METRIC_VERSION, counting_metrics
+from qwen_vl.model import (
+    build_model,
+    check_dtypes,
+    expected_param_dtype,
+    export_final,
+    load_processor,
+    param_groups,
+    processor_source,
+    wrap_classes,
+)
+
+log = logging.getLogger(__name__)
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
+"""Batch keys the model's forward takes."""
+
+
+class QwenVLTask(Task):
+    """Fine-tunes Qwen2.5-VL on conversations with images (see the module docstring).
+
+    Args:
+        cfg: the root config.
+    """
+
+    name = "qwen_vl"
+    shift_labels = True
+
+    def __init__(self, cfg: QwenVLConfig) -> None:
+        super().__init__(cfg)
+        self.cfg: QwenVLConfig = cfg
+        self.train_data: ConversationData | None = None
+        self.val_data: ConversationData | None = None
+        #: the data set ``validation_step`` reads references from (validation or ``evaluate`` data)
+        self.eval_data: ConversationData | None = None
+        #: records of the last ``compute_metrics`` call (``evaluate --predictions`` writes them)
+        self.last_records: list[dict[str, Any]] = []
+        self._dtypes_checked = False
+
+    # -- data ----------------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Load the processor and set the pixel limits (no data yet).
+
+        Raises:
+            UserError: the model or processor cannot be loaded here (offline Hub id, missing folder).
+        """
+        self.processor = load_processor(self.cfg.model)
+        self.encoder = Encoder(self.processor, self.cfg.data.min_pixels, self.cfg.data.max_pixels)
+        self.collator = Collator(self.encoder)
+        log.info(
+            "Processor %s; images resized into [%d, %d] pixels (multiples of %d): at most %d vision tokens each",
+            processor_source(self.cfg.model), self.encoder.min_pixels, self.encoder.max_pixels,
+            self.encoder.factor, self.encoder.max_pixels // self.encoder.factor**2,
+        )
+
+    def load_data(self, path: Path, generation: bool) -> ConversationData:
+        """Read and validate one data file with this task's encoder and data settings.
+
+        Args:
+            path: ``.jsonl`` / ``.json`` conversations.
+            generation: items carry prompts for generation (validation / evaluation).
+        """
+        d = self.cfg.data
+        data = load_conversations(
+            Path(path), self.encoder, max_source_pixels=d.max_source_pixels, max_length=d.max_length,
+            drop_too_long=d.drop_too_long, system_prompt=d.system_prompt, generation=generation,
+            decode_images=d.verify_images == "decode",
+        )
+        images = sum(len(c.images) for c in data.conversations)
+        text_only = sum(1 for c in data.conversations if not c.images)
+        log.info(
+            "%s: %d records (%d text-only), %d images, %d tokens at most",
+            path, len(data), text_only, images, max(data.lengths, default=0),
+        )
+        return data
+
+    def setup(self) -> None:
+        """Processor, then every record of the training and validation files, validated.
+
+        Raises:
+            UserError: no training file, or a bad record (named by id, file and line).
+        """
+        self.prepare()
+        d = self.cfg.data
+        if d.train_file is None:
+            raise UserError(
+                "data.train_file is not set. Point it at your JSONL conversations, or draw the built-in counting "
+                "data first: make-data --out data/counting --n 400 (the tiny preset reads data/counting/)."
+            )
+        self.train_data = self.load_data(d.train_file, generation=False)
+        if d.val_file is not None:
+            self.val_data = self.load_data(d.val_file, generation=self.cfg.generation.in_validation)
+            self.eval_data = self.val_data
+
+    def data_files(self) -> list[Path]:
+        """The JSONL files read (images are covered by the manifest's image fingerprint)."""
+        return [f for data in (self.train_data, self.val_data) if data is not None for f in data.files]
+
+    def train_dataset(self) -> ConversationData:
+        """The training conversations."""
+        assert self.train_data is not None, "setup() first"
+        return self.train_data
+
+    def val_dataset(self) -> ConversationData | None:
+        """The validation conversations, if ``data.val_file`` is set."""
+        return self.val_data
+
+    def sample_lengths(self, dataset: ConversationData) -> list[int]:
+        """Exact token counts (text + vision tokens), known from the image sizes without decoding."""
+        return dataset.lengths
+
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """See :class:`qwen_vl.data.Collator`."""
+        return self.collator(samples)
+
+    # -- model ---------------------------------------------------------------------------------
+
+    def configure_model(self) -> nn.Module:
+        """The model with its training switches, on Fabric's default device and dtype."""
+        m, tc = self.cfg.model, self.cfg.trainer
+        checkpointing = m.gradient_checkpointing
+        if checkpointing and tc.strategy == "fsdp":
+            log.info(
+                "model.gradient_checkpointing is ignored under FSDP; fsdp.activation_checkpointing=%s applies",
+                self.cfg.fsdp.activation_checkpointing,
+            )
+            checkpointing = False
+        model = build_model(m, self.processor, gradient_checkpointing=checkpointing)
+        check_dtypes(model, expected_param_dtype(tc.precision))
+        return model
+
+    def parameter_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """Groups ``vision`` / ``merger`` / ``llm`` (``lr/<name>`` in the logs), decay / no-decay each."""
+        return param_groups(model, self.cfg.model, self.cfg.optim.lr, self.cfg.optim.weight_decay)
+
+    def fsdp_wrap_classes(self) -> set[type[nn.Module]]:
+        """``Qwen2_5_VLDecoderLayer`` and ``Qwen2_5_VLVisionBlock``."""
+        return wrap_classes()
+
+    # -- steps ---------------------------------------------------------------------------------
+
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits at the positions that predict a label, and those labels.
+
+        Only answer tokens are labels, and most of a sequence is vision and prompt tokens, so
+        the language-model head (``hidden x vocab``, 152k columns for Qwen) runs only at the
+        positions ``t`` whose next token ``t+1`` is a label in some row of the batch
+        (``logits_to_keep``), not over the whole ``(B, T, vocab)``.
+
+        Args:
+            model: the (Fabric-wrapped) model.
+            batch: a :class:`qwen_vl.data.Collator` batch on the device.
+
+        Returns:
+            ``(logits, targets)``: ``(B, K, vocab)`` and ``(B, K)`` (``-100`` where a row has no
+            label at a kept position); already shifted, so the loss takes them as they are.
+        """
+        labels = batch["labels"]
+        keep = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)  # (K,)
+        logits = model(**{k: batch[k] for k in MODEL_INPUTS}, use_cache=False, logits_to_keep=keep).logits
+        return logits, labels[:, keep + 1]
+
+    def training_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
+        """Summed loss of the assistant tokens and their count.
+
+        Args:
+            model: the wrapped model.
+            batch: ``input_ids`` / ``labels`` ``(B, T)``, ``pixel_values`` ``(patches, D)``, ...
+        """
+        if not self._dtypes_checked:  # also after a resume: the loaded weights keep one dtype
+            check_dtypes(model, expected_param_dtype(self.cfg.trainer.precision))
+            self._dtypes_checked = True
+        logits, targets = self.forward(model, batch)
+        return token_loss_sum(logits, targets, shift=False)
+
+    def synced_generation(self) -> bool:
+        """Whether ``generate`` must keep all ranks in step (sharded parameters are gathered per forward)."""
+        sharded = self.cfg.trainer.strategy in ("fsdp", "deepspeed_stage_3")
+        dist = torch.distributed
+        return sharded and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+    def generate(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> list[str]:
+        """Greedy answers to the prompts of a batch (the conversation up to its last answer).
+
+        Args:
+            model: the wrapped model (``generate`` marked as a forward method).
+            batch: with ``gen_input_ids`` / ``gen_attention_mask`` / ``gen_mm_token_type_ids``
+                ``(B, P)`` (left-padded), ``pixel_values`` and ``image_grid_thw``.
+
+        Returns:
+            ``B`` decoded answers, special tokens removed.
+        """
+        prompt = batch["gen_input_ids"]
+        out = model.generate(
+            input_ids=prompt, attention_mask=batch["gen_attention_mask"], mm_token_type_ids=batch["gen_mm_token_type_ids"],
+            pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
+            max_new_tokens=self.cfg.generation.max_new_tokens, do_sample=False, synced_gpus=self.synced_generation(),
+        )
+        return self.processor.tokenizer.batch_decode(out[:, prompt.shape[1] :], skip_special_tokens=True)
+
+    def validation_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+        """Per-sample loss records, with the generated answer and the reference when generating.
+
+        Returns:
+            ``[{"index", "loss_sum", "tokens"[, "prediction", "reference", "id"]}, ...]``.
+        """
+        sums, counts = per_sample_loss(*self.forward(model, batch), shift=False)
+        indices = batch["index"].tolist()
+        records = [{"index": int(i), "loss_sum": float(s), "tokens": int(c)} for i, s, c in zip(indices, sums.tolist(), counts.tolist())]
+        if "gen_input_ids" in batch and self.eval_data is not None:
+            for record, answer in zip(records, self.generate(model, batch)):
+                conv = self.eval_data.conversations[record["index"]]
+                record.update(prediction=answer.strip(), reference=conv.reference, id=conv.id)
+        return records
+
+    def compute_metrics(self, records: list[dict[str, Any]]) -> dict[str, float]:
+        """``loss`` (token-weighted), and with generation ``count_accuracy``, ``count_mae``, ``count_parsed``, ``count_samples``."""
+        self.last_records = records
+        tokens = sum(r["tokens"] for r in records)
+        metrics = {"loss": sum(r["loss_sum"] for r in records) / max(tokens, 1)}
+        answered = [r for r in records if "prediction" in r]
+        if answered:
+            metrics.update(counting_metrics([r["prediction"] for r in answered], [r["reference"] for r in answered]))
+        return metrics
+
+    # -- output --------------------------------------------------------------------------------
+
+    def save_final(self, model: nn.Module, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
+        """Model (LoRA merged) and processor, so ``AutoModelForImageTextToText`` / ``AutoProcessor`` load ``out_dir``."""
+        export_final(model, state_dict, out_dir, self.processor, self.cfg.model.lora if self.cfg.model.lora.enabled else None)
+
+    def manifest_entries(self) -> dict[str, Any]:
+        """Metric implementation, model and processor sources, pixel limits, image fingerprints."""
+        return {
+            "metrics": {
+                name: {"implementation": "qwen_vl.metrics.counting_metrics (first number in the answer)", "version": METRIC_VERSION}
+                for name in ("count_accuracy", "count_mae")
+            },
+            "qwen_vl_version": __version__,
+            "model": self.cfg.model.name,
+            "processor": processor_source(self.cfg.model),
+            "pixels": {"min": self.encoder.min_pixels, "max": self.encoder.max_pixels, "factor": self.encoder.factor},
+            "image_fingerprints": {
+                str(d.files[0]): d.image_fingerprint for d in (self.train_data, self.val_data) if d is not None
+            },
+        }
+
+
+if __name__ == "__main__":  # self-check: python -m qwen_vl.task
+    import tempfile
+
+    from core.config import load_config
+    from core.trainer import Trainer
+    from qwen_vl.synth import SynthSettings, write_dataset
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        write_dataset(folder / "data", SynthSettings(n_train=16, n_dev=4, seed=1))
+        cfg = load_config(QwenVLConfig, overrides=[
+            f"data.train_file={folder / 'data' / 'train.jsonl'}", f"data.val_file={folder / 'data' / 'dev.jsonl'}",
+            "data.max_pixels=12544", f"run.root={folder / 'runs'}", "trainer.max_steps=3", "trainer.batch_size=4",
+            "trainer.accelerator=cpu", "logger.progress_bar=false", "logger.plot=false", "generation.max_new_tokens=3",
+        ])
+        result = Trainer(cfg, QwenVLTask(cfg), argv=["self-check"]).fit()
+        print(result.status, result.step, {k: round(v, 4) for k, v in result.metrics.items()})
+        assert (result.run_dir / "final" / "model.safetensors").is_file()
+    print("qwen_vl.task: ok")

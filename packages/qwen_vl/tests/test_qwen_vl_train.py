@@ -1,0 +1,264 @@
+"""Whole runs: make-data -> train -> evaluate -> infer on the tiny preset through the real commands
+and loading code; bf16-true training that resumes bit-identically in bf16; bad input (exit 2, no run
+folder); the shared console scripts; DDP on 2 CPU processes with mixed image / text-only batches;
+FSDP on GPUs (skipped without them)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.testing import final_weights, max_weight_diff, read_jsonl, train_losses
+
+FAST = [
+    "trainer.accelerator=cpu", "logger.progress_bar=false", "logger.plot=false", "trainer.batch_size=4",
+    "trainer.eval_batch_size=8", "trainer.log_every_n_steps=1", "generation.max_new_tokens=3",
+]
+
+
+def run_folders(root: Path) -> list[Path]:
+    """The run folders under ``root`` (none when it does not exist)."""
+    return [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")] if root.exists() else []
+
+
+def only_run(root: Path) -> Path:
+    runs = run_folders(root)
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def env(**extra: str) -> dict[str, str]:
+    """Subprocess environment: offline, one thread per process, no inherited task choice or SLURM."""
+    out = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "CORE_TASK"))}
+    out.update({"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra})
+    return out
+
+
+def test_make_data_train_evaluate_infer(tmp_path, monkeypatch, capsys):
+    """The tiny preset end to end, as a user runs it: draw data, train (validation with generated
+    counts), reload final/ with the plain Auto classes, evaluate it (same loss as the best
+    validation), and answer one question with infer (same answer as evaluate generated)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from qwen_vl.cli import evaluate, infer, make_data, train
+
+    monkeypatch.chdir(tmp_path)  # the tiny preset reads data/counting/ relative to the current folder
+    assert make_data(["--out", "data/counting", "--n", "48", "--n-dev", "12", "--seed", "3", "--text-share", "0.25"]) == 0
+    assert train(["-c", "tiny", "run.root=runs", *FAST, "trainer.max_steps=24", "trainer.val_every_n_steps=12"]) == 0
+    run = only_run(tmp_path / "runs")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["global_step"] == 24
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["pixels"] == {"min": 3136, "max": 12544, "factor": 28} and manifest["image_fingerprints"]
+    losses = train_losses(run)
+    assert losses[24] < losses[1] * 0.5, losses  # it learns (from ~6.5 to ~1.5)
+    val = [r for r in read_jsonl(run / "metrics.jsonl") if "val/loss" in r]
+    assert [r["step"] for r in val] == [12, 24] and all(r["val/count_samples"] == 12 for r in val)
+    assert all(0 <= r["val/count_accuracy"] <= 1 for r in val)
+
+    final = run / "final"
+    model = AutoModelForImageTextToText.from_pretrained(final)
+    processor = AutoProcessor.from_pretrained(final)
+    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    assert (processor.image_processor.size.shortest_edge, processor.image_processor.size.longest_edge) == (3136, 12544)
+    capsys.readouterr()
+
+    assert evaluate(["--model", str(final), "--data", "data/counting/dev.jsonl", "--predictions", "pred.jsonl",
+                     "trainer.accelerator=cpu", "trainer.eval_batch_size=1", "generation.max_new_tokens=3"]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["loss"] == pytest.approx(summary["best"]["value"], rel=1e-4)
+    assert metrics["count_samples"] == 12
+    predictions = {r["id"]: r for r in read_jsonl(tmp_path / "pred.jsonl")}
+    assert len(predictions) == 12
+
+    record = next(r for r in read_jsonl(tmp_path / "data/counting/dev.jsonl") if len(r["messages"]) == 2 and r["messages"][0]["content"][0]["type"] == "image")
+    image, question = record["messages"][0]["content"][0]["image"], record["messages"][0]["content"][1]["text"]
+    assert infer(["--model", str(final), "--image", f"data/counting/{image}", "--prompt", question, "--max-new-tokens", "3", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.strip() == predictions[record["id"]]["prediction"]
+
+
+def test_bf16_true_training_stays_bf16_and_resumes_bit_identically(tmp_path, counting_data):
+    """bf16-true throughout: the checkpoint and final/ hold bf16 tensors, the resumed run checks
+    that every parameter is still bf16, and stopping at step 2 then resuming to step 4 gives the
+    same weights and losses as running to step 4 at once. (AdamW here; Adafactor's float32
+    statistics are covered by the test below.)"""
+    from core.config import load_config
+    from core.trainer import Trainer
+    from qwen_vl.cli import PRESETS_DIR
+    from qwen_vl.config import QwenVLConfig
+    from qwen_vl.task import QwenVLTask
+
+    def run(root: Path, *extra: str) -> Path:
+        cfg = load_config(QwenVLConfig, "tiny", [
+            *FAST, f"data.train_file={counting_data / 'train.jsonl'}", f"data.val_file={counting_data / 'dev.jsonl'}",
+            "trainer.precision=bf16-true", "trainer.deterministic=true", "optim.warmup_ratio=0.0", "optim.name=adamw",
+            "generation.in_validation=false", "checkpoint.load_best_at_end=false", "trainer.ckpt_every_n_steps=2",
+            f"run.root={root}", *extra,
+        ], PRESETS_DIR)
+        return Trainer(cfg, QwenVLTask(cfg), argv=["pytest"]).fit().run_dir
+
+    straight = run(tmp_path / "a", "trainer.max_steps=4")
+    first = run(tmp_path / "b", "trainer.max_steps=2")
+    state = torch.load(first / "checkpoints" / "step-0000002" / "state", map_location="cpu", weights_only=False)
+    assert {t.dtype for t in state["model"].values()} == {torch.bfloat16}
+    resumed = run(tmp_path / "b", "trainer.max_steps=4", f"run.dir={first}")
+    assert resumed == first
+    assert {t.dtype for t in final_weights(resumed).values()} == {torch.bfloat16}
+    assert '"dtype": "bfloat16"' in (resumed / "final" / "config.json").read_text()
+    assert max_weight_diff(final_weights(straight), final_weights(resumed)) == 0.0
+    a, b = train_losses(straight), train_losses(resumed)
+    assert a == b and len(a) == 4
+
+
+def test_adafactor_state_of_bf16_parameters_keeps_float32_across_a_checkpoint():
+    """The users' recipe resumes exactly only if Adafactor's float32 statistics survive the round trip."""
+    from core.optim import build_optimizer
+    from core.settings import OptimConfig
+
+    def make() -> tuple[torch.nn.Parameter, torch.optim.Optimizer]:
+        param = torch.nn.Parameter(torch.ones(4, 3, dtype=torch.bfloat16))
+        return param, build_optimizer([{"params": [param]}], OptimConfig(name="adafactor", lr=1e-3))
+
+    param, optimizer = make()
+    param.grad = torch.full_like(param, 0.1)
+    optimizer.step()
+    saved = optimizer.state_dict()
+    assert saved["state"][0]["exp_avg_sq_row"].dtype == torch.float32
+    _, fresh = make()
+    fresh.load_state_dict(saved)
+    assert next(iter(fresh.state.values()))["exp_avg_sq_row"].dtype == torch.float32
+
+
+def test_bad_data_exits_2_naming_the_record_and_leaves_no_run_folder(tmp_path, capsys, counting_data):
+    from qwen_vl.cli import train
+
+    lines = (counting_data / "train.jsonl").read_text().splitlines()
+    broken = json.loads(lines[0])
+    broken["id"] = "broken-record"
+    broken["messages"] = [m for m in broken["messages"] if m["role"] == "user"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join([*lines[:3], json.dumps(broken)]) + "\n")
+    (tmp_path / "images").symlink_to(counting_data / "images")
+    code = train(["-c", "tiny", f"run.root={tmp_path / 'runs'}", f"data.train_file={bad}", "data.val_file=null", *FAST])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "broken-record" in err and f"{bad}:4" in err and "no assistant turn" in err
+    assert run_folders(tmp_path / "runs") == []
+    assert train(["-c", "tiny", f"run.root={tmp_path / 'runs'}", "data.train_file=null", *FAST]) == 2
+    assert "make-data --out data/counting" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_shared_console_scripts_reach_this_package(tmp_path):
+    """``make-data`` is this package's script; ``train`` is core's shared one and must dispatch
+    here (--task qwen_vl): bad data gives exit code 2 and one paragraph naming the record."""
+    bindir = Path(sys.executable).parent
+    out = subprocess.run([str(bindir / "make-data"), "--out", str(tmp_path / "d"), "--n", "4", "--n-dev", "2"],
+                         capture_output=True, text=True, env=env(), timeout=120)
+    assert out.returncode == 0, out.stderr
+    records = (tmp_path / "d" / "train.jsonl").read_text().splitlines()
+    (tmp_path / "d" / "bad.jsonl").write_text(records[0] + "\n" + '{"id": "no-answer", "messages": [{"role": "user", "content": "hi"}]}\n')
+    out = subprocess.run(
+        [str(bindir / "train"), "--task", "qwen_vl", "-c", "tiny", f"run.root={tmp_path / 'runs'}",
+         f"data.train_file={tmp_path / 'd' / 'bad.jsonl'}", "data.val_file=null", "trainer.accelerator=cpu"],
+        capture_output=True, text=True, env=env(), timeout=300,
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "'no-answer'" in last and "bad.jsonl:2" in last
+    assert run_folders(tmp_path / "runs") == []
+
+
+def mixed_order_data(folder: Path, counting_data: Path) -> Path:
+    """train.jsonl ordered text, image, image, text, ...: with 2 ranks, batch 1 and no shuffling
+    (debug.overfit_batches) rank 0 gets a text-only batch while rank 1 gets an image, then the
+    other way round."""
+    rows = [json.loads(line) for line in (counting_data / "train.jsonl").read_text().splitlines()]
+    text = [r for r in rows if not any(p["type"] == "image" for m in r["messages"] for p in m["content"])]
+    image = [r for r in rows if r not in text]
+    ordered = [text[0], image[0], image[1], text[1], text[2], image[2], image[3], text[3]]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ordered))
+    dev = (counting_data / "dev.jsonl").read_text().splitlines()[:5]  # odd: the sampler pads
+    (folder / "dev.jsonl").write_text("\n".join(dev) + "\n")
+    if not (folder / "images").exists():
+        (folder / "images").symlink_to(counting_data / "images")
+    return folder
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_with_text_only_and_image_batches(tmp_path, counting_data):
+    """DDP without the unused-parameter search (core's default) on 2 gloo processes: while one
+    rank trains a text-only sample and the other an image, the vision tower (trainable here)
+    must get gradients on both ranks, or DDP fails at the next step. Validation with generation
+    is gathered from both ranks (5 dev records, padded to 6, de-duplicated to 5)."""
+    data = mixed_order_data(tmp_path / "data", counting_data)
+    out = subprocess.run(
+        [sys.executable, "-m", "qwen_vl.cli", "train", "-c", "tiny", f"run.root={tmp_path / 'runs'}",
+         f"data.train_file={data / 'train.jsonl'}", f"data.val_file={data / 'dev.jsonl'}", "trainer.accelerator=cpu",
+         "trainer.devices=2", "trainer.strategy=ddp", "trainer.batch_size=1", "trainer.eval_batch_size=2",
+         "debug.overfit_batches=4", "trainer.max_steps=4", "trainer.val_every_n_steps=2", "model.train_vision=true",
+         "logger.progress_bar=false", "logger.plot=false", "generation.max_new_tokens=2"],
+        capture_output=True, text=True, env=env(), timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = only_run(tmp_path / "runs")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["global_step"] == 4
+    sums = summary["rank_weight_sha256"]
+    assert len(sums) == 2 and sums[0] == sums[1]
+    val = [r for r in read_jsonl(run / "metrics.jsonl") if "val/loss" in r]
+    assert [r["step"] for r in val] == [2, 4] and all(r["val/count_samples"] == 5 for r in val)
+
+
+# -- GPU: FSDP ---------------------------------------------------------------------------------
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP runs on CUDA GPUs only; this machine has none")
+
+
+def fsdp_command(tmp_path: Path, data: Path, devices: int, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "qwen_vl.cli", "train", "-c", "tiny", f"run.root={tmp_path / 'runs'}",
+        f"data.train_file={data / 'train.jsonl'}", f"data.val_file={data / 'dev.jsonl'}", f"trainer.devices={devices}",
+        "trainer.accelerator=cuda", "trainer.strategy=fsdp", "trainer.precision=bf16-true", "fsdp.activation_checkpointing=true",
+        "trainer.batch_size=1", "trainer.eval_batch_size=2", "debug.overfit_batches=4", "trainer.max_steps=4",
+        "trainer.val_every_n_steps=2", "model.train_vision=true", "logger.progress_bar=false", "logger.plot=false",
+        "generation.max_new_tokens=2", *extra,
+    ]
+
+
+@pytest.mark.gpu
+@gpu
+def test_fsdp_bf16_recipe_trains_and_exports(tmp_path, counting_data):
+    """The users' recipe on the tiny model: FSDP full shard, auto-wrap on decoder layers and vision
+    blocks, non-reentrant activation checkpointing, bf16-true, Adafactor; final/ is bf16 and loads."""
+    from transformers import AutoModelForImageTextToText
+
+    data = mixed_order_data(tmp_path / "data", counting_data)
+    devices = min(2, torch.cuda.device_count())
+    out = subprocess.run(fsdp_command(tmp_path, data, devices), capture_output=True, text=True, env=env(), timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = only_run(tmp_path / "runs")
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    assert {t.dtype for t in final_weights(run).values()} == {torch.bfloat16}
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["strategy"] == "FSDPStrategy" and manifest["precision"] == "bf16-true"
+    assert type(AutoModelForImageTextToText.from_pretrained(run / "final")).__name__ == "Qwen2_5_VLForConditionalGeneration"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="a text-only batch on one FSDP rank and an image on another needs 2 GPUs")
+def test_fsdp_mixed_batches_do_not_hang(tmp_path, counting_data):
+    """With the vision tower frozen or not, a rank with a text-only batch still runs the vision
+    blocks (dummy image), so the other rank's all-gathers complete: the run finishes in time."""
+    data = mixed_order_data(tmp_path / "data", counting_data)
+    for frozen in ("true", "false"):
+        out = subprocess.run(fsdp_command(tmp_path / frozen, data, 2, f"model.train_vision={frozen}"),
+                             capture_output=True, text=True, env=env(), timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
