@@ -1,0 +1,390 @@
+"""Commands of the summarization package.
+
+    train    [-c PRESET|FILE.yaml] [key=value ...]          (core's contract; default preset bart_large_cnn)
+    evaluate --model DIR [--split dev|test|FILE] [--out DIR] [-c ...] [key=value ...]
+    predict  --model DIR (--input FILE.jsonl | --text "...") [--output FILE]
+    score    --predictions FILE --references FILE [--lang auto|en|ko] [--multi-reference mean|max]
+    lead3    --input FILE [--output FILE]                   (the Lead-3 baseline: first three utterances)
+
+``train`` and ``evaluate`` are core's shared console scripts (``uv run --package summarization
+train``); ``summarization-train``, ``predict``, ``score`` and ``summarization-lead3`` are this
+package's own. ``python -m summarization.cli COMMAND ...`` runs any of them; without arguments it
+runs a self-check. Mistakes a user can fix exit with code 2 and a one-paragraph message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from core.cli import train_command, user_errors_exit_2
+from core.config import load_config
+from core.errors import UserError
+
+from summarization.config import DEFAULT_PRESET, PRESETS_DIR, SummarizationConfig
+
+DESCRIPTION = "Fine-tune a seq2seq model (BART, T5, ...) on DialogSum dialogue summarization and score it with ROUGE."
+
+
+def _task(cfg: SummarizationConfig) -> Any:
+    """Build the task (imported lazily: ``--help`` stays fast)."""
+    from summarization.task import SummarizationTask
+
+    return SummarizationTask(cfg)
+
+
+def train(argv: Sequence[str] | None = None) -> int:
+    """``train``: fit a model with core's Trainer; see ``--help`` and ``--help-keys``."""
+    return train_command(
+        argv, prog="train", description=DESCRIPTION, config_cls=SummarizationConfig, presets_dir=PRESETS_DIR,
+        make_task=_task, default_preset=DEFAULT_PRESET,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# evaluate
+# --------------------------------------------------------------------------------------------
+
+
+def _config_for_model(model_dir: Path, preset: str | None, overrides: Sequence[str]) -> SummarizationConfig:
+    """Config for evaluating / predicting with a trained model: ``-c`` if given, else the
+    ``config.yaml`` of the run that wrote ``model_dir`` (``<run>/final``), else the default preset."""
+    source: str | None = preset
+    if source is None and (Path(model_dir).parent / "config.yaml").is_file():
+        source = str(Path(model_dir).parent / "config.yaml")
+    return load_config(SummarizationConfig, source or DEFAULT_PRESET, list(overrides), PRESETS_DIR)
+
+
+def _check_model_dir(model_dir: Path) -> None:
+    """Raise a ``UserError`` unless ``model_dir`` is a folder written by ``save_pretrained``."""
+    if not model_dir.is_dir():
+        raise UserError(f"Model folder '{model_dir}' (--model) does not exist; give a folder written by save_pretrained, e.g. runs/001_.../final.")
+    if not (model_dir / "config.json").is_file():
+        raise UserError(f"'{model_dir}' (--model) has no config.json; give a folder written by save_pretrained (a run's final/ folder).")
+
+
+def _default_out(model_dir: Path, split: str) -> Path:
+    """``<run>/eval/<split>`` for a run's ``final/``, else ``eval/<model folder>/<split>``."""
+    name = split if split in ("dev", "test") else Path(split).stem
+    if (model_dir.parent / "summary.json").is_file():
+        return model_dir.parent / "eval" / name
+    return Path("eval") / model_dir.name / name
+
+
+@user_errors_exit_2
+def evaluate(argv: Sequence[str] | None = None) -> int:
+    """``evaluate --model DIR [--split dev|test|FILE]``: generate summaries for a split on every
+    rank (``trainer.devices=N``), gather them and write ``predictions.jsonl`` and ``scores.json``.
+
+    Returns:
+        Exit code (0; 2 for a mistake the user can fix).
+    """
+    parser = argparse.ArgumentParser(
+        prog="evaluate",
+        description="Generate summaries with a trained model and score them with ROUGE (several processes: trainer.devices=N).",
+        epilog=(
+            "The config comes from -c, else from the config.yaml of the run that wrote --model, else the default preset;\n"
+            "generation.* / metric.* / trainer.* overrides apply. Writes predictions.jsonl ({fname, summary, references})\n"
+            "and scores.json (rouge1/2/L/Lsum F1 in [0,1], loss, tokenizer, multi-reference convention) to --out,\n"
+            "and prints the scores.\n\nexamples:\n"
+            "  evaluate --model runs/001_20261122_101500/final --split test\n"
+            "  evaluate --model runs/001_.../final --split my_dialogues.jsonl generation.num_beams=4 trainer.devices=2"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", type=Path, required=True, help="a folder written by save_pretrained (a run's final/)")
+    parser.add_argument("--split", default="dev", help="dev, test, or a JSONL file with references (default: dev)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: <run>/eval/<split>)")
+    parser.add_argument("--limit", type=int, default=None, help="score only the first N rows")
+    parser.add_argument("-c", "--config", default=None, metavar="PRESET|FILE", help="config preset or YAML (default: the run's config)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. generation.num_beams=4")
+    args = parser.parse_args(argv)
+    _check_model_dir(args.model)
+    cfg = _config_for_model(args.model, args.config, args.overrides)
+    split_key = {"dev": "val", "validation": "val", "test": "test"}.get(args.split, args.split)
+
+    from core.manifest import sha256_file
+    from core.trainer import build_fabric, eval_dataloader, transformers_quiet
+    from core.trainer import evaluate as run_evaluation
+    from transformers import AutoModelForSeq2SeqLM
+
+    from summarization.metrics import describe
+    from summarization.task import write_jsonl
+
+    task = _task(cfg)
+    fabric = build_fabric(cfg, task)
+    fabric.launch()
+    transformers_quiet()
+    task.setup_model_side(args.model)
+    rows = task.read_split(split_key)[: args.limit]
+    task.val_data = task.tokenize(rows)
+    task.choose_rouge_tokenizer(rows)
+    model = AutoModelForSeq2SeqLM.from_pretrained(args.model)
+    task.prepare_generation(model)
+    model = fabric.setup_module(model)
+    model.mark_forward_method("generate")
+    loader = eval_dataloader(fabric, task, task.val_data, cfg.trainer)
+    metrics = run_evaluation(fabric, task, model, loader)
+    if fabric.global_rank == 0:
+        out = args.out or _default_out(args.model, args.split)
+        out.mkdir(parents=True, exist_ok=True)
+        write_jsonl(out / "predictions.jsonl", [{"fname": r["fname"], "summary": r["prediction"], "references": r["references"]} for r in task.last_records])
+        from core.config import to_dict
+
+        files = task.data_files()
+        scores = {
+            **metrics,
+            **describe(task.rouge_tokenizer, cfg.metric.use_stemmer, cfg.metric.multi_reference),
+            "references_per_sample": max(len(r["references"]) for r in rows),
+            "loss_reference": "first reference of each row (summary or summary1)",
+            "model": str(args.model),
+            "split": args.split,
+            "data": [{"file": str(f), "sha256": sha256_file(f)} for f in files] if files else cfg.data.dataset,
+            "generation": to_dict(cfg.generation),
+            "world_size": fabric.world_size,
+            "predictions": str(out / "predictions.jsonl"),
+        }
+        (out / "scores.json").write_text(json.dumps(scores, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        print(json.dumps(scores, ensure_ascii=False))
+        print(f"wrote {out / 'predictions.jsonl'} and {out / 'scores.json'}", file=sys.stderr)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# predict
+# --------------------------------------------------------------------------------------------
+
+
+@user_errors_exit_2
+def predict(argv: Sequence[str] | None = None) -> int:
+    """``predict --model DIR (--input FILE.jsonl | --text "...")``: summaries of new dialogues.
+
+    Returns:
+        Exit code (0; 2 for a mistake the user can fix).
+    """
+    parser = argparse.ArgumentParser(
+        prog="predict",
+        description="Summarise dialogues with a trained model.",
+        epilog=(
+            "--input rows need 'dialogue' (and optionally 'fname'); the output has one {fname, summary} row per input,\n"
+            "to --output or stdout. --text prints the summary of one dialogue (turns separated by newlines).\n\n"
+            "examples:\n"
+            "  predict --model runs/001_.../final --input dialogues.jsonl --output summaries.jsonl\n"
+            "  predict --model runs/001_.../final --text $'#Person1#: Hi!\\n#Person2#: Hello.' generation.num_beams=4"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", type=Path, required=True, help="a folder written by save_pretrained (a run's final/)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", type=Path, help="JSONL file with a 'dialogue' per row")
+    source.add_argument("--text", help="one dialogue as text")
+    parser.add_argument("--output", type=Path, default=None, help="JSONL output file (default: stdout)")
+    parser.add_argument("--batch-size", type=int, default=8, help="dialogues per generate() call (default 8)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("-c", "--config", default=None, metavar="PRESET|FILE", help="config preset or YAML (default: the run's config)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. generation.num_beams=4")
+    args = parser.parse_args(argv)
+    _check_model_dir(args.model)
+    if args.text is not None and not args.text.strip():
+        raise UserError("--text is empty; give the dialogue to summarise.")
+    cfg = _config_for_model(args.model, args.config, args.overrides)
+
+    import torch
+    from core.trainer import transformers_quiet
+    from transformers import AutoModelForSeq2SeqLM
+
+    from summarization.data import check_row, read_jsonl
+    from summarization.task import write_jsonl
+
+    transformers_quiet()
+    task = _task(cfg)
+    task.setup_model_side(args.model)
+    if args.input is not None:
+        rows = read_jsonl(args.input, "--input", need_references=False)
+    else:
+        rows = [check_row({"fname": "text", "dialogue": args.text}, "--text", need_references=False)]
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = AutoModelForSeq2SeqLM.from_pretrained(args.model).to(device).eval()
+    task.prepare_generation(model)
+    tokenizer = task.tokenizer
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["dialogue"]))  # similar lengths batch together
+    summaries: dict[int, str] = {}
+    with torch.no_grad():
+        for start in range(0, len(order), max(args.batch_size, 1)):
+            chunk = order[start : start + args.batch_size]
+            enc = tokenizer(
+                [cfg.model.source_prefix + rows[i]["dialogue"] for i in chunk], max_length=cfg.data.max_source_length,
+                truncation=True, padding=True, return_tensors="pt",
+            ).to(device)
+            for i, text in zip(chunk, task.generate(model, enc["input_ids"], enc["attention_mask"])):
+                summaries[i] = text
+    results = [{"fname": rows[i]["fname"], "summary": summaries[i]} for i in range(len(rows))]
+    if args.text is not None:
+        print(results[0]["summary"])
+    elif args.output is not None:
+        write_jsonl(args.output, results)
+        print(f"wrote {len(results)} summaries to {args.output}", file=sys.stderr)
+    else:
+        for row in results:
+            print(json.dumps(row, ensure_ascii=False))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# score and the Lead-3 baseline
+# --------------------------------------------------------------------------------------------
+
+
+def _add_metric_options(parser: argparse.ArgumentParser) -> None:
+    """``--lang``, ``--multi-reference`` and ``--no-stemmer``."""
+    parser.add_argument("--lang", choices=["auto", "en", "ko"], default="auto",
+                        help="ROUGE tokenizer: en = rouge_score's default, ko = unicode words (keeps Hangul), auto = ko when the texts hold non-ASCII letters")
+    parser.add_argument("--multi-reference", choices=["mean", "max"], default="mean",
+                        help="several references per row: mean of the F1s (default) or the best one")
+    parser.add_argument("--no-stemmer", action="store_true", help="no Porter stemming of English words")
+
+
+def score_rows(predictions: dict[str, list[str]], references: dict[str, list[str]], args: argparse.Namespace, pred_key: str, ref_key: str) -> dict[str, Any]:
+    """ROUGE of predictions matched to references by ``fname``.
+
+    Raises:
+        UserError: ids in one file and not the other.
+    """
+    from summarization.metrics import rouge
+
+    missing = [f for f in references if f not in predictions]
+    extra = [f for f in predictions if f not in references]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} reference id(s) have no prediction in {pred_key} (e.g. {', '.join(missing[:5])})")
+        if extra:
+            parts.append(f"{len(extra)} prediction id(s) are not in {ref_key} (e.g. {', '.join(extra[:5])})")
+        raise UserError("Predictions and references must cover the same fname ids: " + "; ".join(parts) + ".")
+    ids = list(references)
+    return rouge(
+        [predictions[f][0] for f in ids], [references[f] for f in ids],
+        tokenizer=args.lang, use_stemmer=not args.no_stemmer, multi_reference=args.multi_reference,
+    )
+
+
+@user_errors_exit_2
+def score(argv: Sequence[str] | None = None) -> int:
+    """``score --predictions FILE --references FILE``: print ROUGE as one JSON object.
+
+    Returns:
+        Exit code (0; 2 for bad files or ids that do not match).
+    """
+    parser = argparse.ArgumentParser(
+        prog="score",
+        description="ROUGE-1/2/L/Lsum F1 (fractions in [0, 1]) of predictions against references, matched by fname.",
+        epilog=(
+            "predictions: JSONL rows {fname, summary}. references: rows {fname, summary} or {fname, summary1, summary2, ...}\n"
+            "(a DialogSum file works as it is). Every id must be in both files. Prints one JSON object with rouge1, rouge2,\n"
+            "rougeL, rougeLsum, the tokenizer, stemmer and multi-reference convention.\n\n"
+            "example:\n  score --predictions eval/test/predictions.jsonl --references ../shared/data/dialogsum/dialogsum.test.jsonl"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--predictions", type=Path, required=True, help="JSONL with {fname, summary}")
+    parser.add_argument("--references", type=Path, required=True, help="JSONL with {fname, summary} or {fname, summary1..N}")
+    parser.add_argument("--output", type=Path, default=None, help="also write the JSON object to this file")
+    _add_metric_options(parser)
+    args = parser.parse_args(argv)
+    from summarization.data import read_scoring_file
+
+    predictions = read_scoring_file(args.predictions, "--predictions", references=False)
+    references = read_scoring_file(args.references, "--references", references=True)
+    result = {
+        **score_rows(predictions, references, args, "--predictions", "--references"),
+        "predictions": str(args.predictions),
+        "references": str(args.references),
+    }
+    text = json.dumps(result, ensure_ascii=False)
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text + "\n", encoding="utf-8")
+    print(text)
+    return 0
+
+
+@user_errors_exit_2
+def lead3(argv: Sequence[str] | None = None) -> int:
+    """``lead3 --input FILE``: the Lead-3 baseline (first three utterances as the summary);
+    writes ``{fname, summary}`` rows and, when the input has references, prints their ROUGE.
+
+    Returns:
+        Exit code (0; 2 for a bad input file).
+    """
+    parser = argparse.ArgumentParser(
+        prog="summarization-lead3",
+        description="Lead-N baseline: the first N utterances of each dialogue (speaker tags kept, one per line) as its summary.",
+        epilog="example:\n  summarization-lead3 --input ../shared/data/dialogsum/dialogsum.test.jsonl --output lead3.test.jsonl",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--input", type=Path, required=True, help="DialogSum-style JSONL (dialogue; references optional)")
+    parser.add_argument("--output", type=Path, default=None, help="write {fname, summary} rows here")
+    parser.add_argument("-n", type=int, default=3, help="utterances to keep (default 3)")
+    _add_metric_options(parser)
+    args = parser.parse_args(argv)
+    if args.n < 1:
+        raise UserError(f"-n {args.n}: keep at least one utterance.")
+    from summarization.data import lead_n, read_jsonl
+    from summarization.task import write_jsonl
+
+    rows = read_jsonl(args.input, "--input", need_references=False)
+    predictions = {r["fname"]: [lead_n(r["dialogue"], args.n)] for r in rows}
+    if args.output is not None:
+        write_jsonl(args.output, [{"fname": f, "summary": p[0]} for f, p in predictions.items()])
+        print(f"wrote {len(rows)} Lead-{args.n} summaries to {args.output}", file=sys.stderr)
+    if all(r["references"] for r in rows):
+        references = {r["fname"]: r["references"] for r in rows}
+        result = {"system": f"lead-{args.n}", **score_rows(predictions, references, args, "lead", str(args.input)), "references": str(args.input)}
+        print(json.dumps(result, ensure_ascii=False))
+    elif args.output is None:
+        for f, p in predictions.items():
+            print(json.dumps({"fname": f, "summary": p[0]}, ensure_ascii=False))
+    return 0
+
+
+COMMANDS = {"train": train, "evaluate": evaluate, "predict": predict, "infer": predict, "score": score, "lead3": lead3}
+"""Commands found by core's launcher through the ``core.tasks`` entry point (``infer`` = ``predict``)."""
+
+
+def _self_check() -> int:
+    """``python -m summarization.cli`` without arguments: help of every command, Lead-3 + score on the shipped test sample."""
+    import contextlib
+    import io
+    import tempfile
+
+    from summarization.config import SAMPLES
+
+    for name in ("evaluate", "predict", "score", "lead3"):
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer), contextlib.suppress(SystemExit):
+            COMMANDS[name](["--help"])
+        print(f"{name} --help: {buffer.getvalue().splitlines()[0]}")
+    with tempfile.TemporaryDirectory() as tmp:
+        lead = Path(tmp) / "lead3.jsonl"
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert lead3(["--input", str(SAMPLES["en"] / "test.jsonl"), "--output", str(lead)]) == 0
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer):
+            assert score(["--predictions", str(lead), "--references", str(SAMPLES["en"] / "test.jsonl")]) == 0
+        result = json.loads(buffer.getvalue())
+        print(f"lead-3 on the shipped test sample: rouge1={result['rouge1']:.4f} rougeL={result['rougeL']:.4f} ({result['multi_reference'][:4]})")
+        assert score(["--predictions", str(lead), "--references", str(SAMPLES["en"] / "dev.jsonl")]) == 2  # ids do not match
+    print("summarization.cli: ok")
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit(_self_check())
+    if sys.argv[1] not in COMMANDS:
+        sys.exit(f"usage: python -m summarization.cli {{{','.join(COMMANDS)}}} ...")
+    sys.exit(COMMANDS[sys.argv[1]](sys.argv[2:]))

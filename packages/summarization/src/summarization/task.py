@@ -1,0 +1,354 @@
+"""The summarization :class:`core.task.Task`: DialogSum rows in, a seq2seq model trained, ROUGE out.
+
+- ``setup`` (before the run folder exists): tokenizer and model config (a Hub id that cannot be
+  downloaded fails here), T5 + fp16 refusal, reading and checking every data row, tokenising.
+- ``training_step``: the summed token cross-entropy of the summary tokens
+  (:func:`core.task.token_loss_sum` with ``shift=False``: seq2seq labels are already aligned).
+- ``validation_step``: per-sample loss *and* generated summaries (beams etc. from the
+  ``generation`` group); records carry ``index``, ``fname``, ``prediction`` and ``references``,
+  so the engine can gather them from every rank.
+- ``compute_metrics``: validation loss, ROUGE-1/2/L/Lsum (F1, fractions in [0, 1]) and the mean
+  summary length in words; the last validation's predictions go to ``val_predictions.jsonl``.
+- ``save_final``: ``save_pretrained`` of model and tokenizer, the generation settings in
+  ``generation_config.json``, and ``summarization.json`` (source prefix, length limits, metric),
+  so ``AutoModelForSeq2SeqLM`` / ``AutoTokenizer.from_pretrained(final/)`` just work.
+
+Self-check: ``python -m summarization.task`` (a few training steps of a very small model).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from core.task import StepOutput, Task, per_sample_loss, token_loss_sum
+from torch import nn
+
+from summarization.config import SummarizationConfig
+from summarization.data import (
+    Seq2SeqCollator,
+    SummarizationDataset,
+    read_hub_split,
+    read_jsonl,
+    tokenize_rows,
+)
+from summarization.metrics import describe, resolve_tokenizer, rouge
+from summarization.model import (
+    build_model,
+    check_precision,
+    decoder_start_id,
+    format_report,
+    load_model_config,
+    load_tokenizer,
+    parameter_report,
+)
+
+log = logging.getLogger(__name__)
+
+SPLIT_KEYS = {"train": "data.train_file", "val": "data.val_file", "test": "data.test_file"}
+TASK_FILE = "summarization.json"
+"""Written into ``final/``: what a later ``evaluate`` / ``predict`` needs besides the weights."""
+
+
+class SummarizationTask(Task):
+    """Dialogue summarization with any seq2seq model.
+
+    Args:
+        cfg: the root config.
+    """
+
+    name = "summarization"
+    shift_labels = False
+
+    def __init__(self, cfg: SummarizationConfig) -> None:
+        super().__init__(cfg)
+        self.cfg: SummarizationConfig = cfg
+        self.files: list[Path] = []
+        self.train_data: SummarizationDataset | None = None
+        self.val_data: SummarizationDataset | None = None
+        self.generation_config: Any = None
+        self.rouge_tokenizer = "default"
+        self.last_records: list[dict[str, Any]] = []
+
+    # -- data ----------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Tokenizer, model config and checks, then read, check and tokenise train and validation rows.
+
+        Raises:
+            UserError: unreachable Hub model, T5 with fp16, or bad data (file and line named).
+        """
+        self.setup_model_side()
+        train_rows = self.read_split("train")
+        val_rows = self.read_split("val")
+        self.train_data = self.tokenize(train_rows[: self.cfg.data.max_train_samples])
+        self.val_data = self.tokenize(val_rows[: self.cfg.data.max_val_samples])
+        self.choose_rouge_tokenizer(train_rows + val_rows)
+        log.info(
+            "Data: %d training rows, %d validation rows; ROUGE tokenizer %s",
+            len(self.train_data), len(self.val_data), self.rouge_tokenizer,
+        )
+
+    def setup_model_side(self, model_dir: Path | None = None) -> None:
+        """Tokenizer, model config, precision check and collator.
+
+        Args:
+            model_dir: a trained model folder to use instead of ``model.*`` (evaluate / predict);
+                its ``summarization.json`` supplies the source prefix it was trained with.
+        """
+        cfg = self.cfg
+        if model_dir is not None:
+            cfg.model.init, cfg.model.name, cfg.model.tokenizer = "pretrained", str(model_dir), None
+            saved = Path(model_dir) / TASK_FILE
+            if saved.is_file():
+                cfg.model.source_prefix = json.loads(saved.read_text(encoding="utf-8")).get("source_prefix", cfg.model.source_prefix)
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.model_config = load_model_config(cfg.model, self.tokenizer)
+        check_precision(self.model_config, cfg.trainer.precision)
+        self.collator = Seq2SeqCollator(self.tokenizer.pad_token_id, decoder_start_id(self.model_config))
+
+    def read_split(self, split: str, need_references: bool = True) -> list[dict[str, Any]]:
+        """Rows of ``train`` / ``val`` / ``test`` from the configured files, the shipped sample or
+        ``data.dataset``; or of a JSONL file when ``split`` is a path.
+
+        Returns:
+            Normalised rows (see :func:`summarization.data.check_row`).
+        """
+        data = self.cfg.data
+        if split not in SPLIT_KEYS:
+            path = Path(split).expanduser()
+            self.files.append(path)
+            return read_jsonl(path, "--split", need_references)
+        if data.dataset:
+            hub_split = {"train": data.train_split, "val": data.val_split, "test": data.test_split}[split]
+            return read_hub_split(data.dataset, hub_split, "data.dataset", need_references)
+        path = data.file_for(split)  # type: ignore[arg-type]
+        self.files.append(path)
+        return read_jsonl(path, SPLIT_KEYS[split], need_references)
+
+    def tokenize(self, rows: list[dict[str, Any]]) -> SummarizationDataset:
+        """Tokenised dataset of ``rows`` (cached through ``datasets``)."""
+        data = self.cfg.data
+        tokens = tokenize_rows(
+            rows, self.tokenizer, prefix=self.cfg.model.source_prefix, max_source_length=data.max_source_length,
+            max_target_length=data.max_target_length, cache_dir=data.cache_dir,
+        )
+        return SummarizationDataset(rows, tokens)
+
+    def choose_rouge_tokenizer(self, rows: list[dict[str, Any]]) -> None:
+        """Fix the ROUGE tokenizer for this run from the data (``metric.tokenizer=auto`` looks at
+        every dialogue and reference), so every validation uses the same one."""
+        texts = [r["dialogue"] for r in rows] + [ref for r in rows for ref in r["references"]]
+        self.rouge_tokenizer = resolve_tokenizer(self.cfg.metric.tokenizer, texts)
+
+    def data_files(self) -> list[Path]:
+        """The local data files read (hashed into the manifest)."""
+        return list(dict.fromkeys(self.files))
+
+    def train_dataset(self) -> SummarizationDataset:
+        """Tokenised training rows."""
+        return self.train_data
+
+    def val_dataset(self) -> SummarizationDataset:
+        """Tokenised validation rows."""
+        return self.val_data
+
+    def sample_lengths(self, dataset: SummarizationDataset) -> list[int]:
+        """Source lengths in tokens (length grouping, longest-first evaluation)."""
+        return dataset.lengths()
+
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """See :class:`summarization.data.Seq2SeqCollator`."""
+        return self.collator(samples)
+
+    # -- model ---------------------------------------------------------------------------------
+
+    def configure_model(self) -> nn.Module:
+        """The model with the fine-tuning switches applied; logs the trainable-parameter table."""
+        model = build_model(self.cfg.model, self.model_config)
+        log.info("Model %s (%s), parameters per part:\n%s", self.model_source(), type(model).__name__, format_report(parameter_report(model)))
+        self.prepare_generation(model)
+        return model
+
+    def model_source(self) -> str:
+        """Human-readable origin of the model."""
+        m = self.cfg.model
+        return f"scratch BART d_model={m.scratch.d_model} layers={m.scratch.encoder_layers}+{m.scratch.decoder_layers}" if m.init == "scratch" else m.name
+
+    def prepare_generation(self, model: nn.Module) -> Any:
+        """The ``GenerationConfig`` used for every summary: the model's own, updated with the
+        ``generation`` group (``min_length`` reset so e.g. bart-large-cnn's 56 for news does not apply).
+
+        Returns:
+            The ``transformers.GenerationConfig`` (also kept in ``self.generation_config``).
+        """
+        g = self.cfg.generation
+        config = copy.deepcopy(model.generation_config)
+        config.update(
+            num_beams=g.num_beams, max_new_tokens=g.max_new_tokens, min_new_tokens=g.min_new_tokens or None, min_length=0,
+            max_length=None, length_penalty=g.length_penalty, no_repeat_ngram_size=g.no_repeat_ngram_size,
+            early_stopping=g.early_stopping if g.num_beams > 1 else False, do_sample=False, use_cache=True,
+        )
+        self.generation_config = config
+        return config
+
+    def fsdp_wrap_classes(self) -> set[type[nn.Module]]:
+        """The model's transformer blocks (its ``_no_split_modules``, e.g. BART's encoder and decoder layers)."""
+        from transformers import AutoModelForSeq2SeqLM, BartForConditionalGeneration
+
+        if self.cfg.model.init == "scratch":
+            model_cls: type = BartForConditionalGeneration
+        else:
+            from transformers import AutoConfig
+
+            model_cls = AutoModelForSeq2SeqLM._model_mapping[type(AutoConfig.from_pretrained(self.cfg.model.name))]
+        module = sys.modules[model_cls.__module__]
+        return {getattr(module, name) for name in (model_cls._no_split_modules or []) if hasattr(module, name)}
+
+    # -- steps ---------------------------------------------------------------------------------
+
+    def forward_logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Teacher-forced decoder logits ``(batch, target_len, vocab)`` for ``batch``."""
+        return model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], decoder_input_ids=batch["decoder_input_ids"]
+        ).logits
+
+    def training_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
+        """Summed cross-entropy over the summary tokens of a micro-batch, and their count."""
+        return token_loss_sum(self.forward_logits(model, batch), batch["labels"], shift=False)
+
+    def generate(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[str]:
+        """Summaries for a batch of tokenised dialogues.
+
+        Args:
+            model: the (possibly Fabric-wrapped) model.
+            input_ids: ``(batch, source_len)``.
+            attention_mask: ``(batch, source_len)``.
+
+        Returns:
+            One decoded, stripped summary per row.
+        """
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=self.generation_config)
+        return [text.strip() for text in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    def validation_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+        """Per-sample loss (against the first reference) and a generated summary per sample.
+
+        Returns:
+            Records ``{"index", "fname", "loss_sum", "tokens", "prediction", "references"}``.
+        """
+        sums, counts = per_sample_loss(self.forward_logits(model, batch), batch["labels"], shift=False)
+        predictions = self.generate(model, batch["input_ids"], batch["attention_mask"])
+        rows = self.eval_rows
+        records = []
+        for i, loss, count, prediction in zip(batch["index"].tolist(), sums.tolist(), counts.tolist(), predictions):
+            row = rows[i]
+            records.append({
+                "index": int(i), "fname": row["fname"], "loss_sum": float(loss), "tokens": int(count),
+                "prediction": prediction, "references": row["references"],
+            })
+        return records
+
+    @property
+    def eval_rows(self) -> list[dict[str, Any]]:
+        """Rows of the dataset being evaluated (validation during training, or the ``evaluate`` split)."""
+        return self.val_data.rows
+
+    def compute_metrics(self, records: list[dict[str, Any]]) -> dict[str, float]:
+        """Validation loss, ROUGE F1s and mean summary length over all gathered records.
+
+        Returns:
+            ``{"loss", "rouge1", "rouge2", "rougeL", "rougeLsum", "gen_words", "samples"}``.
+        """
+        tokens = sum(r["tokens"] for r in records)
+        m = self.cfg.metric
+        scores = rouge(
+            [r["prediction"] for r in records], [r["references"] for r in records],
+            tokenizer=self.rouge_tokenizer, use_stemmer=m.use_stemmer, multi_reference=m.multi_reference,
+        )
+        self.last_records = records
+        if self.run_dir is not None:
+            rows = [{"fname": r["fname"], "summary": r["prediction"], "references": r["references"]} for r in records]
+            write_jsonl(self.run_dir / "val_predictions.jsonl", rows)
+        return {
+            "loss": sum(r["loss_sum"] for r in records) / max(tokens, 1),
+            **{k: float(scores[k]) for k in ("rouge1", "rouge2", "rougeL", "rougeLsum")},
+            "gen_words": sum(len(r["prediction"].split()) for r in records) / max(len(records), 1),
+            "samples": float(len(records)),
+        }
+
+    # -- output --------------------------------------------------------------------------------
+
+    def save_final(self, model: nn.Module, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
+        """Model (safetensors), tokenizer, generation settings and ``summarization.json`` into ``out_dir``."""
+        model.save_pretrained(out_dir, state_dict=state_dict)
+        self.tokenizer.save_pretrained(out_dir)
+        if self.generation_config is not None:
+            self.generation_config.save_pretrained(out_dir)
+        write_task_file(out_dir, self.cfg, self.rouge_tokenizer)
+
+    def manifest_entries(self) -> dict[str, Any]:
+        """ROUGE implementation, version, tokenizer and convention; model and tokenizer sources."""
+        m = self.cfg.metric
+        return {
+            "metrics": {"rouge": {**describe(self.rouge_tokenizer, m.use_stemmer, m.multi_reference), "tokenizer_setting": m.tokenizer}},
+            "model_source": self.model_source(),
+            "tokenizer_source": str(getattr(self.tokenizer, "name_or_path", "")),
+            "data_source": self.cfg.data.dataset or "files",
+        }
+
+
+def write_task_file(out_dir: Path, cfg: SummarizationConfig, rouge_tokenizer: str) -> None:
+    """``summarization.json``: source prefix, length limits, generation and metric settings."""
+    from core.config import to_dict
+
+    info = {
+        "source_prefix": cfg.model.source_prefix,
+        "max_source_length": cfg.data.max_source_length,
+        "max_target_length": cfg.data.max_target_length,
+        "generation": to_dict(cfg.generation),
+        "metric": {**to_dict(cfg.metric), "resolved_tokenizer": rouge_tokenizer},
+    }
+    (Path(out_dir) / TASK_FILE).write_text(json.dumps(info, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Write rows as UTF-8 JSON lines (atomically: a temp file renamed into place)."""
+    import os
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":  # self-check: python -m summarization.task
+    import tempfile
+
+    from core.config import load_config
+    from core.trainer import Trainer
+
+    from summarization.config import PRESETS_DIR
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(
+            SummarizationConfig, "tiny",
+            [f"run.root={tmp}", "trainer.max_steps=3", "trainer.accelerator=cpu", "data.max_train_samples=24", "data.max_val_samples=4",
+             "model.scratch.d_model=32", "model.scratch.ffn_dim=64", "generation.max_new_tokens=8", "logger.progress_bar=false",
+             "logger.plot=false", f"data.cache_dir={tmp}/cache"],
+            PRESETS_DIR,
+        )
+        result = Trainer(cfg, SummarizationTask(cfg), argv=["self-check"]).fit()
+        print({k: round(v, 4) for k, v in result.metrics.items()})
+        final = result.run_dir / "final"
+        print(sorted(p.name for p in final.iterdir()))
+        assert (final / "model.safetensors").is_file() and (final / "tokenizer.json").is_file() and result.metrics["val/samples"] == 4
+    print("summarization.task: ok")
