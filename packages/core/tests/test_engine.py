@@ -244,3 +244,16 @@ def test_adafactor_bf16_true_resume_keeps_float32_statistics_and_is_exact(run_to
     assert torch.float32 in dtypes, "Adafactor keeps float32 statistics for bf16 parameters"
     resumed = run_toy(*args, f"trainer.resume={full.run_dir / 'checkpoints' / 'step-0000002'}", root="resumed")
     assert max_weight_diff(final_weights(full.run_dir), final_weights(resumed.run_dir)) == 0.0
+
+
+def test_max_time_stops_early_and_still_finishes_and_val_at_start_logs_step_0(run_toy):
+    result = run_toy("trainer.max_steps=10000", "trainer.max_time=00:00:02", "trainer.val_at_start=true", "data.collate_delay=0.05")
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    assert result.status == "completed" and 1 <= result.step < 10000
+    assert summary["status"] == "completed" and (result.run_dir / "final" / "model.safetensors").is_file()
+    val_steps = [r["step"] for r in read_jsonl(result.run_dir / "metrics.jsonl") if "val/loss" in r]
+    assert val_steps[0] == 0 and val_steps[-1] == result.step
+    from core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="is not a duration"):
+        run_toy("trainer.max_time=soon")

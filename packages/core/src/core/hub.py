@@ -35,17 +35,26 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def is_cached(repo_id: str, filename: str = "config.json") -> bool:
-    """Whether ``filename`` of Hub repo ``repo_id`` is in the local Hugging Face cache."""
+def is_cached(repo_id: str, filename: str = "config.json", repo_type: str = "model") -> bool:
+    """Whether ``filename`` of Hub repo ``repo_id`` (a ``model`` or ``dataset`` repo) is in the
+    local Hugging Face cache."""
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:  # pragma: no cover
         return False
-    found = try_to_load_from_cache(repo_id, filename)
+    found = try_to_load_from_cache(repo_id, filename, repo_type=repo_type)
     return isinstance(found, str)
 
 
-def ensure_available(name_or_path: str | Path, *, what: str = "model", key: str = "model.name", offline_preset: str = "tiny", filename: str = "config.json") -> None:
+def ensure_available(
+    name_or_path: str | Path,
+    *,
+    what: str = "model",
+    key: str = "model.name",
+    offline_preset: str = "tiny",
+    filename: str = "config.json",
+    repo_type: str = "model",
+) -> None:
     """Check that ``from_pretrained(name_or_path)`` can work here, fast.
 
     Args:
@@ -53,7 +62,8 @@ def ensure_available(name_or_path: str | Path, *, what: str = "model", key: str 
         what: what is being loaded, for the message (``model``, ``tokenizer``, ``processor``).
         key: the config key that names it, for the message.
         offline_preset: the package's preset that needs no download.
-        filename: a file every such repo has (to probe the cache).
+        filename: a file every such repo has (to probe the cache; ``README.md`` for datasets).
+        repo_type: ``model`` or ``dataset``.
 
     Raises:
         UserError: a local folder that does not exist, or a Hub id that is neither cached nor
@@ -64,7 +74,7 @@ def ensure_available(name_or_path: str | Path, *, what: str = "model", key: str 
         if not Path(name).expanduser().is_dir():
             raise UserError(f"{what.capitalize()} folder '{name}' ({key}) does not exist; give a folder written by save_pretrained or a Hub id.")
         return
-    if is_cached(name, filename) or hub_reachable():
+    if is_cached(name, filename, repo_type) or hub_reachable():
         return
     home = os.environ.get("HF_HOME", str(Path.home() / ".cache" / "huggingface"))
     raise UserError(

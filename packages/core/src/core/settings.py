@@ -62,6 +62,10 @@ class TrainerConfig:
     max_epochs: Optional[int] = None
     """Stop after this many passes over the training data (null: no epoch limit when
     ``max_steps`` is set, else 1 epoch)."""
+    max_time: Optional[str] = None
+    """Stop after this much training time, ``[DD:]HH:MM:SS`` (counted over resumed sessions too),
+    then finish normally: last validation, checkpoint, ``final/``. The learning-rate schedule
+    still spans ``max_steps`` / ``max_epochs``."""
     batch_size: int = 8
     """Micro-batch size per device (samples per forward pass)."""
     eval_batch_size: Optional[int] = None
@@ -78,6 +82,8 @@ class TrainerConfig:
     """Write training loss, learning rate and throughput every N optimizer steps."""
     val_every_n_steps: Optional[int] = None
     """Validate every N optimizer steps (null: only at the end)."""
+    val_at_start: bool = False
+    """Validate before the first step of a fresh run (the untrained model's metrics at step 0)."""
     val_at_end: bool = True
     """Validate once more when training ends."""
     limit_val_batches: Optional[int] = None
@@ -122,8 +128,27 @@ class TrainerConfig:
                 raise ConfigError(f"Config key '{key}' must be at least 1, got {value}.")
         if self.gradient_clip_val is not None and self.gradient_clip_val <= 0:
             raise ConfigError(f"Config key 'trainer.gradient_clip_val' must be positive or null, got {self.gradient_clip_val}.")
+        if self.max_time is not None:
+            self.max_seconds  # parses (and rejects) the value now
         if self.num_workers < 0:
             raise ConfigError(f"Config key 'trainer.num_workers' must be 0 or more, got {self.num_workers}.")
+
+    @property
+    def max_seconds(self) -> Optional[float]:
+        """``max_time`` in seconds (None: no time limit)."""
+        if self.max_time is None:
+            return None
+        parts = str(self.max_time).split(":")
+        try:
+            numbers = [float(p) for p in parts]
+        except ValueError:
+            numbers = []
+        if not 2 <= len(numbers) <= 4 or any(n < 0 for n in numbers):
+            raise ConfigError(
+                f"Config key 'trainer.max_time' = {self.max_time!r} is not a duration; write [DD:]HH:MM:SS, e.g. 00:28:00."
+            )
+        scale = [1, 60, 3600, 86400]
+        return sum(n * scale[i] for i, n in enumerate(reversed(numbers)))
 
     @property
     def epoch_limit(self) -> Optional[int]:

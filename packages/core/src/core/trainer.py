@@ -185,6 +185,11 @@ def build_fabric(cfg: TrainConfig, task: Task) -> Fabric:
         task: the task (FSDP asks it which blocks to wrap).
     """
     tc = cfg.trainer
+    if "SLURM_JOB_ID" not in os.environ:
+        # Lightning warns on every machine that merely has srun installed; outside a job it is noise.
+        import warnings
+
+        warnings.filterwarnings("ignore", message="The `srun` command is available")
     set_deterministic(tc.deterministic)
     return Fabric(
         accelerator=tc.accelerator,
@@ -524,17 +529,24 @@ class Trainer:
         bar = self.progress_bar()
         clock = time.perf_counter()
         interval = {"start": clock, "samples": 0, "tokens": 0}
+        budget = tc.max_seconds
+        if tc.val_at_start and self.progress.step == 0:
+            self.val_loop()
         while self.progress.step < self.total_steps:
             position = (self.progress.epoch, self.progress.batch)
             window = list(itertools.islice(stream, accum))
             if not window:
                 break  # data exhausted (max_epochs)
-            counts = self.window_counts(window, stop)
-            if counts["stop"]:
+            time_up = budget is not None and self.progress.train_seconds + time.perf_counter() - clock >= budget
+            counts = self.window_counts(window, stop, time_up)
+            if counts["stop"] or counts["time_up"]:
                 self.progress.epoch, self.progress.batch = position  # the window was not trained on
                 self.progress.train_seconds += time.perf_counter() - clock
                 bar.close()
-                return stop.name or "SIGTERM"
+                if counts["stop"]:
+                    return stop.name or "SIGTERM"
+                log.info("trainer.max_time=%s reached at step %d: finishing.", tc.max_time, self.progress.step)
+                return None
             loss_sum, loss_tokens, grad_norm = self.training_step(window, counts["loss_tokens"])
             self.progress.step += 1
             self.progress.samples += counts["samples"]
@@ -559,14 +571,14 @@ class Trainer:
         bar.close()
         return None
 
-    def window_counts(self, window: list[dict[str, torch.Tensor]], stop: StopSignal) -> dict[str, int]:
+    def window_counts(self, window: list[dict[str, torch.Tensor]], stop: StopSignal, time_up: bool = False) -> dict[str, int]:
         """Count samples and tokens of an accumulation window, summed over ranks, and agree on stopping.
 
-        One all-reduce per optimizer step carries both the loss-token count (needed before the
-        forward passes for per-token normalisation) and the stop flag.
+        One all-reduce per optimizer step carries the loss-token count (needed before the
+        forward passes for per-token normalisation), the stop-signal flag and the time-limit flag.
 
         Returns:
-            ``{"loss_tokens", "samples", "input_tokens", "stop"}``, each summed over all ranks.
+            ``{"loss_tokens", "samples", "input_tokens", "stop", "time_up"}``, each summed over all ranks.
         """
         local = torch.tensor(
             [
@@ -574,13 +586,14 @@ class Trainer:
                 sum(self.task.batch_size_of(b) for b in window),
                 sum(self.task.count_input_tokens(b) for b in window),
                 int(stop.received is not None),
+                int(time_up),
             ],
             dtype=torch.float64 if self.fabric.device.type != "mps" else torch.float32,
         )
         if self.fabric.world_size > 1:
             local = self.fabric.all_reduce(local.to(self.fabric.device), reduce_op="sum").cpu()
-        loss_tokens, samples, input_tokens, stop_flag = (int(v) for v in local.tolist())
-        return {"loss_tokens": loss_tokens, "samples": samples, "input_tokens": input_tokens, "stop": stop_flag}
+        loss_tokens, samples, input_tokens, stop_flag, time_flag = (int(v) for v in local.tolist())
+        return {"loss_tokens": loss_tokens, "samples": samples, "input_tokens": input_tokens, "stop": stop_flag, "time_up": time_flag}
 
     def training_step(self, window: list[dict[str, torch.Tensor]], global_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """One optimizer step over the micro-batches of ``window``.
