@@ -103,6 +103,9 @@ class TrainerConfig:
     """Data-loader worker processes per rank (0: load in the training process)."""
     group_by_length: bool = False
     """Batch samples of similar length together (less padding); order stays seeded."""
+    sort_eval_by_length: bool = True
+    """Evaluate longest samples first, so each batch holds similar lengths (less padding, faster
+    generation); results are put back in dataset order either way."""
     find_unused_parameters: bool = False
     """DDP only: search for parameters without gradients each step (slow; only if really needed)."""
     matmul_precision: Literal["highest", "high", "medium"] = "high"

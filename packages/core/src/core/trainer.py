@@ -210,7 +210,7 @@ def eval_dataloader(fabric: Fabric, task: Task, dataset: Any, tc: Any) -> Any:
         dataset: the samples.
         tc: the ``trainer`` config group (batch size, workers, seed).
     """
-    lengths = task.sample_lengths(dataset)
+    lengths = task.sample_lengths(dataset) if tc.sort_eval_by_length else None
     sampler = ShardedBatchSampler(
         len(dataset), tc.val_batch_size, rank=fabric.global_rank, world_size=fabric.world_size,
         shuffle=False, lengths=lengths, sort_by_length=lengths is not None,
@@ -310,6 +310,8 @@ class Trainer:
         fabric.launch()
         torch.set_float32_matmul_precision(cfg.trainer.matmul_precision)
         transformers_quiet()
+        if fabric.device.type == "cuda":  # peak memory of this run, not of earlier work in the process
+            torch.cuda.reset_peak_memory_stats(fabric.device)
         setup_logging(None, fabric.global_rank)
         seed_all(cfg.trainer.seed)
         self.task.setup()  # bad input fails here, before a run folder exists
@@ -706,14 +708,16 @@ class Trainer:
         return self.flops_per_token * tokens / max(seconds, 1e-9) / self.fabric.world_size / available
 
     def progress_bar(self) -> Any:
-        """A tqdm bar on rank 0 (quiet in log files: one refresh per 30 s when not a terminal)."""
+        """Progress on rank 0: a tqdm bar on a terminal; in a log file (SLURM) a plain log line
+        every 30 s instead, since a bar's carriage returns make one endless line there."""
         from tqdm.auto import tqdm
 
         enabled = self.cfg.logger.progress_bar and self.fabric.global_rank == 0
-        tty = sys.stderr.isatty()
+        if enabled and not sys.stderr.isatty():
+            return LogProgress(self.total_steps, self.progress.step)
         return tqdm(
             total=self.total_steps, initial=self.progress.step, disable=not enabled, desc="train",
-            unit="step", dynamic_ncols=True, mininterval=0.5 if tty else 30.0, file=sys.stderr,
+            unit="step", dynamic_ncols=True, mininterval=0.5, file=sys.stderr,
         )
 
     # ==========================================================================================
@@ -883,6 +887,42 @@ class Trainer:
             tmp.write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
             os.replace(tmp, self.run.path / "summary.json")
         return summary
+
+
+class LogProgress:
+    """The part of tqdm's interface the trainer uses, writing a log line at most every
+    ``interval`` seconds: ``step 533/2500 (21%), 1.56 steps/s, ETA 0:21:00, loss=3.57, lr=9.4e-04``.
+
+    Args:
+        total: steps of the run.
+        initial: steps already done (after a resume).
+        interval: seconds between lines.
+    """
+
+    def __init__(self, total: int, initial: int = 0, interval: float = 30.0) -> None:
+        self.total, self.n, self.interval = total, initial, interval
+        self.start_n, self.start = initial, time.perf_counter()
+        self.last = self.start
+        self.postfix: dict[str, Any] = {}
+
+    def set_postfix(self, refresh: bool = False, **values: Any) -> None:
+        """Remember values to show on the next line."""
+        self.postfix.update(values)
+
+    def update(self, n: int = 1) -> None:
+        """Count ``n`` steps; log a line when ``interval`` has passed or at the last step."""
+        self.n += n
+        now = time.perf_counter()
+        if now - self.last >= self.interval or self.n >= self.total:
+            self.last = now
+            rate = (self.n - self.start_n) / max(now - self.start, 1e-9)
+            eta = (self.total - self.n) / rate if rate > 0 else float("nan")
+            extra = "".join(f", {k}={v}" for k, v in self.postfix.items())
+            eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?"
+            log.info("step %d/%d (%d%%), %.2f steps/s, ETA %s%s", self.n, self.total, 100 * self.n // max(self.total, 1), rate, eta_text, extra)
+
+    def close(self) -> None:
+        """Nothing to release."""
 
 
 def transformers_quiet() -> None:
