@@ -17,7 +17,8 @@ SCRIPTS = [REPO / "packages" / t / "slurm" / "train.sbatch" for t in TASKS]
 
 def dry_run(script: Path, *args: str, **env: str) -> tuple[list[list[str]], subprocess.CompletedProcess]:
     """Run an sbatch script with DRY_RUN=1 outside Slurm; return the commands it would run."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "HF_", "WANDB", "CONTAINER_", "LOCAL_SCRATCH", "VENV_DIR"))}
+    # UV: `uv run` exports the path of its own binary, which launch.sh would use instead of "uv".
+    base = {k: v for k, v in os.environ.items() if k != "UV" and not k.startswith(("SLURM_", "HF_", "WANDB", "CONTAINER_", "LOCAL_SCRATCH", "VENV_DIR"))}
     base.update({"REPO_DIR": str(REPO), "DRY_RUN": "1", "SLURM_NNODES": "2", "SLURM_NTASKS_PER_NODE": "4", "HOME": env.pop("HOME", str(REPO / "logs")), **env})
     done = subprocess.run(["bash", str(script), *args], capture_output=True, text=True, env=base, timeout=60)
     commands = [shlex.split(line) for line in done.stdout.splitlines() if line.strip()]
