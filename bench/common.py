@@ -83,3 +83,11 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 def report(title: str, command: str, body: str) -> str:
     """A section for docs/benchmarks.md."""
     return f"## {title}\n\nMachine: {machine()}; commit {git_commit()}.\nCommand: `{command}`\n\n{body}\n"
+
+
+def emit(text: str, out: str | Path | None) -> None:
+    """Print a section and, with ``--out FILE``, append it to that file."""
+    print(text)
+    if out:
+        with open(out, "a", encoding="utf-8") as handle:
+            handle.write("\n" + text)

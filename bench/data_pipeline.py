@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, report, table
+from common import REPO, emit, report, table
 
 DIALOGSUM = REPO.parent / "shared" / "data" / "dialogsum" / "dialogsum.train.2021-05-26.jsonl"
 ALPACA = REPO.parent / "shared" / "data" / "alpaca" / "alpaca_5000.json"
@@ -102,10 +102,7 @@ def main() -> None:
     rows = [[name, mode, f"{statistics.median(v):,.0f}", f"{min(v):,.0f} – {max(v):,.0f}"] for (name, mode), v in results.items()]
     body = f"Records per second, median of {args.reps} runs (CPU, one process).\n\n" + table(["task (data)", "pass", "records/s (median)", "min – max"], rows)
     text = report("Data pipeline", f"uv run python bench/data_pipeline.py --reps {args.reps}", body)
-    print(text)
-    if args.out:
-        with open(args.out, "a", encoding="utf-8") as handle:
-            handle.write("\n" + text)
+    emit(text, args.out)
 
 
 if __name__ == "__main__":

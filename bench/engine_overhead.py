@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from common import median_spread, repeat, report, table
+from common import emit, median_spread, repeat, report, table
 
 VOCAB, SEQ, LAYERS, WIDTH, HEADS = 1000, 128, 4, 256, 4
 
@@ -159,10 +159,7 @@ def main() -> None:
         + table(["variant", "steps/s (median)", "min – max", "ratio to raw"], rows)
     )
     text = report("Engine overhead", f"uv run python bench/engine_overhead.py --steps {args.steps} --batch {args.batch} --reps {args.reps}", body)
-    print(text)
-    if args.out:
-        with open(args.out, "a", encoding="utf-8") as handle:
-            handle.write("\n" + text)
+    emit(text, args.out)
 
 
 if __name__ == "__main__":

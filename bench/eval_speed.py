@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, repeat, report, table
+from common import REPO, emit, repeat, report, table
 
 DEV = REPO.parent / "shared" / "data" / "dialogsum" / "dialogsum.dev.jsonl"
 
@@ -86,10 +86,7 @@ def main() -> None:
         + table(["batches", "summaries/s (median)", "min – max", "ratio"], rows)
     )
     text = report("Evaluation speed", f"uv run python bench/eval_speed.py --batch {args.batch} --reps {args.reps}", body)
-    print(text)
-    if args.out:
-        with open(args.out, "a", encoding="utf-8") as handle:
-            handle.write("\n" + text)
+    emit(text, args.out)
 
 
 if __name__ == "__main__":

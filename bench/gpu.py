@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from common import REPO, report, table
+from common import REPO, emit, report, table
 
 LORA_TOKENIZER = REPO / "packages" / "lora_llm" / "src" / "lora_llm" / "assets" / "tiny_tokenizer"
 SEQ = 512
@@ -237,10 +237,7 @@ def main() -> None:
         + table(["workload", "peak memory GB", "tokens/s (ours)", "MFU", "HF Trainer tokens/s / peak", "ours / HF"], rows)
     )
     text = report("GPU memory and throughput", command, body)
-    print(text)
-    if args.out:
-        with open(args.out, "a", encoding="utf-8") as handle:
-            handle.write("\n" + text)
+    emit(text, args.out)
     shutil.rmtree(root, ignore_errors=True)
 
 

@@ -21,7 +21,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from common import REPO, repeat, report, table
+from common import REPO, emit, repeat, report, table
 
 DIALOGSUM = REPO.parent / "shared" / "data" / "dialogsum" / "dialogsum.train.2021-05-26.jsonl"
 ALPACA = REPO.parent / "shared" / "data" / "alpaca" / "alpaca_5000.json"
@@ -114,10 +114,7 @@ def main() -> None:
         + table(["data", "batches", "padding share", "useful tokens/s (median)", "min – max", "ratio to random"], rows)
     )
     text = report("Padding waste", f"uv run python bench/padding.py --steps {args.steps} --reps {args.reps}", body)
-    print(text)
-    if args.out:
-        with open(args.out, "a", encoding="utf-8") as handle:
-            handle.write("\n" + text)
+    emit(text, args.out)
 
 
 if __name__ == "__main__":
