@@ -49,7 +49,7 @@ def lora_setup() -> tuple[int, float]:
     from lora_llm.config import LoraLLMConfig
     from lora_llm.task import LoraLLMTask
 
-    cfg = load_config(LoraLLMConfig, "tiny", [f"data.train_files=[{ALPACA}]", "data.max_length=512", "data.val_size=0"], PRESETS)
+    cfg = load_config(LoraLLMConfig, "tiny", [f"data.train_files=[{ALPACA}]", "data.max_length=512", "data.on_bad_record=skip", "data.val_size=0"], PRESETS)
     task = LoraLLMTask(cfg)
     start = time.perf_counter()
     task.setup()

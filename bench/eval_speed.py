@@ -81,7 +81,7 @@ def main() -> None:
     base = statistics.median(speeds["file order"])
     rows = [[name, f"{statistics.median(v):.2f}", f"{min(v):.2f} – {max(v):.2f}", f"{statistics.median(v) / base:.2f}"] for name, v in speeds.items()]
     body = (
-        f"Model `{model}`; DialogSum dev ({args.limit or 'all 500'} rows), batch {args.batch}, greedy decoding, CPU, "
+        f"Model: {f'`{args.model}`' if args.model else 'the `tiny` preset trained 120 steps by this script'}; DialogSum dev ({args.limit or 'all 500'} rows), batch {args.batch}, greedy decoding, CPU, "
         f"median of {args.reps} interleaved runs of the evaluation loop (generation + loss + ROUGE).\n\n"
         + table(["batches", "summaries/s (median)", "min – max", "ratio"], rows)
     )

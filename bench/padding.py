@@ -53,7 +53,7 @@ def lora_config(*overrides: str):
     from lora_llm.cli import PRESETS
     from lora_llm.config import LoraLLMConfig
 
-    return load_config(LoraLLMConfig, "tiny", [f"data.train_files=[{ALPACA}]", "data.max_length=512", "data.val_size=8", *overrides], PRESETS)
+    return load_config(LoraLLMConfig, "tiny", [f"data.train_files=[{ALPACA}]", "data.max_length=512", "data.on_bad_record=skip", "data.val_size=8", *overrides], PRESETS)
 
 
 def lengths_of(task_cls, cfg) -> list[int]:
