@@ -3,8 +3,9 @@ training samples, cold (empty cache) and cached.
 
 - summarization: DialogSum train (12,460 dialogues) -> validated rows -> tokenised with
   ``datasets.map(batched=True)``; the Arrow cache makes a second run a cache hit (``data.cache_dir``);
-- lora_llm: the Alpaca subset (5,000 records) -> prompt template -> token ids with response-only
-  labels (kept in memory: no cache, every run is cold);
+- lora_llm: the Alpaca subset (5,000 records), and the same records ten times over in an indented
+  JSON array (50k records, 21 MB: the size of the full Alpaca data) -> prompt template -> token
+  ids with response-only labels (kept in memory: no cache, every run is cold);
 - qwen_vl: counting conversations with images -> qwen-vl-utils + the Qwen2.5-VL processor
   (pixel values, vision-token expansion, labels) per sample, as the data loader does it.
 
@@ -42,14 +43,24 @@ def summarization_setup(cache: Path) -> tuple[int, float]:
     return len(task.train_dataset()), time.perf_counter() - start
 
 
-def lora_setup() -> tuple[int, float]:
-    """(records, seconds) of LoraLLMTask.setup on the Alpaca subset at 512 tokens."""
+def alpaca_times_ten(folder: Path) -> Path:
+    """The Alpaca subset's good records ten times over, as an indented JSON array (one field a line)."""
+    import json
+
+    records = [r for r in json.loads(ALPACA.read_text(encoding="utf-8")) if r["output"].strip()]
+    path = folder / "alpaca_x10.json"
+    path.write_text(json.dumps(records * 10, indent=2, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def lora_setup(path: Path = ALPACA) -> tuple[int, float]:
+    """(records, seconds) of LoraLLMTask.setup on an Alpaca file at 512 tokens."""
     from core.config import load_config
     from lora_llm.cli import PRESETS
     from lora_llm.config import LoraLLMConfig
     from lora_llm.task import LoraLLMTask
 
-    cfg = load_config(LoraLLMConfig, "tiny", [f"data.train_files=[{ALPACA}]", "data.max_length=512", "data.on_bad_record=skip", "data.val_size=0"], PRESETS)
+    cfg = load_config(LoraLLMConfig, "tiny", [f"data.train_files=[{path}]", "data.max_length=512", "data.on_bad_record=skip", "data.val_size=0"], PRESETS)
     task = LoraLLMTask(cfg)
     start = time.perf_counter()
     task.setup()
@@ -81,6 +92,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     results: dict[tuple[str, str], list[float]] = {}
+    big = alpaca_times_ten(Path(tempfile.mkdtemp()))
     for rep in range(args.reps):
         cache = Path(tempfile.mkdtemp())
         n, cold = summarization_setup(cache)
@@ -89,6 +101,8 @@ def main() -> None:
         results.setdefault(("summarization (DialogSum train)", "cached"), []).append(n / warm)
         n, seconds = lora_setup()
         results.setdefault(("lora_llm (Alpaca 5,000)", "cold (no cache)"), []).append(n / seconds)
+        n_big, seconds_big = lora_setup(big)
+        results.setdefault(("lora_llm (Alpaca x 10: 50k, 21 MB)", "cold (no cache)"), []).append(n_big / seconds_big)
         print(f"  rep {rep + 1}: summarization {results[('summarization (DialogSum train)', 'cold')][-1]:.0f} / "
               f"{results[('summarization (DialogSum train)', 'cached')][-1]:.0f} rows/s; lora_llm {n / seconds:.0f} rows/s", flush=True)
     import subprocess

@@ -191,6 +191,13 @@ def test_json_arrays_report_the_line_of_a_bad_record(tmp_path):
     broken.write_text('[\n {"instruction": "A", "output": "a"}\n {"instruction": "B", "output": "b"}\n]', encoding="utf-8")
     with pytest.raises(UserError, match=r"b\.json line 3: expected ',' or ']'"):
         read_records(str(broken), DataConfig())
+    # 3,000 records two lines apart (record k starts on line 1 + 2k), a bad one last: its line is
+    # counted past all the others.
+    many = tmp_path / "many.json"
+    rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(2999)] + [{"instruction": "last", "output": " "}]
+    many.write_text(json.dumps(rows, indent=None).replace("}, {", "},\n\n {"), encoding="utf-8")
+    with pytest.raises(UserError, match=r"many\.json:5999 \(record 2999\): 'output' is empty"):
+        read_records(str(many), DataConfig())
     with pytest.raises(UserError, match="does not exist"):
         read_records(str(tmp_path / "missing.jsonl"), DataConfig())
     with pytest.raises(UserError, match="sample:en, sample:ko"):

@@ -221,6 +221,9 @@ def _parse_tokenized(obj: dict[str, Any], source: str) -> Record:
 def _json_array_items(text: str, path: Path) -> Iterator[tuple[int, Any]]:
     """Decode a JSON array element by element, yielding ``(line number, element)``.
 
+    Line numbers are counted incrementally from the previous element: counting from the start
+    of the file for every element made reading quadratic (173 s for a 21 MB, 50k-record file).
+
     Raises:
         UserError: the file is not a well-formed JSON array (with line and column).
     """
@@ -228,6 +231,15 @@ def _json_array_items(text: str, path: Path) -> Iterator[tuple[int, Any]]:
     pos = len(text) - len(text.lstrip())
     if not text[pos:].startswith("["):
         raise UserError(f"Data file {path} is not a JSON array (it must start with '['); JSON lines files need the .jsonl extension.")
+    line, counted = 1, 0  # ``line`` is the line number of offset ``counted``
+
+    def line_at(offset: int) -> int:
+        """1-based line number of ``offset`` (never before the last offset asked for)."""
+        nonlocal line, counted
+        line += text.count("\n", counted, offset)
+        counted = offset
+        return line
+
     pos += 1
     expect_item = True
     while True:
@@ -240,19 +252,17 @@ def _json_array_items(text: str, path: Path) -> Iterator[tuple[int, Any]]:
             return
         if char == ",":
             if expect_item:
-                line = text.count("\n", 0, pos) + 1
-                raise UserError(f"Data file {path} line {line}: unexpected ',' in the JSON array.")
+                raise UserError(f"Data file {path} line {line_at(pos)}: unexpected ',' in the JSON array.")
             expect_item = True
             pos += 1
             continue
         if not expect_item:
-            line = text.count("\n", 0, pos) + 1
-            raise UserError(f"Data file {path} line {line}: expected ',' or ']' between records.")
+            raise UserError(f"Data file {path} line {line_at(pos)}: expected ',' or ']' between records.")
         try:
             value, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as err:
             raise UserError(f"Data file {path} line {err.lineno} column {err.colno}: not valid JSON ({err.msg}). Fix the file.") from None
-        yield text.count("\n", 0, pos) + 1, value
+        yield line_at(pos), value
         pos = end
         expect_item = False
 
