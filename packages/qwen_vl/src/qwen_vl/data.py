@@ -200,6 +200,63 @@ def _check_no_vision_tokens(text: str, where: str, turn: int) -> None:
             )
 
 
+def _turn_role(turn: Any, t: int, name: str, keys: tuple[str, str], fields: str) -> str:
+    """The normalised role of turn ``t`` (``user`` / ``assistant`` / ``system``), read from the
+    first of ``keys`` present.
+
+    Raises:
+        UserError: the turn is not an object, or its role is unknown.
+    """
+    if not isinstance(turn, dict):
+        raise UserError(f"{name}: turn {t} must be an object with {fields}.")
+    key = keys[0] if keys[0] in turn else keys[1]
+    given = turn.get(key)
+    role = ROLES.get(str(given if given is not None else "").lower())
+    if role is None:
+        raise UserError(f"{name}: turn {t} has role {given!r} (its '{key}'); use one of {sorted(set(ROLES))}.")
+    return role
+
+
+def _content_parts(content: Any, t: int, name: str, add_image: Any) -> list[dict[str, Any]]:
+    """Qwen content parts of a ``messages`` turn: a string, or a list of text / image parts.
+
+    Args:
+        content: the turn's ``content``.
+        t: turn index (for messages).
+        name: the record's name (for messages).
+        add_image: registers an image reference and returns its ``{"type": "image", ...}`` part.
+
+    Raises:
+        UserError: videos, image parts without a path, unknown part types, vision tokens in text.
+    """
+    if isinstance(content, str):
+        _check_no_vision_tokens(content, name, t)
+        return [{"type": "text", "text": content}]
+    if not isinstance(content, list):
+        raise UserError(f"{name}: turn {t} needs 'content' as a string or a list of parts.")
+    parts: list[dict[str, Any]] = []
+    for part in content:
+        if isinstance(part, str):
+            part = {"type": "text", "text": part}
+        if not isinstance(part, dict):
+            raise UserError(f"{name}: turn {t} has a content part that is neither text nor an object: {part!r}.")
+        kind = part.get("type")
+        if kind == "video" or "video" in part:
+            raise UserError(f"{name}: turn {t} has a video; this package trains on images and text only.")
+        if kind in ("image", "image_url") or "image" in part or "image_url" in part:
+            if "image" not in part and "image_url" not in part:
+                raise UserError(f"{name}: turn {t} has an image part without an 'image' path.")
+            parts.append(add_image(part.get("image", part.get("image_url"))))
+        elif "text" in part:
+            if not isinstance(part["text"], str):
+                raise UserError(f"{name}: turn {t} has a text part whose 'text' is not a string.")
+            _check_no_vision_tokens(part["text"], name, t)
+            parts.append({"type": "text", "text": part["text"]})
+        else:
+            raise UserError(f"{name}: turn {t} has a content part of unknown type {kind!r} (use text or image).")
+    return parts
+
+
 def parse_record(raw: dict[str, Any], where: str, base_dir: Path, system_prompt: str | None = None) -> Conversation:
     """Validate one record and bring it into the Qwen message layout.
 
@@ -232,39 +289,8 @@ def parse_record(raw: dict[str, Any], where: str, base_dir: Path, system_prompt:
         if not isinstance(turns, list) or not turns:
             raise UserError(f"{name}: 'messages' must be a non-empty list of turns.")
         for t, turn in enumerate(turns):
-            if not isinstance(turn, dict):
-                raise UserError(f"{name}: turn {t} must be an object with 'role' and 'content'.")
-            role = ROLES.get(str(turn.get("role", turn.get("from", ""))).lower())
-            if role is None:
-                raise UserError(f"{name}: turn {t} has role {turn.get('role', turn.get('from'))!r}; use one of {sorted(set(ROLES))}.")
-            content = turn.get("content", turn.get("value"))
-            parts: list[dict[str, Any]] = []
-            if isinstance(content, str):
-                _check_no_vision_tokens(content, name, t)
-                parts.append({"type": "text", "text": content})
-            elif isinstance(content, list):
-                for part in content:
-                    if isinstance(part, str):
-                        part = {"type": "text", "text": part}
-                    if not isinstance(part, dict):
-                        raise UserError(f"{name}: turn {t} has a content part that is neither text nor an object: {part!r}.")
-                    kind = part.get("type")
-                    if kind == "video" or "video" in part:
-                        raise UserError(f"{name}: turn {t} has a video; this package trains on images and text only.")
-                    if kind in ("image", "image_url") or "image" in part or "image_url" in part:
-                        if "image" not in part and "image_url" not in part:
-                            raise UserError(f"{name}: turn {t} has an image part without an 'image' path.")
-                        parts.append(add_image(part.get("image", part.get("image_url"))))
-                    elif "text" in part:
-                        if not isinstance(part["text"], str):
-                            raise UserError(f"{name}: turn {t} has a text part whose 'text' is not a string.")
-                        _check_no_vision_tokens(part["text"], name, t)
-                        parts.append({"type": "text", "text": part["text"]})
-                    else:
-                        raise UserError(f"{name}: turn {t} has a content part of unknown type {kind!r} (use text or image).")
-            else:
-                raise UserError(f"{name}: turn {t} needs 'content' as a string or a list of parts.")
-            messages.append({"role": role, "content": parts})
+            role = _turn_role(turn, t, name, ("role", "from"), "'role' and 'content'")
+            messages.append({"role": role, "content": _content_parts(turn.get("content", turn.get("value")), t, name, add_image)})
         unused = [k for k in ("image", "images") if k in raw]
         if unused:
             raise UserError(f"{name}: has both 'messages' and '{unused[0]}'; put images into the messages as image parts.")
@@ -284,11 +310,7 @@ def parse_record(raw: dict[str, Any], where: str, base_dir: Path, system_prompt:
             )
         pending = iter(refs)
         for t, turn in enumerate(turns):
-            if not isinstance(turn, dict):
-                raise UserError(f"{name}: turn {t} must be an object with 'from' and 'value'.")
-            role = ROLES.get(str(turn.get("from", turn.get("role", ""))).lower())
-            if role is None:
-                raise UserError(f"{name}: turn {t} has 'from' {turn.get('from')!r}; use one of {sorted(set(ROLES))}.")
+            role = _turn_role(turn, t, name, ("from", "role"), "'from' and 'value'")
             value = _text_of(turn.get("value"), name, t)
             _check_no_vision_tokens(value, name, t)
             parts = []
