@@ -37,7 +37,7 @@ def run_dir(root: Path) -> Path:
 
 def build(**switches):
     """A small scratch BART with the given ``model.*`` switches, and its tokenizer."""
-    cfg = ModelConfig(init="scratch", scratch=SCRATCH, **switches)
+    cfg = ModelConfig(init="scratch", **{"scratch": SCRATCH, **switches})
     tokenizer = load_tokenizer(cfg)
     return build_model(cfg, load_model_config(cfg, tokenizer)), tokenizer
 
@@ -160,6 +160,90 @@ def test_local_bart_folder_trains_through_the_auto_classes(tmp_path, train_cli):
     assert code == 0, err
     log = (run_dir(root) / "train.log").read_text()
     assert "embeddings" in log and "trainable" in log, "the trainable-parameter table is logged at start"
+
+
+def test_mbart_scratch_architecture_is_pre_norm_and_its_final_model_loads_with_auto_classes(train_cli):
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    model, _ = build(scratch=ScratchConfig(**{**vars(SCRATCH), "architecture": "mbart"}))
+    assert type(model).__name__ == "MBartForConditionalGeneration" and count(model) > count(build()[0])
+    assert model.config.model_type == "mbart" and model.model.encoder.layer_norm is not None, "pre-norm stacks end in a LayerNorm"
+    code, err, root = train_cli("-c", "tiny", "model.scratch.architecture=mbart", "trainer.max_steps=4", "trainer.val_every_n_steps=4",
+                                "generation.max_new_tokens=6")
+    assert code == 0, err
+    run = run_dir(root)
+    assert "scratch mbart d_model=128" in (run / "train.log").read_text()
+    again = AutoModelForSeq2SeqLM.from_pretrained(run / "final")
+    tokenizer = AutoTokenizer.from_pretrained(run / "final")
+    assert type(again).__name__ == "MBartForConditionalGeneration"
+    ids = tokenizer(["#Person1#: Hello. #Person2#: Hi."], return_tensors="pt")
+    out = again.generate(**ids, max_new_tokens=5)
+    assert out.shape[0] == 1 and out.shape[1] <= 7
+
+
+def mlm_task(*overrides: str):
+    """A summarization task with its tokenizer and model config set up (no data read), and a
+    small scratch model for it."""
+    from summarization.task import SummarizationTask
+
+    cfg = load_config(SummarizationConfig, "tiny", ["model.scratch.d_model=32", "model.scratch.ffn_dim=64", "model.scratch.dropout=0.0",
+                                                    *overrides], PRESETS_DIR)
+    task = SummarizationTask(cfg)
+    task.setup_model_side()
+    return task, build_model(cfg.model, task.model_config)
+
+
+def test_encoder_mlm_masks_only_ordinary_source_tokens():
+    task, _ = mlm_task("model.encoder_mlm=0.3")
+    tok = task.tokenizer
+    rows = [tok("#Person1#: " + "the train to London leaves at nine " * (i + 1))["input_ids"] for i in range(24)]
+    batch = task.collator([{"index": i, "input_ids": ids, "labels": ids[:4]} for i, ids in enumerate(rows)])
+    torch.manual_seed(0)
+    masked, chosen = task.masked_source(batch["input_ids"], batch["attention_mask"])
+    special = torch.isin(batch["input_ids"], torch.tensor(tok.all_special_ids))
+    assert not chosen[special].any() and not chosen[batch["attention_mask"] == 0].any(), "never padding, <s>, </s>"
+    assert (masked[chosen] == tok.mask_token_id).all() and torch.equal(masked[~chosen], batch["input_ids"][~chosen])
+    share = chosen.sum() / (~special & batch["attention_mask"].bool()).sum()
+    assert 0.27 < share < 0.33, share
+    torch.manual_seed(0)
+    assert torch.equal(task.masked_source(batch["input_ids"], batch["attention_mask"])[1], chosen), "seeded, so resumable"
+
+
+def test_encoder_mlm_adds_the_weighted_masked_lm_loss_to_the_summary_loss():
+    from core.task import token_loss_sum
+
+    task, model = mlm_task("model.encoder_mlm=0.25", "model.encoder_mlm_weight=2.0")
+    tok = task.tokenizer
+    items = [{"index": i, "input_ids": tok(f"#Person1#: I need {n} tickets to Paris.\n#Person2#: Here you are.")["input_ids"],
+              "labels": tok(text_target=f"#Person1# buys {n} tickets.")["input_ids"]} for i, n in enumerate(["two", "three", "four"])]
+    batch = task.collator(items)
+    batch.pop("index")
+    torch.manual_seed(3)
+    out = task.training_step(model, batch)
+    # the same draw by hand: the summary loss on the masked dialogue, plus 2 x the mean
+    # cross-entropy of the encoder's output at the masked positions, per summary token
+    torch.manual_seed(3)
+    masked, chosen = task.masked_source(batch["input_ids"], batch["attention_mask"])
+    assert chosen.any()
+    full = model(input_ids=masked, attention_mask=batch["attention_mask"], decoder_input_ids=batch["decoder_input_ids"])
+    summary = token_loss_sum(full.logits, batch["labels"], shift=False)
+    hidden = model.model.encoder(input_ids=masked, attention_mask=batch["attention_mask"]).last_hidden_state
+    mlm = torch.nn.functional.cross_entropy(model.lm_head(hidden[chosen]), batch["input_ids"][chosen])
+    assert out.num_tokens == summary.num_tokens
+    assert torch.allclose(out.loss_sum / out.num_tokens, summary.loss_sum / summary.num_tokens + 2.0 * mlm, atol=1e-5)
+    clean = token_loss_sum(model(**{k: batch[k] for k in ("input_ids", "attention_mask", "decoder_input_ids")}).logits,
+                           batch["labels"], shift=False)
+    off, _ = mlm_task()
+    assert torch.equal(off.training_step(model, batch).loss_sum, clean.loss_sum), "encoder_mlm=0 is the plain summary loss"
+    out.loss_sum.backward()
+    assert model.model.encoder.layers[0].fc1.weight.grad.abs().sum() > 0
+
+
+def test_encoder_mlm_settings_are_checked():
+    with pytest.raises(ConfigError, match="model.encoder_mlm"):
+        load_config(SummarizationConfig, "tiny", ["model.encoder_mlm=1.0"], PRESETS_DIR)
+    with pytest.raises(ConfigError, match="trainer.strategy=fsdp"):
+        mlm_task("model.encoder_mlm=0.15", "trainer.strategy=fsdp")
 
 
 BAD = {

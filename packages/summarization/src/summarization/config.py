@@ -83,8 +83,14 @@ class DataConfig:
 
 @dataclass
 class ScratchConfig:
-    """Sizes of a BART built with random weights (``model.init=scratch``)."""
+    """Architecture and sizes of a model built with random weights (``model.init=scratch``)."""
 
+    architecture: Literal["bart", "mbart"] = "bart"
+    """``bart``: BART's post-norm blocks (LayerNorm after each residual). ``mbart``: the same model
+    with pre-norm blocks and a final LayerNorm per stack (mBART's layout), which keeps the encoder's
+    token representations apart when training from random weights at a high learning rate; the
+    post-norm encoder can collapse to one vector for every token, and the decoder then never
+    reads the source (see the package README's from-scratch section)."""
     d_model: int = 128
     """Hidden size."""
     encoder_layers: int = 2
@@ -138,6 +144,24 @@ class ModelConfig:
     """Decoder blocks to freeze: a number N freezes the first N; a list freezes those indices (0-based)."""
     freeze_encoder: bool = False
     """Freeze the whole encoder (embeddings shared with the decoder stay trainable unless frozen too)."""
+    encoder_mlm: float = 0.0
+    """Auxiliary masked-language-model objective on the encoder, for training from scratch: this
+    fraction of each training dialogue's tokens is replaced by the tokenizer's mask token, and the
+    encoder's output at those positions predicts the original tokens through the (tied) output
+    layer. The summary is generated from the same masked dialogue, so the encoder runs once.
+    0 turns it off; validation, evaluation and prediction never mask. Needs a tokenizer with a mask
+    token and a strategy other than FSDP."""
+    encoder_mlm_weight: float = 1.0
+    """Weight of the masked-LM loss (a mean over masked tokens) added to the summary loss (a mean
+    over summary tokens)."""
+
+    def __post_init__(self) -> None:
+        """Range checks; a bad value raises ``ConfigError`` naming the key."""
+        if not 0.0 <= self.encoder_mlm < 1.0 or self.encoder_mlm_weight < 0:
+            raise ConfigError(
+                f"Config key 'model.encoder_mlm' ({self.encoder_mlm}) must be in [0, 1) and "
+                f"'model.encoder_mlm_weight' ({self.encoder_mlm_weight}) at least 0."
+            )
 
 
 @dataclass

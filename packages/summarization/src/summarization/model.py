@@ -3,8 +3,8 @@
 - ``model.init=pretrained``: ``AutoModelForSeq2SeqLM.from_pretrained(model.name)`` after
   :func:`core.hub.ensure_available` (a Hub id that cannot be downloaded fails in a second with a
   message that says how to proceed).
-- ``model.init=scratch``: ``BartForConditionalGeneration`` from a ``BartConfig`` sized by
-  ``model.scratch.*``, random weights, with the byte-level BPE tokenizer shipped in
+- ``model.init=scratch``: a BART (``model.scratch.architecture=bart``, post-norm) or an
+  mBART-layout model (``mbart``, pre-norm) sized by ``model.scratch.*``, random weights, with the byte-level BPE tokenizer shipped in
   ``summarization/assets/tokenizer`` — no download at all (the ``tiny`` and ``small`` presets).
 
 Fine-tuning switches: activation (gradient) checkpointing, freezing the embeddings, the first N
@@ -61,7 +61,7 @@ def load_model_config(cfg: ModelConfig, tokenizer: Any) -> Any:
     """The transformers config of the model to train (downloads nothing for scratch models).
 
     Returns:
-        A ``PretrainedConfig`` (``BartConfig`` for scratch models).
+        A ``PretrainedConfig`` (``BartConfig`` or ``MBartConfig`` for scratch models).
     """
     if cfg.init == "scratch":
         return scratch_config(cfg, tokenizer)
@@ -78,11 +78,13 @@ def load_model_config(cfg: ModelConfig, tokenizer: Any) -> Any:
 
 
 def scratch_config(cfg: ModelConfig, tokenizer: Any) -> Any:
-    """A ``BartConfig`` sized by ``model.scratch`` for ``tokenizer``'s vocabulary and special tokens."""
-    from transformers import BartConfig
+    """A ``BartConfig`` or ``MBartConfig`` (``model.scratch.architecture``) sized by ``model.scratch``
+    for ``tokenizer``'s vocabulary and special tokens."""
+    from transformers import BartConfig, MBartConfig
 
     s = cfg.scratch
-    return BartConfig(
+    config_class = {"bart": BartConfig, "mbart": MBartConfig}[s.architecture]
+    return config_class(
         vocab_size=len(tokenizer),
         d_model=s.d_model,
         encoder_layers=s.encoder_layers,
@@ -131,7 +133,7 @@ def check_precision(config: Any, precision: str) -> None:
 
 
 def build_model(cfg: ModelConfig, config: Any) -> nn.Module:
-    """The seq2seq model: pretrained weights or a random BART, with the fine-tuning switches applied.
+    """The seq2seq model: pretrained weights or a random (m)BART, with the fine-tuning switches applied.
 
     Args:
         cfg: the ``model`` config group.
@@ -140,10 +142,10 @@ def build_model(cfg: ModelConfig, config: Any) -> nn.Module:
     Returns:
         An ``AutoModelForSeq2SeqLM`` model (e.g. ``BartForConditionalGeneration``), in train mode.
     """
-    from transformers import AutoModelForSeq2SeqLM, BartForConditionalGeneration
+    from transformers import AutoModelForSeq2SeqLM
 
     if cfg.init == "scratch":
-        model = BartForConditionalGeneration(config)
+        model = AutoModelForSeq2SeqLM.from_config(config)
     else:
         model = AutoModelForSeq2SeqLM.from_pretrained(cfg.name)
     if cfg.gradient_checkpointing:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from core.errors import ConfigError
 from core.task import StepOutput, Task, per_sample_loss, token_loss_sum
 from torch import nn
 
@@ -46,6 +47,7 @@ from summarization.model import (
     load_model_config,
     load_tokenizer,
     parameter_report,
+    tokenizer_source,
 )
 
 log = logging.getLogger(__name__)
@@ -110,6 +112,17 @@ class SummarizationTask(Task):
         self.tokenizer = load_tokenizer(cfg.model)
         self.model_config = load_model_config(cfg.model, self.tokenizer)
         check_precision(self.model_config, cfg.trainer.precision)
+        if cfg.model.encoder_mlm > 0 and model_dir is None:
+            if self.tokenizer.mask_token_id is None:
+                raise ConfigError(
+                    f"model.encoder_mlm={cfg.model.encoder_mlm} needs a tokenizer with a mask token, and "
+                    f"'{tokenizer_source(cfg.model)}' has none. Set model.encoder_mlm=0 or use a tokenizer with one (BART's <mask>)."
+                )
+            if "fsdp" in str(cfg.trainer.strategy) or "stage_3" in str(cfg.trainer.strategy):
+                raise ConfigError(
+                    f"model.encoder_mlm={cfg.model.encoder_mlm} reads the output layer outside the model's forward, which "
+                    f"trainer.strategy={cfg.trainer.strategy} shards. Use ddp (or DeepSpeed stage 1/2) or set model.encoder_mlm=0."
+                )
         self.collator = Seq2SeqCollator(self.tokenizer.pad_token_id, decoder_start_id(self.model_config))
 
     def read_split(self, split: str, need_references: bool = True) -> list[dict[str, Any]]:
@@ -178,7 +191,7 @@ class SummarizationTask(Task):
     def model_source(self) -> str:
         """Human-readable origin of the model."""
         m = self.cfg.model
-        return f"scratch BART d_model={m.scratch.d_model} layers={m.scratch.encoder_layers}+{m.scratch.decoder_layers}" if m.init == "scratch" else m.name
+        return f"scratch {m.scratch.architecture} d_model={m.scratch.d_model} layers={m.scratch.encoder_layers}+{m.scratch.decoder_layers}" if m.init == "scratch" else m.name
 
     def prepare_generation(self, model: nn.Module) -> Any:
         """The ``GenerationConfig`` used for every summary: the model's own, updated with the
@@ -199,14 +212,13 @@ class SummarizationTask(Task):
 
     def fsdp_wrap_classes(self) -> set[type[nn.Module]]:
         """The model's transformer blocks (its ``_no_split_modules``, e.g. BART's encoder and decoder layers)."""
-        from transformers import AutoModelForSeq2SeqLM, BartForConditionalGeneration
+        from transformers import AutoConfig, AutoModelForSeq2SeqLM, BartConfig, MBartConfig
 
         if self.cfg.model.init == "scratch":
-            model_cls: type = BartForConditionalGeneration
+            config_class: type = {"bart": BartConfig, "mbart": MBartConfig}[self.cfg.model.scratch.architecture]
         else:
-            from transformers import AutoConfig
-
-            model_cls = AutoModelForSeq2SeqLM._model_mapping[type(AutoConfig.from_pretrained(self.cfg.model.name))]
+            config_class = type(AutoConfig.from_pretrained(self.cfg.model.name))
+        model_cls = AutoModelForSeq2SeqLM._model_mapping[config_class]
         module = sys.modules[model_cls.__module__]
         return {getattr(module, name) for name in (model_cls._no_split_modules or []) if hasattr(module, name)}
 
@@ -219,8 +231,41 @@ class SummarizationTask(Task):
         ).logits
 
     def training_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
-        """Summed cross-entropy over the summary tokens of a micro-batch, and their count."""
-        return token_loss_sum(self.forward_logits(model, batch), batch["labels"], shift=False)
+        """Summed cross-entropy over the summary tokens of a micro-batch, and their count; with
+        ``model.encoder_mlm`` > 0, plus the weighted masked-LM loss of the encoder (see
+        :meth:`masked_source`), scaled to the summary-token count so the engine's per-token
+        normalisation gives ``summary mean + weight x MLM mean``."""
+        if self.cfg.model.encoder_mlm <= 0:
+            return token_loss_sum(self.forward_logits(model, batch), batch["labels"], shift=False)
+        source, chosen = self.masked_source(batch["input_ids"], batch["attention_mask"])
+        out = model(input_ids=source, attention_mask=batch["attention_mask"], decoder_input_ids=batch["decoder_input_ids"])
+        summary = token_loss_sum(out.logits, batch["labels"], shift=False)
+        if not bool(chosen.any()):  # a micro-batch of very short dialogues can draw no position
+            return summary
+        # (masked positions, d_model) -> (masked positions, vocab) through the tied output layer;
+        # ``.module`` is the model inside Fabric's wrapper (the weights are the same tensors)
+        head = getattr(model, "module", model).get_output_embeddings()
+        mlm_logits = head(out.encoder_last_hidden_state[chosen].to(head.weight.dtype))
+        mlm = torch.nn.functional.cross_entropy(mlm_logits.float(), batch["input_ids"][chosen])
+        weight = self.cfg.model.encoder_mlm_weight * torch.as_tensor(summary.num_tokens, device=mlm.device)
+        return StepOutput(loss_sum=summary.loss_sum + weight * mlm, num_tokens=summary.num_tokens)
+
+    def masked_source(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replace a random ``model.encoder_mlm`` fraction of the ordinary (not special, not
+        padding) source tokens by the mask token.
+
+        Args:
+            input_ids, attention_mask: ``(batch, source_len)``.
+
+        Returns:
+            ``(masked input_ids, chosen)``, both ``(batch, source_len)``; ``chosen`` is a bool mask
+            of the replaced positions. Draws from torch's global generator, which the engine seeds
+            and restores on resume.
+        """
+        special = torch.as_tensor(self.tokenizer.all_special_ids, device=input_ids.device)
+        eligible = attention_mask.bool() & ~torch.isin(input_ids, special)
+        chosen = eligible & (torch.rand(input_ids.shape, device=input_ids.device) < self.cfg.model.encoder_mlm)
+        return input_ids.masked_fill(chosen, self.tokenizer.mask_token_id), chosen
 
     def generate(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[str]:
         """Summaries for a batch of tokenised dialogues.
