@@ -80,11 +80,8 @@ def load_model_config(cfg: ModelConfig, tokenizer: Any) -> Any:
 def scratch_config(cfg: ModelConfig, tokenizer: Any) -> Any:
     """A ``BartConfig`` or ``MBartConfig`` (``model.scratch.architecture``) sized by ``model.scratch``
     for ``tokenizer``'s vocabulary and special tokens."""
-    from transformers import BartConfig, MBartConfig
-
     s = cfg.scratch
-    config_class = {"bart": BartConfig, "mbart": MBartConfig}[s.architecture]
-    return config_class(
+    return scratch_config_class(cfg)(
         vocab_size=len(tokenizer),
         d_model=s.d_model,
         encoder_layers=s.encoder_layers,
@@ -103,6 +100,13 @@ def scratch_config(cfg: ModelConfig, tokenizer: Any) -> Any:
         forced_bos_token_id=tokenizer.bos_token_id,  # labels begin with <s>
         forced_eos_token_id=tokenizer.eos_token_id,
     )
+
+
+def scratch_config_class(cfg: ModelConfig) -> type:
+    """The transformers config class of ``model.scratch.architecture`` (``BartConfig`` or ``MBartConfig``)."""
+    from transformers import BartConfig, MBartConfig
+
+    return {"bart": BartConfig, "mbart": MBartConfig}[cfg.scratch.architecture]
 
 
 def decoder_start_id(config: Any) -> int:

@@ -47,6 +47,7 @@ from summarization.model import (
     load_model_config,
     load_tokenizer,
     parameter_report,
+    scratch_config_class,
     tokenizer_source,
 )
 
@@ -212,10 +213,10 @@ class SummarizationTask(Task):
 
     def fsdp_wrap_classes(self) -> set[type[nn.Module]]:
         """The model's transformer blocks (its ``_no_split_modules``, e.g. BART's encoder and decoder layers)."""
-        from transformers import AutoConfig, AutoModelForSeq2SeqLM, BartConfig, MBartConfig
+        from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
         if self.cfg.model.init == "scratch":
-            config_class: type = {"bart": BartConfig, "mbart": MBartConfig}[self.cfg.model.scratch.architecture]
+            config_class = scratch_config_class(self.cfg.model)
         else:
             config_class = type(AutoConfig.from_pretrained(self.cfg.model.name))
         model_cls = AutoModelForSeq2SeqLM._model_mapping[config_class]
