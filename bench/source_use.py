@@ -20,7 +20,6 @@ Two ways to run it::
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import time
 from pathlib import Path
@@ -33,15 +32,11 @@ DIALOGSUM = REPO.parent / "shared" / "data" / "dialogsum"
 
 
 def rows(path: Path, n: int | None = None) -> list[dict]:
-    """The first ``n`` rows of a DialogSum JSONL file (``summary`` or ``summary1`` as the reference)."""
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            row = json.loads(line)
-            out.append({"dialogue": row["dialogue"], "summary": row.get("summary") or row["summary1"]})
-        if n is not None and len(out) == n:
-            break
-    return out
+    """The first ``n`` rows of a DialogSum JSONL file, read and checked by the package's reader,
+    with the first reference as ``summary``."""
+    from summarization.data import read_jsonl
+
+    return [{"dialogue": r["dialogue"], "summary": r["references"][0]} for r in read_jsonl(path)[:n]]
 
 
 def encode(tokenizer, sources: list[dict], targets: list[dict], max_source: int = 320) -> dict[str, torch.Tensor]:
