@@ -103,6 +103,16 @@ def test_tokenisation_is_cached_truncated_and_ends_with_eos(tmp_path, tokenizer)
     assert item["index"] == 40 and "비" in tokenizer.decode(item["input_ids"], skip_special_tokens=True)
 
 
+def test_shipped_tokenizer_keeps_speaker_tags_whole_and_round_trips(tokenizer):
+    text = "#Person1#: Where's #Person3#?\n#Person2#: 그는 병원에 갔어요. #PersonN# said 42."
+    ids = tokenizer(text)["input_ids"]
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    assert pieces[:3] == ["<s>", "#Person1#", ":"] and pieces[-1] == "</s>"
+    assert "Ġ#Person3#" in pieces and "#Person2#" in pieces, pieces
+    assert tokenizer.decode(ids, skip_special_tokens=True) == text
+    assert (tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.mask_token_id) == (0, 1, 2, 4)
+
+
 def test_prefix_changes_the_tokens(tmp_path, tokenizer):
     rows = read_jsonl(EN / "dev.jsonl")[:2]
     plain = SummarizationDataset(rows, tokenize_rows(rows, tokenizer, cache_dir=tmp_path))

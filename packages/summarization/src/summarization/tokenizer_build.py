@@ -2,10 +2,17 @@
 
 The from-scratch presets need a tokenizer without a download. This module trains one with the
 ``tokenizers`` library (byte-level BPE, the same scheme as BART / RoBERTa, so any UTF-8 text —
-Korean included — encodes without unknown tokens) and saves it as a transformers
-``RobertaTokenizer`` (what ``BartTokenizer`` is in transformers 5), so that
-``AutoTokenizer.from_pretrained(folder)`` loads it. Special tokens follow BART's ids:
-``<s>``=0, ``<pad>``=1, ``</s>``=2, ``<unk>``=3, ``<mask>``=4.
+Korean included — encodes without unknown tokens) and saves it as a transformers fast tokenizer
+(``tokenizer.json`` + ``tokenizer_config.json``), so that ``AutoTokenizer.from_pretrained(folder)``
+loads it. Special tokens follow BART's ids: ``<s>``=0, ``<pad>``=1, ``</s>``=2, ``<unk>``=3,
+``<mask>``=4, and ``<s> text </s>`` is added around every text as BART does.
+
+One difference from BART's pre-tokenizer: DialogSum's speaker tags (``#Person1#``, ``#Person2#``,
+...) are kept whole (:data:`SPEAKER_TAG`), so BPE learns each as one token (with and without its
+leading space). GPT-2's pattern would cut ``#Person1#`` into ``#``, ``Person``, ``1``, ``#``:
+four tokens for the most frequent word of both dialogues and summaries. Kept whole, the train
+split's dialogues are 9% and its summaries 20% shorter in tokens (191 and 30 on average instead of
+210 and 38), which the 30-minute ``small`` preset turns into more training steps.
 
 The shipped tokenizer (``summarization/assets/tokenizer``) was built from the full DialogSum
 train split plus the package's Korean sample::
@@ -32,6 +39,10 @@ ASSETS = Path(__file__).parent / "assets"
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
 """BART's special tokens in BART's id order (``<s>``=0, ``<pad>``=1, ``</s>``=2, ``<unk>``=3, ``<mask>``=4)."""
 DEFAULT_VOCAB_SIZE = 8192
+SPEAKER_TAG = r" ?#[A-Za-z]+\d*#"
+"""A DialogSum speaker or placeholder tag (``#Person1#``, ``#Person2#``, ``#PersonN#``) with an optional leading space."""
+GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+"""The word-splitting pattern of GPT-2's (and BART's) byte-level pre-tokenizer."""
 
 
 def corpus_texts(files: Sequence[Path], repeats: Sequence[int] | None = None) -> Iterator[str]:
@@ -81,17 +92,29 @@ def build_tokenizer(
     """
     import tokenizers
     import transformers
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import RobertaTokenizer
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
 
-    bpe = ByteLevelBPETokenizer()
+    bpe = Tokenizer(models.BPE())
+    # Speaker tags first, then GPT-2's word pattern; the byte-level step only maps bytes to
+    # printable characters (its own regex would split the tags again).
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(f"{SPEAKER_TAG}|{GPT2_PATTERN}"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    bpe.decoder = decoders.ByteLevel()
+    bpe.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0), add_prefix_space=False)
     # min_frequency=2: a merge seen once is noise; the byte alphabet still covers every input.
-    bpe.train_from_iterator(corpus_texts(files, repeats), vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(corpus_texts(files, repeats), trainer=trainer)
     vocab = bpe.get_vocab()
     assert [vocab[t] for t in SPECIAL_TOKENS] == [0, 1, 2, 3, 4], "special tokens must keep BART's ids"
-    model = json.loads(bpe.to_str())["model"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    tokenizer = RobertaTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>",
+        cls_token="<s>", sep_token="</s>", model_max_length=max_length,
+    )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(out_dir)
@@ -101,6 +124,7 @@ def build_tokenizer(
         "vocab_size": len(vocab),
         "min_frequency": 2,
         "special_tokens": SPECIAL_TOKENS,
+        "pre_tokenizer": f"{SPEAKER_TAG}|{GPT2_PATTERN}, then byte-level",
         "sources": [
             {"file": f"{Path(f).parent.name}/{Path(f).name}", "sha256": sha256(Path(f)), "repeats": r}
             for f, r in zip(files, repeats or [1] * len(files))
@@ -142,6 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ids = tok(text)["input_ids"]
             assert ids[0] == tok.bos_token_id == 0 and ids[-1] == tok.eos_token_id == 2, ids
             assert tok.decode(ids, skip_special_tokens=True) == text
+            assert tok.convert_ids_to_tokens(ids)[1] == text[:9], "a speaker tag is one token"
             print(f"{len(ids):3d} tokens: {tok.convert_ids_to_tokens(ids)[:8]} ...")
         print(f"{type(tok).__name__} with {len(tok)} tokens written to {out}")
     print("summarization.tokenizer_build: ok")
