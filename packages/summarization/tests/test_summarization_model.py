@@ -87,6 +87,20 @@ def test_bad_freeze_settings_are_config_errors():
         build(freeze_decoder_layers=[5])
 
 
+def test_eager_attention_computes_what_sdpa_computes():
+    batch = {"input_ids": torch.tensor([[0, 50, 60, 70, 2], [0, 80, 2, 1, 1]]), "attention_mask": torch.tensor([[1] * 5, [1, 1, 1, 0, 0]]),
+             "decoder_input_ids": torch.tensor([[2, 0, 90, 91], [2, 0, 92, 1]])}
+    logits = {}
+    for kind in ("sdpa", "eager"):
+        torch.manual_seed(0)
+        model, _ = build(attn_implementation=kind)
+        assert model.config._attn_implementation == kind
+        logits[kind] = model.eval()(**batch).logits
+    assert torch.allclose(logits["sdpa"], logits["eager"], atol=1e-5)
+    with pytest.raises(ConfigError, match="model.attn_implementation"):
+        load_config(SummarizationConfig, "tiny", ["model.attn_implementation=fast"], PRESETS_DIR)
+
+
 def test_gradient_checkpointing_trains_like_without_it():
     from dataclasses import replace
 
@@ -237,6 +251,24 @@ def test_encoder_mlm_adds_the_weighted_masked_lm_loss_to_the_summary_loss():
     assert torch.equal(off.training_step(model, batch).loss_sum, clean.loss_sum), "encoder_mlm=0 is the plain summary loss"
     out.loss_sum.backward()
     assert model.model.encoder.layers[0].fc1.weight.grad.abs().sum() > 0
+
+
+def test_label_smoothing_spreads_eps_of_each_target_over_the_vocabulary():
+    task, model = mlm_task("model.label_smoothing=0.1")
+    tok = task.tokenizer
+    items = [{"index": i, "input_ids": tok(f"#Person1#: {n} coffees, please.")["input_ids"],
+              "labels": tok(text_target=f"#Person1# orders {n} coffees.")["input_ids"]} for i, n in enumerate(["two", "five"])]
+    batch = task.collator(items)
+    batch.pop("index")
+    out = task.training_step(model, batch)
+    logp = torch.log_softmax(task.forward_logits(model, batch).float(), dim=-1)
+    kept = batch["labels"] != -100
+    nll = -logp.gather(-1, batch["labels"].clamp(min=0).unsqueeze(-1)).squeeze(-1)[kept]
+    uniform = -logp.mean(dim=-1)[kept]
+    assert out.num_tokens == kept.sum()
+    assert torch.allclose(out.loss_sum, (0.9 * nll + 0.1 * uniform).sum(), rtol=1e-5)
+    with pytest.raises(ConfigError, match=r"'model.label_smoothing' \(1.0\) must be in \[0, 1\)"):
+        load_config(SummarizationConfig, "tiny", ["model.label_smoothing=1.0"], PRESETS_DIR)
 
 
 def test_encoder_mlm_settings_are_checked():

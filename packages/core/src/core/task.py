@@ -41,7 +41,7 @@ class StepOutput:
     num_tokens: torch.Tensor | int
 
 
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> StepOutput:
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, shift: bool, label_smoothing: float = 0.0) -> StepOutput:
     """Summed cross-entropy over the labelled tokens, computed in float32.
 
     Args:
@@ -49,6 +49,8 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> S
         labels: ``(batch, seq)`` target ids, ``IGNORE_INDEX`` where no loss is taken.
         shift: True for causal LMs (token ``t`` predicts label ``t+1``); False for seq2seq
             decoders, whose labels are already aligned with the logits.
+        label_smoothing: ``eps`` in [0, 1): each token's target is ``1 - eps`` on the label plus
+            ``eps`` spread evenly over the vocabulary (PyTorch's ``cross_entropy`` definition).
 
     Returns:
         :class:`StepOutput` with the loss sum and the number of labelled tokens.
@@ -58,7 +60,8 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> S
         labels = labels[:, 1:]
     labels = labels.to(logits.device)
     loss_sum = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum",
+        label_smoothing=label_smoothing,
     )
     return StepOutput(loss_sum=loss_sum, num_tokens=(labels != IGNORE_INDEX).sum())
 

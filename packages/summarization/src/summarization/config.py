@@ -133,6 +133,10 @@ class ModelConfig:
     """Text put before every dialogue (``summarize: `` for T5)."""
     scratch: ScratchConfig = field(default_factory=ScratchConfig)
     """Sizes of the from-scratch BART."""
+    attn_implementation: Optional[Literal["eager", "sdpa", "flash_attention_2"]] = None
+    """Attention kernel (null: the transformers default, ``sdpa``). On a CPU ``eager`` trains a small
+    model faster: PyTorch's CPU flash-attention backward is slow for 64-wide heads (measured in the
+    ``small`` preset: 1.2x the steps/s)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (non-reentrant): less memory, ~30% slower."""
     freeze_embeddings: bool = False
@@ -154,9 +158,15 @@ class ModelConfig:
     encoder_mlm_weight: float = 1.0
     """Weight of the masked-LM loss (a mean over masked tokens) added to the summary loss (a mean
     over summary tokens)."""
+    label_smoothing: float = 0.0
+    """Label smoothing of the training summary loss, in [0, 1): each target token keeps ``1 - eps``
+    and ``eps`` is spread over the vocabulary (``label_smoothing_factor`` of the Hugging Face
+    Trainer). Validation loss is always the plain cross-entropy, comparable between runs."""
 
     def __post_init__(self) -> None:
         """Range checks; a bad value raises ``ConfigError`` naming the key."""
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"Config key 'model.label_smoothing' ({self.label_smoothing}) must be in [0, 1); 0.1 is usual.")
         if not 0.0 <= self.encoder_mlm < 1.0 or self.encoder_mlm_weight < 0:
             raise ConfigError(
                 f"Config key 'model.encoder_mlm' ({self.encoder_mlm}) must be in [0, 1) and "

@@ -148,10 +148,11 @@ def build_model(cfg: ModelConfig, config: Any) -> nn.Module:
     """
     from transformers import AutoModelForSeq2SeqLM
 
+    kwargs = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
     if cfg.init == "scratch":
-        model = AutoModelForSeq2SeqLM.from_config(config)
+        model = AutoModelForSeq2SeqLM.from_config(config, **kwargs)
     else:
-        model = AutoModelForSeq2SeqLM.from_pretrained(cfg.name)
+        model = AutoModelForSeq2SeqLM.from_pretrained(cfg.name, **kwargs)
     if cfg.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # the transformers 5 name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

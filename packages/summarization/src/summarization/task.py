@@ -232,15 +232,17 @@ class SummarizationTask(Task):
         ).logits
 
     def training_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
-        """Summed cross-entropy over the summary tokens of a micro-batch, and their count; with
-        ``model.encoder_mlm`` > 0, plus the weighted masked-LM loss of the encoder (see
-        :meth:`masked_source`), scaled to the summary-token count so the engine's per-token
-        normalisation gives ``summary mean + weight x MLM mean``."""
+        """Summed cross-entropy over the summary tokens of a micro-batch (label-smoothed by
+        ``model.label_smoothing``), and their count; with ``model.encoder_mlm`` > 0, plus the
+        weighted masked-LM loss of the encoder (see :meth:`masked_source`), scaled to the
+        summary-token count so the engine's per-token normalisation gives
+        ``summary mean + weight x MLM mean``."""
+        smoothing = self.cfg.model.label_smoothing
         if self.cfg.model.encoder_mlm <= 0:
-            return token_loss_sum(self.forward_logits(model, batch), batch["labels"], shift=False)
+            return token_loss_sum(self.forward_logits(model, batch), batch["labels"], shift=False, label_smoothing=smoothing)
         source, chosen = self.masked_source(batch["input_ids"], batch["attention_mask"])
         out = model(input_ids=source, attention_mask=batch["attention_mask"], decoder_input_ids=batch["decoder_input_ids"])
-        summary = token_loss_sum(out.logits, batch["labels"], shift=False)
+        summary = token_loss_sum(out.logits, batch["labels"], shift=False, label_smoothing=smoothing)
         if not bool(chosen.any()):  # a micro-batch of very short dialogues can draw no position
             return summary
         # (masked positions, d_model) -> (masked positions, vocab) through the tied output layer;
