@@ -80,6 +80,21 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return "\n".join(lines)
 
 
+def train_run(cfg, task) -> tuple[dict, list[dict]]:
+    """Train ``task`` with core's Trainer under ``cfg``.
+
+    Returns:
+        ``(summary, records)``: the run's ``summary.json`` and the rows of its ``metrics.jsonl``.
+    """
+    import json
+
+    from core.trainer import Trainer
+
+    run_dir = Trainer(cfg, task, argv=["bench"]).fit().run_dir
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return json.loads((run_dir / "summary.json").read_text()), records
+
+
 def report(title: str, command: str, body: str) -> str:
     """A section for docs/benchmarks.md."""
     return f"## {title}\n\nMachine: {machine()}; commit {git_commit()}.\nCommand: `{command}`\n\n{body}\n"

@@ -16,13 +16,12 @@ fraction of a CPU step counts. This runs the ``small`` preset on the real Dialog
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import tempfile
 from pathlib import Path
 
-from common import REPO, emit, repeat, report, table
+from common import REPO, emit, repeat, report, table, train_run
 
 DIALOGSUM = REPO.parent / "shared" / "data" / "dialogsum" / "dialogsum.train.2021-05-26.jsonl"
 VARIANTS = {
@@ -36,7 +35,6 @@ VARIANTS = {
 def dialogues_per_sec(root: Path, steps: int, attention: str, dropout: float) -> float:
     """Training dialogues per second of a ``steps``-step ``small`` run (summary.json)."""
     from core.config import load_config
-    from core.trainer import Trainer
     from summarization.config import PRESETS_DIR, SummarizationConfig
     from summarization.task import SummarizationTask
 
@@ -45,8 +43,7 @@ def dialogues_per_sec(root: Path, steps: int, attention: str, dropout: float) ->
         "trainer.val_every_n_steps=null", "trainer.val_at_end=false", "trainer.accelerator=cpu", "logger.progress_bar=false",
         "logger.plot=false", f"model.attn_implementation={attention}", f"model.scratch.dropout={dropout}",
     ], PRESETS_DIR)
-    result = Trainer(cfg, SummarizationTask(cfg), argv=["bench"]).fit()
-    return json.loads((result.run_dir / "summary.json").read_text())["samples_per_sec"]
+    return train_run(cfg, SummarizationTask(cfg))[0]["samples_per_sec"]
 
 
 def main() -> None:

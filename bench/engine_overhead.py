@@ -15,15 +15,13 @@ training loop's time only (start-up, model building and saving excluded), repeat
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from common import emit, median_spread, repeat, report, table
+from common import emit, median_spread, repeat, report, table, train_run
 
 VOCAB, SEQ, LAYERS, WIDTH, HEADS = 1000, 128, 4, 256, 4
 
@@ -78,7 +76,6 @@ def core_trainer(steps: int, batch: int, lr: float) -> float:
     from core.config import load_config
     from core.task import StepOutput, Task, token_loss_sum
     from core.testing import ToyConfig
-    from core.trainer import Trainer
 
     class Bench(Task):
         shift_labels = True
@@ -102,8 +99,7 @@ def core_trainer(steps: int, batch: int, lr: float) -> float:
             "trainer.precision=32-true", f"optim.lr={lr}", "optim.scheduler=cosine", "trainer.log_every_n_steps=10",
             "trainer.val_at_end=false", "logger.progress_bar=false", "logger.plot=false", "logger.csv=false",
         ])
-        result = Trainer(cfg, Bench(cfg), argv=["bench"]).fit()
-        return json.loads((result.run_dir / "summary.json").read_text())["train_seconds"]
+        return train_run(cfg, Bench(cfg))[0]["train_seconds"]
 
 
 def hf_trainer(steps: int, batch: int, lr: float) -> float:

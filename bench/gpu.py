@@ -21,7 +21,6 @@ Without a CUDA device it prints why it skipped and exits 0.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 import tempfile
@@ -30,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from common import REPO, emit, report, table
+from common import REPO, emit, report, table, train_run
 
 LORA_TOKENIZER = REPO / "packages" / "lora_llm" / "src" / "lora_llm" / "assets" / "tiny_tokenizer"
 SEQ = 512
@@ -109,14 +108,11 @@ def lora_config(folder: Path, arch: str, bits: int | None, batch: int, steps: in
 
 def ours(cfg, peak: float) -> dict[str, float]:
     """Train with core's Trainer; tokens/s of the last logging interval, peak memory, MFU (6N)."""
-    from core.trainer import Trainer
     from lora_llm.task import LoraLLMTask
 
-    task = LoraLLMTask(cfg)
-    result = Trainer(cfg, task, argv=["bench"]).fit()
-    records = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    summary, records = train_run(cfg, LoraLLMTask(cfg))
     last = [r for r in records if "train/loss" in r][-1]
-    params = json.loads((result.run_dir / "summary.json").read_text())["parameters"]["total"]
+    params = summary["parameters"]["total"]
     tokens = last["throughput/tokens_per_sec"]
     return {"tokens_per_sec": tokens, "peak_gb": max(r.get("memory/peak_allocated_gb", 0) for r in records), "mfu": 6 * params * tokens / peak}
 
@@ -155,7 +151,6 @@ def qwen_full_finetune(root: Path, steps: int, peak: float) -> dict[str, float]:
     import sys
 
     from core.config import load_config
-    from core.trainer import Trainer
     from qwen_vl.cli import PRESETS_DIR
     from qwen_vl.config import QwenVLConfig
     from qwen_vl.task import QwenVLTask
@@ -179,10 +174,9 @@ def qwen_full_finetune(root: Path, steps: int, peak: float) -> dict[str, float]:
         "trainer.val_every_n_steps=null", "trainer.val_at_end=false", "trainer.accelerator=cuda", "trainer.devices=1",
         "trainer.precision=bf16-true", "optim.name=adafactor", "logger.progress_bar=false",
     ], PRESETS_DIR)
-    result = Trainer(cfg, QwenVLTask(cfg), argv=["bench"]).fit()
-    records = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    summary, records = train_run(cfg, QwenVLTask(cfg))
     last = [r for r in records if "train/loss" in r][-1]
-    params = json.loads((result.run_dir / "summary.json").read_text())["parameters"]["total"]
+    params = summary["parameters"]["total"]
     tokens = last["throughput/tokens_per_sec"]
     return {"tokens_per_sec": tokens, "peak_gb": max(r.get("memory/peak_allocated_gb", 0) for r in records), "mfu": 6 * params * tokens / peak}
 

@@ -15,13 +15,12 @@ the Alpaca subset (5,000 records, lora_llm's tokenizer, <= 512 tokens), with bat
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import tempfile
 from pathlib import Path
 
-from common import REPO, emit, repeat, report, table
+from common import REPO, emit, repeat, report, table, train_run
 
 DIALOGSUM = REPO.parent / "shared" / "data" / "dialogsum" / "dialogsum.train.2021-05-26.jsonl"
 ALPACA = REPO.parent / "shared" / "data" / "alpaca" / "alpaca_5000.json"
@@ -65,10 +64,7 @@ def lengths_of(task_cls, cfg) -> list[int]:
 
 def train_tokens_per_sec(task_cls, cfg) -> float:
     """Non-padding input tokens per second of a short CPU training run (summary.json)."""
-    from core.trainer import Trainer
-
-    result = Trainer(cfg, task_cls(cfg), argv=["bench"]).fit()
-    return json.loads((result.run_dir / "summary.json").read_text())["tokens_per_sec"]
+    return train_run(cfg, task_cls(cfg))[0]["tokens_per_sec"]
 
 
 def main() -> None:

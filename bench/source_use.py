@@ -75,7 +75,7 @@ def train_and_measure(args: argparse.Namespace, dev: list[dict]) -> list[str]:
     rate with a 100-step warm-up, batch 16, fp32) and measure every ``--every`` steps."""
     from core.config import load_config
     from summarization.config import PRESETS_DIR, SummarizationConfig
-    from summarization.model import build_model, load_model_config, load_tokenizer
+    from summarization.model import build_model, load_model_config
     from summarization.task import SummarizationTask
 
     cfg = load_config(SummarizationConfig, "small", [f"model.scratch.architecture={args.architecture}",
