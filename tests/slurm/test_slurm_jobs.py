@@ -6,7 +6,7 @@
    log, manifest or config.
 2. A running job interrupted the way a time limit does it (``scancel --signal=USR1``): it
    checkpoints, requeues itself, resumes in the same run folder and ends with the same weights as
-   an uninterrupted job.
+   an uninterrupted job: summarization with DDP, and qwen_vl with FSDP2 (sharded checkpoints).
 """
 
 from __future__ import annotations
@@ -49,15 +49,20 @@ def only_run(root: Path) -> Path:
     return runs[0]
 
 
+def draw_counting_data(workdir: Path) -> None:
+    """qwen_vl's tiny preset reads ``data/counting/`` under the job's working folder."""
+    import subprocess
+    import sys
+
+    drawn = subprocess.run([str(Path(sys.executable).parent / "make-data"), "--out", str(workdir / "data" / "counting"), "--n", "16"],
+                           capture_output=True, text=True)
+    assert drawn.returncode == 0, drawn.stderr
+
+
 @pytest.mark.parametrize("task", TASKS)
 def test_each_task_trains_with_two_ranks_and_leaks_no_secret(slurm_cluster, tmp_path, task):
-    if task == "qwen_vl":  # its tiny preset trains on data the package draws itself
-        import subprocess
-        import sys
-
-        drawn = subprocess.run([str(Path(sys.executable).parent / "make-data"), "--out", str(tmp_path / "data" / "counting"), "--n", "16"],
-                               capture_output=True, text=True)
-        assert drawn.returncode == 0, drawn.stderr
+    if task == "qwen_vl":
+        draw_counting_data(tmp_path)
     secrets = tmp_path / "secrets.env"
     secrets.write_text(f"HUGGING_FACE_HUB_TOKEN={FILE_SECRET}\n")
     secrets.chmod(0o600)
@@ -81,14 +86,18 @@ def test_each_task_trains_with_two_ranks_and_leaks_no_secret(slurm_cluster, tmp_
             assert secret not in content, f"secret leaked into {path}"
 
 
-def test_usr1_before_time_limit_checkpoints_requeues_and_resumes_to_the_same_weights(slurm_cluster, tmp_path):
+@pytest.mark.parametrize("task, extra", [("summarization", []), ("qwen_vl", ["trainer.strategy=fsdp"])], ids=["summarization-ddp", "qwen_vl-fsdp2"])
+def test_usr1_before_time_limit_checkpoints_requeues_and_resumes_to_the_same_weights(slurm_cluster, tmp_path, task, extra):
     from safetensors.torch import load_file
 
-    args = ("trainer.max_steps=30", "trainer.log_every_n_steps=1", "trainer.deterministic=true", "trainer.val_every_n_steps=1000")
-    full_job = submit(slurm_cluster, tmp_path / "full", "summarization", *args)
+    args = ("trainer.max_steps=30", "trainer.log_every_n_steps=1", "trainer.deterministic=true", "trainer.val_every_n_steps=1000", *extra)
+    for part in ("full", "cut"):
+        if task == "qwen_vl":
+            draw_counting_data(tmp_path / part)
+    full_job = submit(slurm_cluster, tmp_path / "full", task, *args)
     assert slurm_cluster.wait(full_job, timeout=900)["JobState"] == "COMPLETED"
 
-    job = submit(slurm_cluster, tmp_path / "cut", "summarization", *args)
+    job = submit(slurm_cluster, tmp_path / "cut", task, *args)
     deadline = time.time() + 600
     while not list((tmp_path / "cut" / "runs").glob("*/metrics.jsonl")) or '"step": 3,' not in next((tmp_path / "cut" / "runs").glob("*/metrics.jsonl")).read_text():
         assert time.time() < deadline, "the job did not reach step 3"
@@ -96,7 +105,7 @@ def test_usr1_before_time_limit_checkpoints_requeues_and_resumes_to_the_same_wei
         time.sleep(0.2)
     slurm_cluster.run("scancel", "--signal=USR1", job)  # what --signal=USR1@N does before the time limit
     info = slurm_cluster.wait(job, timeout=900)
-    log = (tmp_path / "cut" / "logs" / f"summarization_{job}.out").read_text()
+    log = (tmp_path / "cut" / "logs" / f"{task}_{job}.out").read_text()
     assert info["JobState"] == "COMPLETED", log[-3000:]
     assert int(info.get("Restarts", "0")) >= 1, f"the job was not requeued: {info}"
     assert "Received SIGUSR1" in log and "Requeued SLURM job" in log and "Resumed from" in log
@@ -105,6 +114,10 @@ def test_usr1_before_time_limit_checkpoints_requeues_and_resumes_to_the_same_wei
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert json.loads((run / "summary.json").read_text())["status"] == "completed"
     assert max(r["step"] for r in metrics) == 30
+    if extra:
+        assert json.loads((run / "manifest.json").read_text())["strategy"] == "FSDP2Strategy"
+        checkpoint = max((run / "checkpoints").glob("step-*"))
+        assert sorted(p.name for p in (checkpoint / "state").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     full_run = only_run(tmp_path / "full" / "runs")
     a = load_file(full_run / "final" / "model.safetensors")
     b = load_file(run / "final" / "model.safetensors")

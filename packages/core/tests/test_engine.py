@@ -191,15 +191,25 @@ def test_bf16_mixed_precision_runs_on_cpu(run_toy):
     assert all(math.isfinite(v) for v in train_losses(result.run_dir).values())
 
 
-def test_gpu_only_settings_fail_clearly_on_cpu(run_toy):
+@pytest.mark.parametrize("override, message", [
+    ("trainer.accelerator=cuda", "Config key 'trainer.accelerator' = cuda, but this machine has no CUDA GPU"),
+    ("trainer.accelerator=gpu", "Config key 'trainer.accelerator' = gpu, but this machine has no CUDA GPU"),
+    ("trainer.precision=16-mixed", "Config key 'trainer.precision' = 16-mixed needs a CUDA GPU; on the CPU use bf16-mixed"),
+    ("trainer.strategy=deepspeed_stage_2", "DeepSpeed runs on CUDA GPUs only"),
+    ("fsdp.cpu_offload=true trainer.strategy=fsdp", "fsdp.cpu_offload=true moves shards between GPU and CPU memory"),
+    ("trainer.devices=0", "Config key 'trainer.devices' = 0: at least one device is needed"),
+    ("trainer.devices=many", "Config key 'trainer.devices' = 'many' is not a device count"),
+    ("trainer.strategy=fsdp1", "Config key 'trainer.strategy' = 'fsdp1' is unknown"),
+    ("trainer.num_nodes=2", "Config key 'trainer.num_nodes' = 2, but this process was not started by a cluster launcher"),
+])
+def test_settings_this_machine_cannot_run_fail_by_key_before_anything_is_written(run_toy, tmp_path, override, message):
     from core.errors import ConfigError
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    with pytest.raises(ConfigError, match="trainer.strategy=fsdp needs CUDA GPUs"):
-        run_toy("trainer.max_steps=1", "trainer.strategy=fsdp")
-    with pytest.raises(ConfigError, match="needs a CUDA GPU; on the CPU use bf16-mixed"):
-        run_toy("trainer.max_steps=1", "trainer.precision=16-mixed")
+    with pytest.raises(ConfigError, match=message):
+        run_toy("trainer.max_steps=1", *override.split())
+    assert not (tmp_path / "runs").exists()
 
 
 def test_data_loader_workers_are_seeded_and_resume_exactly(run_toy):
@@ -222,6 +232,7 @@ def test_fsdp_and_bf16_on_one_gpu_log_memory_and_mfu(run_toy):
 
     result = run_toy("trainer.accelerator=cuda", "trainer.devices=1", "trainer.strategy=fsdp", "trainer.precision=bf16-mixed",
                      f"fsdp.auto_wrap=[{GPT2Block.__module__}.{GPT2Block.__name__}]", "fsdp.activation_checkpointing=true",
+                     "fsdp.cpu_offload=true",
                      "trainer.max_steps=4", "trainer.log_every_n_steps=1", "trainer.ckpt_every_n_steps=2")
     records = [r for r in read_jsonl(result.run_dir / "metrics.jsonl") if "train/loss" in r]
     assert records and all(r["memory/peak_allocated_gb"] > 0 for r in records)

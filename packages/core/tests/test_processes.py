@@ -22,7 +22,7 @@ TOY = [sys.executable, "-m", "core.testing"]
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "CORE_TASK"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "CORE_TASK", "MASTER_PORT"))}
     env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra})
     return env
 
@@ -54,16 +54,24 @@ SLOW_RUN = [
 ]
 
 
-@pytest.mark.parametrize("sig, slurm", [(signal.SIGTERM, False), (signal.SIGUSR1, True)], ids=["SIGTERM", "SIGUSR1-slurm-requeue"])
-def test_stopped_run_resumes_to_bit_identical_weights_and_losses(tmp_path, sig, slurm):
+FSDP2 = ["trainer.devices=2", "trainer.strategy=fsdp", "trainer.accelerator=cpu", "trainer.batch_size=2"]
+
+
+@pytest.mark.parametrize(
+    "sig, slurm, extra",
+    [(signal.SIGTERM, False, []), (signal.SIGUSR1, True, []), (signal.SIGTERM, False, FSDP2)],
+    ids=["SIGTERM", "SIGUSR1-slurm-requeue", "SIGTERM-fsdp2-2-ranks"],
+)
+def test_stopped_run_resumes_to_bit_identical_weights_and_losses(tmp_path, sig, slurm, extra):
     """Stop a real run with a signal, start it again, compare with a run that never stopped.
 
     SIGUSR1 variant: the job has a SLURM job id and no run.dir; starting the same command again
-    (what a requeue does) must land in the same run folder and resume by itself.
+    (what a requeue does) must land in the same run folder and resume by itself. FSDP2 variant:
+    2 ranks with sharded checkpoints (model, AdamW state, RNG of both ranks).
     """
     env = {"SLURM_JOB_ID": "4242"} if slurm else {}
-    full = _start([*SLOW_RUN, f"run.root={tmp_path / 'full'}"], tmp_path / "full.log")
-    cut = _start([*SLOW_RUN, f"run.root={tmp_path / 'cut'}"], tmp_path / "cut.log", **env)
+    full = _start([*SLOW_RUN, *extra, f"run.root={tmp_path / 'full'}"], tmp_path / "full.log")
+    cut = _start([*SLOW_RUN, *extra, f"run.root={tmp_path / 'cut'}"], tmp_path / "cut.log", **env)
     _wait_for_step(tmp_path / "cut", 5, cut)
     cut.send_signal(sig)
     assert cut.wait(timeout=120) == 0, (tmp_path / "cut.log").read_text()
@@ -73,8 +81,10 @@ def test_stopped_run_resumes_to_bit_identical_weights_and_losses(tmp_path, sig, 
     stopped_at = summary["global_step"]
     assert 5 <= stopped_at < 24
     assert (run / "checkpoints" / f"step-{stopped_at:07d}" / "meta.json").is_file()
+    if extra:  # one shard file per rank
+        assert sorted(p.name for p in (run / "checkpoints" / f"step-{stopped_at:07d}" / "state").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
 
-    again_args = [*SLOW_RUN, f"run.root={tmp_path / 'cut'}"] + ([] if slurm else [f"run.dir={run}"])
+    again_args = [*SLOW_RUN, *extra, f"run.root={tmp_path / 'cut'}"] + ([] if slurm else [f"run.dir={run}"])
     resumed = _start(again_args, tmp_path / "resume.log", **env)
     assert resumed.wait(timeout=300) == 0, (tmp_path / "resume.log").read_text()
     assert full.wait(timeout=300) == 0, (tmp_path / "full.log").read_text()
@@ -89,40 +99,63 @@ def test_stopped_run_resumes_to_bit_identical_weights_and_losses(tmp_path, sig, 
     assert json.loads((run / "summary.json").read_text())["status"] == "completed"
 
 
-def test_ddp_on_two_cpu_processes_matches_one_process_and_gathers_metrics_exactly(tmp_path):
-    """2 ranks x batch 2 == 1 rank x batch 4; replicas identical; evaluation equal on 1 and 2 ranks."""
-    common = ["trainer.max_steps=5", "model.dropout=0", "trainer.accelerator=cpu", "logger.progress_bar=false", "trainer.log_every_n_steps=1"]
-    two = subprocess.run(
-        [*TOY, "train", *common, "trainer.devices=2", "trainer.strategy=ddp", "trainer.batch_size=2", f"run.root={tmp_path / 'two'}"],
-        capture_output=True, text=True, env=_env(), timeout=300,
-    )
-    assert two.returncode == 0, two.stdout + two.stderr
-    one = subprocess.run(
-        [*TOY, "train", *common, "trainer.devices=1", "trainer.batch_size=4", f"run.root={tmp_path / 'one'}"],
-        capture_output=True, text=True, env=_env(), timeout=300,
-    )
-    assert one.returncode == 0, one.stdout + one.stderr
-    run_two, run_one = _only_run(tmp_path / "two"), _only_run(tmp_path / "one")
-    summary = json.loads((run_two / "summary.json").read_text())
+def test_ddp_and_fsdp2_on_two_cpu_processes_match_one_process_and_gather_metrics_exactly(tmp_path):
+    """2 ranks x batch 2 (DDP, and FSDP2 sharded per block) == 1 rank x batch 4, with accumulation;
+    DDP replicas identical; FSDP2's final/ loads with from_pretrained and equals its last sharded
+    checkpoint; evaluation equal on 1 and 2 ranks, under DDP and FSDP2."""
+    common = ["trainer.max_steps=5", "model.dropout=0", "trainer.accelerator=cpu", "logger.progress_bar=false",
+              "trainer.log_every_n_steps=1", "trainer.accumulate_grad_batches=2"]
+    two = [*common, "trainer.devices=2", "trainer.batch_size=2"]
+    runs = {
+        "one": [*common, "trainer.devices=1", "trainer.batch_size=4"],
+        "ddp": [*two, "trainer.strategy=ddp"],
+        "fsdp": [*two, "trainer.strategy=fsdp"],
+    }
+    for name, args in runs.items():
+        done = subprocess.run([*TOY, "train", *args, f"run.root={tmp_path / name}"], capture_output=True, text=True, env=_env(), timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+    run = {name: _only_run(tmp_path / name) for name in runs}
+    summary = json.loads((run["ddp"] / "summary.json").read_text())
     assert len(summary["rank_weight_sha256"]) == 2 and len(set(summary["rank_weight_sha256"])) == 1
-    assert max_weight_diff(final_weights(run_two), final_weights(run_one)) < 1e-5
-    assert all(abs(a - b) < 1e-5 for a, b in zip(train_losses(run_two).values(), train_losses(run_one).values()))
-    # 13 validation samples: 2 ranks pad one repeat, which the gather drops again.
-    val_two = [r for r in read_jsonl(run_two / "metrics.jsonl") if "val/loss" in r][-1]
-    assert val_two["val/samples"] == 13.0
+    assert json.loads((run["fsdp"] / "manifest.json").read_text())["strategy"] == "FSDP2Strategy"
+    weights = {name: final_weights(path) for name, path in run.items()}
+    # Float32 sums in another order (reduce-scatter vs all-reduce vs one process): measured 3e-7.
+    assert max_weight_diff(weights["ddp"], weights["one"]) < 1e-5
+    assert max_weight_diff(weights["fsdp"], weights["one"]) < 1e-5
+    assert max_weight_diff(weights["fsdp"], weights["ddp"]) < 1e-5
+    losses = {name: train_losses(path) for name, path in run.items()}
+    assert all(abs(losses["fsdp"][s] - losses["one"][s]) < 1e-5 and abs(losses["ddp"][s] - losses["one"][s]) < 1e-5 for s in range(1, 6))
 
+    # FSDP2's final/ is the gathered model: plain from_pretrained loads it, and it equals the
+    # sharded checkpoint of the last step, converted to one file without any process group.
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(run["fsdp"] / "final").state_dict()
+    dcp_to_torch_save(run["fsdp"] / "checkpoints" / "step-0000005" / "state", tmp_path / "gathered.pt")
+    gathered = torch.load(tmp_path / "gathered.pt", weights_only=False)["model"]
+    assert gathered.keys() == loaded.keys()
+    assert all(torch.equal(gathered[k], loaded[k]) for k in gathered)
+    assert torch.equal(loaded["lm_head.weight"], loaded["transformer.wte.weight"])  # still tied
+
+    # 13 validation samples: 2 ranks pad one repeat, which the gather drops again.
+    val = [r for r in read_jsonl(run["fsdp"] / "metrics.jsonl") if "val/loss" in r][-1]
+    assert val["val/samples"] == 13.0
     metrics = {}
-    for devices in (1, 2):
+    for devices, strategy in ((1, "auto"), (2, "ddp"), (2, "fsdp")):
         done = subprocess.run(
-            [*TOY, "evaluate", "--model", str(run_two / "final"), f"trainer.devices={devices}", "trainer.accelerator=cpu", "trainer.eval_batch_size=2"],
+            [*TOY, "evaluate", "--model", str(run["ddp"] / "final"), f"trainer.devices={devices}", f"trainer.strategy={strategy}",
+             "trainer.accelerator=cpu", "trainer.eval_batch_size=2"],
             capture_output=True, text=True, env=_env(), timeout=300,
         )
         assert done.returncode == 0, done.stdout + done.stderr
         line = next(x for x in done.stdout.splitlines() if x.startswith("METRICS "))
-        metrics[devices] = json.loads(line.removeprefix("METRICS "))
-    assert metrics[1]["samples"] == metrics[2]["samples"] == 13.0
-    assert metrics[1]["accuracy"] == metrics[2]["accuracy"]
-    assert metrics[1]["loss"] == pytest.approx(metrics[2]["loss"], rel=1e-6)
+        metrics[strategy] = json.loads(line.removeprefix("METRICS "))
+    for strategy in ("ddp", "fsdp"):
+        assert metrics[strategy]["samples"] == metrics["auto"]["samples"] == 13.0
+        assert metrics[strategy]["accuracy"] == metrics["auto"]["accuracy"]
+        assert metrics[strategy]["loss"] == pytest.approx(metrics["auto"]["loss"], rel=1e-6)
 
 
 def test_kill_9_during_checkpoint_writes_never_leaves_a_broken_checkpoint(tmp_path):

@@ -1,5 +1,6 @@
-"""Real processes: the command-line entry points and their exit codes, QLoRA with DDP on 2 CPU
-processes (gloo), and the GPU-only paths (FSDP LoRA, QLoRA on CUDA), skipped without a GPU."""
+"""Real processes: the command-line entry points and their exit codes, QLoRA with DDP and LoRA
+with FSDP2 on 2 CPU processes (gloo), and the GPU-only paths (FSDP2 LoRA and QLoRA on CUDA),
+skipped without a GPU."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ CLI = [sys.executable, "-m", "lora_llm.cli"]
 
 def env(**extra: str) -> dict[str, str]:
     """The test environment for subprocesses: offline, one thread, no SLURM or task selection."""
-    out = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "CORE_TASK"))}
+    out = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "CORE_TASK", "MASTER_PORT"))}
     out.update({"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra})
     return out
 
@@ -81,17 +82,62 @@ def test_qlora_ddp_on_two_cpu_processes_matches_one_process(tmp_path, run_tiny):
     assert (two / "base" / "model.safetensors").is_file()
 
 
+FSDP2_LORA = ["quant.bits=null", "model.dtype=bfloat16", "optim.name=adamw", "trainer.strategy=fsdp", "trainer.devices=2",
+              "trainer.max_steps=6", "trainer.max_epochs=null", "data.max_samples=64", "trainer.val_every_n_steps=3",
+              "trainer.deterministic=true", "checkpoint.keep_last=5", "logger.progress_bar=false", "logger.plot=false"]
+
+
+def test_fsdp2_lora_with_a_16_bit_base_keeps_adapter_only_checkpoints_and_resumes_exactly(tmp_path):
+    """LoRA on a bfloat16 base sharded per decoder layer over 2 CPU ranks: the checkpoints hold only
+    the adapter (and its optimizer state), a run resumed from step 3 ends with the same adapter,
+    and final/ loads with plain PeftModel.from_pretrained."""
+    done = run([*CLI, "train", "-c", "tiny", *FSDP2_LORA, "trainer.accelerator=cpu", f"run.root={tmp_path / 'full'}"], timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    full = only_run(tmp_path / "full")
+    assert json.loads((full / "manifest.json").read_text())["strategy"] == "FSDP2Strategy"
+    import torch.distributed.checkpoint as dcp
+
+    state = full / "checkpoints" / "step-0000003" / "state"
+    stored = dcp.FileSystemReader(state).read_metadata().state_dict_metadata
+    model_keys = [k for k in stored if k.startswith("model.")]
+    assert len(model_keys) == 16 and all(".lora_A." in k or ".lora_B." in k for k in model_keys), model_keys
+    assert sorted(p.name for p in state.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+
+    done = run([*CLI, "train", "-c", "tiny", *FSDP2_LORA, "trainer.accelerator=cpu", f"run.root={tmp_path / 'resumed'}",
+                f"trainer.resume={full / 'checkpoints' / 'step-0000003'}"], timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    resumed = only_run(tmp_path / "resumed")
+    a = load_file(full / "final" / "adapter_model.safetensors")
+    b = load_file(resumed / "final" / "adapter_model.safetensors")
+    assert len(a) == 16 and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert train_losses(resumed) == {s: v for s, v in train_losses(full).items() if s > 3}
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(full / "base", dtype=torch.bfloat16)
+    model = PeftModel.from_pretrained(base, full / "final")
+    loaded = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    assert len(loaded) == 16 and all(torch.equal(loaded[k.replace(".weight", ".default.weight")], v) for k, v in a.items())
+
+
+def test_qlora_under_fsdp_is_refused_naming_ddp(tmp_path):
+    done = run([*CLI, "train", "-c", "tiny", "trainer.strategy=fsdp", f"run.root={tmp_path}"])
+    assert done.returncode == 2 and "Use trainer.strategy=ddp for QLoRA on several GPUs" in done.stderr, done.stderr
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP needs CUDA GPUs; this machine has none")
-def test_fsdp_lora_on_gpus(tmp_path):
-    """LoRA (16-bit base, no quantization) sharded with FSDP over every visible GPU."""
+@pytest.mark.skipif(torch.cuda.device_count() < 1, reason="FSDP2 on CUDA needs a GPU; this machine has none")
+def test_fsdp2_lora_on_gpus(tmp_path):
+    """LoRA (16-bit base, no quantization) sharded with FSDP2 over every visible GPU."""
     devices = torch.cuda.device_count()
     done = run([*CLI, "train", "-c", "tiny", "quant.bits=null", "trainer.strategy=fsdp", f"trainer.devices={devices}",
                 "trainer.accelerator=cuda", "trainer.max_steps=4", "trainer.max_epochs=null", "data.max_samples=64",
                 "logger.progress_bar=false", f"run.root={tmp_path}"], timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = only_run(tmp_path)
-    assert json.loads((result / "manifest.json").read_text())["strategy"] == "FSDPStrategy"
+    assert json.loads((result / "manifest.json").read_text())["strategy"] == "FSDP2Strategy"
     tensors = load_file(result / "final" / "adapter_model.safetensors")
     assert len(tensors) == 16 and all(torch.isfinite(t).all() for t in tensors.values())
 

@@ -129,13 +129,13 @@ def test_training_loss_from_kept_positions_equals_the_full_logits_loss(processor
 
 
 def test_fsdp_units_are_decoder_layers_and_vision_blocks(tiny_config):
-    from core.trainer import resolve_wrap_classes
+    from core.fsdp import resolve_wrap_classes
     from qwen_vl.task import QwenVLTask
 
     task = QwenVLTask(tiny_config())
     names = {c.__name__ for c in task.fsdp_wrap_classes()}
     assert names == {"Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock"}
-    assert {c.__name__ for c in resolve_wrap_classes(["Qwen2_5_VLVisionBlock"], task)} == {"Qwen2_5_VLVisionBlock"}
+    assert {c.__name__ for c in resolve_wrap_classes(["Qwen2_5_VLVisionBlock"], task.fsdp_wrap_classes())} == {"Qwen2_5_VLVisionBlock"}
 
 
 @pytest.mark.parametrize("preset, hub_id", [("qwen2_5_vl_3b", "Qwen/Qwen2.5-VL-3B-Instruct"), ("qwen2_5_vl_7b", "Qwen/Qwen2.5-VL-7B-Instruct")])
@@ -170,8 +170,8 @@ def test_presets_carry_the_users_recipe():
         assert cfg.trainer.val_every_n_steps == cfg.trainer.ckpt_every_n_steps == 100
         assert (cfg.checkpoint.monitor, cfg.checkpoint.mode, cfg.checkpoint.load_best_at_end) == ("val/loss", "min", True)
         f = cfg.fsdp
-        assert (f.sharding_strategy, f.backward_prefetch, f.limit_all_gathers, f.sync_module_states, f.cpu_offload, f.activation_checkpointing) == (
-            "FULL_SHARD", "BACKWARD_PRE", True, True, False, True)
+        assert (f.sharding_strategy, f.prefetch_backward, f.sync_module_states, f.cpu_offload, f.activation_checkpointing) == (
+            "FULL_SHARD", 1, True, False, True)
         assert cfg.model.name.startswith("Qwen/Qwen2.5-VL-") and cfg.data.max_pixels is not None
 
 

@@ -6,6 +6,7 @@ FSDP on GPUs (skipped without them)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -35,7 +36,7 @@ def only_run(root: Path) -> Path:
 
 def env(**extra: str) -> dict[str, str]:
     """Subprocess environment: offline, one thread per process, no inherited task choice or SLURM."""
-    out = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "CORE_TASK"))}
+    out = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "CORE_TASK", "MASTER_PORT"))}
     out.update({"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra})
     return out
 
@@ -217,48 +218,88 @@ def test_ddp_two_cpu_processes_with_text_only_and_image_batches(tmp_path, counti
     assert [r["step"] for r in val] == [2, 4] and all(r["val/count_samples"] == 5 for r in val)
 
 
-# -- GPU: FSDP ---------------------------------------------------------------------------------
-
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP runs on CUDA GPUs only; this machine has none")
+# -- FSDP2: the users' recipe -------------------------------------------------------------------
 
 
-def fsdp_command(tmp_path: Path, data: Path, devices: int, *extra: str) -> list[str]:
+def recipe_command(root: Path, data: Path, devices: int, accelerator: str, *extra: str) -> list[str]:
+    """``train`` with the qwen2_5_vl_3b preset's trainer / optim / fsdp / checkpoint settings (FSDP2
+    full shard per decoder layer and vision block, non-reentrant activation checkpointing,
+    bf16-true, Adafactor with a constant LR after warmup, clipping, best by val/loss) on the tiny
+    model: rank 0 gets a text-only sample while rank 1 gets an image (``mixed_order_data``)."""
     return [
-        sys.executable, "-m", "qwen_vl.cli", "train", "-c", "tiny", f"run.root={tmp_path / 'runs'}",
-        f"data.train_file={data / 'train.jsonl'}", f"data.val_file={data / 'dev.jsonl'}", f"trainer.devices={devices}",
-        "trainer.accelerator=cuda", "trainer.strategy=fsdp", "trainer.precision=bf16-true", "fsdp.activation_checkpointing=true",
-        "trainer.batch_size=1", "trainer.eval_batch_size=2", "debug.overfit_batches=4", "trainer.max_steps=4",
-        "trainer.val_every_n_steps=2", "model.train_vision=true", "logger.progress_bar=false", "logger.plot=false",
+        sys.executable, "-m", "qwen_vl.cli", "train", "-c", "qwen2_5_vl_3b", "model.name=tiny", f"run.root={root}",
+        f"data.train_file={data / 'train.jsonl'}", f"data.val_file={data / 'dev.jsonl'}", "data.min_pixels=3136",
+        "data.max_pixels=12544", "data.max_length=256", f"trainer.devices={devices}", f"trainer.accelerator={accelerator}",
+        "trainer.batch_size=1", "trainer.eval_batch_size=2", "trainer.accumulate_grad_batches=2", "trainer.num_workers=0",
+        "debug.overfit_batches=4", "trainer.max_steps=4", "trainer.max_epochs=null", "trainer.val_every_n_steps=2",
+        "trainer.ckpt_every_n_steps=2", "trainer.log_every_n_steps=1", "trainer.deterministic=true", "checkpoint.keep_last=3", "optim.lr=3e-3",
+        "model.lr_vision=3e-3", "model.lr_merger=3e-3", "model.lr_llm=3e-3", "logger.progress_bar=false", "logger.plot=false",
         "generation.max_new_tokens=2", *extra,
     ]
 
 
+@pytest.mark.slow
+def test_fsdp2_users_recipe_on_two_cpu_processes_with_mixed_batches_resumes_exactly(tmp_path, counting_data):
+    """The users' FSDP recipe on 2 gloo ranks, vision tower trained: no hang while one rank holds a
+    text-only sample and the other an image (hard timeout), finite losses, per-part learning rates,
+    sharded checkpoints with Adafactor's float32 statistics for the bf16 weights, a run resumed
+    from step 2 ending bit-identical, and the best-by-val/loss final/ loading with the Auto class."""
+    from transformers import AutoModelForImageTextToText
+
+    data = mixed_order_data(tmp_path / "data", counting_data)
+    out = subprocess.run(recipe_command(tmp_path / "full", data, 2, "cpu", "model.train_vision=true"),
+                         capture_output=True, text=True, env=env(), timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = only_run(tmp_path / "full")
+    summary = json.loads((run / "summary.json").read_text())
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert summary["status"] == "completed" and manifest["strategy"] == "FSDP2Strategy" and manifest["precision"] == "bf16-true"
+    losses = train_losses(run)
+    assert sorted(losses) == [1, 2, 3, 4] and all(math.isfinite(v) for v in losses.values())
+    lrs = [r for r in read_jsonl(run / "metrics.jsonl") if "lr/vision" in r]
+    assert lrs and {"lr/vision", "lr/merger", "lr/llm"} <= set(lrs[0])
+    val = [r for r in read_jsonl(run / "metrics.jsonl") if "val/loss" in r]
+    assert [r["step"] for r in val] == [2, 4] and all(r["val/count_samples"] == 5 for r in val)
+
+    import torch.distributed.checkpoint as dcp
+
+    state = run / "checkpoints" / "step-0000002" / "state"
+    stored = dcp.FileSystemReader(state).read_metadata().state_dict_metadata
+    model_dtypes = {m.properties.dtype for k, m in stored.items() if k.startswith("model.") and hasattr(m, "properties")}
+    optim_dtypes = {m.properties.dtype for k, m in stored.items() if k.startswith("optimizer.state.") and hasattr(m, "properties")}
+    assert model_dtypes == {torch.bfloat16} and torch.float32 in optim_dtypes, (model_dtypes, optim_dtypes)
+
+    out = subprocess.run(recipe_command(tmp_path / "resumed", data, 2, "cpu", "model.train_vision=true",
+                                        f"trainer.resume={run / 'checkpoints' / 'step-0000002'}"),
+                         capture_output=True, text=True, env=env(), timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    resumed = only_run(tmp_path / "resumed")
+    assert max_weight_diff(final_weights(run), final_weights(resumed)) == 0.0
+    assert train_losses(resumed) == {s: v for s, v in losses.items() if s > 2}
+
+    best = summary["best"]
+    assert best["metric"] == "val/loss" and best["value"] == min(r["val/loss"] for r in val)
+    model = AutoModelForImageTextToText.from_pretrained(run / "final")
+    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    assert {t.dtype for t in final_weights(run).values()} == {torch.bfloat16}
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP2 on CUDA needs a GPU; this machine has none")
+
+
 @pytest.mark.gpu
 @gpu
-def test_fsdp_bf16_recipe_trains_and_exports(tmp_path, counting_data):
-    """The users' recipe on the tiny model: FSDP full shard, auto-wrap on decoder layers and vision
-    blocks, non-reentrant activation checkpointing, bf16-true, Adafactor; final/ is bf16 and loads."""
+def test_fsdp2_recipe_on_gpus_trains_and_exports(tmp_path, counting_data):
+    """The users' recipe on every visible GPU (up to 2), vision tower frozen and trained."""
     from transformers import AutoModelForImageTextToText
 
     data = mixed_order_data(tmp_path / "data", counting_data)
     devices = min(2, torch.cuda.device_count())
-    out = subprocess.run(fsdp_command(tmp_path, data, devices), capture_output=True, text=True, env=env(), timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    run = only_run(tmp_path / "runs")
-    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
-    assert {t.dtype for t in final_weights(run).values()} == {torch.bfloat16}
-    manifest = json.loads((run / "manifest.json").read_text())
-    assert manifest["strategy"] == "FSDPStrategy" and manifest["precision"] == "bf16-true"
-    assert type(AutoModelForImageTextToText.from_pretrained(run / "final")).__name__ == "Qwen2_5_VLForConditionalGeneration"
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="a text-only batch on one FSDP rank and an image on another needs 2 GPUs")
-def test_fsdp_mixed_batches_do_not_hang(tmp_path, counting_data):
-    """With the vision tower frozen or not, a rank with a text-only batch still runs the vision
-    blocks (dummy image), so the other rank's all-gathers complete: the run finishes in time."""
-    data = mixed_order_data(tmp_path / "data", counting_data)
     for frozen in ("true", "false"):
-        out = subprocess.run(fsdp_command(tmp_path / frozen, data, 2, f"model.train_vision={frozen}"),
+        out = subprocess.run(recipe_command(tmp_path / frozen, data, devices, "cuda", f"model.train_vision={frozen}"),
                              capture_output=True, text=True, env=env(), timeout=600)
         assert out.returncode == 0, out.stderr[-3000:]
+        run = only_run(tmp_path / frozen)
+        assert json.loads((run / "manifest.json").read_text())["strategy"] == "FSDP2Strategy"
+        assert {t.dtype for t in final_weights(run).values()} == {torch.bfloat16}
+        assert type(AutoModelForImageTextToText.from_pretrained(run / "final")).__name__ == "Qwen2_5_VLForConditionalGeneration"

@@ -282,6 +282,10 @@ def from_dict(cls: type[C], data: Mapping[str, Any] | None, prefix: str = "", ro
     hints = _type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in names]
+    retired = getattr(cls, "RETIRED", {})
+    for name in unknown:
+        if name in retired:
+            raise ConfigError(f"Config key '{prefix}{name}' is gone: {retired[name]}.")
     if unknown:
         key = f"{prefix}{unknown[0]}"
         valid = [k for k, _, _ in iter_keys(root or cls)] if root else [k for k, _, _ in iter_keys(cls, prefix)]

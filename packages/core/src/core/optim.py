@@ -2,7 +2,8 @@
 
 - :func:`parameter_groups`: weight decay only on weight matrices (not biases, norms, embeddings
   of norms); frozen parameters are left out.
-- :func:`build_optimizer`: ``adamw``, ``adamw_fused``, ``sgd``, ``adafactor`` (transformers),
+- :func:`build_optimizer`: ``adamw``, ``adamw_fused``, ``sgd``, ``adafactor`` (:class:`Adafactor`:
+  transformers' update with a fixed learning rate, also on FSDP2's sharded parameters),
   ``adamw_8bit`` / ``paged_adamw_8bit`` / ``paged_adamw_32bit`` (bitsandbytes).
 - :class:`WarmupSchedule`: linear warmup, then constant, linear or cosine decay, as a
   multiplicative factor for ``LambdaLR`` (so per-group learning rates keep their ratios).
@@ -91,10 +92,8 @@ def build_optimizer(groups: Iterable[dict[str, Any]], cfg: OptimConfig, device_t
     elif cfg.name == "sgd":
         opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     elif cfg.name == "adafactor":
-        from transformers.optimization import Adafactor
-
         # A fixed, scheduled learning rate (the users' recipe), not Adafactor's relative step size.
-        opt = Adafactor(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, scale_parameter=False, relative_step=False, warmup_init=False)
+        opt = Adafactor(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     elif cfg.name in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"):
         bnb = _bnb()
         cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit, "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[cfg.name]
@@ -105,6 +104,97 @@ def build_optimizer(groups: Iterable[dict[str, Any]], cfg: OptimConfig, device_t
         group.setdefault("initial_lr", group["lr"])
     keep_state_dtypes(opt)
     return opt
+
+
+class Adafactor(torch.optim.Optimizer):
+    """Adafactor (Shazeer & Stern, 2018) as transformers' ``Adafactor(scale_parameter=False,
+    relative_step=False, warmup_init=False)`` runs it (the Hugging Face Trainer's ``adafactor``):
+    factored second moments for matrices, update clipping, no first moment, a fixed (scheduled)
+    learning rate. Same arithmetic in the same order, so the same weights on plain tensors (tested).
+
+    Why not transformers' class: it creates the factored statistics with ``torch.zeros(shape)``,
+    which cannot be mixed with FSDP2's ``DTensor`` parameters. Here every statistic is made from
+    the gradient itself (``zeros_like`` of its row / column means), so it takes the gradient's
+    sharding: rows stay sharded like the parameter, column statistics are replicated, and the
+    reductions across shards are done by ``DTensor``.
+
+    State per parameter (float32, whatever the parameter's dtype): ``step``; ``exp_avg_sq_row``
+    ``(*shape[:-1])`` and ``exp_avg_sq_col`` ``(*shape[:-2], shape[-1])`` for tensors of 2+
+    dimensions, else ``exp_avg_sq`` (same shape as the parameter).
+
+    Args:
+        params: parameters or groups.
+        lr: learning rate.
+        eps: ``(eps1, eps2)``: added to squared gradients; (unused here) floor of the parameter scale.
+        clip_threshold: the update's RMS is clipped to this.
+        decay_rate: ``beta2_t = 1 - step^decay_rate``.
+        weight_decay: decoupled weight decay (times ``lr``).
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float, eps: tuple[float, float] = (1e-30, 1e-3), clip_threshold: float = 1.0,
+                 decay_rate: float = -0.8, weight_decay: float = 0.0) -> None:
+        super().__init__(params, {"lr": lr, "eps": eps, "clip_threshold": clip_threshold, "decay_rate": decay_rate, "weight_decay": weight_decay})
+
+    @staticmethod
+    def _rms(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.norm(2) / (tensor.numel() ** 0.5)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """One update of every parameter with a gradient."""
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                self._update(p, group)
+        return loss
+
+    def _update(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        grad = p.grad.float() if p.grad.dtype in (torch.float16, torch.bfloat16) else p.grad
+        state = self.state[p]
+        factored = grad.dim() >= 2
+        update = (grad**2) + group["eps"][0]
+        if not state:
+            state["step"] = 0
+            if factored:
+                state["exp_avg_sq_row"] = torch.zeros_like(update.mean(dim=-1))
+                state["exp_avg_sq_col"] = _replicated(torch.zeros_like(update.mean(dim=-2)))
+            else:
+                state["exp_avg_sq"] = torch.zeros_like(grad)
+        p_fp32 = p.float() if p.dtype in (torch.float16, torch.bfloat16) else p
+        state["step"] += 1
+        lr = group["lr"]
+        beta2t = 1.0 - math.pow(state["step"], group["decay_rate"])
+        if factored:
+            row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+            row.mul_(beta2t).add_(update.mean(dim=-1), alpha=1.0 - beta2t)
+            col.mul_(beta2t).add_(update.mean(dim=-2), alpha=1.0 - beta2t)
+            # The factored estimate of E[grad^2]: row x col / mean(row), as an inverse square root.
+            r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+            c_factor = col.unsqueeze(-2).rsqrt()
+            update = torch.mul(r_factor, c_factor).mul_(grad)
+        else:
+            exp_avg_sq = state["exp_avg_sq"]
+            exp_avg_sq.mul_(beta2t).add_(update, alpha=1.0 - beta2t)
+            update = exp_avg_sq.rsqrt().mul_(grad)
+        update.div_((self._rms(update) / group["clip_threshold"]).clamp_(min=1.0))
+        update.mul_(lr)
+        if group["weight_decay"] != 0:
+            p_fp32.add_(p_fp32, alpha=-group["weight_decay"] * lr)
+        p_fp32.add_(-update)
+        if p.dtype in (torch.float16, torch.bfloat16):
+            p.copy_(p_fp32)
+
+
+def _replicated(tensor: torch.Tensor) -> torch.Tensor:
+    """A ``DTensor`` made whole on every rank (a column statistic of a row-sharded matrix);
+    a plain tensor as it is."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    if isinstance(tensor, DTensor):
+        return tensor.redistribute(placements=[Replicate()] * tensor.device_mesh.ndim)
+    return tensor
 
 
 def keep_state_dtypes(optimizer: torch.optim.Optimizer) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import ClassVar, Literal, Optional, Union
 
 from core.errors import ConfigError
 
@@ -52,8 +52,9 @@ class TrainerConfig:
     num_nodes: int = 1
     """Number of nodes (under SLURM: ``$SLURM_NNODES``)."""
     strategy: str = "auto"
-    """``auto`` (DDP on several devices), ``ddp``, ``fsdp`` (see the ``fsdp`` group), or a DeepSpeed
-    stage such as ``deepspeed_stage_2`` / ``deepspeed_stage_3`` (needs ``core[deepspeed]``)."""
+    """``auto`` (DDP on several devices), ``ddp``, ``fsdp`` (PyTorch FSDP2, see the ``fsdp``
+    group), or a DeepSpeed stage such as ``deepspeed_stage_2`` / ``deepspeed_stage_3`` (CUDA only;
+    needs ``core[deepspeed]``)."""
     precision: Precision = "auto"
     """``auto`` = ``bf16-mixed`` on GPUs that support bfloat16, else ``32-true``. Also ``bf16-true``,
     ``16-mixed`` (GPU only), ``32-true``."""
@@ -235,27 +236,60 @@ class CheckpointConfig:
 
 @dataclass
 class FSDPConfig:
-    """Settings of ``trainer.strategy=fsdp`` (ignored by other strategies)."""
+    """Settings of ``trainer.strategy=fsdp``: PyTorch FSDP2 (``fully_shard``) through Fabric's
+    ``ModelParallelStrategy`` (see ``core.fsdp``); ignored by other strategies."""
+
+    RETIRED: ClassVar[dict[str, str]] = {
+        "use_orig_params": "FSDP2 always keeps the original parameters (as DTensor shards), so frozen parts and "
+        "per-part learning rates work without it; delete the key",
+        "limit_all_gathers": "FSDP2 frees gathered parameters without the CPU rate limiter FSDP1 needed; delete the key "
+        "(fsdp.prefetch_forward / fsdp.prefetch_backward set how far all-gathers run ahead)",
+        "backward_prefetch": "FSDP2 prefetches the next block in backward by itself; fsdp.prefetch_backward=N sets how "
+        "many blocks ahead (1 = the default, 0 = none)",
+        "state_dict_type": "FSDP2 checkpoints are always sharded (torch.distributed.checkpoint, one file per rank) and "
+        "final/ is always the gathered full model; delete the key",
+    }
+    """Keys of the FSDP1 era, with what replaced them (using one is a config error)."""
 
     sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD"] = "FULL_SHARD"
-    """How parameters, gradients and optimizer state are sharded across ranks."""
+    """``FULL_SHARD``: parameters, gradients and optimizer state sharded over all ranks, each
+    block's gathered parameters freed after its forward (``reshard_after_forward=True``).
+    ``SHARD_GRAD_OP``: gathered parameters kept from forward to backward (faster, more memory).
+    ``HYBRID_SHARD``: full shard inside groups of ``fsdp.shard_size`` ranks (a node), replicated
+    across groups (a 2-D device mesh). ``NO_SHARD``: every rank keeps everything (like DDP)."""
+    shard_size: Optional[int] = None
+    """``HYBRID_SHARD`` only: ranks per shard group (null: the devices of one node); must divide the world size."""
     auto_wrap: list[str] = field(default_factory=list)
-    """Module classes that become FSDP units: dotted import paths or class names found in the
-    model; empty: the task's own choice (its transformer blocks)."""
+    """Block classes that become FSDP units: dotted import paths or class names of the task's
+    own blocks; empty: the task's choice (its transformer blocks)."""
     activation_checkpointing: bool = False
-    """Non-reentrant activation checkpointing of the wrapped blocks."""
-    backward_prefetch: Literal["BACKWARD_PRE", "BACKWARD_POST", "none"] = "BACKWARD_PRE"
-    """Prefetch the next unit's parameters during backward."""
-    limit_all_gathers: bool = True
-    """Rate-limit all-gathers so memory does not spike."""
-    sync_module_states: bool = True
-    """Broadcast rank 0's weights to all ranks at wrap time."""
+    """Non-reentrant activation checkpointing of every block, applied before sharding."""
+    param_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """dtype the parameters are gathered and computed in. ``auto``: bfloat16 / float16 with
+    ``trainer.precision=bf16-mixed`` / ``16-mixed`` (the fp32 master shards stay fp32), else the
+    parameters' own dtype."""
+    reduce_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """dtype of the gradient reduce-scatter. ``auto``: float32 whenever compute runs in 16 bits,
+    else the gradients' own dtype."""
+    prefetch_forward: int = 0
+    """Blocks whose all-gather is issued ahead in forward (0: FSDP2's implicit overlap only)."""
+    prefetch_backward: int = 1
+    """Blocks whose all-gather is issued ahead in backward (1: FSDP2's default, 0: none)."""
     cpu_offload: bool = False
-    """Offload parameters and gradients to CPU memory (slow; only to fit)."""
-    state_dict_type: Literal["sharded", "full"] = "sharded"
-    """Checkpoint format: one shard per rank (fast) or one full file (portable)."""
-    use_orig_params: bool = True
-    """Keep original parameters visible (needed for per-module learning rates and frozen parts)."""
+    """Keep parameter, gradient and optimizer shards in CPU memory; the optimizer steps on the
+    CPU (slow; only to fit; GPU only)."""
+    sync_module_states: bool = True
+    """Broadcast rank 0's weights into every rank's shards after sharding, so all ranks start from
+    the same model even if they built it differently."""
+
+    def __post_init__(self) -> None:
+        if self.shard_size is not None and self.shard_size < 1:
+            raise ConfigError(f"Config key 'fsdp.shard_size' must be at least 1 or null, got {self.shard_size}.")
+        if self.shard_size is not None and self.sharding_strategy != "HYBRID_SHARD":
+            raise ConfigError("Config key 'fsdp.shard_size' only applies to fsdp.sharding_strategy=HYBRID_SHARD.")
+        for key in ("prefetch_forward", "prefetch_backward"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"Config key 'fsdp.{key}' must be 0 or more, got {getattr(self, key)}.")
 
 
 @dataclass

@@ -11,8 +11,9 @@ de-duplicated and ordered exactly as on one process.
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,58 @@ def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> 
     return losses.sum(dim=1), (labels != IGNORE_INDEX).sum(dim=1)
 
 
+class Ranks:
+    """What a task may know and do about the processes it runs in, given by the engine (the
+    Trainer or an ``Evaluator``) after launch; without one, a single process.
+
+    Args:
+        fabric: the launched Fabric, or None for a single process.
+        sharded: parameters are sharded across ranks (FSDP2, DeepSpeed stage 3): ``generate``
+            must run in lockstep on every rank (``synced_gpus=True``).
+    """
+
+    def __init__(self, fabric: Any = None, sharded: bool = False) -> None:
+        self.fabric = fabric
+        self.sharded = sharded
+
+    @property
+    def global_rank(self) -> int:
+        """This process's rank over all nodes (0 without a Fabric)."""
+        return self.fabric.global_rank if self.fabric is not None else 0
+
+    @property
+    def world_size(self) -> int:
+        """Processes over all nodes."""
+        return self.fabric.world_size if self.fabric is not None else 1
+
+    @property
+    def device(self) -> torch.device:
+        """Where this rank computes (``cuda:N`` or ``cpu``); the models a task builds may start on
+        the CPU (FSDP2 moves each rank's shards here)."""
+        if self.fabric is not None:
+            return self.fabric.device
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+    @property
+    def is_global_zero(self) -> bool:
+        """True on the one process that writes shared files."""
+        return self.global_rank == 0
+
+    def barrier(self) -> None:
+        """Wait until every rank reaches this point."""
+        if self.fabric is not None:
+            self.fabric.barrier()
+
+    @contextlib.contextmanager
+    def rank_zero_first(self) -> Iterator[None]:
+        """Rank 0 runs the block first (e.g. writes a file), the others after it finished."""
+        if self.fabric is None:
+            yield
+            return
+        with self.fabric.rank_zero_first():
+            yield
+
+
 class Task(ABC):
     """What a task package provides to the Trainer.
 
@@ -107,6 +160,8 @@ class Task(ABC):
         self.cfg = cfg
         #: The run folder; set by the Trainer once it exists (before ``configure_model``).
         self.run_dir: Path | None = None
+        #: Rank, world size, barrier and rank-zero-first; set by the engine after launch.
+        self.ranks = Ranks()
 
     # -- data ----------------------------------------------------------------------------------
 

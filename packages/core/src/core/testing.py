@@ -126,6 +126,12 @@ class ToyTask(Task):
         labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels, "index": torch.tensor([s["index"] for s in samples])}
 
+    def fsdp_wrap_classes(self) -> set[type[nn.Module]]:
+        """GPT-2's transformer block."""
+        from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+
+        return {GPT2Block}
+
     def configure_model(self) -> nn.Module:
         from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -201,25 +207,24 @@ def train(argv: list[str] | None = None) -> int:
 def evaluate(argv: list[str]) -> int:
     """``evaluate --model DIR [key=value ...]``: validation metrics of a saved model, printed as JSON.
 
-    The pattern every task's ``evaluate`` follows: build Fabric from the config, launch (DDP
-    ranks), load the model with ``from_pretrained``, evaluate on a sharded loader, print on rank 0.
+    The pattern every task's ``evaluate`` follows: an :class:`core.evaluation.Evaluator` (the
+    training Fabric set-up, launched), the model loaded with ``from_pretrained``, the gathered
+    result printed on rank 0.
     """
     from transformers import AutoModelForCausalLM
 
-    from core.trainer import build_fabric, eval_dataloader
-    from core.trainer import evaluate as run_evaluation
+    from core.evaluation import Evaluator
 
     model_dir = Path(argv[argv.index("--model") + 1])
     rest = [a for a in argv if a not in ("--model", str(model_dir))]
     cfg, _ = parse_train_args(rest, prog="toy-evaluate", description="", config_cls=ToyConfig, presets_dir=None)
     task = ToyTask(cfg)
-    fabric = build_fabric(cfg, task)
-    fabric.launch()
+    evaluator = Evaluator(cfg, task)
     task.setup()
-    model = fabric.setup_module(AutoModelForCausalLM.from_pretrained(model_dir))
-    metrics = run_evaluation(fabric, task, model, eval_dataloader(fabric, task, task.val_dataset(), cfg.trainer))
-    if fabric.global_rank == 0:
-        print("METRICS " + json.dumps(metrics))
+    model = evaluator.setup_model(AutoModelForCausalLM.from_pretrained(model_dir))
+    result = evaluator.run(model, task.val_dataset())
+    if evaluator.is_global_zero:
+        print("METRICS " + json.dumps(result.metrics))
     return 0
 
 

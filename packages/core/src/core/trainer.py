@@ -49,17 +49,21 @@ from core.checkpoint import CheckpointInfo, CheckpointManager, read_checkpoint
 from core.config import to_dict, to_yaml
 from core.data import ShardedBatchSampler, build_dataloader
 from core.debug import ShapeLogger
-from core.distributed import broadcast_object, gather_objects, gather_records
+from core.distributed import broadcast_object, gather_objects
 from core.errors import ConfigError, UserError
+from core.evaluation import eval_dataloader, evaluate
+from core.fsdp import full_state_dict as gather_full_state_dict
+from core.fsdp import is_fsdp2
 from core.logs import MetricsLogger, setup_logging
 from core.manifest import build_manifest
 from core.optim import build_optimizer, build_scheduler
 from core.plots import plot_curves
-from core.reproducibility import rng_state, seed_all, set_deterministic, set_rng_state
+from core.reproducibility import rng_state, seed_all, set_rng_state
 from core.runs import RunDir, resolve_run_dir
 from core.settings import TrainConfig
 from core.signals import StopSignal, requeue_slurm_job
-from core.task import Task
+from core.strategy import build_fabric, is_sharded, resolve_precision
+from core.task import Ranks, Task
 
 log = logging.getLogger(__name__)
 
@@ -118,136 +122,6 @@ class FitResult:
     global_rank: int = 0
 
 
-def resolve_precision(precision: str, accelerator: str) -> str:
-    """``auto`` -> ``bf16-mixed`` on a bfloat16-capable GPU, else ``32-true``; checks the rest.
-
-    Raises:
-        ConfigError: 16-bit mixed precision asked for on the CPU.
-    """
-    cuda = accelerator in ("auto", "cuda", "gpu") and torch.cuda.is_available()
-    if precision == "auto":
-        return "bf16-mixed" if cuda and torch.cuda.is_bf16_supported() else "32-true"
-    if precision.startswith("16") and not cuda:
-        raise ConfigError(
-            f"trainer.precision={precision} needs a CUDA GPU; on the CPU use bf16-mixed or 32-true."
-        )
-    return precision
-
-
-def build_strategy(cfg: TrainConfig, task: Task) -> Any:
-    """The Fabric strategy for ``trainer.strategy`` (FSDP gets its settings from ``cfg.fsdp``).
-
-    Raises:
-        ConfigError: a DeepSpeed strategy without deepspeed installed, or FSDP without a GPU.
-    """
-    name = cfg.trainer.strategy
-    if name.startswith("deepspeed"):
-        import importlib.util
-
-        if importlib.util.find_spec("deepspeed") is None:
-            raise ConfigError(
-                f"trainer.strategy={name} needs DeepSpeed: install core[deepspeed] (uv sync --extra deepspeed), "
-                "or use trainer.strategy=ddp / fsdp."
-            )
-        return name
-    if name == "ddp":
-        from lightning.fabric.strategies import DDPStrategy
-
-        return DDPStrategy(find_unused_parameters=cfg.trainer.find_unused_parameters)
-    if name != "fsdp":
-        return name
-    if not torch.cuda.is_available():
-        raise ConfigError("trainer.strategy=fsdp needs CUDA GPUs; on the CPU use trainer.strategy=ddp.")
-    from lightning.fabric.strategies import FSDPStrategy
-    from torch.distributed.fsdp import BackwardPrefetch, CPUOffload
-
-    wrap = resolve_wrap_classes(cfg.fsdp.auto_wrap, task)
-    fsdp = cfg.fsdp
-    return FSDPStrategy(
-        auto_wrap_policy=wrap or None,
-        activation_checkpointing_policy=wrap if (fsdp.activation_checkpointing and wrap) else None,
-        sharding_strategy=fsdp.sharding_strategy,
-        backward_prefetch=None if fsdp.backward_prefetch == "none" else BackwardPrefetch[fsdp.backward_prefetch],
-        limit_all_gathers=fsdp.limit_all_gathers,
-        sync_module_states=fsdp.sync_module_states,
-        cpu_offload=CPUOffload(offload_params=True) if fsdp.cpu_offload else None,
-        state_dict_type=fsdp.state_dict_type,
-        use_orig_params=fsdp.use_orig_params,
-    )
-
-
-def build_fabric(cfg: TrainConfig, task: Task) -> Fabric:
-    """A Fabric object for ``cfg.trainer`` (not launched yet). Turns on deterministic algorithms
-    first when asked, since cuBLAS reads its setting when CUDA starts.
-
-    Args:
-        cfg: the task's root config.
-        task: the task (FSDP asks it which blocks to wrap).
-    """
-    tc = cfg.trainer
-    if "SLURM_JOB_ID" not in os.environ:
-        # Lightning warns on every machine that merely has srun installed; outside a job it is noise.
-        import warnings
-
-        warnings.filterwarnings("ignore", message="The `srun` command is available")
-    set_deterministic(tc.deterministic)
-    return Fabric(
-        accelerator=tc.accelerator,
-        devices=tc.devices,
-        num_nodes=tc.num_nodes,
-        strategy=build_strategy(cfg, task),
-        precision=resolve_precision(tc.precision, tc.accelerator),
-    )
-
-
-def eval_dataloader(fabric: Fabric, task: Task, dataset: Any, tc: Any) -> Any:
-    """A loader for validation / evaluation on every rank: no shuffling, longest samples first
-    when the task reports lengths, padded so every rank runs the same number of batches.
-
-    Args:
-        fabric: the (launched) Fabric.
-        task: gives ``collate`` and ``sample_lengths``.
-        dataset: the samples.
-        tc: the ``trainer`` config group (batch size, workers, seed).
-    """
-    lengths = task.sample_lengths(dataset) if tc.sort_eval_by_length else None
-    sampler = ShardedBatchSampler(
-        len(dataset), tc.val_batch_size, rank=fabric.global_rank, world_size=fabric.world_size,
-        shuffle=False, lengths=lengths, sort_by_length=lengths is not None,
-    )
-    return build_dataloader(dataset, sampler, task.collate, tc.num_workers, fabric.device.type == "cuda", tc.seed)
-
-
-def resolve_wrap_classes(names: list[str], task: Task) -> set[type[nn.Module]]:
-    """Module classes for FSDP auto-wrap: dotted import paths, names of the task's own classes, or
-    (empty list) the task's default.
-
-    Raises:
-        ConfigError: a name that cannot be found.
-    """
-    defaults = task.fsdp_wrap_classes()
-    if not names:
-        return set(defaults)
-    import importlib
-
-    by_name = {cls.__name__: cls for cls in defaults}
-    found = set()
-    for name in names:
-        if name in by_name:
-            found.add(by_name[name])
-            continue
-        module_name, _, attr = name.rpartition(".")
-        try:
-            found.add(getattr(importlib.import_module(module_name), attr))
-        except (ImportError, AttributeError, ValueError):
-            raise ConfigError(
-                f"fsdp.auto_wrap: cannot import '{name}'. Give a dotted path such as "
-                "'transformers.models.llama.modeling_llama.LlamaDecoderLayer'"
-                + (f" or one of {sorted(by_name)}" if by_name else "") + "."
-            ) from None
-    return found
-
-
 class Trainer:
     """Fits a :class:`core.task.Task` with the settings of its config.
 
@@ -261,15 +135,39 @@ class Trainer:
         self.cfg = cfg
         self.task = task
         self.argv = list(sys.argv if argv is None else argv)
-        self.fabric = build_fabric(cfg, task)
+        # Machine checks and strategy first: a config this machine cannot run fails before
+        # anything is launched or written.
         self.precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
+        self.fabric = build_fabric(cfg, task.fsdp_wrap_classes)
         self.progress = Progress()
+        # Validation: the last metrics and the step they belong to.
         self.metrics: dict[str, float] = {}
         self.metrics_step = -1
-        self._interval_loss: torch.Tensor | None = None
+        # Set by setup(), in this order.
+        self.train_data: Any = None
+        self.val_data: Any = None
         self.run: RunDir | None = None
+        self.resolved_config: dict[str, Any] = {}
         self.logger: MetricsLogger | None = None
         self.checkpoints: CheckpointManager | None = None
+        self.module: nn.Module | None = None  # the task's model, unwrapped
+        self.model: Any = None  # the same, set up by Fabric (DDP / FSDP2 / DeepSpeed)
+        self.param_counts: dict[str, int] | None = None
+        self.trainable_names: list[str] = []
+        self.flops_per_token: float | None = None
+        self.shape_logger: ShapeLogger | None = None
+        self.deepspeed = cfg.trainer.strategy.startswith("deepspeed")
+        self.train_lengths: Any = None
+        self.train_sampler: ShardedBatchSampler | None = None
+        self.train_loader: Any = None
+        self.val_loader: Any = None
+        self.total_steps: int | None = None
+        self.optimizer: Any = None
+        self.scheduler: Any = None
+        # Set by each training step: the learning rates it used (one per parameter group).
+        self.step_lrs: list[float] = []
+        # Running [loss_sum, loss_tokens] of the current logging interval (on the device).
+        self._interval_loss: torch.Tensor | None = None
 
     # ==========================================================================================
     # fit
@@ -308,6 +206,7 @@ class Trainer:
         loaders and resume if asked."""
         cfg, fabric = self.cfg, self.fabric
         fabric.launch()
+        self.task.ranks = Ranks(fabric, sharded=is_sharded(fabric))
         torch.set_float32_matmul_precision(cfg.trainer.matmul_precision)
         transformers_quiet()
         if fabric.device.type == "cuda":  # peak memory of this run, not of earlier work in the process
@@ -392,9 +291,8 @@ class Trainer:
         self.trainable_names = [n for n, p in module.named_parameters() if p.requires_grad]
         self.flops_per_token = self.task.flops_per_token(module)
         self.shape_logger = ShapeLogger(module) if self.cfg.debug.shapes else None
-        self.deepspeed = self.cfg.trainer.strategy.startswith("deepspeed")
         self.module = module
-        if not self.deepspeed:  # FSDP needs the wrapped module before the optimizer is made
+        if not self.deepspeed:  # FSDP2 shards the parameters, and the optimizer must hold the shards
             self.model = fabric.setup_module(module)
             if hasattr(module, "generate"):
                 self.model.mark_forward_method("generate")
@@ -733,8 +631,8 @@ class Trainer:
         if self.val_loader is None:
             return {}
         start = time.perf_counter()
-        raw = evaluate(self.fabric, self.task, self.model, self.val_loader, self.cfg.trainer.limit_val_batches)
-        self.metrics = {f"val/{k}": v for k, v in raw.items()}
+        result = evaluate(self.fabric, self.task, self.model, self.val_loader, self.cfg.trainer.limit_val_batches)
+        self.metrics = {f"val/{k}": v for k, v in result.metrics.items()}
         self.metrics_step = self.progress.step
         self.logger.log({**self.metrics, "val/seconds": time.perf_counter() - start}, self.progress.step)
         log.info("step %d validation: %s", self.progress.step, ", ".join(f"{k}={v:.4f}" for k, v in self.metrics.items()))
@@ -823,9 +721,7 @@ class Trainer:
 
     def replica_checksums(self) -> list[str] | None:
         """Each rank's weight checksum (data-parallel replicas must agree); None when sharded."""
-        from lightning.fabric.strategies import DeepSpeedStrategy, FSDPStrategy
-
-        if isinstance(self.fabric.strategy, (FSDPStrategy, DeepSpeedStrategy)):
+        if is_sharded(self.fabric):
             return None
         sums = gather_objects(weights_checksum(self.model.module))
         if len(set(sums)) > 1:
@@ -868,8 +764,8 @@ class Trainer:
         summary = {
             "status": status,
             "global_step": self.progress.step,
-            "total_steps": getattr(self, "total_steps", None),
-            "epoch": self.epochs_done() if hasattr(self, "train_sampler") else 0.0,
+            "total_steps": self.total_steps,
+            "epoch": self.epochs_done() if self.train_sampler is not None else 0.0,
             "best": self.best_summary(),
             "last_metrics": self.metrics,
             "wall_seconds": seconds,
@@ -878,7 +774,7 @@ class Trainer:
             "tokens_per_sec": self.progress.tokens / train_seconds if train_seconds > 0 else None,
             "samples_seen": self.progress.samples,
             "tokens_seen": self.progress.tokens,
-            "parameters": getattr(self, "param_counts", None),
+            "parameters": self.param_counts,
             "final_dir": str(self.run.final) if self.run and status == "completed" else None,
             **extra,
         }
@@ -946,45 +842,11 @@ def weights_checksum(model: nn.Module) -> str:
 
 
 def full_state_dict(fabric: Fabric, model: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole model's state dict on the CPU (gathered from all shards under FSDP).
+    """The whole model's state dict on the CPU (gathered from the shards under FSDP2).
 
-    Call on every rank; the result is only complete on rank 0 under FSDP.
+    Call on every rank; under FSDP2 the result is only complete on rank 0.
     """
-    from lightning.fabric.strategies import FSDPStrategy
-
-    if isinstance(fabric.strategy, FSDPStrategy):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        return get_model_state_dict(model._forward_module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if is_fsdp2(fabric.strategy):
+        return gather_full_state_dict(model.module if hasattr(model, "module") else model)
     module = model.module if hasattr(model, "module") else model
     return {k: v.detach().cpu() for k, v in module.state_dict().items()}
-
-
-def evaluate(fabric: Fabric, task: Task, model: nn.Module, loader: Any, limit_batches: int | None = None) -> dict[str, float]:
-    """Run ``task.validation_step`` over a (sharded) loader on every rank and compute metrics.
-
-    Records from all ranks are gathered, padded repeats dropped, and the metric computed on rank
-    0 then broadcast, so the result equals a single-process run on the same data.
-
-    Args:
-        fabric: the launched Fabric.
-        task: the task.
-        model: the set-up model.
-        loader: a loader over a :class:`core.data.ShardedBatchSampler` with ``shuffle=False``.
-        limit_batches: stop after this many batches per rank.
-
-    Returns:
-        The task's metrics (without prefix).
-    """
-    was_training = model.training
-    model.eval()
-    records: list[dict[str, Any]] = []
-    with torch.no_grad():
-        for i, batch in enumerate(loader):
-            if limit_batches is not None and i >= limit_batches:
-                break
-            records.extend(task.validation_step(model, fabric.to_device(batch)))
-    model.train(was_training)
-    gathered = gather_records(records)
-    metrics = task.compute_metrics(gathered) if fabric.global_rank == 0 else None
-    return broadcast_object(metrics)

@@ -112,8 +112,8 @@ class ModelConfig:
     """Hub revision (branch, tag or commit) of the model and tokenizer; null: the default branch."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """dtype of the frozen (not quantized) base weights. ``auto``: bfloat16 on GPUs that support it,
-    else float16 on GPUs; float32 on the CPU and under FSDP (FSDP keeps one dtype per shard and
-    computes in ``trainer.precision``). Adapters are always float32."""
+    else float16 on GPUs; float32 on the CPU. Adapters are always float32 (FSDP2 shards the 16-bit
+    base and the float32 adapters of a block together)."""
     attn_implementation: Optional[Literal["eager", "sdpa", "flash_attention_2"]] = "sdpa"
     """Attention kernel (null: the transformers default)."""
     gradient_checkpointing: bool = True
@@ -189,8 +189,9 @@ class LoraLLMConfig(TrainConfig):
         """Refuse combinations that cannot work with a quantized base (FSDP, 16-bit-true precision)."""
         if self.quant.bits is not None and self.trainer.strategy == "fsdp":
             raise ConfigError(
-                "QLoRA (quant.bits=4/8) cannot be sharded with FSDP here: use trainer.strategy=ddp for QLoRA "
-                "on several GPUs, or quant.bits=null for LoRA with FSDP."
+                "QLoRA (quant.bits=4/8) cannot be sharded with FSDP: bitsandbytes' packed 4/8-bit weights are not "
+                "DTensors that FSDP2 can shard. Use trainer.strategy=ddp for QLoRA on several GPUs (only the adapters "
+                "are synchronised), or quant.bits=null for LoRA with FSDP."
             )
         if self.quant.bits is not None and self.trainer.precision in ("bf16-true", "16-true"):
             raise ConfigError(

@@ -58,11 +58,16 @@ def cuda_dtype() -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def base_dtype(choice: str, device_type: str, strategy: str = "auto") -> torch.dtype:
-    """The dtype of the frozen base weights for ``model.dtype`` (see its documentation)."""
+def base_dtype(choice: str, device_type: str) -> torch.dtype:
+    """The dtype of the frozen base weights for ``model.dtype`` (see its documentation).
+
+    Args:
+        choice: ``model.dtype``.
+        device_type: where the model computes (``cuda`` or ``cpu``).
+    """
     if choice != "auto":
         return DTYPES[choice]
-    if device_type != "cuda" or strategy == "fsdp":
+    if device_type != "cuda":
         return torch.float32
     return cuda_dtype()
 
@@ -212,7 +217,8 @@ def cpu_4bit_inference_kernel(model: nn.Module, enabled: bool) -> None:
 
 
 def load_base(
-    name_or_path: str | Path, cfg: ModelConfig, quant: QuantConfig | None, device: torch.device, strategy: str = "auto", training: bool = True
+    name_or_path: str | Path, cfg: ModelConfig, quant: QuantConfig | None, device: torch.device, training: bool = True,
+    compute_device: torch.device | None = None,
 ) -> nn.Module:
     """``AutoModelForCausalLM.from_pretrained`` on ``device``, quantized when ``quant.bits`` is set.
 
@@ -221,8 +227,9 @@ def load_base(
         cfg: the ``model`` group (dtype, attention, revision).
         quant: the ``quant`` group, or None for a 16/32-bit base.
         device: where the weights go.
-        strategy: ``trainer.strategy`` (FSDP wants float32 base weights).
         training: the model will be trained (see :func:`cpu_4bit_inference_kernel`).
+        compute_device: where the model will compute, if not ``device`` (FSDP2 loads on the CPU
+            and moves each rank's shards to its GPU); picks the ``auto`` dtype.
 
     Returns:
         The model (eval mode, as from_pretrained leaves it).
@@ -235,7 +242,7 @@ def load_base(
     ensure_available(name_or_path, what="model", key="model.name")
     bnb = quantization_config(quant, device.type) if quant is not None else None
     kwargs: dict[str, Any] = {
-        "dtype": base_dtype(cfg.dtype, device.type, strategy),
+        "dtype": base_dtype(cfg.dtype, (compute_device or device).type),
         "revision": cfg.revision,
         "trust_remote_code": cfg.trust_remote_code,
         "device_map": {"": device},

@@ -56,17 +56,6 @@ from lora_llm.model import (
 log = logging.getLogger(__name__)
 
 
-def global_rank() -> int:
-    """This process's rank (0 without a process group)."""
-    return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
-
-
-def barrier() -> None:
-    """Wait for every rank (no-op without a process group)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
 def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Logits of a batch from :func:`lora_llm.data.collate`.
 
@@ -209,12 +198,12 @@ class LoraLLMTask(Task):
         name: str | Path = cfg.model.name
         if is_tiny(cfg.model.name):
             base = (Path(self.run_dir) / "base").resolve()
-            if global_rank() == 0:
+            if self.ranks.is_global_zero:
                 build_tiny_base(cfg.model.tiny, self.tokenizer, base)
-            barrier()
+            self.ranks.barrier()
             name = base
         self.base_name = str(name)
-        model = load_base(name, cfg.model, cfg.quant, device, cfg.trainer.strategy)
+        model = load_base(name, cfg.model, cfg.quant, device, compute_device=self.ranks.device)
         if len(self.tokenizer) > model.get_input_embeddings().weight.shape[0]:
             raise UserError(
                 f"The tokenizer has {len(self.tokenizer)} tokens but the model only {model.get_input_embeddings().weight.shape[0]} "
@@ -233,7 +222,9 @@ class LoraLLMTask(Task):
         return model
 
     def report_data(self) -> None:
-        """Log the data statistics (truncation included) and write ``<run>/data_stats.json``."""
+        """Log the data statistics (truncation included) and write ``<run>/data_stats.json`` (rank 0)."""
+        if not self.ranks.is_global_zero:
+            return
         for split, stats in self.stats.items():
             log.info("%s", stats.describe(split))
             if stats.truncated_samples:
@@ -243,7 +234,7 @@ class LoraLLMTask(Task):
                 )
             for problem in stats.problems[:5]:
                 log.warning("%s: skipped: %s", split, problem)
-        if self.run_dir is not None and global_rank() == 0:
+        if self.run_dir is not None:
             report = {split: stats.summary(self.cfg.data.max_length) for split, stats in self.stats.items()}
             if isinstance(self.train_data, PackedDataset):
                 report["train"]["packed_rows"] = len(self.train_data)

@@ -125,26 +125,22 @@ def evaluate(argv: list[str] | None = None) -> int:
     parser.add_argument("--predictions", type=Path, default=None, help="also write every answer and reference to this JSONL file")
     args, rest = split_args(list(sys.argv[1:] if argv is None else argv), parser)
     cfg = eval_config(rest, args.model, "evaluate")
-    from core.trainer import build_fabric, eval_dataloader
-    from core.trainer import evaluate as run_evaluation
+    from core.evaluation import Evaluator
     from qwen_vl.task import QwenVLTask
 
     task = QwenVLTask(cfg)
-    fabric = build_fabric(cfg, task)
-    fabric.launch()
+    evaluator = Evaluator(cfg, task)
     task.prepare()
     task.eval_data = task.load_data(args.data, generation=True)
-    with fabric.init_module(empty_init=False):
+    with evaluator.fabric.init_module(empty_init=False):
         module = task.configure_model()
-    model = fabric.setup_module(module)
-    model.mark_forward_method("generate")
-    metrics = run_evaluation(fabric, task, model, eval_dataloader(fabric, task, task.eval_data, cfg.trainer))
-    if fabric.global_rank == 0:
+    result = evaluator.run(evaluator.setup_model(module), task.eval_data)
+    if evaluator.is_global_zero:
         if args.predictions is not None:
             args.predictions.parent.mkdir(parents=True, exist_ok=True)
-            rows = [{k: r[k] for k in ("id", "prediction", "reference") if k in r} for r in task.last_records]
+            rows = [{k: r[k] for k in ("id", "prediction", "reference") if k in r} for r in result.records]
             args.predictions.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-        print(json.dumps(metrics))
+        print(json.dumps(result.metrics))
     return 0
 
 

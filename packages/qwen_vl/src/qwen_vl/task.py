@@ -10,9 +10,9 @@
   rank runs the vision tower every step: FSDP does not hang and DDP sees no unused parameters.
 - ``validation_step``: per-sample loss, plus greedy answers from the prompts (left-padded) whose
   parsed counts give ``count_accuracy`` / ``count_mae``; records carry their index, so the
-  engine gathers them from all ranks exactly as one process would see them. Under FSDP (or
-  DeepSpeed stage 3) ``generate`` runs with ``synced_gpus`` so ranks that finish early keep
-  joining the all-gathers.
+  engine gathers them from all ranks exactly as one process would see them. Under FSDP2 (or
+  DeepSpeed stage 3) ``generate`` runs with ``synced_gpus`` (``self.ranks.sharded``) so ranks
+  that finish early keep joining the all-gathers.
 - ``fsdp_wrap_classes``: decoder layers and vision blocks (also the activation-checkpointing units).
 - ``parameter_groups``: vision / merger / llm with their own learning rates.
 - ``save_final``: merged weights + processor, loadable with plain ``from_pretrained``.
@@ -69,8 +69,6 @@ class QwenVLTask(Task):
         self.val_data: ConversationData | None = None
         #: the data set ``validation_step`` reads references from (validation or ``evaluate`` data)
         self.eval_data: ConversationData | None = None
-        #: records of the last ``compute_metrics`` call (``evaluate --predictions`` writes them)
-        self.last_records: list[dict[str, Any]] = []
         self._dtypes_checked = False
 
     # -- data ----------------------------------------------------------------------------------
@@ -210,12 +208,6 @@ class QwenVLTask(Task):
         logits, targets = self.forward(model, batch)
         return token_loss_sum(logits, targets, shift=False)
 
-    def synced_generation(self) -> bool:
-        """Whether ``generate`` must keep all ranks in step (sharded parameters are gathered per forward)."""
-        sharded = self.cfg.trainer.strategy in ("fsdp", "deepspeed_stage_3")
-        dist = torch.distributed
-        return sharded and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
     def generate(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> list[str]:
         """Greedy answers to the prompts of a batch (the conversation up to its last answer).
 
@@ -231,7 +223,7 @@ class QwenVLTask(Task):
         out = model.generate(
             input_ids=prompt, attention_mask=batch["gen_attention_mask"], mm_token_type_ids=batch["gen_mm_token_type_ids"],
             pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
-            max_new_tokens=self.cfg.generation.max_new_tokens, do_sample=False, synced_gpus=self.synced_generation(),
+            max_new_tokens=self.cfg.generation.max_new_tokens, do_sample=False, synced_gpus=self.ranks.sharded,
         )
         return self.processor.tokenizer.batch_decode(out[:, prompt.shape[1] :], skip_special_tokens=True)
 
@@ -252,7 +244,6 @@ class QwenVLTask(Task):
 
     def compute_metrics(self, records: list[dict[str, Any]]) -> dict[str, float]:
         """``loss`` (token-weighted), and with generation ``count_accuracy``, ``count_mae``, ``count_parsed``, ``count_samples``."""
-        self.last_records = records
         tokens = sum(r["tokens"] for r in records)
         metrics = {"loss": sum(r["loss_sum"] for r in records) / max(tokens, 1)}
         answered = [r for r in records if "prediction" in r]

@@ -107,17 +107,17 @@ def evaluate(argv: Sequence[str] | None = None) -> int:
     cfg = _config_for_model(args.model, args.config, args.overrides)
     split_key = {"dev": "val", "validation": "val", "test": "test"}.get(args.split, args.split)
 
+    from core.evaluation import Evaluator
     from core.manifest import sha256_file
-    from core.trainer import build_fabric, eval_dataloader, transformers_quiet
-    from core.trainer import evaluate as run_evaluation
+    from core.trainer import transformers_quiet
     from transformers import AutoModelForSeq2SeqLM
 
     from summarization.metrics import describe
     from summarization.task import write_jsonl
 
     task = _task(cfg)
-    fabric = build_fabric(cfg, task)
-    fabric.launch()
+    evaluator = Evaluator(cfg, task)
+    fabric = evaluator.fabric
     transformers_quiet()
     task.setup_model_side(args.model)
     rows = task.read_split(split_key)[: args.limit]
@@ -125,14 +125,12 @@ def evaluate(argv: Sequence[str] | None = None) -> int:
     task.choose_rouge_tokenizer(rows)
     model = AutoModelForSeq2SeqLM.from_pretrained(args.model)
     task.prepare_generation(model)
-    model = fabric.setup_module(model)
-    model.mark_forward_method("generate")
-    loader = eval_dataloader(fabric, task, task.val_data, cfg.trainer)
-    metrics = run_evaluation(fabric, task, model, loader)
+    result = evaluator.run(evaluator.setup_model(model), task.val_data)
+    metrics = result.metrics
     if fabric.global_rank == 0:
         out = args.out or _default_out(args.model, args.split)
         out.mkdir(parents=True, exist_ok=True)
-        write_jsonl(out / "predictions.jsonl", [{"fname": r["fname"], "summary": r["prediction"], "references": r["references"]} for r in task.last_records])
+        write_jsonl(out / "predictions.jsonl", [{"fname": r["fname"], "summary": r["prediction"], "references": r["references"]} for r in result.records])
         from core.config import to_dict
 
         files = task.data_files()

@@ -76,7 +76,6 @@ class SummarizationTask(Task):
         self.val_data: SummarizationDataset | None = None
         self.generation_config: Any = None
         self.rouge_tokenizer = "default"
-        self.last_records: list[dict[str, Any]] = []
 
     # -- data ----------------------------------------------------------------------------------
 
@@ -281,7 +280,12 @@ class SummarizationTask(Task):
         Returns:
             One decoded, stripped summary per row.
         """
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=self.generation_config)
+        # Sharded parameters (FSDP2) are gathered in every forward: all ranks must keep stepping
+        # until the longest summary of any rank is done.
+        out = model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, generation_config=self.generation_config,
+            synced_gpus=self.ranks.sharded,
+        )
         return [text.strip() for text in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
     def validation_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
@@ -319,7 +323,6 @@ class SummarizationTask(Task):
             [r["prediction"] for r in records], [r["references"] for r in records],
             tokenizer=self.rouge_tokenizer, use_stemmer=m.use_stemmer, multi_reference=m.multi_reference,
         )
-        self.last_records = records
         if self.run_dir is not None:
             rows = [{"fname": r["fname"], "summary": r["prediction"], "references": r["references"]} for r in records]
             write_jsonl(self.run_dir / "val_predictions.jsonl", rows)

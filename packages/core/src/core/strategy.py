@@ -1,0 +1,220 @@
+"""From the ``trainer`` config to a Fabric object: machine checks, precision, strategy.
+
+Everything here runs before any process is launched or any file is written, so a config this
+machine cannot run (a GPU asked for where there is none, ``trainer.devices=0``, DeepSpeed on the
+CPU, an unknown strategy) stops with a :class:`core.errors.ConfigError` that names the key.
+
+Self-check: ``python -m core.strategy``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from lightning.fabric import Fabric
+
+from core.errors import ConfigError
+from core.reproducibility import set_deterministic
+from core.settings import TrainConfig, TrainerConfig
+
+STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3",
+              "deepspeed_stage_2_offload", "deepspeed_stage_3_offload")
+"""Values of ``trainer.strategy``."""
+
+
+def cuda_requested(tc: TrainerConfig) -> bool:
+    """Whether the run will use CUDA devices (``auto`` picks them when there are any)."""
+    return tc.accelerator in ("cuda", "gpu") or (tc.accelerator == "auto" and torch.cuda.is_available())
+
+
+def parse_devices(devices: int | str) -> int | None:
+    """Processes per node asked for by ``trainer.devices`` (None for ``auto`` / ``-1``).
+
+    Raises:
+        ConfigError: 0, a negative number other than -1, or text that is not ``auto``, a number or
+            a list of device indices such as ``0,1``.
+    """
+    text = str(devices).strip()
+    if text in ("auto", "-1"):
+        return None
+    if text.lstrip("[").rstrip("]").replace(",", "").replace(" ", "").isdigit() and ("," in text or "[" in text):
+        return len([x for x in text.strip("[]").split(",") if x.strip()])
+    try:
+        count = int(text)
+    except ValueError:
+        raise ConfigError(
+            f"Config key 'trainer.devices' = {devices!r} is not a device count: use a number (2), auto, or GPU indices (0,1)."
+        ) from None
+    if count < 1:
+        raise ConfigError(
+            f"Config key 'trainer.devices' = {count}: at least one device is needed (use 1 for a single process, auto for all GPUs)."
+        )
+    return count
+
+
+def check_machine(tc: TrainerConfig) -> None:
+    """Refuse ``trainer`` settings this machine cannot run, naming the key.
+
+    Raises:
+        ConfigError: with what is wrong and what to use instead.
+    """
+    count = parse_devices(tc.devices)
+    if tc.accelerator in ("cuda", "gpu"):
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"Config key 'trainer.accelerator' = {tc.accelerator}, but this machine has no CUDA GPU "
+                "(torch.cuda.is_available() is False). Use trainer.accelerator=cpu or auto, or run on a GPU node."
+            )
+        if count is not None and "," not in str(tc.devices) and count > torch.cuda.device_count():
+            raise ConfigError(
+                f"Config key 'trainer.devices' = {count}, but this machine has {torch.cuda.device_count()} GPU(s)."
+            )
+    if tc.accelerator == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ConfigError("Config key 'trainer.accelerator' = mps, but this machine has no Apple GPU; use cpu or auto.")
+    if tc.strategy not in STRATEGIES:
+        raise ConfigError(f"Config key 'trainer.strategy' = {tc.strategy!r} is unknown; use one of {', '.join(STRATEGIES)}.")
+    if tc.strategy.startswith("deepspeed"):
+        if not cuda_requested(tc):
+            raise ConfigError(
+                f"Config key 'trainer.strategy' = {tc.strategy}: DeepSpeed runs on CUDA GPUs only (Fabric refuses it on the "
+                "CPU). Use trainer.strategy=ddp or fsdp here."
+            )
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError(
+                f"Config key 'trainer.strategy' = {tc.strategy} needs DeepSpeed: install core[deepspeed] "
+                "(uv sync --extra deepspeed), or use trainer.strategy=ddp / fsdp."
+            )
+    if tc.num_nodes > 1 and not any(v in os.environ for v in ("SLURM_NNODES", "WORLD_SIZE", "LSB_JOBID")):
+        raise ConfigError(
+            f"Config key 'trainer.num_nodes' = {tc.num_nodes}, but this process was not started by a cluster launcher "
+            "(no SLURM job, no torchrun): submit it with the package's slurm/train.sbatch, or use trainer.num_nodes=1."
+        )
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """``auto`` -> ``bf16-mixed`` on a bfloat16-capable GPU, else ``32-true``; checks the rest.
+
+    Raises:
+        ConfigError: 16-bit float precision on the CPU, or bfloat16 on a GPU without it.
+    """
+    cuda = accelerator in ("auto", "cuda", "gpu") and torch.cuda.is_available()
+    if precision == "auto":
+        return "bf16-mixed" if cuda and torch.cuda.is_bf16_supported() else "32-true"
+    if precision.startswith("16") and not cuda:
+        raise ConfigError(
+            f"Config key 'trainer.precision' = {precision} needs a CUDA GPU; on the CPU use bf16-mixed, bf16-true or 32-true."
+        )
+    if precision.startswith("bf16") and cuda and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"Config key 'trainer.precision' = {precision}: this GPU has no bfloat16; use 16-mixed or 32-true.")
+    return precision
+
+
+def build_strategy(cfg: TrainConfig, wrap_classes: Callable[[], set[type[torch.nn.Module]]] | None, precision: str) -> Any:
+    """The Fabric strategy for ``trainer.strategy``.
+
+    Args:
+        cfg: the task's root config.
+        wrap_classes: gives the task's FSDP block classes (``Task.fsdp_wrap_classes``; called for FSDP only).
+        precision: the resolved precision.
+
+    Returns:
+        A strategy object or name for ``Fabric(strategy=...)``.
+    """
+    name = cfg.trainer.strategy
+    if name == "ddp":
+        from lightning.fabric.strategies import DDPStrategy
+
+        return DDPStrategy(find_unused_parameters=cfg.trainer.find_unused_parameters)
+    if name == "fsdp":
+        from core import fsdp
+
+        reason = fsdp.unsupported_reason(cfg, "cuda" if cuda_requested(cfg.trainer) else "cpu")
+        if reason:
+            raise ConfigError(reason)
+        return fsdp.build_strategy(cfg, wrap_classes() if wrap_classes else set(), precision)
+    return name
+
+
+def choose_master_port() -> None:
+    """Set ``MASTER_PORT`` for a local multi-process launch, from outside the kernel's ephemeral
+    port range.
+
+    Lightning otherwise asks the kernel for a free port (``bind(0)``) and closes it before rank 0
+    listens on it: a port from the ephemeral range can meanwhile be taken by an outgoing connection
+    (gloo opens many), and the run dies with ``EADDRINUSE``. Ports 20000-29999 are never handed out
+    as ephemeral ports by default; a random one that binds now is used. Clusters (SLURM, torchrun)
+    choose their own port and are left alone.
+    """
+    import random
+    import socket
+
+    if "MASTER_PORT" in os.environ or "WORLD_SIZE" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return
+    rng = random.Random(os.getpid() ^ int.from_bytes(os.urandom(4), "little"))
+    for _ in range(50):
+        port = rng.randrange(20000, 30000)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        os.environ["MASTER_PORT"] = str(port)
+        return
+
+
+def build_fabric(cfg: TrainConfig, wrap_classes: Callable[[], set[type[torch.nn.Module]]] | None = None) -> Fabric:
+    """A Fabric object for ``cfg.trainer`` (not launched yet), after the machine checks.
+
+    Turns on deterministic algorithms first when asked, since cuBLAS reads its setting when CUDA starts.
+
+    Args:
+        cfg: the task's root config.
+        wrap_classes: gives the task's FSDP block classes (``Task.fsdp_wrap_classes``).
+
+    Raises:
+        ConfigError: settings this machine cannot run.
+    """
+    tc = cfg.trainer
+    check_machine(tc)
+    precision = resolve_precision(tc.precision, tc.accelerator)
+    if "SLURM_JOB_ID" not in os.environ:
+        # Lightning warns on every machine that merely has srun installed; outside a job it is noise.
+        warnings.filterwarnings("ignore", message="The `srun` command is available")
+    set_deterministic(tc.deterministic)
+    if parse_devices(tc.devices) != 1 or tc.num_nodes > 1:
+        choose_master_port()
+    try:
+        return Fabric(
+            accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes,
+            strategy=build_strategy(cfg, wrap_classes, precision), precision=precision,
+        )
+    except (ValueError, RuntimeError, TypeError) as err:  # Fabric's own checks, e.g. an impossible device list
+        raise ConfigError(f"The trainer settings cannot run here (trainer.accelerator/devices/strategy/precision): {err}") from None
+
+
+def is_sharded(fabric: Fabric) -> bool:
+    """Whether parameters are sharded across ranks (FSDP2, DeepSpeed), so ``generate`` must run
+    in lockstep on every rank (``synced_gpus``) and replica checksums do not apply."""
+    from lightning.fabric.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    from core.fsdp import FSDP2Strategy
+
+    return fabric.world_size > 1 and isinstance(fabric.strategy, (FSDP2Strategy, FSDPStrategy, DeepSpeedStrategy))
+
+
+if __name__ == "__main__":  # self-check: python -m core.strategy
+    for bad in ({"devices": 0}, {"accelerator": "cuda"} if not torch.cuda.is_available() else {"devices": 0},
+                {"strategy": "deepspeed_stage_2", "accelerator": "cpu"}, {"strategy": "fsdp1"}):
+        try:
+            check_machine(TrainerConfig(**bad))
+        except ConfigError as err:
+            print(f"{bad} -> {err}")
+        else:
+            raise AssertionError(f"{bad} must be refused")
+    print("precision auto ->", resolve_precision("auto", "auto"))
+    print("core.strategy: ok")
