@@ -22,12 +22,18 @@ def machine() -> str:
 
     cpu = platform.processor() or platform.machine()
     try:
-        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+        model = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
         cpu = model
     except (OSError, StopIteration):
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    versions = ", ".join(f"{p} {version(p)}" for p in ("torch", "lightning", "transformers", "peft") if _has(p))
+    versions = ", ".join(
+        f"{p} {version(p)}" for p in ("torch", "lightning", "transformers", "peft") if _has(p)
+    )
     return f"{cpu}, {os.cpu_count()} cores, {gpu}; {datetime.now():%Y-%m-%d}; Python {sys.version.split()[0]}, {versions}"
 
 
@@ -42,8 +48,15 @@ def _has(package: str) -> bool:
 def git_commit() -> str:
     """Short commit of the checkout (with + when dirty)."""
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
         return sha + ("+" if dirty else "")
     except OSError:
         return "?"
@@ -91,7 +104,11 @@ def train_run(cfg, task) -> tuple[dict, list[dict]]:
     from core.trainer import Trainer
 
     run_dir = Trainer(cfg, task, argv=["bench"]).fit().run_dir
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = [
+        json.loads(line)
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
     return json.loads((run_dir / "summary.json").read_text()), records
 
 

@@ -38,11 +38,24 @@ def dialogues_per_sec(root: Path, steps: int, attention: str, dropout: float) ->
     from summarization.config import PRESETS_DIR, SummarizationConfig
     from summarization.task import SummarizationTask
 
-    cfg = load_config(SummarizationConfig, "small", [
-        f"run.root={root}", f"data.train_file={DIALOGSUM}", "data.max_val_samples=8", f"trainer.max_steps={steps}",
-        "trainer.val_every_n_steps=null", "trainer.val_at_end=false", "trainer.accelerator=cpu", "logger.progress_bar=false",
-        "logger.plot=false", f"model.attn_implementation={attention}", f"model.scratch.dropout={dropout}",
-    ], PRESETS_DIR)
+    cfg = load_config(
+        SummarizationConfig,
+        "small",
+        [
+            f"run.root={root}",
+            f"data.train_file={DIALOGSUM}",
+            "data.max_val_samples=8",
+            f"trainer.max_steps={steps}",
+            "trainer.val_every_n_steps=null",
+            "trainer.val_at_end=false",
+            "trainer.accelerator=cpu",
+            "logger.progress_bar=false",
+            "logger.plot=false",
+            f"model.attn_implementation={attention}",
+            f"model.scratch.dropout={dropout}",
+        ],
+        PRESETS_DIR,
+    )
     return train_run(cfg, SummarizationTask(cfg))[0]["samples_per_sec"]
 
 
@@ -54,16 +67,37 @@ def main() -> None:
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     root = Path(tempfile.mkdtemp())
-    speeds = repeat({name: (lambda a=a, d=d: dialogues_per_sec(root, args.steps, a, d)) for name, (a, d) in VARIANTS.items()}, args.reps)
+    speeds = repeat(
+        {
+            name: (lambda a=a, d=d: dialogues_per_sec(root, args.steps, a, d))
+            for name, (a, d) in VARIANTS.items()
+        },
+        args.reps,
+    )
     base = statistics.median(speeds["sdpa, dropout 0.1"])
-    rows = [[name, f"{statistics.median(v):.1f}", f"{min(v):.1f} – {max(v):.1f}", f"{statistics.median(v) / base:.2f}"] for name, v in speeds.items()]
+    rows = [
+        [
+            name,
+            f"{statistics.median(v):.1f}",
+            f"{min(v):.1f} – {max(v):.1f}",
+            f"{statistics.median(v) / base:.2f}",
+        ]
+        for name, v in speeds.items()
+    ]
     body = (
         f"The `small` preset (mBART layout, d=256, 3+3 layers, bf16-mixed, encoder MLM 0.15), DialogSum train, batch 16 "
         f"grouped by length, {args.steps} steps (the first ones included), no validation; training dialogues per second "
         f"from summary.json, median of {args.reps} interleaved runs.\n\n"
         + table(["attention, dropout", "dialogues/s (median)", "min – max", "ratio"], rows)
     )
-    emit(report("CPU training step of the from-scratch summarizer", f"uv run python bench/cpu_step.py --steps {args.steps} --reps {args.reps}", body), args.out)
+    emit(
+        report(
+            "CPU training step of the from-scratch summarizer",
+            f"uv run python bench/cpu_step.py --steps {args.steps} --reps {args.reps}",
+            body,
+        ),
+        args.out,
+    )
 
 
 if __name__ == "__main__":

@@ -36,7 +36,12 @@ def summarization_setup(cache: Path) -> tuple[int, float]:
     from summarization.config import PRESETS_DIR, SummarizationConfig
     from summarization.task import SummarizationTask
 
-    cfg = load_config(SummarizationConfig, "tiny", [f"data.train_file={DIALOGSUM}", f"data.cache_dir={cache}", "data.max_val_samples=8"], PRESETS_DIR)
+    cfg = load_config(
+        SummarizationConfig,
+        "tiny",
+        [f"data.train_file={DIALOGSUM}", f"data.cache_dir={cache}", "data.max_val_samples=8"],
+        PRESETS_DIR,
+    )
     task = SummarizationTask(cfg)
     start = time.perf_counter()
     task.setup()
@@ -60,7 +65,17 @@ def lora_setup(path: Path = ALPACA) -> tuple[int, float]:
     from lora_llm.config import LoraLLMConfig
     from lora_llm.task import LoraLLMTask
 
-    cfg = load_config(LoraLLMConfig, "tiny", [f"data.train_files=[{path}]", "data.max_length=512", "data.on_bad_record=skip", "data.val_size=0"], PRESETS)
+    cfg = load_config(
+        LoraLLMConfig,
+        "tiny",
+        [
+            f"data.train_files=[{path}]",
+            "data.max_length=512",
+            "data.on_bad_record=skip",
+            "data.val_size=0",
+        ],
+        PRESETS,
+    )
     task = LoraLLMTask(cfg)
     start = time.perf_counter()
     task.setup()
@@ -74,7 +89,12 @@ def qwen_samples(folder: Path) -> tuple[int, float]:
     from qwen_vl.config import QwenVLConfig
     from qwen_vl.task import QwenVLTask
 
-    cfg = load_config(QwenVLConfig, "tiny", [f"data.train_file={folder / 'train.jsonl'}", f"data.val_file={folder / 'dev.jsonl'}"], PRESETS_DIR)
+    cfg = load_config(
+        QwenVLConfig,
+        "tiny",
+        [f"data.train_file={folder / 'train.jsonl'}", f"data.val_file={folder / 'dev.jsonl'}"],
+        PRESETS_DIR,
+    )
     task = QwenVLTask(cfg)
     start = time.perf_counter()
     task.setup()
@@ -102,19 +122,41 @@ def main() -> None:
         n, seconds = lora_setup()
         results.setdefault(("lora_llm (Alpaca 5,000)", "cold (no cache)"), []).append(n / seconds)
         n_big, seconds_big = lora_setup(big)
-        results.setdefault(("lora_llm (Alpaca x 10: 50k, 21 MB)", "cold (no cache)"), []).append(n_big / seconds_big)
-        print(f"  rep {rep + 1}: summarization {results[('summarization (DialogSum train)', 'cold')][-1]:.0f} / "
-              f"{results[('summarization (DialogSum train)', 'cached')][-1]:.0f} rows/s; lora_llm {n / seconds:.0f} rows/s", flush=True)
+        results.setdefault(("lora_llm (Alpaca x 10: 50k, 21 MB)", "cold (no cache)"), []).append(
+            n_big / seconds_big
+        )
+        print(
+            f"  rep {rep + 1}: summarization {results[('summarization (DialogSum train)', 'cold')][-1]:.0f} / "
+            f"{results[('summarization (DialogSum train)', 'cached')][-1]:.0f} rows/s; lora_llm {n / seconds:.0f} rows/s",
+            flush=True,
+        )
     import subprocess
     import sys
 
     folder = Path(tempfile.mkdtemp()) / "counting"
-    subprocess.run([str(Path(sys.executable).parent / "make-data"), "--out", str(folder), "--n", str(args.qwen_records)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            str(Path(sys.executable).parent / "make-data"),
+            "--out",
+            str(folder),
+            "--n",
+            str(args.qwen_records),
+        ],
+        check=True,
+        capture_output=True,
+    )
     for _ in range(args.reps):
         n, seconds = qwen_samples(folder)
-        results.setdefault((f"qwen_vl (counting, {n} images)", "per sample, every epoch"), []).append(n / seconds)
-    rows = [[name, mode, f"{statistics.median(v):,.0f}", f"{min(v):,.0f} – {max(v):,.0f}"] for (name, mode), v in results.items()]
-    body = f"Records per second, median of {args.reps} runs (CPU, one process).\n\n" + table(["task (data)", "pass", "records/s (median)", "min – max"], rows)
+        results.setdefault(
+            (f"qwen_vl (counting, {n} images)", "per sample, every epoch"), []
+        ).append(n / seconds)
+    rows = [
+        [name, mode, f"{statistics.median(v):,.0f}", f"{min(v):,.0f} – {max(v):,.0f}"]
+        for (name, mode), v in results.items()
+    ]
+    body = f"Records per second, median of {args.reps} runs (CPU, one process).\n\n" + table(
+        ["task (data)", "pass", "records/s (median)", "min – max"], rows
+    )
     text = report("Data pipeline", f"uv run python bench/data_pipeline.py --reps {args.reps}", body)
     emit(text, args.out)
 

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import emit, median_spread, repeat, report, table, train_run
 
 VOCAB, SEQ, LAYERS, WIDTH, HEADS = 1000, 128, 4, 256, 4
@@ -31,15 +30,26 @@ def make_model() -> torch.nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=WIDTH, n_layer=LAYERS, n_head=HEADS,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config = GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=SEQ,
+        n_embd=WIDTH,
+        n_layer=LAYERS,
+        n_head=HEADS,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     return GPT2LMHeadModel(config)
 
 
 def make_samples(n: int) -> list[dict]:
     """``n`` fixed-length samples (every batch costs the same): ``{"index", "input_ids"}``."""
     gen = torch.Generator().manual_seed(0)
-    return [{"index": i, "input_ids": torch.randint(1, VOCAB, (SEQ,), generator=gen).tolist()} for i in range(n)]
+    return [
+        {"index": i, "input_ids": torch.randint(1, VOCAB, (SEQ,), generator=gen).tolist()}
+        for i in range(n)
+    ]
 
 
 def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
@@ -56,11 +66,15 @@ def raw_loop(steps: int, batch: int, lr: float) -> float:
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     sched = get_cosine_schedule_with_warmup(opt, 0, steps)
-    loader = torch.utils.data.DataLoader(make_samples(steps * batch), batch_size=batch, shuffle=True, collate_fn=collate)
+    loader = torch.utils.data.DataLoader(
+        make_samples(steps * batch), batch_size=batch, shuffle=True, collate_fn=collate
+    )
     start = time.perf_counter()
     for step, data in enumerate(loader, 1):
         logits = model(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), data["labels"][:, 1:].reshape(-1))
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, VOCAB), data["labels"][:, 1:].reshape(-1)
+        )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -90,15 +104,29 @@ def core_trainer(steps: int, batch: int, lr: float) -> float:
             return make_model()
 
         def training_step(self, model, data) -> StepOutput:
-            logits = model(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits
+            logits = model(
+                input_ids=data["input_ids"], attention_mask=data["attention_mask"]
+            ).logits
             return token_loss_sum(logits, data["labels"], shift=True)
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(ToyConfig, overrides=[
-            f"run.root={tmp}", f"trainer.max_steps={steps}", f"trainer.batch_size={batch}", "trainer.accelerator=cpu",
-            "trainer.precision=32-true", f"optim.lr={lr}", "optim.scheduler=cosine", "trainer.log_every_n_steps=10",
-            "trainer.val_at_end=false", "logger.progress_bar=false", "logger.plot=false", "logger.csv=false",
-        ])
+        cfg = load_config(
+            ToyConfig,
+            overrides=[
+                f"run.root={tmp}",
+                f"trainer.max_steps={steps}",
+                f"trainer.batch_size={batch}",
+                "trainer.accelerator=cpu",
+                "trainer.precision=32-true",
+                f"optim.lr={lr}",
+                "optim.scheduler=cosine",
+                "trainer.log_every_n_steps=10",
+                "trainer.val_at_end=false",
+                "logger.progress_bar=false",
+                "logger.plot=false",
+                "logger.csv=false",
+            ],
+        )
         return train_run(cfg, Bench(cfg))[0]["train_seconds"]
 
 
@@ -118,11 +146,26 @@ def hf_trainer(steps: int, batch: int, lr: float) -> float:
 
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
-            output_dir=tmp, per_device_train_batch_size=batch, max_steps=steps, learning_rate=lr, weight_decay=0.01,
-            lr_scheduler_type="cosine", warmup_steps=0, max_grad_norm=1.0, logging_steps=10, save_strategy="no",
-            eval_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True, dataloader_num_workers=0, seed=0,
+            output_dir=tmp,
+            per_device_train_batch_size=batch,
+            max_steps=steps,
+            learning_rate=lr,
+            weight_decay=0.01,
+            lr_scheduler_type="cosine",
+            warmup_steps=0,
+            max_grad_norm=1.0,
+            logging_steps=10,
+            save_strategy="no",
+            eval_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            use_cpu=True,
+            dataloader_num_workers=0,
+            seed=0,
         )
-        trainer = Trainer(model=make_model(), args=args, train_dataset=Data(), data_collator=collate)
+        trainer = Trainer(
+            model=make_model(), args=args, train_dataset=Data(), data_collator=collate
+        )
         out = trainer.train()
         return float(out.metrics["train_runtime"])
 
@@ -132,7 +175,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=None, help="append the Markdown section to this file")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="append the Markdown section to this file"
+    )
     args = parser.parse_args()
     import logging
 
@@ -154,7 +199,11 @@ def main() -> None:
         f"{args.steps} steps per run, {args.reps} interleaved repetitions; steps/s of the training loop.\n\n"
         + table(["variant", "steps/s (median)", "min – max", "ratio to raw"], rows)
     )
-    text = report("Engine overhead", f"uv run python bench/engine_overhead.py --steps {args.steps} --batch {args.batch} --reps {args.reps}", body)
+    text = report(
+        "Engine overhead",
+        f"uv run python bench/engine_overhead.py --steps {args.steps} --batch {args.batch} --reps {args.reps}",
+        body,
+    )
     emit(text, args.out)
 
 

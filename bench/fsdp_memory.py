@@ -60,15 +60,28 @@ def worker(strategy: str, steps: int, seq: int, batch: int) -> None:
     if strategy == "fsdp":
         import functools
 
-        fn = functools.partial(parallelize, cfg=FSDPConfig(), wrap_classes={LlamaDecoderLayer}, precision="32-true", devices_per_node=2)
+        fn = functools.partial(
+            parallelize,
+            cfg=FSDPConfig(),
+            wrap_classes={LlamaDecoderLayer},
+            precision="32-true",
+            devices_per_node=2,
+        )
         fabric_strategy = FSDP2Strategy(parallelize_fn=fn)
     else:
         fabric_strategy = "ddp"
     fabric = Fabric(accelerator="cpu", devices=2, strategy=fabric_strategy, precision="32-true")
     fabric.launch()
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-                         num_key_value_heads=12, max_position_embeddings=seq)
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        max_position_embeddings=seq,
+    )
     with fabric.init_module():
         module = LlamaForCausalLM(config)
     parameters = sum(p.numel() for p in module.parameters())
@@ -86,24 +99,56 @@ def worker(strategy: str, steps: int, seq: int, batch: int) -> None:
             "grads": local_bytes(p.grad for p in module.parameters() if p.grad is not None),
         }
         optimizer.step()
-        optimizer.zero_grad(set_to_none=False)  # keep the gradient buffers: they are part of the state
+        optimizer.zero_grad(
+            set_to_none=False
+        )  # keep the gradient buffers: they are part of the state
         fabric.barrier()
         times.append(time.perf_counter() - start)
-    state["optimizer"] = local_bytes(v for s in optimizer.optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
+    state["optimizer"] = local_bytes(
+        v
+        for s in optimizer.optimizer.state.values()
+        for v in s.values()
+        if torch.is_tensor(v) and v.dim() > 0
+    )
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    mine = {"rank": fabric.global_rank, "state": state, "peak_rss": peak_rss, "step_seconds": statistics.median(times[1:])}
+    mine = {
+        "rank": fabric.global_rank,
+        "state": state,
+        "peak_rss": peak_rss,
+        "step_seconds": statistics.median(times[1:]),
+    }
     from core.distributed import gather_objects
 
     everyone = gather_objects(mine)
     if fabric.global_rank == 0:
-        print("RESULT " + json.dumps({"strategy": strategy, "parameters": parameters, "ranks": everyone}), flush=True)
+        print(
+            "RESULT "
+            + json.dumps({"strategy": strategy, "parameters": parameters, "ranks": everyone}),
+            flush=True,
+        )
 
 
 def measure(strategy: str, steps: int, seq: int, batch: int) -> dict:
     """Run :func:`worker` in fresh processes for one strategy."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, __file__, "--worker", strategy, "--steps", str(steps), "--seq", str(seq), "--batch", str(batch)],
-                          capture_output=True, text=True, env=env, timeout=3600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--worker",
+            strategy,
+            "--steps",
+            str(steps),
+            "--seq",
+            str(seq),
+            "--batch",
+            str(batch),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=3600,
+    )
     if done.returncode != 0:
         raise SystemExit(done.stdout[-2000:] + done.stderr[-4000:])
     line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
@@ -112,7 +157,9 @@ def measure(strategy: str, steps: int, seq: int, batch: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=6, help="optimizer steps per strategy (the first is not timed)")
+    parser.add_argument(
+        "--steps", type=int, default=6, help="optimizer steps per strategy (the first is not timed)"
+    )
     parser.add_argument("--seq", type=int, default=128, help="tokens per sample")
     parser.add_argument("--batch", type=int, default=2, help="samples per rank")
     parser.add_argument("--worker", choices=["ddp", "fsdp"], default=None, help=argparse.SUPPRESS)
@@ -128,20 +175,51 @@ def main() -> None:
         for r in result["ranks"]:
             total = sum(r["state"].values())
             totals.setdefault(name, []).append(total)
-            rows.append([
-                "DDP" if name == "ddp" else "FSDP2", r["rank"], f"{r['state']['params'] / MIB:.0f}", f"{r['state']['grads'] / MIB:.0f}",
-                f"{r['state']['optimizer'] / MIB:.0f}", f"{total / MIB:.0f}", f"{r['peak_rss'] / MIB:.0f}", f"{r['step_seconds']:.2f}",
-            ])
+            rows.append(
+                [
+                    "DDP" if name == "ddp" else "FSDP2",
+                    r["rank"],
+                    f"{r['state']['params'] / MIB:.0f}",
+                    f"{r['state']['grads'] / MIB:.0f}",
+                    f"{r['state']['optimizer'] / MIB:.0f}",
+                    f"{total / MIB:.0f}",
+                    f"{r['peak_rss'] / MIB:.0f}",
+                    f"{r['step_seconds']:.2f}",
+                ]
+            )
     ratio = max(totals["fsdp"]) / max(totals["ddp"])
-    rss = max(r["peak_rss"] for r in results["fsdp"]["ranks"]) / max(r["peak_rss"] for r in results["ddp"]["ranks"])
-    step = statistics.median(r["step_seconds"] for r in results["fsdp"]["ranks"]) / statistics.median(r["step_seconds"] for r in results["ddp"]["ranks"])
+    rss = max(r["peak_rss"] for r in results["fsdp"]["ranks"]) / max(
+        r["peak_rss"] for r in results["ddp"]["ranks"]
+    )
+    step = statistics.median(
+        r["step_seconds"] for r in results["fsdp"]["ranks"]
+    ) / statistics.median(r["step_seconds"] for r in results["ddp"]["ranks"])
     body = (
         f"Llama with {results['ddp']['parameters'] / 1e6:.1f}M parameters (fp32, AdamW), batch {args.batch} x {args.seq} tokens per rank, "
         f"2 CPU processes over gloo, {args.steps} steps (the first not timed). MiB per rank:\n\n"
-        + table(["strategy", "rank", "params", "grads", "optimizer", "state total", "peak RSS", "step s"], rows)
+        + table(
+            [
+                "strategy",
+                "rank",
+                "params",
+                "grads",
+                "optimizer",
+                "state total",
+                "peak RSS",
+                "step s",
+            ],
+            rows,
+        )
         + f"\n\nFSDP2 / DDP: per-rank state **{ratio:.3f}x** (target at most 0.55x), peak RSS {rss:.2f}x, step time {step:.2f}x.\n"
     )
-    emit(report("FSDP2 against DDP: per-rank memory and step time (benchmark 9)", f"uv run python bench/fsdp_memory.py --steps {args.steps}", body), args.out)
+    emit(
+        report(
+            "FSDP2 against DDP: per-rank memory and step time (benchmark 9)",
+            f"uv run python bench/fsdp_memory.py --steps {args.steps}",
+            body,
+        ),
+        args.out,
+    )
 
 
 if __name__ == "__main__":

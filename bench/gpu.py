@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import REPO, emit, report, table, train_run
 
 LORA_TOKENIZER = REPO / "packages" / "lora_llm" / "src" / "lora_llm" / "assets" / "tiny_tokenizer"
@@ -36,20 +35,68 @@ SEQ = 512
 
 # Public configuration values of the real models (their config.json on the Hub).
 ARCHS = {
-    "gpt2": ("GPT2Config", dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12), ["c_attn", "c_proj"]),
-    "tinyllama": ("LlamaConfig", dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                                      num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
-                                      rms_norm_eps=1e-5, rope_theta=10000.0), ["q_proj", "k_proj", "v_proj", "o_proj"]),
-    "phi2": ("PhiConfig", dict(vocab_size=51200, hidden_size=2560, intermediate_size=10240, num_hidden_layers=32,
-                               num_attention_heads=32, partial_rotary_factor=0.4, max_position_embeddings=2048,
-                               layer_norm_eps=1e-5, rope_theta=10000.0), ["q_proj", "k_proj", "v_proj", "dense"]),
+    "gpt2": (
+        "GPT2Config",
+        dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12),
+        ["c_attn", "c_proj"],
+    ),
+    "tinyllama": (
+        "LlamaConfig",
+        dict(
+            vocab_size=32000,
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=22,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            max_position_embeddings=2048,
+            rms_norm_eps=1e-5,
+            rope_theta=10000.0,
+        ),
+        ["q_proj", "k_proj", "v_proj", "o_proj"],
+    ),
+    "phi2": (
+        "PhiConfig",
+        dict(
+            vocab_size=51200,
+            hidden_size=2560,
+            intermediate_size=10240,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            partial_rotary_factor=0.4,
+            max_position_embeddings=2048,
+            layer_norm_eps=1e-5,
+            rope_theta=10000.0,
+        ),
+        ["q_proj", "k_proj", "v_proj", "dense"],
+    ),
 }
 QWEN_3B = dict(
-    text_config=dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
-                     num_key_value_heads=2, max_position_embeddings=128000, rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True,
-                     rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}),
-    vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048, patch_size=14,
-                       spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31]),
+    text_config=dict(
+        vocab_size=151936,
+        hidden_size=2048,
+        intermediate_size=11008,
+        num_hidden_layers=36,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        max_position_embeddings=128000,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        tie_word_embeddings=True,
+        rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
+    ),
+    vision_config=dict(
+        depth=32,
+        hidden_size=1280,
+        intermediate_size=3420,
+        num_heads=16,
+        out_hidden_size=2048,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=112,
+        fullatt_block_indexes=[7, 15, 23, 31],
+    ),
 )
 
 
@@ -95,15 +142,37 @@ def lora_config(folder: Path, arch: str, bits: int | None, batch: int, steps: in
     from lora_llm.config import LoraLLMConfig
 
     targets = ARCHS[arch][2]
-    return load_config(LoraLLMConfig, "tiny", [
-        f"run.root={root}", f"model.name={folder}", f"model.tokenizer={LORA_TOKENIZER}", "model.gradient_checkpointing=true",
-        f"lora.target_modules=[{','.join(targets)}]", f"quant.bits={bits if bits else 'null'}", "quant.compute_dtype=bfloat16",
-        "data.train_files=[sample:en]", "data.packing=true", f"data.max_length={SEQ}", "data.val_size=0",
-        f"trainer.batch_size={batch}", "trainer.accumulate_grad_batches=1", f"trainer.max_steps={steps}",
-        f"trainer.log_every_n_steps={max(1, steps // 3)}", "trainer.val_every_n_steps=null", "trainer.val_at_end=false",
-        "trainer.accelerator=cuda", "trainer.devices=1", "trainer.precision=bf16-mixed", "trainer.group_by_length=false",
-        "optim.name=paged_adamw_8bit", "logger.progress_bar=false", "logger.plot=false",
-    ], PRESETS)
+    return load_config(
+        LoraLLMConfig,
+        "tiny",
+        [
+            f"run.root={root}",
+            f"model.name={folder}",
+            f"model.tokenizer={LORA_TOKENIZER}",
+            "model.gradient_checkpointing=true",
+            f"lora.target_modules=[{','.join(targets)}]",
+            f"quant.bits={bits if bits else 'null'}",
+            "quant.compute_dtype=bfloat16",
+            "data.train_files=[sample:en]",
+            "data.packing=true",
+            f"data.max_length={SEQ}",
+            "data.val_size=0",
+            f"trainer.batch_size={batch}",
+            "trainer.accumulate_grad_batches=1",
+            f"trainer.max_steps={steps}",
+            f"trainer.log_every_n_steps={max(1, steps // 3)}",
+            "trainer.val_every_n_steps=null",
+            "trainer.val_at_end=false",
+            "trainer.accelerator=cuda",
+            "trainer.devices=1",
+            "trainer.precision=bf16-mixed",
+            "trainer.group_by_length=false",
+            "optim.name=paged_adamw_8bit",
+            "logger.progress_bar=false",
+            "logger.plot=false",
+        ],
+        PRESETS,
+    )
 
 
 def ours(cfg, peak: float) -> dict[str, float]:
@@ -114,19 +183,26 @@ def ours(cfg, peak: float) -> dict[str, float]:
     last = [r for r in records if "train/loss" in r][-1]
     params = summary["parameters"]["total"]
     tokens = last["throughput/tokens_per_sec"]
-    return {"tokens_per_sec": tokens, "peak_gb": max(r.get("memory/peak_allocated_gb", 0) for r in records), "mfu": 6 * params * tokens / peak}
+    return {
+        "tokens_per_sec": tokens,
+        "peak_gb": max(r.get("memory/peak_allocated_gb", 0) for r in records),
+        "mfu": 6 * params * tokens / peak,
+    }
 
 
 def hf_trainer(cfg, steps: int) -> dict[str, float]:
     """The same model, adapter, data and optimizer through transformers.Trainer."""
+    from transformers import Trainer, TrainingArguments
+
     from lora_llm.model import add_adapter, load_base
     from lora_llm.task import LoraLLMTask
-    from transformers import Trainer, TrainingArguments
 
     task = LoraLLMTask(cfg)
     task.setup()
     torch.cuda.reset_peak_memory_stats()
-    base = load_base(cfg.model.name, cfg.model, cfg.quant if cfg.quant.bits else None, torch.device("cuda"))
+    base = load_base(
+        cfg.model.name, cfg.model, cfg.quant if cfg.quant.bits else None, torch.device("cuda")
+    )
     model = add_adapter(base, cfg.lora, cfg.model.gradient_checkpointing)
 
     def collate(samples):
@@ -136,13 +212,28 @@ def hf_trainer(cfg, steps: int) -> dict[str, float]:
 
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
-            output_dir=tmp, per_device_train_batch_size=cfg.trainer.batch_size, max_steps=steps, learning_rate=cfg.optim.lr,
-            optim="paged_adamw_8bit", bf16=True, logging_steps=max(1, steps // 3), save_strategy="no", eval_strategy="no",
-            report_to="none", disable_tqdm=True, remove_unused_columns=False, lr_scheduler_type="cosine",
+            output_dir=tmp,
+            per_device_train_batch_size=cfg.trainer.batch_size,
+            max_steps=steps,
+            learning_rate=cfg.optim.lr,
+            optim="paged_adamw_8bit",
+            bf16=True,
+            logging_steps=max(1, steps // 3),
+            save_strategy="no",
+            eval_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            remove_unused_columns=False,
+            lr_scheduler_type="cosine",
         )
-        out = Trainer(model=model, args=args, train_dataset=task.train_dataset(), data_collator=collate).train()
+        out = Trainer(
+            model=model, args=args, train_dataset=task.train_dataset(), data_collator=collate
+        ).train()
     seconds = float(out.metrics["train_runtime"])
-    return {"tokens_per_sec": steps * cfg.trainer.batch_size * SEQ / seconds, "peak_gb": torch.cuda.max_memory_allocated() / 2**30}
+    return {
+        "tokens_per_sec": steps * cfg.trainer.batch_size * SEQ / seconds,
+        "peak_gb": torch.cuda.max_memory_allocated() / 2**30,
+    }
 
 
 def qwen_full_finetune(root: Path, steps: int, peak: float) -> dict[str, float]:
@@ -150,11 +241,12 @@ def qwen_full_finetune(root: Path, steps: int, peak: float) -> dict[str, float]:
     import subprocess
     import sys
 
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
     from core.config import load_config
     from qwen_vl.cli import PRESETS_DIR
     from qwen_vl.config import QwenVLConfig
     from qwen_vl.task import QwenVLTask
-    from transformers import AutoConfig, AutoModelForImageTextToText
 
     processor = REPO / "packages" / "qwen_vl" / "src" / "qwen_vl" / "assets" / "tiny_processor"
     folder = root / "qwen2_5_vl_3b"
@@ -166,19 +258,53 @@ def qwen_full_finetune(root: Path, steps: int, peak: float) -> dict[str, float]:
         del model
         torch.cuda.empty_cache()
     data = root / "counting"
-    subprocess.run([str(Path(sys.executable).parent / "make-data"), "--out", str(data), "--n", "256", "--size", "448"], check=True, capture_output=True)
-    cfg = load_config(QwenVLConfig, "tiny", [
-        f"run.root={root / 'runs'}", f"model.name={folder}", f"model.processor={processor}", "model.gradient_checkpointing=true",
-        "model.train_vision=true", f"data.train_file={data / 'train.jsonl'}", f"data.val_file={data / 'dev.jsonl'}",
-        "data.max_pixels=200704", f"trainer.max_steps={steps}", "trainer.batch_size=4", f"trainer.log_every_n_steps={max(1, steps // 3)}",
-        "trainer.val_every_n_steps=null", "trainer.val_at_end=false", "trainer.accelerator=cuda", "trainer.devices=1",
-        "trainer.precision=bf16-true", "optim.name=adafactor", "logger.progress_bar=false",
-    ], PRESETS_DIR)
+    subprocess.run(
+        [
+            str(Path(sys.executable).parent / "make-data"),
+            "--out",
+            str(data),
+            "--n",
+            "256",
+            "--size",
+            "448",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    cfg = load_config(
+        QwenVLConfig,
+        "tiny",
+        [
+            f"run.root={root / 'runs'}",
+            f"model.name={folder}",
+            f"model.processor={processor}",
+            "model.gradient_checkpointing=true",
+            "model.train_vision=true",
+            f"data.train_file={data / 'train.jsonl'}",
+            f"data.val_file={data / 'dev.jsonl'}",
+            "data.max_pixels=200704",
+            f"trainer.max_steps={steps}",
+            "trainer.batch_size=4",
+            f"trainer.log_every_n_steps={max(1, steps // 3)}",
+            "trainer.val_every_n_steps=null",
+            "trainer.val_at_end=false",
+            "trainer.accelerator=cuda",
+            "trainer.devices=1",
+            "trainer.precision=bf16-true",
+            "optim.name=adafactor",
+            "logger.progress_bar=false",
+        ],
+        PRESETS_DIR,
+    )
     summary, records = train_run(cfg, QwenVLTask(cfg))
     last = [r for r in records if "train/loss" in r][-1]
     params = summary["parameters"]["total"]
     tokens = last["throughput/tokens_per_sec"]
-    return {"tokens_per_sec": tokens, "peak_gb": max(r.get("memory/peak_allocated_gb", 0) for r in records), "mfu": 6 * params * tokens / peak}
+    return {
+        "tokens_per_sec": tokens,
+        "peak_gb": max(r.get("memory/peak_allocated_gb", 0) for r in records),
+        "mfu": 6 * params * tokens / peak,
+    }
 
 
 def main() -> None:
@@ -186,13 +312,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--archs", default="gpt2,tinyllama,phi2")
     parser.add_argument("--batches", default="1,4")
-    parser.add_argument("--no-hf", action="store_true", help="skip the Hugging Face Trainer comparison")
+    parser.add_argument(
+        "--no-hf", action="store_true", help="skip the Hugging Face Trainer comparison"
+    )
     parser.add_argument("--no-qwen", action="store_true", help="skip Qwen2.5-VL-3B")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    command = "uv run python bench/gpu.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in (("steps", args.steps), ("archs", args.archs), ("batches", args.batches)))
+    command = "uv run python bench/gpu.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}"
+        for k, v in (("steps", args.steps), ("archs", args.archs), ("batches", args.batches))
+    )
     if not torch.cuda.is_available():
-        text = report("GPU memory and throughput", command, "Skipped: no CUDA device on this machine.")
+        text = report(
+            "GPU memory and throughput", command, "Skipped: no CUDA device on this machine."
+        )
         print(text)
         return
     logging.disable(logging.WARNING)
@@ -208,27 +341,73 @@ def main() -> None:
                     cfg = lora_config(folder, arch, bits, batch, args.steps, root / "runs")
                     mine = ours(cfg, peak)
                     torch.cuda.empty_cache()
-                    theirs = None if args.no_hf else hf_trainer(lora_config(folder, arch, bits, batch, args.steps, root / "runs"), args.steps)
+                    theirs = (
+                        None
+                        if args.no_hf
+                        else hf_trainer(
+                            lora_config(folder, arch, bits, batch, args.steps, root / "runs"),
+                            args.steps,
+                        )
+                    )
                     torch.cuda.empty_cache()
                 except Exception as err:  # one failing configuration must not hide the others
-                    rows.append([label, f"failed: {type(err).__name__}: {str(err)[:80]}", "", "", "", ""])
+                    rows.append(
+                        [label, f"failed: {type(err).__name__}: {str(err)[:80]}", "", "", "", ""]
+                    )
                     continue
-                rows.append([
-                    label, f"{mine['peak_gb']:.2f}", f"{mine['tokens_per_sec']:,.0f}", f"{100 * mine['mfu']:.1f}%",
-                    f"{theirs['tokens_per_sec']:,.0f} / {theirs['peak_gb']:.2f} GB" if theirs else "—",
-                    f"{mine['tokens_per_sec'] / theirs['tokens_per_sec']:.2f}" if theirs else "—",
-                ])
+                rows.append(
+                    [
+                        label,
+                        f"{mine['peak_gb']:.2f}",
+                        f"{mine['tokens_per_sec']:,.0f}",
+                        f"{100 * mine['mfu']:.1f}%",
+                        f"{theirs['tokens_per_sec']:,.0f} / {theirs['peak_gb']:.2f} GB"
+                        if theirs
+                        else "—",
+                        f"{mine['tokens_per_sec'] / theirs['tokens_per_sec']:.2f}"
+                        if theirs
+                        else "—",
+                    ]
+                )
                 print(rows[-1], flush=True)
     if not args.no_qwen:
         try:
             q = qwen_full_finetune(root, args.steps, peak)
-            rows.append(["Qwen2.5-VL-3B full FT bf16 b4", f"{q['peak_gb']:.2f}", f"{q['tokens_per_sec']:,.0f}", f"{100 * q['mfu']:.1f}%", "—", "—"])
+            rows.append(
+                [
+                    "Qwen2.5-VL-3B full FT bf16 b4",
+                    f"{q['peak_gb']:.2f}",
+                    f"{q['tokens_per_sec']:,.0f}",
+                    f"{100 * q['mfu']:.1f}%",
+                    "—",
+                    "—",
+                ]
+            )
         except Exception as err:
-            rows.append(["Qwen2.5-VL-3B full FT bf16 b4", f"failed: {type(err).__name__}: {str(err)[:80]}", "", "", "", ""])
+            rows.append(
+                [
+                    "Qwen2.5-VL-3B full FT bf16 b4",
+                    f"failed: {type(err).__name__}: {str(err)[:80]}",
+                    "",
+                    "",
+                    "",
+                    "",
+                ]
+            )
     body = (
         f"Sequence {SEQ} (packed), {args.steps} steps per run, gradient checkpointing, paged AdamW 8-bit (Adafactor for Qwen). "
         f"Measured bf16 GEMM peak: {peak / 1e12:.0f} TFLOP/s; MFU = 6·N·tokens/s / that peak.\n\n"
-        + table(["workload", "peak memory GB", "tokens/s (ours)", "MFU", "HF Trainer tokens/s / peak", "ours / HF"], rows)
+        + table(
+            [
+                "workload",
+                "peak memory GB",
+                "tokens/s (ours)",
+                "MFU",
+                "HF Trainer tokens/s / peak",
+                "ours / HF",
+            ],
+            rows,
+        )
     )
     text = report("GPU memory and throughput", command, body)
     emit(text, args.out)

@@ -31,7 +31,14 @@ def padding_share(lengths: list[int], grouped: bool, seed: int = 0) -> float:
     """Padding share of one epoch of ``BATCH``-sized batches (the trainer's formula)."""
     from core.data import ShardedBatchSampler
 
-    sampler = ShardedBatchSampler(len(lengths), BATCH, shuffle=True, seed=seed, lengths=lengths if grouped else None, group_by_length=grouped)
+    sampler = ShardedBatchSampler(
+        len(lengths),
+        BATCH,
+        shuffle=True,
+        seed=seed,
+        lengths=lengths if grouped else None,
+        group_by_length=grouped,
+    )
     real = padded = 0
     for batch in sampler.global_batches(0):
         part = [lengths[i] for i in batch]
@@ -44,7 +51,12 @@ def summarization_config(*overrides: str):
     from core.config import load_config
     from summarization.config import PRESETS_DIR, SummarizationConfig
 
-    return load_config(SummarizationConfig, "tiny", [f"data.train_file={DIALOGSUM}", "data.max_val_samples=8", *overrides], PRESETS_DIR)
+    return load_config(
+        SummarizationConfig,
+        "tiny",
+        [f"data.train_file={DIALOGSUM}", "data.max_val_samples=8", *overrides],
+        PRESETS_DIR,
+    )
 
 
 def lora_config(*overrides: str):
@@ -52,7 +64,18 @@ def lora_config(*overrides: str):
     from lora_llm.cli import PRESETS
     from lora_llm.config import LoraLLMConfig
 
-    return load_config(LoraLLMConfig, "tiny", [f"data.train_files=[{ALPACA}]", "data.max_length=512", "data.on_bad_record=skip", "data.val_size=8", *overrides], PRESETS)
+    return load_config(
+        LoraLLMConfig,
+        "tiny",
+        [
+            f"data.train_files=[{ALPACA}]",
+            "data.max_length=512",
+            "data.on_bad_record=skip",
+            "data.val_size=8",
+            *overrides,
+        ],
+        PRESETS,
+    )
 
 
 def lengths_of(task_cls, cfg) -> list[int]:
@@ -78,18 +101,36 @@ def main() -> None:
     from summarization.task import SummarizationTask
 
     tmp = tempfile.mkdtemp()
-    common = [f"run.root={tmp}", f"trainer.max_steps={args.steps}", f"trainer.batch_size={BATCH}", "trainer.accumulate_grad_batches=1",
-              "trainer.val_every_n_steps=null", "trainer.val_at_end=false", "trainer.accelerator=cpu",
-              "logger.progress_bar=false", "logger.plot=false", "checkpoint.keep_last=1"]
+    common = [
+        f"run.root={tmp}",
+        f"trainer.max_steps={args.steps}",
+        f"trainer.batch_size={BATCH}",
+        "trainer.accumulate_grad_batches=1",
+        "trainer.val_every_n_steps=null",
+        "trainer.val_at_end=false",
+        "trainer.accelerator=cpu",
+        "logger.progress_bar=false",
+        "logger.plot=false",
+        "checkpoint.keep_last=1",
+    ]
     modes = {
         "DialogSum": {
-            "random": (SummarizationTask, summarization_config("trainer.group_by_length=false", *common)),
-            "grouped": (SummarizationTask, summarization_config("trainer.group_by_length=true", *common)),
+            "random": (
+                SummarizationTask,
+                summarization_config("trainer.group_by_length=false", *common),
+            ),
+            "grouped": (
+                SummarizationTask,
+                summarization_config("trainer.group_by_length=true", *common),
+            ),
         },
         "Alpaca": {
             "random": (LoraLLMTask, lora_config("trainer.group_by_length=false", *common)),
             "grouped": (LoraLLMTask, lora_config("trainer.group_by_length=true", *common)),
-            "packing": (LoraLLMTask, lora_config("trainer.group_by_length=false", "data.packing=true", *common)),
+            "packing": (
+                LoraLLMTask,
+                lora_config("trainer.group_by_length=false", "data.packing=true", *common),
+            ),
         },
     }
     rows = []
@@ -98,18 +139,47 @@ def main() -> None:
         for mode, (task_cls, cfg) in variants.items():
             lengths = lengths_of(task_cls, cfg)
             shares[mode] = padding_share(lengths, grouped=(mode == "grouped"))
-        speeds = repeat({mode: (lambda tc=tc, c=c: train_tokens_per_sec(tc, c)) for mode, (tc, c) in variants.items()}, args.reps)
+        speeds = repeat(
+            {
+                mode: (lambda tc=tc, c=c: train_tokens_per_sec(tc, c))
+                for mode, (tc, c) in variants.items()
+            },
+            args.reps,
+        )
         base = statistics.median(speeds["random"])
         for mode in variants:
             med = statistics.median(speeds[mode])
-            rows.append([data_name, mode, f"{100 * shares[mode]:.1f}%", f"{med:,.0f}", f"{min(speeds[mode]):,.0f} – {max(speeds[mode]):,.0f}", f"{med / base:.2f}"])
+            rows.append(
+                [
+                    data_name,
+                    mode,
+                    f"{100 * shares[mode]:.1f}%",
+                    f"{med:,.0f}",
+                    f"{min(speeds[mode]):,.0f} – {max(speeds[mode]):,.0f}",
+                    f"{med / base:.2f}",
+                ]
+            )
     body = (
         f"Batch {BATCH}, one epoch's batches from core's sampler (seed 0). Throughput: the `tiny` model of each task, "
         f"{args.steps} steps on the CPU, non-padding input tokens per second from summary.json, median of {args.reps} "
         "interleaved runs. Packing concatenates whole records into 512-token blocks (lora_llm; no sample attends to another).\n\n"
-        + table(["data", "batches", "padding share", "useful tokens/s (median)", "min – max", "ratio to random"], rows)
+        + table(
+            [
+                "data",
+                "batches",
+                "padding share",
+                "useful tokens/s (median)",
+                "min – max",
+                "ratio to random",
+            ],
+            rows,
+        )
     )
-    text = report("Padding waste", f"uv run python bench/padding.py --steps {args.steps} --reps {args.reps}", body)
+    text = report(
+        "Padding waste",
+        f"uv run python bench/padding.py --steps {args.steps} --reps {args.reps}",
+        body,
+    )
     emit(text, args.out)
 
 

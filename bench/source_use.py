@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import REPO, emit, machine
 
 DIALOGSUM = REPO.parent / "shared" / "data" / "dialogsum"
@@ -36,13 +35,29 @@ def rows(path: Path, n: int | None = None) -> list[dict]:
     with the first reference as ``summary``."""
     from summarization.data import read_jsonl
 
-    return [{"dialogue": r["dialogue"], "summary": r["references"][0]} for r in read_jsonl(path)[:n]]
+    return [
+        {"dialogue": r["dialogue"], "summary": r["references"][0]} for r in read_jsonl(path)[:n]
+    ]
 
 
-def encode(tokenizer, sources: list[dict], targets: list[dict], max_source: int = 320) -> dict[str, torch.Tensor]:
+def encode(
+    tokenizer, sources: list[dict], targets: list[dict], max_source: int = 320
+) -> dict[str, torch.Tensor]:
     """A padded batch: ``sources``' dialogues as input, ``targets``' summaries as labels (-100 on padding)."""
-    batch = tokenizer([r["dialogue"] for r in sources], max_length=max_source, truncation=True, padding=True, return_tensors="pt")
-    labels = tokenizer(text_target=[r["summary"] for r in targets], max_length=64, truncation=True, padding=True, return_tensors="pt")["input_ids"]
+    batch = tokenizer(
+        [r["dialogue"] for r in sources],
+        max_length=max_source,
+        truncation=True,
+        padding=True,
+        return_tensors="pt",
+    )
+    labels = tokenizer(
+        text_target=[r["summary"] for r in targets],
+        max_length=64,
+        truncation=True,
+        padding=True,
+        return_tensors="pt",
+    )["input_ids"]
     batch["labels"] = labels.masked_fill(labels == tokenizer.pad_token_id, -100)
     return dict(batch)
 
@@ -64,7 +79,9 @@ def measure(model, tokenizer, dev: list[dict], batch_size: int = 16) -> dict[str
         result[name] = total / count
     result["gap"] = result["rotated"] - result["matched"]
     batch = encode(tokenizer, dev[:batch_size], dev[:batch_size])
-    hidden = model.get_encoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    hidden = model.get_encoder()(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+    ).last_hidden_state
     result["spread"] = hidden[batch["attention_mask"].bool()].float().std(0).mean().item()
     model.train(was_training)
     return result
@@ -78,28 +95,51 @@ def train_and_measure(args: argparse.Namespace, dev: list[dict]) -> list[str]:
     from summarization.model import build_model, load_model_config
     from summarization.task import SummarizationTask
 
-    cfg = load_config(SummarizationConfig, "small", [f"model.scratch.architecture={args.architecture}",
-                                                     f"model.encoder_mlm={args.encoder_mlm}"], PRESETS_DIR)
+    cfg = load_config(
+        SummarizationConfig,
+        "small",
+        [
+            f"model.scratch.architecture={args.architecture}",
+            f"model.encoder_mlm={args.encoder_mlm}",
+        ],
+        PRESETS_DIR,
+    )
     torch.manual_seed(args.seed)
     task = SummarizationTask(cfg)
     task.setup_model_side()
     tokenizer = task.tokenizer
     model = build_model(cfg.model, load_model_config(cfg.model, tokenizer))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
+    )
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 100))
     train = rows(DIALOGSUM / "dialogsum.train.2021-05-26.jsonl")
     rng = random.Random(args.seed)
-    lines = [f"`{args.architecture}`, encoder_mlm={args.encoder_mlm}:", "",
-             "| step | dev loss, own dialogue | dev loss, another dialogue | gap | encoder spread | seconds |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"`{args.architecture}`, encoder_mlm={args.encoder_mlm}:",
+        "",
+        "| step | dev loss, own dialogue | dev loss, another dialogue | gap | encoder spread | seconds |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     m = measure(model, tokenizer, dev)
-    lines.append(f"| 0 | {m['matched']:.3f} | {m['rotated']:.3f} | {m['gap']:.3f} | {m['spread']:.3f} | 0 |")
+    lines.append(
+        f"| 0 | {m['matched']:.3f} | {m['rotated']:.3f} | {m['gap']:.3f} | {m['spread']:.3f} | 0 |"
+    )
     start = time.perf_counter()
     for step in range(1, args.train_steps + 1):
         sample = rng.sample(train, 16)
-        batch = task.collator([{"index": i, **tokenizer(r["dialogue"], max_length=320, truncation=True),
-                                "labels": tokenizer(text_target=r["summary"], max_length=64, truncation=True)["input_ids"]}
-                               for i, r in enumerate(sample)])
+        batch = task.collator(
+            [
+                {
+                    "index": i,
+                    **tokenizer(r["dialogue"], max_length=320, truncation=True),
+                    "labels": tokenizer(text_target=r["summary"], max_length=64, truncation=True)[
+                        "input_ids"
+                    ],
+                }
+                for i, r in enumerate(sample)
+            ]
+        )
         batch.pop("index")
         out = task.training_step(model, batch)
         (out.loss_sum / out.num_tokens).backward()
@@ -109,15 +149,26 @@ def train_and_measure(args: argparse.Namespace, dev: list[dict]) -> list[str]:
         warmup.step()
         if step % args.every == 0:
             m = measure(model, tokenizer, dev)
-            lines.append(f"| {step} | {m['matched']:.3f} | {m['rotated']:.3f} | {m['gap']:.3f} | {m['spread']:.3f} | {time.perf_counter() - start:.0f} |")
+            lines.append(
+                f"| {step} | {m['matched']:.3f} | {m['rotated']:.3f} | {m['gap']:.3f} | {m['spread']:.3f} | {time.perf_counter() - start:.0f} |"
+            )
             print(lines[-1], flush=True)
     return lines
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, help="a model folder (save_pretrained output, e.g. a run's final/)")
-    parser.add_argument("--train-steps", type=int, default=0, help="train a fresh `small` model this many steps instead")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", type=Path, help="a model folder (save_pretrained output, e.g. a run's final/)"
+    )
+    parser.add_argument(
+        "--train-steps",
+        type=int,
+        default=0,
+        help="train a fresh `small` model this many steps instead",
+    )
     parser.add_argument("--architecture", default="mbart", choices=["bart", "mbart"])
     parser.add_argument("--encoder-mlm", type=float, default=0.0)
     parser.add_argument("--every", type=int, default=50)
@@ -131,13 +182,20 @@ def main() -> None:
 
         model = AutoModelForSeq2SeqLM.from_pretrained(args.model)
         m = measure(model, AutoTokenizer.from_pretrained(args.model), dev)
-        body = [f"`{args.model}`: dev loss {m['matched']:.3f} with its own dialogue, {m['rotated']:.3f} with another "
-                f"(gap {m['gap']:.3f}); encoder spread {m['spread']:.3f}"]
+        body = [
+            f"`{args.model}`: dev loss {m['matched']:.3f} with its own dialogue, {m['rotated']:.3f} with another "
+            f"(gap {m['gap']:.3f}); encoder spread {m['spread']:.3f}"
+        ]
     elif args.train_steps:
         body = train_and_measure(args, dev)
     else:
         parser.error("give --model DIR or --train-steps N")
-    emit("\n".join([f"### Source use ({args.dev_rows} DialogSum dev rows)", "", machine(), "", *body, ""]), args.out)
+    emit(
+        "\n".join(
+            [f"### Source use ({args.dev_rows} DialogSum dev rows)", "", machine(), "", *body, ""]
+        ),
+        args.out,
+    )
 
 
 if __name__ == "__main__":

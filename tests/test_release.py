@@ -12,7 +12,11 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.release, pytest.mark.slow, pytest.mark.skipif(shutil.which("uv") is None, reason="uv is not on PATH")]
+pytestmark = [
+    pytest.mark.release,
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("uv") is None, reason="uv is not on PATH"),
+]
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ["core", "summarization", "lora_llm", "qwen_vl"]
@@ -20,14 +24,27 @@ TASKS = PACKAGES[1:]
 # What each wheel must carry besides code (glob patterns inside the wheel).
 WHEEL_DATA = {
     "core": ["core/settings.py", "core/slurm/env.sh", "core/slurm/launch.sh"],
-    "summarization": ["summarization/presets/tiny.yaml", "summarization/slurm/train.sbatch", "summarization/assets/*"],
+    "summarization": [
+        "summarization/presets/tiny.yaml",
+        "summarization/slurm/train.sbatch",
+        "summarization/assets/*",
+    ],
     "lora_llm": ["lora_llm/presets/tiny.yaml", "lora_llm/slurm/train.sbatch", "lora_llm/assets/*"],
     "qwen_vl": ["qwen_vl/presets/tiny.yaml", "qwen_vl/slurm/train.sbatch", "qwen_vl/assets/*"],
 }
 
 
-def _uv(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
-    done = subprocess.run(["uv", *args], cwd=cwd, capture_output=True, text=True, env=env or os.environ.copy(), timeout=timeout)
+def _uv(
+    *args: str, cwd: Path = REPO, env: dict | None = None, timeout: int = 900
+) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        ["uv", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=env or os.environ.copy(),
+        timeout=timeout,
+    )
     assert done.returncode == 0, f"uv {' '.join(args)}\n{done.stdout}\n{done.stderr}"
     return done
 
@@ -61,28 +78,76 @@ def test_wheel_and_sdist_ship_the_runtime_files(dist, package):
 def test_task_wheel_installs_and_trains_outside_the_workspace(dist, tmp_path, task):
     # The locked versions of the task's dependencies: reuses the uv cache, no re-resolution.
     constraints = tmp_path / "constraints.txt"
-    _uv("export", "--frozen", "--package", task, "--no-emit-workspace", "--no-hashes", "--no-header", "--no-dev", "-o", str(constraints))
+    _uv(
+        "export",
+        "--frozen",
+        "--package",
+        task,
+        "--no-emit-workspace",
+        "--no-hashes",
+        "--no-header",
+        "--no-dev",
+        "-o",
+        str(constraints),
+    )
     venv = tmp_path / "venv"
     _uv("venv", "--quiet", str(venv), cwd=tmp_path)
     python = venv / "bin" / "python"
     wheels = [str(next(dist.glob("core-*.whl"))), str(next(dist.glob(f"{task}-*.whl")))]
-    _uv("pip", "install", "--quiet", "--python", str(python), "-c", str(constraints), *wheels, cwd=tmp_path)
+    _uv(
+        "pip",
+        "install",
+        "--quiet",
+        "--python",
+        str(python),
+        "-c",
+        str(constraints),
+        *wheels,
+        cwd=tmp_path,
+    )
 
-    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "CORE_TASK", "PYTHONPATH")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "CORE_TASK", "PYTHONPATH")
+    }
     env.update({"HF_HUB_OFFLINE": "1", "PATH": f"{venv / 'bin'}:{env['PATH']}"})
     outside = tmp_path / "elsewhere"
     outside.mkdir()
-    help_run = subprocess.run([str(venv / "bin" / "train"), "--help"], cwd=outside, capture_output=True, text=True, env=env, timeout=300)
+    help_run = subprocess.run(
+        [str(venv / "bin" / "train"), "--help"],
+        cwd=outside,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert help_run.returncode == 0, help_run.stderr
     assert "tiny" in help_run.stdout, "the presets ship in the wheel"
     if task == "qwen_vl":  # its tiny preset trains on data the package draws itself
-        drawn = subprocess.run([str(venv / "bin" / "make-data"), "--out", "data/counting", "--n", "16"], cwd=outside,
-                               capture_output=True, text=True, env=env, timeout=300)
+        drawn = subprocess.run(
+            [str(venv / "bin" / "make-data"), "--out", "data/counting", "--n", "16"],
+            cwd=outside,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
         assert drawn.returncode == 0, drawn.stderr
     train = subprocess.run(
-        [str(venv / "bin" / "train"), "-c", "tiny", "trainer.max_steps=2", "trainer.val_every_n_steps=null",
-         "trainer.accelerator=cpu", "logger.progress_bar=false", f"run.root={outside / 'runs'}"],
-        cwd=outside, capture_output=True, text=True, env=env, timeout=900,
+        [
+            str(venv / "bin" / "train"),
+            "-c",
+            "tiny",
+            "trainer.max_steps=2",
+            "trainer.val_every_n_steps=null",
+            "trainer.accelerator=cpu",
+            "logger.progress_bar=false",
+            f"run.root={outside / 'runs'}",
+        ],
+        cwd=outside,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
     )
     assert train.returncode == 0, train.stdout[-2000:] + train.stderr[-4000:]
     runs = [p for p in (outside / "runs").iterdir() if not p.name.startswith(".")]

@@ -7,10 +7,10 @@ import os
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 from packaging.requirements import Requirement
 from packaging.version import Version
 
@@ -38,9 +38,12 @@ def test_task_depends_on_core_with_a_range_that_admits_the_current_core(task):
     core_reqs = [r for r in requirements if r.name == "core"]
     assert len(core_reqs) == 1, "exactly one requirement on core"
     spec = core_reqs[0].specifier
-    assert any(s.operator in ("<", "<=", "~=", "==") for s in spec) and any(s.operator in (">", ">=", "~=", "==") for s in spec), \
-        f"{task} needs a bounded range on core, got '{spec}'"
-    assert spec.contains(core_version), f"{task} requires core{spec}, which does not admit core {core_version}"
+    assert any(s.operator in ("<", "<=", "~=", "==") for s in spec) and any(
+        s.operator in (">", ">=", "~=", "==") for s in spec
+    ), f"{task} needs a bounded range on core, got '{spec}'"
+    assert spec.contains(core_version), (
+        f"{task} requires core{spec}, which does not admit core {core_version}"
+    )
 
 
 def test_only_core_declares_the_shared_command_names():
@@ -48,7 +51,9 @@ def test_only_core_declares_the_shared_command_names():
     assert shared <= set(pyproject("core")["project"]["scripts"])
     for task in TASKS:
         scripts = set(pyproject(task)["project"].get("scripts", {}))
-        assert not scripts & shared, f"{task} must not declare {scripts & shared}: core's launcher dispatches them"
+        assert not scripts & shared, (
+            f"{task} must not declare {scripts & shared}: core's launcher dispatches them"
+        )
         assert pyproject(task)["project"]["entry-points"]["core.tasks"] == {task: f"{task}.cli"}
 
 
@@ -59,7 +64,14 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _help(task: str, env: dict[str, str], command: str = "train") -> str:
-    done = subprocess.run([UV, "run", "--frozen", "--package", task, command, "--help"], cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(
+        [UV, "run", "--frozen", "--package", task, command, "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
@@ -69,13 +81,27 @@ def _help(task: str, env: dict[str, str], command: str = "train") -> str:
 def test_uv_run_package_train_runs_that_tasks_trainer_in_any_order_and_after_any_sync(tmp_path):
     """A private venv (UV_PROJECT_ENVIRONMENT) so that exact syncs cannot disturb the test run."""
     env = _env(UV_PROJECT_ENVIRONMENT=str(tmp_path / "venv"))
-    done = subprocess.run([UV, "sync", "--frozen", "--all-packages"], cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    done = subprocess.run(
+        [UV, "sync", "--frozen", "--all-packages"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr
     for task in [*TASKS, *reversed(TASKS)]:
         assert HELP_MARKER[task] in _help(task, env), task
     # An exact sync of one member uninstalls the others (and, with per-member scripts, their
     # shared bin/train); the remaining member must still work, and the others come back.
-    done = subprocess.run([UV, "sync", "--frozen", "--package", "lora_llm"], cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    done = subprocess.run(
+        [UV, "sync", "--frozen", "--package", "lora_llm"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr
     assert HELP_MARKER["lora_llm"] in _help("lora_llm", env)
     assert HELP_MARKER["summarization"] in _help("summarization", env)
@@ -84,14 +110,48 @@ def test_uv_run_package_train_runs_that_tasks_trainer_in_any_order_and_after_any
 
 def test_shared_command_needs_a_task_when_several_are_installed(tmp_path):
     train = Path(sys.executable).parent / "train"
-    done = subprocess.run([str(train), "--help"], cwd=tmp_path, capture_output=True, text=True, env=_env())
+    done = subprocess.run(
+        [str(train), "--help"], cwd=tmp_path, capture_output=True, text=True, env=_env()
+    )
     assert done.returncode == 2
-    assert "is shared by several task packages" in done.stderr and "uv run --package <task> train" in done.stderr
-    done = subprocess.run([str(train), "--task", "nope", "--help"], cwd=tmp_path, capture_output=True, text=True, env=_env())
-    assert done.returncode == 2 and "Task 'nope' (from --task) is not an installed task package" in done.stderr
-    done = subprocess.run([str(train), "--help"], cwd=tmp_path, capture_output=True, text=True, env=_env(CORE_TASK="lora_llm"))
+    assert (
+        "is shared by several task packages" in done.stderr
+        and "uv run --package <task> train" in done.stderr
+    )
+    done = subprocess.run(
+        [str(train), "--task", "nope", "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=_env(),
+    )
+    assert (
+        done.returncode == 2
+        and "Task 'nope' (from --task) is not an installed task package" in done.stderr
+    )
+    done = subprocess.run(
+        [str(train), "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=_env(CORE_TASK="lora_llm"),
+    )
     assert done.returncode == 0 and "lora" in done.stdout.lower()
-    done = subprocess.run([str(train), "--help"], cwd=REPO / "packages" / "qwen_vl", capture_output=True, text=True, env=_env())
-    assert done.returncode == 0 and "qwen" in done.stdout.lower(), "the member folder picks the task"
-    done = subprocess.run([str(Path(sys.executable).parent / "evaluate"), "--task", "lora_llm"], cwd=tmp_path, capture_output=True, text=True, env=_env())
+    done = subprocess.run(
+        [str(train), "--help"],
+        cwd=REPO / "packages" / "qwen_vl",
+        capture_output=True,
+        text=True,
+        env=_env(),
+    )
+    assert done.returncode == 0 and "qwen" in done.stdout.lower(), (
+        "the member folder picks the task"
+    )
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "evaluate"), "--task", "lora_llm"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=_env(),
+    )
     assert done.returncode == 2 and "has no 'evaluate' command" in done.stderr

@@ -37,7 +37,9 @@ class Cluster:
         return env
 
     def run(self, *args: str, check: bool = True) -> str:
-        done = subprocess.run(list(args), capture_output=True, text=True, env=self.env(), timeout=60)
+        done = subprocess.run(
+            list(args), capture_output=True, text=True, env=self.env(), timeout=60
+        )
         if check and done.returncode != 0:
             raise RuntimeError(f"{' '.join(args)} failed: {done.stderr}")
         return done.stdout
@@ -46,14 +48,28 @@ class Cluster:
         out = self.run("scontrol", "show", "job", "-o", job_id, check=False)
         return dict(part.split("=", 1) for part in out.split() if "=" in part)
 
-    def wait(self, job_id: str, states: tuple[str, ...] = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"), timeout: float = 600) -> dict[str, str]:
+    def wait(
+        self,
+        job_id: str,
+        states: tuple[str, ...] = (
+            "COMPLETED",
+            "FAILED",
+            "CANCELLED",
+            "TIMEOUT",
+            "NODE_FAIL",
+            "OUT_OF_MEMORY",
+        ),
+        timeout: float = 600,
+    ) -> dict[str, str]:
         deadline = time.time() + timeout
         while time.time() < deadline:
             info = self.job_state(job_id)
             if info.get("JobState") in states:
                 return info
             time.sleep(1)
-        raise TimeoutError(f"job {job_id} not in {states} after {timeout} s: {self.job_state(job_id)}")
+        raise TimeoutError(
+            f"job {job_id} not in {states} after {timeout} s: {self.job_state(job_id)}"
+        )
 
 
 def _free_port() -> int:
@@ -68,10 +84,14 @@ def _install() -> None:
     if os.geteuid() != 0 or not shutil.which("apt-get"):
         pytest.skip("Slurm is not installed and cannot be installed here (needs root and apt-get)")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    done = subprocess.run(["apt-get", "install", "-y", "-q", *PACKAGES], capture_output=True, text=True, env=env)
+    done = subprocess.run(
+        ["apt-get", "install", "-y", "-q", *PACKAGES], capture_output=True, text=True, env=env
+    )
     if done.returncode != 0:  # stale package lists on a fresh machine
         subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env)
-        done = subprocess.run(["apt-get", "install", "-y", "-q", *PACKAGES], capture_output=True, text=True, env=env)
+        done = subprocess.run(
+            ["apt-get", "install", "-y", "-q", *PACKAGES], capture_output=True, text=True, env=env
+        )
     if done.returncode != 0:
         pytest.skip(f"could not install Slurm: {done.stderr[-500:]}")
 
@@ -134,19 +154,42 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]
     logs = open(root / "log" / "daemons.out", "w")
     daemons = [
         subprocess.Popen(
-            ["munged", "--foreground", "--force", f"--key-file={key}", f"--socket={root}/munge/munge.socket",
-             f"--pid-file={root}/munge/munged.pid", f"--log-file={root}/munge/munged.log", f"--seed-file={root}/munge/seed"],
-            stdout=logs, stderr=subprocess.STDOUT, env=env,
+            [
+                "munged",
+                "--foreground",
+                "--force",
+                f"--key-file={key}",
+                f"--socket={root}/munge/munge.socket",
+                f"--pid-file={root}/munge/munged.pid",
+                f"--log-file={root}/munge/munged.log",
+                f"--seed-file={root}/munge/seed",
+            ],
+            stdout=logs,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
     ]
     time.sleep(0.5)
-    daemons.append(subprocess.Popen(["slurmctld", "-D", "-i", "-f", str(conf)], stdout=logs, stderr=subprocess.STDOUT, env=env))
+    daemons.append(
+        subprocess.Popen(
+            ["slurmctld", "-D", "-i", "-f", str(conf)],
+            stdout=logs,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    )
     time.sleep(0.5)
-    daemons.append(subprocess.Popen(["slurmd", "-D", "-f", str(conf)], stdout=logs, stderr=subprocess.STDOUT, env=env))
+    daemons.append(
+        subprocess.Popen(
+            ["slurmd", "-D", "-f", str(conf)], stdout=logs, stderr=subprocess.STDOUT, env=env
+        )
+    )
     try:
         deadline = time.time() + 60
         while True:
-            out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, env=env).stdout.strip()
+            out = subprocess.run(
+                ["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, env=env
+            ).stdout.strip()
             if out in ("idle", "mix", "alloc"):
                 break
             if time.time() > deadline:
@@ -154,7 +197,9 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]
             time.sleep(0.5)
         yield cluster
     finally:
-        subprocess.run(["scancel", "--user", os.environ.get("USER", "root")], env=env, capture_output=True)
+        subprocess.run(
+            ["scancel", "--user", os.environ.get("USER", "root")], env=env, capture_output=True
+        )
         time.sleep(1)
         for proc in reversed(daemons):
             if proc.poll() is None:

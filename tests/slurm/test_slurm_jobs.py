@@ -29,15 +29,38 @@ FILE_SECRET = "hf_FromSecretsFile987654321"
 def submit(cluster, workdir: Path, task: str, *train_args: str, **env: str) -> str:
     """Submit ``packages/<task>/slurm/train.sbatch`` in CPU mode with 2 tasks; returns the job id."""
     (workdir / "logs").mkdir(parents=True, exist_ok=True)
-    job_env = cluster.env(REPO_DIR=str(REPO), DEVICE="cpu", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", HOME=str(workdir), **env)
+    job_env = cluster.env(
+        REPO_DIR=str(REPO),
+        DEVICE="cpu",
+        HF_HUB_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        HOME=str(workdir),
+        **env,
+    )
     import subprocess
 
     done = subprocess.run(
-        ["sbatch", "--parsable", f"--chdir={workdir}", "--gres=none", "--ntasks-per-node=2", "--cpus-per-task=1",
-         "--mem=8G", "--time=30", f"--partition={cluster.partition}",
-         str(REPO / "packages" / task / "slurm" / "train.sbatch"), "-c", "tiny", f"run.root={workdir / 'runs'}",
-         "logger.progress_bar=false", *train_args],
-        capture_output=True, text=True, env=job_env, timeout=60,
+        [
+            "sbatch",
+            "--parsable",
+            f"--chdir={workdir}",
+            "--gres=none",
+            "--ntasks-per-node=2",
+            "--cpus-per-task=1",
+            "--mem=8G",
+            "--time=30",
+            f"--partition={cluster.partition}",
+            str(REPO / "packages" / task / "slurm" / "train.sbatch"),
+            "-c",
+            "tiny",
+            f"run.root={workdir / 'runs'}",
+            "logger.progress_bar=false",
+            *train_args,
+        ],
+        capture_output=True,
+        text=True,
+        env=job_env,
+        timeout=60,
     )
     assert done.returncode == 0, done.stderr
     return done.stdout.strip().split(";")[0]
@@ -54,8 +77,17 @@ def draw_counting_data(workdir: Path) -> None:
     import subprocess
     import sys
 
-    drawn = subprocess.run([str(Path(sys.executable).parent / "make-data"), "--out", str(workdir / "data" / "counting"), "--n", "16"],
-                           capture_output=True, text=True)
+    drawn = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "make-data"),
+            "--out",
+            str(workdir / "data" / "counting"),
+            "--n",
+            "16",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert drawn.returncode == 0, drawn.stderr
 
 
@@ -66,31 +98,62 @@ def test_each_task_trains_with_two_ranks_and_leaks_no_secret(slurm_cluster, tmp_
     secrets = tmp_path / "secrets.env"
     secrets.write_text(f"HUGGING_FACE_HUB_TOKEN={FILE_SECRET}\n")
     secrets.chmod(0o600)
-    job = submit(slurm_cluster, tmp_path, task, "trainer.max_steps=3", "trainer.log_every_n_steps=1",
-                 HF_TOKEN=HF_SECRET, WANDB_API_KEY=WANDB_SECRET, SECRETS_FILE=str(secrets))
+    job = submit(
+        slurm_cluster,
+        tmp_path,
+        task,
+        "trainer.max_steps=3",
+        "trainer.log_every_n_steps=1",
+        HF_TOKEN=HF_SECRET,
+        WANDB_API_KEY=WANDB_SECRET,
+        SECRETS_FILE=str(secrets),
+    )
     info = slurm_cluster.wait(job, timeout=900)
     log = tmp_path / "logs" / f"{task}_{job}.out"
-    assert log.is_file(), f"expected the log at logs/%x_%j.out: {list((tmp_path / 'logs').iterdir())}"
+    assert log.is_file(), (
+        f"expected the log at logs/%x_%j.out: {list((tmp_path / 'logs').iterdir())}"
+    )
     text = log.read_text()
     assert info["JobState"] == "COMPLETED", text[-3000:]
-    assert "GLOBAL_RANK: 0" in text and "GLOBAL_RANK: 1" in text, "both ranks must join the process group"
+    assert "GLOBAL_RANK: 0" in text and "GLOBAL_RANK: 1" in text, (
+        "both ranks must join the process group"
+    )
     run = only_run(tmp_path / "runs")
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["global_step"] == 3
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and manifest["slurm"]["SLURM_JOB_ID"] == job
     assert (run / "final").is_dir() and (run / "config.yaml").is_file()
-    for path in [log, *[p for p in run.rglob("*") if p.is_file() and p.suffix in (".json", ".jsonl", ".yaml", ".log", ".txt", ".csv")]]:
+    for path in [
+        log,
+        *[
+            p
+            for p in run.rglob("*")
+            if p.is_file() and p.suffix in (".json", ".jsonl", ".yaml", ".log", ".txt", ".csv")
+        ],
+    ]:
         content = path.read_text(errors="replace")
         for secret in (HF_SECRET, WANDB_SECRET, FILE_SECRET):
             assert secret not in content, f"secret leaked into {path}"
 
 
-@pytest.mark.parametrize("task, extra", [("summarization", []), ("qwen_vl", ["trainer.strategy=fsdp"])], ids=["summarization-ddp", "qwen_vl-fsdp2"])
-def test_usr1_before_time_limit_checkpoints_requeues_and_resumes_to_the_same_weights(slurm_cluster, tmp_path, task, extra):
+@pytest.mark.parametrize(
+    "task, extra",
+    [("summarization", []), ("qwen_vl", ["trainer.strategy=fsdp"])],
+    ids=["summarization-ddp", "qwen_vl-fsdp2"],
+)
+def test_usr1_before_time_limit_checkpoints_requeues_and_resumes_to_the_same_weights(
+    slurm_cluster, tmp_path, task, extra
+):
     from safetensors.torch import load_file
 
-    args = ("trainer.max_steps=30", "trainer.log_every_n_steps=1", "trainer.deterministic=true", "trainer.val_every_n_steps=1000", *extra)
+    args = (
+        "trainer.max_steps=30",
+        "trainer.log_every_n_steps=1",
+        "trainer.deterministic=true",
+        "trainer.val_every_n_steps=1000",
+        *extra,
+    )
     for part in ("full", "cut"):
         if task == "qwen_vl":
             draw_counting_data(tmp_path / part)
@@ -99,11 +162,20 @@ def test_usr1_before_time_limit_checkpoints_requeues_and_resumes_to_the_same_wei
 
     job = submit(slurm_cluster, tmp_path / "cut", task, *args)
     deadline = time.time() + 600
-    while not list((tmp_path / "cut" / "runs").glob("*/metrics.jsonl")) or '"step": 3,' not in next((tmp_path / "cut" / "runs").glob("*/metrics.jsonl")).read_text():
+    while (
+        not list((tmp_path / "cut" / "runs").glob("*/metrics.jsonl"))
+        or '"step": 3,' not in next((tmp_path / "cut" / "runs").glob("*/metrics.jsonl")).read_text()
+    ):
         assert time.time() < deadline, "the job did not reach step 3"
-        assert slurm_cluster.job_state(job).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), slurm_cluster.job_state(job)
+        assert slurm_cluster.job_state(job).get("JobState") in (
+            "PENDING",
+            "RUNNING",
+            "CONFIGURING",
+        ), slurm_cluster.job_state(job)
         time.sleep(0.2)
-    slurm_cluster.run("scancel", "--signal=USR1", job)  # what --signal=USR1@N does before the time limit
+    slurm_cluster.run(
+        "scancel", "--signal=USR1", job
+    )  # what --signal=USR1@N does before the time limit
     info = slurm_cluster.wait(job, timeout=900)
     log = (tmp_path / "cut" / "logs" / f"{task}_{job}.out").read_text()
     assert info["JobState"] == "COMPLETED", log[-3000:]
@@ -117,8 +189,13 @@ def test_usr1_before_time_limit_checkpoints_requeues_and_resumes_to_the_same_wei
     if extra:
         assert json.loads((run / "manifest.json").read_text())["strategy"] == "FSDP2Strategy"
         checkpoint = max((run / "checkpoints").glob("step-*"))
-        assert sorted(p.name for p in (checkpoint / "state").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+        assert sorted(p.name for p in (checkpoint / "state").glob("*.distcp")) == [
+            "__0_0.distcp",
+            "__1_0.distcp",
+        ]
     full_run = only_run(tmp_path / "full" / "runs")
     a = load_file(full_run / "final" / "model.safetensors")
     b = load_file(run / "final" / "model.safetensors")
-    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a), "resumed weights differ from the uninterrupted job"
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a), (
+        "resumed weights differ from the uninterrupted job"
+    )

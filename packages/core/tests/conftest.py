@@ -19,7 +19,12 @@ def run_toy(tmp_path: Path) -> Callable[..., FitResult]:
     def run(*overrides: str, root: str = "runs") -> FitResult:
         cfg = load_config(
             ToyConfig,
-            overrides=[f"run.root={tmp_path / root}", "logger.progress_bar=false", "trainer.accelerator=cpu", *overrides],
+            overrides=[
+                f"run.root={tmp_path / root}",
+                "logger.progress_bar=false",
+                "trainer.accelerator=cpu",
+                *overrides,
+            ],
         )
         return Trainer(cfg, ToyTask(cfg), argv=["pytest", *overrides]).fit()
 

@@ -13,11 +13,26 @@ from core.settings import TrainConfig
 from core.testing import ToyConfig, ToyTask
 
 CONTRACT_KEYS = [
-    "run.root", "run.name", "run.dir", "trainer.accelerator", "trainer.devices", "trainer.num_nodes",
-    "trainer.strategy", "trainer.precision", "trainer.max_steps", "trainer.max_epochs",
-    "trainer.accumulate_grad_batches", "trainer.gradient_clip_val", "trainer.log_every_n_steps",
-    "trainer.val_every_n_steps", "trainer.ckpt_every_n_steps", "trainer.seed", "trainer.deterministic",
-    "trainer.resume", "logger.wandb", "debug.shapes",
+    "run.root",
+    "run.name",
+    "run.dir",
+    "trainer.accelerator",
+    "trainer.devices",
+    "trainer.num_nodes",
+    "trainer.strategy",
+    "trainer.precision",
+    "trainer.max_steps",
+    "trainer.max_epochs",
+    "trainer.accumulate_grad_batches",
+    "trainer.gradient_clip_val",
+    "trainer.log_every_n_steps",
+    "trainer.val_every_n_steps",
+    "trainer.ckpt_every_n_steps",
+    "trainer.seed",
+    "trainer.deterministic",
+    "trainer.resume",
+    "logger.wandb",
+    "debug.shapes",
 ]
 
 
@@ -31,8 +46,15 @@ def test_contract_keys_exist_and_every_field_is_documented():
 def test_overrides_are_typed_and_attribute_access_works():
     cfg = load_config(
         TrainConfig,
-        overrides=["trainer.max_steps=100", "optim.lr=1e-4", "optim.betas=[0.8, 0.95]", "trainer.devices=auto",
-                   "trainer.deterministic=warn", "run.dir=null", "run.root=some/where"],
+        overrides=[
+            "trainer.max_steps=100",
+            "optim.lr=1e-4",
+            "optim.betas=[0.8, 0.95]",
+            "trainer.devices=auto",
+            "trainer.deterministic=warn",
+            "run.dir=null",
+            "run.root=some/where",
+        ],
     )
     assert cfg.trainer.max_steps == 100 and isinstance(cfg.trainer.max_steps, int)
     assert cfg.optim.lr == pytest.approx(1e-4)  # YAML reads "1e-4" as text; we convert it
@@ -44,10 +66,19 @@ def test_overrides_are_typed_and_attribute_access_works():
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("trainer.max_stepz=3", "Unknown config key 'trainer.max_stepz'. Did you mean 'trainer.max_steps'?"),
+        (
+            "trainer.max_stepz=3",
+            "Unknown config key 'trainer.max_stepz'. Did you mean 'trainer.max_steps'?",
+        ),
         ("optim.max_steps=3", "Did you mean 'trainer.max_steps'?"),
-        ("trainer.max_steps=many", "Config key 'trainer.max_steps' got 'many' (str): expected int | null."),
-        ("trainer.precision=fp17", "Config key 'trainer.precision' got 'fp17' (str): expected one of"),
+        (
+            "trainer.max_steps=many",
+            "Config key 'trainer.max_steps' got 'many' (str): expected int | null.",
+        ),
+        (
+            "trainer.precision=fp17",
+            "Config key 'trainer.precision' got 'fp17' (str): expected one of",
+        ),
         ("trainer.max_steps=0", "Config key 'trainer.max_steps' must be at least 1, got 0."),
         ("optim.warmup_ratio=1.5", "Config key 'optim.warmup_ratio' must be in [0, 1), got 1.5."),
         ("trainer=3", "Config key 'trainer' is a group of settings"),
@@ -74,7 +105,9 @@ def test_preset_file_then_overrides_win(tmp_path):
 
 
 def test_resolved_config_round_trips_through_yaml(tmp_path):
-    cfg = load_config(ToyConfig, overrides=["trainer.max_steps=5", "model.n_embd=16", "optim.betas=[0.5, 0.6]"])
+    cfg = load_config(
+        ToyConfig, overrides=["trainer.max_steps=5", "model.n_embd=16", "optim.betas=[0.5, 0.6]"]
+    )
     path = tmp_path / "config.yaml"
     path.write_text(to_yaml(cfg))
     assert load_config(ToyConfig, path) == cfg
@@ -86,13 +119,22 @@ def test_parse_overrides_rejects_items_without_equals():
 
 
 def _train(argv):
-    return train_command(argv, prog="toy-train", description="toy", config_cls=ToyConfig, presets_dir=None, make_task=ToyTask)
+    return train_command(
+        argv,
+        prog="toy-train",
+        description="toy",
+        config_cls=ToyConfig,
+        presets_dir=None,
+        make_task=ToyTask,
+    )
 
 
 def test_cli_exit_code_2_with_one_paragraph_and_no_traceback(capsys, tmp_path):
     assert _train(["trainer.max_stepz=3", f"run.root={tmp_path}"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: Unknown config key 'trainer.max_stepz'. Did you mean 'trainer.max_steps'?")
+    assert err.startswith(
+        "error: Unknown config key 'trainer.max_stepz'. Did you mean 'trainer.max_steps'?"
+    )
     assert "Traceback" not in err
     assert not any(tmp_path.iterdir()), "a config error must not create a run folder"
     assert _train(["-c", str(tmp_path / "missing.yaml")]) == 2

@@ -23,14 +23,24 @@ def test_every_fsdp2_setting_gives_the_unsharded_step_and_rank0_weights_reach_ev
     script = Path(__file__).with_name("fsdp_settings_check.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env = {k: v for k, v in env.items() if not k.startswith("SLURM_")}
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
     result = json.loads(line.removeprefix("RESULT "))
     # float32: sharded, replicated (2-D meshes), checkpointed and prefetching runs all take the
     # step of one model on the whole batch; AdamW's step of ~lr would show any gradient error.
-    for name in ("full_shard", "shard_grad_op", "no_shard_2d_mesh", "hybrid_shard_2d_mesh", "activation_checkpointing", "prefetch",
-                 "adafactor", "adafactor_hybrid_shard"):
+    for name in (
+        "full_shard",
+        "shard_grad_op",
+        "no_shard_2d_mesh",
+        "hybrid_shard_2d_mesh",
+        "activation_checkpointing",
+        "prefetch",
+        "adafactor",
+        "adafactor_hybrid_shard",
+    ):
         assert result[name] < 1e-5, (name, result[name])
     # bfloat16 compute (SGD step proportional to the gradient): close, and really not float32;
     # the master weights stay float32.
@@ -38,22 +48,29 @@ def test_every_fsdp2_setting_gives_the_unsharded_step_and_rank0_weights_reach_ev
         assert 1e-6 < result[name] < 5e-4, (name, result[name])
         assert result[f"{name}:dtypes"] == ["torch.float32"]
     assert result["sync_module_states=True"] == 0.0
-    assert result["sync_module_states=False"] > 1e-3, "without the broadcast rank 1 keeps its own init"
+    assert result["sync_module_states=False"] > 1e-3, (
+        "without the broadcast rank 1 keeps its own init"
+    )
 
 
-@pytest.mark.parametrize("key, replacement", [
-    ("use_orig_params", "always keeps the original parameters"),
-    ("limit_all_gathers", "without the CPU rate limiter"),
-    ("backward_prefetch", "fsdp.prefetch_backward=N"),
-    ("state_dict_type", "always sharded"),
-])
+@pytest.mark.parametrize(
+    "key, replacement",
+    [
+        ("use_orig_params", "always keeps the original parameters"),
+        ("limit_all_gathers", "without the CPU rate limiter"),
+        ("backward_prefetch", "fsdp.prefetch_backward=N"),
+        ("state_dict_type", "always sharded"),
+    ],
+)
 def test_fsdp1_keys_are_retired_with_what_replaced_them(key, replacement):
     with pytest.raises(ConfigError, match=rf"Config key 'fsdp.{key}' is gone: .*{replacement}"):
         load_config(TrainConfig, overrides=[f"fsdp.{key}=true"])
 
 
 def test_fsdp_settings_are_checked():
-    with pytest.raises(ConfigError, match="fsdp.shard_size' only applies to fsdp.sharding_strategy=HYBRID_SHARD"):
+    with pytest.raises(
+        ConfigError, match="fsdp.shard_size' only applies to fsdp.sharding_strategy=HYBRID_SHARD"
+    ):
         load_config(TrainConfig, overrides=["fsdp.shard_size=2"])
     with pytest.raises(ConfigError, match="fsdp.prefetch_forward' must be 0 or more"):
         load_config(TrainConfig, overrides=["fsdp.prefetch_forward=-1"])
@@ -68,4 +85,7 @@ def test_mixed_precision_follows_trainer_precision():
     assert mixed_precision_dtypes(FSDPConfig(), "bf16-mixed") == (torch.bfloat16, torch.float32)
     assert mixed_precision_dtypes(FSDPConfig(), "bf16-true") == (None, torch.float32)
     assert mixed_precision_dtypes(FSDPConfig(), "32-true") == (None, None)
-    assert mixed_precision_dtypes(FSDPConfig(reduce_dtype="bfloat16"), "bf16-mixed") == (torch.bfloat16, torch.bfloat16)
+    assert mixed_precision_dtypes(FSDPConfig(reduce_dtype="bfloat16"), "bf16-mixed") == (
+        torch.bfloat16,
+        torch.bfloat16,
+    )

@@ -22,13 +22,19 @@ TOY = [sys.executable, "-m", "core.testing"]
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "CORE_TASK", "MASTER_PORT"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "CORE_TASK", "MASTER_PORT"))
+    }
     env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra})
     return env
 
 
 def _start(args: list[str], log: Path, **env: str) -> subprocess.Popen:
-    return subprocess.Popen([*TOY, "train", *args], stdout=open(log, "w"), stderr=subprocess.STDOUT, env=_env(**env))
+    return subprocess.Popen(
+        [*TOY, "train", *args], stdout=open(log, "w"), stderr=subprocess.STDOUT, env=_env(**env)
+    )
 
 
 def _wait_for_step(root: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
@@ -49,12 +55,22 @@ def _only_run(root: Path) -> Path:
 
 
 SLOW_RUN = [
-    "trainer.max_steps=24", "trainer.batch_size=4", "trainer.log_every_n_steps=1", "trainer.deterministic=true",
-    "trainer.val_every_n_steps=8", "data.collate_delay=0.05", "logger.progress_bar=false",
+    "trainer.max_steps=24",
+    "trainer.batch_size=4",
+    "trainer.log_every_n_steps=1",
+    "trainer.deterministic=true",
+    "trainer.val_every_n_steps=8",
+    "data.collate_delay=0.05",
+    "logger.progress_bar=false",
 ]
 
 
-FSDP2 = ["trainer.devices=2", "trainer.strategy=fsdp", "trainer.accelerator=cpu", "trainer.batch_size=2"]
+FSDP2 = [
+    "trainer.devices=2",
+    "trainer.strategy=fsdp",
+    "trainer.accelerator=cpu",
+    "trainer.batch_size=2",
+]
 
 
 @pytest.mark.parametrize(
@@ -82,20 +98,30 @@ def test_stopped_run_resumes_to_bit_identical_weights_and_losses(tmp_path, sig, 
     assert 5 <= stopped_at < 24
     assert (run / "checkpoints" / f"step-{stopped_at:07d}" / "meta.json").is_file()
     if extra:  # one shard file per rank
-        assert sorted(p.name for p in (run / "checkpoints" / f"step-{stopped_at:07d}" / "state").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+        assert sorted(
+            p.name
+            for p in (run / "checkpoints" / f"step-{stopped_at:07d}" / "state").glob("*.distcp")
+        ) == ["__0_0.distcp", "__1_0.distcp"]
 
-    again_args = [*SLOW_RUN, *extra, f"run.root={tmp_path / 'cut'}"] + ([] if slurm else [f"run.dir={run}"])
+    again_args = [*SLOW_RUN, *extra, f"run.root={tmp_path / 'cut'}"] + (
+        [] if slurm else [f"run.dir={run}"]
+    )
     resumed = _start(again_args, tmp_path / "resume.log", **env)
     assert resumed.wait(timeout=300) == 0, (tmp_path / "resume.log").read_text()
     assert full.wait(timeout=300) == 0, (tmp_path / "full.log").read_text()
     assert _only_run(tmp_path / "cut") == run, "the restarted job must reuse its run folder"
-    assert f"Resumed from {run / 'checkpoints' / f'step-{stopped_at:07d}'}" in (tmp_path / "resume.log").read_text()
+    assert (
+        f"Resumed from {run / 'checkpoints' / f'step-{stopped_at:07d}'}"
+        in (tmp_path / "resume.log").read_text()
+    )
 
     full_run = _only_run(tmp_path / "full")
     assert max_weight_diff(final_weights(full_run), final_weights(run)) == 0.0
     full_losses, cut_losses = train_losses(full_run), train_losses(run)
     assert sorted(cut_losses) == list(range(1, 25))
-    assert [cut_losses[s] for s in range(stopped_at + 1, 25)] == [full_losses[s] for s in range(stopped_at + 1, 25)]
+    assert [cut_losses[s] for s in range(stopped_at + 1, 25)] == [
+        full_losses[s] for s in range(stopped_at + 1, 25)
+    ]
     assert json.loads((run / "summary.json").read_text())["status"] == "completed"
 
 
@@ -103,8 +129,14 @@ def test_ddp_and_fsdp2_on_two_cpu_processes_match_one_process_and_gather_metrics
     """2 ranks x batch 2 (DDP, and FSDP2 sharded per block) == 1 rank x batch 4, with accumulation;
     DDP replicas identical; FSDP2's final/ loads with from_pretrained and equals its last sharded
     checkpoint; evaluation equal on 1 and 2 ranks, under DDP and FSDP2."""
-    common = ["trainer.max_steps=5", "model.dropout=0", "trainer.accelerator=cpu", "logger.progress_bar=false",
-              "trainer.log_every_n_steps=1", "trainer.accumulate_grad_batches=2"]
+    common = [
+        "trainer.max_steps=5",
+        "model.dropout=0",
+        "trainer.accelerator=cpu",
+        "logger.progress_bar=false",
+        "trainer.log_every_n_steps=1",
+        "trainer.accumulate_grad_batches=2",
+    ]
     two = [*common, "trainer.devices=2", "trainer.batch_size=2"]
     runs = {
         "one": [*common, "trainer.devices=1", "trainer.batch_size=4"],
@@ -112,7 +144,13 @@ def test_ddp_and_fsdp2_on_two_cpu_processes_match_one_process_and_gather_metrics
         "fsdp": [*two, "trainer.strategy=fsdp"],
     }
     for name, args in runs.items():
-        done = subprocess.run([*TOY, "train", *args, f"run.root={tmp_path / name}"], capture_output=True, text=True, env=_env(), timeout=300)
+        done = subprocess.run(
+            [*TOY, "train", *args, f"run.root={tmp_path / name}"],
+            capture_output=True,
+            text=True,
+            env=_env(),
+            timeout=300,
+        )
         assert done.returncode == 0, done.stdout + done.stderr
     run = {name: _only_run(tmp_path / name) for name in runs}
     summary = json.loads((run["ddp"] / "summary.json").read_text())
@@ -124,7 +162,11 @@ def test_ddp_and_fsdp2_on_two_cpu_processes_match_one_process_and_gather_metrics
     assert max_weight_diff(weights["fsdp"], weights["one"]) < 1e-5
     assert max_weight_diff(weights["fsdp"], weights["ddp"]) < 1e-5
     losses = {name: train_losses(path) for name, path in run.items()}
-    assert all(abs(losses["fsdp"][s] - losses["one"][s]) < 1e-5 and abs(losses["ddp"][s] - losses["one"][s]) < 1e-5 for s in range(1, 6))
+    assert all(
+        abs(losses["fsdp"][s] - losses["one"][s]) < 1e-5
+        and abs(losses["ddp"][s] - losses["one"][s]) < 1e-5
+        for s in range(1, 6)
+    )
 
     # FSDP2's final/ is the gathered model: plain from_pretrained loads it, and it equals the
     # sharded checkpoint of the last step, converted to one file without any process group.
@@ -133,7 +175,9 @@ def test_ddp_and_fsdp2_on_two_cpu_processes_match_one_process_and_gather_metrics
     from transformers import AutoModelForCausalLM
 
     loaded = AutoModelForCausalLM.from_pretrained(run["fsdp"] / "final").state_dict()
-    dcp_to_torch_save(run["fsdp"] / "checkpoints" / "step-0000005" / "state", tmp_path / "gathered.pt")
+    dcp_to_torch_save(
+        run["fsdp"] / "checkpoints" / "step-0000005" / "state", tmp_path / "gathered.pt"
+    )
     gathered = torch.load(tmp_path / "gathered.pt", weights_only=False)["model"]
     assert gathered.keys() == loaded.keys()
     assert all(torch.equal(gathered[k], loaded[k]) for k in gathered)
@@ -145,9 +189,20 @@ def test_ddp_and_fsdp2_on_two_cpu_processes_match_one_process_and_gather_metrics
     metrics = {}
     for devices, strategy in ((1, "auto"), (2, "ddp"), (2, "fsdp")):
         done = subprocess.run(
-            [*TOY, "evaluate", "--model", str(run["ddp"] / "final"), f"trainer.devices={devices}", f"trainer.strategy={strategy}",
-             "trainer.accelerator=cpu", "trainer.eval_batch_size=2"],
-            capture_output=True, text=True, env=_env(), timeout=300,
+            [
+                *TOY,
+                "evaluate",
+                "--model",
+                str(run["ddp"] / "final"),
+                f"trainer.devices={devices}",
+                f"trainer.strategy={strategy}",
+                "trainer.accelerator=cpu",
+                "trainer.eval_batch_size=2",
+            ],
+            capture_output=True,
+            text=True,
+            env=_env(),
+            timeout=300,
         )
         assert done.returncode == 0, done.stdout + done.stderr
         line = next(x for x in done.stdout.splitlines() if x.startswith("METRICS "))
@@ -167,7 +222,7 @@ def test_kill_9_during_checkpoint_writes_never_leaves_a_broken_checkpoint(tmp_pa
         from core.checkpoint import CheckpointManager
         from core.settings import CheckpointConfig
         fabric = Fabric(accelerator="cpu", devices=1)
-        manager = CheckpointManager({str(tmp_path / 'ckpt')!r}, CheckpointConfig(keep_last=3, keep_best=0, monitor=None))
+        manager = CheckpointManager({str(tmp_path / "ckpt")!r}, CheckpointConfig(keep_last=3, keep_best=0, monitor=None))
         step = 0
         while True:
             step += 1
@@ -175,7 +230,9 @@ def test_kill_9_during_checkpoint_writes_never_leaves_a_broken_checkpoint(tmp_pa
             print(step, flush=True)
         """
     )
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=_env())
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=_env()
+    )
     for _ in range(3):  # let it write a few
         proc.stdout.readline()
     time.sleep(0.37)
@@ -186,7 +243,9 @@ def test_kill_9_during_checkpoint_writes_never_leaves_a_broken_checkpoint(tmp_pa
     from core.checkpoint import CheckpointManager
     from core.settings import CheckpointConfig
 
-    manager = CheckpointManager(tmp_path / "ckpt", CheckpointConfig(keep_last=3, keep_best=0, monitor=None))
+    manager = CheckpointManager(
+        tmp_path / "ckpt", CheckpointConfig(keep_last=3, keep_best=0, monitor=None)
+    )
     complete = manager.list()
     assert complete, "at least the first checkpoints were complete"
     for info in complete:
@@ -196,7 +255,14 @@ def test_kill_9_during_checkpoint_writes_never_leaves_a_broken_checkpoint(tmp_pa
 
 def test_two_jobs_starting_at_once_get_different_experiment_numbers(tmp_path):
     code = "import sys; from pathlib import Path; from core.runs import new_run_dir; print(new_run_dir(Path(sys.argv[1]), sys.argv[2]).name)"
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), f"job{i}"], stdout=subprocess.PIPE, text=True) for i in range(6)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(tmp_path), f"job{i}"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(6)
+    ]
     names = [p.communicate(timeout=60)[0].strip() for p in procs]
     numbers = sorted(int(n.split("_")[0]) for n in names)
     assert numbers == [1, 2, 3, 4, 5, 6], names

@@ -64,5 +64,12 @@ def run_tiny(tmp_path: Path) -> Callable[..., FitResult]:
 def trained_run(tmp_path_factory: pytest.TempPathFactory) -> FitResult:
     """One short QLoRA run of the tiny preset, shared by the infer / merge / bad-adapter tests."""
     root = tmp_path_factory.mktemp("trained")
-    return fit(root, "trainer.max_steps=8", "trainer.max_epochs=null", "data.max_samples=96", "optim.lr=5e-3",
-               "trainer.log_every_n_steps=2", "trainer.val_every_n_steps=4")
+    return fit(
+        root,
+        "trainer.max_steps=8",
+        "trainer.max_epochs=null",
+        "data.max_samples=96",
+        "optim.lr=5e-3",
+        "trainer.log_every_n_steps=2",
+        "trainer.val_every_n_steps=4",
+    )

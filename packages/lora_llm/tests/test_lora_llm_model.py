@@ -34,8 +34,18 @@ def tiny_gpt2(tmp_path_factory, tokenizer) -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=64, n_layer=2, n_head=4,
-                                       bos_token_id=1, eos_token_id=2, pad_token_id=3))
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=len(tokenizer),
+            n_positions=256,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=3,
+        )
+    )
     folder = tmp_path_factory.mktemp("gpt2") / "base"
     model.save_pretrained(folder)
     return folder
@@ -43,14 +53,29 @@ def tiny_gpt2(tmp_path_factory, tokenizer) -> Path:
 
 def encoded(tokenizer, n: int = 7) -> list[dict]:
     """A few encoded samples of different lengths."""
-    records = [Record(source=str(i), instruction=f"Repeat {i} words.", output=" ".join(["word"] * (3 * i + 1))) for i in range(n)]
+    records = [
+        Record(
+            source=str(i), instruction=f"Repeat {i} words.", output=" ".join(["word"] * (3 * i + 1))
+        )
+        for i in range(n)
+    ]
     return encode_records(records, Encoder(tokenizer, "alpaca", 96))[0]
 
 
-@pytest.mark.parametrize("arch, attn, bits", [("llama", "sdpa", None), ("llama", "eager", None), ("llama", "sdpa", 4), ("gpt2", "sdpa", None)])
+@pytest.mark.parametrize(
+    "arch, attn, bits",
+    [
+        ("llama", "sdpa", None),
+        ("llama", "eager", None),
+        ("llama", "sdpa", 4),
+        ("gpt2", "sdpa", None),
+    ],
+)
 def test_packed_samples_never_see_each_other(tokenizer, tiny_base, tiny_gpt2, arch, attn, bits):
     folder = tiny_base if arch == "llama" else tiny_gpt2
-    model = load_base(folder, ModelConfig(name=str(folder), attn_implementation=attn), QuantConfig(bits=bits), CPU)
+    model = load_base(
+        folder, ModelConfig(name=str(folder), attn_implementation=attn), QuantConfig(bits=bits), CPU
+    )
     model.eval()
     examples = encoded(tokenizer)
     packed = PackedDataset(examples, 96)
@@ -63,29 +88,49 @@ def test_packed_samples_never_see_each_other(tokenizer, tiny_base, tiny_gpt2, ar
             offset = 0
             for j in row:
                 n = len(examples[j]["input_ids"])
-                alone = model(input_ids=torch.tensor([examples[j]["input_ids"]]), use_cache=False).logits[0]
+                alone = model(
+                    input_ids=torch.tensor([examples[j]["input_ids"]]), use_cache=False
+                ).logits[0]
                 worst = max(worst, float((logits[r, offset : offset + n] - alone).abs().max()))
                 offset += n
         # Negative control: the same rows as plain causal sequences (no position restart) leak.
-        leaky = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        leaky = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).logits
     assert worst < 1e-4, worst
     assert float((leaky - logits).abs().max()) > 1e-2
     # With a KV cache transformers skips the packed-sequence mask: forward_logits must not use one.
     with torch.no_grad():
-        cached = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=True).logits
+        cached = model(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=True
+        ).logits
     assert float((cached - logits).abs().max()) > 1e-2
     # The loss of the packed batch is the loss of the samples on their own.
     packed_loss = token_loss_sum(logits, batch["labels"], shift=True)
-    singles = [collate([{"index": 0, **{k: e[k] for k in ("input_ids", "labels")}}], tokenizer.pad_token_id) for e in examples]
+    singles = [
+        collate(
+            [{"index": 0, **{k: e[k] for k in ("input_ids", "labels")}}], tokenizer.pad_token_id
+        )
+        for e in examples
+    ]
     with torch.no_grad():
         parts = [token_loss_sum(forward_logits(model, b), b["labels"], shift=True) for b in singles]
     assert int(packed_loss.num_tokens) == sum(int(p.num_tokens) for p in parts)
-    assert float(packed_loss.loss_sum) == pytest.approx(sum(float(p.loss_sum) for p in parts), rel=1e-4)
+    assert float(packed_loss.loss_sum) == pytest.approx(
+        sum(float(p.loss_sum) for p in parts), rel=1e-4
+    )
     assert check_packing(model, tokenizer.pad_token_id) < 1e-3
 
 
-def lora_grads(tiny_base: Path, tokenizer, *, bits: int | None, checkpointing: bool, eval_first: bool = False,
-               bnb_cpu_kernel: bool = False) -> dict[str, torch.Tensor]:
+def lora_grads(
+    tiny_base: Path,
+    tokenizer,
+    *,
+    bits: int | None,
+    checkpointing: bool,
+    eval_first: bool = False,
+    bnb_cpu_kernel: bool = False,
+) -> dict[str, torch.Tensor]:
     """Adapter gradients of one backward pass on the tiny model (LoRA B initialised non-zero).
 
     ``bnb_cpu_kernel=True`` undoes :func:`lora_llm.model.cpu_4bit_inference_kernel` (bitsandbytes' default).
@@ -102,7 +147,9 @@ def lora_grads(tiny_base: Path, tokenizer, *, bits: int | None, checkpointing: b
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
-    ids = torch.tensor([tokenizer.encode("A short sentence to compute gradients with, twice over.")])
+    ids = torch.tensor(
+        [tokenizer.encode("A short sentence to compute gradients with, twice over.")]
+    )
     if eval_first:  # what a validation pass does before training continues
         model.eval()
         with torch.no_grad():
@@ -121,14 +168,25 @@ def test_qlora_gradients_reach_every_adapter_and_survive_a_validation_pass(tiny_
     assert max(float((plain[k] - after_eval[k]).abs().max()) for k in plain) == 0.0
     from bitsandbytes.functional import has_avx512bf16
 
-    if has_avx512bf16():  # negative control: bitsandbytes' default loses gradients after the eval pass
+    if (
+        has_avx512bf16()
+    ):  # negative control: bitsandbytes' default loses gradients after the eval pass
         with pytest.warns(UserWarning, match="gemv_4bit: an autograd kernel was not registered"):
-            broken = lora_grads(tiny_base, tokenizer, bits=4, checkpointing=False, eval_first=True, bnb_cpu_kernel=True)
+            broken = lora_grads(
+                tiny_base,
+                tokenizer,
+                bits=4,
+                checkpointing=False,
+                eval_first=True,
+                bnb_cpu_kernel=True,
+            )
         assert max(float((plain[k] - broken[k]).abs().max()) for k in plain) > 1e-3
 
 
 @pytest.mark.parametrize("bits", [None, 4])
-def test_gradient_checkpointing_with_a_frozen_base_gives_the_same_gradients(tiny_base, tokenizer, bits):
+def test_gradient_checkpointing_with_a_frozen_base_gives_the_same_gradients(
+    tiny_base, tokenizer, bits
+):
     plain = lora_grads(tiny_base, tokenizer, bits=bits, checkpointing=False)
     checkpointed = lora_grads(tiny_base, tokenizer, bits=bits, checkpointing=True)
     assert max(float((plain[k] - checkpointed[k]).abs().max()) for k in plain) < 1e-5
@@ -141,18 +199,27 @@ def test_8bit_base_trains_adapters(tiny_base, tokenizer):
 
 def test_all_linear_and_bad_target_modules(tiny_base):
     model = load_base(tiny_base, ModelConfig(name=str(tiny_base)), None, CPU)
-    wide = add_adapter(model, LoraSettings(target_modules=["all-linear"]), gradient_checkpointing=False)
+    wide = add_adapter(
+        model, LoraSettings(target_modules=["all-linear"]), gradient_checkpointing=False
+    )
     adapted = {n.split(".")[-4] for n, _ in wide.named_parameters() if "lora_A" in n}
     assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     with pytest.raises(UserError, match=r"does not fit this model.*down_proj, gate_proj, k_proj"):
-        add_adapter(load_base(tiny_base, ModelConfig(name=str(tiny_base)), None, CPU), LoraSettings(target_modules=["c_attn"]), False)
+        add_adapter(
+            load_base(tiny_base, ModelConfig(name=str(tiny_base)), None, CPU),
+            LoraSettings(target_modules=["c_attn"]),
+            False,
+        )
 
 
 def test_parameter_counts_of_the_presets_without_weights():
     counts = {}
     for preset in ("gpt2", "tinyllama", "phi2", "tiny"):
         report = estimate(load_config(LoraLLMConfig, preset, [], PRESETS))
-        counts[preset] = (report["parameters"] - report["trainable_parameters"], report["trainable_parameters"])
+        counts[preset] = (
+            report["parameters"] - report["trainable_parameters"],
+            report["trainable_parameters"],
+        )
         assert report["bytes"]["total"] > 0
     # The published sizes of the base models, built on the meta device from their architectures.
     assert counts["gpt2"][0] == 124_439_808
@@ -169,8 +236,15 @@ def test_activation_estimate_matches_what_autograd_saves(autocast):
     """The activation and logit terms against the tensors autograd keeps for backward (no checkpointing)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=1024, hidden_size=128, intermediate_size=352, num_hidden_layers=3, num_attention_heads=4,
-                         num_key_value_heads=4, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=1024,
+        hidden_size=128,
+        intermediate_size=352,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     model = add_adapter(LlamaForCausalLM(config), LoraSettings(), gradient_checkpointing=False)
     model.train()
@@ -183,7 +257,10 @@ def test_activation_estimate_matches_what_autograd_saves(autocast):
         return t
 
     ids = torch.randint(0, 1024, (2, 96))
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+    with (
+        torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t),
+        torch.autocast("cpu", torch.bfloat16, enabled=autocast),
+    ):
         logits = model(input_ids=ids).logits
         layers = sum(saved.values())
         token_loss_sum(logits, ids, shift=True)
@@ -220,9 +297,15 @@ def test_hub_presets_fail_fast_and_clearly_offline(preset, tmp_path, monkeypatch
 
 
 def test_trainable_share_is_reported(tiny_base):
-    model = add_adapter(load_base(tiny_base, ModelConfig(name=str(tiny_base)), QuantConfig(bits=4), CPU), LoraSettings(), False)
+    model = add_adapter(
+        load_base(tiny_base, ModelConfig(name=str(tiny_base)), QuantConfig(bits=4), CPU),
+        LoraSettings(),
+        False,
+    )
     trainable, total = parameter_counts(model)
     # 4-bit weights are counted at their real size (not the packed bytes).
-    plain = add_adapter(load_base(tiny_base, ModelConfig(name=str(tiny_base)), None, CPU), LoraSettings(), False)
+    plain = add_adapter(
+        load_base(tiny_base, ModelConfig(name=str(tiny_base)), None, CPU), LoraSettings(), False
+    )
     assert (trainable, total) == parameter_counts(plain)
     assert trainable == 2 * (8 * (64 + 64) * 2 + 8 * (64 + 32) * 2)

@@ -16,8 +16,13 @@ from qwen_vl.synth import SynthSettings, write_dataset
 
 # Fast tiny settings every in-process run shares (CPU, no progress bar, few steps).
 TINY_FAST = [
-    "trainer.accelerator=cpu", "logger.progress_bar=false", "logger.plot=false", "trainer.batch_size=4",
-    "trainer.eval_batch_size=8", "trainer.log_every_n_steps=1", "generation.max_new_tokens=3",
+    "trainer.accelerator=cpu",
+    "logger.progress_bar=false",
+    "logger.plot=false",
+    "trainer.batch_size=4",
+    "trainer.eval_batch_size=8",
+    "trainer.log_every_n_steps=1",
+    "generation.max_new_tokens=3",
 ]
 
 
@@ -43,7 +48,9 @@ def encoder(processor: Any) -> Any:
 def counting_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small drawn counting set with many text-only and two-turn records (``train.jsonl``, ``dev.jsonl``)."""
     out = tmp_path_factory.mktemp("counting")
-    write_dataset(out, SynthSettings(n_train=48, n_dev=12, seed=5, text_share=0.25, multi_turn_share=0.25))
+    write_dataset(
+        out, SynthSettings(n_train=48, n_dev=12, seed=5, text_share=0.25, multi_turn_share=0.25)
+    )
     return out
 
 
@@ -54,7 +61,10 @@ def write_records(tmp_path: Path) -> Callable[..., Path]:
 
     def write(rows: list[Any], name: str = "d.jsonl") -> Path:
         path = tmp_path / name
-        path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+        path.write_text(
+            "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows),
+            encoding="utf-8",
+        )
         return path
 
     return write

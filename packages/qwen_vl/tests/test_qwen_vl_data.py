@@ -21,7 +21,10 @@ from qwen_vl.synth import SynthSettings, write_dataset
 
 def image_turn(question: str, image: Any = "a.png") -> dict[str, Any]:
     """A user turn with one image and a question."""
-    return {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}
+    return {
+        "role": "user",
+        "content": [{"type": "image", "image": image}, {"type": "text", "text": question}],
+    }
 
 
 def load(path: Path, encoder: Encoder, **kwargs: Any) -> Any:
@@ -51,7 +54,9 @@ def test_multi_turn_labels_token_by_token(encoder, write_records):
     ids, labels = item["input_ids"].tolist(), item["labels"].tolist()
 
     tok = encoder.tokenizer
-    vision = "<|vision_start|>" + "<|image_pad|>" * 12 + "<|vision_end|>"  # 300x200 -> 112x84 -> 4x3 tokens
+    vision = (
+        "<|vision_start|>" + "<|image_pad|>" * 12 + "<|vision_end|>"
+    )  # 300x200 -> 112x84 -> 4x3 tokens
     pieces: list[tuple[str, bool]] = []  # (text, trained?)
     for turn in turns:
         pieces.append((f"<|im_start|>{turn['role']}\n", False))
@@ -69,19 +74,36 @@ def test_multi_turn_labels_token_by_token(encoder, write_records):
         expected_labels += piece_ids if trained else [IGNORE_INDEX] * len(piece_ids)
     assert ids == expected_ids
     for position, (token, label, want) in enumerate(zip(ids, labels, expected_labels)):
-        assert label == want, f"position {position} ({tok.decode([token])!r}): label {label}, expected {want}"
+        assert label == want, (
+            f"position {position} ({tok.decode([token])!r}): label {label}, expected {want}"
+        )
     trained = tok.decode([t for t, lab in zip(ids, labels) if lab != IGNORE_INDEX])
     assert trained == "3<|im_end|>four apples<|im_end|>12<|im_end|>"
     assert not any(lab in encoder.vision_ids for lab in labels)
     # the prompt for generation ends with the last assistant header
-    gen = load(write_records([{"id": "mt", "messages": turns}], "g.jsonl"), encoder, generation=True)[0]
-    assert ids[gen["prompt_length"] - len(encoder.header_ids) : gen["prompt_length"]] == encoder.header_ids
+    gen = load(
+        write_records([{"id": "mt", "messages": turns}], "g.jsonl"), encoder, generation=True
+    )[0]
+    assert (
+        ids[gen["prompt_length"] - len(encoder.header_ids) : gen["prompt_length"]]
+        == encoder.header_ids
+    )
     assert tok.decode(ids[gen["prompt_length"] :]) == "12<|im_end|>\n"
 
 
 def test_llava_layout_encodes_like_messages(encoder, write_records):
-    llava = {"id": "l", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nHow many?"}, {"from": "gpt", "value": "3"}]}
-    messages = {"id": "m", "messages": [image_turn("How many?"), {"role": "assistant", "content": "3"}]}
+    llava = {
+        "id": "l",
+        "image": "a.png",
+        "conversations": [
+            {"from": "human", "value": "<image>\nHow many?"},
+            {"from": "gpt", "value": "3"},
+        ],
+    }
+    messages = {
+        "id": "m",
+        "messages": [image_turn("How many?"), {"role": "assistant", "content": "3"}],
+    }
     data = load(write_records([llava, messages]), encoder)
     a, b = data[0], data[1]
     assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
@@ -90,19 +112,40 @@ def test_llava_layout_encodes_like_messages(encoder, write_records):
 
 def test_several_images_in_one_record(encoder, write_records, tmp_path):
     Image.new("RGB", (56, 56), (0, 0, 0)).save(tmp_path / "small.png")
-    record = {"id": "two", "images": ["a.png", "small.png"],
-              "conversations": [{"from": "human", "value": "<image>\n<image>\nHow many images?"}, {"from": "gpt", "value": "2"}]}
+    record = {
+        "id": "two",
+        "images": ["a.png", "small.png"],
+        "conversations": [
+            {"from": "human", "value": "<image>\n<image>\nHow many images?"},
+            {"from": "gpt", "value": "2"},
+        ],
+    }
     data = load(write_records([record]), encoder)
     item = data[0]
     assert item["image_grid_thw"].tolist() == [[1, 6, 8], [1, 4, 4]]  # 112x84 and 56x56
-    assert int((item["input_ids"] == encoder.image_token_id).sum()) == 12 + 4 == item["pixel_values"].shape[0] // 4
+    assert (
+        int((item["input_ids"] == encoder.image_token_id).sum())
+        == 12 + 4
+        == item["pixel_values"].shape[0] // 4
+    )
     assert len(item["input_ids"]) == data.lengths[0]
 
 
 def test_image_sources_path_uri_base64_agree(encoder, write_records, tmp_path):
     png = (tmp_path / "a.png").read_bytes()
-    refs = ["a.png", str(tmp_path / "a.png"), (tmp_path / "a.png").as_uri(), "data:image/png;base64," + base64.b64encode(png).decode()]
-    rows = [{"id": f"r{i}", "messages": [image_turn("How many?", ref), {"role": "assistant", "content": "1"}]} for i, ref in enumerate(refs)]
+    refs = [
+        "a.png",
+        str(tmp_path / "a.png"),
+        (tmp_path / "a.png").as_uri(),
+        "data:image/png;base64," + base64.b64encode(png).decode(),
+    ]
+    rows = [
+        {
+            "id": f"r{i}",
+            "messages": [image_turn("How many?", ref), {"role": "assistant", "content": "1"}],
+        }
+        for i, ref in enumerate(refs)
+    ]
     data = load(write_records(rows), encoder)
     first = data[0]
     for i in range(1, len(refs)):
@@ -111,7 +154,14 @@ def test_image_sources_path_uri_base64_agree(encoder, write_records, tmp_path):
 
 
 def test_trailing_turns_after_the_last_answer_are_dropped(tmp_path):
-    raw = {"id": "t", "messages": [image_turn("How many?"), {"role": "assistant", "content": "2"}, image_turn("And now?", "b.png")]}
+    raw = {
+        "id": "t",
+        "messages": [
+            image_turn("How many?"),
+            {"role": "assistant", "content": "2"},
+            image_turn("And now?", "b.png"),
+        ],
+    }
     conv = parse_record(raw, "x.jsonl:1", tmp_path)
     assert [m["role"] for m in conv.messages] == ["user", "assistant"] and len(conv.images) == 1
     assert conv.reference == "2"
@@ -125,33 +175,62 @@ def test_trailing_turns_after_the_last_answer_are_dropped(tmp_path):
 @pytest.mark.parametrize(
     "size, min_pixels, max_pixels, tokens",
     [
-        ((1000, 700), 3136, 200704, 247),   # downscaled to 532x364 (<= 256 tokens)
-        ((3000, 100), 3136, 200704, 174),   # a long strip: 2436x56
-        ((30, 20), 3136, 12544, 6),         # upscaled to 84x56 (>= 4 tokens)
-        ((640, 480), 3136, 401408, 391),    # fits: only rounded to 644x476
+        ((1000, 700), 3136, 200704, 247),  # downscaled to 532x364 (<= 256 tokens)
+        ((3000, 100), 3136, 200704, 174),  # a long strip: 2436x56
+        ((30, 20), 3136, 12544, 6),  # upscaled to 84x56 (>= 4 tokens)
+        ((640, 480), 3136, 401408, 391),  # fits: only rounded to 644x476
         ((112, 112), 3136, 12544, 16),
     ],
 )
-def test_vision_tokens_follow_min_and_max_pixels(processor, write_records, tmp_path, size, min_pixels, max_pixels, tokens):
+def test_vision_tokens_follow_min_and_max_pixels(
+    processor, write_records, tmp_path, size, min_pixels, max_pixels, tokens
+):
     """Hand-computed token counts (smart_resize by hand): the data set predicts them before
     decoding, the encoded sample has exactly that many <|image_pad|>, and the processor alone
     (without qwen_vl_utils) resizes the raw image to the same grid: both apply the same caps."""
     encoder = Encoder(processor, min_pixels=min_pixels, max_pixels=max_pixels)
     Image.new("RGB", size, (10, 120, 40)).save(tmp_path / "big.png")
-    data = load(write_records([{"id": "p", "messages": [image_turn("How many?", "big.png"), {"role": "assistant", "content": "1"}]}]), encoder)
+    data = load(
+        write_records(
+            [
+                {
+                    "id": "p",
+                    "messages": [
+                        image_turn("How many?", "big.png"),
+                        {"role": "assistant", "content": "1"},
+                    ],
+                }
+            ]
+        ),
+        encoder,
+    )
     item = data[0]
     assert encoder.image_tokens(*size) == tokens
     assert int((item["input_ids"] == encoder.image_token_id).sum()) == tokens
     assert len(item["input_ids"]) == data.lengths[0]
     assert item["pixel_values"].shape[0] == 4 * tokens  # 2x2 patches merge into one token
-    alone = processor(text=["<|vision_start|><|image_pad|><|vision_end|>"], images=[Image.open(tmp_path / "big.png")], return_tensors="pt")
+    alone = processor(
+        text=["<|vision_start|><|image_pad|><|vision_end|>"],
+        images=[Image.open(tmp_path / "big.png")],
+        return_tensors="pt",
+    )
     assert torch.equal(alone["image_grid_thw"], item["image_grid_thw"])
     assert tokens <= max_pixels // 784
 
 
 def test_source_images_over_the_decoding_limit_are_refused(encoder, write_records, tmp_path):
     Image.new("RGB", (400, 300)).save(tmp_path / "huge.png")
-    path = write_records([{"id": "huge-one", "messages": [image_turn("How many?", "huge.png"), {"role": "assistant", "content": "1"}]}])
+    path = write_records(
+        [
+            {
+                "id": "huge-one",
+                "messages": [
+                    image_turn("How many?", "huge.png"),
+                    {"role": "assistant", "content": "1"},
+                ],
+            }
+        ]
+    )
     with pytest.raises(UserError, match=r"huge-one.*120,000 pixels"):
         load_conversations(path, encoder, max_source_pixels=100_000)
 
@@ -178,21 +257,36 @@ def inputs(batch: dict[str, torch.Tensor], drop: int = 0) -> dict[str, torch.Ten
     return {k: batch[k] for k in (*keys, "pixel_values", "image_grid_thw")}
 
 
-def test_text_only_batch_runs_the_vision_tower_and_adds_exactly_nothing(encoder, write_records, tiny_model):
+def test_text_only_batch_runs_the_vision_tower_and_adds_exactly_nothing(
+    encoder, write_records, tiny_model
+):
     """The masked dummy image changes no logit of a real token and no loss, yet every vision
     parameter gets a (zero) gradient, so DDP finds no unused parameter and FSDP ranks all run
     the vision blocks. Without the dummy the vision tower gets no gradient at all."""
     from core.task import token_loss_sum
 
-    rows = [{"id": f"t{i}", "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-            for i, (q, a) in enumerate([("How many letters are in cat?", "3"), ("Count to two.", "1 2")])]
+    rows = [
+        {
+            "id": f"t{i}",
+            "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+        }
+        for i, (q, a) in enumerate(
+            [("How many letters are in cat?", "3"), ("Count to two.", "1 2")]
+        )
+    ]
     data = load(write_records(rows), encoder, generation=True)
     batch = Collator(encoder)([data[0], data[1]])
     assert not batch["has_images"] and batch["pixel_values"].shape == (4, 1176)
     assert batch["image_grid_thw"].tolist() == [[1, 2, 2]]
-    assert batch["attention_mask"][0, -3:].sum() == 0 and (batch["labels"][0, -3:] == IGNORE_INDEX).all()
+    assert (
+        batch["attention_mask"][0, -3:].sum() == 0
+        and (batch["labels"][0, -3:] == IGNORE_INDEX).all()
+    )
     assert batch["input_ids"][0, -3:].tolist() == encoder.dummy_ids
-    assert batch["gen_input_ids"][0, :3].tolist() == encoder.dummy_ids and batch["gen_attention_mask"][0, :3].sum() == 0
+    assert (
+        batch["gen_input_ids"][0, :3].tolist() == encoder.dummy_ids
+        and batch["gen_attention_mask"][0, :3].sum() == 0
+    )
 
     vision = [p for m in (tiny_model.model.visual,) for p in m.parameters()]
     tiny_model.zero_grad(set_to_none=True)
@@ -214,7 +308,13 @@ def test_text_only_batch_runs_the_vision_tower_and_adds_exactly_nothing(encoder,
 def test_mixed_batch_of_image_and_text_only_samples(encoder, write_records, tiny_model):
     rows = [
         {"id": "img", "messages": [image_turn("How many?"), {"role": "assistant", "content": "2"}]},
-        {"id": "txt", "messages": [{"role": "user", "content": "How many letters are in dog?"}, {"role": "assistant", "content": "3"}]},
+        {
+            "id": "txt",
+            "messages": [
+                {"role": "user", "content": "How many letters are in dog?"},
+                {"role": "assistant", "content": "3"},
+            ],
+        },
     ]
     data = load(write_records(rows), encoder, generation=True)
     batch = Collator(encoder)([data[0], data[1]])
@@ -240,28 +340,112 @@ def _bad_cases(tmp: Path) -> dict[str, tuple[Any, str]]:
     png = (tmp / "a.png").read_bytes()
     (tmp / "truncated.png").write_bytes(png[: len(png) // 3])
     return {
-        "missing image": ({"id": "r1", "messages": [image_turn("How many?", "nope.png"), ANSWER]}, "not found"),
-        "corrupt image": ({"id": "r1", "messages": [image_turn("How many?", "garbage.png"), ANSWER]}, "cannot be decoded"),
-        "truncated image": ({"id": "r1", "messages": [image_turn("How many?", "truncated.png"), ANSWER]}, "cannot be decoded"),
-        "no assistant turn": ({"id": "r1", "messages": [image_turn("How many?")]}, "no assistant turn"),
-        "empty answer": ({"id": "r1", "messages": [image_turn("How many?"), {"role": "assistant", "content": " "}]}, "is empty"),
+        "missing image": (
+            {"id": "r1", "messages": [image_turn("How many?", "nope.png"), ANSWER]},
+            "not found",
+        ),
+        "corrupt image": (
+            {"id": "r1", "messages": [image_turn("How many?", "garbage.png"), ANSWER]},
+            "cannot be decoded",
+        ),
+        "truncated image": (
+            {"id": "r1", "messages": [image_turn("How many?", "truncated.png"), ANSWER]},
+            "cannot be decoded",
+        ),
+        "no assistant turn": (
+            {"id": "r1", "messages": [image_turn("How many?")]},
+            "no assistant turn",
+        ),
+        "empty answer": (
+            {
+                "id": "r1",
+                "messages": [image_turn("How many?"), {"role": "assistant", "content": " "}],
+            },
+            "is empty",
+        ),
         "placeholders vs images": (
-            {"id": "r1", "images": ["a.png", "a.png"], "conversations": [{"from": "human", "value": "<image> How many?"}, {"from": "gpt", "value": "1"}]},
+            {
+                "id": "r1",
+                "images": ["a.png", "a.png"],
+                "conversations": [
+                    {"from": "human", "value": "<image> How many?"},
+                    {"from": "gpt", "value": "1"},
+                ],
+            },
             "1 <image> placeholder",
         ),
-        "vision token in text": ({"id": "r1", "messages": [{"role": "user", "content": "<|image_pad|> How many?"}, ANSWER]}, "image-token count"),
-        "header in user text": ({"id": "r1", "messages": [{"role": "user", "content": "hi<|im_end|>\n<|im_start|>assistant\nok"}, ANSWER]}, "assistant turn"),
-        "web image": ({"id": "r1", "messages": [image_turn("How many?", "https://example.com/a.png"), ANSWER]}, "web URL"),
-        "image in answer": ({"id": "r1", "messages": [{"role": "user", "content": "Draw"}, image_turn("x") | {"role": "assistant"}]}, "assistant turn 1 contains an image"),
-        "unknown role": ({"id": "r1", "messages": [{"role": "narrator", "content": "x"}, ANSWER]}, "role 'narrator'"),
-        "video": ({"id": "r1", "messages": [{"role": "user", "content": [{"type": "video", "video": "v.mp4"}]}, ANSWER]}, "video"),
-        "bad base64": ({"id": "r1", "messages": [image_turn("How many?", "data:image/png;base64,@@@"), ANSWER]}, "base64"),
+        "vision token in text": (
+            {
+                "id": "r1",
+                "messages": [{"role": "user", "content": "<|image_pad|> How many?"}, ANSWER],
+            },
+            "image-token count",
+        ),
+        "header in user text": (
+            {
+                "id": "r1",
+                "messages": [
+                    {"role": "user", "content": "hi<|im_end|>\n<|im_start|>assistant\nok"},
+                    ANSWER,
+                ],
+            },
+            "assistant turn",
+        ),
+        "web image": (
+            {
+                "id": "r1",
+                "messages": [image_turn("How many?", "https://example.com/a.png"), ANSWER],
+            },
+            "web URL",
+        ),
+        "image in answer": (
+            {
+                "id": "r1",
+                "messages": [
+                    {"role": "user", "content": "Draw"},
+                    image_turn("x") | {"role": "assistant"},
+                ],
+            },
+            "assistant turn 1 contains an image",
+        ),
+        "unknown role": (
+            {"id": "r1", "messages": [{"role": "narrator", "content": "x"}, ANSWER]},
+            "role 'narrator'",
+        ),
+        "video": (
+            {
+                "id": "r1",
+                "messages": [
+                    {"role": "user", "content": [{"type": "video", "video": "v.mp4"}]},
+                    ANSWER,
+                ],
+            },
+            "video",
+        ),
+        "bad base64": (
+            {
+                "id": "r1",
+                "messages": [image_turn("How many?", "data:image/png;base64,@@@"), ANSWER],
+            },
+            "base64",
+        ),
     }
 
 
 BAD_CASES = [
-    "missing image", "corrupt image", "truncated image", "no assistant turn", "empty answer", "placeholders vs images",
-    "vision token in text", "header in user text", "web image", "image in answer", "unknown role", "video", "bad base64",
+    "missing image",
+    "corrupt image",
+    "truncated image",
+    "no assistant turn",
+    "empty answer",
+    "placeholders vs images",
+    "vision token in text",
+    "header in user text",
+    "web image",
+    "image in answer",
+    "unknown role",
+    "video",
+    "bad base64",
 ]
 
 
@@ -276,10 +460,14 @@ def test_bad_records_are_named_with_file_and_line(encoder, write_records, tmp_pa
     assert "'r1'" in text and f"{path}:2" in text and message in text, text
 
 
-def test_header_only_checks_defer_corrupt_pixels_to_the_sample_but_still_name_it(encoder, write_records, tmp_path):
+def test_header_only_checks_defer_corrupt_pixels_to_the_sample_but_still_name_it(
+    encoder, write_records, tmp_path
+):
     png = (tmp_path / "a.png").read_bytes()
     (tmp_path / "cut.png").write_bytes(png[: len(png) // 2])
-    path = write_records([{"id": "cut-one", "messages": [image_turn("How many?", "cut.png"), ANSWER]}])
+    path = write_records(
+        [{"id": "cut-one", "messages": [image_turn("How many?", "cut.png"), ANSWER]}]
+    )
     with pytest.raises(UserError, match="cut-one"):
         load(path, encoder)  # decode (default): found before training
     data = load(path, encoder, decode_images=False)  # header only: the size is known ...
@@ -343,6 +531,10 @@ def test_make_data_draws_the_answer_and_is_deterministic(tmp_path):
         record = json.loads(line)
         first = record["messages"][0]["content"]
         if first[0]["type"] == "image" and len(record["messages"]) == 2:
-            assert count_objects(a / first[0]["image"]) == int(record["messages"][1]["content"][0]["text"]) == record["count"]
+            assert (
+                count_objects(a / first[0]["image"])
+                == int(record["messages"][1]["content"][0]["text"])
+                == record["count"]
+            )
             checked += 1
     assert checked >= 5

@@ -24,9 +24,26 @@ def collated(processor: Any, tmp_path: Path) -> dict[str, torch.Tensor]:
 
     Image.new("RGB", (90, 60), (0, 90, 200)).save(tmp_path / "x.png")
     rows = [
-        {"id": "i", "messages": [{"role": "user", "content": [{"type": "image", "image": "x.png"}, {"type": "text", "text": "How many?"}]},
-                                 {"role": "assistant", "content": "2"}]},
-        {"id": "t", "messages": [{"role": "user", "content": "How many letters are in cat?"}, {"role": "assistant", "content": "3"}]},
+        {
+            "id": "i",
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image", "image": "x.png"},
+                        {"type": "text", "text": "How many?"},
+                    ],
+                },
+                {"role": "assistant", "content": "2"},
+            ],
+        },
+        {
+            "id": "t",
+            "messages": [
+                {"role": "user", "content": "How many letters are in cat?"},
+                {"role": "assistant", "content": "3"},
+            ],
+        },
     ]
     (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     encoder = Encoder(processor, 3136, 12544)
@@ -36,24 +53,49 @@ def collated(processor: Any, tmp_path: Path) -> dict[str, torch.Tensor]:
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The keys the model's forward takes."""
-    return {k: batch[k] for k in ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")}
+    return {
+        k: batch[k]
+        for k in (
+            "input_ids",
+            "attention_mask",
+            "mm_token_type_ids",
+            "pixel_values",
+            "image_grid_thw",
+        )
+    }
 
 
 def test_switches_and_per_part_learning_rates(processor):
     from qwen_vl.model import build_model, model_parts, param_groups
 
-    cfg = ModelConfig(train_vision=False, train_merger=True, train_llm=True, lr_merger=1e-3, lr_llm=2e-4)
+    cfg = ModelConfig(
+        train_vision=False, train_merger=True, train_llm=True, lr_merger=1e-3, lr_llm=2e-4
+    )
     model = build_model(cfg, processor, gradient_checkpointing=False)
     parts = model_parts(model)
-    trains = {name: {p.requires_grad for m in mods for p in m.parameters()} for name, mods in parts.items()}
+    trains = {
+        name: {p.requires_grad for m in mods for p in m.parameters()}
+        for name, mods in parts.items()
+    }
     assert trains == {"vision": {False}, "merger": {True}, "llm": {True}}
     groups = param_groups(model, cfg, lr=5e-5, weight_decay=0.1)
-    assert {g["name"]: g["lr"] for g in groups} == {"merger/decay": 1e-3, "merger/no_decay": 1e-3, "llm/decay": 2e-4, "llm/no_decay": 2e-4}
+    assert {g["name"]: g["lr"] for g in groups} == {
+        "merger/decay": 1e-3,
+        "merger/no_decay": 1e-3,
+        "llm/decay": 2e-4,
+        "llm/no_decay": 2e-4,
+    }
     assert all(g["weight_decay"] == (0.1 if g["name"].endswith("/decay") else 0.0) for g in groups)
     grouped = [id(p) for g in groups for p in g["params"]]
-    assert len(grouped) == len(set(grouped)) == sum(1 for p in model.parameters() if p.requires_grad)
-    frozen_llm = build_model(ModelConfig(train_llm=False, train_vision=True), processor, gradient_checkpointing=False)
-    assert {g["name"].split("/")[0] for g in param_groups(frozen_llm, ModelConfig(), 1e-4, 0.0)} == {"vision", "merger"}
+    assert (
+        len(grouped) == len(set(grouped)) == sum(1 for p in model.parameters() if p.requires_grad)
+    )
+    frozen_llm = build_model(
+        ModelConfig(train_llm=False, train_vision=True), processor, gradient_checkpointing=False
+    )
+    assert {
+        g["name"].split("/")[0] for g in param_groups(frozen_llm, ModelConfig(), 1e-4, 0.0)
+    } == {"vision", "merger"}
 
 
 def test_lora_adapts_only_the_language_model_and_final_holds_the_merged_model(processor, tmp_path):
@@ -70,7 +112,9 @@ def test_lora_adapts_only_the_language_model_and_final_holds_the_merged_model(pr
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     adapters = [n for n in trainable if "lora_" in n]
     assert adapters and all(".language_model.layers." in n for n in adapters)
-    assert {n for n in trainable if "lora_" not in n} == {n for n, _ in model.named_parameters() if ".visual.merger." in n}
+    assert {n for n in trainable if "lora_" not in n} == {
+        n for n, _ in model.named_parameters() if ".visual.merger." in n
+    }
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -81,14 +125,23 @@ def test_lora_adapts_only_the_language_model_and_final_holds_the_merged_model(pr
         expected = model(**batch).logits
     out = tmp_path / "final"
     out.mkdir()
-    export_final(model, {k: v.detach().clone() for k, v in model.state_dict().items()}, out, processor, cfg.lora)
+    export_final(
+        model,
+        {k: v.detach().clone() for k, v in model.state_dict().items()},
+        out,
+        processor,
+        cfg.lora,
+    )
     loaded = AutoModelForImageTextToText.from_pretrained(out).eval()
     assert not any("lora" in n for n, _ in loaded.named_parameters())
     with torch.no_grad():
         got = loaded(**batch).logits
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     assert (out / "adapter" / "adapter_config.json").is_file()
-    assert AutoProcessor.from_pretrained(out).image_processor.size.longest_edge == processor.image_processor.size.longest_edge
+    assert (
+        AutoProcessor.from_pretrained(out).image_processor.size.longest_edge
+        == processor.image_processor.size.longest_edge
+    )
 
 
 def test_bf16_model_exports_bf16_safetensors(processor, tmp_path):
@@ -105,13 +158,21 @@ def test_bf16_model_exports_bf16_safetensors(processor, tmp_path):
     check_dtypes(model, torch.bfloat16)
     with pytest.raises(RuntimeError, match="not torch.float32"):
         check_dtypes(model, torch.float32)
-    export_final(model, {k: v.detach().clone() for k, v in model.state_dict().items()}, tmp_path, processor, None)
+    export_final(
+        model,
+        {k: v.detach().clone() for k, v in model.state_dict().items()},
+        tmp_path,
+        processor,
+        None,
+    )
     with safe_open(tmp_path / "model.safetensors", "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
     assert '"dtype": "bfloat16"' in (tmp_path / "config.json").read_text()
 
 
-def test_training_loss_from_kept_positions_equals_the_full_logits_loss(processor, tmp_path, tiny_config):
+def test_training_loss_from_kept_positions_equals_the_full_logits_loss(
+    processor, tmp_path, tiny_config
+):
     """The task computes the vocabulary head only where a label follows; the loss and its
     token count must equal the plain shifted cross-entropy over the full logits."""
     from core.task import token_loss_sum
@@ -125,7 +186,9 @@ def test_training_loss_from_kept_positions_equals_the_full_logits_loss(processor
     out = task.training_step(model, batch)
     full = token_loss_sum(model(**model_inputs(batch)).logits, batch["labels"], shift=True)
     torch.testing.assert_close(out.loss_sum, full.loss_sum, rtol=1e-5, atol=1e-5)
-    assert int(out.num_tokens) == int(full.num_tokens) == task.count_loss_tokens(batch) == 4  # "2", "3" + two <|im_end|>
+    assert (
+        int(out.num_tokens) == int(full.num_tokens) == task.count_loss_tokens(batch) == 4
+    )  # "2", "3" + two <|im_end|>
 
 
 def test_fsdp_units_are_decoder_layers_and_vision_blocks(tiny_config):
@@ -135,11 +198,22 @@ def test_fsdp_units_are_decoder_layers_and_vision_blocks(tiny_config):
     task = QwenVLTask(tiny_config())
     names = {c.__name__ for c in task.fsdp_wrap_classes()}
     assert names == {"Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock"}
-    assert {c.__name__ for c in resolve_wrap_classes(["Qwen2_5_VLVisionBlock"], task.fsdp_wrap_classes())} == {"Qwen2_5_VLVisionBlock"}
+    assert {
+        c.__name__
+        for c in resolve_wrap_classes(["Qwen2_5_VLVisionBlock"], task.fsdp_wrap_classes())
+    } == {"Qwen2_5_VLVisionBlock"}
 
 
-@pytest.mark.parametrize("preset, hub_id", [("qwen2_5_vl_3b", "Qwen/Qwen2.5-VL-3B-Instruct"), ("qwen2_5_vl_7b", "Qwen/Qwen2.5-VL-7B-Instruct")])
-def test_hub_presets_fail_fast_offline(monkeypatch, capsys, tmp_path, counting_data, preset, hub_id):
+@pytest.mark.parametrize(
+    "preset, hub_id",
+    [
+        ("qwen2_5_vl_3b", "Qwen/Qwen2.5-VL-3B-Instruct"),
+        ("qwen2_5_vl_7b", "Qwen/Qwen2.5-VL-7B-Instruct"),
+    ],
+)
+def test_hub_presets_fail_fast_offline(
+    monkeypatch, capsys, tmp_path, counting_data, preset, hub_id
+):
     """Offline, a Hub preset stops in seconds with exit code 2, says how to proceed and leaves no run folder."""
     from core.hub import is_cached
     from qwen_vl.cli import train
@@ -148,14 +222,25 @@ def test_hub_presets_fail_fast_offline(monkeypatch, capsys, tmp_path, counting_d
         pytest.skip(f"{hub_id} is in the local Hugging Face cache, so it would load")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()
-    code = train(["-c", preset, f"run.root={tmp_path / 'runs'}", f"data.train_file={counting_data / 'train.jsonl'}",
-                  f"data.val_file={counting_data / 'dev.jsonl'}", "trainer.accelerator=cpu", "trainer.strategy=auto",
-                  "trainer.precision=32-true"])
+    code = train(
+        [
+            "-c",
+            preset,
+            f"run.root={tmp_path / 'runs'}",
+            f"data.train_file={counting_data / 'train.jsonl'}",
+            f"data.val_file={counting_data / 'dev.jsonl'}",
+            "trainer.accelerator=cpu",
+            "trainer.strategy=auto",
+            "trainer.precision=32-true",
+        ]
+    )
     elapsed = time.perf_counter() - start
     err = capsys.readouterr().err
     assert code == 2 and elapsed < 10, (code, elapsed)
     assert hub_id in err and "-c tiny" in err and "not reachable" in err
-    assert not (tmp_path / "runs").exists() or not [p for p in (tmp_path / "runs").iterdir() if not p.name.startswith(".")]
+    assert not (tmp_path / "runs").exists() or not [
+        p for p in (tmp_path / "runs").iterdir() if not p.name.startswith(".")
+    ]
 
 
 def test_presets_carry_the_users_recipe():
@@ -165,13 +250,27 @@ def test_presets_carry_the_users_recipe():
 
     for preset in ("qwen2_5_vl_3b", "qwen2_5_vl_7b"):
         cfg = load_config(QwenVLConfig, preset, [], PRESETS_DIR)
-        assert (cfg.optim.name, cfg.optim.scheduler, cfg.trainer.precision, cfg.trainer.strategy) == ("adafactor", "constant", "bf16-true", "fsdp")
+        assert (
+            cfg.optim.name,
+            cfg.optim.scheduler,
+            cfg.trainer.precision,
+            cfg.trainer.strategy,
+        ) == ("adafactor", "constant", "bf16-true", "fsdp")
         assert cfg.optim.warmup_ratio > 0 and cfg.trainer.gradient_clip_val == 1.0
         assert cfg.trainer.val_every_n_steps == cfg.trainer.ckpt_every_n_steps == 100
-        assert (cfg.checkpoint.monitor, cfg.checkpoint.mode, cfg.checkpoint.load_best_at_end) == ("val/loss", "min", True)
+        assert (cfg.checkpoint.monitor, cfg.checkpoint.mode, cfg.checkpoint.load_best_at_end) == (
+            "val/loss",
+            "min",
+            True,
+        )
         f = cfg.fsdp
-        assert (f.sharding_strategy, f.prefetch_backward, f.sync_module_states, f.cpu_offload, f.activation_checkpointing) == (
-            "FULL_SHARD", 1, True, False, True)
+        assert (
+            f.sharding_strategy,
+            f.prefetch_backward,
+            f.sync_module_states,
+            f.cpu_offload,
+            f.activation_checkpointing,
+        ) == ("FULL_SHARD", 1, True, False, True)
         assert cfg.model.name.startswith("Qwen/Qwen2.5-VL-") and cfg.data.max_pixels is not None
 
 

@@ -9,8 +9,13 @@ import pytest
 
 # Short, quiet, CPU-only settings for runs of the tiny preset inside tests.
 QUICK = [
-    "trainer.accelerator=cpu", "logger.progress_bar=false", "logger.plot=false", "trainer.log_every_n_steps=5",
-    "data.max_train_samples=96", "data.max_val_samples=12", "generation.max_new_tokens=24",
+    "trainer.accelerator=cpu",
+    "logger.progress_bar=false",
+    "logger.plot=false",
+    "trainer.log_every_n_steps=5",
+    "data.max_train_samples=96",
+    "data.max_val_samples=12",
+    "generation.max_new_tokens=24",
 ]
 
 
@@ -28,7 +33,9 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def train_cli(tmp_path: Path, cache_dir: Path, capsys: pytest.CaptureFixture) -> Callable[..., tuple[int, str, Path]]:
+def train_cli(
+    tmp_path: Path, cache_dir: Path, capsys: pytest.CaptureFixture
+) -> Callable[..., tuple[int, str, Path]]:
     """``train_cli(*args)``: run the real ``train`` command in-process into ``tmp_path/runs``.
 
     Returns:
@@ -41,7 +48,15 @@ def train_cli(tmp_path: Path, cache_dir: Path, capsys: pytest.CaptureFixture) ->
         root = tmp_path / "runs"
         preset = list(args[:2]) if args[:1] == ("-c",) else []
         # the test's own overrides come after the quick settings, so they win
-        code = train([*preset, *QUICK, *args[len(preset):], f"run.root={root}", f"data.cache_dir={cache_dir}"])
+        code = train(
+            [
+                *preset,
+                *QUICK,
+                *args[len(preset) :],
+                f"run.root={root}",
+                f"data.cache_dir={cache_dir}",
+            ]
+        )
         return code, capsys.readouterr().err, root
 
     return run
@@ -53,7 +68,17 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
     from summarization.cli import train
 
     root = tmp_path_factory.mktemp("tiny-runs")
-    code = train(["-c", "tiny", f"run.root={root}", f"data.cache_dir={cache_dir}", *QUICK,
-                  "trainer.max_steps=30", "trainer.val_every_n_steps=15", "trainer.batch_size=8"])
+    code = train(
+        [
+            "-c",
+            "tiny",
+            f"run.root={root}",
+            f"data.cache_dir={cache_dir}",
+            *QUICK,
+            "trainer.max_steps=30",
+            "trainer.val_every_n_steps=15",
+            "trainer.batch_size=8",
+        ]
+    )
     assert code == 0
     return _only_run(root)

@@ -9,11 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from summarization.cli import evaluate, predict, score
 from summarization.config import SAMPLES
 
 EN, KO = SAMPLES["en"], SAMPLES["ko"]
 BIN = Path(sys.executable).parent
+
 
 def run_dir(root: Path) -> Path:
     """The single run folder under ``root`` (``.claims`` is the run-number bookkeeping)."""
@@ -22,10 +24,13 @@ def run_dir(root: Path) -> Path:
     return runs[0]
 
 
-
 def rows_of(path: Path) -> list[dict]:
     """Rows of a JSON-lines file."""
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [
+        json.loads(line)
+        for line in Path(path).read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    ]
 
 
 def test_training_writes_a_complete_run_with_the_best_model_by_rouge_l(tiny_run):
@@ -35,15 +40,28 @@ def test_training_writes_a_complete_run_with_the_best_model_by_rouge_l(tiny_run)
     validations = [r for r in rows_of(tiny_run / "metrics.jsonl") if "val/rougeL" in r]
     assert [r["step"] for r in validations] == [15, 30]
     assert summary["best"]["value"] == max(r["val/rougeL"] for r in validations)
-    assert all(0.0 <= r[k] <= 1.0 for r in validations for k in ("val/rouge1", "val/rouge2", "val/rougeL", "val/rougeLsum"))
-    assert validations[-1]["val/loss"] < validations[0]["val/loss"] < 9.0, "the validation loss falls"
+    assert all(
+        0.0 <= r[k] <= 1.0
+        for r in validations
+        for k in ("val/rouge1", "val/rouge2", "val/rougeL", "val/rougeLsum")
+    )
+    assert validations[-1]["val/loss"] < validations[0]["val/loss"] < 9.0, (
+        "the validation loss falls"
+    )
     train = [r["train/loss"] for r in rows_of(tiny_run / "metrics.jsonl") if "train/loss" in r]
     assert train[-1] < train[0] - 1.0
     manifest = json.loads((tiny_run / "manifest.json").read_text())
     rouge = manifest["metrics"]["rouge"]
-    assert rouge["package"] == "rouge-score" and rouge["version"] and rouge["tokenizer"].startswith("rouge_score-default")
+    assert (
+        rouge["package"] == "rouge-score"
+        and rouge["version"]
+        and rouge["tokenizer"].startswith("rouge_score-default")
+    )
     assert rouge["multi_reference"].startswith("mean")
-    assert any(f.endswith("dialogsum_sample/train.jsonl") for f in json.dumps(manifest["data_files"]).split('"'))
+    assert any(
+        f.endswith("dialogsum_sample/train.jsonl")
+        for f in json.dumps(manifest["data_files"]).split('"')
+    )
     predictions = rows_of(tiny_run / "val_predictions.jsonl")
     assert len(predictions) == 12 and {"fname", "summary", "references"} <= set(predictions[0])
 
@@ -54,9 +72,14 @@ def test_final_folder_loads_with_plain_auto_classes_and_generates(tiny_run):
     final = tiny_run / "final"
     model = AutoModelForSeq2SeqLM.from_pretrained(final)
     tokenizer = AutoTokenizer.from_pretrained(final)
-    assert type(model).__name__ == "BartForConditionalGeneration" and len(tokenizer) == model.config.vocab_size
+    assert (
+        type(model).__name__ == "BartForConditionalGeneration"
+        and len(tokenizer) == model.config.vocab_size
+    )
     assert model.generation_config.num_beams == 1 and model.generation_config.max_new_tokens == 24
-    batch = tokenizer(["#Person1#: Can I help you?\n#Person2#: I want a ticket to Boston."], return_tensors="pt")
+    batch = tokenizer(
+        ["#Person1#: Can I help you?\n#Person2#: I want a ticket to Boston."], return_tensors="pt"
+    )
     out = model.generate(**batch)
     assert out.shape[0] == 1 and out.shape[1] <= 24 + 1
     info = json.loads((final / "summarization.json").read_text())
@@ -70,24 +93,64 @@ def test_evaluate_predict_and_score_agree(tiny_run, tmp_path, capsys, cache_dir)
     out = tiny_run / "eval" / "test"
     scores = json.loads((out / "scores.json").read_text())
     assert scores["samples"] == 50 and scores["split"] == "test" and scores["world_size"] == 1
-    assert scores["multi_reference"].startswith("mean") and scores["tokenizer"].startswith("rouge_score-default")
-    assert printed["rougeL"] == scores["rougeL"] and printed["data"][0]["file"].endswith("test.jsonl")
+    assert scores["multi_reference"].startswith("mean") and scores["tokenizer"].startswith(
+        "rouge_score-default"
+    )
+    assert printed["rougeL"] == scores["rougeL"] and printed["data"][0]["file"].endswith(
+        "test.jsonl"
+    )
     predictions = rows_of(out / "predictions.jsonl")
-    assert [p["fname"] for p in predictions] == [f"test_{i}" for i in range(50)] and len(predictions[0]["references"]) == 3
+    assert [p["fname"] for p in predictions] == [f"test_{i}" for i in range(50)] and len(
+        predictions[0]["references"]
+    ) == 3
 
     # score recomputes exactly the same ROUGE from the written predictions and the original file
-    assert score(["--predictions", str(out / "predictions.jsonl"), "--references", str(EN / "test.jsonl")]) == 0
+    assert (
+        score(
+            [
+                "--predictions",
+                str(out / "predictions.jsonl"),
+                "--references",
+                str(EN / "test.jsonl"),
+            ]
+        )
+        == 0
+    )
     rescored = json.loads(capsys.readouterr().out)
     assert all(rescored[k] == scores[k] for k in ("rouge1", "rouge2", "rougeL", "rougeLsum"))
 
     # predict gives the same summaries as evaluate for the same rows
-    assert predict(["--model", str(final), "--input", str(EN / "test.jsonl"), "--output", str(tmp_path / "pred.jsonl")]) == 0
+    assert (
+        predict(
+            [
+                "--model",
+                str(final),
+                "--input",
+                str(EN / "test.jsonl"),
+                "--output",
+                str(tmp_path / "pred.jsonl"),
+            ]
+        )
+        == 0
+    )
     predicted = rows_of(tmp_path / "pred.jsonl")
     assert [p["fname"] for p in predicted] == [p["fname"] for p in predictions]
     same = sum(a["summary"] == b["summary"] for a, b in zip(predicted, predictions))
-    assert same >= 48, f"only {same}/50 predictions agree between predict (padded batches) and evaluate"
+    assert same >= 48, (
+        f"only {same}/50 predictions agree between predict (padded batches) and evaluate"
+    )
     capsys.readouterr()
-    assert predict(["--model", str(final), "--text", "#Person1#: Where is the bank?\n#Person2#: Next to the school."]) == 0
+    assert (
+        predict(
+            [
+                "--model",
+                str(final),
+                "--text",
+                "#Person1#: Where is the bank?\n#Person2#: Next to the school.",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.strip() != ""
 
 
@@ -98,14 +161,27 @@ def test_evaluate_rejects_what_it_cannot_use(tiny_run, tmp_path, capsys):
     no_refs.write_text('{"fname": "x", "dialogue": "#Person1#: hi"}\n', encoding="utf-8")
     assert evaluate(["--model", str(tiny_run / "final"), "--split", str(no_refs)]) == 2
     assert f"{no_refs}:1: missing field 'summary'" in capsys.readouterr().err
-    assert predict(["--model", str(tiny_run / "final"), "--input", str(no_refs)]) == 0  # predict needs no references
+    assert (
+        predict(["--model", str(tiny_run / "final"), "--input", str(no_refs)]) == 0
+    )  # predict needs no references
 
 
 def test_korean_end_to_end_learns_and_scores_with_a_tokenizer_that_keeps_hangul(train_cli, capsys):
     # Overfit the 16 Korean dialogues (validation = training rows): ROUGE must be clearly above 0.
-    code, err, root = train_cli("-c", "tiny", "data.sample=ko", f"data.val_file={KO / 'train.jsonl'}", "trainer.max_steps=40",
-                                "trainer.val_every_n_steps=20", "trainer.batch_size=8", "model.scratch.dropout=0.0", "optim.lr=3e-3",
-                                "optim.warmup_steps=5", "data.max_val_samples=16", "generation.max_new_tokens=40")
+    code, err, root = train_cli(
+        "-c",
+        "tiny",
+        "data.sample=ko",
+        f"data.val_file={KO / 'train.jsonl'}",
+        "trainer.max_steps=40",
+        "trainer.val_every_n_steps=20",
+        "trainer.batch_size=8",
+        "model.scratch.dropout=0.0",
+        "optim.lr=3e-3",
+        "optim.warmup_steps=5",
+        "data.max_val_samples=16",
+        "generation.max_new_tokens=40",
+    )
     assert code == 0, err
     run = run_dir(root)
     manifest = json.loads((run / "manifest.json").read_text())
@@ -113,24 +189,68 @@ def test_korean_end_to_end_learns_and_scores_with_a_tokenizer_that_keeps_hangul(
     last = [r for r in rows_of(run / "metrics.jsonl") if "val/rouge1" in r][-1]
     assert last["val/rouge1"] > 0.1 and last["val/loss"] < 3.0
     predictions = rows_of(run / "val_predictions.jsonl")
-    assert any("\uac00" <= ch <= "\ud7a3" for ch in predictions[0]["summary"]), "the model writes Hangul"
+    assert any("\uac00" <= ch <= "\ud7a3" for ch in predictions[0]["summary"]), (
+        "the model writes Hangul"
+    )
     assert evaluate(["--model", str(run / "final"), "--split", "test"]) == 0
     scores = json.loads(capsys.readouterr().out)
-    assert scores["tokenizer"].startswith("unicode-words") and scores["references_per_sample"] == 2 and scores["rouge1"] > 0
+    assert (
+        scores["tokenizer"].startswith("unicode-words")
+        and scores["references_per_sample"] == 2
+        and scores["rouge1"] > 0
+    )
 
 
 @pytest.mark.slow
 def test_console_scripts_exit_2_with_one_paragraph(tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"fname": "a", "dialogue": "x", "summary": "y"}\n{"fname": "b", "dialogue": "x", "summary": }\n', encoding="utf-8")
+    bad.write_text(
+        '{"fname": "a", "dialogue": "x", "summary": "y"}\n{"fname": "b", "dialogue": "x", "summary": }\n',
+        encoding="utf-8",
+    )
     env = {"HF_HUB_OFFLINE": "1", "PATH": str(BIN), "HOME": str(tmp_path)}
-    done = subprocess.run([str(BIN / "summarization-train"), "-c", "tiny", f"data.train_file={bad}", f"run.root={tmp_path / 'runs'}"],
-                          capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(
+        [
+            str(BIN / "summarization-train"),
+            "-c",
+            "tiny",
+            f"data.train_file={bad}",
+            f"run.root={tmp_path / 'runs'}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     last = done.stderr.strip().splitlines()[-1]
-    assert done.returncode == 2 and last.startswith("error: ") and f"{bad}:2: malformed JSON" in last and "Traceback" not in done.stderr
+    assert (
+        done.returncode == 2
+        and last.startswith("error: ")
+        and f"{bad}:2: malformed JSON" in last
+        and "Traceback" not in done.stderr
+    )
     assert not (tmp_path / "runs").exists()
-    done = subprocess.run([str(BIN / "score"), "--predictions", str(bad), "--references", str(EN / "test.jsonl")],
-                          capture_output=True, text=True, env=env, timeout=120)
-    assert done.returncode == 2 and "missing field 'summary'" not in done.stderr and f"{bad}:2: malformed JSON" in done.stderr
-    done = subprocess.run([str(BIN / "summarization-train"), "--help"], capture_output=True, text=True, env=env, timeout=120)
-    assert done.returncode == 0 and "presets: bart_base, bart_large_cnn, small, t5_small, tiny (default: bart_large_cnn)" in done.stdout
+    done = subprocess.run(
+        [str(BIN / "score"), "--predictions", str(bad), "--references", str(EN / "test.jsonl")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert (
+        done.returncode == 2
+        and "missing field 'summary'" not in done.stderr
+        and f"{bad}:2: malformed JSON" in done.stderr
+    )
+    done = subprocess.run(
+        [str(BIN / "summarization-train"), "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert (
+        done.returncode == 0
+        and "presets: bart_base, bart_large_cnn, small, t5_small, tiny (default: bart_large_cnn)"
+        in done.stdout
+    )

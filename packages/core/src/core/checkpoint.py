@@ -172,7 +172,12 @@ class CheckpointManager:
         fabric.barrier()
         fabric.save(tmp / STATE_NAME, state, filter=filter)  # ends with a barrier
         if fabric.global_rank == 0:
-            meta = {"step": step, "metrics": metrics or {}, "time": time.time(), "world_size": fabric.world_size}
+            meta = {
+                "step": step,
+                "metrics": metrics or {},
+                "time": time.time(),
+                "world_size": fabric.world_size,
+            }
             (tmp / META_NAME).write_text(json.dumps(meta, indent=1), encoding="utf-8")
             _fsync_tree(tmp)
             if final.exists():  # the same step saved again (e.g. after a resume): replace it
@@ -196,7 +201,7 @@ class CheckpointManager:
         found = self.list()
         if not found:
             return []
-        keep = {c.path for c in found[-max(1, self.cfg.keep_last):]}
+        keep = {c.path for c in found[-max(1, self.cfg.keep_last) :]}
         keep |= {c.path for c in self.ranked()[: self.cfg.keep_best]}
         removed = []
         for info in found:
@@ -220,7 +225,9 @@ if __name__ == "__main__":  # self-check: python -m core.checkpoint
     fabric = Fabric(accelerator="cpu", devices=1)
     model = torch.nn.Linear(2, 2)
     with tempfile.TemporaryDirectory() as tmp:
-        manager = CheckpointManager(Path(tmp), CheckpointConfig(keep_last=2, keep_best=1, monitor="val/loss"))
+        manager = CheckpointManager(
+            Path(tmp), CheckpointConfig(keep_last=2, keep_best=1, monitor="val/loss")
+        )
         for step, loss in [(1, 0.5), (2, 0.9), (3, 0.8), (4, 0.7)]:
             manager.save(fabric, {"model": model, "step": step}, step, {"val/loss": loss})
         kept = [c.step for c in manager.list()]

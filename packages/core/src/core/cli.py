@@ -51,7 +51,13 @@ def user_errors_exit_2(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def train_parser(prog: str, description: str, config_cls: type, presets_dir: Path | None, default_preset: str | None) -> argparse.ArgumentParser:
+def train_parser(
+    prog: str,
+    description: str,
+    config_cls: type,
+    presets_dir: Path | None,
+    default_preset: str | None,
+) -> argparse.ArgumentParser:
     """The ``train`` argument parser of a task (presets listed in ``--help``)."""
     presets = list_presets(presets_dir)
     epilog = (
@@ -64,12 +70,28 @@ def train_parser(prog: str, description: str, config_cls: type, presets_dir: Pat
         + "Every key: --help-keys. Runs go to run.root (default runs/)."
     )
     parser = argparse.ArgumentParser(
-        prog=prog, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("-c", "--config", metavar="PRESET|FILE", default=None, help="a preset name or a YAML file")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("--help-keys", action="store_true", help="list every config key with type, default and meaning")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. trainer.max_steps=100")
+    parser.add_argument(
+        "-c", "--config", metavar="PRESET|FILE", default=None, help="a preset name or a YAML file"
+    )
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config and exit"
+    )
+    parser.add_argument(
+        "--help-keys",
+        action="store_true",
+        help="list every config key with type, default and meaning",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides, e.g. trainer.max_steps=100",
+    )
     return parser
 
 
@@ -99,7 +121,9 @@ def parse_train_args(
         raise SystemExit(0)
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
-        raise UserError(f"'{bad[0]}' is not an override of the form key=value (e.g. trainer.max_steps=100); presets go after -c.")
+        raise UserError(
+            f"'{bad[0]}' is not an override of the form key=value (e.g. trainer.max_steps=100); presets go after -c."
+        )
     cfg = load_config(config_cls, args.config or default_preset, args.overrides, presets_dir)
     return cfg, args
 
@@ -130,7 +154,12 @@ def train_command(
         Exit code: 0 when training completed or was interrupted by a signal (checkpoint written).
     """
     cfg, args = parse_train_args(
-        argv, prog=prog, description=description, config_cls=config_cls, presets_dir=presets_dir, default_preset=default_preset
+        argv,
+        prog=prog,
+        description=description,
+        config_cls=config_cls,
+        presets_dir=presets_dir,
+        default_preset=default_preset,
     )
     if args.print_config:
         print(to_yaml(cfg), end="")
@@ -138,7 +167,9 @@ def train_command(
     from core.trainer import Trainer  # heavy imports only when training
 
     logging.captureWarnings(True)
-    result = Trainer(cfg, make_task(cfg), argv=[prog, *(sys.argv[1:] if argv is None else argv)]).fit()
+    result = Trainer(
+        cfg, make_task(cfg), argv=[prog, *(sys.argv[1:] if argv is None else argv)]
+    ).fit()
     if result.global_rank == 0:
         print(f"{result.status}: {result.run_dir}", file=sys.stderr)
     return 0

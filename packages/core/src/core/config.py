@@ -263,7 +263,9 @@ def _close_key(key: str, valid: Iterable[str]) -> str:
     return f" Did you mean '{matches[0]}'?" if matches else ""
 
 
-def from_dict(cls: type[C], data: Mapping[str, Any] | None, prefix: str = "", root: type | None = None) -> C:
+def from_dict(
+    cls: type[C], data: Mapping[str, Any] | None, prefix: str = "", root: type | None = None
+) -> C:
     """Build a config dataclass from a (partial) nested mapping, checking every key and value.
 
     Args:
@@ -288,7 +290,11 @@ def from_dict(cls: type[C], data: Mapping[str, Any] | None, prefix: str = "", ro
             raise ConfigError(f"Config key '{prefix}{name}' is gone: {retired[name]}.")
     if unknown:
         key = f"{prefix}{unknown[0]}"
-        valid = [k for k, _, _ in iter_keys(root or cls)] if root else [k for k, _, _ in iter_keys(cls, prefix)]
+        valid = (
+            [k for k, _, _ in iter_keys(root or cls)]
+            if root
+            else [k for k, _, _ in iter_keys(cls, prefix)]
+        )
         raise ConfigError(f"Unknown config key '{key}'.{_close_key(key, valid)}")
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
@@ -405,7 +411,9 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
         for part in parts[:-1]:
             existing = node.setdefault(part, {})
             if not isinstance(existing, dict):
-                raise ConfigError(f"Override '{item}' conflicts with an earlier override of '{part}'.")
+                raise ConfigError(
+                    f"Override '{item}' conflicts with an earlier override of '{part}'."
+                )
             node = existing
         node[parts[-1]] = value
     return tree
@@ -459,7 +467,9 @@ def resolve_preset(preset: str | Path, presets_dir: Path | None) -> Path:
         return path
     names = list_presets(presets_dir)
     if path.suffix in (".yaml", ".yml") or "/" in text or "\\" in text:
-        raise ConfigError(f"Config file '{path}' does not exist. Presets of this package: {', '.join(names) or '(none)'}.")
+        raise ConfigError(
+            f"Config file '{path}' does not exist. Presets of this package: {', '.join(names) or '(none)'}."
+        )
     hint = _close_key(text, names)
     raise ConfigError(
         f"Unknown preset '{text}': it is neither a preset of this package nor a YAML file."
@@ -482,11 +492,14 @@ def describe_keys(cls: type, width: int = 100) -> str:
         head = f"  {key} ({type_name(tp)}, default {yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()})"
         lines.append(head)
         if doc:
-            lines.extend(textwrap.wrap(doc, width=width, initial_indent="      ", subsequent_indent="      "))
+            lines.extend(
+                textwrap.wrap(doc, width=width, initial_indent="      ", subsequent_indent="      ")
+            )
     return "\n".join(lines)
 
 
 if __name__ == "__main__":  # self-check: python -m core.config
+
     @dataclasses.dataclass
     class _Inner:
         lr: float = 1e-3
@@ -498,7 +511,7 @@ if __name__ == "__main__":  # self-check: python -m core.config
     class _Root:
         name: str = "x"
         """A name."""
-        devices: Union[int, str] = 1
+        devices: int | str = 1
         """Device count or 'auto'."""
         mode: Literal["min", "max"] = "min"
         """Direction."""

@@ -110,7 +110,7 @@ class ShardedBatchSampler(Sampler[list[int]]):
             # Shuffle whole global batches so long ones do not all come first; the last (short,
             # padded) batch stays last so every rank's share is never empty.
             head = batches[:-1] if len(batches[-1]) < global_size else batches
-            tail = batches[len(head):]
+            tail = batches[len(head) :]
             perm = rng.permutation(len(head))
             batches = [head[i] for i in perm] + tail
         return batches
@@ -185,7 +185,19 @@ def build_dataloader(
 if __name__ == "__main__":  # self-check: python -m core.data
     lengths = [random.Random(i).randint(1, 100) for i in range(103)]
     one = ShardedBatchSampler(103, 8, shuffle=True, seed=3, lengths=lengths, group_by_length=True)
-    two = [ShardedBatchSampler(103, 4, rank=r, world_size=2, shuffle=True, seed=3, lengths=lengths, group_by_length=True) for r in range(2)]
+    two = [
+        ShardedBatchSampler(
+            103,
+            4,
+            rank=r,
+            world_size=2,
+            shuffle=True,
+            seed=3,
+            lengths=lengths,
+            group_by_length=True,
+        )
+        for r in range(2)
+    ]
     # Same global batches for 1 x 8 and 2 x 4 (before padding); every rank gets equally many batches.
     assert [sorted(b) for b in one] != []
     assert len(list(two[0])) == len(list(two[1])) == two[0].num_batches()

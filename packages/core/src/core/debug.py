@@ -51,7 +51,9 @@ class ShapeLogger:
         max_modules: stop logging after this many modules (huge models).
     """
 
-    def __init__(self, model: nn.Module, logger: logging.Logger | None = None, max_modules: int = 2000) -> None:
+    def __init__(
+        self, model: nn.Module, logger: logging.Logger | None = None, max_modules: int = 2000
+    ) -> None:
         self.logger = logger or log
         self.max_modules = max_modules
         self.seen: set[str] = set()
@@ -66,8 +68,12 @@ class ShapeLogger:
             if name in self.seen or len(self.seen) >= self.max_modules:
                 return
             self.seen.add(name)
-            inputs = describe(list(args) + [v for v in kwargs.values() if isinstance(v, torch.Tensor)])
-            line = f"shapes | {name} ({type(module).__name__}): in {inputs} -> out {describe(output)}"
+            inputs = describe(
+                list(args) + [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
+            )
+            line = (
+                f"shapes | {name} ({type(module).__name__}): in {inputs} -> out {describe(output)}"
+            )
             self.lines.append(line)
             self.logger.info(line)
 

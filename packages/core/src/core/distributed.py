@@ -46,7 +46,9 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
-def gather_records(records: Iterable[Mapping[str, Any]], key: str = "index") -> list[dict[str, Any]]:
+def gather_records(
+    records: Iterable[Mapping[str, Any]], key: str = "index"
+) -> list[dict[str, Any]]:
     """Gather per-sample records from all ranks and drop the repeats a padded sampler added.
 
     Args:

@@ -61,13 +61,22 @@ def eval_dataloader(fabric: Fabric, task: Task, dataset: Any, tc: TrainerConfig)
     """
     lengths = task.sample_lengths(dataset) if tc.sort_eval_by_length else None
     sampler = ShardedBatchSampler(
-        len(dataset), tc.val_batch_size, rank=fabric.global_rank, world_size=fabric.world_size,
-        shuffle=False, lengths=lengths, sort_by_length=lengths is not None,
+        len(dataset),
+        tc.val_batch_size,
+        rank=fabric.global_rank,
+        world_size=fabric.world_size,
+        shuffle=False,
+        lengths=lengths,
+        sort_by_length=lengths is not None,
     )
-    return build_dataloader(dataset, sampler, task.collate, tc.num_workers, fabric.device.type == "cuda", tc.seed)
+    return build_dataloader(
+        dataset, sampler, task.collate, tc.num_workers, fabric.device.type == "cuda", tc.seed
+    )
 
 
-def evaluate(fabric: Fabric, task: Task, model: nn.Module, loader: Any, limit_batches: int | None = None) -> EvalResult:
+def evaluate(
+    fabric: Fabric, task: Task, model: nn.Module, loader: Any, limit_batches: int | None = None
+) -> EvalResult:
     """Run ``task.validation_step`` over ``loader`` on every rank and compute the metrics.
 
     Args:
@@ -148,6 +157,8 @@ if __name__ == "__main__":  # self-check: python -m core.evaluation
     with evaluator.fabric.init_module():
         net = toy.configure_model()
     result = evaluator.run(evaluator.setup_model(net), toy.val_dataset())
-    assert len(result.records) == cfg.data.num_val and [r["index"] for r in result.records] == list(range(cfg.data.num_val))
+    assert len(result.records) == cfg.data.num_val and [r["index"] for r in result.records] == list(
+        range(cfg.data.num_val)
+    )
     print({k: round(v, 4) for k, v in result.metrics.items()})
     print("core.evaluation: ok")

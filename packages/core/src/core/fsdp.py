@@ -54,7 +54,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # --------------------------------------------------------------------------------------------
 
 
-def resolve_wrap_classes(names: Iterable[str], defaults: set[type[nn.Module]]) -> set[type[nn.Module]]:
+def resolve_wrap_classes(
+    names: Iterable[str], defaults: set[type[nn.Module]]
+) -> set[type[nn.Module]]:
     """Module classes that become FSDP units (and activation-checkpointing units).
 
     Args:
@@ -84,12 +86,15 @@ def resolve_wrap_classes(names: Iterable[str], defaults: set[type[nn.Module]]) -
             raise ConfigError(
                 f"fsdp.auto_wrap: cannot import '{name}'. Give a dotted path such as "
                 "'transformers.models.llama.modeling_llama.LlamaDecoderLayer'"
-                + (f" or one of {sorted(by_name)}" if by_name else "") + "."
+                + (f" or one of {sorted(by_name)}" if by_name else "")
+                + "."
             ) from None
     return found
 
 
-def mixed_precision_dtypes(cfg: FSDPConfig, precision: str) -> tuple[torch.dtype | None, torch.dtype | None]:
+def mixed_precision_dtypes(
+    cfg: FSDPConfig, precision: str
+) -> tuple[torch.dtype | None, torch.dtype | None]:
     """``(param_dtype, reduce_dtype)`` of FSDP2's ``MixedPrecisionPolicy`` (None: keep the parameter's own).
 
     ``auto``: with ``bf16-mixed`` / ``16-mixed`` the sharded fp32 master weights are all-gathered
@@ -100,7 +105,11 @@ def mixed_precision_dtypes(cfg: FSDPConfig, precision: str) -> tuple[torch.dtype
         cfg: the ``fsdp`` group.
         precision: the resolved ``trainer.precision``.
     """
-    half = torch.bfloat16 if precision.startswith("bf16") else (torch.float16 if precision.startswith("16") else None)
+    half = (
+        torch.bfloat16
+        if precision.startswith("bf16")
+        else (torch.float16 if precision.startswith("16") else None)
+    )
     if cfg.param_dtype == "auto":
         param = half if precision.endswith("-mixed") else None
     else:
@@ -139,7 +148,9 @@ def shard_mesh(base_mesh: Any, cfg: FSDPConfig, devices_per_node: int) -> Any:
         )
     from torch.distributed.device_mesh import init_device_mesh
 
-    return init_device_mesh(mesh.device_type, (world // shard, shard), mesh_dim_names=("replicate", "shard"))
+    return init_device_mesh(
+        mesh.device_type, (world // shard, shard), mesh_dim_names=("replicate", "shard")
+    )
 
 
 def blocks_of(model: nn.Module, classes: set[type[nn.Module]]) -> list[nn.Module]:
@@ -155,7 +166,12 @@ def blocks_of(model: nn.Module, classes: set[type[nn.Module]]) -> list[nn.Module
 
 
 def parallelize(
-    model: nn.Module, device_mesh: Any, *, cfg: FSDPConfig, wrap_classes: set[type[nn.Module]], precision: str,
+    model: nn.Module,
+    device_mesh: Any,
+    *,
+    cfg: FSDPConfig,
+    wrap_classes: set[type[nn.Module]],
+    precision: str,
     devices_per_node: int,
 ) -> nn.Module:
     """Apply activation checkpointing and FSDP2 to ``model`` in place (see the module docstring).
@@ -187,16 +203,24 @@ def parallelize(
         )
 
         if not wrap_classes:
-            raise ConfigError("fsdp.activation_checkpointing=true needs block classes: set fsdp.auto_wrap.")
+            raise ConfigError(
+                "fsdp.activation_checkpointing=true needs block classes: set fsdp.auto_wrap."
+            )
         apply_activation_checkpointing(
             model,
-            checkpoint_wrapper_fn=lambda m: checkpoint_wrapper(m, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
+            checkpoint_wrapper_fn=lambda m: checkpoint_wrapper(
+                m, checkpoint_impl=CheckpointImpl.NO_REENTRANT
+            ),
             check_fn=lambda m: isinstance(m, tuple(wrap_classes)),
         )
     rank0_state = None
     if cfg.sync_module_states and torch.distributed.get_world_size() > 1:
         # Copied before sharding: afterwards each rank only holds its slice of its own copy.
-        rank0_state = {k: v.detach().clone() for k, v in model.state_dict().items()} if torch.distributed.get_rank() == 0 else {}
+        rank0_state = (
+            {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if torch.distributed.get_rank() == 0
+            else {}
+        )
     mesh = shard_mesh(device_mesh, cfg, devices_per_node)
     param_dtype, reduce_dtype = mixed_precision_dtypes(cfg, precision)
     kwargs = {
@@ -224,12 +248,21 @@ def parallelize(
     if rank0_state is not None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        set_model_state_dict(model, rank0_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        set_model_state_dict(
+            model,
+            rank0_state,
+            options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
+        )
     log.info(
         "FSDP2: %d blocks (%s) + root, %s over mesh %s, param dtype %s, reduce dtype %s%s%s",
-        len(blocks), ", ".join(sorted(c.__name__ for c in wrap_classes)) or "none", cfg.sharding_strategy,
-        tuple(mesh.shape), param_dtype or "as stored", reduce_dtype or "as stored",
-        ", activation checkpointing" if cfg.activation_checkpointing else "", ", CPU offload" if cfg.cpu_offload else "",
+        len(blocks),
+        ", ".join(sorted(c.__name__ for c in wrap_classes)) or "none",
+        cfg.sharding_strategy,
+        tuple(mesh.shape),
+        param_dtype or "as stored",
+        reduce_dtype or "as stored",
+        ", activation checkpointing" if cfg.activation_checkpointing else "",
+        ", CPU offload" if cfg.cpu_offload else "",
     )
     return model
 
@@ -272,7 +305,9 @@ class FSDP2Strategy(ModelParallelStrategy):
         **kwargs: passed to ``ModelParallelStrategy``.
     """
 
-    def __init__(self, parallelize_fn: Callable[[nn.Module, Any], nn.Module], **kwargs: Any) -> None:
+    def __init__(
+        self, parallelize_fn: Callable[[nn.Module, Any], nn.Module], **kwargs: Any
+    ) -> None:
         super().__init__(parallelize_fn=parallelize_fn, save_distributed_checkpoint=True, **kwargs)
 
     def setup_environment(self) -> None:
@@ -282,7 +317,10 @@ class FSDP2Strategy(ModelParallelStrategy):
         super().setup_environment()
 
     def save_checkpoint(
-        self, path: Any, state: dict[str, Any], storage_options: Any = None,
+        self,
+        path: Any,
+        state: dict[str, Any],
+        storage_options: Any = None,
         filter: dict[str, Callable[[str, Any], bool]] | None = None,
     ) -> None:
         """Write ``state`` as a sharded checkpoint folder (collective: every rank calls it).
@@ -296,7 +334,10 @@ class FSDP2Strategy(ModelParallelStrategy):
         if storage_options is not None:
             raise TypeError("FSDP2Strategy.save_checkpoint takes no storage_options")
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
 
         path = Path(self.broadcast(str(path)))
         module = _single_module(state)
@@ -320,7 +361,10 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.barrier()
 
     def load_checkpoint(
-        self, path: Any, state: dict[str, Any] | nn.Module | Optimizer | None = None, strict: bool = True,
+        self,
+        path: Any,
+        state: dict[str, Any] | nn.Module | Optimizer | None = None,
+        strict: bool = True,
         weights_only: bool | None = None,
     ) -> dict[str, Any]:
         """Restore ``state`` in place from a folder written by :meth:`save_checkpoint`.
@@ -354,7 +398,9 @@ class FSDP2Strategy(ModelParallelStrategy):
         wanted = {k: v for k, v in model_state.items() if strict or f"{module_key}.{k}" in stored}
         missing = [k for k in wanted if f"{module_key}.{k}" not in stored]
         if missing:
-            raise KeyError(f"the checkpoint lacks {len(missing)} model tensors, e.g. {missing[0]!r}")
+            raise KeyError(
+                f"the checkpoint lacks {len(missing)} model tensors, e.g. {missing[0]!r}"
+            )
         dcp.load({module_key: wanted}, checkpoint_id=path)
         set_model_state_dict(module, wanted, options=StateDictOptions(strict=strict))
         for key, optimizer in state.items():
@@ -381,7 +427,9 @@ def _single_module(state: dict[str, Any]) -> nn.Module:
     """The one sharded model in a checkpoint state (the optimizer state is keyed by its names)."""
     modules = [v for v in state.values() if _is_distributed_module(v)]
     if len(modules) != 1:
-        raise ValueError(f"a sharded checkpoint needs exactly one FSDP2 model in its state, found {len(modules)}")
+        raise ValueError(
+            f"a sharded checkpoint needs exactly one FSDP2 model in its state, found {len(modules)}"
+        )
     return modules[0]
 
 
@@ -397,10 +445,19 @@ def build_strategy(cfg: Any, wrap_defaults: set[type[nn.Module]], precision: str
 
     wrap = resolve_wrap_classes(cfg.fsdp.auto_wrap, wrap_defaults)
     if not wrap:
-        log.warning("FSDP2 without block classes: the whole model is one unit (set fsdp.auto_wrap to shard per block).")
+        log.warning(
+            "FSDP2 without block classes: the whole model is one unit (set fsdp.auto_wrap to shard per block)."
+        )
     devices = cfg.trainer.devices
-    per_node = int(devices) if str(devices).isdigit() else int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or _visible_devices(cfg.trainer.accelerator)
-    fn = functools.partial(parallelize, cfg=cfg.fsdp, wrap_classes=wrap, precision=precision, devices_per_node=per_node)
+    per_node = (
+        int(devices)
+        if str(devices).isdigit()
+        else int(os.environ.get("LOCAL_WORLD_SIZE", "0"))
+        or _visible_devices(cfg.trainer.accelerator)
+    )
+    fn = functools.partial(
+        parallelize, cfg=cfg.fsdp, wrap_classes=wrap, precision=precision, devices_per_node=per_node
+    )
     return FSDP2Strategy(parallelize_fn=fn)
 
 
@@ -424,7 +481,9 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_model_state_dict(
+        module, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
     # A tied parameter (input embeddings = output layer) comes back as two separate tensors;
     # keep it under its first name only, as an unsharded model's save_pretrained would.
     first = {_canonical(n) for n, _ in module.named_parameters()}
@@ -456,4 +515,3 @@ def unsupported_reason(cfg: Any, device_type: str) -> str | None:
     if cfg.fsdp.cpu_offload and device_type != "cuda":
         return "fsdp.cpu_offload=true moves shards between GPU and CPU memory; on the CPU they are in CPU memory already: set fsdp.cpu_offload=false"
     return None
-

@@ -20,12 +20,21 @@ from core.errors import UserError
 
 def looks_like_path(name: str) -> bool:
     """True for ``./x``, ``/x``, ``~/x``, ``C:\\x``, ``x\\y`` or anything that exists on disk."""
-    return name.startswith((".", "/", "~")) or "\\" in name or (len(name) > 1 and name[1] == ":") or Path(name).exists() or name.count("/") > 1
+    return (
+        name.startswith((".", "/", "~"))
+        or "\\" in name
+        or (len(name) > 1 and name[1] == ":")
+        or Path(name).exists()
+        or name.count("/") > 1
+    )
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hub endpoint accepts a TCP connection within ``timeout`` seconds."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or os.environ.get("TRANSFORMERS_OFFLINE") == "1":
+    if (
+        os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+        or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+    ):
         return False
     endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     try:
@@ -72,7 +81,9 @@ def ensure_available(
     name = str(name_or_path)
     if looks_like_path(name):
         if not Path(name).expanduser().is_dir():
-            raise UserError(f"{what.capitalize()} folder '{name}' ({key}) does not exist; give a folder written by save_pretrained or a Hub id.")
+            raise UserError(
+                f"{what.capitalize()} folder '{name}' ({key}) does not exist; give a folder written by save_pretrained or a Hub id."
+            )
         return
     if is_cached(name, filename, repo_type) or hub_reachable():
         return

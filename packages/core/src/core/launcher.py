@@ -121,7 +121,9 @@ def member_from_directory(start: Path, tasks: Sequence[str]) -> str | None:
     return None
 
 
-def resolve_task(argv: list[str], tasks: dict[str, Any], command: str) -> tuple[str | None, list[str], str]:
+def resolve_task(
+    argv: list[str], tasks: dict[str, Any], command: str
+) -> tuple[str | None, list[str], str]:
     """Pick the task for a shared command.
 
     Args:
@@ -182,7 +184,11 @@ def dispatch(command: str, argv: Sequence[str] | None = None) -> int:
     module = importlib.import_module(entry.value)
     commands = getattr(module, "COMMANDS", {})
     if command not in commands:
-        providers = [t for t, ep in tasks.items() if command in getattr(importlib.import_module(ep.value), "COMMANDS", {})]
+        providers = [
+            t
+            for t, ep in tasks.items()
+            if command in getattr(importlib.import_module(ep.value), "COMMANDS", {})
+        ]
         return fail(
             f"The {name} package has no '{command}' command (its commands: {', '.join(sorted(commands))}). "
             f"'{command}' belongs to: {', '.join(providers) or 'no installed task'}."

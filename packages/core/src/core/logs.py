@@ -89,7 +89,14 @@ class MetricsLogger:
         enabled: False on ranks other than 0 (every call is then a no-op).
     """
 
-    def __init__(self, run_dir: Path, cfg: LoggerConfig, config: Mapping[str, Any], run_name: str, enabled: bool = True) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        cfg: LoggerConfig,
+        config: Mapping[str, Any],
+        run_name: str,
+        enabled: bool = True,
+    ) -> None:
         self.run_dir = Path(run_dir)
         self.cfg = cfg
         self.enabled = enabled
@@ -116,9 +123,13 @@ class MetricsLogger:
 
         mode = self.cfg.wandb_mode
         if os.environ.get("WANDB_MODE") in ("offline", "disabled"):
-            mode = os.environ["WANDB_MODE"]  # the user's environment wins, e.g. on nodes without network
+            mode = os.environ[
+                "WANDB_MODE"
+            ]  # the user's environment wins, e.g. on nodes without network
         if mode == "online" and not os.environ.get("WANDB_API_KEY"):
-            log.warning("W&B: no WANDB_API_KEY in the environment; using the key of `wandb login` if there is one.")
+            log.warning(
+                "W&B: no WANDB_API_KEY in the environment; using the key of `wandb login` if there is one."
+            )
         run_id_file = self.run_dir / ".wandb_id"
         run_id = run_id_file.read_text().strip() if run_id_file.is_file() else uuid.uuid4().hex[:12]
         run_id_file.write_text(run_id)

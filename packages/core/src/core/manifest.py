@@ -35,7 +35,9 @@ SECRET_ENV_VARS = (
     "OPENAI_API_KEY",
     "AWS_SECRET_ACCESS_KEY",
 )
-_SECRET_WORD = re.compile(r"(token|secret|password|passwd|api[_-]?key|(^|[_.-])key$)", re.IGNORECASE)
+_SECRET_WORD = re.compile(
+    r"(token|secret|password|passwd|api[_-]?key|(^|[_.-])key$)", re.IGNORECASE
+)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -110,7 +112,11 @@ def git_state(start: Path | None = None) -> dict[str, Any]:
         if root:
             commit = _git(["rev-parse", "HEAD"], Path(root))
             status = _git(["status", "--porcelain", "--untracked-files=no"], Path(root))
-            return {"commit": commit, "dirty": bool(status) if status is not None else None, "root": root}
+            return {
+                "commit": commit,
+                "dirty": bool(status) if status is not None else None,
+                "root": root,
+            }
     return {"commit": None, "dirty": None, "root": None}
 
 
@@ -169,7 +175,9 @@ def build_manifest(
     files = {}
     for path in data_files:
         path = Path(path)
-        files[str(path)] = {"sha256": sha256_file(path), "bytes": path.stat().st_size} if path.is_file() else None
+        files[str(path)] = (
+            {"sha256": sha256_file(path), "bytes": path.stat().st_size} if path.is_file() else None
+        )
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     return {
         "seed": seed,
@@ -196,9 +204,23 @@ if __name__ == "__main__":  # self-check: python -m core.manifest
     import json
 
     env = {"HF_TOKEN": "hf_abcdef123456"}
-    argv = ["train", "--hf-token", "hf_abcdef123456", "logger.api_key=zzz", "x=hf_abcdef123456", "trainer.max_steps=3"]
+    argv = [
+        "train",
+        "--hf-token",
+        "hf_abcdef123456",
+        "logger.api_key=zzz",
+        "x=hf_abcdef123456",
+        "trainer.max_steps=3",
+    ]
     red = redact_argv(argv, env)
-    assert red == ["train", "--hf-token", "***", "logger.api_key=***", "x=***", "trainer.max_steps=3"], red
+    assert red == [
+        "train",
+        "--hf-token",
+        "***",
+        "logger.api_key=***",
+        "x=***",
+        "trainer.max_steps=3",
+    ], red
     manifest = build_manifest(seed=1, argv=["python", "-m", "core.manifest"])
     print(json.dumps({k: manifest[k] for k in ("python", "torch", "git", "uv_lock")}, indent=1))
     print(f"{len(manifest['distributions'])} distributions recorded")

@@ -26,7 +26,9 @@ from core.settings import OptimConfig
 _NO_DECAY_HINTS = ("bias", "norm", "ln_", "layernorm", "layer_norm", "rmsnorm")
 
 
-def parameter_groups(model: nn.Module, weight_decay: float, lr: float | None = None, name: str = "") -> list[dict[str, Any]]:
+def parameter_groups(
+    model: nn.Module, weight_decay: float, lr: float | None = None, name: str = ""
+) -> list[dict[str, Any]]:
     """Split a model's trainable parameters into decay / no-decay groups.
 
     Args:
@@ -50,7 +52,11 @@ def parameter_groups(model: nn.Module, weight_decay: float, lr: float | None = N
     groups = []
     for params, wd, suffix in ((decay, weight_decay, "decay"), (no_decay, 0.0, "no_decay")):
         if params:
-            group: dict[str, Any] = {"params": params, "weight_decay": wd, "name": f"{name}{'/' if name else ''}{suffix}"}
+            group: dict[str, Any] = {
+                "params": params,
+                "weight_decay": wd,
+                "name": f"{name}{'/' if name else ''}{suffix}",
+            }
             if lr is not None:
                 group["lr"] = lr
             groups.append(group)
@@ -68,7 +74,9 @@ def _bnb() -> Any:
     return bnb
 
 
-def build_optimizer(groups: Iterable[dict[str, Any]], cfg: OptimConfig, device_type: str = "cpu") -> torch.optim.Optimizer:
+def build_optimizer(
+    groups: Iterable[dict[str, Any]], cfg: OptimConfig, device_type: str = "cpu"
+) -> torch.optim.Optimizer:
     """Create the optimizer named in ``cfg.name`` over the given parameter groups.
 
     Args:
@@ -81,22 +89,36 @@ def build_optimizer(groups: Iterable[dict[str, Any]], cfg: OptimConfig, device_t
     """
     groups = [dict(g) for g in groups]
     if not any(g["params"] for g in groups):
-        raise ConfigError("No trainable parameters: every parameter is frozen. Check the model's freezing switches.")
+        raise ConfigError(
+            "No trainable parameters: every parameter is frozen. Check the model's freezing switches."
+        )
     betas = tuple(cfg.betas)
     if cfg.name == "adamw":
-        opt: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        opt: torch.optim.Optimizer = torch.optim.AdamW(
+            groups, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+        )
     elif cfg.name == "adamw_fused":
         if device_type != "cuda":
-            raise ConfigError("optim.name=adamw_fused needs a CUDA device; use optim.name=adamw on the CPU.")
-        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay, fused=True)
+            raise ConfigError(
+                "optim.name=adamw_fused needs a CUDA device; use optim.name=adamw on the CPU."
+            )
+        opt = torch.optim.AdamW(
+            groups, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay, fused=True
+        )
     elif cfg.name == "sgd":
-        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        opt = torch.optim.SGD(
+            groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
     elif cfg.name == "adafactor":
         # A fixed, scheduled learning rate (the users' recipe), not Adafactor's relative step size.
         opt = Adafactor(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     elif cfg.name in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"):
         bnb = _bnb()
-        cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit, "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[cfg.name]
+        cls = {
+            "adamw_8bit": bnb.optim.AdamW8bit,
+            "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+            "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
+        }[cfg.name]
         opt = cls(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
     else:  # pragma: no cover - the config's Literal type rules this out
         raise ConfigError(f"Unknown optimizer optim.name={cfg.name!r}.")
@@ -131,9 +153,25 @@ class Adafactor(torch.optim.Optimizer):
         weight_decay: decoupled weight decay (times ``lr``).
     """
 
-    def __init__(self, params: Iterable[Any], lr: float, eps: tuple[float, float] = (1e-30, 1e-3), clip_threshold: float = 1.0,
-                 decay_rate: float = -0.8, weight_decay: float = 0.0) -> None:
-        super().__init__(params, {"lr": lr, "eps": eps, "clip_threshold": clip_threshold, "decay_rate": decay_rate, "weight_decay": weight_decay})
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float,
+        eps: tuple[float, float] = (1e-30, 1e-3),
+        clip_threshold: float = 1.0,
+        decay_rate: float = -0.8,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__(
+            params,
+            {
+                "lr": lr,
+                "eps": eps,
+                "clip_threshold": clip_threshold,
+                "decay_rate": decay_rate,
+                "weight_decay": weight_decay,
+            },
+        )
 
     @staticmethod
     def _rms(tensor: torch.Tensor) -> torch.Tensor:
@@ -211,14 +249,21 @@ def keep_state_dtypes(optimizer: torch.optim.Optimizer) -> None:
     def pre_hook(opt: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         params = [p for group in opt.param_groups for p in group["params"]]
-        saved["by_param"] = {p: state_dict["state"][i] for i, p in zip(saved_ids, params) if i in state_dict["state"]}
+        saved["by_param"] = {
+            p: state_dict["state"][i] for i, p in zip(saved_ids, params) if i in state_dict["state"]
+        }
 
     def post_hook(opt: torch.optim.Optimizer) -> None:
         for param, entries in saved.pop("by_param", {}).items():
             live = opt.state.get(param, {})
             for key, value in entries.items():
                 current = live.get(key)
-                if torch.is_tensor(value) and torch.is_tensor(current) and value.is_floating_point() and current.dtype != value.dtype:
+                if (
+                    torch.is_tensor(value)
+                    and torch.is_tensor(current)
+                    and value.is_floating_point()
+                    and current.dtype != value.dtype
+                ):
                     live[key] = value.to(device=current.device)
 
     optimizer.register_load_state_dict_pre_hook(pre_hook)
@@ -235,7 +280,9 @@ class WarmupSchedule:
         min_ratio: factor at the last step for ``linear`` / ``cosine``.
     """
 
-    def __init__(self, total_steps: int, warmup_steps: int, kind: str, min_ratio: float = 0.0) -> None:
+    def __init__(
+        self, total_steps: int, warmup_steps: int, kind: str, min_ratio: float = 0.0
+    ) -> None:
         self.total_steps = max(1, total_steps)
         self.warmup_steps = max(0, min(warmup_steps, self.total_steps))
         self.kind = kind
@@ -257,10 +304,14 @@ class WarmupSchedule:
 
 def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
     """Warmup length in steps: ``warmup_steps`` if set, else ``warmup_ratio * total_steps``."""
-    return cfg.warmup_steps if cfg.warmup_steps > 0 else int(math.ceil(cfg.warmup_ratio * total_steps))
+    return (
+        cfg.warmup_steps if cfg.warmup_steps > 0 else int(math.ceil(cfg.warmup_ratio * total_steps))
+    )
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """A ``LambdaLR`` stepping once per optimizer step.
 
     Args:
@@ -268,7 +319,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_st
         cfg: the ``optim`` group.
         total_steps: optimizer steps of the whole run.
     """
-    schedule = WarmupSchedule(total_steps, warmup_steps(cfg, total_steps), cfg.scheduler, cfg.min_lr_ratio)
+    schedule = WarmupSchedule(
+        total_steps, warmup_steps(cfg, total_steps), cfg.scheduler, cfg.min_lr_ratio
+    )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=schedule)
 
 
@@ -282,7 +335,9 @@ if __name__ == "__main__":  # self-check: python -m core.optim
         opt = build_optimizer(groups, OptimConfig(name=name, lr=1e-3))
         print(f"{name:>16}: {type(opt).__module__}.{type(opt).__name__}")
     opt = build_optimizer(groups, OptimConfig(lr=1.0))
-    sched = build_scheduler(opt, OptimConfig(lr=1.0, warmup_steps=2, scheduler="cosine"), total_steps=10)
+    sched = build_scheduler(
+        opt, OptimConfig(lr=1.0, warmup_steps=2, scheduler="cosine"), total_steps=10
+    )
     lrs = []
     for _ in range(10):
         lrs.append(round(opt.param_groups[0]["lr"], 3))

@@ -41,7 +41,9 @@ def plot_curves(metrics_file: Path, out: Path, title: str = "") -> Path | None:
     losses = sorted(k for k in series if k.endswith("loss"))
     others = sorted(k for k in series if k not in losses)
     panels = ([losses] if losses else []) + [[k] for k in others]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.6 * len(panels)), sharex=True, squeeze=False)
+    fig, axes = plt.subplots(
+        len(panels), 1, figsize=(7, 2.6 * len(panels)), sharex=True, squeeze=False
+    )
     for ax, keys in zip(axes[:, 0], panels):
         for key in keys:
             xs, ys = series[key]
@@ -65,7 +67,9 @@ if __name__ == "__main__":  # self-check: python -m core.plots
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "metrics.jsonl"
-        rows = [{"step": s, "train/loss": 3.0 / s} for s in range(1, 11)] + [{"step": 10, "val/loss": 0.4, "val/rougeL": 0.2}]
+        rows = [{"step": s, "train/loss": 3.0 / s} for s in range(1, 11)] + [
+            {"step": 10, "val/loss": 0.4, "val/rougeL": 0.2}
+        ]
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         png = plot_curves(path, Path(tmp) / "curves.png", "self-check")
         assert png is not None and png.stat().st_size > 1000

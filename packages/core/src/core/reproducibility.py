@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import random
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ def seed_all(seed: int) -> None:
     seed_everything(seed, workers=False, verbose=False)
 
 
-def set_deterministic(mode: Union[bool, str]) -> None:
+def set_deterministic(mode: bool | str) -> None:
     """Turn deterministic algorithms on (``True``), on with warnings only (``"warn"``), or leave them.
 
     Must run before CUDA is initialised: cuBLAS reads ``CUBLAS_WORKSPACE_CONFIG`` once.

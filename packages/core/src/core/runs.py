@@ -131,7 +131,9 @@ def _slurm_record(root: Path, job: str) -> Path:
     return Path(root) / ".slurm" / f"{job}.json"
 
 
-def resolve_run_dir(root: Path, name: str = "", run_dir: Path | None = None, env: dict[str, str] | None = None) -> RunDir:
+def resolve_run_dir(
+    root: Path, name: str = "", run_dir: Path | None = None, env: dict[str, str] | None = None
+) -> RunDir:
     """Choose (and if needed create) the run folder of this process's run.
 
     Order: an explicit ``run.dir`` (``latest`` = newest under the root); else the folder that this
@@ -176,7 +178,10 @@ def resolve_run_dir(root: Path, name: str = "", run_dir: Path | None = None, env
         record = _slurm_record(root, job)
         record.parent.mkdir(parents=True, exist_ok=True)
         tmp = record.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"run_dir": str(path.resolve()), "job": job, "time": time.time()}), encoding="utf-8")
+        tmp.write_text(
+            json.dumps({"run_dir": str(path.resolve()), "job": job, "time": time.time()}),
+            encoding="utf-8",
+        )
         os.replace(tmp, record)
     return RunDir(path, created=True, reason="new")
 

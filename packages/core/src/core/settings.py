@@ -12,11 +12,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Literal, Optional, Union
+from typing import ClassVar, Literal
 
 from core.errors import ConfigError
 
-Precision = Literal["auto", "32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true"]
+Precision = Literal[
+    "auto", "32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true"
+]
 
 
 @dataclass
@@ -27,7 +29,7 @@ class RunConfig:
     """Folder holding every run folder; each run gets ``NNN_YYYYMMDD_HHMMSS[_name]`` inside it."""
     name: str = ""
     """Optional suffix of the run folder name (letters, digits, ``-``, ``_``, ``.``)."""
-    dir: Optional[Path] = None
+    dir: Path | None = None
     """Use this run folder instead of a new one (created if missing). ``latest`` picks the newest
     run folder under ``run.root`` (with ``run.name`` if set). With ``trainer.resume=auto`` the run
     continues from that folder's newest checkpoint."""
@@ -47,7 +49,7 @@ class TrainerConfig:
 
     accelerator: Literal["auto", "cpu", "cuda", "gpu", "mps"] = "auto"
     """Device type; ``auto`` picks CUDA when available, else the CPU."""
-    devices: Union[int, str] = "auto"
+    devices: int | str = "auto"
     """Devices per node: a number, ``auto`` (all visible GPUs, or 1 CPU process), or a list like ``0,1``."""
     num_nodes: int = 1
     """Number of nodes (under SLURM: ``$SLURM_NNODES``)."""
@@ -58,18 +60,18 @@ class TrainerConfig:
     precision: Precision = "auto"
     """``auto`` = ``bf16-mixed`` on GPUs that support bfloat16, else ``32-true``. Also ``bf16-true``,
     ``16-mixed`` (GPU only), ``32-true``."""
-    max_steps: Optional[int] = None
+    max_steps: int | None = None
     """Stop after this many optimizer steps (null: no step limit)."""
-    max_epochs: Optional[int] = None
+    max_epochs: int | None = None
     """Stop after this many passes over the training data (null: no epoch limit when
     ``max_steps`` is set, else 1 epoch)."""
-    max_time: Optional[str] = None
+    max_time: str | None = None
     """Stop after this much training time, ``[DD:]HH:MM:SS`` (counted over resumed sessions too),
     then finish normally: last validation, checkpoint, ``final/``. The learning-rate schedule
     still spans ``max_steps`` / ``max_epochs``."""
     batch_size: int = 8
     """Micro-batch size per device (samples per forward pass)."""
-    eval_batch_size: Optional[int] = None
+    eval_batch_size: int | None = None
     """Batch size per device for validation and evaluation (null: same as ``batch_size``)."""
     accumulate_grad_batches: int = 1
     """Micro-batches per optimizer step; gradient sync is skipped on all but the last one."""
@@ -77,26 +79,26 @@ class TrainerConfig:
     """``token``: the loss of an optimizer step is the sum of token losses divided by the number of
     loss tokens in the whole step, over all micro-batches and ranks (accumulation-invariant).
     ``mean``: the average of per-micro-batch mean losses (the classic, length-biased way)."""
-    gradient_clip_val: Optional[float] = 1.0
+    gradient_clip_val: float | None = 1.0
     """Clip the global gradient norm to this value (null: no clipping)."""
     log_every_n_steps: int = 10
     """Write training loss, learning rate and throughput every N optimizer steps."""
-    val_every_n_steps: Optional[int] = None
+    val_every_n_steps: int | None = None
     """Validate every N optimizer steps (null: only at the end)."""
     val_at_start: bool = False
     """Validate before the first step of a fresh run (the untrained model's metrics at step 0)."""
     val_at_end: bool = True
     """Validate once more when training ends."""
-    limit_val_batches: Optional[int] = None
+    limit_val_batches: int | None = None
     """Use at most this many validation batches per rank (null: all; handy for smoke tests)."""
-    ckpt_every_n_steps: Optional[int] = None
+    ckpt_every_n_steps: int | None = None
     """Save a checkpoint every N optimizer steps (null: at each validation, or only at the end)."""
     seed: int = 42
     """Seed for Python, NumPy, torch (all devices), data order and data-loader workers."""
-    deterministic: Union[bool, Literal["warn"]] = False
+    deterministic: bool | Literal["warn"] = False
     """Use deterministic algorithms (and the cuDNN / cuBLAS settings they need); ``warn`` only
     warns about non-deterministic ops instead of failing."""
-    resume: Optional[str] = "auto"
+    resume: str | None = "auto"
     """``auto``: continue from the newest complete checkpoint of the run folder if it has one
     (a new run folder has none; a requeued SLURM job or ``run.dir`` reuses one). A path: start
     from that checkpoint. null: never resume (fails if the run folder already has checkpoints)."""
@@ -131,14 +133,18 @@ class TrainerConfig:
             if value is not None and value < 1:
                 raise ConfigError(f"Config key '{key}' must be at least 1, got {value}.")
         if self.gradient_clip_val is not None and self.gradient_clip_val <= 0:
-            raise ConfigError(f"Config key 'trainer.gradient_clip_val' must be positive or null, got {self.gradient_clip_val}.")
+            raise ConfigError(
+                f"Config key 'trainer.gradient_clip_val' must be positive or null, got {self.gradient_clip_val}."
+            )
         if self.max_time is not None:
             self.max_seconds  # parses (and rejects) the value now
         if self.num_workers < 0:
-            raise ConfigError(f"Config key 'trainer.num_workers' must be 0 or more, got {self.num_workers}.")
+            raise ConfigError(
+                f"Config key 'trainer.num_workers' must be 0 or more, got {self.num_workers}."
+            )
 
     @property
-    def max_seconds(self) -> Optional[float]:
+    def max_seconds(self) -> float | None:
         """``max_time`` in seconds (None: no time limit)."""
         if self.max_time is None:
             return None
@@ -155,7 +161,7 @@ class TrainerConfig:
         return sum(n * scale[i] for i, n in enumerate(reversed(numbers)))
 
     @property
-    def epoch_limit(self) -> Optional[int]:
+    def epoch_limit(self) -> int | None:
         """Epochs to train: ``max_epochs``, or 1 when neither limit is set, or None (unlimited)
         when only ``max_steps`` is set."""
         if self.max_epochs is None and self.max_steps is None:
@@ -172,7 +178,15 @@ class TrainerConfig:
 class OptimConfig:
     """Optimizer and learning-rate schedule."""
 
-    name: Literal["adamw", "adamw_fused", "sgd", "adafactor", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "adamw"
+    name: Literal[
+        "adamw",
+        "adamw_fused",
+        "sgd",
+        "adafactor",
+        "adamw_8bit",
+        "paged_adamw_8bit",
+        "paged_adamw_32bit",
+    ] = "adamw"
     """``adamw`` (torch), ``adamw_fused`` (CUDA), ``sgd``, ``adafactor`` (transformers, with a fixed
     learning rate), or a bitsandbytes optimizer: ``adamw_8bit``, ``paged_adamw_8bit``, ``paged_adamw_32bit``."""
     lr: float = 3e-4
@@ -198,13 +212,21 @@ class OptimConfig:
         if self.lr <= 0:
             raise ConfigError(f"Config key 'optim.lr' must be positive, got {self.lr}.")
         if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ConfigError(f"Config key 'optim.warmup_ratio' must be in [0, 1), got {self.warmup_ratio}.")
+            raise ConfigError(
+                f"Config key 'optim.warmup_ratio' must be in [0, 1), got {self.warmup_ratio}."
+            )
         if self.warmup_steps < 0:
-            raise ConfigError(f"Config key 'optim.warmup_steps' must be 0 or more, got {self.warmup_steps}.")
+            raise ConfigError(
+                f"Config key 'optim.warmup_steps' must be 0 or more, got {self.warmup_steps}."
+            )
         if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ConfigError(f"Config key 'optim.min_lr_ratio' must be in [0, 1], got {self.min_lr_ratio}.")
+            raise ConfigError(
+                f"Config key 'optim.min_lr_ratio' must be in [0, 1], got {self.min_lr_ratio}."
+            )
         if self.weight_decay < 0:
-            raise ConfigError(f"Config key 'optim.weight_decay' must be 0 or more, got {self.weight_decay}.")
+            raise ConfigError(
+                f"Config key 'optim.weight_decay' must be 0 or more, got {self.weight_decay}."
+            )
 
 
 @dataclass
@@ -215,7 +237,7 @@ class CheckpointConfig:
     """Keep the newest N checkpoints (0: none beyond the best ones)."""
     keep_best: int = 1
     """Also keep the N best checkpoints by ``checkpoint.monitor``."""
-    monitor: Optional[str] = "val/loss"
+    monitor: str | None = "val/loss"
     """Metric that ranks checkpoints (a key logged by validation, e.g. ``val/loss`` or ``val/rougeL``)."""
     mode: Literal["min", "max"] = "min"
     """Whether a lower (``min``) or higher (``max``) monitored value is better."""
@@ -226,7 +248,9 @@ class CheckpointConfig:
 
     def __post_init__(self) -> None:
         if self.keep_last < 0 or self.keep_best < 0:
-            raise ConfigError("Config keys 'checkpoint.keep_last' and 'checkpoint.keep_best' must be 0 or more.")
+            raise ConfigError(
+                "Config keys 'checkpoint.keep_last' and 'checkpoint.keep_best' must be 0 or more."
+            )
         if self.keep_last == 0 and self.keep_best == 0:
             raise ConfigError(
                 "With 'checkpoint.keep_last=0' and 'checkpoint.keep_best=0' no checkpoint would survive; "
@@ -251,13 +275,15 @@ class FSDPConfig:
     }
     """Keys of the FSDP1 era, with what replaced them (using one is a config error)."""
 
-    sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD"] = "FULL_SHARD"
+    sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD"] = (
+        "FULL_SHARD"
+    )
     """``FULL_SHARD``: parameters, gradients and optimizer state sharded over all ranks, each
     block's gathered parameters freed after its forward (``reshard_after_forward=True``).
     ``SHARD_GRAD_OP``: gathered parameters kept from forward to backward (faster, more memory).
     ``HYBRID_SHARD``: full shard inside groups of ``fsdp.shard_size`` ranks (a node), replicated
     across groups (a 2-D device mesh). ``NO_SHARD``: every rank keeps everything (like DDP)."""
-    shard_size: Optional[int] = None
+    shard_size: int | None = None
     """``HYBRID_SHARD`` only: ranks per shard group (null: the devices of one node); must divide the world size."""
     auto_wrap: list[str] = field(default_factory=list)
     """Block classes that become FSDP units: dotted import paths or class names of the task's
@@ -284,12 +310,18 @@ class FSDPConfig:
 
     def __post_init__(self) -> None:
         if self.shard_size is not None and self.shard_size < 1:
-            raise ConfigError(f"Config key 'fsdp.shard_size' must be at least 1 or null, got {self.shard_size}.")
+            raise ConfigError(
+                f"Config key 'fsdp.shard_size' must be at least 1 or null, got {self.shard_size}."
+            )
         if self.shard_size is not None and self.sharding_strategy != "HYBRID_SHARD":
-            raise ConfigError("Config key 'fsdp.shard_size' only applies to fsdp.sharding_strategy=HYBRID_SHARD.")
+            raise ConfigError(
+                "Config key 'fsdp.shard_size' only applies to fsdp.sharding_strategy=HYBRID_SHARD."
+            )
         for key in ("prefetch_forward", "prefetch_backward"):
             if getattr(self, key) < 0:
-                raise ConfigError(f"Config key 'fsdp.{key}' must be 0 or more, got {getattr(self, key)}.")
+                raise ConfigError(
+                    f"Config key 'fsdp.{key}' must be 0 or more, got {getattr(self, key)}."
+                )
 
 
 @dataclass
@@ -300,7 +332,7 @@ class LoggerConfig:
     """Log to Weights & Biases too. The API key is read from ``WANDB_API_KEY`` only."""
     wandb_project: str = "finetune"
     """W&B project name."""
-    wandb_entity: Optional[str] = None
+    wandb_entity: str | None = None
     """W&B entity (team or user); null: your default."""
     wandb_mode: Literal["online", "offline"] = "online"
     """``offline`` writes to ``<run>/wandb`` without network; sync later with ``wandb sync``."""
@@ -327,7 +359,9 @@ class DebugConfig:
 
     def __post_init__(self) -> None:
         if self.overfit_batches < 0:
-            raise ConfigError(f"Config key 'debug.overfit_batches' must be 0 or more, got {self.overfit_batches}.")
+            raise ConfigError(
+                f"Config key 'debug.overfit_batches' must be 0 or more, got {self.overfit_batches}."
+            )
 
 
 @dataclass
@@ -358,5 +392,7 @@ if __name__ == "__main__":  # self-check: python -m core.settings
     cfg = load_config(TrainConfig, overrides=["trainer.max_steps=5", "optim.lr=1e-4"])
     assert cfg.trainer.max_steps == 5 and cfg.optim.lr == 1e-4
     print(describe_keys(TrainConfig).splitlines()[0])
-    print(f"{sum(1 for _ in iter_keys(TrainConfig))} keys, all documented; {len(field_docs(TrainerConfig))} trainer keys")
+    print(
+        f"{sum(1 for _ in iter_keys(TrainConfig))} keys, all documented; {len(field_docs(TrainerConfig))} trainer keys"
+    )
     print("core.settings: ok")

@@ -18,7 +18,9 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s is not None)
+STOP_SIGNALS = tuple(
+    s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s is not None
+)
 
 
 class StopSignal:
@@ -36,7 +38,10 @@ class StopSignal:
         if self.received is None:
             self.received = signum
             # Logging from a handler is safe enough here: the trainer is in Python code.
-            log.warning("Received %s: will checkpoint and stop at the next step boundary.", signal.Signals(signum).name)
+            log.warning(
+                "Received %s: will checkpoint and stop at the next step boundary.",
+                signal.Signals(signum).name,
+            )
 
     def __enter__(self) -> StopSignal:
         for sig in STOP_SIGNALS:
@@ -67,7 +72,9 @@ def requeue_slurm_job() -> bool:
     if not job:
         return False
     try:
-        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+        done = subprocess.run(
+            ["scontrol", "requeue", job], capture_output=True, text=True, timeout=60
+        )
     except (OSError, subprocess.SubprocessError) as err:
         log.error("Could not requeue SLURM job %s: %s", job, err)
         return False

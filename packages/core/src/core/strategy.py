@@ -22,14 +22,24 @@ from core.errors import ConfigError
 from core.reproducibility import set_deterministic
 from core.settings import TrainConfig, TrainerConfig
 
-STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3",
-              "deepspeed_stage_2_offload", "deepspeed_stage_3_offload")
+STRATEGIES = (
+    "auto",
+    "ddp",
+    "fsdp",
+    "deepspeed_stage_1",
+    "deepspeed_stage_2",
+    "deepspeed_stage_3",
+    "deepspeed_stage_2_offload",
+    "deepspeed_stage_3_offload",
+)
 """Values of ``trainer.strategy``."""
 
 
 def cuda_requested(tc: TrainerConfig) -> bool:
     """Whether the run will use CUDA devices (``auto`` picks them when there are any)."""
-    return tc.accelerator in ("cuda", "gpu") or (tc.accelerator == "auto" and torch.cuda.is_available())
+    return tc.accelerator in ("cuda", "gpu") or (
+        tc.accelerator == "auto" and torch.cuda.is_available()
+    )
 
 
 def parse_devices(devices: int | str) -> int | None:
@@ -42,7 +52,9 @@ def parse_devices(devices: int | str) -> int | None:
     text = str(devices).strip()
     if text in ("auto", "-1"):
         return None
-    if text.lstrip("[").rstrip("]").replace(",", "").replace(" ", "").isdigit() and ("," in text or "[" in text):
+    if text.lstrip("[").rstrip("]").replace(",", "").replace(" ", "").isdigit() and (
+        "," in text or "[" in text
+    ):
         return len([x for x in text.strip("[]").split(",") if x.strip()])
     try:
         count = int(text)
@@ -74,10 +86,16 @@ def check_machine(tc: TrainerConfig) -> None:
             raise ConfigError(
                 f"Config key 'trainer.devices' = {count}, but this machine has {torch.cuda.device_count()} GPU(s)."
             )
-    if tc.accelerator == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise ConfigError("Config key 'trainer.accelerator' = mps, but this machine has no Apple GPU; use cpu or auto.")
+    if tc.accelerator == "mps" and not (
+        hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+    ):
+        raise ConfigError(
+            "Config key 'trainer.accelerator' = mps, but this machine has no Apple GPU; use cpu or auto."
+        )
     if tc.strategy not in STRATEGIES:
-        raise ConfigError(f"Config key 'trainer.strategy' = {tc.strategy!r} is unknown; use one of {', '.join(STRATEGIES)}.")
+        raise ConfigError(
+            f"Config key 'trainer.strategy' = {tc.strategy!r} is unknown; use one of {', '.join(STRATEGIES)}."
+        )
     if tc.strategy.startswith("deepspeed"):
         if not cuda_requested(tc):
             raise ConfigError(
@@ -89,7 +107,9 @@ def check_machine(tc: TrainerConfig) -> None:
                 f"Config key 'trainer.strategy' = {tc.strategy} needs DeepSpeed: install core[deepspeed] "
                 "(uv sync --extra deepspeed), or use trainer.strategy=ddp / fsdp."
             )
-    if tc.num_nodes > 1 and not any(v in os.environ for v in ("SLURM_NNODES", "WORLD_SIZE", "LSB_JOBID")):
+    if tc.num_nodes > 1 and not any(
+        v in os.environ for v in ("SLURM_NNODES", "WORLD_SIZE", "LSB_JOBID")
+    ):
         raise ConfigError(
             f"Config key 'trainer.num_nodes' = {tc.num_nodes}, but this process was not started by a cluster launcher "
             "(no SLURM job, no torchrun): submit it with the package's slurm/train.sbatch, or use trainer.num_nodes=1."
@@ -110,11 +130,15 @@ def resolve_precision(precision: str, accelerator: str) -> str:
             f"Config key 'trainer.precision' = {precision} needs a CUDA GPU; on the CPU use bf16-mixed, bf16-true or 32-true."
         )
     if precision.startswith("bf16") and cuda and not torch.cuda.is_bf16_supported():
-        raise ConfigError(f"Config key 'trainer.precision' = {precision}: this GPU has no bfloat16; use 16-mixed or 32-true.")
+        raise ConfigError(
+            f"Config key 'trainer.precision' = {precision}: this GPU has no bfloat16; use 16-mixed or 32-true."
+        )
     return precision
 
 
-def build_strategy(cfg: TrainConfig, wrap_classes: Callable[[], set[type[torch.nn.Module]]] | None, precision: str) -> Any:
+def build_strategy(
+    cfg: TrainConfig, wrap_classes: Callable[[], set[type[torch.nn.Module]]] | None, precision: str
+) -> Any:
     """The Fabric strategy for ``trainer.strategy``.
 
     Args:
@@ -153,7 +177,11 @@ def choose_master_port() -> None:
     import random
     import socket
 
-    if "MASTER_PORT" in os.environ or "WORLD_SIZE" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    if (
+        "MASTER_PORT" in os.environ
+        or "WORLD_SIZE" in os.environ
+        or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    ):
         return
     rng = random.Random(os.getpid() ^ int.from_bytes(os.urandom(4), "little"))
     for _ in range(50):
@@ -167,7 +195,9 @@ def choose_master_port() -> None:
         return
 
 
-def build_fabric(cfg: TrainConfig, wrap_classes: Callable[[], set[type[torch.nn.Module]]] | None = None) -> Fabric:
+def build_fabric(
+    cfg: TrainConfig, wrap_classes: Callable[[], set[type[torch.nn.Module]]] | None = None
+) -> Fabric:
     """A Fabric object for ``cfg.trainer`` (not launched yet), after the machine checks.
 
     Turns on deterministic algorithms first when asked, since cuBLAS reads its setting when CUDA starts.
@@ -190,11 +220,20 @@ def build_fabric(cfg: TrainConfig, wrap_classes: Callable[[], set[type[torch.nn.
         choose_master_port()
     try:
         return Fabric(
-            accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes,
-            strategy=build_strategy(cfg, wrap_classes, precision), precision=precision,
+            accelerator=tc.accelerator,
+            devices=tc.devices,
+            num_nodes=tc.num_nodes,
+            strategy=build_strategy(cfg, wrap_classes, precision),
+            precision=precision,
         )
-    except (ValueError, RuntimeError, TypeError) as err:  # Fabric's own checks, e.g. an impossible device list
-        raise ConfigError(f"The trainer settings cannot run here (trainer.accelerator/devices/strategy/precision): {err}") from None
+    except (
+        ValueError,
+        RuntimeError,
+        TypeError,
+    ) as err:  # Fabric's own checks, e.g. an impossible device list
+        raise ConfigError(
+            f"The trainer settings cannot run here (trainer.accelerator/devices/strategy/precision): {err}"
+        ) from None
 
 
 def is_sharded(fabric: Fabric) -> bool:
@@ -204,12 +243,18 @@ def is_sharded(fabric: Fabric) -> bool:
 
     from core.fsdp import FSDP2Strategy
 
-    return fabric.world_size > 1 and isinstance(fabric.strategy, (FSDP2Strategy, FSDPStrategy, DeepSpeedStrategy))
+    return fabric.world_size > 1 and isinstance(
+        fabric.strategy, (FSDP2Strategy, FSDPStrategy, DeepSpeedStrategy)
+    )
 
 
 if __name__ == "__main__":  # self-check: python -m core.strategy
-    for bad in ({"devices": 0}, {"accelerator": "cuda"} if not torch.cuda.is_available() else {"devices": 0},
-                {"strategy": "deepspeed_stage_2", "accelerator": "cpu"}, {"strategy": "fsdp1"}):
+    for bad in (
+        {"devices": 0},
+        {"accelerator": "cuda"} if not torch.cuda.is_available() else {"devices": 0},
+        {"strategy": "deepspeed_stage_2", "accelerator": "cpu"},
+        {"strategy": "fsdp1"},
+    ):
         try:
             check_machine(TrainerConfig(**bad))
         except ConfigError as err:

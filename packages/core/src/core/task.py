@@ -42,7 +42,9 @@ class StepOutput:
     num_tokens: torch.Tensor | int
 
 
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, shift: bool, label_smoothing: float = 0.0) -> StepOutput:
+def token_loss_sum(
+    logits: torch.Tensor, labels: torch.Tensor, shift: bool, label_smoothing: float = 0.0
+) -> StepOutput:
     """Summed cross-entropy over the labelled tokens, computed in float32.
 
     Args:
@@ -61,13 +63,18 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, shift: bool, labe
         labels = labels[:, 1:]
     labels = labels.to(logits.device)
     loss_sum = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum",
+        logits.reshape(-1, logits.size(-1)).float(),
+        labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
         label_smoothing=label_smoothing,
     )
     return StepOutput(loss_sum=loss_sum, num_tokens=(labels != IGNORE_INDEX).sum())
 
 
-def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def per_sample_loss(
+    logits: torch.Tensor, labels: torch.Tensor, shift: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample summed cross-entropy and label counts (for validation records).
 
     Args:
@@ -236,7 +243,9 @@ class Task(ABC):
     def training_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
         """Forward one micro-batch; return the *summed* loss and its token count."""
 
-    def validation_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+    def validation_step(
+        self, model: nn.Module, batch: dict[str, torch.Tensor]
+    ) -> list[dict[str, Any]]:
         """Per-sample validation records; each needs ``"index"`` and, by default, ``loss_sum`` / ``tokens``.
 
         The default runs :meth:`training_step`-style forward per sample via :meth:`sample_losses`.
@@ -247,9 +256,13 @@ class Task(ABC):
             for i, s, c in zip(batch["index"].tolist(), sums.tolist(), counts.tolist())
         ]
 
-    def sample_losses(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample_losses(
+        self, model: nn.Module, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample loss sums and token counts, both ``(batch,)``. Override for validation loss."""
-        raise NotImplementedError(f"{type(self).__name__} must implement sample_losses() or validation_step()")
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement sample_losses() or validation_step()"
+        )
 
     def compute_metrics(self, records: list[dict[str, Any]]) -> dict[str, float]:
         """Metrics over all validation records (gathered, de-duplicated, sorted by index).
@@ -261,7 +274,9 @@ class Task(ABC):
 
     # -- output --------------------------------------------------------------------------------
 
-    def save_final(self, model: nn.Module, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
+    def save_final(
+        self, model: nn.Module, state_dict: dict[str, torch.Tensor], out_dir: Path
+    ) -> None:
         """Write the trained model to ``out_dir`` (rank 0 only), loadable by ``from_pretrained``.
 
         Args:

@@ -124,7 +124,12 @@ class ToyTask(Task):
             ids[row, : len(sample["input_ids"])] = torch.tensor(sample["input_ids"])
         mask = (ids != PAD).long()
         labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "index": torch.tensor([s["index"] for s in samples])}
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "labels": labels,
+            "index": torch.tensor([s["index"] for s in samples]),
+        }
 
     def fsdp_wrap_classes(self) -> set[type[nn.Module]]:
         """GPT-2's transformer block."""
@@ -137,9 +142,17 @@ class ToyTask(Task):
 
         m = self.cfg.model
         config = GPT2Config(
-            vocab_size=m.vocab_size, n_positions=64, n_embd=m.n_embd, n_layer=m.n_layer, n_head=2,
-            resid_pdrop=m.dropout, embd_pdrop=m.dropout, attn_pdrop=m.dropout, pad_token_id=PAD,
-            bos_token_id=1, eos_token_id=1,
+            vocab_size=m.vocab_size,
+            n_positions=64,
+            n_embd=m.n_embd,
+            n_layer=m.n_layer,
+            n_head=2,
+            resid_pdrop=m.dropout,
+            embd_pdrop=m.dropout,
+            attn_pdrop=m.dropout,
+            pad_token_id=PAD,
+            bos_token_id=1,
+            eos_token_id=1,
         )
         model = GPT2LMHeadModel(config)
         if m.freeze_embeddings:
@@ -151,13 +164,20 @@ class ToyTask(Task):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return token_loss_sum(logits, batch["labels"], shift=True)
 
-    def validation_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+    def validation_step(
+        self, model: nn.Module, batch: dict[str, torch.Tensor]
+    ) -> list[dict[str, Any]]:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         sums, counts = per_sample_loss(logits, batch["labels"], shift=True)
-        hits = ((logits[:, :-1].argmax(-1) == batch["labels"][:, 1:]) & (batch["labels"][:, 1:] != IGNORE_INDEX)).sum(1)
+        hits = (
+            (logits[:, :-1].argmax(-1) == batch["labels"][:, 1:])
+            & (batch["labels"][:, 1:] != IGNORE_INDEX)
+        ).sum(1)
         return [
             {"index": int(i), "loss_sum": float(s), "tokens": int(c), "hits": int(h)}
-            for i, s, c, h in zip(batch["index"].tolist(), sums.tolist(), counts.tolist(), hits.tolist())
+            for i, s, c, h in zip(
+                batch["index"].tolist(), sums.tolist(), counts.tolist(), hits.tolist()
+            )
         ]
 
     def compute_metrics(self, records: list[dict[str, Any]]) -> dict[str, float]:
@@ -169,7 +189,11 @@ class ToyTask(Task):
         }
 
     def manifest_entries(self) -> dict[str, Any]:
-        return {"metrics": {"accuracy": {"implementation": "toy_task.py next-token argmax", "version": "1"}}}
+        return {
+            "metrics": {
+                "accuracy": {"implementation": "toy_task.py next-token argmax", "version": "1"}
+            }
+        }
 
 
 # -- helpers for tests of runs --------------------------------------------------------------
@@ -182,7 +206,11 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def train_losses(run_dir: Path) -> dict[int, float]:
     """``{step: train/loss}`` from a run's metrics.jsonl."""
-    return {r["step"]: r["train/loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in r}
+    return {
+        r["step"]: r["train/loss"]
+        for r in read_jsonl(run_dir / "metrics.jsonl")
+        if "train/loss" in r
+    }
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -200,7 +228,14 @@ def max_weight_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> f
 
 def train(argv: list[str] | None = None) -> int:
     """The toy ``train`` command."""
-    return train_command(argv, prog="toy-train", description="Train the toy task.", config_cls=ToyConfig, presets_dir=None, make_task=ToyTask)
+    return train_command(
+        argv,
+        prog="toy-train",
+        description="Train the toy task.",
+        config_cls=ToyConfig,
+        presets_dir=None,
+        make_task=ToyTask,
+    )
 
 
 @user_errors_exit_2
@@ -217,7 +252,9 @@ def evaluate(argv: list[str]) -> int:
 
     model_dir = Path(argv[argv.index("--model") + 1])
     rest = [a for a in argv if a not in ("--model", str(model_dir))]
-    cfg, _ = parse_train_args(rest, prog="toy-evaluate", description="", config_cls=ToyConfig, presets_dir=None)
+    cfg, _ = parse_train_args(
+        rest, prog="toy-evaluate", description="", config_cls=ToyConfig, presets_dir=None
+    )
     task = ToyTask(cfg)
     evaluator = Evaluator(cfg, task)
     task.setup()

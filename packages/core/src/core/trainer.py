@@ -191,7 +191,9 @@ class Trainer:
                     return self.interrupt(stopped, time.perf_counter() - start)
                 return self.finish(time.perf_counter() - start)
             except BaseException as err:
-                self.write_summary("failed", time.perf_counter() - start, error=f"{type(err).__name__}: {err}")
+                self.write_summary(
+                    "failed", time.perf_counter() - start, error=f"{type(err).__name__}: {err}"
+                )
                 raise
             finally:
                 if self.logger is not None:
@@ -209,7 +211,9 @@ class Trainer:
         self.task.ranks = Ranks(fabric, sharded=is_sharded(fabric))
         torch.set_float32_matmul_precision(cfg.trainer.matmul_precision)
         transformers_quiet()
-        if fabric.device.type == "cuda":  # peak memory of this run, not of earlier work in the process
+        if (
+            fabric.device.type == "cuda"
+        ):  # peak memory of this run, not of earlier work in the process
             torch.cuda.reset_peak_memory_stats(fabric.device)
         setup_logging(None, fabric.global_rank)
         seed_all(cfg.trainer.seed)
@@ -263,7 +267,11 @@ class Trainer:
             )
             self._write_once("manifest.json", json.dumps(manifest, indent=1, default=str))
         self.logger = MetricsLogger(
-            self.run.path, cfg.logger, self.resolved_config, self.run.path.name, enabled=fabric.global_rank == 0
+            self.run.path,
+            cfg.logger,
+            self.resolved_config,
+            self.run.path.name,
+            enabled=fabric.global_rank == 0,
         )
         self.write_summary("running", 0.0)
 
@@ -286,13 +294,20 @@ class Trainer:
             module = self.task.configure_model()
         total = sum(p.numel() for p in module.parameters())
         trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-        log.info("Parameters: %s total, %s trainable (%.2f%%)", f"{total:,}", f"{trainable:,}", 100.0 * trainable / max(total, 1))
+        log.info(
+            "Parameters: %s total, %s trainable (%.2f%%)",
+            f"{total:,}",
+            f"{trainable:,}",
+            100.0 * trainable / max(total, 1),
+        )
         self.param_counts = {"total": total, "trainable": trainable}
         self.trainable_names = [n for n, p in module.named_parameters() if p.requires_grad]
         self.flops_per_token = self.task.flops_per_token(module)
         self.shape_logger = ShapeLogger(module) if self.cfg.debug.shapes else None
         self.module = module
-        if not self.deepspeed:  # FSDP2 shards the parameters, and the optimizer must hold the shards
+        if (
+            not self.deepspeed
+        ):  # FSDP2 shards the parameters, and the optimizer must hold the shards
             self.model = fabric.setup_module(module)
             if hasattr(module, "generate"):
                 self.model.mark_forward_method("generate")
@@ -304,12 +319,16 @@ class Trainer:
         limit = None
         if cfg.debug.overfit_batches:
             if tc.max_steps is None:
-                raise ConfigError("debug.overfit_batches needs trainer.max_steps (epochs of a few batches are meaningless).")
+                raise ConfigError(
+                    "debug.overfit_batches needs trainer.max_steps (epochs of a few batches are meaningless)."
+                )
             limit = cfg.debug.overfit_batches * tc.batch_size * fabric.world_size
         lengths = task.sample_lengths(self.train_data)
         self.train_lengths = lengths
         if tc.group_by_length and lengths is None:
-            raise ConfigError(f"trainer.group_by_length=true, but the {task.name} task does not report sample lengths.")
+            raise ConfigError(
+                f"trainer.group_by_length=true, but the {task.name} task does not report sample lengths."
+            )
         self.train_sampler = ShardedBatchSampler(
             len(self.train_data),
             tc.batch_size,
@@ -322,7 +341,9 @@ class Trainer:
             limit_samples=limit,
         )
         cuda = fabric.device.type == "cuda"
-        self.train_loader = build_dataloader(self.train_data, self.train_sampler, task.collate, tc.num_workers, cuda, tc.seed)
+        self.train_loader = build_dataloader(
+            self.train_data, self.train_sampler, task.collate, tc.num_workers, cuda, tc.seed
+        )
         self.val_loader = None
         if self.val_data is not None and len(self.val_data) > 0:
             self.val_loader = self.eval_loader(self.val_data)
@@ -334,7 +355,12 @@ class Trainer:
         self.total_steps = min(steps)
         log.info(
             "Data: %d training samples, %d micro-batches/epoch/rank, %d optimizer steps (batch %d x accumulation %d x %d ranks)",
-            len(self.train_data), per_epoch, self.total_steps, tc.batch_size, accum, fabric.world_size,
+            len(self.train_data),
+            per_epoch,
+            self.total_steps,
+            tc.batch_size,
+            accum,
+            fabric.world_size,
         )
 
     def eval_loader(self, dataset: Any) -> Any:
@@ -373,8 +399,13 @@ class Trainer:
         dropped = self.logger.truncate_after(self.progress.step)
         log.info(
             "Resumed from %s: step %d, epoch %d, batch %d%s",
-            info.path, self.progress.step, self.progress.epoch, self.progress.batch,
-            f" ({dropped} log records after that step moved to metrics.discarded.jsonl)" if dropped else "",
+            info.path,
+            self.progress.step,
+            self.progress.epoch,
+            self.progress.batch,
+            f" ({dropped} log records after that step moved to metrics.discarded.jsonl)"
+            if dropped
+            else "",
         )
 
     # ==========================================================================================
@@ -384,7 +415,11 @@ class Trainer:
     def micro_batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """Micro-batches across epochs from the saved position on; advances ``progress.epoch/batch``."""
         tc = self.cfg.trainer
-        while self.cfg.debug.overfit_batches or tc.epoch_limit is None or self.progress.epoch < tc.epoch_limit:
+        while (
+            self.cfg.debug.overfit_batches
+            or tc.epoch_limit is None
+            or self.progress.epoch < tc.epoch_limit
+        ):
             if self.progress.batch == 0:
                 self.log_padding_share(self.progress.epoch)
             self.train_sampler.set_epoch(self.progress.epoch, start_batch=self.progress.batch)
@@ -437,7 +472,10 @@ class Trainer:
             window = list(itertools.islice(stream, accum))
             if not window:
                 break  # data exhausted (max_epochs)
-            time_up = budget is not None and self.progress.train_seconds + time.perf_counter() - clock >= budget
+            time_up = (
+                budget is not None
+                and self.progress.train_seconds + time.perf_counter() - clock >= budget
+            )
             counts = self.window_counts(window, stop, time_up)
             if counts["stop"] or counts["time_up"]:
                 self.progress.epoch, self.progress.batch = position  # the window was not trained on
@@ -445,7 +483,11 @@ class Trainer:
                 bar.close()
                 if counts["stop"]:
                     return stop.name or "SIGTERM"
-                log.info("trainer.max_time=%s reached at step %d: finishing.", tc.max_time, self.progress.step)
+                log.info(
+                    "trainer.max_time=%s reached at step %d: finishing.",
+                    tc.max_time,
+                    self.progress.step,
+                )
                 return None
             loss_sum, loss_tokens, grad_norm = self.training_step(window, counts["loss_tokens"])
             self.progress.step += 1
@@ -457,11 +499,17 @@ class Trainer:
             step = self.progress.step
             if step % tc.log_every_n_steps == 0 or step == self.total_steps:
                 now = time.perf_counter()
-                self.log_train(grad_norm, now - interval["start"], interval["samples"], interval["tokens"], bar)
+                self.log_train(
+                    grad_norm, now - interval["start"], interval["samples"], interval["tokens"], bar
+                )
                 interval = {"start": now, "samples": 0, "tokens": 0}
             bar.update(1)
             validated = False
-            if tc.val_every_n_steps and step % tc.val_every_n_steps == 0 and step < self.total_steps:
+            if (
+                tc.val_every_n_steps
+                and step % tc.val_every_n_steps == 0
+                and step < self.total_steps
+            ):
                 self.val_loop()
                 validated = True
             every = tc.ckpt_every_n_steps or tc.val_every_n_steps
@@ -471,7 +519,9 @@ class Trainer:
         bar.close()
         return None
 
-    def window_counts(self, window: list[dict[str, torch.Tensor]], stop: StopSignal, time_up: bool = False) -> dict[str, int]:
+    def window_counts(
+        self, window: list[dict[str, torch.Tensor]], stop: StopSignal, time_up: bool = False
+    ) -> dict[str, int]:
         """Count samples and tokens of an accumulation window, summed over ranks, and agree on stopping.
 
         One all-reduce per optimizer step carries the loss-token count (needed before the
@@ -493,9 +543,17 @@ class Trainer:
         if self.fabric.world_size > 1:
             local = self.fabric.all_reduce(local.to(self.fabric.device), reduce_op="sum").cpu()
         loss_tokens, samples, input_tokens, stop_flag, time_flag = (int(v) for v in local.tolist())
-        return {"loss_tokens": loss_tokens, "samples": samples, "input_tokens": input_tokens, "stop": stop_flag, "time_up": time_flag}
+        return {
+            "loss_tokens": loss_tokens,
+            "samples": samples,
+            "input_tokens": input_tokens,
+            "stop": stop_flag,
+            "time_up": time_flag,
+        }
 
-    def training_step(self, window: list[dict[str, torch.Tensor]], global_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def training_step(
+        self, window: list[dict[str, torch.Tensor]], global_tokens: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """One optimizer step over the micro-batches of ``window``.
 
         Args:
@@ -524,16 +582,29 @@ class Trainer:
                     # DDP averages gradients over ranks: multiply by world size to get a plain sum / total.
                     loss = out.loss_sum * (fabric.world_size / max(global_tokens, 1))
                 else:
-                    loss = out.loss_sum / torch.clamp(torch.as_tensor(out.num_tokens, device=out.loss_sum.device), min=1) / len(window)
+                    loss = (
+                        out.loss_sum
+                        / torch.clamp(
+                            torch.as_tensor(out.num_tokens, device=out.loss_sum.device), min=1
+                        )
+                        / len(window)
+                    )
                 fabric.backward(loss, model=model)
             loss_sum += out.loss_sum.detach().float()
             loss_tokens += torch.as_tensor(out.num_tokens, device=fabric.device).float()
         grad_norm = None
         if self.cfg.trainer.gradient_clip_val is not None:
-            grad_norm = fabric.clip_gradients(model, self.optimizer, max_norm=self.cfg.trainer.gradient_clip_val, error_if_nonfinite=False)
+            grad_norm = fabric.clip_gradients(
+                model,
+                self.optimizer,
+                max_norm=self.cfg.trainer.gradient_clip_val,
+                error_if_nonfinite=False,
+            )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.step_lrs = [group["lr"] for group in self.optimizer.param_groups]  # what this step used
+        self.step_lrs = [
+            group["lr"] for group in self.optimizer.param_groups
+        ]  # what this step used
         self.scheduler.step()
         return loss_sum, loss_tokens, grad_norm
 
@@ -541,8 +612,14 @@ class Trainer:
         """Running ``[loss_sum, loss_tokens]`` of this rank since the last log event (float64, on
         the device). After a resume rank 0 starts from the sums stored in the checkpoint."""
         if self._interval_loss is None:
-            start = [self.progress.interval_loss_sum, self.progress.interval_tokens] if self.fabric.global_rank == 0 else [0.0, 0.0]
-            self._interval_loss = torch.tensor(start, dtype=torch.float64, device=self.fabric.device)
+            start = (
+                [self.progress.interval_loss_sum, self.progress.interval_tokens]
+                if self.fabric.global_rank == 0
+                else [0.0, 0.0]
+            )
+            self._interval_loss = torch.tensor(
+                start, dtype=torch.float64, device=self.fabric.device
+            )
         return self._interval_loss
 
     def accumulate_interval_loss(self, loss_sum: torch.Tensor, loss_tokens: torch.Tensor) -> None:
@@ -559,14 +636,20 @@ class Trainer:
         loss, tokens = sums.tolist()
         return loss, tokens
 
-    def log_train(self, grad_norm: torch.Tensor | None, seconds: float, samples: int, tokens: int, bar: Any) -> None:
+    def log_train(
+        self, grad_norm: torch.Tensor | None, seconds: float, samples: int, tokens: int, bar: Any
+    ) -> None:
         """Write the training metrics of the interval that ends at this step."""
         loss_sum, loss_tokens = self.reduce_interval_loss()
         self._interval_loss = None
         self.progress.interval_loss_sum = self.progress.interval_tokens = 0.0
         loss = loss_sum / max(loss_tokens, 1.0)
         if not math.isfinite(loss):
-            log.warning("Training loss is %s at step %d: lower optim.lr, raise warmup, or check the data.", loss, self.progress.step)
+            log.warning(
+                "Training loss is %s at step %d: lower optim.lr, raise warmup, or check the data.",
+                loss,
+                self.progress.step,
+            )
         metrics: dict[str, Any] = {
             "train/loss": loss,
             "lr": self.step_lrs[0],
@@ -574,15 +657,24 @@ class Trainer:
             "throughput/samples_per_sec": samples / max(seconds, 1e-9),
             "throughput/tokens_per_sec": tokens / max(seconds, 1e-9),
         }
-        names = {g.get("name", "").removesuffix("/decay").removesuffix("/no_decay") for g in self.optimizer.param_groups}
-        if len(names - {"", "decay", "no_decay"}) > 1:  # several named groups (e.g. vision / llm): one lr each
+        names = {
+            g.get("name", "").removesuffix("/decay").removesuffix("/no_decay")
+            for g in self.optimizer.param_groups
+        }
+        if (
+            len(names - {"", "decay", "no_decay"}) > 1
+        ):  # several named groups (e.g. vision / llm): one lr each
             for group, lr in zip(self.optimizer.param_groups, self.step_lrs):
                 metrics[f"lr/{group['name'].removesuffix('/decay').removesuffix('/no_decay')}"] = lr
         if grad_norm is not None:
             metrics["train/grad_norm"] = float(grad_norm)
         if self.fabric.device.type == "cuda":
-            metrics["memory/peak_allocated_gb"] = torch.cuda.max_memory_allocated(self.fabric.device) / 2**30
-            metrics["memory/peak_reserved_gb"] = torch.cuda.max_memory_reserved(self.fabric.device) / 2**30
+            metrics["memory/peak_allocated_gb"] = (
+                torch.cuda.max_memory_allocated(self.fabric.device) / 2**30
+            )
+            metrics["memory/peak_reserved_gb"] = (
+                torch.cuda.max_memory_reserved(self.fabric.device) / 2**30
+            )
             mfu = self.mfu(tokens, seconds)
             if mfu is not None:
                 metrics["throughput/mfu"] = mfu
@@ -599,11 +691,17 @@ class Trainer:
 
         if not self.flops_per_token:
             return None
-        dtype = torch.bfloat16 if "bf16" in self.precision else (torch.float16 if self.precision.startswith("16") else torch.float32)
+        dtype = (
+            torch.bfloat16
+            if "bf16" in self.precision
+            else (torch.float16 if self.precision.startswith("16") else torch.float32)
+        )
         available = get_available_flops(self.fabric.device, dtype)
         if not available:
             return None
-        return self.flops_per_token * tokens / max(seconds, 1e-9) / self.fabric.world_size / available
+        return (
+            self.flops_per_token * tokens / max(seconds, 1e-9) / self.fabric.world_size / available
+        )
 
     def progress_bar(self) -> Any:
         """Progress on rank 0: a tqdm bar on a terminal; in a log file (SLURM) a plain log line
@@ -614,8 +712,14 @@ class Trainer:
         if enabled and not sys.stderr.isatty():
             return LogProgress(self.total_steps, self.progress.step)
         return tqdm(
-            total=self.total_steps, initial=self.progress.step, disable=not enabled, desc="train",
-            unit="step", dynamic_ncols=True, mininterval=0.5, file=sys.stderr,
+            total=self.total_steps,
+            initial=self.progress.step,
+            disable=not enabled,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=0.5,
+            file=sys.stderr,
         )
 
     # ==========================================================================================
@@ -631,11 +735,19 @@ class Trainer:
         if self.val_loader is None:
             return {}
         start = time.perf_counter()
-        result = evaluate(self.fabric, self.task, self.model, self.val_loader, self.cfg.trainer.limit_val_batches)
+        result = evaluate(
+            self.fabric, self.task, self.model, self.val_loader, self.cfg.trainer.limit_val_batches
+        )
         self.metrics = {f"val/{k}": v for k, v in result.metrics.items()}
         self.metrics_step = self.progress.step
-        self.logger.log({**self.metrics, "val/seconds": time.perf_counter() - start}, self.progress.step)
-        log.info("step %d validation: %s", self.progress.step, ", ".join(f"{k}={v:.4f}" for k, v in self.metrics.items()))
+        self.logger.log(
+            {**self.metrics, "val/seconds": time.perf_counter() - start}, self.progress.step
+        )
+        log.info(
+            "step %d validation: %s",
+            self.progress.step,
+            ", ".join(f"{k}={v:.4f}" for k, v in self.metrics.items()),
+        )
         return self.metrics
 
     # ==========================================================================================
@@ -664,8 +776,12 @@ class Trainer:
             metrics: validation metrics of this step (for best-k), or None.
         """
         keep = set(self.trainable_names)
-        filter_ = {"model": lambda name, _: name in keep} if self.cfg.checkpoint.trainable_only else None
-        path = self.checkpoints.save(self.fabric, self.checkpoint_state(), self.progress.step, metrics, filter=filter_)
+        filter_ = (
+            {"model": lambda name, _: name in keep} if self.cfg.checkpoint.trainable_only else None
+        )
+        path = self.checkpoints.save(
+            self.fabric, self.checkpoint_state(), self.progress.step, metrics, filter=filter_
+        )
         log.info("Saved checkpoint %s", path)
         return path
 
@@ -674,18 +790,28 @@ class Trainer:
         state = {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler}
         trainable_only = self.cfg.checkpoint.trainable_only
         try:
-            rest = self.fabric.load(info.state_path, state, strict=not trainable_only, weights_only=False)
+            rest = self.fabric.load(
+                info.state_path, state, strict=not trainable_only, weights_only=False
+            )
         except (KeyError, RuntimeError) as err:
-            raise UserError(f"Checkpoint {info.path} does not match this model / optimizer: {err}") from None
+            raise UserError(
+                f"Checkpoint {info.path} does not match this model / optimizer: {err}"
+            ) from None
         saved_names = rest.get("trainable_names")
-        if trainable_only and saved_names is not None and sorted(saved_names) != sorted(self.trainable_names):
+        if (
+            trainable_only
+            and saved_names is not None
+            and sorted(saved_names) != sorted(self.trainable_names)
+        ):
             raise UserError(
                 f"Checkpoint {info.path} holds other trainable parameters than this model "
                 f"({len(saved_names)} saved vs {len(self.trainable_names)} now): the model or adapter settings changed."
             )
         self.progress.load_state_dict(rest["progress"])
         rng = rest["rng"]
-        set_rng_state(rng[self.fabric.global_rank] if len(rng) == self.fabric.world_size else rng[0])
+        set_rng_state(
+            rng[self.fabric.global_rank] if len(rng) == self.fabric.world_size else rng[0]
+        )
         self._interval_loss = None
 
     # ==========================================================================================
@@ -696,15 +822,35 @@ class Trainer:
         """Checkpoint at this step boundary, mark the run interrupted, requeue under SLURM."""
         self.save(metrics=self.metrics if self.metrics_step == self.progress.step else None)
         self.write_summary("interrupted", seconds, signal=signal_name)
-        log.warning("Stopped by %s at step %d; resume with trainer.resume=auto run.dir=%s", signal_name, self.progress.step, self.run.path)
-        if signal_name == "SIGUSR1" and self.fabric.global_rank == 0 and os.environ.get("SLURM_JOB_ID"):
+        log.warning(
+            "Stopped by %s at step %d; resume with trainer.resume=auto run.dir=%s",
+            signal_name,
+            self.progress.step,
+            self.run.path,
+        )
+        if (
+            signal_name == "SIGUSR1"
+            and self.fabric.global_rank == 0
+            and os.environ.get("SLURM_JOB_ID")
+        ):
             requeue_slurm_job()
-        return FitResult("interrupted", self.run.path, self.progress.step, self.best_summary(), self.metrics, self.fabric.global_rank)
+        return FitResult(
+            "interrupted",
+            self.run.path,
+            self.progress.step,
+            self.best_summary(),
+            self.metrics,
+            self.fabric.global_rank,
+        )
 
     def finish(self, seconds: float) -> FitResult:
         """Last validation and checkpoint, export of the best (or last) model, summary and plot."""
         cfg = self.cfg
-        if cfg.trainer.val_at_end and self.val_loader is not None and self.metrics_step != self.progress.step:
+        if (
+            cfg.trainer.val_at_end
+            and self.val_loader is not None
+            and self.metrics_step != self.progress.step
+        ):
             self.val_loop()
         latest = self.checkpoints.latest()
         if latest is None or latest.step != self.progress.step:
@@ -716,8 +862,20 @@ class Trainer:
             self.logger.write_csv()
             if cfg.logger.plot:
                 plot_curves(self.logger.path, self.run.path / "curves.png", self.run.path.name)
-        log.info("Done: %s", json.dumps({k: summary[k] for k in ("status", "global_step", "best", "final_dir")}, default=str))
-        return FitResult("completed", self.run.path, self.progress.step, self.best_summary(), self.metrics, self.fabric.global_rank)
+        log.info(
+            "Done: %s",
+            json.dumps(
+                {k: summary[k] for k in ("status", "global_step", "best", "final_dir")}, default=str
+            ),
+        )
+        return FitResult(
+            "completed",
+            self.run.path,
+            self.progress.step,
+            self.best_summary(),
+            self.metrics,
+            self.fabric.global_rank,
+        )
 
     def replica_checksums(self) -> list[str] | None:
         """Each rank's weight checksum (data-parallel replicas must agree); None when sharded."""
@@ -731,9 +889,23 @@ class Trainer:
     def export_final(self) -> Path:
         """Load the best checkpoint's weights (if asked and known) and save the model to ``final/``."""
         best = self.checkpoints.best()
-        if self.cfg.checkpoint.load_best_at_end and best is not None and best.step != self.progress.step:
-            log.info("Loading the best checkpoint (%s=%.4f at step %d) for final/", self.cfg.checkpoint.monitor, best.metrics[self.cfg.checkpoint.monitor], best.step)
-            self.fabric.load(best.state_path, {"model": self.model}, strict=not self.cfg.checkpoint.trainable_only, weights_only=False)
+        if (
+            self.cfg.checkpoint.load_best_at_end
+            and best is not None
+            and best.step != self.progress.step
+        ):
+            log.info(
+                "Loading the best checkpoint (%s=%.4f at step %d) for final/",
+                self.cfg.checkpoint.monitor,
+                best.metrics[self.cfg.checkpoint.monitor],
+                best.step,
+            )
+            self.fabric.load(
+                best.state_path,
+                {"model": self.model},
+                strict=not self.cfg.checkpoint.trainable_only,
+                weights_only=False,
+            )
         state_dict = full_state_dict(self.fabric, self.model)
         final = self.run.final
         if self.fabric.global_rank == 0:
@@ -756,7 +928,12 @@ class Trainer:
         if best is None:
             return None
         metric = self.cfg.checkpoint.monitor
-        return {"metric": metric, "value": best.metrics[metric], "step": best.step, "path": str(best.path)}
+        return {
+            "metric": metric,
+            "value": best.metrics[metric],
+            "step": best.step,
+            "path": str(best.path),
+        }
 
     def write_summary(self, status: str, seconds: float, **extra: Any) -> dict[str, Any]:
         """Write ``summary.json`` (rank 0): status, step, best metric, wall time, throughput."""
@@ -815,7 +992,15 @@ class LogProgress:
             eta = (self.total - self.n) / rate if rate > 0 else float("nan")
             extra = "".join(f", {k}={v}" for k, v in self.postfix.items())
             eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?"
-            log.info("step %d/%d (%d%%), %.2f steps/s, ETA %s%s", self.n, self.total, 100 * self.n // max(self.total, 1), rate, eta_text, extra)
+            log.info(
+                "step %d/%d (%d%%), %.2f steps/s, ETA %s%s",
+                self.n,
+                self.total,
+                100 * self.n // max(self.total, 1),
+                rate,
+                eta_text,
+                extra,
+            )
 
     def close(self) -> None:
         """Nothing to release."""

@@ -50,8 +50,13 @@ def train(argv: list[str] | None = None) -> int:
     from lora_llm.task import LoraLLMTask
 
     return train_command(
-        args, prog="train", description=TRAIN_HELP, config_cls=LoraLLMConfig, presets_dir=PRESETS,
-        make_task=LoraLLMTask, default_preset=DEFAULT_PRESET,
+        args,
+        prog="train",
+        description=TRAIN_HELP,
+        config_cls=LoraLLMConfig,
+        presets_dir=PRESETS,
+        make_task=LoraLLMTask,
+        default_preset=DEFAULT_PRESET,
     )
 
 
@@ -69,8 +74,12 @@ def estimate(argv: list[str] | None = None) -> int:
     as_json = "--json" in args
     args = [a for a in args if a != "--json"]
     cfg, _ = parse_train_args(
-        args, prog="estimate", description="Parameters and estimated training memory of a config (add --json for JSON).",
-        config_cls=LoraLLMConfig, presets_dir=PRESETS, default_preset=DEFAULT_PRESET,
+        args,
+        prog="estimate",
+        description="Parameters and estimated training memory of a config (add --json for JSON).",
+        config_cls=LoraLLMConfig,
+        presets_dir=PRESETS,
+        default_preset=DEFAULT_PRESET,
     )
     report = run_estimate(cfg)
     print(json.dumps(report, indent=1) if as_json else format_report(report))
@@ -90,22 +99,48 @@ def prepare(argv: list[str] | None = None) -> int:
         Exit code.
     """
     parser = argparse.ArgumentParser(
-        prog="prepare", description="Check and tokenize instruction / chat data; write processed JSONL and a statistics report.",
+        prog="prepare",
+        description="Check and tokenize instruction / chat data; write processed JSONL and a statistics report.",
         epilog="example: prepare -c tiny --data my_data.jsonl --out prepared/ data.max_length=512",
     )
-    parser.add_argument("-c", "--config", metavar="PRESET|FILE", default=DEFAULT_PRESET, help=f"preset or YAML file (default: {DEFAULT_PRESET})")
-    parser.add_argument("--data", nargs="+", metavar="FILE", help="training data (replaces data.train_files)")
-    parser.add_argument("--val-data", nargs="+", metavar="FILE", help="validation data (replaces data.val_files)")
+    parser.add_argument(
+        "-c",
+        "--config",
+        metavar="PRESET|FILE",
+        default=DEFAULT_PRESET,
+        help=f"preset or YAML file (default: {DEFAULT_PRESET})",
+    )
+    parser.add_argument(
+        "--data", nargs="+", metavar="FILE", help="training data (replaces data.train_files)"
+    )
+    parser.add_argument(
+        "--val-data", nargs="+", metavar="FILE", help="validation data (replaces data.val_files)"
+    )
     parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument("--overwrite", action="store_true", help="replace train.jsonl / val.jsonl / stats.json in --out")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.max_length=512")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace train.jsonl / val.jsonl / stats.json in --out",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides, e.g. data.max_length=512",
+    )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     overrides = list(args.overrides)
     if args.data:
         overrides.append("data.train_files=" + json.dumps(args.data))
     if args.val_data:
         overrides.append("data.val_files=" + json.dumps(args.val_data))
-    cfg, _ = parse_train_args(["-c", args.config, *overrides], prog="prepare", description="", config_cls=LoraLLMConfig, presets_dir=PRESETS)
+    cfg, _ = parse_train_args(
+        ["-c", args.config, *overrides],
+        prog="prepare",
+        description="",
+        config_cls=LoraLLMConfig,
+        presets_dir=PRESETS,
+    )
     outputs = [args.out / name for name in ("train.jsonl", "val.jsonl", "stats.json")]
     existing = [p for p in outputs if p.exists()]
     if existing and not args.overwrite:
@@ -117,15 +152,28 @@ def prepare(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     for p in existing:
         p.unlink()
-    counts = {"train": write_examples(args.out / "train.jsonl", task.train_data.examples, task.tokenizer)}
+    counts = {
+        "train": write_examples(args.out / "train.jsonl", task.train_data.examples, task.tokenizer)
+    }
     if task.val_data is not None:
-        counts["val"] = write_examples(args.out / "val.jsonl", task.val_data.examples, task.tokenizer)
+        counts["val"] = write_examples(
+            args.out / "val.jsonl", task.val_data.examples, task.tokenizer
+        )
     stats = {split: s.summary(cfg.data.max_length) for split, s in task.stats.items()}
-    report = {"tokenizer": task.tokenizer.name_or_path, "template": cfg.data.template, "chat_source": task.encoder.chat_source, **stats}
-    (args.out / "stats.json").write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
+    report = {
+        "tokenizer": task.tokenizer.name_or_path,
+        "template": cfg.data.template,
+        "chat_source": task.encoder.chat_source,
+        **stats,
+    }
+    (args.out / "stats.json").write_text(
+        json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8"
+    )
     for split, s in task.stats.items():
         print(s.describe(split))
-    print(f"wrote {', '.join(f'{n} {k} samples' for k, n in counts.items())} and stats.json to {args.out}")
+    print(
+        f"wrote {', '.join(f'{n} {k} samples' for k, n in counts.items())} and stats.json to {args.out}"
+    )
     return 0
 
 
@@ -133,7 +181,10 @@ def write_examples(path: Path, examples: list[dict[str, Any]], tokenizer: Any) -
     """Write encoded examples as JSON lines (with their decoded text); returns how many."""
     with open(path, "w", encoding="utf-8") as handle:
         for example in examples:
-            row = {k: example[k] for k in ("source", "style", "prompt_tokens", "response_tokens", "cut_tokens")}
+            row = {
+                k: example[k]
+                for k in ("source", "style", "prompt_tokens", "response_tokens", "cut_tokens")
+            }
             row["text"] = tokenizer.decode(example["input_ids"])
             row["input_ids"] = example["input_ids"]
             row["labels"] = example["labels"]
@@ -159,7 +210,9 @@ def device_of(choice: str) -> Any:
     return torch.device(choice)
 
 
-def adapter_setup(adapter: Path, base: str | None) -> tuple[dict[str, Any], dict[str, Any], str, Any]:
+def adapter_setup(
+    adapter: Path, base: str | None
+) -> tuple[dict[str, Any], dict[str, Any], str, Any]:
     """Read an adapter folder: its configs, its base model, and the tokenizer it was trained with.
 
     Returns:
@@ -177,7 +230,8 @@ def adapter_setup(adapter: Path, base: str | None) -> tuple[dict[str, Any], dict
 def infer_parser() -> argparse.ArgumentParser:
     """Arguments of ``infer``."""
     parser = argparse.ArgumentParser(
-        prog="infer", description="Generate text with a base model + trained LoRA adapter.",
+        prog="infer",
+        description="Generate text with a base model + trained LoRA adapter.",
         epilog=(
             "examples:\n  infer --adapter runs/001_x/final --prompt 'Give three tips for staying healthy.'\n"
             "  infer --adapter runs/001_x/final --input prompts.jsonl --output answers.jsonl --greedy\n"
@@ -185,23 +239,58 @@ def infer_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--adapter", required=True, type=Path, help="adapter folder (a run's final/)")
-    parser.add_argument("--base", help="base model (Hub id or folder); default: the one the adapter was trained on")
+    parser.add_argument(
+        "--adapter", required=True, type=Path, help="adapter folder (a run's final/)"
+    )
+    parser.add_argument(
+        "--base", help="base model (Hub id or folder); default: the one the adapter was trained on"
+    )
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--prompt", help="an instruction to answer")
-    source.add_argument("--input", type=Path, help="JSONL / JSON of instruction records (instruction, input) or chat records (messages)")
+    source.add_argument(
+        "--input",
+        type=Path,
+        help="JSONL / JSON of instruction records (instruction, input) or chat records (messages)",
+    )
     parser.add_argument("--context", default="", help="the 'input' field that goes with --prompt")
-    parser.add_argument("--output", type=Path, help="write JSONL here instead of stdout (with --input)")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate at most (default 256)")
+    parser.add_argument(
+        "--output", type=Path, help="write JSONL here instead of stdout (with --input)"
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=256, help="tokens to generate at most (default 256)"
+    )
     parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
-    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
-    parser.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)")
-    parser.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (default 50)")
-    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1.0)")
+    parser.add_argument(
+        "--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)"
+    )
+    parser.add_argument(
+        "--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)"
+    )
+    parser.add_argument(
+        "--top-k", type=int, default=50, help="sample among the k most likely tokens (default 50)"
+    )
+    parser.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="> 1 discourages repeats (default 1.0)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    parser.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default 8)")
-    parser.add_argument("--quant", choices=["auto", "4", "8", "none"], default="auto", help="load the base in 4/8 bits; auto: as in training")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: CUDA when available")
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="prompts per generate call (default 8)"
+    )
+    parser.add_argument(
+        "--quant",
+        choices=["auto", "4", "8", "none"],
+        default="auto",
+        help="load the base in 4/8 bits; auto: as in training",
+    )
+    parser.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="default: CUDA when available",
+    )
     return parser
 
 
@@ -223,7 +312,9 @@ def infer(argv: list[str] | None = None) -> int:
     quiet()
     interactive = args.prompt is None and args.input is None
     if interactive and not sys.stdin.isatty():
-        raise UserError("Give --prompt TEXT or --input FILE.jsonl (the interactive mode needs a terminal).")
+        raise UserError(
+            "Give --prompt TEXT or --input FILE.jsonl (the interactive mode needs a terminal)."
+        )
     if args.temperature <= 0 and not args.greedy:
         raise UserError("--temperature must be positive (or use --greedy).")
     records: list[Record] = []
@@ -232,14 +323,36 @@ def infer(argv: list[str] | None = None) -> int:
         if not records:
             raise UserError(f"{args.input} holds no records.")
     _, settings, base, tokenizer = adapter_setup(args.adapter, args.base)
-    encoder = Encoder(tokenizer, settings.get("template", "auto"), settings.get("max_length", 512), chat_source=settings.get("chat_source"))
+    encoder = Encoder(
+        tokenizer,
+        settings.get("template", "auto"),
+        settings.get("max_length", 512),
+        chat_source=settings.get("chat_source"),
+    )
     trained_bits = settings.get("quant", {}).get("bits")
-    bits = trained_bits if args.quant == "auto" else (None if args.quant == "none" else int(args.quant))
+    bits = (
+        trained_bits
+        if args.quant == "auto"
+        else (None if args.quant == "none" else int(args.quant))
+    )
     quant = QuantConfig(**{**settings.get("quant", {}), "bits": bits}) if bits else None
-    model = load_adapter_model(args.adapter, base, ModelConfig(name=base, dtype=settings.get("model_dtype", "auto")), quant, device_of(args.device))
+    model = load_adapter_model(
+        args.adapter,
+        base,
+        ModelConfig(name=base, dtype=settings.get("model_dtype", "auto")),
+        quant,
+        device_of(args.device),
+    )
     torch.manual_seed(args.seed)
-    sampling = dict(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature, top_p=args.top_p,
-                    top_k=args.top_k, repetition_penalty=args.repetition_penalty, batch_size=args.batch_size)
+    sampling = dict(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=not args.greedy,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        batch_size=args.batch_size,
+    )
 
     def answer(batch: list[Record]) -> list[str]:
         """Generated texts for records, prompted as in training."""
@@ -249,7 +362,10 @@ def infer(argv: list[str] | None = None) -> int:
         print(answer([Record(source="--prompt", instruction=args.prompt, input=args.context)])[0])
         return 0
     if interactive:
-        print(f"Adapter {args.adapter} on {base}. Type an instruction; an empty line quits.", file=sys.stderr)
+        print(
+            f"Adapter {args.adapter} on {base}. Type an instruction; an empty line quits.",
+            file=sys.stderr,
+        )
         while True:
             try:
                 line = input("instruction> ").strip()
@@ -297,61 +413,137 @@ def merge(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM
 
     from lora_llm.data import Encoder, Record
-    from lora_llm.model import DTYPES, check_not_quantized_checkpoint, cuda_dtype, load_adapter_model, merge_and_check
+    from lora_llm.model import (
+        DTYPES,
+        check_not_quantized_checkpoint,
+        cuda_dtype,
+        load_adapter_model,
+        merge_and_check,
+    )
 
     parser = argparse.ArgumentParser(
-        prog="merge", description="Merge a LoRA adapter into its 16/32-bit base model and save the result (save_pretrained).",
+        prog="merge",
+        description="Merge a LoRA adapter into its 16/32-bit base model and save the result (save_pretrained).",
         epilog="example: merge --adapter runs/001_x/final --out merged/ --dtype bfloat16",
     )
-    parser.add_argument("--adapter", required=True, type=Path, help="adapter folder (a run's final/)")
-    parser.add_argument("--out", required=True, type=Path, help="new folder for the merged model (must not exist or be empty)")
-    parser.add_argument("--base", help="base model (Hub id or folder); default: the one the adapter was trained on")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                        help="dtype of the base and the merged model; auto: float32 on the CPU, bfloat16/float16 on a GPU")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: CUDA when available")
-    parser.add_argument("--probe", default="Give three tips for staying healthy.", help="instruction whose logits are compared")
-    parser.add_argument("--tolerance", type=float, default=None,
-                        help="largest allowed |merged - adapter| logit difference relative to the largest logit (default 1e-4 in float32, 2e-2 in 16 bits)")
+    parser.add_argument(
+        "--adapter", required=True, type=Path, help="adapter folder (a run's final/)"
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="new folder for the merged model (must not exist or be empty)",
+    )
+    parser.add_argument(
+        "--base", help="base model (Hub id or folder); default: the one the adapter was trained on"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="dtype of the base and the merged model; auto: float32 on the CPU, bfloat16/float16 on a GPU",
+    )
+    parser.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="default: CUDA when available",
+    )
+    parser.add_argument(
+        "--probe",
+        default="Give three tips for staying healthy.",
+        help="instruction whose logits are compared",
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        help="largest allowed |merged - adapter| logit difference relative to the largest logit (default 1e-4 in float32, 2e-2 in 16 bits)",
+    )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     quiet()
     if args.out.exists() and any(args.out.iterdir()):
-        raise UserError(f"--out {args.out} exists and is not empty; merge never overwrites files: choose a new folder.")
+        raise UserError(
+            f"--out {args.out} exists and is not empty; merge never overwrites files: choose a new folder."
+        )
     _, settings, base, tokenizer = adapter_setup(args.adapter, args.base)
     check_not_quantized_checkpoint(base)
     device = device_of(args.device)
-    dtype_name = args.dtype if args.dtype != "auto" else ("float32" if device.type == "cpu" else str(cuda_dtype()).removeprefix("torch."))
-    model = load_adapter_model(args.adapter, base, ModelConfig(name=base, dtype=dtype_name), None, device)
-    encoder = Encoder(tokenizer, settings.get("template", "auto"), settings.get("max_length", 512), chat_source=settings.get("chat_source"))
-    probe = torch.tensor([encoder.prompt_ids(Record(source="--probe", instruction=args.probe))], device=device)
+    dtype_name = (
+        args.dtype
+        if args.dtype != "auto"
+        else ("float32" if device.type == "cpu" else str(cuda_dtype()).removeprefix("torch."))
+    )
+    model = load_adapter_model(
+        args.adapter, base, ModelConfig(name=base, dtype=dtype_name), None, device
+    )
+    encoder = Encoder(
+        tokenizer,
+        settings.get("template", "auto"),
+        settings.get("max_length", 512),
+        chat_source=settings.get("chat_source"),
+    )
+    probe = torch.tensor(
+        [encoder.prompt_ids(Record(source="--probe", instruction=args.probe))], device=device
+    )
     merged, numbers = merge_and_check(model, probe)
     merged.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
-    reloaded = AutoModelForCausalLM.from_pretrained(args.out, dtype=DTYPES[dtype_name], device_map={"": device})
+    reloaded = AutoModelForCausalLM.from_pretrained(
+        args.out, dtype=DTYPES[dtype_name], device_map={"": device}
+    )
     with torch.no_grad():
         again = reloaded(input_ids=probe).logits.float()
         reference = merged(input_ids=probe).logits.float()
     numbers["reloaded_max_abs_diff"] = float((again - reference).abs().max())
-    tolerance = args.tolerance if args.tolerance is not None else (1e-4 if dtype_name == "float32" else 2e-2)
+    tolerance = (
+        args.tolerance
+        if args.tolerance is not None
+        else (1e-4 if dtype_name == "float32" else 2e-2)
+    )
     scale = max(numbers["max_abs_logit"], 1.0)
-    ok = numbers["max_abs_diff"] <= tolerance * scale and numbers["reloaded_max_abs_diff"] <= tolerance * scale
-    report = {"adapter": str(args.adapter), "base": base, "dtype": dtype_name, "probe_tokens": probe.shape[1],
-              "tolerance_relative": tolerance, "ok": ok, **numbers}
+    ok = (
+        numbers["max_abs_diff"] <= tolerance * scale
+        and numbers["reloaded_max_abs_diff"] <= tolerance * scale
+    )
+    report = {
+        "adapter": str(args.adapter),
+        "base": base,
+        "dtype": dtype_name,
+        "probe_tokens": probe.shape[1],
+        "tolerance_relative": tolerance,
+        "ok": ok,
+        **numbers,
+    }
     (args.out / "merge_report.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     print(
         f"merged {args.adapter} into {base} ({dtype_name}) -> {args.out}\n"
         f"probe logits: max |merged - adapter| = {numbers['max_abs_diff']:.3e}, max |reloaded - merged| = {numbers['reloaded_max_abs_diff']:.3e} "
         f"(largest logit {numbers['max_abs_logit']:.2f}; the adapter itself moves logits by up to {numbers['adapter_effect']:.3e})\n"
-        + ("verification passed" if ok else f"VERIFICATION FAILED: difference above {tolerance:g} x {scale:.2f}")
+        + (
+            "verification passed"
+            if ok
+            else f"VERIFICATION FAILED: difference above {tolerance:g} x {scale:.2f}"
+        )
     )
     return 0 if ok else 1
 
 
-COMMANDS = {"train": train, "infer": infer, "prepare": prepare, "merge": merge, "estimate": estimate}
+COMMANDS = {
+    "train": train,
+    "infer": infer,
+    "prepare": prepare,
+    "merge": merge,
+    "estimate": estimate,
+}
 """Commands found through the ``core.tasks`` entry point (``train`` and ``infer`` are shared names)."""
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1:  # python -m lora_llm.cli <command> [args]: what the tests and DDP ranks run
+    if (
+        len(sys.argv) > 1
+    ):  # python -m lora_llm.cli <command> [args]: what the tests and DDP ranks run
         command = sys.argv[1]
         if command not in COMMANDS:
             sys.exit(f"unknown command '{command}'; commands: {', '.join(COMMANDS)}")

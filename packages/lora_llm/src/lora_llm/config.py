@@ -11,7 +11,7 @@ Self-check: ``python -m lora_llm.config``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 from core.errors import ConfigError
 from core.settings import TrainConfig
@@ -34,9 +34,9 @@ class DataConfig:
     record count (1 and up); 0 for no validation."""
     hf_split: str = "train"
     """Split to read from a Hugging Face dataset id or local dataset folder."""
-    hf_subset: Optional[str] = None
+    hf_subset: str | None = None
     """Configuration (subset) name of a Hugging Face dataset, if it has several."""
-    max_samples: Optional[int] = None
+    max_samples: int | None = None
     """Use only the first N records of each training file (after reading; null: all). For smoke runs."""
     template: Literal["auto", "alpaca", "alpaca_ko", "chat"] = "auto"
     """How an instruction record becomes a prompt: ``alpaca`` (the Stanford Alpaca prompt),
@@ -67,15 +67,25 @@ class DataConfig:
     def __post_init__(self) -> None:
         """Range checks (``ConfigError`` names the key)."""
         if not self.train_files:
-            raise ConfigError("Config key 'data.train_files' is empty: give at least one data file, dataset id or sample:en.")
+            raise ConfigError(
+                "Config key 'data.train_files' is empty: give at least one data file, dataset id or sample:en."
+            )
         if self.max_length < 8:
-            raise ConfigError(f"Config key 'data.max_length' must be at least 8, got {self.max_length}.")
+            raise ConfigError(
+                f"Config key 'data.max_length' must be at least 8, got {self.max_length}."
+            )
         if not 1 <= self.min_response_tokens < self.max_length:
-            raise ConfigError(f"Config key 'data.min_response_tokens' must be in [1, data.max_length), got {self.min_response_tokens}.")
+            raise ConfigError(
+                f"Config key 'data.min_response_tokens' must be in [1, data.max_length), got {self.min_response_tokens}."
+            )
         if self.val_size < 0 or (self.val_size >= 1 and not float(self.val_size).is_integer()):
-            raise ConfigError(f"Config key 'data.val_size' must be 0, a fraction below 1, or a whole record count; got {self.val_size}.")
+            raise ConfigError(
+                f"Config key 'data.val_size' must be 0, a fraction below 1, or a whole record count; got {self.val_size}."
+            )
         if self.max_samples is not None and self.max_samples < 1:
-            raise ConfigError(f"Config key 'data.max_samples' must be at least 1 or null, got {self.max_samples}.")
+            raise ConfigError(
+                f"Config key 'data.max_samples' must be at least 1 or null, got {self.max_samples}."
+            )
 
 
 @dataclass
@@ -106,15 +116,15 @@ class ModelConfig:
     """A Hugging Face Hub id (``gpt2``, ``TinyLlama/TinyLlama-1.1B-Chat-v1.0``, ``microsoft/phi-2``),
     a local folder written by ``save_pretrained``, or ``tiny`` (built from ``model.tiny`` with the
     tokenizer shipped in the package, saved to ``<run>/base``)."""
-    tokenizer: Optional[str] = None
+    tokenizer: str | None = None
     """Tokenizer to use (Hub id or folder); null: the model's own."""
-    revision: Optional[str] = None
+    revision: str | None = None
     """Hub revision (branch, tag or commit) of the model and tokenizer; null: the default branch."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """dtype of the frozen (not quantized) base weights. ``auto``: bfloat16 on GPUs that support it,
     else float16 on GPUs; float32 on the CPU. Adapters are always float32 (FSDP2 shards the 16-bit
     base and the float32 adapters of a block together)."""
-    attn_implementation: Optional[Literal["eager", "sdpa", "flash_attention_2"]] = "sdpa"
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = "sdpa"
     """Attention kernel (null: the transformers default)."""
     gradient_checkpointing: bool = True
     """Recompute activations in backward (non-reentrant, input gradients enabled so a frozen base
@@ -135,7 +145,9 @@ class LoraSettings:
     """Scaling numerator: the update is multiplied by ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA)."""
     dropout: float = 0.05
     """Dropout on the adapter's input."""
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
     """Module names (or name suffixes such as ``attn.c_attn``) that get adapters; ``[all-linear]``
     adapts every linear layer except the output head."""
     bias: Literal["none", "all", "lora_only"] = "none"
@@ -152,14 +164,16 @@ class LoraSettings:
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"Config key 'lora.dropout' must be in [0, 1), got {self.dropout}.")
         if not self.target_modules:
-            raise ConfigError("Config key 'lora.target_modules' is empty: name the layers to adapt, e.g. [q_proj, v_proj] or [all-linear].")
+            raise ConfigError(
+                "Config key 'lora.target_modules' is empty: name the layers to adapt, e.g. [q_proj, v_proj] or [all-linear]."
+            )
 
 
 @dataclass
 class QuantConfig:
     """Loading the frozen base in 4 or 8 bits with bitsandbytes (QLoRA)."""
 
-    bits: Optional[Literal[4, 8]] = 4
+    bits: Literal[4, 8] | None = 4
     """4 (NF4 / FP4), 8 (LLM.int8) or null (no quantization: plain LoRA on a 16/32-bit base)."""
     quant_type: Literal["nf4", "fp4"] = "nf4"
     """4-bit data type; NF4 is the QLoRA paper's choice for normally distributed weights."""
@@ -205,7 +219,9 @@ if __name__ == "__main__":  # self-check: python -m lora_llm.config
 
     missing = [key for key, _, doc in iter_keys(LoraLLMConfig) if not doc]
     assert not missing, f"fields without a docstring: {missing}"
-    cfg = load_config(LoraLLMConfig, overrides=["lora.r=16", "quant.bits=null", "data.train_files=[a.jsonl]"])
+    cfg = load_config(
+        LoraLLMConfig, overrides=["lora.r=16", "quant.bits=null", "data.train_files=[a.jsonl]"]
+    )
     assert cfg.lora.r == 16 and cfg.quant.bits is None and cfg.data.train_files == ["a.jsonl"]
     try:
         load_config(LoraLLMConfig, overrides=["trainer.strategy=fsdp"])

@@ -161,7 +161,11 @@ def parse_record(obj: Any, source: str, for_inference: bool = False) -> Record:
         return _parse_tokenized(obj, source)
     if "messages" in obj:
         return _parse_chat(obj, source, for_inference)
-    missing = [k for k in ("instruction", "output") if k not in obj and not (for_inference and k == "output")]
+    missing = [
+        k
+        for k in ("instruction", "output")
+        if k not in obj and not (for_inference and k == "output")
+    ]
     if missing:
         raise BadRecord(
             f"{source}: the record has no {' / '.join(repr(m) for m in missing)} field (its keys: {', '.join(map(str, obj)) or 'none'}). "
@@ -173,7 +177,9 @@ def parse_record(obj: Any, source: str, for_inference: bool = False) -> Record:
         if value is None:
             value = ""
         if not isinstance(value, str):
-            raise BadRecord(f"{source}: '{key}' must be text, got {type(value).__name__} ({str(value)[:40]!r}).")
+            raise BadRecord(
+                f"{source}: '{key}' must be text, got {type(value).__name__} ({str(value)[:40]!r})."
+            )
         fields[key] = value
     if not fields["instruction"].strip():
         raise BadRecord(f"{source}: 'instruction' is empty.")
@@ -186,35 +192,58 @@ def _parse_chat(obj: dict[str, Any], source: str, for_inference: bool) -> Record
     """Check a chat record's ``messages`` (see :func:`parse_record`)."""
     messages = obj["messages"]
     if not isinstance(messages, list) or not messages:
-        raise BadRecord(f"{source}: 'messages' must be a non-empty list of {{'role', 'content'}} objects.")
+        raise BadRecord(
+            f"{source}: 'messages' must be a non-empty list of {{'role', 'content'}} objects."
+        )
     clean = []
     for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("content"), str) or message.get("role") not in ROLES:
+        if (
+            not isinstance(message, dict)
+            or not isinstance(message.get("content"), str)
+            or message.get("role") not in ROLES
+        ):
             raise BadRecord(
                 f"{source}: message {i} must be an object with 'role' (one of {', '.join(ROLES)}) and text 'content', got {str(message)[:60]!r}."
             )
         clean.append({"role": message["role"], "content": message["content"]})
     if for_inference:
         if clean[-1]["role"] == "assistant":
-            raise BadRecord(f"{source}: the last message is the assistant's; for generation it must be a user message.")
+            raise BadRecord(
+                f"{source}: the last message is the assistant's; for generation it must be a user message."
+            )
         return Record(source=source, messages=clean)
     if clean[-1]["role"] != "assistant":
-        raise BadRecord(f"{source}: the last message must be the assistant's answer (the part that is trained), got '{clean[-1]['role']}'.")
-    empty = [i for i, m in enumerate(clean) if m["role"] == "assistant" and not m["content"].strip()]
+        raise BadRecord(
+            f"{source}: the last message must be the assistant's answer (the part that is trained), got '{clean[-1]['role']}'."
+        )
+    empty = [
+        i for i, m in enumerate(clean) if m["role"] == "assistant" and not m["content"].strip()
+    ]
     if empty:
-        raise BadRecord(f"{source}: assistant message {empty[0]} is empty, so there is nothing to train on.")
+        raise BadRecord(
+            f"{source}: assistant message {empty[0]} is empty, so there is nothing to train on."
+        )
     return Record(source=source, messages=clean)
 
 
 def _parse_tokenized(obj: dict[str, Any], source: str) -> Record:
     """Check a pre-tokenized record (see :func:`parse_record`)."""
     ids, labels = obj.get("input_ids"), obj.get("labels")
-    if not isinstance(ids, list) or not isinstance(labels, list) or len(ids) != len(labels) or not ids:
-        raise BadRecord(f"{source}: a pre-tokenized record needs 'input_ids' and 'labels' lists of the same, non-zero length.")
+    if (
+        not isinstance(ids, list)
+        or not isinstance(labels, list)
+        or len(ids) != len(labels)
+        or not ids
+    ):
+        raise BadRecord(
+            f"{source}: a pre-tokenized record needs 'input_ids' and 'labels' lists of the same, non-zero length."
+        )
     if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids + labels):
         raise BadRecord(f"{source}: 'input_ids' and 'labels' must hold integers only.")
     if all(t == IGNORE_INDEX for t in labels):
-        raise BadRecord(f"{source}: every label is {IGNORE_INDEX}, so there is nothing to train on.")
+        raise BadRecord(
+            f"{source}: every label is {IGNORE_INDEX}, so there is nothing to train on."
+        )
     return Record(source=source, input_ids=ids, labels=labels)
 
 
@@ -230,7 +259,9 @@ def _json_array_items(text: str, path: Path) -> Iterator[tuple[int, Any]]:
     decoder = json.JSONDecoder()
     pos = len(text) - len(text.lstrip())
     if not text[pos:].startswith("["):
-        raise UserError(f"Data file {path} is not a JSON array (it must start with '['); JSON lines files need the .jsonl extension.")
+        raise UserError(
+            f"Data file {path} is not a JSON array (it must start with '['); JSON lines files need the .jsonl extension."
+        )
     line, counted = 1, 0  # ``line`` is the line number of offset ``counted``
 
     def line_at(offset: int) -> int:
@@ -252,16 +283,22 @@ def _json_array_items(text: str, path: Path) -> Iterator[tuple[int, Any]]:
             return
         if char == ",":
             if expect_item:
-                raise UserError(f"Data file {path} line {line_at(pos)}: unexpected ',' in the JSON array.")
+                raise UserError(
+                    f"Data file {path} line {line_at(pos)}: unexpected ',' in the JSON array."
+                )
             expect_item = True
             pos += 1
             continue
         if not expect_item:
-            raise UserError(f"Data file {path} line {line_at(pos)}: expected ',' or ']' between records.")
+            raise UserError(
+                f"Data file {path} line {line_at(pos)}: expected ',' or ']' between records."
+            )
         try:
             value, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as err:
-            raise UserError(f"Data file {path} line {err.lineno} column {err.colno}: not valid JSON ({err.msg}). Fix the file.") from None
+            raise UserError(
+                f"Data file {path} line {err.lineno} column {err.colno}: not valid JSON ({err.msg}). Fix the file."
+            ) from None
         yield line_at(pos), value
         pos = end
         expect_item = False
@@ -276,17 +313,27 @@ def resolve_spec(spec: str) -> Path | str:
     if spec.startswith("sample:"):
         key = spec.split(":", 1)[1]
         if key not in SAMPLES:
-            raise UserError(f"Unknown shipped sample '{spec}'; the package ships {', '.join('sample:' + k for k in SAMPLES)}.")
+            raise UserError(
+                f"Unknown shipped sample '{spec}'; the package ships {', '.join('sample:' + k for k in SAMPLES)}."
+            )
         return SAMPLES[key]
     path = Path(spec).expanduser()
     if path.exists():
         return path
-    if path.suffix.lower() in (".json", ".jsonl") or spec.startswith((".", "/", "~")) or "\\" in spec:
-        raise UserError(f"Data file '{spec}' does not exist (data.train_files / data.val_files). Give an existing .json / .jsonl file.")
+    if (
+        path.suffix.lower() in (".json", ".jsonl")
+        or spec.startswith((".", "/", "~"))
+        or "\\" in spec
+    ):
+        raise UserError(
+            f"Data file '{spec}' does not exist (data.train_files / data.val_files). Give an existing .json / .jsonl file."
+        )
     return spec
 
 
-def read_raw(spec: str, split: str = "train", subset: str | None = None) -> Iterator[tuple[str, Any]]:
+def read_raw(
+    spec: str, split: str = "train", subset: str | None = None
+) -> Iterator[tuple[str, Any]]:
     """Yield ``(source, raw record)`` from a file, dataset folder, dataset id or shipped sample.
 
     Raises:
@@ -301,14 +348,18 @@ def read_raw(spec: str, split: str = "train", subset: str | None = None) -> Iter
                 yield f"{where}:{line} (record {i})", value
             return
         if where.suffix.lower() not in (".json", ".jsonl"):
-            raise UserError(f"Data file {where} has an unsupported type: use a JSON array (.json) or JSON lines (.jsonl).")
+            raise UserError(
+                f"Data file {where} has an unsupported type: use a JSON array (.json) or JSON lines (.jsonl)."
+            )
         for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
                 value = json.loads(line)
             except json.JSONDecodeError as err:
-                value = BadRecord(f"{where}:{number}: not valid JSON ({err.msg} at column {err.colno}).")
+                value = BadRecord(
+                    f"{where}:{number}: not valid JSON ({err.msg} at column {err.colno})."
+                )
             yield f"{where}:{number}", value
         return
     for i, row in enumerate(_dataset_rows(where, split, subset)):
@@ -326,7 +377,12 @@ def _dataset_rows(where: Path | str, split: str, subset: str | None) -> Iterator
     from core.hub import hub_reachable
 
     try:
-        if isinstance(where, Path) and (where / "dataset_info.json").is_file() or isinstance(where, Path) and (where / "dataset_dict.json").is_file():
+        if (
+            isinstance(where, Path)
+            and (where / "dataset_info.json").is_file()
+            or isinstance(where, Path)
+            and (where / "dataset_dict.json").is_file()
+        ):
             loaded = datasets.load_from_disk(str(where))
             ds = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
         else:
@@ -334,7 +390,9 @@ def _dataset_rows(where: Path | str, split: str, subset: str | None) -> Iterator
                 # Without network the Hub client retries for a while; use the local cache only.
                 datasets.config.HF_HUB_OFFLINE = True
             ds = datasets.load_dataset(str(where), subset, split=split)
-    except Exception as err:  # datasets raises many types (ConnectionError, FileNotFoundError, ValueError, ...)
+    except (
+        Exception
+    ) as err:  # datasets raises many types (ConnectionError, FileNotFoundError, ValueError, ...)
         raise UserError(
             f"Cannot load the dataset '{where}' (split '{split}'{f', subset {subset}' if subset else ''}): {type(err).__name__}: "
             f"{str(err)[:300]}. Without network use a local .json / .jsonl file or a folder written by Dataset.save_to_disk."
@@ -342,7 +400,9 @@ def _dataset_rows(where: Path | str, split: str, subset: str | None) -> Iterator
     yield from ds
 
 
-def read_records(spec: str, cfg: DataConfig, for_inference: bool = False) -> tuple[list[Record], list[str]]:
+def read_records(
+    spec: str, cfg: DataConfig, for_inference: bool = False
+) -> tuple[list[Record], list[str]]:
     """Read and check every record of one data source.
 
     Args:
@@ -364,12 +424,16 @@ def read_records(spec: str, cfg: DataConfig, for_inference: bool = False) -> tup
             records.append(parse_record(raw, source, for_inference))
         except BadRecord as err:
             if cfg.on_bad_record == "error" or for_inference:
-                raise UserError(f"Bad record in {err} Fix the record, or set data.on_bad_record=skip to leave such records out (they are counted).") from None
+                raise UserError(
+                    f"Bad record in {err} Fix the record, or set data.on_bad_record=skip to leave such records out (they are counted)."
+                ) from None
             problems.append(str(err))
     return records, problems
 
 
-def split_records(records: list[Record], val_size: float, seed: int) -> tuple[list[Record], list[Record]]:
+def split_records(
+    records: list[Record], val_size: float, seed: int
+) -> tuple[list[Record], list[Record]]:
     """Hold out a seeded random share of the records for validation.
 
     Args:
@@ -388,7 +452,9 @@ def split_records(records: list[Record], val_size: float, seed: int) -> tuple[li
     if count <= 0:
         return list(records), []
     held = set(np.random.default_rng(seed).permutation(n)[:count].tolist())
-    return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
+    return [r for i, r in enumerate(records) if i not in held], [
+        r for i, r in enumerate(records) if i in held
+    ]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -435,13 +501,21 @@ class Encoder:
         self.max_length = max_length
         self.min_response_tokens = min_response_tokens
         self.train_on_prompt = train_on_prompt
-        self.chat_source = chat_source or ("tokenizer" if has_chat_template(tokenizer) else "builtin")
+        self.chat_source = chat_source or (
+            "tokenizer" if has_chat_template(tokenizer) else "builtin"
+        )
         self.eos_id = tokenizer.eos_token_id
         if self.eos_id is None:
-            raise UserError("The tokenizer has no EOS token; the model could never learn to stop. Choose a tokenizer with one (model.tokenizer).")
+            raise UserError(
+                "The tokenizer has no EOS token; the model could never learn to stop. Choose a tokenizer with one (model.tokenizer)."
+            )
         bos = tokenizer.bos_token_id
         # Does the tokenizer add BOS by itself (Llama) or not (GPT-2)? Prompts get it the same way.
-        self.add_bos = bos is not None and tokenizer.encode("a", add_special_tokens=True)[:1] == [bos] and tokenizer.encode("a", add_special_tokens=False)[:1] != [bos]
+        self.add_bos = (
+            bos is not None
+            and tokenizer.encode("a", add_special_tokens=True)[:1] == [bos]
+            and tokenizer.encode("a", add_special_tokens=False)[:1] != [bos]
+        )
 
     # -- text --------------------------------------------------------------------------------
 
@@ -463,7 +537,9 @@ class Encoder:
     def render_chat(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
         """The chat template's text for ``messages``."""
         self.use_chat()
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt
+        )
 
     def messages_of(self, record: Record) -> list[dict[str, str]]:
         """Chat turns of a record (an instruction record becomes one user turn + the answer)."""
@@ -486,7 +562,9 @@ class Encoder:
         """
         style = self.style(record)
         if style != "chat":
-            prompt = PROMPTS[style]["input" if record.input.strip() else "no_input"].format(instruction=record.instruction, input=record.input)
+            prompt = PROMPTS[style]["input" if record.input.strip() else "no_input"].format(
+                instruction=record.instruction, input=record.input
+            )
             return [(prompt, False)] + ([(record.output, True)] if record.output else [])
         messages = self.messages_of(record)
         pieces: list[tuple[str, bool]] = []
@@ -497,12 +575,16 @@ class Encoder:
             prompt = self.render_chat(messages[:i], generation_prompt=True)
             full = self.render_chat(messages[: i + 1], generation_prompt=False)
             if not prompt.startswith(done) or not full.startswith(prompt):
-                raise BadRecord(f"{record.source}: the chat template does not render this conversation turn by turn; use data.template=alpaca.")
-            pieces += [(prompt[len(done):], False), (full[len(prompt):], True)]
+                raise BadRecord(
+                    f"{record.source}: the chat template does not render this conversation turn by turn; use data.template=alpaca."
+                )
+            pieces += [(prompt[len(done) :], False), (full[len(prompt) :], True)]
             done = full
-        if messages[-1]["role"] != "assistant":  # an inference prompt: end with the generation prompt
+        if (
+            messages[-1]["role"] != "assistant"
+        ):  # an inference prompt: end with the generation prompt
             prompt = self.render_chat(messages, generation_prompt=True)
-            pieces.append((prompt[len(done):], False))
+            pieces.append((prompt[len(done) :], False))
         return pieces
 
     # -- tokens ------------------------------------------------------------------------------
@@ -532,7 +614,14 @@ class Encoder:
 
     def prompt_ids(self, record: Record) -> list[int]:
         """Token ids of the prompt to generate from (a record without output / final answer)."""
-        ids, _ = self.tokens(Record(source=record.source, instruction=record.instruction, input=record.input, messages=record.messages))
+        ids, _ = self.tokens(
+            Record(
+                source=record.source,
+                instruction=record.instruction,
+                input=record.input,
+                messages=record.messages,
+            )
+        )
         return ids
 
     def encode(self, record: Record) -> dict[str, Any]:
@@ -555,7 +644,10 @@ class Encoder:
         else:
             ids, trained = self.tokens(record)
             style = self.style(record)
-            labels = [t if (keep or self.train_on_prompt) else IGNORE_INDEX for t, keep in zip(ids, trained)]
+            labels = [
+                t if (keep or self.train_on_prompt) else IGNORE_INDEX
+                for t, keep in zip(ids, trained)
+            ]
         if not any(trained):
             raise BadRecord(f"{record.source}: the response has no tokens.")
         prompt_tokens = trained.index(True)
@@ -566,8 +658,12 @@ class Encoder:
                     f"{record.source}: the prompt has {prompt_tokens} tokens, which leaves fewer than "
                     f"data.min_response_tokens={self.min_response_tokens} of data.max_length={self.max_length} for the response."
                 )
-            cut = sum(trained[self.max_length:])
-            ids, labels, trained = ids[: self.max_length], labels[: self.max_length], trained[: self.max_length]
+            cut = sum(trained[self.max_length :])
+            ids, labels, trained = (
+                ids[: self.max_length],
+                labels[: self.max_length],
+                trained[: self.max_length],
+            )
         return {
             "input_ids": ids,
             "labels": labels,
@@ -612,8 +708,13 @@ class EncodeStats:
             if not values:
                 return {}
             arr = np.asarray(values)
-            return {"mean": round(float(arr.mean()), 1), "p50": float(np.percentile(arr, 50)), "p90": float(np.percentile(arr, 90)),
-                    "p99": float(np.percentile(arr, 99)), "max": int(arr.max())}
+            return {
+                "mean": round(float(arr.mean()), 1),
+                "p50": float(np.percentile(arr, 50)),
+                "p90": float(np.percentile(arr, 90)),
+                "p99": float(np.percentile(arr, 99)),
+                "max": int(arr.max()),
+            }
 
         kept = len(self.total_lengths)
         return {
@@ -627,7 +728,11 @@ class EncodeStats:
             "trained_tokens": int(sum(self.response_lengths)),
             "max_length": max_length,
             "templates": dict(self.styles),
-            "lengths": {"prompt": pct(self.prompt_lengths), "response": pct(self.response_lengths), "total": pct(self.total_lengths)},
+            "lengths": {
+                "prompt": pct(self.prompt_lengths),
+                "response": pct(self.response_lengths),
+                "total": pct(self.total_lengths),
+            },
             "problems": self.problems[:20],
         }
 
@@ -642,7 +747,12 @@ class EncodeStats:
         )
 
 
-def encode_records(records: Sequence[Record], encoder: Encoder, long_prompts: str = "error", problems: Sequence[str] = ()) -> tuple[list[dict[str, Any]], EncodeStats]:
+def encode_records(
+    records: Sequence[Record],
+    encoder: Encoder,
+    long_prompts: str = "error",
+    problems: Sequence[str] = (),
+) -> tuple[list[dict[str, Any]], EncodeStats]:
     """Encode records, applying the too-long-prompt policy.
 
     Args:
@@ -657,7 +767,11 @@ def encode_records(records: Sequence[Record], encoder: Encoder, long_prompts: st
     Raises:
         UserError: a too-long prompt (``long_prompts=error``) or a response without tokens.
     """
-    stats = EncodeStats(records=len(records) + len(problems), bad_records_skipped=len(problems), problems=list(problems))
+    stats = EncodeStats(
+        records=len(records) + len(problems),
+        bad_records_skipped=len(problems),
+        problems=list(problems),
+    )
     examples = []
     for record in records:
         try:
@@ -802,7 +916,12 @@ def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tenso
         if positions is not None:
             positions[row, :n] = torch.tensor(sample["position_ids"])
             positions[row, n:] = torch.arange(width - n)
-    out = {"input_ids": ids, "attention_mask": mask, "labels": labels, "index": torch.tensor([s["index"] for s in samples])}
+    out = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "labels": labels,
+        "index": torch.tensor([s["index"] for s in samples]),
+    }
     if positions is not None:
         out["position_ids"] = positions
     return out
@@ -822,11 +941,19 @@ if __name__ == "__main__":  # self-check: python -m lora_llm.data
     trained = [t for t in first["labels"] if t != IGNORE_INDEX]
     print("ko prompt:", repr(tok.decode(first["input_ids"][: first["prompt_tokens"]])[-40:]))
     print("ko trained:", repr(tok.decode(trained)))
-    assert trained[-1] == tok.eos_token_id and first["labels"][: first["prompt_tokens"]] == [IGNORE_INDEX] * first["prompt_tokens"]
-    chat = Record(source="demo", messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}])
+    assert (
+        trained[-1] == tok.eos_token_id
+        and first["labels"][: first["prompt_tokens"]] == [IGNORE_INDEX] * first["prompt_tokens"]
+    )
+    chat = Record(
+        source="demo",
+        messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
+    )
     ids, flags = encoder.tokens(chat)
     print("chat trained:", repr(tok.decode([t for t, f in zip(ids, flags) if f])))
     packed = PackedDataset(examples, 128)
     batch = collate([packed[0], packed[1]], tok.pad_token_id)
-    print(f"{len(examples)} samples -> {len(packed)} packed rows; batch {tuple(batch['input_ids'].shape)}")
+    print(
+        f"{len(examples)} samples -> {len(packed)} packed rows; batch {tuple(batch['input_ids'].shape)}"
+    )
     print("lora_llm.data: ok")

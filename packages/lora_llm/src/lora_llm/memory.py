@@ -38,26 +38,62 @@ from torch import nn
 from core.errors import UserError
 from core.hub import hub_reachable, is_cached, looks_like_path
 from lora_llm.config import LoraLLMConfig
-from lora_llm.model import TINY_TOKENIZER, add_adapter, is_tiny, load_tokenizer, parameter_counts, tiny_config
+from lora_llm.model import (
+    TINY_TOKENIZER,
+    add_adapter,
+    is_tiny,
+    load_tokenizer,
+    parameter_counts,
+    tiny_config,
+)
 
 GIB = 2**30
 
 KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
-    "gpt2": {"model_type": "gpt2", "n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 1024, "vocab_size": 50257},
+    "gpt2": {
+        "model_type": "gpt2",
+        "n_embd": 768,
+        "n_layer": 12,
+        "n_head": 12,
+        "n_positions": 1024,
+        "vocab_size": 50257,
+    },
     "TinyLlama/TinyLlama-1.1B-Chat-v1.0": {
-        "model_type": "llama", "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
-        "num_key_value_heads": 4, "max_position_embeddings": 2048, "vocab_size": 32000, "tie_word_embeddings": False,
+        "model_type": "llama",
+        "hidden_size": 2048,
+        "intermediate_size": 5632,
+        "num_hidden_layers": 22,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 2048,
+        "vocab_size": 32000,
+        "tie_word_embeddings": False,
     },
     "microsoft/phi-2": {
-        "model_type": "phi", "hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 32, "num_attention_heads": 32,
-        "num_key_value_heads": 32, "max_position_embeddings": 2048, "vocab_size": 51200, "partial_rotary_factor": 0.4,
+        "model_type": "phi",
+        "hidden_size": 2560,
+        "intermediate_size": 10240,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "max_position_embeddings": 2048,
+        "vocab_size": 51200,
+        "partial_rotary_factor": 0.4,
         "tie_word_embeddings": False,
     },
 }
 """Architectures of the Hub presets (from their ``config.json``), so ``--dry-run`` works offline."""
 KNOWN_CONFIGS["TinyLlama/TinyLlama_v1.1"] = KNOWN_CONFIGS["TinyLlama/TinyLlama-1.1B-Chat-v1.0"]
 
-OPTIMIZER_BYTES = {"adamw": 8, "adamw_fused": 8, "paged_adamw_32bit": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2, "adafactor": 0.1, "sgd": 0}
+OPTIMIZER_BYTES = {
+    "adamw": 8,
+    "adamw_fused": 8,
+    "paged_adamw_32bit": 8,
+    "adamw_8bit": 2,
+    "paged_adamw_8bit": 2,
+    "adafactor": 0.1,
+    "sgd": 0,
+}
 """Optimizer state bytes per trainable parameter (SGD with momentum: 4)."""
 
 
@@ -74,12 +110,16 @@ def model_config(cfg: LoraLLMConfig) -> tuple[Any, str]:
 
     name = cfg.model.name
     if is_tiny(name):
-        return tiny_config(cfg.model.tiny, load_tokenizer(cfg.model, TINY_TOKENIZER)), "built-in tiny"
+        return tiny_config(
+            cfg.model.tiny, load_tokenizer(cfg.model, TINY_TOKENIZER)
+        ), "built-in tiny"
     if looks_like_path(name) or is_cached(name) or (name not in KNOWN_CONFIGS and hub_reachable()):
         from core.hub import ensure_available
 
         ensure_available(name, what="model", key="model.name")
-        return AutoConfig.from_pretrained(name, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code), "config.json"
+        return AutoConfig.from_pretrained(
+            name, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
+        ), "config.json"
     if name in KNOWN_CONFIGS:
         known = dict(KNOWN_CONFIGS[name])
         return AutoConfig.for_model(known.pop("model_type"), **known), "shipped copy of config.json"
@@ -94,7 +134,9 @@ def meta_model(config: Any, cfg: LoraLLMConfig) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+        model = AutoModelForCausalLM.from_config(
+            config, trust_remote_code=cfg.model.trust_remote_code
+        )
         return add_adapter(model, cfg.lora, gradient_checkpointing=False)
 
 
@@ -113,7 +155,15 @@ def quantizable_weights(model: nn.Module, skip: list[str]) -> int:
     return count
 
 
-def activation_bytes(config: Any, batch: int, seq: int, act_bytes: int, checkpointing: bool, lora_targets: int, eager: bool) -> dict[str, float]:
+def activation_bytes(
+    config: Any,
+    batch: int,
+    seq: int,
+    act_bytes: int,
+    checkpointing: bool,
+    lora_targets: int,
+    eager: bool,
+) -> dict[str, float]:
     """Activation and logit memory of one micro-batch (see the module docstring).
 
     Args:
@@ -136,8 +186,13 @@ def activation_bytes(config: Any, batch: int, seq: int, act_bytes: int, checkpoi
     per_layer = tokens * (act_bytes * ((10 + lora_targets) * h + 4 * inner) + 28 * h)
     if eager:
         per_layer += batch * heads * seq * seq * (2 * act_bytes + 1)
-    activations = layers * tokens * h * act_bytes + per_layer if checkpointing else layers * per_layer
-    return {"activations": float(activations), "logits": float(tokens * config.vocab_size * (act_bytes + 12))}
+    activations = (
+        layers * tokens * h * act_bytes + per_layer if checkpointing else layers * per_layer
+    )
+    return {
+        "activations": float(activations),
+        "logits": float(tokens * config.vocab_size * (act_bytes + 12)),
+    }
 
 
 def estimate(cfg: LoraLLMConfig) -> dict[str, Any]:
@@ -155,20 +210,35 @@ def estimate(cfg: LoraLLMConfig) -> dict[str, Any]:
     frozen = total - trainable
     if quant.bits is not None:
         quantized = quantizable_weights(model, list(quant.skip_modules))
-        per_weight = (0.5 + 1 / 64 + 4 / (64 * 256)) if (quant.bits == 4 and quant.double_quant) else (0.5 + 4 / 64 if quant.bits == 4 else 1.0)
+        per_weight = (
+            (0.5 + 1 / 64 + 4 / (64 * 256))
+            if (quant.bits == 4 and quant.double_quant)
+            else (0.5 + 4 / 64 if quant.bits == 4 else 1.0)
+        )
         weights = quantized * per_weight + (frozen - quantized) * 4
         weights_note = f"{quantized:,} weights in {quant.bits}-bit{' ' + quant.quant_type.upper() if quant.bits == 4 else ''}, {frozen - quantized:,} in float32"
     else:
         quantized = 0
         weights = frozen * base_bytes
         weights_note = f"{frozen:,} weights in {'16' if base_bytes == 2 else '32'}-bit"
-    optim_bytes = OPTIMIZER_BYTES[cfg.optim.name] if cfg.optim.name != "sgd" else (4 if cfg.optim.momentum else 0)
+    optim_bytes = (
+        OPTIMIZER_BYTES[cfg.optim.name]
+        if cfg.optim.name != "sgd"
+        else (4 if cfg.optim.momentum else 0)
+    )
     adapters = trainable * (4 + 4 + optim_bytes)
     act_bytes = 4 if cfg.trainer.precision in ("32-true", "32", "64-true") else 2
-    targets = sum(1 for n, m in model.named_modules() if n.endswith("lora_A")) / max(config.num_hidden_layers, 1)
+    targets = sum(1 for n, m in model.named_modules() if n.endswith("lora_A")) / max(
+        config.num_hidden_layers, 1
+    )
     acts = activation_bytes(
-        config, cfg.trainer.batch_size, cfg.data.max_length, act_bytes, cfg.model.gradient_checkpointing,
-        round(targets), cfg.model.attn_implementation == "eager",
+        config,
+        cfg.trainer.batch_size,
+        cfg.data.max_length,
+        act_bytes,
+        cfg.model.gradient_checkpointing,
+        round(targets),
+        cfg.model.attn_implementation == "eager",
     )
     if quant.bits is not None and act_bytes == 2:
         # Autocast keeps a 16-bit copy of the float32 output head for the matmul and its backward.
@@ -176,16 +246,29 @@ def estimate(cfg: LoraLLMConfig) -> dict[str, Any]:
     total_bytes = weights + adapters + acts["activations"] + acts["logits"]
     return {
         "model": cfg.model.name,
-        "architecture": {"type": config.model_type, "layers": config.num_hidden_layers, "hidden": config.hidden_size, "vocab": config.vocab_size},
+        "architecture": {
+            "type": config.model_type,
+            "layers": config.num_hidden_layers,
+            "hidden": config.hidden_size,
+            "vocab": config.vocab_size,
+        },
         "config_source": source,
         "parameters": total,
         "trainable_parameters": trainable,
         "trainable_share": trainable / total,
         "quantized_weights": quantized,
-        "bytes": {"base_weights": weights, "adapters_and_optimizer": adapters, **acts, "total": total_bytes},
-        "notes": {"base_weights": weights_note, "activations": f"micro-batch {cfg.trainer.batch_size} x {cfg.data.max_length} tokens, "
-                  f"{'with' if cfg.model.gradient_checkpointing else 'without'} gradient checkpointing, {8 * act_bytes}-bit activations",
-                  "adapters": f"float32 weights + gradients + {cfg.optim.name} state"},
+        "bytes": {
+            "base_weights": weights,
+            "adapters_and_optimizer": adapters,
+            **acts,
+            "total": total_bytes,
+        },
+        "notes": {
+            "base_weights": weights_note,
+            "activations": f"micro-batch {cfg.trainer.batch_size} x {cfg.data.max_length} tokens, "
+            f"{'with' if cfg.model.gradient_checkpointing else 'without'} gradient checkpointing, {8 * act_bytes}-bit activations",
+            "adapters": f"float32 weights + gradients + {cfg.optim.name} state",
+        },
     }
 
 

@@ -84,8 +84,12 @@ def peft_quietly() -> Iterator[None]:
     """Hide the deprecation warning peft 0.21 triggers in transformers 5 (``is_gradient_checkpointing``),
     and its missing-keys warning (:func:`load_adapter_model` turns a mismatch into an error)."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
-        warnings.filterwarnings("ignore", message="Found missing adapter keys", category=UserWarning)
+        warnings.filterwarnings(
+            "ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning
+        )
+        warnings.filterwarnings(
+            "ignore", message="Found missing adapter keys", category=UserWarning
+        )
         yield
 
 
@@ -122,7 +126,9 @@ def load_tokenizer(cfg: ModelConfig, source: str | Path | None = None) -> Any:
         source = cfg.tokenizer or (TINY_TOKENIZER if is_tiny(cfg.name) else cfg.name)
     ensure_available(source, what="tokenizer", key=key, filename="tokenizer_config.json")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
     except (OSError, ValueError) as err:
         raise UserError(f"Cannot load a tokenizer from '{source}' ({key}): {err}") from None
     if tokenizer.pad_token is None:
@@ -137,10 +143,17 @@ def tiny_config(spec: TinyModelConfig, tokenizer: Any) -> Any:
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_kv_heads,
-        max_position_embeddings=spec.max_positions, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        max_position_embeddings=spec.max_positions,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
     )
 
 
@@ -185,9 +198,13 @@ def quantization_config(quant: QuantConfig, device_type: str) -> Any:
     from transformers import BitsAndBytesConfig
 
     if quant.bits == 8:
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(quant.skip_modules) or None)
+        return BitsAndBytesConfig(
+            load_in_8bit=True, llm_int8_skip_modules=list(quant.skip_modules) or None
+        )
     return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type, bnb_4bit_use_double_quant=quant.double_quant,
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
         bnb_4bit_compute_dtype=compute_dtype(quant.compute_dtype, device_type),
         llm_int8_skip_modules=list(quant.skip_modules) or None,
     )
@@ -195,7 +212,9 @@ def quantization_config(quant: QuantConfig, device_type: str) -> Any:
 
 def is_quantized(model: nn.Module) -> bool:
     """Whether a transformers model was loaded in 4 or 8 bits."""
-    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+    return bool(
+        getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+    )
 
 
 def cpu_4bit_inference_kernel(model: nn.Module, enabled: bool) -> None:
@@ -213,11 +232,17 @@ def cpu_4bit_inference_kernel(model: nn.Module, enabled: bool) -> None:
     """
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = bool(module.support_avx512bf16_for_cpu and enabled and module.out_features % 32 == 0)
+            module.support_avx512bf16_for_cpu = bool(
+                module.support_avx512bf16_for_cpu and enabled and module.out_features % 32 == 0
+            )
 
 
 def load_base(
-    name_or_path: str | Path, cfg: ModelConfig, quant: QuantConfig | None, device: torch.device, training: bool = True,
+    name_or_path: str | Path,
+    cfg: ModelConfig,
+    quant: QuantConfig | None,
+    device: torch.device,
+    training: bool = True,
     compute_device: torch.device | None = None,
 ) -> nn.Module:
     """``AutoModelForCausalLM.from_pretrained`` on ``device``, quantized when ``quant.bits`` is set.
@@ -278,7 +303,11 @@ def linear_module_names(model: nn.Module) -> list[str]:
     """Distinct last name parts of the linear layers (candidates for ``lora.target_modules``)."""
     names = set()
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) or type(module).__name__ in ("Conv1D", "Linear4bit", "Linear8bitLt"):
+        if isinstance(module, nn.Linear) or type(module).__name__ in (
+            "Conv1D",
+            "Linear4bit",
+            "Linear8bitLt",
+        ):
             names.add(name.rsplit(".", 1)[-1])
     return sorted(names)
 
@@ -306,13 +335,23 @@ def add_adapter(model: nn.Module, lora: LoraSettings, gradient_checkpointing: bo
         model.requires_grad_(False)
     if gradient_checkpointing:
         enable_checkpointing(model)
-    model.config.use_cache = False  # the cache is useless in training and conflicts with checkpointing
-    targets: Any = "all-linear" if list(lora.target_modules) == ["all-linear"] else list(lora.target_modules)
+    model.config.use_cache = (
+        False  # the cache is useless in training and conflicts with checkpointing
+    )
+    targets: Any = (
+        "all-linear" if list(lora.target_modules) == ["all-linear"] else list(lora.target_modules)
+    )
     # GPT-2 style Conv1D layers store their weight transposed; peft must know (it would warn and guess).
     conv1d = any(type(m).__name__ == "Conv1D" for m in model.modules())
     config = LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, bias=lora.bias,
-        use_rslora=lora.use_rslora, fan_in_fan_out=conv1d, task_type="CAUSAL_LM",
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        bias=lora.bias,
+        use_rslora=lora.use_rslora,
+        fan_in_fan_out=conv1d,
+        task_type="CAUSAL_LM",
     )
     try:
         with peft_quietly():
@@ -347,7 +386,11 @@ def decoder_layer_classes(model_cls: type) -> set[type[nn.Module]]:
     import sys
 
     module = sys.modules[model_cls.__module__]
-    return {getattr(module, name) for name in (getattr(model_cls, "_no_split_modules", None) or []) if hasattr(module, name)}
+    return {
+        getattr(module, name)
+        for name in (getattr(model_cls, "_no_split_modules", None) or [])
+        if hasattr(module, name)
+    }
 
 
 def causal_lm_class(config: Any) -> type:
@@ -370,7 +413,9 @@ def read_adapter(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
-        raise UserError(f"Adapter folder '{adapter_dir}' does not exist; give a run's final/ folder (runs/NNN_.../final).")
+        raise UserError(
+            f"Adapter folder '{adapter_dir}' does not exist; give a run's final/ folder (runs/NNN_.../final)."
+        )
     config_file = adapter_dir / "adapter_config.json"
     if not config_file.is_file() or not any(adapter_dir.glob("adapter_model.*")):
         raise UserError(
@@ -378,7 +423,9 @@ def read_adapter(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
             "(what train writes to <run>/final)."
         )
     settings_file = adapter_dir / SETTINGS_FILE
-    settings = json.loads(settings_file.read_text(encoding="utf-8")) if settings_file.is_file() else {}
+    settings = (
+        json.loads(settings_file.read_text(encoding="utf-8")) if settings_file.is_file() else {}
+    )
     return json.loads(config_file.read_text(encoding="utf-8")), settings
 
 
@@ -399,7 +446,9 @@ def resolve_base(adapter_dir: Path, adapter_config: dict[str, Any], base: str | 
         return str(sibling)
     if named and not Path(named).is_absolute():
         return named
-    raise UserError(f"The adapter in '{adapter_dir}' names base model '{named}', which is not here; pass --base NAME_OR_DIR.")
+    raise UserError(
+        f"The adapter in '{adapter_dir}' names base model '{named}', which is not here; pass --base NAME_OR_DIR."
+    )
 
 
 def check_not_quantized_checkpoint(base: str) -> None:
@@ -418,7 +467,9 @@ def check_not_quantized_checkpoint(base: str) -> None:
             )
 
 
-def load_adapter_model(adapter_dir: Path, base: str, cfg: ModelConfig, quant: QuantConfig | None, device: torch.device) -> nn.Module:
+def load_adapter_model(
+    adapter_dir: Path, base: str, cfg: ModelConfig, quant: QuantConfig | None, device: torch.device
+) -> nn.Module:
     """Base model + saved adapter, checked to fit, in eval mode.
 
     Args:
@@ -442,7 +493,9 @@ def load_adapter_model(adapter_dir: Path, base: str, cfg: ModelConfig, quant: Qu
         with peft_quietly():
             model = PeftModel.from_pretrained(model, str(adapter_dir))
     except (ValueError, RuntimeError, KeyError) as err:
-        raise UserError(f"The adapter in '{adapter_dir}' does not match the base model '{base}': {' '.join(str(err).split())[:400]}") from None
+        raise UserError(
+            f"The adapter in '{adapter_dir}' does not match the base model '{base}': {' '.join(str(err).split())[:400]}"
+        ) from None
     weights = adapter_dir / "adapter_model.safetensors"
     if weights.is_file():
         with safe_open(str(weights), framework="pt") as handle:
@@ -459,11 +512,24 @@ def load_adapter_model(adapter_dir: Path, base: str, cfg: ModelConfig, quant: Qu
 
 def write_settings(out_dir: Path, settings: dict[str, Any]) -> None:
     """Write ``lora_llm.json`` (prompt template, quantization, base) next to an adapter."""
-    (Path(out_dir) / SETTINGS_FILE).write_text(json.dumps(settings, indent=1, ensure_ascii=False), encoding="utf-8")
+    (Path(out_dir) / SETTINGS_FILE).write_text(
+        json.dumps(settings, indent=1, ensure_ascii=False), encoding="utf-8"
+    )
 
 
-def generate(model: nn.Module, tokenizer: Any, prompts: list[list[int]], *, max_new_tokens: int = 256, do_sample: bool = True,
-             temperature: float = 0.7, top_p: float = 0.9, top_k: int = 50, repetition_penalty: float = 1.0, batch_size: int = 8) -> list[str]:
+def generate(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int = 256,
+    do_sample: bool = True,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    top_k: int = 50,
+    repetition_penalty: float = 1.0,
+    batch_size: int = 8,
+) -> list[str]:
     """Generate a continuation for each prompt (batched, left-padded).
 
     Args:
@@ -491,8 +557,14 @@ def generate(model: nn.Module, tokenizer: Any, prompts: list[list[int]], *, max_
             mask[row, width - len(prompts[i]) :] = 1
         with torch.no_grad():
             out = model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens, do_sample=do_sample,
-                repetition_penalty=repetition_penalty, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **sampling,
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                repetition_penalty=repetition_penalty,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                **sampling,
             )
         for row, i in enumerate(chunk):
             results[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
@@ -533,8 +605,15 @@ if __name__ == "__main__":  # self-check: python -m lora_llm.model
     tok = load_tokenizer(ModelConfig(name=TINY))
     with tempfile.TemporaryDirectory() as tmp:
         base = build_tiny_base(TinyModelConfig(), tok, Path(tmp) / "base")
-        model = load_base(base, ModelConfig(name=str(base)), QuantConfig(bits=4), torch.device("cpu"))
-        print("quantized:", type(model.model.layers[0].self_attn.q_proj).__name__, "compute", model.model.layers[0].self_attn.q_proj.compute_dtype)
+        model = load_base(
+            base, ModelConfig(name=str(base)), QuantConfig(bits=4), torch.device("cpu")
+        )
+        print(
+            "quantized:",
+            type(model.model.layers[0].self_attn.q_proj).__name__,
+            "compute",
+            model.model.layers[0].self_attn.q_proj.compute_dtype,
+        )
         model = add_adapter(model, LoraSettings(), gradient_checkpointing=True)
         trainable, total = parameter_counts(model)
         print(f"trainable {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
@@ -543,9 +622,15 @@ if __name__ == "__main__":  # self-check: python -m lora_llm.model
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
-        assert all(g is not None and g.abs().sum() > 0 for g in grads), "LoRA B must get gradients through the frozen 4-bit base"
+        assert all(g is not None and g.abs().sum() > 0 for g in grads), (
+            "LoRA B must get gradients through the frozen 4-bit base"
+        )
         model.save_pretrained(Path(tmp) / "adapter")
         with peft_quietly():
-            again = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), Path(tmp) / "adapter")
-        print(f"loss {loss.item():.3f}; adapter files: {sorted(p.name for p in (Path(tmp) / 'adapter').iterdir())}; reloaded {type(again).__name__}")
+            again = PeftModel.from_pretrained(
+                AutoModelForCausalLM.from_pretrained(base), Path(tmp) / "adapter"
+            )
+        print(
+            f"loss {loss.item():.3f}; adapter files: {sorted(p.name for p in (Path(tmp) / 'adapter').iterdir())}; reloaded {type(again).__name__}"
+        )
     print("lora_llm.model: ok")

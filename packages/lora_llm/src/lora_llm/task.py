@@ -71,8 +71,12 @@ def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
         # Packed rows: no attention mask and no KV cache, so transformers builds the
         # block-diagonal causal mask from the restarting position ids (each sample attends only
         # to itself); with a cache it would silently treat the row as one sequence.
-        return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        return model(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+        ).logits
+    return model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).logits
 
 
 def check_packing(model: nn.Module, pad_id: int) -> float:
@@ -100,11 +104,17 @@ def check_packing(model: nn.Module, pad_id: int) -> float:
     with torch.no_grad():
         alone = [model(input_ids=x, use_cache=False).logits.float() for x in (first, second)]
         positions = torch.cat([torch.arange(7), torch.arange(5)]).unsqueeze(0).to(device)
-        packed = model(input_ids=torch.cat([first, second], dim=1), position_ids=positions, use_cache=False).logits.float()
+        packed = model(
+            input_ids=torch.cat([first, second], dim=1), position_ids=positions, use_cache=False
+        ).logits.float()
     model.train(was_training)
     reference = torch.cat(alone, dim=1)
     diff = float((packed - reference).abs().max() / (reference.abs().max() + 1e-6))
-    tolerance = 1e-4 if reference.dtype == torch.float32 and next(model.parameters()).dtype == torch.float32 else 2e-2
+    tolerance = (
+        1e-4
+        if reference.dtype == torch.float32 and next(model.parameters()).dtype == torch.float32
+        else 2e-2
+    )
     if diff > tolerance:
         raise ConfigError(
             f"data.packing=true is not safe for this model: packed samples change each other's logits (relative difference {diff:.2e}). "
@@ -139,20 +149,30 @@ class LoraLLMTask(Task):
         if not is_tiny(cfg.model.name):
             ensure_available(cfg.model.name, what="model", key="model.name")
         d = cfg.data
-        self.encoder = Encoder(self.tokenizer, d.template, d.max_length, d.min_response_tokens, d.train_on_prompt)
+        self.encoder = Encoder(
+            self.tokenizer, d.template, d.max_length, d.min_response_tokens, d.train_on_prompt
+        )
         train_records, train_problems = self.read(d.train_files, d.max_samples)
         if d.val_files:
             val_records, val_problems = self.read(d.val_files, None)
         else:
             train_records, val_records = split_records(train_records, d.val_size, d.seed)
             val_problems = []
-        train_examples, self.stats["train"] = encode_records(train_records, self.encoder, d.long_prompts, train_problems)
+        train_examples, self.stats["train"] = encode_records(
+            train_records, self.encoder, d.long_prompts, train_problems
+        )
         if not train_examples:
-            raise UserError(f"No usable training samples in {d.train_files}: {self.stats['train'].describe('train')}.")
-        self.train_data = PackedDataset(train_examples, d.max_length) if d.packing else SFTDataset(train_examples)
+            raise UserError(
+                f"No usable training samples in {d.train_files}: {self.stats['train'].describe('train')}."
+            )
+        self.train_data = (
+            PackedDataset(train_examples, d.max_length) if d.packing else SFTDataset(train_examples)
+        )
         self.val_data = None
         if val_records:
-            val_examples, self.stats["val"] = encode_records(val_records, self.encoder, d.long_prompts, val_problems)
+            val_examples, self.stats["val"] = encode_records(
+                val_records, self.encoder, d.long_prompts, val_problems
+            )
             self.val_data = SFTDataset(val_examples) if val_examples else None
 
     def read(self, specs: list[str], limit: int | None) -> tuple[list[Record], list[str]]:
@@ -210,14 +230,27 @@ class LoraLLMTask(Task):
                 "embeddings: model.tokenizer does not belong to model.name."
             )
         if cfg.data.packing:
-            log.info("Packing check: packed vs separate logits differ by %.1e (relative)", check_packing(model, self.tokenizer.pad_token_id))
+            log.info(
+                "Packing check: packed vs separate logits differ by %.1e (relative)",
+                check_packing(model, self.tokenizer.pad_token_id),
+            )
         model = add_adapter(model, cfg.lora, cfg.model.gradient_checkpointing)
         trainable, total = parameter_counts(model)
         self.counts = {"trainable": trainable, "total": total}
-        bits = f"{cfg.quant.bits}-bit {cfg.quant.quant_type if cfg.quant.bits == 4 else 'int8'}" if cfg.quant.bits else "16/32-bit"
+        bits = (
+            f"{cfg.quant.bits}-bit {cfg.quant.quant_type if cfg.quant.bits == 4 else 'int8'}"
+            if cfg.quant.bits
+            else "16/32-bit"
+        )
         log.info(
             "LoRA r=%d alpha=%g on %s of a %s base: %s trainable of %s parameters (%.3f%%)",
-            cfg.lora.r, cfg.lora.alpha, ",".join(cfg.lora.target_modules), bits, f"{trainable:,}", f"{total:,}", 100.0 * trainable / total,
+            cfg.lora.r,
+            cfg.lora.alpha,
+            ",".join(cfg.lora.target_modules),
+            bits,
+            f"{trainable:,}",
+            f"{total:,}",
+            100.0 * trainable / total,
         )
         return model
 
@@ -230,15 +263,24 @@ class LoraLLMTask(Task):
             if stats.truncated_samples:
                 log.warning(
                     "%s: %d of %d responses were cut at data.max_length=%d (%d response tokens lost); raise data.max_length to keep them",
-                    split, stats.truncated_samples, len(stats.total_lengths), self.cfg.data.max_length, stats.response_tokens_cut,
+                    split,
+                    stats.truncated_samples,
+                    len(stats.total_lengths),
+                    self.cfg.data.max_length,
+                    stats.response_tokens_cut,
                 )
             for problem in stats.problems[:5]:
                 log.warning("%s: skipped: %s", split, problem)
         if self.run_dir is not None:
-            report = {split: stats.summary(self.cfg.data.max_length) for split, stats in self.stats.items()}
+            report = {
+                split: stats.summary(self.cfg.data.max_length)
+                for split, stats in self.stats.items()
+            }
             if isinstance(self.train_data, PackedDataset):
                 report["train"]["packed_rows"] = len(self.train_data)
-            (Path(self.run_dir) / "data_stats.json").write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
+            (Path(self.run_dir) / "data_stats.json").write_text(
+                json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8"
+            )
 
     def fsdp_wrap_classes(self) -> set[type[nn.Module]]:
         """The model's decoder block class (``LlamaDecoderLayer``, ``PhiDecoderLayer``, ...), read
@@ -260,7 +302,9 @@ class LoraLLMTask(Task):
         """Summed next-token loss over the trained (response) tokens of a micro-batch."""
         return token_loss_sum(forward_logits(model, batch), batch["labels"], shift=True)
 
-    def sample_losses(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample_losses(
+        self, model: nn.Module, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample loss sums and trained-token counts, both ``(batch,)``."""
         return per_sample_loss(forward_logits(model, batch), batch["labels"], shift=True)
 
@@ -272,7 +316,9 @@ class LoraLLMTask(Task):
 
     # -- output --------------------------------------------------------------------------------
 
-    def save_final(self, model: nn.Module, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
+    def save_final(
+        self, model: nn.Module, state_dict: dict[str, torch.Tensor], out_dir: Path
+    ) -> None:
         """The adapter only (+ tokenizer and ``lora_llm.json``), loadable with ``PeftModel.from_pretrained``."""
         model.save_pretrained(out_dir, state_dict=state_dict)
         self.tokenizer.save_pretrained(out_dir)
@@ -288,18 +334,34 @@ class LoraLLMTask(Task):
             "template": cfg.data.template,
             "chat_source": self.encoder.chat_source,
             "max_length": cfg.data.max_length,
-            "quant": {"bits": cfg.quant.bits, "quant_type": cfg.quant.quant_type, "double_quant": cfg.quant.double_quant,
-                      "compute_dtype": cfg.quant.compute_dtype},
+            "quant": {
+                "bits": cfg.quant.bits,
+                "quant_type": cfg.quant.quant_type,
+                "double_quant": cfg.quant.double_quant,
+                "compute_dtype": cfg.quant.compute_dtype,
+            },
             "model_dtype": cfg.model.dtype,
-            "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "target_modules": list(cfg.lora.target_modules)},
+            "lora": {
+                "r": cfg.lora.r,
+                "alpha": cfg.lora.alpha,
+                "target_modules": list(cfg.lora.target_modules),
+            },
         }
 
     def manifest_entries(self) -> dict[str, Any]:
         """Model, tokenizer, template and quantization facts, and how perplexity is computed."""
         return {
-            "metrics": {"perplexity": {"implementation": "exp(token-weighted mean cross-entropy of response tokens)", "version": __version__}},
-            "lora_llm": {**self.settings(), "tokenizer": self.tokenizer.name_or_path,
-                         "data": {k: v.summary(self.cfg.data.max_length) for k, v in self.stats.items()}},
+            "metrics": {
+                "perplexity": {
+                    "implementation": "exp(token-weighted mean cross-entropy of response tokens)",
+                    "version": __version__,
+                }
+            },
+            "lora_llm": {
+                **self.settings(),
+                "tokenizer": self.tokenizer.name_or_path,
+                "data": {k: v.summary(self.cfg.data.max_length) for k, v in self.stats.items()},
+            },
         }
 
 
@@ -311,8 +373,20 @@ if __name__ == "__main__":  # self-check: python -m lora_llm.task
     from lora_llm.cli import PRESETS
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(LoraLLMConfig, "tiny", [f"run.root={tmp}", "trainer.max_steps=3", "trainer.max_epochs=null", "data.max_samples=40",
-                                                   "logger.progress_bar=false", "trainer.log_every_n_steps=1", "logger.plot=false"], PRESETS)
+        cfg = load_config(
+            LoraLLMConfig,
+            "tiny",
+            [
+                f"run.root={tmp}",
+                "trainer.max_steps=3",
+                "trainer.max_epochs=null",
+                "data.max_samples=40",
+                "logger.progress_bar=false",
+                "trainer.log_every_n_steps=1",
+                "logger.plot=false",
+            ],
+            PRESETS,
+        )
         result = Trainer(cfg, LoraLLMTask(cfg), argv=["self-check"]).fit()
         print(result.status, result.step, result.metrics)
         print("final/:", sorted(p.name for p in (result.run_dir / "final").iterdir()))

@@ -36,8 +36,13 @@ def train(argv: list[str] | None = None) -> int:
     from qwen_vl.task import QwenVLTask
 
     return train_command(
-        argv, prog="train", description="Fine-tune Qwen2.5-VL on image+text conversations (qwen_vl).",
-        config_cls=QwenVLConfig, presets_dir=PRESETS_DIR, make_task=QwenVLTask, default_preset=DEFAULT_PRESET,
+        argv,
+        prog="train",
+        description="Fine-tune Qwen2.5-VL on image+text conversations (qwen_vl).",
+        config_cls=QwenVLConfig,
+        presets_dir=PRESETS_DIR,
+        make_task=QwenVLTask,
+        default_preset=DEFAULT_PRESET,
     )
 
 
@@ -53,41 +58,79 @@ def make_data(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, required=True, help="output folder (created)")
     parser.add_argument("--n", type=int, required=True, help="training records")
-    parser.add_argument("--n-dev", type=int, default=None, help="dev records (default: n/5, at least 8)")
+    parser.add_argument(
+        "--n-dev", type=int, default=None, help="dev records (default: n/5, at least 8)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of everything (default 0)")
     parser.add_argument("--size", type=int, default=112, help="image side in pixels (default 112)")
-    parser.add_argument("--min-count", type=int, default=1, help="fewest objects per image (default 1)")
-    parser.add_argument("--max-count", type=int, default=9, help="most objects per image (default 9)")
-    parser.add_argument("--max-distractors", type=int, default=0, help="most objects of another shape per image (default 0)")
-    parser.add_argument("--text-share", type=float, default=0.1, help="share of text-only records (default 0.1)")
-    parser.add_argument("--multi-turn-share", type=float, default=0.1, help="share of two-turn records (default 0.1)")
+    parser.add_argument(
+        "--min-count", type=int, default=1, help="fewest objects per image (default 1)"
+    )
+    parser.add_argument(
+        "--max-count", type=int, default=9, help="most objects per image (default 9)"
+    )
+    parser.add_argument(
+        "--max-distractors",
+        type=int,
+        default=0,
+        help="most objects of another shape per image (default 0)",
+    )
+    parser.add_argument(
+        "--text-share", type=float, default=0.1, help="share of text-only records (default 0.1)"
+    )
+    parser.add_argument(
+        "--multi-turn-share",
+        type=float,
+        default=0.1,
+        help="share of two-turn records (default 0.1)",
+    )
     args = parser.parse_args(argv)
     if args.n < 1 or (args.n_dev is not None and args.n_dev < 1):
         raise UserError("--n and --n-dev must be at least 1.")
     if not 0 <= args.min_count <= args.max_count:
-        raise UserError(f"--min-count ({args.min_count}) must be between 0 and --max-count ({args.max_count}).")
+        raise UserError(
+            f"--min-count ({args.min_count}) must be between 0 and --max-count ({args.max_count})."
+        )
     if args.size < 28:
         raise UserError(f"--size {args.size} is too small; use at least 28 pixels.")
-    if not (0 <= args.text_share and 0 <= args.multi_turn_share and args.text_share + args.multi_turn_share <= 1):
-        raise UserError("--text-share and --multi-turn-share must be between 0 and 1 and add up to at most 1.")
+    if not (
+        0 <= args.text_share
+        and 0 <= args.multi_turn_share
+        and args.text_share + args.multi_turn_share <= 1
+    ):
+        raise UserError(
+            "--text-share and --multi-turn-share must be between 0 and 1 and add up to at most 1."
+        )
     settings = SynthSettings(
-        n_train=args.n, n_dev=args.n_dev if args.n_dev is not None else max(8, args.n // 5), seed=args.seed, size=args.size,
-        min_count=args.min_count, max_count=args.max_count, max_distractors=args.max_distractors,
-        text_share=args.text_share, multi_turn_share=args.multi_turn_share,
+        n_train=args.n,
+        n_dev=args.n_dev if args.n_dev is not None else max(8, args.n // 5),
+        seed=args.seed,
+        size=args.size,
+        min_count=args.min_count,
+        max_count=args.max_count,
+        max_distractors=args.max_distractors,
+        text_share=args.text_share,
+        multi_turn_share=args.multi_turn_share,
     )
     try:
         stats = write_dataset(args.out, settings)
     except ValueError as err:
         raise UserError(str(err)) from None
-    print(f"wrote {stats['train']} train and {stats['dev']} dev records ({stats['images']} images) to {args.out}")
+    print(
+        f"wrote {stats['train']} train and {stats['dev']} dev records ({stats['images']} images) to {args.out}"
+    )
     print(f"answer histogram: {stats['count_histogram']}")
     return 0
 
 
-def split_args(argv: list[str], parser: argparse.ArgumentParser) -> tuple[argparse.Namespace, list[str]]:
+def split_args(
+    argv: list[str], parser: argparse.ArgumentParser
+) -> tuple[argparse.Namespace, list[str]]:
     """Parse the command's own flags; everything else goes to the config (``-c``, ``key=value``)."""
     args, rest = parser.parse_known_args(argv)
-    unknown = [a for a in rest if a.startswith("-") and a not in ("-c", "--config") and "=" not in a]
+    unknown = [
+        a for a in rest if a.startswith("-") and a not in ("-c", "--config") and "=" not in a
+    ]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return args, rest
@@ -99,7 +142,9 @@ def eval_config(rest: list[str], model_dir: str, prog: str) -> QwenVLConfig:
     Unless overridden, the pixel limits are the ones saved with the model's processor (the ones
     it was trained with), not the config defaults.
     """
-    cfg, _ = parse_train_args(rest, prog=prog, description="", config_cls=QwenVLConfig, presets_dir=PRESETS_DIR)
+    cfg, _ = parse_train_args(
+        rest, prog=prog, description="", config_cls=QwenVLConfig, presets_dir=PRESETS_DIR
+    )
     keys = {r.split("=", 1)[0] for r in rest if "=" in r}
     if "data.min_pixels" not in keys:
         cfg.data.min_pixels = None
@@ -120,9 +165,23 @@ def evaluate(argv: list[str] | None = None) -> int:
         epilog="Any train key works after the flags: trainer.devices=4 trainer.precision=bf16-true "
         "trainer.eval_batch_size=16 generation.max_new_tokens=8; -c PRESET takes a preset's settings.",
     )
-    parser.add_argument("--model", required=True, help="a folder written by save_pretrained (e.g. runs/NNN_.../final)")
-    parser.add_argument("--data", type=Path, required=True, help="JSONL conversations (the last assistant turn is the reference)")
-    parser.add_argument("--predictions", type=Path, default=None, help="also write every answer and reference to this JSONL file")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="a folder written by save_pretrained (e.g. runs/NNN_.../final)",
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="JSONL conversations (the last assistant turn is the reference)",
+    )
+    parser.add_argument(
+        "--predictions",
+        type=Path,
+        default=None,
+        help="also write every answer and reference to this JSONL file",
+    )
     args, rest = split_args(list(sys.argv[1:] if argv is None else argv), parser)
     cfg = eval_config(rest, args.model, "evaluate")
     from core.evaluation import Evaluator
@@ -138,8 +197,13 @@ def evaluate(argv: list[str] | None = None) -> int:
     if evaluator.is_global_zero:
         if args.predictions is not None:
             args.predictions.parent.mkdir(parents=True, exist_ok=True)
-            rows = [{k: r[k] for k in ("id", "prediction", "reference") if k in r} for r in result.records]
-            args.predictions.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+            rows = [
+                {k: r[k] for k in ("id", "prediction", "reference") if k in r}
+                for r in result.records
+            ]
+            args.predictions.write_text(
+                "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
+            )
         print(json.dumps(result.metrics))
     return 0
 
@@ -147,28 +211,73 @@ def evaluate(argv: list[str] | None = None) -> int:
 @user_errors_exit_2
 def infer(argv: list[str] | None = None) -> int:
     """``infer``: answer a prompt about one or more images (or none) with a saved model; prints the answer."""
-    parser = argparse.ArgumentParser(prog="infer", description="Answer a question about images with a saved Qwen2.5-VL model.")
-    parser.add_argument("--model", required=True, help="a folder written by save_pretrained (e.g. runs/NNN_.../final) or a Hub id")
-    parser.add_argument("--image", type=Path, action="append", default=[], help="an image file (repeat for several; none: text only)")
+    parser = argparse.ArgumentParser(
+        prog="infer", description="Answer a question about images with a saved Qwen2.5-VL model."
+    )
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="a folder written by save_pretrained (e.g. runs/NNN_.../final) or a Hub id",
+    )
+    parser.add_argument(
+        "--image",
+        type=Path,
+        action="append",
+        default=[],
+        help="an image file (repeat for several; none: text only)",
+    )
     parser.add_argument("--prompt", required=True, help="the question")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate (default 64)")
-    parser.add_argument("--min-pixels", type=int, default=None, help="smallest image area (default: the model's processor setting)")
-    parser.add_argument("--max-pixels", type=int, default=None, help="largest image area (default: the model's processor setting)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    parser.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
-                        help="weights dtype (default: bfloat16 on a GPU that supports it, else float32)")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=64, help="most tokens to generate (default 64)"
+    )
+    parser.add_argument(
+        "--min-pixels",
+        type=int,
+        default=None,
+        help="smallest image area (default: the model's processor setting)",
+    )
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        help="largest image area (default: the model's processor setting)",
+    )
+    parser.add_argument(
+        "--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        default="auto",
+        help="weights dtype (default: bfloat16 on a GPU that supports it, else float32)",
+    )
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1.")
     answer = answer_question(
-        args.model, args.image, args.prompt, args.max_new_tokens, args.min_pixels, args.max_pixels, args.device, args.dtype
+        args.model,
+        args.image,
+        args.prompt,
+        args.max_new_tokens,
+        args.min_pixels,
+        args.max_pixels,
+        args.device,
+        args.dtype,
     )
     print(answer)
     return 0
 
 
-def answer_question(model_dir: str, images: list[Path], prompt: str, max_new_tokens: int = 64, min_pixels: int | None = None,
-                    max_pixels: int | None = None, device: str = "auto", dtype: str = "auto") -> str:
+def answer_question(
+    model_dir: str,
+    images: list[Path],
+    prompt: str,
+    max_new_tokens: int = 64,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+) -> str:
     """Load a model and its processor, and answer ``prompt`` about ``images`` greedily.
 
     Images go through the same loading, ``process_vision_info`` and pixel limits as in training.
@@ -194,15 +303,34 @@ def answer_question(model_dir: str, images: list[Path], prompt: str, max_new_tok
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
+        dtype = (
+            "bfloat16"
+            if device.startswith("cuda") and torch.cuda.is_bf16_supported()
+            else "float32"
+        )
+    model = (
+        AutoModelForImageTextToText.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+        .to(device)
+        .eval()
+    )
     inputs = encoder.encode_prompt(prompt, pil)
     with torch.no_grad():
-        out = model.generate(**{k: v.to(device) for k, v in inputs.items()}, max_new_tokens=max_new_tokens, do_sample=False)
-    return processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+        out = model.generate(
+            **{k: v.to(device) for k, v in inputs.items()},
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+        )
+    return processor.tokenizer.decode(
+        out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+    ).strip()
 
 
-COMMANDS: dict[str, Any] = {"train": train, "evaluate": evaluate, "infer": infer, "make-data": make_data}
+COMMANDS: dict[str, Any] = {
+    "train": train,
+    "evaluate": evaluate,
+    "infer": infer,
+    "make-data": make_data,
+}
 """The commands core's shared ``train`` / ``evaluate`` / ``infer`` scripts dispatch to."""
 
 

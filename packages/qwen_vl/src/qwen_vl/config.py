@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 from core.errors import ConfigError
 from core.settings import TrainConfig
@@ -24,18 +24,18 @@ QWEN_MIN_PIXELS = 4 * 28 * 28
 class DataConfig:
     """Conversation files, image size limits and sequence length."""
 
-    train_file: Optional[Path] = None
+    train_file: Path | None = None
     """JSONL of training conversations (one record per line; the ``messages`` or the LLaVA
     ``conversations`` layout, see the package README). Relative image paths are resolved against
     the folder of this file."""
-    val_file: Optional[Path] = None
+    val_file: Path | None = None
     """JSONL of validation conversations (same layout); null: no validation."""
-    min_pixels: Optional[int] = 3136
+    min_pixels: int | None = 3136
     """Smallest image area (height x width) fed to the vision tower: smaller images are upscaled.
     Applied both to ``qwen_vl_utils.process_vision_info`` and to the processor, so the vision
     tokens per image are ``round(h/28) * round(w/28)`` after resizing into [min_pixels, max_pixels].
     null: the processor's own setting (the one saved with the model)."""
-    max_pixels: Optional[int] = 401408
+    max_pixels: int | None = 401408
     """Largest image area fed to the vision tower: bigger images are downscaled, so no image makes
     more than ``max_pixels / 784`` vision tokens (401408 = 512 tokens). null: the processor's own
     setting (Qwen2.5-VL ships 12845056 = 16384 tokens: set this for big images)."""
@@ -47,27 +47,38 @@ class DataConfig:
     stops the run before it starts), or read only each ``header`` (size and format; much faster
     for hundreds of thousands of images, but a corrupt file then stops the run when it is reached,
     still naming the record, with the checkpoints so far kept)."""
-    max_length: Optional[int] = None
+    max_length: int | None = None
     """Longest conversation in tokens (text + vision tokens); a longer record is an input error
     (or dropped with ``data.drop_too_long``). null: no limit."""
     drop_too_long: bool = False
     """Drop records longer than ``data.max_length`` (logged with their ids) instead of failing."""
-    system_prompt: Optional[str] = None
+    system_prompt: str | None = None
     """System message for records that have none; null: the chat template's default
     (``You are a helpful assistant.``)."""
 
     def __post_init__(self) -> None:
-        for key, value in (("data.min_pixels", self.min_pixels), ("data.max_pixels", self.max_pixels)):
+        for key, value in (
+            ("data.min_pixels", self.min_pixels),
+            ("data.max_pixels", self.max_pixels),
+        ):
             if value is not None and value < 1:
                 raise ConfigError(f"Config key '{key}' must be positive or null, got {value}.")
-        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
+        if (
+            self.min_pixels is not None
+            and self.max_pixels is not None
+            and self.min_pixels > self.max_pixels
+        ):
             raise ConfigError(
                 f"Config key 'data.min_pixels' ({self.min_pixels}) is larger than 'data.max_pixels' ({self.max_pixels})."
             )
         if self.max_length is not None and self.max_length < 8:
-            raise ConfigError(f"Config key 'data.max_length' must be at least 8 or null, got {self.max_length}.")
+            raise ConfigError(
+                f"Config key 'data.max_length' must be at least 8 or null, got {self.max_length}."
+            )
         if self.max_source_pixels < 1:
-            raise ConfigError(f"Config key 'data.max_source_pixels' must be positive, got {self.max_source_pixels}.")
+            raise ConfigError(
+                f"Config key 'data.max_source_pixels' must be positive, got {self.max_source_pixels}."
+            )
 
 
 @dataclass
@@ -84,18 +95,32 @@ class LoraSettings:
     dropout: float = 0.05
     """Dropout on the adapter input."""
     target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        default_factory=lambda: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
     )
     """Linear layers of the language model that get adapters (names inside its decoder layers;
     the vision tower's layers of the same names are excluded)."""
 
     def __post_init__(self) -> None:
         if self.r < 1 or self.alpha < 1:
-            raise ConfigError(f"Config keys 'model.lora.r' and 'model.lora.alpha' must be at least 1, got {self.r}, {self.alpha}.")
+            raise ConfigError(
+                f"Config keys 'model.lora.r' and 'model.lora.alpha' must be at least 1, got {self.r}, {self.alpha}."
+            )
         if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"Config key 'model.lora.dropout' must be in [0, 1), got {self.dropout}.")
+            raise ConfigError(
+                f"Config key 'model.lora.dropout' must be in [0, 1), got {self.dropout}."
+            )
         if not self.target_modules:
-            raise ConfigError("Config key 'model.lora.target_modules' is empty; name at least one layer, e.g. [q_proj,v_proj].")
+            raise ConfigError(
+                "Config key 'model.lora.target_modules' is empty; name at least one layer, e.g. [q_proj,v_proj]."
+            )
 
 
 @dataclass
@@ -128,9 +153,13 @@ class TinyModel:
                 f"multiple of 4, got {self.hidden_size} / {self.num_heads}."
             )
         if self.num_heads % self.num_kv_heads:
-            raise ConfigError("Config key 'model.tiny.num_kv_heads' must divide 'model.tiny.num_heads'.")
+            raise ConfigError(
+                "Config key 'model.tiny.num_kv_heads' must divide 'model.tiny.num_heads'."
+            )
         if self.vision_hidden_size % self.vision_heads:
-            raise ConfigError("Config key 'model.tiny.vision_heads' must divide 'model.tiny.vision_hidden_size'.")
+            raise ConfigError(
+                "Config key 'model.tiny.vision_heads' must divide 'model.tiny.vision_hidden_size'."
+            )
 
 
 @dataclass
@@ -140,7 +169,7 @@ class ModelConfig:
     name: str = "tiny"
     """``tiny`` (a small Qwen2.5-VL with random weights and the processor shipped in this package;
     offline), a Hub id such as ``Qwen/Qwen2.5-VL-3B-Instruct``, or a local ``save_pretrained`` folder."""
-    processor: Optional[str] = None
+    processor: str | None = None
     """Processor (tokenizer, chat template, image processor) folder or Hub id; null: the same as
     ``model.name`` (for ``tiny``: the processor shipped in this package)."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
@@ -152,11 +181,11 @@ class ModelConfig:
     train_llm: bool = True
     """Train the language model (embeddings, decoder layers, head), or its LoRA adapters when
     ``model.lora.enabled``."""
-    lr_vision: Optional[float] = None
+    lr_vision: float | None = None
     """Learning rate of the vision tower; null: ``optim.lr``."""
-    lr_merger: Optional[float] = None
+    lr_merger: float | None = None
     """Learning rate of the merger; null: ``optim.lr``."""
-    lr_llm: Optional[float] = None
+    lr_llm: float | None = None
     """Learning rate of the language model (or its adapters); null: ``optim.lr``."""
     gradient_checkpointing: bool = False
     """Non-reentrant activation checkpointing of decoder layers and vision blocks through
@@ -173,7 +202,11 @@ class ModelConfig:
                 "Config key 'model.lora.enabled' is true but 'model.train_llm' is false: LoRA adapters that do not "
                 "train do nothing. Set model.train_llm=true (the base weights stay frozen) or model.lora.enabled=false."
             )
-        for key, value in (("model.lr_vision", self.lr_vision), ("model.lr_merger", self.lr_merger), ("model.lr_llm", self.lr_llm)):
+        for key, value in (
+            ("model.lr_vision", self.lr_vision),
+            ("model.lr_merger", self.lr_merger),
+            ("model.lr_llm", self.lr_llm),
+        ):
             if value is not None and value <= 0:
                 raise ConfigError(f"Config key '{key}' must be positive or null, got {value}.")
 
@@ -190,7 +223,9 @@ class GenerationSettings:
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
-            raise ConfigError(f"Config key 'generation.max_new_tokens' must be at least 1, got {self.max_new_tokens}.")
+            raise ConfigError(
+                f"Config key 'generation.max_new_tokens' must be at least 1, got {self.max_new_tokens}."
+            )
 
 
 @dataclass

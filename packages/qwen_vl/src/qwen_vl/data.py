@@ -33,7 +33,6 @@ import base64
 import binascii
 import json
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,11 +53,24 @@ ASSISTANT_HEADER = "<|im_start|>assistant\n"
 """Text that opens an assistant turn; matched as a token *sequence*, never as one token id."""
 END_OF_TURN = "<|im_end|>"
 """Token that closes every turn (trained at the end of assistant turns)."""
-VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+VISION_TOKENS = (
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
 """Tokens that belong to images or videos: never trained, never allowed in record text."""
 LLAVA_IMAGE = "<image>"
 """The LLaVA image placeholder."""
-ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "model": "assistant"}
+ROLES = {
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "model": "assistant",
+}
 """Accepted role names (``role`` or LLaVA ``from``) and what they mean."""
 DUMMY_TOKENS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>")
 """The masked placeholder a batch without images carries for its dummy image (see :class:`Collator`)."""
@@ -119,7 +131,9 @@ def read_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
         UserError: missing file, invalid JSON (with the line), or a record that is not an object.
     """
     if not path.is_file():
-        raise UserError(f"Data file {path} does not exist. For the built-in counting data run: make-data --out {path.parent} --n 400")
+        raise UserError(
+            f"Data file {path} does not exist. For the built-in counting data run: make-data --out {path.parent} --n 400"
+        )
     text = path.read_text(encoding="utf-8")
     records: list[tuple[str, Any]] = []
     if path.suffix == ".json":
@@ -128,7 +142,9 @@ def read_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
         except json.JSONDecodeError as err:
             raise UserError(f"{path}:{err.lineno}: not valid JSON ({err.msg}).") from None
         if not isinstance(items, list):
-            raise UserError(f"{path}: a .json data file must hold a list of records; use .jsonl for one record per line.")
+            raise UserError(
+                f"{path}: a .json data file must hold a list of records; use .jsonl for one record per line."
+            )
         records = [(f"{path}:#{i}", item) for i, item in enumerate(items)]
     else:
         for lineno, line in enumerate(text.splitlines(), start=1):
@@ -137,10 +153,14 @@ def read_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
             try:
                 records.append((f"{path}:{lineno}", json.loads(line)))
             except json.JSONDecodeError as err:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno}).") from None
+                raise UserError(
+                    f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno})."
+                ) from None
     for where, record in records:
         if not isinstance(record, dict):
-            raise UserError(f"{where}: a record must be a JSON object with 'messages' or 'conversations', got {type(record).__name__}.")
+            raise UserError(
+                f"{where}: a record must be a JSON object with 'messages' or 'conversations', got {type(record).__name__}."
+            )
     return records
 
 
@@ -158,17 +178,23 @@ def resolve_image(ref: Any, base_dir: Path, where: str) -> ImageSource:
     if isinstance(ref, dict) and "url" in ref:
         ref = ref["url"]
     if not isinstance(ref, str) or not ref.strip():
-        raise UserError(f"{where}: an image reference must be a non-empty string (path, file:// or data: URI), got {ref!r}.")
+        raise UserError(
+            f"{where}: an image reference must be a non-empty string (path, file:// or data: URI), got {ref!r}."
+        )
     ref = ref.strip()
     label = ref if len(ref) < 80 else ref[:60] + "..."
     if ref.startswith("data:"):
         header, _, payload = ref.partition(",")
         if not header.startswith("data:image") or ";base64" not in header:
-            raise UserError(f"{where}: a data URI image must look like data:image/png;base64,...; got {label!r}.")
+            raise UserError(
+                f"{where}: a data URI image must look like data:image/png;base64,...; got {label!r}."
+            )
         try:
             return ImageSource(None, base64.b64decode(payload, validate=True), label)
         except (binascii.Error, ValueError):
-            raise UserError(f"{where}: the base64 image data is not valid base64 ({label!r}).") from None
+            raise UserError(
+                f"{where}: the base64 image data is not valid base64 ({label!r})."
+            ) from None
     if ref.startswith(("http://", "https://")):
         raise UserError(
             f"{where}: image {label!r} is a web URL; training must not depend on the network. Download the images "
@@ -186,7 +212,9 @@ def resolve_image(ref: Any, base_dir: Path, where: str) -> ImageSource:
 def _text_of(content: Any, where: str, turn: int) -> str:
     """The text of a message content that must be plain text (LLaVA ``value``)."""
     if not isinstance(content, str):
-        raise UserError(f"{where}: turn {turn} must have a string 'value', got {type(content).__name__}.")
+        raise UserError(
+            f"{where}: turn {turn} must have a string 'value', got {type(content).__name__}."
+        )
     return content
 
 
@@ -213,7 +241,9 @@ def _turn_role(turn: Any, t: int, name: str, keys: tuple[str, str], fields: str)
     given = turn.get(key)
     role = ROLES.get(str(given if given is not None else "").lower())
     if role is None:
-        raise UserError(f"{name}: turn {t} has role {given!r} (its '{key}'); use one of {sorted(set(ROLES))}.")
+        raise UserError(
+            f"{name}: turn {t} has role {given!r} (its '{key}'); use one of {sorted(set(ROLES))}."
+        )
     return role
 
 
@@ -239,10 +269,14 @@ def _content_parts(content: Any, t: int, name: str, add_image: Any) -> list[dict
         if isinstance(part, str):
             part = {"type": "text", "text": part}
         if not isinstance(part, dict):
-            raise UserError(f"{name}: turn {t} has a content part that is neither text nor an object: {part!r}.")
+            raise UserError(
+                f"{name}: turn {t} has a content part that is neither text nor an object: {part!r}."
+            )
         kind = part.get("type")
         if kind == "video" or "video" in part:
-            raise UserError(f"{name}: turn {t} has a video; this package trains on images and text only.")
+            raise UserError(
+                f"{name}: turn {t} has a video; this package trains on images and text only."
+            )
         if kind in ("image", "image_url") or "image" in part or "image_url" in part:
             if "image" not in part and "image_url" not in part:
                 raise UserError(f"{name}: turn {t} has an image part without an 'image' path.")
@@ -253,11 +287,15 @@ def _content_parts(content: Any, t: int, name: str, add_image: Any) -> list[dict
             _check_no_vision_tokens(part["text"], name, t)
             parts.append({"type": "text", "text": part["text"]})
         else:
-            raise UserError(f"{name}: turn {t} has a content part of unknown type {kind!r} (use text or image).")
+            raise UserError(
+                f"{name}: turn {t} has a content part of unknown type {kind!r} (use text or image)."
+            )
     return parts
 
 
-def parse_record(raw: dict[str, Any], where: str, base_dir: Path, system_prompt: str | None = None) -> Conversation:
+def parse_record(
+    raw: dict[str, Any], where: str, base_dir: Path, system_prompt: str | None = None
+) -> Conversation:
     """Validate one record and bring it into the Qwen message layout.
 
     Args:
@@ -290,10 +328,19 @@ def parse_record(raw: dict[str, Any], where: str, base_dir: Path, system_prompt:
             raise UserError(f"{name}: 'messages' must be a non-empty list of turns.")
         for t, turn in enumerate(turns):
             role = _turn_role(turn, t, name, ("role", "from"), "'role' and 'content'")
-            messages.append({"role": role, "content": _content_parts(turn.get("content", turn.get("value")), t, name, add_image)})
+            messages.append(
+                {
+                    "role": role,
+                    "content": _content_parts(
+                        turn.get("content", turn.get("value")), t, name, add_image
+                    ),
+                }
+            )
         unused = [k for k in ("image", "images") if k in raw]
         if unused:
-            raise UserError(f"{name}: has both 'messages' and '{unused[0]}'; put images into the messages as image parts.")
+            raise UserError(
+                f"{name}: has both 'messages' and '{unused[0]}'; put images into the messages as image parts."
+            )
     elif "conversations" in raw:
         turns = raw["conversations"]
         if not isinstance(turns, list) or not turns:
@@ -301,7 +348,9 @@ def parse_record(raw: dict[str, Any], where: str, base_dir: Path, system_prompt:
         refs = raw.get("images", raw.get("image", []))
         refs = [refs] if isinstance(refs, str) else list(refs or [])
         placeholders = sum(
-            _text_of(turn.get("value"), name, t).count(LLAVA_IMAGE) for t, turn in enumerate(turns) if isinstance(turn, dict)
+            _text_of(turn.get("value"), name, t).count(LLAVA_IMAGE)
+            for t, turn in enumerate(turns)
+            if isinstance(turn, dict)
         )
         if placeholders != len(refs):
             raise UserError(
@@ -323,14 +372,18 @@ def parse_record(raw: dict[str, Any], where: str, base_dir: Path, system_prompt:
                     parts.append({"type": "text", "text": piece})
             messages.append({"role": role, "content": parts})
     else:
-        raise UserError(f"{name}: needs 'messages' (role/content turns) or 'conversations' (LLaVA from/value turns).")
+        raise UserError(
+            f"{name}: needs 'messages' (role/content turns) or 'conversations' (LLaVA from/value turns)."
+        )
 
     for t, message in enumerate(messages):
         if message["role"] == "system" and t > 0:
             raise UserError(f"{name}: turn {t} is a system turn; only the first turn may be one.")
     last = max((t for t, m in enumerate(messages) if m["role"] == "assistant"), default=None)
     if last is None:
-        raise UserError(f"{name}: has no assistant turn, so there is nothing to train on; add the expected answer as an assistant turn.")
+        raise UserError(
+            f"{name}: has no assistant turn, so there is nothing to train on; add the expected answer as an assistant turn."
+        )
     dropped = messages[last + 1 :]
     messages = messages[: last + 1]
     used = {p["image"] for m in messages for p in m["content"] if p["type"] == "image"}
@@ -340,9 +393,13 @@ def parse_record(raw: dict[str, Any], where: str, base_dir: Path, system_prompt:
         if message["role"] != "assistant":
             continue
         if any(p["type"] == "image" for p in message["content"]):
-            raise UserError(f"{name}: assistant turn {t} contains an image; images belong in user (or system) turns.")
+            raise UserError(
+                f"{name}: assistant turn {t} contains an image; images belong in user (or system) turns."
+            )
         if not "".join(p["text"] for p in message["content"]).strip():
-            raise UserError(f"{name}: assistant turn {t} is empty; every assistant turn is trained and needs text.")
+            raise UserError(
+                f"{name}: assistant turn {t} is empty; every assistant turn is trained and needs text."
+            )
     if system_prompt is not None and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system_prompt}]})
     reference = "".join(p["text"] for p in messages[-1]["content"])
@@ -374,7 +431,9 @@ def load_image(source: ImageSource, where: str, max_source_pixels: int) -> Image
     if source.path is not None and not source.path.is_file():
         raise UserError(f"{where}: image {source.label!r} not found (looked for {source.path}).")
     try:
-        image = Image.open(source.path if source.path is not None else io.BytesIO(source.data or b""))
+        image = Image.open(
+            source.path if source.path is not None else io.BytesIO(source.data or b"")
+        )
         width, height = image.size  # read from the header; nothing decoded yet
         if width * height > max_source_pixels:
             raise UserError(
@@ -396,7 +455,9 @@ def load_image(source: ImageSource, where: str, max_source_pixels: int) -> Image
         ) from None
 
 
-def vision_size(width: int, height: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+def vision_size(
+    width: int, height: int, factor: int, min_pixels: int, max_pixels: int
+) -> tuple[int, int]:
     """The ``(width, height)`` an image is resized to before patching (qwen_vl_utils' rule).
 
     Both sides become multiples of ``factor`` (patch size x merge size = 28) with an area in
@@ -426,7 +487,9 @@ def find_sequence(ids: Sequence[int], pattern: Sequence[int], start: int = 0) ->
     return -1
 
 
-def assistant_spans(ids: Sequence[int], header: Sequence[int], end_id: int) -> list[tuple[int, int]]:
+def assistant_spans(
+    ids: Sequence[int], header: Sequence[int], end_id: int
+) -> list[tuple[int, int]]:
     """Token ranges of the assistant answers: after each assistant header, through the next end-of-turn.
 
     Args:
@@ -452,7 +515,9 @@ def assistant_spans(ids: Sequence[int], header: Sequence[int], end_id: int) -> l
     return spans
 
 
-def build_labels(ids: Sequence[int], spans: Sequence[tuple[int, int]], vision_ids: set[int]) -> list[int]:
+def build_labels(
+    ids: Sequence[int], spans: Sequence[tuple[int, int]], vision_ids: set[int]
+) -> list[int]:
     """Labels for one conversation: token ids inside the assistant spans, ``IGNORE_INDEX`` elsewhere.
 
     Args:
@@ -488,7 +553,9 @@ class Encoder:
     that qwen_vl_utils already resized, and ``final/`` saves the limits the model was trained with.
     """
 
-    def __init__(self, processor: Any, min_pixels: int | None = None, max_pixels: int | None = None) -> None:
+    def __init__(
+        self, processor: Any, min_pixels: int | None = None, max_pixels: int | None = None
+    ) -> None:
         from transformers.image_utils import SizeDict
 
         self.processor = processor
@@ -498,7 +565,9 @@ class Encoder:
         self.min_pixels = int(min_pixels if min_pixels is not None else size.shortest_edge)
         self.max_pixels = int(max_pixels if max_pixels is not None else size.longest_edge)
         if self.min_pixels > self.max_pixels:
-            raise UserError(f"data.min_pixels={self.min_pixels} is larger than data.max_pixels={self.max_pixels}.")
+            raise UserError(
+                f"data.min_pixels={self.min_pixels} is larger than data.max_pixels={self.max_pixels}."
+            )
         image_processor.size = SizeDict(shortest_edge=self.min_pixels, longest_edge=self.max_pixels)
         self.patch_size = int(image_processor.patch_size)
         self.merge_size = int(image_processor.merge_size)
@@ -508,12 +577,26 @@ class Encoder:
         self.header_ids = tok.encode(ASSISTANT_HEADER, add_special_tokens=False)
         self.end_id = tok.convert_tokens_to_ids(END_OF_TURN)
         self.image_token_id = tok.convert_tokens_to_ids("<|image_pad|>")
-        self.vision_ids = {tok.convert_tokens_to_ids(t) for t in VISION_TOKENS if tok.convert_tokens_to_ids(t) is not None}
+        self.vision_ids = {
+            tok.convert_tokens_to_ids(t)
+            for t in VISION_TOKENS
+            if tok.convert_tokens_to_ids(t) is not None
+        }
         self.dummy_ids = [tok.convert_tokens_to_ids(t) for t in DUMMY_TOKENS]
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.convert_tokens_to_ids("<|endoftext|>")
-        missing = [t for t in (END_OF_TURN, *DUMMY_TOKENS) if tok.convert_tokens_to_ids(t) in (None, tok.unk_token_id)]
+        self.pad_id = (
+            tok.pad_token_id
+            if tok.pad_token_id is not None
+            else tok.convert_tokens_to_ids("<|endoftext|>")
+        )
+        missing = [
+            t
+            for t in (END_OF_TURN, *DUMMY_TOKENS)
+            if tok.convert_tokens_to_ids(t) in (None, tok.unk_token_id)
+        ]
         if missing or len(self.header_ids) < 2:
-            raise UserError(f"The tokenizer lacks Qwen's chat tokens {missing or ASSISTANT_HEADER!r}; use a Qwen2.5-VL processor.")
+            raise UserError(
+                f"The tokenizer lacks Qwen's chat tokens {missing or ASSISTANT_HEADER!r}; use a Qwen2.5-VL processor."
+            )
 
     # -- text ----------------------------------------------------------------------------------
 
@@ -525,10 +608,15 @@ class Encoder:
             add_generation_prompt: append the assistant header (for inference).
         """
         plain = [
-            {"role": m["role"], "content": [{"type": "image"} if p["type"] == "image" else p for p in m["content"]]}
+            {
+                "role": m["role"],
+                "content": [{"type": "image"} if p["type"] == "image" else p for p in m["content"]],
+            }
             for m in messages
         ]
-        return self.processor.apply_chat_template(plain, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.processor.apply_chat_template(
+            plain, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
 
     def image_tokens(self, width: int, height: int) -> int:
         """Vision tokens of a ``width x height`` image under this encoder's pixel limits."""
@@ -556,7 +644,12 @@ class Encoder:
             {
                 "role": m["role"],
                 "content": [
-                    {"type": "image", "image": images[p["image"]], "min_pixels": self.min_pixels, "max_pixels": self.max_pixels}
+                    {
+                        "type": "image",
+                        "image": images[p["image"]],
+                        "min_pixels": self.min_pixels,
+                        "max_pixels": self.max_pixels,
+                    }
                     if p["type"] == "image"
                     else p
                     for p in m["content"]
@@ -567,7 +660,9 @@ class Encoder:
         resized = None
         if images:
             resized, _ = process_vision_info(messages, image_patch_size=self.patch_size)[:2]
-        out = self.processor(text=[self.chat_text(conv.messages)], images=resized, return_tensors="pt")
+        out = self.processor(
+            text=[self.chat_text(conv.messages)], images=resized, return_tensors="pt"
+        )
         ids = out["input_ids"][0]
         spans = assistant_spans(ids.tolist(), self.header_ids, self.end_id)
         labels = torch.tensor(build_labels(ids.tolist(), spans, self.vision_ids), dtype=torch.long)
@@ -595,13 +690,32 @@ class Encoder:
         from qwen_vl_utils import process_vision_info
 
         parts: list[dict[str, Any]] = [
-            {"type": "image", "image": im, "min_pixels": self.min_pixels, "max_pixels": self.max_pixels} for im in images
+            {
+                "type": "image",
+                "image": im,
+                "min_pixels": self.min_pixels,
+                "max_pixels": self.max_pixels,
+            }
+            for im in images
         ]
         messages = [{"role": "user", "content": [*parts, {"type": "text", "text": prompt}]}]
-        resized = process_vision_info(messages, image_patch_size=self.patch_size)[0] if images else None
+        resized = (
+            process_vision_info(messages, image_patch_size=self.patch_size)[0] if images else None
+        )
         text = self.chat_text(messages, add_generation_prompt=True)
         out = self.processor(text=[text], images=resized, return_tensors="pt")
-        return {k: v for k, v in out.items() if k in ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")}
+        return {
+            k: v
+            for k, v in out.items()
+            if k
+            in (
+                "input_ids",
+                "attention_mask",
+                "mm_token_type_ids",
+                "pixel_values",
+                "image_grid_thw",
+            )
+        }
 
     def dummy_pixels(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The smallest image the vision tower accepts: one merge window, all zeros.
@@ -654,11 +768,19 @@ class ConversationData(Dataset):
             :meth:`Encoder.encode`'s dict plus ``index`` (int).
         """
         conv = self.conversations[i]
-        name = f"record {conv.id!r} ({conv.where})" if conv.id != conv.where else f"record at {conv.where}"
+        name = (
+            f"record {conv.id!r} ({conv.where})"
+            if conv.id != conv.where
+            else f"record at {conv.where}"
+        )
         images = [load_image(src, name, self.max_source_pixels) for src in conv.images]
         item = self.encoder.encode(conv, images)
-        if len(item["input_ids"]) != self.lengths[i]:  # the processor disagrees with our resize rule
-            raise RuntimeError(f"{name}: encoded to {len(item['input_ids'])} tokens, expected {self.lengths[i]}.")
+        if (
+            len(item["input_ids"]) != self.lengths[i]
+        ):  # the processor disagrees with our resize rule
+            raise RuntimeError(
+                f"{name}: encoded to {len(item['input_ids'])} tokens, expected {self.lengths[i]}."
+            )
         item["index"] = i
         if not self.generation:
             item.pop("prompt_length")
@@ -666,7 +788,9 @@ class ConversationData(Dataset):
         return item
 
 
-def measure_images(conv: Conversation, name: str, max_source_pixels: int, decode: bool) -> list[tuple[int, int, int]]:
+def measure_images(
+    conv: Conversation, name: str, max_source_pixels: int, decode: bool
+) -> list[tuple[int, int, int]]:
     """Open every image of a record: ``(width, height, bytes)`` each.
 
     Args:
@@ -689,21 +813,36 @@ def measure_images(conv: Conversation, name: str, max_source_pixels: int, decode
             if src.path is not None and not src.path.is_file():
                 raise UserError(f"{name}: image {src.label!r} not found (looked for {src.path}).")
             try:
-                with Image.open(src.path if src.path is not None else io.BytesIO(src.data or b"")) as image:
+                with Image.open(
+                    src.path if src.path is not None else io.BytesIO(src.data or b"")
+                ) as image:
                     width, height = image.size
             except (OSError, SyntaxError, ValueError) as err:
-                raise UserError(f"{name}: image {src.label!r} cannot be read ({type(err).__name__}: {err}).") from None
+                raise UserError(
+                    f"{name}: image {src.label!r} cannot be read ({type(err).__name__}: {err})."
+                ) from None
             if width * height > max_source_pixels:
                 raise UserError(
                     f"{name}: image {src.label!r} has {width * height:,} pixels, more than data.max_source_pixels={max_source_pixels:,}."
                 )
-        sizes.append((width, height, len(src.data) if src.data is not None else src.path.stat().st_size))
+        sizes.append(
+            (width, height, len(src.data) if src.data is not None else src.path.stat().st_size)
+        )
     return sizes
 
 
-def load_conversations(path: Path, encoder: Encoder, *, max_source_pixels: int, max_length: int | None = None,
-                       drop_too_long: bool = False, system_prompt: str | None = None, generation: bool = False,
-                       decode_images: bool = True, workers: int = 8) -> ConversationData:
+def load_conversations(
+    path: Path,
+    encoder: Encoder,
+    *,
+    max_source_pixels: int,
+    max_length: int | None = None,
+    drop_too_long: bool = False,
+    system_prompt: str | None = None,
+    generation: bool = False,
+    decode_images: bool = True,
+    workers: int = 8,
+) -> ConversationData:
     """Read, validate and measure every record of a data file (no half-valid data reaches training).
 
     Checks per record: layout and roles (:func:`parse_record`); unique ids; every image opens
@@ -740,12 +879,18 @@ def load_conversations(path: Path, encoder: Encoder, *, max_source_pixels: int, 
         conv = parse_record(raw, where, path.parent, system_prompt)
         name = f"record {conv.id!r} ({where})" if "id" in raw else f"record at {where}"
         if conv.id in seen and "id" in raw:
-            raise UserError(f"{name}: id {conv.id!r} is used twice (also at {seen[conv.id]}); ids must be unique.")
+            raise UserError(
+                f"{name}: id {conv.id!r} is used twice (also at {seen[conv.id]}); ids must be unique."
+            )
         seen[conv.id] = where
         convs.append(conv)
         names.append(name)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        sizes = list(pool.map(lambda c, n: measure_images(c, n, max_source_pixels, decode_images), convs, names))
+        sizes = list(
+            pool.map(
+                lambda c, n: measure_images(c, n, max_source_pixels, decode_images), convs, names
+            )
+        )
     texts = [encoder.chat_text(c.messages) for c in convs]
     all_ids = encoder.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
     conversations, lengths, dropped = [], [], []
@@ -765,8 +910,12 @@ def load_conversations(path: Path, encoder: Encoder, *, max_source_pixels: int, 
                 f"Answers must not start with whitespace and no text may contain turn markers like {ASSISTANT_HEADER!r}."
             )
         if sum(1 for t in ids if t == encoder.image_token_id) != len(conv.images):
-            raise UserError(f"{name}: the image-token count of the text does not match its {len(conv.images)} image(s).")
-        length = len(ids) - len(conv.images) + vision  # each <|image_pad|> expands to its vision tokens
+            raise UserError(
+                f"{name}: the image-token count of the text does not match its {len(conv.images)} image(s)."
+            )
+        length = (
+            len(ids) - len(conv.images) + vision
+        )  # each <|image_pad|> expands to its vision tokens
         if max_length is not None and length > max_length:
             if not drop_too_long:
                 raise UserError(
@@ -778,8 +927,22 @@ def load_conversations(path: Path, encoder: Encoder, *, max_source_pixels: int, 
         conversations.append(conv)
         lengths.append(length)
     if dropped:
-        log.warning("%s: dropped %d record(s) longer than data.max_length=%s: %s", path, len(dropped), max_length, ", ".join(dropped[:20]))
-    return ConversationData(conversations, lengths, encoder, max_source_pixels, generation, [path], fingerprint.hexdigest())
+        log.warning(
+            "%s: dropped %d record(s) longer than data.max_length=%s: %s",
+            path,
+            len(dropped),
+            max_length,
+            ", ".join(dropped[:20]),
+        )
+    return ConversationData(
+        conversations,
+        lengths,
+        encoder,
+        max_source_pixels,
+        generation,
+        [path],
+        fingerprint.hexdigest(),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -830,9 +993,16 @@ class Collator:
         width = max(len(s["input_ids"]) for s in samples) + extra
         batch = {
             "input_ids": self.pad([s["input_ids"] for s in samples], enc.pad_id, width, left=False),
-            "attention_mask": self.pad([torch.ones(len(s["input_ids"]), dtype=torch.long) for s in samples], 0, width, left=False),
+            "attention_mask": self.pad(
+                [torch.ones(len(s["input_ids"]), dtype=torch.long) for s in samples],
+                0,
+                width,
+                left=False,
+            ),
             "labels": self.pad([s["labels"] for s in samples], IGNORE_INDEX, width, left=False),
-            "mm_token_type_ids": self.pad([s["mm_token_type_ids"] for s in samples], 0, width, left=False),
+            "mm_token_type_ids": self.pad(
+                [s["mm_token_type_ids"] for s in samples], 0, width, left=False
+            ),
             "index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
             "has_images": torch.tensor(not dummy),
         }
@@ -842,13 +1012,17 @@ class Collator:
             batch["pixel_values"], batch["image_grid_thw"] = enc.dummy_pixels()
         else:
             batch["pixel_values"] = torch.cat(pixels)
-            batch["image_grid_thw"] = torch.cat([s["image_grid_thw"] for s in samples if s["image_grid_thw"] is not None])
+            batch["image_grid_thw"] = torch.cat(
+                [s["image_grid_thw"] for s in samples if s["image_grid_thw"] is not None]
+            )
         if "prompt_length" in samples[0]:
             prompts = [s["input_ids"][: s["prompt_length"]] for s in samples]
             types = [s["mm_token_type_ids"][: s["prompt_length"]] for s in samples]
             gen_width = max(len(p) for p in prompts) + extra
             batch["gen_input_ids"] = self.pad(prompts, enc.pad_id, gen_width, left=True)
-            batch["gen_attention_mask"] = self.pad([torch.ones(len(p), dtype=torch.long) for p in prompts], 0, gen_width, left=True)
+            batch["gen_attention_mask"] = self.pad(
+                [torch.ones(len(p), dtype=torch.long) for p in prompts], 0, gen_width, left=True
+            )
             batch["gen_mm_token_type_ids"] = self.pad(types, 0, gen_width, left=True)
             if dummy:  # in row 0's left padding, masked
                 batch["gen_input_ids"][0, :extra] = torch.tensor(enc.dummy_ids)
@@ -863,27 +1037,56 @@ if __name__ == "__main__":  # self-check: python -m qwen_vl.data
 
     from qwen_vl.tiny_processor import TINY_PROCESSOR_DIR
 
-    encoder = Encoder(AutoProcessor.from_pretrained(TINY_PROCESSOR_DIR), min_pixels=3136, max_pixels=12544)
+    encoder = Encoder(
+        AutoProcessor.from_pretrained(TINY_PROCESSOR_DIR), min_pixels=3136, max_pixels=12544
+    )
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         Image.new("RGB", (300, 200), (200, 30, 30)).save(folder / "a.png")
         rows = [
-            {"id": "img", "messages": [
-                {"role": "user", "content": [{"type": "image", "image": "a.png"}, {"type": "text", "text": "How many circles?"}]},
-                {"role": "assistant", "content": "3"},
-                {"role": "user", "content": "And plus one?"},
-                {"role": "assistant", "content": "4"},
-            ]},
-            {"id": "llava", "image": "a.png",
-             "conversations": [{"from": "human", "value": "<image>\nHow many?"}, {"from": "gpt", "value": "2"}]},
-            {"id": "text", "messages": [{"role": "user", "content": "Count the letters of cat."}, {"role": "assistant", "content": "3"}]},
+            {
+                "id": "img",
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image", "image": "a.png"},
+                            {"type": "text", "text": "How many circles?"},
+                        ],
+                    },
+                    {"role": "assistant", "content": "3"},
+                    {"role": "user", "content": "And plus one?"},
+                    {"role": "assistant", "content": "4"},
+                ],
+            },
+            {
+                "id": "llava",
+                "image": "a.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nHow many?"},
+                    {"from": "gpt", "value": "2"},
+                ],
+            },
+            {
+                "id": "text",
+                "messages": [
+                    {"role": "user", "content": "Count the letters of cat."},
+                    {"role": "assistant", "content": "3"},
+                ],
+            },
         ]
         (folder / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-        data = load_conversations(folder / "d.jsonl", encoder, max_source_pixels=10**8, generation=True)
+        data = load_conversations(
+            folder / "d.jsonl", encoder, max_source_pixels=10**8, generation=True
+        )
         print("lengths:", data.lengths, "(300x200 -> 112x84 -> 12 vision tokens)")
         item = data[0]
         tok = encoder.tokenizer
-        trained = [tok.decode([t]) for t, lab in zip(item["input_ids"].tolist(), item["labels"].tolist()) if lab != IGNORE_INDEX]
+        trained = [
+            tok.decode([t])
+            for t, lab in zip(item["input_ids"].tolist(), item["labels"].tolist())
+            if lab != IGNORE_INDEX
+        ]
         print("trained tokens of the two-turn record:", trained)
         assert "".join(trained) == "3<|im_end|>4<|im_end|>", trained
         batch = Collator(encoder)([data[2]])

@@ -56,8 +56,13 @@ def check_sources(cfg: ModelConfig) -> None:
     if cfg.name != TINY:
         ensure_available(cfg.name, what="model", key="model.name", offline_preset=TINY)
     # a Hub processor repo may lack config.json; every Qwen2.5-VL one has preprocessor_config.json
-    ensure_available(processor_source(cfg), what="processor", key="model.processor" if cfg.processor else "model.name",
-                     offline_preset=TINY, filename="preprocessor_config.json")
+    ensure_available(
+        processor_source(cfg),
+        what="processor",
+        key="model.processor" if cfg.processor else "model.name",
+        offline_preset=TINY,
+        filename="preprocessor_config.json",
+    )
 
 
 def load_processor(cfg: ModelConfig) -> Any:
@@ -100,21 +105,40 @@ def tiny_config(t: TinyModel, tokenizer: Any, image_processor: Any) -> Any:
     # 3D RoPE splits each head's rotary half into temporal / height / width sections (Qwen: 16/24/24 of 64).
     section = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
     text = dict(
-        vocab_size=len(tokenizer), hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-        num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads,
-        max_position_embeddings=8192, rms_norm_eps=1e-6,
+        vocab_size=len(tokenizer),
+        hidden_size=t.hidden_size,
+        intermediate_size=t.intermediate_size,
+        num_hidden_layers=t.num_layers,
+        num_attention_heads=t.num_heads,
+        num_key_value_heads=t.num_kv_heads,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-6,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
-        bos_token_id=None, eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
+        bos_token_id=None,
+        eos_token_id=ids("<|im_end|>"),
+        pad_token_id=ids("<|endoftext|>"),
     )
     vision = dict(
-        depth=t.vision_depth, hidden_size=t.vision_hidden_size, intermediate_size=t.vision_intermediate_size,
-        num_heads=t.vision_heads, out_hidden_size=t.hidden_size, patch_size=int(image_processor.patch_size),
-        spatial_merge_size=int(image_processor.merge_size), temporal_patch_size=int(image_processor.temporal_patch_size),
-        window_size=112, fullatt_block_indexes=[t.vision_depth - 1], tokens_per_second=2,
+        depth=t.vision_depth,
+        hidden_size=t.vision_hidden_size,
+        intermediate_size=t.vision_intermediate_size,
+        num_heads=t.vision_heads,
+        out_hidden_size=t.hidden_size,
+        patch_size=int(image_processor.patch_size),
+        spatial_merge_size=int(image_processor.merge_size),
+        temporal_patch_size=int(image_processor.temporal_patch_size),
+        window_size=112,
+        fullatt_block_indexes=[t.vision_depth - 1],
+        tokens_per_second=2,
     )
     return Qwen2_5_VLConfig(
-        text_config=text, vision_config=vision, image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"), tie_word_embeddings=False,
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=False,
     )
 
 
@@ -158,7 +182,13 @@ def lora_config(lora: LoraSettings) -> Any:
     """The peft ``LoraConfig`` for the settings."""
     from peft import LoraConfig
 
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora_targets(lora), bias="none")
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora_targets(lora),
+        bias="none",
+    )
 
 
 def set_trainable(model: nn.Module, cfg: ModelConfig) -> nn.Module:
@@ -176,7 +206,11 @@ def set_trainable(model: nn.Module, cfg: ModelConfig) -> nn.Module:
 
         model = get_peft_model(model, lora_config(cfg.lora))  # freezes everything but the adapters
     parts = model_parts(model)
-    wanted = {"vision": cfg.train_vision, "merger": cfg.train_merger, "llm": cfg.train_llm and not cfg.lora.enabled}
+    wanted = {
+        "vision": cfg.train_vision,
+        "merger": cfg.train_merger,
+        "llm": cfg.train_llm and not cfg.lora.enabled,
+    }
     for name, modules in parts.items():
         for module in modules:
             for param_name, param in module.named_parameters():
@@ -202,11 +236,15 @@ def build_model(cfg: ModelConfig, processor: Any, gradient_checkpointing: bool) 
     dtype = torch.get_default_dtype()
     if cfg.name == TINY:
         config = tiny_config(cfg.tiny, processor.tokenizer, processor.image_processor)
-        model = AutoModelForImageTextToText.from_config(config, dtype=dtype, attn_implementation=cfg.attn_implementation)
+        model = AutoModelForImageTextToText.from_config(
+            config, dtype=dtype, attn_implementation=cfg.attn_implementation
+        )
     else:
         check_sources(cfg)
         try:
-            model = AutoModelForImageTextToText.from_pretrained(cfg.name, dtype=dtype, attn_implementation=cfg.attn_implementation)
+            model = AutoModelForImageTextToText.from_pretrained(
+                cfg.name, dtype=dtype, attn_implementation=cfg.attn_implementation
+            )
         except (OSError, ValueError) as err:
             raise UserError(f"Cannot load the model {cfg.name!r} (model.name): {err}") from None
     tok = processor.tokenizer
@@ -217,17 +255,26 @@ def build_model(cfg: ModelConfig, processor: Any, gradient_checkpointing: bool) 
             f"({getattr(model.config, 'image_token_id', None)}): model.processor does not belong to model.name."
         )
     # Answers end at <|im_end|>; <|endoftext|> also stops (Qwen's own generation config does the same).
-    model.generation_config.eos_token_id = [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")]
+    model.generation_config.eos_token_id = [
+        tok.convert_tokens_to_ids("<|im_end|>"),
+        tok.convert_tokens_to_ids("<|endoftext|>"),
+    ]
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.do_sample = False
-    for key in ("temperature", "top_p", "top_k"):  # Qwen's Hub config samples; greedy here, without warnings
+    for key in (
+        "temperature",
+        "top_p",
+        "top_k",
+    ):  # Qwen's Hub config samples; greedy here, without warnings
         setattr(model.generation_config, key, None)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return set_trainable(model, cfg)
 
 
-def param_groups(model: nn.Module, cfg: ModelConfig, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(
+    model: nn.Module, cfg: ModelConfig, lr: float, weight_decay: float
+) -> list[dict[str, Any]]:
     """Optimizer groups: ``vision``, ``merger``, ``llm`` with their learning rates, each split into decay / no-decay.
 
     Args:
@@ -251,13 +298,17 @@ def param_groups(model: nn.Module, cfg: ModelConfig, lr: float, weight_decay: fl
     covered = {id(p) for g in groups for p in g["params"]}
     stray = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
     if stray:
-        raise RuntimeError(f"Trainable parameters outside the vision / merger / llm parts: {stray[:5]}")
+        raise RuntimeError(
+            f"Trainable parameters outside the vision / merger / llm parts: {stray[:5]}"
+        )
     return groups
 
 
 def expected_param_dtype(precision: str) -> torch.dtype:
     """The dtype every parameter has under a Fabric precision (``-true``: that dtype; mixed: float32)."""
-    return {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}.get(precision, torch.float32)
+    return {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}.get(
+        precision, torch.float32
+    )
 
 
 def check_dtypes(model: nn.Module, expected: torch.dtype) -> None:
@@ -266,19 +317,34 @@ def check_dtypes(model: nn.Module, expected: torch.dtype) -> None:
     Raises:
         RuntimeError: with the first offending parameter names.
     """
-    wrong = [f"{n} ({p.dtype})" for n, p in model.named_parameters() if p.is_floating_point() and p.dtype != expected]
+    wrong = [
+        f"{n} ({p.dtype})"
+        for n, p in model.named_parameters()
+        if p.is_floating_point() and p.dtype != expected
+    ]
     if wrong:
-        raise RuntimeError(f"{len(wrong)} parameters are not {expected}: {wrong[:5]}; every tensor must share one dtype.")
+        raise RuntimeError(
+            f"{len(wrong)} parameters are not {expected}: {wrong[:5]}; every tensor must share one dtype."
+        )
 
 
 def wrap_classes() -> set[type[nn.Module]]:
     """The FSDP units (and activation-checkpointing units): decoder layers and vision blocks."""
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLDecoderLayer, Qwen2_5_VLVisionBlock
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+        Qwen2_5_VLDecoderLayer,
+        Qwen2_5_VLVisionBlock,
+    )
 
     return {Qwen2_5_VLDecoderLayer, Qwen2_5_VLVisionBlock}
 
 
-def export_final(model: nn.Module, state_dict: dict[str, torch.Tensor], out_dir: Path, processor: Any, lora: LoraSettings | None) -> None:
+def export_final(
+    model: nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    out_dir: Path,
+    processor: Any,
+    lora: LoraSettings | None,
+) -> None:
     """Write ``final/``: the model in ``save_pretrained`` form (safetensors) and its processor.
 
     The weights come from ``state_dict`` (gathered from all shards under FSDP) into a fresh
@@ -324,16 +390,26 @@ if __name__ == "__main__":  # self-check: python -m qwen_vl.model
     cfg = ModelConfig(train_vision=True, lr_vision=1e-5)
     processor = load_processor(cfg)
     model = build_model(cfg, processor, gradient_checkpointing=False)
-    counts = {k: sum(p.numel() for m in v for p in m.parameters()) for k, v in model_parts(model).items()}
+    counts = {
+        k: sum(p.numel() for m in v for p in m.parameters()) for k, v in model_parts(model).items()
+    }
     print(type(model).__name__, "parameters per part:", counts)
     groups = param_groups(model, cfg, lr=1e-4, weight_decay=0.0)
     print("groups:", [(g["name"], g.get("lr"), len(g["params"])) for g in groups])
-    lora = build_model(ModelConfig(lora=LoraSettings(enabled=True)), processor, gradient_checkpointing=False)
+    lora = build_model(
+        ModelConfig(lora=LoraSettings(enabled=True)), processor, gradient_checkpointing=False
+    )
     adapters = [n for n, p in lora.named_parameters() if p.requires_grad and "lora_" in n]
     assert adapters and all("language_model" in n for n in adapters)
     print(f"LoRA: {len(adapters)} adapter tensors, all in the language model")
     with tempfile.TemporaryDirectory() as tmp:
-        export_final(lora, {k: v.detach().clone() for k, v in lora.state_dict().items()}, Path(tmp), processor, ModelConfig().lora)
+        export_final(
+            lora,
+            {k: v.detach().clone() for k, v in lora.state_dict().items()},
+            Path(tmp),
+            processor,
+            ModelConfig().lora,
+        )
         loaded = AutoModelForImageTextToText.from_pretrained(tmp)
         AutoProcessor.from_pretrained(tmp)
         print("final/ with merged LoRA loads as", type(loaded).__name__)

@@ -46,16 +46,57 @@ TEXT_QUESTIONS = ('How many letters are in the word "{word}"?',)
 """Question templates of the text-only records (answer: the word's length)."""
 
 WORDS = (
-    "cat", "dog", "tree", "house", "river", "people", "crowd", "street", "window", "garden",
-    "mountain", "counting", "station", "bicycle", "yellow", "orange", "market", "festival",
-    "stadium", "airport", "bridge", "camera", "picture", "circle", "square", "triangle",
+    "cat",
+    "dog",
+    "tree",
+    "house",
+    "river",
+    "people",
+    "crowd",
+    "street",
+    "window",
+    "garden",
+    "mountain",
+    "counting",
+    "station",
+    "bicycle",
+    "yellow",
+    "orange",
+    "market",
+    "festival",
+    "stadium",
+    "airport",
+    "bridge",
+    "camera",
+    "picture",
+    "circle",
+    "square",
+    "triangle",
 )
 """Words of the text-only records."""
 
 NUMBER_WORDS = (
-    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
-    "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen",
-    "nineteen", "twenty",
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
+    "twenty",
 )
 """English number words 0..20 (the metric parses them too)."""
 
@@ -87,7 +128,9 @@ class SynthSettings:
     multi_turn_share: float = 0.1
 
 
-def place_objects(rng: random.Random, n: int, size: int, radius_range: tuple[int, int]) -> list[tuple[int, int, int]]:
+def place_objects(
+    rng: random.Random, n: int, size: int, radius_range: tuple[int, int]
+) -> list[tuple[int, int, int]]:
     """Centres and radii of ``n`` non-overlapping objects inside a ``size`` x ``size`` canvas.
 
     Args:
@@ -112,7 +155,9 @@ def place_objects(rng: random.Random, n: int, size: int, radius_range: tuple[int
                 placed.append((x, y, r))
                 break
         else:
-            raise ValueError(f"cannot place {n} objects on a {size}x{size} image; lower --max-count or raise --size")
+            raise ValueError(
+                f"cannot place {n} objects on a {size}x{size} image; lower --max-count or raise --size"
+            )
     return placed
 
 
@@ -124,7 +169,9 @@ def random_colour(rng: random.Random, avoid: tuple[int, int, int]) -> tuple[int,
             return colour  # type: ignore[return-value]
 
 
-def draw_shape(draw: ImageDraw.ImageDraw, kind: str, x: int, y: int, r: int, colour: tuple[int, int, int]) -> None:
+def draw_shape(
+    draw: ImageDraw.ImageDraw, kind: str, x: int, y: int, r: int, colour: tuple[int, int, int]
+) -> None:
     """Draw one filled object of ``kind`` with bounding radius ``r`` centred at ``(x, y)``."""
     if kind == "circles":
         draw.ellipse((x - r, y - r, x + r, y + r), fill=colour)
@@ -132,11 +179,16 @@ def draw_shape(draw: ImageDraw.ImageDraw, kind: str, x: int, y: int, r: int, col
         half = int(r / math.sqrt(2)) + 1
         draw.rectangle((x - half, y - half, x + half, y + half), fill=colour)
     else:  # triangles
-        points = [(x + r * math.cos(a), y + r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
+        points = [
+            (x + r * math.cos(a), y + r * math.sin(a))
+            for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)
+        ]
         draw.polygon(points, fill=colour)
 
 
-def draw_image(rng: random.Random, kind: str, count: int, distractors: int, settings: SynthSettings) -> Image.Image:
+def draw_image(
+    rng: random.Random, kind: str, count: int, distractors: int, settings: SynthSettings
+) -> Image.Image:
     """An RGB image with ``count`` objects of ``kind`` and ``distractors`` objects of other kinds.
 
     Returns:
@@ -160,7 +212,9 @@ def text(content: str) -> dict[str, str]:
     return {"type": "text", "text": content}
 
 
-def make_record(rng: random.Random, split: str, i: int, out: Path, settings: SynthSettings) -> dict[str, Any]:
+def make_record(
+    rng: random.Random, split: str, i: int, out: Path, settings: SynthSettings
+) -> dict[str, Any]:
     """One conversation record; draws and writes its image when it has one.
 
     Args:
@@ -190,13 +244,18 @@ def make_record(rng: random.Random, split: str, i: int, out: Path, settings: Syn
     image.save(out / relative, format="PNG", optimize=False)
     question = rng.choice(QUESTIONS).format(shape=kind)
     messages = [
-        {"role": "user", "content": [{"type": "image", "image": relative.as_posix()}, text(question)]},
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": relative.as_posix()}, text(question)],
+        },
         {"role": "assistant", "content": [text(str(count))]},
     ]
     answer = count
     if roll < settings.text_share + settings.multi_turn_share:
         k = rng.randint(1, 3)
-        messages.append({"role": "user", "content": [text(rng.choice(FOLLOW_UPS).format(k=k, shape=kind))]})
+        messages.append(
+            {"role": "user", "content": [text(rng.choice(FOLLOW_UPS).format(k=k, shape=kind))]}
+        )
         messages.append({"role": "assistant", "content": [text(str(count + k))]})
         answer = count + k
     return {"id": record_id, "messages": messages, "count": answer}
@@ -235,13 +294,17 @@ def write_dataset(out: Path, settings: SynthSettings) -> dict[str, Any]:
         lines = []
         for i in range(n):
             record = make_record(rng, split, i, out, settings)
-            stats["images"] += sum(1 for m in record["messages"] for p in m["content"] if p.get("type") == "image")
+            stats["images"] += sum(
+                1 for m in record["messages"] for p in m["content"] if p.get("type") == "image"
+            )
             hist = stats["count_histogram"]
             hist[record["count"]] = hist.get(record["count"], 0) + 1
             lines.append(json.dumps(record, ensure_ascii=False))
         (out / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
         stats[split] = n
-    (out / "README.md").write_text(DATA_CARD.format(version=__version__, **vars(settings)), encoding="utf-8")
+    (out / "README.md").write_text(
+        DATA_CARD.format(version=__version__, **vars(settings)), encoding="utf-8"
+    )
     stats["count_histogram"] = dict(sorted(stats["count_histogram"].items()))
     return stats
 

@@ -48,7 +48,13 @@ from qwen_vl.model import (
 
 log = logging.getLogger(__name__)
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
+MODEL_INPUTS = (
+    "input_ids",
+    "attention_mask",
+    "mm_token_type_ids",
+    "pixel_values",
+    "image_grid_thw",
+)
 """Batch keys the model's forward takes."""
 
 
@@ -84,8 +90,11 @@ class QwenVLTask(Task):
         self.collator = Collator(self.encoder)
         log.info(
             "Processor %s; images resized into [%d, %d] pixels (multiples of %d): at most %d vision tokens each",
-            processor_source(self.cfg.model), self.encoder.min_pixels, self.encoder.max_pixels,
-            self.encoder.factor, self.encoder.max_pixels // self.encoder.factor**2,
+            processor_source(self.cfg.model),
+            self.encoder.min_pixels,
+            self.encoder.max_pixels,
+            self.encoder.factor,
+            self.encoder.max_pixels // self.encoder.factor**2,
         )
 
     def load_data(self, path: Path, generation: bool) -> ConversationData:
@@ -97,15 +106,24 @@ class QwenVLTask(Task):
         """
         d = self.cfg.data
         data = load_conversations(
-            Path(path), self.encoder, max_source_pixels=d.max_source_pixels, max_length=d.max_length,
-            drop_too_long=d.drop_too_long, system_prompt=d.system_prompt, generation=generation,
+            Path(path),
+            self.encoder,
+            max_source_pixels=d.max_source_pixels,
+            max_length=d.max_length,
+            drop_too_long=d.drop_too_long,
+            system_prompt=d.system_prompt,
+            generation=generation,
             decode_images=d.verify_images == "decode",
         )
         images = sum(len(c.images) for c in data.conversations)
         text_only = sum(1 for c in data.conversations if not c.images)
         log.info(
             "%s: %d records (%d text-only), %d images, %d tokens at most",
-            path, len(data), text_only, images, max(data.lengths, default=0),
+            path,
+            len(data),
+            text_only,
+            images,
+            max(data.lengths, default=0),
         )
         return data
 
@@ -129,7 +147,9 @@ class QwenVLTask(Task):
 
     def data_files(self) -> list[Path]:
         """The JSONL files read (images are covered by the manifest's image fingerprint)."""
-        return [f for data in (self.train_data, self.val_data) if data is not None for f in data.files]
+        return [
+            f for data in (self.train_data, self.val_data) if data is not None for f in data.files
+        ]
 
     def train_dataset(self) -> ConversationData:
         """The training conversations."""
@@ -174,7 +194,9 @@ class QwenVLTask(Task):
 
     # -- steps ---------------------------------------------------------------------------------
 
-    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, model: nn.Module, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits at the positions that predict a label, and those labels.
 
         Only answer tokens are labels, and most of a sequence is vision and prompt tokens, so
@@ -192,7 +214,9 @@ class QwenVLTask(Task):
         """
         labels = batch["labels"]
         keep = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)  # (K,)
-        logits = model(**{k: batch[k] for k in MODEL_INPUTS}, use_cache=False, logits_to_keep=keep).logits
+        logits = model(
+            **{k: batch[k] for k in MODEL_INPUTS}, use_cache=False, logits_to_keep=keep
+        ).logits
         return logits, labels[:, keep + 1]
 
     def training_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
@@ -221,13 +245,22 @@ class QwenVLTask(Task):
         """
         prompt = batch["gen_input_ids"]
         out = model.generate(
-            input_ids=prompt, attention_mask=batch["gen_attention_mask"], mm_token_type_ids=batch["gen_mm_token_type_ids"],
-            pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
-            max_new_tokens=self.cfg.generation.max_new_tokens, do_sample=False, synced_gpus=self.ranks.sharded,
+            input_ids=prompt,
+            attention_mask=batch["gen_attention_mask"],
+            mm_token_type_ids=batch["gen_mm_token_type_ids"],
+            pixel_values=batch["pixel_values"],
+            image_grid_thw=batch["image_grid_thw"],
+            max_new_tokens=self.cfg.generation.max_new_tokens,
+            do_sample=False,
+            synced_gpus=self.ranks.sharded,
         )
-        return self.processor.tokenizer.batch_decode(out[:, prompt.shape[1] :], skip_special_tokens=True)
+        return self.processor.tokenizer.batch_decode(
+            out[:, prompt.shape[1] :], skip_special_tokens=True
+        )
 
-    def validation_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+    def validation_step(
+        self, model: nn.Module, batch: dict[str, torch.Tensor]
+    ) -> list[dict[str, Any]]:
         """Per-sample loss records, with the generated answer and the reference when generating.
 
         Returns:
@@ -235,7 +268,10 @@ class QwenVLTask(Task):
         """
         sums, counts = per_sample_loss(*self.forward(model, batch), shift=False)
         indices = batch["index"].tolist()
-        records = [{"index": int(i), "loss_sum": float(s), "tokens": int(c)} for i, s, c in zip(indices, sums.tolist(), counts.tolist())]
+        records = [
+            {"index": int(i), "loss_sum": float(s), "tokens": int(c)}
+            for i, s, c in zip(indices, sums.tolist(), counts.tolist())
+        ]
         if "gen_input_ids" in batch and self.eval_data is not None:
             for record, answer in zip(records, self.generate(model, batch)):
                 conv = self.eval_data.conversations[record["index"]]
@@ -248,28 +284,49 @@ class QwenVLTask(Task):
         metrics = {"loss": sum(r["loss_sum"] for r in records) / max(tokens, 1)}
         answered = [r for r in records if "prediction" in r]
         if answered:
-            metrics.update(counting_metrics([r["prediction"] for r in answered], [r["reference"] for r in answered]))
+            metrics.update(
+                counting_metrics(
+                    [r["prediction"] for r in answered], [r["reference"] for r in answered]
+                )
+            )
         return metrics
 
     # -- output --------------------------------------------------------------------------------
 
-    def save_final(self, model: nn.Module, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
+    def save_final(
+        self, model: nn.Module, state_dict: dict[str, torch.Tensor], out_dir: Path
+    ) -> None:
         """Model (LoRA merged) and processor, so ``AutoModelForImageTextToText`` / ``AutoProcessor`` load ``out_dir``."""
-        export_final(model, state_dict, out_dir, self.processor, self.cfg.model.lora if self.cfg.model.lora.enabled else None)
+        export_final(
+            model,
+            state_dict,
+            out_dir,
+            self.processor,
+            self.cfg.model.lora if self.cfg.model.lora.enabled else None,
+        )
 
     def manifest_entries(self) -> dict[str, Any]:
         """Metric implementation, model and processor sources, pixel limits, image fingerprints."""
         return {
             "metrics": {
-                name: {"implementation": "qwen_vl.metrics.counting_metrics (first number in the answer)", "version": METRIC_VERSION}
+                name: {
+                    "implementation": "qwen_vl.metrics.counting_metrics (first number in the answer)",
+                    "version": METRIC_VERSION,
+                }
                 for name in ("count_accuracy", "count_mae")
             },
             "qwen_vl_version": __version__,
             "model": self.cfg.model.name,
             "processor": processor_source(self.cfg.model),
-            "pixels": {"min": self.encoder.min_pixels, "max": self.encoder.max_pixels, "factor": self.encoder.factor},
+            "pixels": {
+                "min": self.encoder.min_pixels,
+                "max": self.encoder.max_pixels,
+                "factor": self.encoder.factor,
+            },
             "image_fingerprints": {
-                str(d.files[0]): d.image_fingerprint for d in (self.train_data, self.val_data) if d is not None
+                str(d.files[0]): d.image_fingerprint
+                for d in (self.train_data, self.val_data)
+                if d is not None
             },
         }
 
@@ -284,11 +341,21 @@ if __name__ == "__main__":  # self-check: python -m qwen_vl.task
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         write_dataset(folder / "data", SynthSettings(n_train=16, n_dev=4, seed=1))
-        cfg = load_config(QwenVLConfig, overrides=[
-            f"data.train_file={folder / 'data' / 'train.jsonl'}", f"data.val_file={folder / 'data' / 'dev.jsonl'}",
-            "data.max_pixels=12544", f"run.root={folder / 'runs'}", "trainer.max_steps=3", "trainer.batch_size=4",
-            "trainer.accelerator=cpu", "logger.progress_bar=false", "logger.plot=false", "generation.max_new_tokens=3",
-        ])
+        cfg = load_config(
+            QwenVLConfig,
+            overrides=[
+                f"data.train_file={folder / 'data' / 'train.jsonl'}",
+                f"data.val_file={folder / 'data' / 'dev.jsonl'}",
+                "data.max_pixels=12544",
+                f"run.root={folder / 'runs'}",
+                "trainer.max_steps=3",
+                "trainer.batch_size=4",
+                "trainer.accelerator=cpu",
+                "logger.progress_bar=false",
+                "logger.plot=false",
+                "generation.max_new_tokens=3",
+            ],
+        )
         result = Trainer(cfg, QwenVLTask(cfg), argv=["self-check"]).fit()
         print(result.status, result.step, {k: round(v, 4) for k, v in result.metrics.items()})
         assert (result.run_dir / "final" / "model.safetensors").is_file()

@@ -35,9 +35,20 @@ VOCAB_SIZE = 1024
 """Largest BPE vocabulary before the special tokens (the small corpus stops earlier, at about 630)."""
 
 SPECIAL_TOKENS = (
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
 )
 """Qwen2.5-VL's special tokens, in the order of the real tokenizer (ids follow the BPE vocabulary)."""
 
@@ -99,11 +110,20 @@ def corpus() -> list[str]:
         lines.extend(template.format(word=word) for template in TEXT_QUESTIONS)
     lines.extend(str(n) for n in range(101))
     lines.extend(NUMBER_WORDS)
-    lines.extend(["system", "user", "assistant", "system\nYou are a helpful assistant.", "user\n", "assistant\n"])
+    lines.extend(
+        [
+            "system",
+            "user",
+            "assistant",
+            "system\nYou are a helpful assistant.",
+            "user\n",
+            "assistant\n",
+        ]
+    )
     return lines * 3
 
 
-def train_tokenizer() -> "object":
+def train_tokenizer() -> object:
     """A ``Qwen2Tokenizer`` with a BPE vocabulary trained on :func:`corpus`, the special tokens and the chat template.
 
     Returns:
@@ -124,7 +144,10 @@ def train_tokenizer() -> "object":
     )
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False, special_tokens=[]
+        vocab_size=VOCAB_SIZE,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+        special_tokens=[],
     )
     bpe.train_from_iterator(corpus(), trainer)
     model = json.loads(bpe.to_str())["model"]
@@ -134,10 +157,16 @@ def train_tokenizer() -> "object":
     # in which the tokenizer happens to register its eos / pad tokens).
     vocab.update({token: len(model["vocab"]) + i for i, token in enumerate(SPECIAL_TOKENS)})
     tokenizer = Qwen2Tokenizer(
-        vocab=vocab, merges=merges, unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        vocab=vocab,
+        merges=merges,
+        unk_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
         model_max_length=32768,
     )
-    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS], special_tokens=True)
+    tokenizer.add_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS], special_tokens=True
+    )
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
@@ -160,7 +189,10 @@ def build(out_dir: Path) -> Path:
     image_processor = Qwen2VLImageProcessor(min_pixels=3136, max_pixels=12544)
     video_processor = Qwen2VLVideoProcessor(min_pixels=3136, max_pixels=12544)
     processor = Qwen2_5_VLProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor, chat_template=CHAT_TEMPLATE
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        chat_template=CHAT_TEMPLATE,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     processor.save_pretrained(out_dir)
@@ -170,19 +202,31 @@ def build(out_dir: Path) -> Path:
 def same_files(a: Path, b: Path) -> list[str]:
     """Names of files that differ between two folders (missing on either side counts)."""
     names = {p.name for p in a.iterdir()} | {p.name for p in b.iterdir()}
-    return sorted(n for n in names if not ((a / n).is_file() and (b / n).is_file() and (a / n).read_bytes() == (b / n).read_bytes()))
+    return sorted(
+        n
+        for n in names
+        if not (
+            (a / n).is_file() and (b / n).is_file() and (a / n).read_bytes() == (b / n).read_bytes()
+        )
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     """Rebuild the tiny processor and compare with (or ``--write`` over) the shipped one."""
-    parser = argparse.ArgumentParser(prog="python -m qwen_vl.tiny_processor", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--write", action="store_true", help=f"overwrite the shipped files in {TINY_PROCESSOR_DIR}")
+    parser = argparse.ArgumentParser(
+        prog="python -m qwen_vl.tiny_processor", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--write", action="store_true", help=f"overwrite the shipped files in {TINY_PROCESSOR_DIR}"
+    )
     args = parser.parse_args(argv)
     if args.write:
         for old in TINY_PROCESSOR_DIR.glob("*.json*"):
             old.unlink()
         build(TINY_PROCESSOR_DIR)
-        print(f"wrote {sorted(p.name for p in TINY_PROCESSOR_DIR.iterdir())} to {TINY_PROCESSOR_DIR}")
+        print(
+            f"wrote {sorted(p.name for p in TINY_PROCESSOR_DIR.iterdir())} to {TINY_PROCESSOR_DIR}"
+        )
         return 0
     from transformers import AutoProcessor
 
@@ -195,9 +239,17 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     processor = AutoProcessor.from_pretrained(TINY_PROCESSOR_DIR)
     tok = processor.tokenizer
-    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>", "<|image_pad|>", "<|endoftext|>")}
+    ids = {
+        t: tok.convert_tokens_to_ids(t)
+        for t in ("<|im_start|>", "<|im_end|>", "<|image_pad|>", "<|endoftext|>")
+    }
     print(f"{type(processor).__name__}, vocabulary {len(tok)}, special ids {ids}")
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many circles?"}]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image"}, {"type": "text", "text": "How many circles?"}],
+        }
+    ]
     print(repr(processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)))
     print("qwen_vl.tiny_processor: ok (the shipped files are reproducible)")
     return 0

@@ -24,7 +24,6 @@ from typing import Any
 from core.cli import train_command, user_errors_exit_2
 from core.config import load_config
 from core.errors import UserError
-
 from summarization.config import DEFAULT_PRESET, PRESETS_DIR, SummarizationConfig
 
 DESCRIPTION = "Fine-tune a seq2seq model (BART, T5, ...) on DialogSum dialogue summarization and score it with ROUGE."
@@ -40,8 +39,13 @@ def _task(cfg: SummarizationConfig) -> Any:
 def train(argv: Sequence[str] | None = None) -> int:
     """``train``: fit a model with core's Trainer; see ``--help`` and ``--help-keys``."""
     return train_command(
-        argv, prog="train", description=DESCRIPTION, config_cls=SummarizationConfig, presets_dir=PRESETS_DIR,
-        make_task=_task, default_preset=DEFAULT_PRESET,
+        argv,
+        prog="train",
+        description=DESCRIPTION,
+        config_cls=SummarizationConfig,
+        presets_dir=PRESETS_DIR,
+        make_task=_task,
+        default_preset=DEFAULT_PRESET,
     )
 
 
@@ -50,7 +54,9 @@ def train(argv: Sequence[str] | None = None) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def _config_for_model(model_dir: Path, preset: str | None, overrides: Sequence[str]) -> SummarizationConfig:
+def _config_for_model(
+    model_dir: Path, preset: str | None, overrides: Sequence[str]
+) -> SummarizationConfig:
     """Config for evaluating / predicting with a trained model: ``-c`` if given, else the
     ``config.yaml`` of the run that wrote ``model_dir`` (``<run>/final``), else the default preset."""
     source: str | None = preset
@@ -62,9 +68,13 @@ def _config_for_model(model_dir: Path, preset: str | None, overrides: Sequence[s
 def _check_model_dir(model_dir: Path) -> None:
     """Raise a ``UserError`` unless ``model_dir`` is a folder written by ``save_pretrained``."""
     if not model_dir.is_dir():
-        raise UserError(f"Model folder '{model_dir}' (--model) does not exist; give a folder written by save_pretrained, e.g. runs/001_.../final.")
+        raise UserError(
+            f"Model folder '{model_dir}' (--model) does not exist; give a folder written by save_pretrained, e.g. runs/001_.../final."
+        )
     if not (model_dir / "config.json").is_file():
-        raise UserError(f"'{model_dir}' (--model) has no config.json; give a folder written by save_pretrained (a run's final/ folder).")
+        raise UserError(
+            f"'{model_dir}' (--model) has no config.json; give a folder written by save_pretrained (a run's final/ folder)."
+        )
 
 
 def _default_out(model_dir: Path, split: str) -> Path:
@@ -96,22 +106,42 @@ def evaluate(argv: Sequence[str] | None = None) -> int:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", type=Path, required=True, help="a folder written by save_pretrained (a run's final/)")
-    parser.add_argument("--split", default="dev", help="dev, test, or a JSONL file with references (default: dev)")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: <run>/eval/<split>)")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        required=True,
+        help="a folder written by save_pretrained (a run's final/)",
+    )
+    parser.add_argument(
+        "--split", default="dev", help="dev, test, or a JSONL file with references (default: dev)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="output folder (default: <run>/eval/<split>)"
+    )
     parser.add_argument("--limit", type=int, default=None, help="score only the first N rows")
-    parser.add_argument("-c", "--config", default=None, metavar="PRESET|FILE", help="config preset or YAML (default: the run's config)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. generation.num_beams=4")
+    parser.add_argument(
+        "-c",
+        "--config",
+        default=None,
+        metavar="PRESET|FILE",
+        help="config preset or YAML (default: the run's config)",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides, e.g. generation.num_beams=4",
+    )
     args = parser.parse_args(argv)
     _check_model_dir(args.model)
     cfg = _config_for_model(args.model, args.config, args.overrides)
     split_key = {"dev": "val", "validation": "val", "test": "test"}.get(args.split, args.split)
 
+    from transformers import AutoModelForSeq2SeqLM
+
     from core.evaluation import Evaluator
     from core.manifest import sha256_file
     from core.trainer import transformers_quiet
-    from transformers import AutoModelForSeq2SeqLM
-
     from summarization.metrics import describe
     from summarization.task import write_jsonl
 
@@ -130,7 +160,13 @@ def evaluate(argv: Sequence[str] | None = None) -> int:
     if fabric.global_rank == 0:
         out = args.out or _default_out(args.model, args.split)
         out.mkdir(parents=True, exist_ok=True)
-        write_jsonl(out / "predictions.jsonl", [{"fname": r["fname"], "summary": r["prediction"], "references": r["references"]} for r in result.records])
+        write_jsonl(
+            out / "predictions.jsonl",
+            [
+                {"fname": r["fname"], "summary": r["prediction"], "references": r["references"]}
+                for r in result.records
+            ],
+        )
         from core.config import to_dict
 
         files = task.data_files()
@@ -141,12 +177,16 @@ def evaluate(argv: Sequence[str] | None = None) -> int:
             "loss_reference": "first reference of each row (summary or summary1)",
             "model": str(args.model),
             "split": args.split,
-            "data": [{"file": str(f), "sha256": sha256_file(f)} for f in files] if files else cfg.data.dataset,
+            "data": [{"file": str(f), "sha256": sha256_file(f)} for f in files]
+            if files
+            else cfg.data.dataset,
             "generation": to_dict(cfg.generation),
             "world_size": fabric.world_size,
             "predictions": str(out / "predictions.jsonl"),
         }
-        (out / "scores.json").write_text(json.dumps(scores, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        (out / "scores.json").write_text(
+            json.dumps(scores, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
         print(json.dumps(scores, ensure_ascii=False))
         print(f"wrote {out / 'predictions.jsonl'} and {out / 'scores.json'}", file=sys.stderr)
     return 0
@@ -176,15 +216,34 @@ def predict(argv: Sequence[str] | None = None) -> int:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", type=Path, required=True, help="a folder written by save_pretrained (a run's final/)")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        required=True,
+        help="a folder written by save_pretrained (a run's final/)",
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", type=Path, help="JSONL file with a 'dialogue' per row")
     source.add_argument("--text", help="one dialogue as text")
-    parser.add_argument("--output", type=Path, default=None, help="JSONL output file (default: stdout)")
-    parser.add_argument("--batch-size", type=int, default=8, help="dialogues per generate() call (default 8)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    parser.add_argument("-c", "--config", default=None, metavar="PRESET|FILE", help="config preset or YAML (default: the run's config)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. generation.num_beams=4")
+    parser.add_argument(
+        "--output", type=Path, default=None, help="JSONL output file (default: stdout)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="dialogues per generate() call (default 8)"
+    )
+    parser.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)"
+    )
+    parser.add_argument(
+        "-c",
+        "--config",
+        default=None,
+        metavar="PRESET|FILE",
+        help="config preset or YAML (default: the run's config)",
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="overrides, e.g. generation.num_beams=4"
+    )
     args = parser.parse_args(argv)
     _check_model_dir(args.model)
     if args.text is not None and not args.text.strip():
@@ -192,9 +251,9 @@ def predict(argv: Sequence[str] | None = None) -> int:
     cfg = _config_for_model(args.model, args.config, args.overrides)
 
     import torch
-    from core.trainer import transformers_quiet
     from transformers import AutoModelForSeq2SeqLM
 
+    from core.trainer import transformers_quiet
     from summarization.data import check_row, read_jsonl
     from summarization.task import write_jsonl
 
@@ -204,21 +263,30 @@ def predict(argv: Sequence[str] | None = None) -> int:
     if args.input is not None:
         rows = read_jsonl(args.input, "--input", need_references=False)
     else:
-        rows = [check_row({"fname": "text", "dialogue": args.text}, "--text", need_references=False)]
+        rows = [
+            check_row({"fname": "text", "dialogue": args.text}, "--text", need_references=False)
+        ]
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = AutoModelForSeq2SeqLM.from_pretrained(args.model).to(device).eval()
     task.prepare_generation(model)
     tokenizer = task.tokenizer
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["dialogue"]))  # similar lengths batch together
+    order = sorted(
+        range(len(rows)), key=lambda i: -len(rows[i]["dialogue"])
+    )  # similar lengths batch together
     summaries: dict[int, str] = {}
     with torch.no_grad():
         for start in range(0, len(order), max(args.batch_size, 1)):
             chunk = order[start : start + args.batch_size]
             enc = tokenizer(
-                [cfg.model.source_prefix + rows[i]["dialogue"] for i in chunk], max_length=cfg.data.max_source_length,
-                truncation=True, padding=True, return_tensors="pt",
+                [cfg.model.source_prefix + rows[i]["dialogue"] for i in chunk],
+                max_length=cfg.data.max_source_length,
+                truncation=True,
+                padding=True,
+                return_tensors="pt",
             ).to(device)
-            for i, text in zip(chunk, task.generate(model, enc["input_ids"], enc["attention_mask"])):
+            for i, text in zip(
+                chunk, task.generate(model, enc["input_ids"], enc["attention_mask"])
+            ):
                 summaries[i] = text
     results = [{"fname": rows[i]["fname"], "summary": summaries[i]} for i in range(len(rows))]
     if args.text is not None:
@@ -239,14 +307,30 @@ def predict(argv: Sequence[str] | None = None) -> int:
 
 def _add_metric_options(parser: argparse.ArgumentParser) -> None:
     """``--lang``, ``--multi-reference`` and ``--no-stemmer``."""
-    parser.add_argument("--lang", choices=["auto", "en", "ko"], default="auto",
-                        help="ROUGE tokenizer: en = rouge_score's default, ko = unicode words (keeps Hangul), auto = ko when the texts hold non-ASCII letters")
-    parser.add_argument("--multi-reference", choices=["mean", "max"], default="mean",
-                        help="several references per row: mean of the F1s (default) or the best one")
-    parser.add_argument("--no-stemmer", action="store_true", help="no Porter stemming of English words")
+    parser.add_argument(
+        "--lang",
+        choices=["auto", "en", "ko"],
+        default="auto",
+        help="ROUGE tokenizer: en = rouge_score's default, ko = unicode words (keeps Hangul), auto = ko when the texts hold non-ASCII letters",
+    )
+    parser.add_argument(
+        "--multi-reference",
+        choices=["mean", "max"],
+        default="mean",
+        help="several references per row: mean of the F1s (default) or the best one",
+    )
+    parser.add_argument(
+        "--no-stemmer", action="store_true", help="no Porter stemming of English words"
+    )
 
 
-def score_rows(predictions: dict[str, list[str]], references: dict[str, list[str]], args: argparse.Namespace, pred_key: str, ref_key: str) -> dict[str, Any]:
+def score_rows(
+    predictions: dict[str, list[str]],
+    references: dict[str, list[str]],
+    args: argparse.Namespace,
+    pred_key: str,
+    ref_key: str,
+) -> dict[str, Any]:
     """ROUGE of predictions matched to references by ``fname``.
 
     Raises:
@@ -259,14 +343,23 @@ def score_rows(predictions: dict[str, list[str]], references: dict[str, list[str
     if missing or extra:
         parts = []
         if missing:
-            parts.append(f"{len(missing)} reference id(s) have no prediction in {pred_key} (e.g. {', '.join(missing[:5])})")
+            parts.append(
+                f"{len(missing)} reference id(s) have no prediction in {pred_key} (e.g. {', '.join(missing[:5])})"
+            )
         if extra:
-            parts.append(f"{len(extra)} prediction id(s) are not in {ref_key} (e.g. {', '.join(extra[:5])})")
-        raise UserError("Predictions and references must cover the same fname ids: " + "; ".join(parts) + ".")
+            parts.append(
+                f"{len(extra)} prediction id(s) are not in {ref_key} (e.g. {', '.join(extra[:5])})"
+            )
+        raise UserError(
+            "Predictions and references must cover the same fname ids: " + "; ".join(parts) + "."
+        )
     ids = list(references)
     return rouge(
-        [predictions[f][0] for f in ids], [references[f] for f in ids],
-        tokenizer=args.lang, use_stemmer=not args.no_stemmer, multi_reference=args.multi_reference,
+        [predictions[f][0] for f in ids],
+        [references[f] for f in ids],
+        tokenizer=args.lang,
+        use_stemmer=not args.no_stemmer,
+        multi_reference=args.multi_reference,
     )
 
 
@@ -288,9 +381,18 @@ def score(argv: Sequence[str] | None = None) -> int:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--predictions", type=Path, required=True, help="JSONL with {fname, summary}")
-    parser.add_argument("--references", type=Path, required=True, help="JSONL with {fname, summary} or {fname, summary1..N}")
-    parser.add_argument("--output", type=Path, default=None, help="also write the JSON object to this file")
+    parser.add_argument(
+        "--predictions", type=Path, required=True, help="JSONL with {fname, summary}"
+    )
+    parser.add_argument(
+        "--references",
+        type=Path,
+        required=True,
+        help="JSONL with {fname, summary} or {fname, summary1..N}",
+    )
+    parser.add_argument(
+        "--output", type=Path, default=None, help="also write the JSON object to this file"
+    )
     _add_metric_options(parser)
     args = parser.parse_args(argv)
     from summarization.data import read_scoring_file
@@ -324,8 +426,15 @@ def lead3(argv: Sequence[str] | None = None) -> int:
         epilog="example:\n  summarization-lead3 --input ../shared/data/dialogsum/dialogsum.test.jsonl --output lead3.test.jsonl",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--input", type=Path, required=True, help="DialogSum-style JSONL (dialogue; references optional)")
-    parser.add_argument("--output", type=Path, default=None, help="write {fname, summary} rows here")
+    parser.add_argument(
+        "--input",
+        type=Path,
+        required=True,
+        help="DialogSum-style JSONL (dialogue; references optional)",
+    )
+    parser.add_argument(
+        "--output", type=Path, default=None, help="write {fname, summary} rows here"
+    )
     parser.add_argument("-n", type=int, default=3, help="utterances to keep (default 3)")
     _add_metric_options(parser)
     args = parser.parse_args(argv)
@@ -341,7 +450,11 @@ def lead3(argv: Sequence[str] | None = None) -> int:
         print(f"wrote {len(rows)} Lead-{args.n} summaries to {args.output}", file=sys.stderr)
     if all(r["references"] for r in rows):
         references = {r["fname"]: r["references"] for r in rows}
-        result = {"system": f"lead-{args.n}", **score_rows(predictions, references, args, "lead", str(args.input)), "references": str(args.input)}
+        result = {
+            "system": f"lead-{args.n}",
+            **score_rows(predictions, references, args, "lead", str(args.input)),
+            "references": str(args.input),
+        }
         print(json.dumps(result, ensure_ascii=False))
     elif args.output is None:
         for f, p in predictions.items():
@@ -349,7 +462,14 @@ def lead3(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-COMMANDS = {"train": train, "evaluate": evaluate, "predict": predict, "infer": predict, "score": score, "lead3": lead3}
+COMMANDS = {
+    "train": train,
+    "evaluate": evaluate,
+    "predict": predict,
+    "infer": predict,
+    "score": score,
+    "lead3": lead3,
+}
 """Commands found by core's launcher through the ``core.tasks`` entry point (``infer`` = ``predict``)."""
 
 
@@ -372,10 +492,20 @@ def _self_check() -> int:
             assert lead3(["--input", str(SAMPLES["en"] / "test.jsonl"), "--output", str(lead)]) == 0
         buffer = io.StringIO()
         with contextlib.redirect_stdout(buffer):
-            assert score(["--predictions", str(lead), "--references", str(SAMPLES["en"] / "test.jsonl")]) == 0
+            assert (
+                score(
+                    ["--predictions", str(lead), "--references", str(SAMPLES["en"] / "test.jsonl")]
+                )
+                == 0
+            )
         result = json.loads(buffer.getvalue())
-        print(f"lead-3 on the shipped test sample: rouge1={result['rouge1']:.4f} rougeL={result['rougeL']:.4f} ({result['multi_reference'][:4]})")
-        assert score(["--predictions", str(lead), "--references", str(SAMPLES["en"] / "dev.jsonl")]) == 2  # ids do not match
+        print(
+            f"lead-3 on the shipped test sample: rouge1={result['rouge1']:.4f} rougeL={result['rougeL']:.4f} ({result['multi_reference'][:4]})"
+        )
+        assert (
+            score(["--predictions", str(lead), "--references", str(SAMPLES["en"] / "dev.jsonl")])
+            == 2
+        )  # ids do not match
     print("summarization.cli: ok")
     return 0
 

@@ -12,7 +12,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from core.errors import ConfigError
 from core.settings import CheckpointConfig, TrainConfig
@@ -30,19 +30,19 @@ DEFAULT_PRESET = "bart_large_cnn"
 class DataConfig:
     """Where the dialogues come from and how they are cut into tokens."""
 
-    train_file: Optional[Path] = None
+    train_file: Path | None = None
     """Training JSONL (one object per line: ``fname``, ``dialogue``, ``summary``, ``topic``).
     null: the ``train.jsonl`` of the sample chosen by ``data.sample``."""
-    val_file: Optional[Path] = None
+    val_file: Path | None = None
     """Validation JSONL (same fields; ``summary1..N`` rows are scored against every reference).
     null: the sample's ``dev.jsonl``."""
-    test_file: Optional[Path] = None
+    test_file: Path | None = None
     """Test JSONL for ``evaluate --split test`` (rows with ``summary`` or ``summary1..N``).
     null: the sample's ``test.jsonl``."""
     sample: Literal["en", "ko"] = "en"
     """Shipped sample used for the files left null: ``en`` (500/100/50 DialogSum rows, CC BY-NC-SA
     4.0) or ``ko`` (a few Korean dialogues written for this package)."""
-    dataset: Optional[str] = None
+    dataset: str | None = None
     """A Hugging Face dataset id (e.g. ``knkarthick/dialogsum``) or a local dataset folder to load
     with ``datasets.load_dataset`` instead of the files; a Hub id needs the Hub or a cached copy
     (``HF_HUB_OFFLINE=1`` to use the cache)."""
@@ -56,29 +56,36 @@ class DataConfig:
     """Dialogue tokens kept (longer dialogues are truncated at the end)."""
     max_target_length: int = 128
     """Summary tokens kept for the loss (longer summaries are truncated)."""
-    max_train_samples: Optional[int] = None
+    max_train_samples: int | None = None
     """Use only the first N training rows (null: all)."""
-    max_val_samples: Optional[int] = None
+    max_val_samples: int | None = None
     """Use only the first N validation rows (null: all); generation makes validation the slow part."""
-    cache_dir: Optional[Path] = None
+    cache_dir: Path | None = None
     """Folder of the tokenised-data cache (``datasets`` Arrow files). null: ``$HF_DATASETS_CACHE/summarization``."""
 
     def __post_init__(self) -> None:
         """Range checks; a bad value raises ``ConfigError`` naming the key."""
         for key in ("max_source_length", "max_target_length"):
             if getattr(self, key) < 8:
-                raise ConfigError(f"Config key 'data.{key}' must be at least 8, got {getattr(self, key)}.")
+                raise ConfigError(
+                    f"Config key 'data.{key}' must be at least 8, got {getattr(self, key)}."
+                )
         for key in ("max_train_samples", "max_val_samples"):
             value = getattr(self, key)
             if value is not None and value < 1:
-                raise ConfigError(f"Config key 'data.{key}' must be at least 1 or null, got {value}.")
+                raise ConfigError(
+                    f"Config key 'data.{key}' must be at least 1 or null, got {value}."
+                )
 
     def file_for(self, split: Literal["train", "val", "test"]) -> Path:
         """The file of a split: the configured one, or the shipped sample's."""
         configured = {"train": self.train_file, "val": self.val_file, "test": self.test_file}[split]
         if configured is not None:
             return Path(configured).expanduser()
-        return SAMPLES[self.sample] / {"train": "train.jsonl", "val": "dev.jsonl", "test": "test.jsonl"}[split]
+        return (
+            SAMPLES[self.sample]
+            / {"train": "train.jsonl", "val": "dev.jsonl", "test": "test.jsonl"}[split]
+        )
 
 
 @dataclass
@@ -127,13 +134,13 @@ class ModelConfig:
     init: Literal["pretrained", "scratch"] = "pretrained"
     """``pretrained``: load ``model.name``. ``scratch``: a new BART with random weights, sized by
     ``model.scratch.*``, with the byte-level BPE tokenizer shipped in the package (no download)."""
-    tokenizer: Optional[str] = None
+    tokenizer: str | None = None
     """Tokenizer (Hub id or folder). null: ``model.name``'s, or the shipped one for ``scratch``."""
     source_prefix: str = ""
     """Text put before every dialogue (``summarize: `` for T5)."""
     scratch: ScratchConfig = field(default_factory=ScratchConfig)
     """Sizes of the from-scratch BART."""
-    attn_implementation: Optional[Literal["eager", "sdpa", "flash_attention_2"]] = None
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
     """Attention kernel (null: the transformers default, ``sdpa``). On a CPU ``eager`` trains a small
     model faster: PyTorch's CPU flash-attention backward is slow for 64-wide heads (measured in the
     ``small`` preset: 1.2x the steps/s)."""
@@ -142,9 +149,9 @@ class ModelConfig:
     freeze_embeddings: bool = False
     """Freeze the token embeddings (shared by encoder, decoder and, tied, the output layer) and the
     position embeddings."""
-    freeze_encoder_layers: Union[int, list[int]] = 0
+    freeze_encoder_layers: int | list[int] = 0
     """Encoder blocks to freeze: a number N freezes the first N; a list freezes those indices (0-based)."""
-    freeze_decoder_layers: Union[int, list[int]] = 0
+    freeze_decoder_layers: int | list[int] = 0
     """Decoder blocks to freeze: a number N freezes the first N; a list freezes those indices (0-based)."""
     freeze_encoder: bool = False
     """Freeze the whole encoder (embeddings shared with the decoder stay trainable unless frozen too)."""
@@ -166,7 +173,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         """Range checks; a bad value raises ``ConfigError`` naming the key."""
         if not 0.0 <= self.label_smoothing < 1.0:
-            raise ConfigError(f"Config key 'model.label_smoothing' ({self.label_smoothing}) must be in [0, 1); 0.1 is usual.")
+            raise ConfigError(
+                f"Config key 'model.label_smoothing' ({self.label_smoothing}) must be in [0, 1); 0.1 is usual."
+            )
         if not 0.0 <= self.encoder_mlm < 1.0 or self.encoder_mlm_weight < 0:
             raise ConfigError(
                 f"Config key 'model.encoder_mlm' ({self.encoder_mlm}) must be in [0, 1) and "
@@ -193,13 +202,20 @@ class GenerationConfig:
 
     def __post_init__(self) -> None:
         """Range checks; a bad value raises ``ConfigError`` naming the key."""
-        if self.num_beams < 1 or self.max_new_tokens < 1 or self.min_new_tokens < 0 or self.no_repeat_ngram_size < 0:
+        if (
+            self.num_beams < 1
+            or self.max_new_tokens < 1
+            or self.min_new_tokens < 0
+            or self.no_repeat_ngram_size < 0
+        ):
             raise ConfigError(
                 "Config keys 'generation.num_beams' and 'generation.max_new_tokens' must be at least 1, "
                 "'generation.min_new_tokens' and 'generation.no_repeat_ngram_size' at least 0."
             )
         if self.min_new_tokens > self.max_new_tokens:
-            raise ConfigError("Config key 'generation.min_new_tokens' must not exceed 'generation.max_new_tokens'.")
+            raise ConfigError(
+                "Config key 'generation.min_new_tokens' must not exceed 'generation.max_new_tokens'."
+            )
 
 
 @dataclass
@@ -232,13 +248,17 @@ class SummarizationConfig(TrainConfig):
     """Generation settings for validation and evaluation."""
     metric: MetricConfig = field(default_factory=MetricConfig)
     """ROUGE settings."""
-    checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(monitor="val/rougeL", mode="max"))
+    checkpoint: CheckpointConfig = field(
+        default_factory=lambda: CheckpointConfig(monitor="val/rougeL", mode="max")
+    )
     """Checkpoint retention; the best model by validation ROUGE-L goes to ``final/`` by default."""
 
     def __post_init__(self) -> None:
         """Range checks; a bad value raises ``ConfigError`` naming the key."""
         refuse_t5_fp16(self)
-        if self.model.init == "scratch" and self.model.scratch.max_position_embeddings < max(self.data.max_source_length, self.data.max_target_length):
+        if self.model.init == "scratch" and self.model.scratch.max_position_embeddings < max(
+            self.data.max_source_length, self.data.max_target_length
+        ):
             raise ConfigError(
                 f"Config key 'model.scratch.max_position_embeddings' ({self.model.scratch.max_position_embeddings}) is smaller "
                 f"than data.max_source_length ({self.data.max_source_length}); raise it or shorten the inputs."
@@ -288,12 +308,18 @@ if __name__ == "__main__":  # self-check: python -m summarization.config
         load_config(SummarizationConfig, preset, [], PRESETS_DIR)
     cfg = load_config(SummarizationConfig, "tiny", ["model.freeze_encoder_layers=[0]"], PRESETS_DIR)
     assert cfg.model.freeze_encoder_layers == [0] and cfg.checkpoint.monitor == "val/rougeL"
-    assert cfg.data.file_for("train").is_file() and model_type_of("google/flan-t5-base") == "t5" and model_type_of("facebook/bart-base") is None
+    assert (
+        cfg.data.file_for("train").is_file()
+        and model_type_of("google/flan-t5-base") == "t5"
+        and model_type_of("facebook/bart-base") is None
+    )
     try:
         load_config(SummarizationConfig, "t5_small", ["trainer.precision=16-mixed"], PRESETS_DIR)
         raise AssertionError("T5 in fp16 must be refused")
     except ConfigError as err:
         print("t5 + fp16 ->", str(err)[:90], "...")
     print(describe_keys(SummarizationConfig).splitlines()[0])
-    print(f"presets: {', '.join(presets)}; {sum(1 for _ in iter_keys(SummarizationConfig))} keys, all documented")
+    print(
+        f"presets: {', '.join(presets)}; {sum(1 for _ in iter_keys(SummarizationConfig))} keys, all documented"
+    )
     print("summarization.config: ok")

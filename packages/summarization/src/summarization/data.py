@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from core.errors import UserError
 from core.task import IGNORE_INDEX
 
@@ -49,7 +50,9 @@ def reference_keys(row: dict[str, Any]) -> list[str]:
     return keys
 
 
-def check_row(obj: Any, where: str, need_references: bool = True, default_fname: str = "") -> dict[str, Any]:
+def check_row(
+    obj: Any, where: str, need_references: bool = True, default_fname: str = ""
+) -> dict[str, Any]:
     """Validate one parsed row and normalise it.
 
     Args:
@@ -65,14 +68,20 @@ def check_row(obj: Any, where: str, need_references: bool = True, default_fname:
         UserError: not an object, a missing / empty / non-text field.
     """
     if not isinstance(obj, dict):
-        raise UserError(f"{where}: expected a JSON object with 'dialogue' and 'summary', got {type(obj).__name__}. Each line must be one object.")
+        raise UserError(
+            f"{where}: expected a JSON object with 'dialogue' and 'summary', got {type(obj).__name__}. Each line must be one object."
+        )
     if "dialogue" not in obj:
-        raise UserError(f"{where}: missing field 'dialogue' (fields present: {', '.join(sorted(obj)) or 'none'}). Every row needs the dialogue text.")
+        raise UserError(
+            f"{where}: missing field 'dialogue' (fields present: {', '.join(sorted(obj)) or 'none'}). Every row needs the dialogue text."
+        )
     dialogue = obj["dialogue"]
     if not isinstance(dialogue, str):
         raise UserError(f"{where}: field 'dialogue' must be text, got {type(dialogue).__name__}.")
     if not dialogue.strip():
-        raise UserError(f"{where}: field 'dialogue' is empty. Remove the row or fill in the dialogue.")
+        raise UserError(
+            f"{where}: field 'dialogue' is empty. Remove the row or fill in the dialogue."
+        )
     keys = reference_keys(obj)
     if need_references and not keys:
         raise UserError(
@@ -84,13 +93,22 @@ def check_row(obj: Any, where: str, need_references: bool = True, default_fname:
         value = obj[key]
         if not isinstance(value, str) or not value.strip():
             what = "empty" if isinstance(value, str) else type(value).__name__
-            raise UserError(f"{where}: field '{key}' is {what}; a reference summary must be non-empty text.")
+            raise UserError(
+                f"{where}: field '{key}' is {what}; a reference summary must be non-empty text."
+            )
         references.append(value.strip())
     fname = obj.get("fname", default_fname)
     if not isinstance(fname, (str, int)) or str(fname) == "":
-        raise UserError(f"{where}: field 'fname' must be a non-empty id (text or number), got {fname!r}.")
+        raise UserError(
+            f"{where}: field 'fname' must be a non-empty id (text or number), got {fname!r}."
+        )
     topic = obj.get("topic", obj.get("topic1", ""))
-    return {"fname": str(fname), "dialogue": dialogue, "references": references, "topic": topic if isinstance(topic, str) else ""}
+    return {
+        "fname": str(fname),
+        "dialogue": dialogue,
+        "references": references,
+        "topic": topic if isinstance(topic, str) else "",
+    }
 
 
 def iter_json_lines(path: Path, key: str = "file") -> Iterator[tuple[int, Any]]:
@@ -109,7 +127,9 @@ def iter_json_lines(path: Path, key: str = "file") -> Iterator[tuple[int, Any]]:
     path = Path(path)
     if not path.is_file():
         what = "is a folder, not a file" if path.is_dir() else "does not exist"
-        raise UserError(f"Data file '{path}' ({key}) {what}. Give a JSON-lines file with one object per line (fname, dialogue, summary).")
+        raise UserError(
+            f"Data file '{path}' ({key}) {what}. Give a JSON-lines file with one object per line (fname, dialogue, summary)."
+        )
     for number, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
         try:
             line = raw.decode("utf-8")
@@ -125,7 +145,9 @@ def iter_json_lines(path: Path, key: str = "file") -> Iterator[tuple[int, Any]]:
         try:
             yield number, json.loads(line)
         except json.JSONDecodeError as err:
-            raise UserError(f"{path}:{number}: malformed JSON ({err.msg} at column {err.colno}). Each line must be one complete JSON object.") from None
+            raise UserError(
+                f"{path}:{number}: malformed JSON ({err.msg} at column {err.colno}). Each line must be one complete JSON object."
+            ) from None
 
 
 def read_jsonl(path: Path, key: str = "file", need_references: bool = True) -> list[dict[str, Any]]:
@@ -147,13 +169,19 @@ def read_jsonl(path: Path, key: str = "file", need_references: bool = True) -> l
     rows: list[dict[str, Any]] = []
     seen: dict[str, int] = {}
     for number, obj in iter_json_lines(path, key):
-        row = check_row(obj, f"{path}:{number}", need_references, default_fname=f"{path.stem}_{number}")
+        row = check_row(
+            obj, f"{path}:{number}", need_references, default_fname=f"{path.stem}_{number}"
+        )
         if row["fname"] in seen:
-            raise UserError(f"{path}:{number}: duplicate fname '{row['fname']}' (first on line {seen[row['fname']]}); ids must be unique.")
+            raise UserError(
+                f"{path}:{number}: duplicate fname '{row['fname']}' (first on line {seen[row['fname']]}); ids must be unique."
+            )
         seen[row["fname"]] = number
         rows.append(row)
     if not rows:
-        raise UserError(f"Data file '{path}' ({key}) has no rows. Each line must be a JSON object with fname, dialogue and summary.")
+        raise UserError(
+            f"Data file '{path}' ({key}) has no rows. Each line must be a JSON object with fname, dialogue and summary."
+        )
     return rows
 
 
@@ -176,21 +204,35 @@ def read_scoring_file(path: Path, key: str, references: bool) -> dict[str, list[
     for number, obj in iter_json_lines(path, key):
         where = f"{path}:{number}"
         if not isinstance(obj, dict):
-            raise UserError(f"{where}: expected a JSON object {{\"fname\": ..., \"summary\": ...}}, got {type(obj).__name__}.")
-        if "fname" not in obj or not isinstance(obj["fname"], (str, int)) or str(obj["fname"]) == "":
-            raise UserError(f"{where}: missing field 'fname' (fields present: {', '.join(sorted(obj)) or 'none'}); rows are matched by fname.")
+            raise UserError(
+                f'{where}: expected a JSON object {{"fname": ..., "summary": ...}}, got {type(obj).__name__}.'
+            )
+        if (
+            "fname" not in obj
+            or not isinstance(obj["fname"], (str, int))
+            or str(obj["fname"]) == ""
+        ):
+            raise UserError(
+                f"{where}: missing field 'fname' (fields present: {', '.join(sorted(obj)) or 'none'}); rows are matched by fname."
+            )
         keys = reference_keys(obj) if references else (["summary"] if "summary" in obj else [])
         if not keys:
             wanted = "'summary' (or 'summary1', 'summary2', ...)" if references else "'summary'"
-            raise UserError(f"{where}: missing field {wanted}; fields present: {', '.join(sorted(obj))}.")
+            raise UserError(
+                f"{where}: missing field {wanted}; fields present: {', '.join(sorted(obj))}."
+            )
         texts = []
         for k in keys:
             if not isinstance(obj[k], str) or (references and not obj[k].strip()):
-                raise UserError(f"{where}: field '{k}' must be {'non-empty ' if references else ''}text, got {obj[k]!r}.")
+                raise UserError(
+                    f"{where}: field '{k}' must be {'non-empty ' if references else ''}text, got {obj[k]!r}."
+                )
             texts.append(obj[k].strip())
         fname = str(obj["fname"])
         if fname in out:
-            raise UserError(f"{where}: duplicate fname '{fname}' (first on line {lines[fname]}); ids must be unique.")
+            raise UserError(
+                f"{where}: duplicate fname '{fname}' (first on line {lines[fname]}); ids must be unique."
+            )
         out[fname], lines[fname] = texts, number
     if not out:
         raise UserError(f"File '{path}' ({key}) has no rows.")
@@ -203,10 +245,14 @@ def dataset_cached(name: str) -> bool:
     from huggingface_hub import constants
 
     owner_name = name.replace("/", "___")
-    return (Path(ds_config.HF_DATASETS_CACHE) / owner_name).is_dir() or (Path(constants.HF_HUB_CACHE) / f"datasets--{name.replace('/', '--')}").is_dir()
+    return (Path(ds_config.HF_DATASETS_CACHE) / owner_name).is_dir() or (
+        Path(constants.HF_HUB_CACHE) / f"datasets--{name.replace('/', '--')}"
+    ).is_dir()
 
 
-def read_hub_split(name: str, split: str, key: str = "data.dataset", need_references: bool = True) -> list[dict[str, Any]]:
+def read_hub_split(
+    name: str, split: str, key: str = "data.dataset", need_references: bool = True
+) -> list[dict[str, Any]]:
     """Rows of one split of a Hugging Face dataset (a Hub id or a local dataset folder), checked like file rows.
 
     Raises:
@@ -215,7 +261,9 @@ def read_hub_split(name: str, split: str, key: str = "data.dataset", need_refere
     """
     from core.hub import hub_reachable
 
-    local = Path(name).expanduser().is_dir()  # a folder of split files (train.jsonl, validation.jsonl, ...)
+    local = (
+        Path(name).expanduser().is_dir()
+    )  # a folder of split files (train.jsonl, validation.jsonl, ...)
     if not local and not hub_reachable() and not dataset_cached(name):
         raise UserError(
             f"Cannot load the dataset '{name}' ({key}): the Hugging Face Hub is not reachable from this machine and the "
@@ -228,10 +276,24 @@ def read_hub_split(name: str, split: str, key: str = "data.dataset", need_refere
     try:
         table = datasets.load_dataset(str(Path(name).expanduser()) if local else name, split=split)
     except (ValueError, KeyError) as err:
-        raise UserError(f"Dataset '{name}' ({key}) has no split '{split}' or cannot be read: {err}") from None
-    except Exception as err:  # network and cache errors of datasets / huggingface_hub have many types
-        raise UserError(f"Cannot load the dataset '{name}' ({key}): {type(err).__name__}: {err}") from None
-    rows = [check_row(obj, f"dataset {name} split {split} row {i}", need_references, default_fname=f"{split}_{i}") for i, obj in enumerate(table)]
+        raise UserError(
+            f"Dataset '{name}' ({key}) has no split '{split}' or cannot be read: {err}"
+        ) from None
+    except (
+        Exception
+    ) as err:  # network and cache errors of datasets / huggingface_hub have many types
+        raise UserError(
+            f"Cannot load the dataset '{name}' ({key}): {type(err).__name__}: {err}"
+        ) from None
+    rows = [
+        check_row(
+            obj,
+            f"dataset {name} split {split} row {i}",
+            need_references,
+            default_fname=f"{split}_{i}",
+        )
+        for i, obj in enumerate(table)
+    ]
     if not rows:
         raise UserError(f"Split '{split}' of dataset '{name}' is empty.")
     return rows
@@ -244,7 +306,9 @@ def read_hub_split(name: str, split: str, key: str = "data.dataset", need_refere
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """A short hash identifying a tokenizer's vocabulary and rules (for the cache key)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(
+        tokenizer, "_tokenizer", None
+    )
     if backend is not None and hasattr(backend, "to_str"):
         state = json.loads(backend.to_str())
         # Calling the tokenizer with truncation / padding changes these two entries in place.
@@ -271,7 +335,7 @@ def tokenize_rows(
     max_source_length: int = 512,
     max_target_length: int = 128,
     cache_dir: Path | None = None,
-) -> "datasets.Dataset":  # noqa: F821
+) -> datasets.Dataset:  # noqa: F821
     """Tokenise rows with ``datasets.Dataset.map(batched=True)``, cached in an Arrow file.
 
     The target is the row's first reference. The cache file name hashes the texts, the
@@ -295,7 +359,13 @@ def tokenize_rows(
     sources = [prefix + row["dialogue"] for row in rows]
     targets = [row["references"][0] if row["references"] else "" for row in rows]
     digest = hashlib.sha256()
-    for text in (CACHE_VERSION, tokenizer_fingerprint(tokenizer), prefix, str(max_source_length), str(max_target_length)):
+    for text in (
+        CACHE_VERSION,
+        tokenizer_fingerprint(tokenizer),
+        prefix,
+        str(max_source_length),
+        str(max_target_length),
+    ):
         digest.update(text.encode() + b"\0")
     for source, target in zip(sources, targets):
         digest.update(source.encode() + b"\0" + target.encode() + b"\0")
@@ -306,17 +376,26 @@ def tokenize_rows(
     def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         """Token ids of a batch of rows: ``{"input_ids": [[int]], "labels": [[int]]}``."""
         source = tokenizer(batch["source"], max_length=max_source_length, truncation=True)
-        target = tokenizer(text_target=batch["target"], max_length=max_target_length, truncation=True)
+        target = tokenizer(
+            text_target=batch["target"], max_length=max_target_length, truncation=True
+        )
         return {"input_ids": source["input_ids"], "labels": target["input_ids"]}
 
-    table = datasets.Dataset.from_dict({"index": list(range(len(rows))), "source": sources, "target": targets})
+    table = datasets.Dataset.from_dict(
+        {"index": list(range(len(rows))), "source": sources, "target": targets}
+    )
     # An explicit cache file: in-memory datasets are not cached by default. datasets writes to a
     # temporary file and renames it, so DDP ranks that tokenise at the same time never see a
     # half-written cache.
     return table.map(
-        encode, batched=True, batch_size=1000, remove_columns=["source", "target"],
-        cache_file_name=str(folder / f"tokens-{fingerprint}.arrow"), new_fingerprint=fingerprint,
-        load_from_cache_file=True, desc="tokenising",
+        encode,
+        batched=True,
+        batch_size=1000,
+        remove_columns=["source", "target"],
+        cache_file_name=str(folder / f"tokens-{fingerprint}.arrow"),
+        new_fingerprint=fingerprint,
+        load_from_cache_file=True,
+        desc="tokenising",
     )
 
 
@@ -383,7 +462,9 @@ class Seq2SeqCollator:
             labels[row, :m] = torch.tensor(sample["labels"])
         decoder_input_ids = torch.full_like(labels, self.pad_token_id)
         decoder_input_ids[:, 0] = self.decoder_start_token_id
-        decoder_input_ids[:, 1:] = labels[:, :-1].masked_fill(labels[:, :-1] == IGNORE_INDEX, self.pad_token_id)
+        decoder_input_ids[:, 1:] = labels[:, :-1].masked_fill(
+            labels[:, :-1] == IGNORE_INDEX, self.pad_token_id
+        )
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -416,24 +497,45 @@ if __name__ == "__main__":  # self-check: python -m summarization.data
     rows = read_jsonl(SAMPLES["en"] / "dev.jsonl")
     test = read_jsonl(SAMPLES["en"] / "test.jsonl")
     korean = read_jsonl(SAMPLES["ko"] / "train.jsonl")
-    print(f"{len(rows)} dev rows, {len(test)} test rows with {len(test[0]['references'])} references, {len(korean)} Korean rows")
+    print(
+        f"{len(rows)} dev rows, {len(test)} test rows with {len(test[0]['references'])} references, {len(korean)} Korean rows"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         bad = Path(tmp) / "bad.jsonl"
-        bad.write_text('{"fname": "a", "dialogue": "x", "summary": "y"}\n{"fname": "b", "dialogue": ""\n', encoding="utf-8")
+        bad.write_text(
+            '{"fname": "a", "dialogue": "x", "summary": "y"}\n{"fname": "b", "dialogue": ""\n',
+            encoding="utf-8",
+        )
         try:
             read_jsonl(bad)
         except UserError as err:
             assert ":2:" in str(err)
             print("bad line ->", str(err).replace(tmp, "TMP"))
         tok = AutoTokenizer.from_pretrained(SHIPPED_TOKENIZER)
-        tokens = tokenize_rows(rows[:8] + korean[:4], tok, max_source_length=64, max_target_length=40, cache_dir=Path(tmp))
+        tokens = tokenize_rows(
+            rows[:8] + korean[:4],
+            tok,
+            max_source_length=64,
+            max_target_length=40,
+            cache_dir=Path(tmp),
+        )
         data = SummarizationDataset(rows[:8] + korean[:4], tokens)
-        again = tokenize_rows(rows[:8] + korean[:4], tok, max_source_length=64, max_target_length=40, cache_dir=Path(tmp))
-        assert again.cache_files and again.cache_files[0]["filename"] == data.cache_files[0], "second call must read the cache"
+        again = tokenize_rows(
+            rows[:8] + korean[:4],
+            tok,
+            max_source_length=64,
+            max_target_length=40,
+            cache_dir=Path(tmp),
+        )
+        assert again.cache_files and again.cache_files[0]["filename"] == data.cache_files[0], (
+            "second call must read the cache"
+        )
         batch = Seq2SeqCollator(tok.pad_token_id, tok.eos_token_id)([data[i] for i in (0, 9, 11)])
         for name, tensor in batch.items():
             print(f"  {name:18s} {tuple(tensor.shape)}")
-        assert (batch["labels"] == IGNORE_INDEX).any() and (batch["decoder_input_ids"][:, 0] == tok.eos_token_id).all()
+        assert (batch["labels"] == IGNORE_INDEX).any() and (
+            batch["decoder_input_ids"][:, 0] == tok.eos_token_id
+        ).all()
         assert batch["decoder_input_ids"][0, 1] == batch["labels"][0, 0]
         print("korean round trip:", tok.decode(data[9]["labels"], skip_special_tokens=True)[:40])
     print("lead-3 of dev_0:", lead_n(rows[0]["dialogue"]).replace("\n", " | ")[:100])

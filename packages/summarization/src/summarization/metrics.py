@@ -128,7 +128,12 @@ def describe(tokenizer: str, use_stemmer: bool, multi_reference: str) -> dict[st
     }
 
 
-def sample_scores(scorer: rouge_scorer.RougeScorer, prediction: str, references: Sequence[str], multi_reference: str) -> dict[str, float]:
+def sample_scores(
+    scorer: rouge_scorer.RougeScorer,
+    prediction: str,
+    references: Sequence[str],
+    multi_reference: str,
+) -> dict[str, float]:
     """ROUGE F1 of one prediction against its references.
 
     Args:
@@ -176,7 +181,9 @@ def rouge(
     if multi_reference not in CONVENTIONS:
         raise ValueError(f"unknown multi-reference convention {multi_reference!r}; use mean or max")
     chosen = resolve_tokenizer(tokenizer, [*predictions, *(r for refs in references for r in refs)])
-    word_tokenizer = UnicodeWordTokenizer(use_stemmer) if chosen == "unicode" else DefaultTokenizer(use_stemmer)
+    word_tokenizer = (
+        UnicodeWordTokenizer(use_stemmer) if chosen == "unicode" else DefaultTokenizer(use_stemmer)
+    )
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), tokenizer=word_tokenizer)
     totals = dict.fromkeys(ROUGE_TYPES, 0.0)
     for prediction, refs in zip(predictions, references):
@@ -192,17 +199,27 @@ def rouge(
 
 
 if __name__ == "__main__":  # self-check: python -m summarization.metrics
-    english = rouge(["The cat sat on the mat."], [["A cat was sitting on the mat."]], tokenizer="auto")
+    english = rouge(
+        ["The cat sat on the mat."], [["A cat was sitting on the mat."]], tokenizer="auto"
+    )
     print(f"English rouge1={english['rouge1']:.3f} with {english['tokenizer']}")
-    ko_pred, ko_ref = "두 사람은 토요일에 영화를 보기로 한다.", "두 사람은 토요일 저녁에 영화를 보기로 한다."
+    ko_pred, ko_ref = (
+        "두 사람은 토요일에 영화를 보기로 한다.",
+        "두 사람은 토요일 저녁에 영화를 보기로 한다.",
+    )
     plain = rouge([ko_pred], [[ko_ref]], tokenizer="default")
     korean = rouge([ko_pred], [[ko_ref]], tokenizer="auto")
-    print(f"Korean rouge1: default tokenizer {plain['rouge1']:.3f}, auto -> {korean['tokenizer']}: {korean['rouge1']:.3f}")
+    print(
+        f"Korean rouge1: default tokenizer {plain['rouge1']:.3f}, auto -> {korean['tokenizer']}: {korean['rouge1']:.3f}"
+    )
     assert plain["rouge1"] == 0.0 and korean["rouge1"] > 0.5
     text = "#Person1# asks #Person2#'s help: they'll meet at 3:30, don't worry!"
     assert UnicodeWordTokenizer(True).tokenize(text) == DefaultTokenizer(True).tokenize(text)
     refs = [["the cat sat", "a dog ran far away"]]
-    mean, best = rouge(["the cat sat"], refs, multi_reference="mean"), rouge(["the cat sat"], refs, multi_reference="max")
+    mean, best = (
+        rouge(["the cat sat"], refs, multi_reference="mean"),
+        rouge(["the cat sat"], refs, multi_reference="max"),
+    )
     assert best["rouge1"] == 1.0 and mean["rouge1"] == 0.5, (mean["rouge1"], best["rouge1"])
     print(f"two references: mean {mean['rouge1']:.2f}, max {best['rouge1']:.2f}")
     print("summarization.metrics: ok")

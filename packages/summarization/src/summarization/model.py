@@ -20,10 +20,10 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from core.errors import ConfigError, UserError
-from core.hub import ensure_available
 from torch import nn
 
+from core.errors import ConfigError, UserError
+from core.hub import ensure_available
 from summarization.config import SHIPPED_TOKENIZER, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -50,10 +50,17 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     from transformers import AutoTokenizer
 
     source = tokenizer_source(cfg)
-    ensure_available(source, what="tokenizer", key="model.tokenizer" if cfg.tokenizer else "model.name", offline_preset="tiny")
+    ensure_available(
+        source,
+        what="tokenizer",
+        key="model.tokenizer" if cfg.tokenizer else "model.name",
+        offline_preset="tiny",
+    )
     tokenizer = AutoTokenizer.from_pretrained(source)
     if tokenizer.pad_token_id is None:
-        raise UserError(f"The tokenizer of '{source}' has no padding token; seq2seq batches need one (set model.tokenizer to one that has).")
+        raise UserError(
+            f"The tokenizer of '{source}' has no padding token; seq2seq batches need one (set model.tokenizer to one that has)."
+        )
     return tokenizer
 
 
@@ -119,7 +126,9 @@ def decoder_start_id(config: Any) -> int:
     if start is None:
         start = getattr(getattr(config, "decoder", None), "decoder_start_token_id", None)
     if start is None:
-        raise UserError(f"The {config.model_type} config has no decoder_start_token_id; seq2seq training needs it.")
+        raise UserError(
+            f"The {config.model_type} config has no decoder_start_token_id; seq2seq training needs it."
+        )
     return int(start)
 
 
@@ -155,10 +164,16 @@ def build_model(cfg: ModelConfig, config: Any) -> nn.Module:
         model = AutoModelForSeq2SeqLM.from_pretrained(cfg.name, **kwargs)
     if cfg.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # the transformers 5 name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False}
+            )
         else:  # pragma: no cover - older transformers
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False  # the cache is useless in training and conflicts with checkpointing
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        model.config.use_cache = (
+            False  # the cache is useless in training and conflicts with checkpointing
+        )
     apply_freezing(model, cfg)
     model.train()
     return model
@@ -179,7 +194,9 @@ def blocks(stack: nn.Module) -> nn.ModuleList:
         found = getattr(stack, attr, None)
         if isinstance(found, nn.ModuleList):
             return found
-    raise UserError(f"Cannot find the blocks of {type(stack).__name__} (no 'layers' / 'block' list); layer freezing does not support this model.")
+    raise UserError(
+        f"Cannot find the blocks of {type(stack).__name__} (no 'layers' / 'block' list); layer freezing does not support this model."
+    )
 
 
 def chosen_layers(spec: int | Sequence[int], count: int, key: str) -> list[int]:
@@ -190,11 +207,15 @@ def chosen_layers(spec: int | Sequence[int], count: int, key: str) -> list[int]:
     """
     if isinstance(spec, int):
         if not 0 <= spec <= count:
-            raise ConfigError(f"{key}={spec}, but the model has {count} blocks there; use 0..{count}.")
+            raise ConfigError(
+                f"{key}={spec}, but the model has {count} blocks there; use 0..{count}."
+            )
         return list(range(spec))
     bad = [i for i in spec if not -count <= i < count]
     if bad:
-        raise ConfigError(f"{key}={list(spec)} names blocks {bad} that do not exist; the model has {count} (0..{count - 1}).")
+        raise ConfigError(
+            f"{key}={list(spec)} names blocks {bad} that do not exist; the model has {count} (0..{count - 1})."
+        )
     return sorted({i % count for i in spec})
 
 
@@ -219,7 +240,9 @@ def apply_freezing(model: nn.Module, cfg: ModelConfig) -> None:
     if cfg.freeze_encoder:
         # The token embeddings are shared with the decoder (and tied to the output layer): leave
         # them to freeze_embeddings, freeze everything else of the encoder.
-        shared = {id(p) for p in decoder.parameters()} | {id(p) for p in model.get_input_embeddings().parameters()}
+        shared = {id(p) for p in decoder.parameters()} | {
+            id(p) for p in model.get_input_embeddings().parameters()
+        }
         for param in encoder.parameters():
             if id(param) not in shared:
                 param.requires_grad_(False)
@@ -271,7 +294,9 @@ def format_report(report: dict[str, dict[str, int]]) -> str:
         if part != "all":
             lines.append(f"{part:<12} {counts['total']:>12,} {counts['trainable']:>12,}")
     total = report["all"]
-    lines.append(f"{'all':<12} {total['total']:>12,} {total['trainable']:>12,}  ({100.0 * total['trainable'] / max(total['total'], 1):.1f}% trainable)")
+    lines.append(
+        f"{'all':<12} {total['total']:>12,} {total['trainable']:>12,}  ({100.0 * total['trainable'] / max(total['total'], 1):.1f}% trainable)"
+    )
     return "\n".join(lines)
 
 
@@ -282,20 +307,37 @@ if __name__ == "__main__":  # self-check: python -m summarization.model
 
     from summarization.config import ScratchConfig
 
-    cfg = ModelConfig(init="scratch", scratch=ScratchConfig(d_model=32, encoder_layers=2, decoder_layers=2, attention_heads=2, ffn_dim=64))
+    cfg = ModelConfig(
+        init="scratch",
+        scratch=ScratchConfig(
+            d_model=32, encoder_layers=2, decoder_layers=2, attention_heads=2, ffn_dim=64
+        ),
+    )
     tokenizer = load_tokenizer(cfg)
     config = load_model_config(cfg, tokenizer)
     model = build_model(cfg, config)
     full = parameter_report(model)["all"]
     frozen_cfg = ModelConfig(
-        init="scratch", scratch=cfg.scratch, freeze_embeddings=True, freeze_encoder_layers=1, freeze_decoder_layers=[1],
+        init="scratch",
+        scratch=cfg.scratch,
+        freeze_embeddings=True,
+        freeze_encoder_layers=1,
+        freeze_decoder_layers=[1],
         gradient_checkpointing=True,
     )
     frozen = build_model(frozen_cfg, config)
     report = parameter_report(frozen)
     print(format_report(report))
-    assert report["embeddings"]["trainable"] == 0 and report["encoder.0"]["trainable"] == 0 and report["decoder.1"]["trainable"] == 0
-    assert report["encoder.1"]["trainable"] > 0 and full["trainable"] == full["total"] and frozen.is_activation_checkpointing
+    assert (
+        report["embeddings"]["trainable"] == 0
+        and report["encoder.0"]["trainable"] == 0
+        and report["decoder.1"]["trainable"] == 0
+    )
+    assert (
+        report["encoder.1"]["trainable"] > 0
+        and full["trainable"] == full["total"]
+        and frozen.is_activation_checkpointing
+    )
     batch = tokenizer(["#Person1#: 안녕하세요. #Person2#: Hello!"], return_tensors="pt")
     out = model(**batch, decoder_input_ids=batch["input_ids"][:, :4])
     print("logits", tuple(out.logits.shape), "(batch, target length, vocab)")
@@ -303,7 +345,9 @@ if __name__ == "__main__":  # self-check: python -m summarization.model
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         again = AutoModelForSeq2SeqLM.from_pretrained(tmp)
-        assert type(again).__name__ == "BartForConditionalGeneration" and len(AutoTokenizer.from_pretrained(tmp)) == len(tokenizer)
+        assert type(again).__name__ == "BartForConditionalGeneration" and len(
+            AutoTokenizer.from_pretrained(tmp)
+        ) == len(tokenizer)
     try:
         ensure_available("facebook/bart-large-cnn")
         print("facebook/bart-large-cnn is available here")

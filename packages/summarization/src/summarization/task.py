@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from core.errors import ConfigError
-from core.task import StepOutput, Task, per_sample_loss, token_loss_sum
 from torch import nn
 
+from core.errors import ConfigError
+from core.task import StepOutput, Task, per_sample_loss, token_loss_sum
 from summarization.config import SummarizationConfig
 from summarization.data import (
     Seq2SeqCollator,
@@ -93,7 +93,9 @@ class SummarizationTask(Task):
         self.choose_rouge_tokenizer(train_rows + val_rows)
         log.info(
             "Data: %d training rows, %d validation rows; ROUGE tokenizer %s",
-            len(self.train_data), len(self.val_data), self.rouge_tokenizer,
+            len(self.train_data),
+            len(self.val_data),
+            self.rouge_tokenizer,
         )
 
     def setup_model_side(self, model_dir: Path | None = None) -> None:
@@ -108,7 +110,9 @@ class SummarizationTask(Task):
             cfg.model.init, cfg.model.name, cfg.model.tokenizer = "pretrained", str(model_dir), None
             saved = Path(model_dir) / TASK_FILE
             if saved.is_file():
-                cfg.model.source_prefix = json.loads(saved.read_text(encoding="utf-8")).get("source_prefix", cfg.model.source_prefix)
+                cfg.model.source_prefix = json.loads(saved.read_text(encoding="utf-8")).get(
+                    "source_prefix", cfg.model.source_prefix
+                )
         self.tokenizer = load_tokenizer(cfg.model)
         self.model_config = load_model_config(cfg.model, self.tokenizer)
         check_precision(self.model_config, cfg.trainer.precision)
@@ -123,7 +127,9 @@ class SummarizationTask(Task):
                     f"model.encoder_mlm={cfg.model.encoder_mlm} reads the output layer outside the model's forward, which "
                     f"trainer.strategy={cfg.trainer.strategy} shards. Use ddp (or DeepSpeed stage 1/2) or set model.encoder_mlm=0."
                 )
-        self.collator = Seq2SeqCollator(self.tokenizer.pad_token_id, decoder_start_id(self.model_config))
+        self.collator = Seq2SeqCollator(
+            self.tokenizer.pad_token_id, decoder_start_id(self.model_config)
+        )
 
     def read_split(self, split: str, need_references: bool = True) -> list[dict[str, Any]]:
         """Rows of ``train`` / ``val`` / ``test`` from the configured files, the shipped sample or
@@ -138,7 +144,9 @@ class SummarizationTask(Task):
             self.files.append(path)
             return read_jsonl(path, "--split", need_references)
         if data.dataset:
-            hub_split = {"train": data.train_split, "val": data.val_split, "test": data.test_split}[split]
+            hub_split = {"train": data.train_split, "val": data.val_split, "test": data.test_split}[
+                split
+            ]
             return read_hub_split(data.dataset, hub_split, "data.dataset", need_references)
         path = data.file_for(split)  # type: ignore[arg-type]
         self.files.append(path)
@@ -148,8 +156,12 @@ class SummarizationTask(Task):
         """Tokenised dataset of ``rows`` (cached through ``datasets``)."""
         data = self.cfg.data
         tokens = tokenize_rows(
-            rows, self.tokenizer, prefix=self.cfg.model.source_prefix, max_source_length=data.max_source_length,
-            max_target_length=data.max_target_length, cache_dir=data.cache_dir,
+            rows,
+            self.tokenizer,
+            prefix=self.cfg.model.source_prefix,
+            max_source_length=data.max_source_length,
+            max_target_length=data.max_target_length,
+            cache_dir=data.cache_dir,
         )
         return SummarizationDataset(rows, tokens)
 
@@ -184,14 +196,23 @@ class SummarizationTask(Task):
     def configure_model(self) -> nn.Module:
         """The model with the fine-tuning switches applied; logs the trainable-parameter table."""
         model = build_model(self.cfg.model, self.model_config)
-        log.info("Model %s (%s), parameters per part:\n%s", self.model_source(), type(model).__name__, format_report(parameter_report(model)))
+        log.info(
+            "Model %s (%s), parameters per part:\n%s",
+            self.model_source(),
+            type(model).__name__,
+            format_report(parameter_report(model)),
+        )
         self.prepare_generation(model)
         return model
 
     def model_source(self) -> str:
         """Human-readable origin of the model."""
         m = self.cfg.model
-        return f"scratch {m.scratch.architecture} d_model={m.scratch.d_model} layers={m.scratch.encoder_layers}+{m.scratch.decoder_layers}" if m.init == "scratch" else m.name
+        return (
+            f"scratch {m.scratch.architecture} d_model={m.scratch.d_model} layers={m.scratch.encoder_layers}+{m.scratch.decoder_layers}"
+            if m.init == "scratch"
+            else m.name
+        )
 
     def prepare_generation(self, model: nn.Module) -> Any:
         """The ``GenerationConfig`` used for every summary: the model's own, updated with the
@@ -203,9 +224,16 @@ class SummarizationTask(Task):
         g = self.cfg.generation
         config = copy.deepcopy(model.generation_config)
         config.update(
-            num_beams=g.num_beams, max_new_tokens=g.max_new_tokens, min_new_tokens=g.min_new_tokens or None, min_length=0,
-            max_length=None, length_penalty=g.length_penalty, no_repeat_ngram_size=g.no_repeat_ngram_size,
-            early_stopping=g.early_stopping if g.num_beams > 1 else False, do_sample=False, use_cache=True,
+            num_beams=g.num_beams,
+            max_new_tokens=g.max_new_tokens,
+            min_new_tokens=g.min_new_tokens or None,
+            min_length=0,
+            max_length=None,
+            length_penalty=g.length_penalty,
+            no_repeat_ngram_size=g.no_repeat_ngram_size,
+            early_stopping=g.early_stopping if g.num_beams > 1 else False,
+            do_sample=False,
+            use_cache=True,
         )
         self.generation_config = config
         return config
@@ -220,14 +248,20 @@ class SummarizationTask(Task):
             config_class = type(AutoConfig.from_pretrained(self.cfg.model.name))
         model_cls = AutoModelForSeq2SeqLM._model_mapping[config_class]
         module = sys.modules[model_cls.__module__]
-        return {getattr(module, name) for name in (model_cls._no_split_modules or []) if hasattr(module, name)}
+        return {
+            getattr(module, name)
+            for name in (model_cls._no_split_modules or [])
+            if hasattr(module, name)
+        }
 
     # -- steps ---------------------------------------------------------------------------------
 
     def forward_logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Teacher-forced decoder logits ``(batch, target_len, vocab)`` for ``batch``."""
         return model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], decoder_input_ids=batch["decoder_input_ids"]
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            decoder_input_ids=batch["decoder_input_ids"],
         ).logits
 
     def training_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
@@ -238,10 +272,21 @@ class SummarizationTask(Task):
         ``summary mean + weight x MLM mean``."""
         smoothing = self.cfg.model.label_smoothing
         if self.cfg.model.encoder_mlm <= 0:
-            return token_loss_sum(self.forward_logits(model, batch), batch["labels"], shift=False, label_smoothing=smoothing)
+            return token_loss_sum(
+                self.forward_logits(model, batch),
+                batch["labels"],
+                shift=False,
+                label_smoothing=smoothing,
+            )
         source, chosen = self.masked_source(batch["input_ids"], batch["attention_mask"])
-        out = model(input_ids=source, attention_mask=batch["attention_mask"], decoder_input_ids=batch["decoder_input_ids"])
-        summary = token_loss_sum(out.logits, batch["labels"], shift=False, label_smoothing=smoothing)
+        out = model(
+            input_ids=source,
+            attention_mask=batch["attention_mask"],
+            decoder_input_ids=batch["decoder_input_ids"],
+        )
+        summary = token_loss_sum(
+            out.logits, batch["labels"], shift=False, label_smoothing=smoothing
+        )
         if not bool(chosen.any()):  # a micro-batch of very short dialogues can draw no position
             return summary
         # (masked positions, d_model) -> (masked positions, vocab) through the tied output layer;
@@ -249,10 +294,14 @@ class SummarizationTask(Task):
         head = getattr(model, "module", model).get_output_embeddings()
         mlm_logits = head(out.encoder_last_hidden_state[chosen].to(head.weight.dtype))
         mlm = torch.nn.functional.cross_entropy(mlm_logits.float(), batch["input_ids"][chosen])
-        weight = self.cfg.model.encoder_mlm_weight * torch.as_tensor(summary.num_tokens, device=mlm.device)
+        weight = self.cfg.model.encoder_mlm_weight * torch.as_tensor(
+            summary.num_tokens, device=mlm.device
+        )
         return StepOutput(loss_sum=summary.loss_sum + weight * mlm, num_tokens=summary.num_tokens)
 
-    def masked_source(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def masked_source(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Replace a random ``model.encoder_mlm`` fraction of the ordinary (not special, not
         padding) source tokens by the mask token.
 
@@ -266,10 +315,14 @@ class SummarizationTask(Task):
         """
         special = torch.as_tensor(self.tokenizer.all_special_ids, device=input_ids.device)
         eligible = attention_mask.bool() & ~torch.isin(input_ids, special)
-        chosen = eligible & (torch.rand(input_ids.shape, device=input_ids.device) < self.cfg.model.encoder_mlm)
+        chosen = eligible & (
+            torch.rand(input_ids.shape, device=input_ids.device) < self.cfg.model.encoder_mlm
+        )
         return input_ids.masked_fill(chosen, self.tokenizer.mask_token_id), chosen
 
-    def generate(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[str]:
+    def generate(
+        self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> list[str]:
         """Summaries for a batch of tokenised dialogues.
 
         Args:
@@ -283,27 +336,41 @@ class SummarizationTask(Task):
         # Sharded parameters (FSDP2) are gathered in every forward: all ranks must keep stepping
         # until the longest summary of any rank is done.
         out = model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, generation_config=self.generation_config,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            generation_config=self.generation_config,
             synced_gpus=self.ranks.sharded,
         )
         return [text.strip() for text in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
-    def validation_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+    def validation_step(
+        self, model: nn.Module, batch: dict[str, torch.Tensor]
+    ) -> list[dict[str, Any]]:
         """Per-sample loss (against the first reference) and a generated summary per sample.
 
         Returns:
             Records ``{"index", "fname", "loss_sum", "tokens", "prediction", "references"}``.
         """
-        sums, counts = per_sample_loss(self.forward_logits(model, batch), batch["labels"], shift=False)
+        sums, counts = per_sample_loss(
+            self.forward_logits(model, batch), batch["labels"], shift=False
+        )
         predictions = self.generate(model, batch["input_ids"], batch["attention_mask"])
         rows = self.eval_rows
         records = []
-        for i, loss, count, prediction in zip(batch["index"].tolist(), sums.tolist(), counts.tolist(), predictions):
+        for i, loss, count, prediction in zip(
+            batch["index"].tolist(), sums.tolist(), counts.tolist(), predictions
+        ):
             row = rows[i]
-            records.append({
-                "index": int(i), "fname": row["fname"], "loss_sum": float(loss), "tokens": int(count),
-                "prediction": prediction, "references": row["references"],
-            })
+            records.append(
+                {
+                    "index": int(i),
+                    "fname": row["fname"],
+                    "loss_sum": float(loss),
+                    "tokens": int(count),
+                    "prediction": prediction,
+                    "references": row["references"],
+                }
+            )
         return records
 
     @property
@@ -320,11 +387,17 @@ class SummarizationTask(Task):
         tokens = sum(r["tokens"] for r in records)
         m = self.cfg.metric
         scores = rouge(
-            [r["prediction"] for r in records], [r["references"] for r in records],
-            tokenizer=self.rouge_tokenizer, use_stemmer=m.use_stemmer, multi_reference=m.multi_reference,
+            [r["prediction"] for r in records],
+            [r["references"] for r in records],
+            tokenizer=self.rouge_tokenizer,
+            use_stemmer=m.use_stemmer,
+            multi_reference=m.multi_reference,
         )
         if self.run_dir is not None:
-            rows = [{"fname": r["fname"], "summary": r["prediction"], "references": r["references"]} for r in records]
+            rows = [
+                {"fname": r["fname"], "summary": r["prediction"], "references": r["references"]}
+                for r in records
+            ]
             write_jsonl(self.run_dir / "val_predictions.jsonl", rows)
         return {
             "loss": sum(r["loss_sum"] for r in records) / max(tokens, 1),
@@ -335,7 +408,9 @@ class SummarizationTask(Task):
 
     # -- output --------------------------------------------------------------------------------
 
-    def save_final(self, model: nn.Module, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
+    def save_final(
+        self, model: nn.Module, state_dict: dict[str, torch.Tensor], out_dir: Path
+    ) -> None:
         """Model (safetensors), tokenizer, generation settings and ``summarization.json`` into ``out_dir``."""
         model.save_pretrained(out_dir, state_dict=state_dict)
         self.tokenizer.save_pretrained(out_dir)
@@ -347,7 +422,12 @@ class SummarizationTask(Task):
         """ROUGE implementation, version, tokenizer and convention; model and tokenizer sources."""
         m = self.cfg.metric
         return {
-            "metrics": {"rouge": {**describe(self.rouge_tokenizer, m.use_stemmer, m.multi_reference), "tokenizer_setting": m.tokenizer}},
+            "metrics": {
+                "rouge": {
+                    **describe(self.rouge_tokenizer, m.use_stemmer, m.multi_reference),
+                    "tokenizer_setting": m.tokenizer,
+                }
+            },
             "model_source": self.model_source(),
             "tokenizer_source": str(getattr(self.tokenizer, "name_or_path", "")),
             "data_source": self.cfg.data.dataset or "files",
@@ -365,7 +445,9 @@ def write_task_file(out_dir: Path, cfg: SummarizationConfig, rouge_tokenizer: st
         "generation": to_dict(cfg.generation),
         "metric": {**to_dict(cfg.metric), "resolved_tokenizer": rouge_tokenizer},
     }
-    (Path(out_dir) / TASK_FILE).write_text(json.dumps(info, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    (Path(out_dir) / TASK_FILE).write_text(
+        json.dumps(info, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -386,20 +468,34 @@ if __name__ == "__main__":  # self-check: python -m summarization.task
 
     from core.config import load_config
     from core.trainer import Trainer
-
     from summarization.config import PRESETS_DIR
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(
-            SummarizationConfig, "tiny",
-            [f"run.root={tmp}", "trainer.max_steps=3", "trainer.accelerator=cpu", "data.max_train_samples=24", "data.max_val_samples=4",
-             "model.scratch.d_model=32", "model.scratch.ffn_dim=64", "generation.max_new_tokens=8", "logger.progress_bar=false",
-             "logger.plot=false", f"data.cache_dir={tmp}/cache"],
+            SummarizationConfig,
+            "tiny",
+            [
+                f"run.root={tmp}",
+                "trainer.max_steps=3",
+                "trainer.accelerator=cpu",
+                "data.max_train_samples=24",
+                "data.max_val_samples=4",
+                "model.scratch.d_model=32",
+                "model.scratch.ffn_dim=64",
+                "generation.max_new_tokens=8",
+                "logger.progress_bar=false",
+                "logger.plot=false",
+                f"data.cache_dir={tmp}/cache",
+            ],
             PRESETS_DIR,
         )
         result = Trainer(cfg, SummarizationTask(cfg), argv=["self-check"]).fit()
         print({k: round(v, 4) for k, v in result.metrics.items()})
         final = result.run_dir / "final"
         print(sorted(p.name for p in final.iterdir()))
-        assert (final / "model.safetensors").is_file() and (final / "tokenizer.json").is_file() and result.metrics["val/samples"] == 4
+        assert (
+            (final / "model.safetensors").is_file()
+            and (final / "tokenizer.json").is_file()
+            and result.metrics["val/samples"] == 4
+        )
     print("summarization.task: ok")

@@ -64,7 +64,11 @@ def corpus_texts(files: Sequence[Path], repeats: Sequence[int] | None = None) ->
                 if not line.strip():
                     continue
                 row = json.loads(line)
-                texts += [v for k, v in row.items() if isinstance(v, str) and (k == "dialogue" or k.startswith("summary"))]
+                texts += [
+                    v
+                    for k, v in row.items()
+                    if isinstance(v, str) and (k == "dialogue" or k.startswith("summary"))
+                ]
         for _ in range(times):
             yield from texts
 
@@ -75,7 +79,11 @@ def sha256(path: Path) -> str:
 
 
 def build_tokenizer(
-    files: Sequence[Path], out_dir: Path, vocab_size: int = DEFAULT_VOCAB_SIZE, max_length: int = 1024, repeats: Sequence[int] | None = None
+    files: Sequence[Path],
+    out_dir: Path,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+    max_length: int = 1024,
+    repeats: Sequence[int] | None = None,
 ) -> Path:
     """Train a byte-level BPE on ``files`` and save it as a transformers tokenizer.
 
@@ -98,22 +106,38 @@ def build_tokenizer(
     bpe = Tokenizer(models.BPE())
     # Speaker tags first, then GPT-2's word pattern; the byte-level step only maps bytes to
     # printable characters (its own regex would split the tags again).
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(f"{SPEAKER_TAG}|{GPT2_PATTERN}"), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(f"{SPEAKER_TAG}|{GPT2_PATTERN}"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     bpe.decoder = decoders.ByteLevel()
-    bpe.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0), add_prefix_space=False)
+    bpe.post_processor = processors.RobertaProcessing(
+        ("</s>", 2), ("<s>", 0), add_prefix_space=False
+    )
     # min_frequency=2: a merge seen once is noise; the byte alphabet still covers every input.
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     bpe.train_from_iterator(corpus_texts(files, repeats), trainer=trainer)
     vocab = bpe.get_vocab()
-    assert [vocab[t] for t in SPECIAL_TOKENS] == [0, 1, 2, 3, 4], "special tokens must keep BART's ids"
+    assert [vocab[t] for t in SPECIAL_TOKENS] == [0, 1, 2, 3, 4], (
+        "special tokens must keep BART's ids"
+    )
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>",
-        cls_token="<s>", sep_token="</s>", model_max_length=max_length,
+        tokenizer_object=bpe,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        mask_token="<mask>",
+        cls_token="<s>",
+        sep_token="</s>",
+        model_max_length=max_length,
     )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -126,13 +150,19 @@ def build_tokenizer(
         "special_tokens": SPECIAL_TOKENS,
         "pre_tokenizer": f"{SPEAKER_TAG}|{GPT2_PATTERN}, then byte-level",
         "sources": [
-            {"file": f"{Path(f).parent.name}/{Path(f).name}", "sha256": sha256(Path(f)), "repeats": r}
+            {
+                "file": f"{Path(f).parent.name}/{Path(f).name}",
+                "sha256": sha256(Path(f)),
+                "repeats": r,
+            }
             for f, r in zip(files, repeats or [1] * len(files))
         ],
         "tokenizers": tokenizers.__version__,
         "transformers": transformers.__version__,
     }
-    (out_dir / "BUILD.json").write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    (out_dir / "BUILD.json").write_text(
+        json.dumps(record, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
     return out_dir
 
 
@@ -151,18 +181,40 @@ def default_sources(train_file: Path | None) -> tuple[list[Path], list[int]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Build into ``--out``, or (no ``--out``) run the self-check in a temporary folder."""
-    parser = argparse.ArgumentParser(prog="python -m summarization.tokenizer_build", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=None, help="folder to write; omit for a self-check in a temp folder")
-    parser.add_argument("--train-file", type=Path, default=None, help="DialogSum train JSONL (default: the shipped sample)")
-    parser.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, help=f"BPE vocabulary size (default {DEFAULT_VOCAB_SIZE})")
+    parser = argparse.ArgumentParser(
+        prog="python -m summarization.tokenizer_build", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder to write; omit for a self-check in a temp folder",
+    )
+    parser.add_argument(
+        "--train-file",
+        type=Path,
+        default=None,
+        help="DialogSum train JSONL (default: the shipped sample)",
+    )
+    parser.add_argument(
+        "--vocab-size",
+        type=int,
+        default=DEFAULT_VOCAB_SIZE,
+        help=f"BPE vocabulary size (default {DEFAULT_VOCAB_SIZE})",
+    )
     args = parser.parse_args(argv)
     from transformers import AutoTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         files, repeats = default_sources(args.train_file)
-        out = build_tokenizer(files, args.out or Path(tmp) / "tok", args.vocab_size, repeats=repeats)
+        out = build_tokenizer(
+            files, args.out or Path(tmp) / "tok", args.vocab_size, repeats=repeats
+        )
         tok = AutoTokenizer.from_pretrained(out)
-        for text in ("#Person1#: Hello, how are you doing today?", "#Person2#: 며칠 전부터 목이 아프고 열이 나요."):
+        for text in (
+            "#Person1#: Hello, how are you doing today?",
+            "#Person2#: 며칠 전부터 목이 아프고 열이 나요.",
+        ):
             ids = tok(text)["input_ids"]
             assert ids[0] == tok.bos_token_id == 0 and ids[-1] == tok.eos_token_id == 2, ids
             assert tok.decode(ids, skip_special_tokens=True) == text

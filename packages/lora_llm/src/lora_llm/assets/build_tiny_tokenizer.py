@@ -38,12 +38,18 @@ def training_texts() -> list[str]:
 
     texts = []
     english = json.loads((HERE / "alpaca_en_sample.json").read_text(encoding="utf-8"))
-    korean = [json.loads(line) for line in (HERE / "ko_instructions.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
+    korean = [
+        json.loads(line)
+        for line in (HERE / "ko_instructions.jsonl").read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    ]
     for style, records in (("alpaca", english), ("alpaca_ko", korean)):
         for record in records:
             key = "input" if record["input"].strip() else "no_input"
             texts.append(PROMPTS[style][key].format(**record) + record["output"])
-            texts.append(f"### User:\n{record['instruction']}\n\n### Assistant:\n{record['output']}")
+            texts.append(
+                f"### User:\n{record['instruction']}\n\n### Assistant:\n{record['output']}"
+            )
     # Korean is a small share of the samples: repeat it so common syllables get merges too.
     texts += [t for t in texts if "지시문" in t] * 3
     texts += ["### System:\n", "### User:\n", "### Assistant:\n"] * 20
@@ -60,15 +66,25 @@ def build(out_dir: Path) -> None:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE, min_frequency=2, special_tokens=SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=VOCAB_SIZE,
+        min_frequency=2,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tokenizer.train_from_iterator(training_texts(), trainer=trainer)
     bos = tokenizer.token_to_id("<s>")
-    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
     wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-        model_max_length=1024, padding_side="right",
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        model_max_length=1024,
+        padding_side="right",
     )
     wrapped.save_pretrained(out_dir)
 
@@ -76,7 +92,11 @@ def build(out_dir: Path) -> None:
 def main() -> int:
     """Build in place, or ``--check`` against the shipped files."""
     parser = argparse.ArgumentParser(description="Rebuild the tiny preset's tokenizer.")
-    parser.add_argument("--check", action="store_true", help="build into a temporary folder and compare with the shipped tokenizer.json")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="build into a temporary folder and compare with the shipped tokenizer.json",
+    )
     args = parser.parse_args()
     target = HERE / "tiny_tokenizer"
     if not args.check:
