@@ -237,12 +237,12 @@ def test_bad_records_name_their_line_and_can_be_skipped(tmp_path):
             ["not", "an", "object"],
         ],
     )
-    with pytest.raises(UserError, match=r"bad\.jsonl:2: not valid JSON.*data\.on_bad_record=skip"):
+    with pytest.raises(UserError, match=r"bad\.jsonl:2:37: not valid JSON \(Expecting value\).*data\.on_bad_record=skip"):
         read_records(str(data), DataConfig())
     records, problems = read_records(str(data), DataConfig(on_bad_record="skip"))
     assert [r.instruction for r in records] == ["Good"]
     expected = [
-        "2: not valid JSON",
+        "2:37: not valid JSON",
         "3: the record has no 'output'",
         "4: 'output' is empty",
         "5: 'output' must be text",
@@ -268,7 +268,7 @@ def test_json_arrays_report_the_line_of_a_bad_record(tmp_path):
         '[\n {"instruction": "A", "output": "a"}\n {"instruction": "B", "output": "b"}\n]',
         encoding="utf-8",
     )
-    with pytest.raises(UserError, match=r"b\.json line 3: expected ',' or ']'"):
+    with pytest.raises(UserError, match=r"b\.json:3: expected ',' or ']' between records"):
         read_records(str(broken), DataConfig())
     # 3,000 records two lines apart (record k starts on line 1 + 2k), a bad one last: its line is
     # counted past all the others.

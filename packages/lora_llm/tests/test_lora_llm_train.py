@@ -186,7 +186,7 @@ def test_merge_saves_a_model_whose_logits_match_the_adapter(trained_run, tmp_pat
         )
     # Never into a non-empty folder, never into a 4-bit base.
     assert merge(["--adapter", str(final), "--out", str(out)]) == 2
-    assert "not empty" in capsys.readouterr().err
+    assert "already holds a merged model" in capsys.readouterr().err
     quantized = tmp_path / "base-4bit"
     load_base(
         trained_run.run_dir / "base", ModelConfig(name="x"), QuantConfig(bits=4), CPU
@@ -217,6 +217,14 @@ def test_adapters_that_do_not_fit_exit_2(trained_run, tmp_path, capsys, tokenize
     assert "holds 16 LoRA tensors, the base has places for 24" in err
     assert infer(["--adapter", final, "--base", str(tmp_path / "no-base"), *common]) == 2
     assert "does not exist" in capsys.readouterr().err
+    # A base of another kind (a seq2seq model): one paragraph, no library load report before it.
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    BartForConditionalGeneration(BartConfig(vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                                            decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32)).save_pretrained(tmp_path / "bart")
+    assert infer(["--model", final, "--base", str(tmp_path / "bart"), *common]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds a bart model (BartForConditionalGeneration), not a causal language model" in err
 
 
 def test_resume_of_an_adapter_run_is_exact(run_tiny):
@@ -280,7 +288,7 @@ def test_bad_input_exits_2_and_leaves_no_run_folder(tmp_path, capsys):
     cases = {
         "broken.jsonl": (
             '{"instruction": "A", "output": "a"}\n{"instruction": "B", "output": \n',
-            r"broken.jsonl:2: not valid JSON",
+            r"broken.jsonl:2:32: not valid JSON (Expecting value)",
         ),
         "empty.jsonl": (
             '{"instruction": "A", "output": "a"}\n{"instruction": "B", "output": ""}\n',
@@ -370,8 +378,15 @@ def test_prepare_writes_samples_and_statistics_that_train_reads_back(tmp_path, c
         e["input_ids"] for e in original.val_data.examples
     ]
     assert stats["val"]["samples"] + stats["val"]["long_prompts_skipped"] == 4
-    assert prepare(["-c", "tiny", "--data", "sample:ko", "--out", str(out)]) == 2
-    assert "already exists" in capsys.readouterr().err
+    # Its own folder again: replaced. A folder of someone else's files: refused, untouched.
+    assert prepare(["-c", "tiny", "--data", "sample:ko", "--out", str(out)]) == 0
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "train.jsonl").write_text("my data\n", encoding="utf-8")
+    capsys.readouterr()
+    assert prepare(["-c", "tiny", "--data", "sample:ko", "--out", str(mine)]) == 2
+    assert "already holds files this command did not write (train.jsonl)" in capsys.readouterr().err
+    assert (mine / "train.jsonl").read_text(encoding="utf-8") == "my data\n" and len(list(mine.iterdir())) == 1
 
 
 def test_dry_run_reports_parameters_and_memory_without_weights(capsys):
@@ -444,4 +459,4 @@ def test_infer_is_interactive_on_a_terminal_only(trained_run, monkeypatch, capsy
     assert "an empty line quits" in captured.err and len(captured.out.splitlines()) == 2
     monkeypatch.setattr(sys, "stdin", io.StringIO())  # not a terminal, no prompt
     assert infer(["--adapter", final]) == 2
-    assert "Give --prompt TEXT or --input FILE.jsonl" in capsys.readouterr().err
+    assert "Give --prompt TEXT or --data FILE.jsonl" in capsys.readouterr().err

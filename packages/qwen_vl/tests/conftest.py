@@ -26,6 +26,22 @@ TINY_FAST = [
 ]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def drawn_data_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The built-in counting data (``builtin:counting``) is drawn into a temporary cache, not into
+    the user's ``~/.cache``; subprocesses inherit the variable."""
+    import os
+
+    folder = tmp_path_factory.mktemp("qwen-vl-cache")
+    old = os.environ.get("QWEN_VL_CACHE")
+    os.environ["QWEN_VL_CACHE"] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop("QWEN_VL_CACHE", None)
+    else:
+        os.environ["QWEN_VL_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def processor() -> Any:
     """The tiny processor shipped in the package, loaded with ``AutoProcessor``."""

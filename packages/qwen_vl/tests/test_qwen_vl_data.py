@@ -478,7 +478,7 @@ def test_header_only_checks_defer_corrupt_pixels_to_the_sample_but_still_name_it
 
 def test_bad_json_duplicate_ids_and_too_long_records(encoder, write_records):
     good = {"id": "a", "messages": [image_turn("How many?"), ANSWER]}
-    with pytest.raises(UserError, match=r"d\.jsonl:2: not valid JSON"):
+    with pytest.raises(UserError, match=r"d\.jsonl:2:2: not valid JSON \(Expecting property name"):
         load(write_records([good, "{oops"]), encoder)
     with pytest.raises(UserError, match=r"id 'a' is used twice"):
         load(write_records([good, good]), encoder)

@@ -62,9 +62,7 @@ def test_make_data_train_evaluate_infer(tmp_path, monkeypatch, capsys):
 
     from qwen_vl.cli import evaluate, infer, make_data, train
 
-    monkeypatch.chdir(
-        tmp_path
-    )  # the tiny preset reads data/counting/ relative to the current folder
+    monkeypatch.chdir(tmp_path)  # relative data paths start at the current folder
     assert (
         make_data(
             [
@@ -88,6 +86,8 @@ def test_make_data_train_evaluate_infer(tmp_path, monkeypatch, capsys):
                 "-c",
                 "tiny",
                 "run.root=runs",
+                "data.train_file=data/counting/train.jsonl",
+                "data.val_file=data/counting/dev.jsonl",
                 *FAST,
                 "trainer.max_steps=24",
                 "trainer.val_every_n_steps=12",
@@ -126,7 +126,7 @@ def test_make_data_train_evaluate_infer(tmp_path, monkeypatch, capsys):
                 str(final),
                 "--data",
                 "data/counting/dev.jsonl",
-                "--predictions",
+                "--out",
                 "pred.jsonl",
                 "trainer.accelerator=cpu",
                 "trainer.eval_batch_size=1",
@@ -266,7 +266,7 @@ def test_bad_data_exits_2_naming_the_record_and_leaves_no_run_folder(
     assert (
         train(["-c", "tiny", f"run.root={tmp_path / 'runs'}", "data.train_file=null", *FAST]) == 2
     )
-    assert "make-data --out data/counting" in capsys.readouterr().err
+    assert "data.train_file is not set" in capsys.readouterr().err and run_folders(tmp_path / "runs") == []
 
 
 @pytest.mark.slow

@@ -38,7 +38,7 @@ def rows_of(path: Path) -> list[dict]:
 def evaluate_cli(
     model: Path, out: Path, cache_dir: Path, *overrides: str
 ) -> tuple[dict, list[dict]]:
-    """Run ``evaluate`` on 13 dev rows in a subprocess; returns ``(scores.json, predictions.jsonl rows)``."""
+    """Run ``evaluate`` on 13 dev rows in a subprocess; returns ``(printed scores, --out rows)``."""
     done = subprocess.run(
         [
             *CLI,
@@ -64,7 +64,7 @@ def evaluate_cli(
     assert done.returncode == 0, done.stdout + done.stderr
     printed = [line for line in done.stdout.splitlines() if line.startswith("{")]
     assert len(printed) == 1, "only rank 0 prints the scores"
-    return json.loads((out / "scores.json").read_text()), rows_of(out / "predictions.jsonl")
+    return json.loads(printed[0]), rows_of(out)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def one_process_scores(
 ) -> tuple[dict, list[dict]]:
     """``evaluate`` of the session's tiny run on one process."""
     return evaluate_cli(
-        tiny_run / "final", tmp_path_factory.mktemp("eval1"), cache_dir, "trainer.devices=1"
+        tiny_run / "final", tmp_path_factory.mktemp("eval1") / "dev.jsonl", cache_dir, "trainer.devices=1"
     )
 
 
@@ -160,15 +160,13 @@ def test_training_on_two_processes_completes_and_validates_like_one_process(
             "dev",
             "--limit",
             "5",
-            "--out",
-            str(tmp_path / "eval1"),
             "trainer.accelerator=cpu",
             "trainer.devices=1",
             f"data.cache_dir={cache_dir}",
         ]
     )
     assert code == 0
-    scores = json.loads((tmp_path / "eval1" / "scores.json").read_text())
+    scores = json.loads((run / "eval" / "dev.scores.json").read_text())
     at_best = next(r for r in validations if r["step"] == best["step"])
     for key in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
         assert scores[key] == at_best[f"val/{key}"], key

@@ -10,7 +10,7 @@ from rouge_score import rouge_scorer
 from summarization.cli import lead3, score
 from summarization.config import SAMPLES
 from summarization.data import read_jsonl
-from summarization.metrics import DefaultTokenizer, UnicodeWordTokenizer, resolve_tokenizer, rouge
+from core.metrics import DefaultTokenizer, UnicodeWordTokenizer, resolve_tokenizer, rouge
 
 EN, KO = SAMPLES["en"], SAMPLES["ko"]
 
@@ -167,12 +167,12 @@ def test_score_command_korean_and_bad_files(tmp_path, capsys):
         )
         == 2
     )
-    assert f"{tmp_path / 'broken.jsonl'}:2: malformed JSON" in capsys.readouterr().err
+    assert f"{tmp_path / 'broken.jsonl'}:2:27: not valid JSON (Expecting value)" in capsys.readouterr().err
 
 
 def test_lead3_baseline_matches_score_on_the_same_predictions(tmp_path, capsys):
     out = tmp_path / "lead3.jsonl"
-    assert lead3(["--input", str(EN / "test.jsonl"), "--output", str(out)]) == 0
+    assert lead3(["--data", str(EN / "test.jsonl"), "--out", str(out)]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["system"] == "lead-3" and printed["samples"] == 50
     first = json.loads(out.read_text(encoding="utf-8").splitlines()[0])

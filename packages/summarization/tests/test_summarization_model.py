@@ -420,7 +420,7 @@ BAD = {
     "malformed JSON line": (
         "train",
         b'{"fname": "a", "dialogue": "x", "summary": "y"}\n{"fname": "b", "dialogue": \n',
-        ":2: malformed JSON",
+        ":2:28: not valid JSON (Expecting value)",
     ),
     "missing field": (
         "val",
@@ -435,7 +435,7 @@ BAD = {
     "non-UTF-8 file": (
         "val",
         '{"fname": "a", "dialogue": "대화", "summary": "요약"}\n'.encode("cp949"),
-        ":1: not UTF-8 text",
+        ":1:29: not UTF-8 text (byte 0xb4)",
     ),
     "missing file": ("train", None, " (data.train_file) does not exist"),
 }

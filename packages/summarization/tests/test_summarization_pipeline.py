@@ -90,8 +90,8 @@ def test_evaluate_predict_and_score_agree(tiny_run, tmp_path, capsys, cache_dir)
     final = tiny_run / "final"
     assert evaluate(["--model", str(final), "--split", "test", f"data.cache_dir={cache_dir}"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    out = tiny_run / "eval" / "test"
-    scores = json.loads((out / "scores.json").read_text())
+    out = tiny_run / "eval"
+    scores = json.loads((out / "test.scores.json").read_text())
     assert scores["samples"] == 50 and scores["split"] == "test" and scores["world_size"] == 1
     assert scores["multi_reference"].startswith("mean") and scores["tokenizer"].startswith(
         "rouge_score-default"
@@ -99,7 +99,7 @@ def test_evaluate_predict_and_score_agree(tiny_run, tmp_path, capsys, cache_dir)
     assert printed["rougeL"] == scores["rougeL"] and printed["data"][0]["file"].endswith(
         "test.jsonl"
     )
-    predictions = rows_of(out / "predictions.jsonl")
+    predictions = rows_of(out / "test.jsonl")
     assert [p["fname"] for p in predictions] == [f"test_{i}" for i in range(50)] and len(
         predictions[0]["references"]
     ) == 3
@@ -109,7 +109,7 @@ def test_evaluate_predict_and_score_agree(tiny_run, tmp_path, capsys, cache_dir)
         score(
             [
                 "--predictions",
-                str(out / "predictions.jsonl"),
+                str(out / "test.jsonl"),
                 "--references",
                 str(EN / "test.jsonl"),
             ]
@@ -125,9 +125,9 @@ def test_evaluate_predict_and_score_agree(tiny_run, tmp_path, capsys, cache_dir)
             [
                 "--model",
                 str(final),
-                "--input",
+                "--data",
                 str(EN / "test.jsonl"),
-                "--output",
+                "--out",
                 str(tmp_path / "pred.jsonl"),
             ]
         )
@@ -145,7 +145,7 @@ def test_evaluate_predict_and_score_agree(tiny_run, tmp_path, capsys, cache_dir)
             [
                 "--model",
                 str(final),
-                "--text",
+                "--prompt",
                 "#Person1#: Where is the bank?\n#Person2#: Next to the school.",
             ]
         )
@@ -159,10 +159,10 @@ def test_evaluate_rejects_what_it_cannot_use(tiny_run, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     no_refs = tmp_path / "dialogues.jsonl"
     no_refs.write_text('{"fname": "x", "dialogue": "#Person1#: hi"}\n', encoding="utf-8")
-    assert evaluate(["--model", str(tiny_run / "final"), "--split", str(no_refs)]) == 2
+    assert evaluate(["--model", str(tiny_run / "final"), "--data", str(no_refs)]) == 2
     assert f"{no_refs}:1: missing field 'summary'" in capsys.readouterr().err
     assert (
-        predict(["--model", str(tiny_run / "final"), "--input", str(no_refs)]) == 0
+        predict(["--model", str(tiny_run / "final"), "--data", str(no_refs)]) == 0
     )  # predict needs no references
 
 
@@ -226,12 +226,12 @@ def test_console_scripts_exit_2_with_one_paragraph(tmp_path):
     assert (
         done.returncode == 2
         and last.startswith("error: ")
-        and f"{bad}:2: malformed JSON" in last
+        and f"{bad}:2:44: not valid JSON (Expecting value)" in last
         and "Traceback" not in done.stderr
     )
     assert not (tmp_path / "runs").exists()
     done = subprocess.run(
-        [str(BIN / "score"), "--predictions", str(bad), "--references", str(EN / "test.jsonl")],
+        [str(BIN / "summarization-score"), "--predictions", str(bad), "--references", str(EN / "test.jsonl")],
         capture_output=True,
         text=True,
         env=env,
@@ -240,7 +240,7 @@ def test_console_scripts_exit_2_with_one_paragraph(tmp_path):
     assert (
         done.returncode == 2
         and "missing field 'summary'" not in done.stderr
-        and f"{bad}:2: malformed JSON" in done.stderr
+        and f"{bad}:2:44: not valid JSON" in done.stderr
     )
     done = subprocess.run(
         [str(BIN / "summarization-train"), "--help"],

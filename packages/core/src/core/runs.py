@@ -110,8 +110,22 @@ def new_run_dir(root: Path, name: str = "", now: datetime | None = None) -> Path
     return path
 
 
-def latest_run_dir(root: Path, name: str = "") -> Path | None:
-    """The run folder with the highest number under ``root`` (with suffix ``name`` if given)."""
+def run_task(path: Path) -> str | None:
+    """The task that made a run folder (from its ``manifest.json``), or None when it has none."""
+    try:
+        return json.loads((Path(path) / "manifest.json").read_text(encoding="utf-8")).get("task")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def is_run_folder(path: Path) -> bool:
+    """Whether ``path`` is a run folder written by the trainer (its record files are there)."""
+    return (Path(path) / "manifest.json").is_file() and (Path(path) / "config.yaml").is_file()
+
+
+def latest_run_dir(root: Path, name: str = "", task: str | None = None) -> Path | None:
+    """The run folder with the highest number under ``root`` (with suffix ``name`` and made by
+    ``task``, when given)."""
     best: tuple[int, Path] | None = None
     if not Path(root).is_dir():
         return None
@@ -121,10 +135,38 @@ def latest_run_dir(root: Path, name: str = "") -> Path | None:
             continue
         if name and match.group(4) != name:
             continue
+        if task is not None and run_task(entry) != task:
+            continue
         number = int(match.group(1))
         if best is None or number > best[0]:
             best = (number, entry)
     return best[1] if best else None
+
+
+def check_run_dir(path: Path, task: str | None) -> None:
+    """Accept ``run.dir`` only if it is new, an empty folder, or a run folder of ``task``.
+
+    Raises:
+        ConfigError: a file; a folder of other files (the user's); a run of another task.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"Config key 'run.dir' = '{path}' is a file; a run folder is expected (a new or empty folder, or an earlier run).")
+    if not path.is_dir() or not any(path.iterdir()):
+        return
+    if not is_run_folder(path):
+        entries = sorted(p.name for p in path.iterdir())
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise ConfigError(
+            f"Config key 'run.dir' = '{path}' holds files that are not a training run ({shown}); training there could "
+            "replace them. Give a new or empty folder, or an earlier run folder (with config.yaml and manifest.json)."
+        )
+    owner = run_task(path)
+    if task is not None and owner != task:
+        raise ConfigError(
+            f"Config key 'run.dir' = '{path}' is a run of the {owner} task, not of {task}; continuing it here would "
+            f"change its record. Use '--package {owner}' to continue it, or give another run.dir."
+        )
 
 
 def _slurm_record(root: Path, job: str) -> Path:
@@ -132,37 +174,40 @@ def _slurm_record(root: Path, job: str) -> Path:
 
 
 def resolve_run_dir(
-    root: Path, name: str = "", run_dir: Path | None = None, env: dict[str, str] | None = None
+    root: Path, name: str = "", run_dir: Path | None = None, env: dict[str, str] | None = None, task: str | None = None
 ) -> RunDir:
     """Choose (and if needed create) the run folder of this process's run.
 
-    Order: an explicit ``run.dir`` (``latest`` = newest under the root); else the folder that this
-    SLURM job id made before being requeued; else a new numbered folder.
+    Order: an explicit ``run.dir`` (``latest`` = this task's newest under the root); else the
+    folder that this SLURM job id made before being requeued; else a new numbered folder.
 
     Args:
         root: the runs root.
         name: optional run-name suffix.
         run_dir: ``run.dir`` from the config.
         env: environment to read SLURM variables from (default ``os.environ``).
+        task: the task's name; an existing ``run.dir`` must be a run of it.
 
     Returns:
         The chosen :class:`RunDir`.
 
     Raises:
-        ConfigError: ``run.dir=latest`` with no run folder under the root.
+        ConfigError: ``run.dir=latest`` with no run folder of the task under the root; a
+            ``run.dir`` that is a file, a folder of other files, or another task's run.
     """
     root = Path(root)
     if run_dir is not None:
         if str(run_dir) == "latest":
-            found = latest_run_dir(root, name)
+            found = latest_run_dir(root, name, task)
             if found is None:
                 raise ConfigError(
-                    f"'run.dir=latest' found no run folder under '{root}'"
+                    f"'run.dir=latest' found no run folder{f' of the {task} task' if task else ''} under '{root}'"
                     + (f" named '*_{name}'" if name else "")
                     + "; start a new run without run.dir, or give run.dir=PATH."
                 )
             return RunDir(found, created=False, reason="latest")
         path = Path(run_dir)
+        check_run_dir(path, task)
         existed = path.is_dir()
         path.mkdir(parents=True, exist_ok=True)
         return RunDir(path, created=not existed, reason="run.dir")
@@ -171,17 +216,14 @@ def resolve_run_dir(
         record = _slurm_record(root, job)
         if record.is_file():
             path = Path(json.loads(record.read_text(encoding="utf-8"))["run_dir"])
-            if path.is_dir():
+            if path.is_dir() and (task is None or run_task(path) in (task, None)):
                 return RunDir(path, created=False, reason="slurm requeue")
     path = new_run_dir(root, name)
     if job is not None:
         record = _slurm_record(root, job)
         record.parent.mkdir(parents=True, exist_ok=True)
         tmp = record.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(
-            json.dumps({"run_dir": str(path.resolve()), "job": job, "time": time.time()}),
-            encoding="utf-8",
-        )
+        tmp.write_text(json.dumps({"run_dir": str(path.resolve()), "job": job, "time": time.time()}), encoding="utf-8")
         os.replace(tmp, record)
     return RunDir(path, created=True, reason="new")
 

@@ -1,8 +1,9 @@
-"""Graceful stop on SIGTERM / SIGUSR1 (preemption, SLURM time limit).
+"""Graceful stop on SIGTERM / SIGUSR1 (preemption, SLURM time limit) and Ctrl-C (SIGINT).
 
 The handler only records the signal; the trainer looks at :attr:`StopSignal.received` at each
 optimizer-step boundary, saves a checkpoint there and stops cleanly. Nothing heavy runs inside
-a signal handler.
+a signal handler. A second Ctrl-C stops at once (``KeyboardInterrupt``), for when the step
+boundary is too far away.
 
 Self-check: ``python -m core.signals``.
 """

@@ -235,6 +235,7 @@ def train(argv: list[str] | None = None) -> int:
         config_cls=ToyConfig,
         presets_dir=None,
         make_task=ToyTask,
+        task="toy",
     )
 
 

@@ -59,7 +59,7 @@ from core.manifest import build_manifest
 from core.optim import build_optimizer, build_scheduler
 from core.plots import plot_curves
 from core.reproducibility import rng_state, seed_all, set_rng_state
-from core.runs import RunDir, resolve_run_dir
+from core.runs import RunDir, check_run_dir, resolve_run_dir
 from core.settings import TrainConfig
 from core.signals import StopSignal, requeue_slurm_job
 from core.strategy import build_fabric, is_sharded, resolve_precision
@@ -138,6 +138,8 @@ class Trainer:
         # Machine checks and strategy first: a config this machine cannot run fails before
         # anything is launched or written.
         self.precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
+        if cfg.run.dir is not None and str(cfg.run.dir) != "latest":
+            check_run_dir(Path(cfg.run.dir), task.name)
         self.fabric = build_fabric(cfg, task.fsdp_wrap_classes)
         self.progress = Progress()
         # Validation: the last metrics and the step they belong to.
@@ -190,10 +192,12 @@ class Trainer:
                 if stopped is not None:
                     return self.interrupt(stopped, time.perf_counter() - start)
                 return self.finish(time.perf_counter() - start)
+            except KeyboardInterrupt:
+                # A second Ctrl-C: stopped at once, so the steps since the last checkpoint are lost.
+                self.write_summary("failed", time.perf_counter() - start, error="stopped by a second Ctrl-C, without a checkpoint")
+                raise
             except BaseException as err:
-                self.write_summary(
-                    "failed", time.perf_counter() - start, error=f"{type(err).__name__}: {err}"
-                )
+                self.write_summary("failed", time.perf_counter() - start, error=f"{type(err).__name__}: {err}")
                 raise
             finally:
                 if self.logger is not None:
@@ -237,7 +241,7 @@ class Trainer:
         cfg, fabric = self.cfg, self.fabric
         run = None
         if fabric.global_rank == 0:
-            run = resolve_run_dir(cfg.run.root, cfg.run.name, cfg.run.dir)
+            run = resolve_run_dir(cfg.run.root, cfg.run.name, cfg.run.dir, task=self.task.name)
         self.run = broadcast_object(run)
         self.checkpoints = CheckpointManager(self.run.checkpoints, cfg.checkpoint)
         self.task.run_dir = self.run.path
@@ -338,6 +342,7 @@ class Trainer:
             seed=tc.seed,
             lengths=lengths if tc.group_by_length else None,
             group_by_length=tc.group_by_length,
+            group_chunk_batches=tc.group_chunk_batches,
             limit_samples=limit,
         )
         cuda = fabric.device.type == "cuda"
@@ -823,7 +828,7 @@ class Trainer:
         self.save(metrics=self.metrics if self.metrics_step == self.progress.step else None)
         self.write_summary("interrupted", seconds, signal=signal_name)
         log.warning(
-            "Stopped by %s at step %d; resume with trainer.resume=auto run.dir=%s",
+            "Stopped by %s at step %d (checkpoint written); resume with: train run.dir=%s",
             signal_name,
             self.progress.step,
             self.run.path,

@@ -1,17 +1,19 @@
-"""Commands of the ``lora_llm`` package: ``train``, ``prepare``, ``infer``, ``merge``, ``estimate``.
+"""Commands of the ``lora_llm`` package: ``train``, ``evaluate``, ``infer``, ``prepare``, ``merge``, ``estimate``.
 
 ::
 
     uv run --package lora_llm train -c tiny trainer.max_steps=20          # QLoRA on the CPU, offline
     uv run --package lora_llm train -c phi2 --dry-run                      # parameters + memory, no weights
-    uv run --package lora_llm prepare -c tiny --data my.jsonl --out prepared/
-    uv run --package lora_llm infer --adapter runs/001_.../final --prompt "Give three tips for sleeping well."
-    uv run --package lora_llm merge --adapter runs/001_.../final --out merged/
+    uv run --package lora_llm evaluate --model runs/001_.../final          # held-out loss, perplexity, ROUGE-L
+    uv run --package lora_llm infer --model runs/001_.../final --prompt "Give three tips for sleeping well."
+    uv run --package lora_llm lora-llm-prepare -c tiny --data my.jsonl --out prepared/
+    uv run --package lora_llm lora-llm-merge --model runs/001_.../final --out merged/
 
-``train`` and ``infer`` are core's shared command names (dispatched here through the
-``core.tasks`` entry point); ``lora-llm-train``, ``prepare`` and ``merge`` are this package's own
-scripts; every command also runs as ``python -m lora_llm.cli <command> ...``. Mistakes a user can
-fix exit with code 2 and one paragraph (``core.cli.user_errors_exit_2``).
+``train``, ``evaluate`` and ``infer`` are core's shared command names (dispatched here through the
+``core.tasks`` entry point); ``lora-llm-train``, ``lora-llm-prepare`` and ``lora-llm-merge`` are
+this package's own scripts; every command also runs as ``python -m lora_llm.cli <command> ...``.
+Mistakes a user can fix exit with code 2 and one paragraph (``core.cli.user_errors_exit_2``);
+no command writes onto its inputs or into a folder of other files (``core.outputs``).
 
 Self-check: ``python -m lora_llm.cli`` (no arguments).
 """
@@ -24,8 +26,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from core.cli import parse_train_args, train_command, user_errors_exit_2
+from core.cli import (
+    add_model_arguments,
+    check_model_dir,
+    config_for_model,
+    evaluation_outputs,
+    parse_model_command,
+    parse_train_args,
+    train_command,
+    user_errors_exit_2,
+    write_evaluation,
+)
 from core.errors import UserError
+from core.outputs import guard_file, guard_folder, mark_folder, write_jsonl, write_text
 from lora_llm.config import DataConfig, LoraLLMConfig, ModelConfig, QuantConfig
 
 PRESETS = Path(__file__).parent / "presets"
@@ -57,6 +70,7 @@ def train(argv: list[str] | None = None) -> int:
         presets_dir=PRESETS,
         make_task=LoraLLMTask,
         default_preset=DEFAULT_PRESET,
+        task="lora_llm",
     )
 
 
@@ -99,9 +113,9 @@ def prepare(argv: list[str] | None = None) -> int:
         Exit code.
     """
     parser = argparse.ArgumentParser(
-        prog="prepare",
+        prog="lora-llm-prepare",
         description="Check and tokenize instruction / chat data; write processed JSONL and a statistics report.",
-        epilog="example: prepare -c tiny --data my_data.jsonl --out prepared/ data.max_length=512",
+        epilog="example: lora-llm-prepare -c tiny --data my_data.jsonl --out prepared/ data.max_length=512",
     )
     parser.add_argument(
         "-c",
@@ -120,7 +134,7 @@ def prepare(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace train.jsonl / val.jsonl / stats.json in --out",
+        help="write into an --out folder that holds other files (train.jsonl / val.jsonl / stats.json are replaced)",
     )
     parser.add_argument(
         "overrides",
@@ -141,17 +155,13 @@ def prepare(argv: list[str] | None = None) -> int:
         config_cls=LoraLLMConfig,
         presets_dir=PRESETS,
     )
-    outputs = [args.out / name for name in ("train.jsonl", "val.jsonl", "stats.json")]
-    existing = [p for p in outputs if p.exists()]
-    if existing and not args.overwrite:
-        raise UserError(f"{existing[0]} already exists; choose another --out or add --overwrite.")
+    inputs = [(Path(f), "--data") for f in cfg.data.train_files + cfg.data.val_files if not str(f).startswith("sample:")]
+    guard_folder(args.out, "--out", "lora-llm-prepare", inputs, overwrite=args.overwrite)
     from lora_llm.task import LoraLLMTask
 
     task = LoraLLMTask(cfg)
     task.setup()
-    args.out.mkdir(parents=True, exist_ok=True)
-    for p in existing:
-        p.unlink()
+    mark_folder(args.out, "lora-llm-prepare")
     counts = {
         "train": write_examples(args.out / "train.jsonl", task.train_data.examples, task.tokenizer)
     }
@@ -166,9 +176,7 @@ def prepare(argv: list[str] | None = None) -> int:
         "chat_source": task.encoder.chat_source,
         **stats,
     }
-    (args.out / "stats.json").write_text(
-        json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8"
-    )
+    write_text(args.out / "stats.json", json.dumps(report, indent=1, ensure_ascii=False))
     for split, s in task.stats.items():
         print(s.describe(split))
     print(
@@ -178,18 +186,13 @@ def prepare(argv: list[str] | None = None) -> int:
 
 
 def write_examples(path: Path, examples: list[dict[str, Any]], tokenizer: Any) -> int:
-    """Write encoded examples as JSON lines (with their decoded text); returns how many."""
-    with open(path, "w", encoding="utf-8") as handle:
-        for example in examples:
-            row = {
-                k: example[k]
-                for k in ("source", "style", "prompt_tokens", "response_tokens", "cut_tokens")
-            }
-            row["text"] = tokenizer.decode(example["input_ids"])
-            row["input_ids"] = example["input_ids"]
-            row["labels"] = example["labels"]
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return len(examples)
+    """Write encoded examples as JSON lines (with their decoded text) atomically; returns how many."""
+    keys = ("source", "style", "prompt_tokens", "response_tokens", "cut_tokens")
+    rows = [
+        {**{k: e[k] for k in keys}, "text": tokenizer.decode(e["input_ids"]), "input_ids": e["input_ids"], "labels": e["labels"]}
+        for e in examples
+    ]
+    return write_jsonl(path, rows)
 
 
 def quiet() -> None:
@@ -227,131 +230,100 @@ def adapter_setup(
     return adapter_config, settings, base_name, tokenizer
 
 
+def add_generation_arguments(parser: argparse.ArgumentParser, greedy_default: bool = False) -> None:
+    """Base-model and decoding flags shared by ``infer`` and ``evaluate``."""
+    parser.add_argument("--base", help="base model (Hub id or folder); default: the one the adapter was trained on")
+    parser.add_argument("--max-new-tokens", type=int, default=256 if not greedy_default else 128,
+                        help=f"tokens to generate at most (default {256 if not greedy_default else 128})")
+    parser.add_argument("--quant", choices=["auto", "4", "8", "none"], default="auto",
+                        help="load the base in 4/8 bits; auto: as in training")
+
+
 def infer_parser() -> argparse.ArgumentParser:
     """Arguments of ``infer``."""
     parser = argparse.ArgumentParser(
         prog="infer",
         description="Generate text with a base model + trained LoRA adapter.",
         epilog=(
-            "examples:\n  infer --adapter runs/001_x/final --prompt 'Give three tips for staying healthy.'\n"
-            "  infer --adapter runs/001_x/final --input prompts.jsonl --output answers.jsonl --greedy\n"
-            "  infer --adapter runs/001_x/final            # interactive, on a terminal"
+            "examples:\n  infer --model runs/001_x/final --prompt 'Give three tips for staying healthy.'\n"
+            "  infer --model runs/001_x/final --data prompts.jsonl --out answers.jsonl --greedy\n"
+            "  infer --model runs/001_x/final            # interactive, on a terminal"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--adapter", required=True, type=Path, help="adapter folder (a run's final/)"
-    )
-    parser.add_argument(
-        "--base", help="base model (Hub id or folder); default: the one the adapter was trained on"
-    )
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--prompt", help="an instruction to answer")
-    source.add_argument(
-        "--input",
-        type=Path,
-        help="JSONL / JSON of instruction records (instruction, input) or chat records (messages)",
+    add_model_arguments(
+        parser,
+        model_help="adapter folder (a run's final/)",
+        data_help="JSONL / JSON of instruction records (instruction, input) or chat records (messages)",
+        prompt_help="an instruction to answer",
+        out_help="write JSONL here instead of stdout (with --data)",
     )
     parser.add_argument("--context", default="", help="the 'input' field that goes with --prompt")
-    parser.add_argument(
-        "--output", type=Path, help="write JSONL here instead of stdout (with --input)"
-    )
-    parser.add_argument(
-        "--max-new-tokens", type=int, default=256, help="tokens to generate at most (default 256)"
-    )
+    add_generation_arguments(parser)
     parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
-    parser.add_argument(
-        "--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)"
-    )
-    parser.add_argument(
-        "--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)"
-    )
-    parser.add_argument(
-        "--top-k", type=int, default=50, help="sample among the k most likely tokens (default 50)"
-    )
-    parser.add_argument(
-        "--repetition-penalty",
-        type=float,
-        default=1.0,
-        help="> 1 discourages repeats (default 1.0)",
-    )
+    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
+    parser.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)")
+    parser.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (default 50)")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1.0)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    parser.add_argument(
-        "--batch-size", type=int, default=8, help="prompts per generate call (default 8)"
-    )
-    parser.add_argument(
-        "--quant",
-        choices=["auto", "4", "8", "none"],
-        default="auto",
-        help="load the base in 4/8 bits; auto: as in training",
-    )
-    parser.add_argument(
-        "--device",
-        choices=["auto", "cpu", "cuda"],
-        default="auto",
-        help="default: CUDA when available",
-    )
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default 8)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: CUDA when available")
     return parser
+
+
+def load_for_generation(adapter: Path, base: str | None, quant_choice: str, device: Any) -> tuple[Any, Any, Any, str]:
+    """Base + adapter ready to generate, with the tokenizer and prompt encoder of training.
+
+    Returns:
+        ``(model, tokenizer, encoder, base name)``.
+    """
+    from lora_llm.data import Encoder
+    from lora_llm.model import load_adapter_model
+
+    _, settings, base_name, tokenizer = adapter_setup(adapter, base)
+    encoder = Encoder(tokenizer, settings.get("template", "auto"), settings.get("max_length", 512), chat_source=settings.get("chat_source"))
+    trained_bits = settings.get("quant", {}).get("bits")
+    bits = trained_bits if quant_choice == "auto" else (None if quant_choice == "none" else int(quant_choice))
+    quant = QuantConfig(**{**settings.get("quant", {}), "bits": bits}) if bits else None
+    model = load_adapter_model(adapter, base_name, ModelConfig(name=base_name, dtype=settings.get("model_dtype", "auto")), quant, device)
+    return model, tokenizer, encoder, base_name
 
 
 @user_errors_exit_2
 def infer(argv: list[str] | None = None) -> int:
-    """``infer --adapter DIR [--base NAME_OR_DIR] (--prompt TEXT | --input FILE.jsonl) [sampling flags]``.
+    """``infer --model DIR [--base NAME_OR_DIR] (--prompt TEXT | --data FILE.jsonl) [--out FILE] [sampling flags]``.
 
-    Without ``--prompt`` / ``--input`` on a terminal: an interactive loop (an empty line quits).
+    Without ``--prompt`` / ``--data`` on a terminal: an interactive loop (an empty line quits).
 
     Returns:
         Exit code.
     """
     import torch
 
-    from lora_llm.data import Encoder, Record, read_records
-    from lora_llm.model import generate, load_adapter_model
+    from lora_llm.data import Record, read_records
+    from lora_llm.model import generate
 
-    args = infer_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    args = parse_model_command(infer_parser(), argv)
     quiet()
-    interactive = args.prompt is None and args.input is None
+    interactive = args.prompt is None and args.data is None
     if interactive and not sys.stdin.isatty():
-        raise UserError(
-            "Give --prompt TEXT or --input FILE.jsonl (the interactive mode needs a terminal)."
-        )
+        raise UserError("Give --prompt TEXT or --data FILE.jsonl (the interactive mode needs a terminal).")
     if args.temperature <= 0 and not args.greedy:
         raise UserError("--temperature must be positive (or use --greedy).")
+    if args.out is not None:
+        if args.data is None:
+            raise UserError("--out goes with --data (a file of prompts); --prompt prints its answer.")
+        guard_file(args.out, "--out", [(args.data, "--data")], args.overwrite)
     records: list[Record] = []
-    if args.input is not None:
-        records, _ = read_records(str(args.input), DataConfig(), for_inference=True)
+    if args.data is not None:
+        records, _ = read_records(str(args.data), DataConfig(), for_inference=True, key="--data")
         if not records:
-            raise UserError(f"{args.input} holds no records.")
-    _, settings, base, tokenizer = adapter_setup(args.adapter, args.base)
-    encoder = Encoder(
-        tokenizer,
-        settings.get("template", "auto"),
-        settings.get("max_length", 512),
-        chat_source=settings.get("chat_source"),
-    )
-    trained_bits = settings.get("quant", {}).get("bits")
-    bits = (
-        trained_bits
-        if args.quant == "auto"
-        else (None if args.quant == "none" else int(args.quant))
-    )
-    quant = QuantConfig(**{**settings.get("quant", {}), "bits": bits}) if bits else None
-    model = load_adapter_model(
-        args.adapter,
-        base,
-        ModelConfig(name=base, dtype=settings.get("model_dtype", "auto")),
-        quant,
-        device_of(args.device),
-    )
+            raise UserError(f"--data '{args.data}' holds no records.")
+    model, tokenizer, encoder, base = load_for_generation(args.model, args.base, args.quant, device_of(args.device))
     torch.manual_seed(args.seed)
     sampling = dict(
-        max_new_tokens=args.max_new_tokens,
-        do_sample=not args.greedy,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        repetition_penalty=args.repetition_penalty,
-        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, repetition_penalty=args.repetition_penalty, batch_size=args.batch_size,
     )
 
     def answer(batch: list[Record]) -> list[str]:
@@ -362,10 +334,7 @@ def infer(argv: list[str] | None = None) -> int:
         print(answer([Record(source="--prompt", instruction=args.prompt, input=args.context)])[0])
         return 0
     if interactive:
-        print(
-            f"Adapter {args.adapter} on {base}. Type an instruction; an empty line quits.",
-            file=sys.stderr,
-        )
+        print(f"Adapter {args.model} on {base}. Type an instruction; an empty line quits.", file=sys.stderr)
         while True:
             try:
                 line = input("instruction> ").strip()
@@ -375,24 +344,88 @@ def infer(argv: list[str] | None = None) -> int:
                 break
             print(answer([Record(source="terminal", instruction=line)])[0])
         return 0
-    texts = answer(records)
-    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
-    try:
-        for record, text in zip(records, texts):
-            row: dict[str, Any] = {"source": record.source}
-            if record.messages is not None:
-                row["messages"] = record.messages
-            else:
-                row.update(instruction=record.instruction, input=record.input)
-                if record.output:
-                    row["reference"] = record.output
-            row["generated"] = text
-            out.write(json.dumps(row, ensure_ascii=False) + "\n")
-    finally:
-        if out is not sys.stdout:
-            out.close()
-    if args.output:
-        print(f"wrote {len(texts)} answers to {args.output}", file=sys.stderr)
+    rows = []
+    for record, text in zip(records, answer(records), strict=True):
+        row: dict[str, Any] = {"source": record.source}
+        if record.messages is not None:
+            row["messages"] = record.messages
+        else:
+            row.update(instruction=record.instruction, input=record.input)
+            if record.output:
+                row["reference"] = record.output
+        row["generated"] = text
+        rows.append(row)
+    if args.out is not None:
+        write_jsonl(args.out, rows)
+        print(f"wrote {len(rows)} answers to {args.out}", file=sys.stderr)
+    else:
+        for row in rows:
+            print(json.dumps(row, ensure_ascii=False))
+    return 0
+
+
+@user_errors_exit_2
+def evaluate(argv: list[str] | None = None) -> int:
+    """``evaluate --model DIR [--data FILE | --split val] [--out FILE]``: held-out loss and
+    perplexity of base + adapter, and greedy answers scored against the reference responses
+    (ROUGE-L F1, exact match), on every device at once (``trainer.devices=N``).
+
+    Returns:
+        Exit code.
+    """
+    parser = argparse.ArgumentParser(
+        prog="evaluate",
+        description="Held-out loss, perplexity and answer quality (ROUGE-L, exact match) of a LoRA adapter; several "
+        "processes with trainer.devices=N.",
+        epilog="The config comes from -c, else from the config.yaml of the run that wrote --model, else the default preset. "
+        "Prints the metrics as one JSON line; the answers ({source, prediction, reference, loss}) go to --out, or, for a "
+        "run's final/, to <run>/eval/<name>.jsonl. --max-new-tokens 0: loss and perplexity only.",
+    )
+    add_model_arguments(
+        parser,
+        model_help="adapter folder (a run's final/)",
+        data_help="instruction or chat records with reference responses (JSONL / JSON)",
+        split_help="val: the run's held-out records (data.val_files, or the seeded data.val_size share) (default)",
+        out_help="write each record's answer, reference and loss here (JSONL)",
+    )
+    add_generation_arguments(parser, greedy_default=True)
+    args = parse_model_command(parser, argv)
+    check_model_dir(args.model, "adapter_config.json", "an adapter folder (a run's final/)")
+    if args.max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens}: use 0 (no generation) or more.")
+    if args.data is None and (args.split or "val") != "val":
+        raise UserError(f"--split {args.split!r}: lora_llm has one held-out split, val; or give --data FILE.")
+    cfg = config_for_model(args.model, args.config, args.overrides, LoraLLMConfig, PRESETS, DEFAULT_PRESET)
+    cfg.model.gradient_checkpointing = False
+    name = args.data.stem if args.data is not None else "val"
+    records_path, scores_path = evaluation_outputs(args.model, name, args.out, args.overwrite, [(args.data, "--data")])
+    from core.evaluation import Evaluator
+    from lora_llm.data import read_records
+    from lora_llm.task import LoraLLMTask
+
+    quiet()
+    task = LoraLLMTask(cfg)
+    evaluator = Evaluator(cfg, task)
+    _, _, base, tokenizer = adapter_setup(args.model, args.base)
+    task.tokenizer = tokenizer
+    task.cfg.model.name = base
+    if args.data is not None:
+        records, _ = read_records(str(args.data), cfg.data, key="--data")
+    else:
+        records = task.read_splits()[2]
+        if not records:
+            raise UserError("The run's config holds out no records (data.val_files empty and data.val_size 0): give --data FILE.")
+    model, tokenizer, encoder, _ = load_for_generation(args.model, args.base, args.quant, evaluator.fabric.device)
+    dataset = task.evaluation_set(records, encoder, args.max_new_tokens)
+    result = evaluator.run(evaluator.setup_model(model), dataset)
+    if evaluator.is_global_zero:
+        rows = [
+            {k: r[k] for k in ("source", "prediction", "reference") if k in r} | {"loss": r["loss_sum"] / max(r["tokens"], 1)}
+            for r in result.records
+        ]
+        scores = {**result.metrics, "samples": len(rows), "model": str(args.model), "base": base,
+                  "data": str(args.data) if args.data is not None else "val", "world_size": evaluator.fabric.world_size}
+        write_evaluation(records_path, scores_path, rows, scores)
     return 0
 
 
@@ -422,12 +455,12 @@ def merge(argv: list[str] | None = None) -> int:
     )
 
     parser = argparse.ArgumentParser(
-        prog="merge",
+        prog="lora-llm-merge",
         description="Merge a LoRA adapter into its 16/32-bit base model and save the result (save_pretrained).",
-        epilog="example: merge --adapter runs/001_x/final --out merged/ --dtype bfloat16",
+        epilog="example: lora-llm-merge --model runs/001_x/final --out merged/ --dtype bfloat16",
     )
     parser.add_argument(
-        "--adapter", required=True, type=Path, help="adapter folder (a run's final/)"
+        "--model", "--adapter", dest="adapter", required=True, type=Path, help="adapter folder (a run's final/)"
     )
     parser.add_argument(
         "--out",
@@ -463,10 +496,10 @@ def merge(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     quiet()
-    if args.out.exists() and any(args.out.iterdir()):
-        raise UserError(
-            f"--out {args.out} exists and is not empty; merge never overwrites files: choose a new folder."
-        )
+    # Never into a folder of other files, nor onto the adapter or the base it reads.
+    guard_folder(args.out, "--out", "lora-llm-merge", inputs=[(args.adapter, "--model"), *([(Path(args.base), "--base")] if args.base else [])])
+    if args.out.is_dir() and any(args.out.iterdir()):
+        raise UserError(f"--out '{args.out}' already holds a merged model; merge writes a new folder: choose another --out.")
     _, settings, base, tokenizer = adapter_setup(args.adapter, args.base)
     check_not_quantized_checkpoint(base)
     device = device_of(args.device)
@@ -488,6 +521,7 @@ def merge(argv: list[str] | None = None) -> int:
         [encoder.prompt_ids(Record(source="--probe", instruction=args.probe))], device=device
     )
     merged, numbers = merge_and_check(model, probe)
+    mark_folder(args.out, "lora-llm-merge")
     merged.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
     reloaded = AutoModelForCausalLM.from_pretrained(
@@ -532,12 +566,14 @@ def merge(argv: list[str] | None = None) -> int:
 
 COMMANDS = {
     "train": train,
+    "evaluate": evaluate,
     "infer": infer,
     "prepare": prepare,
     "merge": merge,
     "estimate": estimate,
 }
-"""Commands found through the ``core.tasks`` entry point (``train`` and ``infer`` are shared names)."""
+"""Commands found through the ``core.tasks`` entry point (``train``, ``evaluate`` and ``infer`` are
+core's shared names; the package's own scripts carry its name: ``lora-llm-prepare``, ...)."""
 
 
 if __name__ == "__main__":

@@ -247,63 +247,6 @@ def _parse_tokenized(obj: dict[str, Any], source: str) -> Record:
     return Record(source=source, input_ids=ids, labels=labels)
 
 
-def _json_array_items(text: str, path: Path) -> Iterator[tuple[int, Any]]:
-    """Decode a JSON array element by element, yielding ``(line number, element)``.
-
-    Line numbers are counted incrementally from the previous element: counting from the start
-    of the file for every element made reading quadratic (173 s for a 21 MB, 50k-record file).
-
-    Raises:
-        UserError: the file is not a well-formed JSON array (with line and column).
-    """
-    decoder = json.JSONDecoder()
-    pos = len(text) - len(text.lstrip())
-    if not text[pos:].startswith("["):
-        raise UserError(
-            f"Data file {path} is not a JSON array (it must start with '['); JSON lines files need the .jsonl extension."
-        )
-    line, counted = 1, 0  # ``line`` is the line number of offset ``counted``
-
-    def line_at(offset: int) -> int:
-        """1-based line number of ``offset`` (never before the last offset asked for)."""
-        nonlocal line, counted
-        line += text.count("\n", counted, offset)
-        counted = offset
-        return line
-
-    pos += 1
-    expect_item = True
-    while True:
-        while pos < len(text) and text[pos] in " \t\r\n":
-            pos += 1
-        if pos >= len(text):
-            raise UserError(f"Data file {path} ends before its JSON array is closed (missing ']').")
-        char = text[pos]
-        if char == "]":
-            return
-        if char == ",":
-            if expect_item:
-                raise UserError(
-                    f"Data file {path} line {line_at(pos)}: unexpected ',' in the JSON array."
-                )
-            expect_item = True
-            pos += 1
-            continue
-        if not expect_item:
-            raise UserError(
-                f"Data file {path} line {line_at(pos)}: expected ',' or ']' between records."
-            )
-        try:
-            value, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as err:
-            raise UserError(
-                f"Data file {path} line {err.lineno} column {err.colno}: not valid JSON ({err.msg}). Fix the file."
-            ) from None
-        yield line_at(pos), value
-        pos = end
-        expect_item = False
-
-
 def resolve_spec(spec: str) -> Path | str:
     """``sample:<name>`` -> the shipped file; an existing path -> Path; anything else stays a dataset id.
 
@@ -320,95 +263,23 @@ def resolve_spec(spec: str) -> Path | str:
     path = Path(spec).expanduser()
     if path.exists():
         return path
-    if (
-        path.suffix.lower() in (".json", ".jsonl")
-        or spec.startswith((".", "/", "~"))
-        or "\\" in spec
-    ):
+    if path.suffix.lower() in (".json", ".jsonl") or spec.startswith((".", "/", "~")) or "\\" in spec:
         raise UserError(
-            f"Data file '{spec}' does not exist (data.train_files / data.val_files). Give an existing .json / .jsonl file."
+            f"Data file '{spec}' (data.train_files / data.val_files) does not exist. Give an existing .jsonl / .json file."
         )
     return spec
 
 
-def read_raw(
-    spec: str, split: str = "train", subset: str | None = None
-) -> Iterator[tuple[str, Any]]:
-    """Yield ``(source, raw record)`` from a file, dataset folder, dataset id or shipped sample.
-
-    Raises:
-        UserError: unreadable file, malformed JSON array, unavailable dataset.
-    """
-    where = resolve_spec(spec)
-    if isinstance(where, Path) and where.is_file():
-        text = where.read_text(encoding="utf-8-sig")
-        stripped = text.lstrip()
-        if where.suffix.lower() == ".json" and stripped.startswith("["):
-            for i, (line, value) in enumerate(_json_array_items(text, where)):
-                yield f"{where}:{line} (record {i})", value
-            return
-        if where.suffix.lower() not in (".json", ".jsonl"):
-            raise UserError(
-                f"Data file {where} has an unsupported type: use a JSON array (.json) or JSON lines (.jsonl)."
-            )
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as err:
-                value = BadRecord(
-                    f"{where}:{number}: not valid JSON ({err.msg} at column {err.colno})."
-                )
-            yield f"{where}:{number}", value
-        return
-    for i, row in enumerate(_dataset_rows(where, split, subset)):
-        yield f"{spec}[{split}] row {i}", row
-
-
-def _dataset_rows(where: Path | str, split: str, subset: str | None) -> Iterator[dict[str, Any]]:
-    """Rows of a dataset folder (``save_to_disk`` or data files) or a Hub dataset id.
-
-    Raises:
-        UserError: the dataset cannot be loaded here (offline, unknown split, ...).
-    """
-    import datasets
-
-    from core.hub import hub_reachable
-
-    try:
-        if (
-            isinstance(where, Path)
-            and (where / "dataset_info.json").is_file()
-            or isinstance(where, Path)
-            and (where / "dataset_dict.json").is_file()
-        ):
-            loaded = datasets.load_from_disk(str(where))
-            ds = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
-        else:
-            if not isinstance(where, Path) and not hub_reachable():
-                # Without network the Hub client retries for a while; use the local cache only.
-                datasets.config.HF_HUB_OFFLINE = True
-            ds = datasets.load_dataset(str(where), subset, split=split)
-    except (
-        Exception
-    ) as err:  # datasets raises many types (ConnectionError, FileNotFoundError, ValueError, ...)
-        raise UserError(
-            f"Cannot load the dataset '{where}' (split '{split}'{f', subset {subset}' if subset else ''}): {type(err).__name__}: "
-            f"{str(err)[:300]}. Without network use a local .json / .jsonl file or a folder written by Dataset.save_to_disk."
-        ) from None
-    yield from ds
-
-
 def read_records(
-    spec: str, cfg: DataConfig, for_inference: bool = False
+    spec: str, cfg: DataConfig, for_inference: bool = False, key: str = "data.train_files"
 ) -> tuple[list[Record], list[str]]:
     """Read and check every record of one data source.
 
     Args:
-        spec: a ``data.train_files`` entry.
+        spec: a ``data.train_files`` entry (a file, a dataset folder or id, ``sample:<name>``).
         cfg: the data settings (``on_bad_record``, ``hf_split``, ``hf_subset``).
-        for_inference: records without responses are fine (``infer --input``).
+        for_inference: records without responses are fine (``infer --data``).
+        key: the config key or option that named ``spec`` (for messages).
 
     Returns:
         ``(records, problems)``: the good records, and one message per skipped bad record.
@@ -416,12 +287,15 @@ def read_records(
     Raises:
         UserError: a bad record when ``data.on_bad_record=error``.
     """
+    from core.records import BadJSON, iter_source
+
     records, problems = [], []
-    for source, raw in read_raw(spec, cfg.hf_split, cfg.hf_subset):
+    # Malformed lines come back as BadJSON, so they get the same hint (or skip) as bad records.
+    for raw in iter_source(resolve_spec(spec), key, split=cfg.hf_split, subset=cfg.hf_subset, on_bad="keep"):
         try:
-            if isinstance(raw, BadRecord):
-                raise raw
-            records.append(parse_record(raw, source, for_inference))
+            if isinstance(raw.value, BadJSON):
+                raise BadRecord(raw.value.message)
+            records.append(parse_record(raw.value, raw.where, for_inference))
         except BadRecord as err:
             if cfg.on_bad_record == "error" or for_inference:
                 raise UserError(
@@ -429,6 +303,21 @@ def read_records(
                 ) from None
             problems.append(str(err))
     return records, problems
+
+
+def reference_text(record: Record) -> str:
+    """The response a record trains: its ``output``, or the content of its last assistant message."""
+    if record.messages is not None:
+        return next((m["content"] for m in reversed(record.messages) if m.get("role") == "assistant"), "")
+    return record.output
+
+
+def without_answer(record: Record) -> Record:
+    """The record as a prompt: a chat record without its last assistant message (the reference
+    an evaluation compares the generated answer with); instruction records as they are."""
+    if record.messages and record.messages[-1].get("role") == "assistant":
+        return Record(source=record.source, messages=record.messages[:-1])
+    return record
 
 
 def split_records(

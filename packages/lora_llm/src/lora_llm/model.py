@@ -276,12 +276,50 @@ def load_base(
         kwargs["attn_implementation"] = cfg.attn_implementation
     if bnb is not None:
         kwargs["quantization_config"] = bnb
+    check_causal_lm(name_or_path, cfg)
     try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+        with transformers_errors_only():
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as err:
         raise UserError(f"Cannot load the model '{name_or_path}' (model.name): {err}") from None
     cpu_4bit_inference_kernel(model, enabled=not training)
     return model
+
+
+@contextmanager
+def transformers_errors_only() -> Iterator[None]:
+    """Hide transformers' info and warning output (its weight "load report" table) while loading;
+    a mismatch that matters becomes one :class:`UserError` paragraph from our own checks."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(before)
+
+
+def check_causal_lm(name_or_path: str | Path, cfg: ModelConfig) -> None:
+    """Refuse a local model folder whose architecture is not a causal LM (e.g. a seq2seq model
+    passed as ``--base``) before loading it, naming what it is.
+
+    Raises:
+        UserError: the folder's config.json names an encoder-decoder or non-causal architecture.
+    """
+    config_file = Path(name_or_path) / "config.json"
+    if not config_file.is_file():
+        return
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    architectures = config.get("architectures") or []
+    if config.get("is_encoder_decoder") or (architectures and not any("CausalLM" in a for a in architectures)):
+        raise UserError(
+            f"'{name_or_path}' holds a {config.get('model_type', '?')} model ({', '.join(architectures) or 'no architecture'}), "
+            "not a causal language model: give the base the adapter was trained on (--base), or a causal LM for model.name."
+        )
 
 
 def enable_checkpointing(model: nn.Module) -> None:
@@ -529,6 +567,7 @@ def generate(
     top_k: int = 50,
     repetition_penalty: float = 1.0,
     batch_size: int = 8,
+    synced_gpus: bool = False,
 ) -> list[str]:
     """Generate a continuation for each prompt (batched, left-padded).
 
@@ -538,6 +577,7 @@ def generate(
         prompts: token ids of each prompt (as :meth:`lora_llm.data.Encoder.prompt_ids` makes them).
         max_new_tokens / do_sample / temperature / top_p / top_k / repetition_penalty: sampling settings.
         batch_size: prompts per ``generate`` call.
+        synced_gpus: keep stepping until every rank is done (sharded parameters, FSDP2).
 
     Returns:
         The generated text of each prompt (special tokens removed), in order.
@@ -564,6 +604,7 @@ def generate(
                 repetition_penalty=repetition_penalty,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
+                synced_gpus=synced_gpus,
                 **sampling,
             )
         for row, i in enumerate(chunk):

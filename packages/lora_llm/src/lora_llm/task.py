@@ -38,11 +38,14 @@ from lora_llm.data import (
     collate,
     encode_records,
     read_records,
+    reference_text,
+    without_answer,
     resolve_spec,
     split_records,
 )
 from lora_llm.model import (
     add_adapter,
+    generate,
     build_tiny_base,
     causal_lm_class,
     decoder_layer_classes,
@@ -139,6 +142,11 @@ class LoraLLMTask(Task):
         self.cfg: LoraLLMConfig = cfg
         self.files: list[Path] = []
         self.stats: dict[str, EncodeStats] = {}
+        # ``evaluate``: prompt ids, reference responses and record sources by dataset index.
+        self.eval_prompts: list[list[int]] = []
+        self.eval_references: list[str] = []
+        self.eval_sources: list[str] = []
+        self.eval_new_tokens = 0
 
     # -- data ----------------------------------------------------------------------------------
 
@@ -152,18 +160,13 @@ class LoraLLMTask(Task):
         self.encoder = Encoder(
             self.tokenizer, d.template, d.max_length, d.min_response_tokens, d.train_on_prompt
         )
-        train_records, train_problems = self.read(d.train_files, d.max_samples)
-        if d.val_files:
-            val_records, val_problems = self.read(d.val_files, None)
-        else:
-            train_records, val_records = split_records(train_records, d.val_size, d.seed)
-            val_problems = []
+        train_records, train_problems, val_records, val_problems = self.read_splits()
         train_examples, self.stats["train"] = encode_records(
             train_records, self.encoder, d.long_prompts, train_problems
         )
         if not train_examples:
             raise UserError(
-                f"No usable training samples in {d.train_files}: {self.stats['train'].describe('train')}."
+                f"No usable training samples in data.train_files={d.train_files}: {self.stats['train'].describe('train')}."
             )
         self.train_data = (
             PackedDataset(train_examples, d.max_length) if d.packing else SFTDataset(train_examples)
@@ -173,17 +176,68 @@ class LoraLLMTask(Task):
             val_examples, self.stats["val"] = encode_records(
                 val_records, self.encoder, d.long_prompts, val_problems
             )
+            if not val_examples and d.val_files:
+                raise UserError(
+                    f"No usable validation samples in data.val_files={d.val_files}: {self.stats['val'].describe('val')}."
+                )
             self.val_data = SFTDataset(val_examples) if val_examples else None
 
-    def read(self, specs: list[str], limit: int | None) -> tuple[list[Record], list[str]]:
-        """Records of several data sources (the first ``limit`` of each) and the skipped problems."""
+    def read_splits(self) -> tuple[list[Record], list[str], list[Record], list[str]]:
+        """The training and held-out records, exactly as training splits them: ``data.val_files``
+        when set, else a seeded ``data.val_size`` share of the training records.
+
+        Returns:
+            ``(train records, their skipped problems, validation records, their problems)``.
+        """
+        d = self.cfg.data
+        train_records, train_problems = self.read(d.train_files, d.max_samples, "data.train_files")
+        if d.val_files:
+            val_records, val_problems = self.read(d.val_files, None, "data.val_files")
+            return train_records, train_problems, val_records, val_problems
+        train_records, val_records = split_records(train_records, d.val_size, d.seed)
+        return train_records, train_problems, val_records, []
+
+    def evaluation_set(self, records: list[Record], encoder: Encoder, generate: int) -> SFTDataset:
+        """Held-out records for ``evaluate``: their loss, and (``generate`` > 0) a greedy answer of
+        at most ``generate`` tokens to each prompt, scored against the reference response.
+
+        Args:
+            records: records with responses.
+            encoder: the encoder the adapter was trained with (template, max length).
+            generate: new tokens per answer (0: loss and perplexity only).
+
+        Returns:
+            The dataset; ``validation_step`` finds each item's prompt and reference by its index.
+        """
+        self.encoder = encoder
+        examples, self.stats["eval"] = encode_records(records, encoder, "skip")
+        kept = {e["source"] for e in examples}
+        chosen = [r for r in records if r.source in kept]
+        self.eval_prompts = [encoder.prompt_ids(without_answer(r)) for r in chosen] if generate else []
+        self.eval_references = [reference_text(r) for r in chosen]
+        self.eval_sources = [r.source for r in chosen]
+        self.eval_new_tokens = generate
+        if not examples:
+            raise UserError(f"No usable evaluation samples: {self.stats['eval'].describe('eval')}.")
+        return SFTDataset(examples)
+
+    def read(self, specs: list[str], limit: int | None, key: str) -> tuple[list[Record], list[str]]:
+        """Records of several data sources (the first ``limit`` of each) and the skipped problems.
+
+        Args:
+            specs: files, dataset folders or ids, ``sample:<name>``.
+            limit: records to keep per source (None: all).
+            key: the config key that lists them (for messages).
+        """
         records: list[Record] = []
         problems: list[str] = []
         for spec in specs:
             where = resolve_spec(spec)
             if isinstance(where, Path) and where.is_file():
                 self.files.append(where)
-            found, bad = read_records(spec, self.cfg.data)
+            found, bad = read_records(spec, self.cfg.data, key=key)
+            if not found and not bad:
+                raise UserError(f"Data source '{spec}' ({key}) holds no records: it is empty or has only blank lines.")
             records += found[:limit] if limit else found
             problems += bad
         return records, problems
@@ -308,11 +362,35 @@ class LoraLLMTask(Task):
         """Per-sample loss sums and trained-token counts, both ``(batch,)``."""
         return per_sample_loss(forward_logits(model, batch), batch["labels"], shift=True)
 
+    def validation_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+        """Per-sample loss records; in ``evaluate`` with generation also the greedy answer to each
+        prompt and its reference (all ranks generate in lockstep under sharded strategies)."""
+        records = super().validation_step(model, batch)
+        if self.eval_prompts:
+            indices = batch["index"].tolist()
+            answers = generate(
+                model, self.tokenizer, [self.eval_prompts[i] for i in indices], max_new_tokens=self.eval_new_tokens,
+                do_sample=False, batch_size=len(indices), synced_gpus=self.ranks.sharded,
+            )
+            for record, i, answer in zip(records, indices, answers, strict=True):
+                record.update(source=self.eval_sources[i], prediction=answer, reference=self.eval_references[i])
+        return records
+
     def compute_metrics(self, records: list[dict[str, Any]]) -> dict[str, float]:
-        """Token-weighted validation loss and its perplexity."""
+        """Token-weighted loss and its perplexity; with generated answers also ROUGE-L F1 (core's
+        ROUGE: Korean is scored, not dropped) and the exact-match rate against the references."""
         tokens = sum(r["tokens"] for r in records)
         loss = sum(r["loss_sum"] for r in records) / max(tokens, 1)
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+        metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+        answered = [r for r in records if "prediction" in r]
+        if answered:
+            from core.metrics import resolve_tokenizer, rouge
+
+            predictions, references = [r["prediction"] for r in answered], [r["reference"] for r in answered]
+            scores = rouge(predictions, [[t] for t in references], tokenizer=resolve_tokenizer("auto", references))
+            metrics["rougeL"] = float(scores["rougeL"])
+            metrics["exact_match"] = sum(" ".join(p.split()) == " ".join(t.split()) for p, t in zip(predictions, references)) / len(answered)
+        return metrics
 
     # -- output --------------------------------------------------------------------------------
 

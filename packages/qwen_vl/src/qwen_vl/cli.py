@@ -1,13 +1,14 @@
 """Commands of the qwen_vl package.
 
-    make-data --out DIR --n N [--seed S]                     draw the counting data set
-    train [-c PRESET|FILE] [key=value ...]                   fine-tune (core's contract; also qwen-vl-train)
-    evaluate --model DIR --data FILE [key=value ...]         validation loss + counting metrics of a saved model
-    infer --model DIR --image FILE --prompt TEXT             answer one question about one (or more) images
+    qwen-vl-make-data --out DIR --n N [--seed S]                   draw the counting data set
+    train [-c PRESET|FILE] [key=value ...]                         fine-tune (core's contract; also qwen-vl-train)
+    evaluate --model DIR [--data FILE | --split dev] [--out FILE]  loss + counting metrics of a saved model
+    infer --model DIR (--prompt TEXT [--image FILE] | --data FILE) answer questions about images
 
 ``train``, ``evaluate`` and ``infer`` are the shared console scripts of core, dispatched here
 through the ``core.tasks`` entry point (``uv run --package qwen_vl train ...``); ``COMMANDS``
-maps them. A mistake the user can fix exits with code 2 and one paragraph.
+maps them; the package's own script carries its name. A mistake the user can fix exits with
+code 2 and one paragraph; no command writes onto its inputs or into a folder of other files.
 
 Self-check: ``python -m qwen_vl.cli`` (``--help`` of every command). Subprocess tests also run
 ``python -m qwen_vl.cli COMMAND ...``.
@@ -21,14 +22,24 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from core.cli import parse_train_args, train_command, user_errors_exit_2
+from core.cli import (
+    add_model_arguments,
+    check_model_dir,
+    config_for_model,
+    evaluation_outputs,
+    parse_model_command,
+    train_command,
+    user_errors_exit_2,
+    write_evaluation,
+)
 from core.errors import UserError
+from core.outputs import guard_file, guard_folder, mark_folder
 from qwen_vl.config import QwenVLConfig
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 """The YAML presets shipped in the package."""
 DEFAULT_PRESET = "tiny"
-"""Preset of ``train`` without ``-c`` (offline; reads ``data/counting`` written by ``make-data``)."""
+"""Preset of ``train`` without ``-c`` (offline; the built-in counting data, drawn on first use)."""
 
 
 def train(argv: list[str] | None = None) -> int:
@@ -43,20 +54,23 @@ def train(argv: list[str] | None = None) -> int:
         presets_dir=PRESETS_DIR,
         make_task=QwenVLTask,
         default_preset=DEFAULT_PRESET,
+        task="qwen_vl",
     )
 
 
 @user_errors_exit_2
 def make_data(argv: list[str] | None = None) -> int:
-    """``make-data``: draw images with a known number of objects and write train/dev conversations."""
+    """``qwen-vl-make-data``: draw images with a known number of objects and write train/dev
+    conversations into a new (or empty, or earlier make-data) folder."""
     from qwen_vl.synth import SynthSettings, write_dataset
 
     parser = argparse.ArgumentParser(
-        prog="make-data",
+        prog="qwen-vl-make-data",
         description="Draw a counting data set (images with N circles / squares / triangles; "
         "'How many ... are in the image?' -> N) as train.jsonl / dev.jsonl + images/. Same --seed, same files.",
     )
-    parser.add_argument("--out", type=Path, required=True, help="output folder (created)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (created; must be new, empty or an earlier make-data folder)")
+    parser.add_argument("--overwrite", action="store_true", help="write into a folder that holds other files")
     parser.add_argument("--n", type=int, required=True, help="training records")
     parser.add_argument(
         "--n-dev", type=int, default=None, help="dev records (default: n/5, at least 8)"
@@ -112,10 +126,12 @@ def make_data(argv: list[str] | None = None) -> int:
         text_share=args.text_share,
         multi_turn_share=args.multi_turn_share,
     )
+    guard_folder(args.out, "--out", "qwen-vl-make-data", overwrite=args.overwrite)
     try:
         stats = write_dataset(args.out, settings)
     except ValueError as err:
         raise UserError(str(err)) from None
+    mark_folder(args.out, "qwen-vl-make-data")
     print(
         f"wrote {stats['train']} train and {stats['dev']} dev records ({stats['images']} images) to {args.out}"
     )
@@ -123,206 +139,194 @@ def make_data(argv: list[str] | None = None) -> int:
     return 0
 
 
-def split_args(
-    argv: list[str], parser: argparse.ArgumentParser
-) -> tuple[argparse.Namespace, list[str]]:
-    """Parse the command's own flags; everything else goes to the config (``-c``, ``key=value``)."""
-    args, rest = parser.parse_known_args(argv)
-    unknown = [
-        a for a in rest if a.startswith("-") and a not in ("-c", "--config") and "=" not in a
-    ]
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    return args, rest
-
-
-def eval_config(rest: list[str], model_dir: str, prog: str) -> QwenVLConfig:
-    """The config of ``evaluate``: defaults (or ``-c``) + overrides, with the model and its own processor.
+def eval_config(args: argparse.Namespace) -> QwenVLConfig:
+    """The config of ``evaluate``: ``-c``, else the run's own ``config.yaml``, else the default
+    preset; the overrides; then the model and its own processor.
 
     Unless overridden, the pixel limits are the ones saved with the model's processor (the ones
-    it was trained with), not the config defaults.
+    it was trained with), not the config's.
     """
-    cfg, _ = parse_train_args(
-        rest, prog=prog, description="", config_cls=QwenVLConfig, presets_dir=PRESETS_DIR
-    )
-    keys = {r.split("=", 1)[0] for r in rest if "=" in r}
+    cfg = config_for_model(args.model, args.config, args.overrides, QwenVLConfig, PRESETS_DIR, DEFAULT_PRESET)
+    keys = {r.split("=", 1)[0] for r in args.overrides}
     if "data.min_pixels" not in keys:
         cfg.data.min_pixels = None
     if "data.max_pixels" not in keys:
         cfg.data.max_pixels = None
-    cfg.model.name, cfg.model.processor = model_dir, None
+    cfg.model.name, cfg.model.processor = str(args.model), None
     cfg.model.lora.enabled = False  # final/ holds merged weights
     return cfg
 
 
 @user_errors_exit_2
 def evaluate(argv: list[str] | None = None) -> int:
-    """``evaluate``: validation loss and counting metrics of a saved model on a data file, on every device at once."""
+    """``evaluate --model DIR [--data FILE | --split dev] [--out FILE]``: validation loss and
+    counting metrics of a saved model, on every device at once."""
     parser = argparse.ArgumentParser(
         prog="evaluate",
         description="Loss and counting metrics (exact match, mean absolute error of the parsed count) of a saved "
-        "Qwen2.5-VL model on a JSONL file. Runs on all trainer.devices at once (DDP, or FSDP with trainer.strategy=fsdp).",
+        "Qwen2.5-VL model on conversations. Runs on all trainer.devices at once (DDP, or FSDP2 with trainer.strategy=fsdp).",
         epilog="Any train key works after the flags: trainer.devices=4 trainer.precision=bf16-true "
-        "trainer.eval_batch_size=16 generation.max_new_tokens=8; -c PRESET takes a preset's settings.",
+        "trainer.eval_batch_size=16 generation.max_new_tokens=8; -c PRESET takes a preset's settings. Prints the metrics "
+        "as one JSON line; the answers ({id, prediction, reference}) go to --out, or, for a run's final/, to "
+        "<run>/eval/<name>.jsonl.",
     )
-    parser.add_argument(
-        "--model",
-        required=True,
-        help="a folder written by save_pretrained (e.g. runs/NNN_.../final)",
+    add_model_arguments(
+        parser,
+        model_help="a folder written by save_pretrained (e.g. runs/NNN_.../final)",
+        data_help="JSONL conversations (the last assistant turn is the reference)",
+        split_help="dev: the config's data.val_file (default)",
+        out_help="write every answer and its reference here (JSONL)",
     )
-    parser.add_argument(
-        "--data",
-        type=Path,
-        required=True,
-        help="JSONL conversations (the last assistant turn is the reference)",
-    )
-    parser.add_argument(
-        "--predictions",
-        type=Path,
-        default=None,
-        help="also write every answer and reference to this JSONL file",
-    )
-    args, rest = split_args(list(sys.argv[1:] if argv is None else argv), parser)
-    cfg = eval_config(rest, args.model, "evaluate")
+    args = parse_model_command(parser, argv)
+    check_model_dir(args.model)
+    if args.data is None and (args.split or "dev") != "dev":
+        raise UserError(f"--split {args.split!r}: qwen_vl has one held-out split, dev (data.val_file); or give --data FILE.")
+    cfg = eval_config(args)
+    source = args.data if args.data is not None else cfg.data.val_file
+    if source is None:
+        raise UserError("No data to evaluate on: give --data FILE, or a config whose data.val_file is set.")
+    name = args.data.stem if args.data is not None else "dev"
+    records_path, scores_path = evaluation_outputs(args.model, name, args.out, args.overwrite, [(args.data, "--data")])
     from core.evaluation import Evaluator
     from qwen_vl.task import QwenVLTask
 
     task = QwenVLTask(cfg)
     evaluator = Evaluator(cfg, task)
     task.prepare()
-    task.eval_data = task.load_data(args.data, generation=True)
+    key = "--data" if args.data is not None else "data.val_file"
+    task.eval_data = task.load_data(task.resolve_builtin(Path(source), "dev"), generation=True, key=key)
     with evaluator.fabric.init_module(empty_init=False):
         module = task.configure_model()
     result = evaluator.run(evaluator.setup_model(module), task.eval_data)
     if evaluator.is_global_zero:
-        if args.predictions is not None:
-            args.predictions.parent.mkdir(parents=True, exist_ok=True)
-            rows = [
-                {k: r[k] for k in ("id", "prediction", "reference") if k in r}
-                for r in result.records
-            ]
-            args.predictions.write_text(
-                "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
-            )
-        print(json.dumps(result.metrics))
+        rows = [{k: r[k] for k in ("id", "prediction", "reference") if k in r} for r in result.records]
+        scores = {**result.metrics, "model": str(args.model), "data": str(source), "world_size": evaluator.fabric.world_size}
+        write_evaluation(records_path, scores_path, rows, scores)
     return 0
 
 
 @user_errors_exit_2
 def infer(argv: list[str] | None = None) -> int:
-    """``infer``: answer a prompt about one or more images (or none) with a saved model; prints the answer."""
+    """``infer --model DIR (--prompt TEXT [--image FILE ...] | --data FILE) [--out FILE]``:
+    answer questions about images (or none) with a saved model."""
     parser = argparse.ArgumentParser(
-        prog="infer", description="Answer a question about images with a saved Qwen2.5-VL model."
+        prog="infer",
+        description="Answer questions about images with a saved Qwen2.5-VL model.",
+        epilog="--data rows: {\"id\": ..., \"prompt\": \"How many circles?\", \"images\": [\"a.png\"]} (image paths relative "
+        "to the file); the answers ({id, prompt, answer}) go to --out or stdout.",
     )
-    parser.add_argument(
-        "--model",
-        required=True,
-        help="a folder written by save_pretrained (e.g. runs/NNN_.../final) or a Hub id",
+    add_model_arguments(
+        parser,
+        model_help="a folder written by save_pretrained (e.g. runs/NNN_.../final)",
+        data_help="JSONL of questions: {id, prompt, images}",
+        prompt_help="one question (with --image files)",
+        out_help="write the answers here (JSONL; default: stdout)",
     )
-    parser.add_argument(
-        "--image",
-        type=Path,
-        action="append",
-        default=[],
-        help="an image file (repeat for several; none: text only)",
-    )
-    parser.add_argument("--prompt", required=True, help="the question")
-    parser.add_argument(
-        "--max-new-tokens", type=int, default=64, help="most tokens to generate (default 64)"
-    )
-    parser.add_argument(
-        "--min-pixels",
-        type=int,
-        default=None,
-        help="smallest image area (default: the model's processor setting)",
-    )
-    parser.add_argument(
-        "--max-pixels",
-        type=int,
-        default=None,
-        help="largest image area (default: the model's processor setting)",
-    )
-    parser.add_argument(
-        "--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)"
-    )
-    parser.add_argument(
-        "--dtype",
-        choices=["auto", "bfloat16", "float16", "float32"],
-        default="auto",
-        help="weights dtype (default: bfloat16 on a GPU that supports it, else float32)",
-    )
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    parser.add_argument("--image", type=Path, action="append", default=[], help="an image file for --prompt (repeat for several)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate (default 64)")
+    parser.add_argument("--min-pixels", type=int, default=None, help="smallest image area (default: the model's processor setting)")
+    parser.add_argument("--max-pixels", type=int, default=None, help="largest image area (default: the model's processor setting)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    parser.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
+                        help="weights dtype (default: bfloat16 on a GPU that supports it, else float32)")
+    args = parse_model_command(parser, argv)
+    check_model_dir(args.model)
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1.")
-    answer = answer_question(
-        args.model,
-        args.image,
-        args.prompt,
-        args.max_new_tokens,
-        args.min_pixels,
-        args.max_pixels,
-        args.device,
-        args.dtype,
-    )
-    print(answer)
+    if args.prompt is None and args.data is None:
+        raise UserError("Give --prompt TEXT (with --image FILE) or --data FILE.jsonl of questions.")
+    if args.data is not None and args.image:
+        raise UserError("--image goes with --prompt; in --data each row lists its own images.")
+    if args.out is not None:
+        guard_file(args.out, "--out", [(args.data, "--data"), *((i, "--image") for i in args.image)], args.overwrite)
+    questions = [("prompt", args.prompt, list(args.image))] if args.prompt is not None else read_questions(args.data)
+    session = AnswerSession(args.model, args.min_pixels, args.max_pixels, args.device, args.dtype)
+    rows = [{"id": qid, "prompt": text, "answer": session.answer(images, text, args.max_new_tokens)} for qid, text, images in questions]
+    if args.out is not None:
+        from core.outputs import write_jsonl
+
+        write_jsonl(args.out, rows)
+        print(f"wrote {len(rows)} answers to {args.out}", file=sys.stderr)
+    elif args.prompt is not None:
+        print(rows[0]["answer"])
+    else:
+        for row in rows:
+            print(json.dumps(row, ensure_ascii=False))
     return 0
 
 
-def answer_question(
-    model_dir: str,
-    images: list[Path],
-    prompt: str,
-    max_new_tokens: int = 64,
-    min_pixels: int | None = None,
-    max_pixels: int | None = None,
-    device: str = "auto",
-    dtype: str = "auto",
-) -> str:
-    """Load a model and its processor, and answer ``prompt`` about ``images`` greedily.
-
-    Images go through the same loading, ``process_vision_info`` and pixel limits as in training.
-
-    Returns:
-        The answer text (special tokens removed).
+def read_questions(path: Path) -> list[tuple[str, str, list[Path]]]:
+    """``(id, prompt, image paths)`` of every row of an ``infer --data`` file.
 
     Raises:
-        UserError: missing model folder / image, undecodable image.
+        UserError: a row without a text ``prompt`` or with ``images`` that is not a list of paths
+            (file and line named).
     """
-    import torch
-    from transformers import AutoModelForImageTextToText
+    from core.records import read_all
 
-    from qwen_vl.config import DataConfig, ModelConfig
-    from qwen_vl.data import Encoder, load_image, resolve_image
-    from qwen_vl.model import load_processor
+    questions = []
+    for record in read_all(path, "--data", what="questions", allow_folders=False):
+        row = record.value
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+            raise UserError(f"{record.where}: each row needs a non-empty text 'prompt' (and optionally 'images': [paths]).")
+        images = row.get("images", [row["image"]] if "image" in row else [])
+        if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+            raise UserError(f"{record.where}: 'images' must be a list of image paths, got {images!r}.")
+        questions.append((str(row.get("id", record.line)), row["prompt"], [path.parent / i for i in images]))
+    return questions
 
-    mcfg = ModelConfig(name=model_dir)
-    processor = load_processor(mcfg)
-    encoder = Encoder(processor, min_pixels, max_pixels)
-    sources = [resolve_image(str(p), Path.cwd(), "--image") for p in images]
-    pil = [load_image(s, "--image", DataConfig().max_source_pixels) for s in sources]
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        dtype = (
-            "bfloat16"
-            if device.startswith("cuda") and torch.cuda.is_bf16_supported()
-            else "float32"
-        )
-    model = (
-        AutoModelForImageTextToText.from_pretrained(model_dir, dtype=getattr(torch, dtype))
-        .to(device)
-        .eval()
-    )
-    inputs = encoder.encode_prompt(prompt, pil)
-    with torch.no_grad():
-        out = model.generate(
-            **{k: v.to(device) for k, v in inputs.items()},
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-        )
-    return processor.tokenizer.decode(
-        out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
-    ).strip()
+
+class AnswerSession:
+    """A saved model and its processor, loaded once, answering questions greedily with the same
+    image loading, ``process_vision_info`` and pixel limits as in training.
+
+    Args:
+        model_dir: a folder written by ``save_pretrained``.
+        min_pixels, max_pixels: image area limits (None: the model's processor setting).
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``, ...
+        dtype: ``auto`` (bfloat16 on a GPU that supports it, else float32) or a dtype name.
+    """
+
+    def __init__(self, model_dir: Path, min_pixels: int | None = None, max_pixels: int | None = None,
+                 device: str = "auto", dtype: str = "auto") -> None:
+        import torch
+        from transformers import AutoModelForImageTextToText
+
+        from qwen_vl.config import ModelConfig
+        from qwen_vl.data import Encoder
+        from qwen_vl.model import load_processor
+
+        self.processor = load_processor(ModelConfig(name=str(model_dir)))
+        self.encoder = Encoder(self.processor, min_pixels, max_pixels)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if dtype == "auto":
+            dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+        self.device = device
+        self.model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
+
+    def answer(self, images: list[Path], prompt: str, max_new_tokens: int = 64) -> str:
+        """The greedy answer to ``prompt`` about ``images`` (special tokens removed).
+
+        Raises:
+            UserError: a missing or undecodable image.
+        """
+        import torch
+
+        from qwen_vl.config import DataConfig
+        from qwen_vl.data import load_image, resolve_image
+
+        sources = [resolve_image(str(p), Path.cwd(), "--image") for p in images]
+        pil = [load_image(s, "--image", DataConfig().max_source_pixels) for s in sources]
+        inputs = self.encoder.encode_prompt(prompt, pil)
+        with torch.no_grad():
+            out = self.model.generate(**{k: v.to(self.device) for k, v in inputs.items()}, max_new_tokens=max_new_tokens, do_sample=False)
+        return self.processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+def answer_question(model_dir: str, images: list[Path], prompt: str, max_new_tokens: int = 64, **settings: Any) -> str:
+    """One answer from a freshly loaded model (see :class:`AnswerSession`)."""
+    return AnswerSession(Path(model_dir), **settings).answer(images, prompt, max_new_tokens)
 
 
 COMMANDS: dict[str, Any] = {

@@ -27,9 +27,11 @@ class DataConfig:
     train_file: Path | None = None
     """JSONL of training conversations (one record per line; the ``messages`` or the LLaVA
     ``conversations`` layout, see the package README). Relative image paths are resolved against
-    the folder of this file."""
+    the folder of this file. ``builtin:counting``: the built-in counting data (400 records, drawn
+    into a cache folder on first use; see ``qwen_vl.synth``)."""
     val_file: Path | None = None
-    """JSONL of validation conversations (same layout); null: no validation."""
+    """JSONL of validation conversations (same layout); ``builtin:counting``: the built-in
+    counting data's dev split (80 records); null: no validation."""
     min_pixels: int | None = 3136
     """Smallest image area (height x width) fed to the vision tower: smaller images are upscaled.
     Applied both to ``qwen_vl_utils.process_vision_info`` and to the processor, so the vision

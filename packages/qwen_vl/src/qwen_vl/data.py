@@ -118,44 +118,24 @@ class Conversation:
     reference: str
 
 
-def read_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
-    """Read a ``.jsonl`` file (one record per line) or a ``.json`` file (a list of records).
+def read_records(path: Path, key: str = "data file") -> list[tuple[str, dict[str, Any]]]:
+    """Records of a ``.jsonl`` file (one per line) or a ``.json`` file (an array), through core's
+    reader (UTF-8 with or without BOM; file, line and column in every message).
 
     Args:
         path: the data file.
+        key: the config key or option that named it.
 
     Returns:
-        ``[(where, record), ...]`` with ``where`` = ``file:line`` (``file:#index`` for ``.json``).
+        ``[(where, record), ...]`` with ``where`` = ``file:line``.
 
     Raises:
-        UserError: missing file, invalid JSON (with the line), or a record that is not an object.
+        UserError: missing file, a folder, not UTF-8, invalid JSON, no records, or a record that is
+            not an object.
     """
-    if not path.is_file():
-        raise UserError(
-            f"Data file {path} does not exist. For the built-in counting data run: make-data --out {path.parent} --n 400"
-        )
-    text = path.read_text(encoding="utf-8")
-    records: list[tuple[str, Any]] = []
-    if path.suffix == ".json":
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}:{err.lineno}: not valid JSON ({err.msg}).") from None
-        if not isinstance(items, list):
-            raise UserError(
-                f"{path}: a .json data file must hold a list of records; use .jsonl for one record per line."
-            )
-        records = [(f"{path}:#{i}", item) for i, item in enumerate(items)]
-    else:
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append((f"{path}:{lineno}", json.loads(line)))
-            except json.JSONDecodeError as err:
-                raise UserError(
-                    f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno})."
-                ) from None
+    from core.records import read_all
+
+    records = [(r.where, r.value) for r in read_all(path, key, what="records (conversations)", allow_folders=False)]
     for where, record in records:
         if not isinstance(record, dict):
             raise UserError(
@@ -842,6 +822,7 @@ def load_conversations(
     generation: bool = False,
     decode_images: bool = True,
     workers: int = 8,
+    key: str = "data file",
 ) -> ConversationData:
     """Read, validate and measure every record of a data file (no half-valid data reaches training).
 
@@ -861,9 +842,10 @@ def load_conversations(
         generation: items carry the prompt length for generation.
         decode_images: decode every image now (False: read headers only).
         workers: threads that open images.
+        key: the config key or option that named ``path`` (for messages).
 
     Returns:
-        The data set with exact lengths.
+        The data set with exact lengths (at least one record).
 
     Raises:
         UserError: a bad record, by id, file and line (structure is checked for all records
@@ -872,7 +854,7 @@ def load_conversations(
     import hashlib
     from concurrent.futures import ThreadPoolExecutor
 
-    records = read_records(path)
+    records = read_records(path, key)
     convs, names = [], []
     seen: dict[str, str] = {}
     for where, raw in records:
@@ -933,6 +915,11 @@ def load_conversations(
             len(dropped),
             max_length,
             ", ".join(dropped[:20]),
+        )
+    if not conversations:
+        raise UserError(
+            f"Data file '{path}' ({key}): all {len(dropped)} records are longer than data.max_length={max_length} "
+            "and were dropped. Raise data.max_length or lower data.max_pixels."
         )
     return ConversationData(
         conversations,

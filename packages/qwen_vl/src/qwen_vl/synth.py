@@ -309,6 +309,55 @@ def write_dataset(out: Path, settings: SynthSettings) -> dict[str, Any]:
     return stats
 
 
+BUILTIN = "builtin:counting"
+"""Value of ``data.train_file`` / ``data.val_file`` that means the built-in counting data, drawn
+on first use into a cache folder (its train / dev split)."""
+BUILTIN_SETTINGS = SynthSettings(n_train=400, n_dev=80, seed=0)
+"""What the built-in data holds: ``make-data --n 400 --seed 0`` (dev: 80 records)."""
+
+
+def cache_root() -> Path:
+    """Where drawn data is kept: ``$QWEN_VL_CACHE``, else ``$XDG_CACHE_HOME/finetune/qwen_vl``
+    (``~/.cache/finetune/qwen_vl``)."""
+    import os
+
+    if os.environ.get("QWEN_VL_CACHE"):
+        return Path(os.environ["QWEN_VL_CACHE"]).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
+    return base / "finetune" / "qwen_vl"
+
+
+def builtin_data(split: str, settings: SynthSettings = BUILTIN_SETTINGS) -> Path:
+    """The ``train`` or ``dev`` file of the built-in counting data, drawn into the cache the first
+    time (into a temporary folder renamed into place, so concurrent or killed runs never leave a
+    half-drawn set). Nothing is written outside the cache folder.
+
+    Args:
+        split: ``train`` or ``dev``.
+        settings: what to draw (part of the cache folder's name).
+
+    Returns:
+        The path of ``<cache>/counting-<hash>/<split>.jsonl``.
+    """
+    import hashlib
+    import os
+    import shutil
+
+    from qwen_vl import __version__
+
+    key = hashlib.sha256(json.dumps({**vars(settings), "version": __version__}, sort_keys=True).encode()).hexdigest()[:12]
+    folder = cache_root() / f"counting-{key}"
+    if not (folder / "dev.jsonl").is_file():
+        tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_dataset(tmp, settings)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process put its (identical) copy in place first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder / f"{split}.jsonl"
+
+
 if __name__ == "__main__":  # self-check: python -m qwen_vl.synth
     import hashlib
     import tempfile

@@ -35,6 +35,7 @@ from qwen_vl import __version__
 from qwen_vl.config import QwenVLConfig
 from qwen_vl.data import Collator, ConversationData, Encoder, load_conversations
 from qwen_vl.metrics import METRIC_VERSION, counting_metrics
+from qwen_vl.synth import BUILTIN, builtin_data
 from qwen_vl.model import (
     build_model,
     check_dtypes,
@@ -97,17 +98,19 @@ class QwenVLTask(Task):
             self.encoder.max_pixels // self.encoder.factor**2,
         )
 
-    def load_data(self, path: Path, generation: bool) -> ConversationData:
+    def load_data(self, path: Path, generation: bool, key: str) -> ConversationData:
         """Read and validate one data file with this task's encoder and data settings.
 
         Args:
             path: ``.jsonl`` / ``.json`` conversations.
             generation: items carry prompts for generation (validation / evaluation).
+            key: the config key or option that named it (for messages).
         """
         d = self.cfg.data
         data = load_conversations(
             Path(path),
             self.encoder,
+            key=key,
             max_source_pixels=d.max_source_pixels,
             max_length=d.max_length,
             drop_too_long=d.drop_too_long,
@@ -137,13 +140,24 @@ class QwenVLTask(Task):
         d = self.cfg.data
         if d.train_file is None:
             raise UserError(
-                "data.train_file is not set. Point it at your JSONL conversations, or draw the built-in counting "
-                "data first: make-data --out data/counting --n 400 (the tiny preset reads data/counting/)."
+                f"data.train_file is not set. Point it at your JSONL conversations, or use data.train_file={BUILTIN} "
+                f"data.val_file={BUILTIN} for the built-in counting data (drawn into a cache folder on first use)."
             )
-        self.train_data = self.load_data(d.train_file, generation=False)
-        if d.val_file is not None:
-            self.val_data = self.load_data(d.val_file, generation=self.cfg.generation.in_validation)
+        # The config keeps ``builtin:counting`` (so a continued run's config is unchanged); the
+        # task reads the cached files it stands for.
+        train_file, val_file = self.resolve_builtin(d.train_file, "train"), self.resolve_builtin(d.val_file, "dev")
+        self.train_data = self.load_data(train_file, generation=False, key="data.train_file")
+        if val_file is not None:
+            self.val_data = self.load_data(val_file, generation=self.cfg.generation.in_validation, key="data.val_file")
             self.eval_data = self.val_data
+
+    def resolve_builtin(self, path: Path | None, split: str) -> Path | None:
+        """``builtin:counting`` -> the cached file of the built-in counting data (rank 0 draws it
+        the first time, the other ranks wait); anything else as it is."""
+        if path is None or str(path) != BUILTIN:
+            return path
+        with self.ranks.rank_zero_first():
+            return builtin_data(split)
 
     def data_files(self) -> list[Path]:
         """The JSONL files read (images are covered by the manifest's image fingerprint)."""

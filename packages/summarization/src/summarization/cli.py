@@ -21,8 +21,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from core.cli import train_command, user_errors_exit_2
-from core.config import load_config
+from core.cli import (
+    add_model_arguments,
+    check_model_dir,
+    config_for_model,
+    evaluation_outputs,
+    parse_model_command,
+    train_command,
+    user_errors_exit_2,
+    write_evaluation,
+)
+from core.outputs import guard_file
 from core.errors import UserError
 from summarization.config import DEFAULT_PRESET, PRESETS_DIR, SummarizationConfig
 
@@ -46,6 +55,7 @@ def train(argv: Sequence[str] | None = None) -> int:
         presets_dir=PRESETS_DIR,
         make_task=_task,
         default_preset=DEFAULT_PRESET,
+        task="summarization",
     )
 
 
@@ -54,41 +64,15 @@ def train(argv: Sequence[str] | None = None) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def _config_for_model(
-    model_dir: Path, preset: str | None, overrides: Sequence[str]
-) -> SummarizationConfig:
-    """Config for evaluating / predicting with a trained model: ``-c`` if given, else the
-    ``config.yaml`` of the run that wrote ``model_dir`` (``<run>/final``), else the default preset."""
-    source: str | None = preset
-    if source is None and (Path(model_dir).parent / "config.yaml").is_file():
-        source = str(Path(model_dir).parent / "config.yaml")
-    return load_config(SummarizationConfig, source or DEFAULT_PRESET, list(overrides), PRESETS_DIR)
-
-
-def _check_model_dir(model_dir: Path) -> None:
-    """Raise a ``UserError`` unless ``model_dir`` is a folder written by ``save_pretrained``."""
-    if not model_dir.is_dir():
-        raise UserError(
-            f"Model folder '{model_dir}' (--model) does not exist; give a folder written by save_pretrained, e.g. runs/001_.../final."
-        )
-    if not (model_dir / "config.json").is_file():
-        raise UserError(
-            f"'{model_dir}' (--model) has no config.json; give a folder written by save_pretrained (a run's final/ folder)."
-        )
-
-
-def _default_out(model_dir: Path, split: str) -> Path:
-    """``<run>/eval/<split>`` for a run's ``final/``, else ``eval/<model folder>/<split>``."""
-    name = split if split in ("dev", "test") else Path(split).stem
-    if (model_dir.parent / "summary.json").is_file():
-        return model_dir.parent / "eval" / name
-    return Path("eval") / model_dir.name / name
+def _config_for_model(model_dir: Path, preset: str | None, overrides: Sequence[str]) -> SummarizationConfig:
+    """Config for evaluating / predicting with a trained model (see :func:`core.cli.config_for_model`)."""
+    return config_for_model(model_dir, preset, overrides, SummarizationConfig, PRESETS_DIR, DEFAULT_PRESET)
 
 
 @user_errors_exit_2
 def evaluate(argv: Sequence[str] | None = None) -> int:
-    """``evaluate --model DIR [--split dev|test|FILE]``: generate summaries for a split on every
-    rank (``trainer.devices=N``), gather them and write ``predictions.jsonl`` and ``scores.json``.
+    """``evaluate --model DIR [--data FILE | --split dev|test] [--out FILE]``: generate summaries
+    on every rank (``trainer.devices=N``), gather them, score them with ROUGE.
 
     Returns:
         Exit code (0; 2 for a mistake the user can fix).
@@ -98,97 +82,69 @@ def evaluate(argv: Sequence[str] | None = None) -> int:
         description="Generate summaries with a trained model and score them with ROUGE (several processes: trainer.devices=N).",
         epilog=(
             "The config comes from -c, else from the config.yaml of the run that wrote --model, else the default preset;\n"
-            "generation.* / metric.* / trainer.* overrides apply. Writes predictions.jsonl ({fname, summary, references})\n"
-            "and scores.json (rouge1/2/L/Lsum F1 in [0,1], loss, tokenizer, multi-reference convention) to --out,\n"
-            "and prints the scores.\n\nexamples:\n"
+            "generation.* / metric.* / trainer.* overrides apply. Prints the scores (rouge1/2/L/Lsum F1 in [0,1], loss,\n"
+            "tokenizer, multi-reference convention) as one JSON line. The summaries ({fname, summary, references}) go to\n"
+            "--out, or, for a run's final/, to <run>/eval/<split>.jsonl with the scores in <run>/eval/<split>.scores.json.\n\n"
+            "examples:\n"
             "  evaluate --model runs/001_20261122_101500/final --split test\n"
-            "  evaluate --model runs/001_.../final --split my_dialogues.jsonl generation.num_beams=4 trainer.devices=2"
+            "  evaluate --model runs/001_.../final --data my_dialogues.jsonl --out my_summaries.jsonl generation.num_beams=4"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--model",
-        type=Path,
-        required=True,
-        help="a folder written by save_pretrained (a run's final/)",
-    )
-    parser.add_argument(
-        "--split", default="dev", help="dev, test, or a JSONL file with references (default: dev)"
-    )
-    parser.add_argument(
-        "--out", type=Path, default=None, help="output folder (default: <run>/eval/<split>)"
+    add_model_arguments(
+        parser,
+        model_help="a folder written by save_pretrained (a run's final/)",
+        data_help="a JSONL file of dialogues with references (fname, dialogue, summary or summary1..N)",
+        split_help="dev or test: the split of the config's data (default: dev)",
+        out_help="write the generated summaries here (JSONL)",
     )
     parser.add_argument("--limit", type=int, default=None, help="score only the first N rows")
-    parser.add_argument(
-        "-c",
-        "--config",
-        default=None,
-        metavar="PRESET|FILE",
-        help="config preset or YAML (default: the run's config)",
-    )
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="key=value",
-        help="config overrides, e.g. generation.num_beams=4",
-    )
-    args = parser.parse_args(argv)
-    _check_model_dir(args.model)
+    args = parse_model_command(parser, argv)
+    check_model_dir(args.model)
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit {args.limit}: give at least 1 row.")
+    split = args.split or "dev"
+    if args.data is None and split not in ("dev", "validation", "test"):
+        raise UserError(f"--split {split!r}: use dev or test, or --data FILE for a file of your own.")
     cfg = _config_for_model(args.model, args.config, args.overrides)
-    split_key = {"dev": "val", "validation": "val", "test": "test"}.get(args.split, args.split)
-
-    from transformers import AutoModelForSeq2SeqLM
+    name = args.data.stem if args.data is not None else ("test" if split == "test" else "dev")
+    records_path, scores_path = evaluation_outputs(args.model, name, args.out, args.overwrite, [(args.data, "--data")])
 
     from core.evaluation import Evaluator
     from core.manifest import sha256_file
     from core.trainer import transformers_quiet
-    from summarization.metrics import describe
-    from summarization.task import write_jsonl
+    from transformers import AutoModelForSeq2SeqLM
+
+    from core.metrics import describe
 
     task = _task(cfg)
     evaluator = Evaluator(cfg, task)
-    fabric = evaluator.fabric
     transformers_quiet()
     task.setup_model_side(args.model)
-    rows = task.read_split(split_key)[: args.limit]
+    rows = task.read_split(str(args.data) if args.data is not None else ("test" if split == "test" else "val"))[: args.limit]
     task.val_data = task.tokenize(rows)
     task.choose_rouge_tokenizer(rows)
     model = AutoModelForSeq2SeqLM.from_pretrained(args.model)
     task.prepare_generation(model)
     result = evaluator.run(evaluator.setup_model(model), task.val_data)
-    metrics = result.metrics
-    if fabric.global_rank == 0:
-        out = args.out or _default_out(args.model, args.split)
-        out.mkdir(parents=True, exist_ok=True)
-        write_jsonl(
-            out / "predictions.jsonl",
-            [
-                {"fname": r["fname"], "summary": r["prediction"], "references": r["references"]}
-                for r in result.records
-            ],
-        )
+    if evaluator.is_global_zero:
         from core.config import to_dict
 
         files = task.data_files()
         scores = {
-            **metrics,
+            **result.metrics,
             **describe(task.rouge_tokenizer, cfg.metric.use_stemmer, cfg.metric.multi_reference),
             "references_per_sample": max(len(r["references"]) for r in rows),
             "loss_reference": "first reference of each row (summary or summary1)",
             "model": str(args.model),
-            "split": args.split,
-            "data": [{"file": str(f), "sha256": sha256_file(f)} for f in files]
-            if files
-            else cfg.data.dataset,
+            "split": str(args.data) if args.data is not None else split,
+            "data": [{"file": str(f), "sha256": sha256_file(f)} for f in files] if files else cfg.data.dataset,
             "generation": to_dict(cfg.generation),
-            "world_size": fabric.world_size,
-            "predictions": str(out / "predictions.jsonl"),
+            "world_size": evaluator.fabric.world_size,
+            "predictions": str(records_path) if records_path else None,
         }
-        (out / "scores.json").write_text(
-            json.dumps(scores, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
-        )
-        print(json.dumps(scores, ensure_ascii=False))
-        print(f"wrote {out / 'predictions.jsonl'} and {out / 'scores.json'}", file=sys.stderr)
+        summaries = [{"fname": r["fname"], "summary": r["prediction"], "references": r["references"]} for r in result.records]
+        write_evaluation(records_path, scores_path, summaries, scores)
     return 0
 
 
@@ -199,101 +155,79 @@ def evaluate(argv: Sequence[str] | None = None) -> int:
 
 @user_errors_exit_2
 def predict(argv: Sequence[str] | None = None) -> int:
-    """``predict --model DIR (--input FILE.jsonl | --text "...")``: summaries of new dialogues.
+    """``predict --model DIR (--data FILE.jsonl | --prompt "...") [--out FILE]``: summaries of new dialogues.
 
     Returns:
         Exit code (0; 2 for a mistake the user can fix).
     """
     parser = argparse.ArgumentParser(
-        prog="predict",
-        description="Summarise dialogues with a trained model.",
+        prog="summarization-predict",
+        description="Summarise dialogues with a trained model (also: infer).",
         epilog=(
-            "--input rows need 'dialogue' (and optionally 'fname'); the output has one {fname, summary} row per input,\n"
-            "to --output or stdout. --text prints the summary of one dialogue (turns separated by newlines).\n\n"
+            "--data rows need 'dialogue' (and optionally 'fname'); the output has one {fname, summary} row per input,\n"
+            "to --out or stdout. --prompt prints the summary of one dialogue (turns separated by newlines).\n\n"
             "examples:\n"
-            "  predict --model runs/001_.../final --input dialogues.jsonl --output summaries.jsonl\n"
-            "  predict --model runs/001_.../final --text $'#Person1#: Hi!\\n#Person2#: Hello.' generation.num_beams=4"
+            "  summarization-predict --model runs/001_.../final --data dialogues.jsonl --out summaries.jsonl\n"
+            "  summarization-predict --model runs/001_.../final --prompt $'#Person1#: Hi!\\n#Person2#: Hello.' generation.num_beams=4"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--model",
-        type=Path,
-        required=True,
-        help="a folder written by save_pretrained (a run's final/)",
+    add_model_arguments(
+        parser,
+        model_help="a folder written by save_pretrained (a run's final/)",
+        data_help="JSONL file with a 'dialogue' per row",
+        prompt_help="one dialogue as text",
+        out_help="JSONL output file (default: stdout)",
     )
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--input", type=Path, help="JSONL file with a 'dialogue' per row")
-    source.add_argument("--text", help="one dialogue as text")
-    parser.add_argument(
-        "--output", type=Path, default=None, help="JSONL output file (default: stdout)"
-    )
-    parser.add_argument(
-        "--batch-size", type=int, default=8, help="dialogues per generate() call (default 8)"
-    )
-    parser.add_argument(
-        "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)"
-    )
-    parser.add_argument(
-        "-c",
-        "--config",
-        default=None,
-        metavar="PRESET|FILE",
-        help="config preset or YAML (default: the run's config)",
-    )
-    parser.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="overrides, e.g. generation.num_beams=4"
-    )
-    args = parser.parse_args(argv)
-    _check_model_dir(args.model)
-    if args.text is not None and not args.text.strip():
-        raise UserError("--text is empty; give the dialogue to summarise.")
+    parser.add_argument("--batch-size", type=int, default=8, help="dialogues per generate() call (default 8)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    args = parse_model_command(parser, argv)
+    check_model_dir(args.model)
+    if args.data is None and args.prompt is None:
+        raise UserError("Give --data FILE.jsonl (dialogues) or --prompt TEXT (one dialogue).")
+    if args.prompt is not None and not args.prompt.strip():
+        raise UserError("--prompt is empty; give the dialogue to summarise.")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: use at least 1.")
+    if args.out is not None:
+        guard_file(args.out, "--out", [(args.data, "--data")], args.overwrite)
     cfg = _config_for_model(args.model, args.config, args.overrides)
 
     import torch
+    from core.outputs import write_jsonl
+    from core.trainer import transformers_quiet
     from transformers import AutoModelForSeq2SeqLM
 
-    from core.trainer import transformers_quiet
-    from summarization.data import check_row, read_jsonl
-    from summarization.task import write_jsonl
+    from summarization.data import check_row, read_rows
 
     transformers_quiet()
     task = _task(cfg)
     task.setup_model_side(args.model)
-    if args.input is not None:
-        rows = read_jsonl(args.input, "--input", need_references=False)
+    if args.data is not None:
+        rows = read_rows(args.data, "--data", need_references=False)
     else:
-        rows = [
-            check_row({"fname": "text", "dialogue": args.text}, "--text", need_references=False)
-        ]
+        rows = [check_row({"fname": "text", "dialogue": args.prompt}, "--prompt", need_references=False)]
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = AutoModelForSeq2SeqLM.from_pretrained(args.model).to(device).eval()
     task.prepare_generation(model)
     tokenizer = task.tokenizer
-    order = sorted(
-        range(len(rows)), key=lambda i: -len(rows[i]["dialogue"])
-    )  # similar lengths batch together
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["dialogue"]))  # similar lengths batch together
     summaries: dict[int, str] = {}
     with torch.no_grad():
-        for start in range(0, len(order), max(args.batch_size, 1)):
+        for start in range(0, len(order), args.batch_size):
             chunk = order[start : start + args.batch_size]
             enc = tokenizer(
                 [cfg.model.source_prefix + rows[i]["dialogue"] for i in chunk],
-                max_length=cfg.data.max_source_length,
-                truncation=True,
-                padding=True,
-                return_tensors="pt",
+                max_length=cfg.data.max_source_length, truncation=True, padding=True, return_tensors="pt",
             ).to(device)
-            for i, text in zip(
-                chunk, task.generate(model, enc["input_ids"], enc["attention_mask"])
-            ):
+            for i, text in zip(chunk, task.generate(model, enc["input_ids"], enc["attention_mask"]), strict=True):
                 summaries[i] = text
     results = [{"fname": rows[i]["fname"], "summary": summaries[i]} for i in range(len(rows))]
-    if args.text is not None:
+    if args.prompt is not None:
         print(results[0]["summary"])
-    elif args.output is not None:
-        write_jsonl(args.output, results)
-        print(f"wrote {len(results)} summaries to {args.output}", file=sys.stderr)
+    elif args.out is not None:
+        write_jsonl(args.out, results)
+        print(f"wrote {len(results)} summaries to {args.out}", file=sys.stderr)
     else:
         for row in results:
             print(json.dumps(row, ensure_ascii=False))
@@ -336,7 +270,7 @@ def score_rows(
     Raises:
         UserError: ids in one file and not the other.
     """
-    from summarization.metrics import rouge
+    from core.metrics import rouge
 
     missing = [f for f in references if f not in predictions]
     extra = [f for f in predictions if f not in references]
@@ -371,13 +305,13 @@ def score(argv: Sequence[str] | None = None) -> int:
         Exit code (0; 2 for bad files or ids that do not match).
     """
     parser = argparse.ArgumentParser(
-        prog="score",
+        prog="summarization-score",
         description="ROUGE-1/2/L/Lsum F1 (fractions in [0, 1]) of predictions against references, matched by fname.",
         epilog=(
             "predictions: JSONL rows {fname, summary}. references: rows {fname, summary} or {fname, summary1, summary2, ...}\n"
             "(a DialogSum file works as it is). Every id must be in both files. Prints one JSON object with rouge1, rouge2,\n"
             "rougeL, rougeLsum, the tokenizer, stemmer and multi-reference convention.\n\n"
-            "example:\n  score --predictions eval/test/predictions.jsonl --references ../shared/data/dialogsum/dialogsum.test.jsonl"
+            "example:\n  summarization-score --predictions runs/001_.../eval/test.jsonl --references ../shared/data/dialogsum/dialogsum.test.jsonl"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -391,12 +325,16 @@ def score(argv: Sequence[str] | None = None) -> int:
         help="JSONL with {fname, summary} or {fname, summary1..N}",
     )
     parser.add_argument(
-        "--output", type=Path, default=None, help="also write the JSON object to this file"
+        "--out", "--output", dest="out", type=Path, default=None, help="also write the JSON object to this file"
     )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     _add_metric_options(parser)
     args = parser.parse_args(argv)
     from summarization.data import read_scoring_file
 
+    if args.out is not None:
+        inputs = [(args.predictions, "--predictions"), (args.references, "--references")]
+        guard_file(args.out, "--out", inputs, args.overwrite)
     predictions = read_scoring_file(args.predictions, "--predictions", references=False)
     references = read_scoring_file(args.references, "--references", references=True)
     result = {
@@ -405,9 +343,10 @@ def score(argv: Sequence[str] | None = None) -> int:
         "references": str(args.references),
     }
     text = json.dumps(result, ensure_ascii=False)
-    if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text + "\n", encoding="utf-8")
+    if args.out is not None:
+        from core.outputs import write_text
+
+        write_text(args.out, text + "\n")
     print(text)
     return 0
 
@@ -423,40 +362,40 @@ def lead3(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="summarization-lead3",
         description="Lead-N baseline: the first N utterances of each dialogue (speaker tags kept, one per line) as its summary.",
-        epilog="example:\n  summarization-lead3 --input ../shared/data/dialogsum/dialogsum.test.jsonl --output lead3.test.jsonl",
+        epilog="example:\n  summarization-lead3 --data ../shared/data/dialogsum/dialogsum.test.jsonl --out lead3.test.jsonl",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--input",
-        type=Path,
-        required=True,
+        "--data", "--input", dest="data", type=Path, required=True,
         help="DialogSum-style JSONL (dialogue; references optional)",
     )
-    parser.add_argument(
-        "--output", type=Path, default=None, help="write {fname, summary} rows here"
-    )
+    parser.add_argument("--out", "--output", dest="out", type=Path, default=None, help="write {fname, summary} rows here")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     parser.add_argument("-n", type=int, default=3, help="utterances to keep (default 3)")
     _add_metric_options(parser)
     args = parser.parse_args(argv)
     if args.n < 1:
         raise UserError(f"-n {args.n}: keep at least one utterance.")
-    from summarization.data import lead_n, read_jsonl
-    from summarization.task import write_jsonl
+    if args.out is not None:
+        guard_file(args.out, "--out", [(args.data, "--data")], args.overwrite)
+    from core.outputs import write_jsonl
 
-    rows = read_jsonl(args.input, "--input", need_references=False)
+    from summarization.data import lead_n, read_jsonl
+
+    rows = read_jsonl(args.data, "--data", need_references=False)
     predictions = {r["fname"]: [lead_n(r["dialogue"], args.n)] for r in rows}
-    if args.output is not None:
-        write_jsonl(args.output, [{"fname": f, "summary": p[0]} for f, p in predictions.items()])
-        print(f"wrote {len(rows)} Lead-{args.n} summaries to {args.output}", file=sys.stderr)
+    if args.out is not None:
+        write_jsonl(args.out, [{"fname": f, "summary": p[0]} for f, p in predictions.items()])
+        print(f"wrote {len(rows)} Lead-{args.n} summaries to {args.out}", file=sys.stderr)
     if all(r["references"] for r in rows):
         references = {r["fname"]: r["references"] for r in rows}
         result = {
             "system": f"lead-{args.n}",
-            **score_rows(predictions, references, args, "lead", str(args.input)),
-            "references": str(args.input),
+            **score_rows(predictions, references, args, "lead", str(args.data)),
+            "references": str(args.data),
         }
         print(json.dumps(result, ensure_ascii=False))
-    elif args.output is None:
+    elif args.out is None:
         for f, p in predictions.items():
             print(json.dumps({"fname": f, "summary": p[0]}, ensure_ascii=False))
     return 0
@@ -470,7 +409,8 @@ COMMANDS = {
     "score": score,
     "lead3": lead3,
 }
-"""Commands found by core's launcher through the ``core.tasks`` entry point (``infer`` = ``predict``)."""
+"""Commands found by core's launcher through the ``core.tasks`` entry point (``infer`` =
+``predict``); the package's own scripts carry its name (``summarization-predict``, ...)."""
 
 
 def _self_check() -> int:
@@ -489,7 +429,7 @@ def _self_check() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         lead = Path(tmp) / "lead3.jsonl"
         with contextlib.redirect_stdout(io.StringIO()):
-            assert lead3(["--input", str(SAMPLES["en"] / "test.jsonl"), "--output", str(lead)]) == 0
+            assert lead3(["--data", str(SAMPLES["en"] / "test.jsonl"), "--out", str(lead)]) == 0
         buffer = io.StringIO()
         with contextlib.redirect_stdout(buffer):
             assert (

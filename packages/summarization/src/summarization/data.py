@@ -111,78 +111,46 @@ def check_row(
     }
 
 
-def iter_json_lines(path: Path, key: str = "file") -> Iterator[tuple[int, Any]]:
-    """Parsed JSON values of a JSON-lines file with their 1-based line numbers (blank lines skipped).
+def read_rows(
+    source: Path | str, key: str = "file", need_references: bool = True, split: str = "train", hint: str = ""
+) -> list[dict[str, Any]]:
+    """Read and check DialogSum-style rows from a JSON-lines / JSON file or a ``datasets`` source
+    (core's reader: UTF-8 with or without BOM, every problem named with file and line).
 
     Args:
-        path: the file.
+        source: a file, a dataset folder, or a Hub dataset id.
         key: the config key or option that named it (for messages).
+        need_references: require a summary on every row (training, validation, scoring).
+        split: the split of a ``datasets`` source.
+        hint: added to the error when a ``datasets`` source cannot be loaded.
 
-    Yields:
-        ``(line number, parsed value)``.
+    Returns:
+        Normalised rows (see :func:`check_row`), in order.
 
     Raises:
-        UserError: missing file, bytes that are not UTF-8, or malformed JSON — with file and line.
+        UserError: missing file, a folder, bytes that are not UTF-8, malformed JSON, bad or
+            duplicate rows, or no rows at all: each with the file and line.
     """
-    path = Path(path)
-    if not path.is_file():
-        what = "is a folder, not a file" if path.is_dir() else "does not exist"
-        raise UserError(
-            f"Data file '{path}' ({key}) {what}. Give a JSON-lines file with one object per line (fname, dialogue, summary)."
-        )
-    for number, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise UserError(
-                f"{path}:{number}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1}). "
-                "Save the file as UTF-8 (e.g. iconv -f cp949 -t utf-8 for Korean Windows files)."
-            ) from None
-        if number == 1:
-            line = line.removeprefix("\ufeff")  # a UTF-8 byte-order mark from Windows editors
-        if not line.strip():
-            continue
-        try:
-            yield number, json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(
-                f"{path}:{number}: malformed JSON ({err.msg} at column {err.colno}). Each line must be one complete JSON object."
-            ) from None
+    from core.records import read_all
+
+    rows: list[dict[str, Any]] = []
+    seen: dict[str, str] = {}
+    stem = Path(str(source)).stem if not isinstance(source, str) or Path(source).suffix else split
+    what = "rows (JSON objects with fname, dialogue and summary)"
+    for record in read_all(source, key, what=what, split=split, hint=hint):
+        row = check_row(record.value, record.where, need_references, default_fname=f"{stem}_{record.line}")
+        if row["fname"] in seen:
+            raise UserError(f"{record.where}: duplicate fname '{row['fname']}' (first at {seen[row['fname']]}); ids must be unique.")
+        seen[row["fname"]] = record.where
+        rows.append(row)
+    return rows
 
 
 def read_jsonl(path: Path, key: str = "file", need_references: bool = True) -> list[dict[str, Any]]:
-    """Read and check a DialogSum-style JSON-lines file.
+    """Rows of one data *file* (see :func:`read_rows`); a folder is refused as a folder."""
+    from core.records import check_file
 
-    Args:
-        path: the file.
-        key: the config key or option that named it (for messages).
-        need_references: require a summary on every row (training, validation, scoring).
-
-    Returns:
-        Normalised rows (see :func:`check_row`), in file order. Blank lines are skipped.
-
-    Raises:
-        UserError: missing file, bytes that are not UTF-8, malformed JSON, bad or duplicate rows,
-            or no rows at all — each with the file and line.
-    """
-    path = Path(path)
-    rows: list[dict[str, Any]] = []
-    seen: dict[str, int] = {}
-    for number, obj in iter_json_lines(path, key):
-        row = check_row(
-            obj, f"{path}:{number}", need_references, default_fname=f"{path.stem}_{number}"
-        )
-        if row["fname"] in seen:
-            raise UserError(
-                f"{path}:{number}: duplicate fname '{row['fname']}' (first on line {seen[row['fname']]}); ids must be unique."
-            )
-        seen[row["fname"]] = number
-        rows.append(row)
-    if not rows:
-        raise UserError(
-            f"Data file '{path}' ({key}) has no rows. Each line must be a JSON object with fname, dialogue and summary."
-        )
-    return rows
+    return read_rows(check_file(Path(path), key), key, need_references)
 
 
 def read_scoring_file(path: Path, key: str, references: bool) -> dict[str, list[str]]:
@@ -199,10 +167,12 @@ def read_scoring_file(path: Path, key: str, references: bool) -> dict[str, list[
     Raises:
         UserError: bad line, missing ``fname`` / ``summary``, duplicate ``fname``, empty file.
     """
+    from core.records import read_all
+
     out: dict[str, list[str]] = {}
-    lines: dict[str, int] = {}
-    for number, obj in iter_json_lines(path, key):
-        where = f"{path}:{number}"
+    lines: dict[str, str] = {}
+    for record in read_all(path, key, what="rows", allow_folders=False):
+        where, obj = record.where, record.value
         if not isinstance(obj, dict):
             raise UserError(
                 f'{where}: expected a JSON object {{"fname": ..., "summary": ...}}, got {type(obj).__name__}.'
@@ -231,77 +201,24 @@ def read_scoring_file(path: Path, key: str, references: bool) -> dict[str, list[
         fname = str(obj["fname"])
         if fname in out:
             raise UserError(
-                f"{where}: duplicate fname '{fname}' (first on line {lines[fname]}); ids must be unique."
+                f"{where}: duplicate fname '{fname}' (first at {lines[fname]}); ids must be unique."
             )
-        out[fname], lines[fname] = texts, number
-    if not out:
-        raise UserError(f"File '{path}' ({key}) has no rows.")
+        out[fname], lines[fname] = texts, where
     return out
 
 
-def dataset_cached(name: str) -> bool:
-    """Whether a Hub dataset has a copy in the local ``datasets`` or Hub cache."""
-    from datasets import config as ds_config
-    from huggingface_hub import constants
-
-    owner_name = name.replace("/", "___")
-    return (Path(ds_config.HF_DATASETS_CACHE) / owner_name).is_dir() or (
-        Path(constants.HF_HUB_CACHE) / f"datasets--{name.replace('/', '--')}"
-    ).is_dir()
+def read_hub_split(name: str, split: str, key: str = "data.dataset", need_references: bool = True) -> list[dict[str, Any]]:
+    """Rows of one split of a Hugging Face dataset (a Hub id or a local dataset folder), checked
+    like file rows (see :func:`read_rows`)."""
+    local = Path(name).expanduser()
+    return read_rows(local if local.is_dir() else name, key, need_references, split=split, hint=DATASET_HINT)
 
 
-def read_hub_split(
-    name: str, split: str, key: str = "data.dataset", need_references: bool = True
-) -> list[dict[str, Any]]:
-    """Rows of one split of a Hugging Face dataset (a Hub id or a local dataset folder), checked like file rows.
-
-    Raises:
-        UserError: the Hub is unreachable and the dataset is not cached, the split does not
-            exist, or a row is bad (named by its row number).
-    """
-    from core.hub import hub_reachable
-
-    local = (
-        Path(name).expanduser().is_dir()
-    )  # a folder of split files (train.jsonl, validation.jsonl, ...)
-    if not local and not hub_reachable() and not dataset_cached(name):
-        raise UserError(
-            f"Cannot load the dataset '{name}' ({key}): the Hugging Face Hub is not reachable from this machine and the "
-            "dataset is not in the local cache. To proceed: run once where there is network (datasets.load_dataset) and copy "
-            "the cache here (then set HF_HUB_OFFLINE=1), or download the JSONL files and set data.train_file / data.val_file / "
-            "data.test_file, or leave data.dataset null to use the shipped sample."
-        )
-    import datasets
-
-    try:
-        table = datasets.load_dataset(str(Path(name).expanduser()) if local else name, split=split)
-    except (ValueError, KeyError) as err:
-        raise UserError(
-            f"Dataset '{name}' ({key}) has no split '{split}' or cannot be read: {err}"
-        ) from None
-    except (
-        Exception
-    ) as err:  # network and cache errors of datasets / huggingface_hub have many types
-        raise UserError(
-            f"Cannot load the dataset '{name}' ({key}): {type(err).__name__}: {err}"
-        ) from None
-    rows = [
-        check_row(
-            obj,
-            f"dataset {name} split {split} row {i}",
-            need_references,
-            default_fname=f"{split}_{i}",
-        )
-        for i, obj in enumerate(table)
-    ]
-    if not rows:
-        raise UserError(f"Split '{split}' of dataset '{name}' is empty.")
-    return rows
-
-
-# --------------------------------------------------------------------------------------------
-# Tokenising
-# --------------------------------------------------------------------------------------------
+DATASET_HINT = (
+    "Or set data.train_file / data.val_file / data.test_file to local JSONL files, or leave data.dataset null "
+    "to use the shipped sample."
+)
+"""The way forward when ``data.dataset`` cannot be loaded."""
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:

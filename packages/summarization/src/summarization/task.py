@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from core.errors import ConfigError
+from core.outputs import write_jsonl
 from core.task import StepOutput, Task, per_sample_loss, token_loss_sum
 from summarization.config import SummarizationConfig
 from summarization.data import (
@@ -38,7 +39,7 @@ from summarization.data import (
     read_jsonl,
     tokenize_rows,
 )
-from summarization.metrics import describe, resolve_tokenizer, rouge
+from core.metrics import describe, resolve_tokenizer, rouge
 from summarization.model import (
     build_model,
     check_precision,
@@ -398,7 +399,7 @@ class SummarizationTask(Task):
                 {"fname": r["fname"], "summary": r["prediction"], "references": r["references"]}
                 for r in records
             ]
-            write_jsonl(self.run_dir / "val_predictions.jsonl", rows)
+            write_jsonl(self.run_dir / "val_predictions.jsonl", rows)  # the run's own file
         return {
             "loss": sum(r["loss_sum"] for r in records) / max(tokens, 1),
             **{k: float(scores[k]) for k in ("rouge1", "rouge2", "rougeL", "rougeLsum")},
@@ -448,19 +449,6 @@ def write_task_file(out_dir: Path, cfg: SummarizationConfig, rouge_tokenizer: st
     (Path(out_dir) / TASK_FILE).write_text(
         json.dumps(info, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
     )
-
-
-def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Write rows as UTF-8 JSON lines (atomically: a temp file renamed into place)."""
-    import os
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":  # self-check: python -m summarization.task

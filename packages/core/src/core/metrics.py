@@ -23,7 +23,7 @@ as fractions in [0, 1].
 (and the CJK full stop) followed by whitespace, and at existing line breaks, for references and
 predictions alike (NLTK's sentence splitter would need a download).
 
-Self-check: ``python -m summarization.metrics``.
+Self-check: ``python -m core.metrics``.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def rouge_version() -> str:
 def describe(tokenizer: str, use_stemmer: bool, multi_reference: str) -> dict[str, Any]:
     """The metric's identity for scores and the run manifest."""
     return {
-        "implementation": "rouge_score.rouge_scorer.RougeScorer (F1), summarization.metrics",
+        "implementation": "rouge_score.rouge_scorer.RougeScorer (F1), core.metrics",
         "package": "rouge-score",
         "version": rouge_version(),
         "rouge_types": list(ROUGE_TYPES),
@@ -198,7 +198,7 @@ def rouge(
     }
 
 
-if __name__ == "__main__":  # self-check: python -m summarization.metrics
+if __name__ == "__main__":  # self-check: python -m core.metrics
     english = rouge(
         ["The cat sat on the mat."], [["A cat was sitting on the mat."]], tokenizer="auto"
     )
@@ -222,4 +222,4 @@ if __name__ == "__main__":  # self-check: python -m summarization.metrics
     )
     assert best["rouge1"] == 1.0 and mean["rouge1"] == 0.5, (mean["rouge1"], best["rouge1"])
     print(f"two references: mean {mean['rouge1']:.2f}, max {best['rouge1']:.2f}")
-    print("summarization.metrics: ok")
+    print("core.metrics: ok")
