@@ -75,8 +75,8 @@ FSDP2 = [
 
 @pytest.mark.parametrize(
     "sig, slurm, extra",
-    [(signal.SIGTERM, False, []), (signal.SIGUSR1, True, []), (signal.SIGTERM, False, FSDP2)],
-    ids=["SIGTERM", "SIGUSR1-slurm-requeue", "SIGTERM-fsdp2-2-ranks"],
+    [(signal.SIGTERM, False, []), (signal.SIGUSR1, True, []), (signal.SIGINT, False, []), (signal.SIGTERM, False, FSDP2)],
+    ids=["SIGTERM", "SIGUSR1-slurm-requeue", "SIGINT-ctrl-c", "SIGTERM-fsdp2-2-ranks"],
 )
 def test_stopped_run_resumes_to_bit_identical_weights_and_losses(tmp_path, sig, slurm, extra):
     """Stop a real run with a signal, start it again, compare with a run that never stopped.
@@ -97,6 +97,8 @@ def test_stopped_run_resumes_to_bit_identical_weights_and_losses(tmp_path, sig, 
     stopped_at = summary["global_step"]
     assert 5 <= stopped_at < 24
     assert (run / "checkpoints" / f"step-{stopped_at:07d}" / "meta.json").is_file()
+    if sig == signal.SIGINT:  # Ctrl-C: the same as SIGTERM, and the way back is printed
+        assert f"resume with: train run.dir={run}" in (tmp_path / "cut.log").read_text()
     if extra:  # one shard file per rank
         assert sorted(
             p.name
@@ -211,6 +213,19 @@ def test_ddp_and_fsdp2_on_two_cpu_processes_match_one_process_and_gather_metrics
         assert metrics[strategy]["samples"] == metrics["auto"]["samples"] == 13.0
         assert metrics[strategy]["accuracy"] == metrics["auto"]["accuracy"]
         assert metrics[strategy]["loss"] == pytest.approx(metrics["auto"]["loss"], rel=1e-6)
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path):
+    proc = _start([*SLOW_RUN, "data.collate_delay=1.0", f"run.root={tmp_path}"], tmp_path / "log")
+    _wait_for_step(tmp_path, 2, proc)
+    proc.send_signal(signal.SIGINT)
+    deadline = time.time() + 60  # the second one only after the first was handled (not merged)
+    while "Received SIGINT" not in (tmp_path / "log").read_text() and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130, (tmp_path / "log").read_text()
+    summary = json.loads((_only_run(tmp_path) / "summary.json").read_text())
+    assert summary["status"] == "failed" and "second Ctrl-C" in summary["error"]
 
 
 def test_kill_9_during_checkpoint_writes_never_leaves_a_broken_checkpoint(tmp_path):

@@ -254,3 +254,22 @@ def test_console_scripts_exit_2_with_one_paragraph(tmp_path):
         and "presets: bart_base, bart_large_cnn, small, t5_small, tiny (default: bart_large_cnn)"
         in done.stdout
     )
+
+
+def test_train_run_dir_latest_continues_that_run_with_its_own_config(train_cli, monkeypatch):
+    """`train run.dir=latest` continues the newest run with *its* config.yaml: the default preset
+    (bart_large_cnn, a Hub model) is never loaded, so it works offline. A -c that contradicts the
+    run's config is named key by key instead of silently training something else."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    small = ("model.scratch.d_model=32", "model.scratch.ffn_dim=64", "trainer.val_every_n_steps=null")
+    code, err, root = train_cli("-c", "tiny", "trainer.max_steps=3", *small)
+    assert code == 0, err
+    run = run_dir(root)
+    code, err, _ = train_cli("run.dir=latest", "trainer.max_steps=5")
+    assert code == 0, err
+    assert run_dir(root) == run, "no new run folder"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["global_step"] == 5
+    assert "Resumed from" in (run / "train.log").read_text()
+    code, err, _ = train_cli("-c", "tiny", "run.dir=latest", "trainer.max_steps=5")  # tiny's own d_model: 128
+    assert code == 2 and "model.scratch.d_model: 128 (-c) vs 32 (run)" in err

@@ -245,7 +245,9 @@ def train_command(
     from core.trainer import Trainer  # heavy imports only when training
 
     logging.captureWarnings(True)
-    result = Trainer(cfg, make_task(cfg), argv=[prog, *(sys.argv[1:] if argv is None else argv)]).fit()
+    result = Trainer(
+        cfg, make_task(cfg), argv=[prog, *(sys.argv[1:] if argv is None else argv)]
+    ).fit()
     if result.global_rank == 0:
         print(f"{result.status}: {result.run_dir}", file=sys.stderr)
         if result.status == "interrupted":
@@ -288,7 +290,15 @@ def add_model_arguments(
         prompt_help: what ``--prompt`` takes (None: no ``--prompt``).
         out_help: what ``--out`` writes.
     """
-    parser.add_argument("--model", "--adapter", dest="model", type=Path, required=True, metavar="DIR", help=model_help)
+    parser.add_argument(
+        "--model",
+        "--adapter",
+        dest="model",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help=model_help,
+    )
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--data", "--input", dest="data", type=Path, metavar="FILE", help=data_help)
     if split_help is not None:
@@ -297,12 +307,21 @@ def add_model_arguments(
         source.add_argument("--prompt", "--text", dest="prompt", metavar="TEXT", help=prompt_help)
     parser.add_argument("--out", "--output", dest="out", type=Path, metavar="FILE", help=out_help)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    parser.add_argument("-c", "--config", metavar="PRESET|FILE", default=None,
-                        help="config preset or YAML (default: the config.yaml of the run that wrote --model)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. trainer.devices=2")
+    parser.add_argument(
+        "-c",
+        "--config",
+        metavar="PRESET|FILE",
+        default=None,
+        help="config preset or YAML (default: the config.yaml of the run that wrote --model)",
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. trainer.devices=2"
+    )
 
 
-def parse_model_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+def parse_model_command(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None
+) -> argparse.Namespace:
     """Parse ``argv`` (flags and ``key=value`` overrides in any order).
 
     Raises:
@@ -311,7 +330,9 @@ def parse_model_command(parser: argparse.ArgumentParser, argv: Sequence[str] | N
     args = parser.parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
-        raise UserError(f"'{bad[0]}' is not an option of {parser.prog} nor an override of the form key=value.")
+        raise UserError(
+            f"'{bad[0]}' is not an option of {parser.prog} nor an override of the form key=value."
+        )
     return args
 
 
@@ -326,7 +347,11 @@ def run_of_model(model_dir: Path) -> Path | None:
 
 
 def config_for_model(
-    model_dir: Path, preset: str | None, overrides: Sequence[str], config_cls: type, presets_dir: Path | None,
+    model_dir: Path,
+    preset: str | None,
+    overrides: Sequence[str],
+    config_cls: type,
+    presets_dir: Path | None,
     default_preset: str | None,
 ) -> Any:
     """The config of a command that uses a trained model: ``-c`` when given, else the
@@ -338,7 +363,9 @@ def config_for_model(
     return load_config(config_cls, source or default_preset, list(overrides), presets_dir)
 
 
-def check_model_dir(model_dir: Path, marker: str = "config.json", what: str = "a folder written by save_pretrained") -> Path:
+def check_model_dir(
+    model_dir: Path, marker: str = "config.json", what: str = "a folder written by save_pretrained"
+) -> Path:
     """``model_dir`` as an existing model folder holding ``marker``.
 
     Raises:
@@ -346,16 +373,24 @@ def check_model_dir(model_dir: Path, marker: str = "config.json", what: str = "a
     """
     model_dir = Path(model_dir).expanduser()
     if not model_dir.exists():
-        raise UserError(f"Model folder '{model_dir}' (--model) does not exist; give {what}, e.g. runs/001_.../final.")
+        raise UserError(
+            f"Model folder '{model_dir}' (--model) does not exist; give {what}, e.g. runs/001_.../final."
+        )
     if not model_dir.is_dir():
         raise UserError(f"--model '{model_dir}' is a file; give {what} (a run's final/ folder).")
     if not (model_dir / marker).is_file():
-        raise UserError(f"--model '{model_dir}' has no {marker}; give {what} (a run's final/ folder).")
+        raise UserError(
+            f"--model '{model_dir}' has no {marker}; give {what} (a run's final/ folder)."
+        )
     return model_dir
 
 
 def evaluation_outputs(
-    model_dir: Path, name: str, out: Path | None, overwrite: bool, inputs: Sequence[tuple[Path, str]]
+    model_dir: Path,
+    name: str,
+    out: Path | None,
+    overwrite: bool,
+    inputs: Sequence[tuple[Path, str]],
 ) -> tuple[Path | None, Path | None]:
     """Where ``evaluate`` writes its per-sample records and its scores, checked before anything runs.
 
@@ -381,7 +416,9 @@ def evaluation_outputs(
     return folder / f"{name}.jsonl", folder / f"{name}.scores.json"
 
 
-def write_evaluation(records_path: Path | None, scores_path: Path | None, rows: Sequence[dict], scores: dict) -> None:
+def write_evaluation(
+    records_path: Path | None, scores_path: Path | None, rows: Sequence[dict], scores: dict
+) -> None:
     """Write what :func:`evaluation_outputs` chose, and print the scores as one JSON line."""
     import json
 

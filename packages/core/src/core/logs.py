@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import sys
+import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -225,3 +226,56 @@ if __name__ == "__main__":  # self-check: python -m core.logs
         print((Path(tmp) / "metrics.csv").read_text(), end="")
         assert "hello" in (Path(tmp) / "train.log").read_text()
     print("core.logs: ok")
+
+
+class LogProgress:
+    """The part of tqdm's interface the trainer uses, writing a log line at most every
+    ``interval`` seconds: ``step 533/2500 (21%), 1.56 steps/s, ETA 0:21:00, loss=3.57, lr=9.4e-04``.
+
+    Args:
+        total: steps of the run.
+        initial: steps already done (after a resume).
+        interval: seconds between lines.
+    """
+
+    def __init__(self, total: int, initial: int = 0, interval: float = 30.0) -> None:
+        self.total, self.n, self.interval = total, initial, interval
+        self.start_n, self.start = initial, time.perf_counter()
+        self.last = self.start
+        self.postfix: dict[str, Any] = {}
+
+    def set_postfix(self, refresh: bool = False, **values: Any) -> None:
+        """Remember values to show on the next line."""
+        self.postfix.update(values)
+
+    def update(self, n: int = 1) -> None:
+        """Count ``n`` steps; log a line when ``interval`` has passed or at the last step."""
+        self.n += n
+        now = time.perf_counter()
+        if now - self.last >= self.interval or self.n >= self.total:
+            self.last = now
+            rate = (self.n - self.start_n) / max(now - self.start, 1e-9)
+            eta = (self.total - self.n) / rate if rate > 0 else float("nan")
+            extra = "".join(f", {k}={v}" for k, v in self.postfix.items())
+            eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?"
+            log.info(
+                "step %d/%d (%d%%), %.2f steps/s, ETA %s%s",
+                self.n,
+                self.total,
+                100 * self.n // max(self.total, 1),
+                rate,
+                eta_text,
+                extra,
+            )
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+def transformers_quiet() -> None:
+    """Silence transformers' progress bars (they flood SLURM log files)."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover
+        return
+    hf_logging.disable_progress_bar()

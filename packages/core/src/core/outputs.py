@@ -48,7 +48,9 @@ def _inside(child: Path, folder: Path) -> bool:
     return child == folder or folder in child.parents
 
 
-def guard_file(path: Path, key: str, inputs: Sequence[tuple[Path, str]] = (), overwrite: bool = False) -> Path:
+def guard_file(
+    path: Path, key: str, inputs: Sequence[tuple[Path, str]] = (), overwrite: bool = False
+) -> Path:
     """Check an output *file* before anything is written.
 
     Args:
@@ -71,7 +73,9 @@ def guard_file(path: Path, key: str, inputs: Sequence[tuple[Path, str]] = (), ov
                 f"{key} '{path}' is the input file of {source_key}: writing there would destroy it. Choose another output file."
             )
     if path.is_dir():
-        raise UserError(f"{key} '{path}' is a folder; give a file path, e.g. {path / 'predictions.jsonl'}.")
+        raise UserError(
+            f"{key} '{path}' is a folder; give a file path, e.g. {path / 'predictions.jsonl'}."
+        )
     blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise UserError(f"{key} '{path}' cannot be created: '{blocking}' is a file, not a folder.")
@@ -83,7 +87,13 @@ def guard_file(path: Path, key: str, inputs: Sequence[tuple[Path, str]] = (), ov
     return path
 
 
-def guard_folder(path: Path, key: str, command: str, inputs: Sequence[tuple[Path, str]] = (), overwrite: bool = False) -> Path:
+def guard_folder(
+    path: Path,
+    key: str,
+    command: str,
+    inputs: Sequence[tuple[Path, str]] = (),
+    overwrite: bool = False,
+) -> Path:
     """Check an output *folder* before anything is written.
 
     Args:
@@ -101,13 +111,17 @@ def guard_folder(path: Path, key: str, command: str, inputs: Sequence[tuple[Path
     """
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
-        raise UserError(f"{key} '{path}' is a file; a folder is expected (it will be created if missing).")
+        raise UserError(
+            f"{key} '{path}' is a file; a folder is expected (it will be created if missing)."
+        )
     blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise UserError(f"{key} '{path}' cannot be created: '{blocking}' is a file, not a folder.")
     for source, source_key in inputs:
         if source is not None and _inside(Path(source).expanduser(), path):
-            raise UserError(f"{key} '{path}' holds the input of {source_key} ('{source}'); choose another output folder.")
+            raise UserError(
+                f"{key} '{path}' holds the input of {source_key} ('{source}'); choose another output folder."
+            )
     if not path.is_dir():
         return path
     entries = sorted(p.name for p in path.iterdir())
@@ -132,7 +146,10 @@ def mark_folder(folder: Path, command: str) -> None:
     """Create ``folder`` (if needed) and record that ``command`` wrote it."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    write_text(folder / MARKER, json.dumps({"command": command, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+    write_text(
+        folder / MARKER,
+        json.dumps({"command": command, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n",
+    )
 
 
 def write_text(path: Path, text: str) -> None:
@@ -178,5 +195,8 @@ if __name__ == "__main__":  # self-check: python -m core.outputs
         mark_folder(mine, "make-data")
         (mine / "train.jsonl").write_text("{}\n", encoding="utf-8")
         assert guard_folder(mine, "--out", "make-data") == mine  # its own folder again: fine
-        assert data.read_text(encoding="utf-8") == "{}\n" and (user / "notes.txt").read_text(encoding="utf-8") == "mine"
+        assert (
+            data.read_text(encoding="utf-8") == "{}\n"
+            and (user / "notes.txt").read_text(encoding="utf-8") == "mine"
+        )
     print("core.outputs: ok")

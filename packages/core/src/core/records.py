@@ -68,9 +68,13 @@ def check_file(path: Path, key: str, what: str = "Data file") -> Path:
     """
     path = Path(path).expanduser()
     if path.is_dir():
-        raise UserError(f"{what} '{path}' ({key}) is a folder, not a file. Give the path of a .jsonl or .json file inside it.")
+        raise UserError(
+            f"{what} '{path}' ({key}) is a folder, not a file. Give the path of a .jsonl or .json file inside it."
+        )
     if not path.exists():
-        raise UserError(f"{what} '{path}' ({key}) does not exist. Check the path (relative paths start at {Path.cwd()}).")
+        raise UserError(
+            f"{what} '{path}' ({key}) does not exist. Check the path (relative paths start at {Path.cwd()})."
+        )
     return path
 
 
@@ -96,10 +100,14 @@ def read_text(path: Path, key: str, what: str = "Data file") -> str:
 
 def _json_error(path: Path, line: int, err: json.JSONDecodeError, column: int | None = None) -> str:
     """One sentence for a JSON parse error: place first, then the parser's complaint."""
-    return f"{path}:{line}:{column if column is not None else err.colno}: not valid JSON ({err.msg})."
+    return (
+        f"{path}:{line}:{column if column is not None else err.colno}: not valid JSON ({err.msg})."
+    )
 
 
-def iter_json_lines(path: Path, text: str, on_bad: Literal["raise", "keep"] = "raise") -> Iterator[RawRecord]:
+def iter_json_lines(
+    path: Path, text: str, on_bad: Literal["raise", "keep"] = "raise"
+) -> Iterator[RawRecord]:
     """Records of JSON-lines text, one per non-blank line.
 
     Args:
@@ -114,7 +122,9 @@ def iter_json_lines(path: Path, text: str, on_bad: Literal["raise", "keep"] = "r
         try:
             value = json.loads(line)
         except json.JSONDecodeError as err:
-            message = _json_error(path, number, err) + " Each line must be one complete JSON object."
+            message = (
+                _json_error(path, number, err) + " Each line must be one complete JSON object."
+            )
             if on_bad == "raise":
                 raise UserError(message) from None
             value = BadJSON(message)
@@ -134,7 +144,9 @@ def iter_json_array(path: Path, text: str) -> Iterator[RawRecord]:
     decoder = json.JSONDecoder()
     pos = len(text) - len(text.lstrip())
     if not text[pos:].startswith("["):
-        raise UserError(f"{path}: a .json data file must hold a JSON array of records (starting with '['); use .jsonl for one record per line.")
+        raise UserError(
+            f"{path}: a .json data file must hold a JSON array of records (starting with '['); use .jsonl for one record per line."
+        )
     line, counted = 1, 0  # ``line`` is the line number of offset ``counted``
 
     def line_at(offset: int) -> int:
@@ -150,13 +162,17 @@ def iter_json_array(path: Path, text: str) -> Iterator[RawRecord]:
         while pos < len(text) and text[pos] in " \t\r\n":
             pos += 1
         if pos >= len(text):
-            raise UserError(f"{path}:{line_at(pos)}: the JSON array is not closed (missing ']' at the end of the file).")
+            raise UserError(
+                f"{path}:{line_at(pos)}: the JSON array is not closed (missing ']' at the end of the file)."
+            )
         char = text[pos]
         if char == "]":
             return
         if char == ",":
             if expect_item:
-                raise UserError(f"{path}:{line_at(pos)}: unexpected ',' in the JSON array (an empty element).")
+                raise UserError(
+                    f"{path}:{line_at(pos)}: unexpected ',' in the JSON array (an empty element)."
+                )
             expect_item = True
             pos += 1
             continue
@@ -173,7 +189,9 @@ def iter_json_array(path: Path, text: str) -> Iterator[RawRecord]:
         expect_item = False
 
 
-def iter_file(path: Path, key: str, on_bad: Literal["raise", "keep"] = "raise") -> Iterator[RawRecord]:
+def iter_file(
+    path: Path, key: str, on_bad: Literal["raise", "keep"] = "raise"
+) -> Iterator[RawRecord]:
     """Records of a ``.jsonl`` file (one per line) or a ``.json`` file (an array).
 
     Args:
@@ -186,17 +204,25 @@ def iter_file(path: Path, key: str, on_bad: Literal["raise", "keep"] = "raise") 
     """
     path = Path(path).expanduser()
     text = read_text(path, key)
-    if path.suffix.lower() == ".json" or (path.suffix.lower() != ".jsonl" and text.lstrip().startswith("[")):
+    if path.suffix.lower() == ".json" or (
+        path.suffix.lower() != ".jsonl" and text.lstrip().startswith("[")
+    ):
         yield from iter_json_array(path, text)
     elif path.suffix.lower() in (".jsonl", ".ndjson"):
         yield from iter_json_lines(path, text, on_bad)
     else:
-        raise UserError(f"Data file '{path}' ({key}) has the extension '{path.suffix}'; use JSON lines (.jsonl) or a JSON array (.json).")
+        raise UserError(
+            f"Data file '{path}' ({key}) has the extension '{path.suffix}'; use JSON lines (.jsonl) or a JSON array (.json)."
+        )
 
 
 def is_dataset_folder(path: Path) -> bool:
     """Whether ``path`` is a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``."""
-    return path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file() or (path / "state.json").is_file())
+    return path.is_dir() and (
+        (path / "dataset_info.json").is_file()
+        or (path / "dataset_dict.json").is_file()
+        or (path / "state.json").is_file()
+    )
 
 
 def dataset_cached(name: str) -> bool:
@@ -245,7 +271,9 @@ def iter_dataset(
                 # Without network the Hub client retries for minutes; use the local cache only.
                 datasets.config.HF_HUB_OFFLINE = True
             rows = datasets.load_dataset(str(source), subset, split=split)
-    except Exception as err:  # datasets raises many types (ConnectionError, FileNotFoundError, KeyError, ...)
+    except (
+        Exception
+    ) as err:  # datasets raises many types (ConnectionError, FileNotFoundError, KeyError, ...)
         text = " ".join(str(err).split())
         text = text if len(text) <= 400 else text[:400].rsplit(" ", 1)[0] + " ..."
         raise UserError(
@@ -283,15 +311,24 @@ def iter_source(
     path = Path(source).expanduser()
     if path.is_dir():
         if not allow_folders:
-            raise UserError(f"Data file '{path}' ({key}) is a folder, not a file. Give the path of a .jsonl or .json file inside it.")
-        if not is_dataset_folder(path) and not any(p.suffix.lower() in DATA_SUFFIXES for p in path.iterdir()):
+            raise UserError(
+                f"Data file '{path}' ({key}) is a folder, not a file. Give the path of a .jsonl or .json file inside it."
+            )
+        if not is_dataset_folder(path) and not any(
+            p.suffix.lower() in DATA_SUFFIXES for p in path.iterdir()
+        ):
             raise UserError(
                 f"Data source '{path}' ({key}) is a folder with neither a dataset written by Dataset.save_to_disk nor "
                 "data files in it. Give the path of a .jsonl or .json file."
             )
         yield from iter_dataset(path, key, split, subset, hint)
         return
-    looks_like_file = isinstance(source, Path) or path.suffix.lower() in (".json", ".jsonl") or str(source).startswith((".", "/", "~")) or "\\" in str(source)
+    looks_like_file = (
+        isinstance(source, Path)
+        or path.suffix.lower() in (".json", ".jsonl")
+        or str(source).startswith((".", "/", "~"))
+        or "\\" in str(source)
+    )
     if path.exists() or looks_like_file:
         yield from iter_file(path, key, on_bad)
         return
@@ -306,7 +343,9 @@ def read_all(source: Path | str, key: str, what: str = "records", **kwargs: Any)
     """
     records = list(iter_source(source, key, **kwargs))
     if not records:
-        raise UserError(f"Data source '{source}' ({key}) holds no {what}: it is empty or has only blank lines.")
+        raise UserError(
+            f"Data source '{source}' ({key}) holds no {what}: it is empty or has only blank lines."
+        )
     return records
 
 
@@ -316,9 +355,14 @@ if __name__ == "__main__":  # self-check: python -m core.records
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         (folder / "a.jsonl").write_bytes(BOM.encode() + b'{"x": 1}\n\n{"x": "\xed\x95\x9c"}\n')
-        print([(r.where.rsplit("/", 1)[-1], r.value) for r in read_all(folder / "a.jsonl", "--data")])
+        print(
+            [(r.where.rsplit("/", 1)[-1], r.value) for r in read_all(folder / "a.jsonl", "--data")]
+        )
         (folder / "b.json").write_text('[\n {"x": 1},\n {"x": 2}\n]\n', encoding="utf-8")
-        assert [r.where.rsplit(":", 1)[-1] for r in read_all(folder / "b.json", "--data")] == ["2 (record 0)", "3 (record 1)"]
+        assert [r.where.rsplit(":", 1)[-1] for r in read_all(folder / "b.json", "--data")] == [
+            "2 (record 0)",
+            "3 (record 1)",
+        ]
         (folder / "c.jsonl").write_bytes(b'{"x": 1}\n{"x": "caf\xe9"}\n')
         for bad in (folder / "c.jsonl", folder, folder / "missing.jsonl"):
             try:

@@ -151,7 +151,9 @@ def check_run_dir(path: Path, task: str | None) -> None:
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise ConfigError(f"Config key 'run.dir' = '{path}' is a file; a run folder is expected (a new or empty folder, or an earlier run).")
+        raise ConfigError(
+            f"Config key 'run.dir' = '{path}' is a file; a run folder is expected (a new or empty folder, or an earlier run)."
+        )
     if not path.is_dir() or not any(path.iterdir()):
         return
     if not is_run_folder(path):
@@ -174,7 +176,11 @@ def _slurm_record(root: Path, job: str) -> Path:
 
 
 def resolve_run_dir(
-    root: Path, name: str = "", run_dir: Path | None = None, env: dict[str, str] | None = None, task: str | None = None
+    root: Path,
+    name: str = "",
+    run_dir: Path | None = None,
+    env: dict[str, str] | None = None,
+    task: str | None = None,
 ) -> RunDir:
     """Choose (and if needed create) the run folder of this process's run.
 
@@ -223,7 +229,10 @@ def resolve_run_dir(
         record = _slurm_record(root, job)
         record.parent.mkdir(parents=True, exist_ok=True)
         tmp = record.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"run_dir": str(path.resolve()), "job": job, "time": time.time()}), encoding="utf-8")
+        tmp.write_text(
+            json.dumps({"run_dir": str(path.resolve()), "job": job, "time": time.time()}),
+            encoding="utf-8",
+        )
         os.replace(tmp, record)
     return RunDir(path, created=True, reason="new")
 

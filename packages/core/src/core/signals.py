@@ -17,15 +17,19 @@ import subprocess
 from types import FrameType
 from typing import Any
 
+from core.runs import slurm_job_key
+
 log = logging.getLogger(__name__)
 
 STOP_SIGNALS = tuple(
-    s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s is not None
+    s
+    for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None), signal.SIGINT)
+    if s is not None
 )
 
 
 class StopSignal:
-    """Installs handlers for SIGTERM and SIGUSR1 while active (a context manager).
+    """Installs handlers for SIGTERM, SIGUSR1 and SIGINT while active (a context manager).
 
     Attributes:
         received: the first signal number received, or None.
@@ -36,12 +40,16 @@ class StopSignal:
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now, without a checkpoint
         if self.received is None:
             self.received = signum
             # Logging from a handler is safe enough here: the trainer is in Python code.
+            hint = " (Ctrl-C again stops at once, without one)" if signum == signal.SIGINT else ""
             log.warning(
-                "Received %s: will checkpoint and stop at the next step boundary.",
+                "Received %s: will checkpoint and stop at the next step boundary%s.",
                 signal.Signals(signum).name,
+                hint,
             )
 
     def __enter__(self) -> StopSignal:
@@ -64,12 +72,17 @@ class StopSignal:
 
 
 def requeue_slurm_job() -> bool:
-    """Ask SLURM to requeue this job (``scontrol requeue $SLURM_JOB_ID``).
+    """Ask SLURM to requeue this job (``scontrol requeue $SLURM_JOB_ID``; in a job array
+    ``<array job id>_<task id>``).
 
     Returns:
         True if ``scontrol`` accepted the request.
     """
-    job = os.environ.get("SLURM_JOB_ID")
+    if not os.environ.get("SLURM_JOB_ID"):
+        return False
+    # One task of an array may carry the array's own job id as its SLURM_JOB_ID; requeueing
+    # that id would requeue (and interrupt) every task of the array, not just this one.
+    job = slurm_job_key()
     if not job:
         return False
     try:

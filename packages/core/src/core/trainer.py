@@ -54,7 +54,7 @@ from core.errors import ConfigError, UserError
 from core.evaluation import eval_dataloader, evaluate
 from core.fsdp import full_state_dict as gather_full_state_dict
 from core.fsdp import is_fsdp2
-from core.logs import MetricsLogger, setup_logging
+from core.logs import LogProgress, MetricsLogger, setup_logging, transformers_quiet
 from core.manifest import build_manifest
 from core.optim import build_optimizer, build_scheduler
 from core.plots import plot_curves
@@ -194,10 +194,16 @@ class Trainer:
                 return self.finish(time.perf_counter() - start)
             except KeyboardInterrupt:
                 # A second Ctrl-C: stopped at once, so the steps since the last checkpoint are lost.
-                self.write_summary("failed", time.perf_counter() - start, error="stopped by a second Ctrl-C, without a checkpoint")
+                self.write_summary(
+                    "failed",
+                    time.perf_counter() - start,
+                    error="stopped by a second Ctrl-C, without a checkpoint",
+                )
                 raise
             except BaseException as err:
-                self.write_summary("failed", time.perf_counter() - start, error=f"{type(err).__name__}: {err}")
+                self.write_summary(
+                    "failed", time.perf_counter() - start, error=f"{type(err).__name__}: {err}"
+                )
                 raise
             finally:
                 if self.logger is not None:
@@ -462,7 +468,7 @@ class Trainer:
         Returns:
             The name of the stop signal, or None when training ran to its end.
         """
-        tc, fabric = self.cfg.trainer, self.fabric
+        tc = self.cfg.trainer
         accum = tc.accumulate_grad_batches
         stream = self.micro_batches()
         self.model.train()
@@ -965,59 +971,6 @@ class Trainer:
             tmp.write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
             os.replace(tmp, self.run.path / "summary.json")
         return summary
-
-
-class LogProgress:
-    """The part of tqdm's interface the trainer uses, writing a log line at most every
-    ``interval`` seconds: ``step 533/2500 (21%), 1.56 steps/s, ETA 0:21:00, loss=3.57, lr=9.4e-04``.
-
-    Args:
-        total: steps of the run.
-        initial: steps already done (after a resume).
-        interval: seconds between lines.
-    """
-
-    def __init__(self, total: int, initial: int = 0, interval: float = 30.0) -> None:
-        self.total, self.n, self.interval = total, initial, interval
-        self.start_n, self.start = initial, time.perf_counter()
-        self.last = self.start
-        self.postfix: dict[str, Any] = {}
-
-    def set_postfix(self, refresh: bool = False, **values: Any) -> None:
-        """Remember values to show on the next line."""
-        self.postfix.update(values)
-
-    def update(self, n: int = 1) -> None:
-        """Count ``n`` steps; log a line when ``interval`` has passed or at the last step."""
-        self.n += n
-        now = time.perf_counter()
-        if now - self.last >= self.interval or self.n >= self.total:
-            self.last = now
-            rate = (self.n - self.start_n) / max(now - self.start, 1e-9)
-            eta = (self.total - self.n) / rate if rate > 0 else float("nan")
-            extra = "".join(f", {k}={v}" for k, v in self.postfix.items())
-            eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?"
-            log.info(
-                "step %d/%d (%d%%), %.2f steps/s, ETA %s%s",
-                self.n,
-                self.total,
-                100 * self.n // max(self.total, 1),
-                rate,
-                eta_text,
-                extra,
-            )
-
-    def close(self) -> None:
-        """Nothing to release."""
-
-
-def transformers_quiet() -> None:
-    """Silence transformers' progress bars (they flood SLURM log files)."""
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:  # pragma: no cover
-        return
-    hf_logging.disable_progress_bar()
 
 
 def weights_checksum(model: nn.Module) -> str:

@@ -112,7 +112,7 @@ def evaluate(argv: Sequence[str] | None = None) -> int:
 
     from core.evaluation import Evaluator
     from core.manifest import sha256_file
-    from core.trainer import transformers_quiet
+    from core.logs import transformers_quiet
     from transformers import AutoModelForSeq2SeqLM
 
     from core.metrics import describe
@@ -195,7 +195,7 @@ def predict(argv: Sequence[str] | None = None) -> int:
 
     import torch
     from core.outputs import write_jsonl
-    from core.trainer import transformers_quiet
+    from core.logs import transformers_quiet
     from transformers import AutoModelForSeq2SeqLM
 
     from summarization.data import check_row, read_rows
