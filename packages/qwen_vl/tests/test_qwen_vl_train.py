@@ -168,6 +168,13 @@ def test_make_data_train_evaluate_infer(tmp_path, monkeypatch, capsys):
         == 0
     )
     assert capsys.readouterr().out.strip() == predictions[record["id"]]["prediction"]
+    # The same question from a --data file (image path relative to the file): the same answer.
+    questions = tmp_path / "data/counting/questions.jsonl"
+    questions.write_text(json.dumps({"id": "q", "prompt": question, "images": [image]}) + "\n", encoding="utf-8")
+    args = ["--model", str(final), "--data", str(questions), "--out", "answers.jsonl", "--max-new-tokens", "3", "--device", "cpu"]
+    assert infer(args) == 0
+    assert read_jsonl(tmp_path / "answers.jsonl") == [{"id": "q", "prompt": question, "answer": predictions[record["id"]]["prediction"]}]
+    assert infer(args) == 2 and "already exists" in capsys.readouterr().err  # never over a file without --overwrite
 
 
 def test_bf16_true_training_stays_bf16_and_resumes_bit_identically(tmp_path, counting_data):
