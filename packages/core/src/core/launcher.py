@@ -1,4 +1,4 @@
-"""The shared command names ``train``, ``evaluate`` and ``infer``, dispatched to the right task.
+"""The shared command names ``train``, ``evaluate``, ``infer`` and ``sweep``, dispatched to a task.
 
 Why this exists: in a uv workspace all members share one ``.venv/bin``. If every task package
 declared its own ``train`` script, the last one installed would own ``.venv/bin/train`` and
@@ -16,6 +16,10 @@ Tasks register under the ``core.tasks`` entry-point group; the entry point names
 a ``COMMANDS`` mapping ``{"train": callable(argv) -> int, ...}``. The chosen task is exported in
 ``CORE_TASK`` so that processes the trainer spawns (DDP ranks) resolve it the same way.
 
+``sweep`` is core's own command on top of the task's ``train`` (see :mod:`core.sweep`): it checks
+every point with the task's ``train --print-config`` and runs each point as a ``train`` process.
+``runs`` (:mod:`core.report`) needs no task.
+
 Each task also has unambiguous scripts of its own (``summarization-train``, ...).
 """
 
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
@@ -183,6 +188,9 @@ def dispatch(command: str, argv: Sequence[str] | None = None) -> int:
     entry = next(ep for n, ep in tasks.items() if _normalise(n) == name)
     module = importlib.import_module(entry.value)
     commands = getattr(module, "COMMANDS", {})
+    if command == "sweep" and "sweep" not in commands and "train" in commands:
+        os.environ[ENV_VAR] = name  # the points' train processes resolve the same task
+        return _sweep(args, name, entry.value, commands["train"])
     if command not in commands:
         providers = [
             t
@@ -195,6 +203,33 @@ def dispatch(command: str, argv: Sequence[str] | None = None) -> int:
         )
     os.environ[ENV_VAR] = name  # DDP ranks spawned by the trainer re-run this script
     return int(commands[command](args) or 0)
+
+
+def _sweep(argv: list[str], task: str, module: str, train_fn: Any) -> int:
+    """Core's ``sweep`` for ``task``: points checked with ``train_fn``, run by the ``train`` script.
+
+    Args:
+        argv: the sweep's arguments.
+        task: the resolved task name.
+        module: the task's ``core.tasks`` module (its ``slurm/train.sbatch`` is found from it).
+        train_fn: the task's ``train`` command.
+
+    Returns:
+        The sweep's exit code.
+    """
+    from core.sweep import sweep_command
+
+    # The `train` script of this environment (next to its Python), so a point runs exactly
+    # as `uv run --package <task> train` would, with its own DDP launch and signal handling.
+    script = shutil.which("train", path=str(Path(sys.executable).parent)) or shutil.which("train")
+    if script is None:
+        return fail(
+            "sweep cannot find the 'train' command of this environment next to "
+            f"{sys.executable}; sync the workspace (uv sync --package {task}) and try again."
+        )
+    return sweep_command(
+        argv, task=task, train=train_fn, train_cmd=[script, "--task", task], task_module=module
+    )
 
 
 def train() -> int:
@@ -210,6 +245,11 @@ def evaluate() -> int:
 def infer() -> int:
     """``infer``: the task's inference command."""
     return dispatch("infer")
+
+
+def sweep() -> int:
+    """``sweep``: a grid of the task's ``train`` runs, locally or as a SLURM job array."""
+    return dispatch("sweep")
 
 
 if __name__ == "__main__":  # self-check: python -m core.launcher

@@ -138,6 +138,7 @@ class MetricsLogger:
             project=self.cfg.wandb_project,
             entity=self.cfg.wandb_entity,
             name=run_name,
+            group=self.cfg.wandb_group,
             id=run_id,
             resume="allow",
             dir=str(self.run_dir),

@@ -336,6 +336,9 @@ class LoggerConfig:
     """W&B entity (team or user); null: your default."""
     wandb_mode: Literal["online", "offline"] = "online"
     """``offline`` writes to ``<run>/wandb`` without network; sync later with ``wandb sync``."""
+    wandb_group: str | None = None
+    """W&B group of the run (``wandb.init(group=...)``); ``sweep`` sets it to the sweep folder's
+    name so that a sweep's points are grouped together. null: no group."""
     tensorboard: bool = False
     """Write TensorBoard event files to ``<run>/tensorboard`` (needs ``core[tensorboard]``)."""
     csv: bool = True

@@ -8,6 +8,11 @@
 #      are passed from SLURM_NNODES / SLURM_NTASKS_PER_NODE.
 #
 # DRY_RUN=1 prints each command (shell-quoted) instead of running it.
+#
+# Sweeps (`sweep --slurm`, core/sweep.py) submit the task's train.sbatch as one job array with
+# SWEEP_ARGS_DIR set: array task i appends the arguments in $SWEEP_ARGS_DIR/i.args (one per line:
+# the point's key=value overrides and run.dir=<its folder>) to the script's own, so a requeued task
+# resumes its own point folder.
 
 _run() {
     if [[ "${DRY_RUN:-0}" == "1" ]]; then
@@ -63,12 +68,30 @@ train_command() {
     fi
 }
 
+# The arguments of this array task's sweep point (none outside a sweep).
+sweep_point_args() {
+    POINT_ARGS=()
+    [[ -z "${SWEEP_ARGS_DIR:-}" ]] && return 0
+    if [[ -z "${SLURM_ARRAY_TASK_ID:-}" ]]; then
+        echo "error: SWEEP_ARGS_DIR is set but this is not an array job; submit sweeps with 'sweep --slurm'" >&2
+        exit 2
+    fi
+    local file="$SWEEP_ARGS_DIR/$SLURM_ARRAY_TASK_ID.args"
+    if [[ ! -f "$file" ]]; then
+        echo "error: no arguments for array task $SLURM_ARRAY_TASK_ID in $file; was the sweep folder moved?" >&2
+        exit 2
+    fi
+    mapfile -t POINT_ARGS < "$file"
+}
+
 run_training() {
     container_flags
+    sweep_point_args
     node_setup
     train_command
     export CORE_TASK="$TASK"   # the shared `train` command runs this task's trainer
-    echo "[$(date '+%F %T')] job ${SLURM_JOB_ID:-?} (restart ${SLURM_RESTART_COUNT:-0}) task $TASK on ${SLURM_NNODES:-1} node(s) x ${SLURM_NTASKS_PER_NODE:-1} task(s), device $DEVICE" >&2
-    # User arguments come last so they override the defaults above (e.g. trainer.strategy=fsdp).
-    _run srun --kill-on-bad-exit=1 "${CONTAINER_ARGS[@]}" "$VENV_DIR/bin/train" "${TRAIN_ARGS[@]}" "$@"
+    echo "[$(date '+%F %T')] job ${SLURM_JOB_ID:-?}${SLURM_ARRAY_TASK_ID:+ (array ${SLURM_ARRAY_JOB_ID:-?}_$SLURM_ARRAY_TASK_ID)} (restart ${SLURM_RESTART_COUNT:-0}) task $TASK on ${SLURM_NNODES:-1} node(s) x ${SLURM_NTASKS_PER_NODE:-1} task(s), device $DEVICE" >&2
+    # User arguments come last so they override the defaults above (e.g. trainer.strategy=fsdp);
+    # a sweep point's own arguments after them.
+    _run srun --kill-on-bad-exit=1 "${CONTAINER_ARGS[@]}" "$VENV_DIR/bin/train" "${TRAIN_ARGS[@]}" "$@" "${POINT_ARGS[@]}"
 }
