@@ -1,6 +1,6 @@
 """Benchmark 9: per-rank training state and step time, FSDP2 against DDP, on 2 CPU processes.
 
-A ~110M-parameter Llama (hidden 768, 12 layers, vocabulary 32,000) takes AdamW steps on random
+A 134M-parameter Llama (hidden 768, 12 layers, vocabulary 32,000, untied head) takes AdamW steps on random
 tokens under Fabric with ``trainer.strategy``-equivalent set-ups: DDP (every rank holds the whole
 model, gradients and Adam moments) and core's FSDP2 (``fully_shard`` per decoder layer, then the
 root). Per rank it reports:
