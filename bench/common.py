@@ -34,7 +34,10 @@ def machine() -> str:
     versions = ", ".join(
         f"{p} {version(p)}" for p in ("torch", "lightning", "transformers", "peft") if _has(p)
     )
-    return f"{cpu}, {os.cpu_count()} cores, {gpu}; {datetime.now():%Y-%m-%d}; Python {sys.version.split()[0]}, {versions}"
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {gpu}; {datetime.now():%Y-%m-%d}; Python "
+        f"{sys.version.split()[0]}, {versions}"
+    )
 
 
 def _has(package: str) -> bool:
@@ -114,7 +117,10 @@ def train_run(cfg, task) -> tuple[dict, list[dict]]:
 
 def report(title: str, command: str, body: str) -> str:
     """A section for docs/benchmarks.md."""
-    return f"## {title}\n\nMachine: {machine()}; commit {git_commit()}.\nCommand: `{command}`\n\n{body}\n"
+    return (
+        f"## {title}\n\nMachine: {machine()}; commit {git_commit()}.\nCommand: "
+        f"`{command}`\n\n{body}\n"
+    )
 
 
 def emit(text: str, out: str | Path | None) -> None:

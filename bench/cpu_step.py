@@ -85,8 +85,10 @@ def main() -> None:
         for name, v in speeds.items()
     ]
     body = (
-        f"The `small` preset (mBART layout, d=256, 3+3 layers, bf16-mixed, encoder MLM 0.15), DialogSum train, batch 16 "
-        f"grouped by length, {args.steps} steps (the first ones included), no validation; training dialogues per second "
+        "The `small` preset (mBART layout, d=256, 3+3 layers, bf16-mixed, encoder MLM 0.15), "
+        "DialogSum train, batch 16 "
+        f"grouped by length, {args.steps} steps (the first ones included), no validation; "
+        "training dialogues per second "
         f"from summary.json, median of {args.reps} interleaved runs.\n\n"
         + table(["attention, dropout", "dialogues/s (median)", "min – max", "ratio"], rows)
     )

@@ -2,7 +2,8 @@
 training samples, cold (empty cache) and cached.
 
 - summarization: DialogSum train (12,460 dialogues) -> validated rows -> tokenised with
-  ``datasets.map(batched=True)``; the Arrow cache makes a second run a cache hit (``data.cache_dir``);
+  ``datasets.map(batched=True)``; the Arrow cache makes a second run a cache hit
+  (``data.cache_dir``);
 - lora_llm: the Alpaca subset (5,000 records), and the same records ten times over in an indented
   JSON array (50k records, 21 MB: the size of the full Alpaca data) -> prompt template -> token
   ids with response-only labels (kept in memory: no cache, every run is cold);
@@ -31,7 +32,8 @@ ALPACA = REPO.parent / "shared" / "data" / "alpaca" / "alpaca_5000.json"
 
 
 def summarization_setup(cache: Path) -> tuple[int, float]:
-    """(records, seconds) of SummarizationTask.setup on DialogSum train with cache folder ``cache``."""
+    """(records, seconds) of SummarizationTask.setup on DialogSum train with cache folder
+    ``cache``."""
     from core.config import load_config
     from summarization.config import PRESETS_DIR, SummarizationConfig
     from summarization.task import SummarizationTask
@@ -49,7 +51,8 @@ def summarization_setup(cache: Path) -> tuple[int, float]:
 
 
 def alpaca_times_ten(folder: Path) -> Path:
-    """The Alpaca subset's good records ten times over, as an indented JSON array (one field a line)."""
+    """The Alpaca subset's good records ten times over, as an indented JSON array (one field a
+    line)."""
     import json
 
     records = [r for r in json.loads(ALPACA.read_text(encoding="utf-8")) if r["output"].strip()]
@@ -126,8 +129,10 @@ def main() -> None:
             n_big / seconds_big
         )
         print(
-            f"  rep {rep + 1}: summarization {results[('summarization (DialogSum train)', 'cold')][-1]:.0f} / "
-            f"{results[('summarization (DialogSum train)', 'cached')][-1]:.0f} rows/s; lora_llm {n / seconds:.0f} rows/s",
+            f"  rep {rep + 1}: summarization "
+            f"{results[('summarization (DialogSum train)', 'cold')][-1]:.0f} / "
+            f"{results[('summarization (DialogSum train)', 'cached')][-1]:.0f} rows/s; lora_llm "
+            f"{n / seconds:.0f} rows/s",
             flush=True,
         )
     import subprocess

@@ -59,7 +59,8 @@ def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
 
 
 def raw_loop(steps: int, batch: int, lr: float) -> float:
-    """The baseline: DataLoader, forward, loss, backward, clip, AdamW, cosine LR. Returns seconds."""
+    """The baseline: DataLoader, forward, loss, backward, clip, AdamW, cosine LR. Returns
+    seconds."""
     from transformers import get_cosine_schedule_with_warmup
 
     model = make_model()
@@ -195,13 +196,16 @@ def main() -> None:
         med, lo, hi = median_spread(rates)
         rows.append([name, f"{med:.3f}", f"{lo:.3f} – {hi:.3f}", f"{med / base:.3f}"])
     body = (
-        f"GPT-2 {LAYERS} layers x {WIDTH}, sequence {SEQ}, batch {args.batch}, fp32, AdamW + clipping + cosine, "
-        f"{args.steps} steps per run, {args.reps} interleaved repetitions; steps/s of the training loop.\n\n"
+        f"GPT-2 {LAYERS} layers x {WIDTH}, sequence {SEQ}, batch {args.batch}, fp32, AdamW + "
+        "clipping + cosine, "
+        f"{args.steps} steps per run, {args.reps} interleaved repetitions; steps/s of the "
+        "training loop.\n\n"
         + table(["variant", "steps/s (median)", "min – max", "ratio to raw"], rows)
     )
     text = report(
         "Engine overhead",
-        f"uv run python bench/engine_overhead.py --steps {args.steps} --batch {args.batch} --reps {args.reps}",
+        f"uv run python bench/engine_overhead.py --steps {args.steps} --batch {args.batch} --reps "
+        f"{args.reps}",
         body,
     )
     emit(text, args.out)

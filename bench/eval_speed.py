@@ -23,7 +23,8 @@ DEV = REPO.parent / "shared" / "data" / "dialogsum" / "dialogsum.dev.jsonl"
 
 
 def summaries_per_sec(model_dir: Path, sort: bool, batch: int, limit: int | None) -> float:
-    """Evaluate ``model_dir`` on DialogSum dev; returns summaries per second of the evaluation loop."""
+    """Evaluate ``model_dir`` on DialogSum dev; returns summaries per second of the evaluation
+    loop."""
     from transformers import AutoModelForSeq2SeqLM
 
     from core.config import load_config
@@ -114,10 +115,14 @@ def main() -> None:
         ]
         for name, v in speeds.items()
     ]
+    model = (
+        f"`{args.model}`" if args.model else "the `tiny` preset trained 120 steps by this script"
+    )
     body = (
-        f"Model: {f'`{args.model}`' if args.model else 'the `tiny` preset trained 120 steps by this script'}; DialogSum dev ({args.limit or 'all 500'} rows), batch {args.batch}, greedy decoding, CPU, "
-        f"median of {args.reps} interleaved runs of the evaluation loop (generation + loss + ROUGE).\n\n"
-        + table(["batches", "summaries/s (median)", "min – max", "ratio"], rows)
+        f"Model: {model}; DialogSum dev ({args.limit or 'all 500'} rows), batch {args.batch}, "
+        "greedy decoding, CPU, "
+        f"median of {args.reps} interleaved runs of the evaluation loop (generation + loss + "
+        "ROUGE).\n\n" + table(["batches", "summaries/s (median)", "min – max", "ratio"], rows)
     )
     text = report(
         "Evaluation speed",

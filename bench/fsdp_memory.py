@@ -1,6 +1,7 @@
 """Benchmark 9: per-rank training state and step time, FSDP2 against DDP, on 2 CPU processes.
 
-A 134M-parameter Llama (hidden 768, 12 layers, vocabulary 32,000, untied head) takes AdamW steps on random
+A 134M-parameter Llama (hidden 768, 12 layers, vocabulary 32,000, untied head) takes AdamW steps on
+random
 tokens under Fabric with ``trainer.strategy``-equivalent set-ups: DDP (every rank holds the whole
 model, gradients and Adam moments) and core's FSDP2 (``fully_shard`` per decoder layer, then the
 root). Per rank it reports:
@@ -195,7 +196,8 @@ def main() -> None:
         r["step_seconds"] for r in results["fsdp"]["ranks"]
     ) / statistics.median(r["step_seconds"] for r in results["ddp"]["ranks"])
     body = (
-        f"Llama with {results['ddp']['parameters'] / 1e6:.1f}M parameters (fp32, AdamW), batch {args.batch} x {args.seq} tokens per rank, "
+        f"Llama with {results['ddp']['parameters'] / 1e6:.1f}M parameters (fp32, AdamW), batch "
+        f"{args.batch} x {args.seq} tokens per rank, "
         f"2 CPU processes over gloo, {args.steps} steps (the first not timed). MiB per rank:\n\n"
         + table(
             [
@@ -210,7 +212,8 @@ def main() -> None:
             ],
             rows,
         )
-        + f"\n\nFSDP2 / DDP: per-rank state **{ratio:.3f}x** (target at most 0.55x), peak RSS {rss:.2f}x, step time {step:.2f}x.\n"
+        + f"\n\nFSDP2 / DDP: per-rank state **{ratio:.3f}x** (target at most 0.55x), peak RSS "
+        f"{rss:.2f}x, step time {step:.2f}x.\n"
     )
     emit(
         report(

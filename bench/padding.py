@@ -160,9 +160,12 @@ def main() -> None:
                 ]
             )
     body = (
-        f"Batch {BATCH}, one epoch's batches from core's sampler (seed 0). Throughput: the `tiny` model of each task, "
-        f"{args.steps} steps on the CPU, non-padding input tokens per second from summary.json, median of {args.reps} "
-        "interleaved runs. Packing concatenates whole records into 512-token blocks (lora_llm; no sample attends to another).\n\n"
+        f"Batch {BATCH}, one epoch's batches from core's sampler (seed 0). Throughput: the `tiny` "
+        "model of each task, "
+        f"{args.steps} steps on the CPU, non-padding input tokens per second from summary.json, "
+        f"median of {args.reps} "
+        "interleaved runs. Packing concatenates whole records into 512-token blocks (lora_llm; no "
+        "sample attends to another).\n\n"
         + table(
             [
                 "data",

@@ -43,7 +43,8 @@ def rows(path: Path, n: int | None = None) -> list[dict]:
 def encode(
     tokenizer, sources: list[dict], targets: list[dict], max_source: int = 320
 ) -> dict[str, torch.Tensor]:
-    """A padded batch: ``sources``' dialogues as input, ``targets``' summaries as labels (-100 on padding)."""
+    """A padded batch: ``sources``' dialogues as input, ``targets``' summaries as labels (-100 on
+    padding)."""
     batch = tokenizer(
         [r["dialogue"] for r in sources],
         max_length=max_source,
@@ -64,7 +65,8 @@ def encode(
 
 @torch.no_grad()
 def measure(model, tokenizer, dev: list[dict], batch_size: int = 16) -> dict[str, float]:
-    """``matched`` / ``rotated`` per-token summary loss, their ``gap``, and the encoder ``spread``."""
+    """``matched`` / ``rotated`` per-token summary loss, their ``gap``, and the encoder
+    ``spread``."""
     was_training = model.training
     model.eval()
     result: dict[str, float] = {}
@@ -118,7 +120,8 @@ def train_and_measure(args: argparse.Namespace, dev: list[dict]) -> list[str]:
     lines = [
         f"`{args.architecture}`, encoder_mlm={args.encoder_mlm}:",
         "",
-        "| step | dev loss, own dialogue | dev loss, another dialogue | gap | encoder spread | seconds |",
+        "| step | dev loss, own dialogue | dev loss, another dialogue | gap | encoder spread | "
+        "seconds |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     m = measure(model, tokenizer, dev)
@@ -150,7 +153,8 @@ def train_and_measure(args: argparse.Namespace, dev: list[dict]) -> list[str]:
         if step % args.every == 0:
             m = measure(model, tokenizer, dev)
             lines.append(
-                f"| {step} | {m['matched']:.3f} | {m['rotated']:.3f} | {m['gap']:.3f} | {m['spread']:.3f} | {time.perf_counter() - start:.0f} |"
+                f"| {step} | {m['matched']:.3f} | {m['rotated']:.3f} | {m['gap']:.3f} | "
+                f"{m['spread']:.3f} | {time.perf_counter() - start:.0f} |"
             )
             print(lines[-1], flush=True)
     return lines
@@ -183,7 +187,8 @@ def main() -> None:
         model = AutoModelForSeq2SeqLM.from_pretrained(args.model)
         m = measure(model, AutoTokenizer.from_pretrained(args.model), dev)
         body = [
-            f"`{args.model}`: dev loss {m['matched']:.3f} with its own dialogue, {m['rotated']:.3f} with another "
+            f"`{args.model}`: dev loss {m['matched']:.3f} with its own dialogue, "
+            f"{m['rotated']:.3f} with another "
             f"(gap {m['gap']:.3f}); encoder spread {m['spread']:.3f}"
         ]
     elif args.train_steps:

@@ -46,12 +46,14 @@ def main() -> None:
                 code = "traceback"
                 err.write(traceback.format_exc())
         after = snapshot(watched)
-        results.append({
-            "code": code,
-            "stderr": err.getvalue(),
-            "changed": sorted(k for k in before if after.get(k) != before[k]),
-            "created": sorted(k for k in after if k not in before),
-        })
+        results.append(
+            {
+                "code": code,
+                "stderr": err.getvalue(),
+                "changed": sorted(k for k in before if after.get(k) != before[k]),
+                "created": sorted(k for k in after if k not in before),
+            }
+        )
     print("RESULTS " + json.dumps(results))
 
 

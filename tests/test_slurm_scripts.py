@@ -149,7 +149,10 @@ def test_secrets_file_must_be_private_and_is_never_executed_or_echoed(tmp_path):
     assert done.returncode == 2 and "is readable by other users (mode 644)" in done.stderr
     secrets.chmod(0o600)
     probe = REPO / "slurm" / "lib" / "env.sh"
-    script = f'set -x; TASK=summarization; REPO_DIR={REPO}; source {probe}; set +x; echo "HF=$HF_TOKEN W=$WANDB_API_KEY"'
+    script = (
+        f"set -x; TASK=summarization; REPO_DIR={REPO}; source {probe}; set +x; echo "
+        '"HF=$HF_TOKEN W=$WANDB_API_KEY"'
+    )
     done = subprocess.run(
         ["bash", "-c", script],
         capture_output=True,
@@ -170,7 +173,10 @@ def test_secrets_file_must_be_private_and_is_never_executed_or_echoed(tmp_path):
 
 
 def test_old_wandb_key_variable_is_mapped_and_not_left_in_the_environment(tmp_path):
-    script = f'TASK=lora_llm; REPO_DIR={REPO}; source {REPO / "slurm" / "lib" / "env.sh"}; echo "$WANDB_API_KEY|${{WANDB_KEY:-unset}}"'
+    script = (
+        f"TASK=lora_llm; REPO_DIR={REPO}; source {REPO / 'slurm' / 'lib' / 'env.sh'}; echo "
+        f'"$WANDB_API_KEY|${{WANDB_KEY:-unset}}"'
+    )
     done = subprocess.run(
         ["bash", "-c", script],
         capture_output=True,

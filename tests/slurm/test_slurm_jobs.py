@@ -27,7 +27,8 @@ FILE_SECRET = "hf_FromSecretsFile987654321"
 
 
 def submit(cluster, workdir: Path, task: str, *train_args: str, **env: str) -> str:
-    """Submit ``packages/<task>/slurm/train.sbatch`` in CPU mode with 2 tasks; returns the job id."""
+    """Submit ``packages/<task>/slurm/train.sbatch`` in CPU mode with 2 tasks; returns the job
+    id."""
     (workdir / "logs").mkdir(parents=True, exist_ok=True)
     job_env = cluster.env(
         REPO_DIR=str(REPO),
@@ -135,7 +136,9 @@ def test_usr1_before_time_limit_checkpoints_requeues_and_resumes_to_the_same_wei
     )
     full_job = submit(slurm_cluster, tmp_path / "full", task, *args)
     state = slurm_cluster.wait(full_job, timeout=900)["JobState"]
-    assert state == "COMPLETED", (tmp_path / "full" / "logs" / f"{task}_{full_job}.out").read_text()[-4000:]
+    assert state == "COMPLETED", (
+        tmp_path / "full" / "logs" / f"{task}_{full_job}.out"
+    ).read_text()[-4000:]
 
     job = submit(slurm_cluster, tmp_path / "cut", task, *args)
     deadline = time.time() + 600

@@ -14,7 +14,8 @@ from core.trainer import FitResult, Trainer
 
 @pytest.fixture
 def run_toy(tmp_path: Path) -> Callable[..., FitResult]:
-    """``run_toy(*overrides, root="name")``: train the toy task in-process into ``tmp_path/root``."""
+    """``run_toy(*overrides, root="name")``: train the toy task in-process into
+    ``tmp_path/root``."""
 
     def run(*overrides: str, root: str = "runs") -> FitResult:
         cfg = load_config(

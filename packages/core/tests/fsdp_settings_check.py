@@ -1,5 +1,6 @@
 """Run by ``test_fsdp.py`` in 2 CPU processes: each FSDP2 setting (and Adafactor on sharded
-parameters) gives the same optimizer steps as one unsharded model on the whole batch, and ``fsdp.sync_module_states`` makes every rank
+parameters) gives the same optimizer steps as one unsharded model on the whole batch, and
+``fsdp.sync_module_states`` makes every rank
 start from rank 0's weights. Rank 0 prints one ``RESULT {json}`` line.
 
     python fsdp_settings_check.py     # Fabric starts the second process itself
@@ -45,7 +46,8 @@ SETTINGS = {  # name: (fsdp settings, precision, optimizer)
 
 def tiny_llama(seed: int) -> LlamaForCausalLM:
     """A 2-layer Llama (no biases: a key bias gets an exactly-zero gradient in theory and rounding
-    noise in practice, which Adafactor's normalised step turns into +-lr either way), from ``seed``."""
+    noise in practice, which Adafactor's normalised step turns into +-lr either way), from
+    ``seed``."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=64,
@@ -139,7 +141,8 @@ def main() -> None:
                 float((state[k] - v).abs().max()) for k, v in expected[optimizer].items()
             )
             result[f"{name}:dtypes"] = sorted({str(v.dtype) for v in state.values()})
-    # Ranks that build different models: rank 0's weights reach every shard only with sync_module_states.
+    # Ranks that build different models: rank 0's weights reach every shard only with
+    # sync_module_states.
     for sync in (True, False):
         model = tiny_llama(rank)
         original0 = copy.deepcopy(model.state_dict())

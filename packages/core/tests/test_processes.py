@@ -75,7 +75,12 @@ FSDP2 = [
 
 @pytest.mark.parametrize(
     "sig, slurm, extra",
-    [(signal.SIGTERM, False, []), (signal.SIGUSR1, True, []), (signal.SIGINT, False, []), (signal.SIGTERM, False, FSDP2)],
+    [
+        (signal.SIGTERM, False, []),
+        (signal.SIGUSR1, True, []),
+        (signal.SIGINT, False, []),
+        (signal.SIGTERM, False, FSDP2),
+    ],
     ids=["SIGTERM", "SIGUSR1-slurm-requeue", "SIGINT-ctrl-c", "SIGTERM-fsdp2-2-ranks"],
 )
 def test_stopped_run_resumes_to_bit_identical_weights_and_losses(tmp_path, sig, slurm, extra):
@@ -229,7 +234,8 @@ def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path):
 
 
 def test_kill_9_during_checkpoint_writes_never_leaves_a_broken_checkpoint(tmp_path):
-    """A process writes large checkpoints in a loop and is SIGKILLed; every complete one must load."""
+    """A process writes large checkpoints in a loop and is SIGKILLed; every complete one must
+    load."""
     script = textwrap.dedent(
         f"""
         import torch
@@ -237,7 +243,8 @@ def test_kill_9_during_checkpoint_writes_never_leaves_a_broken_checkpoint(tmp_pa
         from core.checkpoint import CheckpointManager
         from core.settings import CheckpointConfig
         fabric = Fabric(accelerator="cpu", devices=1)
-        manager = CheckpointManager({str(tmp_path / "ckpt")!r}, CheckpointConfig(keep_last=3, keep_best=0, monitor=None))
+        manager = CheckpointManager({str(tmp_path / "ckpt")!r}, CheckpointConfig(keep_last=3,
+        keep_best=0, monitor=None))
         step = 0
         while True:
             step += 1
@@ -269,7 +276,10 @@ def test_kill_9_during_checkpoint_writes_never_leaves_a_broken_checkpoint(tmp_pa
 
 
 def test_two_jobs_starting_at_once_get_different_experiment_numbers(tmp_path):
-    code = "import sys; from pathlib import Path; from core.runs import new_run_dir; print(new_run_dir(Path(sys.argv[1]), sys.argv[2]).name)"
+    code = (
+        "import sys; from pathlib import Path; from core.runs import new_run_dir; "
+        "print(new_run_dir(Path(sys.argv[1]), sys.argv[2]).name)"
+    )
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", code, str(tmp_path), f"job{i}"],

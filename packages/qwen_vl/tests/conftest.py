@@ -1,4 +1,5 @@
-"""Shared fixtures of the qwen_vl tests: the shipped tiny processor, drawn counting data, a tiny run."""
+"""Shared fixtures of the qwen_vl tests: the shipped tiny processor, drawn counting data, a tiny
+run."""
 
 from __future__ import annotations
 
@@ -62,7 +63,8 @@ def encoder(processor: Any) -> Any:
 
 @pytest.fixture(scope="session")
 def counting_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small drawn counting set with many text-only and two-turn records (``train.jsonl``, ``dev.jsonl``)."""
+    """A small drawn counting set with many text-only and two-turn records (``train.jsonl``,
+    ``dev.jsonl``)."""
     out = tmp_path_factory.mktemp("counting")
     write_dataset(
         out, SynthSettings(n_train=48, n_dev=12, seed=5, text_share=0.25, multi_turn_share=0.25)
@@ -72,7 +74,8 @@ def counting_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def write_records(tmp_path: Path) -> Callable[..., Path]:
-    """``write_records(rows, name="d.jsonl")``: a JSONL file in ``tmp_path`` with a red ``a.png`` (300x200) beside it."""
+    """``write_records(rows, name="d.jsonl")``: a JSONL file in ``tmp_path`` with a red ``a.png``
+    (300x200) beside it."""
     Image.new("RGB", (300, 200), (200, 30, 30)).save(tmp_path / "a.png")
 
     def write(rows: list[Any], name: str = "d.jsonl") -> Path:
@@ -88,7 +91,8 @@ def write_records(tmp_path: Path) -> Callable[..., Path]:
 
 @pytest.fixture(scope="session")
 def tiny_config() -> Callable[..., QwenVLConfig]:
-    """``tiny_config(*overrides)``: the tiny preset with the fast test settings and ``overrides``."""
+    """``tiny_config(*overrides)``: the tiny preset with the fast test settings and
+    ``overrides``."""
     from qwen_vl.cli import PRESETS_DIR
 
     def make(*overrides: str) -> QwenVLConfig:

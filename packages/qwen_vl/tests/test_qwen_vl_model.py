@@ -214,7 +214,8 @@ def test_fsdp_units_are_decoder_layers_and_vision_blocks(tiny_config):
 def test_hub_presets_fail_fast_offline(
     monkeypatch, capsys, tmp_path, counting_data, preset, hub_id
 ):
-    """Offline, a Hub preset stops in seconds with exit code 2, says how to proceed and leaves no run folder."""
+    """Offline, a Hub preset stops in seconds with exit code 2, says how to proceed and leaves no
+    run folder."""
     from core.hub import is_cached
     from qwen_vl.cli import train
 

@@ -44,7 +44,8 @@ def only_run(root: Path) -> Path:
 
 
 def env(**extra: str) -> dict[str, str]:
-    """Subprocess environment: offline, one thread per process, no inherited task choice or SLURM."""
+    """Subprocess environment: offline, one thread per process, no inherited task choice or
+    SLURM."""
     out = {
         k: v
         for k, v in os.environ.items()
@@ -170,11 +171,27 @@ def test_make_data_train_evaluate_infer(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out.strip() == predictions[record["id"]]["prediction"]
     # The same question from a --data file (image path relative to the file): the same answer.
     questions = tmp_path / "data/counting/questions.jsonl"
-    questions.write_text(json.dumps({"id": "q", "prompt": question, "images": [image]}) + "\n", encoding="utf-8")
-    args = ["--model", str(final), "--data", str(questions), "--out", "answers.jsonl", "--max-new-tokens", "3", "--device", "cpu"]
+    questions.write_text(
+        json.dumps({"id": "q", "prompt": question, "images": [image]}) + "\n", encoding="utf-8"
+    )
+    args = [
+        "--model",
+        str(final),
+        "--data",
+        str(questions),
+        "--out",
+        "answers.jsonl",
+        "--max-new-tokens",
+        "3",
+        "--device",
+        "cpu",
+    ]
     assert infer(args) == 0
-    assert read_jsonl(tmp_path / "answers.jsonl") == [{"id": "q", "prompt": question, "answer": predictions[record["id"]]["prediction"]}]
-    assert infer(args) == 2 and "already exists" in capsys.readouterr().err  # never over a file without --overwrite
+    assert read_jsonl(tmp_path / "answers.jsonl") == [
+        {"id": "q", "prompt": question, "answer": predictions[record["id"]]["prediction"]}
+    ]
+    # never over a file without --overwrite
+    assert infer(args) == 2 and "already exists" in capsys.readouterr().err
 
 
 def test_bf16_true_training_stays_bf16_and_resumes_bit_identically(tmp_path, counting_data):
@@ -226,7 +243,8 @@ def test_bf16_true_training_stays_bf16_and_resumes_bit_identically(tmp_path, cou
 
 
 def test_adafactor_state_of_bf16_parameters_keeps_float32_across_a_checkpoint():
-    """The users' recipe resumes exactly only if Adafactor's float32 statistics survive the round trip."""
+    """The users' recipe resumes exactly only if Adafactor's float32 statistics survive the round
+    trip."""
     from core.optim import build_optimizer
     from core.settings import OptimConfig
 
@@ -273,7 +291,10 @@ def test_bad_data_exits_2_naming_the_record_and_leaves_no_run_folder(
     assert (
         train(["-c", "tiny", f"run.root={tmp_path / 'runs'}", "data.train_file=null", *FAST]) == 2
     )
-    assert "data.train_file is not set" in capsys.readouterr().err and run_folders(tmp_path / "runs") == []
+    assert (
+        "data.train_file is not set" in capsys.readouterr().err
+        and run_folders(tmp_path / "runs") == []
+    )
 
 
 @pytest.mark.slow
@@ -439,7 +460,8 @@ def test_fsdp2_users_recipe_on_two_cpu_processes_with_mixed_batches_resumes_exac
     """The users' FSDP recipe on 2 gloo ranks, vision tower trained: no hang while one rank holds a
     text-only sample and the other an image (hard timeout), finite losses, per-part learning rates,
     sharded checkpoints with Adafactor's float32 statistics for the bf16 weights, a run resumed
-    from step 2 ending bit-identical, and the best-by-val/loss final/ loading with the Auto class."""
+    from step 2 ending bit-identical, and the best-by-val/loss final/ loading with the Auto
+    class."""
     from transformers import AutoModelForImageTextToText
 
     data = mixed_order_data(tmp_path / "data", counting_data)

@@ -1,4 +1,5 @@
-"""Shared fixtures of the summarization tests: one short ``tiny`` training run for the whole session."""
+"""Shared fixtures of the summarization tests: one short ``tiny`` training run for the whole
+session."""
 
 from __future__ import annotations
 
@@ -64,7 +65,8 @@ def train_cli(
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
-    """A finished run of the ``tiny`` preset (30 steps, validation every 15) on the shipped sample."""
+    """A finished run of the ``tiny`` preset (30 steps, validation every 15) on the shipped
+    sample."""
     from summarization.cli import train
 
     root = tmp_path_factory.mktemp("tiny-runs")

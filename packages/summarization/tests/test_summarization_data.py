@@ -48,7 +48,8 @@ def test_shipped_samples_read_with_their_references():
 
 BAD_FILES = {
     "malformed JSON": (
-        b'{"fname": "a", "dialogue": "x", "summary": "y"}\n{"fname": "b", "dialogue": "x" "summary": "y"}\n',
+        b'{"fname": "a", "dialogue": "x", "summary": "y"}\n{"fname": "b", "dialogue": "x" '
+        b'"summary": "y"}\n',
         ":2:32: not valid JSON (Expecting ',' delimiter)",
     ),
     "missing field": (
@@ -60,13 +61,13 @@ BAD_FILES = {
         ":1: field 'dialogue' is empty",
     ),
     "not UTF-8": (
-        '{"fname": "a", "dialogue": "x", "summary": "y"}\n{"fname": "b", "dialogue": "안녕", "summary": "y"}\n'.encode(
-            "cp949"
-        ),
+        '{"fname": "a", "dialogue": "x", "summary": "y"}\n{"fname": "b", "dialogue": "안녕", '
+        '"summary": "y"}\n'.encode("cp949"),
         ":2:29: not UTF-8 text (byte 0xbe)",
     ),
     "duplicate fname": (
-        b'{"fname": "a", "dialogue": "x", "summary": "y"}\n{"fname": "a", "dialogue": "z", "summary": "w"}\n',
+        b'{"fname": "a", "dialogue": "x", "summary": "y"}\n{"fname": "a", "dialogue": "z", '
+        b'"summary": "w"}\n',
         ":2: duplicate fname 'a'",
     ),
     "not an object": (b'["a", "b"]\n', ":1: expected a JSON object"),
@@ -100,7 +101,8 @@ def test_missing_file_and_empty_file_name_the_key(tmp_path):
 def test_bom_and_blank_lines_are_accepted_and_fname_defaults_to_the_line(tmp_path):
     path = tmp_path / "x.jsonl"
     path.write_text(
-        '\ufeff{"dialogue": "#Person1#: hi", "summary": "greeting"}\n\n{"fname": 7, "dialogue": "b", "summary": "c"}\n',
+        '\ufeff{"dialogue": "#Person1#: hi", "summary": "greeting"}\n\n{"fname": 7, "dialogue": '
+        '"b", "summary": "c"}\n',
         encoding="utf-8",
     )
     rows = read_jsonl(path)
@@ -110,7 +112,8 @@ def test_bom_and_blank_lines_are_accepted_and_fname_defaults_to_the_line(tmp_pat
 def test_scoring_files_accept_summary_or_numbered_references(tmp_path):
     path = tmp_path / "refs.jsonl"
     path.write_text(
-        '{"fname": "a", "summary": "one"}\n{"fname": "b", "summary1": "two", "summary2": "three"}\n',
+        '{"fname": "a", "summary": "one"}\n{"fname": "b", "summary1": "two", "summary2": '
+        '"three"}\n',
         encoding="utf-8",
     )
     assert read_scoring_file(path, "--references", references=True) == {
@@ -233,7 +236,11 @@ def test_a_dataset_folder_loads_through_datasets_with_the_same_checks(tmp_path):
         and rows[0]["references"] == read_jsonl(EN / "dev.jsonl")[0]["references"]
     )
     assert read_hub_split(str(folder), "validation")[0]["references"] == ["a greeting"]
-    with pytest.raises(UserError, match=r"split 'test'\): ValueError: Unknown split \"test\"\. Should be one of \['train', 'validation'\]"):
+    with pytest.raises(
+        UserError,
+        match=r"split 'test'\): ValueError: Unknown split \"test\"\. "
+        r"Should be one of \['train', 'validation'\]",
+    ):
         read_hub_split(str(folder), "test")
     (folder / "validation.jsonl").write_text(
         '{"fname": "v0", "dialogue": "", "summary": "a greeting"}\n', encoding="utf-8"

@@ -1,4 +1,5 @@
-"""Evaluation and training on 2 CPU processes (DDP, and FSDP2 sharded per layer, over gloo) equal one process."""
+"""Evaluation and training on 2 CPU processes (DDP, and FSDP2 sharded per layer, over gloo) equal
+one process."""
 
 from __future__ import annotations
 
@@ -73,7 +74,10 @@ def one_process_scores(
 ) -> tuple[dict, list[dict]]:
     """``evaluate`` of the session's tiny run on one process."""
     return evaluate_cli(
-        tiny_run / "final", tmp_path_factory.mktemp("eval1") / "dev.jsonl", cache_dir, "trainer.devices=1"
+        tiny_run / "final",
+        tmp_path_factory.mktemp("eval1") / "dev.jsonl",
+        cache_dir,
+        "trainer.devices=1",
     )
 
 

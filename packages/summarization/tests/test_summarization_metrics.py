@@ -7,10 +7,10 @@ import json
 import pytest
 from rouge_score import rouge_scorer
 
+from core.metrics import DefaultTokenizer, UnicodeWordTokenizer, resolve_tokenizer, rouge
 from summarization.cli import lead3, score
 from summarization.config import SAMPLES
 from summarization.data import read_jsonl
-from core.metrics import DefaultTokenizer, UnicodeWordTokenizer, resolve_tokenizer, rouge
 
 EN, KO = SAMPLES["en"], SAMPLES["ko"]
 
@@ -31,7 +31,8 @@ def test_korean_scores_zero_with_rouge_scores_default_tokenizer_and_correctly_wi
     assert default["rouge1"] == plain == 0.0, "rouge_score's own tokenizer deletes Hangul"
     auto = rouge([prediction], [[reference]], tokenizer="auto")
     assert auto["tokenizer"].startswith("unicode-words")
-    # words: pred {두, 사람은, 토요일에, 북한산에, 가기로, 한다} ref {두, 사람은, 토요일, 아침에, 북한산, 등산을, 가기로, 한다}
+    # words: pred {두, 사람은, 토요일에, 북한산에, 가기로, 한다}
+    #        ref  {두, 사람은, 토요일, 아침에, 북한산, 등산을, 가기로, 한다}
     # overlap 4 -> P = 4/6, R = 4/8, F1 = 4/7
     assert auto["rouge1"] == pytest.approx(4 / 7)
     assert 0 < auto["rouge2"] < auto["rouge1"] and auto["rougeL"] == pytest.approx(4 / 7)
@@ -167,7 +168,10 @@ def test_score_command_korean_and_bad_files(tmp_path, capsys):
         )
         == 2
     )
-    assert f"{tmp_path / 'broken.jsonl'}:2:27: not valid JSON (Expecting value)" in capsys.readouterr().err
+    assert (
+        f"{tmp_path / 'broken.jsonl'}:2:27: not valid JSON (Expecting value)"
+        in capsys.readouterr().err
+    )
 
 
 def test_lead3_baseline_matches_score_on_the_same_predictions(tmp_path, capsys):

@@ -1,4 +1,5 @@
-"""The whole path on the tiny preset: train -> final/ (plain Auto classes) -> evaluate -> predict -> score,
+"""The whole path on the tiny preset: train -> final/ (plain Auto classes) -> evaluate -> predict ->
+score,
 Korean end to end, and the console scripts' exit codes."""
 
 from __future__ import annotations
@@ -205,7 +206,8 @@ def test_korean_end_to_end_learns_and_scores_with_a_tokenizer_that_keeps_hangul(
 def test_console_scripts_exit_2_with_one_paragraph(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(
-        '{"fname": "a", "dialogue": "x", "summary": "y"}\n{"fname": "b", "dialogue": "x", "summary": }\n',
+        '{"fname": "a", "dialogue": "x", "summary": "y"}\n{"fname": "b", "dialogue": "x", '
+        '"summary": }\n',
         encoding="utf-8",
     )
     env = {"HF_HUB_OFFLINE": "1", "PATH": str(BIN), "HOME": str(tmp_path)}
@@ -231,7 +233,13 @@ def test_console_scripts_exit_2_with_one_paragraph(tmp_path):
     )
     assert not (tmp_path / "runs").exists()
     done = subprocess.run(
-        [str(BIN / "summarization-score"), "--predictions", str(bad), "--references", str(EN / "test.jsonl")],
+        [
+            str(BIN / "summarization-score"),
+            "--predictions",
+            str(bad),
+            "--references",
+            str(EN / "test.jsonl"),
+        ],
         capture_output=True,
         text=True,
         env=env,
@@ -261,7 +269,11 @@ def test_train_run_dir_latest_continues_that_run_with_its_own_config(train_cli, 
     (bart_large_cnn, a Hub model) is never loaded, so it works offline. A -c that contradicts the
     run's config is named key by key instead of silently training something else."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    small = ("model.scratch.d_model=32", "model.scratch.ffn_dim=64", "trainer.val_every_n_steps=null")
+    small = (
+        "model.scratch.d_model=32",
+        "model.scratch.ffn_dim=64",
+        "trainer.val_every_n_steps=null",
+    )
     code, err, root = train_cli("-c", "tiny", "trainer.max_steps=3", *small)
     assert code == 0, err
     run = run_dir(root)
@@ -271,5 +283,6 @@ def test_train_run_dir_latest_continues_that_run_with_its_own_config(train_cli, 
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["global_step"] == 5
     assert "Resumed from" in (run / "train.log").read_text()
-    code, err, _ = train_cli("-c", "tiny", "run.dir=latest", "trainer.max_steps=5")  # tiny's own d_model: 128
+    # tiny's own d_model: 128
+    code, err, _ = train_cli("-c", "tiny", "run.dir=latest", "trainer.max_steps=5")
     assert code == 2 and "model.scratch.d_model: 128 (-c) vs 32 (run)" in err

@@ -136,7 +136,8 @@ class CheckpointManager:
         return sorted(scored, key=lambda c: (sign * self._score(c), c.step))
 
     def best(self) -> CheckpointInfo | None:
-        """The best checkpoint by ``checkpoint.monitor`` / ``checkpoint.mode``, if any has the metric."""
+        """The best checkpoint by ``checkpoint.monitor`` / ``checkpoint.mode``, if any has the
+        metric."""
         ranked = self.ranked()
         return ranked[0] if ranked else None
 
@@ -206,7 +207,8 @@ class CheckpointManager:
         removed = []
         for info in found:
             if info.path not in keep:
-                # Rename first so a kill mid-delete never leaves a half-deleted "complete" checkpoint.
+                # Rename first so a kill mid-delete never leaves a half-deleted "complete"
+                # checkpoint.
                 doomed = self.root / f".tmp-delete-{info.path.name}"
                 os.replace(info.path, doomed)
                 shutil.rmtree(doomed, ignore_errors=True)

@@ -64,7 +64,8 @@ def train_parser(
         f"presets: {', '.join(presets) or '(none)'}"
         + (f" (default: {default_preset})" if default_preset else "")
         + "\n\nexamples:\n"
-        + f"  {prog} -c {default_preset or (presets[0] if presets else 'FILE.yaml')} trainer.max_steps=100 optim.lr=1e-4\n"
+        + f"  {prog} -c {default_preset or (presets[0] if presets else 'FILE.yaml')} "
+        "trainer.max_steps=100 optim.lr=1e-4\n"
         + f"  {prog} -c my_settings.yaml run.name=ablation-1 --print-config\n"
         + f"  {prog} run.dir=latest trainer.resume=auto   # continue the newest run\n\n"
         + "Every key: --help-keys. Runs go to run.root (default runs/)."
@@ -139,8 +140,10 @@ def parse_train_args(
             if differ:
                 shown = "; ".join(f"{k}: {a!r} (-c) vs {b!r} (run)" for k, a, b in differ[:5])
                 raise UserError(
-                    f"run.dir continues '{run}' with its own config.yaml, but -c {args.config} and the overrides "
-                    f"differ from it in {len(differ)} key(s): {shown}. Drop -c to continue the run as it was "
+                    f"run.dir continues '{run}' with its own config.yaml, but -c {args.config} "
+                    "and the overrides "
+                    f"differ from it in {len(differ)} key(s): {shown}. Drop -c to continue the "
+                    "run as it was "
                     "(give changes as key=value), or start a new run without run.dir."
                 )
         cfg = saved
@@ -164,7 +167,8 @@ def continued_run(cfg: Any, task: str | None) -> Path | None:
         found = latest_run_dir(cfg.run.root, cfg.run.name, task)
         if found is None:
             raise UserError(
-                f"run.dir=latest found no run{f' of the {task} task' if task else ''} under run.root='{cfg.run.root}'"
+                f"run.dir=latest found no run{f' of the {task} task' if task else ''} under "
+                f"run.root='{cfg.run.root}'"
                 + (f" named '*_{cfg.run.name}'" if cfg.run.name else "")
                 + "; start a new run without run.dir, or give run.dir=PATH."
             )
@@ -355,7 +359,8 @@ def config_for_model(
     default_preset: str | None,
 ) -> Any:
     """The config of a command that uses a trained model: ``-c`` when given, else the
-    ``config.yaml`` of the run that wrote ``model_dir``, else the default preset; then the overrides."""
+    ``config.yaml`` of the run that wrote ``model_dir``, else the default preset; then the
+    overrides."""
     source: str | Path | None = preset
     run = run_of_model(model_dir)
     if source is None and run is not None:
@@ -374,7 +379,8 @@ def check_model_dir(
     model_dir = Path(model_dir).expanduser()
     if not model_dir.exists():
         raise UserError(
-            f"Model folder '{model_dir}' (--model) does not exist; give {what}, e.g. runs/001_.../final."
+            f"Model folder '{model_dir}' (--model) does not exist; give {what}, e.g. "
+            "runs/001_.../final."
         )
     if not model_dir.is_dir():
         raise UserError(f"--model '{model_dir}' is a file; give {what} (a run's final/ folder).")
@@ -392,7 +398,8 @@ def evaluation_outputs(
     overwrite: bool,
     inputs: Sequence[tuple[Path, str]],
 ) -> tuple[Path | None, Path | None]:
-    """Where ``evaluate`` writes its per-sample records and its scores, checked before anything runs.
+    """Where ``evaluate`` writes its per-sample records and its scores, checked before anything
+    runs.
 
     ``--out FILE``: the records go there (nothing else is written). Without ``--out``, for a
     model inside a run folder: ``<run>/eval/<name>.jsonl`` and ``<run>/eval/<name>.scores.json``

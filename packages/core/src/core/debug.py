@@ -2,7 +2,8 @@
 
 Example line in ``train.log``::
 
-    shapes | model.encoder.layers.0.self_attn (BartAttention): in [hidden_states (2, 37, 64) float32] -> out [(2, 37, 64) float32, None]
+    shapes | model.encoder.layers.0.self_attn (BartAttention): in [hidden_states (2, 37, 64)
+    float32] -> out [(2, 37, 64) float32, None]
 
 Self-check: ``python -m core.debug``.
 """

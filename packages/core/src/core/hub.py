@@ -82,16 +82,20 @@ def ensure_available(
     if looks_like_path(name):
         if not Path(name).expanduser().is_dir():
             raise UserError(
-                f"{what.capitalize()} folder '{name}' ({key}) does not exist; give a folder written by save_pretrained or a Hub id."
+                f"{what.capitalize()} folder '{name}' ({key}) does not exist; give a folder "
+                "written by save_pretrained or a Hub id."
             )
         return
     if is_cached(name, filename, repo_type) or hub_reachable():
         return
     home = os.environ.get("HF_HOME", str(Path.home() / ".cache" / "huggingface"))
     raise UserError(
-        f"Cannot load the {what} '{name}' ({key}): the Hugging Face Hub is not reachable from this machine and "
-        f"the files are not in the local cache (HF_HOME={home}). To proceed: download it where there is network "
-        f"(huggingface-cli download {name}) and copy the cache here, or set {key}=/path/to/a/local/folder "
+        f"Cannot load the {what} '{name}' ({key}): the Hugging Face Hub is not reachable from "
+        "this machine and "
+        f"the files are not in the local cache (HF_HOME={home}). To proceed: download it where "
+        "there is network "
+        f"(huggingface-cli download {name}) and copy the cache here, or set "
+        f"{key}=/path/to/a/local/folder "
         f"written by save_pretrained, or use the offline preset: -c {offline_preset}."
     )
 

@@ -176,13 +176,16 @@ def dispatch(command: str, argv: Sequence[str] | None = None) -> int:
     known = sorted(_normalise(n) for n in tasks)
     if name is None:
         return fail(
-            f"'{command}' is shared by several task packages ({', '.join(known) or 'none installed'}) and "
-            f"none was named. Run it as 'uv run --package <task> {command} ...', or '{command} --task <task> ...', "
+            f"'{command}' is shared by several task packages "
+            f"({', '.join(known) or 'none installed'}) and "
+            f"none was named. Run it as 'uv run --package <task> {command} ...', or '{command} "
+            "--task <task> ...', "
             f"or set {ENV_VAR}=<task>."
         )
     if name not in known:
         return fail(
-            f"Task '{name}' (from {how}) is not an installed task package. Installed: {', '.join(known) or 'none'}. "
+            f"Task '{name}' (from {how}) is not an installed task package. Installed: "
+            f"{', '.join(known) or 'none'}. "
             "Sync it first: uv sync --package <task>."
         )
     entry = next(ep for n, ep in tasks.items() if _normalise(n) == name)
@@ -198,7 +201,8 @@ def dispatch(command: str, argv: Sequence[str] | None = None) -> int:
             if command in getattr(importlib.import_module(ep.value), "COMMANDS", {})
         ]
         return fail(
-            f"The {name} package has no '{command}' command (its commands: {', '.join(sorted(commands))}). "
+            f"The {name} package has no '{command}' command (its commands: "
+            f"{', '.join(sorted(commands))}). "
             f"'{command}' belongs to: {', '.join(providers) or 'no installed task'}."
         )
     os.environ[ENV_VAR] = name  # DDP ranks spawned by the trainer re-run this script

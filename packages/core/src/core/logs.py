@@ -113,13 +113,15 @@ class MetricsLogger:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as err:
                 raise UserError(
-                    "logger.tensorboard=true needs the tensorboard package: install core[tensorboard] "
+                    "logger.tensorboard=true needs the tensorboard package: install "
+                    "core[tensorboard] "
                     f"(uv sync --extra tensorboard) or set logger.tensorboard=false. ({err})"
                 ) from None
             self._tensorboard = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
 
     def _start_wandb(self, config: Mapping[str, Any], run_name: str) -> Any:
-        """Start (or resume, same id) a W&B run in ``<run>/wandb``; the key comes from the environment only."""
+        """Start (or resume, same id) a W&B run in ``<run>/wandb``; the key comes from the
+        environment only."""
         import wandb
 
         mode = self.cfg.wandb_mode
@@ -129,7 +131,8 @@ class MetricsLogger:
             ]  # the user's environment wins, e.g. on nodes without network
         if mode == "online" and not os.environ.get("WANDB_API_KEY"):
             log.warning(
-                "W&B: no WANDB_API_KEY in the environment; using the key of `wandb login` if there is one."
+                "W&B: no WANDB_API_KEY in the environment; using the key of `wandb login` if "
+                "there is one."
             )
         run_id_file = self.run_dir / ".wandb_id"
         run_id = run_id_file.read_text().strip() if run_id_file.is_file() else uuid.uuid4().hex[:12]
@@ -166,7 +169,8 @@ class MetricsLogger:
                 self._tensorboard.add_scalar(key, value, global_step=int(step))
 
     def truncate_after(self, step: int) -> int:
-        """Drop records after ``step`` (a resume repeats them), moving them to ``metrics.discarded.jsonl``.
+        """Drop records after ``step`` (a resume repeats them), moving them to
+        ``metrics.discarded.jsonl``.
 
         Args:
             step: the step the run resumes from.
@@ -188,7 +192,8 @@ class MetricsLogger:
         return len(dropped)
 
     def write_csv(self) -> Path | None:
-        """Write ``metrics.csv`` with one column per key seen (empty cells where a key is absent)."""
+        """Write ``metrics.csv`` with one column per key seen (empty cells where a key is
+        absent)."""
         if not self.enabled or not self.cfg.csv:
             return None
         records = read_metrics(self.path)

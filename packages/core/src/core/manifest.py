@@ -121,7 +121,8 @@ def git_state(start: Path | None = None) -> dict[str, Any]:
 
 
 def find_lockfile(start: Path | None = None) -> Path | None:
-    """The nearest ``uv.lock`` in ``start`` or a parent folder (then next to this package's source)."""
+    """The nearest ``uv.lock`` in ``start`` or a parent folder (then next to this package's
+    source)."""
     for where in [Path(start or Path.cwd()).resolve(), Path(__file__).resolve().parent]:
         for folder in [where, *where.parents]:
             candidate = folder / "uv.lock"
@@ -162,7 +163,8 @@ def build_manifest(
     Args:
         seed: the run's seed.
         data_files: every data file the task read (hashed here).
-        metrics: metric implementation and version, e.g. ``{"rouge": {"package": "rouge-score", ...}}``.
+        metrics: metric implementation and version, e.g. ``{"rouge": {"package": "rouge-score",
+        ...}}``.
         argv: the command line (default ``sys.argv``); secrets are redacted.
         extra: more task-specific entries.
 

@@ -42,8 +42,10 @@ TOKENIZER_NAMES = {
     "unicode": "unicode-words (letters and digits of any script, Hangul kept)",
 }
 CONVENTIONS = {
-    "mean": "mean: each ROUGE F1 averaged over a sample's references (ROUGE-1.5.5 -f A), then over samples",
-    "max": "max: per sample and ROUGE type the best reference's F1 (rouge_score score_multi), then mean over samples",
+    "mean": "mean: each ROUGE F1 averaged over a sample's references (ROUGE-1.5.5 -f A), then "
+    "over samples",
+    "max": "max: per sample and ROUGE type the best reference's F1 (rouge_score score_multi), "
+    "then mean over samples",
 }
 SENTENCE_END = re.compile(r"(?<=[.!?\u3002])\s+|\s*\n\s*")
 NON_WORD = re.compile(r"[\W_]+")
@@ -210,7 +212,8 @@ if __name__ == "__main__":  # self-check: python -m core.metrics
     plain = rouge([ko_pred], [[ko_ref]], tokenizer="default")
     korean = rouge([ko_pred], [[ko_ref]], tokenizer="auto")
     print(
-        f"Korean rouge1: default tokenizer {plain['rouge1']:.3f}, auto -> {korean['tokenizer']}: {korean['rouge1']:.3f}"
+        f"Korean rouge1: default tokenizer {plain['rouge1']:.3f}, auto -> {korean['tokenizer']}: "
+        f"{korean['rouge1']:.3f}"
     )
     assert plain["rouge1"] == 0.0 and korean["rouge1"] > 0.5
     text = "#Person1# asks #Person2#'s help: they'll meet at 3:30, don't worry!"

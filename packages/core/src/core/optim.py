@@ -90,7 +90,8 @@ def build_optimizer(
     groups = [dict(g) for g in groups]
     if not any(g["params"] for g in groups):
         raise ConfigError(
-            "No trainable parameters: every parameter is frozen. Check the model's freezing switches."
+            "No trainable parameters: every parameter is frozen. Check the model's freezing "
+            "switches."
         )
     betas = tuple(cfg.betas)
     if cfg.name == "adamw":
@@ -147,7 +148,8 @@ class Adafactor(torch.optim.Optimizer):
     Args:
         params: parameters or groups.
         lr: learning rate.
-        eps: ``(eps1, eps2)``: added to squared gradients; (unused here) floor of the parameter scale.
+        eps: ``(eps1, eps2)``: added to squared gradients; (unused here) floor of the parameter
+        scale.
         clip_threshold: the update's RMS is clipped to this.
         decay_rate: ``beta2_t = 1 - step^decay_rate``.
         weight_decay: decoupled weight decay (times ``lr``).

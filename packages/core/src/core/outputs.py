@@ -29,7 +29,8 @@ from pathlib import Path
 from core.errors import UserError
 
 MARKER = ".written-by.json"
-"""File inside an output folder that names the command that made it (re-runs may write there again)."""
+"""File inside an output folder that names the command that made it (re-runs may write there
+again)."""
 
 
 def _same(a: Path, b: Path) -> bool:
@@ -70,7 +71,8 @@ def guard_file(
     for source, source_key in inputs:
         if source is not None and _same(path, Path(source).expanduser()):
             raise UserError(
-                f"{key} '{path}' is the input file of {source_key}: writing there would destroy it. Choose another output file."
+                f"{key} '{path}' is the input file of {source_key}: writing there would destroy "
+                "it. Choose another output file."
             )
     if path.is_dir():
         raise UserError(
@@ -81,7 +83,8 @@ def guard_file(
         raise UserError(f"{key} '{path}' cannot be created: '{blocking}' is a file, not a folder.")
     if path.exists() and not overwrite:
         raise UserError(
-            f"{key} '{path}' already exists, and this command does not overwrite files it did not create. "
+            f"{key} '{path}' already exists, and this command does not overwrite files it did not "
+            "create. "
             "Choose a new file name, or pass --overwrite to replace it."
         )
     return path
@@ -120,7 +123,8 @@ def guard_folder(
     for source, source_key in inputs:
         if source is not None and _inside(Path(source).expanduser(), path):
             raise UserError(
-                f"{key} '{path}' holds the input of {source_key} ('{source}'); choose another output folder."
+                f"{key} '{path}' holds the input of {source_key} ('{source}'); choose another "
+                "output folder."
             )
     if not path.is_dir():
         return path
@@ -129,7 +133,8 @@ def guard_folder(
         return path
     shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
     raise UserError(
-        f"{key} '{path}' already holds files this command did not write ({shown}). Choose a new or empty folder, "
+        f"{key} '{path}' already holds files this command did not write ({shown}). Choose a new "
+        "or empty folder, "
         "or pass --overwrite to write into it anyway (files of the same names are replaced)."
     )
 

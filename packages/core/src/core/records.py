@@ -1,4 +1,5 @@
-"""Reading data records, one policy for every task: JSON lines, JSON arrays and ``datasets`` sources.
+"""Reading data records, one policy for every task: JSON lines, JSON arrays and ``datasets``
+sources.
 
 - Text is UTF-8, with or without a byte-order mark. Anything else stops with the file, line,
   column and the offending byte, and how to convert the file.
@@ -69,11 +70,13 @@ def check_file(path: Path, key: str, what: str = "Data file") -> Path:
     path = Path(path).expanduser()
     if path.is_dir():
         raise UserError(
-            f"{what} '{path}' ({key}) is a folder, not a file. Give the path of a .jsonl or .json file inside it."
+            f"{what} '{path}' ({key}) is a folder, not a file. Give the path of a .jsonl or .json "
+            "file inside it."
         )
     if not path.exists():
         raise UserError(
-            f"{what} '{path}' ({key}) does not exist. Check the path (relative paths start at {Path.cwd()})."
+            f"{what} '{path}' ({key}) does not exist. Check the path (relative paths start at "
+            f"{Path.cwd()})."
         )
     return path
 
@@ -82,7 +85,8 @@ def read_text(path: Path, key: str, what: str = "Data file") -> str:
     """The UTF-8 text of a file (a leading byte-order mark removed).
 
     Raises:
-        UserError: missing file, a folder, or bytes that are not UTF-8 (file:line:column and the byte).
+        UserError: missing file, a folder, or bytes that are not UTF-8 (file:line:column and the
+        byte).
     """
     path = check_file(path, key, what)
     data = path.read_bytes()
@@ -92,7 +96,8 @@ def read_text(path: Path, key: str, what: str = "Data file") -> str:
         line = data.count(b"\n", 0, err.start) + 1
         column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
         raise UserError(
-            f"{path}:{line}:{column}: not UTF-8 text (byte 0x{data[err.start]:02x}) in {key}. Save the file as UTF-8 "
+            f"{path}:{line}:{column}: not UTF-8 text (byte 0x{data[err.start]:02x}) in {key}. "
+            "Save the file as UTF-8 "
             "(for example: iconv -f cp949 -t utf-8 in.jsonl > out.jsonl for a Korean Windows file)."
         ) from None
     return text.removeprefix(BOM)
@@ -145,7 +150,8 @@ def iter_json_array(path: Path, text: str) -> Iterator[RawRecord]:
     pos = len(text) - len(text.lstrip())
     if not text[pos:].startswith("["):
         raise UserError(
-            f"{path}: a .json data file must hold a JSON array of records (starting with '['); use .jsonl for one record per line."
+            f"{path}: a .json data file must hold a JSON array of records (starting with '['); "
+            "use .jsonl for one record per line."
         )
     line, counted = 1, 0  # ``line`` is the line number of offset ``counted``
 
@@ -163,7 +169,8 @@ def iter_json_array(path: Path, text: str) -> Iterator[RawRecord]:
             pos += 1
         if pos >= len(text):
             raise UserError(
-                f"{path}:{line_at(pos)}: the JSON array is not closed (missing ']' at the end of the file)."
+                f"{path}:{line_at(pos)}: the JSON array is not closed (missing ']' at the end of "
+                "the file)."
             )
         char = text[pos]
         if char == "]":
@@ -212,12 +219,14 @@ def iter_file(
         yield from iter_json_lines(path, text, on_bad)
     else:
         raise UserError(
-            f"Data file '{path}' ({key}) has the extension '{path.suffix}'; use JSON lines (.jsonl) or a JSON array (.json)."
+            f"Data file '{path}' ({key}) has the extension '{path.suffix}'; use JSON lines "
+            "(.jsonl) or a JSON array (.json)."
         )
 
 
 def is_dataset_folder(path: Path) -> bool:
-    """Whether ``path`` is a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``."""
+    """Whether ``path`` is a folder written by ``Dataset.save_to_disk`` /
+    ``DatasetDict.save_to_disk``."""
     return path.is_dir() and (
         (path / "dataset_info.json").is_file()
         or (path / "dataset_dict.json").is_file()
@@ -258,8 +267,10 @@ def iter_dataset(
     where = f"'{source}' ({key}, split '{split}'{f', subset {subset}' if subset else ''})"
     if not isinstance(source, Path) and not hub_reachable() and not dataset_cached(source):
         raise UserError(
-            f"Cannot load the dataset {where}: the Hugging Face Hub is not reachable from this machine and the dataset "
-            "is not in the local cache. Run once where there is network and copy the cache here (then set "
+            f"Cannot load the dataset {where}: the Hugging Face Hub is not reachable from this "
+            "machine and the dataset "
+            "is not in the local cache. Run once where there is network and copy the cache here "
+            "(then set "
             f"HF_HUB_OFFLINE=1), or download the data as .jsonl files and give their paths.{hint}"
         )
     try:
@@ -277,7 +288,8 @@ def iter_dataset(
         text = " ".join(str(err).split())
         text = text if len(text) <= 400 else text[:400].rsplit(" ", 1)[0] + " ..."
         raise UserError(
-            f"Cannot load the dataset {where}: {type(err).__name__}: {text.rstrip('.')}. Without network use local .jsonl / .json "
+            f"Cannot load the dataset {where}: {type(err).__name__}: {text.rstrip('.')}. Without "
+            "network use local .jsonl / .json "
             f"files or a folder written by Dataset.save_to_disk.{hint}"
         ) from None
     for i, row in enumerate(rows):
@@ -312,13 +324,15 @@ def iter_source(
     if path.is_dir():
         if not allow_folders:
             raise UserError(
-                f"Data file '{path}' ({key}) is a folder, not a file. Give the path of a .jsonl or .json file inside it."
+                f"Data file '{path}' ({key}) is a folder, not a file. Give the path of a .jsonl "
+                "or .json file inside it."
             )
         if not is_dataset_folder(path) and not any(
             p.suffix.lower() in DATA_SUFFIXES for p in path.iterdir()
         ):
             raise UserError(
-                f"Data source '{path}' ({key}) is a folder with neither a dataset written by Dataset.save_to_disk nor "
+                f"Data source '{path}' ({key}) is a folder with neither a dataset written by "
+                "Dataset.save_to_disk nor "
                 "data files in it. Give the path of a .jsonl or .json file."
             )
         yield from iter_dataset(path, key, split, subset, hint)

@@ -24,7 +24,8 @@ def seed_all(seed: int) -> None:
 
 
 def set_deterministic(mode: bool | str) -> None:
-    """Turn deterministic algorithms on (``True``), on with warnings only (``"warn"``), or leave them.
+    """Turn deterministic algorithms on (``True``), on with warnings only (``"warn"``), or leave
+    them.
 
     Must run before CUDA is initialised: cuBLAS reads ``CUBLAS_WORKSPACE_CONFIG`` once.
 

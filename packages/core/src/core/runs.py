@@ -52,7 +52,8 @@ class RunDir:
 
 
 def slurm_job_key(env: dict[str, str] | None = None) -> str | None:
-    """The id that stays the same when SLURM requeues a job (array jobs: ``<array id>_<task id>``)."""
+    """The id that stays the same when SLURM requeues a job (array jobs: ``<array id>_<task
+    id>``)."""
     env = dict(os.environ if env is None else env)
     if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
         return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
@@ -152,7 +153,8 @@ def check_run_dir(path: Path, task: str | None) -> None:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ConfigError(
-            f"Config key 'run.dir' = '{path}' is a file; a run folder is expected (a new or empty folder, or an earlier run)."
+            f"Config key 'run.dir' = '{path}' is a file; a run folder is expected (a new or empty "
+            "folder, or an earlier run)."
         )
     if not path.is_dir() or not any(path.iterdir()):
         return
@@ -160,13 +162,16 @@ def check_run_dir(path: Path, task: str | None) -> None:
         entries = sorted(p.name for p in path.iterdir())
         shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
         raise ConfigError(
-            f"Config key 'run.dir' = '{path}' holds files that are not a training run ({shown}); training there could "
-            "replace them. Give a new or empty folder, or an earlier run folder (with config.yaml and manifest.json)."
+            f"Config key 'run.dir' = '{path}' holds files that are not a training run ({shown}); "
+            "training there could "
+            "replace them. Give a new or empty folder, or an earlier run folder (with config.yaml "
+            "and manifest.json)."
         )
     owner = run_task(path)
     if task is not None and owner != task:
         raise ConfigError(
-            f"Config key 'run.dir' = '{path}' is a run of the {owner} task, not of {task}; continuing it here would "
+            f"Config key 'run.dir' = '{path}' is a run of the {owner} task, not of {task}; "
+            "continuing it here would "
             f"change its record. Use '--package {owner}' to continue it, or give another run.dir."
         )
 
@@ -207,7 +212,8 @@ def resolve_run_dir(
             found = latest_run_dir(root, name, task)
             if found is None:
                 raise ConfigError(
-                    f"'run.dir=latest' found no run folder{f' of the {task} task' if task else ''} under '{root}'"
+                    "'run.dir=latest' found no run "
+                    f"folder{f' of the {task} task' if task else ''} under '{root}'"
                     + (f" named '*_{name}'" if name else "")
                     + "; start a new run without run.dir, or give run.dir=PATH."
                 )

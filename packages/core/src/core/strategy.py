@@ -60,11 +60,13 @@ def parse_devices(devices: int | str) -> int | None:
         count = int(text)
     except ValueError:
         raise ConfigError(
-            f"Config key 'trainer.devices' = {devices!r} is not a device count: use a number (2), auto, or GPU indices (0,1)."
+            f"Config key 'trainer.devices' = {devices!r} is not a device count: use a number (2), "
+            "auto, or GPU indices (0,1)."
         ) from None
     if count < 1:
         raise ConfigError(
-            f"Config key 'trainer.devices' = {count}: at least one device is needed (use 1 for a single process, auto for all GPUs)."
+            f"Config key 'trainer.devices' = {count}: at least one device is needed (use 1 for a "
+            "single process, auto for all GPUs)."
         )
     return count
 
@@ -79,40 +81,49 @@ def check_machine(tc: TrainerConfig) -> None:
     if tc.accelerator in ("cuda", "gpu"):
         if not torch.cuda.is_available():
             raise ConfigError(
-                f"Config key 'trainer.accelerator' = {tc.accelerator}, but this machine has no CUDA GPU "
-                "(torch.cuda.is_available() is False). Use trainer.accelerator=cpu or auto, or run on a GPU node."
+                f"Config key 'trainer.accelerator' = {tc.accelerator}, but this machine has no "
+                "CUDA GPU "
+                "(torch.cuda.is_available() is False). Use trainer.accelerator=cpu or auto, or "
+                "run on a GPU node."
             )
         if count is not None and "," not in str(tc.devices) and count > torch.cuda.device_count():
             raise ConfigError(
-                f"Config key 'trainer.devices' = {count}, but this machine has {torch.cuda.device_count()} GPU(s)."
+                f"Config key 'trainer.devices' = {count}, but this machine has "
+                f"{torch.cuda.device_count()} GPU(s)."
             )
     if tc.accelerator == "mps" and not (
         hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
     ):
         raise ConfigError(
-            "Config key 'trainer.accelerator' = mps, but this machine has no Apple GPU; use cpu or auto."
+            "Config key 'trainer.accelerator' = mps, but this machine has no Apple GPU; use cpu "
+            "or auto."
         )
     if tc.strategy not in STRATEGIES:
         raise ConfigError(
-            f"Config key 'trainer.strategy' = {tc.strategy!r} is unknown; use one of {', '.join(STRATEGIES)}."
+            f"Config key 'trainer.strategy' = {tc.strategy!r} is unknown; use one of "
+            f"{', '.join(STRATEGIES)}."
         )
     if tc.strategy.startswith("deepspeed"):
         if not cuda_requested(tc):
             raise ConfigError(
-                f"Config key 'trainer.strategy' = {tc.strategy}: DeepSpeed runs on CUDA GPUs only (Fabric refuses it on the "
+                f"Config key 'trainer.strategy' = {tc.strategy}: DeepSpeed runs on CUDA GPUs only "
+                "(Fabric refuses it on the "
                 "CPU). Use trainer.strategy=ddp or fsdp here."
             )
         if importlib.util.find_spec("deepspeed") is None:
             raise ConfigError(
-                f"Config key 'trainer.strategy' = {tc.strategy} needs DeepSpeed: install core[deepspeed] "
+                f"Config key 'trainer.strategy' = {tc.strategy} needs DeepSpeed: install "
+                "core[deepspeed] "
                 "(uv sync --extra deepspeed), or use trainer.strategy=ddp / fsdp."
             )
     if tc.num_nodes > 1 and not any(
         v in os.environ for v in ("SLURM_NNODES", "WORLD_SIZE", "LSB_JOBID")
     ):
         raise ConfigError(
-            f"Config key 'trainer.num_nodes' = {tc.num_nodes}, but this process was not started by a cluster launcher "
-            "(no SLURM job, no torchrun): submit it with the package's slurm/train.sbatch, or use trainer.num_nodes=1."
+            f"Config key 'trainer.num_nodes' = {tc.num_nodes}, but this process was not started "
+            "by a cluster launcher "
+            "(no SLURM job, no torchrun): submit it with the package's slurm/train.sbatch, or use "
+            "trainer.num_nodes=1."
         )
 
 
@@ -127,11 +138,13 @@ def resolve_precision(precision: str, accelerator: str) -> str:
         return "bf16-mixed" if cuda and torch.cuda.is_bf16_supported() else "32-true"
     if precision.startswith("16") and not cuda:
         raise ConfigError(
-            f"Config key 'trainer.precision' = {precision} needs a CUDA GPU; on the CPU use bf16-mixed, bf16-true or 32-true."
+            f"Config key 'trainer.precision' = {precision} needs a CUDA GPU; on the CPU use "
+            "bf16-mixed, bf16-true or 32-true."
         )
     if precision.startswith("bf16") and cuda and not torch.cuda.is_bf16_supported():
         raise ConfigError(
-            f"Config key 'trainer.precision' = {precision}: this GPU has no bfloat16; use 16-mixed or 32-true."
+            f"Config key 'trainer.precision' = {precision}: this GPU has no bfloat16; use "
+            "16-mixed or 32-true."
         )
     return precision
 
@@ -143,7 +156,8 @@ def build_strategy(
 
     Args:
         cfg: the task's root config.
-        wrap_classes: gives the task's FSDP block classes (``Task.fsdp_wrap_classes``; called for FSDP only).
+        wrap_classes: gives the task's FSDP block classes (``Task.fsdp_wrap_classes``; called for
+        FSDP only).
         precision: the resolved precision.
 
     Returns:
@@ -200,7 +214,8 @@ def build_fabric(
 ) -> Fabric:
     """A Fabric object for ``cfg.trainer`` (not launched yet), after the machine checks.
 
-    Turns on deterministic algorithms first when asked, since cuBLAS reads its setting when CUDA starts.
+    Turns on deterministic algorithms first when asked, since cuBLAS reads its setting when CUDA
+    starts.
 
     Args:
         cfg: the task's root config.
@@ -213,7 +228,8 @@ def build_fabric(
     check_machine(tc)
     precision = resolve_precision(tc.precision, tc.accelerator)
     if "SLURM_JOB_ID" not in os.environ:
-        # Lightning warns on every machine that merely has srun installed; outside a job it is noise.
+        # Lightning warns on every machine that merely has srun installed; outside a job it is
+        # noise.
         warnings.filterwarnings("ignore", message="The `srun` command is available")
     set_deterministic(tc.deterministic)
     if parse_devices(tc.devices) != 1 or tc.num_nodes > 1:
@@ -232,7 +248,8 @@ def build_fabric(
         TypeError,
     ) as err:  # Fabric's own checks, e.g. an impossible device list
         raise ConfigError(
-            f"The trainer settings cannot run here (trainer.accelerator/devices/strategy/precision): {err}"
+            "The trainer settings cannot run here "
+            f"(trainer.accelerator/devices/strategy/precision): {err}"
         ) from None
 
 

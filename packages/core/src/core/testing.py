@@ -77,12 +77,13 @@ class ToyConfig(TrainConfig):
 
 
 class CountingData(torch.utils.data.Dataset):
-    """Sequences ``s, s+1, ...`` (mod vocab, skipping 0). Item: ``{"index": int, "input_ids": list[int]}``."""
+    """Sequences ``s, s+1, ...`` (mod vocab, skipping 0). Item: ``{"index": int, "input_ids":
+    list[int]}``."""
 
     def __init__(self, n: int, cfg: ToyData, vocab: int, offset: int) -> None:
         gen = torch.Generator().manual_seed(cfg.data_seed + offset)
         self.items = []
-        for i in range(n):
+        for _ in range(n):
             length = int(torch.randint(cfg.min_len, cfg.max_len + 1, (1,), generator=gen))
             start = int(torch.randint(1, vocab, (1,), generator=gen))
             self.items.append([1 + (start + k - 1) % (vocab - 1) for k in range(length)])
@@ -115,7 +116,8 @@ class ToyTask(Task):
         return [len(x) for x in dataset.items]
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """Right-pad to the longest sample: ids / mask / labels ``(batch, max_len)``, index ``(batch,)``."""
+        """Right-pad to the longest sample: ids / mask / labels ``(batch, max_len)``, index
+        ``(batch,)``."""
         if self.cfg.data.collate_delay:
             time.sleep(self.cfg.data.collate_delay)
         width = max(len(s["input_ids"]) for s in samples)
@@ -241,7 +243,8 @@ def train(argv: list[str] | None = None) -> int:
 
 @user_errors_exit_2
 def evaluate(argv: list[str]) -> int:
-    """``evaluate --model DIR [key=value ...]``: validation metrics of a saved model, printed as JSON.
+    """``evaluate --model DIR [key=value ...]``: validation metrics of a saved model, printed as
+    JSON.
 
     The pattern every task's ``evaluate`` follows: an :class:`core.evaluation.Evaluator` (the
     training Fabric set-up, launched), the model loaded with ``from_pretrained``, the gathered

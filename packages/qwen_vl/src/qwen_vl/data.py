@@ -73,7 +73,8 @@ ROLES = {
 }
 """Accepted role names (``role`` or LLaVA ``from``) and what they mean."""
 DUMMY_TOKENS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>")
-"""The masked placeholder a batch without images carries for its dummy image (see :class:`Collator`)."""
+"""The masked placeholder a batch without images carries for its dummy image (see
+:class:`Collator`)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,17 +136,22 @@ def read_records(path: Path, key: str = "data file") -> list[tuple[str, dict[str
     """
     from core.records import read_all
 
-    records = [(r.where, r.value) for r in read_all(path, key, what="records (conversations)", allow_folders=False)]
+    records = [
+        (r.where, r.value)
+        for r in read_all(path, key, what="records (conversations)", allow_folders=False)
+    ]
     for where, record in records:
         if not isinstance(record, dict):
             raise UserError(
-                f"{where}: a record must be a JSON object with 'messages' or 'conversations', got {type(record).__name__}."
+                f"{where}: a record must be a JSON object with 'messages' or 'conversations', got "
+                f"{type(record).__name__}."
             )
     return records
 
 
 def resolve_image(ref: Any, base_dir: Path, where: str) -> ImageSource:
-    """Turn an image reference of a record into an :class:`ImageSource` (the file is not opened yet).
+    """Turn an image reference of a record into an :class:`ImageSource` (the file is not opened
+    yet).
 
     Args:
         ref: a path, ``file://`` URI or ``data:image/...;base64,`` URI (or ``{"url": ...}``).
@@ -159,7 +165,8 @@ def resolve_image(ref: Any, base_dir: Path, where: str) -> ImageSource:
         ref = ref["url"]
     if not isinstance(ref, str) or not ref.strip():
         raise UserError(
-            f"{where}: an image reference must be a non-empty string (path, file:// or data: URI), got {ref!r}."
+            f"{where}: an image reference must be a non-empty string (path, file:// or data: "
+            f"URI), got {ref!r}."
         )
     ref = ref.strip()
     label = ref if len(ref) < 80 else ref[:60] + "..."
@@ -167,7 +174,8 @@ def resolve_image(ref: Any, base_dir: Path, where: str) -> ImageSource:
         header, _, payload = ref.partition(",")
         if not header.startswith("data:image") or ";base64" not in header:
             raise UserError(
-                f"{where}: a data URI image must look like data:image/png;base64,...; got {label!r}."
+                f"{where}: a data URI image must look like data:image/png;base64,...; got "
+                f"{label!r}."
             )
         try:
             return ImageSource(None, base64.b64decode(payload, validate=True), label)
@@ -177,7 +185,8 @@ def resolve_image(ref: Any, base_dir: Path, where: str) -> ImageSource:
             ) from None
     if ref.startswith(("http://", "https://")):
         raise UserError(
-            f"{where}: image {label!r} is a web URL; training must not depend on the network. Download the images "
+            f"{where}: image {label!r} is a web URL; training must not depend on the network. "
+            "Download the images "
             "and refer to the local files (paths relative to the data file, or file:// URIs)."
         )
     if ref.startswith("file://"):
@@ -203,8 +212,10 @@ def _check_no_vision_tokens(text: str, where: str, turn: int) -> None:
     for token in VISION_TOKENS:
         if token in text:
             raise UserError(
-                f"{where}: turn {turn} contains the vision token {token} in its text, so its image-token count "
-                "would not match the record's images. Put images in image parts (or LLaVA <image> placeholders) instead."
+                f"{where}: turn {turn} contains the vision token {token} in its text, so its "
+                "image-token count "
+                "would not match the record's images. Put images in image parts (or LLaVA <image> "
+                "placeholders) instead."
             )
 
 
@@ -319,7 +330,8 @@ def parse_record(
         unused = [k for k in ("image", "images") if k in raw]
         if unused:
             raise UserError(
-                f"{name}: has both 'messages' and '{unused[0]}'; put images into the messages as image parts."
+                f"{name}: has both 'messages' and '{unused[0]}'; put images into the messages as "
+                "image parts."
             )
     elif "conversations" in raw:
         turns = raw["conversations"]
@@ -334,7 +346,8 @@ def parse_record(
         )
         if placeholders != len(refs):
             raise UserError(
-                f"{name}: {placeholders} {LLAVA_IMAGE} placeholder(s) in the text but {len(refs)} image(s); "
+                f"{name}: {placeholders} {LLAVA_IMAGE} placeholder(s) in the text but {len(refs)} "
+                "image(s); "
                 f"every image needs exactly one {LLAVA_IMAGE} where it belongs."
             )
         pending = iter(refs)
@@ -353,7 +366,8 @@ def parse_record(
             messages.append({"role": role, "content": parts})
     else:
         raise UserError(
-            f"{name}: needs 'messages' (role/content turns) or 'conversations' (LLaVA from/value turns)."
+            f"{name}: needs 'messages' (role/content turns) or 'conversations' (LLaVA from/value "
+            "turns)."
         )
 
     for t, message in enumerate(messages):
@@ -362,7 +376,8 @@ def parse_record(
     last = max((t for t, m in enumerate(messages) if m["role"] == "assistant"), default=None)
     if last is None:
         raise UserError(
-            f"{name}: has no assistant turn, so there is nothing to train on; add the expected answer as an assistant turn."
+            f"{name}: has no assistant turn, so there is nothing to train on; add the expected "
+            "answer as an assistant turn."
         )
     dropped = messages[last + 1 :]
     messages = messages[: last + 1]
@@ -374,11 +389,13 @@ def parse_record(
             continue
         if any(p["type"] == "image" for p in message["content"]):
             raise UserError(
-                f"{name}: assistant turn {t} contains an image; images belong in user (or system) turns."
+                f"{name}: assistant turn {t} contains an image; images belong in user (or system) "
+                "turns."
             )
         if not "".join(p["text"] for p in message["content"]).strip():
             raise UserError(
-                f"{name}: assistant turn {t} is empty; every assistant turn is trained and needs text."
+                f"{name}: assistant turn {t} is empty; every assistant turn is trained and needs "
+                "text."
             )
     if system_prompt is not None and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system_prompt}]})
@@ -417,8 +434,10 @@ def load_image(source: ImageSource, where: str, max_source_pixels: int) -> Image
         width, height = image.size  # read from the header; nothing decoded yet
         if width * height > max_source_pixels:
             raise UserError(
-                f"{where}: image {source.label!r} has {width}x{height} = {width * height:,} pixels, more than "
-                f"data.max_source_pixels={max_source_pixels:,}; downscale the file or raise that limit."
+                f"{where}: image {source.label!r} has {width}x{height} = {width * height:,} "
+                "pixels, more than "
+                f"data.max_source_pixels={max_source_pixels:,}; downscale the file or raise that "
+                "limit."
             )
         image.load()
         # RGBA on white, like qwen_vl_utils: transparent pixels must not turn black
@@ -431,7 +450,8 @@ def load_image(source: ImageSource, where: str, max_source_pixels: int) -> Image
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise UserError(
-            f"{where}: image {source.label!r} cannot be decoded ({type(err).__name__}: {err}); the file is corrupt or not an image."
+            f"{where}: image {source.label!r} cannot be decoded ({type(err).__name__}: {err}); "
+            "the file is corrupt or not an image."
         ) from None
 
 
@@ -470,7 +490,8 @@ def find_sequence(ids: Sequence[int], pattern: Sequence[int], start: int = 0) ->
 def assistant_spans(
     ids: Sequence[int], header: Sequence[int], end_id: int
 ) -> list[tuple[int, int]]:
-    """Token ranges of the assistant answers: after each assistant header, through the next end-of-turn.
+    """Token ranges of the assistant answers: after each assistant header, through the next
+    end-of-turn.
 
     Args:
         ids: token ids of a whole conversation, length ``L``.
@@ -498,7 +519,8 @@ def assistant_spans(
 def build_labels(
     ids: Sequence[int], spans: Sequence[tuple[int, int]], vision_ids: set[int]
 ) -> list[int]:
-    """Labels for one conversation: token ids inside the assistant spans, ``IGNORE_INDEX`` elsewhere.
+    """Labels for one conversation: token ids inside the assistant spans, ``IGNORE_INDEX``
+    elsewhere.
 
     Args:
         ids: token ids, length ``L``.
@@ -522,7 +544,8 @@ def build_labels(
 
 
 class Encoder:
-    """Applies the chat template, qwen_vl_utils and the processor with one pixel setting, and builds labels.
+    """Applies the chat template, qwen_vl_utils and the processor with one pixel setting, and builds
+    labels.
 
     Args:
         processor: a Qwen2.5-VL processor (``AutoProcessor``).
@@ -546,7 +569,8 @@ class Encoder:
         self.max_pixels = int(max_pixels if max_pixels is not None else size.longest_edge)
         if self.min_pixels > self.max_pixels:
             raise UserError(
-                f"data.min_pixels={self.min_pixels} is larger than data.max_pixels={self.max_pixels}."
+                f"data.min_pixels={self.min_pixels} is larger than "
+                f"data.max_pixels={self.max_pixels}."
             )
         image_processor.size = SizeDict(shortest_edge=self.min_pixels, longest_edge=self.max_pixels)
         self.patch_size = int(image_processor.patch_size)
@@ -575,7 +599,8 @@ class Encoder:
         ]
         if missing or len(self.header_ids) < 2:
             raise UserError(
-                f"The tokenizer lacks Qwen's chat tokens {missing or ASSISTANT_HEADER!r}; use a Qwen2.5-VL processor."
+                f"The tokenizer lacks Qwen's chat tokens {missing or ASSISTANT_HEADER!r}; use a "
+                "Qwen2.5-VL processor."
             )
 
     # -- text ----------------------------------------------------------------------------------
@@ -657,7 +682,8 @@ class Encoder:
         }
 
     def encode_prompt(self, prompt: str, images: list[Image.Image]) -> dict[str, torch.Tensor]:
-        """Model inputs for answering ``prompt`` about ``images`` (one user turn, then the assistant header).
+        """Model inputs for answering ``prompt`` about ``images`` (one user turn, then the assistant
+        header).
 
         Args:
             prompt: the question.
@@ -803,7 +829,8 @@ def measure_images(
                 ) from None
             if width * height > max_source_pixels:
                 raise UserError(
-                    f"{name}: image {src.label!r} has {width * height:,} pixels, more than data.max_source_pixels={max_source_pixels:,}."
+                    f"{name}: image {src.label!r} has {width * height:,} pixels, more than "
+                    f"data.max_source_pixels={max_source_pixels:,}."
                 )
         sizes.append(
             (width, height, len(src.data) if src.data is not None else src.path.stat().st_size)
@@ -862,7 +889,8 @@ def load_conversations(
         name = f"record {conv.id!r} ({where})" if "id" in raw else f"record at {where}"
         if conv.id in seen and "id" in raw:
             raise UserError(
-                f"{name}: id {conv.id!r} is used twice (also at {seen[conv.id]}); ids must be unique."
+                f"{name}: id {conv.id!r} is used twice (also at {seen[conv.id]}); ids must be "
+                "unique."
             )
         seen[conv.id] = where
         convs.append(conv)
@@ -888,12 +916,15 @@ def load_conversations(
         found = assistant_spans(ids, encoder.header_ids, encoder.end_id)
         if len(found) != conv.n_assistant:
             raise UserError(
-                f"{name}: {conv.n_assistant} assistant turn(s) but {len(found)} found in the tokenized text. "
-                f"Answers must not start with whitespace and no text may contain turn markers like {ASSISTANT_HEADER!r}."
+                f"{name}: {conv.n_assistant} assistant turn(s) but {len(found)} found in the "
+                "tokenized text. "
+                "Answers must not start with whitespace and no text may contain turn markers "
+                f"like {ASSISTANT_HEADER!r}."
             )
         if sum(1 for t in ids if t == encoder.image_token_id) != len(conv.images):
             raise UserError(
-                f"{name}: the image-token count of the text does not match its {len(conv.images)} image(s)."
+                f"{name}: the image-token count of the text does not match its {len(conv.images)} "
+                "image(s)."
             )
         length = (
             len(ids) - len(conv.images) + vision
@@ -901,7 +932,8 @@ def load_conversations(
         if max_length is not None and length > max_length:
             if not drop_too_long:
                 raise UserError(
-                    f"{name}: {length} tokens ({vision} of them vision tokens), more than data.max_length={max_length}. "
+                    f"{name}: {length} tokens ({vision} of them vision tokens), more than "
+                    f"data.max_length={max_length}. "
                     "Lower data.max_pixels, raise data.max_length, or set data.drop_too_long=true."
                 )
             dropped.append(conv.id)
@@ -918,7 +950,8 @@ def load_conversations(
         )
     if not conversations:
         raise UserError(
-            f"Data file '{path}' ({key}): all {len(dropped)} records are longer than data.max_length={max_length} "
+            f"Data file '{path}' ({key}): all {len(dropped)} records are longer than "
+            f"data.max_length={max_length} "
             "and were dropped. Raise data.max_length or lower data.max_pixels."
         )
     return ConversationData(
@@ -952,7 +985,8 @@ class Collator:
         encoder: gives pad id, dummy tokens and dummy pixels.
 
     Returns (``__call__``):
-        ``input_ids``, ``attention_mask``, ``labels``, ``mm_token_type_ids``: ``(B, T)``, right-padded;
+        ``input_ids``, ``attention_mask``, ``labels``, ``mm_token_type_ids``: ``(B, T)``,
+        right-padded;
         ``pixel_values`` ``(patches, D)``; ``image_grid_thw`` ``(images, 3)``; ``index`` ``(B,)``;
         ``has_images`` ``()`` bool (False when the images are only the dummy). Items with
         ``prompt_length`` add ``gen_input_ids``, ``gen_attention_mask``, ``gen_mm_token_type_ids``:

@@ -156,7 +156,8 @@ def place_objects(
                 break
         else:
             raise ValueError(
-                f"cannot place {n} objects on a {size}x{size} image; lower --max-count or raise --size"
+                f"cannot place {n} objects on a {size}x{size} image; lower --max-count or raise "
+                "--size"
             )
     return placed
 
@@ -345,7 +346,9 @@ def builtin_data(split: str, settings: SynthSettings = BUILTIN_SETTINGS) -> Path
 
     from qwen_vl import __version__
 
-    key = hashlib.sha256(json.dumps({**vars(settings), "version": __version__}, sort_keys=True).encode()).hexdigest()[:12]
+    key = hashlib.sha256(
+        json.dumps({**vars(settings), "version": __version__}, sort_keys=True).encode()
+    ).hexdigest()[:12]
     folder = cache_root() / f"counting-{key}"
     if not (folder / "dev.jsonl").is_file():
         tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")

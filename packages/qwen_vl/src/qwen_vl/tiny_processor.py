@@ -1,4 +1,5 @@
-"""Builds the offline processor of the ``tiny`` preset (shipped in ``qwen_vl/assets/tiny_processor``).
+"""Builds the offline processor of the ``tiny`` preset (shipped in
+``qwen_vl/assets/tiny_processor``).
 
 The real Qwen2.5-VL processor (a 151k-token tokenizer) lives on the Hub, which tests and offline
 machines cannot reach. The tiny preset needs a processor that behaves the same way, only small:
@@ -16,7 +17,8 @@ machines cannot reach. The tiny preset needs a processor that behaves the same w
 ``AutoProcessor.from_pretrained(folder)`` loads the result offline. Training the tokenizer is
 deterministic, so the shipped files can be rebuilt and compared::
 
-    python -m qwen_vl.tiny_processor            # rebuild in a temp folder, compare with the shipped files
+    python -m qwen_vl.tiny_processor            # rebuild in a temp folder, compare with the shipped
+    files
     python -m qwen_vl.tiny_processor --write    # overwrite the shipped files
 """
 
@@ -32,7 +34,8 @@ TINY_PROCESSOR_DIR = Path(__file__).parent / "assets" / "tiny_processor"
 """Where the shipped tiny processor lives."""
 
 VOCAB_SIZE = 1024
-"""Largest BPE vocabulary before the special tokens (the small corpus stops earlier, at about 630)."""
+"""Largest BPE vocabulary before the special tokens (the small corpus stops earlier, at about
+630)."""
 
 SPECIAL_TOKENS = (
     "<|endoftext|>",
@@ -50,7 +53,8 @@ SPECIAL_TOKENS = (
     "<|image_pad|>",
     "<|video_pad|>",
 )
-"""Qwen2.5-VL's special tokens, in the order of the real tokenizer (ids follow the BPE vocabulary)."""
+"""Qwen2.5-VL's special tokens, in the order of the real tokenizer (ids follow the BPE
+vocabulary)."""
 
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
@@ -93,7 +97,8 @@ large crowd; the airport and the bridge were busy too. Answer the question about
 
 
 def corpus() -> list[str]:
-    """Training text of the tiny tokenizer: counting questions and answers, numbers, general English.
+    """Training text of the tiny tokenizer: counting questions and answers, numbers, general
+    English.
 
     Returns:
         Lines of text.
@@ -124,7 +129,8 @@ def corpus() -> list[str]:
 
 
 def train_tokenizer() -> object:
-    """A ``Qwen2Tokenizer`` with a BPE vocabulary trained on :func:`corpus`, the special tokens and the chat template.
+    """A ``Qwen2Tokenizer`` with a BPE vocabulary trained on :func:`corpus`, the special tokens and
+    the chat template.
 
     Returns:
         The tokenizer (``transformers`` object).
@@ -172,7 +178,8 @@ def train_tokenizer() -> object:
 
 
 def build(out_dir: Path) -> Path:
-    """Write the tiny processor (tokenizer, chat template, image and video processors) to ``out_dir``.
+    """Write the tiny processor (tokenizer, chat template, image and video processors) to
+    ``out_dir``.
 
     Args:
         out_dir: target folder (created).
@@ -185,7 +192,8 @@ def build(out_dir: Path) -> Path:
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
     tokenizer = train_tokenizer()
-    # Small defaults (16 vision tokens at most); the config's data.min_pixels / max_pixels override them.
+    # Small defaults (16 vision tokens at most); the config's data.min_pixels / max_pixels override
+    # them.
     image_processor = Qwen2VLImageProcessor(min_pixels=3136, max_pixels=12544)
     video_processor = Qwen2VLVideoProcessor(min_pixels=3136, max_pixels=12544)
     processor = Qwen2_5_VLProcessor(

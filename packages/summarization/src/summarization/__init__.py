@@ -3,7 +3,8 @@ English and Korean.
 
 Modules: ``config`` (the config tree), ``data`` (reading, checks, tokenising, batching),
 ``model`` (loading, from-scratch BART, freezing), ``metrics`` (ROUGE), ``task`` (the engine's
-Task), ``cli`` (train, evaluate, predict, score, lead3), ``tokenizer_build`` (the shipped tokenizer).
+Task), ``cli`` (train, evaluate, predict, score, lead3), ``tokenizer_build`` (the shipped
+tokenizer).
 Each runs a self-check with ``python -m summarization.<module>``.
 """
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,11 +69,13 @@ def check_row(
     """
     if not isinstance(obj, dict):
         raise UserError(
-            f"{where}: expected a JSON object with 'dialogue' and 'summary', got {type(obj).__name__}. Each line must be one object."
+            f"{where}: expected a JSON object with 'dialogue' and 'summary', got "
+            f"{type(obj).__name__}. Each line must be one object."
         )
     if "dialogue" not in obj:
         raise UserError(
-            f"{where}: missing field 'dialogue' (fields present: {', '.join(sorted(obj)) or 'none'}). Every row needs the dialogue text."
+            f"{where}: missing field 'dialogue' (fields present: "
+            f"{', '.join(sorted(obj)) or 'none'}). Every row needs the dialogue text."
         )
     dialogue = obj["dialogue"]
     if not isinstance(dialogue, str):
@@ -85,8 +87,10 @@ def check_row(
     keys = reference_keys(obj)
     if need_references and not keys:
         raise UserError(
-            f"{where}: missing field 'summary' (or 'summary1', 'summary2', ... for several references); "
-            f"fields present: {', '.join(sorted(obj))}. Training and scoring need a reference summary per row."
+            f"{where}: missing field 'summary' (or 'summary1', 'summary2', ... for several "
+            "references); "
+            f"fields present: {', '.join(sorted(obj))}. Training and scoring need a reference "
+            "summary per row."
         )
     references = []
     for key in keys:
@@ -112,7 +116,11 @@ def check_row(
 
 
 def read_rows(
-    source: Path | str, key: str = "file", need_references: bool = True, split: str = "train", hint: str = ""
+    source: Path | str,
+    key: str = "file",
+    need_references: bool = True,
+    split: str = "train",
+    hint: str = "",
 ) -> list[dict[str, Any]]:
     """Read and check DialogSum-style rows from a JSON-lines / JSON file or a ``datasets`` source
     (core's reader: UTF-8 with or without BOM, every problem named with file and line).
@@ -138,9 +146,14 @@ def read_rows(
     stem = Path(str(source)).stem if not isinstance(source, str) or Path(source).suffix else split
     what = "rows (JSON objects with fname, dialogue and summary)"
     for record in read_all(source, key, what=what, split=split, hint=hint):
-        row = check_row(record.value, record.where, need_references, default_fname=f"{stem}_{record.line}")
+        row = check_row(
+            record.value, record.where, need_references, default_fname=f"{stem}_{record.line}"
+        )
         if row["fname"] in seen:
-            raise UserError(f"{record.where}: duplicate fname '{row['fname']}' (first at {seen[row['fname']]}); ids must be unique.")
+            raise UserError(
+                f"{record.where}: duplicate fname '{row['fname']}' (first at "
+                f"{seen[row['fname']]}); ids must be unique."
+            )
         seen[row["fname"]] = record.where
         rows.append(row)
     return rows
@@ -175,7 +188,8 @@ def read_scoring_file(path: Path, key: str, references: bool) -> dict[str, list[
         where, obj = record.where, record.value
         if not isinstance(obj, dict):
             raise UserError(
-                f'{where}: expected a JSON object {{"fname": ..., "summary": ...}}, got {type(obj).__name__}.'
+                f'{where}: expected a JSON object {{"fname": ..., "summary": ...}}, got '
+                f"{type(obj).__name__}."
             )
         if (
             "fname" not in obj
@@ -183,7 +197,8 @@ def read_scoring_file(path: Path, key: str, references: bool) -> dict[str, list[
             or str(obj["fname"]) == ""
         ):
             raise UserError(
-                f"{where}: missing field 'fname' (fields present: {', '.join(sorted(obj)) or 'none'}); rows are matched by fname."
+                f"{where}: missing field 'fname' (fields present: "
+                f"{', '.join(sorted(obj)) or 'none'}); rows are matched by fname."
             )
         keys = reference_keys(obj) if references else (["summary"] if "summary" in obj else [])
         if not keys:
@@ -195,7 +210,8 @@ def read_scoring_file(path: Path, key: str, references: bool) -> dict[str, list[
         for k in keys:
             if not isinstance(obj[k], str) or (references and not obj[k].strip()):
                 raise UserError(
-                    f"{where}: field '{k}' must be {'non-empty ' if references else ''}text, got {obj[k]!r}."
+                    f"{where}: field '{k}' must be {'non-empty ' if references else ''}text, got "
+                    f"{obj[k]!r}."
                 )
             texts.append(obj[k].strip())
         fname = str(obj["fname"])
@@ -207,15 +223,20 @@ def read_scoring_file(path: Path, key: str, references: bool) -> dict[str, list[
     return out
 
 
-def read_hub_split(name: str, split: str, key: str = "data.dataset", need_references: bool = True) -> list[dict[str, Any]]:
+def read_hub_split(
+    name: str, split: str, key: str = "data.dataset", need_references: bool = True
+) -> list[dict[str, Any]]:
     """Rows of one split of a Hugging Face dataset (a Hub id or a local dataset folder), checked
     like file rows (see :func:`read_rows`)."""
     local = Path(name).expanduser()
-    return read_rows(local if local.is_dir() else name, key, need_references, split=split, hint=DATASET_HINT)
+    return read_rows(
+        local if local.is_dir() else name, key, need_references, split=split, hint=DATASET_HINT
+    )
 
 
 DATASET_HINT = (
-    "Or set data.train_file / data.val_file / data.test_file to local JSONL files, or leave data.dataset null "
+    "Or set data.train_file / data.val_file / data.test_file to local JSONL files, or leave "
+    "data.dataset null "
     "to use the shipped sample."
 )
 """The way forward when ``data.dataset`` cannot be loaded."""
@@ -272,7 +293,8 @@ def tokenize_rows(
     """
     import datasets
 
-    datasets.disable_progress_bars()  # one bar per split floods SLURM logs; the run log says what was read
+    # one bar per split floods SLURM logs; the run log says what was read
+    datasets.disable_progress_bars()
     sources = [prefix + row["dialogue"] for row in rows]
     targets = [row["references"][0] if row["references"] else "" for row in rows]
     digest = hashlib.sha256()
@@ -399,7 +421,8 @@ TURN = re.compile(r"\r?\n")
 
 
 def lead_n(dialogue: str, n: int = 3) -> str:
-    """The first ``n`` utterances of a dialogue, speaker tags kept, one per line (Lead-3 baseline)."""
+    """The first ``n`` utterances of a dialogue, speaker tags kept, one per line (Lead-3
+    baseline)."""
     turns = [t.strip() for t in TURN.split(dialogue) if t.strip()]
     return "\n".join(turns[:n])
 
@@ -415,7 +438,8 @@ if __name__ == "__main__":  # self-check: python -m summarization.data
     test = read_jsonl(SAMPLES["en"] / "test.jsonl")
     korean = read_jsonl(SAMPLES["ko"] / "train.jsonl")
     print(
-        f"{len(rows)} dev rows, {len(test)} test rows with {len(test[0]['references'])} references, {len(korean)} Korean rows"
+        f"{len(rows)} dev rows, {len(test)} test rows with {len(test[0]['references'])} "
+        f"references, {len(korean)} Korean rows"
     )
     with tempfile.TemporaryDirectory() as tmp:
         bad = Path(tmp) / "bad.jsonl"

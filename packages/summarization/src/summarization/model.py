@@ -4,7 +4,8 @@
   :func:`core.hub.ensure_available` (a Hub id that cannot be downloaded fails in a second with a
   message that says how to proceed).
 - ``model.init=scratch``: a BART (``model.scratch.architecture=bart``, post-norm) or an
-  mBART-layout model (``mbart``, pre-norm) sized by ``model.scratch.*``, random weights, with the byte-level BPE tokenizer shipped in
+  mBART-layout model (``mbart``, pre-norm) sized by ``model.scratch.*``, random weights, with the
+  byte-level BPE tokenizer shipped in
   ``summarization/assets/tokenizer`` — no download at all (the ``tiny`` and ``small`` presets).
 
 Fine-tuning switches: activation (gradient) checkpointing, freezing the embeddings, the first N
@@ -35,7 +36,8 @@ log = logging.getLogger(__name__)
 
 
 def tokenizer_source(cfg: ModelConfig) -> str:
-    """Where the tokenizer comes from: ``model.tokenizer``, the shipped one (scratch) or ``model.name``."""
+    """Where the tokenizer comes from: ``model.tokenizer``, the shipped one (scratch) or
+    ``model.name``."""
     if cfg.tokenizer:
         return cfg.tokenizer
     return str(SHIPPED_TOKENIZER) if cfg.init == "scratch" else cfg.name
@@ -59,7 +61,8 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     tokenizer = AutoTokenizer.from_pretrained(source)
     if tokenizer.pad_token_id is None:
         raise UserError(
-            f"The tokenizer of '{source}' has no padding token; seq2seq batches need one (set model.tokenizer to one that has)."
+            f"The tokenizer of '{source}' has no padding token; seq2seq batches need one (set "
+            "model.tokenizer to one that has)."
         )
     return tokenizer
 
@@ -78,14 +81,17 @@ def load_model_config(cfg: ModelConfig, tokenizer: Any) -> Any:
     config = AutoConfig.from_pretrained(cfg.name)
     if not getattr(config, "is_encoder_decoder", False):
         raise UserError(
-            f"model.name='{cfg.name}' is a {config.model_type} model, not an encoder-decoder (seq2seq) model; "
-            "summarization needs one such as facebook/bart-large-cnn, facebook/bart-base or t5-small."
+            f"model.name='{cfg.name}' is a {config.model_type} model, not an encoder-decoder "
+            "(seq2seq) model; "
+            "summarization needs one such as facebook/bart-large-cnn, facebook/bart-base or "
+            "t5-small."
         )
     return config
 
 
 def scratch_config(cfg: ModelConfig, tokenizer: Any) -> Any:
-    """A ``BartConfig`` or ``MBartConfig`` (``model.scratch.architecture``) sized by ``model.scratch``
+    """A ``BartConfig`` or ``MBartConfig`` (``model.scratch.architecture``) sized by
+    ``model.scratch``
     for ``tokenizer``'s vocabulary and special tokens."""
     s = cfg.scratch
     return scratch_config_class(cfg)(
@@ -110,7 +116,8 @@ def scratch_config(cfg: ModelConfig, tokenizer: Any) -> Any:
 
 
 def scratch_config_class(cfg: ModelConfig) -> type:
-    """The transformers config class of ``model.scratch.architecture`` (``BartConfig`` or ``MBartConfig``)."""
+    """The transformers config class of ``model.scratch.architecture`` (``BartConfig`` or
+    ``MBartConfig``)."""
     from transformers import BartConfig, MBartConfig
 
     return {"bart": BartConfig, "mbart": MBartConfig}[cfg.scratch.architecture]
@@ -127,7 +134,8 @@ def decoder_start_id(config: Any) -> int:
         start = getattr(getattr(config, "decoder", None), "decoder_start_token_id", None)
     if start is None:
         raise UserError(
-            f"The {config.model_type} config has no decoder_start_token_id; seq2seq training needs it."
+            f"The {config.model_type} config has no decoder_start_token_id; seq2seq training "
+            "needs it."
         )
     return int(start)
 
@@ -140,13 +148,15 @@ def check_precision(config: Any, precision: str) -> None:
     """
     if "t5" in str(getattr(config, "model_type", "")) and str(precision).startswith("16"):
         raise ConfigError(
-            f"trainer.precision={precision} with a {config.model_type} model: T5 overflows in float16 and its loss becomes NaN. "
+            f"trainer.precision={precision} with a {config.model_type} model: T5 overflows in "
+            "float16 and its loss becomes NaN. "
             "Use trainer.precision=bf16-mixed (GPUs with bfloat16) or 32-true."
         )
 
 
 def build_model(cfg: ModelConfig, config: Any) -> nn.Module:
-    """The seq2seq model: pretrained weights or a random (m)BART, with the fine-tuning switches applied.
+    """The seq2seq model: pretrained weights or a random (m)BART, with the fine-tuning switches
+    applied.
 
     Args:
         cfg: the ``model`` config group.
@@ -185,7 +195,8 @@ def build_model(cfg: ModelConfig, config: Any) -> nn.Module:
 
 
 def blocks(stack: nn.Module) -> nn.ModuleList:
-    """The list of transformer blocks of an encoder or decoder (``layers`` in BART, ``block`` in T5).
+    """The list of transformer blocks of an encoder or decoder (``layers`` in BART, ``block`` in
+    T5).
 
     Raises:
         UserError: no such list found.
@@ -195,7 +206,8 @@ def blocks(stack: nn.Module) -> nn.ModuleList:
         if isinstance(found, nn.ModuleList):
             return found
     raise UserError(
-        f"Cannot find the blocks of {type(stack).__name__} (no 'layers' / 'block' list); layer freezing does not support this model."
+        f"Cannot find the blocks of {type(stack).__name__} (no 'layers' / 'block' list); layer "
+        "freezing does not support this model."
     )
 
 
@@ -214,7 +226,8 @@ def chosen_layers(spec: int | Sequence[int], count: int, key: str) -> list[int]:
     bad = [i for i in spec if not -count <= i < count]
     if bad:
         raise ConfigError(
-            f"{key}={list(spec)} names blocks {bad} that do not exist; the model has {count} (0..{count - 1})."
+            f"{key}={list(spec)} names blocks {bad} that do not exist; the model has {count} "
+            f"(0..{count - 1})."
         )
     return sorted({i % count for i in spec})
 
@@ -295,7 +308,8 @@ def format_report(report: dict[str, dict[str, int]]) -> str:
             lines.append(f"{part:<12} {counts['total']:>12,} {counts['trainable']:>12,}")
     total = report["all"]
     lines.append(
-        f"{'all':<12} {total['total']:>12,} {total['trainable']:>12,}  ({100.0 * total['trainable'] / max(total['total'], 1):.1f}% trainable)"
+        f"{'all':<12} {total['total']:>12,} {total['trainable']:>12,}  "
+        f"({100.0 * total['trainable'] / max(total['total'], 1):.1f}% trainable)"
     )
     return "\n".join(lines)
 

@@ -17,7 +17,8 @@ split's dialogues are 9% and its summaries 20% shorter in tokens (191 and 30 on 
 The shipped tokenizer (``summarization/assets/tokenizer``) was built from the full DialogSum
 train split plus the package's Korean sample::
 
-    python -m summarization.tokenizer_build --out packages/summarization/src/summarization/assets/tokenizer \\
+    python -m summarization.tokenizer_build --out
+    packages/summarization/src/summarization/assets/tokenizer \\
         --train-file ../shared/data/dialogsum/dialogsum.train.2021-05-26.jsonl
 
 ``BUILD.json`` next to it records the input files (sha256), vocabulary size and library
@@ -37,10 +38,12 @@ from pathlib import Path
 
 ASSETS = Path(__file__).parent / "assets"
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
-"""BART's special tokens in BART's id order (``<s>``=0, ``<pad>``=1, ``</s>``=2, ``<unk>``=3, ``<mask>``=4)."""
+"""BART's special tokens in BART's id order (``<s>``=0, ``<pad>``=1, ``</s>``=2, ``<unk>``=3,
+``<mask>``=4)."""
 DEFAULT_VOCAB_SIZE = 8192
 SPEAKER_TAG = r" ?#[A-Za-z]+\d*#"
-"""A DialogSum speaker or placeholder tag (``#Person1#``, ``#Person2#``, ``#PersonN#``) with an optional leading space."""
+"""A DialogSum speaker or placeholder tag (``#Person1#``, ``#Person2#``, ``#PersonN#``) with an
+optional leading space."""
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 """The word-splitting pattern of GPT-2's (and BART's) byte-level pre-tokenizer."""
 
@@ -143,7 +146,8 @@ def build_tokenizer(
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(out_dir)
     record = {
-        "what": "byte-level BPE for the from-scratch presets (tiny, small) of the summarization package",
+        "what": "byte-level BPE for the from-scratch presets (tiny, small) of the summarization "
+        "package",
         "built_by": "python -m summarization.tokenizer_build",
         "vocab_size": len(vocab),
         "min_frequency": 2,
