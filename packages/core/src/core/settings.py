@@ -113,6 +113,18 @@ class TrainerConfig:
     """DDP only: search for parameters without gradients each step (slow; only if really needed)."""
     matmul_precision: Literal["highest", "high", "medium"] = "high"
     """``torch.set_float32_matmul_precision``: ``high`` allows TF32 on Ampere+ GPUs."""
+    compile: bool = False
+    """``torch.compile`` each of the task's blocks (its transformer layers: the FSDP units) with
+    dynamic shapes, before DDP / FSDP2 wraps the model. Only the block's own forward is compiled
+    (checkpointing, FSDP2 hooks and the state dict stay as they are); the first batches pay the
+    compilation (seconds to minutes), later lengths reuse the dynamic kernels. Needs a C++
+    compiler on the CPU (Inductor)."""
+    offload_activations: bool = False
+    """Move the tensors that the forward pass saves for backward to pinned CPU memory (and back in
+    backward), tensors of 1 MiB or more that are not parameters. With activation checkpointing
+    (``model.gradient_checkpointing`` or ``fsdp.activation_checkpointing``) these are the inputs of
+    the checkpointed blocks, so the activations left on the GPU are one block's. GPU only; pair it
+    with ``loss.chunked`` (plain logits would be copied too)."""
 
     def __post_init__(self) -> None:
         positive = {
@@ -364,6 +376,30 @@ class DebugConfig:
         if self.overfit_batches < 0:
             raise ConfigError(
                 f"Config key 'debug.overfit_batches' must be 0 or more, got {self.overfit_batches}."
+            )
+
+
+@dataclass
+class LossConfig:
+    """How a causal LM's token loss is computed over its vocabulary (the ``loss`` group of the
+    tasks with a language-model head: lora_llm, qwen_vl)."""
+
+    chunked: bool = True
+    """Compute the cross-entropy inside the model's head call, from the last hidden states, in
+    chunks of ``loss.chunk_tokens`` labelled tokens, with the gradients made chunk by chunk
+    (``core.loss``): the ``(batch, seq, vocab)`` float32 logits never exist, and unlabelled
+    positions (prompt, padding, vision tokens) skip the head. The same loss as the plain path to
+    float rounding. Measured at vocabulary 151,936, sequence 2,048, hidden 2,048 (bench 9): the
+    loss step's peak memory is 0.15x the plain path's with a frozen head. false: the plain logits
+    (for models whose forward changes the logits after the head, e.g. Gemma-2's soft-capping)."""
+    chunk_tokens: int = 256
+    """Labelled tokens per chunk: the largest transient is ``chunk_tokens x vocab`` float32 values
+    (about 3 of them), 156 MB each at 256 tokens and Qwen's 151,936 tokens."""
+
+    def __post_init__(self) -> None:
+        if self.chunk_tokens < 1:
+            raise ConfigError(
+                f"Config key 'loss.chunk_tokens' must be at least 1, got {self.chunk_tokens}."
             )
 
 

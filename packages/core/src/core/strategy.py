@@ -116,6 +116,12 @@ def check_machine(tc: TrainerConfig) -> None:
                 "core[deepspeed] "
                 "(uv sync --extra deepspeed), or use trainer.strategy=ddp / fsdp."
             )
+    if tc.offload_activations and not cuda_requested(tc):
+        raise ConfigError(
+            "Config key 'trainer.offload_activations' = true moves saved activations from GPU to "
+            "CPU memory; on the CPU they are in CPU memory already: set it to false (or run on "
+            "a GPU)."
+        )
     if tc.num_nodes > 1 and not any(
         v in os.environ for v in ("SLURM_NNODES", "WORLD_SIZE", "LSB_JOBID")
     ):

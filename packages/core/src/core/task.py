@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,6 +93,58 @@ def per_sample_loss(
         logits.transpose(1, 2).float(), labels, ignore_index=IGNORE_INDEX, reduction="none"
     )  # (batch, seq)
     return losses.sum(dim=1), (labels != IGNORE_INDEX).sum(dim=1)
+
+
+def chunked_token_loss_sum(
+    model: nn.Module,
+    forward: Callable[[], Any],
+    labels: torch.Tensor,
+    shift: bool,
+    chunk_tokens: int,
+) -> StepOutput:
+    """:func:`token_loss_sum` without the ``(batch, seq, vocab)`` logits: the model's own head
+    computes the summed cross-entropy in chunks of ``chunk_tokens`` labelled tokens during the
+    forward call (``core.loss``; the config switch is ``loss.chunked``).
+
+    Args:
+        model: the (wrapped) causal LM whose output head is an ``nn.Linear`` or any module
+            mapping ``(..., hidden)`` to ``(..., vocab)``.
+        forward: runs the model once on the batch (e.g. ``lambda: model(input_ids=...)``); the
+            head sees ``(batch, K, hidden)`` and ``labels`` must have shape ``(batch, K)``.
+        labels: ``(batch, K)`` target ids, ``IGNORE_INDEX`` where no loss is taken.
+        shift: True when position ``t`` predicts ``labels[:, t+1]`` (causal LM over the whole
+            sequence); False when ``labels`` are already aligned with the head's positions.
+        chunk_tokens: labelled tokens per chunk.
+
+    Returns:
+        :class:`StepOutput` with the float32 loss sum and the number of labelled tokens.
+    """
+    from core.loss import head_loss, shift_targets
+
+    targets = shift_targets(labels) if shift else labels
+    with head_loss(model, targets, chunk_tokens, reduction="sum"):
+        loss_sum = forward().logits  # the head returned the loss (a float32 scalar)
+    return StepOutput(loss_sum=loss_sum, num_tokens=(targets != IGNORE_INDEX).sum())
+
+
+def chunked_per_sample_loss(
+    model: nn.Module,
+    forward: Callable[[], Any],
+    labels: torch.Tensor,
+    shift: bool,
+    chunk_tokens: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`per_sample_loss` without the full logits (see :func:`chunked_token_loss_sum`).
+
+    Returns:
+        ``(loss_sums, counts)``, both ``(batch,)`` float32 / int64 tensors.
+    """
+    from core.loss import head_loss, shift_targets
+
+    targets = shift_targets(labels) if shift else labels
+    with head_loss(model, targets, chunk_tokens, reduction="none"):
+        losses = forward().logits  # (batch, K) per-token losses, 0 where ignored
+    return losses.sum(dim=1), (targets != IGNORE_INDEX).sum(dim=1)
 
 
 class Ranks:

@@ -29,6 +29,7 @@ Features and exact behaviour:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -45,6 +46,7 @@ import torch
 from lightning.fabric import Fabric
 from torch import nn
 
+from core.acceleration import offload_saved_tensors
 from core.checkpoint import CheckpointInfo, CheckpointManager, read_checkpoint
 from core.config import to_dict, to_yaml
 from core.data import ShardedBatchSampler, build_dataloader
@@ -314,6 +316,8 @@ class Trainer:
         self.trainable_names = [n for n, p in module.named_parameters() if p.requires_grad]
         self.flops_per_token = self.task.flops_per_token(module)
         self.shape_logger = ShapeLogger(module) if self.cfg.debug.shapes else None
+        if self.cfg.trainer.compile:
+            self.compile_blocks(module)
         self.module = module
         if (
             not self.deepspeed
@@ -321,6 +325,19 @@ class Trainer:
             self.model = fabric.setup_module(module)
             if hasattr(module, "generate"):
                 self.model.mark_forward_method("generate")
+
+    def compile_blocks(self, module: nn.Module) -> None:
+        """``trainer.compile``: compile each block's forward (dynamic shapes) before DDP / FSDP2
+        wrap the model (see ``core.acceleration``)."""
+        from core.acceleration import compile_blocks
+        from core.fsdp import resolve_wrap_classes
+
+        classes = resolve_wrap_classes(self.cfg.fsdp.auto_wrap, self.task.fsdp_wrap_classes())
+        try:
+            count = compile_blocks(module, classes)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        log.info("trainer.compile: %d blocks compiled (dynamic shapes)", count)
 
     def build_dataloaders(self) -> None:
         """Seeded, resumable, sharded loaders for training and validation."""
@@ -577,18 +594,20 @@ class Trainer:
         """
         fabric, model, task = self.fabric, self.model, self.task
         per_token = self.cfg.trainer.loss_normalization == "token"
+        offload = self.cfg.trainer.offload_activations
         loss_sum = torch.zeros((), device=fabric.device)
         loss_tokens = torch.zeros((), device=fabric.device)
         for i, batch in enumerate(window):
             batch = fabric.to_device(batch)
             last = i == len(window) - 1
             with fabric.no_backward_sync(model, enabled=not last):
-                if self.shape_logger is not None:
+                # trainer.offload_activations: what the forward saves for backward waits in
+                # pinned CPU memory (the hooks travel with the saved tensors into backward).
+                with offload_saved_tensors() if offload else contextlib.nullcontext():
                     out = task.training_step(model, batch)
+                if self.shape_logger is not None:
                     self.shape_logger.remove()
                     self.shape_logger = None
-                else:
-                    out = task.training_step(model, batch)
                 if per_token:
                     # DDP averages gradients over ranks: multiply by world size to get a plain sum / total.
                     loss = out.loss_sum * (fabric.world_size / max(global_tokens, 1))

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from core.errors import ConfigError
-from core.settings import TrainConfig
+from core.settings import LossConfig, TrainConfig
 
 
 @dataclass
@@ -61,6 +61,13 @@ class DataConfig:
     packing: bool = False
     """Pack several samples into each row of up to ``max_length`` tokens (less padding). Every sample
     keeps its own positions and attends only to itself (see the package README)."""
+    padding_free: bool = False
+    """Train on each micro-batch as one row without padding: its samples (or packed rows)
+    concatenated, ``position_ids`` restarting at 0 for every sample, no attention mask. With
+    ``model.attn_implementation=flash_attention_2`` (GPU) transformers hands the sample boundaries
+    to flash-attention's variable-length kernel and builds no mask at all; with sdpa / eager it
+    builds the block-diagonal mask over the whole micro-batch (correct, but slower than ``packing``
+    or ``trainer.group_by_length`` on a CPU: bench 2). Validation stays per sample."""
     seed: int = 1234
     """Seed of the train / validation split (independent of ``trainer.seed``)."""
 
@@ -131,6 +138,10 @@ class ModelConfig:
     still passes gradients to the adapters): much less memory, about 30% slower."""
     trust_remote_code: bool = False
     """Allow model code from the Hub repository (only for repositories you trust)."""
+    liger_kernel: bool = False
+    """Patch Liger Kernel's fused Triton kernels (RMSNorm, RoPE, SwiGLU) into the base model
+    (Llama, Qwen2, Mistral, Gemma, Phi-3 ...; not GPT-2 or Phi-2). CUDA only; needs the ``liger``
+    extra (``uv sync --extra liger``). The loss stays ``loss.chunked``'s."""
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     """Shape of the ``tiny`` model."""
 
@@ -154,6 +165,12 @@ class LoraSettings:
     """Which biases train along with the adapters."""
     use_rslora: bool = False
     """Rank-stabilised scaling ``alpha / sqrt(r)``."""
+    use_dora: bool = False
+    """DoRA (weight-decomposed LoRA, peft): each adapted weight is split into a trained magnitude
+    per output feature and a direction that the low-rank update turns. Adds ``out_features``
+    trainable values per adapted layer and one more matrix product per forward (the base weight's
+    column norms, recomputed from the dequantized weight under QLoRA); ``merge`` folds it in like
+    LoRA."""
 
     def __post_init__(self) -> None:
         """Range checks (``ConfigError`` names the key)."""
@@ -198,6 +215,8 @@ class LoraLLMConfig(TrainConfig):
     """The adapter."""
     quant: QuantConfig = field(default_factory=QuantConfig)
     """Quantization of the frozen base."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """How the token loss is computed over the vocabulary (chunked by default)."""
 
     def __post_init__(self) -> None:
         """Refuse combinations that cannot work with a quantized base (FSDP, 16-bit-true precision)."""

@@ -816,6 +816,39 @@ def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tenso
     return out
 
 
+def flatten_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One row without padding from a batch of :func:`collate` (``data.padding_free``).
+
+    The real tokens of every row are concatenated; ``position_ids`` restart at 0 for each sample
+    (a packed row keeps its own restarts), which is all flash-attention's variable-length path
+    needs to keep the samples apart (and what transformers builds the block-diagonal mask from
+    under sdpa / eager). The first label of every row is masked: in the flat row it would be
+    predicted from the previous row's last token (the padded batch never trains it either, so
+    the loss-token count is unchanged).
+
+    Args:
+        batch: ``input_ids``, ``attention_mask``, ``labels`` and optionally ``position_ids``, all
+            ``(batch, width)``, and ``index`` ``(batch,)``.
+
+    Returns:
+        ``input_ids``, ``labels``, ``position_ids`` and ``attention_mask`` ``(1, tokens)``
+        (tokens = the batch's non-padding tokens) and ``index`` unchanged.
+    """
+    mask = batch["attention_mask"].bool()  # (batch, width)
+    positions = batch.get("position_ids")
+    if positions is None:
+        positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    labels = batch["labels"].clone()
+    labels[:, 0] = IGNORE_INDEX
+    return {
+        "input_ids": batch["input_ids"][mask][None],
+        "labels": labels[mask][None],
+        "position_ids": positions[mask][None],
+        "attention_mask": batch["attention_mask"][mask][None],
+        "index": batch["index"],
+    }
+
+
 if __name__ == "__main__":  # self-check: python -m lora_llm.data
     from transformers import AutoTokenizer
 

@@ -283,6 +283,13 @@ def load_base(
     except (OSError, ValueError) as err:
         raise UserError(f"Cannot load the model '{name_or_path}' (model.name): {err}") from None
     cpu_4bit_inference_kernel(model, enabled=not training)
+    if cfg.liger_kernel and training:
+        from core.acceleration import apply_liger_kernel
+
+        try:
+            apply_liger_kernel(model, "model.liger_kernel")
+        except ValueError as err:
+            raise UserError(str(err)) from None
     return model
 
 
@@ -315,7 +322,8 @@ def check_causal_lm(name_or_path: str | Path, cfg: ModelConfig) -> None:
     except (OSError, ValueError):
         return
     architectures = config.get("architectures") or []
-    if config.get("is_encoder_decoder") or (architectures and not any("CausalLM" in a for a in architectures)):
+    causal = any("CausalLM" in a or "LMHeadModel" in a for a in architectures)  # GPT2LMHeadModel
+    if config.get("is_encoder_decoder") or (architectures and not causal):
         raise UserError(
             f"'{name_or_path}' holds a {config.get('model_type', '?')} model ({', '.join(architectures) or 'no architecture'}), "
             "not a causal language model: give the base the adapter was trained on (--base), or a causal LM for model.name."
@@ -388,6 +396,7 @@ def add_adapter(model: nn.Module, lora: LoraSettings, gradient_checkpointing: bo
         target_modules=targets,
         bias=lora.bias,
         use_rslora=lora.use_rslora,
+        use_dora=lora.use_dora,
         fan_in_fan_out=conv1d,
         task_type="CAUSAL_LM",
     )

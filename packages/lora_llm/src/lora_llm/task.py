@@ -26,7 +26,14 @@ from torch import nn
 
 from core.errors import ConfigError, UserError
 from core.hub import ensure_available
-from core.task import StepOutput, Task, per_sample_loss, token_loss_sum
+from core.task import (
+    StepOutput,
+    Task,
+    chunked_per_sample_loss,
+    chunked_token_loss_sum,
+    per_sample_loss,
+    token_loss_sum,
+)
 from lora_llm import __version__
 from lora_llm.config import LoraLLMConfig
 from lora_llm.data import (
@@ -37,6 +44,7 @@ from lora_llm.data import (
     SFTDataset,
     collate,
     encode_records,
+    flatten_batch,
     read_records,
     reference_text,
     without_answer,
@@ -68,18 +76,27 @@ def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
             ``(batch, seq)`` for packed rows.
 
     Returns:
-        ``(batch, seq, vocab)`` logits.
+        ``(batch, seq, vocab)`` logits (under :func:`core.loss.head_loss`: the loss instead).
+    """
+    return call_model(model, batch).logits
+
+
+def call_model(model: nn.Module, batch: dict[str, torch.Tensor]) -> Any:
+    """One forward of the model on a batch; returns the model's output object.
+
+    Packed and padding-free rows carry ``position_ids`` and get no attention mask and no KV
+    cache: transformers then builds the block-diagonal causal mask from the restarting position
+    ids (sdpa, eager) or passes the sample boundaries to flash-attention's variable-length kernel
+    (``flash_attention_2``), so each sample attends only to itself; with a cache it would silently
+    treat the row as one sequence.
     """
     if "position_ids" in batch:
-        # Packed rows: no attention mask and no KV cache, so transformers builds the
-        # block-diagonal causal mask from the restarting position ids (each sample attends only
-        # to itself); with a cache it would silently treat the row as one sequence.
         return model(
             input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
-        ).logits
+        )
     return model(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-    ).logits
+    )
 
 
 def check_packing(model: nn.Module, pad_id: int) -> float:
@@ -288,6 +305,19 @@ class LoraLLMTask(Task):
                 "Packing check: packed vs separate logits differ by %.1e (relative)",
                 check_packing(model, self.tokenizer.pad_token_id),
             )
+        if cfg.loss.chunked:
+            from core.loss import check_plain_logits
+
+            try:
+                check_plain_logits(model.config)
+            except ValueError as err:
+                raise ConfigError(f"loss.chunked=true: {err}; set loss.chunked=false.") from None
+        if cfg.data.padding_free and cfg.model.attn_implementation != "flash_attention_2":
+            log.warning(
+                "data.padding_free=true with attention %s: transformers builds a block-diagonal "
+                "mask over each whole micro-batch (flash_attention_2 needs none)",
+                cfg.model.attn_implementation,
+            )
         model = add_adapter(model, cfg.lora, cfg.model.gradient_checkpointing)
         trainable, total = parameter_counts(model)
         self.counts = {"trainable": trainable, "total": total}
@@ -353,13 +383,30 @@ class LoraLLMTask(Task):
     # -- steps ---------------------------------------------------------------------------------
 
     def training_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
-        """Summed next-token loss over the trained (response) tokens of a micro-batch."""
+        """Summed next-token loss over the trained (response) tokens of a micro-batch.
+
+        With ``data.padding_free`` the micro-batch is first flattened into one row without
+        padding (:func:`lora_llm.data.flatten_batch`); with ``loss.chunked`` the head computes
+        the loss in chunks inside the model's forward (``core.loss``).
+        """
+        if self.cfg.data.padding_free:
+            batch = flatten_batch(batch)
+        loss = self.cfg.loss
+        if loss.chunked:
+            return chunked_token_loss_sum(
+                model, lambda: call_model(model, batch), batch["labels"], True, loss.chunk_tokens
+            )
         return token_loss_sum(forward_logits(model, batch), batch["labels"], shift=True)
 
     def sample_losses(
         self, model: nn.Module, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample loss sums and trained-token counts, both ``(batch,)``."""
+        loss = self.cfg.loss
+        if loss.chunked:
+            return chunked_per_sample_loss(
+                model, lambda: call_model(model, batch), batch["labels"], True, loss.chunk_tokens
+            )
         return per_sample_loss(forward_logits(model, batch), batch["labels"], shift=True)
 
     def validation_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
@@ -423,6 +470,8 @@ class LoraLLMTask(Task):
                 "r": cfg.lora.r,
                 "alpha": cfg.lora.alpha,
                 "target_modules": list(cfg.lora.target_modules),
+                "use_rslora": cfg.lora.use_rslora,
+                "use_dora": cfg.lora.use_dora,
             },
         }
 

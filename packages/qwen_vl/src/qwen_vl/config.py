@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from core.errors import ConfigError
-from core.settings import TrainConfig
+from core.settings import LossConfig, TrainConfig
 
 # Qwen2.5-VL's own limits: at least 4 vision tokens per image, at most 16384 (factor 28 = patch 14 x merge 2).
 QWEN_MIN_PIXELS = 4 * 28 * 28
@@ -109,6 +109,11 @@ class LoraSettings:
     )
     """Linear layers of the language model that get adapters (names inside its decoder layers;
     the vision tower's layers of the same names are excluded)."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling ``alpha / sqrt(r)`` (peft's rsLoRA) instead of ``alpha / r``."""
+    use_dora: bool = False
+    """DoRA (weight-decomposed LoRA, peft): a trained magnitude per output feature besides the
+    low-rank direction update; merged into ``final/`` like LoRA."""
 
     def __post_init__(self) -> None:
         if self.r < 1 or self.alpha < 1:
@@ -176,6 +181,9 @@ class ModelConfig:
     ``model.name`` (for ``tiny``: the processor shipped in this package)."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """Attention kernel (``flash_attention_2`` needs the flash-attn package and a GPU)."""
+    liger_kernel: bool = False
+    """Patch Liger Kernel's fused Triton kernels (RMSNorm, RoPE, SwiGLU) into the model. CUDA
+    only; needs the ``liger`` extra (``uv sync --extra liger``). The loss stays ``loss``'s."""
     train_vision: bool = False
     """Train the vision tower (patch embedding and vision blocks)."""
     train_merger: bool = True
@@ -240,6 +248,8 @@ class QwenVLConfig(TrainConfig):
     """Model settings."""
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     """Generation settings."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """How the token loss is computed over the vocabulary (chunked by default)."""
 
 
 if __name__ == "__main__":  # self-check: python -m qwen_vl.config

@@ -188,6 +188,8 @@ def lora_config(lora: LoraSettings) -> Any:
         lora_dropout=lora.dropout,
         target_modules=lora_targets(lora),
         bias="none",
+        use_rslora=lora.use_rslora,
+        use_dora=lora.use_dora,
     )
 
 
@@ -269,6 +271,13 @@ def build_model(cfg: ModelConfig, processor: Any, gradient_checkpointing: bool) 
         setattr(model.generation_config, key, None)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.liger_kernel:
+        from core.acceleration import apply_liger_kernel
+
+        try:
+            apply_liger_kernel(model, "model.liger_kernel")
+        except ValueError as err:
+            raise UserError(str(err)) from None
     return set_trainable(model, cfg)
 
 

@@ -29,8 +29,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from core.errors import UserError
-from core.task import IGNORE_INDEX, StepOutput, Task, per_sample_loss, token_loss_sum
+from core.errors import ConfigError, UserError
+from core.task import (
+    IGNORE_INDEX,
+    StepOutput,
+    Task,
+    chunked_per_sample_loss,
+    chunked_token_loss_sum,
+    per_sample_loss,
+    token_loss_sum,
+)
 from qwen_vl import __version__
 from qwen_vl.config import QwenVLConfig
 from qwen_vl.data import Collator, ConversationData, Encoder, load_conversations
@@ -196,6 +204,13 @@ class QwenVLTask(Task):
             checkpointing = False
         model = build_model(m, self.processor, gradient_checkpointing=checkpointing)
         check_dtypes(model, expected_param_dtype(tc.precision))
+        if self.cfg.loss.chunked:
+            from core.loss import check_plain_logits
+
+            try:
+                check_plain_logits(model.config)
+            except ValueError as err:
+                raise ConfigError(f"loss.chunked=true: {err}; set loss.chunked=false.") from None
         return model
 
     def parameter_groups(self, model: nn.Module) -> list[dict[str, Any]]:
@@ -226,12 +241,22 @@ class QwenVLTask(Task):
             ``(logits, targets)``: ``(B, K, vocab)`` and ``(B, K)`` (``-100`` where a row has no
             label at a kept position); already shifted, so the loss takes them as they are.
         """
+        keep, targets = self.kept_targets(batch)
+        return self.call(model, batch, keep).logits, targets
+
+    def kept_targets(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The positions that predict a label in some row, and those labels.
+
+        Returns:
+            ``(keep, targets)``: ``(K,)`` positions and ``(B, K)`` labels of ``keep + 1``.
+        """
         labels = batch["labels"]
         keep = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)  # (K,)
-        logits = model(
-            **{k: batch[k] for k in MODEL_INPUTS}, use_cache=False, logits_to_keep=keep
-        ).logits
-        return logits, labels[:, keep + 1]
+        return keep, labels[:, keep + 1]
+
+    def call(self, model: nn.Module, batch: dict[str, torch.Tensor], keep: torch.Tensor) -> Any:
+        """One forward of the model with the head at the ``keep`` positions; the output object."""
+        return model(**{k: batch[k] for k in MODEL_INPUTS}, use_cache=False, logits_to_keep=keep)
 
     def training_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
         """Summed loss of the assistant tokens and their count.
@@ -243,6 +268,15 @@ class QwenVLTask(Task):
         if not self._dtypes_checked:  # also after a resume: the loaded weights keep one dtype
             check_dtypes(model, expected_param_dtype(self.cfg.trainer.precision))
             self._dtypes_checked = True
+        if self.cfg.loss.chunked:  # the head computes the loss in chunks (core.loss)
+            keep, targets = self.kept_targets(batch)
+            return chunked_token_loss_sum(
+                model,
+                lambda: self.call(model, batch, keep),
+                targets,
+                False,
+                self.cfg.loss.chunk_tokens,
+            )
         logits, targets = self.forward(model, batch)
         return token_loss_sum(logits, targets, shift=False)
 
@@ -280,7 +314,17 @@ class QwenVLTask(Task):
         Returns:
             ``[{"index", "loss_sum", "tokens"[, "prediction", "reference", "id"]}, ...]``.
         """
-        sums, counts = per_sample_loss(*self.forward(model, batch), shift=False)
+        if self.cfg.loss.chunked:
+            keep, targets = self.kept_targets(batch)
+            sums, counts = chunked_per_sample_loss(
+                model,
+                lambda: self.call(model, batch, keep),
+                targets,
+                False,
+                self.cfg.loss.chunk_tokens,
+            )
+        else:
+            sums, counts = per_sample_loss(*self.forward(model, batch), shift=False)
         indices = batch["index"].tolist()
         records = [
             {"index": int(i), "loss_sum": float(s), "tokens": int(c)}
