@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from core.cli import parse_train_args, train_command, user_errors_exit_2
+from core.padding import length_mask, pad_rows
 from core.settings import TrainConfig
 from core.task import IGNORE_INDEX, StepOutput, Task, per_sample_loss, token_loss_sum
 
@@ -120,11 +121,8 @@ class ToyTask(Task):
         ``(batch,)``."""
         if self.cfg.data.collate_delay:
             time.sleep(self.cfg.data.collate_delay)
-        width = max(len(s["input_ids"]) for s in samples)
-        ids = torch.full((len(samples), width), PAD, dtype=torch.long)
-        for row, sample in enumerate(samples):
-            ids[row, : len(sample["input_ids"])] = torch.tensor(sample["input_ids"])
-        mask = (ids != PAD).long()
+        ids = pad_rows([s["input_ids"] for s in samples], PAD)
+        mask = length_mask([len(s["input_ids"]) for s in samples])
         labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
         return {
             "input_ids": ids,

@@ -35,11 +35,10 @@ Self-check: ``python -m lora_llm.data``.
 from __future__ import annotations
 
 import bisect
-import json
 import logging
 import re
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +48,7 @@ import torch
 from torch.utils.data import Dataset
 
 from core.errors import UserError
+from core.padding import length_mask, pad_rows
 from core.task import IGNORE_INDEX
 from lora_llm.config import DataConfig
 
@@ -790,21 +790,14 @@ def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tenso
         all ``(batch, width)``; ``position_ids`` ``(batch, width)`` for packed rows (padding
         positions count from 0 again, a segment of their own); ``index`` ``(batch,)``.
     """
-    width = max(len(s["input_ids"]) for s in samples)
-    batch = len(samples)
-    ids = torch.full((batch, width), pad_id, dtype=torch.long)
-    labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((batch, width), dtype=torch.long)
-    packed = "position_ids" in samples[0]
-    positions = torch.zeros((batch, width), dtype=torch.long) if packed else None
-    for row, sample in enumerate(samples):
-        n = len(sample["input_ids"])
-        ids[row, :n] = torch.tensor(sample["input_ids"])
-        labels[row, :n] = torch.tensor(sample["labels"])
-        mask[row, :n] = 1
-        if positions is not None:
-            positions[row, :n] = torch.tensor(sample["position_ids"])
-            positions[row, n:] = torch.arange(width - n)
+    lengths = [len(s["input_ids"]) for s in samples]
+    width = max(lengths)
+    ids = pad_rows([s["input_ids"] for s in samples], pad_id, width)
+    labels = pad_rows([s["labels"] for s in samples], IGNORE_INDEX, width)
+    mask = length_mask(lengths, width)
+    positions = None
+    if "position_ids" in samples[0]:  # packed rows: the padding tail counts from 0 again
+        positions = pad_rows([s["position_ids"] + list(range(width - n)) for s, n in zip(samples, lengths)], 0, width)
     out = {
         "input_ids": ids,
         "attention_mask": mask,

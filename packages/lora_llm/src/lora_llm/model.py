@@ -33,6 +33,7 @@ from torch import nn
 
 from core.errors import UserError
 from core.hub import ensure_available
+from core.padding import length_mask, pad_rows
 from lora_llm.config import LoraSettings, ModelConfig, QuantConfig, TinyModelConfig
 from lora_llm.data import ASSETS
 
@@ -598,12 +599,10 @@ def generate(
     results: dict[int, str] = {}
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        width = max(len(prompts[i]) for i in chunk)
-        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, i in enumerate(chunk):  # left padding: every prompt ends where generation starts
-            ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
-            mask[row, width - len(prompts[i]) :] = 1
+        # left padding: every prompt ends where generation starts
+        ids = pad_rows([prompts[i] for i in chunk], tokenizer.pad_token_id, left=True)
+        mask = length_mask([len(prompts[i]) for i in chunk], left=True)
+        width = ids.shape[1]
         with torch.no_grad():
             out = model.generate(
                 input_ids=ids.to(device),

@@ -45,6 +45,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from core.errors import UserError
+from core.padding import pad_rows
 from core.task import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -996,16 +997,6 @@ class Collator:
     def __init__(self, encoder: Encoder) -> None:
         self.encoder = encoder
 
-    def pad(self, rows: list[torch.Tensor], value: int, width: int, left: bool) -> torch.Tensor:
-        """Stack 1-D tensors into ``(B, width)``, padding with ``value`` on the right (or left)."""
-        out = torch.full((len(rows), width), value, dtype=torch.long)
-        for r, row in enumerate(rows):
-            if left:
-                out[r, width - len(row) :] = row
-            else:
-                out[r, : len(row)] = row
-        return out
-
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         enc = self.encoder
         pixels = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
@@ -1013,15 +1004,15 @@ class Collator:
         extra = len(enc.dummy_ids) if dummy else 0
         width = max(len(s["input_ids"]) for s in samples) + extra
         batch = {
-            "input_ids": self.pad([s["input_ids"] for s in samples], enc.pad_id, width, left=False),
-            "attention_mask": self.pad(
+            "input_ids": pad_rows([s["input_ids"] for s in samples], enc.pad_id, width, left=False),
+            "attention_mask": pad_rows(
                 [torch.ones(len(s["input_ids"]), dtype=torch.long) for s in samples],
                 0,
                 width,
                 left=False,
             ),
-            "labels": self.pad([s["labels"] for s in samples], IGNORE_INDEX, width, left=False),
-            "mm_token_type_ids": self.pad(
+            "labels": pad_rows([s["labels"] for s in samples], IGNORE_INDEX, width, left=False),
+            "mm_token_type_ids": pad_rows(
                 [s["mm_token_type_ids"] for s in samples], 0, width, left=False
             ),
             "index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
@@ -1040,11 +1031,11 @@ class Collator:
             prompts = [s["input_ids"][: s["prompt_length"]] for s in samples]
             types = [s["mm_token_type_ids"][: s["prompt_length"]] for s in samples]
             gen_width = max(len(p) for p in prompts) + extra
-            batch["gen_input_ids"] = self.pad(prompts, enc.pad_id, gen_width, left=True)
-            batch["gen_attention_mask"] = self.pad(
+            batch["gen_input_ids"] = pad_rows(prompts, enc.pad_id, gen_width, left=True)
+            batch["gen_attention_mask"] = pad_rows(
                 [torch.ones(len(p), dtype=torch.long) for p in prompts], 0, gen_width, left=True
             )
-            batch["gen_mm_token_type_ids"] = self.pad(types, 0, gen_width, left=True)
+            batch["gen_mm_token_type_ids"] = pad_rows(types, 0, gen_width, left=True)
             if dummy:  # in row 0's left padding, masked
                 batch["gen_input_ids"][0, :extra] = torch.tensor(enc.dummy_ids)
                 batch["gen_mm_token_type_ids"][0, :extra] = torch.tensor([0, 1, 0])

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from core.errors import UserError
+from core.padding import length_mask, pad_rows
 from core.task import IGNORE_INDEX
 
 CACHE_VERSION = "1"
@@ -388,17 +389,10 @@ class Seq2SeqCollator:
             with the decoder start token first (what the model would build from ``labels``);
             ``index``: ``(batch,)`` dataset indices.
         """
-        batch = len(samples)
-        src_len = max(len(s["input_ids"]) for s in samples)
-        tgt_len = max(len(s["labels"]) for s in samples)
-        input_ids = torch.full((batch, src_len), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((batch, src_len), dtype=torch.long)
-        labels = torch.full((batch, tgt_len), IGNORE_INDEX, dtype=torch.long)
-        for row, sample in enumerate(samples):
-            n, m = len(sample["input_ids"]), len(sample["labels"])
-            input_ids[row, :n] = torch.tensor(sample["input_ids"])
-            attention_mask[row, :n] = 1
-            labels[row, :m] = torch.tensor(sample["labels"])
+        sources = [s["input_ids"] for s in samples]
+        input_ids = pad_rows(sources, self.pad_token_id)
+        attention_mask = length_mask([len(s) for s in sources])
+        labels = pad_rows([s["labels"] for s in samples], IGNORE_INDEX)
         decoder_input_ids = torch.full_like(labels, self.pad_token_id)
         decoder_input_ids[:, 0] = self.decoder_start_token_id
         decoder_input_ids[:, 1:] = labels[:, :-1].masked_fill(
