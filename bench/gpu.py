@@ -136,7 +136,17 @@ def random_checkpoint(arch: str, root: Path) -> Path:
     return folder
 
 
-def lora_config(folder: Path, arch: str, bits: int | None, batch: int, steps: int, root: Path):
+def lora_config(
+    folder: Path,
+    arch: str,
+    bits: int | None,
+    batch: int,
+    steps: int,
+    root: Path,
+    seq: int = SEQ,
+    extra: tuple[str, ...] = (),
+):
+    """lora_llm's config for one workload; ``extra`` overrides come last (the switches)."""
     from core.config import load_config
     from lora_llm.cli import PRESETS
     from lora_llm.config import LoraLLMConfig
@@ -155,7 +165,7 @@ def lora_config(folder: Path, arch: str, bits: int | None, batch: int, steps: in
             "quant.compute_dtype=bfloat16",
             "data.train_files=[sample:en]",
             "data.packing=true",
-            f"data.max_length={SEQ}",
+            f"data.max_length={seq}",
             "data.val_size=0",
             f"trainer.batch_size={batch}",
             "trainer.accumulate_grad_batches=1",
@@ -170,6 +180,7 @@ def lora_config(folder: Path, arch: str, bits: int | None, batch: int, steps: in
             "optim.name=paged_adamw_8bit",
             "logger.progress_bar=false",
             "logger.plot=false",
+            *extra,
         ],
         PRESETS,
     )
@@ -236,8 +247,11 @@ def hf_trainer(cfg, steps: int) -> dict[str, float]:
     }
 
 
-def qwen_full_finetune(root: Path, steps: int, peak: float) -> dict[str, float]:
-    """Qwen2.5-VL-3B (random weights) full fine-tuning in bf16 with gradient checkpointing."""
+def qwen_full_finetune(
+    root: Path, steps: int, peak: float, extra: tuple[str, ...] = ()
+) -> dict[str, float]:
+    """Qwen2.5-VL-3B (random weights) full fine-tuning in bf16 with gradient checkpointing;
+    ``extra`` overrides come last (the switches)."""
     import subprocess
     import sys
 
@@ -258,19 +272,20 @@ def qwen_full_finetune(root: Path, steps: int, peak: float) -> dict[str, float]:
         del model
         torch.cuda.empty_cache()
     data = root / "counting"
-    subprocess.run(
-        [
-            str(Path(sys.executable).parent / "make-data"),
-            "--out",
-            str(data),
-            "--n",
-            "256",
-            "--size",
-            "448",
-        ],
-        check=True,
-        capture_output=True,
-    )
+    if not (data / "train.jsonl").is_file():
+        subprocess.run(
+            [
+                str(Path(sys.executable).parent / "make-data"),
+                "--out",
+                str(data),
+                "--n",
+                "256",
+                "--size",
+                "448",
+            ],
+            check=True,
+            capture_output=True,
+        )
     cfg = load_config(
         QwenVLConfig,
         "tiny",
@@ -293,6 +308,7 @@ def qwen_full_finetune(root: Path, steps: int, peak: float) -> dict[str, float]:
             "trainer.precision=bf16-true",
             "optim.name=adafactor",
             "logger.progress_bar=false",
+            *extra,
         ],
         PRESETS_DIR,
     )
@@ -307,6 +323,72 @@ def qwen_full_finetune(root: Path, steps: int, peak: float) -> dict[str, float]:
     }
 
 
+SWITCHES = {
+    "defaults (loss.chunked)": (),
+    "loss.chunked=false": ("loss.chunked=false",),
+    "trainer.offload_activations": ("trainer.offload_activations=true",),
+    "trainer.compile": ("trainer.compile=true",),
+    "lora.use_dora": ("lora.use_dora=true",),
+    "padding-free + flash-attention": (
+        "data.padding_free=true",
+        "model.attn_implementation=flash_attention_2",
+    ),
+    "model.liger_kernel": ("model.liger_kernel=true",),
+}
+"""Issue 16's switches, each on its own over the defaults (lora_llm names; qwen_vl takes the ones
+that exist for it)."""
+QWEN_SWITCHES = {
+    "defaults (loss.chunked)",
+    "loss.chunked=false",
+    "trainer.offload_activations",
+    "trainer.compile",
+    "model.liger_kernel",
+}
+
+
+def switch_rows(root: Path, steps: int, peak: float) -> list[list[str]]:
+    """Peak memory and tokens/s with each switch on: Phi-2 QLoRA NF4 at 512 and 2,048 tokens
+    (targets: under 4 GB and inside 8 GB), TinyLlama for Liger Kernel (it has no Phi kernels),
+    and Qwen2.5-VL-3B full fine-tuning in bf16 with activation checkpointing."""
+    import importlib.util
+
+    rows = []
+
+    def run(label: str, measure) -> None:
+        try:
+            result = measure()
+            rows.append(
+                [
+                    label,
+                    f"{result['peak_gb']:.2f}",
+                    f"{result['tokens_per_sec']:,.0f}",
+                    f"{100 * result['mfu']:.1f}%",
+                ]
+            )
+        except Exception as err:  # one failing switch must not hide the others
+            rows.append([label, f"failed: {type(err).__name__}: {str(err)[:80]}", "", ""])
+        torch.cuda.empty_cache()
+        print(rows[-1], flush=True)
+
+    flash = importlib.util.find_spec("flash_attn") is not None
+    for seq in (512, 2048):
+        for name, extra in SWITCHES.items():
+            arch = "tinyllama" if name == "model.liger_kernel" else "phi2"
+            if "flash" in name and not flash:
+                rows.append([f"{arch} QLoRA {seq}: {name}", "skipped: no flash-attn", "", ""])
+                continue
+            folder = random_checkpoint(arch, root / "models")
+            cfg = lora_config(folder, arch, 4, 1, steps, root / "runs", seq, extra)
+            run(f"{arch} QLoRA NF4 b1 {seq}: {name}", lambda c=cfg: ours(c, peak))
+    for name, extra in SWITCHES.items():
+        if name in QWEN_SWITCHES:
+            run(
+                f"Qwen2.5-VL-3B full FT b4: {name}",
+                lambda e=extra: qwen_full_finetune(root, steps, peak, e),
+            )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=30)
@@ -316,6 +398,12 @@ def main() -> None:
         "--no-hf", action="store_true", help="skip the Hugging Face Trainer comparison"
     )
     parser.add_argument("--no-qwen", action="store_true", help="skip Qwen2.5-VL-3B")
+    parser.add_argument(
+        "--switches",
+        action="store_true",
+        help="instead: each memory / speed switch on and off (Phi-2 QLoRA at 512 and 2,048 "
+        "tokens, Qwen2.5-VL-3B)",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     command = "uv run python bench/gpu.py " + " ".join(
@@ -331,6 +419,19 @@ def main() -> None:
     logging.disable(logging.WARNING)
     peak = measured_bf16_peak()
     root = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
+    if args.switches:
+        body = (
+            f"{args.steps} steps per run, micro-batch 1 (Qwen: 4), gradient checkpointing; each "
+            "row turns one switch on over the defaults. Targets: Phi-2 QLoRA at 512 tokens under "
+            "4 GB peak, at 2,048 tokens inside 8 GB.\n\n"
+            + table(
+                ["workload: switch", "peak memory GB", "tokens/s", "MFU"],
+                switch_rows(root, args.steps, peak),
+            )
+        )
+        emit(report("GPU memory and speed switches", command + " --switches", body), args.out)
+        shutil.rmtree(root, ignore_errors=True)
+        return
     rows = []
     for arch in args.archs.split(","):
         folder = random_checkpoint(arch, root / "models")

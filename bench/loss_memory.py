@@ -1,4 +1,4 @@
-"""Benchmark 9 — peak memory and time of the loss step, chunked against plain cross-entropy.
+"""Benchmark 11 — peak memory and time of the loss step, chunked against plain cross-entropy.
 
 The loss step is the forward and backward of the language-model head and the loss: hidden
 states ``(1, seq, hidden)`` -> head ``(vocab, hidden)`` -> summed token cross-entropy -> gradients

@@ -71,6 +71,16 @@ def test_chunked_loss_and_gradients_equal_the_plain_path(chunk, trained_head):
     assert float(hidden.grad[2].abs().max()) == 0.0  # unlabelled positions get no gradient
 
 
+def test_a_batch_without_labels_gives_zero_loss_and_zero_gradients():
+    head = nn.Linear(8, 40)
+    hidden = torch.randn(2, 5, 8, requires_grad=True)
+    labels = torch.full((2, 5), IGNORE_INDEX)
+    loss = linear_cross_entropy(head, head.forward, hidden, labels, 4, "sum")
+    loss.backward()
+    assert float(loss.detach()) == 0.0
+    assert all(float(t.abs().max()) == 0.0 for t in (hidden.grad, head.weight.grad, head.bias.grad))
+
+
 def test_chunked_loss_under_bf16_autocast_stays_close_and_keeps_float32_gradients():
     torch.manual_seed(0)
     head = nn.Linear(32, 500, bias=False)

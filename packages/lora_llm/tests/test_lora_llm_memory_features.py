@@ -239,3 +239,24 @@ def test_first_label_of_every_row_is_masked_when_flattened(tokenizer):
     starts = (flat["position_ids"][0] == 0).nonzero().squeeze(1)
     assert starts.tolist()[0] == 0 and len(starts) == 3
     assert (flat["labels"][0, starts] == IGNORE_INDEX).all()
+
+
+def test_dry_run_shows_the_switches_and_divides_by_fsdp_ranks(capsys):
+    import json
+
+    from lora_llm.cli import train
+
+    argv = ["-c", "tinyllama", "--dry-run", "--json", "quant.bits=null", "data.max_length=2048"]
+    reports = {}
+    for extra in ([], ["loss.chunked=false"], ["trainer.strategy=fsdp", "trainer.devices=4"]):
+        assert train([*argv, *extra]) == 0
+        reports[" ".join(extra)] = json.loads(capsys.readouterr().out)
+    plain, chunked = reports["loss.chunked=false"]["bytes"], reports[""]["bytes"]
+    assert chunked["logits"] < 0.2 * plain["logits"]
+    sharded = reports["trainer.strategy=fsdp trainer.devices=4"]
+    assert sharded["bytes"]["base_weights"] == pytest.approx(chunked["base_weights"] / 4)
+    assert "over 4 ranks" in sharded["setup"]["strategy"]
+    assert train(["-c", "phi2", "--dry-run", "lora.use_dora=true", "trainer.compile=true"]) == 0
+    text = capsys.readouterr().out
+    assert "lora.use_dora=true" in text and "trainer.compile=true (not modelled)" in text
+    assert "8 GB GPU             fits" in text

@@ -280,3 +280,67 @@ def test_shipped_tiny_processor_is_reproducible(tmp_path):
 
     assert same_files(build(tmp_path / "tiny"), TINY_PROCESSOR_DIR) == []
     assert all(p.stat().st_size < 100_000 for p in TINY_PROCESSOR_DIR.iterdir())
+
+
+# -- loss.chunked and model.liger_kernel (issue 16) -------------------------------------------
+
+
+def batch_and_model(processor, tmp_path, **model_settings):
+    """A real two-sample batch and the tiny model (every part trains)."""
+    from qwen_vl.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(
+        ModelConfig(train_vision=True, **model_settings), processor, gradient_checkpointing=False
+    )
+    return collated(processor, tmp_path), model
+
+
+def test_chunked_loss_gives_the_plain_loss_gradients_and_validation_losses(
+    processor, tmp_path, tiny_config
+):
+    from qwen_vl.task import QwenVLTask
+
+    batch, model = batch_and_model(processor, tmp_path)
+    results = {}
+    for chunked in (True, False):
+        task = QwenVLTask(
+            tiny_config(f"loss.chunked={str(chunked).lower()}", "loss.chunk_tokens=3")
+        )
+        model.zero_grad(set_to_none=True)
+        out = task.training_step(model, batch)
+        out.loss_sum.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        with torch.no_grad():
+            records = task.validation_step(model.eval(), {**batch, "index": torch.arange(2)})
+        model.train()
+        results[chunked] = (float(out.loss_sum.detach()), int(out.num_tokens), grads, records)
+    (loss, tokens, grads, records), (ref_loss, ref_tokens, ref_grads, ref_records) = (
+        results[True],
+        results[False],
+    )
+    assert tokens == ref_tokens == 4 and loss == pytest.approx(ref_loss, rel=1e-5)
+    assert grads.keys() == ref_grads.keys() and "lm_head.weight" in grads
+    assert max(float((grads[k] - ref_grads[k]).abs().max()) for k in grads) < 1e-5
+    for a, b in zip(records, ref_records):
+        assert a["tokens"] == b["tokens"] and a["loss_sum"] == pytest.approx(b["loss_sum"], 1e-5)
+
+
+@pytest.mark.gpu
+def test_liger_kernel_gives_the_same_loss_on_a_gpu(processor, tmp_path, tiny_config):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU: Liger Kernel's kernels are Triton GPU kernels")
+    if __import__("importlib.util").util.find_spec("liger_kernel") is None:
+        pytest.skip("Liger Kernel is not installed (uv sync --extra liger)")
+    from qwen_vl.model import build_model
+    from qwen_vl.task import QwenVLTask
+
+    batch = {k: v.cuda() for k, v in collated(processor, tmp_path).items()}
+    task = QwenVLTask(tiny_config())
+    losses = []
+    for liger in (False, True):
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = build_model(ModelConfig(liger_kernel=liger), processor, False)
+        losses.append(float(task.training_step(model, batch).loss_sum.detach()))
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)

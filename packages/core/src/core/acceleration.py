@@ -124,8 +124,8 @@ def apply_liger_kernel(model: nn.Module, key: str) -> list[str]:
 
     if importlib.util.find_spec("liger_kernel") is None:
         raise ValueError(
-            f"{key}=true needs Liger Kernel: install the extra (uv sync --extra liger, or "
-            "pip install 'core[liger]')"
+            f"{key}=true needs Liger Kernel: install the extra (uv sync --all-packages --extra "
+            "liger, or pip install 'core[liger]')"
         )
     if not torch.cuda.is_available():
         raise ValueError(f"{key}=true needs a CUDA GPU (Liger's kernels are written in Triton)")

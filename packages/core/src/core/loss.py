@@ -147,33 +147,37 @@ class LinearCrossEntropy(torch.autograd.Function):
             w = weight.to(dtype)
             b = bias.to(dtype) if bias is not None else None
             grad_h = torch.empty_like(hidden) if need_h else None
-            grad_w = torch.zeros_like(weight) if need_w else None
+            grad_w = torch.empty_like(weight) if need_w else None  # the first chunk writes it
             grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             for start in range(0, hidden.shape[0], chunk_tokens):
                 h = hidden[start : start + chunk_tokens].to(dtype)  # (c, h)
                 y = targets[start : start + chunk_tokens]  # (c,)
-                logits = F.linear(h, w, b).float()  # (c, V): the only vocabulary-sized tensor
-                lse = torch.logsumexp(logits, dim=-1)  # (c,)
-                total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+                # (c, V) float32 log-probabilities: with the logits, the only vocabulary-sized
+                # tensors, and the logits are freed as soon as this line is done.
+                logp = F.linear(h, w, b).float().log_softmax(dim=-1)
+                total -= logp.gather(1, y[:, None]).sum()
                 if not (need_h or need_w or need_b):
                     continue
-                # d(sum of losses)/d(logits) = softmax - one_hot, built in place of the logits.
-                grad = logits.sub_(lse[:, None]).exp_()
+                # d(sum of losses)/d(logits) = softmax - one_hot, built in place.
+                grad = logp.exp_()
                 grad[torch.arange(y.shape[0], device=y.device), y] -= 1.0
                 g = grad.to(dtype)
                 if need_h:
                     grad_h[start : start + chunk_tokens] = g @ w
                 if need_w:
-                    if weight.dtype == dtype:
-                        grad_w.addmm_(g.T, h)
+                    # A float32 master weight under 16-bit autocast accumulates the chunks in
+                    # float32 (a 16-bit partial product per chunk would be a (V, h) temporary and
+                    # lose bits at every addition).
+                    lhs, rhs = (g.T, h) if weight.dtype == dtype else (grad.T, h.float())
+                    if start == 0:
+                        torch.mm(lhs, rhs, out=grad_w)
                     else:
-                        # float32 master weight under 16-bit autocast: accumulate the chunks in
-                        # float32 (a 16-bit partial product per chunk would be a (V, h) temporary
-                        # and lose bits at every addition).
-                        grad_w.addmm_(grad.T, h.float())
+                        grad_w.addmm_(lhs, rhs)
                 if need_b:
                     grad_b += grad.sum(0)
+            if need_w and hidden.shape[0] == 0:  # no labelled token: no chunk wrote it
+                grad_w.zero_()
         ctx.grads = (grad_h, grad_w, grad_b.to(bias.dtype) if need_b else None)
         return total
 

@@ -67,7 +67,7 @@ class DataConfig:
     ``model.attn_implementation=flash_attention_2`` (GPU) transformers hands the sample boundaries
     to flash-attention's variable-length kernel and builds no mask at all; with sdpa / eager it
     builds the block-diagonal mask over the whole micro-batch (correct, but slower than ``packing``
-    or ``trainer.group_by_length`` on a CPU: bench 2). Validation stays per sample."""
+    or ``trainer.group_by_length`` on a CPU: bench 12). Validation stays per sample."""
     seed: int = 1234
     """Seed of the train / validation split (independent of ``trainer.seed``)."""
 
@@ -141,7 +141,7 @@ class ModelConfig:
     liger_kernel: bool = False
     """Patch Liger Kernel's fused Triton kernels (RMSNorm, RoPE, SwiGLU) into the base model
     (Llama, Qwen2, Mistral, Gemma, Phi-3 ...; not GPT-2 or Phi-2). CUDA only; needs the ``liger``
-    extra (``uv sync --extra liger``). The loss stays ``loss.chunked``'s."""
+    extra (``uv sync --all-packages --extra liger``). The loss stays ``loss.chunked``'s."""
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     """Shape of the ``tiny`` model."""
 

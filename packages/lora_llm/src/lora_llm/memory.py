@@ -36,6 +36,17 @@ import torch
 from torch import nn
 
 from core.errors import UserError
+from core.estimate import (
+    GIB,
+    gathered_unit_bytes,
+    layer_activation_bytes,
+    logits_bytes,
+    optimizer_bytes,
+    setup_lines,
+    shard_ranks,
+    stack_activation_bytes,
+)
+from core.estimate import format_report as core_format_report
 from core.hub import hub_reachable, is_cached, looks_like_path
 from lora_llm.config import LoraLLMConfig
 from lora_llm.model import (
@@ -46,8 +57,6 @@ from lora_llm.model import (
     parameter_counts,
     tiny_config,
 )
-
-GIB = 2**30
 
 KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
     "gpt2": {
@@ -84,18 +93,6 @@ KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
 }
 """Architectures of the Hub presets (from their ``config.json``), so ``--dry-run`` works offline."""
 KNOWN_CONFIGS["TinyLlama/TinyLlama_v1.1"] = KNOWN_CONFIGS["TinyLlama/TinyLlama-1.1B-Chat-v1.0"]
-
-OPTIMIZER_BYTES = {
-    "adamw": 8,
-    "adamw_fused": 8,
-    "paged_adamw_32bit": 8,
-    "adamw_8bit": 2,
-    "paged_adamw_8bit": 2,
-    "adafactor": 0.1,
-    "sgd": 0,
-}
-"""Optimizer state bytes per trainable parameter (SGD with momentum: 4)."""
-
 
 def model_config(cfg: LoraLLMConfig) -> tuple[Any, str]:
     """The transformers config of ``model.name`` and where it came from.
@@ -163,8 +160,9 @@ def activation_bytes(
     checkpointing: bool,
     lora_targets: int,
     eager: bool,
+    offload: bool = False,
 ) -> dict[str, float]:
-    """Activation and logit memory of one micro-batch (see the module docstring).
+    """Activation and plain-logit memory of one micro-batch (see the module docstring).
 
     Args:
         config: the transformers config (hidden size, layers, heads, vocab).
@@ -174,20 +172,19 @@ def activation_bytes(
         checkpointing: gradient checkpointing.
         lora_targets: adapted projections per layer (each keeps a dropout copy of its input).
         eager: eager attention (materialises the ``s x s`` attention matrix).
+        offload: ``trainer.offload_activations`` (checkpointed layer inputs in CPU memory).
 
     Returns:
-        ``{"activations", "logits"}`` in bytes.
+        ``{"activations", "logits"}`` in bytes (``logits``: the plain, unchunked path).
     """
     h = config.hidden_size
     inner = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * h
-    layers = config.num_hidden_layers
-    heads = config.num_attention_heads
     tokens = batch * seq
-    per_layer = tokens * (act_bytes * ((10 + lora_targets) * h + 4 * inner) + 28 * h)
+    per_token = layer_activation_bytes(h, inner, act_bytes, lora_targets)
     if eager:
-        per_layer += batch * heads * seq * seq * (2 * act_bytes + 1)
-    activations = (
-        layers * tokens * h * act_bytes + per_layer if checkpointing else layers * per_layer
+        per_token += config.num_attention_heads * seq * (2 * act_bytes + 1)
+    activations = stack_activation_bytes(
+        config.num_hidden_layers, tokens, per_token, h, act_bytes, checkpointing, offload
     )
     return {
         "activations": float(activations),
@@ -196,16 +193,17 @@ def activation_bytes(
 
 
 def estimate(cfg: LoraLLMConfig) -> dict[str, Any]:
-    """Parameters and training memory of ``cfg`` on one GPU, without loading weights.
+    """Parameters and training memory of ``cfg`` per GPU, without loading weights.
 
     Returns:
-        A report: model facts, parameter counts and bytes per component (weights, adapters,
-        activations, logits, total).
+        A report for :func:`format_report`: model facts, parameter counts, the run's setup and
+        switches, and bytes per component (weights, adapters, activations, logits, total).
     """
     config, source = model_config(cfg)
     model = meta_model(config, cfg)
     trainable, total = parameter_counts(model)
-    quant = cfg.quant
+    quant, tc = cfg.quant, cfg.trainer
+    split = shard_ranks(cfg)
     base_bytes = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}[cfg.model.dtype]
     frozen = total - trainable
     if quant.bits is not None:
@@ -216,34 +214,71 @@ def estimate(cfg: LoraLLMConfig) -> dict[str, Any]:
             else (0.5 + 4 / 64 if quant.bits == 4 else 1.0)
         )
         weights = quantized * per_weight + (frozen - quantized) * 4
-        weights_note = f"{quantized:,} weights in {quant.bits}-bit{' ' + quant.quant_type.upper() if quant.bits == 4 else ''}, {frozen - quantized:,} in float32"
+        weights_note = (
+            f"{quantized:,} weights in {quant.bits}-bit"
+            f"{' ' + quant.quant_type.upper() if quant.bits == 4 else ''}, "
+            f"{frozen - quantized:,} in float32"
+        )
     else:
         quantized = 0
         weights = frozen * base_bytes
         weights_note = f"{frozen:,} weights in {'16' if base_bytes == 2 else '32'}-bit"
-    optim_bytes = (
-        OPTIMIZER_BYTES[cfg.optim.name]
-        if cfg.optim.name != "sgd"
-        else (4 if cfg.optim.momentum else 0)
+    weights /= split["weights"]
+    if split["weights"] > 1:
+        weights_note += f", / {split['weights']} ranks"
+    trainable_params = [p for p in model.parameters() if p.requires_grad]
+    adapters = trainable * 4 / split["weights"] + trainable * 4 / split["gradients"]
+    adapters += optimizer_bytes(cfg.optim.name, trainable_params, cfg.optim.momentum) / split[
+        "optimizer"
+    ]
+    act_bytes = 4 if tc.precision in ("32-true", "32", "64-true") else 2
+    targets = round(
+        sum(1 for n, _ in model.named_modules() if n.endswith("lora_A"))
+        / max(config.num_hidden_layers, 1)
     )
-    adapters = trainable * (4 + 4 + optim_bytes)
-    act_bytes = 4 if cfg.trainer.precision in ("32-true", "32", "64-true") else 2
-    targets = sum(1 for n, m in model.named_modules() if n.endswith("lora_A")) / max(
-        config.num_hidden_layers, 1
-    )
+    seq = cfg.data.max_length
     acts = activation_bytes(
         config,
-        cfg.trainer.batch_size,
-        cfg.data.max_length,
+        tc.batch_size,
+        seq,
         act_bytes,
         cfg.model.gradient_checkpointing,
-        round(targets),
+        targets,
         cfg.model.attn_implementation == "eager",
+        tc.offload_activations,
     )
+    tokens = tc.batch_size * seq
+    if cfg.lora.use_dora:
+        # DoRA keeps the adapter's output and the base output of each adapted projection, and
+        # builds the full (dequantized) weight of one projection at a time for its column norms.
+        h = config.hidden_size
+        layers = 1 if (cfg.model.gradient_checkpointing or tc.offload_activations) else None
+        kept = (layers or config.num_hidden_layers) * targets * tokens * 2 * h * act_bytes
+        inner = getattr(config, "intermediate_size", None) or 4 * h
+        acts["activations"] += kept + h * inner * act_bytes
+    logits = logits_bytes(tokens, config.vocab_size, config.hidden_size, act_bytes, cfg.loss)
     if quant.bits is not None and act_bytes == 2:
         # Autocast keeps a 16-bit copy of the float32 output head for the matmul and its backward.
-        acts["logits"] += model.get_output_embeddings().weight.numel() * act_bytes
-    total_bytes = weights + adapters + acts["activations"] + acts["logits"]
+        logits += model.get_output_embeddings().weight.numel() * act_bytes
+    unit = max(
+        (sum(p.numel() for p in m.parameters()) for m in model.modules() if _is_layer(m)),
+        default=0,
+    )
+    gathered = gathered_unit_bytes(cfg, unit)
+    total_bytes = weights + adapters + acts["activations"] + logits + gathered
+    layout = "padding-free rows" if cfg.data.padding_free else "padded to the longest"
+    shape = f"{seq:,} tokens per sample ({'packed rows' if cfg.data.packing else layout})"
+    setup = setup_lines(cfg, shape)
+    if tc.precision == "auto":
+        setup["precision"] = "auto (bf16-mixed on a GPU with bfloat16)"
+    setup["switches"] += (
+        f", lora.use_dora={str(cfg.lora.use_dora).lower()}, "
+        f"lora.use_rslora={str(cfg.lora.use_rslora).lower()}, "
+        f"data.padding_free={str(cfg.data.padding_free).lower()}, "
+        f"model.liger_kernel={str(cfg.model.liger_kernel).lower()} (not modelled)"
+    )
+    checkpointing = "with" if cfg.model.gradient_checkpointing else "without"
+    offloaded = ", layer inputs offloaded to CPU" if tc.offload_activations else ""
     return {
         "model": cfg.model.name,
         "architecture": {
@@ -257,36 +292,53 @@ def estimate(cfg: LoraLLMConfig) -> dict[str, Any]:
         "trainable_parameters": trainable,
         "trainable_share": trainable / total,
         "quantized_weights": quantized,
+        "setup": setup,
+        "rows": [
+            ("base weights", "base_weights"),
+            ("adapters + optimizer", "adapters_and_optimizer"),
+            ("activations", "activations"),
+            ("logits + loss", "logits"),
+            *([("gathered FSDP units", "gathered")] if gathered else []),
+        ],
         "bytes": {
             "base_weights": weights,
             "adapters_and_optimizer": adapters,
-            **acts,
+            "activations": acts["activations"],
+            "logits": logits,
+            "gathered": gathered,
             "total": total_bytes,
         },
         "notes": {
             "base_weights": weights_note,
-            "activations": f"micro-batch {cfg.trainer.batch_size} x {cfg.data.max_length} tokens, "
-            f"{'with' if cfg.model.gradient_checkpointing else 'without'} gradient checkpointing, {8 * act_bytes}-bit activations",
-            "adapters": f"float32 weights + gradients + {cfg.optim.name} state",
+            "activations": f"micro-batch {tc.batch_size} x {seq} tokens, {checkpointing} "
+            f"gradient checkpointing{offloaded}, {8 * act_bytes}-bit activations",
+            "adapters_and_optimizer": f"float32 weights + gradients + {cfg.optim.name} state",
+            "logits": f"chunks of {cfg.loss.chunk_tokens} tokens"
+            if cfg.loss.chunked
+            else "full float32 logits",
+            "gathered": "two decoder layers unsharded at a time",
         },
     }
 
 
+def _is_layer(module: nn.Module) -> bool:
+    """A decoder layer (the FSDP unit): a module whose class name ends in ``DecoderLayer`` or
+    ``Block``."""
+    name = type(module).__name__
+    return name.endswith(("DecoderLayer", "Block"))
+
+
 def format_report(report: dict[str, Any]) -> str:
-    """The report as an aligned text table."""
-    b = report["bytes"]
-    arch = report["architecture"]
-    lines = [
-        f"model                {report['model']} ({arch['type']}, {arch['layers']} layers, hidden {arch['hidden']}, vocab {arch['vocab']}; architecture from {report['config_source']})",
-        f"parameters           {report['parameters']:,} total, {report['trainable_parameters']:,} trainable ({100 * report['trainable_share']:.3f}%)",
-        f"base weights         {b['base_weights'] / GIB:6.2f} GiB  ({report['notes']['base_weights']})",
-        f"adapters + optimizer {b['adapters_and_optimizer'] / GIB:6.2f} GiB  ({report['notes']['adapters']})",
-        f"activations          {b['activations'] / GIB:6.2f} GiB  ({report['notes']['activations']})",
-        f"logits + loss        {b['logits'] / GIB:6.2f} GiB",
-        f"estimated peak       {b['total'] / GIB:6.2f} GiB  + CUDA context and allocator slack (about 0.5-1 GiB)",
-        f"8 GB GPU             {'fits' if b['total'] / GIB + 1.0 <= 8 * 1e9 / GIB else 'does NOT fit: lower data.max_length / trainer.batch_size / lora.r, or quantize (quant.bits=4)'}",
-    ]
-    return "\n".join(lines)
+    """The report as an aligned text table, with the 8 GB verdict."""
+    total = report["bytes"]["total"] / GIB
+    fits = total + 1.0 <= 8 * 1e9 / GIB
+    verdict = "8 GB GPU             " + (
+        "fits"
+        if fits
+        else "does NOT fit: lower data.max_length / trainer.batch_size / lora.r, or quantize "
+        "(quant.bits=4)"
+    )
+    return core_format_report(report, verdict)
 
 
 if __name__ == "__main__":  # self-check: python -m lora_llm.memory

@@ -43,11 +43,16 @@ DEFAULT_PRESET = "tiny"
 
 
 def train(argv: list[str] | None = None) -> int:
-    """``train``: fine-tune Qwen2.5-VL (core's command-line contract; ``--help`` lists the presets)."""
+    """``train``: fine-tune Qwen2.5-VL (core's command-line contract; ``--help`` lists the presets).
+    ``--dry-run`` prints parameters and the estimated memory per GPU instead (no weights)."""
     from qwen_vl.task import QwenVLTask
 
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--dry-run" in args:
+        args.remove("--dry-run")
+        return dry_run(args)
     return train_command(
-        argv,
+        args,
         prog="train",
         description="Fine-tune Qwen2.5-VL on image+text conversations (qwen_vl).",
         config_cls=QwenVLConfig,
@@ -55,6 +60,23 @@ def train(argv: list[str] | None = None) -> int:
         make_task=QwenVLTask,
         default_preset=DEFAULT_PRESET,
         task="qwen_vl",
+    )
+
+
+@user_errors_exit_2
+def dry_run(argv: list[str]) -> int:
+    """``train --dry-run [-c PRESET] [key=value ...] [--json]``: parameters, trainable parameters
+    and the estimated peak memory per GPU of the config (``qwen_vl.memory``), without weights."""
+    from core.estimate import dry_run_command
+    from qwen_vl.memory import estimate, render
+
+    return dry_run_command(
+        argv,
+        config_cls=QwenVLConfig,
+        presets_dir=PRESETS_DIR,
+        default_preset=DEFAULT_PRESET,
+        estimate=estimate,
+        render=render,
     )
 
 

@@ -183,7 +183,8 @@ class ModelConfig:
     """Attention kernel (``flash_attention_2`` needs the flash-attn package and a GPU)."""
     liger_kernel: bool = False
     """Patch Liger Kernel's fused Triton kernels (RMSNorm, RoPE, SwiGLU) into the model. CUDA
-    only; needs the ``liger`` extra (``uv sync --extra liger``). The loss stays ``loss``'s."""
+    only; needs the ``liger`` extra (``uv sync --all-packages --extra liger``). The loss stays
+    ``loss``'s."""
     train_vision: bool = False
     """Train the vision tower (patch embedding and vision blocks)."""
     train_merger: bool = True

@@ -46,9 +46,14 @@ def _task(cfg: SummarizationConfig) -> Any:
 
 
 def train(argv: Sequence[str] | None = None) -> int:
-    """``train``: fit a model with core's Trainer; see ``--help`` and ``--help-keys``."""
+    """``train``: fit a model with core's Trainer; see ``--help`` and ``--help-keys``.
+    ``--dry-run`` prints parameters and the estimated memory per GPU instead (no weights)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--dry-run" in args:
+        args.remove("--dry-run")
+        return dry_run(args)
     return train_command(
-        argv,
+        args,
         prog="train",
         description=DESCRIPTION,
         config_cls=SummarizationConfig,
@@ -56,6 +61,23 @@ def train(argv: Sequence[str] | None = None) -> int:
         make_task=_task,
         default_preset=DEFAULT_PRESET,
         task="summarization",
+    )
+
+
+@user_errors_exit_2
+def dry_run(argv: list[str]) -> int:
+    """``train --dry-run [-c PRESET] [key=value ...] [--json]``: parameters, trainable parameters
+    and the estimated peak memory per GPU of the config (``summarization.memory``), no weights."""
+    from core.estimate import dry_run_command
+    from summarization.memory import estimate, render
+
+    return dry_run_command(
+        argv,
+        config_cls=SummarizationConfig,
+        presets_dir=PRESETS_DIR,
+        default_preset=DEFAULT_PRESET,
+        estimate=estimate,
+        render=render,
     )
 
 

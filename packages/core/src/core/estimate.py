@@ -1,0 +1,293 @@
+"""One GPU's training memory from a model's architecture, without weights: the shared estimator
+behind every task's ``train --dry-run``.
+
+A task builds its model on PyTorch's ``meta`` device (shapes only) from the architecture's
+public ``config.json`` values (shipped in the package for its Hub presets), counts parameters
+exactly, and gives this module the sizes; the rules that do not depend on the task live here:
+
+- **sharding** (:func:`shard_ranks`): ``trainer.strategy=fsdp`` divides weights, gradients and
+  optimizer state by the ranks of a shard group (all ranks for ``FULL_SHARD`` /
+  ``SHARD_GRAD_OP``, ``fsdp.shard_size`` or a node for ``HYBRID_SHARD``, 1 for ``NO_SHARD``) and
+  adds the gathered parameters of two units (the one computing and the one prefetched); DeepSpeed
+  stage 1 / 2 / 3 divide optimizer state / + gradients / + weights. DDP divides nothing.
+- **activations** (:func:`layer_activation_bytes`, :func:`stack_activation_bytes`): per layer
+  and token ``e*((10 + t)h + 4i) + 28h`` bytes (``e`` bytes per activation, ``t`` LoRA-adapted
+  projections; fitted to what autograd saves for Llama layers, see lora_llm's tests); with
+  activation checkpointing only each layer's input ``e*h`` per token plus one recomputed layer;
+  with ``trainer.offload_activations`` the checkpointed inputs wait in CPU memory and one layer
+  plus one input in transit stay on the GPU.
+- **logits and loss** (:func:`logits_bytes`): plain ``tokens x vocab x (e + 12)`` bytes (the
+  logits, their float32 copy, log-softmax and its gradient); with ``loss.chunked`` about three
+  float32 ``chunk_tokens x vocab`` buffers plus the hidden states' gradient.
+
+Switches whose effect is not modelled (``trainer.compile``, Liger Kernel: both lower the peak a
+little, by fusing) are listed in the report as such. The CUDA context and allocator slack (about
+0.5-1 GiB) come on top. Real numbers: ``memory/peak_allocated_gb`` in ``metrics.jsonl``.
+
+Self-check: ``python -m core.estimate``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from core.settings import LossConfig, TrainConfig
+
+GIB = 2**30
+
+OPTIMIZER_BYTES = {
+    "adamw": 8,
+    "adamw_fused": 8,
+    "paged_adamw_32bit": 8,
+    "adamw_8bit": 2,
+    "paged_adamw_8bit": 2,
+    "sgd": 0,
+}
+"""Optimizer state bytes per trainable parameter (SGD with momentum: 4; Adafactor: see
+:func:`optimizer_bytes`)."""
+
+
+def world_size(cfg: TrainConfig) -> int:
+    """Ranks the run will have: ``trainer.devices`` (``auto``: 1) x ``trainer.num_nodes``."""
+    from core.strategy import parse_devices
+
+    return (parse_devices(cfg.trainer.devices) or 1) * cfg.trainer.num_nodes
+
+
+def shard_ranks(cfg: TrainConfig) -> dict[str, int]:
+    """Over how many ranks weights, gradients and optimizer state are divided.
+
+    Returns:
+        ``{"weights", "gradients", "optimizer", "world"}`` rank counts.
+    """
+    world = world_size(cfg)
+    strategy = cfg.trainer.strategy
+    split = {"weights": 1, "gradients": 1, "optimizer": 1, "world": world}
+    if strategy == "fsdp":
+        kind = cfg.fsdp.sharding_strategy
+        per_node = world // max(cfg.trainer.num_nodes, 1)
+        group = {"NO_SHARD": 1, "HYBRID_SHARD": cfg.fsdp.shard_size or per_node}.get(kind, world)
+        split.update(weights=group, gradients=group, optimizer=group)
+    elif strategy.startswith("deepspeed_stage_"):
+        stage = int(strategy.removeprefix("deepspeed_stage_")[0])
+        split.update(
+            optimizer=world,
+            gradients=world if stage >= 2 else 1,
+            weights=world if stage >= 3 else 1,
+        )
+    return split
+
+
+def compute_bytes(precision: str) -> int:
+    """Bytes per activation value: 2 under 16-bit precision (mixed or true), 4 in float32."""
+    return 2 if precision.startswith(("bf16", "16")) else 4
+
+
+def weight_bytes(precision: str) -> int:
+    """Bytes per stored parameter: 2 under ``*-true`` 16-bit precision, else 4 (float32 masters)."""
+    return 2 if precision in ("bf16-true", "16-true") else 4
+
+
+def optimizer_bytes(name: str, trainable: Iterable[torch.Tensor], momentum: float = 0.0) -> float:
+    """Optimizer state of the trainable parameters, in bytes.
+
+    Args:
+        name: ``optim.name``.
+        trainable: the trainable parameters (meta tensors are fine: only shapes are read).
+        momentum: ``optim.momentum`` (SGD keeps a buffer when it is not 0).
+
+    Returns:
+        Bytes; Adafactor keeps float32 row and column statistics of each matrix (``4*(r + c)``)
+        and a full float32 statistic of each vector.
+    """
+    total = 0.0
+    for p in trainable:
+        if name == "adafactor":
+            total += 4 * (p.shape[0] + p.shape[-1]) if p.dim() >= 2 else 4 * p.numel()
+        elif name == "sgd":
+            total += 4 * p.numel() if momentum else 0
+        else:
+            total += OPTIMIZER_BYTES[name] * p.numel()
+    return total
+
+
+def layer_activation_bytes(hidden: int, inner: int, act_bytes: int, lora_targets: int) -> float:
+    """What autograd saves for one transformer layer per token (see the module docstring)."""
+    return act_bytes * ((10 + lora_targets) * hidden + 4 * inner) + 28 * hidden
+
+
+def stack_activation_bytes(
+    layers: int,
+    tokens: int,
+    per_token_layer: float,
+    hidden: int,
+    act_bytes: int,
+    checkpointing: bool,
+    offload: bool,
+) -> float:
+    """Activations a stack of ``layers`` identical layers keeps on the GPU for backward.
+
+    Args:
+        layers: layers of the stack.
+        tokens: tokens of the micro-batch that pass through it.
+        per_token_layer: :func:`layer_activation_bytes` of one layer.
+        hidden: width of the stream between layers.
+        act_bytes: bytes per activation value.
+        checkpointing: activation checkpointing of every layer.
+        offload: ``trainer.offload_activations`` (checkpointed inputs in CPU memory).
+
+    Returns:
+        Bytes.
+    """
+    one_layer = tokens * per_token_layer
+    layer_input = tokens * hidden * act_bytes
+    if offload:  # one layer working (recomputed) plus one input on its way back
+        return one_layer + layer_input
+    if checkpointing:
+        return layers * layer_input + one_layer
+    return layers * one_layer
+
+
+def logits_bytes(tokens: int, vocab: int, hidden: int, act_bytes: int, loss: LossConfig) -> float:
+    """Memory of the head's logits and the loss for ``tokens`` labelled tokens.
+
+    Returns:
+        Bytes: plain ``tokens*vocab*(e + 12)``; chunked ``3 x 4 x min(tokens, chunk)*vocab`` plus
+        the hidden states' gradient ``tokens*hidden*e``.
+    """
+    if not loss.chunked:
+        return float(tokens * vocab * (act_bytes + 12))
+    return float(3 * 4 * min(tokens, loss.chunk_tokens) * vocab + tokens * hidden * act_bytes)
+
+
+def setup_lines(cfg: TrainConfig, shape: str) -> dict[str, str]:
+    """The report's lines on the run's shape: strategy and ranks, precision, batch, switches.
+
+    Args:
+        cfg: the root config (``loss`` group read when the task has one).
+        shape: the task's description of one sample's size (sequence length, image size).
+    """
+    split = shard_ranks(cfg)
+    strategy = cfg.trainer.strategy
+    if strategy == "fsdp":
+        how = (
+            f"fsdp {cfg.fsdp.sharding_strategy} over {split['world']} ranks: weights, gradients "
+            f"and optimizer state / {split['weights']}"
+        )
+    elif strategy.startswith("deepspeed"):
+        how = (
+            f"{strategy} over {split['world']} ranks: weights / {split['weights']}, gradients / "
+            f"{split['gradients']}, optimizer state / {split['optimizer']}"
+        )
+    else:
+        replicas = "1 rank" if split["world"] == 1 else f"DDP over {split['world']} ranks"
+        how = f"{replicas}: every rank holds everything"
+    loss = getattr(cfg, "loss", None)
+    switches = [
+        f"loss.chunked={str(loss.chunked).lower()} ({loss.chunk_tokens} tokens per chunk)"
+        if loss is not None
+        else "loss: plain (task without a chunked loss)",
+        f"trainer.offload_activations={str(cfg.trainer.offload_activations).lower()}",
+        f"trainer.compile={str(cfg.trainer.compile).lower()} (not modelled)",
+    ]
+    return {
+        "strategy": how,
+        "precision": cfg.trainer.precision,
+        "batch": f"micro-batch {cfg.trainer.batch_size} x accumulation "
+        f"{cfg.trainer.accumulate_grad_batches} x {split['world']} ranks; {shape}",
+        "switches": ", ".join(switches),
+    }
+
+
+def gathered_unit_bytes(cfg: TrainConfig, largest_unit_params: int) -> float:
+    """Under FSDP: the unsharded parameters of two units at a time (computing + prefetched), in
+    the compute dtype; 0 for other strategies."""
+    if cfg.trainer.strategy != "fsdp" or cfg.fsdp.sharding_strategy == "NO_SHARD":
+        return 0.0
+    return 2.0 * largest_unit_params * compute_bytes(cfg.trainer.precision)
+
+
+def format_report(report: dict[str, Any], verdict: str | None = None) -> str:
+    """The report as aligned text: model, parameters, setup, one line per memory component (with
+    its note), the estimated peak per GPU and the task's verdict line."""
+    arch = report["architecture"]
+    facts = ", ".join(f"{k} {v}" for k, v in arch.items() if k != "type")
+    lines = [
+        f"model                {report['model']} ({arch['type']}, {facts}; "
+        f"architecture from {report['config_source']})",
+        f"parameters           {report['parameters']:,} total, "
+        f"{report['trainable_parameters']:,} trainable "
+        f"({100 * report['trainable_share']:.3f}%)",
+    ]
+    for key, text in report["setup"].items():
+        lines.append(f"{key:<21}{text}")
+    for label, key in report["rows"]:
+        note = report["notes"].get(key, "")
+        lines.append(
+            f"{label:<21}{report['bytes'][key] / GIB:6.2f} GiB" + (f"  ({note})" if note else "")
+        )
+    lines.append(
+        f"estimated peak       {report['bytes']['total'] / GIB:6.2f} GiB per GPU  + CUDA context "
+        "and allocator slack (about 0.5-1 GiB)"
+    )
+    if verdict:
+        lines.append(verdict)
+    return "\n".join(lines)
+
+
+def dry_run_command(
+    argv: list[str],
+    *,
+    config_cls: type,
+    presets_dir: Any,
+    default_preset: str | None,
+    estimate: Any,
+    render: Any,
+) -> int:
+    """``train --dry-run [-c PRESET] [key=value ...] [--json]`` of a task: the config as
+    ``train`` would build it, then the task's estimate, printed as text (or JSON); no weights, no
+    network, no run folder.
+
+    Args:
+        argv: the arguments without ``--dry-run``.
+        config_cls / presets_dir / default_preset: as for ``core.cli.train_command``.
+        estimate: ``cfg -> report`` of the task.
+        render: ``report -> text`` of the task.
+
+    Returns:
+        Exit code 0 (a mistake in the input raises ``UserError``: exit code 2 by the caller).
+    """
+    import json
+
+    from core.cli import parse_train_args
+
+    as_json = "--json" in argv
+    cfg, _ = parse_train_args(
+        [a for a in argv if a != "--json"],
+        prog="train --dry-run",
+        description="Parameters and estimated training memory per GPU (add --json for JSON).",
+        config_cls=config_cls,
+        presets_dir=presets_dir,
+        default_preset=default_preset,
+    )
+    report = estimate(cfg)
+    print(json.dumps(report, indent=1, default=str) if as_json else render(report))
+    return 0
+
+
+if __name__ == "__main__":  # self-check: python -m core.estimate
+    from core.config import load_config
+
+    cfg = load_config(
+        TrainConfig,
+        overrides=["trainer.strategy=fsdp", "trainer.devices=4", "trainer.precision=bf16-true"],
+    )
+    assert shard_ranks(cfg)["weights"] == 4
+    assert logits_bytes(4096, 151_936, 2048, 2, LossConfig()) < logits_bytes(
+        4096, 151_936, 2048, 2, LossConfig(chunked=False)
+    )
+    print(setup_lines(cfg, "4,096 tokens"))
+    print("core.estimate: ok")

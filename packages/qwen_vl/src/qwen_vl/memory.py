@@ -1,0 +1,278 @@
+"""Parameters and GPU memory of a qwen_vl training config, without loading weights
+(``train -c qwen2_5_vl_3b --dry-run``).
+
+The model is built on PyTorch's ``meta`` device from the architecture's public ``config.json``
+values (shipped below for the Hub presets, so this works offline), the training switches are
+applied (which parts train, LoRA / DoRA), and :mod:`core.estimate` turns the sizes into memory
+per GPU under the run's strategy and precision:
+
+- **weights, gradients, optimizer state**: every parameter in the stored dtype (2 bytes under
+  ``bf16-true``), the trainable ones' gradients in the same dtype, the optimizer's state
+  (Adafactor: float32 row and column statistics); divided by the FSDP shard group.
+- **gathered FSDP units**: two decoder layers unsharded at a time (the one computing and the one
+  prefetched).
+- **activations**: the language model over the whole sequence, and the vision tower over each
+  image's patches (``max_pixels / 14^2`` per image) when it trains; a frozen tower keeps nothing
+  for backward. Activation checkpointing (``fsdp.activation_checkpointing``, or
+  ``model.gradient_checkpointing`` without FSDP) keeps each block's input plus one recomputed
+  block; ``trainer.offload_activations`` moves those inputs to CPU memory.
+- **logits and loss**: the head runs only at labelled positions (``logits_to_keep``); the report
+  takes every text token of a sample as labelled (an upper bound).
+
+A sample is one image at ``data.max_pixels`` plus its text: ``data.max_length`` tokens when set,
+else the image's vision tokens plus 256 text tokens.
+
+Self-check: ``python -m qwen_vl.memory`` (the 3B and 7B presets on 4 GPUs).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from core.errors import UserError
+from core.estimate import (
+    GIB,
+    compute_bytes,
+    format_report,
+    gathered_unit_bytes,
+    layer_activation_bytes,
+    logits_bytes,
+    optimizer_bytes,
+    setup_lines,
+    shard_ranks,
+    stack_activation_bytes,
+    weight_bytes,
+)
+from qwen_vl.config import QwenVLConfig
+
+VISION = {
+    "depth": 32,
+    "hidden_size": 1280,
+    "intermediate_size": 3420,
+    "num_heads": 16,
+    "in_chans": 3,
+    "patch_size": 14,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+    "window_size": 112,
+    "fullatt_block_indexes": [7, 15, 23, 31],
+    "tokens_per_second": 2,
+    "hidden_act": "silu",
+}
+"""The vision tower both Hub presets share (their ``config.json``'s ``vision_config``)."""
+
+KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
+    "Qwen/Qwen2.5-VL-3B-Instruct": {
+        "text": {
+            "vocab_size": 151_936,
+            "hidden_size": 2048,
+            "intermediate_size": 11008,
+            "num_hidden_layers": 36,
+            "num_attention_heads": 16,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 128000,
+            "rms_norm_eps": 1e-6,
+        },
+        "vision": {**VISION, "out_hidden_size": 2048},
+        "tie_word_embeddings": True,
+    },
+    "Qwen/Qwen2.5-VL-7B-Instruct": {
+        "text": {
+            "vocab_size": 152_064,
+            "hidden_size": 3584,
+            "intermediate_size": 18944,
+            "num_hidden_layers": 28,
+            "num_attention_heads": 28,
+            "num_key_value_heads": 4,
+            "max_position_embeddings": 128000,
+            "rms_norm_eps": 1e-6,
+        },
+        "vision": {**VISION, "out_hidden_size": 3584},
+        "tie_word_embeddings": False,
+    },
+}
+"""Architectures of the Hub presets (the public ``config.json`` values that set the sizes)."""
+
+TEXT_TOKENS = 256
+"""Text tokens of a sample besides its image when ``data.max_length`` is not set."""
+
+
+def model_config(cfg: QwenVLConfig) -> tuple[Any, str]:
+    """The transformers config of ``model.name`` and where it came from.
+
+    Raises:
+        UserError: a model whose architecture is neither shipped here nor a local folder.
+    """
+    from pathlib import Path
+
+    from transformers import AutoConfig, Qwen2_5_VLConfig
+
+    name = cfg.model.name
+    if name == "tiny":
+        from qwen_vl.model import load_processor, tiny_config
+
+        processor = load_processor(cfg.model)
+        return tiny_config(
+            cfg.model.tiny, processor.tokenizer, processor.image_processor
+        ), "built-in tiny"
+    if name in KNOWN_CONFIGS:
+        known = KNOWN_CONFIGS[name]
+        config = Qwen2_5_VLConfig(
+            text_config=known["text"],
+            vision_config=known["vision"],
+            tie_word_embeddings=known["tie_word_embeddings"],
+        )
+        return config, "shipped copy of config.json"
+    if (Path(name) / "config.json").is_file():
+        return AutoConfig.from_pretrained(name), "config.json"
+    raise UserError(
+        f"Cannot read the architecture of '{name}' (model.name) offline: not a local folder and "
+        f"not one of the shipped architectures ({', '.join(KNOWN_CONFIGS)})."
+    )
+
+
+def meta_model(config: Any, cfg: QwenVLConfig) -> nn.Module:
+    """The model with the task's training switches on the ``meta`` device (shapes only)."""
+    from transformers import AutoModelForImageTextToText
+
+    from qwen_vl.model import set_trainable
+
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+        return set_trainable(model, cfg.model)
+
+
+def estimate(cfg: QwenVLConfig) -> dict[str, Any]:
+    """Parameters and training memory of ``cfg`` per GPU, without loading weights.
+
+    Returns:
+        A report for :func:`core.estimate.format_report`.
+    """
+    config, source = model_config(cfg)
+    text, vision = config.text_config, config.vision_config
+    model = meta_model(config, cfg)
+    params = list(model.parameters())
+    total = sum(p.numel() for p in params)
+    trainable_params = [p for p in params if p.requires_grad]
+    trainable = sum(p.numel() for p in trainable_params)
+    tc, d, m = cfg.trainer, cfg.data, cfg.model
+    split = shard_ranks(cfg)
+    stored, e = weight_bytes(tc.precision), compute_bytes(tc.precision)
+    weights = total * stored / split["weights"]
+    grads = trainable * stored / split["gradients"]
+    optim = optimizer_bytes(cfg.optim.name, trainable_params, cfg.optim.momentum)
+    optim /= split["optimizer"]
+    # One image per sample at max_pixels: patches of 14 x 14, merged 2 x 2 into vision tokens.
+    pixels = d.max_pixels or 12_845_056
+    patch = vision.patch_size
+    patches = pixels // (patch * patch)
+    vision_tokens = patches // vision.spatial_merge_size**2
+    seq = d.max_length or vision_tokens + TEXT_TOKENS
+    text_tokens = max(seq - vision_tokens, 1)
+    checkpointing = (
+        cfg.fsdp.activation_checkpointing if tc.strategy == "fsdp" else m.gradient_checkpointing
+    )
+    offload = tc.offload_activations
+    lora_targets = len(m.lora.target_modules) if m.lora.enabled else 0
+    per_token = layer_activation_bytes(text.hidden_size, text.intermediate_size, e, lora_targets)
+    batch = tc.batch_size
+    activations = stack_activation_bytes(
+        text.num_hidden_layers,
+        batch * seq,
+        per_token,
+        text.hidden_size,
+        e,
+        checkpointing,
+        offload,
+    )
+    if m.train_vision:  # a frozen tower's outputs need no gradient inside it: nothing is kept
+        per_patch = layer_activation_bytes(vision.hidden_size, vision.intermediate_size, e, 0)
+        activations += stack_activation_bytes(
+            vision.depth, batch * patches, per_patch, vision.hidden_size, e, checkpointing, offload
+        )
+    logits = logits_bytes(batch * text_tokens, text.vocab_size, text.hidden_size, e, cfg.loss)
+    layer = next(m_ for m_ in model.modules() if type(m_).__name__ == "Qwen2_5_VLDecoderLayer")
+    gathered = gathered_unit_bytes(cfg, sum(p.numel() for p in layer.parameters()))
+    total_bytes = weights + grads + optim + activations + logits + gathered
+    shape = (
+        f"{seq:,} tokens per sample: one image at data.max_pixels={pixels:,} "
+        f"({vision_tokens:,} vision tokens, {patches:,} patches) + {text_tokens:,} text tokens"
+    )
+    setup = setup_lines(cfg, shape)
+    setup["switches"] += (
+        f", activation checkpointing={str(checkpointing).lower()}, "
+        f"model.lora.enabled={str(m.lora.enabled).lower()} "
+        f"(use_dora={str(m.lora.use_dora).lower()}), "
+        f"model.liger_kernel={str(m.liger_kernel).lower()} (not modelled)"
+    )
+    parts = [n for n in ("vision", "merger", "llm") if getattr(m, f"train_{n}")]
+    return {
+        "model": m.name,
+        "architecture": {
+            "type": config.model_type,
+            "layers": text.num_hidden_layers,
+            "hidden": text.hidden_size,
+            "vocab": text.vocab_size,
+            "vision blocks": vision.depth,
+        },
+        "config_source": source,
+        "parameters": total,
+        "trainable_parameters": trainable,
+        "trainable_share": trainable / total,
+        "setup": setup,
+        "rows": [
+            ("weights", "weights"),
+            ("gradients", "gradients"),
+            ("optimizer state", "optimizer"),
+            ("activations", "activations"),
+            ("logits + loss", "logits"),
+            *([("gathered FSDP units", "gathered")] if gathered else []),
+        ],
+        "bytes": {
+            "weights": weights,
+            "gradients": grads,
+            "optimizer": optim,
+            "activations": activations,
+            "logits": logits,
+            "gathered": gathered,
+            "total": total_bytes,
+        },
+        "notes": {
+            "weights": f"{total:,} parameters x {stored} bytes / {split['weights']}",
+            "gradients": f"trained: {', '.join(parts) or 'nothing'}"
+            + (" (LoRA adapters)" if m.lora.enabled else ""),
+            "optimizer": f"{cfg.optim.name}",
+            "activations": f"micro-batch {batch}, {'with' if checkpointing else 'without'} "
+            f"activation checkpointing{', inputs offloaded to CPU' if offload else ''}, "
+            f"vision tower {'trained' if m.train_vision else 'frozen (keeps nothing)'}",
+            "logits": f"{batch * text_tokens:,} labelled tokens at most, "
+            + (f"chunks of {cfg.loss.chunk_tokens}" if cfg.loss.chunked else "full logits"),
+            "gathered": "two decoder layers unsharded at a time",
+        },
+    }
+
+
+def render(report: dict[str, Any]) -> str:
+    """The report as text, with a verdict for 80 GB GPUs (H100 / A100 80 GB)."""
+    total = report["bytes"]["total"] / GIB
+    fits = total + 1.0 <= 80 * 1e9 / GIB
+    verdict = "80 GB GPU            " + (
+        "fits"
+        if fits
+        else "does NOT fit: more ranks (fsdp), fsdp.activation_checkpointing=true, "
+        "lower data.max_pixels / data.max_length / trainer.batch_size"
+    )
+    return format_report(report, verdict)
+
+
+if __name__ == "__main__":  # self-check: python -m qwen_vl.memory
+    from core.config import load_config
+    from qwen_vl.cli import PRESETS_DIR
+
+    for preset in ("qwen2_5_vl_3b", "qwen2_5_vl_7b"):
+        report = estimate(load_config(QwenVLConfig, preset, ["trainer.devices=4"], PRESETS_DIR))
+        print(f"--- {preset}\n{render(report)}")
+    print("qwen_vl.memory: ok")

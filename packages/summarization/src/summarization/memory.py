@@ -1,0 +1,239 @@
+"""Parameters and GPU memory of a summarization training config, without loading weights
+(``train -c bart_large_cnn --dry-run``).
+
+The encoder-decoder is built on PyTorch's ``meta`` device from its architecture (the public
+``config.json`` values of the Hub presets ship below; the scratch presets are built from
+``model.scratch`` and the shipped tokenizer), the freezing switches are applied, and
+:mod:`core.estimate` turns the sizes into memory per GPU:
+
+- weights in float32 (``bf16-true``: 2 bytes), gradients of the trainable ones, optimizer state;
+  divided by the FSDP shard group;
+- activations: encoder layers over ``batch x data.max_source_length`` tokens, decoder layers over
+  ``batch x data.max_target_length`` tokens (plus their cross-attention keys and values over the
+  source); activation checkpointing keeps each layer's input and one recomputed layer;
+- logits and loss over the summary tokens (plain float32 logits: the seq2seq head adds
+  ``final_logits_bias`` after it, so ``loss.chunked`` does not apply to this task).
+
+Self-check: ``python -m summarization.memory``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from core.errors import UserError
+from core.estimate import (
+    GIB,
+    compute_bytes,
+    format_report,
+    gathered_unit_bytes,
+    layer_activation_bytes,
+    optimizer_bytes,
+    setup_lines,
+    shard_ranks,
+    stack_activation_bytes,
+    weight_bytes,
+)
+from summarization.config import SummarizationConfig
+
+BART_LARGE = {
+    "model_type": "bart",
+    "d_model": 1024,
+    "encoder_layers": 12,
+    "decoder_layers": 12,
+    "encoder_attention_heads": 16,
+    "decoder_attention_heads": 16,
+    "encoder_ffn_dim": 4096,
+    "decoder_ffn_dim": 4096,
+    "vocab_size": 50264,
+    "max_position_embeddings": 1024,
+}
+KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
+    "facebook/bart-large-cnn": BART_LARGE,
+    "facebook/bart-large": {**BART_LARGE, "vocab_size": 50265},
+    "facebook/bart-base": {
+        **BART_LARGE,
+        "d_model": 768,
+        "encoder_layers": 6,
+        "decoder_layers": 6,
+        "encoder_attention_heads": 12,
+        "decoder_attention_heads": 12,
+        "encoder_ffn_dim": 3072,
+        "decoder_ffn_dim": 3072,
+        "vocab_size": 50265,
+    },
+    "t5-small": {
+        "model_type": "t5",
+        "d_model": 512,
+        "d_ff": 2048,
+        "d_kv": 64,
+        "num_heads": 8,
+        "num_layers": 6,
+        "num_decoder_layers": 6,
+        "vocab_size": 32128,
+        "feed_forward_proj": "relu",
+    },
+}
+"""Architectures of the Hub presets (the public ``config.json`` values that set the sizes)."""
+KNOWN_CONFIGS["google-t5/t5-small"] = KNOWN_CONFIGS["t5-small"]
+
+
+def model_config(cfg: SummarizationConfig) -> tuple[Any, str]:
+    """The transformers config of the model to train and where it came from.
+
+    Raises:
+        UserError: a Hub id whose architecture is not shipped and not a local folder.
+    """
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    m = cfg.model
+    if m.init == "scratch":
+        from summarization.model import load_tokenizer, scratch_config
+
+        return scratch_config(m, load_tokenizer(m)), "model.scratch"
+    if m.name in KNOWN_CONFIGS:
+        known = dict(KNOWN_CONFIGS[m.name])
+        return AutoConfig.for_model(known.pop("model_type"), **known), "shipped copy of config.json"
+    if (Path(m.name) / "config.json").is_file():
+        return AutoConfig.from_pretrained(m.name), "config.json"
+    raise UserError(
+        f"Cannot read the architecture of '{m.name}' (model.name) offline: not a local folder "
+        f"and not one of the shipped architectures ({', '.join(KNOWN_CONFIGS)})."
+    )
+
+
+def sizes(config: Any) -> dict[str, int]:
+    """Width, FFN width, heads and depth of either family (BART's and T5's config names)."""
+    return {
+        "d": config.d_model,
+        "ffn": getattr(config, "encoder_ffn_dim", None) or config.d_ff,
+        "enc": getattr(config, "encoder_layers", None) or config.num_layers,
+        "dec": getattr(config, "decoder_layers", None) or config.num_decoder_layers,
+    }
+
+
+def estimate(cfg: SummarizationConfig) -> dict[str, Any]:
+    """Parameters and training memory of ``cfg`` per GPU, without loading weights.
+
+    Returns:
+        A report for :func:`core.estimate.format_report`.
+    """
+    from transformers import AutoModelForSeq2SeqLM
+
+    from summarization.model import apply_freezing
+
+    config, source = model_config(cfg)
+    with torch.device("meta"):
+        model = AutoModelForSeq2SeqLM.from_config(config)
+    apply_freezing(model, cfg.model)
+    params = list(model.parameters())  # a tied tensor once
+    total = sum(p.numel() for p in params)
+    trainable_params = [p for p in params if p.requires_grad]
+    trainable = sum(p.numel() for p in trainable_params)
+    tc, d = cfg.trainer, cfg.data
+    split = shard_ranks(cfg)
+    stored, e = weight_bytes(tc.precision), compute_bytes(tc.precision)
+    if tc.precision == "auto":
+        e = 2  # bf16-mixed on a GPU with bfloat16
+    weights = total * stored / split["weights"]
+    grads = trainable * stored / split["gradients"]
+    optim = optimizer_bytes(cfg.optim.name, trainable_params, cfg.optim.momentum)
+    optim /= split["optimizer"]
+    s = sizes(config)
+    batch, src, tgt = tc.batch_size, d.max_source_length, d.max_target_length
+    checkpointing = (
+        cfg.fsdp.activation_checkpointing
+        if tc.strategy == "fsdp"
+        else cfg.model.gradient_checkpointing
+    )
+    offload = tc.offload_activations
+    per_token = layer_activation_bytes(s["d"], s["ffn"], e, 0)
+    activations = stack_activation_bytes(
+        s["enc"], batch * src, per_token, s["d"], e, checkpointing, offload
+    )
+    # Decoder layers: self-attention + cross-attention (its queries per summary token, its keys
+    # and values over the source) + FFN.
+    per_target = per_token + 4 * s["d"] * e + 2 * s["d"] * e * src / max(tgt, 1)
+    activations += stack_activation_bytes(
+        s["dec"], batch * tgt, per_target, s["d"], e, checkpointing, offload
+    )
+    logits = float(batch * tgt * config.vocab_size * (e + 12))
+    layer = max(
+        (
+            sum(p.numel() for p in m_.parameters())
+            for m_ in model.modules()
+            if type(m_).__name__.endswith(("EncoderLayer", "DecoderLayer", "Block"))
+        ),
+        default=0,
+    )
+    gathered = gathered_unit_bytes(cfg, layer)
+    total_bytes = weights + grads + optim + activations + logits + gathered
+    setup = setup_lines(cfg, f"source {src} + summary {tgt} tokens per sample")
+    if tc.precision == "auto":
+        setup["precision"] = "auto (bf16-mixed on a GPU with bfloat16)"
+    setup["switches"] += f", activation checkpointing={str(checkpointing).lower()}"
+    return {
+        "model": cfg.model.name if cfg.model.init == "pretrained" else "scratch",
+        "architecture": {
+            "type": config.model_type,
+            "layers": f"{s['enc']}+{s['dec']}",
+            "hidden": s["d"],
+            "vocab": config.vocab_size,
+        },
+        "config_source": source,
+        "parameters": total,
+        "trainable_parameters": trainable,
+        "trainable_share": trainable / total,
+        "setup": setup,
+        "rows": [
+            ("weights", "weights"),
+            ("gradients", "gradients"),
+            ("optimizer state", "optimizer"),
+            ("activations", "activations"),
+            ("logits + loss", "logits"),
+            *([("gathered FSDP units", "gathered")] if gathered else []),
+        ],
+        "bytes": {
+            "weights": weights,
+            "gradients": grads,
+            "optimizer": optim,
+            "activations": activations,
+            "logits": logits,
+            "gathered": gathered,
+            "total": total_bytes,
+        },
+        "notes": {
+            "weights": f"{total:,} parameters x {stored} bytes / {split['weights']}",
+            "optimizer": cfg.optim.name,
+            "activations": f"micro-batch {batch}, {'with' if checkpointing else 'without'} "
+            "activation checkpointing",
+            "logits": f"{batch * tgt:,} summary tokens, full float32 logits",
+            "gathered": "two layers unsharded at a time",
+        },
+    }
+
+
+def render(report: dict[str, Any]) -> str:
+    """The report as text, with a verdict for a 24 GB GPU."""
+    fits = report["bytes"]["total"] / GIB + 1.0 <= 24 * 1e9 / GIB
+    verdict = "24 GB GPU            " + (
+        "fits"
+        if fits
+        else "does NOT fit: lower trainer.batch_size (raise accumulation), turn on "
+        "model.gradient_checkpointing, or shard (trainer.strategy=fsdp)"
+    )
+    return format_report(report, verdict)
+
+
+if __name__ == "__main__":  # self-check: python -m summarization.memory
+    from core.config import load_config
+    from summarization.config import PRESETS_DIR
+
+    for preset in ("bart_large_cnn", "t5_small", "small"):
+        print(f"--- {preset}")
+        print(render(estimate(load_config(SummarizationConfig, preset, [], PRESETS_DIR))))
+    print("summarization.memory: ok")
