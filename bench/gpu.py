@@ -496,7 +496,8 @@ def main() -> None:
                 ]
             )
     body = (
-        f"Sequence {SEQ} (packed), {args.steps} steps per run, gradient checkpointing, paged AdamW 8-bit (Adafactor for Qwen). "
+        f"Sequence {SEQ} (packed), {args.steps} steps per run, gradient checkpointing, paged "
+        "AdamW 8-bit (Adafactor for Qwen). "
         f"Measured bf16 GEMM peak: {peak / 1e12:.0f} TFLOP/s; MFU = 6·N·tokens/s / that peak.\n\n"
         + table(
             [

@@ -1,4 +1,5 @@
-"""The trainer in one process: run folder, equivalences, checkpoints, resume, loggers, optimizers."""
+"""The trainer in one process: run folder, equivalences, checkpoints, resume, loggers,
+optimizers."""
 
 from __future__ import annotations
 
@@ -105,7 +106,8 @@ def test_accumulation_equivalence_8x1_equals_2x4(run_toy):
     big_losses, small_losses = train_losses(big.run_dir), train_losses(small.run_dir)
     assert big_losses.keys() == small_losses.keys() == {1, 2, 3, 4}
     assert all(abs(big_losses[s] - small_losses[s]) < 1e-5 for s in big_losses)
-    # The classic bug (mean of per-micro-batch means) gives a different model on variable-length data.
+    # The classic bug (mean of per-micro-batch means) gives a different model on variable-length
+    # data.
     naive = run_toy(
         *common,
         "trainer.batch_size=2",
@@ -332,7 +334,8 @@ def test_bf16_mixed_precision_runs_on_cpu(run_toy):
         ("trainer.strategy=fsdp1", "Config key 'trainer.strategy' = 'fsdp1' is unknown"),
         (
             "trainer.num_nodes=2",
-            "Config key 'trainer.num_nodes' = 2, but this process was not started by a cluster launcher",
+            "Config key 'trainer.num_nodes' = 2, but this process was not started by a cluster "
+            "launcher",
         ),
     ],
 )

@@ -1,4 +1,5 @@
-"""Fixtures of the lora_llm tests: the shipped tiny tokenizer, tiny-preset configs and runs, all offline."""
+"""Fixtures of the lora_llm tests: the shipped tiny tokenizer, tiny-preset configs and runs, all
+offline."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ FAST = ["logger.progress_bar=false", "logger.plot=false", "trainer.accelerator=c
 
 @pytest.fixture(scope="session", autouse=True)
 def offline() -> Iterator[None]:
-    """Nothing in these tests may reach the Hugging Face Hub (tiny models only, built from configs)."""
+    """Nothing in these tests may reach the Hugging Face Hub (tiny models only, built from
+    configs)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HF_HUB_OFFLINE", "1")
         yield

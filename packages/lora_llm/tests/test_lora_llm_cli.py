@@ -47,7 +47,8 @@ def only_run(root: Path) -> Path:
 
 
 def test_entry_points_and_exit_codes(tmp_path):
-    # The shared `train` of core dispatches to this package; --dry-run needs no weights and no network.
+    # The shared `train` of core dispatches to this package; --dry-run needs no weights and no
+    # network.
     done = run([str(BIN / "train"), "--task", "lora_llm", "-c", "tinyllama", "--dry-run"])
     assert done.returncode == 0, done.stderr
     assert "1,102,301,184 total, 2,252,800 trainable" in done.stdout

@@ -150,7 +150,8 @@ def test_chat_records_train_every_assistant_turn_and_nothing_else(tokenizer):
 def test_a_tokenizers_own_chat_template_is_used_and_eos_appended(tokenizer):
     chatml = type(tokenizer).from_pretrained(TINY_TOKENIZER)
     chatml.chat_template = (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% "
+        "endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
     encoder = Encoder(chatml, "auto", 256)
@@ -237,7 +238,11 @@ def test_bad_records_name_their_line_and_can_be_skipped(tmp_path):
             ["not", "an", "object"],
         ],
     )
-    with pytest.raises(UserError, match=r"bad\.jsonl:2:37: not valid JSON \(Expecting value\).*data\.on_bad_record=skip"):
+    with pytest.raises(
+        UserError,
+        match=r"bad\.jsonl:2:37: not valid JSON \(Expecting "
+        r"value\).*data\.on_bad_record=skip",
+    ):
         read_records(str(data), DataConfig())
     records, problems = read_records(str(data), DataConfig(on_bad_record="skip"))
     assert [r.instruction for r in records] == ["Good"]

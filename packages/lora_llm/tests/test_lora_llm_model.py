@@ -30,7 +30,8 @@ def tiny_base(tmp_path_factory, tokenizer) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_gpt2(tmp_path_factory, tokenizer) -> Path:
-    """A 2-layer GPT-2 (Conv1D layers, learned positions) with the tiny tokenizer, saved to a folder."""
+    """A 2-layer GPT-2 (Conv1D layers, learned positions) with the tiny tokenizer, saved to a
+    folder."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
@@ -133,7 +134,8 @@ def lora_grads(
 ) -> dict[str, torch.Tensor]:
     """Adapter gradients of one backward pass on the tiny model (LoRA B initialised non-zero).
 
-    ``bnb_cpu_kernel=True`` undoes :func:`lora_llm.model.cpu_4bit_inference_kernel` (bitsandbytes' default).
+    ``bnb_cpu_kernel=True`` undoes :func:`lora_llm.model.cpu_4bit_inference_kernel` (bitsandbytes'
+    default).
     """
     model = load_base(tiny_base, ModelConfig(name=str(tiny_base)), QuantConfig(bits=bits), CPU)
     if bnb_cpu_kernel:
@@ -233,7 +235,8 @@ def test_parameter_counts_of_the_presets_without_weights():
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
 def test_activation_estimate_matches_what_autograd_saves(autocast):
-    """The activation and logit terms against the tensors autograd keeps for backward (no checkpointing)."""
+    """The activation and logit terms against the tensors autograd keeps for backward (no
+    checkpointing)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -264,7 +267,8 @@ def test_activation_estimate_matches_what_autograd_saves(autocast):
         logits = model(input_ids=ids).logits
         layers = sum(saved.values())
         token_loss_sum(logits, ids, shift=True)
-    # What the loss keeps (its float32 log-softmax) plus the logits themselves, alive until backward.
+    # What the loss keeps (its float32 log-softmax) plus the logits themselves, alive until
+    # backward.
     loss_part = sum(saved.values()) - layers + logits.numel() * logits.element_size()
     e = 2 if autocast else 4
     predicted = activation_bytes(config, 2, 96, e, checkpointing=False, lora_targets=4, eager=False)

@@ -1,5 +1,6 @@
 """Training in this process on the tiny preset (QLoRA, CPU): train -> infer -> merge, adapter-only
-outputs, exact resume, packing, prepare, the dry run, and bad input through the command functions."""
+outputs, exact resume, packing, prepare, the dry run, and bad input through the command
+functions."""
 
 from __future__ import annotations
 
@@ -220,11 +221,25 @@ def test_adapters_that_do_not_fit_exit_2(trained_run, tmp_path, capsys, tokenize
     # A base of another kind (a seq2seq model): one paragraph, no library load report before it.
     from transformers import BartConfig, BartForConditionalGeneration
 
-    BartForConditionalGeneration(BartConfig(vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-                                            decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32)).save_pretrained(tmp_path / "bart")
+    BartForConditionalGeneration(
+        BartConfig(
+            vocab_size=64,
+            d_model=16,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=32,
+            decoder_ffn_dim=32,
+        )
+    ).save_pretrained(tmp_path / "bart")
     assert infer(["--model", final, "--base", str(tmp_path / "bart"), *common]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "holds a bart model (BartForConditionalGeneration), not a causal language model" in err
+    assert (
+        err.count("\n") == 1
+        and ("holds a bart model (BartForConditionalGeneration), not a causal language model")
+        in err
+    )
 
 
 def test_resume_of_an_adapter_run_is_exact(run_tiny):
@@ -386,7 +401,9 @@ def test_prepare_writes_samples_and_statistics_that_train_reads_back(tmp_path, c
     capsys.readouterr()
     assert prepare(["-c", "tiny", "--data", "sample:ko", "--out", str(mine)]) == 2
     assert "already holds files this command did not write (train.jsonl)" in capsys.readouterr().err
-    assert (mine / "train.jsonl").read_text(encoding="utf-8") == "my data\n" and len(list(mine.iterdir())) == 1
+    assert (mine / "train.jsonl").read_text(encoding="utf-8") == "my data\n" and len(
+        list(mine.iterdir())
+    ) == 1
 
 
 def test_dry_run_reports_parameters_and_memory_without_weights(capsys):

@@ -1,4 +1,5 @@
-"""Typed configs: dataclasses with a docstring under every field, YAML presets, ``key=value`` overrides.
+"""Typed configs: dataclasses with a docstring under every field, YAML presets, ``key=value``
+overrides.
 
 A config is a tree of dataclasses. Values come, in this order, from the dataclass defaults, a
 YAML preset (a partial tree), and ``key=value`` overrides on the command line (values are parsed
@@ -356,7 +357,8 @@ def to_yaml(cfg: Any) -> str:
 
 
 def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
-    """Recursively merge ``update`` into a copy of ``base`` (mappings merge, other values replace)."""
+    """Recursively merge ``update`` into a copy of ``base`` (mappings merge, other values
+    replace)."""
     out = dict(base)
     for key, value in update.items():
         if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
@@ -468,7 +470,8 @@ def resolve_preset(preset: str | Path, presets_dir: Path | None) -> Path:
     names = list_presets(presets_dir)
     if path.suffix in (".yaml", ".yml") or "/" in text or "\\" in text:
         raise ConfigError(
-            f"Config file '{path}' does not exist. Presets of this package: {', '.join(names) or '(none)'}."
+            f"Config file '{path}' does not exist. Presets of this package: "
+            f"{', '.join(names) or '(none)'}."
         )
     hint = _close_key(text, names)
     raise ConfigError(
@@ -489,7 +492,10 @@ def describe_keys(cls: type, width: int = 100) -> str:
         value: Any = defaults
         for part in key.split("."):
             value = value[part]
-        head = f"  {key} ({type_name(tp)}, default {yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()})"
+        head = (
+            f"  {key} ({type_name(tp)}, default "
+            f"{yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()})"
+        )
         lines.append(head)
         if doc:
             lines.extend(

@@ -212,7 +212,8 @@ class Task(ABC):
 
     #: Short name used in logs and the manifest.
     name: str = "task"
-    #: True for causal LMs: the loss of token ``t`` predicts label ``t+1``, so the first label never counts.
+    # : True for causal LMs: the loss of token ``t`` predicts label ``t+1``, so the first label
+    # never counts.
     shift_labels: bool = False
 
     def __init__(self, cfg: TrainConfig) -> None:
@@ -224,7 +225,7 @@ class Task(ABC):
 
     # -- data ----------------------------------------------------------------------------------
 
-    def setup(self) -> None:
+    def setup(self) -> None:  # noqa: B027 (an optional hook: the base has nothing to do)
         """Read and validate the data, build the tokenizer. Raise ``UserError`` for bad input.
 
         Runs before the run folder exists, so bad input leaves no half-made run behind.
@@ -266,7 +267,8 @@ class Task(ABC):
         return set()
 
     def flops_per_token(self, model: nn.Module) -> float | None:
-        """Training FLOPs per input token (for MFU); default ``6 x parameters`` (forward + backward)."""
+        """Training FLOPs per input token (for MFU); default ``6 x parameters`` (forward +
+        backward)."""
         return 6.0 * sum(p.numel() for p in model.parameters())
 
     # -- steps ---------------------------------------------------------------------------------
@@ -298,7 +300,8 @@ class Task(ABC):
     def validation_step(
         self, model: nn.Module, batch: dict[str, torch.Tensor]
     ) -> list[dict[str, Any]]:
-        """Per-sample validation records; each needs ``"index"`` and, by default, ``loss_sum`` / ``tokens``.
+        """Per-sample validation records; each needs ``"index"`` and, by default, ``loss_sum`` /
+        ``tokens``.
 
         The default runs :meth:`training_step`-style forward per sample via :meth:`sample_losses`.
         """
@@ -311,7 +314,8 @@ class Task(ABC):
     def sample_losses(
         self, model: nn.Module, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-sample loss sums and token counts, both ``(batch,)``. Override for validation loss."""
+        """Per-sample loss sums and token counts, both ``(batch,)``. Override for validation
+        loss."""
         raise NotImplementedError(
             f"{type(self).__name__} must implement sample_losses() or validation_step()"
         )
@@ -342,5 +346,6 @@ class Task(ABC):
         model.save_pretrained(out_dir, state_dict=state_dict)
 
     def manifest_entries(self) -> dict[str, Any]:
-        """Task facts for ``manifest.json``: metric implementation and version, tokenizer, model source."""
+        """Task facts for ``manifest.json``: metric implementation and version, tokenizer, model
+        source."""
         return {}

@@ -245,7 +245,8 @@ class Trainer:
             raise
 
     def open_run(self) -> None:
-        """Choose the run folder on rank 0, share it, and write ``config.yaml`` / ``manifest.json``."""
+        """Choose the run folder on rank 0, share it, and write ``config.yaml`` /
+        ``manifest.json``."""
         cfg, fabric = self.cfg, self.fabric
         run = None
         if fabric.global_rank == 0:
@@ -300,7 +301,8 @@ class Trainer:
         path.write_text(text, encoding="utf-8")
 
     def build_model(self) -> None:
-        """Build the model on the device (``fabric.init_module``), add shape hooks if asked, wrap it."""
+        """Build the model on the device (``fabric.init_module``), add shape hooks if asked, wrap
+        it."""
         fabric = self.fabric
         with fabric.init_module(empty_init=False):
             module = self.task.configure_model()
@@ -347,14 +349,16 @@ class Trainer:
         if cfg.debug.overfit_batches:
             if tc.max_steps is None:
                 raise ConfigError(
-                    "debug.overfit_batches needs trainer.max_steps (epochs of a few batches are meaningless)."
+                    "debug.overfit_batches needs trainer.max_steps (epochs of a few batches are "
+                    "meaningless)."
                 )
             limit = cfg.debug.overfit_batches * tc.batch_size * fabric.world_size
         lengths = task.sample_lengths(self.train_data)
         self.train_lengths = lengths
         if tc.group_by_length and lengths is None:
             raise ConfigError(
-                f"trainer.group_by_length=true, but the {task.name} task does not report sample lengths."
+                f"trainer.group_by_length=true, but the {task.name} task does not report sample "
+                "lengths."
             )
         self.train_sampler = ShardedBatchSampler(
             len(self.train_data),
@@ -382,7 +386,8 @@ class Trainer:
             steps.append(math.ceil(tc.epoch_limit * per_epoch / accum))
         self.total_steps = min(steps)
         log.info(
-            "Data: %d training samples, %d micro-batches/epoch/rank, %d optimizer steps (batch %d x accumulation %d x %d ranks)",
+            "Data: %d training samples, %d micro-batches/epoch/rank, %d optimizer steps (batch %d "
+            "x accumulation %d x %d ranks)",
             len(self.train_data),
             per_epoch,
             self.total_steps,
@@ -407,14 +412,17 @@ class Trainer:
         self.scheduler = build_scheduler(optimizer, self.cfg.optim, self.total_steps)
 
     def resume(self) -> None:
-        """Load a checkpoint if ``trainer.resume`` asks for one (``auto``: the run folder's newest)."""
+        """Load a checkpoint if ``trainer.resume`` asks for one (``auto``: the run folder's
+        newest)."""
         choice = self.cfg.trainer.resume
         existing = self.checkpoints.latest()
         if choice is None or str(choice).lower() in ("none", "false", "no", ""):
             if existing is not None:
                 raise UserError(
-                    f"Run folder {self.run.path} already has checkpoints (newest: {existing.path.name}) and "
-                    "trainer.resume is off; set trainer.resume=auto to continue it, or choose another run.dir."
+                    f"Run folder {self.run.path} already has checkpoints (newest: "
+                    f"{existing.path.name}) and "
+                    "trainer.resume is off; set trainer.resume=auto to continue it, or choose "
+                    "another run.dir."
                 )
             return
         if str(choice) == "auto":
@@ -441,7 +449,8 @@ class Trainer:
     # ==========================================================================================
 
     def micro_batches(self) -> Iterator[dict[str, torch.Tensor]]:
-        """Micro-batches across epochs from the saved position on; advances ``progress.epoch/batch``."""
+        """Micro-batches across epochs from the saved position on; advances
+        ``progress.epoch/batch``."""
         tc = self.cfg.trainer
         while (
             self.cfg.debug.overfit_batches
@@ -550,13 +559,15 @@ class Trainer:
     def window_counts(
         self, window: list[dict[str, torch.Tensor]], stop: StopSignal, time_up: bool = False
     ) -> dict[str, int]:
-        """Count samples and tokens of an accumulation window, summed over ranks, and agree on stopping.
+        """Count samples and tokens of an accumulation window, summed over ranks, and agree on
+        stopping.
 
         One all-reduce per optimizer step carries the loss-token count (needed before the
         forward passes for per-token normalisation), the stop-signal flag and the time-limit flag.
 
         Returns:
-            ``{"loss_tokens", "samples", "input_tokens", "stop", "time_up"}``, each summed over all ranks.
+            ``{"loss_tokens", "samples", "input_tokens", "stop", "time_up"}``, each summed over all
+            ranks.
         """
         local = torch.tensor(
             [
@@ -609,7 +620,8 @@ class Trainer:
                     self.shape_logger.remove()
                     self.shape_logger = None
                 if per_token:
-                    # DDP averages gradients over ranks: multiply by world size to get a plain sum / total.
+                    # DDP averages gradients over ranks: multiply by world size to get a plain sum /
+                    # total.
                     loss = out.loss_sum * (fabric.world_size / max(global_tokens, 1))
                 else:
                     loss = (
@@ -816,7 +828,8 @@ class Trainer:
         return path
 
     def load(self, info: CheckpointInfo) -> None:
-        """Restore model, optimizer, scheduler, counters and this rank's RNG states from ``info``."""
+        """Restore model, optimizer, scheduler, counters and this rank's RNG states from
+        ``info``."""
         state = {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler}
         trainable_only = self.cfg.checkpoint.trainable_only
         try:
@@ -835,7 +848,8 @@ class Trainer:
         ):
             raise UserError(
                 f"Checkpoint {info.path} holds other trainable parameters than this model "
-                f"({len(saved_names)} saved vs {len(self.trainable_names)} now): the model or adapter settings changed."
+                f"({len(saved_names)} saved vs {len(self.trainable_names)} now): the model or "
+                "adapter settings changed."
             )
         self.progress.load_state_dict(rest["progress"])
         rng = rest["rng"]
@@ -917,7 +931,8 @@ class Trainer:
         return sums
 
     def export_final(self) -> Path:
-        """Load the best checkpoint's weights (if asked and known) and save the model to ``final/``."""
+        """Load the best checkpoint's weights (if asked and known) and save the model to
+        ``final/``."""
         best = self.checkpoints.best()
         if (
             self.cfg.checkpoint.load_best_at_end

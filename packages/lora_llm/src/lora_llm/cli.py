@@ -1,11 +1,16 @@
-"""Commands of the ``lora_llm`` package: ``train``, ``evaluate``, ``infer``, ``prepare``, ``merge``, ``estimate``.
+"""Commands of the ``lora_llm`` package: ``train``, ``evaluate``, ``infer``, ``prepare``, ``merge``,
+``estimate``.
 
 ::
 
-    uv run --package lora_llm train -c tiny trainer.max_steps=20          # QLoRA on the CPU, offline
-    uv run --package lora_llm train -c phi2 --dry-run                      # parameters + memory, no weights
-    uv run --package lora_llm evaluate --model runs/001_.../final          # held-out loss, perplexity, ROUGE-L
-    uv run --package lora_llm infer --model runs/001_.../final --prompt "Give three tips for sleeping well."
+    uv run --package lora_llm train -c tiny trainer.max_steps=20          # QLoRA on the CPU,
+    offline
+    uv run --package lora_llm train -c phi2 --dry-run                      # parameters + memory, no
+    weights
+    uv run --package lora_llm evaluate --model runs/001_.../final          # held-out loss,
+    perplexity, ROUGE-L
+    uv run --package lora_llm infer --model runs/001_.../final --prompt "Give three tips for
+    sleeping well."
     uv run --package lora_llm lora-llm-prepare -c tiny --data my.jsonl --out prepared/
     uv run --package lora_llm lora-llm-merge --model runs/001_.../final --out merged/
 
@@ -46,7 +51,8 @@ DEFAULT_PRESET = "phi2"
 
 TRAIN_HELP = (
     "LoRA / QLoRA fine-tuning of a causal LM (peft + bitsandbytes). "
-    "Add --dry-run to print parameters, trainable parameters and the estimated GPU memory without loading weights."
+    "Add --dry-run to print parameters, trainable parameters and the estimated GPU memory without "
+    "loading weights."
 )
 
 
@@ -76,7 +82,8 @@ def train(argv: list[str] | None = None) -> int:
 
 @user_errors_exit_2
 def estimate(argv: list[str] | None = None) -> int:
-    """``estimate [-c PRESET] [key=value ...] [--json]``: parameters and training memory, no weights loaded.
+    """``estimate [-c PRESET] [key=value ...] [--json]``: parameters and training memory, no weights
+    loaded.
 
     Returns:
         Exit code.
@@ -114,8 +121,10 @@ def prepare(argv: list[str] | None = None) -> int:
     """
     parser = argparse.ArgumentParser(
         prog="lora-llm-prepare",
-        description="Check and tokenize instruction / chat data; write processed JSONL and a statistics report.",
-        epilog="example: lora-llm-prepare -c tiny --data my_data.jsonl --out prepared/ data.max_length=512",
+        description="Check and tokenize instruction / chat data; write processed JSONL and a "
+        "statistics report.",
+        epilog="example: lora-llm-prepare -c tiny --data my_data.jsonl --out prepared/ "
+        "data.max_length=512",
     )
     parser.add_argument(
         "-c",
@@ -134,7 +143,8 @@ def prepare(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--overwrite",
         action="store_true",
-        help="write into an --out folder that holds other files (train.jsonl / val.jsonl / stats.json are replaced)",
+        help="write into an --out folder that holds other files (train.jsonl / val.jsonl / "
+        "stats.json are replaced)",
     )
     parser.add_argument(
         "overrides",
@@ -155,7 +165,11 @@ def prepare(argv: list[str] | None = None) -> int:
         config_cls=LoraLLMConfig,
         presets_dir=PRESETS,
     )
-    inputs = [(Path(f), "--data") for f in cfg.data.train_files + cfg.data.val_files if not str(f).startswith("sample:")]
+    inputs = [
+        (Path(f), "--data")
+        for f in cfg.data.train_files + cfg.data.val_files
+        if not str(f).startswith("sample:")
+    ]
     guard_folder(args.out, "--out", "lora-llm-prepare", inputs, overwrite=args.overwrite)
     from lora_llm.task import LoraLLMTask
 
@@ -180,16 +194,23 @@ def prepare(argv: list[str] | None = None) -> int:
     for split, s in task.stats.items():
         print(s.describe(split))
     print(
-        f"wrote {', '.join(f'{n} {k} samples' for k, n in counts.items())} and stats.json to {args.out}"
+        f"wrote {', '.join(f'{n} {k} samples' for k, n in counts.items())} and stats.json to "
+        f"{args.out}"
     )
     return 0
 
 
 def write_examples(path: Path, examples: list[dict[str, Any]], tokenizer: Any) -> int:
-    """Write encoded examples as JSON lines (with their decoded text) atomically; returns how many."""
+    """Write encoded examples as JSON lines (with their decoded text) atomically; returns how
+    many."""
     keys = ("source", "style", "prompt_tokens", "response_tokens", "cut_tokens")
     rows = [
-        {**{k: e[k] for k in keys}, "text": tokenizer.decode(e["input_ids"]), "input_ids": e["input_ids"], "labels": e["labels"]}
+        {
+            **{k: e[k] for k in keys},
+            "text": tokenizer.decode(e["input_ids"]),
+            "input_ids": e["input_ids"],
+            "labels": e["labels"],
+        }
         for e in examples
     ]
     return write_jsonl(path, rows)
@@ -232,11 +253,21 @@ def adapter_setup(
 
 def add_generation_arguments(parser: argparse.ArgumentParser, greedy_default: bool = False) -> None:
     """Base-model and decoding flags shared by ``infer`` and ``evaluate``."""
-    parser.add_argument("--base", help="base model (Hub id or folder); default: the one the adapter was trained on")
-    parser.add_argument("--max-new-tokens", type=int, default=256 if not greedy_default else 128,
-                        help=f"tokens to generate at most (default {256 if not greedy_default else 128})")
-    parser.add_argument("--quant", choices=["auto", "4", "8", "none"], default="auto",
-                        help="load the base in 4/8 bits; auto: as in training")
+    parser.add_argument(
+        "--base", help="base model (Hub id or folder); default: the one the adapter was trained on"
+    )
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=256 if not greedy_default else 128,
+        help=f"tokens to generate at most (default {256 if not greedy_default else 128})",
+    )
+    parser.add_argument(
+        "--quant",
+        choices=["auto", "4", "8", "none"],
+        default="auto",
+        help="load the base in 4/8 bits; auto: as in training",
+    )
 
 
 def infer_parser() -> argparse.ArgumentParser:
@@ -245,7 +276,8 @@ def infer_parser() -> argparse.ArgumentParser:
         prog="infer",
         description="Generate text with a base model + trained LoRA adapter.",
         epilog=(
-            "examples:\n  infer --model runs/001_x/final --prompt 'Give three tips for staying healthy.'\n"
+            "examples:\n  infer --model runs/001_x/final --prompt 'Give three tips for staying "
+            "healthy.'\n"
             "  infer --model runs/001_x/final --data prompts.jsonl --out answers.jsonl --greedy\n"
             "  infer --model runs/001_x/final            # interactive, on a terminal"
         ),
@@ -254,24 +286,45 @@ def infer_parser() -> argparse.ArgumentParser:
     add_model_arguments(
         parser,
         model_help="adapter folder (a run's final/)",
-        data_help="JSONL / JSON of instruction records (instruction, input) or chat records (messages)",
+        data_help="JSONL / JSON of instruction records (instruction, input) or chat records "
+        "(messages)",
         prompt_help="an instruction to answer",
         out_help="write JSONL here instead of stdout (with --data)",
     )
     parser.add_argument("--context", default="", help="the 'input' field that goes with --prompt")
     add_generation_arguments(parser)
     parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
-    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
-    parser.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)")
-    parser.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (default 50)")
-    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1.0)")
+    parser.add_argument(
+        "--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)"
+    )
+    parser.add_argument(
+        "--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)"
+    )
+    parser.add_argument(
+        "--top-k", type=int, default=50, help="sample among the k most likely tokens (default 50)"
+    )
+    parser.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="> 1 discourages repeats (default 1.0)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    parser.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default 8)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: CUDA when available")
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="prompts per generate call (default 8)"
+    )
+    parser.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="default: CUDA when available",
+    )
     return parser
 
 
-def load_for_generation(adapter: Path, base: str | None, quant_choice: str, device: Any) -> tuple[Any, Any, Any, str]:
+def load_for_generation(
+    adapter: Path, base: str | None, quant_choice: str, device: Any
+) -> tuple[Any, Any, Any, str]:
     """Base + adapter ready to generate, with the tokenizer and prompt encoder of training.
 
     Returns:
@@ -281,17 +334,33 @@ def load_for_generation(adapter: Path, base: str | None, quant_choice: str, devi
     from lora_llm.model import load_adapter_model
 
     _, settings, base_name, tokenizer = adapter_setup(adapter, base)
-    encoder = Encoder(tokenizer, settings.get("template", "auto"), settings.get("max_length", 512), chat_source=settings.get("chat_source"))
+    encoder = Encoder(
+        tokenizer,
+        settings.get("template", "auto"),
+        settings.get("max_length", 512),
+        chat_source=settings.get("chat_source"),
+    )
     trained_bits = settings.get("quant", {}).get("bits")
-    bits = trained_bits if quant_choice == "auto" else (None if quant_choice == "none" else int(quant_choice))
+    bits = (
+        trained_bits
+        if quant_choice == "auto"
+        else (None if quant_choice == "none" else int(quant_choice))
+    )
     quant = QuantConfig(**{**settings.get("quant", {}), "bits": bits}) if bits else None
-    model = load_adapter_model(adapter, base_name, ModelConfig(name=base_name, dtype=settings.get("model_dtype", "auto")), quant, device)
+    model = load_adapter_model(
+        adapter,
+        base_name,
+        ModelConfig(name=base_name, dtype=settings.get("model_dtype", "auto")),
+        quant,
+        device,
+    )
     return model, tokenizer, encoder, base_name
 
 
 @user_errors_exit_2
 def infer(argv: list[str] | None = None) -> int:
-    """``infer --model DIR [--base NAME_OR_DIR] (--prompt TEXT | --data FILE.jsonl) [--out FILE] [sampling flags]``.
+    """``infer --model DIR [--base NAME_OR_DIR] (--prompt TEXT | --data FILE.jsonl) [--out FILE]
+    [sampling flags]``.
 
     Without ``--prompt`` / ``--data`` on a terminal: an interactive loop (an empty line quits).
 
@@ -307,23 +376,34 @@ def infer(argv: list[str] | None = None) -> int:
     quiet()
     interactive = args.prompt is None and args.data is None
     if interactive and not sys.stdin.isatty():
-        raise UserError("Give --prompt TEXT or --data FILE.jsonl (the interactive mode needs a terminal).")
+        raise UserError(
+            "Give --prompt TEXT or --data FILE.jsonl (the interactive mode needs a terminal)."
+        )
     if args.temperature <= 0 and not args.greedy:
         raise UserError("--temperature must be positive (or use --greedy).")
     if args.out is not None:
         if args.data is None:
-            raise UserError("--out goes with --data (a file of prompts); --prompt prints its answer.")
+            raise UserError(
+                "--out goes with --data (a file of prompts); --prompt prints its answer."
+            )
         guard_file(args.out, "--out", [(args.data, "--data")], args.overwrite)
     records: list[Record] = []
     if args.data is not None:
         records, _ = read_records(str(args.data), DataConfig(), for_inference=True, key="--data")
         if not records:
             raise UserError(f"--data '{args.data}' holds no records.")
-    model, tokenizer, encoder, base = load_for_generation(args.model, args.base, args.quant, device_of(args.device))
+    model, tokenizer, encoder, base = load_for_generation(
+        args.model, args.base, args.quant, device_of(args.device)
+    )
     torch.manual_seed(args.seed)
     sampling = dict(
-        max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature, top_p=args.top_p,
-        top_k=args.top_k, repetition_penalty=args.repetition_penalty, batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=not args.greedy,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        batch_size=args.batch_size,
     )
 
     def answer(batch: list[Record]) -> list[str]:
@@ -334,7 +414,10 @@ def infer(argv: list[str] | None = None) -> int:
         print(answer([Record(source="--prompt", instruction=args.prompt, input=args.context)])[0])
         return 0
     if interactive:
-        print(f"Adapter {args.model} on {base}. Type an instruction; an empty line quits.", file=sys.stderr)
+        print(
+            f"Adapter {args.model} on {base}. Type an instruction; an empty line quits.",
+            file=sys.stderr,
+        )
         while True:
             try:
                 line = input("instruction> ").strip()
@@ -375,17 +458,21 @@ def evaluate(argv: list[str] | None = None) -> int:
     """
     parser = argparse.ArgumentParser(
         prog="evaluate",
-        description="Held-out loss, perplexity and answer quality (ROUGE-L, exact match) of a LoRA adapter; several "
+        description="Held-out loss, perplexity and answer quality (ROUGE-L, exact match) of a "
+        "LoRA adapter; several "
         "processes with trainer.devices=N.",
-        epilog="The config comes from -c, else from the config.yaml of the run that wrote --model, else the default preset. "
-        "Prints the metrics as one JSON line; the answers ({source, prediction, reference, loss}) go to --out, or, for a "
+        epilog="The config comes from -c, else from the config.yaml of the run that wrote "
+        "--model, else the default preset. "
+        "Prints the metrics as one JSON line; the answers ({source, prediction, reference, loss}) "
+        "go to --out, or, for a "
         "run's final/, to <run>/eval/<name>.jsonl. --max-new-tokens 0: loss and perplexity only.",
     )
     add_model_arguments(
         parser,
         model_help="adapter folder (a run's final/)",
         data_help="instruction or chat records with reference responses (JSONL / JSON)",
-        split_help="val: the run's held-out records (data.val_files, or the seeded data.val_size share) (default)",
+        split_help="val: the run's held-out records (data.val_files, or the seeded data.val_size "
+        "share) (default)",
         out_help="write each record's answer, reference and loss here (JSONL)",
     )
     add_generation_arguments(parser, greedy_default=True)
@@ -394,11 +481,17 @@ def evaluate(argv: list[str] | None = None) -> int:
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens {args.max_new_tokens}: use 0 (no generation) or more.")
     if args.data is None and (args.split or "val") != "val":
-        raise UserError(f"--split {args.split!r}: lora_llm has one held-out split, val; or give --data FILE.")
-    cfg = config_for_model(args.model, args.config, args.overrides, LoraLLMConfig, PRESETS, DEFAULT_PRESET)
+        raise UserError(
+            f"--split {args.split!r}: lora_llm has one held-out split, val; or give --data FILE."
+        )
+    cfg = config_for_model(
+        args.model, args.config, args.overrides, LoraLLMConfig, PRESETS, DEFAULT_PRESET
+    )
     cfg.model.gradient_checkpointing = False
     name = args.data.stem if args.data is not None else "val"
-    records_path, scores_path = evaluation_outputs(args.model, name, args.out, args.overwrite, [(args.data, "--data")])
+    records_path, scores_path = evaluation_outputs(
+        args.model, name, args.out, args.overwrite, [(args.data, "--data")]
+    )
     from core.evaluation import Evaluator
     from lora_llm.data import read_records
     from lora_llm.task import LoraLLMTask
@@ -414,17 +507,29 @@ def evaluate(argv: list[str] | None = None) -> int:
     else:
         records = task.read_splits()[2]
         if not records:
-            raise UserError("The run's config holds out no records (data.val_files empty and data.val_size 0): give --data FILE.")
-    model, tokenizer, encoder, _ = load_for_generation(args.model, args.base, args.quant, evaluator.fabric.device)
+            raise UserError(
+                "The run's config holds out no records (data.val_files empty and "
+                "data.val_size 0): give --data FILE."
+            )
+    model, tokenizer, encoder, _ = load_for_generation(
+        args.model, args.base, args.quant, evaluator.fabric.device
+    )
     dataset = task.evaluation_set(records, encoder, args.max_new_tokens)
     result = evaluator.run(evaluator.setup_model(model), dataset)
     if evaluator.is_global_zero:
         rows = [
-            {k: r[k] for k in ("source", "prediction", "reference") if k in r} | {"loss": r["loss_sum"] / max(r["tokens"], 1)}
+            {k: r[k] for k in ("source", "prediction", "reference") if k in r}
+            | {"loss": r["loss_sum"] / max(r["tokens"], 1)}
             for r in result.records
         ]
-        scores = {**result.metrics, "samples": len(rows), "model": str(args.model), "base": base,
-                  "data": str(args.data) if args.data is not None else "val", "world_size": evaluator.fabric.world_size}
+        scores = {
+            **result.metrics,
+            "samples": len(rows),
+            "model": str(args.model),
+            "base": base,
+            "data": str(args.data) if args.data is not None else "val",
+            "world_size": evaluator.fabric.world_size,
+        }
         write_evaluation(records_path, scores_path, rows, scores)
     return 0
 
@@ -456,11 +561,17 @@ def merge(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(
         prog="lora-llm-merge",
-        description="Merge a LoRA adapter into its 16/32-bit base model and save the result (save_pretrained).",
+        description="Merge a LoRA adapter into its 16/32-bit base model and save the result "
+        "(save_pretrained).",
         epilog="example: lora-llm-merge --model runs/001_x/final --out merged/ --dtype bfloat16",
     )
     parser.add_argument(
-        "--model", "--adapter", dest="adapter", required=True, type=Path, help="adapter folder (a run's final/)"
+        "--model",
+        "--adapter",
+        dest="adapter",
+        required=True,
+        type=Path,
+        help="adapter folder (a run's final/)",
     )
     parser.add_argument(
         "--out",
@@ -475,7 +586,8 @@ def merge(argv: list[str] | None = None) -> int:
         "--dtype",
         choices=["auto", "float32", "bfloat16", "float16"],
         default="auto",
-        help="dtype of the base and the merged model; auto: float32 on the CPU, bfloat16/float16 on a GPU",
+        help="dtype of the base and the merged model; auto: float32 on the CPU, bfloat16/float16 "
+        "on a GPU",
     )
     parser.add_argument(
         "--device",
@@ -492,14 +604,23 @@ def merge(argv: list[str] | None = None) -> int:
         "--tolerance",
         type=float,
         default=None,
-        help="largest allowed |merged - adapter| logit difference relative to the largest logit (default 1e-4 in float32, 2e-2 in 16 bits)",
+        help="largest allowed |merged - adapter| logit difference relative to the largest logit "
+        "(default 1e-4 in float32, 2e-2 in 16 bits)",
     )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     quiet()
     # Never into a folder of other files, nor onto the adapter or the base it reads.
-    guard_folder(args.out, "--out", "lora-llm-merge", inputs=[(args.adapter, "--model"), *([(Path(args.base), "--base")] if args.base else [])])
+    guard_folder(
+        args.out,
+        "--out",
+        "lora-llm-merge",
+        inputs=[(args.adapter, "--model"), *([(Path(args.base), "--base")] if args.base else [])],
+    )
     if args.out.is_dir() and any(args.out.iterdir()):
-        raise UserError(f"--out '{args.out}' already holds a merged model; merge writes a new folder: choose another --out.")
+        raise UserError(
+            f"--out '{args.out}' already holds a merged model; merge writes a new "
+            "folder: choose another --out."
+        )
     _, settings, base, tokenizer = adapter_setup(args.adapter, args.base)
     check_not_quantized_checkpoint(base)
     device = device_of(args.device)
@@ -553,8 +674,10 @@ def merge(argv: list[str] | None = None) -> int:
     (args.out / "merge_report.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     print(
         f"merged {args.adapter} into {base} ({dtype_name}) -> {args.out}\n"
-        f"probe logits: max |merged - adapter| = {numbers['max_abs_diff']:.3e}, max |reloaded - merged| = {numbers['reloaded_max_abs_diff']:.3e} "
-        f"(largest logit {numbers['max_abs_logit']:.2f}; the adapter itself moves logits by up to {numbers['adapter_effect']:.3e})\n"
+        f"probe logits: max |merged - adapter| = {numbers['max_abs_diff']:.3e}, max |reloaded - "
+        f"merged| = {numbers['reloaded_max_abs_diff']:.3e} "
+        f"(largest logit {numbers['max_abs_logit']:.2f}; the adapter itself moves logits by up to "
+        f"{numbers['adapter_effect']:.3e})\n"
         + (
             "verification passed"
             if ok

@@ -1,4 +1,5 @@
-"""The LoRA / QLoRA task's config: the engine's groups plus ``data``, ``model``, ``lora`` and ``quant``.
+"""The LoRA / QLoRA task's config: the engine's groups plus ``data``, ``model``, ``lora`` and
+``quant``.
 
 The field defaults are the users' proposed recipe (r=8, alpha=16, dropout 0.05 on the q/k/v/o
 projections, 4-bit NF4 with double quantisation, max length 512, gradient checkpointing); the
@@ -37,7 +38,8 @@ class DataConfig:
     hf_subset: str | None = None
     """Configuration (subset) name of a Hugging Face dataset, if it has several."""
     max_samples: int | None = None
-    """Use only the first N records of each training file (after reading; null: all). For smoke runs."""
+    """Use only the first N records of each training file (after reading; null: all). For smoke
+    runs."""
     template: Literal["auto", "alpaca", "alpaca_ko", "chat"] = "auto"
     """How an instruction record becomes a prompt: ``alpaca`` (the Stanford Alpaca prompt),
     ``alpaca_ko`` (the same prompt in Korean, as KoAlpaca uses), ``chat`` (the tokenizer's chat
@@ -48,7 +50,8 @@ class DataConfig:
     """Longest token sequence (prompt + response + EOS); longer responses are cut at the end
     (counted and reported), never dropped whole."""
     min_response_tokens: int = 8
-    """A record whose prompt leaves fewer response tokens than this within ``max_length`` counts as a
+    """A record whose prompt leaves fewer response tokens than this within ``max_length`` counts as
+    a
     too-long prompt (see ``long_prompts``)."""
     long_prompts: Literal["error", "skip"] = "error"
     """What to do with a record whose prompt is too long for ``max_length``: ``error`` (exit code 2,
@@ -59,7 +62,8 @@ class DataConfig:
     train_on_prompt: bool = False
     """Also train on the prompt tokens (default: only the response and its EOS carry loss)."""
     packing: bool = False
-    """Pack several samples into each row of up to ``max_length`` tokens (less padding). Every sample
+    """Pack several samples into each row of up to ``max_length`` tokens (less padding). Every
+    sample
     keeps its own positions and attends only to itself (see the package README)."""
     padding_free: bool = False
     """Train on each micro-batch as one row without padding: its samples (or packed rows)
@@ -75,7 +79,8 @@ class DataConfig:
         """Range checks (``ConfigError`` names the key)."""
         if not self.train_files:
             raise ConfigError(
-                "Config key 'data.train_files' is empty: give at least one data file, dataset id or sample:en."
+                "Config key 'data.train_files' is empty: give at least one data file, dataset id "
+                "or sample:en."
             )
         if self.max_length < 8:
             raise ConfigError(
@@ -83,11 +88,13 @@ class DataConfig:
             )
         if not 1 <= self.min_response_tokens < self.max_length:
             raise ConfigError(
-                f"Config key 'data.min_response_tokens' must be in [1, data.max_length), got {self.min_response_tokens}."
+                "Config key 'data.min_response_tokens' must be in [1, data.max_length), got "
+                f"{self.min_response_tokens}."
             )
         if self.val_size < 0 or (self.val_size >= 1 and not float(self.val_size).is_integer()):
             raise ConfigError(
-                f"Config key 'data.val_size' must be 0, a fraction below 1, or a whole record count; got {self.val_size}."
+                "Config key 'data.val_size' must be 0, a fraction below 1, or a whole record "
+                f"count; got {self.val_size}."
             )
         if self.max_samples is not None and self.max_samples < 1:
             raise ConfigError(
@@ -102,7 +109,8 @@ class TinyModelConfig:
     hidden_size: int = 64
     """Hidden size."""
     intermediate_size: int = 192
-    """MLP inner size (sizes are multiples of 32: bitsandbytes' CPU 4-bit inference kernel needs that)."""
+    """MLP inner size (sizes are multiples of 32: bitsandbytes' CPU 4-bit inference kernel needs
+    that)."""
     num_layers: int = 2
     """Decoder layers."""
     num_heads: int = 4
@@ -120,7 +128,8 @@ class ModelConfig:
     """The base causal LM."""
 
     name: str = "microsoft/phi-2"
-    """A Hugging Face Hub id (``gpt2``, ``TinyLlama/TinyLlama-1.1B-Chat-v1.0``, ``microsoft/phi-2``),
+    """A Hugging Face Hub id (``gpt2``, ``TinyLlama/TinyLlama-1.1B-Chat-v1.0``,
+    ``microsoft/phi-2``),
     a local folder written by ``save_pretrained``, or ``tiny`` (built from ``model.tiny`` with the
     tokenizer shipped in the package, saved to ``<run>/base``)."""
     tokenizer: str | None = None
@@ -153,7 +162,8 @@ class LoraSettings:
     r: int = 8
     """Rank of the low-rank update."""
     alpha: float = 16.0
-    """Scaling numerator: the update is multiplied by ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA)."""
+    """Scaling numerator: the update is multiplied by ``alpha / r`` (``alpha / sqrt(r)`` with
+    rsLoRA)."""
     dropout: float = 0.05
     """Dropout on the adapter's input."""
     target_modules: list[str] = field(
@@ -182,7 +192,8 @@ class LoraSettings:
             raise ConfigError(f"Config key 'lora.dropout' must be in [0, 1), got {self.dropout}.")
         if not self.target_modules:
             raise ConfigError(
-                "Config key 'lora.target_modules' is empty: name the layers to adapt, e.g. [q_proj, v_proj] or [all-linear]."
+                "Config key 'lora.target_modules' is empty: name the layers to adapt, e.g. "
+                "[q_proj, v_proj] or [all-linear]."
             )
 
 
@@ -219,17 +230,22 @@ class LoraLLMConfig(TrainConfig):
     """How the token loss is computed over the vocabulary (chunked by default)."""
 
     def __post_init__(self) -> None:
-        """Refuse combinations that cannot work with a quantized base (FSDP, 16-bit-true precision)."""
+        """Refuse combinations that cannot work with a quantized base (FSDP, 16-bit-true
+        precision)."""
         if self.quant.bits is not None and self.trainer.strategy == "fsdp":
             raise ConfigError(
-                "QLoRA (quant.bits=4/8) cannot be sharded with FSDP: bitsandbytes' packed 4/8-bit weights are not "
-                "DTensors that FSDP2 can shard. Use trainer.strategy=ddp for QLoRA on several GPUs (only the adapters "
+                "QLoRA (quant.bits=4/8) cannot be sharded with FSDP: bitsandbytes' packed 4/8-bit "
+                "weights are not "
+                "DTensors that FSDP2 can shard. Use trainer.strategy=ddp for QLoRA on several "
+                "GPUs (only the adapters "
                 "are synchronised), or quant.bits=null for LoRA with FSDP."
             )
         if self.quant.bits is not None and self.trainer.precision in ("bf16-true", "16-true"):
             raise ConfigError(
-                f"trainer.precision={self.trainer.precision} casts every weight, which bitsandbytes forbids for a "
-                "quantized base: use bf16-mixed (GPU), 16-mixed (GPU) or 32-true, or quant.bits=null."
+                f"trainer.precision={self.trainer.precision} casts every weight, which "
+                "bitsandbytes forbids for a "
+                "quantized base: use bf16-mixed (GPU), 16-mixed (GPU) or 32-true, or "
+                "quant.bits=null."
             )
 
 

@@ -61,12 +61,14 @@ SAMPLES = {"en": ASSETS / "alpaca_en_sample.json", "ko": ASSETS / "ko_instructio
 PROMPTS = {
     "alpaca": {
         "input": (
-            "Below is an instruction that describes a task, paired with an input that provides further context. "
+            "Below is an instruction that describes a task, paired with an input that provides "
+            "further context. "
             "Write a response that appropriately completes the request.\n\n"
             "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
         ),
         "no_input": (
-            "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+            "Below is an instruction that describes a task. Write a response that appropriately "
+            "completes the request.\n\n"
             "### Instruction:\n{instruction}\n\n### Response:\n"
         ),
     },
@@ -168,8 +170,10 @@ def parse_record(obj: Any, source: str, for_inference: bool = False) -> Record:
     ]
     if missing:
         raise BadRecord(
-            f"{source}: the record has no {' / '.join(repr(m) for m in missing)} field (its keys: {', '.join(map(str, obj)) or 'none'}). "
-            "Instruction records need 'instruction' and 'output' (optionally 'input'); chat records need 'messages'."
+            f"{source}: the record has no {' / '.join(repr(m) for m in missing)} field (its keys: "
+            f"{', '.join(map(str, obj)) or 'none'}). "
+            "Instruction records need 'instruction' and 'output' (optionally 'input'); chat "
+            "records need 'messages'."
         )
     fields = {}
     for key in ("instruction", "input", "output"):
@@ -203,18 +207,21 @@ def _parse_chat(obj: dict[str, Any], source: str, for_inference: bool) -> Record
             or message.get("role") not in ROLES
         ):
             raise BadRecord(
-                f"{source}: message {i} must be an object with 'role' (one of {', '.join(ROLES)}) and text 'content', got {str(message)[:60]!r}."
+                f"{source}: message {i} must be an object with 'role' (one of {', '.join(ROLES)}) "
+                f"and text 'content', got {str(message)[:60]!r}."
             )
         clean.append({"role": message["role"], "content": message["content"]})
     if for_inference:
         if clean[-1]["role"] == "assistant":
             raise BadRecord(
-                f"{source}: the last message is the assistant's; for generation it must be a user message."
+                f"{source}: the last message is the assistant's; for generation it must be a user "
+                "message."
             )
         return Record(source=source, messages=clean)
     if clean[-1]["role"] != "assistant":
         raise BadRecord(
-            f"{source}: the last message must be the assistant's answer (the part that is trained), got '{clean[-1]['role']}'."
+            f"{source}: the last message must be the assistant's answer (the part that is "
+            f"trained), got '{clean[-1]['role']}'."
         )
     empty = [
         i for i, m in enumerate(clean) if m["role"] == "assistant" and not m["content"].strip()
@@ -236,7 +243,8 @@ def _parse_tokenized(obj: dict[str, Any], source: str) -> Record:
         or not ids
     ):
         raise BadRecord(
-            f"{source}: a pre-tokenized record needs 'input_ids' and 'labels' lists of the same, non-zero length."
+            f"{source}: a pre-tokenized record needs 'input_ids' and 'labels' lists of the same, "
+            "non-zero length."
         )
     if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids + labels):
         raise BadRecord(f"{source}: 'input_ids' and 'labels' must hold integers only.")
@@ -248,7 +256,8 @@ def _parse_tokenized(obj: dict[str, Any], source: str) -> Record:
 
 
 def resolve_spec(spec: str) -> Path | str:
-    """``sample:<name>`` -> the shipped file; an existing path -> Path; anything else stays a dataset id.
+    """``sample:<name>`` -> the shipped file; an existing path -> Path; anything else stays a
+    dataset id.
 
     Raises:
         UserError: an unknown sample name, or something that looks like a missing local file.
@@ -257,15 +266,21 @@ def resolve_spec(spec: str) -> Path | str:
         key = spec.split(":", 1)[1]
         if key not in SAMPLES:
             raise UserError(
-                f"Unknown shipped sample '{spec}'; the package ships {', '.join('sample:' + k for k in SAMPLES)}."
+                f"Unknown shipped sample '{spec}'; the package ships "
+                f"{', '.join('sample:' + k for k in SAMPLES)}."
             )
         return SAMPLES[key]
     path = Path(spec).expanduser()
     if path.exists():
         return path
-    if path.suffix.lower() in (".json", ".jsonl") or spec.startswith((".", "/", "~")) or "\\" in spec:
+    if (
+        path.suffix.lower() in (".json", ".jsonl")
+        or spec.startswith((".", "/", "~"))
+        or "\\" in spec
+    ):
         raise UserError(
-            f"Data file '{spec}' (data.train_files / data.val_files) does not exist. Give an existing .jsonl / .json file."
+            f"Data file '{spec}' (data.train_files / data.val_files) does not exist. Give an "
+            "existing .jsonl / .json file."
         )
     return spec
 
@@ -291,7 +306,9 @@ def read_records(
 
     records, problems = [], []
     # Malformed lines come back as BadJSON, so they get the same hint (or skip) as bad records.
-    for raw in iter_source(resolve_spec(spec), key, split=cfg.hf_split, subset=cfg.hf_subset, on_bad="keep"):
+    for raw in iter_source(
+        resolve_spec(spec), key, split=cfg.hf_split, subset=cfg.hf_subset, on_bad="keep"
+    ):
         try:
             if isinstance(raw.value, BadJSON):
                 raise BadRecord(raw.value.message)
@@ -299,16 +316,20 @@ def read_records(
         except BadRecord as err:
             if cfg.on_bad_record == "error" or for_inference:
                 raise UserError(
-                    f"Bad record in {err} Fix the record, or set data.on_bad_record=skip to leave such records out (they are counted)."
+                    f"Bad record in {err} Fix the record, or set data.on_bad_record=skip to leave "
+                    "such records out (they are counted)."
                 ) from None
             problems.append(str(err))
     return records, problems
 
 
 def reference_text(record: Record) -> str:
-    """The response a record trains: its ``output``, or the content of its last assistant message."""
+    """The response a record trains: its ``output``, or the content of its last assistant
+    message."""
     if record.messages is not None:
-        return next((m["content"] for m in reversed(record.messages) if m.get("role") == "assistant"), "")
+        return next(
+            (m["content"] for m in reversed(record.messages) if m.get("role") == "assistant"), ""
+        )
     return record.output
 
 
@@ -396,7 +417,8 @@ class Encoder:
         self.eos_id = tokenizer.eos_token_id
         if self.eos_id is None:
             raise UserError(
-                "The tokenizer has no EOS token; the model could never learn to stop. Choose a tokenizer with one (model.tokenizer)."
+                "The tokenizer has no EOS token; the model could never learn to stop. Choose a "
+                "tokenizer with one (model.tokenizer)."
             )
         bos = tokenizer.bos_token_id
         # Does the tokenizer add BOS by itself (Llama) or not (GPT-2)? Prompts get it the same way.
@@ -465,7 +487,8 @@ class Encoder:
             full = self.render_chat(messages[: i + 1], generation_prompt=False)
             if not prompt.startswith(done) or not full.startswith(prompt):
                 raise BadRecord(
-                    f"{record.source}: the chat template does not render this conversation turn by turn; use data.template=alpaca."
+                    f"{record.source}: the chat template does not render this conversation turn "
+                    "by turn; use data.template=alpaca."
                 )
             pieces += [(prompt[len(done) :], False), (full[len(prompt) :], True)]
             done = full
@@ -544,8 +567,10 @@ class Encoder:
         if len(ids) > self.max_length:
             if prompt_tokens > self.max_length - self.min_response_tokens:
                 raise PromptTooLong(
-                    f"{record.source}: the prompt has {prompt_tokens} tokens, which leaves fewer than "
-                    f"data.min_response_tokens={self.min_response_tokens} of data.max_length={self.max_length} for the response."
+                    f"{record.source}: the prompt has {prompt_tokens} tokens, which leaves fewer "
+                    "than "
+                    f"data.min_response_tokens={self.min_response_tokens} of "
+                    f"data.max_length={self.max_length} for the response."
                 )
             cut = sum(trained[self.max_length :])
             ids, labels, trained = (
@@ -566,7 +591,8 @@ class Encoder:
 
 @dataclass
 class EncodeStats:
-    """Counts and length distributions of an encoded data set (logged, and written by ``prepare``)."""
+    """Counts and length distributions of an encoded data set (logged, and written by
+    ``prepare``)."""
 
     records: int = 0
     bad_records_skipped: int = 0
@@ -629,10 +655,14 @@ class EncodeStats:
         """One log line: samples, skips, truncation, length percentiles."""
         total = self.summary(0)["lengths"]["total"]
         return (
-            f"{name}: {len(self.total_lengths)} samples from {self.records} records ({dict(self.styles)}); "
-            f"skipped {self.bad_records_skipped} bad, {self.long_prompts_skipped} with too-long prompts; "
-            f"{self.truncated_samples} responses truncated ({self.response_tokens_cut} response tokens cut); "
-            f"tokens p50 {total.get('p50', 0):.0f}, p90 {total.get('p90', 0):.0f}, max {total.get('max', 0)}"
+            f"{name}: {len(self.total_lengths)} samples from {self.records} records "
+            f"({dict(self.styles)}); "
+            f"skipped {self.bad_records_skipped} bad, {self.long_prompts_skipped} with too-long "
+            "prompts; "
+            f"{self.truncated_samples} responses truncated ({self.response_tokens_cut} response "
+            "tokens cut); "
+            f"tokens p50 {total.get('p50', 0):.0f}, p90 {total.get('p90', 0):.0f}, max "
+            f"{total.get('max', 0)}"
         )
 
 
@@ -668,7 +698,8 @@ def encode_records(
         except PromptTooLong as err:
             if long_prompts == "error":
                 raise UserError(
-                    f"Prompt too long: {err} Raise data.max_length, shorten the record, or set data.long_prompts=skip "
+                    f"Prompt too long: {err} Raise data.max_length, shorten the record, or set "
+                    "data.long_prompts=skip "
                     "to leave such records out (they are counted)."
                 ) from None
             stats.long_prompts_skipped += 1
@@ -797,7 +828,9 @@ def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tenso
     mask = length_mask(lengths, width)
     positions = None
     if "position_ids" in samples[0]:  # packed rows: the padding tail counts from 0 again
-        positions = pad_rows([s["position_ids"] + list(range(width - n)) for s, n in zip(samples, lengths)], 0, width)
+        positions = pad_rows(
+            [s["position_ids"] + list(range(width - n)) for s, n in zip(samples, lengths)], 0, width
+        )
     out = {
         "input_ids": ids,
         "attention_mask": mask,
@@ -869,6 +902,7 @@ if __name__ == "__main__":  # self-check: python -m lora_llm.data
     packed = PackedDataset(examples, 128)
     batch = collate([packed[0], packed[1]], tok.pad_token_id)
     print(
-        f"{len(examples)} samples -> {len(packed)} packed rows; batch {tuple(batch['input_ids'].shape)}"
+        f"{len(examples)} samples -> {len(packed)} packed rows; batch "
+        f"{tuple(batch['input_ids'].shape)}"
     )
     print("lora_llm.data: ok")

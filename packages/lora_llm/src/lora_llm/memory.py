@@ -7,7 +7,8 @@ peft, counts parameters exactly, and estimates the peak training memory of one G
 - **base weights**: quantized linear layers at 4.13 bits (NF4 + double-quantised constants:
   0.5 B + 1 B per 64-block + 4 B per 256 blocks) or 4.5 bits without double quantisation, 1 B in
   8 bits; everything bitsandbytes leaves alone (embeddings, output head, norms, biases) in float32,
-  which ``prepare_model_for_kbit_training`` upcasts it to; without quantization all in ``model.dtype``.
+  which ``prepare_model_for_kbit_training`` upcasts it to; without quantization all in
+  ``model.dtype``.
 - **adapters**: float32 weights + float32 gradients + optimizer state (AdamW 8 B, 8-bit AdamW 2 B,
   SGD 0-4 B per parameter).
 - **activations** of a micro-batch ``b x s``: per layer and token about
@@ -94,6 +95,7 @@ KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
 """Architectures of the Hub presets (from their ``config.json``), so ``--dry-run`` works offline."""
 KNOWN_CONFIGS["TinyLlama/TinyLlama_v1.1"] = KNOWN_CONFIGS["TinyLlama/TinyLlama-1.1B-Chat-v1.0"]
 
+
 def model_config(cfg: LoraLLMConfig) -> tuple[Any, str]:
     """The transformers config of ``model.name`` and where it came from.
 
@@ -121,8 +123,10 @@ def model_config(cfg: LoraLLMConfig) -> tuple[Any, str]:
         known = dict(KNOWN_CONFIGS[name])
         return AutoConfig.for_model(known.pop("model_type"), **known), "shipped copy of config.json"
     raise UserError(
-        f"Cannot read the architecture of '{name}' (model.name): not a local folder, not in the Hugging Face cache, the Hub "
-        f"is not reachable, and it is not one of the shipped architectures ({', '.join(KNOWN_CONFIGS)})."
+        f"Cannot read the architecture of '{name}' (model.name): not a local folder, not in the "
+        "Hugging Face cache, the Hub "
+        "is not reachable, and it is not one of the shipped architectures "
+        f"({', '.join(KNOWN_CONFIGS)})."
     )
 
 
@@ -138,7 +142,8 @@ def meta_model(config: Any, cfg: LoraLLMConfig) -> nn.Module:
 
 
 def quantizable_weights(model: nn.Module, skip: list[str]) -> int:
-    """Weights of the linear layers bitsandbytes would quantize (all but the output head and ``skip``)."""
+    """Weights of the linear layers bitsandbytes would quantize (all but the output head and
+    ``skip``)."""
     from transformers.pytorch_utils import Conv1D
 
     head = model.get_output_embeddings()
@@ -228,9 +233,9 @@ def estimate(cfg: LoraLLMConfig) -> dict[str, Any]:
         weights_note += f", / {split['weights']} ranks"
     trainable_params = [p for p in model.parameters() if p.requires_grad]
     adapters = trainable * 4 / split["weights"] + trainable * 4 / split["gradients"]
-    adapters += optimizer_bytes(cfg.optim.name, trainable_params, cfg.optim.momentum) / split[
-        "optimizer"
-    ]
+    adapters += (
+        optimizer_bytes(cfg.optim.name, trainable_params, cfg.optim.momentum) / split["optimizer"]
+    )
     act_bytes = 4 if tc.precision in ("32-true", "32", "64-true") else 2
     targets = round(
         sum(1 for n, _ in model.named_modules() if n.endswith("lora_A"))

@@ -1,4 +1,5 @@
-"""The base causal LM (Hub id, local folder or the ``tiny`` model), quantization, and the LoRA adapter.
+"""The base causal LM (Hub id, local folder or the ``tiny`` model), quantization, and the LoRA
+adapter.
 
 - :func:`load_tokenizer`: the model's tokenizer (the ``tiny`` model's ships in ``assets/``); a
   missing pad token becomes EOS (the collator masks by length, so EOS is still trained).
@@ -45,7 +46,8 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 TINY = "tiny"
 TINY_TOKENIZER = ASSETS / "tiny_tokenizer"
 SETTINGS_FILE = "lora_llm.json"
-"""Written next to the adapter: the prompt template, quantization and base model it was trained with."""
+"""Written next to the adapter: the prompt template, quantization and base model it was trained
+with."""
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -82,7 +84,8 @@ def compute_dtype(choice: str, device_type: str) -> torch.dtype:
 
 @contextmanager
 def peft_quietly() -> Iterator[None]:
-    """Hide the deprecation warning peft 0.21 triggers in transformers 5 (``is_gradient_checkpointing``),
+    """Hide the deprecation warning peft 0.21 triggers in transformers 5
+    (``is_gradient_checkpointing``),
     and its missing-keys warning (:func:`load_adapter_model` turns a mismatch into an error)."""
     with warnings.catch_warnings():
         warnings.filterwarnings(
@@ -326,8 +329,10 @@ def check_causal_lm(name_or_path: str | Path, cfg: ModelConfig) -> None:
     causal = any("CausalLM" in a or "LMHeadModel" in a for a in architectures)  # GPT2LMHeadModel
     if config.get("is_encoder_decoder") or (architectures and not causal):
         raise UserError(
-            f"'{name_or_path}' holds a {config.get('model_type', '?')} model ({', '.join(architectures) or 'no architecture'}), "
-            "not a causal language model: give the base the adapter was trained on (--base), or a causal LM for model.name."
+            f"'{name_or_path}' holds a {config.get('model_type', '?')} model "
+            f"({', '.join(architectures) or 'no architecture'}), "
+            "not a causal language model: give the base the adapter was trained on (--base), or a "
+            "causal LM for model.name."
         )
 
 
@@ -376,7 +381,8 @@ def add_adapter(model: nn.Module, lora: LoraSettings, gradient_checkpointing: bo
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if is_quantized(model):
-        # Freezes everything and casts the remaining 16-bit weights (norms, embeddings, head) to float32.
+        # Freezes everything and casts the remaining 16-bit weights (norms, embeddings, head) to
+        # float32.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     else:
         model.requires_grad_(False)
@@ -388,7 +394,8 @@ def add_adapter(model: nn.Module, lora: LoraSettings, gradient_checkpointing: bo
     targets: Any = (
         "all-linear" if list(lora.target_modules) == ["all-linear"] else list(lora.target_modules)
     )
-    # GPT-2 style Conv1D layers store their weight transposed; peft must know (it would warn and guess).
+    # GPT-2 style Conv1D layers store their weight transposed; peft must know (it would warn and
+    # guess).
     conv1d = any(type(m).__name__ == "Conv1D" for m in model.modules())
     config = LoraConfig(
         r=lora.r,
@@ -406,7 +413,8 @@ def add_adapter(model: nn.Module, lora: LoraSettings, gradient_checkpointing: bo
             return get_peft_model(model, config)
     except ValueError as err:
         raise UserError(
-            f"lora.target_modules={list(lora.target_modules)} does not fit this model ({err}). Its linear layers are: "
+            f"lora.target_modules={list(lora.target_modules)} does not fit this model ({err}). "
+            "Its linear layers are: "
             f"{', '.join(linear_module_names(model))}; or use lora.target_modules=[all-linear]."
         ) from None
 
@@ -442,7 +450,8 @@ def decoder_layer_classes(model_cls: type) -> set[type[nn.Module]]:
 
 
 def causal_lm_class(config: Any) -> type:
-    """The transformers class ``AutoModelForCausalLM`` builds for a model config (no weights read)."""
+    """The transformers class ``AutoModelForCausalLM`` builds for a model config (no weights
+    read)."""
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM._model_mapping[type(config)]
@@ -454,7 +463,8 @@ def causal_lm_class(config: Any) -> type:
 
 
 def read_adapter(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``adapter_config.json`` and this package's ``lora_llm.json`` (empty if absent) of an adapter folder.
+    """``adapter_config.json`` and this package's ``lora_llm.json`` (empty if absent) of an adapter
+    folder.
 
     Raises:
         UserError: the folder does not exist or is not a peft adapter.
@@ -462,12 +472,14 @@ def read_adapter(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
         raise UserError(
-            f"Adapter folder '{adapter_dir}' does not exist; give a run's final/ folder (runs/NNN_.../final)."
+            f"Adapter folder '{adapter_dir}' does not exist; give a run's final/ folder "
+            "(runs/NNN_.../final)."
         )
     config_file = adapter_dir / "adapter_config.json"
     if not config_file.is_file() or not any(adapter_dir.glob("adapter_model.*")):
         raise UserError(
-            f"'{adapter_dir}' is not a LoRA adapter folder: it needs adapter_config.json and adapter_model.safetensors "
+            f"'{adapter_dir}' is not a LoRA adapter folder: it needs adapter_config.json and "
+            "adapter_model.safetensors "
             "(what train writes to <run>/final)."
         )
     settings_file = adapter_dir / SETTINGS_FILE
@@ -495,7 +507,8 @@ def resolve_base(adapter_dir: Path, adapter_config: dict[str, Any], base: str | 
     if named and not Path(named).is_absolute():
         return named
     raise UserError(
-        f"The adapter in '{adapter_dir}' names base model '{named}', which is not here; pass --base NAME_OR_DIR."
+        f"The adapter in '{adapter_dir}' names base model '{named}', which is not here; pass "
+        "--base NAME_OR_DIR."
     )
 
 
@@ -510,7 +523,8 @@ def check_not_quantized_checkpoint(base: str) -> None:
         quant = json.loads(config_file.read_text(encoding="utf-8")).get("quantization_config")
         if quant:
             raise UserError(
-                f"The base '{base}' is a quantized checkpoint ({quant.get('quant_method', 'bitsandbytes')}); merging an adapter into "
+                f"The base '{base}' is a quantized checkpoint "
+                f"({quant.get('quant_method', 'bitsandbytes')}); merging an adapter into "
                 "4/8-bit weights corrupts them. Give the original 16/32-bit base with --base."
             )
 
@@ -542,7 +556,8 @@ def load_adapter_model(
             model = PeftModel.from_pretrained(model, str(adapter_dir))
     except (ValueError, RuntimeError, KeyError) as err:
         raise UserError(
-            f"The adapter in '{adapter_dir}' does not match the base model '{base}': {' '.join(str(err).split())[:400]}"
+            f"The adapter in '{adapter_dir}' does not match the base model '{base}': "
+            f"{' '.join(str(err).split())[:400]}"
         ) from None
     weights = adapter_dir / "adapter_model.safetensors"
     if weights.is_file():
@@ -551,8 +566,10 @@ def load_adapter_model(
         present = sum(1 for name, _ in model.named_parameters() if "lora_" in name)
         if saved != present:
             raise UserError(
-                f"The adapter in '{adapter_dir}' does not match the base model '{base}': it holds {saved} LoRA tensors, "
-                f"the base has places for {present} (another depth or other layer names). Pass the base it was trained on with --base."
+                f"The adapter in '{adapter_dir}' does not match the base model '{base}': it holds "
+                f"{saved} LoRA tensors, "
+                f"the base has places for {present} (another depth or other layer names). Pass "
+                "the base it was trained on with --base."
             )
     model.eval()
     return model
@@ -585,7 +602,8 @@ def generate(
         model: the causal LM (with or without adapter), eval mode.
         tokenizer: its tokenizer (pad and EOS tokens set).
         prompts: token ids of each prompt (as :meth:`lora_llm.data.Encoder.prompt_ids` makes them).
-        max_new_tokens / do_sample / temperature / top_p / top_k / repetition_penalty: sampling settings.
+        max_new_tokens / do_sample / temperature / top_p / top_k / repetition_penalty: sampling
+        settings.
         batch_size: prompts per ``generate`` call.
         synced_gpus: keep stepping until every rank is done (sharded parameters, FSDP2).
 
@@ -680,6 +698,8 @@ if __name__ == "__main__":  # self-check: python -m lora_llm.model
                 AutoModelForCausalLM.from_pretrained(base), Path(tmp) / "adapter"
             )
         print(
-            f"loss {loss.item():.3f}; adapter files: {sorted(p.name for p in (Path(tmp) / 'adapter').iterdir())}; reloaded {type(again).__name__}"
+            f"loss {loss.item():.3f}; adapter files: "
+            f"{sorted(p.name for p in (Path(tmp) / 'adapter').iterdir())}; reloaded "
+            f"{type(again).__name__}"
         )
     print("lora_llm.model: ok")

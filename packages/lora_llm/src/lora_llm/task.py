@@ -47,16 +47,16 @@ from lora_llm.data import (
     flatten_batch,
     read_records,
     reference_text,
-    without_answer,
     resolve_spec,
     split_records,
+    without_answer,
 )
 from lora_llm.model import (
     add_adapter,
-    generate,
     build_tiny_base,
     causal_lm_class,
     decoder_layer_classes,
+    generate,
     is_tiny,
     load_base,
     load_tokenizer,
@@ -137,7 +137,8 @@ def check_packing(model: nn.Module, pad_id: int) -> float:
     )
     if diff > tolerance:
         raise ConfigError(
-            f"data.packing=true is not safe for this model: packed samples change each other's logits (relative difference {diff:.2e}). "
+            "data.packing=true is not safe for this model: packed samples change each other's "
+            f"logits (relative difference {diff:.2e}). "
             "Its attention does not follow restarting position ids; set data.packing=false."
         )
     return diff
@@ -183,7 +184,8 @@ class LoraLLMTask(Task):
         )
         if not train_examples:
             raise UserError(
-                f"No usable training samples in data.train_files={d.train_files}: {self.stats['train'].describe('train')}."
+                f"No usable training samples in data.train_files={d.train_files}: "
+                f"{self.stats['train'].describe('train')}."
             )
         self.train_data = (
             PackedDataset(train_examples, d.max_length) if d.packing else SFTDataset(train_examples)
@@ -195,7 +197,8 @@ class LoraLLMTask(Task):
             )
             if not val_examples and d.val_files:
                 raise UserError(
-                    f"No usable validation samples in data.val_files={d.val_files}: {self.stats['val'].describe('val')}."
+                    f"No usable validation samples in data.val_files={d.val_files}: "
+                    f"{self.stats['val'].describe('val')}."
                 )
             self.val_data = SFTDataset(val_examples) if val_examples else None
 
@@ -230,7 +233,9 @@ class LoraLLMTask(Task):
         examples, self.stats["eval"] = encode_records(records, encoder, "skip")
         kept = {e["source"] for e in examples}
         chosen = [r for r in records if r.source in kept]
-        self.eval_prompts = [encoder.prompt_ids(without_answer(r)) for r in chosen] if generate else []
+        self.eval_prompts = (
+            [encoder.prompt_ids(without_answer(r)) for r in chosen] if generate else []
+        )
         self.eval_references = [reference_text(r) for r in chosen]
         self.eval_sources = [r.source for r in chosen]
         self.eval_new_tokens = generate
@@ -254,7 +259,10 @@ class LoraLLMTask(Task):
                 self.files.append(where)
             found, bad = read_records(spec, self.cfg.data, key=key)
             if not found and not bad:
-                raise UserError(f"Data source '{spec}' ({key}) holds no records: it is empty or has only blank lines.")
+                raise UserError(
+                    f"Data source '{spec}' ({key}) holds no records: it is empty or "
+                    "has only blank lines."
+                )
             records += found[:limit] if limit else found
             problems += bad
         return records, problems
@@ -297,7 +305,8 @@ class LoraLLMTask(Task):
         model = load_base(name, cfg.model, cfg.quant, device, compute_device=self.ranks.device)
         if len(self.tokenizer) > model.get_input_embeddings().weight.shape[0]:
             raise UserError(
-                f"The tokenizer has {len(self.tokenizer)} tokens but the model only {model.get_input_embeddings().weight.shape[0]} "
+                f"The tokenizer has {len(self.tokenizer)} tokens but the model only "
+                f"{model.get_input_embeddings().weight.shape[0]} "
                 "embeddings: model.tokenizer does not belong to model.name."
             )
         if cfg.data.packing:
@@ -339,14 +348,16 @@ class LoraLLMTask(Task):
         return model
 
     def report_data(self) -> None:
-        """Log the data statistics (truncation included) and write ``<run>/data_stats.json`` (rank 0)."""
+        """Log the data statistics (truncation included) and write ``<run>/data_stats.json`` (rank
+        0)."""
         if not self.ranks.is_global_zero:
             return
         for split, stats in self.stats.items():
             log.info("%s", stats.describe(split))
             if stats.truncated_samples:
                 log.warning(
-                    "%s: %d of %d responses were cut at data.max_length=%d (%d response tokens lost); raise data.max_length to keep them",
+                    "%s: %d of %d responses were cut at data.max_length=%d (%d response tokens "
+                    "lost); raise data.max_length to keep them",
                     split,
                     stats.truncated_samples,
                     len(stats.total_lengths),
@@ -409,18 +420,29 @@ class LoraLLMTask(Task):
             )
         return per_sample_loss(forward_logits(model, batch), batch["labels"], shift=True)
 
-    def validation_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+    def validation_step(
+        self, model: nn.Module, batch: dict[str, torch.Tensor]
+    ) -> list[dict[str, Any]]:
         """Per-sample loss records; in ``evaluate`` with generation also the greedy answer to each
         prompt and its reference (all ranks generate in lockstep under sharded strategies)."""
         records = super().validation_step(model, batch)
         if self.eval_prompts:
             indices = batch["index"].tolist()
             answers = generate(
-                model, self.tokenizer, [self.eval_prompts[i] for i in indices], max_new_tokens=self.eval_new_tokens,
-                do_sample=False, batch_size=len(indices), synced_gpus=self.ranks.sharded,
+                model,
+                self.tokenizer,
+                [self.eval_prompts[i] for i in indices],
+                max_new_tokens=self.eval_new_tokens,
+                do_sample=False,
+                batch_size=len(indices),
+                synced_gpus=self.ranks.sharded,
             )
             for record, i, answer in zip(records, indices, answers, strict=True):
-                record.update(source=self.eval_sources[i], prediction=answer, reference=self.eval_references[i])
+                record.update(
+                    source=self.eval_sources[i],
+                    prediction=answer,
+                    reference=self.eval_references[i],
+                )
         return records
 
     def compute_metrics(self, records: list[dict[str, Any]]) -> dict[str, float]:
@@ -433,10 +455,19 @@ class LoraLLMTask(Task):
         if answered:
             from core.metrics import resolve_tokenizer, rouge
 
-            predictions, references = [r["prediction"] for r in answered], [r["reference"] for r in answered]
-            scores = rouge(predictions, [[t] for t in references], tokenizer=resolve_tokenizer("auto", references))
+            predictions, references = (
+                [r["prediction"] for r in answered],
+                [r["reference"] for r in answered],
+            )
+            scores = rouge(
+                predictions,
+                [[t] for t in references],
+                tokenizer=resolve_tokenizer("auto", references),
+            )
             metrics["rougeL"] = float(scores["rougeL"])
-            metrics["exact_match"] = sum(" ".join(p.split()) == " ".join(t.split()) for p, t in zip(predictions, references)) / len(answered)
+            metrics["exact_match"] = sum(
+                " ".join(p.split()) == " ".join(t.split()) for p, t in zip(predictions, references)
+            ) / len(answered)
         return metrics
 
     # -- output --------------------------------------------------------------------------------
@@ -444,7 +475,8 @@ class LoraLLMTask(Task):
     def save_final(
         self, model: nn.Module, state_dict: dict[str, torch.Tensor], out_dir: Path
     ) -> None:
-        """The adapter only (+ tokenizer and ``lora_llm.json``), loadable with ``PeftModel.from_pretrained``."""
+        """The adapter only (+ tokenizer and ``lora_llm.json``), loadable with
+        ``PeftModel.from_pretrained``."""
         model.save_pretrained(out_dir, state_dict=state_dict)
         self.tokenizer.save_pretrained(out_dir)
         write_settings(out_dir, self.settings())

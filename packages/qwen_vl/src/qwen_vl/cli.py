@@ -1,8 +1,10 @@
 """Commands of the qwen_vl package.
 
     qwen-vl-make-data --out DIR --n N [--seed S]                   draw the counting data set
-    train [-c PRESET|FILE] [key=value ...]                         fine-tune (core's contract; also qwen-vl-train)
-    evaluate --model DIR [--data FILE | --split dev] [--out FILE]  loss + counting metrics of a saved model
+    train [-c PRESET|FILE] [key=value ...]                         fine-tune (core's contract; also
+    qwen-vl-train)
+    evaluate --model DIR [--data FILE | --split dev] [--out FILE]  loss + counting metrics of a
+    saved model
     infer --model DIR (--prompt TEXT [--image FILE] | --data FILE) answer questions about images
 
 ``train``, ``evaluate`` and ``infer`` are the shared console scripts of core, dispatched here
@@ -89,10 +91,18 @@ def make_data(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="qwen-vl-make-data",
         description="Draw a counting data set (images with N circles / squares / triangles; "
-        "'How many ... are in the image?' -> N) as train.jsonl / dev.jsonl + images/. Same --seed, same files.",
+        "'How many ... are in the image?' -> N) as train.jsonl / dev.jsonl + images/. Same "
+        "--seed, same files.",
     )
-    parser.add_argument("--out", type=Path, required=True, help="output folder (created; must be new, empty or an earlier make-data folder)")
-    parser.add_argument("--overwrite", action="store_true", help="write into a folder that holds other files")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="output folder (created; must be new, empty or an earlier make-data folder)",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="write into a folder that holds other files"
+    )
     parser.add_argument("--n", type=int, required=True, help="training records")
     parser.add_argument(
         "--n-dev", type=int, default=None, help="dev records (default: n/5, at least 8)"
@@ -155,7 +165,8 @@ def make_data(argv: list[str] | None = None) -> int:
         raise UserError(str(err)) from None
     mark_folder(args.out, "qwen-vl-make-data")
     print(
-        f"wrote {stats['train']} train and {stats['dev']} dev records ({stats['images']} images) to {args.out}"
+        f"wrote {stats['train']} train and {stats['dev']} dev records ({stats['images']} images) "
+        f"to {args.out}"
     )
     print(f"answer histogram: {stats['count_histogram']}")
     return 0
@@ -168,7 +179,9 @@ def eval_config(args: argparse.Namespace) -> QwenVLConfig:
     Unless overridden, the pixel limits are the ones saved with the model's processor (the ones
     it was trained with), not the config's.
     """
-    cfg = config_for_model(args.model, args.config, args.overrides, QwenVLConfig, PRESETS_DIR, DEFAULT_PRESET)
+    cfg = config_for_model(
+        args.model, args.config, args.overrides, QwenVLConfig, PRESETS_DIR, DEFAULT_PRESET
+    )
     keys = {r.split("=", 1)[0] for r in args.overrides}
     if "data.min_pixels" not in keys:
         cfg.data.min_pixels = None
@@ -185,11 +198,15 @@ def evaluate(argv: list[str] | None = None) -> int:
     counting metrics of a saved model, on every device at once."""
     parser = argparse.ArgumentParser(
         prog="evaluate",
-        description="Loss and counting metrics (exact match, mean absolute error of the parsed count) of a saved "
-        "Qwen2.5-VL model on conversations. Runs on all trainer.devices at once (DDP, or FSDP2 with trainer.strategy=fsdp).",
+        description="Loss and counting metrics (exact match, mean absolute error of the parsed "
+        "count) of a saved "
+        "Qwen2.5-VL model on conversations. Runs on all trainer.devices at once (DDP, or FSDP2 "
+        "with trainer.strategy=fsdp).",
         epilog="Any train key works after the flags: trainer.devices=4 trainer.precision=bf16-true "
-        "trainer.eval_batch_size=16 generation.max_new_tokens=8; -c PRESET takes a preset's settings. Prints the metrics "
-        "as one JSON line; the answers ({id, prediction, reference}) go to --out, or, for a run's final/, to "
+        "trainer.eval_batch_size=16 generation.max_new_tokens=8; -c PRESET takes a preset's "
+        "settings. Prints the metrics "
+        "as one JSON line; the answers ({id, prediction, reference}) go to --out, or, for a run's "
+        "final/, to "
         "<run>/eval/<name>.jsonl.",
     )
     add_model_arguments(
@@ -202,13 +219,20 @@ def evaluate(argv: list[str] | None = None) -> int:
     args = parse_model_command(parser, argv)
     check_model_dir(args.model)
     if args.data is None and (args.split or "dev") != "dev":
-        raise UserError(f"--split {args.split!r}: qwen_vl has one held-out split, dev (data.val_file); or give --data FILE.")
+        raise UserError(
+            f"--split {args.split!r}: qwen_vl has one held-out split, dev "
+            "(data.val_file); or give --data FILE."
+        )
     cfg = eval_config(args)
     source = args.data if args.data is not None else cfg.data.val_file
     if source is None:
-        raise UserError("No data to evaluate on: give --data FILE, or a config whose data.val_file is set.")
+        raise UserError(
+            "No data to evaluate on: give --data FILE, or a config whose data.val_file is set."
+        )
     name = args.data.stem if args.data is not None else "dev"
-    records_path, scores_path = evaluation_outputs(args.model, name, args.out, args.overwrite, [(args.data, "--data")])
+    records_path, scores_path = evaluation_outputs(
+        args.model, name, args.out, args.overwrite, [(args.data, "--data")]
+    )
     from core.evaluation import Evaluator
     from qwen_vl.task import QwenVLTask
 
@@ -216,13 +240,22 @@ def evaluate(argv: list[str] | None = None) -> int:
     evaluator = Evaluator(cfg, task)
     task.prepare()
     key = "--data" if args.data is not None else "data.val_file"
-    task.eval_data = task.load_data(task.resolve_builtin(Path(source), "dev"), generation=True, key=key)
+    task.eval_data = task.load_data(
+        task.resolve_builtin(Path(source), "dev"), generation=True, key=key
+    )
     with evaluator.fabric.init_module(empty_init=False):
         module = task.configure_model()
     result = evaluator.run(evaluator.setup_model(module), task.eval_data)
     if evaluator.is_global_zero:
-        rows = [{k: r[k] for k in ("id", "prediction", "reference") if k in r} for r in result.records]
-        scores = {**result.metrics, "model": str(args.model), "data": str(source), "world_size": evaluator.fabric.world_size}
+        rows = [
+            {k: r[k] for k in ("id", "prediction", "reference") if k in r} for r in result.records
+        ]
+        scores = {
+            **result.metrics,
+            "model": str(args.model),
+            "data": str(source),
+            "world_size": evaluator.fabric.world_size,
+        }
         write_evaluation(records_path, scores_path, rows, scores)
     return 0
 
@@ -234,7 +267,8 @@ def infer(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="infer",
         description="Answer questions about images with a saved Qwen2.5-VL model.",
-        epilog="--data rows: {\"id\": ..., \"prompt\": \"How many circles?\", \"images\": [\"a.png\"]} (image paths relative "
+        epilog='--data rows: {"id": ..., "prompt": "How many circles?", "images": '
+        '["a.png"]} (image paths relative '
         "to the file); the answers ({id, prompt, answer}) go to --out or stdout.",
     )
     add_model_arguments(
@@ -244,13 +278,37 @@ def infer(argv: list[str] | None = None) -> int:
         prompt_help="one question (with --image files)",
         out_help="write the answers here (JSONL; default: stdout)",
     )
-    parser.add_argument("--image", type=Path, action="append", default=[], help="an image file for --prompt (repeat for several)")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate (default 64)")
-    parser.add_argument("--min-pixels", type=int, default=None, help="smallest image area (default: the model's processor setting)")
-    parser.add_argument("--max-pixels", type=int, default=None, help="largest image area (default: the model's processor setting)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    parser.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
-                        help="weights dtype (default: bfloat16 on a GPU that supports it, else float32)")
+    parser.add_argument(
+        "--image",
+        type=Path,
+        action="append",
+        default=[],
+        help="an image file for --prompt (repeat for several)",
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=64, help="most tokens to generate (default 64)"
+    )
+    parser.add_argument(
+        "--min-pixels",
+        type=int,
+        default=None,
+        help="smallest image area (default: the model's processor setting)",
+    )
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        help="largest image area (default: the model's processor setting)",
+    )
+    parser.add_argument(
+        "--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        default="auto",
+        help="weights dtype (default: bfloat16 on a GPU that supports it, else float32)",
+    )
     args = parse_model_command(parser, argv)
     check_model_dir(args.model)
     if args.max_new_tokens < 1:
@@ -260,10 +318,22 @@ def infer(argv: list[str] | None = None) -> int:
     if args.data is not None and args.image:
         raise UserError("--image goes with --prompt; in --data each row lists its own images.")
     if args.out is not None:
-        guard_file(args.out, "--out", [(args.data, "--data"), *((i, "--image") for i in args.image)], args.overwrite)
-    questions = [("prompt", args.prompt, list(args.image))] if args.prompt is not None else read_questions(args.data)
+        guard_file(
+            args.out,
+            "--out",
+            [(args.data, "--data"), *((i, "--image") for i in args.image)],
+            args.overwrite,
+        )
+    questions = (
+        [("prompt", args.prompt, list(args.image))]
+        if args.prompt is not None
+        else read_questions(args.data)
+    )
     session = AnswerSession(args.model, args.min_pixels, args.max_pixels, args.device, args.dtype)
-    rows = [{"id": qid, "prompt": text, "answer": session.answer(images, text, args.max_new_tokens)} for qid, text, images in questions]
+    rows = [
+        {"id": qid, "prompt": text, "answer": session.answer(images, text, args.max_new_tokens)}
+        for qid, text, images in questions
+    ]
     if args.out is not None:
         from core.outputs import write_jsonl
 
@@ -289,12 +359,23 @@ def read_questions(path: Path) -> list[tuple[str, str, list[Path]]]:
     questions = []
     for record in read_all(path, "--data", what="questions", allow_folders=False):
         row = record.value
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-            raise UserError(f"{record.where}: each row needs a non-empty text 'prompt' (and optionally 'images': [paths]).")
+        if (
+            not isinstance(row, dict)
+            or not isinstance(row.get("prompt"), str)
+            or not row["prompt"].strip()
+        ):
+            raise UserError(
+                f"{record.where}: each row needs a non-empty text 'prompt' (and "
+                "optionally 'images': [paths])."
+            )
         images = row.get("images", [row["image"]] if "image" in row else [])
         if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
-            raise UserError(f"{record.where}: 'images' must be a list of image paths, got {images!r}.")
-        questions.append((str(row.get("id", record.line)), row["prompt"], [path.parent / i for i in images]))
+            raise UserError(
+                f"{record.where}: 'images' must be a list of image paths, got {images!r}."
+            )
+        questions.append(
+            (str(row.get("id", record.line)), row["prompt"], [path.parent / i for i in images])
+        )
     return questions
 
 
@@ -309,8 +390,14 @@ class AnswerSession:
         dtype: ``auto`` (bfloat16 on a GPU that supports it, else float32) or a dtype name.
     """
 
-    def __init__(self, model_dir: Path, min_pixels: int | None = None, max_pixels: int | None = None,
-                 device: str = "auto", dtype: str = "auto") -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+    ) -> None:
         import torch
         from transformers import AutoModelForImageTextToText
 
@@ -323,9 +410,17 @@ class AnswerSession:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if dtype == "auto":
-            dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+            dtype = (
+                "bfloat16"
+                if device.startswith("cuda") and torch.cuda.is_bf16_supported()
+                else "float32"
+            )
         self.device = device
-        self.model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
+        self.model = (
+            AutoModelForImageTextToText.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+            .to(device)
+            .eval()
+        )
 
     def answer(self, images: list[Path], prompt: str, max_new_tokens: int = 64) -> str:
         """The greedy answer to ``prompt`` about ``images`` (special tokens removed).
@@ -342,11 +437,19 @@ class AnswerSession:
         pil = [load_image(s, "--image", DataConfig().max_source_pixels) for s in sources]
         inputs = self.encoder.encode_prompt(prompt, pil)
         with torch.no_grad():
-            out = self.model.generate(**{k: v.to(self.device) for k, v in inputs.items()}, max_new_tokens=max_new_tokens, do_sample=False)
-        return self.processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+            out = self.model.generate(
+                **{k: v.to(self.device) for k, v in inputs.items()},
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+            )
+        return self.processor.tokenizer.decode(
+            out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+        ).strip()
 
 
-def answer_question(model_dir: str, images: list[Path], prompt: str, max_new_tokens: int = 64, **settings: Any) -> str:
+def answer_question(
+    model_dir: str, images: list[Path], prompt: str, max_new_tokens: int = 64, **settings: Any
+) -> str:
     """One answer from a freshly loaded model (see :class:`AnswerSession`)."""
     return AnswerSession(Path(model_dir), **settings).answer(images, prompt, max_new_tokens)
 

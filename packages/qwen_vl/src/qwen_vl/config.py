@@ -1,4 +1,5 @@
-"""The root config of the qwen_vl task: the engine's groups plus ``data``, ``model`` and ``generation``.
+"""The root config of the qwen_vl task: the engine's groups plus ``data``, ``model`` and
+``generation``.
 
 Every field has a docstring (``train --help-keys`` prints them). Range checks live in
 ``__post_init__`` so a bad value fails when the config is built, naming the key.
@@ -15,7 +16,8 @@ from typing import Literal
 from core.errors import ConfigError
 from core.settings import LossConfig, TrainConfig
 
-# Qwen2.5-VL's own limits: at least 4 vision tokens per image, at most 16384 (factor 28 = patch 14 x merge 2).
+# Qwen2.5-VL's own limits: at least 4 vision tokens per image, at most 16384 (factor 28 = patch 14 x
+# merge 2).
 QWEN_MIN_PIXELS = 4 * 28 * 28
 """Smallest image area Qwen2.5-VL's processor resizes to by default (4 vision tokens)."""
 
@@ -71,7 +73,8 @@ class DataConfig:
             and self.min_pixels > self.max_pixels
         ):
             raise ConfigError(
-                f"Config key 'data.min_pixels' ({self.min_pixels}) is larger than 'data.max_pixels' ({self.max_pixels})."
+                f"Config key 'data.min_pixels' ({self.min_pixels}) is larger than "
+                f"'data.max_pixels' ({self.max_pixels})."
             )
         if self.max_length is not None and self.max_length < 8:
             raise ConfigError(
@@ -79,7 +82,8 @@ class DataConfig:
             )
         if self.max_source_pixels < 1:
             raise ConfigError(
-                f"Config key 'data.max_source_pixels' must be positive, got {self.max_source_pixels}."
+                "Config key 'data.max_source_pixels' must be positive, got "
+                f"{self.max_source_pixels}."
             )
 
 
@@ -89,7 +93,8 @@ class LoraSettings:
 
     enabled: bool = False
     """Train LoRA adapters instead of the language model's weights (needs ``model.train_llm=true``).
-    ``final/`` holds the merged model (plain ``from_pretrained``) and the adapter in ``final/adapter``."""
+    ``final/`` holds the merged model (plain ``from_pretrained``) and the adapter in
+    ``final/adapter``."""
     r: int = 8
     """Adapter rank."""
     alpha: int = 16
@@ -118,7 +123,8 @@ class LoraSettings:
     def __post_init__(self) -> None:
         if self.r < 1 or self.alpha < 1:
             raise ConfigError(
-                f"Config keys 'model.lora.r' and 'model.lora.alpha' must be at least 1, got {self.r}, {self.alpha}."
+                "Config keys 'model.lora.r' and 'model.lora.alpha' must be at least 1, got "
+                f"{self.r}, {self.alpha}."
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(
@@ -126,13 +132,15 @@ class LoraSettings:
             )
         if not self.target_modules:
             raise ConfigError(
-                "Config key 'model.lora.target_modules' is empty; name at least one layer, e.g. [q_proj,v_proj]."
+                "Config key 'model.lora.target_modules' is empty; name at least one layer, e.g. "
+                "[q_proj,v_proj]."
             )
 
 
 @dataclass
 class TinyModel:
-    """Size of the ``tiny`` model (random weights, built from a config; for tests and CPU smoke runs)."""
+    """Size of the ``tiny`` model (random weights, built from a config; for tests and CPU smoke
+    runs)."""
 
     hidden_size: int = 64
     """Language model hidden size."""
@@ -156,7 +164,8 @@ class TinyModel:
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 4:
             raise ConfigError(
-                "Config keys 'model.tiny.hidden_size' / 'model.tiny.num_heads': the head size must be a whole "
+                "Config keys 'model.tiny.hidden_size' / 'model.tiny.num_heads': the head size "
+                "must be a whole "
                 f"multiple of 4, got {self.hidden_size} / {self.num_heads}."
             )
         if self.num_heads % self.num_kv_heads:
@@ -175,7 +184,8 @@ class ModelConfig:
 
     name: str = "tiny"
     """``tiny`` (a small Qwen2.5-VL with random weights and the processor shipped in this package;
-    offline), a Hub id such as ``Qwen/Qwen2.5-VL-3B-Instruct``, or a local ``save_pretrained`` folder."""
+    offline), a Hub id such as ``Qwen/Qwen2.5-VL-3B-Instruct``, or a local ``save_pretrained``
+    folder."""
     processor: str | None = None
     """Processor (tokenizer, chat template, image processor) folder or Hub id; null: the same as
     ``model.name`` (for ``tiny``: the processor shipped in this package)."""
@@ -210,8 +220,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.lora.enabled and not self.train_llm:
             raise ConfigError(
-                "Config key 'model.lora.enabled' is true but 'model.train_llm' is false: LoRA adapters that do not "
-                "train do nothing. Set model.train_llm=true (the base weights stay frozen) or model.lora.enabled=false."
+                "Config key 'model.lora.enabled' is true but 'model.train_llm' is false: LoRA "
+                "adapters that do not "
+                "train do nothing. Set model.train_llm=true (the base weights stay frozen) or "
+                "model.lora.enabled=false."
             )
         for key, value in (
             ("model.lr_vision", self.lr_vision),
@@ -235,7 +247,8 @@ class GenerationSettings:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ConfigError(
-                f"Config key 'generation.max_new_tokens' must be at least 1, got {self.max_new_tokens}."
+                "Config key 'generation.max_new_tokens' must be at least 1, got "
+                f"{self.max_new_tokens}."
             )
 
 

@@ -1,4 +1,5 @@
-"""Qwen2.5-VL models: the tiny random one, Hub presets, local folders; what trains; export to ``final/``.
+"""Qwen2.5-VL models: the tiny random one, Hub presets, local folders; what trains; export to
+``final/``.
 
 - :func:`load_processor`: the processor of ``model.processor`` / ``model.name`` (``tiny``: the one
   shipped in ``qwen_vl/assets/tiny_processor``); Hub ids fail fast offline (``core.hub``).
@@ -41,7 +42,8 @@ TINY = "tiny"
 
 
 def processor_source(cfg: ModelConfig) -> str:
-    """Where the processor comes from: ``model.processor``, else ``model.name`` (``tiny``: the shipped folder)."""
+    """Where the processor comes from: ``model.processor``, else ``model.name`` (``tiny``: the
+    shipped folder)."""
     if cfg.processor:
         return cfg.processor
     return str(TINY_PROCESSOR_DIR) if cfg.name == TINY else cfg.name
@@ -93,7 +95,8 @@ def tiny_config(t: TinyModel, tokenizer: Any, image_processor: Any) -> Any:
     Args:
         t: sizes.
         tokenizer: gives the vocabulary size and the special token ids.
-        image_processor: gives patch, merge and temporal patch sizes (must agree with the vision tower).
+        image_processor: gives patch, merge and temporal patch sizes (must agree with the vision
+        tower).
 
     Returns:
         The config (``model_type`` ``qwen2_5_vl``).
@@ -102,7 +105,8 @@ def tiny_config(t: TinyModel, tokenizer: Any, image_processor: Any) -> Any:
 
     ids = tokenizer.convert_tokens_to_ids
     half = t.hidden_size // t.num_heads // 2
-    # 3D RoPE splits each head's rotary half into temporal / height / width sections (Qwen: 16/24/24 of 64).
+    # 3D RoPE splits each head's rotary half into temporal / height / width sections (Qwen: 16/24/24
+    # of 64).
     section = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
     text = dict(
         vocab_size=len(tokenizer),
@@ -166,13 +170,15 @@ def model_parts(model: nn.Module) -> dict[str, list[nn.Module]]:
         }
     except AttributeError:
         raise UserError(
-            f"{type(base).__name__} does not have Qwen2.5-VL's layout (model.visual / model.language_model / lm_head); "
+            f"{type(base).__name__} does not have Qwen2.5-VL's layout (model.visual / "
+            "model.language_model / lm_head); "
             "model.name must be a Qwen2.5-VL model."
         ) from None
 
 
 def lora_targets(lora: LoraSettings) -> str:
-    """peft ``target_modules`` regex: the named linear layers inside the language model's decoder layers only
+    """peft ``target_modules`` regex: the named linear layers inside the language model's decoder
+    layers only
     (the vision blocks have layers of the same names, e.g. ``gate_proj``)."""
     names = "|".join(sorted(lora.target_modules))
     return rf".*language_model\.layers\.\d+\.(?:self_attn|mlp)\.(?:{names})"
@@ -223,7 +229,8 @@ def set_trainable(model: nn.Module, cfg: ModelConfig) -> nn.Module:
 
 
 def build_model(cfg: ModelConfig, processor: Any, gradient_checkpointing: bool) -> nn.Module:
-    """The model on the current default device and dtype (Fabric's ``init_module`` sets both), with the switches applied.
+    """The model on the current default device and dtype (Fabric's ``init_module`` sets both), with
+    the switches applied.
 
     Args:
         cfg: the ``model`` config group.
@@ -253,10 +260,13 @@ def build_model(cfg: ModelConfig, processor: Any, gradient_checkpointing: bool) 
     image_token = tok.convert_tokens_to_ids("<|image_pad|>")
     if getattr(model.config, "image_token_id", None) != image_token:
         raise UserError(
-            f"The processor's <|image_pad|> id ({image_token}) differs from the model's image_token_id "
-            f"({getattr(model.config, 'image_token_id', None)}): model.processor does not belong to model.name."
+            f"The processor's <|image_pad|> id ({image_token}) differs from the model's "
+            "image_token_id "
+            f"({getattr(model.config, 'image_token_id', None)}): model.processor does not belong "
+            "to model.name."
         )
-    # Answers end at <|im_end|>; <|endoftext|> also stops (Qwen's own generation config does the same).
+    # Answers end at <|im_end|>; <|endoftext|> also stops (Qwen's own generation config does the
+    # same).
     model.generation_config.eos_token_id = [
         tok.convert_tokens_to_ids("<|im_end|>"),
         tok.convert_tokens_to_ids("<|endoftext|>"),
@@ -284,7 +294,8 @@ def build_model(cfg: ModelConfig, processor: Any, gradient_checkpointing: bool) 
 def param_groups(
     model: nn.Module, cfg: ModelConfig, lr: float, weight_decay: float
 ) -> list[dict[str, Any]]:
-    """Optimizer groups: ``vision``, ``merger``, ``llm`` with their learning rates, each split into decay / no-decay.
+    """Optimizer groups: ``vision``, ``merger``, ``llm`` with their learning rates, each split into
+    decay / no-decay.
 
     Args:
         model: the (possibly wrapped) model.
@@ -314,7 +325,8 @@ def param_groups(
 
 
 def expected_param_dtype(precision: str) -> torch.dtype:
-    """The dtype every parameter has under a Fabric precision (``-true``: that dtype; mixed: float32)."""
+    """The dtype every parameter has under a Fabric precision (``-true``: that dtype; mixed:
+    float32)."""
     return {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}.get(
         precision, torch.float32
     )
@@ -333,7 +345,8 @@ def check_dtypes(model: nn.Module, expected: torch.dtype) -> None:
     ]
     if wrong:
         raise RuntimeError(
-            f"{len(wrong)} parameters are not {expected}: {wrong[:5]}; every tensor must share one dtype."
+            f"{len(wrong)} parameters are not {expected}: {wrong[:5]}; every tensor must share "
+            "one dtype."
         )
 
 

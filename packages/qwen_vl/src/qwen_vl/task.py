@@ -43,7 +43,6 @@ from qwen_vl import __version__
 from qwen_vl.config import QwenVLConfig
 from qwen_vl.data import Collator, ConversationData, Encoder, load_conversations
 from qwen_vl.metrics import METRIC_VERSION, counting_metrics
-from qwen_vl.synth import BUILTIN, builtin_data
 from qwen_vl.model import (
     build_model,
     check_dtypes,
@@ -54,6 +53,7 @@ from qwen_vl.model import (
     processor_source,
     wrap_classes,
 )
+from qwen_vl.synth import BUILTIN, builtin_data
 
 log = logging.getLogger(__name__)
 
@@ -92,13 +92,15 @@ class QwenVLTask(Task):
         """Load the processor and set the pixel limits (no data yet).
 
         Raises:
-            UserError: the model or processor cannot be loaded here (offline Hub id, missing folder).
+            UserError: the model or processor cannot be loaded here (offline Hub id, missing
+            folder).
         """
         self.processor = load_processor(self.cfg.model)
         self.encoder = Encoder(self.processor, self.cfg.data.min_pixels, self.cfg.data.max_pixels)
         self.collator = Collator(self.encoder)
         log.info(
-            "Processor %s; images resized into [%d, %d] pixels (multiples of %d): at most %d vision tokens each",
+            "Processor %s; images resized into [%d, %d] pixels (multiples of %d): at most %d "
+            "vision tokens each",
             processor_source(self.cfg.model),
             self.encoder.min_pixels,
             self.encoder.max_pixels,
@@ -148,15 +150,22 @@ class QwenVLTask(Task):
         d = self.cfg.data
         if d.train_file is None:
             raise UserError(
-                f"data.train_file is not set. Point it at your JSONL conversations, or use data.train_file={BUILTIN} "
-                f"data.val_file={BUILTIN} for the built-in counting data (drawn into a cache folder on first use)."
+                "data.train_file is not set. Point it at your JSONL conversations, or use "
+                f"data.train_file={BUILTIN} "
+                f"data.val_file={BUILTIN} for the built-in counting data (drawn into a cache "
+                "folder on first use)."
             )
         # The config keeps ``builtin:counting`` (so a continued run's config is unchanged); the
         # task reads the cached files it stands for.
-        train_file, val_file = self.resolve_builtin(d.train_file, "train"), self.resolve_builtin(d.val_file, "dev")
+        train_file, val_file = (
+            self.resolve_builtin(d.train_file, "train"),
+            self.resolve_builtin(d.val_file, "dev"),
+        )
         self.train_data = self.load_data(train_file, generation=False, key="data.train_file")
         if val_file is not None:
-            self.val_data = self.load_data(val_file, generation=self.cfg.generation.in_validation, key="data.val_file")
+            self.val_data = self.load_data(
+                val_file, generation=self.cfg.generation.in_validation, key="data.val_file"
+            )
             self.eval_data = self.val_data
 
     def resolve_builtin(self, path: Path | None, split: str) -> Path | None:
@@ -183,7 +192,8 @@ class QwenVLTask(Task):
         return self.val_data
 
     def sample_lengths(self, dataset: ConversationData) -> list[int]:
-        """Exact token counts (text + vision tokens), known from the image sizes without decoding."""
+        """Exact token counts (text + vision tokens), known from the image sizes without
+        decoding."""
         return dataset.lengths
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -198,7 +208,8 @@ class QwenVLTask(Task):
         checkpointing = m.gradient_checkpointing
         if checkpointing and tc.strategy == "fsdp":
             log.info(
-                "model.gradient_checkpointing is ignored under FSDP; fsdp.activation_checkpointing=%s applies",
+                "model.gradient_checkpointing is ignored under FSDP; "
+                "fsdp.activation_checkpointing=%s applies",
                 self.cfg.fsdp.activation_checkpointing,
             )
             checkpointing = False
@@ -214,7 +225,8 @@ class QwenVLTask(Task):
         return model
 
     def parameter_groups(self, model: nn.Module) -> list[dict[str, Any]]:
-        """Groups ``vision`` / ``merger`` / ``llm`` (``lr/<name>`` in the logs), decay / no-decay each."""
+        """Groups ``vision`` / ``merger`` / ``llm`` (``lr/<name>`` in the logs), decay / no-decay
+        each."""
         return param_groups(model, self.cfg.model, self.cfg.optim.lr, self.cfg.optim.weight_decay)
 
     def fsdp_wrap_classes(self) -> set[type[nn.Module]]:
@@ -337,7 +349,8 @@ class QwenVLTask(Task):
         return records
 
     def compute_metrics(self, records: list[dict[str, Any]]) -> dict[str, float]:
-        """``loss`` (token-weighted), and with generation ``count_accuracy``, ``count_mae``, ``count_parsed``, ``count_samples``."""
+        """``loss`` (token-weighted), and with generation ``count_accuracy``, ``count_mae``,
+        ``count_parsed``, ``count_samples``."""
         tokens = sum(r["tokens"] for r in records)
         metrics = {"loss": sum(r["loss_sum"] for r in records) / max(tokens, 1)}
         answered = [r for r in records if "prediction" in r]
@@ -354,7 +367,8 @@ class QwenVLTask(Task):
     def save_final(
         self, model: nn.Module, state_dict: dict[str, torch.Tensor], out_dir: Path
     ) -> None:
-        """Model (LoRA merged) and processor, so ``AutoModelForImageTextToText`` / ``AutoProcessor`` load ``out_dir``."""
+        """Model (LoRA merged) and processor, so ``AutoModelForImageTextToText`` / ``AutoProcessor``
+        load ``out_dir``."""
         export_final(
             model,
             state_dict,
@@ -368,7 +382,8 @@ class QwenVLTask(Task):
         return {
             "metrics": {
                 name: {
-                    "implementation": "qwen_vl.metrics.counting_metrics (first number in the answer)",
+                    "implementation": "qwen_vl.metrics.counting_metrics (first number in the "
+                    "answer)",
                     "version": METRIC_VERSION,
                 }
                 for name in ("count_accuracy", "count_mae")

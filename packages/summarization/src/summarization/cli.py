@@ -1,10 +1,12 @@
 """Commands of the summarization package.
 
-    train    [-c PRESET|FILE.yaml] [key=value ...]          (core's contract; default preset bart_large_cnn)
+    train    [-c PRESET|FILE.yaml] [key=value ...]          (core's contract; default preset
+    bart_large_cnn)
     evaluate --model DIR [--split dev|test|FILE] [--out DIR] [-c ...] [key=value ...]
     predict  --model DIR (--input FILE.jsonl | --text "...") [--output FILE]
     score    --predictions FILE --references FILE [--lang auto|en|ko] [--multi-reference mean|max]
-    lead3    --input FILE [--output FILE]                   (the Lead-3 baseline: first three utterances)
+    lead3    --input FILE [--output FILE]                   (the Lead-3 baseline: first three
+    utterances)
 
 ``train`` and ``evaluate`` are core's shared console scripts (``uv run --package summarization
 train``); ``summarization-train``, ``predict``, ``score`` and ``summarization-lead3`` are this
@@ -31,11 +33,14 @@ from core.cli import (
     user_errors_exit_2,
     write_evaluation,
 )
-from core.outputs import guard_file
 from core.errors import UserError
+from core.outputs import guard_file
 from summarization.config import DEFAULT_PRESET, PRESETS_DIR, SummarizationConfig
 
-DESCRIPTION = "Fine-tune a seq2seq model (BART, T5, ...) on DialogSum dialogue summarization and score it with ROUGE."
+DESCRIPTION = (
+    "Fine-tune a seq2seq model (BART, T5, ...) on DialogSum dialogue summarization and "
+    "score it with ROUGE."
+)
 
 
 def _task(cfg: SummarizationConfig) -> Any:
@@ -86,9 +91,14 @@ def dry_run(argv: list[str]) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def _config_for_model(model_dir: Path, preset: str | None, overrides: Sequence[str]) -> SummarizationConfig:
-    """Config for evaluating / predicting with a trained model (see :func:`core.cli.config_for_model`)."""
-    return config_for_model(model_dir, preset, overrides, SummarizationConfig, PRESETS_DIR, DEFAULT_PRESET)
+def _config_for_model(
+    model_dir: Path, preset: str | None, overrides: Sequence[str]
+) -> SummarizationConfig:
+    """Config for evaluating / predicting with a trained model (see
+    :func:`core.cli.config_for_model`)."""
+    return config_for_model(
+        model_dir, preset, overrides, SummarizationConfig, PRESETS_DIR, DEFAULT_PRESET
+    )
 
 
 @user_errors_exit_2
@@ -101,22 +111,29 @@ def evaluate(argv: Sequence[str] | None = None) -> int:
     """
     parser = argparse.ArgumentParser(
         prog="evaluate",
-        description="Generate summaries with a trained model and score them with ROUGE (several processes: trainer.devices=N).",
+        description="Generate summaries with a trained model and score them with ROUGE (several "
+        "processes: trainer.devices=N).",
         epilog=(
-            "The config comes from -c, else from the config.yaml of the run that wrote --model, else the default preset;\n"
-            "generation.* / metric.* / trainer.* overrides apply. Prints the scores (rouge1/2/L/Lsum F1 in [0,1], loss,\n"
-            "tokenizer, multi-reference convention) as one JSON line. The summaries ({fname, summary, references}) go to\n"
-            "--out, or, for a run's final/, to <run>/eval/<split>.jsonl with the scores in <run>/eval/<split>.scores.json.\n\n"
+            "The config comes from -c, else from the config.yaml of the run that wrote --model, "
+            "else the default preset;\n"
+            "generation.* / metric.* / trainer.* overrides apply. Prints the scores "
+            "(rouge1/2/L/Lsum F1 in [0,1], loss,\n"
+            "tokenizer, multi-reference convention) as one JSON line. The summaries ({fname, "
+            "summary, references}) go to\n"
+            "--out, or, for a run's final/, to <run>/eval/<split>.jsonl with the scores in "
+            "<run>/eval/<split>.scores.json.\n\n"
             "examples:\n"
             "  evaluate --model runs/001_20261122_101500/final --split test\n"
-            "  evaluate --model runs/001_.../final --data my_dialogues.jsonl --out my_summaries.jsonl generation.num_beams=4"
+            "  evaluate --model runs/001_.../final --data my_dialogues.jsonl --out "
+            "my_summaries.jsonl generation.num_beams=4"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_arguments(
         parser,
         model_help="a folder written by save_pretrained (a run's final/)",
-        data_help="a JSONL file of dialogues with references (fname, dialogue, summary or summary1..N)",
+        data_help="a JSONL file of dialogues with references (fname, dialogue, summary or "
+        "summary1..N)",
         split_help="dev or test: the split of the config's data (default: dev)",
         out_help="write the generated summaries here (JSONL)",
     )
@@ -127,23 +144,29 @@ def evaluate(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"--limit {args.limit}: give at least 1 row.")
     split = args.split or "dev"
     if args.data is None and split not in ("dev", "validation", "test"):
-        raise UserError(f"--split {split!r}: use dev or test, or --data FILE for a file of your own.")
+        raise UserError(
+            f"--split {split!r}: use dev or test, or --data FILE for a file of your own."
+        )
     cfg = _config_for_model(args.model, args.config, args.overrides)
     name = args.data.stem if args.data is not None else ("test" if split == "test" else "dev")
-    records_path, scores_path = evaluation_outputs(args.model, name, args.out, args.overwrite, [(args.data, "--data")])
+    records_path, scores_path = evaluation_outputs(
+        args.model, name, args.out, args.overwrite, [(args.data, "--data")]
+    )
 
-    from core.evaluation import Evaluator
-    from core.manifest import sha256_file
-    from core.logs import transformers_quiet
     from transformers import AutoModelForSeq2SeqLM
 
+    from core.evaluation import Evaluator
+    from core.logs import transformers_quiet
+    from core.manifest import sha256_file
     from core.metrics import describe
 
     task = _task(cfg)
     evaluator = Evaluator(cfg, task)
     transformers_quiet()
     task.setup_model_side(args.model)
-    rows = task.read_split(str(args.data) if args.data is not None else ("test" if split == "test" else "val"))[: args.limit]
+    rows = task.read_split(
+        str(args.data) if args.data is not None else ("test" if split == "test" else "val")
+    )[: args.limit]
     task.val_data = task.tokenize(rows)
     task.choose_rouge_tokenizer(rows)
     model = AutoModelForSeq2SeqLM.from_pretrained(args.model)
@@ -160,12 +183,17 @@ def evaluate(argv: Sequence[str] | None = None) -> int:
             "loss_reference": "first reference of each row (summary or summary1)",
             "model": str(args.model),
             "split": str(args.data) if args.data is not None else split,
-            "data": [{"file": str(f), "sha256": sha256_file(f)} for f in files] if files else cfg.data.dataset,
+            "data": [{"file": str(f), "sha256": sha256_file(f)} for f in files]
+            if files
+            else cfg.data.dataset,
             "generation": to_dict(cfg.generation),
             "world_size": evaluator.fabric.world_size,
             "predictions": str(records_path) if records_path else None,
         }
-        summaries = [{"fname": r["fname"], "summary": r["prediction"], "references": r["references"]} for r in result.records]
+        summaries = [
+            {"fname": r["fname"], "summary": r["prediction"], "references": r["references"]}
+            for r in result.records
+        ]
         write_evaluation(records_path, scores_path, summaries, scores)
     return 0
 
@@ -177,7 +205,8 @@ def evaluate(argv: Sequence[str] | None = None) -> int:
 
 @user_errors_exit_2
 def predict(argv: Sequence[str] | None = None) -> int:
-    """``predict --model DIR (--data FILE.jsonl | --prompt "...") [--out FILE]``: summaries of new dialogues.
+    """``predict --model DIR (--data FILE.jsonl | --prompt "...") [--out FILE]``: summaries of new
+    dialogues.
 
     Returns:
         Exit code (0; 2 for a mistake the user can fix).
@@ -186,11 +215,15 @@ def predict(argv: Sequence[str] | None = None) -> int:
         prog="summarization-predict",
         description="Summarise dialogues with a trained model (also: infer).",
         epilog=(
-            "--data rows need 'dialogue' (and optionally 'fname'); the output has one {fname, summary} row per input,\n"
-            "to --out or stdout. --prompt prints the summary of one dialogue (turns separated by newlines).\n\n"
+            "--data rows need 'dialogue' (and optionally 'fname'); the output has one {fname, "
+            "summary} row per input,\n"
+            "to --out or stdout. --prompt prints the summary of one dialogue (turns separated by "
+            "newlines).\n\n"
             "examples:\n"
-            "  summarization-predict --model runs/001_.../final --data dialogues.jsonl --out summaries.jsonl\n"
-            "  summarization-predict --model runs/001_.../final --prompt $'#Person1#: Hi!\\n#Person2#: Hello.' generation.num_beams=4"
+            "  summarization-predict --model runs/001_.../final --data dialogues.jsonl --out "
+            "summaries.jsonl\n"
+            "  summarization-predict --model runs/001_.../final --prompt $'#Person1#: "
+            "Hi!\\n#Person2#: Hello.' generation.num_beams=4"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -201,8 +234,12 @@ def predict(argv: Sequence[str] | None = None) -> int:
         prompt_help="one dialogue as text",
         out_help="JSONL output file (default: stdout)",
     )
-    parser.add_argument("--batch-size", type=int, default=8, help="dialogues per generate() call (default 8)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="dialogues per generate() call (default 8)"
+    )
+    parser.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)"
+    )
     args = parse_model_command(parser, argv)
     check_model_dir(args.model)
     if args.data is None and args.prompt is None:
@@ -216,10 +253,10 @@ def predict(argv: Sequence[str] | None = None) -> int:
     cfg = _config_for_model(args.model, args.config, args.overrides)
 
     import torch
-    from core.outputs import write_jsonl
-    from core.logs import transformers_quiet
     from transformers import AutoModelForSeq2SeqLM
 
+    from core.logs import transformers_quiet
+    from core.outputs import write_jsonl
     from summarization.data import check_row, read_rows
 
     transformers_quiet()
@@ -228,21 +265,29 @@ def predict(argv: Sequence[str] | None = None) -> int:
     if args.data is not None:
         rows = read_rows(args.data, "--data", need_references=False)
     else:
-        rows = [check_row({"fname": "text", "dialogue": args.prompt}, "--prompt", need_references=False)]
+        rows = [
+            check_row({"fname": "text", "dialogue": args.prompt}, "--prompt", need_references=False)
+        ]
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = AutoModelForSeq2SeqLM.from_pretrained(args.model).to(device).eval()
     task.prepare_generation(model)
     tokenizer = task.tokenizer
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["dialogue"]))  # similar lengths batch together
+    # similar lengths batch together
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["dialogue"]))
     summaries: dict[int, str] = {}
     with torch.no_grad():
         for start in range(0, len(order), args.batch_size):
             chunk = order[start : start + args.batch_size]
             enc = tokenizer(
                 [cfg.model.source_prefix + rows[i]["dialogue"] for i in chunk],
-                max_length=cfg.data.max_source_length, truncation=True, padding=True, return_tensors="pt",
+                max_length=cfg.data.max_source_length,
+                truncation=True,
+                padding=True,
+                return_tensors="pt",
             ).to(device)
-            for i, text in zip(chunk, task.generate(model, enc["input_ids"], enc["attention_mask"]), strict=True):
+            for i, text in zip(
+                chunk, task.generate(model, enc["input_ids"], enc["attention_mask"]), strict=True
+            ):
                 summaries[i] = text
     results = [{"fname": rows[i]["fname"], "summary": summaries[i]} for i in range(len(rows))]
     if args.prompt is not None:
@@ -267,7 +312,8 @@ def _add_metric_options(parser: argparse.ArgumentParser) -> None:
         "--lang",
         choices=["auto", "en", "ko"],
         default="auto",
-        help="ROUGE tokenizer: en = rouge_score's default, ko = unicode words (keeps Hangul), auto = ko when the texts hold non-ASCII letters",
+        help="ROUGE tokenizer: en = rouge_score's default, ko = unicode words (keeps Hangul), "
+        "auto = ko when the texts hold non-ASCII letters",
     )
     parser.add_argument(
         "--multi-reference",
@@ -300,7 +346,8 @@ def score_rows(
         parts = []
         if missing:
             parts.append(
-                f"{len(missing)} reference id(s) have no prediction in {pred_key} (e.g. {', '.join(missing[:5])})"
+                f"{len(missing)} reference id(s) have no prediction in {pred_key} (e.g. "
+                f"{', '.join(missing[:5])})"
             )
         if extra:
             parts.append(
@@ -328,12 +375,16 @@ def score(argv: Sequence[str] | None = None) -> int:
     """
     parser = argparse.ArgumentParser(
         prog="summarization-score",
-        description="ROUGE-1/2/L/Lsum F1 (fractions in [0, 1]) of predictions against references, matched by fname.",
+        description="ROUGE-1/2/L/Lsum F1 (fractions in [0, 1]) of predictions against references, "
+        "matched by fname.",
         epilog=(
-            "predictions: JSONL rows {fname, summary}. references: rows {fname, summary} or {fname, summary1, summary2, ...}\n"
-            "(a DialogSum file works as it is). Every id must be in both files. Prints one JSON object with rouge1, rouge2,\n"
+            "predictions: JSONL rows {fname, summary}. references: rows {fname, summary} or "
+            "{fname, summary1, summary2, ...}\n"
+            "(a DialogSum file works as it is). Every id must be in both files. Prints one JSON "
+            "object with rouge1, rouge2,\n"
             "rougeL, rougeLsum, the tokenizer, stemmer and multi-reference convention.\n\n"
-            "example:\n  summarization-score --predictions runs/001_.../eval/test.jsonl --references ../shared/data/dialogsum/dialogsum.test.jsonl"
+            "example:\n  summarization-score --predictions runs/001_.../eval/test.jsonl "
+            "--references ../shared/data/dialogsum/dialogsum.test.jsonl"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -347,7 +398,12 @@ def score(argv: Sequence[str] | None = None) -> int:
         help="JSONL with {fname, summary} or {fname, summary1..N}",
     )
     parser.add_argument(
-        "--out", "--output", dest="out", type=Path, default=None, help="also write the JSON object to this file"
+        "--out",
+        "--output",
+        dest="out",
+        type=Path,
+        default=None,
+        help="also write the JSON object to this file",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     _add_metric_options(parser)
@@ -383,15 +439,28 @@ def lead3(argv: Sequence[str] | None = None) -> int:
     """
     parser = argparse.ArgumentParser(
         prog="summarization-lead3",
-        description="Lead-N baseline: the first N utterances of each dialogue (speaker tags kept, one per line) as its summary.",
-        epilog="example:\n  summarization-lead3 --data ../shared/data/dialogsum/dialogsum.test.jsonl --out lead3.test.jsonl",
+        description="Lead-N baseline: the first N utterances of each dialogue (speaker tags kept, "
+        "one per line) as its summary.",
+        epilog="example:\n  summarization-lead3 --data "
+        "../shared/data/dialogsum/dialogsum.test.jsonl --out lead3.test.jsonl",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--data", "--input", dest="data", type=Path, required=True,
+        "--data",
+        "--input",
+        dest="data",
+        type=Path,
+        required=True,
         help="DialogSum-style JSONL (dialogue; references optional)",
     )
-    parser.add_argument("--out", "--output", dest="out", type=Path, default=None, help="write {fname, summary} rows here")
+    parser.add_argument(
+        "--out",
+        "--output",
+        dest="out",
+        type=Path,
+        default=None,
+        help="write {fname, summary} rows here",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     parser.add_argument("-n", type=int, default=3, help="utterances to keep (default 3)")
     _add_metric_options(parser)
@@ -401,7 +470,6 @@ def lead3(argv: Sequence[str] | None = None) -> int:
     if args.out is not None:
         guard_file(args.out, "--out", [(args.data, "--data")], args.overwrite)
     from core.outputs import write_jsonl
-
     from summarization.data import lead_n, read_jsonl
 
     rows = read_jsonl(args.data, "--data", need_references=False)
@@ -436,7 +504,8 @@ COMMANDS = {
 
 
 def _self_check() -> int:
-    """``python -m summarization.cli`` without arguments: help of every command, Lead-3 + score on the shipped test sample."""
+    """``python -m summarization.cli`` without arguments: help of every command, Lead-3 + score on
+    the shipped test sample."""
     import contextlib
     import io
     import tempfile
@@ -462,7 +531,8 @@ def _self_check() -> int:
             )
         result = json.loads(buffer.getvalue())
         print(
-            f"lead-3 on the shipped test sample: rouge1={result['rouge1']:.4f} rougeL={result['rougeL']:.4f} ({result['multi_reference'][:4]})"
+            f"lead-3 on the shipped test sample: rouge1={result['rouge1']:.4f} "
+            f"rougeL={result['rougeL']:.4f} ({result['multi_reference'][:4]})"
         )
         assert (
             score(["--predictions", str(lead), "--references", str(SAMPLES["en"] / "dev.jsonl")])

@@ -1,4 +1,5 @@
-"""The summarization task's config: the engine's groups plus ``data``, ``model``, ``generation``, ``metric``.
+"""The summarization task's config: the engine's groups plus ``data``, ``model``, ``generation``,
+``metric``.
 
 Every field has a docstring (``train --help-keys`` prints them). Presets in
 ``summarization/presets/*.yaml`` fill in parts of this tree; ``key=value`` overrides the rest.
@@ -59,9 +60,11 @@ class DataConfig:
     max_train_samples: int | None = None
     """Use only the first N training rows (null: all)."""
     max_val_samples: int | None = None
-    """Use only the first N validation rows (null: all); generation makes validation the slow part."""
+    """Use only the first N validation rows (null: all); generation makes validation the slow
+    part."""
     cache_dir: Path | None = None
-    """Folder of the tokenised-data cache (``datasets`` Arrow files). null: ``$HF_DATASETS_CACHE/summarization``."""
+    """Folder of the tokenised-data cache (``datasets`` Arrow files). null:
+    ``$HF_DATASETS_CACHE/summarization``."""
 
     def __post_init__(self) -> None:
         """Range checks; a bad value raises ``ConfigError`` naming the key."""
@@ -141,7 +144,8 @@ class ModelConfig:
     scratch: ScratchConfig = field(default_factory=ScratchConfig)
     """Sizes of the from-scratch BART."""
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
-    """Attention kernel (null: the transformers default, ``sdpa``). On a CPU ``eager`` trains a small
+    """Attention kernel (null: the transformers default, ``sdpa``). On a CPU ``eager`` trains a
+    small
     model faster: PyTorch's CPU flash-attention backward is slow for 64-wide heads (measured in the
     ``small`` preset: 1.2x the steps/s)."""
     gradient_checkpointing: bool = False
@@ -150,11 +154,14 @@ class ModelConfig:
     """Freeze the token embeddings (shared by encoder, decoder and, tied, the output layer) and the
     position embeddings."""
     freeze_encoder_layers: int | list[int] = 0
-    """Encoder blocks to freeze: a number N freezes the first N; a list freezes those indices (0-based)."""
+    """Encoder blocks to freeze: a number N freezes the first N; a list freezes those indices
+    (0-based)."""
     freeze_decoder_layers: int | list[int] = 0
-    """Decoder blocks to freeze: a number N freezes the first N; a list freezes those indices (0-based)."""
+    """Decoder blocks to freeze: a number N freezes the first N; a list freezes those indices
+    (0-based)."""
     freeze_encoder: bool = False
-    """Freeze the whole encoder (embeddings shared with the decoder stay trainable unless frozen too)."""
+    """Freeze the whole encoder (embeddings shared with the decoder stay trainable unless frozen
+    too)."""
     encoder_mlm: float = 0.0
     """Auxiliary masked-language-model objective on the encoder, for training from scratch: this
     fraction of each training dialogue's tokens is replaced by the tokenizer's mask token, and the
@@ -174,7 +181,8 @@ class ModelConfig:
         """Range checks; a bad value raises ``ConfigError`` naming the key."""
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(
-                f"Config key 'model.label_smoothing' ({self.label_smoothing}) must be in [0, 1); 0.1 is usual."
+                f"Config key 'model.label_smoothing' ({self.label_smoothing}) must be in [0, 1); "
+                "0.1 is usual."
             )
         if not 0.0 <= self.encoder_mlm < 1.0 or self.encoder_mlm_weight < 0:
             raise ConfigError(
@@ -192,7 +200,8 @@ class GenerationConfig:
     max_new_tokens: int = 80
     """Longest summary in tokens."""
     min_new_tokens: int = 0
-    """Shortest summary in tokens (overrides a model's own ``min_length``, e.g. 56 of bart-large-cnn)."""
+    """Shortest summary in tokens (overrides a model's own ``min_length``, e.g. 56 of
+    bart-large-cnn)."""
     length_penalty: float = 1.0
     """Beam score exponent on length: > 1 favours longer summaries, < 1 shorter ones."""
     no_repeat_ngram_size: int = 3
@@ -209,12 +218,14 @@ class GenerationConfig:
             or self.no_repeat_ngram_size < 0
         ):
             raise ConfigError(
-                "Config keys 'generation.num_beams' and 'generation.max_new_tokens' must be at least 1, "
+                "Config keys 'generation.num_beams' and 'generation.max_new_tokens' must be at "
+                "least 1, "
                 "'generation.min_new_tokens' and 'generation.no_repeat_ngram_size' at least 0."
             )
         if self.min_new_tokens > self.max_new_tokens:
             raise ConfigError(
-                "Config key 'generation.min_new_tokens' must not exceed 'generation.max_new_tokens'."
+                "Config key 'generation.min_new_tokens' must not exceed "
+                "'generation.max_new_tokens'."
             )
 
 
@@ -260,14 +271,17 @@ class SummarizationConfig(TrainConfig):
             self.data.max_source_length, self.data.max_target_length
         ):
             raise ConfigError(
-                f"Config key 'model.scratch.max_position_embeddings' ({self.model.scratch.max_position_embeddings}) is smaller "
-                f"than data.max_source_length ({self.data.max_source_length}); raise it or shorten the inputs."
+                "Config key 'model.scratch.max_position_embeddings' "
+                f"({self.model.scratch.max_position_embeddings}) is smaller "
+                f"than data.max_source_length ({self.data.max_source_length}); raise it or "
+                "shorten the inputs."
             )
 
 
 def model_type_of(name: str) -> str | None:
     """The ``model_type`` of a local model folder (from its ``config.json``), else a guess from a
-    Hub id's name (``t5`` for ``t5-small``, ``google/flan-t5-base``, ``google/mt5-small``...); None if unknown."""
+    Hub id's name (``t5`` for ``t5-small``, ``google/flan-t5-base``, ``google/mt5-small``...); None
+    if unknown."""
     folder = Path(name).expanduser()
     config = folder / "config.json"
     if config.is_file():
@@ -292,8 +306,10 @@ def refuse_t5_fp16(cfg: SummarizationConfig) -> None:
     kind = model_type_of(cfg.model.name)
     if kind is not None and "t5" in kind:
         raise ConfigError(
-            f"trainer.precision={cfg.trainer.precision} with the T5-family model '{cfg.model.name}' ({kind}): T5 overflows "
-            "in float16 and its loss becomes NaN. Use trainer.precision=bf16-mixed on a GPU that supports bfloat16 "
+            f"trainer.precision={cfg.trainer.precision} with the T5-family model "
+            f"'{cfg.model.name}' ({kind}): T5 overflows "
+            "in float16 and its loss becomes NaN. Use trainer.precision=bf16-mixed on a GPU that "
+            "supports bfloat16 "
             "(A100, H100, RTX 30xx and newer), or trainer.precision=32-true."
         )
 
@@ -320,6 +336,7 @@ if __name__ == "__main__":  # self-check: python -m summarization.config
         print("t5 + fp16 ->", str(err)[:90], "...")
     print(describe_keys(SummarizationConfig).splitlines()[0])
     print(
-        f"presets: {', '.join(presets)}; {sum(1 for _ in iter_keys(SummarizationConfig))} keys, all documented"
+        f"presets: {', '.join(presets)}; {sum(1 for _ in iter_keys(SummarizationConfig))} keys, "
+        "all documented"
     )
     print("summarization.config: ok")

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from core.errors import ConfigError
+from core.metrics import describe, resolve_tokenizer, rouge
 from core.outputs import write_jsonl
 from core.task import StepOutput, Task, per_sample_loss, token_loss_sum
 from summarization.config import SummarizationConfig
@@ -39,7 +40,6 @@ from summarization.data import (
     read_jsonl,
     tokenize_rows,
 )
-from core.metrics import describe, resolve_tokenizer, rouge
 from summarization.model import (
     build_model,
     check_precision,
@@ -81,7 +81,8 @@ class SummarizationTask(Task):
     # -- data ----------------------------------------------------------------------------------
 
     def setup(self) -> None:
-        """Tokenizer, model config and checks, then read, check and tokenise train and validation rows.
+        """Tokenizer, model config and checks, then read, check and tokenise train and validation
+        rows.
 
         Raises:
             UserError: unreachable Hub model, T5 with fp16, or bad data (file and line named).
@@ -120,13 +121,17 @@ class SummarizationTask(Task):
         if cfg.model.encoder_mlm > 0 and model_dir is None:
             if self.tokenizer.mask_token_id is None:
                 raise ConfigError(
-                    f"model.encoder_mlm={cfg.model.encoder_mlm} needs a tokenizer with a mask token, and "
-                    f"'{tokenizer_source(cfg.model)}' has none. Set model.encoder_mlm=0 or use a tokenizer with one (BART's <mask>)."
+                    f"model.encoder_mlm={cfg.model.encoder_mlm} needs a tokenizer with a mask "
+                    "token, and "
+                    f"'{tokenizer_source(cfg.model)}' has none. Set model.encoder_mlm=0 or use a "
+                    "tokenizer with one (BART's <mask>)."
                 )
             if "fsdp" in str(cfg.trainer.strategy) or "stage_3" in str(cfg.trainer.strategy):
                 raise ConfigError(
-                    f"model.encoder_mlm={cfg.model.encoder_mlm} reads the output layer outside the model's forward, which "
-                    f"trainer.strategy={cfg.trainer.strategy} shards. Use ddp (or DeepSpeed stage 1/2) or set model.encoder_mlm=0."
+                    f"model.encoder_mlm={cfg.model.encoder_mlm} reads the output layer outside "
+                    "the model's forward, which "
+                    f"trainer.strategy={cfg.trainer.strategy} shards. Use ddp (or DeepSpeed stage "
+                    "1/2) or set model.encoder_mlm=0."
                 )
         self.collator = Seq2SeqCollator(
             self.tokenizer.pad_token_id, decoder_start_id(self.model_config)
@@ -210,14 +215,16 @@ class SummarizationTask(Task):
         """Human-readable origin of the model."""
         m = self.cfg.model
         return (
-            f"scratch {m.scratch.architecture} d_model={m.scratch.d_model} layers={m.scratch.encoder_layers}+{m.scratch.decoder_layers}"
+            f"scratch {m.scratch.architecture} d_model={m.scratch.d_model} "
+            f"layers={m.scratch.encoder_layers}+{m.scratch.decoder_layers}"
             if m.init == "scratch"
             else m.name
         )
 
     def prepare_generation(self, model: nn.Module) -> Any:
         """The ``GenerationConfig`` used for every summary: the model's own, updated with the
-        ``generation`` group (``min_length`` reset so e.g. bart-large-cnn's 56 for news does not apply).
+        ``generation`` group (``min_length`` reset so e.g. bart-large-cnn's 56 for news does not
+        apply).
 
         Returns:
             The ``transformers.GenerationConfig`` (also kept in ``self.generation_config``).
@@ -240,7 +247,8 @@ class SummarizationTask(Task):
         return config
 
     def fsdp_wrap_classes(self) -> set[type[nn.Module]]:
-        """The model's transformer blocks (its ``_no_split_modules``, e.g. BART's encoder and decoder layers)."""
+        """The model's transformer blocks (its ``_no_split_modules``, e.g. BART's encoder and
+        decoder layers)."""
         from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
         if self.cfg.model.init == "scratch":
@@ -376,7 +384,8 @@ class SummarizationTask(Task):
 
     @property
     def eval_rows(self) -> list[dict[str, Any]]:
-        """Rows of the dataset being evaluated (validation during training, or the ``evaluate`` split)."""
+        """Rows of the dataset being evaluated (validation during training, or the ``evaluate``
+        split)."""
         return self.val_data.rows
 
     def compute_metrics(self, records: list[dict[str, Any]]) -> dict[str, float]:
@@ -412,7 +421,8 @@ class SummarizationTask(Task):
     def save_final(
         self, model: nn.Module, state_dict: dict[str, torch.Tensor], out_dir: Path
     ) -> None:
-        """Model (safetensors), tokenizer, generation settings and ``summarization.json`` into ``out_dir``."""
+        """Model (safetensors), tokenizer, generation settings and ``summarization.json`` into
+        ``out_dir``."""
         model.save_pretrained(out_dir, state_dict=state_dict)
         self.tokenizer.save_pretrained(out_dir)
         if self.generation_config is not None:

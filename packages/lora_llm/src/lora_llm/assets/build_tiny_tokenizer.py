@@ -1,4 +1,5 @@
-"""Rebuild the tokenizer of the ``tiny`` preset (``assets/tiny_tokenizer/``), offline and reproducibly.
+"""Rebuild the tokenizer of the ``tiny`` preset (``assets/tiny_tokenizer/``), offline and
+reproducibly.
 
 A byte-level BPE (any text, Korean included, round-trips exactly: no unknown tokens) with 2,048
 tokens, trained with the ``tokenizers`` library on the shipped samples rendered with the package's
@@ -9,7 +10,8 @@ one when chat data needs it.
 
 Usage (from the repository root)::
 
-    python packages/lora_llm/src/lora_llm/assets/build_tiny_tokenizer.py            # rebuild in place
+    python packages/lora_llm/src/lora_llm/assets/build_tiny_tokenizer.py            # rebuild in
+    place
     python packages/lora_llm/src/lora_llm/assets/build_tiny_tokenizer.py --check    # compare only
 
 ``--check`` builds into a temporary folder and fails if ``tokenizer.json`` differs from the
