@@ -188,8 +188,10 @@ def test_dora_trains_its_magnitudes_and_merges_with_the_same_logits(tiny_base, t
     assert not any("lora" in n for n, _ in merged.named_parameters())
 
 
-def test_dora_is_saved_in_the_adapter_config(run_tiny):
+def test_a_dora_run_saves_its_adapter_and_merge_verifies_it_by_logits(run_tiny, tmp_path, capsys):
     import json
+
+    from lora_llm.cli import merge
 
     result = run_tiny(
         "lora.use_dora=true",
@@ -203,6 +205,10 @@ def test_dora_is_saved_in_the_adapter_config(run_tiny):
     config = json.loads((final / "adapter_config.json").read_text())
     assert config["use_dora"] is True
     assert json.loads((final / "lora_llm.json").read_text())["lora"]["use_dora"] is True
+    assert merge(["--adapter", str(final), "--out", str(tmp_path / "merged")]) == 0
+    report = json.loads((tmp_path / "merged" / "merge_report.json").read_text())
+    assert report["ok"] and report["max_abs_diff"] < 1e-4 and report["adapter_effect"] > 0
+    assert "verification passed" in capsys.readouterr().out
 
 
 @pytest.mark.gpu
