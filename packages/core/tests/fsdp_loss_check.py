@@ -1,7 +1,8 @@
 """Run by ``test_loss.py`` in 2 CPU processes: the chunked cross-entropy (``core.loss``) under
 FSDP2 takes the same optimizer steps as the plain loss on one unsharded model with the whole
-batch, with tied and untied heads, with activation checkpointing, and with a head that is not a
-plain ``nn.Linear`` (peft LoRA on ``lm_head``). Rank 0 prints one ``RESULT {json}`` line.
+batch, with tied and untied heads, with activation checkpointing (also with ``trainer.compile``'s
+compiled units), and with a head that is not a plain ``nn.Linear`` (peft LoRA on ``lm_head``).
+Rank 0 prints one ``RESULT {json}`` line.
 
     python fsdp_loss_check.py     # Fabric starts the second process itself
 """
@@ -25,6 +26,8 @@ CASES = {  # name: (tied head, fsdp settings, LoRA on lm_head)
     "untied": (False, {}, False),
     "tied_activation_checkpointing": (True, {"activation_checkpointing": True}, False),
     "lora_on_head": (False, {}, True),
+    # trainer.compile under FSDP2 with activation checkpointing (the units' forward compiled).
+    "compiled_activation_checkpointing": (True, {"activation_checkpointing": True}, False),
 }
 
 
@@ -93,6 +96,7 @@ def main() -> None:
             wrap_classes={LlamaDecoderLayer},
             precision="32-true",
             devices_per_node=2,
+            compile_blocks=name.startswith("compiled"),
         )
         mine = slice(2 * rank, 2 * rank + 2)
         # FSDP2 averages gradients over ranks: the world size turns that back into a sum.
@@ -105,6 +109,7 @@ def main() -> None:
                 float((state[k] - v).abs().max()) for k, v in expected.items() if k in state
             )
             result[f"{name}:keys"] = len(set(expected) & set(state))
+            result[f"{name}:compiled"] = sum("forward" in vars(m) for m in model.modules())
             result[f"{name}:loss"] = max(abs(a - b) for a, b in zip(summed, expected_losses))
     if rank == 0:
         print("RESULT " + json.dumps(result), flush=True)

@@ -180,10 +180,13 @@ def test_chunked_loss_under_fsdp2_takes_the_unsharded_plain_step():
     line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
     result = json.loads(line.removeprefix("RESULT "))
     # Two AdamW steps of lr 1e-2: any gradient error would move weights by about 1e-2.
-    for name in ("tied", "untied", "tied_activation_checkpointing", "lora_on_head"):
+    names = ("tied", "untied", "tied_activation_checkpointing", "lora_on_head")
+    for name in (*names, "compiled_activation_checkpointing"):
         assert result[name] < 1e-4, (name, result[name])
         assert result[f"{name}:loss"] < 1e-3, (name, result[f"{name}:loss"])
         assert result[f"{name}:keys"] >= 20, name
+    assert result["compiled_activation_checkpointing:compiled"] == 2  # the two units
+    assert result["tied_activation_checkpointing:compiled"] == 0
 
 
 def test_offloaded_activations_give_the_same_gradients_with_checkpointed_blocks():

@@ -176,6 +176,7 @@ def parallelize(
     wrap_classes: set[type[nn.Module]],
     precision: str,
     devices_per_node: int,
+    compile_blocks: bool = False,
 ) -> nn.Module:
     """Apply activation checkpointing and FSDP2 to ``model`` in place (see the module docstring).
 
@@ -186,6 +187,9 @@ def parallelize(
         wrap_classes: the block classes.
         precision: the resolved ``trainer.precision``.
         devices_per_node: processes per node (hybrid sharding's default group).
+        compile_blocks: ``trainer.compile``: ``torch.compile`` each unit's forward (after the
+            checkpoint wrapper, so the checkpoint is inside the compiled region: a compiled
+            block inside FSDP2's checkpoint wrapper fails on recomputation), before sharding.
 
     Returns:
         The same module, now an ``FSDPModule`` whose parameters are ``DTensor`` shards.
@@ -238,6 +242,9 @@ def parallelize(
         blocks = [m for m in model.modules() if isinstance(m, CheckpointWrapper)]
     else:
         blocks = blocks_of(model, wrap_classes)
+    if compile_blocks and blocks:
+        for block in blocks:  # the forward only: FSDP2's hooks stay around it, eager
+            block.forward = torch.compile(block.forward, dynamic=True)
     # Innermost first: a block nested in another must be sharded before its parent.
     for block in reversed(blocks):
         fully_shard(block, **kwargs)
@@ -267,6 +274,8 @@ def parallelize(
         ", activation checkpointing" if cfg.activation_checkpointing else "",
         ", CPU offload" if cfg.cpu_offload else "",
     )
+    if compile_blocks:
+        log.info("trainer.compile: %d blocks compiled (dynamic shapes) with FSDP2", len(blocks))
     return model
 
 
@@ -462,7 +471,12 @@ def build_strategy(cfg: Any, wrap_defaults: set[type[nn.Module]], precision: str
         or _visible_devices(cfg.trainer.accelerator)
     )
     fn = functools.partial(
-        parallelize, cfg=cfg.fsdp, wrap_classes=wrap, precision=precision, devices_per_node=per_node
+        parallelize,
+        cfg=cfg.fsdp,
+        wrap_classes=wrap,
+        precision=precision,
+        devices_per_node=per_node,
+        compile_blocks=cfg.trainer.compile,
     )
     return FSDP2Strategy(parallelize_fn=fn)
 

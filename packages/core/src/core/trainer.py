@@ -334,6 +334,8 @@ class Trainer:
         from core.acceleration import compile_blocks
         from core.fsdp import resolve_wrap_classes
 
+        if self.cfg.trainer.strategy == "fsdp":
+            return  # core.fsdp.parallelize compiles the units, after activation checkpointing
         classes = resolve_wrap_classes(self.cfg.fsdp.auto_wrap, self.task.fsdp_wrap_classes())
         try:
             count = compile_blocks(module, classes)
