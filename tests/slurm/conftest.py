@@ -32,7 +32,18 @@ class Cluster:
     partition: str = "debug"
 
     def env(self, **extra: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+        # The jobs' ranks find each other through SLURM's variables: nothing of this process's
+        # own launch (a MASTER_PORT of an earlier in-process run) may leak into them.
+        launch = (
+            "SLURM_",
+            "MASTER_PORT",
+            "MASTER_ADDR",
+            "WORLD_SIZE",
+            "LOCAL_RANK",
+            "NODE_RANK",
+            "CORE_TASK",
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith(launch)}
         env.update({"SLURM_CONF": str(self.conf), **extra})
         return env
 

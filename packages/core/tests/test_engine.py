@@ -454,3 +454,13 @@ def test_max_time_stops_early_and_still_finishes_and_val_at_start_logs_step_0(ru
 
     with pytest.raises(ConfigError, match="is not a duration"):
         run_toy("trainer.max_time=soon")
+
+
+def test_a_single_process_run_leaves_no_master_port_behind(run_toy, monkeypatch):
+    """Only multi-process launches pick a MASTER_PORT; a leftover one in this process would be
+    inherited by every job it starts (sbatch, subprocess ranks) and make them collide."""
+    import os
+
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    run_toy("trainer.max_steps=1", "trainer.devices=auto")
+    assert "MASTER_PORT" not in os.environ

@@ -184,6 +184,15 @@ def build_strategy(
     return name
 
 
+def processes_per_node(tc: TrainerConfig) -> int:
+    """How many processes Fabric will start on this node: ``trainer.devices``, with ``auto`` (or
+    ``-1``) meaning every visible GPU, or one process on the CPU."""
+    count = parse_devices(tc.devices)
+    if count is None:
+        return max(1, torch.cuda.device_count()) if cuda_requested(tc) else 1
+    return count
+
+
 def choose_master_port() -> None:
     """Set ``MASTER_PORT`` for a local multi-process launch, from outside the kernel's ephemeral
     port range.
@@ -238,7 +247,7 @@ def build_fabric(
         # noise.
         warnings.filterwarnings("ignore", message="The `srun` command is available")
     set_deterministic(tc.deterministic)
-    if parse_devices(tc.devices) != 1 or tc.num_nodes > 1:
+    if processes_per_node(tc) * tc.num_nodes > 1:  # a single process needs no port at all
         choose_master_port()
     try:
         return Fabric(
