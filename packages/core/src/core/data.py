@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-# Chunk size of length grouping, in global batches: big enough to group well, small enough to keep
-# the order random.
+# Default chunk size of length grouping, in global batches (``trainer.group_chunk_batches``): big
+# enough to group well, small enough to keep the order random.
 GROUP_CHUNK_BATCHES = 64
 
 
@@ -48,6 +48,8 @@ class ShardedBatchSampler(Sampler[list[int]]):
         group_by_length: group similar lengths within chunks (training).
         sort_by_length: longest first over the whole set (evaluation).
         limit_samples: use only the first N samples (``debug.overfit_batches``).
+        group_chunk_batches: with ``group_by_length``, global batches per sorted chunk (at least
+            1; 1 keeps the random batches of ``shuffle``, only their order changes).
     """
 
     def __init__(
@@ -62,9 +64,12 @@ class ShardedBatchSampler(Sampler[list[int]]):
         group_by_length: bool = False,
         sort_by_length: bool = False,
         limit_samples: int | None = None,
+        group_chunk_batches: int = GROUP_CHUNK_BATCHES,
     ) -> None:
         if (group_by_length or sort_by_length) and lengths is None:
             raise ValueError("group_by_length / sort_by_length need per-sample lengths")
+        if group_chunk_batches < 1:
+            raise ValueError(f"group_chunk_batches must be at least 1, got {group_chunk_batches}")
         if lengths is not None and len(lengths) != num_samples:
             raise ValueError(f"got {len(lengths)} lengths for {num_samples} samples")
         self.num_samples = min(num_samples, limit_samples) if limit_samples else num_samples
@@ -75,6 +80,7 @@ class ShardedBatchSampler(Sampler[list[int]]):
         self.seed = seed
         self.lengths = np.asarray(lengths[: self.num_samples]) if lengths is not None else None
         self.group_by_length = group_by_length
+        self.group_chunk_batches = group_chunk_batches
         self.sort_by_length = sort_by_length
         self.epoch = 0
         self.start_batch = 0
@@ -97,7 +103,7 @@ class ShardedBatchSampler(Sampler[list[int]]):
             # Stable sort, longest first: generation time is set by the longest sample of a batch.
             order = np.array(sorted(order.tolist(), key=lambda i: -int(self.lengths[i])))
         elif self.group_by_length:
-            chunk = global_size * GROUP_CHUNK_BATCHES
+            chunk = global_size * self.group_chunk_batches
             pieces = [order[i : i + chunk] for i in range(0, n, chunk)]
             order = np.concatenate([p[np.argsort(-self.lengths[p], kind="stable")] for p in pieces])
         # Pad with repeats so every rank gets the same number of samples.

@@ -106,6 +106,11 @@ class TrainerConfig:
     """Data-loader worker processes per rank (0: load in the training process)."""
     group_by_length: bool = False
     """Batch samples of similar length together (less padding); order stays seeded."""
+    group_chunk_batches: int = 64
+    """With ``group_by_length``: size of the mega-batch that is sorted by length, in global
+    batches. Each epoch is cut into seeded random chunks of this many batches; each chunk is sorted
+    and cut into batches, whose order is then shuffled. Larger: less padding (DialogSum, batch 16:
+    64 -> 1%, 8 -> 7.5%, 1 -> 41%); 1 keeps the random batches. Measured in bench/batching.py."""
     sort_eval_by_length: bool = True
     """Evaluate longest samples first, so each batch holds similar lengths (less padding, faster
     generation); results are put back in dataset order either way."""
@@ -132,6 +137,7 @@ class TrainerConfig:
             "trainer.batch_size": self.batch_size,
             "trainer.accumulate_grad_batches": self.accumulate_grad_batches,
             "trainer.log_every_n_steps": self.log_every_n_steps,
+            "trainer.group_chunk_batches": self.group_chunk_batches,
         }
         optional_positive = {
             "trainer.max_steps": self.max_steps,
