@@ -204,7 +204,8 @@ if __name__ == "__main__":  # self-check: python -m core.data
         )
         for r in range(2)
     ]
-    # Same global batches for 1 x 8 and 2 x 4 (before padding); every rank gets equally many batches.
+    # Same global batches for 1 x 8 and 2 x 4 (before padding); every rank gets equally many
+    # batches.
     assert [sorted(b) for b in one] != []
     assert len(list(two[0])) == len(list(two[1])) == two[0].num_batches()
     seen = sorted(i for s in two for b in s for i in b)

@@ -1,4 +1,5 @@
-"""The engine's config groups: ``run``, ``trainer``, ``optim``, ``checkpoint``, ``fsdp``, ``logger``, ``debug``.
+"""The engine's config groups: ``run``, ``trainer``, ``optim``, ``checkpoint``, ``fsdp``,
+``logger``, ``debug``.
 
 A task package defines its root config by subclassing :class:`TrainConfig` and adding its own
 groups (``data``, ``model``, ...). Every field has a docstring; ``train --help`` prints them.
@@ -50,7 +51,8 @@ class TrainerConfig:
     accelerator: Literal["auto", "cpu", "cuda", "gpu", "mps"] = "auto"
     """Device type; ``auto`` picks CUDA when available, else the CPU."""
     devices: int | str = "auto"
-    """Devices per node: a number, ``auto`` (all visible GPUs, or 1 CPU process), or a list like ``0,1``."""
+    """Devices per node: a number, ``auto`` (all visible GPUs, or 1 CPU process), or a list like
+    ``0,1``."""
     num_nodes: int = 1
     """Number of nodes (under SLURM: ``$SLURM_NNODES``)."""
     strategy: str = "auto"
@@ -58,7 +60,8 @@ class TrainerConfig:
     group), or a DeepSpeed stage such as ``deepspeed_stage_2`` / ``deepspeed_stage_3`` (CUDA only;
     needs ``core[deepspeed]``)."""
     precision: Precision = "auto"
-    """``auto`` = ``bf16-mixed`` on GPUs that support bfloat16, else ``32-true``. Also ``bf16-true``,
+    """``auto`` = ``bf16-mixed`` on GPUs that support bfloat16, else ``32-true``. Also
+    ``bf16-true``,
     ``16-mixed`` (GPU only), ``32-true``."""
     max_steps: int | None = None
     """Stop after this many optimizer steps (null: no step limit)."""
@@ -152,10 +155,11 @@ class TrainerConfig:
                 raise ConfigError(f"Config key '{key}' must be at least 1, got {value}.")
         if self.gradient_clip_val is not None and self.gradient_clip_val <= 0:
             raise ConfigError(
-                f"Config key 'trainer.gradient_clip_val' must be positive or null, got {self.gradient_clip_val}."
+                "Config key 'trainer.gradient_clip_val' must be positive or null, got "
+                f"{self.gradient_clip_val}."
             )
         if self.max_time is not None:
-            self.max_seconds  # parses (and rejects) the value now
+            _ = self.max_seconds  # parses (and rejects) the value now
         if self.num_workers < 0:
             raise ConfigError(
                 f"Config key 'trainer.num_workers' must be 0 or more, got {self.num_workers}."
@@ -173,7 +177,8 @@ class TrainerConfig:
             numbers = []
         if not 2 <= len(numbers) <= 4 or any(n < 0 for n in numbers):
             raise ConfigError(
-                f"Config key 'trainer.max_time' = {self.max_time!r} is not a duration; write [DD:]HH:MM:SS, e.g. 00:28:00."
+                f"Config key 'trainer.max_time' = {self.max_time!r} is not a duration; write "
+                "[DD:]HH:MM:SS, e.g. 00:28:00."
             )
         scale = [1, 60, 3600, 86400]
         return sum(n * scale[i] for i, n in enumerate(reversed(numbers)))
@@ -206,7 +211,8 @@ class OptimConfig:
         "paged_adamw_32bit",
     ] = "adamw"
     """``adamw`` (torch), ``adamw_fused`` (CUDA), ``sgd``, ``adafactor`` (transformers, with a fixed
-    learning rate), or a bitsandbytes optimizer: ``adamw_8bit``, ``paged_adamw_8bit``, ``paged_adamw_32bit``."""
+    learning rate), or a bitsandbytes optimizer: ``adamw_8bit``, ``paged_adamw_8bit``,
+    ``paged_adamw_32bit``."""
     lr: float = 3e-4
     """Peak learning rate (reached after warmup)."""
     weight_decay: float = 0.01
@@ -256,13 +262,15 @@ class CheckpointConfig:
     keep_best: int = 1
     """Also keep the N best checkpoints by ``checkpoint.monitor``."""
     monitor: str | None = "val/loss"
-    """Metric that ranks checkpoints (a key logged by validation, e.g. ``val/loss`` or ``val/rougeL``)."""
+    """Metric that ranks checkpoints (a key logged by validation, e.g. ``val/loss`` or
+    ``val/rougeL``)."""
     mode: Literal["min", "max"] = "min"
     """Whether a lower (``min``) or higher (``max``) monitored value is better."""
     load_best_at_end: bool = True
     """Export the best checkpoint (not the last) to ``final/`` when a monitored metric exists."""
     trainable_only: bool = False
-    """Store only parameters that require gradients (adapters); frozen weights are rebuilt from the base."""
+    """Store only parameters that require gradients (adapters); frozen weights are rebuilt from the
+    base."""
 
     def __post_init__(self) -> None:
         if self.keep_last < 0 or self.keep_best < 0:
@@ -271,7 +279,8 @@ class CheckpointConfig:
             )
         if self.keep_last == 0 and self.keep_best == 0:
             raise ConfigError(
-                "With 'checkpoint.keep_last=0' and 'checkpoint.keep_best=0' no checkpoint would survive; "
+                "With 'checkpoint.keep_last=0' and 'checkpoint.keep_best=0' no checkpoint would "
+                "survive; "
                 "keep at least one so the run can resume."
             )
 
@@ -282,13 +291,17 @@ class FSDPConfig:
     ``ModelParallelStrategy`` (see ``core.fsdp``); ignored by other strategies."""
 
     RETIRED: ClassVar[dict[str, str]] = {
-        "use_orig_params": "FSDP2 always keeps the original parameters (as DTensor shards), so frozen parts and "
+        "use_orig_params": "FSDP2 always keeps the original parameters (as DTensor shards), so "
+        "frozen parts and "
         "per-part learning rates work without it; delete the key",
-        "limit_all_gathers": "FSDP2 frees gathered parameters without the CPU rate limiter FSDP1 needed; delete the key "
+        "limit_all_gathers": "FSDP2 frees gathered parameters without the CPU rate limiter FSDP1 "
+        "needed; delete the key "
         "(fsdp.prefetch_forward / fsdp.prefetch_backward set how far all-gathers run ahead)",
-        "backward_prefetch": "FSDP2 prefetches the next block in backward by itself; fsdp.prefetch_backward=N sets how "
+        "backward_prefetch": "FSDP2 prefetches the next block in backward by itself; "
+        "fsdp.prefetch_backward=N sets how "
         "many blocks ahead (1 = the default, 0 = none)",
-        "state_dict_type": "FSDP2 checkpoints are always sharded (torch.distributed.checkpoint, one file per rank) and "
+        "state_dict_type": "FSDP2 checkpoints are always sharded (torch.distributed.checkpoint, "
+        "one file per rank) and "
         "final/ is always the gathered full model; delete the key",
     }
     """Keys of the FSDP1 era, with what replaced them (using one is a config error)."""
@@ -302,7 +315,8 @@ class FSDPConfig:
     ``HYBRID_SHARD``: full shard inside groups of ``fsdp.shard_size`` ranks (a node), replicated
     across groups (a 2-D device mesh). ``NO_SHARD``: every rank keeps everything (like DDP)."""
     shard_size: int | None = None
-    """``HYBRID_SHARD`` only: ranks per shard group (null: the devices of one node); must divide the world size."""
+    """``HYBRID_SHARD`` only: ranks per shard group (null: the devices of one node); must divide the
+    world size."""
     auto_wrap: list[str] = field(default_factory=list)
     """Block classes that become FSDP units: dotted import paths or class names of the task's
     own blocks; empty: the task's choice (its transformer blocks)."""
@@ -374,7 +388,8 @@ class DebugConfig:
     shapes: bool = False
     """Log every module's input and output tensor shapes for the first batch (forward hooks)."""
     overfit_batches: int = 0
-    """Train on only the first N batches of data, repeated (0: off); a model that cannot overfit them is broken."""
+    """Train on only the first N batches of data, repeated (0: off); a model that cannot overfit
+    them is broken."""
     detect_anomaly: bool = False
     """``torch.autograd.set_detect_anomaly``: find the op that made a NaN (slow)."""
 
@@ -440,6 +455,7 @@ if __name__ == "__main__":  # self-check: python -m core.settings
     assert cfg.trainer.max_steps == 5 and cfg.optim.lr == 1e-4
     print(describe_keys(TrainConfig).splitlines()[0])
     print(
-        f"{sum(1 for _ in iter_keys(TrainConfig))} keys, all documented; {len(field_docs(TrainerConfig))} trainer keys"
+        f"{sum(1 for _ in iter_keys(TrainConfig))} keys, all documented; "
+        f"{len(field_docs(TrainerConfig))} trainer keys"
     )
     print("core.settings: ok")
