@@ -11,12 +11,13 @@ driver snapshots the test folder around every case.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from core.testing import child_env
 
 pytestmark = pytest.mark.slow
 
@@ -296,18 +297,8 @@ def test_bad_input_exits_2_with_one_paragraph_and_leaves_every_file_unchanged(
                 "fragment": fragment.format(**fill),
             }
         )
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("SLURM_", "CORE_TASK", "MASTER_PORT"))
-    }
-    env.update(
-        {
-            "HF_HUB_OFFLINE": "1",
-            "OMP_NUM_THREADS": "1",
-            "QWEN_VL_CACHE": str(tmp_path / "cache"),
-            "HF_DATASETS_CACHE": str(tmp_path / "cache"),
-        }
+    env = child_env(
+        QWEN_VL_CACHE=str(tmp_path / "cache"), HF_DATASETS_CACHE=str(tmp_path / "cache")
     )
     done = subprocess.run(
         [sys.executable, str(DRIVER), task, str(files["root"])],

@@ -456,11 +456,17 @@ def test_max_time_stops_early_and_still_finishes_and_val_at_start_logs_step_0(ru
         run_toy("trainer.max_time=soon")
 
 
-def test_a_single_process_run_leaves_no_master_port_behind(run_toy, monkeypatch):
-    """Only multi-process launches pick a MASTER_PORT; a leftover one in this process would be
-    inherited by every job it starts (sbatch, subprocess ranks) and make them collide."""
+@pytest.mark.parametrize("strategy", ["auto", "ddp", "fsdp"])
+def test_a_run_leaves_no_launch_variables_behind(run_toy, monkeypatch, strategy):
+    """A leftover MASTER_PORT would be inherited by every job this process starts (sbatch,
+    subprocess ranks) and make them collide; a leftover LOCAL_RANK / WORLD_SIZE (Fabric's launcher
+    sets them even for one DDP or FSDP process) makes a later 2-rank run in a child process wait
+    forever for a rank it never starts."""
     import os
 
-    monkeypatch.delenv("MASTER_PORT", raising=False)
-    run_toy("trainer.max_steps=1", "trainer.devices=auto")
-    assert "MASTER_PORT" not in os.environ
+    from core.strategy import LAUNCH_VARIABLES
+
+    for key in LAUNCH_VARIABLES:
+        monkeypatch.delenv(key, raising=False)
+    run_toy("trainer.max_steps=1", "trainer.devices=1", f"trainer.strategy={strategy}")
+    assert [key for key in LAUNCH_VARIABLES if key in os.environ] == []

@@ -4,7 +4,6 @@ processes (gloo), kills during checkpoint writes, concurrent run numbering."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from core.testing import final_weights, max_weight_diff, read_jsonl, train_losses
+from core.testing import child_env, final_weights, max_weight_diff, read_jsonl, train_losses
 
 pytestmark = pytest.mark.slow
 
@@ -22,13 +21,7 @@ TOY = [sys.executable, "-m", "core.testing"]
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("SLURM_", "CORE_TASK", "MASTER_PORT"))
-    }
-    env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra})
-    return env
+    return child_env(**extra)
 
 
 def _start(args: list[str], log: Path, **env: str) -> subprocess.Popen:

@@ -5,7 +5,6 @@ skipped without a GPU."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from core.testing import train_losses
+from core.testing import child_env, train_losses
 
 pytestmark = pytest.mark.slow
 
@@ -25,13 +24,7 @@ CLI = [sys.executable, "-m", "lora_llm.cli"]
 
 def env(**extra: str) -> dict[str, str]:
     """The test environment for subprocesses: offline, one thread, no SLURM or task selection."""
-    out = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("SLURM_", "CORE_TASK", "MASTER_PORT"))
-    }
-    out.update({"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra})
-    return out
+    return child_env(**extra)
 
 
 def run(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.testing import final_weights, max_weight_diff, read_jsonl, train_losses
+from core.testing import child_env, final_weights, max_weight_diff, read_jsonl, train_losses
 
 FAST = [
     "trainer.accelerator=cpu",
@@ -46,13 +45,7 @@ def only_run(root: Path) -> Path:
 def env(**extra: str) -> dict[str, str]:
     """Subprocess environment: offline, one thread per process, no inherited task choice or
     SLURM."""
-    out = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("SLURM_", "CORE_TASK", "MASTER_PORT"))
-    }
-    out.update({"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra})
-    return out
+    return child_env(**extra)
 
 
 def test_make_data_train_evaluate_infer(tmp_path, monkeypatch, capsys):

@@ -4,12 +4,13 @@ one process."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from core.testing import child_env
 
 pytestmark = pytest.mark.slow
 
@@ -18,13 +19,7 @@ CLI = [sys.executable, "-m", "summarization.cli"]
 
 def env() -> dict[str, str]:
     """Offline, one thread per process, no SLURM or task variables from the outside."""
-    out = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("SLURM_", "CORE_TASK", "MASTER_PORT"))
-    }
-    out.update({"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
-    return out
+    return child_env()
 
 
 def rows_of(path: Path) -> list[dict]:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -222,6 +223,31 @@ def choose_master_port() -> None:
                 continue
         os.environ["MASTER_PORT"] = str(port)
         return
+
+
+# What Lightning's launcher writes into the launching process's environment for its ranks.
+LAUNCH_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+@contextmanager
+def launch_environment() -> Iterator[None]:
+    """Give the process back the launch variables it had before a run.
+
+    Fabric's launcher sets ``LOCAL_RANK``, ``WORLD_SIZE`` and the rest in the launching process
+    itself (also for one DDP / FSDP process). Left behind, they make every process it starts
+    later (a 2-rank run from a notebook or a test, an sbatch job) believe it is an already
+    launched rank 0 of a 1-process world: it never spawns its other ranks and waits for them
+    forever.
+    """
+    before = {key: os.environ.get(key) for key in LAUNCH_VARIABLES}
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def build_fabric(

@@ -16,6 +16,7 @@ Run as a module for subprocess tests (signals, DDP) or as a demo of the engine::
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -197,6 +198,19 @@ class ToyTask(Task):
 
 
 # -- helpers for tests of runs --------------------------------------------------------------
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a test's child process: without SLURM's variables, the task
+    selection and any launch variable of a run made in this process (the child decides its own
+    launch), offline, unbuffered, one thread, plus ``extra``."""
+    from core.launcher import ENV_VAR
+    from core.strategy import LAUNCH_VARIABLES
+
+    dropped = ("SLURM_", ENV_VAR, *LAUNCH_VARIABLES)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(dropped)}
+    env.update({"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra})
+    return env
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

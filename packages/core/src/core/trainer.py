@@ -64,7 +64,7 @@ from core.reproducibility import rng_state, seed_all, set_rng_state
 from core.runs import RunDir, check_run_dir, resolve_run_dir
 from core.settings import TrainConfig
 from core.signals import StopSignal, requeue_slurm_job
-from core.strategy import build_fabric, is_sharded, resolve_precision
+from core.strategy import build_fabric, is_sharded, launch_environment, resolve_precision
 from core.task import Ranks, Task
 
 log = logging.getLogger(__name__)
@@ -186,7 +186,7 @@ class Trainer:
         """
         # The handlers stay installed until the end: a signal during set-up stops at the first
         # step boundary, and one during the final export does not kill the run half-written.
-        with StopSignal() as stop:
+        with launch_environment(), StopSignal() as stop:
             self.setup()
             start = time.perf_counter()
             try:
@@ -1014,9 +1014,14 @@ def weights_checksum(model: nn.Module) -> str:
     import hashlib
 
     digest = hashlib.sha256()
+    from torch.distributed.tensor import DTensor
+
     for name, param in sorted(model.named_parameters()):
+        tensor = param.detach()
+        if isinstance(tensor, DTensor):  # FSDP2 on one process: the shard is the whole tensor
+            tensor = tensor.full_tensor()
         digest.update(name.encode())
-        digest.update(param.detach().float().cpu().numpy().tobytes())
+        digest.update(tensor.float().cpu().numpy().tobytes())
     return digest.hexdigest()
 
 
