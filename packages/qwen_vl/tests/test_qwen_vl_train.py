@@ -292,11 +292,13 @@ def test_bad_data_exits_2_naming_the_record_and_leaves_no_run_folder(
 
 @pytest.mark.slow
 def test_shared_console_scripts_reach_this_package(tmp_path):
-    """``make-data`` is this package's script; ``train`` is core's shared one and must dispatch
-    here (--task qwen_vl): bad data gives exit code 2 and one paragraph naming the record."""
+    """``qwen-vl-make-data`` is this package's script; ``train`` is core's shared one and must
+    dispatch here (--task qwen_vl): bad data gives exit code 2 and one paragraph naming the
+    record."""
     bindir = Path(sys.executable).parent
     out = subprocess.run(
-        [str(bindir / "make-data"), "--out", str(tmp_path / "d"), "--n", "4", "--n-dev", "2"],
+        [str(bindir / "qwen-vl-make-data"), "--out", str(tmp_path / "d"), "--n", "4"]
+        + ["--n-dev", "2"],
         capture_output=True,
         text=True,
         env=env(),
