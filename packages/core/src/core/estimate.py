@@ -210,6 +210,58 @@ def gathered_unit_bytes(cfg: TrainConfig, largest_unit_params: int) -> float:
     return 2.0 * largest_unit_params * compute_bytes(cfg.trainer.precision)
 
 
+def memory_report(
+    *,
+    model: str,
+    architecture: dict[str, Any],
+    config_source: str,
+    parameters: int,
+    trainable: int,
+    setup: dict[str, str],
+    components: list[tuple[str, str, float]],
+    notes: dict[str, str],
+    **extra: Any,
+) -> dict[str, Any]:
+    """The report every task's dry run prints (text with :func:`format_report`, or JSON).
+
+    Args:
+        model, architecture, config_source: what is estimated (``architecture`` holds ``type``
+            and the facts to show).
+        parameters, trainable: parameter counts.
+        setup: :func:`setup_lines` plus the task's own lines.
+        components: ``(label, key, bytes)`` per GPU, in display order; their sum is the peak.
+            A ``gathered`` component of 0 bytes (no FSDP) is not shown.
+        notes: per component key, how it was counted.
+        extra: task facts added to the report as they are.
+
+    Returns:
+        ``model``, ``architecture``, ``config_source``, ``parameters``,
+        ``trainable_parameters``, ``trainable_share``, ``setup``, ``rows`` ((label, key) shown),
+        ``bytes`` (per key, and ``total``), ``notes`` and ``extra``'s keys.
+    """
+    sizes = {key: size for _, key, size in components}
+    return {
+        "model": model,
+        "architecture": architecture,
+        "config_source": config_source,
+        "parameters": parameters,
+        "trainable_parameters": trainable,
+        "trainable_share": trainable / parameters,
+        **extra,
+        "setup": setup,
+        "rows": [(label, key) for label, key, size in components if size or key != "gathered"],
+        "bytes": {**sizes, "total": sum(sizes.values())},
+        "notes": notes,
+    }
+
+
+def gpu_verdict(report: dict[str, Any], gpu_gb: int, advice: str) -> str:
+    """``"<N> GB GPU  fits"`` when the peak plus 1 GiB of CUDA context and slack fits in
+    ``gpu_gb`` GB, else ``does NOT fit: <advice>``."""
+    fits = report["bytes"]["total"] / GIB + 1.0 <= gpu_gb * 1e9 / GIB
+    return f"{f'{gpu_gb} GB GPU':<21}" + ("fits" if fits else f"does NOT fit: {advice}")
+
+
 def format_report(report: dict[str, Any], verdict: str | None = None) -> str:
     """The report as aligned text: model, parameters, setup, one line per memory component (with
     its note), the estimated peak per GPU and the task's verdict line."""

@@ -37,17 +37,18 @@ import torch
 from torch import nn
 
 from core.errors import UserError
+from core.estimate import format_report as core_format_report
 from core.estimate import (
-    GIB,
     gathered_unit_bytes,
+    gpu_verdict,
     layer_activation_bytes,
     logits_bytes,
+    memory_report,
     optimizer_bytes,
     setup_lines,
     shard_ranks,
     stack_activation_bytes,
 )
-from core.estimate import format_report as core_format_report
 from core.hub import hub_reachable, is_cached, looks_like_path
 from lora_llm.config import LoraLLMConfig
 from lora_llm.model import (
@@ -270,7 +271,6 @@ def estimate(cfg: LoraLLMConfig) -> dict[str, Any]:
         default=0,
     )
     gathered = gathered_unit_bytes(cfg, unit)
-    total_bytes = weights + adapters + acts["activations"] + logits + gathered
     layout = "padding-free rows" if cfg.data.padding_free else "padded to the longest"
     shape = f"{seq:,} tokens per sample ({'packed rows' if cfg.data.packing else layout})"
     setup = setup_lines(cfg, shape)
@@ -284,36 +284,27 @@ def estimate(cfg: LoraLLMConfig) -> dict[str, Any]:
     )
     checkpointing = "with" if cfg.model.gradient_checkpointing else "without"
     offloaded = ", layer inputs offloaded to CPU" if tc.offload_activations else ""
-    return {
-        "model": cfg.model.name,
-        "architecture": {
+    return memory_report(
+        model=cfg.model.name,
+        architecture={
             "type": config.model_type,
             "layers": config.num_hidden_layers,
             "hidden": config.hidden_size,
             "vocab": config.vocab_size,
         },
-        "config_source": source,
-        "parameters": total,
-        "trainable_parameters": trainable,
-        "trainable_share": trainable / total,
-        "quantized_weights": quantized,
-        "setup": setup,
-        "rows": [
-            ("base weights", "base_weights"),
-            ("adapters + optimizer", "adapters_and_optimizer"),
-            ("activations", "activations"),
-            ("logits + loss", "logits"),
-            *([("gathered FSDP units", "gathered")] if gathered else []),
+        config_source=source,
+        parameters=total,
+        trainable=trainable,
+        quantized_weights=quantized,
+        setup=setup,
+        components=[
+            ("base weights", "base_weights", weights),
+            ("adapters + optimizer", "adapters_and_optimizer", adapters),
+            ("activations", "activations", acts["activations"]),
+            ("logits + loss", "logits", logits),
+            ("gathered FSDP units", "gathered", gathered),
         ],
-        "bytes": {
-            "base_weights": weights,
-            "adapters_and_optimizer": adapters,
-            "activations": acts["activations"],
-            "logits": logits,
-            "gathered": gathered,
-            "total": total_bytes,
-        },
-        "notes": {
+        notes={
             "base_weights": weights_note,
             "activations": f"micro-batch {tc.batch_size} x {seq} tokens, {checkpointing} "
             f"gradient checkpointing{offloaded}, {8 * act_bytes}-bit activations",
@@ -323,7 +314,7 @@ def estimate(cfg: LoraLLMConfig) -> dict[str, Any]:
             else "full float32 logits",
             "gathered": "two decoder layers unsharded at a time",
         },
-    }
+    )
 
 
 def _is_layer(module: nn.Module) -> bool:
@@ -335,15 +326,8 @@ def _is_layer(module: nn.Module) -> bool:
 
 def format_report(report: dict[str, Any]) -> str:
     """The report as an aligned text table, with the 8 GB verdict."""
-    total = report["bytes"]["total"] / GIB
-    fits = total + 1.0 <= 8 * 1e9 / GIB
-    verdict = "8 GB GPU             " + (
-        "fits"
-        if fits
-        else "does NOT fit: lower data.max_length / trainer.batch_size / lora.r, or quantize "
-        "(quant.bits=4)"
-    )
-    return core_format_report(report, verdict)
+    advice = "lower data.max_length / trainer.batch_size / lora.r, or quantize (quant.bits=4)"
+    return core_format_report(report, gpu_verdict(report, 8, advice))
 
 
 if __name__ == "__main__":  # self-check: python -m lora_llm.memory

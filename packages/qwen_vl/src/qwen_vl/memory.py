@@ -34,12 +34,13 @@ from torch import nn
 
 from core.errors import UserError
 from core.estimate import (
-    GIB,
     compute_bytes,
     format_report,
     gathered_unit_bytes,
+    gpu_verdict,
     layer_activation_bytes,
     logits_bytes,
+    memory_report,
     optimizer_bytes,
     setup_lines,
     shard_ranks,
@@ -196,7 +197,6 @@ def estimate(cfg: QwenVLConfig) -> dict[str, Any]:
     logits = logits_bytes(batch * text_tokens, text.vocab_size, text.hidden_size, e, cfg.loss)
     layer = next(m_ for m_ in model.modules() if type(m_).__name__ == "Qwen2_5_VLDecoderLayer")
     gathered = gathered_unit_bytes(cfg, sum(p.numel() for p in layer.parameters()))
-    total_bytes = weights + grads + optim + activations + logits + gathered
     shape = (
         f"{seq:,} tokens per sample: one image at data.max_pixels={pixels:,} "
         f"({vision_tokens:,} vision tokens, {patches:,} patches) + {text_tokens:,} text tokens"
@@ -209,38 +209,28 @@ def estimate(cfg: QwenVLConfig) -> dict[str, Any]:
         f"model.liger_kernel={str(m.liger_kernel).lower()} (not modelled)"
     )
     parts = [n for n in ("vision", "merger", "llm") if getattr(m, f"train_{n}")]
-    return {
-        "model": m.name,
-        "architecture": {
+    return memory_report(
+        model=m.name,
+        architecture={
             "type": config.model_type,
             "layers": text.num_hidden_layers,
             "hidden": text.hidden_size,
             "vocab": text.vocab_size,
             "vision blocks": vision.depth,
         },
-        "config_source": source,
-        "parameters": total,
-        "trainable_parameters": trainable,
-        "trainable_share": trainable / total,
-        "setup": setup,
-        "rows": [
-            ("weights", "weights"),
-            ("gradients", "gradients"),
-            ("optimizer state", "optimizer"),
-            ("activations", "activations"),
-            ("logits + loss", "logits"),
-            *([("gathered FSDP units", "gathered")] if gathered else []),
+        config_source=source,
+        parameters=total,
+        trainable=trainable,
+        setup=setup,
+        components=[
+            ("weights", "weights", weights),
+            ("gradients", "gradients", grads),
+            ("optimizer state", "optimizer", optim),
+            ("activations", "activations", activations),
+            ("logits + loss", "logits", logits),
+            ("gathered FSDP units", "gathered", gathered),
         ],
-        "bytes": {
-            "weights": weights,
-            "gradients": grads,
-            "optimizer": optim,
-            "activations": activations,
-            "logits": logits,
-            "gathered": gathered,
-            "total": total_bytes,
-        },
-        "notes": {
+        notes={
             "weights": f"{total:,} parameters x {stored} bytes / {split['weights']}",
             "gradients": f"trained: {', '.join(parts) or 'nothing'}"
             + (" (LoRA adapters)" if m.lora.enabled else ""),
@@ -252,20 +242,16 @@ def estimate(cfg: QwenVLConfig) -> dict[str, Any]:
             + (f"chunks of {cfg.loss.chunk_tokens}" if cfg.loss.chunked else "full logits"),
             "gathered": "two decoder layers unsharded at a time",
         },
-    }
+    )
 
 
 def render(report: dict[str, Any]) -> str:
     """The report as text, with a verdict for 80 GB GPUs (H100 / A100 80 GB)."""
-    total = report["bytes"]["total"] / GIB
-    fits = total + 1.0 <= 80 * 1e9 / GIB
-    verdict = "80 GB GPU            " + (
-        "fits"
-        if fits
-        else "does NOT fit: more ranks (fsdp), fsdp.activation_checkpointing=true, "
-        "lower data.max_pixels / data.max_length / trainer.batch_size"
+    advice = (
+        "more ranks (fsdp), fsdp.activation_checkpointing=true, lower data.max_pixels / "
+        "data.max_length / trainer.batch_size"
     )
-    return format_report(report, verdict)
+    return format_report(report, gpu_verdict(report, 80, advice))
 
 
 if __name__ == "__main__":  # self-check: python -m qwen_vl.memory

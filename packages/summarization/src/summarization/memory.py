@@ -25,11 +25,12 @@ import torch
 
 from core.errors import UserError
 from core.estimate import (
-    GIB,
     compute_bytes,
     format_report,
     gathered_unit_bytes,
+    gpu_verdict,
     layer_activation_bytes,
+    memory_report,
     optimizer_bytes,
     setup_lines,
     shard_ranks,
@@ -171,42 +172,31 @@ def estimate(cfg: SummarizationConfig) -> dict[str, Any]:
         default=0,
     )
     gathered = gathered_unit_bytes(cfg, layer)
-    total_bytes = weights + grads + optim + activations + logits + gathered
     setup = setup_lines(cfg, f"source {src} + summary {tgt} tokens per sample")
     if tc.precision == "auto":
         setup["precision"] = "auto (bf16-mixed on a GPU with bfloat16)"
     setup["switches"] += f", activation checkpointing={str(checkpointing).lower()}"
-    return {
-        "model": cfg.model.name if cfg.model.init == "pretrained" else "scratch",
-        "architecture": {
+    return memory_report(
+        model=cfg.model.name if cfg.model.init == "pretrained" else "scratch",
+        architecture={
             "type": config.model_type,
             "layers": f"{s['enc']}+{s['dec']}",
             "hidden": s["d"],
             "vocab": config.vocab_size,
         },
-        "config_source": source,
-        "parameters": total,
-        "trainable_parameters": trainable,
-        "trainable_share": trainable / total,
-        "setup": setup,
-        "rows": [
-            ("weights", "weights"),
-            ("gradients", "gradients"),
-            ("optimizer state", "optimizer"),
-            ("activations", "activations"),
-            ("logits + loss", "logits"),
-            *([("gathered FSDP units", "gathered")] if gathered else []),
+        config_source=source,
+        parameters=total,
+        trainable=trainable,
+        setup=setup,
+        components=[
+            ("weights", "weights", weights),
+            ("gradients", "gradients", grads),
+            ("optimizer state", "optimizer", optim),
+            ("activations", "activations", activations),
+            ("logits + loss", "logits", logits),
+            ("gathered FSDP units", "gathered", gathered),
         ],
-        "bytes": {
-            "weights": weights,
-            "gradients": grads,
-            "optimizer": optim,
-            "activations": activations,
-            "logits": logits,
-            "gathered": gathered,
-            "total": total_bytes,
-        },
-        "notes": {
+        notes={
             "weights": f"{total:,} parameters x {stored} bytes / {split['weights']}",
             "optimizer": cfg.optim.name,
             "activations": f"micro-batch {batch}, {'with' if checkpointing else 'without'} "
@@ -214,19 +204,16 @@ def estimate(cfg: SummarizationConfig) -> dict[str, Any]:
             "logits": f"{batch * tgt:,} summary tokens, full float32 logits",
             "gathered": "two layers unsharded at a time",
         },
-    }
+    )
 
 
 def render(report: dict[str, Any]) -> str:
     """The report as text, with a verdict for a 24 GB GPU."""
-    fits = report["bytes"]["total"] / GIB + 1.0 <= 24 * 1e9 / GIB
-    verdict = "24 GB GPU            " + (
-        "fits"
-        if fits
-        else "does NOT fit: lower trainer.batch_size (raise accumulation), turn on "
-        "model.gradient_checkpointing, or shard (trainer.strategy=fsdp)"
+    advice = (
+        "lower trainer.batch_size (raise accumulation), turn on model.gradient_checkpointing, "
+        "or shard (trainer.strategy=fsdp)"
     )
-    return format_report(report, verdict)
+    return format_report(report, gpu_verdict(report, 24, advice))
 
 
 if __name__ == "__main__":  # self-check: python -m summarization.memory
