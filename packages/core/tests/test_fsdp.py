@@ -5,10 +5,6 @@ in ``test_processes.py``."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,19 +12,12 @@ import pytest
 from core.config import load_config
 from core.errors import ConfigError
 from core.settings import TrainConfig
+from core.testing import script_result
 
 
 @pytest.mark.slow
 def test_every_fsdp2_setting_gives_the_unsharded_step_and_rank0_weights_reach_every_rank():
-    script = Path(__file__).with_name("fsdp_settings_check.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    env = {k: v for k, v in env.items() if not k.startswith("SLURM_")}
-    done = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
-    result = json.loads(line.removeprefix("RESULT "))
+    result = script_result(Path(__file__).with_name("fsdp_settings_check.py"))
     # float32: sharded, replicated (2-D meshes), checkpointed and prefetching runs all take the
     # step of one model on the whole batch; AdamW's step of ~lr would show any gradient error.
     for name in (

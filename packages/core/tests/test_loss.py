@@ -5,10 +5,6 @@ cannot use are refused or skipped by name."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,7 +24,7 @@ from core.task import (
     per_sample_loss,
     token_loss_sum,
 )
-from core.testing import train_losses
+from core.testing import script_result, train_losses
 
 
 def plain_sum(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -170,15 +166,7 @@ def test_models_that_change_their_logits_after_the_head_are_refused():
 
 @pytest.mark.slow
 def test_chunked_loss_under_fsdp2_takes_the_unsharded_plain_step():
-    script = Path(__file__).with_name("fsdp_loss_check.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    env = {k: v for k, v in env.items() if not k.startswith("SLURM_")}
-    done = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
-    result = json.loads(line.removeprefix("RESULT "))
+    result = script_result(Path(__file__).with_name("fsdp_loss_check.py"))
     # Two AdamW steps of lr 1e-2: any gradient error would move weights by about 1e-2.
     names = ("tied", "untied", "tied_activation_checkpointing", "lora_on_head")
     for name in (*names, "compiled_activation_checkpointing"):

@@ -213,6 +213,23 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def script_result(script: Path, timeout: float = 600) -> dict[str, Any]:
+    """Run a check script that launches its own ranks (in :func:`child_env`) and return the JSON
+    of the ``RESULT {json}`` line its rank 0 prints; a failing script fails with its output."""
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line.removeprefix("RESULT "))
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Records of a JSON-lines file."""
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
