@@ -57,6 +57,7 @@ def worker(strategy: str, steps: int, seq: int, batch: int) -> None:
 
     from core.fsdp import FSDP2Strategy, parallelize
     from core.settings import FSDPConfig
+    from core.strategy import destroy_process_group_at_exit
 
     if strategy == "fsdp":
         import functools
@@ -72,6 +73,7 @@ def worker(strategy: str, steps: int, seq: int, batch: int) -> None:
     else:
         fabric_strategy = "ddp"
     fabric = Fabric(accelerator="cpu", devices=2, strategy=fabric_strategy, precision="32-true")
+    destroy_process_group_at_exit()
     fabric.launch()
     torch.manual_seed(0)
     config = LlamaConfig(

@@ -18,6 +18,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from core.fsdp import FSDP2Strategy, full_state_dict, parallelize
 from core.settings import FSDPConfig
+from core.strategy import destroy_process_group_at_exit
 from core.task import IGNORE_INDEX, chunked_token_loss_sum, token_loss_sum
 
 VOCAB = 200
@@ -76,6 +77,7 @@ def main() -> None:
     fabric = Fabric(
         accelerator="cpu", devices=2, strategy=FSDP2Strategy(parallelize_fn=lambda m, mesh: m)
     )
+    destroy_process_group_at_exit()
     fabric.launch()
     rank, world = fabric.global_rank, fabric.world_size
     ids = torch.randint(0, VOCAB, (4, 12), generator=torch.Generator().manual_seed(0))

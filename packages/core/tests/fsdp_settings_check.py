@@ -20,6 +20,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 from core.fsdp import FSDP2Strategy, full_state_dict, parallelize
 from core.optim import Adafactor
 from core.settings import FSDPConfig
+from core.strategy import destroy_process_group_at_exit
 from core.task import IGNORE_INDEX
 
 SETTINGS = {  # name: (fsdp settings, precision, optimizer)
@@ -106,6 +107,7 @@ def main() -> None:
     fabric = Fabric(
         accelerator="cpu", devices=2, strategy=FSDP2Strategy(parallelize_fn=lambda m, mesh: m)
     )
+    destroy_process_group_at_exit()
     fabric.launch()
     rank, world = fabric.global_rank, fabric.world_size
     mesh = fabric.strategy.device_mesh

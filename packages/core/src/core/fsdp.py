@@ -548,6 +548,8 @@ if __name__ == "__main__":  # self-check: python -m core.fsdp (Fabric starts the
     from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
+    from core.strategy import destroy_process_group_at_exit
+
     torch.manual_seed(0)
     config = GPT2Config(
         vocab_size=64,
@@ -568,6 +570,7 @@ if __name__ == "__main__":  # self-check: python -m core.fsdp (Fabric starts the
         devices_per_node=2,
     )
     fabric = Fabric(accelerator="cpu", devices=2, strategy=FSDP2Strategy(parallelize_fn=fn))
+    destroy_process_group_at_exit()
     fabric.launch()
     model = fabric.setup_module(net)
     loss = model(input_ids=torch.randint(0, 64, (2, 8)), labels=torch.randint(0, 64, (2, 8))).loss

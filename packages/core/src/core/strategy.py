@@ -9,6 +9,7 @@ Self-check: ``python -m core.strategy``.
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import os
 import warnings
@@ -250,6 +251,25 @@ def launch_environment() -> Iterator[None]:
                 os.environ[key] = value
 
 
+def _destroy_process_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def destroy_process_group_at_exit() -> None:
+    """Have this process tear down its default process group when it exits (once per process,
+    however often it is called).
+
+    Lightning does this only for NCCL. A gloo group (every CPU run, and the CPU side of GPU runs)
+    left to the interpreter's finalization now and then aborts the process with "terminate
+    called without an active exception" after its work is done (pytorch/pytorch#190489;
+    measured here: 1 of 20 two-rank evaluations exited with SIGABRT after printing their
+    metrics). :func:`build_fabric` calls it; a script that builds its own ``Fabric`` should too.
+    """
+    atexit.unregister(_destroy_process_group)  # atexit keeps one entry per registration
+    atexit.register(_destroy_process_group)
+
+
 def build_fabric(
     cfg: TrainConfig, wrap_classes: Callable[[], set[type[torch.nn.Module]]] | None = None
 ) -> Fabric:
@@ -275,6 +295,7 @@ def build_fabric(
     set_deterministic(tc.deterministic)
     if processes_per_node(tc) * tc.num_nodes > 1:  # a single process needs no port at all
         choose_master_port()
+    destroy_process_group_at_exit()
     try:
         return Fabric(
             accelerator=tc.accelerator,
