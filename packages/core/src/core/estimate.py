@@ -114,6 +114,40 @@ def optimizer_bytes(name: str, trainable: Iterable[torch.Tensor], momentum: floa
     return total
 
 
+def trained_state(
+    cfg: TrainConfig, model: torch.nn.Module
+) -> tuple[int, int, dict[str, float], dict[str, str]]:
+    """Parameter counts of a (meta-device) model trained in full or in parts, and the bytes per
+    GPU of its weights, gradients and optimizer state.
+
+    Args:
+        cfg: gives ``trainer.precision``, ``optim`` and the sharding (:func:`shard_ranks`).
+        model: the task's model with ``requires_grad`` set as training will set it.
+
+    Returns:
+        ``(parameters, trainable, bytes, notes)``: counts with a tied tensor once; ``bytes`` and
+        ``notes`` keyed ``weights``, ``gradients``, ``optimizer`` (notes for the first and last)
+        as :func:`memory_report` takes them.
+    """
+    params = list(model.parameters())  # a tied tensor once
+    total = sum(p.numel() for p in params)
+    trainable_params = [p for p in params if p.requires_grad]
+    trainable = sum(p.numel() for p in trainable_params)
+    split = shard_ranks(cfg)
+    stored = weight_bytes(cfg.trainer.precision)
+    optim = optimizer_bytes(cfg.optim.name, trainable_params, cfg.optim.momentum)
+    sizes = {
+        "weights": total * stored / split["weights"],
+        "gradients": trainable * stored / split["gradients"],
+        "optimizer": optim / split["optimizer"],
+    }
+    notes = {
+        "weights": f"{total:,} parameters x {stored} bytes / {split['weights']}",
+        "optimizer": cfg.optim.name,
+    }
+    return total, trainable, sizes, notes
+
+
 def layer_activation_bytes(hidden: int, inner: int, act_bytes: int, lora_targets: int) -> float:
     """What autograd saves for one transformer layer per token (see the module docstring)."""
     return act_bytes * ((10 + lora_targets) * hidden + 4 * inner) + 28 * hidden
@@ -210,6 +244,19 @@ def gathered_unit_bytes(cfg: TrainConfig, largest_unit_params: int) -> float:
     return 2.0 * largest_unit_params * compute_bytes(cfg.trainer.precision)
 
 
+COMPONENTS = {
+    "weights": "weights",
+    "base_weights": "base weights",
+    "adapters_and_optimizer": "adapters + optimizer",
+    "gradients": "gradients",
+    "optimizer": "optimizer state",
+    "activations": "activations",
+    "logits": "logits + loss",
+    "gathered": "gathered FSDP units",
+}
+"""Memory components of a dry-run report: key (in its JSON) -> label (in its text)."""
+
+
 def memory_report(
     *,
     model: str,
@@ -218,7 +265,7 @@ def memory_report(
     parameters: int,
     trainable: int,
     setup: dict[str, str],
-    components: list[tuple[str, str, float]],
+    components: dict[str, float],
     notes: dict[str, str],
     **extra: Any,
 ) -> dict[str, Any]:
@@ -229,8 +276,8 @@ def memory_report(
             and the facts to show).
         parameters, trainable: parameter counts.
         setup: :func:`setup_lines` plus the task's own lines.
-        components: ``(label, key, bytes)`` per GPU, in display order; their sum is the peak.
-            A ``gathered`` component of 0 bytes (no FSDP) is not shown.
+        components: bytes per GPU by :data:`COMPONENTS` key, in display order; their sum is
+            the peak. A ``gathered`` component of 0 bytes (no FSDP) is not shown.
         notes: per component key, how it was counted.
         extra: task facts added to the report as they are.
 
@@ -239,7 +286,6 @@ def memory_report(
         ``trainable_parameters``, ``trainable_share``, ``setup``, ``rows`` ((label, key) shown),
         ``bytes`` (per key, and ``total``), ``notes`` and ``extra``'s keys.
     """
-    sizes = {key: size for _, key, size in components}
     return {
         "model": model,
         "architecture": architecture,
@@ -249,8 +295,10 @@ def memory_report(
         "trainable_share": trainable / parameters,
         **extra,
         "setup": setup,
-        "rows": [(label, key) for label, key, size in components if size or key != "gathered"],
-        "bytes": {**sizes, "total": sum(sizes.values())},
+        "rows": [
+            (COMPONENTS[key], key) for key, size in components.items() if size or key != "gathered"
+        ],
+        "bytes": {**components, "total": sum(components.values())},
         "notes": notes,
     }
 

@@ -297,13 +297,13 @@ def estimate(cfg: LoraLLMConfig) -> dict[str, Any]:
         trainable=trainable,
         quantized_weights=quantized,
         setup=setup,
-        components=[
-            ("base weights", "base_weights", weights),
-            ("adapters + optimizer", "adapters_and_optimizer", adapters),
-            ("activations", "activations", acts["activations"]),
-            ("logits + loss", "logits", logits),
-            ("gathered FSDP units", "gathered", gathered),
-        ],
+        components={
+            "base_weights": weights,
+            "adapters_and_optimizer": adapters,
+            "activations": acts["activations"],
+            "logits": logits,
+            "gathered": gathered,
+        },
         notes={
             "base_weights": weights_note,
             "activations": f"micro-batch {tc.batch_size} x {seq} tokens, {checkpointing} "

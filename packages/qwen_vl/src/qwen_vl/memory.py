@@ -41,11 +41,9 @@ from core.estimate import (
     layer_activation_bytes,
     logits_bytes,
     memory_report,
-    optimizer_bytes,
     setup_lines,
-    shard_ranks,
     stack_activation_bytes,
-    weight_bytes,
+    trained_state,
 )
 from qwen_vl.config import QwenVLConfig
 
@@ -155,17 +153,9 @@ def estimate(cfg: QwenVLConfig) -> dict[str, Any]:
     config, source = model_config(cfg)
     text, vision = config.text_config, config.vision_config
     model = meta_model(config, cfg)
-    params = list(model.parameters())
-    total = sum(p.numel() for p in params)
-    trainable_params = [p for p in params if p.requires_grad]
-    trainable = sum(p.numel() for p in trainable_params)
+    total, trainable, state, state_notes = trained_state(cfg, model)
     tc, d, m = cfg.trainer, cfg.data, cfg.model
-    split = shard_ranks(cfg)
-    stored, e = weight_bytes(tc.precision), compute_bytes(tc.precision)
-    weights = total * stored / split["weights"]
-    grads = trainable * stored / split["gradients"]
-    optim = optimizer_bytes(cfg.optim.name, trainable_params, cfg.optim.momentum)
-    optim /= split["optimizer"]
+    e = compute_bytes(tc.precision)
     # One image per sample at max_pixels: patches of 14 x 14, merged 2 x 2 into vision tokens.
     pixels = d.max_pixels or 12_845_056
     patch = vision.patch_size
@@ -222,19 +212,11 @@ def estimate(cfg: QwenVLConfig) -> dict[str, Any]:
         parameters=total,
         trainable=trainable,
         setup=setup,
-        components=[
-            ("weights", "weights", weights),
-            ("gradients", "gradients", grads),
-            ("optimizer state", "optimizer", optim),
-            ("activations", "activations", activations),
-            ("logits + loss", "logits", logits),
-            ("gathered FSDP units", "gathered", gathered),
-        ],
+        components={**state, "activations": activations, "logits": logits, "gathered": gathered},
         notes={
-            "weights": f"{total:,} parameters x {stored} bytes / {split['weights']}",
+            **state_notes,
             "gradients": f"trained: {', '.join(parts) or 'nothing'}"
             + (" (LoRA adapters)" if m.lora.enabled else ""),
-            "optimizer": f"{cfg.optim.name}",
             "activations": f"micro-batch {batch}, {'with' if checkpointing else 'without'} "
             f"activation checkpointing{', inputs offloaded to CPU' if offload else ''}, "
             f"vision tower {'trained' if m.train_vision else 'frozen (keeps nothing)'}",

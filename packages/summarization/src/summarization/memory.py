@@ -31,11 +31,9 @@ from core.estimate import (
     gpu_verdict,
     layer_activation_bytes,
     memory_report,
-    optimizer_bytes,
     setup_lines,
-    shard_ranks,
     stack_activation_bytes,
-    weight_bytes,
+    trained_state,
 )
 from summarization.config import SummarizationConfig
 
@@ -131,19 +129,11 @@ def estimate(cfg: SummarizationConfig) -> dict[str, Any]:
     with torch.device("meta"):
         model = AutoModelForSeq2SeqLM.from_config(config)
     apply_freezing(model, cfg.model)
-    params = list(model.parameters())  # a tied tensor once
-    total = sum(p.numel() for p in params)
-    trainable_params = [p for p in params if p.requires_grad]
-    trainable = sum(p.numel() for p in trainable_params)
+    total, trainable, state, state_notes = trained_state(cfg, model)
     tc, d = cfg.trainer, cfg.data
-    split = shard_ranks(cfg)
-    stored, e = weight_bytes(tc.precision), compute_bytes(tc.precision)
+    e = compute_bytes(tc.precision)
     if tc.precision == "auto":
         e = 2  # bf16-mixed on a GPU with bfloat16
-    weights = total * stored / split["weights"]
-    grads = trainable * stored / split["gradients"]
-    optim = optimizer_bytes(cfg.optim.name, trainable_params, cfg.optim.momentum)
-    optim /= split["optimizer"]
     s = sizes(config)
     batch, src, tgt = tc.batch_size, d.max_source_length, d.max_target_length
     checkpointing = (
@@ -188,17 +178,9 @@ def estimate(cfg: SummarizationConfig) -> dict[str, Any]:
         parameters=total,
         trainable=trainable,
         setup=setup,
-        components=[
-            ("weights", "weights", weights),
-            ("gradients", "gradients", grads),
-            ("optimizer state", "optimizer", optim),
-            ("activations", "activations", activations),
-            ("logits + loss", "logits", logits),
-            ("gathered FSDP units", "gathered", gathered),
-        ],
+        components={**state, "activations": activations, "logits": logits, "gathered": gathered},
         notes={
-            "weights": f"{total:,} parameters x {stored} bytes / {split['weights']}",
-            "optimizer": cfg.optim.name,
+            **state_notes,
             "activations": f"micro-batch {batch}, {'with' if checkpointing else 'without'} "
             "activation checkpointing",
             "logits": f"{batch * tgt:,} summary tokens, full float32 logits",
