@@ -1013,9 +1013,9 @@ def weights_checksum(model: nn.Module) -> str:
     """sha256 over every parameter's bytes, in name order (to compare replicas across ranks)."""
     import hashlib
 
-    digest = hashlib.sha256()
     from torch.distributed.tensor import DTensor
 
+    digest = hashlib.sha256()
     for name, param in sorted(model.named_parameters()):
         tensor = param.detach()
         if isinstance(tensor, DTensor):  # FSDP2 on one process: the shard is the whole tensor
