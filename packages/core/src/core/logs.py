@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from core.errors import UserError
+from core.errors import FaultError, UserError
 from core.settings import LoggerConfig
 
 log = logging.getLogger(__name__)
@@ -70,13 +70,59 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _parse_metrics(path: Path) -> tuple[list[dict[str, Any]], str | None]:
+    """The records of a ``metrics.jsonl`` file and its torn last line (None when whole).
+
+    A process killed while appending leaves half a line at the end: that is dropped (the caller
+    warns). A bad line before the last one is damage, not a crash: it is reported.
+
+    Raises:
+        FaultError: the file cannot be read, or a line other than the last is not a JSON object
+            (named by path and line number).
+    """
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as err:
+        raise FaultError(f"Cannot read the metrics file {path}: {err}.") from None
+    lines = text.split("\n")
+    numbered = [(i, line) for i, line in enumerate(lines, start=1) if line.strip("\x00 \t\r")]
+    records: list[dict[str, Any]] = []
+    for position, (number, line) in enumerate(numbered):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or "step" not in record:
+                raise ValueError("not a record with a step")
+        except ValueError as err:
+            if position == len(numbered) - 1:
+                return records, line
+            raise FaultError(
+                f"The metrics file {path} is corrupt at line {number} of {len(lines)} ({err}); "
+                "only a torn last line is expected after a crash. Move the file aside (the run "
+                "itself is intact) or repair that line."
+            ) from None
+        records.append(record)
+    return records, None
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """All records of a ``metrics.jsonl`` file (missing file: empty list)."""
+    """All records of a ``metrics.jsonl`` file (missing file: empty list). A torn last line (the
+    writer was killed mid-line) is dropped with a warning naming the file.
+
+    Raises:
+        FaultError: a corrupt line before the last (see :func:`_parse_metrics`).
+    """
     path = Path(path)
     if not path.is_file():
         return []
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    records, torn = _parse_metrics(path)
+    if torn is not None:
+        log.warning(
+            "%s: dropped a torn last line (%d characters, a write cut short by a crash): %.60r",
+            path,
+            len(torn),
+            torn,
+        )
+    return records
 
 
 class MetricsLogger:
@@ -106,6 +152,7 @@ class MetricsLogger:
         self._tensorboard = None
         if not enabled:
             return
+        self.repair_tail()
         if cfg.wandb:
             self._wandb = self._start_wandb(config, run_name)
         if cfg.tensorboard:
@@ -168,6 +215,38 @@ class MetricsLogger:
             for key, value in numeric.items():
                 self._tensorboard.add_scalar(key, value, global_step=int(step))
 
+    def repair_tail(self) -> bool:
+        """Cut a torn last line off ``metrics.jsonl`` (a run killed mid-write) before appending
+        to it, so that the next record starts on a line of its own; warns naming the file.
+
+        Returns:
+            Whether a torn line was removed.
+        """
+        if not self.path.is_file():
+            return False
+        data = self.path.read_bytes()
+        body = data.rstrip(b"\x00 \t\r\n")
+        start = body.rfind(b"\n") + 1  # the last non-empty line
+        try:
+            record = json.loads(body[start:])
+            whole = isinstance(record, dict) and "step" in record
+        except ValueError:
+            whole = False
+        if whole or not body:
+            if data and not data.endswith(b"\n"):  # only the newline is missing
+                with open(self.path, "ab") as handle:
+                    handle.write(b"\n")
+            return False
+        with open(self.path, "r+b") as handle:
+            handle.truncate(start)
+        log.warning(
+            "%s: removed a torn last line (%d bytes, a write cut short by a crash) before "
+            "appending to it",
+            self.path,
+            len(data) - start,
+        )
+        return True
+
     def truncate_after(self, step: int) -> int:
         """Drop records after ``step`` (a resume repeats them), moving them to
         ``metrics.discarded.jsonl``.
@@ -180,10 +259,12 @@ class MetricsLogger:
         """
         if not self.enabled or not self.path.is_file():
             return 0
-        records = read_metrics(self.path)
+        records, torn = _parse_metrics(self.path)
         keep = [r for r in records if r["step"] <= step]
         dropped = [r for r in records if r["step"] > step]
-        if dropped:
+        if torn is not None:
+            log.warning("%s: dropped a torn last line (%d characters)", self.path, len(torn))
+        if dropped or torn is not None:
             with open(self.run_dir / "metrics.discarded.jsonl", "a", encoding="utf-8") as handle:
                 handle.writelines(json.dumps(r) + "\n" for r in dropped)
             tmp = self.path.with_suffix(".jsonl.tmp")

@@ -1,16 +1,23 @@
 """``runs``: list and compare run folders and sweeps, as tables and one PNG of overlaid curves.
 
-    runs list [ROOT] [--format table|md|csv|json]
+    runs list [ROOT] [--format table|md|csv|json] [--wide]
     runs compare RUN_OR_SWEEP ... [--format table|md|csv|json] [--png PATH | --no-png] [--overwrite]
+                 [--mixed]
 
 - ``runs list`` prints one row per run folder under ``ROOT`` (default ``runs``; a sweep folder
   lists its points): number, name, status, steps, best monitored metric and its step, wall time,
-  and the config keys whose values differ between the listed runs. Sweeps under
+  and the config keys whose values differ between the listed runs. Runs of several tasks get
+  one table per task. On a terminal the table is cut to its width (long values shortened, the
+  last differing keys left out and named); ``--wide`` (or a pipe) shows everything. A run whose
+  summary says ``running`` but whose process is gone shows as ``stopped (no live process)``; an
+  unreadable ``summary.json`` as ``corrupt``, with its path below the table. Sweeps under
   ``ROOT/sweeps`` get one row each.
 - ``runs compare`` prints the same table for the given runs (a sweep stands for its points),
   sorted by the monitored metric (best first), and writes one PNG that overlays their training
   loss, validation loss and monitored metric. Points that differ only in ``trainer.seed`` are
-  also summarised as one row each, with mean ± std of the best metric over the seeds.
+  also summarised as one row each, with mean ± std of the best metric over the seeds. Runs of
+  different tasks or monitored metrics are not ranked against each other unless ``--mixed``
+  (then each metric is ranked on its own).
 
 Everything is read from what the trainer writes: ``config.yaml``, ``summary.json``,
 ``metrics.jsonl`` (and ``sweep.yaml`` for sweeps). The PNG is never written over a file that
@@ -26,6 +33,7 @@ import csv
 import io
 import json
 import math
+import shutil
 import statistics
 import sys
 from collections.abc import Sequence
@@ -39,7 +47,7 @@ from core.cli import user_errors_exit_2
 from core.errors import UserError
 from core.logs import read_metrics
 from core.outputs import guard_file
-from core.runs import RUN_DIR_PATTERN
+from core.runs import RUN_DIR_PATTERN, lock_state, run_task
 
 FORMATS = ("table", "md", "csv", "json")
 # Differs between any two runs by construction (each run's own folder): never a "differing key".
@@ -47,6 +55,10 @@ IGNORED_KEYS = ("run.dir",)
 SEED_KEY = "trainer.seed"
 PNG_MARK = "core.report runs compare"
 """PNG ``Software`` text of the plots ``runs compare`` writes (only those are ever replaced)."""
+STOPPED = "stopped (no live process)"
+"""Status shown for a run whose summary says ``running`` but whose training process is gone."""
+KEY_CELL_WIDTH = 24
+"""On a terminal, a differing key's column is at most this wide (``--wide``: no limit)."""
 
 
 @dataclass
@@ -57,7 +69,9 @@ class RunRow:
         path: the run folder.
         number: its number (``007``; a sweep point's index ``003``).
         name: the rest of its name (the run name, or a point's ``key=value`` part).
-        status: ``completed``, ``interrupted``, ``failed``, ``running`` or ``pending`` (a sweep
+        status: ``completed``, ``interrupted``, ``failed``, ``running``, ``stopped (no live
+            process)`` (``running`` in its summary, but its process is gone), ``corrupt`` (an
+            unreadable ``summary.json``), ``started`` (no summary yet) or ``pending`` (a sweep
             point that has not started).
         step: optimizer steps done; None when unknown.
         total_steps: steps planned.
@@ -70,6 +84,8 @@ class RunRow:
         config: the run's config, flattened to ``{"optim.lr": 0.001, ...}``.
         values: a sweep point's axis values as written on the command line.
         sweep: the sweep folder of a point, else None.
+        task: the task that made the run (its ``manifest.json``; a sweep's ``sweep.yaml``).
+        problem: what is wrong with its records (a corrupt ``summary.json``, by path), or None.
     """
 
     path: Path
@@ -86,6 +102,8 @@ class RunRow:
     config: dict[str, Any] = field(default_factory=dict)
     values: dict[str, str] = field(default_factory=dict)
     sweep: Path | None = None
+    task: str | None = None
+    problem: str | None = None
 
     @property
     def label(self) -> str:
@@ -194,11 +212,15 @@ def load_run(path: Path, config: dict[str, Any] | None = None) -> RunRow:
     """
     path = Path(path)
     number, name = split_name(path.name)
-    summary = _read_json(path / "summary.json")
+    summary, problem = _read_summary(path / "summary.json")
     flat = flatten(_read_yaml(path / "config.yaml")) or dict(config or {})
     best = summary.get("best") or {}
     seconds = [s for s in (summary.get("wall_seconds"), summary.get("train_seconds")) if s]
     status = summary.get("status") or ("started" if path.is_dir() else "pending")
+    if problem is not None:
+        status = "corrupt"
+    elif status == "running" and lock_state(path) != "live":
+        status = STOPPED  # killed (SIGKILL, node failure): no process will ever update it
     return RunRow(
         path=path,
         number=number,
@@ -212,7 +234,24 @@ def load_run(path: Path, config: dict[str, Any] | None = None) -> RunRow:
         mode=flat.get("checkpoint.mode") or "min",
         wall_seconds=max(seconds) if seconds else None,
         config=flat,
+        task=run_task(path),
+        problem=problem,
     )
+
+
+def _read_summary(path: Path) -> tuple[dict[str, Any], str | None]:
+    """A run's ``summary.json`` and what is wrong with it: ``({}, None)`` when it is missing (a
+    run that has not written one yet), ``({}, "<path> is corrupt (...)")`` when it cannot be
+    read as a JSON object (the trainer replaces it atomically, so that is damage)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}, None
+    except (OSError, ValueError) as err:
+        return {}, f"{path} is corrupt ({err})"
+    if not isinstance(data, dict):
+        return {}, f"{path} is corrupt (not a JSON object)"
+    return data, None
 
 
 def sweep_rows(path: Path) -> list[RunRow]:
@@ -225,6 +264,7 @@ def sweep_rows(path: Path) -> list[RunRow]:
     if not data.get("points"):
         raise UserError(f"'{path}' has no readable sweep.yaml with points; is it a sweep folder?")
     base = flatten(data.get("base_config") or {})
+    task = data.get("task")
     rows = []
     for point in data["points"]:
         values = {k: str(v) for k, v in point["values"].items()}
@@ -232,6 +272,7 @@ def sweep_rows(path: Path) -> list[RunRow]:
         planned = {**base, **{k: yaml.safe_load(v) for k, v in values.items()}}
         row = load_run(path / point["dir"], planned)
         row.values, row.sweep = values, path
+        row.task = row.task or task
         rows.append(row)
     return rows
 
@@ -295,10 +336,37 @@ def differing_keys(rows: Sequence[RunRow]) -> list[str]:
 
 def ranked(rows: Sequence[RunRow]) -> list[RunRow]:
     """Rows sorted by their best metric, best first (``mode`` of the first run with one);
-    rows without a value last, in their order."""
+    rows without a value last, in their order. Runs of several metrics (``--mixed``) are ranked
+    per metric, the metrics in their order of appearance."""
     scored = [r for r in rows if r.best is not None]
-    sign = -1.0 if scored and scored[0].mode == "max" else 1.0
-    return sorted(scored, key=lambda r: sign * r.best) + [r for r in rows if r.best is None]
+    order = {m: i for i, m in enumerate(dict.fromkeys(r.metric for r in scored))}
+    sign = {}
+    for r in scored:
+        sign.setdefault(r.metric, -1.0 if r.mode == "max" else 1.0)
+    return sorted(scored, key=lambda r: (order[r.metric], sign[r.metric] * r.best)) + [
+        r for r in rows if r.best is None
+    ]
+
+
+def check_comparable(rows: Sequence[RunRow]) -> None:
+    """Refuse to rank runs of different tasks or monitored metrics against each other.
+
+    Raises:
+        UserError: the tasks / metrics found, with the runs of each.
+    """
+    for what, attr in (("tasks", "task"), ("monitored metrics", "metric")):
+        kinds: dict[str, list[str]] = {}
+        for r in rows:
+            if getattr(r, attr):
+                kinds.setdefault(getattr(r, attr), []).append(r.number or r.path.name)
+        if len(kinds) > 1:
+            found = "; ".join(f"{k}: {', '.join(v)}" for k, v in kinds.items())
+            raise UserError(
+                f"runs compare: these runs are of {len(kinds)} different {what} ({found}); "
+                "their best values do not rank against each other. Compare runs of one "
+                f"{what[:-1]}, or add --mixed to list them together (each metric ranked on "
+                "its own)."
+            )
 
 
 def seed_groups(rows: Sequence[RunRow], keys: Sequence[str]) -> list[Group]:
@@ -373,6 +441,8 @@ def run_records(rows: Sequence[RunRow], keys: Sequence[str]) -> list[dict[str, A
             "best": r.best,
             "best_step": r.best_step,
             "wall_seconds": r.wall_seconds,
+            "task": r.task,
+            "problem": r.problem,
             "config": {k: r.cell(k) for k in keys},
         }
         for r in rows
@@ -465,6 +535,57 @@ def render(header: Sequence[str], cells: Sequence[Sequence[str]], fmt: str) -> s
     return "\n".join(lines)
 
 
+def _cut(text: str, width: int) -> str:
+    """``text`` shortened to ``width`` characters, ending in ``…`` when cut."""
+    return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
+
+
+def fit_table(
+    header: Sequence[str], cells: Sequence[Sequence[str]], n_keys: int, width: int
+) -> tuple[list[str], list[list[str]], str | None]:
+    """Cut a runs table (from :func:`run_table`) to ``width`` characters of aligned text.
+
+    Each differing key's column is cut to :data:`KEY_CELL_WIDTH`; then the last key columns are
+    left out until the table fits; then the run name is shortened.
+
+    Args:
+        header: the header.
+        cells: the rows.
+        n_keys: how many of the last columns are differing keys (those may be cut or left out).
+        width: the terminal's width.
+
+    Returns:
+        ``(header, cells, note)``: the note names the left-out keys (None when none were).
+    """
+    fixed = len(header) - n_keys
+    names = list(header[fixed:])
+    header = [*header[:fixed], *(_cut(h, KEY_CELL_WIDTH) for h in names)]
+    cells = [[*row[:fixed], *(_cut(c, KEY_CELL_WIDTH) for c in row[fixed:])] for row in cells]
+
+    def total(head: Sequence[str], rows: Sequence[Sequence[str]]) -> int:
+        columns = range(len(head))
+        return sum(max(len(r[i]) for r in [head, *rows]) for i in columns) + 2 * (len(head) - 1)
+
+    left_out: list[str] = []
+    while len(header) > fixed and total(header, cells) > width:
+        left_out.insert(0, names[len(header) - fixed - 1])
+        header, cells = header[:-1], [r[:-1] for r in cells]
+    excess = total(header, cells) - width
+    if excess > 0:  # the run name (column 1) gives way last
+        name_width = max(len(r[1]) for r in [header, *cells])
+        keep = max(name_width - excess, 8)
+        header = [header[0], _cut(header[1], keep), *header[2:]]
+        cells = [[r[0], _cut(r[1], keep), *r[2:]] for r in cells]
+    note = None
+    if left_out:
+        note = _cut(
+            f"({len(left_out)} more differing keys not shown, --wide shows them: "
+            f"{', '.join(left_out)})",
+            width,
+        )
+    return header, cells, note
+
+
 def compare_output(rows: Sequence[RunRow], fmt: str, png: Path | None = None) -> str:
     """The ``runs compare`` text: runs ranked by the monitored metric, plus the seed groups.
 
@@ -516,6 +637,8 @@ def compare_output(rows: Sequence[RunRow], fmt: str, png: Path | None = None) ->
         parts.append(render(*group_table(groups), fmt))
     if png is not None and fmt != "csv":
         parts.append(f"curves: {png}")
+    if fmt != "csv":
+        parts.extend(f"corrupt: {r.problem}" for r in rows if r.problem)
     return "\n".join(parts)
 
 
@@ -676,6 +799,9 @@ def runs_parser() -> argparse.ArgumentParser:
     listing = sub.add_parser("list", help="one row per run under ROOT (default runs)")
     listing.add_argument("root", nargs="?", type=Path, default=Path("runs"), metavar="ROOT")
     listing.add_argument("--format", choices=FORMATS, default="table")
+    listing.add_argument(
+        "--wide", action="store_true", help="do not cut the table to the terminal's width"
+    )
     compare = sub.add_parser("compare", help="a table and a PNG of several runs or sweeps")
     compare.add_argument("paths", nargs="+", type=Path, metavar="RUN_OR_SWEEP")
     compare.add_argument("--format", choices=FORMATS, default="table")
@@ -684,11 +810,29 @@ def runs_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--overwrite", action="store_true", help="replace a --png file runs compare did not write"
     )
+    compare.add_argument(
+        "--mixed",
+        action="store_true",
+        help="compare runs of different tasks or monitored metrics (each metric ranked apart)",
+    )
     return parser
 
 
-def list_command(root: Path, fmt: str) -> str:
-    """The ``runs list`` text.
+def terminal_width() -> int | None:
+    """The width to fit ``runs list`` to: ``COLUMNS``, else the terminal's; None when the output
+    goes to a pipe or file (nothing is cut there)."""
+    width = shutil.get_terminal_size(fallback=(0, 0)).columns
+    return width if width > 0 else None
+
+
+def list_command(root: Path, fmt: str, width: int | None = None) -> str:
+    """The ``runs list`` text: one table per task (its own differing keys) when several tasks
+    share the root, cut to ``width`` characters (``table`` format only).
+
+    Args:
+        root: the runs root or a sweep folder.
+        fmt: one of :data:`FORMATS`.
+        width: the terminal width to fit; None: no limit (``--wide``, a pipe).
 
     Raises:
         UserError: ``root`` is not a folder.
@@ -699,6 +843,9 @@ def list_command(root: Path, fmt: str) -> str:
             "sweep folder: runs list runs/sweeps/NNN_..."
         )
     rows = list_runs(root)
+    groups: dict[str | None, list[RunRow]] = {}
+    for row in rows:
+        groups.setdefault(row.task, []).append(row)
     keys = differing_keys(rows)
     sweep_header, sweep_cells, sweep_records = sweep_list_rows(root / "sweeps")
     if fmt == "json":
@@ -707,8 +854,25 @@ def list_command(root: Path, fmt: str) -> str:
             indent=1,
             default=str,
         )
-    table = run_table(rows, keys, exact=fmt == "csv")
-    parts = [render(*table, fmt) if rows else f"no runs in {root}"]
+    if fmt == "csv" or len(groups) < 2:
+        groups = {None: rows}  # one table (CSV: one header for all rows)
+    parts = []
+    for task, members in groups.items():
+        if len(groups) > 1:
+            parts.append(("\n" if parts and fmt == "md" else "") + f"task {task or '?'}:")
+        keys = differing_keys(members)
+        header, cells = run_table(members, keys, exact=fmt == "csv")
+        note = None
+        if fmt == "table" and width is not None:
+            header, cells, note = fit_table(header, cells, len(keys), width)
+        parts.append(render(header, cells, fmt))
+        if note:
+            parts.append(note)
+    if not rows:
+        parts = [f"no runs in {root}"]
+    for row in rows:
+        if row.problem and fmt != "csv":
+            parts.append(f"corrupt: {row.problem}")
     if sweep_cells and fmt != "csv":
         parts.append(("\n" if fmt == "md" else "") + f"sweeps in {root / 'sweeps'}:")
         parts.append(render(sweep_header, sweep_cells, fmt))
@@ -724,9 +888,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = runs_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.command == "list":
-        print(list_command(args.root, args.format))
+        print(list_command(args.root, args.format, None if args.wide else terminal_width()))
         return 0
+    if args.png is not None and args.png.suffix.lower() != ".png":
+        raise UserError(
+            f"--png {args.png}: the plot is a PNG image, so its name must end in .png (e.g. "
+            f"--png {args.png.with_suffix('.png')}); nothing was written."
+        )
     rows = collect(args.paths)
+    if not args.mixed:
+        check_comparable(rows)
     png = None
     if not args.no_png:
         out = args.png or default_png(args.paths, rows)

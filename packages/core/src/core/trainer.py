@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import sys
 import time
 from collections.abc import Iterator
@@ -61,7 +62,7 @@ from core.manifest import build_manifest
 from core.optim import build_optimizer, build_scheduler
 from core.plots import plot_curves
 from core.reproducibility import rng_state, seed_all, set_rng_state
-from core.runs import RunDir, check_run_dir, resolve_run_dir
+from core.runs import RunDir, RunLock, check_run_dir, resolve_run_dir
 from core.settings import TrainConfig
 from core.signals import StopSignal, requeue_slurm_job
 from core.strategy import build_fabric, is_sharded, launch_environment, resolve_precision
@@ -186,7 +187,7 @@ class Trainer:
         """
         # The handlers stay installed until the end: a signal during set-up stops at the first
         # step boundary, and one during the final export does not kill the run half-written.
-        with launch_environment(), StopSignal() as stop:
+        with launch_environment(), StopSignal() as stop, self.run_lock_scope():
             self.setup()
             start = time.perf_counter()
             try:
@@ -244,14 +245,47 @@ class Trainer:
             self.write_summary("failed", 0.0, error=f"{type(err).__name__}: {err}")
             raise
 
+    # -- the run folder's lock (core.runs.RunLock): taken by open_run, removed when fit ends --
+    run_lock: RunLock | None = None
+
+    @contextlib.contextmanager
+    def run_lock_scope(self) -> Iterator[None]:
+        """Remove the run folder's lock (rank 0 took it in :meth:`open_run`) when ``fit`` ends,
+        whatever the outcome; last, after the final summary."""
+        try:
+            yield
+        finally:
+            if self.run_lock is not None:
+                self.run_lock.release()
+                self.run_lock = None
+
     def open_run(self) -> None:
-        """Choose the run folder on rank 0, share it, and write ``config.yaml`` /
-        ``manifest.json``."""
+        """Choose the run folder on rank 0 and lock it, share it, and write ``config.yaml`` /
+        ``manifest.json``.
+
+        Raises:
+            UserError: on every rank, when rank 0 cannot use the folder (another live process
+                trains it: nothing is written there; a bad ``run.dir``).
+        """
         cfg, fabric = self.cfg, self.fabric
-        run = None
+        run, refused = None, None
         if fabric.global_rank == 0:
-            run = resolve_run_dir(cfg.run.root, cfg.run.name, cfg.run.dir, task=self.task.name)
-        self.run = broadcast_object(run)
+            try:
+                run = resolve_run_dir(
+                    cfg.run.root,
+                    cfg.run.name,
+                    cfg.run.dir,
+                    task=self.task.name,
+                    command=shlex.join(self.argv),
+                )
+                self.run_lock = RunLock.acquire(run.path)
+            except UserError as err:
+                refused = err
+        # Every rank raises rank 0's refusal (the others would wait for the folder forever).
+        run, refused = broadcast_object((run, refused))
+        if refused is not None:
+            raise refused
+        self.run = run
         self.checkpoints = CheckpointManager(self.run.checkpoints, cfg.checkpoint)
         self.task.run_dir = self.run.path
         setup_logging(self.run.path, fabric.global_rank)
