@@ -719,12 +719,17 @@ def plot_compare(
 
     Raises:
         UserError: ``out`` exists and was not written by ``runs compare`` (without
-            ``overwrite``), or is a file the runs are read from.
+            ``overwrite``), or is a file the runs are read from; ``out`` does not end in .png.
     """
     # core.outputs' guard: never over a file the toolkit did not write; its own plot it may
     # replace (the PNG carries PNG_MARK), so running the same comparison again just works.
     inputs = [(r.path / name, "a run") for r in rows for name in ("metrics.jsonl", "summary.json")]
     guard_file(out, "--png", inputs, overwrite=overwrite or (out.is_file() and _ours(out)))
+    if out.suffix.lower() != ".png":
+        raise UserError(
+            f"--png {out}: the plot is a PNG image, so its name must end in .png (e.g. "
+            f"--png {out.with_suffix('.png')}); nothing was written."
+        )
     import matplotlib
 
     matplotlib.use("Agg")  # no display on cluster nodes
@@ -890,11 +895,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "list":
         print(list_command(args.root, args.format, None if args.wide else terminal_width()))
         return 0
-    if args.png is not None and args.png.suffix.lower() != ".png":
-        raise UserError(
-            f"--png {args.png}: the plot is a PNG image, so its name must end in .png (e.g. "
-            f"--png {args.png.with_suffix('.png')}); nothing was written."
-        )
     rows = collect(args.paths)
     if not args.mixed:
         check_comparable(rows)
