@@ -81,7 +81,8 @@ def test_stopped_run_resumes_to_bit_identical_weights_and_losses(tmp_path, sig, 
     """Stop a real run with a signal, start it again, compare with a run that never stopped.
 
     SIGUSR1 variant: the job has a SLURM job id and no run.dir; starting the same command again
-    (what a requeue does) must land in the same run folder and resume by itself. FSDP2 variant:
+    with a higher SLURM_RESTART_COUNT (what a requeue does) must land in the same run folder and
+    resume by itself. FSDP2 variant:
     2 ranks with sharded checkpoints (model, AdamW state, RNG of both ranks).
     """
     env = {"SLURM_JOB_ID": "4242"} if slurm else {}
@@ -107,7 +108,10 @@ def test_stopped_run_resumes_to_bit_identical_weights_and_losses(tmp_path, sig, 
     again_args = [*SLOW_RUN, *extra, f"run.root={tmp_path / 'cut'}"] + (
         [] if slurm else [f"run.dir={run}"]
     )
-    resumed = _start(again_args, tmp_path / "resume.log", **env)
+    # A requeued job keeps its id and SLURM counts the restart (the same id without a higher
+    # restart count is a second train in the same job, which gets a new folder).
+    requeued = {**env, "SLURM_RESTART_COUNT": "1"} if slurm else {}
+    resumed = _start(again_args, tmp_path / "resume.log", **requeued)
     assert resumed.wait(timeout=300) == 0, (tmp_path / "resume.log").read_text()
     assert full.wait(timeout=300) == 0, (tmp_path / "full.log").read_text()
     assert _only_run(tmp_path / "cut") == run, "the restarted job must reuse its run folder"
