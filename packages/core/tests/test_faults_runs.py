@@ -26,7 +26,7 @@ import pytest
 
 from core.config import load_config
 from core.report import main as runs_main
-from core.runs import LOCK_NAME, read_lock
+from core.runs import LOCK_NAME, STALE_SECONDS, owner_dead, read_lock
 from core.testing import ToyConfig, ToyTask, child_env
 from core.testing import train as toy_train
 from core.trainer import FitResult, Trainer
@@ -156,6 +156,19 @@ def test_a_live_lock_refuses_a_second_writer_and_a_dead_owners_lock_is_taken_ove
     finally:
         holder.kill()
         holder.wait(timeout=30)
+
+
+def test_owners_on_other_hosts_are_dead_after_a_stale_heartbeat_or_a_requeue_of_their_job():
+    now = time.time()
+    other = {"pid": 1, "host": "another-node", "since": now - 7200, "job": "9_3", "restart": 0}
+    assert owner_dead({**other, "heartbeat": now - 30}, env={}, now=now) is None
+    stale = owner_dead({**other, "heartbeat": now - STALE_SECONDS - 60}, env={}, now=now)
+    assert stale is not None and "heartbeat" in stale
+    fresh = {**other, "heartbeat": now - 30}
+    same_job = {"SLURM_ARRAY_JOB_ID": "9", "SLURM_ARRAY_TASK_ID": "3"}
+    assert owner_dead(fresh, env=same_job, now=now) is None, "the same incarnation: alive"
+    requeued = {**same_job, "SLURM_RESTART_COUNT": "1"}
+    assert owner_dead(fresh, env=requeued, now=now) == "SLURM requeued its job"
 
 
 @pytest.mark.slow

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import ConfigError, UserError
+from core.storage import storage_errors
 
 log = logging.getLogger(__name__)
 
@@ -522,29 +523,35 @@ class RunLock:
         }
         text = json.dumps(owner, indent=1)
         for _ in range(20):
-            if _create_exclusive(path, text):
+            # Read first: a refused writer must not write anything into the folder.
+            current = read_lock(run)
+            if current is not None:
+                why = owner_dead(current, env)
+                if why is None:
+                    raise UserError(
+                        f"Run folder {run} is being trained by another process: "
+                        f"{owner_text(current)} (lock {path}). Two trainings into one folder "
+                        "would mix their checkpoints and records. Wait for it to end, stop it, or "
+                        "train into another run.dir; if that process is really gone, remove the "
+                        "lock file."
+                    )
+                with storage_errors("the run lock", path):
+                    taken = _remove_if_unchanged(path, current)
+                if taken:
+                    log.warning(
+                        "Taking over the lock of run folder %s from %s: %s.",
+                        run,
+                        owner_text(current),
+                        why,
+                    )
+                continue
+            with storage_errors("the run lock", path):
+                created = _create_exclusive(path, text)
+            if created:
                 lock = cls(run, owner)
                 _held.add(str(path))
                 lock._thread.start()
                 return lock
-            current = read_lock(run)
-            if current is None:
-                continue  # released meanwhile: try again
-            why = owner_dead(current, env)
-            if why is None:
-                raise UserError(
-                    f"Run folder {run} is being trained by another process: "
-                    f"{owner_text(current)} (lock {path}). Two trainings into one folder would "
-                    "mix their checkpoints and records. Wait for it to end, stop it, or train "
-                    "into another run.dir; if that process is really gone, remove the lock file."
-                )
-            if _remove_if_unchanged(path, current):
-                log.warning(
-                    "Taking over the lock of run folder %s from %s: %s.",
-                    run,
-                    owner_text(current),
-                    why,
-                )
         raise UserError(f"Could not take the lock {path}: other processes keep changing it.")
 
     def _beat(self) -> None:
@@ -655,6 +662,15 @@ if __name__ == "__main__":  # self-check: python -m core.runs
                 RunLock.acquire(first.path, env={})
             except UserError:
                 pass
+        assert lock_state(first.path) == "none"
+        import subprocess
+
+        gone = subprocess.Popen(["true"])
+        gone.wait()  # a pid that no longer runs: a killed owner
+        dead = {"pid": gone.pid, "host": socket.gethostname(), "since": time.time()}
+        (first.path / LOCK_NAME).write_text(json.dumps(dead))
+        assert lock_state(first.path) == "dead"
+        RunLock.acquire(first.path).release()  # taken over (with a warning), then released
         assert lock_state(first.path) == "none"
         print("16 concurrent runs got numbers 1..16; requeued job 4242 ->", again.path.name)
     print("core.runs: ok")
