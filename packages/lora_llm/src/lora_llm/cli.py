@@ -477,7 +477,9 @@ def evaluate(argv: list[str] | None = None) -> int:
     )
     add_generation_arguments(parser, greedy_default=True)
     args = parse_model_command(parser, argv)
-    check_model_dir(args.model, "adapter_config.json", "an adapter folder (a run's final/)")
+    check_model_dir(
+        args.model, "adapter_config.json", "an adapter folder (a run's final/)", task="lora_llm"
+    )
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens {args.max_new_tokens}: use 0 (no generation) or more.")
     if args.data is None and (args.split or "val") != "val":
@@ -490,7 +492,7 @@ def evaluate(argv: list[str] | None = None) -> int:
     cfg.model.gradient_checkpointing = False
     name = args.data.stem if args.data is not None else "val"
     records_path, scores_path = evaluation_outputs(
-        args.model, name, args.out, args.overwrite, [(args.data, "--data")]
+        args.model, name, args.out, args.overwrite, [(args.data, "--data")], cfg
     )
     from core.evaluation import Evaluator
     from lora_llm.data import read_records
