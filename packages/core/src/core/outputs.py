@@ -237,7 +237,8 @@ def guard_folder(
                 f"{key} '{path}' holds the input of {source_key} ('{source}'); choose another "
                 "output folder."
             )
-    check_not_protected(path, key, own)
+    # A folder this same command made before (its marker) is its own, even as a model folder.
+    check_not_protected(path, key, own or (path if writer_of(path) == command else None))
     if not path.is_dir():
         return path
     entries = sorted(p.name for p in path.iterdir())

@@ -44,6 +44,7 @@ from core.cli import (
 )
 from core.errors import UserError
 from core.outputs import guard_file, guard_folder, mark_folder, write_jsonl, write_text
+from core.storage import StorageError, check_free_space, check_writable, storage_errors
 from lora_llm.config import DataConfig, LoraLLMConfig, ModelConfig, QuantConfig
 
 PRESETS = Path(__file__).parent / "presets"
@@ -623,6 +624,7 @@ def merge(argv: list[str] | None = None) -> int:
             f"--out '{args.out}' already holds a merged model; merge writes a new "
             "folder: choose another --out."
         )
+    check_writable(args.out, "the merged model")  # before minutes of loading and merging
     _, settings, base, tokenizer = adapter_setup(args.adapter, args.base)
     check_not_quantized_checkpoint(base)
     device = device_of(args.device)
@@ -644,9 +646,18 @@ def merge(argv: list[str] | None = None) -> int:
         [encoder.prompt_ids(Record(source="--probe", instruction=args.probe))], device=device
     )
     merged, numbers = merge_and_check(model, probe)
-    mark_folder(args.out, "lora-llm-merge")
-    merged.save_pretrained(args.out)
-    tokenizer.save_pretrained(args.out)
+    # The weights are most of what is written; refused before a byte lands when they cannot fit.
+    needed = sum(t.numel() * t.element_size() for t in merged.state_dict().values())
+    check_free_space(args.out, needed, "the merged model")
+    existed = args.out.is_dir()
+    try:
+        with storage_errors("the merged model", args.out, needed):
+            args.out.mkdir(parents=True, exist_ok=True)
+            merged.save_pretrained(args.out)
+            tokenizer.save_pretrained(args.out)
+    except StorageError:
+        _remove_half_made(args.out, existed)
+        raise
     reloaded = AutoModelForCausalLM.from_pretrained(
         args.out, dtype=DTYPES[dtype_name], device_map={"": device}
     )
@@ -673,7 +684,13 @@ def merge(argv: list[str] | None = None) -> int:
         "ok": ok,
         **numbers,
     }
-    (args.out / "merge_report.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
+    try:
+        write_text(args.out / "merge_report.json", json.dumps(report, indent=1), "the merge report")
+        # Marked last: a folder with the marker is a whole merged model, never a half-made one.
+        mark_folder(args.out, "lora-llm-merge")
+    except StorageError:
+        _remove_half_made(args.out, existed)
+        raise
     print(
         f"merged {args.adapter} into {base} ({dtype_name}) -> {args.out}\n"
         f"probe logits: max |merged - adapter| = {numbers['max_abs_diff']:.3e}, max |reloaded - "
@@ -687,6 +704,21 @@ def merge(argv: list[str] | None = None) -> int:
         )
     )
     return 0 if ok else 1
+
+
+def _remove_half_made(out: Path, existed: bool) -> None:
+    """Remove what ``merge`` wrote into ``out`` (the folder too, unless it existed, empty, before):
+    a half-written model must not look like a merged one."""
+    import shutil
+
+    if not existed:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for child in out.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
 
 
 COMMANDS = {
