@@ -194,8 +194,11 @@ def config_owner(source: str | Path, task: str) -> tuple[str, str] | None:
     """The other task a ``-c`` preset or YAML file belongs to, and how that is known.
 
     A ``config.yaml`` in a run folder: the task in the run's ``manifest.json``. Any other YAML
-    file: the one installed task whose config has every top-level group of the file, when this
-    task's does not. A preset name: the installed task that ships it, when this one does not.
+    file that this task's config class does not take: the one installed task whose config class
+    takes it whole, else the one whose top-level groups hold every group of the file (a file
+    with a mistake of its own as well). A preset name: the installed task that ships it, when
+    this one does not. Tasks and their config classes come from the ``core.tasks`` entry points
+    (:func:`task_configs`).
 
     Returns:
         ``(task, reason)``, or None when no other task fits (the config error stands).
@@ -210,7 +213,7 @@ def config_owner(source: str | Path, task: str) -> tuple[str, str] | None:
     if path.is_file():
         if is_run_folder(path.parent):
             owner = run_task(path.parent)
-            if owner and owner != task:
+            if owner and owner != task and owner in task_configs():
                 return owner, f"the run '{path.parent}' was trained by {owner}"
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))

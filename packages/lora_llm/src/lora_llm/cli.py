@@ -547,8 +547,13 @@ def merge(argv: list[str] | None = None) -> int:
     ``--out``) are compared with the adapter model's on a probe prompt; the report goes to stdout
     and ``--out/merge_report.json``.
 
+    A target without room for the merged weights is refused before anything is written; a full
+    or read-only disk met while writing removes what was written. The folder's
+    ``.written-by.json`` marker is written last, so a marked folder always holds a whole model.
+
     Returns:
-        0 when the logits match within the tolerance, 1 when they do not, 2 for a user mistake.
+        0 when the logits match within the tolerance, 1 when they do not or the disk is full or
+        read-only (the message names the path and the space), 2 for a user mistake.
     """
     import torch
     from transformers import AutoModelForCausalLM
