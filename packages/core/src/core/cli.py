@@ -575,8 +575,11 @@ def check_model_dir(
 
 
 def data_inputs(cfg: Any) -> list[tuple[Path, str]]:
-    """``(path, key)`` of every existing local file or folder the config's ``data`` group names
-    (``data.train_file``, ``data.val_files``, ...): inputs no output may replace."""
+    """``(path, key)`` of every existing local file or folder the config's ``data`` group reads
+    (``data.*_file``, ``data.*_files``, ``data.dataset``): inputs no output may replace.
+
+    Only keys that name data: a split name such as ``data.hf_split=test`` is no path even when
+    a folder ``test/`` happens to exist, and a cache folder is no input."""
     import dataclasses
 
     data = getattr(cfg, "data", None)
@@ -584,6 +587,8 @@ def data_inputs(cfg: Any) -> list[tuple[Path, str]]:
         return []
     found: list[tuple[Path, str]] = []
     for item in dataclasses.fields(data):
+        if not (item.name.endswith(("_file", "_files")) or item.name == "dataset"):
+            continue
         value = getattr(data, item.name)
         for one in value if isinstance(value, (list, tuple)) else [value]:
             if not isinstance(one, (str, Path)) or not str(one).strip():
