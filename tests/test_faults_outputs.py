@@ -359,7 +359,8 @@ def test_evaluate_of_a_read_only_run_prints_its_scores_and_full_or_read_only_out
         ]
         before = sorted(p.name for p in full.iterdir())
         # A read-only HOME, hence a read-only default datasets cache: it falls back with a note.
-        env = child_env(HOME=str(archive))
+        (tmp_path / "tmp").mkdir()
+        env = child_env(HOME=str(archive), TMPDIR=str(tmp_path / "tmp"))
         for key in ("HF_HOME", "HF_DATASETS_CACHE", "XDG_CACHE_HOME", "QWEN_VL_CACHE"):
             env.pop(key, None)
         results = drive(cases, [archive, full], env)
@@ -369,6 +370,7 @@ def test_evaluate_of_a_read_only_run_prints_its_scores_and_full_or_read_only_out
         assert "rougeL" in scores and scores["samples"] == 2
         assert "the tokenised-data cache" in results[0]["stderr"]
         assert "HF_DATASETS_CACHE" in results[0]["stderr"]
+        assert f"using '{tmp_path / 'tmp'}/finetune-cache-" in results[0]["stderr"]
         assert json.loads(results[2]["stdout"].strip().splitlines()[-1])["samples"] == 2
         assert sorted(p.name for p in full.iterdir()) == before, "a partial output was left"
 
