@@ -59,3 +59,43 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def run_many() -> None:
+    """Cases of several tasks in one process, with their standard output too.
+
+    Reads ``{"watched": [folder, ...], "cases": [{"task", "command", "argv"}, ...]}`` from stdin;
+    prints ``RESULTS [{"code", "stdout", "stderr", "changed", "created"}, ...]`` where
+    ``changed`` / ``created`` cover every watched folder (paths as ``<folder>/<relative>``).
+    Used by ``test_faults_outputs.py``: ``python -c "import bad_input_driver as d; d.run_many()"``.
+    """
+    spec = json.load(sys.stdin)
+    watched = [Path(w) for w in spec["watched"]]
+
+    def all_files() -> dict[str, str]:
+        return {f"{w}/{k}": v for w in watched for k, v in snapshot(w).items()}
+
+    results = []
+    for case in spec["cases"]:
+        commands = importlib.import_module(f"{case['task']}.cli").COMMANDS
+        before = all_files()
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            try:
+                code = commands[case["command"]](case["argv"])
+            except SystemExit as exit_:
+                code = exit_.code
+            except BaseException:  # what a user would see as a traceback
+                code = "traceback"
+                err.write(traceback.format_exc())
+        after = all_files()
+        results.append(
+            {
+                "code": code,
+                "stdout": out.getvalue(),
+                "stderr": err.getvalue(),
+                "changed": sorted(k for k in before if after.get(k) != before[k]),
+                "created": sorted(k for k in after if k not in before),
+            }
+        )
+    print("RESULTS " + json.dumps(results))

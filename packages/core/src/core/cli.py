@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from core.config import describe_keys, list_presets, load_config, to_yaml
-from core.errors import UserError
+from core.errors import ConfigError, UserError
 
 F = TypeVar("F", bound=Callable[..., int])
 
@@ -131,7 +131,17 @@ def parse_train_args(
             f"'{bad[0]}' is not an override of the form key=value (e.g. trainer.max_steps=100); "
             "presets go after -c."
         )
-    cfg = load_config(config_cls, args.config or default_preset, args.overrides, presets_dir)
+    try:
+        cfg = load_config(config_cls, args.config or default_preset, args.overrides, presets_dir)
+    except ConfigError:
+        owner = config_owner(args.config, task) if args.config and task else None
+        if owner is None:
+            raise
+        name, why = owner
+        raise UserError(
+            f"-c {args.config}: this config is for {name} ({why}), not for {task}: run it with "
+            f"`uv run --package {name} train -c {args.config} ...`."
+        ) from None
     run = continued_run(cfg, task)
     if run is not None:
         saved = load_config(config_cls, run / "config.yaml", args.overrides, presets_dir)
@@ -149,6 +159,104 @@ def parse_train_args(
         cfg = saved
         cfg.run.dir = run
     return cfg, args
+
+
+def task_configs() -> dict[str, tuple[type, Path]]:
+    """``{task: (root config class, presets folder)}`` of every installed task.
+
+    Tasks are the ``core.tasks`` entry points (:func:`core.launcher.installed_tasks`); each names
+    its commands module, which imports the task's root config (the one subclass of
+    :class:`core.settings.TrainConfig` there); the presets sit in ``presets/`` beside it.
+    A task whose module cannot be imported is left out.
+    """
+    import importlib
+
+    from core.launcher import installed_tasks
+    from core.settings import TrainConfig
+
+    found: dict[str, tuple[type, Path]] = {}
+    for name, entry in installed_tasks().items():
+        try:
+            module = importlib.import_module(entry.value)
+        except Exception:  # noqa: BLE001 - a broken package is not this message's concern
+            continue
+        classes = [
+            v
+            for v in vars(module).values()
+            if isinstance(v, type) and issubclass(v, TrainConfig) and v is not TrainConfig
+        ]
+        if classes and getattr(module, "__file__", None):
+            found[name] = (classes[0], Path(module.__file__).parent / "presets")
+    return found
+
+
+def config_owner(source: str | Path, task: str) -> tuple[str, str] | None:
+    """The other task a ``-c`` preset or YAML file belongs to, and how that is known.
+
+    A ``config.yaml`` in a run folder: the task in the run's ``manifest.json``. Any other YAML
+    file that this task's config class does not take: the one installed task whose config class
+    takes it whole, else the one whose top-level groups hold every group of the file (a file
+    with a mistake of its own as well). A preset name: the installed task that ships it, when
+    this one does not. Tasks and their config classes come from the ``core.tasks`` entry points
+    (:func:`task_configs`).
+
+    Returns:
+        ``(task, reason)``, or None when no other task fits (the config error stands).
+    """
+    import dataclasses
+
+    import yaml
+
+    from core.runs import is_run_folder, run_task
+
+    path = Path(source).expanduser()
+    if path.is_file():
+        if is_run_folder(path.parent):
+            owner = run_task(path.parent)
+            if owner and owner != task and owner in task_configs():
+                return owner, f"the run '{path.parent}' was trained by {owner}"
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            return None
+        if not isinstance(data, dict) or not data:
+            return None
+        keys = set(map(str, data))
+        configs = task_configs()
+
+        def groups(name: str) -> set[str]:
+            return {f.name for f in dataclasses.fields(configs[name][0])}
+
+        def loads(name: str) -> bool:
+            try:
+                load_config(configs[name][0], path, [], configs[name][1])
+            except Exception:  # noqa: BLE001 - any failure means "not this task's config"
+                return False
+            return True
+
+        if task in configs and loads(task):
+            return None  # this task's own config: the mistake is in an override
+        others = sorted(n for n in configs if n != task)
+        own_groups = groups(task) if task in configs else set()
+        # The task whose config class takes the whole file; failing that, the one whose groups
+        # hold every group of the file when this task's do not (the file has a mistake too).
+        by_load = [n for n in others if loads(n)]
+        if len(by_load) == 1:
+            return by_load[0], f"it is a valid {by_load[0]} config"
+        by_groups = [] if keys <= own_groups else [n for n in others if keys <= groups(n)]
+        if len(by_groups) == 1:
+            extra = ", ".join(sorted(keys - own_groups))
+            return by_groups[0], f"its group(s) {extra} belong to {by_groups[0]}"
+        return None
+    if "/" in str(source) or str(source).endswith((".yaml", ".yml")):
+        return None
+    configs = task_configs()
+    if task in configs and (configs[task][1] / f"{source}.yaml").is_file():
+        return None
+    shipping = sorted(n for n, (_, d) in configs.items() if (d / f"{source}.yaml").is_file())
+    if len(shipping) == 1 and shipping[0] != task:
+        return shipping[0], f"'{source}' is a preset of {shipping[0]}"
+    return None
 
 
 def continued_run(cfg: Any, task: str | None) -> Path | None:
@@ -368,14 +476,63 @@ def config_for_model(
     return load_config(config_cls, source or default_preset, list(overrides), presets_dir)
 
 
+def describe_model(folder: Path) -> str | None:
+    """What a model folder holds, in words (``a LoRA adapter of gpt2``, ``a bart model
+    (BartForConditionalGeneration)``), or None when it holds no model description."""
+    import json
+
+    folder = Path(folder)
+    for name, kind in (("adapter_config.json", "adapter"), ("config.json", "model")):
+        try:
+            data = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if not isinstance(data, dict):
+            continue
+        if kind == "adapter":
+            base = data.get("base_model_name_or_path") or "an unnamed base"
+            return f"a {data.get('peft_type', 'PEFT')} adapter of {base}"
+        archs = data.get("architectures") or []
+        model_type = data.get("model_type") or "unknown"
+        return f"a {model_type} model" + (f" ({', '.join(map(str, archs))})" if archs else "")
+    return None
+
+
+def model_owner(model_dir: Path) -> tuple[str, Path] | None:
+    """The task that trained ``model_dir`` and its run folder, when ``model_dir`` is a run
+    folder, or its ``final/`` or a checkpoint in it (from the run's ``manifest.json``)."""
+    from core.runs import is_run_folder, run_task
+
+    model_dir = Path(model_dir)
+    run = model_dir if is_run_folder(model_dir) else run_of_model(model_dir)
+    if run is None:
+        return None
+    owner = run_task(run)
+    return (owner, run) if owner else None
+
+
 def check_model_dir(
-    model_dir: Path, marker: str = "config.json", what: str = "a folder written by save_pretrained"
+    model_dir: Path,
+    marker: str = "config.json",
+    what: str = "a folder written by save_pretrained",
+    task: str | None = None,
+    fits: Callable[[dict], bool] | None = None,
 ) -> Path:
     """``model_dir`` as an existing model folder holding ``marker``.
 
+    Args:
+        model_dir: ``--model``.
+        marker: the file a model of this task has.
+        what: what this task expects, for messages.
+        task: this task's name: a model of another task's run is named as such.
+        fits: whether the ``config.json`` of a model folder is a model this task can use (a
+            bare folder of another architecture is named with what it holds).
+
     Raises:
-        UserError: missing, a file, or without ``marker``.
+        UserError: missing, a file, a model of another task, or without ``marker``.
     """
+    import json
+
     model_dir = Path(model_dir).expanduser()
     if not model_dir.exists():
         raise UserError(
@@ -384,11 +541,65 @@ def check_model_dir(
         )
     if not model_dir.is_dir():
         raise UserError(f"--model '{model_dir}' is a file; give {what} (a run's final/ folder).")
-    if not (model_dir / marker).is_file():
+    owner = model_owner(model_dir) if task else None
+    if owner is not None and owner[0] != task:
+        name, run = owner
         raise UserError(
-            f"--model '{model_dir}' has no {marker}; give {what} (a run's final/ folder)."
+            f"--model '{model_dir}' was trained by the {name} task (run '{run}', its "
+            f"manifest.json), not by {task}: evaluate it with `uv run --package {name} "
+            f"evaluate --model {model_dir}` (or its infer)."
         )
+    held = describe_model(model_dir)
+    if not (model_dir / marker).is_file():
+        if owner is not None and owner[1] == model_dir:
+            raise UserError(
+                f"--model '{model_dir}' is a run folder; give its model, e.g. "
+                f"{model_dir / 'final'}."
+            )
+        raise UserError(
+            f"--model '{model_dir}' has no {marker}"
+            + (f" (it holds {held})" if held else "")
+            + f"; give {what} (a run's final/ folder)."
+        )
+    if fits is not None and task and owner is None:
+        try:
+            config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            config = None
+        if isinstance(config, dict) and not fits(config):
+            raise UserError(
+                f"--model '{model_dir}' holds {held}, which the {task} task cannot use; "
+                f"give {what}."
+            )
     return model_dir
+
+
+def data_inputs(cfg: Any) -> list[tuple[Path, str]]:
+    """``(path, key)`` of every existing local file or folder the config's ``data`` group reads
+    (``data.*_file``, ``data.*_files``, ``data.dataset``): inputs no output may replace.
+
+    Only keys that name data: a split name such as ``data.hf_split=test`` is no path even when
+    a folder ``test/`` happens to exist, and a cache folder is no input."""
+    import dataclasses
+
+    data = getattr(cfg, "data", None)
+    if data is None or not dataclasses.is_dataclass(data):
+        return []
+    found: list[tuple[Path, str]] = []
+    for item in dataclasses.fields(data):
+        if not (item.name.endswith(("_file", "_files")) or item.name == "dataset"):
+            continue
+        value = getattr(data, item.name)
+        for one in value if isinstance(value, (list, tuple)) else [value]:
+            if not isinstance(one, (str, Path)) or not str(one).strip():
+                continue
+            try:
+                path = Path(one).expanduser()
+                if path.exists():
+                    found.append((path, f"data.{item.name}"))
+            except (OSError, ValueError):  # a dataset id or a name that is no path
+                continue
+    return found
 
 
 def evaluation_outputs(
@@ -397,6 +608,7 @@ def evaluation_outputs(
     out: Path | None,
     overwrite: bool,
     inputs: Sequence[tuple[Path, str]],
+    cfg: Any = None,
 ) -> tuple[Path | None, Path | None]:
     """Where ``evaluate`` writes its per-sample records and its scores, checked before anything
     runs.
@@ -406,6 +618,14 @@ def evaluation_outputs(
     (the run's own folder; a later evaluation of the same name replaces them). Otherwise nothing
     is written and the scores are only printed.
 
+    Args:
+        model_dir: the evaluated model.
+        name: the evaluation's name (the split or the data file's stem).
+        out: ``--out``, or None.
+        overwrite: ``--overwrite``.
+        inputs: ``(path, option)`` of the files the command reads (``--data``, the split's file).
+        cfg: the command's config: every data file it names counts as an input too.
+
     Returns:
         ``(records file or None, scores file or None)``.
 
@@ -414,27 +634,65 @@ def evaluation_outputs(
     """
     from core.outputs import guard_file, guard_folder
 
+    inputs = [*inputs, *(data_inputs(cfg) if cfg is not None else [])]
     if out is not None:
         return guard_file(out, "--out", inputs, overwrite), None
     run = run_of_model(model_dir)
     if run is None:
         return None, None
-    folder = guard_folder(run / "eval", "the run's eval folder", "evaluate", inputs)
+    folder = guard_folder(
+        run / "eval", "the run's eval folder", "evaluate", inputs, own=run / "eval"
+    )
     return folder / f"{name}.jsonl", folder / f"{name}.scores.json"
 
 
 def write_evaluation(
     records_path: Path | None, scores_path: Path | None, rows: Sequence[dict], scores: dict
 ) -> None:
-    """Write what :func:`evaluation_outputs` chose, and print the scores as one JSON line."""
+    """Print the scores as one JSON line, then write what :func:`evaluation_outputs` chose.
+
+    The scores come first: they are the result, whatever the disk does next. The run's own
+    ``eval/`` folder is optional: on a read-only (archived) or full disk it is skipped with a
+    note naming the path, nothing half-written is left, and the command still succeeds. An
+    ``--out`` file the user asked for that cannot be written raises :class:`StorageError`
+    (exit code 1, no partial file).
+    """
     import json
+    import shutil
 
     from core.outputs import mark_folder, write_jsonl, write_text
+    from core.storage import StorageError
 
+    print(json.dumps(scores, ensure_ascii=False), flush=True)
     if scores_path is not None:
-        mark_folder(scores_path.parent, "evaluate")
-        write_text(scores_path, json.dumps(scores, indent=1, ensure_ascii=False) + "\n")
+        folder = scores_path.parent
+        made = not folder.exists()
+        written: list[Path] = []
+        try:
+            mark_folder(folder, "evaluate")
+            if records_path is not None:
+                write_jsonl(records_path, rows, "the evaluation's records")
+                written.append(records_path)
+            write_text(
+                scores_path,
+                json.dumps(scores, indent=1, ensure_ascii=False) + "\n",
+                "the evaluation's scores",
+            )
+        except StorageError as err:
+            # Remove only what this call wrote: no records without their scores.
+            if made:
+                shutil.rmtree(folder, ignore_errors=True)
+            for path in written:
+                path.unlink(missing_ok=True)
+            print(
+                f"note: the scores above were not saved in the run. {err} "
+                "Give --out FILE to keep the records elsewhere.",
+                file=sys.stderr,
+            )
+            return
+        if records_path is not None:
+            print(f"wrote {len(rows)} records to {records_path}", file=sys.stderr)
+        return
     if records_path is not None:
-        write_jsonl(records_path, rows)
+        write_jsonl(records_path, rows, "the evaluation's records (--out)")
         print(f"wrote {len(rows)} records to {records_path}", file=sys.stderr)
-    print(json.dumps(scores, ensure_ascii=False))

@@ -156,7 +156,62 @@ def check_writable(folder: Path, what: str, hint: str = "") -> None:
     except OSError as err:
         if err.errno not in STORAGE_ERRNOS:
             raise
-        raise StorageError(storage_message(err, what, Path(folder), hint=hint)) from None
+        # Without the probe's own name: the message names the folder the user gave.
+        bare = OSError(err.errno, err.strerror)
+        raise StorageError(storage_message(bare, what, Path(folder), hint=hint)) from None
+
+
+def writable_cache(folder: Path, variable: str, what: str) -> Path:
+    """``folder`` when a cache can be written there, else a private folder under the temporary
+    directory (``$TMPDIR``), with a warning that names the variable that moves the cache.
+
+    Why: a cache only saves time; a read-only ``HOME`` or a shared read-only cache must not stop a
+    command, but the user should know the cache will not persist and how to fix that.
+
+    Args:
+        folder: the configured cache folder (created when missing and possible).
+        variable: what sets it (``HF_DATASETS_CACHE``, ``QWEN_VL_CACHE``), for the messages.
+        what: what the cache holds, for the messages.
+
+    Returns:
+        A folder that exists and takes files.
+
+    Raises:
+        StorageError: neither ``folder`` nor the fallback can be written; names ``variable``.
+    """
+    import logging
+
+    folder = Path(folder)
+    try:
+        check_writable(folder, what)
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+    except StorageError:
+        pass
+    except OSError as err:
+        if not is_storage_error(err):
+            raise
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    fallback = Path(tempfile.gettempdir()) / f"finetune-cache-{uid}" / folder.name
+    try:
+        with storage_errors(what, fallback):
+            fallback.mkdir(parents=True, exist_ok=True)
+            check_writable(fallback, what)
+    except StorageError:
+        raise StorageError(
+            f"Cannot write {what}: '{folder}' is not writable (read-only or no permission) and "
+            f"neither is the fallback '{fallback}'. Set {variable} to a writable folder and run "
+            "it again."
+        ) from None
+    logging.getLogger(__name__).warning(
+        "%s: '%s' is not writable (read-only or no permission); using '%s' for this run. Set %s "
+        "to a writable folder to keep the cache between runs.",
+        what,
+        folder,
+        fallback,
+        variable,
+    )
+    return fallback
 
 
 def tree_bytes(path: Path) -> int:

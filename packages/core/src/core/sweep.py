@@ -367,8 +367,20 @@ def check_grid(
             f"is not valid: {error} Fix it and run the sweep again; nothing was started."
         )
     for axis in spec.axes:
+        typed: dict[str, Any] = {}  # the value each spelling resolves to, by spelling
         for value in axis.values:
-            _, error = resolved_config(train, [*spec.base_args, f"{axis.key}={value}"])
+            config, error = resolved_config(train, [*spec.base_args, f"{axis.key}={value}"])
+            if config is not None:
+                # Compare what the config parsed, not the text: 1e-3 and 0.001 are one point.
+                resolved = flatten(config).get(axis.key, value)
+                same = next((v for v, r in typed.items() if r == resolved), None)
+                if same is not None:
+                    raise UserError(
+                        f"Sweep axis '{axis.key}={','.join(axis.values)}' gives one value twice: "
+                        f"'{same}' and '{value}' are both {resolved!r}, so every point would run "
+                        "twice. Give each value once; nothing was started."
+                    )
+                typed[value] = resolved
             if error:
                 what = (
                     "names an unknown config key"

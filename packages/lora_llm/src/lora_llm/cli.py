@@ -44,6 +44,7 @@ from core.cli import (
 )
 from core.errors import UserError
 from core.outputs import guard_file, guard_folder, mark_folder, write_jsonl, write_text
+from core.storage import StorageError, check_free_space, check_writable, storage_errors
 from lora_llm.config import DataConfig, LoraLLMConfig, ModelConfig, QuantConfig
 
 PRESETS = Path(__file__).parent / "presets"
@@ -477,7 +478,9 @@ def evaluate(argv: list[str] | None = None) -> int:
     )
     add_generation_arguments(parser, greedy_default=True)
     args = parse_model_command(parser, argv)
-    check_model_dir(args.model, "adapter_config.json", "an adapter folder (a run's final/)")
+    check_model_dir(
+        args.model, "adapter_config.json", "an adapter folder (a run's final/)", task="lora_llm"
+    )
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens {args.max_new_tokens}: use 0 (no generation) or more.")
     if args.data is None and (args.split or "val") != "val":
@@ -490,7 +493,7 @@ def evaluate(argv: list[str] | None = None) -> int:
     cfg.model.gradient_checkpointing = False
     name = args.data.stem if args.data is not None else "val"
     records_path, scores_path = evaluation_outputs(
-        args.model, name, args.out, args.overwrite, [(args.data, "--data")]
+        args.model, name, args.out, args.overwrite, [(args.data, "--data")], cfg
     )
     from core.evaluation import Evaluator
     from lora_llm.data import read_records
@@ -544,8 +547,13 @@ def merge(argv: list[str] | None = None) -> int:
     ``--out``) are compared with the adapter model's on a probe prompt; the report goes to stdout
     and ``--out/merge_report.json``.
 
+    A target without room for the merged weights is refused before anything is written; a full
+    or read-only disk met while writing removes what was written. The folder's
+    ``.written-by.json`` marker is written last, so a marked folder always holds a whole model.
+
     Returns:
-        0 when the logits match within the tolerance, 1 when they do not, 2 for a user mistake.
+        0 when the logits match within the tolerance, 1 when they do not or the disk is full or
+        read-only (the message names the path and the space), 2 for a user mistake.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -621,6 +629,7 @@ def merge(argv: list[str] | None = None) -> int:
             f"--out '{args.out}' already holds a merged model; merge writes a new "
             "folder: choose another --out."
         )
+    check_writable(args.out, "the merged model")  # before minutes of loading and merging
     _, settings, base, tokenizer = adapter_setup(args.adapter, args.base)
     check_not_quantized_checkpoint(base)
     device = device_of(args.device)
@@ -642,9 +651,18 @@ def merge(argv: list[str] | None = None) -> int:
         [encoder.prompt_ids(Record(source="--probe", instruction=args.probe))], device=device
     )
     merged, numbers = merge_and_check(model, probe)
-    mark_folder(args.out, "lora-llm-merge")
-    merged.save_pretrained(args.out)
-    tokenizer.save_pretrained(args.out)
+    # The weights are most of what is written; refused before a byte lands when they cannot fit.
+    needed = sum(t.numel() * t.element_size() for t in merged.state_dict().values())
+    check_free_space(args.out, needed, "the merged model")
+    existed = args.out.is_dir()
+    try:
+        with storage_errors("the merged model", args.out, needed):
+            args.out.mkdir(parents=True, exist_ok=True)
+            merged.save_pretrained(args.out)
+            tokenizer.save_pretrained(args.out)
+    except StorageError:
+        _remove_half_made(args.out, existed)
+        raise
     reloaded = AutoModelForCausalLM.from_pretrained(
         args.out, dtype=DTYPES[dtype_name], device_map={"": device}
     )
@@ -671,7 +689,13 @@ def merge(argv: list[str] | None = None) -> int:
         "ok": ok,
         **numbers,
     }
-    (args.out / "merge_report.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
+    try:
+        write_text(args.out / "merge_report.json", json.dumps(report, indent=1), "the merge report")
+        # Marked last: a folder with the marker is a whole merged model, never a half-made one.
+        mark_folder(args.out, "lora-llm-merge")
+    except StorageError:
+        _remove_half_made(args.out, existed)
+        raise
     print(
         f"merged {args.adapter} into {base} ({dtype_name}) -> {args.out}\n"
         f"probe logits: max |merged - adapter| = {numbers['max_abs_diff']:.3e}, max |reloaded - "
@@ -685,6 +709,21 @@ def merge(argv: list[str] | None = None) -> int:
         )
     )
     return 0 if ok else 1
+
+
+def _remove_half_made(out: Path, existed: bool) -> None:
+    """Remove what ``merge`` wrote into ``out`` (the folder too, unless it existed, empty, before):
+    a half-written model must not look like a merged one."""
+    import shutil
+
+    if not existed:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for child in out.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
 
 
 COMMANDS = {

@@ -172,6 +172,11 @@ def make_data(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _vision_language(config: dict[str, Any]) -> bool:
+    """Whether a ``config.json`` describes a Qwen2-VL / Qwen2.5-VL model."""
+    return "vl" in str(config.get("model_type", "")) or "vision_config" in config
+
+
 def eval_config(args: argparse.Namespace) -> QwenVLConfig:
     """The config of ``evaluate``: ``-c``, else the run's own ``config.yaml``, else the default
     preset; the overrides; then the model and its own processor.
@@ -217,7 +222,7 @@ def evaluate(argv: list[str] | None = None) -> int:
         out_help="write every answer and its reference here (JSONL)",
     )
     args = parse_model_command(parser, argv)
-    check_model_dir(args.model)
+    check_model_dir(args.model, task="qwen_vl", fits=_vision_language)
     if args.data is None and (args.split or "dev") != "dev":
         raise UserError(
             f"--split {args.split!r}: qwen_vl has one held-out split, dev "
@@ -231,7 +236,7 @@ def evaluate(argv: list[str] | None = None) -> int:
         )
     name = args.data.stem if args.data is not None else "dev"
     records_path, scores_path = evaluation_outputs(
-        args.model, name, args.out, args.overwrite, [(args.data, "--data")]
+        args.model, name, args.out, args.overwrite, [(args.data, "--data")], cfg
     )
     from core.evaluation import Evaluator
     from qwen_vl.task import QwenVLTask
@@ -310,7 +315,7 @@ def infer(argv: list[str] | None = None) -> int:
         help="weights dtype (default: bfloat16 on a GPU that supports it, else float32)",
     )
     args = parse_model_command(parser, argv)
-    check_model_dir(args.model)
+    check_model_dir(args.model, task="qwen_vl", fits=_vision_language)
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1.")
     if args.prompt is None and args.data is None:

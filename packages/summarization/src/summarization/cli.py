@@ -91,6 +91,11 @@ def dry_run(argv: list[str]) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+def _seq2seq(config: dict[str, Any]) -> bool:
+    """Whether a ``config.json`` describes an encoder-decoder model (BART, T5, ...)."""
+    return bool(config.get("is_encoder_decoder"))
+
+
 def _config_for_model(
     model_dir: Path, preset: str | None, overrides: Sequence[str]
 ) -> SummarizationConfig:
@@ -139,7 +144,7 @@ def evaluate(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--limit", type=int, default=None, help="score only the first N rows")
     args = parse_model_command(parser, argv)
-    check_model_dir(args.model)
+    check_model_dir(args.model, task="summarization", fits=_seq2seq)
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit {args.limit}: give at least 1 row.")
     split = args.split or "dev"
@@ -149,8 +154,14 @@ def evaluate(argv: Sequence[str] | None = None) -> int:
         )
     cfg = _config_for_model(args.model, args.config, args.overrides)
     name = args.data.stem if args.data is not None else ("test" if split == "test" else "dev")
+    # The split's file is an input too (also the shipped sample's, when no file is configured).
+    split_file = (
+        [(cfg.data.file_for("test" if split == "test" else "val"), f"--split {split}")]
+        if args.data is None and not cfg.data.dataset
+        else []
+    )
     records_path, scores_path = evaluation_outputs(
-        args.model, name, args.out, args.overwrite, [(args.data, "--data")]
+        args.model, name, args.out, args.overwrite, [(args.data, "--data"), *split_file], cfg
     )
 
     from transformers import AutoModelForSeq2SeqLM
@@ -241,7 +252,7 @@ def predict(argv: Sequence[str] | None = None) -> int:
         "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)"
     )
     args = parse_model_command(parser, argv)
-    check_model_dir(args.model)
+    check_model_dir(args.model, task="summarization", fits=_seq2seq)
     if args.data is None and args.prompt is None:
         raise UserError("Give --data FILE.jsonl (dialogues) or --prompt TEXT (one dialogue).")
     if args.prompt is not None and not args.prompt.strip():

@@ -310,8 +310,14 @@ def tokenize_rows(
     for source, target in zip(sources, targets):
         digest.update(source.encode() + b"\0" + target.encode() + b"\0")
     fingerprint = digest.hexdigest()[:32]
-    folder = Path(cache_dir) if cache_dir else default_cache_dir()
-    folder.mkdir(parents=True, exist_ok=True)
+    from core.storage import writable_cache
+
+    # A read-only cache (HOME, a shared HF_DATASETS_CACHE) falls back to $TMPDIR with a warning.
+    folder = writable_cache(
+        Path(cache_dir) if cache_dir else default_cache_dir(),
+        "data.cache_dir (or HF_DATASETS_CACHE)" if not cache_dir else "data.cache_dir",
+        "the tokenised-data cache",
+    )
 
     def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         """Token ids of a batch of rows: ``{"input_ids": [[int]], "labels": [[int]]}``."""
