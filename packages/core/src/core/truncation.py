@@ -109,9 +109,23 @@ def add_option(parser: argparse.ArgumentParser, default_help: str) -> None:
         type=int,
         default=None,
         metavar="N",
-        help=f"cut each input to its first N tokens (default: {default_help}); "
+        help=f"cut each longer input to N tokens (default: {default_help}); "
         "how many were cut is noted once",
     )
+
+
+def cut_ids(ids: Sequence[Any], limit: int, keep_end: int = 0) -> list[Any]:
+    """``ids`` cut to ``limit`` items: the start, and the last ``keep_end`` (at most half).
+
+    Args:
+        ids: token ids (or indices of them).
+        limit: items kept.
+        keep_end: items kept from the end (a prompt template's closing part).
+    """
+    if len(ids) <= limit:
+        return list(ids)
+    tail = min(keep_end, limit // 2)
+    return list(ids[: limit - tail]) + (list(ids[len(ids) - tail :]) if tail else [])
 
 
 class Truncation:
@@ -157,11 +171,7 @@ class Truncation:
         Returns:
             The ids the model sees.
         """
-        kept = self.count(len(ids))
-        if kept == len(ids):
-            return list(ids)
-        tail = min(keep_end, kept // 2)
-        return list(ids[: kept - tail]) + (list(ids[len(ids) - tail :]) if tail else [])
+        return cut_ids(ids, self.count(len(ids)), keep_end)
 
     def note(self) -> str | None:
         """The one-line note, or None when nothing was cut."""
