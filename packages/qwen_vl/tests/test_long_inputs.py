@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from qwen_vl.cli import infer
+from qwen_vl.cli import evaluate, infer
 
 LONG = " ".join(f"w{i % 50}" for i in range(120_000))  # ~240k tokens of question
 
@@ -94,3 +94,43 @@ def test_images_that_leave_no_room_are_refused(model_dir, tmp_path, capsys):
     )
     assert code == 2
     assert "without any of its text" in capsys.readouterr().err
+
+
+def test_evaluate_cuts_a_long_question_instead_of_refusing_the_record(
+    model_dir, tmp_path, capsys, seen_lengths
+):
+    Image.new("RGB", (56, 56), "white").save(tmp_path / "a.png")
+    rows = [
+        {
+            "id": "long",
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image", "image": "a.png"},
+                        {"type": "text", "text": LONG[:30_000]},
+                    ],
+                },
+                {"role": "assistant", "content": "3"},
+            ],
+        },
+        {
+            "id": "short",
+            "messages": [
+                {"role": "user", "content": "How many circles?"},
+                {"role": "assistant", "content": "2"},
+            ],
+        },
+    ]
+    data = tmp_path / "eval.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    out = tmp_path / "answers.jsonl"
+    code = evaluate(
+        ["--model", str(model_dir), "--data", str(data), "--out", str(out)]
+        + ["trainer.accelerator=cpu", "generation.max_new_tokens=1", "data.max_length=128"]
+    )
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert captured.err.count("1 of 2 records were longer than 128 tokens (data.max_length)") == 1
+    assert len(out.read_text().splitlines()) == 2
+    assert max(seen_lengths) <= 128

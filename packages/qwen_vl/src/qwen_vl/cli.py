@@ -217,6 +217,11 @@ def evaluate(argv: list[str] | None = None) -> int:
         split_help="dev: the config's data.val_file (default)",
         out_help="write every answer and its reference here (JSONL)",
     )
+    add_option(
+        parser,
+        "data.max_length, at most the model's positions less generation.max_new_tokens; "
+        "a longer record's last question is cut",
+    )
     args = parse_model_command(parser, argv)
     check_model_dir(args.model)
     if args.data is None and (args.split or "dev") != "dev":
@@ -241,9 +246,21 @@ def evaluate(argv: list[str] | None = None) -> int:
     evaluator = Evaluator(cfg, task)
     task.prepare()
     key = "--data" if args.data is not None else "data.val_file"
-    task.eval_data = task.load_data(
-        task.resolve_builtin(Path(source), "dev"), generation=True, key=key
+    from transformers import AutoConfig
+
+    from core.truncation import Truncation, input_limit, model_limit
+
+    hard = model_limit(
+        AutoConfig.from_pretrained(args.model), reserve=cfg.generation.max_new_tokens
     )
+    cfg.data.max_length, origin = input_limit(
+        args.max_input_tokens, cfg.data.max_length, hard, "data.max_length"
+    )
+    cut = Truncation(cfg.data.max_length, origin, "records")
+    task.eval_data = task.load_data(
+        task.resolve_builtin(Path(source), "dev"), generation=True, key=key, cut_long=cut
+    )
+    cut.report(enabled=evaluator.is_global_zero)
     with evaluator.fabric.init_module(empty_init=False):
         module = task.configure_model()
     result = evaluator.run(evaluator.setup_model(module), task.eval_data)
