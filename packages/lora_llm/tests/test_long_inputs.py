@@ -114,6 +114,7 @@ def test_evaluate_cuts_long_prompts_instead_of_dropping_them(
     rows = [
         {"instruction": LONG, "output": "A fruit."},
         {"instruction": "Name a fruit.", "output": "An apple."},
+        {"instruction": "Say it.", "output": LONG[:3000]},  # a long answer, a short prompt
     ]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     out = tmp_path / "answers.jsonl"
@@ -124,8 +125,8 @@ def test_evaluate_cuts_long_prompts_instead_of_dropping_them(
     captured = capsys.readouterr()
     assert code == 0, captured.err
     # data.max_length 256 less data.min_response_tokens 8
-    assert captured.err.count("1 of 2 prompts were longer than 248 tokens") == 1, captured.err
-    assert len(out.read_text().splitlines()) == 2  # the long one is scored, not left out
+    assert captured.err.count("1 of 3 prompts were longer than 248 tokens") == 1, captured.err
+    assert len(out.read_text().splitlines()) == 3  # the long one is scored, not left out
     assert max(seen_lengths) <= 256
 
 

@@ -545,7 +545,8 @@ def evaluate(argv: list[str] | None = None) -> int:
     )
     cut = Truncation(encoder.prompt_limit, origin, "prompts")
     for record in records:
-        cut.count(len(encoder.tokens(without_answer(record))[0]))
+        if record.kind != "tokenized":  # pre-tokenized records are cut in encode(), uncounted
+            cut.count(len(encoder.prompt_ids(without_answer(record), cut=False)))
     cut.report(enabled=evaluator.is_global_zero)
     dataset = task.evaluation_set(records, encoder, args.max_new_tokens)
     result = evaluator.run(evaluator.setup_model(model), dataset)

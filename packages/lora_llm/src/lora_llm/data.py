@@ -533,9 +533,9 @@ class Encoder:
             trained.append(True)
         return ids, trained
 
-    def prompt_ids(self, record: Record) -> list[int]:
+    def prompt_ids(self, record: Record, cut: bool = True) -> list[int]:
         """Token ids of the prompt to generate from (a record without output / final answer),
-        cut to ``prompt_limit`` when it is set."""
+        cut to ``prompt_limit`` when it is set (and ``cut``)."""
         ids, _ = self.tokens(
             Record(
                 source=record.source,
@@ -544,7 +544,7 @@ class Encoder:
                 messages=record.messages,
             )
         )
-        if self.prompt_limit is not None:
+        if cut and self.prompt_limit is not None:
             ids = cut_ids(ids, self.prompt_limit, PROMPT_TAIL)
         return ids
 
