@@ -253,7 +253,19 @@ def no_launch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Fabric, "launch", launch)
 
 
-def test_the_walk_covers_every_preset_and_strategy():
+def test_every_case_that_cannot_train_here_exits_2(
+    tmp_path, capsys, monkeypatch, data_dirs, no_launch
+):
+    """The half of the walk that cannot train on this machine: config refusals exit 2 before
+    launch, hub presets stop with the offline message."""
+    config_refusals_exit_2_before_launch(tmp_path, capsys)
+    monkeypatch.undo()  # the hub presets' check comes after launch (one process, in here)
+    hub_presets_stop_offline_with_the_hub_message(tmp_path, capsys, monkeypatch, data_dirs)
+
+
+def config_refusals_exit_2_before_launch(tmp_path: Path, capsys: Any) -> None:
+    """Every case a pure config check refuses: ``train`` exits 2, the message names the key, no
+    traceback, nothing launched (one case per distinct message and task)."""
     walk = cases()
     presets = {(c.task, c.preset) for c in walk}
     assert presets >= {("lora_llm", "tiny"), ("summarization", "bart_large_cnn")}
@@ -268,11 +280,6 @@ def test_the_walk_covers_every_preset_and_strategy():
         ("summarization", "bart_large_cnn"),
         ("summarization", "t5_small"),
     }
-
-
-def test_config_refusals_exit_2_before_launch(tmp_path, capsys, no_launch):
-    """Every case a pure config check refuses: ``train`` exits 2, the message names the key, no
-    traceback, nothing launched (one case per distinct message and task)."""
     checked: dict[tuple[str, str], str] = {}
     for case in cases():
         message = refusal(case)
@@ -293,7 +300,9 @@ def test_config_refusals_exit_2_before_launch(tmp_path, capsys, no_launch):
     assert lora_fsdp and all(refusal(c) for c in lora_fsdp)
 
 
-def test_hub_presets_stop_offline_with_the_hub_message(tmp_path, capsys, monkeypatch, data_dirs):
+def hub_presets_stop_offline_with_the_hub_message(
+    tmp_path: Path, capsys: Any, monkeypatch: Any, data_dirs: dict[str, list[str]]
+) -> None:
     """A hub preset as it is (with its own strategy, on one device) exits 2 with the message
     that names model.name and the offline preset."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -324,6 +333,7 @@ def test_hub_presets_stop_offline_with_the_hub_message(tmp_path, capsys, monkeyp
         assert "the Hugging Face Hub is not reachable" in err and "-c tiny" in err, err
 
 
+@pytest.mark.slow
 def test_single_process_runs_two_steps_for_every_distinct_setting(tmp_path, data_dirs, capsys):
     """``trainer.strategy=auto`` on one device (the single process): every distinct effective
     setting of the presets (hub presets with the tiny model) trains 2 optimizer steps."""
