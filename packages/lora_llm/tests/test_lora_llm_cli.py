@@ -218,6 +218,7 @@ def test_fsdp2_lora_on_gpus(tmp_path):
             "-c",
             "tiny",
             "quant.bits=null",
+            "optim.name=adamw",  # the preset's paged_adamw_8bit cannot step DTensor shards
             "trainer.strategy=fsdp",
             f"trainer.devices={devices}",
             "trainer.accelerator=cuda",

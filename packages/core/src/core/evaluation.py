@@ -124,7 +124,7 @@ class Evaluator:
 
         self.cfg = cfg
         self.task = task
-        self.fabric = build_fabric(cfg, task.fsdp_wrap_classes)
+        self.fabric = build_fabric(cfg, task.fsdp_wrap_classes, training=False)
         self.fabric.launch()
         task.ranks = Ranks(self.fabric, sharded=is_sharded(self.fabric))
 

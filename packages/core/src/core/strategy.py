@@ -278,7 +278,9 @@ def destroy_process_group_at_exit() -> None:
 
 
 def build_fabric(
-    cfg: TrainConfig, wrap_classes: Callable[[], set[type[torch.nn.Module]]] | None = None
+    cfg: TrainConfig,
+    wrap_classes: Callable[[], set[type[torch.nn.Module]]] | None = None,
+    training: bool = True,
 ) -> Fabric:
     """A Fabric object for ``cfg.trainer`` (not launched yet), after the machine checks.
 
@@ -288,12 +290,18 @@ def build_fabric(
     Args:
         cfg: the task's root config.
         wrap_classes: gives the task's FSDP block classes (``Task.fsdp_wrap_classes``).
+        training: whether an optimizer will step (then ``optim.name`` must suit the strategy);
+            False for evaluation, which never builds one.
 
     Raises:
         ConfigError: settings this machine cannot run.
     """
     tc = cfg.trainer
     check_machine(tc)
+    if training:
+        from core.optim import check_strategy
+
+        check_strategy(cfg)
     precision = resolve_precision(tc.precision, tc.accelerator)
     if "SLURM_JOB_ID" not in os.environ:
         # Lightning warns on every machine that merely has srun installed; outside a job it is

@@ -45,6 +45,7 @@ from core.cli import (
 from core.errors import UserError
 from core.outputs import guard_file, guard_folder, mark_folder, write_jsonl, write_text
 from core.storage import StorageError, check_free_space, check_writable, storage_errors
+from core.truncation import Truncation, add_option, input_limit, model_limit
 from lora_llm.config import DataConfig, LoraLLMConfig, ModelConfig, QuantConfig
 
 PRESETS = Path(__file__).parent / "presets"
@@ -269,6 +270,11 @@ def add_generation_arguments(parser: argparse.ArgumentParser, greedy_default: bo
         default="auto",
         help="load the base in 4/8 bits; auto: as in training",
     )
+    add_option(
+        parser,
+        "the model's positions less --max-new-tokens"
+        + ("; at most data.max_length less data.min_response_tokens" if greedy_default else ""),
+    )
 
 
 def infer_parser() -> argparse.ArgumentParser:
@@ -370,7 +376,7 @@ def infer(argv: list[str] | None = None) -> int:
     """
     import torch
 
-    from lora_llm.data import Record, read_records
+    from lora_llm.data import PROMPT_TAIL, Record, read_records
     from lora_llm.model import generate
 
     args = parse_model_command(infer_parser(), argv)
@@ -396,6 +402,12 @@ def infer(argv: list[str] | None = None) -> int:
     model, tokenizer, encoder, base = load_for_generation(
         args.model, args.base, args.quant, device_of(args.device)
     )
+    limit, origin = input_limit(
+        args.max_input_tokens,
+        None,
+        model_limit(getattr(model, "config", None), tokenizer, reserve=args.max_new_tokens),
+    )
+    cut = Truncation(limit, origin, "prompts")
     torch.manual_seed(args.seed)
     sampling = dict(
         max_new_tokens=args.max_new_tokens,
@@ -408,11 +420,15 @@ def infer(argv: list[str] | None = None) -> int:
     )
 
     def answer(batch: list[Record]) -> list[str]:
-        """Generated texts for records, prompted as in training."""
-        return generate(model, tokenizer, [encoder.prompt_ids(r) for r in batch], **sampling)
+        """Generated texts for records, prompted as in training (prompts cut to the limit:
+        their start and their template's end)."""
+        prompts = [cut.apply(encoder.prompt_ids(r), PROMPT_TAIL) for r in batch]
+        return generate(model, tokenizer, prompts, **sampling)
 
     if args.prompt is not None:
-        print(answer([Record(source="--prompt", instruction=args.prompt, input=args.context)])[0])
+        text = answer([Record(source="--prompt", instruction=args.prompt, input=args.context)])[0]
+        cut.report()
+        print(text)
         return 0
     if interactive:
         print(
@@ -426,10 +442,15 @@ def infer(argv: list[str] | None = None) -> int:
                 break
             if not line:
                 break
-            print(answer([Record(source="terminal", instruction=line)])[0])
+            cut = Truncation(limit, origin, "prompts")  # a note for each line that was cut
+            text = answer([Record(source="terminal", instruction=line)])[0]
+            cut.report()
+            print(text)
         return 0
     rows = []
-    for record, text in zip(records, answer(records), strict=True):
+    texts = answer(records)
+    cut.report()
+    for record, text in zip(records, texts, strict=True):
         row: dict[str, Any] = {"source": record.source}
         if record.messages is not None:
             row["messages"] = record.messages
@@ -496,7 +517,7 @@ def evaluate(argv: list[str] | None = None) -> int:
         args.model, name, args.out, args.overwrite, [(args.data, "--data")], cfg
     )
     from core.evaluation import Evaluator
-    from lora_llm.data import read_records
+    from lora_llm.data import read_records, without_answer
     from lora_llm.task import LoraLLMTask
 
     quiet()
@@ -517,6 +538,19 @@ def evaluate(argv: list[str] | None = None) -> int:
     model, tokenizer, encoder, _ = load_for_generation(
         args.model, args.base, args.quant, evaluator.fabric.device
     )
+    # Long prompts are cut (start + template end) to fit data.max_length with room for the
+    # response, and the model's positions with room for the answer, not left out.
+    encoder.prompt_limit, origin = input_limit(
+        args.max_input_tokens,
+        encoder.max_length - encoder.min_response_tokens,
+        model_limit(getattr(model, "config", None), tokenizer, reserve=args.max_new_tokens),
+        "data.max_length less data.min_response_tokens",
+    )
+    cut = Truncation(encoder.prompt_limit, origin, "prompts")
+    for record in records:
+        if record.kind != "tokenized":  # pre-tokenized records are cut in encode(), uncounted
+            cut.count(len(encoder.prompt_ids(without_answer(record), cut=False)))
+    cut.report(enabled=evaluator.is_global_zero)
     dataset = task.evaluation_set(records, encoder, args.max_new_tokens)
     result = evaluator.run(evaluator.setup_model(model), dataset)
     if evaluator.is_global_zero:

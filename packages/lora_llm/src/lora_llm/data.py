@@ -50,6 +50,7 @@ from torch.utils.data import Dataset
 from core.errors import UserError
 from core.padding import length_mask, pad_rows
 from core.task import IGNORE_INDEX
+from core.truncation import Truncation, cut_ids
 from lora_llm.config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -372,6 +373,11 @@ def split_records(
 # ------------------------------------------------------------------------------------------------
 
 
+PROMPT_TAIL = 32
+"""Tokens a cut prompt keeps from its end: the template's closing part (``### Response:``, a chat
+generation prompt) and the last words before it, so the model still answers."""
+
+
 class PromptTooLong(ValueError):
     """A prompt that leaves no room for the response within ``max_length``."""
 
@@ -411,6 +417,9 @@ class Encoder:
         self.max_length = max_length
         self.min_response_tokens = min_response_tokens
         self.train_on_prompt = train_on_prompt
+        # Set by infer / evaluate: prompts are cut to this many tokens (start + PROMPT_TAIL)
+        # instead of being refused; None: training's policy (data.long_prompts).
+        self.prompt_limit: int | None = None
         self.chat_source = chat_source or (
             "tokenizer" if has_chat_template(tokenizer) else "builtin"
         )
@@ -524,8 +533,9 @@ class Encoder:
             trained.append(True)
         return ids, trained
 
-    def prompt_ids(self, record: Record) -> list[int]:
-        """Token ids of the prompt to generate from (a record without output / final answer)."""
+    def prompt_ids(self, record: Record, cut: bool = True) -> list[int]:
+        """Token ids of the prompt to generate from (a record without output / final answer),
+        cut to ``prompt_limit`` when it is set (and ``cut``)."""
         ids, _ = self.tokens(
             Record(
                 source=record.source,
@@ -534,6 +544,8 @@ class Encoder:
                 messages=record.messages,
             )
         )
+        if cut and self.prompt_limit is not None:
+            ids = cut_ids(ids, self.prompt_limit, PROMPT_TAIL)
         return ids
 
     def encode(self, record: Record) -> dict[str, Any]:
@@ -563,7 +575,16 @@ class Encoder:
         if not any(trained):
             raise BadRecord(f"{record.source}: the response has no tokens.")
         prompt_tokens = trained.index(True)
+        full_tokens = len(ids)
         cut = 0
+        if self.prompt_limit is not None:
+            room = min(self.prompt_limit, self.max_length - self.min_response_tokens)
+            if prompt_tokens > room:  # the prompt's start and its end, as prompt_ids cuts it
+                keep = cut_ids(range(prompt_tokens), room, PROMPT_TAIL)
+                keep += range(prompt_tokens, len(ids))
+                ids, labels = [ids[i] for i in keep], [labels[i] for i in keep]
+                trained = [trained[i] for i in keep]
+                prompt_tokens = room
         if len(ids) > self.max_length:
             if prompt_tokens > self.max_length - self.min_response_tokens:
                 raise PromptTooLong(
@@ -586,6 +607,7 @@ class Encoder:
             "prompt_tokens": prompt_tokens,
             "response_tokens": sum(trained),
             "cut_tokens": cut,
+            "full_tokens": full_tokens,
         }
 
 
@@ -603,6 +625,7 @@ class EncodeStats:
     prompt_lengths: list[int] = field(default_factory=list)
     response_lengths: list[int] = field(default_factory=list)
     total_lengths: list[int] = field(default_factory=list)
+    full_lengths: list[int] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
     def add(self, example: dict[str, Any]) -> None:
@@ -611,6 +634,7 @@ class EncodeStats:
         self.prompt_lengths.append(example["prompt_tokens"])
         self.response_lengths.append(example["response_tokens"])
         self.total_lengths.append(len(example["input_ids"]))
+        self.full_lengths.append(example.get("full_tokens", len(example["input_ids"])))
         if example["cut_tokens"]:
             self.truncated_samples += 1
             self.response_tokens_cut += example["cut_tokens"]
@@ -650,6 +674,13 @@ class EncodeStats:
             },
             "problems": self.problems[:20],
         }
+
+    def truncation(self, max_length: int, what: str) -> Truncation:
+        """The samples longer than ``max_length`` (``data.max_length``), counted."""
+        cut = Truncation(max_length, "data.max_length", what)
+        for length in self.full_lengths:
+            cut.count(length)
+        return cut
 
     def describe(self, name: str) -> str:
         """One log line: samples, skips, truncation, length percentiles."""

@@ -187,6 +187,7 @@ class LoraLLMTask(Task):
                 f"No usable training samples in data.train_files={d.train_files}: "
                 f"{self.stats['train'].describe('train')}."
             )
+        self.note_truncation("train")
         self.train_data = (
             PackedDataset(train_examples, d.max_length) if d.packing else SFTDataset(train_examples)
         )
@@ -201,6 +202,14 @@ class LoraLLMTask(Task):
                     f"{self.stats['val'].describe('val')}."
                 )
             self.val_data = SFTDataset(val_examples) if val_examples else None
+            self.note_truncation("val")
+
+    def note_truncation(self, split: str) -> None:
+        """Log one line for a data set: its samples cut to ``data.max_length`` (a warning), or
+        its counts and lengths when none was."""
+        stats = self.stats[split]
+        if not stats.truncation(self.cfg.data.max_length, f"{split} samples").report(log):
+            log.info(stats.describe(split))
 
     def read_splits(self) -> tuple[list[Record], list[str], list[Record], list[str]]:
         """The training and held-out records, exactly as training splits them: ``data.val_files``

@@ -36,6 +36,7 @@ from core.cli import (
 )
 from core.errors import UserError
 from core.outputs import guard_file, guard_folder, mark_folder
+from core.truncation import add_option
 from qwen_vl.config import QwenVLConfig
 
 PRESETS_DIR = Path(__file__).parent / "presets"
@@ -221,6 +222,11 @@ def evaluate(argv: list[str] | None = None) -> int:
         split_help="dev: the config's data.val_file (default)",
         out_help="write every answer and its reference here (JSONL)",
     )
+    add_option(
+        parser,
+        "data.max_length, at most the model's positions less generation.max_new_tokens; "
+        "a longer record's last question is cut",
+    )
     args = parse_model_command(parser, argv)
     check_model_dir(args.model, task="qwen_vl", fits=_vision_language)
     if args.data is None and (args.split or "dev") != "dev":
@@ -245,9 +251,21 @@ def evaluate(argv: list[str] | None = None) -> int:
     evaluator = Evaluator(cfg, task)
     task.prepare()
     key = "--data" if args.data is not None else "data.val_file"
-    task.eval_data = task.load_data(
-        task.resolve_builtin(Path(source), "dev"), generation=True, key=key
+    from transformers import AutoConfig
+
+    from core.truncation import Truncation, input_limit, model_limit
+
+    hard = model_limit(
+        AutoConfig.from_pretrained(args.model), reserve=cfg.generation.max_new_tokens
     )
+    cfg.data.max_length, origin = input_limit(
+        args.max_input_tokens, cfg.data.max_length, hard, "data.max_length"
+    )
+    cut = Truncation(cfg.data.max_length, origin, "records")
+    task.eval_data = task.load_data(
+        task.resolve_builtin(Path(source), "dev"), generation=True, key=key, cut_long=cut
+    )
+    cut.report(enabled=evaluator.is_global_zero)
     with evaluator.fabric.init_module(empty_init=False):
         module = task.configure_model()
     result = evaluator.run(evaluator.setup_model(module), task.eval_data)
@@ -314,6 +332,11 @@ def infer(argv: list[str] | None = None) -> int:
         default="auto",
         help="weights dtype (default: bfloat16 on a GPU that supports it, else float32)",
     )
+    add_option(
+        parser,
+        "data.max_length of the run that wrote --model, at most the model's positions less "
+        "--max-new-tokens",
+    )
     args = parse_model_command(parser, argv)
     check_model_dir(args.model, task="qwen_vl", fits=_vision_language)
     if args.max_new_tokens < 1:
@@ -334,11 +357,20 @@ def infer(argv: list[str] | None = None) -> int:
         if args.prompt is not None
         else read_questions(args.data)
     )
-    session = AnswerSession(args.model, args.min_pixels, args.max_pixels, args.device, args.dtype)
+    session = AnswerSession(
+        args.model,
+        args.min_pixels,
+        args.max_pixels,
+        args.device,
+        args.dtype,
+        max_input_tokens=args.max_input_tokens,
+    )
     rows = [
         {"id": qid, "prompt": text, "answer": session.answer(images, text, args.max_new_tokens)}
         for qid, text, images in questions
     ]
+    if session.cut is not None:
+        session.cut.report()
     if args.out is not None:
         from core.outputs import write_jsonl
 
@@ -393,6 +425,9 @@ class AnswerSession:
         min_pixels, max_pixels: image area limits (None: the model's processor setting).
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``, ...
         dtype: ``auto`` (bfloat16 on a GPU that supports it, else float32) or a dtype name.
+        max_input_tokens: tokens a prompt (images included) may have; None: ``data.max_length``
+            of the run that wrote ``model_dir``, at most the model's positions less the tokens
+            to generate. Longer questions are cut (their start is kept) and counted in ``cut``.
     """
 
     def __init__(
@@ -402,6 +437,7 @@ class AnswerSession:
         max_pixels: int | None = None,
         device: str = "auto",
         dtype: str = "auto",
+        max_input_tokens: int | None = None,
     ) -> None:
         import torch
         from transformers import AutoModelForImageTextToText
@@ -421,6 +457,9 @@ class AnswerSession:
                 else "float32"
             )
         self.device = device
+        self.max_input_tokens = max_input_tokens
+        self.trained_length = trained_max_length(model_dir)
+        self.cut: Any = None  # core.truncation.Truncation, made by the first answer
         self.model = (
             AutoModelForImageTextToText.from_pretrained(model_dir, dtype=getattr(torch, dtype))
             .to(device)
@@ -441,6 +480,11 @@ class AnswerSession:
         sources = [resolve_image(str(p), Path.cwd(), "--image") for p in images]
         pil = [load_image(s, "--image", DataConfig().max_source_pixels) for s in sources]
         inputs = self.encoder.encode_prompt(prompt, pil)
+        cut = self.truncation(max_new_tokens)
+        length = inputs["input_ids"].shape[1]
+        kept = cut.count(length)
+        if kept < length:
+            inputs = self.shorten(prompt, pil, length - kept, kept)
         with torch.no_grad():
             out = self.model.generate(
                 **{k: v.to(self.device) for k, v in inputs.items()},
@@ -450,6 +494,61 @@ class AnswerSession:
         return self.processor.tokenizer.decode(
             out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
         ).strip()
+
+    def truncation(self, max_new_tokens: int) -> Any:
+        """The :class:`core.truncation.Truncation` of prompts for answers of ``max_new_tokens``.
+
+        Raises:
+            UserError: ``--max-input-tokens`` above what the model takes.
+        """
+        from core.truncation import Truncation, input_limit, model_limit
+
+        hard = model_limit(
+            getattr(self.model, "config", None), self.processor.tokenizer, reserve=max_new_tokens
+        )
+        limit, origin = input_limit(
+            self.max_input_tokens, self.trained_length, hard, "data.max_length of the run"
+        )
+        if self.cut is None or self.cut.limit != limit:
+            self.cut = Truncation(limit, origin, "prompts")
+        return self.cut
+
+    def shorten(self, prompt: str, images: list[Any], excess: int, limit: int) -> dict[str, Any]:
+        """Model inputs with the question cut by about ``excess`` tokens (its start kept), so the
+        whole prompt fits ``limit`` tokens; the images stay whole.
+
+        Raises:
+            UserError: the images alone leave no room for the question.
+        """
+        tokenizer = self.processor.tokenizer
+        words = tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"]
+        for _ in range(8):  # re-tokenizing at the cut can add a token or two
+            keep = len(words) - excess
+            if keep < 1:
+                raise UserError(
+                    f"The images and the chat template of this question take more than "
+                    f"{limit} tokens (the input limit) without any of its text: lower "
+                    "--max-pixels or raise --max-input-tokens."
+                )
+            inputs = self.encoder.encode_prompt(tokenizer.decode(words[:keep]), images)
+            over = inputs["input_ids"].shape[1] - limit
+            if over <= 0:
+                return inputs
+            excess += over
+        return inputs
+
+
+def trained_max_length(model_dir: Path) -> int | None:
+    """``data.max_length`` of the run whose ``final/`` (or checkpoint) ``model_dir`` is, or None
+    (a model folder of its own, or a run without the key)."""
+    from core.cli import run_of_model
+    from core.config import read_yaml
+
+    run = run_of_model(model_dir)
+    if run is None or not (run / "config.yaml").is_file():
+        return None
+    value = (read_yaml(run / "config.yaml").get("data") or {}).get("max_length")
+    return value if isinstance(value, int) and value > 0 else None
 
 
 def answer_question(

@@ -839,6 +839,48 @@ def measure_images(
     return sizes
 
 
+def shorten_question(conv: Conversation, encoder: Encoder, length: int, limit: int) -> int:
+    """Cut the text of the last user turn before the reference answer (its start kept) so the
+    record fits ``limit`` tokens; changes ``conv.messages``.
+
+    Args:
+        conv: the record.
+        encoder: the encoder (tokenizer, chat template).
+        length: the record's length in tokens, vision tokens included.
+        limit: the tokens it may have.
+
+    Returns:
+        The record's text tokens without its images' vision tokens (what ``length`` is made of
+        besides them); unchanged when there is no question text to cut (the caller's length
+        check then refuses or drops the record as before).
+    """
+    tokenizer = encoder.tokenizer
+    last_answer = max(i for i, m in enumerate(conv.messages) if m["role"] == "assistant")
+    users = [i for i, m in enumerate(conv.messages[:last_answer]) if m["role"] == "user"]
+    parts = [p for p in conv.messages[users[-1]]["content"] if p["type"] == "text"] if users else []
+
+    def text_tokens() -> int:
+        ids = tokenizer(encoder.chat_text(conv.messages), add_special_tokens=False)["input_ids"]
+        return len(ids) - len(conv.images)
+
+    vision = length - text_tokens()
+    if not parts:
+        return length - vision
+    part = parts[-1]
+    words = tokenizer(part["text"], add_special_tokens=False, verbose=False)["input_ids"]
+    excess = length - limit
+    for _ in range(8):  # re-tokenizing at the cut can add a token or two
+        keep = len(words) - excess
+        if keep < 1:
+            break
+        part["text"] = tokenizer.decode(words[:keep])
+        over = text_tokens() + vision - limit
+        if over <= 0:
+            break
+        excess += over
+    return text_tokens()
+
+
 def load_conversations(
     path: Path,
     encoder: Encoder,
@@ -851,6 +893,7 @@ def load_conversations(
     decode_images: bool = True,
     workers: int = 8,
     key: str = "data file",
+    cut_long: Any = None,
 ) -> ConversationData:
     """Read, validate and measure every record of a data file (no half-valid data reaches training).
 
@@ -871,6 +914,9 @@ def load_conversations(
         decode_images: decode every image now (False: read headers only).
         workers: threads that open images.
         key: the config key or option that named ``path`` (for messages).
+        cut_long: a :class:`core.truncation.Truncation` (evaluation): a record longer than
+            ``max_length`` has the text of its last question cut (images and answers stay
+            whole) and is counted there, instead of being refused or dropped.
 
     Returns:
         The data set with exact lengths (at least one record).
@@ -930,6 +976,9 @@ def load_conversations(
         length = (
             len(ids) - len(conv.images) + vision
         )  # each <|image_pad|> expands to its vision tokens
+        if cut_long is not None and max_length is not None:
+            if cut_long.count(length) < length:
+                length = shorten_question(conv, encoder, length, max_length) + vision
         if max_length is not None and length > max_length:
             if not drop_too_long:
                 raise UserError(

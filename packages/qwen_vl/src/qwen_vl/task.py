@@ -108,13 +108,18 @@ class QwenVLTask(Task):
             self.encoder.max_pixels // self.encoder.factor**2,
         )
 
-    def load_data(self, path: Path, generation: bool, key: str) -> ConversationData:
+    def load_data(
+        self, path: Path, generation: bool, key: str, cut_long: Any = None
+    ) -> ConversationData:
         """Read and validate one data file with this task's encoder and data settings.
 
         Args:
             path: ``.jsonl`` / ``.json`` conversations.
             generation: items carry prompts for generation (validation / evaluation).
             key: the config key or option that named it (for messages).
+            cut_long: a :class:`core.truncation.Truncation`: records longer than
+                ``data.max_length`` get their last question cut and are counted there
+                (``evaluate``); None: refused or dropped (``data.drop_too_long``).
         """
         d = self.cfg.data
         data = load_conversations(
@@ -127,6 +132,7 @@ class QwenVLTask(Task):
             system_prompt=d.system_prompt,
             generation=generation,
             decode_images=d.verify_images == "decode",
+            cut_long=cut_long,
         )
         images = sum(len(c.images) for c in data.conversations)
         text_only = sum(1 for c in data.conversations if not c.images)

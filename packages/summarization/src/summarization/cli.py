@@ -35,6 +35,7 @@ from core.cli import (
 )
 from core.errors import UserError
 from core.outputs import guard_file
+from core.truncation import Truncation, add_option
 from summarization.config import DEFAULT_PRESET, PRESETS_DIR, SummarizationConfig
 
 DESCRIPTION = (
@@ -143,6 +144,7 @@ def evaluate(argv: Sequence[str] | None = None) -> int:
         out_help="write the generated summaries here (JSONL)",
     )
     parser.add_argument("--limit", type=int, default=None, help="score only the first N rows")
+    add_option(parser, "data.max_source_length, at most the model's positions")
     args = parse_model_command(parser, argv)
     check_model_dir(args.model, task="summarization", fits=_seq2seq)
     if args.limit is not None and args.limit < 1:
@@ -175,10 +177,14 @@ def evaluate(argv: Sequence[str] | None = None) -> int:
     evaluator = Evaluator(cfg, task)
     transformers_quiet()
     task.setup_model_side(args.model)
+    origin = source_limit(task, args.max_input_tokens)
     rows = task.read_split(
         str(args.data) if args.data is not None else ("test" if split == "test" else "val")
     )[: args.limit]
     task.val_data = task.tokenize(rows)
+    task.val_data.truncation(cfg.data.max_source_length, origin).report(
+        enabled=evaluator.is_global_zero
+    )
     task.choose_rouge_tokenizer(rows)
     model = AutoModelForSeq2SeqLM.from_pretrained(args.model)
     task.prepare_generation(model)
@@ -207,6 +213,23 @@ def evaluate(argv: Sequence[str] | None = None) -> int:
         ]
         write_evaluation(records_path, scores_path, summaries, scores)
     return 0
+
+
+def source_limit(task: Any, option: int | None) -> str:
+    """Set ``data.max_source_length`` to the dialogue length ``evaluate`` / ``predict`` keep:
+    ``--max-input-tokens`` if given, else the configured one, at most the model's positions.
+
+    Returns:
+        Where the limit comes from (named in the note on cut dialogues).
+    """
+    from core.truncation import input_limit, model_limit
+
+    hard = model_limit(task.model_config, task.tokenizer)
+    limit, origin = input_limit(
+        option, task.cfg.data.max_source_length, hard, "data.max_source_length"
+    )
+    task.cfg.data.max_source_length = limit
+    return origin
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,6 +274,7 @@ def predict(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)"
     )
+    add_option(parser, "data.max_source_length, at most the model's positions")
     args = parse_model_command(parser, argv)
     check_model_dir(args.model, task="summarization", fits=_seq2seq)
     if args.data is None and args.prompt is None:
@@ -273,6 +297,8 @@ def predict(argv: Sequence[str] | None = None) -> int:
     transformers_quiet()
     task = _task(cfg)
     task.setup_model_side(args.model)
+    origin = source_limit(task, args.max_input_tokens)
+    cut = Truncation(cfg.data.max_source_length, origin, "dialogues")
     if args.data is not None:
         rows = read_rows(args.data, "--data", need_references=False)
     else:
@@ -289,8 +315,12 @@ def predict(argv: Sequence[str] | None = None) -> int:
     with torch.no_grad():
         for start in range(0, len(order), args.batch_size):
             chunk = order[start : start + args.batch_size]
+            texts = [cfg.model.source_prefix + rows[i]["dialogue"] for i in chunk]
+            # whole, to count what is cut (verbose=False: the note below says it once)
+            for ids in tokenizer(texts, verbose=False)["input_ids"]:
+                cut.count(len(ids))
             enc = tokenizer(
-                [cfg.model.source_prefix + rows[i]["dialogue"] for i in chunk],
+                texts,
                 max_length=cfg.data.max_source_length,
                 truncation=True,
                 padding=True,
@@ -300,6 +330,7 @@ def predict(argv: Sequence[str] | None = None) -> int:
                 chunk, task.generate(model, enc["input_ids"], enc["attention_mask"]), strict=True
             ):
                 summaries[i] = text
+    cut.report()
     results = [{"fname": rows[i]["fname"], "summary": summaries[i]} for i in range(len(rows))]
     if args.prompt is not None:
         print(results[0]["summary"])

@@ -31,7 +31,7 @@ from core.errors import UserError
 from core.padding import length_mask, pad_rows
 from core.task import IGNORE_INDEX
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: source_tokens (length before truncation)
 """Bump when the tokenised layout changes, so old cache files are not reused."""
 
 
@@ -290,7 +290,8 @@ def tokenize_rows(
 
     Returns:
         A ``datasets.Dataset`` with columns ``index`` (int), ``input_ids`` and ``labels``
-        (lists of ints, each ending with the end-of-sequence token).
+        (lists of ints, each ending with the end-of-sequence token) and ``source_tokens`` (the
+        dialogue's length before truncation, so the cut ones can be counted).
     """
     import datasets
 
@@ -325,7 +326,18 @@ def tokenize_rows(
         target = tokenizer(
             text_target=batch["target"], max_length=max_target_length, truncation=True
         )
-        return {"input_ids": source["input_ids"], "labels": target["input_ids"]}
+        # Only a dialogue that fills the limit can have been cut: those are tokenized whole.
+        full = [len(ids) for ids in source["input_ids"]]
+        at_limit = [i for i, n in enumerate(full) if n >= max_source_length]
+        if at_limit:
+            whole = tokenizer([batch["source"][i] for i in at_limit], verbose=False)["input_ids"]
+            for i, ids in zip(at_limit, whole, strict=True):
+                full[i] = len(ids)
+        return {
+            "input_ids": source["input_ids"],
+            "labels": target["input_ids"],
+            "source_tokens": full,
+        }
 
     table = datasets.Dataset.from_dict(
         {"index": list(range(len(rows))), "source": sources, "target": targets}
@@ -358,6 +370,7 @@ class SummarizationDataset(torch.utils.data.Dataset):
         columns = tokens.to_dict()  # plain lists: cheap item access, picklable for workers
         self.input_ids: list[list[int]] = columns["input_ids"]
         self.labels: list[list[int]] = columns["labels"]
+        self.source_tokens: list[int] = columns["source_tokens"]
         self.cache_files = [f["filename"] for f in tokens.cache_files]
 
     def __len__(self) -> int:
@@ -371,6 +384,15 @@ class SummarizationDataset(torch.utils.data.Dataset):
     def lengths(self) -> list[int]:
         """Source lengths in tokens (what dominates padding and generation cost)."""
         return [len(ids) for ids in self.input_ids]
+
+    def truncation(self, limit: int, origin: str, what: str = "dialogues") -> Any:
+        """The dialogues cut to ``limit`` tokens, counted (:class:`core.truncation.Truncation`)."""
+        from core.truncation import Truncation
+
+        cut = Truncation(limit, origin, what)
+        for length in self.source_tokens:
+            cut.count(length)
+        return cut
 
 
 class Seq2SeqCollator:

@@ -92,6 +92,13 @@ class SummarizationTask(Task):
         val_rows = self.read_split("val")
         self.train_data = self.tokenize(train_rows[: self.cfg.data.max_train_samples])
         self.val_data = self.tokenize(val_rows[: self.cfg.data.max_val_samples])
+        # One line per data set: how many dialogues training sees only the start of.
+        for split, dataset in (("training", self.train_data), ("validation", self.val_data)):
+            cut = dataset.truncation(
+                self.cfg.data.max_source_length, "data.max_source_length", f"{split} dialogues"
+            )
+            if not cut.report(log):
+                log.info("%s: none longer than %d tokens", cut.what, cut.limit)
         self.choose_rouge_tokenizer(train_rows + val_rows)
         log.info(
             "Data: %d training rows, %d validation rows; ROUGE tokenizer %s",
