@@ -33,6 +33,7 @@ import csv
 import io
 import json
 import math
+import os
 import shutil
 import statistics
 import sys
@@ -48,6 +49,7 @@ from core.errors import UserError
 from core.logs import read_metrics
 from core.outputs import guard_file
 from core.runs import RUN_DIR_PATTERN, lock_state, run_task
+from core.storage import StorageError, storage_errors
 
 FORMATS = ("table", "md", "csv", "json")
 # Differs between any two runs by construction (each run's own folder): never a "differing key".
@@ -768,9 +770,17 @@ def plot_compare(
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110, metadata={"Software": PNG_MARK})
-    plt.close(fig)
+    # Into a temporary file beside it, then renamed: a full disk leaves the old plot or none,
+    # never half a PNG.
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        with storage_errors("the comparison plot", out):
+            out.parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(tmp, dpi=110, format="png", metadata={"Software": PNG_MARK})
+            os.replace(tmp, out)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     return out
 
 
@@ -898,13 +908,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = collect(args.paths)
     if not args.mixed:
         check_comparable(rows)
-    png = None
+    png, note = None, ""
     if not args.no_png:
         out = args.png or default_png(args.paths, rows)
         names = ", ".join(Path(p).name for p in args.paths)
         title = f"runs compare: {len(rows)} runs of {names[:90]}"
-        png = plot_compare(rows, out, title=title, overwrite=args.overwrite)
+        try:
+            png = plot_compare(rows, out, title=title, overwrite=args.overwrite)
+        except StorageError as err:
+            if args.png is not None:
+                raise  # the user asked for that file: not writing it is a failure
+            # The default place is beside the runs, which may be a read-only archive: the
+            # table is what was asked for, so print it and say where no plot went.
+            note = f"note: no plot written ({err}) Give --png PATH elsewhere, or --no-png."
     print(compare_output(rows, args.format, png))
+    if note:
+        print(" ".join(note.split()), file=sys.stderr)
     return 0
 
 
