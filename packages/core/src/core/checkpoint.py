@@ -229,7 +229,7 @@ def read_checkpoint(path: Path) -> CheckpointInfo:
             raise ValueError("bad 'files' entries")
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
         raise CheckpointCorrupt(
-            f"Checkpoint '{path}' is damaged: its {META_NAME} cannot be read ({err})."
+            f"'{meta}' cannot be read ({type(err).__name__}: {err}): the checkpoint is damaged"
         ) from None
     return CheckpointInfo(
         path=path, step=step, metrics=data.get("metrics") or {}, files=files, meta=data
@@ -414,6 +414,21 @@ class CheckpointManager:
             self._warn(info.path, problem)
             skipped.append((info.path, problem))
         return None, sorted(skipped, key=lambda item: item[0].name, reverse=True)
+
+    def set_aside(self, path: Path) -> Path:
+        """Rename a damaged checkpoint folder to ``.damaged-step-*`` (not listed, not pruned,
+        kept for inspection), so that the run can write that step anew.
+
+        Returns:
+            The new path.
+        """
+        target = self.root / f".damaged-{path.name}"
+        count = 1
+        while target.exists():
+            count += 1
+            target = self.root / f".damaged-{path.name}-{count}"
+        os.replace(path, target)
+        return target
 
     def _score(self, info: CheckpointInfo) -> float | None:
         value = info.metrics.get(self.cfg.monitor) if self.cfg.monitor else None

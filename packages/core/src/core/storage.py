@@ -156,7 +156,9 @@ def check_writable(folder: Path, what: str, hint: str = "") -> None:
     except OSError as err:
         if err.errno not in STORAGE_ERRNOS:
             raise
-        raise StorageError(storage_message(err, what, Path(folder), hint=hint)) from None
+        # The message names the folder asked about, not the probe file.
+        plain = OSError(err.errno, err.strerror)
+        raise StorageError(storage_message(plain, what, Path(folder), hint=hint)) from None
 
 
 def tree_bytes(path: Path) -> int:

@@ -484,10 +484,14 @@ class Trainer:
             if info is None:
                 return None
             if skipped:
+                # The run continues from an older step and writes the newer steps anew; the
+                # damaged folders are kept for inspection under another name.
+                moved = [self.checkpoints.set_aside(path).name for path, _ in skipped]
                 log.warning(
-                    "Resuming from %s, the newest intact checkpoint (skipped as damaged: %s).",
+                    "Resuming from %s, the newest intact checkpoint; the damaged newer ones are "
+                    "set aside as %s (delete them when no longer needed).",
                     info.path.name,
-                    ", ".join(path.name for path, _ in skipped),
+                    ", ".join(moved),
                 )
         else:
             info = read_checkpoint(Path(choice))
@@ -1017,9 +1021,13 @@ class Trainer:
                 f"{len(unexpected)} of its tensors are not in the model ({few(unexpected)})"
             )
         if reshaped:
+
+            def size(shape: Any) -> str:
+                return "x".join(map(str, shape)) or "scalar"
+
             parts.append(
-                f"{len(reshaped)} have another shape ("
-                + few(reshaped, lambda k: f"{k}: {list(saved[k])} saved, {list(model[k])} now")
+                f"{len(reshaped)} have another shape, saved -> now ("
+                + few(reshaped, lambda k: f"{k} {size(saved[k])} -> {size(model[k])}")
                 + ")"
             )
         raise UserError(
