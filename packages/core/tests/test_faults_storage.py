@@ -375,7 +375,7 @@ def test_a_checkpoint_without_a_manifest_still_resumes_unverified(exact_run, tmp
     meta_path = ckpt(run, 6) / "meta.json"
     meta = json.loads(meta_path.read_text())
     for key in ("files", "format", "data_files"):
-        meta.pop(key)
+        meta.pop(key, None)
     meta_path.write_text(json.dumps(meta))
     assert toy_train(f"run.dir={run}") == 0
     err = capsys.readouterr().err

@@ -272,11 +272,16 @@ def verify_checkpoint(info: CheckpointInfo, checksums: bool = True) -> str | Non
     return None
 
 
-def checkpoint_shapes(info: CheckpointInfo, key: str = "model") -> dict[str, tuple[int, ...]]:
+def checkpoint_shapes(
+    info: CheckpointInfo, key: str = "model"
+) -> dict[str, tuple[int, ...]] | None:
     """``{parameter name: shape}`` of the model tensors a checkpoint holds (read lazily: a
-    memory-mapped file, or the metadata of a sharded folder)."""
+    memory-mapped file, or the metadata of a sharded folder); None for a layout it does not
+    know (DeepSpeed's)."""
     state = info.state_path
     if state.is_dir():
+        if not (state / ".metadata").is_file():
+            return None
         from torch.distributed.checkpoint import FileSystemReader
 
         metadata = FileSystemReader(str(state)).read_metadata().state_dict_metadata

@@ -996,12 +996,15 @@ class Trainer:
                 shape (a few of each, and how many).
         """
         try:
-            saved = {_canonical_name(k): v for k, v in checkpoint_shapes(info).items()}
+            shapes = checkpoint_shapes(info)
         except Exception as err:  # unreadable: a checkpoint without a manifest that is damaged
             raise CheckpointCorrupt(
                 f"Checkpoint {info.path} cannot be read ({type(err).__name__}: {err}); it is "
                 "damaged. Resume from another checkpoint (trainer.resume=PATH)."
             ) from None
+        if shapes is None:
+            return  # a layout without readable shapes: fabric.load reports a mismatch
+        saved = {_canonical_name(k): v for k, v in shapes.items()}
         model = self.model_shapes()
         missing = sorted(set(model) - set(saved))
         unexpected = sorted(set(saved) - set(model))
