@@ -79,7 +79,7 @@ class _RunLogHandler(logging.FileHandler):
             self.close()
 
 
-def append_line(path: Path, line: str, what: str) -> None:
+def append_line(path: Path, line: str, what: str, hint: str = "") -> None:
     """Append ``line`` to a log file; a write that fails (full disk) leaves the file as it was,
     without half a line at its end.
 
@@ -89,7 +89,7 @@ def append_line(path: Path, line: str, what: str) -> None:
     from core.storage import storage_errors
 
     data = line.encode("utf-8")
-    with storage_errors(what, path):
+    with storage_errors(what, path, hint=hint):
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         try:
             size = os.fstat(fd).st_size
@@ -203,7 +203,13 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
-        append_line(self.path, json.dumps(record) + "\n", "the training metrics")
+        append_line(
+            self.path,
+            json.dumps(record) + "\n",
+            "the training metrics",
+            hint="Free space there (or move the run folder to a larger disk), then continue the "
+            f"run with train run.dir={self.run_dir}: it resumes from its last checkpoint.",
+        )
         numeric = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
         if self._wandb is not None:
             self._wandb.log(numeric, step=int(step))
