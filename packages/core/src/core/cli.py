@@ -287,7 +287,7 @@ def continued_run(cfg: Any, task: str | None) -> Path | None:
 
 
 # Keys that may differ between a run's config.yaml and the command that continues it.
-CONTINUE_KEYS = ("run.dir", "trainer.resume")
+CONTINUE_KEYS = ("run.dir", "trainer.resume", "trainer.resume_changed_data")
 
 
 def config_differences(given: Any, saved: Any) -> list[tuple[str, Any, Any]]:

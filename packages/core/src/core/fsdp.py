@@ -370,8 +370,11 @@ class FSDP2Strategy(ModelParallelStrategy):
             path.mkdir(parents=True, exist_ok=True)
         self.barrier()
         dcp.save(tensors, checkpoint_id=path)
-        if self.global_rank == 0:
-            torch.save(metadata, path / METADATA_FILE)
+        from core.checkpoint import on_rank_zero, write_torch_file
+
+        # Written in place and hashed for the checkpoint's manifest; should it fail (a full
+        # disk), every rank raises instead of waiting for rank 0 in the barrier.
+        on_rank_zero(self, lambda: write_torch_file(metadata, path / METADATA_FILE))
         self.barrier()
 
     def load_checkpoint(

@@ -10,6 +10,7 @@ Self-check: ``python -m core.logs``.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -51,7 +52,7 @@ def setup_logging(run_dir: Path | None, rank: int = 0, level: int = logging.INFO
     setattr(stream, _HANDLER_TAG, True)
     root.addHandler(stream)
     if run_dir is not None and rank == 0:
-        file = logging.FileHandler(Path(run_dir) / "train.log", encoding="utf-8")
+        file = _RunLogHandler(Path(run_dir) / "train.log", encoding="utf-8")
         file.setFormatter(logging.Formatter(_FORMAT))
         setattr(file, _HANDLER_TAG, True)
         root.addHandler(file)
@@ -59,6 +60,49 @@ def setup_logging(run_dir: Path | None, rank: int = 0, level: int = logging.INFO
     # Libraries that are chatty at INFO level.
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class _RunLogHandler(logging.FileHandler):
+    """``train.log``: a full or read-only disk ends the file with one warning on stderr instead
+    of a logging traceback per record (stderr still gets every record)."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
+        from core.storage import is_storage_error
+
+        err = sys.exc_info()[1]
+        if err is None or not is_storage_error(err):
+            super().handleError(record)
+            return
+        logging.getLogger().removeHandler(self)
+        print(f"warning: stopped writing {self.baseFilename}: {err}", file=sys.stderr)
+        with contextlib.suppress(OSError):
+            self.close()
+
+
+def append_line(path: Path, line: str, what: str, hint: str = "") -> None:
+    """Append ``line`` to a log file; a write that fails (full disk) leaves the file as it was,
+    without half a line at its end.
+
+    Raises:
+        StorageError: naming the file, for a full or read-only disk.
+    """
+    from core.storage import storage_errors
+
+    data = line.encode("utf-8")
+    with storage_errors(what, path, hint=hint):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, size)
+                raise
+        finally:
+            os.close(fd)
 
 
 def _jsonable(value: Any) -> Any:
@@ -206,8 +250,13 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+        append_line(
+            self.path,
+            json.dumps(record) + "\n",
+            "the training metrics",
+            hint="Free space there (or move the run folder to a larger disk), then continue the "
+            f"run with train run.dir={self.run_dir}: it resumes from its last checkpoint.",
+        )
         numeric = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
         if self._wandb is not None:
             self._wandb.log(numeric, step=int(step))
@@ -280,12 +329,22 @@ class MetricsLogger:
         records = read_metrics(self.path)
         if not records:
             return None
+        from core.storage import is_storage_error
+
         columns = ["step"] + sorted({k for r in records for k in r} - {"step"})
         out = self.run_dir / "metrics.csv"
-        with open(out, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(records)
+        try:
+            with open(out, "w", newline="", encoding="utf-8") as handle:
+                writer = csv.DictWriter(handle, fieldnames=columns)
+                writer.writeheader()
+                writer.writerows(records)
+        except OSError as err:
+            if not is_storage_error(err):
+                raise
+            # metrics.csv is a copy of metrics.jsonl: a full disk here does not fail the run
+            out.unlink(missing_ok=True)
+            log.warning("Could not write %s (%s); metrics.jsonl holds the same records.", out, err)
+            return None
         return out
 
     def close(self) -> None:

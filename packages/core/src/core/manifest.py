@@ -49,6 +49,23 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+_DATA_HASHES: dict[tuple[str, int, int, int], str] = {}
+
+
+def data_file_sha256(path: Path) -> str | None:
+    """:func:`sha256_file` of a data file, remembered while its size and modification time stay
+    the same (a run hashes its data for ``manifest.json``, again for each checkpoint and at
+    resume; large data files are read once). None when the file does not exist."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    key = (str(Path(path).absolute()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    if key not in _DATA_HASHES:
+        _DATA_HASHES[key] = sha256_file(Path(path))
+    return _DATA_HASHES[key]
+
+
 def secret_values(env: dict[str, str] | None = None) -> list[str]:
     """Values of secret environment variables (non-empty, at least 4 characters)."""
     env = dict(os.environ if env is None else env)
@@ -178,7 +195,9 @@ def build_manifest(
     for path in data_files:
         path = Path(path)
         files[str(path)] = (
-            {"sha256": sha256_file(path), "bytes": path.stat().st_size} if path.is_file() else None
+            {"sha256": data_file_sha256(path), "bytes": path.stat().st_size}
+            if path.is_file()
+            else None
         )
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     return {

@@ -105,6 +105,10 @@ class TrainerConfig:
     """``auto``: continue from the newest complete checkpoint of the run folder if it has one
     (a new run folder has none; a requeued SLURM job or ``run.dir`` reuses one). A path: start
     from that checkpoint. null: never resume (fails if the run folder already has checkpoints)."""
+    resume_changed_data: bool = False
+    """Resume although a data file changed since the checkpoint was written (its sha256 differs
+    from the one the checkpoint recorded). Off: such a resume is refused, naming the file and
+    both hashes; a run meant for the new data is better started anew."""
     num_workers: int = 0
     """Data-loader worker processes per rank (0: load in the training process)."""
     group_by_length: bool = False

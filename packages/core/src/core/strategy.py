@@ -311,6 +311,13 @@ def build_fabric(
     if processes_per_node(tc) * tc.num_nodes > 1:  # a single process needs no port at all
         choose_master_port()
     destroy_process_group_at_exit()
+    plugins = []
+    if tc.strategy in ("auto", "ddp"):
+        # Checkpoint files go straight into the checkpoint's own folder, never via $TMPDIR
+        # (FSDP2 writes its shards in place itself; Fabric refuses a plugin for it and DeepSpeed).
+        from core.checkpoint import DirectCheckpointIO
+
+        plugins.append(DirectCheckpointIO())
     try:
         return Fabric(
             accelerator=tc.accelerator,
@@ -318,6 +325,7 @@ def build_fabric(
             num_nodes=tc.num_nodes,
             strategy=build_strategy(cfg, wrap_classes, precision),
             precision=precision,
+            plugins=plugins or None,
         )
     except (
         ValueError,

@@ -48,7 +48,15 @@ from lightning.fabric import Fabric
 from torch import nn
 
 from core.acceleration import offload_saved_tensors
-from core.checkpoint import CheckpointInfo, CheckpointManager, read_checkpoint
+from core.checkpoint import (
+    CheckpointCorrupt,
+    CheckpointInfo,
+    CheckpointManager,
+    checkpoint_shapes,
+    on_rank_zero,
+    read_checkpoint,
+    verify_checkpoint,
+)
 from core.config import to_dict, to_yaml
 from core.data import ShardedBatchSampler, build_dataloader
 from core.debug import ShapeLogger
@@ -58,13 +66,14 @@ from core.evaluation import eval_dataloader, evaluate
 from core.fsdp import full_state_dict as gather_full_state_dict
 from core.fsdp import is_fsdp2
 from core.logs import LogProgress, MetricsLogger, setup_logging, transformers_quiet
-from core.manifest import build_manifest
+from core.manifest import build_manifest, data_file_sha256
 from core.optim import build_optimizer, build_scheduler
 from core.plots import plot_curves
 from core.reproducibility import rng_state, seed_all, set_rng_state
 from core.runs import RunDir, RunLock, check_run_dir, resolve_run_dir
 from core.settings import TrainConfig
 from core.signals import StopSignal, requeue_slurm_job
+from core.storage import StorageError, check_writable, storage_errors
 from core.strategy import build_fabric, is_sharded, launch_environment, resolve_precision
 from core.task import Ranks, Task
 
@@ -134,6 +143,11 @@ class Trainer:
         argv: the command line to record (default ``sys.argv``).
     """
 
+    # summary.json as it was before this process wrote "running" into an existing run folder
+    # (restored when the run fails before it was really continued; see setup_failed).
+    _summary_before: str | None = None
+    _summary_read: bool = False
+
     def __init__(self, cfg: TrainConfig, task: Task, argv: list[str] | None = None) -> None:
         self.cfg = cfg
         self.task = task
@@ -143,6 +157,7 @@ class Trainer:
         self.precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
         if cfg.run.dir is not None and str(cfg.run.dir) != "latest":
             check_run_dir(Path(cfg.run.dir), task.name)
+        self.check_run_storage()  # a read-only run root fails here, before anything is built
         self.fabric = build_fabric(cfg, task.fsdp_wrap_classes)
         self.progress = Progress()
         # Validation: the last metrics and the step they belong to.
@@ -242,7 +257,7 @@ class Trainer:
             self.build_optimizer()
             self.resume()
         except BaseException as err:
-            self.write_summary("failed", 0.0, error=f"{type(err).__name__}: {err}")
+            self.setup_failed(err)
             raise
 
     # -- the run folder's lock (core.runs.RunLock): taken by open_run, removed when fit ends --
@@ -449,10 +464,15 @@ class Trainer:
 
     def resume(self) -> None:
         """Load a checkpoint if ``trainer.resume`` asks for one (``auto``: the run folder's
-        newest)."""
+        newest intact one).
+
+        Raises:
+            CheckpointCorrupt: no intact checkpoint to continue from (exit 1).
+            UserError: the data files or the model changed since the checkpoint (exit 2).
+        """
         choice = self.cfg.trainer.resume
-        existing = self.checkpoints.latest()
         if choice is None or str(choice).lower() in ("none", "false", "no", ""):
+            existing = self.checkpoints.latest()
             if existing is not None:
                 raise UserError(
                     f"Run folder {self.run.path} already has checkpoints (newest: "
@@ -461,12 +481,10 @@ class Trainer:
                     "another run.dir."
                 )
             return
-        if str(choice) == "auto":
-            if existing is None:
-                return
-            info = existing
-        else:
-            info = read_checkpoint(Path(choice))
+        # Rank 0 reads and verifies (one pass over the bytes), every rank loads its choice.
+        info = broadcast_object(on_rank_zero(self.fabric, lambda: self.choose_checkpoint(choice)))
+        if info is None:
+            return
         self.load(info)
         dropped = self.logger.truncate_after(self.progress.step)
         log.info(
@@ -478,6 +496,97 @@ class Trainer:
             f" ({dropped} log records after that step moved to metrics.discarded.jsonl)"
             if dropped
             else "",
+        )
+
+    def choose_checkpoint(self, choice: str) -> CheckpointInfo | None:
+        """The checkpoint to resume from (rank 0): ``auto`` the newest intact one of the run
+        (damaged newer ones are skipped with a warning naming the bad file), else the one at
+        path ``choice``, verified; its data files must be the ones it was trained on.
+
+        Returns:
+            The checkpoint, or None (``auto`` in a run without checkpoints).
+        """
+        if str(choice) == "auto":
+            info, skipped = self.checkpoints.newest_intact()
+            if info is None and skipped:
+                listing = "; ".join(f"{path.name}: {problem}" for path, problem in skipped)
+                raise CheckpointCorrupt(
+                    f"No intact checkpoint to resume from in {self.checkpoints.root}: {listing}. "
+                    "The damaged checkpoints are left there for inspection; to train anyway, "
+                    "start a new run (without run.dir)."
+                )
+            if info is None:
+                return None
+            if skipped:
+                # The run continues from an older step and writes the newer steps anew; the
+                # damaged folders are kept for inspection under another name.
+                moved = [self.checkpoints.set_aside(path).name for path, _ in skipped]
+                log.warning(
+                    "Resuming from %s, the newest intact checkpoint; the damaged newer ones are "
+                    "set aside as %s (delete them when no longer needed).",
+                    info.path.name,
+                    ", ".join(moved),
+                )
+        else:
+            info = read_checkpoint(Path(choice))
+            problem = verify_checkpoint(info)
+            if problem:
+                raise CheckpointCorrupt(
+                    f"Checkpoint {info.path} (trainer.resume) is damaged: {problem}. Resume "
+                    "from another checkpoint (trainer.resume=PATH), or trainer.resume=auto for "
+                    "the newest intact one of the run."
+                )
+        if info.files is None:
+            log.warning(
+                "Checkpoint %s was written before checkpoints carried checksums: it is loaded "
+                "unverified.",
+                info.path,
+            )
+        self.check_data(info)
+        return info
+
+    def data_hashes(self) -> dict[str, str | None]:
+        """``{absolute path: sha256}`` of the task's data files now (None: missing); the
+        hashes of ``manifest.json`` are reused while the files are unchanged."""
+        return {
+            str(Path(path).absolute()): data_file_sha256(Path(path))
+            for path in self.task.data_files()
+        }
+
+    def check_data(self, info: CheckpointInfo) -> None:
+        """Refuse to resume on data files that changed since the checkpoint was written
+        (``trainer.resume_changed_data=true`` continues anyway, with a warning).
+
+        The checkpoint's ``meta.json`` holds the hashes it was trained on; a checkpoint without
+        them is compared with its run's ``manifest.json``.
+
+        Raises:
+            UserError: naming each changed file with both hashes.
+        """
+        recorded = _checkpoint_data_hashes(info)
+        if recorded is None:
+            return
+        now = self.data_hashes()
+        changes = []
+        for path in sorted(set(recorded) | set(now)):
+            before, after = recorded.get(path, "absent"), now.get(path, "absent")
+            if before != after:
+                changes.append(
+                    f"'{path}' had sha256 {before or 'missing'}, now {after or 'missing'}"
+                )
+        if not changes:
+            return
+        listing = "; ".join(changes[:5]) + (
+            f"; and {len(changes) - 5} more" if len(changes) > 5 else ""
+        )
+        if self.cfg.trainer.resume_changed_data:
+            log.warning("Resuming on changed data (trainer.resume_changed_data=true): %s.", listing)
+            return
+        raise UserError(
+            f"The data changed since checkpoint {info.path.name} was written: {listing}. "
+            "Resuming would continue the run on other data than it was trained on. To continue "
+            "on purpose set trainer.resume_changed_data=true; to train on the new data from "
+            "the start, start a new run (without run.dir)."
         )
 
     # ==========================================================================================
@@ -858,7 +967,13 @@ class Trainer:
             {"model": lambda name, _: name in keep} if self.cfg.checkpoint.trainable_only else None
         )
         path = self.checkpoints.save(
-            self.fabric, self.checkpoint_state(), self.progress.step, metrics, filter=filter_
+            self.fabric,
+            self.checkpoint_state(),
+            self.progress.step,
+            metrics,
+            filter=filter_,
+            # what the checkpoint was trained on, compared at resume (check_data)
+            extra={"data_files": self.data_hashes()} if self.fabric.global_rank == 0 else None,
         )
         log.info("Saved checkpoint %s", path)
         return path
@@ -868,11 +983,12 @@ class Trainer:
         ``info``."""
         state = {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler}
         trainable_only = self.cfg.checkpoint.trainable_only
+        self.check_architecture(info)
         try:
             rest = self.fabric.load(
                 info.state_path, state, strict=not trainable_only, weights_only=False
             )
-        except (KeyError, RuntimeError) as err:
+        except (KeyError, RuntimeError, ValueError) as err:
             raise UserError(
                 f"Checkpoint {info.path} does not match this model / optimizer: {err}"
             ) from None
@@ -893,6 +1009,124 @@ class Trainer:
             rng[self.fabric.global_rank] if len(rng) == self.fabric.world_size else rng[0]
         )
         self._interval_loss = None
+
+    def model_shapes(self) -> dict[str, tuple[int, ...]]:
+        """``{name: shape}`` of the model tensors a checkpoint of this model holds (only the
+        trainable ones with ``checkpoint.trainable_only``); sharded tensors at full shape."""
+        keep = set(map(_canonical_name, self.trainable_names))
+        shapes = {
+            _canonical_name(name): tuple(tensor.shape)
+            for name, tensor in self.module.state_dict().items()
+        }
+        if self.cfg.checkpoint.trainable_only:
+            shapes = {k: v for k, v in shapes.items() if k in keep}
+        return shapes
+
+    def check_architecture(self, info: CheckpointInfo) -> None:
+        """Refuse a checkpoint of another architecture, naming the tensors that differ.
+
+        Raises:
+            UserError: tensors missing from the checkpoint, unexpected in it, or of another
+                shape (a few of each, and how many).
+        """
+        try:
+            shapes = checkpoint_shapes(info)
+        except Exception as err:  # unreadable: a checkpoint without a manifest that is damaged
+            raise CheckpointCorrupt(
+                f"Checkpoint {info.path} cannot be read ({type(err).__name__}: {err}); it is "
+                "damaged. Resume from another checkpoint (trainer.resume=PATH)."
+            ) from None
+        if shapes is None:
+            return  # a layout without readable shapes: fabric.load reports a mismatch
+        saved = {_canonical_name(k): v for k, v in shapes.items()}
+        model = self.model_shapes()
+        missing = sorted(set(model) - set(saved))
+        unexpected = sorted(set(saved) - set(model))
+        reshaped = sorted(k for k in set(model) & set(saved) if tuple(model[k]) != tuple(saved[k]))
+        if not (missing or unexpected or reshaped):
+            return
+
+        def few(names: list[str], describe: Any = str) -> str:
+            shown = ", ".join(describe(n) for n in names[:3])
+            return shown + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} tensors of the model are not in it ({few(missing)})")
+        if unexpected:
+            parts.append(
+                f"{len(unexpected)} of its tensors are not in the model ({few(unexpected)})"
+            )
+        if reshaped:
+
+            def size(shape: Any) -> str:
+                return "x".join(map(str, shape)) or "scalar"
+
+            parts.append(
+                f"{len(reshaped)} have another shape, saved -> now ("
+                + few(reshaped, lambda k: f"{k} {size(saved[k])} -> {size(model[k])}")
+                + ")"
+            )
+        raise UserError(
+            f"Checkpoint {info.path.name} of {info.path.parent.parent} holds another model "
+            f"architecture than the one configured now: {'; '.join(parts)}. The model settings "
+            "changed since the checkpoint was written (compare with the run's config.yaml). To "
+            "train the new architecture, start a new run (without run.dir, or with run.dir set "
+            "to a new folder); to continue this run, resume it with its own model settings."
+        )
+
+    # ==========================================================================================
+    # storage and the summary of a run that fails early
+    # ==========================================================================================
+
+    def check_run_storage(self) -> None:
+        """Refuse a run folder (or runs root) on a read-only mount or without write permission,
+        before anything is launched, built or written.
+
+        Raises:
+            StorageError: naming the folder (exit code 1).
+        """
+        run = self.cfg.run
+        if run.dir is not None and str(run.dir) != "latest":
+            folder = Path(run.dir)
+            if folder.is_dir() and any(folder.iterdir()):
+                hint = (
+                    "A run continues in its own folder: copy it to a writable file system and "
+                    "resume the copy (train run.dir=COPY), or start a new run with run.root on "
+                    "a writable disk."
+                )
+            else:
+                hint = "Choose a run.dir on a writable file system."
+            check_writable(folder, "the run folder", hint=hint)
+        else:
+            check_writable(
+                Path(run.root),
+                "the runs folder (run.root)",
+                hint="Set run.root to a folder on a writable file system.",
+            )
+
+    def setup_failed(self, err: BaseException) -> None:
+        """Record a failure during set-up (model, data loaders, optimizer, resume).
+
+        A run this process started is marked ``failed``. An existing run that it only tried to
+        continue keeps its ``summary.json`` as it was: a completed run stays completed when a
+        resume attempt finds a damaged checkpoint or another architecture.
+        """
+        if self.run is None:
+            return
+        if self.run.created or not self._summary_read or self._summary_before is None:
+            self.write_summary("failed", 0.0, error=f"{type(err).__name__}: {err}")
+            return
+        if self.fabric.global_rank == 0:
+            path = self.run.path / "summary.json"
+            tmp = path.with_name("summary.json.tmp")
+            try:
+                tmp.write_text(self._summary_before, encoding="utf-8")
+                os.replace(tmp, path)
+            except OSError as write_err:
+                log.warning("Could not restore %s: %s", path, write_err)
+            else:
+                log.info("%s left as it was: the run was not continued.", path)
 
     # ==========================================================================================
     # the end
@@ -967,14 +1201,17 @@ class Trainer:
         return sums
 
     def export_final(self) -> Path:
-        """Load the best checkpoint's weights (if asked and known) and save the model to
-        ``final/``."""
-        best = self.checkpoints.best()
-        if (
-            self.cfg.checkpoint.load_best_at_end
-            and best is not None
-            and best.step != self.progress.step
-        ):
+        """Load the best intact checkpoint's weights (if asked and known) and save the model to
+        ``final/``.
+
+        Raises:
+            StorageError: ``final/`` could not be written (``final.tmp`` is removed, an earlier
+                ``final/`` stays).
+        """
+        best = None
+        if self.cfg.checkpoint.load_best_at_end:
+            best = broadcast_object(on_rank_zero(self.fabric, self.checkpoints.best_intact))
+        if best is not None and best.step != self.progress.step:
             log.info(
                 "Loading the best checkpoint (%s=%.4f at step %d) for final/",
                 self.cfg.checkpoint.monitor,
@@ -989,17 +1226,31 @@ class Trainer:
             )
         state_dict = full_state_dict(self.fabric, self.model)
         final = self.run.final
-        if self.fabric.global_rank == 0:
+
+        def write() -> None:
             import shutil
 
             tmp = final.with_name("final.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            self.task.save_final(self.model.module, state_dict, tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            try:
+                with storage_errors(
+                    "the trained model (final/)",
+                    tmp,
+                    hint="Free space there (or move the run folder to a larger disk) and run "
+                    f"the same command again: it resumes from the last checkpoint and writes "
+                    f"{final.name}/.",
+                ):
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    tmp.mkdir(parents=True)
+                    self.task.save_final(self.model.module, state_dict, tmp)
+                    if final.exists():
+                        shutil.rmtree(final)
+                    os.replace(tmp, final)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)  # no half-written model stays behind
+                raise
             log.info("Saved the trained model to %s", final)
+
+        on_rank_zero(self.fabric, write)
         self.fabric.barrier()
         return final
 
@@ -1037,10 +1288,73 @@ class Trainer:
             **extra,
         }
         if self.run is not None and self.fabric.global_rank == 0:
-            tmp = self.run.path / "summary.json.tmp"
-            tmp.write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
-            os.replace(tmp, self.run.path / "summary.json")
+            path = self.run.path / "summary.json"
+            if not self._summary_read:  # what an existing run's summary said before this process
+                self._summary_read = True
+                with contextlib.suppress(OSError, UnicodeDecodeError):
+                    self._summary_before = path.read_text(encoding="utf-8")
+            text = json.dumps(summary, indent=1, default=str)
+            try:
+                _write_summary_file(path, text)
+            except StorageError as err:
+                if status != "failed":
+                    raise
+                # Recording the failure must not hide the fault that caused it.
+                log.warning("Could not record the failure in %s: %s", path, err)
         return summary
+
+
+def _canonical_name(name: str) -> str:
+    """A tensor name without the prefixes of wrappers (activation checkpointing, compile)."""
+    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+
+
+def _checkpoint_data_hashes(info: CheckpointInfo) -> dict[str, str | None] | None:
+    """``{absolute path: sha256}`` of the data a checkpoint was trained on: from its
+    ``meta.json``, else from its run's ``manifest.json``; None when neither records them."""
+    recorded = info.meta.get("data_files")
+    if isinstance(recorded, dict):
+        return recorded
+    manifest = info.path.parent.parent / "manifest.json"
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    base = Path(data.get("cwd") or ".")
+    files = data.get("data_files")
+    if not isinstance(files, dict):
+        return None
+    return {
+        str(base / path if not Path(path).is_absolute() else Path(path)): (
+            entry.get("sha256") if isinstance(entry, dict) else None
+        )
+        for path, entry in files.items()
+    }
+
+
+def _write_summary_file(path: Path, text: str) -> None:
+    """Replace ``summary.json`` atomically; on a full disk (the temporary copy does not fit)
+    overwrite it in place, which needs no new blocks for a summary of about the same size.
+
+    Raises:
+        StorageError: neither worked.
+    """
+    tmp = path.with_name("summary.json.tmp")
+    try:
+        with storage_errors("the run summary", path):
+            try:
+                tmp.write_text(text, encoding="utf-8")
+                os.replace(tmp, path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+    except StorageError:
+        if not path.is_file():
+            raise
+        with storage_errors("the run summary", path):
+            with open(path, "r+", encoding="utf-8") as handle:
+                handle.truncate(0)
+                handle.write(text)
 
 
 def weights_checksum(model: nn.Module) -> str:
