@@ -52,7 +52,7 @@ from core.config import to_dict, to_yaml
 from core.data import ShardedBatchSampler, build_dataloader
 from core.debug import ShapeLogger
 from core.distributed import broadcast_object, gather_objects
-from core.errors import ConfigError, UserError
+from core.errors import ConfigError, FaultError, UserError
 from core.evaluation import eval_dataloader, evaluate
 from core.fsdp import full_state_dict as gather_full_state_dict
 from core.fsdp import is_fsdp2
@@ -69,6 +69,10 @@ from core.task import Ranks, Task
 
 log = logging.getLogger(__name__)
 
+# trainer.on_nonfinite=skip: this many skipped steps in a row stop the run as ``stop`` would
+# (the weights no longer produce finite values; skipping more only burns the allocation).
+MAX_SKIPS_IN_A_ROW = 5
+
 
 @dataclass
 class Progress:
@@ -83,6 +87,8 @@ class Progress:
         train_seconds: time spent in the training loop, over all sessions of the run.
         interval_loss_sum: summed token loss since the last log event (all ranks).
         interval_tokens: loss tokens since the last log event (all ranks).
+        skipped_steps: steps skipped for a non-finite loss or gradient norm
+            (``trainer.on_nonfinite=skip``).
     """
 
     step: int = 0
@@ -93,6 +99,7 @@ class Progress:
     train_seconds: float = 0.0
     interval_loss_sum: float = 0.0
     interval_tokens: float = 0.0
+    skipped_steps: int = 0
 
     def state_dict(self) -> dict[str, Any]:
         """Plain-data copy for the checkpoint."""
@@ -504,6 +511,7 @@ class Trainer:
         clock = time.perf_counter()
         interval = {"start": clock, "samples": 0, "tokens": 0}
         budget = tc.max_seconds
+        self._skips_in_a_row = 0
         if tc.val_at_start and self.progress.step == 0:
             self.val_loop()
         while self.progress.step < self.total_steps:
@@ -532,7 +540,10 @@ class Trainer:
             self.progress.step += 1
             self.progress.samples += counts["samples"]
             self.progress.tokens += counts["input_tokens"]
-            self.accumulate_interval_loss(loss_sum, loss_tokens)
+            if self.step_skipped:  # its loss is not finite: left out of the logged mean
+                self.progress.skipped_steps += 1
+            else:
+                self.accumulate_interval_loss(loss_sum, loss_tokens)
             interval["samples"] += counts["samples"]
             interval["tokens"] += counts["input_tokens"]
             step = self.progress.step
@@ -604,10 +615,23 @@ class Trainer:
         Returns:
             ``(loss_sum, loss_tokens, grad_norm)``: this rank's summed token loss and token count
             (detached, on the device), and the gradient norm before clipping (or None).
+            ``self.step_skipped`` says whether the optimizer skipped the step for a non-finite
+            value (``trainer.on_nonfinite=skip``).
+
+        Raises:
+            FaultError: a non-finite loss or gradient norm with ``trainer.on_nonfinite=stop``, or
+            too many skipped steps in a row; the weights are not updated with it.
         """
         fabric, model, task = self.fabric, self.model, self.task
         per_token = self.cfg.trainer.loss_normalization == "token"
         offload = self.cfg.trainer.offload_activations
+        # Several ranks agree on a non-finite loss through the gradients they sync anyway: a
+        # rank whose loss is not finite multiplies its last micro-batch's loss by NaN (by exactly
+        # 1 otherwise: no change), so every synced gradient and the global gradient norm become
+        # NaN on every rank. Not under 16-mixed (the scaler skips inf gradients by itself) nor
+        # DeepSpeed (no gradient norm here): there the loss flag is all-reduced instead.
+        poison = fabric.world_size > 1 and not self.deepspeed and self.precision != "16-mixed"
+        self.step_skipped = False
         loss_sum = torch.zeros((), device=fabric.device)
         loss_tokens = torch.zeros((), device=fabric.device)
         for i, batch in enumerate(window):
@@ -633,24 +657,124 @@ class Trainer:
                         )
                         / len(window)
                     )
+                if poison and last:
+                    seen = loss_sum + out.loss_sum.detach().float()
+                    loss = loss * (1 + (seen - seen)).to(loss.dtype)  # NaN if seen is not finite
                 fabric.backward(loss, model=model)
             loss_sum += out.loss_sum.detach().float()
             loss_tokens += torch.as_tensor(out.num_tokens, device=fabric.device).float()
-        grad_norm = None
-        if self.cfg.trainer.gradient_clip_val is not None:
-            grad_norm = fabric.clip_gradients(
+        grad_norm = norm = None
+        clip = self.cfg.trainer.gradient_clip_val
+        if clip is not None or not self.deepspeed:
+            # Without clipping the norm is still needed for the non-finite check: max_norm=inf
+            # scales the gradients by exactly 1.
+            norm = fabric.clip_gradients(
                 model,
                 self.optimizer,
-                max_norm=self.cfg.trainer.gradient_clip_val,
+                max_norm=clip if clip is not None else math.inf,
                 error_if_nonfinite=False,
             )
-        self.optimizer.step()
+            grad_norm = norm if clip is not None else None
+        nonfinite = self.find_nonfinite(loss_sum, loss_tokens, norm)
+        if nonfinite is None:
+            self._skips_in_a_row = 0
+            self.optimizer.step()
+        else:
+            self._skips_in_a_row = getattr(self, "_skips_in_a_row", 0) + 1
+            if (
+                self.cfg.trainer.on_nonfinite == "stop"
+                or self._skips_in_a_row >= MAX_SKIPS_IN_A_ROW
+            ):
+                self.optimizer.zero_grad(set_to_none=True)
+                raise self.nonfinite_fault(nonfinite)
+            self.step_skipped = True
+            log.warning(
+                "Step %d skipped (trainer.on_nonfinite=skip): %s.",
+                self.progress.step + 1,
+                nonfinite,
+            )
         self.optimizer.zero_grad(set_to_none=True)
         self.step_lrs = [
             group["lr"] for group in self.optimizer.param_groups
         ]  # what this step used
+        # Also after a skipped step: the schedule stays a function of the step number.
         self.scheduler.step()
         return loss_sum, loss_tokens, grad_norm
+
+    def find_nonfinite(
+        self, loss_sum: torch.Tensor, loss_tokens: torch.Tensor, grad_norm: torch.Tensor | None
+    ) -> str | None:
+        """Whether this step's loss or gradient norm is NaN / inf, the same answer on every rank.
+
+        One host sync per step; a collective only where gradients cannot carry the answer
+        (16-mixed, DeepSpeed: see ``training_step``) and, on every rank at once, when something
+        was found (for the global loss in the message).
+
+        Args:
+            loss_sum, loss_tokens: this rank's summed loss and loss tokens of the step.
+            grad_norm: the global gradient norm before clipping, or None (DeepSpeed).
+
+        Returns:
+            None, or what was not finite (``"the training loss was nan, the gradient norm was
+            nan"``).
+        """
+        from torch.distributed.tensor import DTensor
+
+        fabric = self.fabric
+        if isinstance(grad_norm, DTensor):
+            grad_norm = grad_norm.full_tensor()
+        # Under 16-mixed an inf gradient is the scaler's business (it skips and lowers the scale).
+        grads_count = grad_norm is not None and self.precision != "16-mixed"
+        loss_bad = ~torch.isfinite(loss_sum)
+        if grads_count:
+            grad_bad = ~torch.isfinite(grad_norm.to(loss_sum.device))
+            # Several ranks: the synced gradients carry every rank's loss (poisoned) -- agreed.
+            bad = grad_bad if fabric.world_size > 1 else grad_bad | loss_bad
+        elif fabric.world_size > 1:
+            bad = fabric.all_reduce(loss_bad.float(), reduce_op="sum") > 0
+        else:
+            bad = loss_bad
+        if not bool(bad):
+            return None
+        sums = torch.stack([loss_sum.double(), loss_tokens.double()])
+        if fabric.world_size > 1:
+            sums = fabric.all_reduce(sums, reduce_op="sum")
+        total, tokens = sums.tolist()
+        loss = total / max(tokens, 1.0)
+        found = [] if math.isfinite(loss) else [f"the training loss was {loss}"]
+        if grads_count and not math.isfinite(float(grad_norm)):
+            found.append(f"the gradient norm was {float(grad_norm)}")
+        return ", ".join(found) or "the training loss was not finite on one rank"
+
+    def nonfinite_fault(self, what: str) -> FaultError:
+        """The one-paragraph error of a step with a non-finite value: the step, the value, the
+        last good checkpoint and how to go on from it."""
+        tc = self.cfg.trainer
+        step = self.progress.step + 1
+        lower = f"optim.lr={self.cfg.optim.lr / 10:g}"
+        if tc.on_nonfinite == "skip":
+            head = (
+                f"Training stopped at step {step}: {what}, the {MAX_SKIPS_IN_A_ROW}th step in a "
+                "row skipped for a non-finite value (trainer.on_nonfinite=skip)"
+            )
+        else:
+            head = f"Training stopped at step {step}: {what} (trainer.on_nonfinite=stop)"
+        head += "; the weights were not updated with it and no final/ was exported."
+        latest = self.checkpoints.latest() if self.checkpoints is not None else None
+        if latest is not None:
+            where = (
+                f" The last good checkpoint is {latest.path} (step {latest.step}); continue "
+                f"from it with a lower learning rate: train run.dir={self.run.path} {lower}"
+            )
+        else:
+            where = (
+                " No checkpoint was written before it; start again with a lower learning rate "
+                f"({lower}) or a longer warmup (optim.warmup_steps)"
+            )
+        return FaultError(
+            f"{head}{where}, or check the data of that step (trainer.on_nonfinite=skip skips "
+            "such steps)."
+        )
 
     def interval_sums(self) -> torch.Tensor:
         """Running ``[loss_sum, loss_tokens]`` of this rank since the last log event (float64, on
@@ -687,7 +811,8 @@ class Trainer:
         loss_sum, loss_tokens = self.reduce_interval_loss()
         self._interval_loss = None
         self.progress.interval_loss_sum = self.progress.interval_tokens = 0.0
-        loss = loss_sum / max(loss_tokens, 1.0)
+        # NaN when every step of the interval was skipped (trainer.on_nonfinite=skip).
+        loss = loss_sum / loss_tokens if loss_tokens > 0 else math.nan
         if not math.isfinite(loss):
             log.warning(
                 "Training loss is %s at step %d: lower optim.lr, raise warmup, or check the data.",
@@ -712,6 +837,8 @@ class Trainer:
                 metrics[f"lr/{group['name'].removesuffix('/decay').removesuffix('/no_decay')}"] = lr
         if grad_norm is not None:
             metrics["train/grad_norm"] = float(grad_norm)
+        if self.progress.skipped_steps:
+            metrics["train/skipped_steps"] = self.progress.skipped_steps
         if self.fabric.device.type == "cuda":
             metrics["memory/peak_allocated_gb"] = (
                 torch.cuda.max_memory_allocated(self.fabric.device) / 2**30
@@ -998,6 +1125,7 @@ class Trainer:
             "tokens_per_sec": self.progress.tokens / train_seconds if train_seconds > 0 else None,
             "samples_seen": self.progress.samples,
             "tokens_seen": self.progress.tokens,
+            "skipped_steps": self.progress.skipped_steps,
             "parameters": self.param_counts,
             "final_dir": str(self.run.final) if self.run and status == "completed" else None,
             **extra,

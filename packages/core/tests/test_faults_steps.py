@@ -1,0 +1,153 @@
+"""Faults at a training step: a non-finite loss or gradient norm (``trainer.on_nonfinite``), a
+stop signal delivered several times at once (process group + ``uv run``'s forwarding), and a peer
+rank that dies (``trainer.dist_timeout``)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.config import load_config
+from core.errors import FaultError
+from core.signals import StopSignal
+from core.task import StepOutput
+from core.testing import ToyConfig, ToyTask, child_env, read_jsonl
+from core.trainer import MAX_SKIPS_IN_A_ROW, Trainer
+
+REPO = Path(__file__).resolve().parents[3]
+TOY = [sys.executable, "-m", "core.testing"]
+
+
+def _run_dir(root: Path) -> Path:
+    runs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def _summary(root: Path) -> dict:
+    return json.loads((_run_dir(root) / "summary.json").read_text())
+
+
+class NaNAtSteps(ToyTask):
+    """The toy task whose loss is NaN at the chosen optimizer steps (1-based; accumulation 1)."""
+
+    nan_steps: set[int] = set()
+
+    def training_step(self, model, batch) -> StepOutput:
+        self.calls = getattr(self, "calls", 0) + 1
+        out = super().training_step(model, batch)
+        if self.calls in self.nan_steps:  # NaN that reaches the gradients, as a real one does
+            return StepOutput(out.loss_sum * math.nan, out.num_tokens)
+        return out
+
+
+def _fit(tmp_path: Path, task_cls: type[ToyTask], *overrides: str):
+    cfg = load_config(
+        ToyConfig,
+        overrides=[
+            f"run.root={tmp_path / 'runs'}",
+            "logger.progress_bar=false",
+            "trainer.accelerator=cpu",
+            "trainer.log_every_n_steps=1",
+            *overrides,
+        ],
+    )
+    return Trainer(cfg, task_cls(cfg), argv=["pytest", *overrides]).fit()
+
+
+def _finite(state: dict[str, torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(t.float()).all()) for t in state.values())
+
+
+def test_a_diverging_run_stops_at_the_first_nonfinite_step_naming_it_and_exports_nothing(
+    tmp_path,
+):
+    """optim.lr=1e6 used to train on NaN, end `completed` and export a NaN final/."""
+    with pytest.raises(FaultError) as caught:
+        _fit(
+            tmp_path,
+            ToyTask,
+            "optim.lr=1e6",
+            "trainer.max_steps=12",
+            "trainer.ckpt_every_n_steps=1",
+        )
+    run = _run_dir(tmp_path / "runs")
+    message = str(caught.value)
+    summary = _summary(tmp_path / "runs")
+    step = summary["global_step"] + 1  # the step that went wrong was not counted as done
+    assert f"Training stopped at step {step}:" in message and "nan" in message.lower()
+    newest = run / "checkpoints" / f"step-{step - 1:07d}"
+    assert f"last good checkpoint is {newest}" in message
+    assert f"train run.dir={run} optim.lr=100000" in message
+    assert "\n" not in message
+    assert summary["status"] == "failed" and "Training stopped at step" in summary["error"]
+    assert not (run / "final").exists()
+    # No logged step at or after the bad one.
+    assert all(r["step"] < step for r in read_jsonl(run / "metrics.jsonl") if "train/loss" in r)
+
+
+def test_skip_drops_the_nonfinite_step_counts_it_and_trains_on_to_finite_weights(tmp_path):
+    class Task(NaNAtSteps):
+        nan_steps = {3}
+
+    result = _fit(tmp_path, Task, "trainer.on_nonfinite=skip", "trainer.max_steps=6")
+    assert result.status == "completed"
+    run = _run_dir(tmp_path / "runs")
+    summary = _summary(tmp_path / "runs")
+    assert summary["status"] == "completed" and summary["skipped_steps"] == 1
+    records = {r["step"]: r for r in read_jsonl(run / "metrics.jsonl") if "train/loss" in r}
+    assert sorted(records) == [1, 2, 3, 4, 5, 6]
+    assert "train/skipped_steps" not in records[2] and records[3]["train/skipped_steps"] == 1
+    # Only the skipped step in that interval: no loss to average (written as the string "nan").
+    assert math.isnan(float(records[3]["train/loss"]))
+    assert all(math.isfinite(records[s]["train/loss"]) for s in (1, 2, 4, 5, 6))
+    from core.testing import final_weights
+
+    assert _finite(final_weights(run))
+
+
+def test_skip_still_stops_after_too_many_skipped_steps_in_a_row(tmp_path):
+    class Task(NaNAtSteps):
+        nan_steps = {2, 4, 5, 6, 7, 8, 9, 10}  # 2 alone is skipped; 4..8 is one row too many
+
+    with pytest.raises(FaultError) as caught:
+        _fit(tmp_path, Task, "trainer.on_nonfinite=skip", "trainer.max_steps=12")
+    stop = 3 + MAX_SKIPS_IN_A_ROW
+    assert f"Training stopped at step {stop}:" in str(caught.value)
+    assert f"the {MAX_SKIPS_IN_A_ROW}th step in a row skipped" in str(caught.value)
+    assert "No checkpoint was written before it" in str(caught.value)
+    summary = _summary(tmp_path / "runs")
+    assert summary["status"] == "failed" and summary["skipped_steps"] == MAX_SKIPS_IN_A_ROW
+    assert not (_run_dir(tmp_path / "runs") / "final").exists()
+
+
+@pytest.mark.slow
+def test_a_diverging_run_exits_1_with_one_paragraph_through_the_command_line(tmp_path):
+    done = subprocess.run(
+        [
+            *TOY,
+            "train",
+            "optim.lr=1e6",
+            "trainer.max_steps=8",
+            "logger.progress_bar=false",
+            "trainer.accelerator=cpu",
+            f"run.root={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=300,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Training stopped at step" in done.stderr and "Traceback" not in done.stderr
+    assert _summary(tmp_path)["status"] == "failed"
