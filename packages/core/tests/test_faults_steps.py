@@ -151,3 +151,61 @@ def test_a_diverging_run_exits_1_with_one_paragraph_through_the_command_line(tmp
     assert done.returncode == 1, done.stdout + done.stderr
     assert "Training stopped at step" in done.stderr and "Traceback" not in done.stderr
     assert _summary(tmp_path)["status"] == "failed"
+
+
+def _wait_for_step(root: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for metrics in root.glob("*/metrics.jsonl"):
+            if f'"step": {step},' in metrics.read_text():
+                return
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        time.sleep(0.05)
+    raise TimeoutError(f"no step {step} within {timeout} s")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("uv") is None, reason="needs uv on PATH")
+def test_sigint_to_the_process_group_of_uv_run_without_a_terminal_is_one_stop_request(tmp_path):
+    """A script or supervisor signals the whole group of `uv run ... train` (no terminal): the
+    trainer gets SIGINT from the group and again from uv, which forwards it. That used to count
+    as Ctrl-C twice: `failed`, no checkpoint, exit 130."""
+    log = tmp_path / "log"
+    proc = subprocess.Popen(
+        [
+            "uv",
+            "run",
+            "--frozen",
+            "python",
+            "-m",
+            "core.testing",
+            "train",
+            "trainer.max_steps=60",
+            "trainer.log_every_n_steps=1",
+            "data.collate_delay=0.2",
+            "trainer.accelerator=cpu",
+            "logger.progress_bar=false",
+            f"run.root={tmp_path / 'runs'}",
+        ],
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        env=child_env(),
+        start_new_session=True,
+    )
+    try:
+        _wait_for_step(tmp_path / "runs", 3, proc)
+        os.killpg(proc.pid, signal.SIGINT)
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert code == 0, log.read_text()
+    summary = _summary(tmp_path / "runs")
+    assert summary["status"] == "interrupted" and summary["signal"] == "SIGINT", summary
+    run = _run_dir(tmp_path / "runs")
+    assert [p.name for p in (run / "checkpoints").glob("step-*")] == [
+        f"step-{summary['global_step']:07d}"
+    ]
+    assert f"resume with: train run.dir={run}" in log.read_text()
