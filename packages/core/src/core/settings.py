@@ -146,9 +146,10 @@ class TrainerConfig:
     dist_timeout: float = 1800.0
     """Seconds a rank waits in a collective (all-reduce, barrier) for its peers before it gives up
     (the process-group timeout of ``ddp`` and ``fsdp``). A peer rank that died or hangs makes the
-    others stop with a message naming the step within about this time. 1800 (PyTorch's own
-    default) leaves room for a slow checkpoint write or a long validation on one rank; lower it
-    for small jobs that should fail fast."""
+    others stop with a message naming the step within about this time (one that was killed is
+    found at once: its connections close). It is also how long the ranks wait for each other to
+    start. 1800 (PyTorch's own default) leaves room for a slow start, a slow checkpoint write or a
+    long validation on one rank; lower it for small jobs that should fail fast."""
 
     def __post_init__(self) -> None:
         positive = {

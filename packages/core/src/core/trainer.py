@@ -73,6 +73,18 @@ log = logging.getLogger(__name__)
 # (the weights no longer produce finite values; skipping more only burns the allocation).
 MAX_SKIPS_IN_A_ROW = 5
 
+# What a collective raises when a peer rank is gone or hangs (gloo, NCCL, the TCP store).
+PEER_LOST_MARKERS = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "Timed out",
+    "timed out",
+    "NCCL communicator was aborted",
+    "ProcessGroupGloo",
+    "ProcessGroupNCCL",
+)
+
 
 @dataclass
 class Progress:
@@ -209,6 +221,19 @@ class Trainer:
                     error="stopped by a second Ctrl-C, without a checkpoint",
                 )
                 raise
+            except RuntimeError as err:
+                # A peer rank died or hangs: a collective fails here (gloo: "Connection closed by
+                # peer", or a timeout after trainer.dist_timeout). One paragraph instead of the
+                # backend's traceback; any other RuntimeError is a bug and keeps its traceback.
+                fault = self.peer_rank_lost(err)
+                self.write_summary(
+                    "failed",
+                    time.perf_counter() - start,
+                    error=str(fault) if fault else f"{type(err).__name__}: {err}",
+                )
+                if fault is None:
+                    raise
+                raise fault from None
             except BaseException as err:
                 self.write_summary(
                     "failed", time.perf_counter() - start, error=f"{type(err).__name__}: {err}"
@@ -217,6 +242,52 @@ class Trainer:
             finally:
                 if self.logger is not None:
                     self.logger.close()
+
+    def peer_rank_lost(self, err: RuntimeError) -> FaultError | None:
+        """The one-paragraph error for a collective that failed because a peer rank is gone or
+        did not answer within ``trainer.dist_timeout``; None for any other error.
+
+        On rank 0 of a local launch it also ends the ranks it launched (see
+        :func:`core.strategy.release_child_ranks`), which names the rank that died.
+        """
+        from core.strategy import release_child_ranks
+
+        text = str(err)
+        if self.fabric.world_size == 1 or not (
+            isinstance(err, torch.distributed.DistError)
+            or any(marker in text for marker in PEER_LOST_MARKERS)
+        ):
+            return None
+        me, world = self.fabric.global_rank, self.fabric.world_size
+        ended = sorted(
+            r for r, code in release_child_ranks(self.fabric).items() if code is not None
+        )
+        if ended:
+            who = "rank " + ", ".join(str(r) for r in ended)
+        elif world == 2:
+            who = f"rank {1 - me}"
+        else:
+            who = "another rank"
+        timeout = self.cfg.trainer.dist_timeout
+        if "timed out" in text.lower() or "timeout" in text.lower():
+            what = (
+                f"{who} did not answer within trainer.dist_timeout={timeout:g} s (it died, hangs, "
+                "or was only slow: then raise trainer.dist_timeout)"
+            )
+        else:
+            what = f"{who} is gone (its process ended: killed, out of memory, or its node failed)"
+        latest = self.checkpoints.latest() if self.checkpoints is not None else None
+        where = (
+            f"The newest checkpoint is {latest.path} (step {latest.step}); resume with: train "
+            f"run.dir={self.run.path}"
+            if latest is not None and self.run is not None
+            else "No checkpoint was written yet"
+        )
+        return FaultError(
+            f"Rank {me} stopped at step {self.progress.step} of {self.total_steps}: {what}. The "
+            f"other ranks stop too and the run is marked failed; the log of {who} (or the job's "
+            f"output) says why it ended. {where}."
+        )
 
     # ==========================================================================================
     # setup
