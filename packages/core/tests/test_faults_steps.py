@@ -20,7 +20,7 @@ import torch
 from core.config import load_config
 from core.errors import FaultError
 from core.task import StepOutput
-from core.testing import ToyConfig, ToyTask, child_env, read_jsonl
+from core.testing import ToyConfig, ToyTask, child_env, read_jsonl, script_result
 from core.trainer import MAX_SKIPS_IN_A_ROW, Trainer
 
 REPO = Path(__file__).resolve().parents[3]
@@ -281,3 +281,16 @@ def test_a_killed_peer_rank_stops_the_other_with_one_paragraph_and_leaves_no_pro
     summary = _summary(tmp_path / "runs")
     assert summary["status"] == "failed" and "rank 1 is gone" in summary["error"]
     assert not (_run_dir(tmp_path / "runs") / "final").exists()
+
+
+@pytest.mark.slow
+def test_a_nan_on_one_rank_is_skipped_by_every_rank_at_the_same_step():
+    """DDP, NaN loss on rank 1 only: without agreement rank 0 would step and rank 1 not, and
+    the replicas would drift apart (or the NaN reach the weights through the synced gradients)."""
+    result = script_result(Path(__file__).with_name("nonfinite_ranks_check.py"))
+    assert result == {
+        "status": "completed",
+        "skipped_per_rank": [1, 1],
+        "replicas_equal": True,
+        "finite": True,
+    }
