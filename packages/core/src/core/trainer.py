@@ -759,6 +759,12 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 raise self.nonfinite_fault(nonfinite)
             self.step_skipped = True
+            self.optimizer.zero_grad(set_to_none=True)
+            if not self.deepspeed:
+                # A no-op on parameters without gradients (torch, bitsandbytes and transformers
+                # optimizers skip them); it keeps 16-mixed's gradient scaler in step (it was
+                # unscaled for the norm) and the scheduler's "optimizer stepped first" check.
+                self.optimizer.step()
             log.warning(
                 "Step %d skipped (trainer.on_nonfinite=skip): %s.",
                 self.progress.step + 1,
