@@ -294,3 +294,23 @@ def test_a_nan_on_one_rank_is_skipped_by_every_rank_at_the_same_step():
         "replicas_equal": True,
         "finite": True,
     }
+
+
+def test_the_way_on_that_a_stopped_run_names_works_with_the_lower_learning_rate(tmp_path):
+    """`train run.dir=<run> optim.lr=<lower>` from the message: the resumed run goes on from the
+    last good checkpoint with the lower rate (the checkpoint's optimizer and scheduler states
+    used to bring the old one back)."""
+
+    class Task(NaNAtSteps):
+        nan_steps = {3}
+
+    common = ["optim.scheduler=constant", "trainer.max_steps=5", "trainer.ckpt_every_n_steps=1"]
+    with pytest.raises(FaultError) as caught:
+        _fit(tmp_path, Task, *common)
+    command = str(caught.value).split("with a lower learning rate: train ")[1].split(",")[0]
+    overrides = command.split()
+    assert overrides[1] == "optim.lr=3e-05", command
+    result = _fit(tmp_path, ToyTask, *common, *overrides)
+    assert result.status == "completed"
+    lrs = {r["step"]: r["lr"] for r in read_jsonl(result.run_dir / "metrics.jsonl") if "lr" in r}
+    assert lrs == {1: 3e-4, 2: 3e-4, 3: 3e-5, 4: 3e-5, 5: 3e-5}

@@ -853,6 +853,32 @@ class Trainer:
             "such steps)."
         )
 
+    def keep_config_lr(self, config_lrs: list[float]) -> None:
+        """After loading a checkpoint: the learning rates follow this run's ``optim.lr`` (the
+        optimizer and scheduler states hold the saved run's), so a run stopped for a non-finite
+        value can go on from its checkpoint with a lower one. The same ``optim.lr`` gives the
+        same floats as saved (exact resume).
+
+        Args:
+            config_lrs: the scheduler's base learning rates as built from this run's config.
+        """
+        saved = list(self.scheduler.base_lrs)
+        if saved == config_lrs:
+            return
+        log.warning(
+            "optim.lr differs from the checkpoint's: the learning rates go on from %s (saved: %s)",
+            ", ".join(f"{lr:g}" for lr in config_lrs),
+            ", ".join(f"{lr:g}" for lr in saved),
+        )
+        self.scheduler.base_lrs = list(config_lrs)
+        step = self.scheduler.last_epoch
+        for group, base, lam in zip(
+            self.optimizer.param_groups, config_lrs, self.scheduler.lr_lambdas
+        ):
+            group["initial_lr"] = base
+            group["lr"] = base * lam(step)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
     def interval_sums(self) -> torch.Tensor:
         """Running ``[loss_sum, loss_tokens]`` of this rank since the last log event (float64, on
         the device). After a resume rank 0 starts from the sums stored in the checkpoint."""
@@ -1038,6 +1064,7 @@ class Trainer:
         ``info``."""
         state = {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler}
         trainable_only = self.cfg.checkpoint.trainable_only
+        config_lrs = list(self.scheduler.base_lrs)  # from this run's optim.lr
         try:
             rest = self.fabric.load(
                 info.state_path, state, strict=not trainable_only, weights_only=False
@@ -1046,6 +1073,7 @@ class Trainer:
             raise UserError(
                 f"Checkpoint {info.path} does not match this model / optimizer: {err}"
             ) from None
+        self.keep_config_lr(config_lrs)
         saved_names = rest.get("trainable_names")
         if (
             trainable_only
