@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from core.signals import REPEAT_WINDOW
 from core.testing import child_env, final_weights, max_weight_diff, read_jsonl, train_losses
 
 pytestmark = pytest.mark.slow
@@ -257,12 +258,15 @@ def test_every_rank_destroys_its_gloo_process_group_before_the_interpreter_final
 
 
 def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path):
-    proc = _start([*SLOW_RUN, "data.collate_delay=1.0", f"run.root={tmp_path}"], tmp_path / "log")
+    # Batches slow enough that the step boundary is still ahead when the second SIGINT comes,
+    # after the repeat window (core.signals.REPEAT_WINDOW).
+    proc = _start([*SLOW_RUN, "data.collate_delay=4.0", f"run.root={tmp_path}"], tmp_path / "log")
     _wait_for_step(tmp_path, 2, proc)
     proc.send_signal(signal.SIGINT)
     deadline = time.time() + 60  # the second one only after the first was handled (not merged)
     while "Received SIGINT" not in (tmp_path / "log").read_text() and time.time() < deadline:
         time.sleep(0.01)
+    time.sleep(REPEAT_WINDOW + 0.5)  # sooner, it is taken for a copy of the first delivery
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=120) == 130, (tmp_path / "log").read_text()
     summary = json.loads((_only_run(tmp_path) / "summary.json").read_text())

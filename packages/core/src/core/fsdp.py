@@ -481,7 +481,9 @@ def build_strategy(cfg: Any, wrap_defaults: set[type[nn.Module]], precision: str
         devices_per_node=per_node,
         compile_blocks=cfg.trainer.compile,
     )
-    return FSDP2Strategy(parallelize_fn=fn)
+    from datetime import timedelta
+
+    return FSDP2Strategy(parallelize_fn=fn, timeout=timedelta(seconds=cfg.trainer.dist_timeout))
 
 
 def _visible_devices(accelerator: str) -> int:

@@ -137,6 +137,23 @@ class TrainerConfig:
     (``model.gradient_checkpointing`` or ``fsdp.activation_checkpointing``) these are the inputs of
     the checkpointed blocks, so the activations left on the GPU are one block's. GPU only; pair it
     with ``loss.chunked`` (plain logits would be copied too)."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """What a NaN / inf training loss or gradient norm does, found at the step where it happens
+    (every rank agrees). ``stop``: the run stops there before the optimizer touches the weights,
+    with a message naming the step, the value and the last good checkpoint (resume from it with a
+    lower ``optim.lr``); ``summary.json`` says ``failed`` and no ``final/`` is exported. ``skip``:
+    the step's gradients are dropped and the optimizer does not step (the learning-rate schedule
+    still advances, so it stays a function of the step number); skipped steps are counted as
+    ``train/skipped_steps`` in the metrics and the summary. After 5 skipped steps in a row the run
+    stops as with ``stop``: a run that skips every step is not training. Under ``16-mixed`` the
+    gradient scaler's own overflow skips are left to it; only a non-finite loss counts there."""
+    dist_timeout: float = 1800.0
+    """Seconds a rank waits in a collective (all-reduce, barrier) for its peers before it gives up
+    (the process-group timeout of ``ddp`` and ``fsdp``). A peer rank that died or hangs makes the
+    others stop with a message naming the step within about this time (one that was killed is
+    found at once: its connections close). It is also how long the ranks wait for each other to
+    start. 1800 (PyTorch's own default) leaves room for a slow start, a slow checkpoint write or a
+    long validation on one rank; lower it for small jobs that should fail fast."""
 
     def __post_init__(self) -> None:
         positive = {
@@ -164,6 +181,11 @@ class TrainerConfig:
             )
         if self.max_time is not None:
             _ = self.max_seconds  # parses (and rejects) the value now
+        if self.dist_timeout <= 0:
+            raise ConfigError(
+                f"Config key 'trainer.dist_timeout' must be positive (seconds), got "
+                f"{self.dist_timeout}."
+            )
         if self.num_workers < 0:
             raise ConfigError(
                 f"Config key 'trainer.num_workers' must be 0 or more, got {self.num_workers}."

@@ -5,6 +5,12 @@ optimizer-step boundary, saves a checkpoint there and stops cleanly. Nothing hea
 a signal handler. A second Ctrl-C stops at once (``KeyboardInterrupt``), for when the step
 boundary is too far away.
 
+One delivery is one request, however many copies of it arrive: without a terminal a SIGINT sent
+to the process group (a script, a supervisor, ``scancel --signal=INT``) reaches the trainer
+directly *and* through ``uv run`` (or ``srun``), which forwards it to its child. Copies of a
+signal that arrive within :data:`REPEAT_WINDOW` seconds of the first are one request; only a
+SIGINT later than that counts as the second Ctrl-C.
+
 Self-check: ``python -m core.signals``.
 """
 
@@ -14,12 +20,19 @@ import logging
 import os
 import signal
 import subprocess
+import time
 from types import FrameType
 from typing import Any
 
 from core.runs import slurm_job_key
 
 log = logging.getLogger(__name__)
+
+# Seconds within which copies of a signal are one request. A forwarding parent (uv, srun) relays a
+# signal as soon as it is woken by it, within milliseconds even on a loaded node; a person who
+# means "stop now" presses Ctrl-C again after reading the "will checkpoint" message, which takes
+# longer than this. 1 s keeps both apart with a wide margin on each side.
+REPEAT_WINDOW = 1.0
 
 STOP_SIGNALS = tuple(
     s
@@ -37,13 +50,17 @@ class StopSignal:
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self._received_at = 0.0  # time.monotonic() of the first signal
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is not None and time.monotonic() - self._received_at < REPEAT_WINDOW:
+            return  # a copy of the same delivery (process group + uv's / srun's forwarding)
         if signum == signal.SIGINT and self.received == signal.SIGINT:
             raise KeyboardInterrupt  # the second Ctrl-C: stop now, without a checkpoint
         if self.received is None:
             self.received = signum
+            self._received_at = time.monotonic()
             # Logging from a handler is safe enough here: the trainer is in Python code.
             hint = " (Ctrl-C again stops at once, without one)" if signum == signal.SIGINT else ""
             log.warning(
@@ -104,4 +121,14 @@ if __name__ == "__main__":  # self-check: python -m core.signals
         os.kill(os.getpid(), signal.SIGUSR1)
         assert stop.received == signal.SIGUSR1, stop.received
         print("caught", stop.name)
+    with StopSignal() as stop:  # one delivery, three copies (group + forwarding): one request
+        for _ in range(3):
+            os.kill(os.getpid(), signal.SIGINT)
+        assert stop.received == signal.SIGINT, stop.received
+        time.sleep(REPEAT_WINDOW + 0.1)
+        try:  # later: the second Ctrl-C
+            os.kill(os.getpid(), signal.SIGINT)
+            raise AssertionError("a later SIGINT must stop at once")
+        except KeyboardInterrupt:
+            print("copies merged; a later SIGINT stops at once")
     print("core.signals: ok")

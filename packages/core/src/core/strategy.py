@@ -172,11 +172,21 @@ def build_strategy(
     Returns:
         A strategy object or name for ``Fabric(strategy=...)``.
     """
+    from datetime import timedelta
+
+    from lightning.fabric.utilities.imports import _IS_INTERACTIVE
+
     name = cfg.trainer.strategy
+    tc = cfg.trainer
+    if name == "auto" and processes_per_node(tc) * tc.num_nodes > 1 and not _IS_INTERACTIVE:
+        name = "ddp"  # what Fabric picks itself, built here so that it gets trainer.dist_timeout
     if name == "ddp":
         from lightning.fabric.strategies import DDPStrategy
 
-        return DDPStrategy(find_unused_parameters=cfg.trainer.find_unused_parameters)
+        return DDPStrategy(
+            find_unused_parameters=tc.find_unused_parameters,
+            timeout=timedelta(seconds=tc.dist_timeout),
+        )
     if name == "fsdp":
         from core import fsdp
 
@@ -275,6 +285,38 @@ def destroy_process_group_at_exit() -> None:
     """
     atexit.unregister(_destroy_process_group)  # atexit keeps one entry per registration
     atexit.register(_destroy_process_group)
+
+
+def release_child_ranks(fabric: Fabric, grace: float = 15.0) -> dict[int, int | None]:
+    """After a peer rank was lost: take this process's launched ranks back from Lightning, let
+    them end by themselves for up to ``grace`` seconds, then kill the rest (they are in a broken
+    process group: nothing of theirs can be saved), so that no rank is left behind.
+
+    Only rank 0 of a local multi-process launch has launched ranks; under SLURM or torchrun the
+    cluster ends its tasks. Lightning's watcher thread of these ranks kills *this* process
+    (SIGKILL, no message, no summary) a few seconds after it finds one of them gone; emptying its
+    list stops that.
+
+    Returns:
+        ``{local rank: exit code}`` of the launched ranks, as found before waiting (None: it was
+        still running), so the caller can name the rank that died.
+    """
+    import subprocess
+
+    launcher = getattr(fabric.strategy, "launcher", None)
+    procs = list(getattr(launcher, "procs", None) or [])
+    if not procs:
+        return {}
+    launcher.procs.clear()  # the very list Lightning's watcher thread polls
+    found = {rank: proc.poll() for rank, proc in enumerate(procs, start=1)}
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return found
 
 
 def build_fabric(

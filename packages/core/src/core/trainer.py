@@ -61,7 +61,7 @@ from core.config import to_dict, to_yaml
 from core.data import ShardedBatchSampler, build_dataloader
 from core.debug import ShapeLogger
 from core.distributed import broadcast_object, gather_objects
-from core.errors import ConfigError, UserError
+from core.errors import ConfigError, FaultError, UserError
 from core.evaluation import eval_dataloader, evaluate
 from core.fsdp import full_state_dict as gather_full_state_dict
 from core.fsdp import is_fsdp2
@@ -79,6 +79,22 @@ from core.task import Ranks, Task
 
 log = logging.getLogger(__name__)
 
+# trainer.on_nonfinite=skip: this many skipped steps in a row stop the run as ``stop`` would
+# (the weights no longer produce finite values; skipping more only burns the allocation).
+MAX_SKIPS_IN_A_ROW = 5
+
+# What a collective raises when a peer rank is gone or hangs (gloo, NCCL, the TCP store).
+PEER_LOST_MARKERS = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "Timed out",
+    "timed out",
+    "NCCL communicator was aborted",
+    "ProcessGroupGloo",
+    "ProcessGroupNCCL",
+)
+
 
 @dataclass
 class Progress:
@@ -93,6 +109,8 @@ class Progress:
         train_seconds: time spent in the training loop, over all sessions of the run.
         interval_loss_sum: summed token loss since the last log event (all ranks).
         interval_tokens: loss tokens since the last log event (all ranks).
+        skipped_steps: steps skipped for a non-finite loss or gradient norm
+            (``trainer.on_nonfinite=skip``).
     """
 
     step: int = 0
@@ -103,6 +121,7 @@ class Progress:
     train_seconds: float = 0.0
     interval_loss_sum: float = 0.0
     interval_tokens: float = 0.0
+    skipped_steps: int = 0
 
     def state_dict(self) -> dict[str, Any]:
         """Plain-data copy for the checkpoint."""
@@ -218,6 +237,19 @@ class Trainer:
                     error="stopped by a second Ctrl-C, without a checkpoint",
                 )
                 raise
+            except RuntimeError as err:
+                # A peer rank died or hangs: a collective fails here (gloo: "Connection closed by
+                # peer", or a timeout after trainer.dist_timeout). One paragraph instead of the
+                # backend's traceback; any other RuntimeError is a bug and keeps its traceback.
+                fault = self.peer_rank_lost(err)
+                self.write_summary(
+                    "failed",
+                    time.perf_counter() - start,
+                    error=str(fault) if fault else f"{type(err).__name__}: {err}",
+                )
+                if fault is None:
+                    raise
+                raise fault from None
             except BaseException as err:
                 self.write_summary(
                     "failed", time.perf_counter() - start, error=f"{type(err).__name__}: {err}"
@@ -226,6 +258,52 @@ class Trainer:
             finally:
                 if self.logger is not None:
                     self.logger.close()
+
+    def peer_rank_lost(self, err: RuntimeError) -> FaultError | None:
+        """The one-paragraph error for a collective that failed because a peer rank is gone or
+        did not answer within ``trainer.dist_timeout``; None for any other error.
+
+        On rank 0 of a local launch it also ends the ranks it launched (see
+        :func:`core.strategy.release_child_ranks`), which names the rank that died.
+        """
+        from core.strategy import release_child_ranks
+
+        text = str(err)
+        if self.fabric.world_size == 1 or not (
+            isinstance(err, torch.distributed.DistError)
+            or any(marker in text for marker in PEER_LOST_MARKERS)
+        ):
+            return None
+        me, world = self.fabric.global_rank, self.fabric.world_size
+        ended = sorted(
+            r for r, code in release_child_ranks(self.fabric).items() if code is not None
+        )
+        if ended:
+            who = "rank " + ", ".join(str(r) for r in ended)
+        elif world == 2:
+            who = f"rank {1 - me}"
+        else:
+            who = "another rank"
+        timeout = self.cfg.trainer.dist_timeout
+        if "timed out" in text.lower() or "timeout" in text.lower():
+            what = (
+                f"{who} did not answer within trainer.dist_timeout={timeout:g} s (it died, hangs, "
+                "or was only slow: then raise trainer.dist_timeout)"
+            )
+        else:
+            what = f"{who} is gone (its process ended: killed, out of memory, or its node failed)"
+        latest = self.checkpoints.latest() if self.checkpoints is not None else None
+        where = (
+            f"The newest checkpoint is {latest.path} (step {latest.step}); resume with: train "
+            f"run.dir={self.run.path}"
+            if latest is not None and self.run is not None
+            else "No checkpoint was written yet"
+        )
+        return FaultError(
+            f"Rank {me} stopped at step {self.progress.step} of {self.total_steps}: {what}. The "
+            f"other ranks stop too and the run is marked failed; the log of {who} (or the job's "
+            f"output) says why it ended. {where}."
+        )
 
     # ==========================================================================================
     # setup
@@ -647,6 +725,7 @@ class Trainer:
         clock = time.perf_counter()
         interval = {"start": clock, "samples": 0, "tokens": 0}
         budget = tc.max_seconds
+        self._skips_in_a_row = 0
         if tc.val_at_start and self.progress.step == 0:
             self.val_loop()
         while self.progress.step < self.total_steps:
@@ -675,7 +754,10 @@ class Trainer:
             self.progress.step += 1
             self.progress.samples += counts["samples"]
             self.progress.tokens += counts["input_tokens"]
-            self.accumulate_interval_loss(loss_sum, loss_tokens)
+            if self.step_skipped:  # its loss is not finite: left out of the logged mean
+                self.progress.skipped_steps += 1
+            else:
+                self.accumulate_interval_loss(loss_sum, loss_tokens)
             interval["samples"] += counts["samples"]
             interval["tokens"] += counts["input_tokens"]
             step = self.progress.step
@@ -747,10 +829,23 @@ class Trainer:
         Returns:
             ``(loss_sum, loss_tokens, grad_norm)``: this rank's summed token loss and token count
             (detached, on the device), and the gradient norm before clipping (or None).
+            ``self.step_skipped`` says whether the optimizer skipped the step for a non-finite
+            value (``trainer.on_nonfinite=skip``).
+
+        Raises:
+            FaultError: a non-finite loss or gradient norm with ``trainer.on_nonfinite=stop``, or
+            too many skipped steps in a row; the weights are not updated with it.
         """
         fabric, model, task = self.fabric, self.model, self.task
         per_token = self.cfg.trainer.loss_normalization == "token"
         offload = self.cfg.trainer.offload_activations
+        # Several ranks agree on a non-finite loss through the gradients they sync anyway: a
+        # rank whose loss is not finite multiplies its last micro-batch's loss by NaN (by exactly
+        # 1 otherwise: no change), so every synced gradient and the global gradient norm become
+        # NaN on every rank. Not under 16-mixed (the scaler skips inf gradients by itself) nor
+        # DeepSpeed (no gradient norm here): there the loss flag is all-reduced instead.
+        poison = fabric.world_size > 1 and not self.deepspeed and self.precision != "16-mixed"
+        self.step_skipped = False
         loss_sum = torch.zeros((), device=fabric.device)
         loss_tokens = torch.zeros((), device=fabric.device)
         for i, batch in enumerate(window):
@@ -776,24 +871,156 @@ class Trainer:
                         )
                         / len(window)
                     )
+                if poison and last:
+                    seen = loss_sum + out.loss_sum.detach().float()
+                    loss = loss * (1 + (seen - seen)).to(loss.dtype)  # NaN if seen is not finite
                 fabric.backward(loss, model=model)
             loss_sum += out.loss_sum.detach().float()
             loss_tokens += torch.as_tensor(out.num_tokens, device=fabric.device).float()
-        grad_norm = None
-        if self.cfg.trainer.gradient_clip_val is not None:
-            grad_norm = fabric.clip_gradients(
+        grad_norm = norm = None
+        clip = self.cfg.trainer.gradient_clip_val
+        if clip is not None or not self.deepspeed:
+            # Without clipping the norm is still needed for the non-finite check: max_norm=inf
+            # scales the gradients by exactly 1.
+            norm = fabric.clip_gradients(
                 model,
                 self.optimizer,
-                max_norm=self.cfg.trainer.gradient_clip_val,
+                max_norm=clip if clip is not None else math.inf,
                 error_if_nonfinite=False,
             )
-        self.optimizer.step()
+            grad_norm = norm if clip is not None else None
+        nonfinite = self.find_nonfinite(loss_sum, loss_tokens, norm)
+        if nonfinite is None:
+            self._skips_in_a_row = 0
+            self.optimizer.step()
+        else:
+            self._skips_in_a_row = getattr(self, "_skips_in_a_row", 0) + 1
+            if (
+                self.cfg.trainer.on_nonfinite == "stop"
+                or self._skips_in_a_row >= MAX_SKIPS_IN_A_ROW
+            ):
+                self.optimizer.zero_grad(set_to_none=True)
+                raise self.nonfinite_fault(nonfinite)
+            self.step_skipped = True
+            self.optimizer.zero_grad(set_to_none=True)
+            if not self.deepspeed:
+                # A no-op on parameters without gradients (torch, bitsandbytes and transformers
+                # optimizers skip them); it keeps 16-mixed's gradient scaler in step (it was
+                # unscaled for the norm) and the scheduler's "optimizer stepped first" check.
+                self.optimizer.step()
+            log.warning(
+                "Step %d skipped (trainer.on_nonfinite=skip): %s.",
+                self.progress.step + 1,
+                nonfinite,
+            )
         self.optimizer.zero_grad(set_to_none=True)
         self.step_lrs = [
             group["lr"] for group in self.optimizer.param_groups
         ]  # what this step used
+        # Also after a skipped step: the schedule stays a function of the step number.
         self.scheduler.step()
         return loss_sum, loss_tokens, grad_norm
+
+    def find_nonfinite(
+        self, loss_sum: torch.Tensor, loss_tokens: torch.Tensor, grad_norm: torch.Tensor | None
+    ) -> str | None:
+        """Whether this step's loss or gradient norm is NaN / inf, the same answer on every rank.
+
+        One host sync per step; a collective only where gradients cannot carry the answer
+        (16-mixed, DeepSpeed: see ``training_step``) and, on every rank at once, when something
+        was found (for the global loss in the message).
+
+        Args:
+            loss_sum, loss_tokens: this rank's summed loss and loss tokens of the step.
+            grad_norm: the global gradient norm before clipping, or None (DeepSpeed).
+
+        Returns:
+            None, or what was not finite (``"the training loss was nan, the gradient norm was
+            nan"``).
+        """
+        from torch.distributed.tensor import DTensor
+
+        fabric = self.fabric
+        if isinstance(grad_norm, DTensor):
+            grad_norm = grad_norm.full_tensor()
+        # Under 16-mixed an inf gradient is the scaler's business (it skips and lowers the scale).
+        grads_count = grad_norm is not None and self.precision != "16-mixed"
+        loss_bad = ~torch.isfinite(loss_sum)
+        if grads_count:
+            grad_bad = ~torch.isfinite(grad_norm.to(loss_sum.device))
+            # Several ranks: the synced gradients carry every rank's loss (poisoned) -- agreed.
+            bad = grad_bad if fabric.world_size > 1 else grad_bad | loss_bad
+        elif fabric.world_size > 1:
+            bad = fabric.all_reduce(loss_bad.float(), reduce_op="sum") > 0
+        else:
+            bad = loss_bad
+        if not bool(bad):
+            return None
+        sums = torch.stack([loss_sum.double(), loss_tokens.double()])
+        if fabric.world_size > 1:
+            sums = fabric.all_reduce(sums, reduce_op="sum")
+        total, tokens = sums.tolist()
+        loss = total / max(tokens, 1.0)
+        found = [] if math.isfinite(loss) else [f"the training loss was {loss}"]
+        if grads_count and not math.isfinite(float(grad_norm)):
+            found.append(f"the gradient norm was {float(grad_norm)}")
+        return ", ".join(found) or "the training loss was not finite on one rank"
+
+    def nonfinite_fault(self, what: str) -> FaultError:
+        """The one-paragraph error of a step with a non-finite value: the step, the value, the
+        last good checkpoint and how to go on from it."""
+        tc = self.cfg.trainer
+        step = self.progress.step + 1
+        lower = f"optim.lr={self.cfg.optim.lr / 10:g}"
+        if tc.on_nonfinite == "skip":
+            head = (
+                f"Training stopped at step {step}: {what}, the {MAX_SKIPS_IN_A_ROW}th step in a "
+                "row skipped for a non-finite value (trainer.on_nonfinite=skip)"
+            )
+        else:
+            head = f"Training stopped at step {step}: {what} (trainer.on_nonfinite=stop)"
+        head += "; the weights were not updated with it and no final/ was exported."
+        latest = self.checkpoints.latest() if self.checkpoints is not None else None
+        if latest is not None:
+            where = (
+                f" The last good checkpoint is {latest.path} (step {latest.step}); continue "
+                f"from it with a lower learning rate: train run.dir={self.run.path} {lower}"
+            )
+        else:
+            where = (
+                " No checkpoint was written before it; start again with a lower learning rate "
+                f"({lower}) or a longer warmup (optim.warmup_steps)"
+            )
+        return FaultError(
+            f"{head}{where}, or check the data of that step (trainer.on_nonfinite=skip skips "
+            "such steps)."
+        )
+
+    def keep_config_lr(self, config_lrs: list[float]) -> None:
+        """After loading a checkpoint: the learning rates follow this run's ``optim.lr`` (the
+        optimizer and scheduler states hold the saved run's), so a run stopped for a non-finite
+        value can go on from its checkpoint with a lower one. The same ``optim.lr`` gives the
+        same floats as saved (exact resume).
+
+        Args:
+            config_lrs: the scheduler's base learning rates as built from this run's config.
+        """
+        saved = list(self.scheduler.base_lrs)
+        if saved == config_lrs:
+            return
+        log.warning(
+            "optim.lr differs from the checkpoint's: the learning rates go on from %s (saved: %s)",
+            ", ".join(f"{lr:g}" for lr in config_lrs),
+            ", ".join(f"{lr:g}" for lr in saved),
+        )
+        self.scheduler.base_lrs = list(config_lrs)
+        step = self.scheduler.last_epoch
+        for group, base, lam in zip(
+            self.optimizer.param_groups, config_lrs, self.scheduler.lr_lambdas
+        ):
+            group["initial_lr"] = base
+            group["lr"] = base * lam(step)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def interval_sums(self) -> torch.Tensor:
         """Running ``[loss_sum, loss_tokens]`` of this rank since the last log event (float64, on
@@ -830,7 +1057,8 @@ class Trainer:
         loss_sum, loss_tokens = self.reduce_interval_loss()
         self._interval_loss = None
         self.progress.interval_loss_sum = self.progress.interval_tokens = 0.0
-        loss = loss_sum / max(loss_tokens, 1.0)
+        # NaN when every step of the interval was skipped (trainer.on_nonfinite=skip).
+        loss = loss_sum / loss_tokens if loss_tokens > 0 else math.nan
         if not math.isfinite(loss):
             log.warning(
                 "Training loss is %s at step %d: lower optim.lr, raise warmup, or check the data.",
@@ -855,6 +1083,8 @@ class Trainer:
                 metrics[f"lr/{group['name'].removesuffix('/decay').removesuffix('/no_decay')}"] = lr
         if grad_norm is not None:
             metrics["train/grad_norm"] = float(grad_norm)
+        if self.progress.skipped_steps:
+            metrics["train/skipped_steps"] = self.progress.skipped_steps
         if self.fabric.device.type == "cuda":
             metrics["memory/peak_allocated_gb"] = (
                 torch.cuda.max_memory_allocated(self.fabric.device) / 2**30
@@ -984,6 +1214,7 @@ class Trainer:
         state = {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler}
         trainable_only = self.cfg.checkpoint.trainable_only
         self.check_architecture(info)
+        config_lrs = list(self.scheduler.base_lrs)  # from this run's optim.lr
         try:
             rest = self.fabric.load(
                 info.state_path, state, strict=not trainable_only, weights_only=False
@@ -992,6 +1223,7 @@ class Trainer:
             raise UserError(
                 f"Checkpoint {info.path} does not match this model / optimizer: {err}"
             ) from None
+        self.keep_config_lr(config_lrs)
         saved_names = rest.get("trainable_names")
         if (
             trainable_only
@@ -1283,6 +1515,7 @@ class Trainer:
             "tokens_per_sec": self.progress.tokens / train_seconds if train_seconds > 0 else None,
             "samples_seen": self.progress.samples,
             "tokens_seen": self.progress.tokens,
+            "skipped_steps": self.progress.skipped_steps,
             "parameters": self.param_counts,
             "final_dir": str(self.run.final) if self.run and status == "completed" else None,
             **extra,
