@@ -24,7 +24,7 @@ import pytest
 
 from core.testing import child_env
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
 HERE = Path(__file__).parent
 REPO = HERE.parent

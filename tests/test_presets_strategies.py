@@ -33,6 +33,8 @@ from core.errors import UserError
 from core.strategy import STRATEGIES, check_machine, resolve_precision
 from core.testing import child_env
 
+pytestmark = pytest.mark.faults  # the fault suite (issue 20): uv run pytest -m faults
+
 DRIVER = Path(__file__).parent / "presets_strategies_driver.py"
 
 

@@ -31,6 +31,8 @@ from core.testing import ToyConfig, ToyTask, child_env
 from core.testing import train as toy_train
 from core.trainer import FitResult, Trainer
 
+pytestmark = pytest.mark.faults  # the fault suite (issue 20): uv run pytest -m faults
+
 SHORT = ("trainer.max_steps=4", "trainer.val_every_n_steps=2", "logger.plot=false")
 BASE = ("logger.progress_bar=false", "trainer.accelerator=cpu")
 

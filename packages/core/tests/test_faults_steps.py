@@ -23,6 +23,8 @@ from core.task import StepOutput
 from core.testing import ToyConfig, ToyTask, child_env, read_jsonl, script_result
 from core.trainer import MAX_SKIPS_IN_A_ROW, Trainer
 
+pytestmark = pytest.mark.faults  # the fault suite (issue 20): uv run pytest -m faults
+
 REPO = Path(__file__).resolve().parents[3]
 TOY = [sys.executable, "-m", "core.testing"]
 

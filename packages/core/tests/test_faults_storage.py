@@ -33,6 +33,8 @@ from core.testing import (
     train_losses,
 )
 
+pytestmark = pytest.mark.faults  # the fault suite (issue 20): uv run pytest -m faults
+
 COMMON = ["logger.progress_bar=false", "trainer.accelerator=cpu"]
 EXACT = [
     "trainer.max_steps=8",

@@ -19,6 +19,8 @@ from lora_llm.cli import PRESETS, evaluate, infer
 from lora_llm.config import LoraLLMConfig
 from lora_llm.task import LoraLLMTask
 
+pytestmark = pytest.mark.faults  # the fault suite (issue 20): uv run pytest -m faults
+
 LONG = " ".join(f"w{i % 50}" for i in range(50_000))  # a 50,000-word instruction
 
 

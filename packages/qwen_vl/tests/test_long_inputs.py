@@ -16,6 +16,8 @@ from PIL import Image
 
 from qwen_vl.cli import evaluate, infer
 
+pytestmark = pytest.mark.faults  # the fault suite (issue 20): uv run pytest -m faults
+
 LONG = " ".join(f"w{i % 50}" for i in range(120_000))  # ~240k tokens of question
 
 

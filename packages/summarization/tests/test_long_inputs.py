@@ -17,6 +17,8 @@ from summarization.cli import evaluate, predict
 from summarization.config import ModelConfig, ScratchConfig
 from summarization.model import build_model, load_model_config, load_tokenizer
 
+pytestmark = pytest.mark.faults  # the fault suite (issue 20): uv run pytest -m faults
+
 LONG = "#Person1#: " + " ".join(f"word{i % 97}" for i in range(20_000))  # ~40k tokens
 
 
