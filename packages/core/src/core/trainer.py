@@ -369,7 +369,9 @@ class Trainer:
                     cfg.run.name,
                     cfg.run.dir,
                     task=self.task.name,
-                    command=shlex.join(self.argv),
+                    # The arguments, not the program's path: a requeued job may run from a venv
+                    # synced to another node-local folder (slurm/lib/env.sh's LOCAL_SCRATCH).
+                    command=shlex.join(self.argv[1:]),
                 )
                 self.run_lock = RunLock.acquire(run.path)
             except UserError as err:
