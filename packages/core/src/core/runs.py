@@ -482,6 +482,29 @@ def lock_state(run: Path, env: dict[str, str] | None = None) -> str:
     return "dead" if owner_dead(owner, env) else "live"
 
 
+def _busy(run: Path, owner: dict[str, Any]) -> UserError:
+    """The refusal of a second writer into ``run``, naming the live ``owner``."""
+    return UserError(
+        f"Run folder {run} is being trained by another process: {owner_text(owner)} (lock "
+        f"{Path(run) / LOCK_NAME}). Two trainings into one folder would mix their checkpoints and "
+        "records. Wait for it to end, stop it, or train into another run.dir; if that process is "
+        "really gone, remove the lock file."
+    )
+
+
+def check_not_locked(run: Path, env: dict[str, str] | None = None) -> None:
+    """Refuse ``run`` early (before anything is launched) while a live process trains it.
+
+    :meth:`RunLock.acquire` checks again when the folder is opened (the owner may start later).
+
+    Raises:
+        UserError: naming the owner (pid, host, since when) and the lock file.
+    """
+    owner = read_lock(Path(run))
+    if owner is not None and owner_dead(owner, env) is None:
+        raise _busy(run, owner)
+
+
 class RunLock:
     """``<run>/run.lock`` of the process training ``run`` (rank 0), with a heartbeat thread.
 
@@ -528,13 +551,7 @@ class RunLock:
             if current is not None:
                 why = owner_dead(current, env)
                 if why is None:
-                    raise UserError(
-                        f"Run folder {run} is being trained by another process: "
-                        f"{owner_text(current)} (lock {path}). Two trainings into one folder "
-                        "would mix their checkpoints and records. Wait for it to end, stop it, or "
-                        "train into another run.dir; if that process is really gone, remove the "
-                        "lock file."
-                    )
+                    raise _busy(run, current)
                 with storage_errors("the run lock", path):
                     taken = _remove_if_unchanged(path, current)
                 if taken:

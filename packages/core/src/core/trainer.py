@@ -70,7 +70,7 @@ from core.manifest import build_manifest, data_file_sha256
 from core.optim import build_optimizer, build_scheduler
 from core.plots import plot_curves
 from core.reproducibility import rng_state, seed_all, set_rng_state
-from core.runs import RunDir, RunLock, check_run_dir, resolve_run_dir
+from core.runs import RunDir, RunLock, check_not_locked, check_run_dir, resolve_run_dir
 from core.settings import TrainConfig
 from core.signals import StopSignal, requeue_slurm_job
 from core.storage import StorageError, check_writable, storage_errors
@@ -176,6 +176,7 @@ class Trainer:
         self.precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
         if cfg.run.dir is not None and str(cfg.run.dir) != "latest":
             check_run_dir(Path(cfg.run.dir), task.name)
+            check_not_locked(Path(cfg.run.dir))  # a run another process trains: refused now
         self.check_run_storage()  # a read-only run root fails here, before anything is built
         self.fabric = build_fabric(cfg, task.fsdp_wrap_classes)
         self.progress = Progress()
