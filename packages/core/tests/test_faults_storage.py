@@ -200,29 +200,58 @@ class FillingTask(ToyTask):
     def training_step(self, model, batch):
         self.calls = getattr(self, "calls", 0) + 1
         if self.calls == self.fill_at:
-            self.ballast.mkdir()
-            if self.free_inodes is None:
-                with open(self.ballast / "bytes", "wb", buffering=0) as handle:
-                    try:
-                        while True:
-                            handle.write(b"\0" * 4096)
-                    except OSError as err:
-                        assert err.errno == errno.ENOSPC
-            else:
-                made = []
+            self.fill()
+        return super().training_step(model, batch)
+
+    def fill(self) -> None:
+        """Fill the disk of ``ballast`` (bytes, or inodes but ``free_inodes``)."""
+        self.ballast.mkdir()
+        if self.free_inodes is None:
+            with open(self.ballast / "bytes", "wb", buffering=0) as handle:
                 try:
                     while True:
-                        made.append(self.ballast / str(len(made)))
-                        made[-1].touch()
+                        handle.write(b"\0" * 4096)
                 except OSError as err:
                     assert err.errno == errno.ENOSPC
-                for path in made[-1 - self.free_inodes : -1]:
-                    path.unlink()
-        return super().training_step(model, batch)
+        else:
+            made = []
+            try:
+                while True:
+                    made.append(self.ballast / str(len(made)))
+                    made[-1].touch()
+            except OSError as err:
+                assert err.errno == errno.ENOSPC
+            for path in made[-1 - self.free_inodes : -1]:
+                path.unlink()
 
 
 def filling(**attrs) -> type:
     return type("Filling", (FillingTask,), attrs)
+
+
+class FullAfterFinal(FillingTask):
+    """The disk fills right after final/ is written: only the summary (rewritten in place),
+    metrics.csv and curves.png are left to write."""
+
+    fill_at = 0
+
+    def save_final(self, model, state_dict, out):
+        super().save_final(model, state_dict, out)
+        self.fill()
+
+
+def test_a_full_disk_after_final_costs_only_the_plot(mounts, capsys):
+    """Everything that matters is written when the disk fills: the run is completed (exit 0),
+    the plot is skipped with a warning and no half PNG is left."""
+    root = mounts.tmpfs("after_final", size="4m")
+    task = type("Full", (FullAfterFinal,), {"ballast": root / "ballast"})
+    assert toy_train(f"run.root={root}", "trainer.max_steps=2", make_task=task) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "error:" not in err, err
+    run = only_run(root)
+    assert summary(run)["status"] == "completed"
+    assert (run / "final" / "config.json").is_file() and not (run / "curves.png").exists()
+    assert "curves.png" in err and "The run itself is complete" in err
 
 
 def test_disk_full_mid_run_stops_at_the_metrics_write_without_a_torn_line(mounts, capsys):

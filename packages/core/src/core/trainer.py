@@ -1410,7 +1410,7 @@ class Trainer:
         if self.fabric.global_rank == 0:
             self.logger.write_csv()
             if cfg.logger.plot:
-                plot_curves(self.logger.path, self.run.path / "curves.png", self.run.path.name)
+                self.plot()
         log.info(
             "Done: %s",
             json.dumps(
@@ -1425,6 +1425,18 @@ class Trainer:
             self.metrics,
             self.fabric.global_rank,
         )
+
+    def plot(self) -> None:
+        """``curves.png`` of the finished run; a full or read-only disk costs only the picture
+        (the run is complete and recorded: a warning, not a failed run)."""
+        out = self.run.path / "curves.png"
+        try:
+            with storage_errors("the loss curves (curves.png)", out):
+                plot_curves(self.logger.path, out, self.run.path.name)
+        except StorageError as err:
+            with contextlib.suppress(OSError):
+                out.unlink(missing_ok=True)  # half a PNG is worse than none
+            log.warning("%s The run itself is complete.", err)
 
     def replica_checksums(self) -> list[str] | None:
         """Each rank's weight checksum (data-parallel replicas must agree); None when sharded."""
