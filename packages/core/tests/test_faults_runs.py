@@ -206,6 +206,9 @@ def test_a_sigkilled_run_is_listed_as_stopped_and_continued_after_taking_over_it
     assert json.loads((run / "summary.json").read_text())["status"] == "running"
     code, out, _ = runs(capsys, "list", str(root))
     assert code == 0 and out.splitlines()[2].split()[2:6] == ["stopped", "(no", "live", "process)"]
+    # where it got to: the last step it logged (its summary still says step 0)
+    logged = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(logged) >= 2 and out.splitlines()[2].split()[6] == f"{max(logged)}/?"
 
     caplog.clear()
     assert toy_train([*args, f"run.dir={run}"]) == 0, capsys.readouterr().err

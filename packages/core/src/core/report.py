@@ -223,12 +223,17 @@ def load_run(path: Path, config: dict[str, Any] | None = None) -> RunRow:
         status = "corrupt"
     elif status == "running" and lock_state(path) != "live":
         status = STOPPED  # killed (SIGKILL, node failure): no process will ever update it
+    step = summary.get("global_step")
+    if status in ("running", STOPPED):
+        # summary.json is written at the start and the end only: where a live or killed run
+        # got to is the last step it logged.
+        step = max(step or 0, _last_logged_step(path / "metrics.jsonl") or 0)
     return RunRow(
         path=path,
         number=number,
         name=name,
         status=status,
-        step=summary.get("global_step"),
+        step=step,
         total_steps=summary.get("total_steps"),
         metric=best.get("metric") or flat.get("checkpoint.monitor"),
         best=best.get("value"),
@@ -239,6 +244,25 @@ def load_run(path: Path, config: dict[str, Any] | None = None) -> RunRow:
         task=run_task(path),
         problem=problem,
     )
+
+
+def _last_logged_step(path: Path, tail_bytes: int = 65536) -> int | None:
+    """The ``step`` of the last whole record of a ``metrics.jsonl`` (read from its end only, so
+    a long run's file costs the same), or None."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(max(0, handle.seek(0, os.SEEK_END) - tail_bytes))
+            lines = handle.read().decode("utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            step = json.loads(line).get("step")
+        except (ValueError, AttributeError):
+            continue  # a torn last line, or the cut first line of the tail
+        if isinstance(step, int):
+            return step
+    return None
 
 
 def _read_summary(path: Path) -> tuple[dict[str, Any], str | None]:
