@@ -308,3 +308,22 @@ def test_list_of_two_tasks_with_long_differing_keys_fits_100_columns_and_wide_sh
     code, out, _ = runs(capsys, "list", str(tmp_path / "runs"), "--wide")
     assert code == 0 and max(map(len, out.splitlines())) > 100
     assert f"{long}1" in out and "…" not in out
+
+
+def test_a_sweep_point_whose_process_is_gone_is_stopped_not_running(tmp_path):
+    """A sweep's own view of its points agrees with ``runs list``: ``running`` only while the
+    run's lock has a live owner."""
+    from core.report import STOPPED
+    from core.runs import RunLock
+    from core.sweep import point_status
+
+    point = tmp_path / "001_20261204_120000_p"
+    point.mkdir()
+    (point / "summary.json").write_text(json.dumps({"status": "running"}))
+    assert point_status(point) == STOPPED  # no lock: nobody trains it
+    lock = RunLock.acquire(point)
+    try:
+        assert point_status(point) == "running"
+    finally:
+        lock.release()
+    assert point_status(point) == STOPPED

@@ -58,8 +58,8 @@ import yaml
 
 from core.cli import user_errors_exit_2
 from core.errors import UserError
-from core.report import compare_sweep_text, flatten
-from core.runs import RUN_DIR_PATTERN, experiment_numbers, new_run_dir
+from core.report import STOPPED, compare_sweep_text, flatten
+from core.runs import RUN_DIR_PATTERN, experiment_numbers, lock_state, new_run_dir
 
 DEFAULT_MAX_POINTS = 32
 """A grid with more points than this needs ``--max-points N`` (a typo can multiply a grid)."""
@@ -521,13 +521,16 @@ def find_sweep(root: Path, spec: SweepSpec) -> Sweep | None:
 
 def point_status(path: Path) -> str:
     """``pending`` (no folder yet), else the status in its ``summary.json`` (``completed``,
-    ``interrupted``, ``failed``, ``running``), or ``started`` when it has none yet."""
+    ``interrupted``, ``failed``, ``running``; ``running`` without a live owner of its run lock is
+    ``stopped (no live process)``: killed, it resumes like an interrupted point), or ``started``
+    when it has none yet."""
     if not path.is_dir():
         return "pending"
     try:
-        return json.loads((path / "summary.json").read_text(encoding="utf-8"))["status"]
+        status = json.loads((path / "summary.json").read_text(encoding="utf-8"))["status"]
     except (OSError, ValueError, KeyError):
         return "started"
+    return STOPPED if status == "running" and lock_state(path) != "live" else status
 
 
 def next_sweep_path(root: Path, name: str) -> Path:
