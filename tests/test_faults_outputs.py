@@ -412,3 +412,17 @@ def test_a_sweep_value_spelled_twice_is_refused(tmp_path, capsys):
         assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
         assert f"Sweep axis '{axis}' gives one value twice: {spellings}" in err, err
         assert not (tmp_path / "runs").exists()
+
+
+def test_make_data_on_a_full_disk_exits_1_and_leaves_no_half_made_folder(tmp_path, capsys):
+    """qwen-vl-make-data draws hundreds of images: a disk that fills on the way ends in one
+    paragraph naming the folder and no half-made data set (the folder was the command's own)."""
+    from qwen_vl.cli import make_data
+
+    with small_disk(tmp_path / "small", 96 * 1024) as small:
+        code = make_data(["--out", str(small / "counting"), "--n", "400"])
+        err = capsys.readouterr().err
+        assert code == 1, err
+        assert "Traceback" not in err and "the disk is full" in err
+        assert f"'{small / 'counting'}" in err
+        assert not any(small.iterdir()), "a half-made data set was left behind"

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from core.cli import (
 )
 from core.errors import UserError
 from core.outputs import guard_file, guard_folder, mark_folder
+from core.storage import StorageError, storage_errors
 from core.truncation import add_option
 from qwen_vl.config import QwenVLConfig
 
@@ -160,10 +162,16 @@ def make_data(argv: list[str] | None = None) -> int:
         multi_turn_share=args.multi_turn_share,
     )
     guard_folder(args.out, "--out", "qwen-vl-make-data", overwrite=args.overwrite)
+    made = not args.out.exists()
     try:
-        stats = write_dataset(args.out, settings)
+        with storage_errors("the counting data set", args.out):
+            stats = write_dataset(args.out, settings)
     except ValueError as err:
         raise UserError(str(err)) from None
+    except StorageError:
+        if made:  # a folder this command made and could not finish: nothing half-made stays
+            shutil.rmtree(args.out, ignore_errors=True)
+        raise
     mark_folder(args.out, "qwen-vl-make-data")
     print(
         f"wrote {stats['train']} train and {stats['dev']} dev records ({stats['images']} images) "
