@@ -251,6 +251,13 @@ def test_outputs_never_reach_an_input_or_a_model_run_or_checkpoint_folder_and_ot
             [f"was trained by the summarization task (run '{w['run']}'", "--package summarization"],
         ),
         (
+            "lora_llm",
+            "infer",
+            ["--model", f"{w['run']}/final", "--prompt", "hello"],
+            2,
+            [f"was trained by the summarization task (run '{w['run']}'", "--package summarization"],
+        ),
+        (
             "qwen_vl",
             "evaluate",
             ["--model", w["run"]],

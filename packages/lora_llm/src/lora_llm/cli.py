@@ -246,6 +246,10 @@ def adapter_setup(
     """
     from lora_llm.model import load_tokenizer, read_adapter, resolve_base
 
+    # Another task's run or model is named as such (infer and merge; evaluate checks first).
+    check_model_dir(
+        adapter, "adapter_config.json", "an adapter folder (a run's final/)", "lora_llm"
+    )
     adapter_config, settings = read_adapter(adapter)
     base_name = resolve_base(adapter, adapter_config, base)
     source = adapter if (adapter / "tokenizer_config.json").is_file() else base_name
