@@ -23,12 +23,11 @@ import pytest
 import torch
 
 from core.checkpoint import CKPT_PATTERN, CheckpointManager, read_checkpoint, verify_checkpoint
-from core.cli import train_command
 from core.report import STOPPED
 from core.report import main as runs_main
 from core.runs import lock_state
 from core.settings import CheckpointConfig
-from core.testing import ToyConfig, ToyTask, child_env, final_weights, train_losses
+from core.testing import child_env, final_weights, train, train_losses
 
 pytestmark = pytest.mark.faults  # the fault suite (issue 20): uv run pytest -m faults
 
@@ -61,15 +60,7 @@ def only_run(root: Path) -> Path:
 
 def resume(run: Path) -> int:
     """``train run.dir=<run> trainer.resume=auto`` with the same settings, in this process."""
-    return train_command(
-        [f"run.dir={run}", "trainer.resume=auto", *SETTINGS],
-        prog="toy-train",
-        description="",
-        config_cls=ToyConfig,
-        presets_dir=None,
-        make_task=ToyTask,
-        task="toy",
-    )
+    return train([f"run.dir={run}", "trainer.resume=auto", *SETTINGS])
 
 
 @pytest.fixture(scope="module")

@@ -21,17 +21,16 @@ from pathlib import Path
 import pytest
 
 from core.checkpoint import CheckpointManager, verify_checkpoint
-from core.cli import train_command
 from core.settings import CheckpointConfig
 from core.testing import (
     CountingData,
-    ToyConfig,
     ToyTask,
     child_env,
     final_weights,
     max_weight_diff,
     train_losses,
 )
+from core.testing import train as toy_command
 
 pytestmark = pytest.mark.faults  # the fault suite (issue 20): uv run pytest -m faults
 
@@ -47,15 +46,7 @@ EXACT = [
 
 def toy_train(*args: str, make_task: type = ToyTask) -> int:
     """The toy ``train`` command in this process; returns its exit code."""
-    return train_command(
-        [*args, *COMMON],
-        prog="toy-train",
-        description="",
-        config_cls=ToyConfig,
-        presets_dir=None,
-        make_task=make_task,
-        task="toy",
-    )
+    return toy_command([*args, *COMMON], make_task=make_task)
 
 
 def error_of(capsys: pytest.CaptureFixture) -> tuple[str, str]:

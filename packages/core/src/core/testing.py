@@ -257,15 +257,16 @@ def max_weight_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> f
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
-def train(argv: list[str] | None = None) -> int:
-    """The toy ``train`` command."""
+def train(argv: list[str] | None = None, make_task: type[ToyTask] | None = None) -> int:
+    """The toy ``train`` command (``make_task``: a subclass of :class:`ToyTask` for tests that
+    inject a fault into a step or a save)."""
     return train_command(
         argv,
         prog="toy-train",
         description="Train the toy task.",
         config_cls=ToyConfig,
         presets_dir=None,
-        make_task=ToyTask,
+        make_task=make_task or ToyTask,
         task="toy",
     )
 
