@@ -285,8 +285,11 @@ class Trainer:
         On rank 0 of a local launch it also ends the ranks it launched (see
         :func:`core.strategy.release_child_ranks`), which names the rank that died.
         """
-        from core.strategy import LaunchedRankEnded, release_child_ranks
+        from core.strategy import LaunchedRankEnded, release_child_ranks, stand_down_rank_watch
 
+        # First: a LaunchedRankEnded from Lightning's watcher must not replace the error being
+        # handled here (a failed collective and the watcher's next poll can come together).
+        stand_down_rank_watch()
         text = str(err)
         if self.fabric.world_size == 1 or not (
             isinstance(err, (torch.distributed.DistError, LaunchedRankEnded))
