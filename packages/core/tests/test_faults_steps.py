@@ -316,3 +316,47 @@ def test_the_way_on_that_a_stopped_run_names_works_with_the_lower_learning_rate(
     assert result.status == "completed"
     lrs = {r["step"]: r["lr"] for r in read_jsonl(result.run_dir / "metrics.jsonl") if "lr" in r}
     assert lrs == {1: 3e-4, 2: 3e-4, 3: 3e-5, 4: 3e-5, 5: 3e-5}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc")
+def test_a_peer_rank_dying_while_rank_0_is_outside_collectives_gives_one_paragraph(tmp_path):
+    """Rank 1 exits while rank 0 spends 30 s in its collate, away from any collective: Lightning's
+    watcher of the launched ranks used to SIGKILL rank 0 within 5 s (exit -9, no message, the
+    summary left `running`)."""
+    log = tmp_path / "log"
+    proc = subprocess.Popen(
+        [
+            *TOY,
+            "train",
+            "trainer.devices=2",
+            "trainer.strategy=ddp",
+            "trainer.accelerator=cpu",
+            "trainer.batch_size=2",
+            "trainer.max_steps=200",
+            "trainer.ckpt_every_n_steps=2",
+            "data.peer_dies_at_batch=4",
+            "logger.progress_bar=false",
+            "trainer.dist_timeout=90",
+            f"run.root={tmp_path / 'runs'}",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        env=child_env(),
+        start_new_session=True,
+    )
+    try:
+        code = proc.wait(timeout=150)
+        left = _session_alive(proc.pid)
+    finally:
+        if proc.poll() is None or _session_alive(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert code == 1, text
+    assert "Rank 0 stopped at step 3 of" in text and "rank 1 is gone" in text, text
+    assert "Traceback" not in text, text
+    assert left == [], left
+    summary = _summary(tmp_path / "runs")
+    assert summary["status"] == "failed" and "rank 1 is gone" in summary["error"]
+    assert "step-0000002" in summary["error"], summary

@@ -12,6 +12,8 @@ from __future__ import annotations
 import atexit
 import importlib.util
 import os
+import signal
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -287,6 +289,104 @@ def destroy_process_group_at_exit() -> None:
     atexit.register(_destroy_process_group)
 
 
+class LaunchedRankEnded(RuntimeError):
+    """Raised in rank 0's main thread (by :func:`watch_launched_ranks`) when a rank it launched
+    ended with an error while rank 0 was outside any collective."""
+
+
+# The signal that carries Lightning's "a launched rank ended" from its watcher thread to the
+# main thread. SIGUSR1 / SIGTERM / SIGINT are core.signals.StopSignal's.
+RANK_ENDED_SIGNAL = signal.SIGUSR2
+
+
+class _RankWatch:
+    """State shared by rank 0's main thread and Lightning's watcher thread (see
+    :func:`watch_launched_ranks`)."""
+
+    def __init__(self, observer: Any, grace: float) -> None:
+        self.observer = observer
+        self.original = observer._terminate_all
+        self.grace = grace
+        self.lock = threading.Lock()
+        self.armed = True  # False once the main thread handles a lost rank or leaves training
+        self.previous: Any = signal.getsignal(RANK_ENDED_SIGNAL)
+
+    def on_signal(self, signum: int, frame: Any) -> None:
+        if self.armed:  # a signal sent just before the main thread stood down is dropped
+            raise LaunchedRankEnded("a rank launched by this process ended")
+
+    def terminate_all(self) -> None:
+        """Replaces Lightning's ``_terminate_all`` (SIGKILL every rank, rank 0 included, no
+        message): tell the main thread instead, which ends the other ranks itself
+        (:func:`release_child_ranks`); kill them all only if it is still training after
+        ``grace`` seconds (stuck in C code), as Lightning does, so that no process is left."""
+        with self.lock:
+            if not self.armed:
+                return  # the main thread handles it (or is past training and ends them itself)
+            signal.pthread_kill(threading.main_thread().ident, RANK_ENDED_SIGNAL)
+        time.sleep(self.grace)
+        with self.lock:
+            if self.armed:
+                self.original()
+
+
+_rank_watch: _RankWatch | None = None
+
+
+def watch_launched_ranks(fabric: Fabric, grace: float = 60.0) -> None:
+    """On rank 0 of a local multi-process launch, right after ``fabric.launch()``: have a launched
+    rank's failure raise :class:`LaunchedRankEnded` in the main thread (wherever it is: a long
+    step, validation, a checkpoint write) instead of Lightning's silent SIGKILL of this process a
+    few seconds later. Undo with :func:`unwatch_launched_ranks`. Does nothing elsewhere (other
+    ranks, SLURM / torchrun, one process, a thread other than the main one).
+    """
+    global _rank_watch
+    launcher = getattr(fabric.strategy, "launcher", None)
+    if (
+        _rank_watch is not None
+        or not getattr(launcher, "procs", None)
+        or threading.current_thread() is not threading.main_thread()
+    ):
+        return
+    # Lightning keeps no reference to its watcher thread (subprocess_script
+    # _launch_process_observer); it is found by its name and the list it polls.
+    observer = next(
+        (
+            t
+            for t in threading.enumerate()
+            if t.name == "child-process-observer"
+            and getattr(t, "_child_processes", None) is launcher.procs
+            and hasattr(t, "_terminate_all")
+        ),
+        None,
+    )
+    if observer is None:
+        return
+    watch = _RankWatch(observer, grace)
+    signal.signal(RANK_ENDED_SIGNAL, watch.on_signal)
+    observer._terminate_all = watch.terminate_all
+    _rank_watch = watch
+
+
+def stand_down_rank_watch() -> None:
+    """The main thread handles a lost rank now: no further :class:`LaunchedRankEnded`, and
+    Lightning's watcher no longer kills this process."""
+    if _rank_watch is not None:
+        with _rank_watch.lock:
+            _rank_watch.armed = False
+
+
+def unwatch_launched_ranks() -> None:
+    """Undo :func:`watch_launched_ranks` (idempotent): the previous signal handler returns."""
+    global _rank_watch
+    watch, _rank_watch = _rank_watch, None
+    if watch is None:
+        return
+    with watch.lock:
+        watch.armed = False
+    signal.signal(RANK_ENDED_SIGNAL, watch.previous)
+
+
 def release_child_ranks(fabric: Fabric, grace: float = 15.0) -> dict[int, int | None]:
     """After a peer rank was lost: take this process's launched ranks back from Lightning, let
     them end by themselves for up to ``grace`` seconds, then kill the rest (they are in a broken
@@ -303,6 +403,7 @@ def release_child_ranks(fabric: Fabric, grace: float = 15.0) -> dict[int, int | 
     """
     import subprocess
 
+    stand_down_rank_watch()
     launcher = getattr(fabric.strategy, "launcher", None)
     procs = list(getattr(launcher, "procs", None) or [])
     if not procs:

@@ -50,6 +50,10 @@ class ToyData:
     """Seed of the data itself (independent of trainer.seed)."""
     collate_delay: float = 0.0
     """Seconds to sleep per batch (lets signal tests catch a run mid-training)."""
+    peer_dies_at_batch: int = 0
+    """Test knob (0: off): at this batch (counting each rank's collates), rank 1 exits with code
+    3 and rank 0 sleeps 30 s in its collate, away from any collective (a dead peer found by
+    Lightning's watcher of the launched ranks, not by a failing collective)."""
 
 
 @dataclass
@@ -122,6 +126,13 @@ class ToyTask(Task):
         ``(batch,)``."""
         if self.cfg.data.collate_delay:
             time.sleep(self.cfg.data.collate_delay)
+        if self.cfg.data.peer_dies_at_batch:
+            self.collates = getattr(self, "collates", 0) + 1
+            if self.collates == self.cfg.data.peer_dies_at_batch:
+                if self.ranks.global_rank == 1:
+                    os._exit(3)
+                if self.ranks.global_rank == 0:
+                    time.sleep(30)
         ids = pad_rows([s["input_ids"] for s in samples], PAD)
         mask = length_mask([len(s["input_ids"]) for s in samples])
         labels = ids.masked_fill(mask == 0, IGNORE_INDEX)

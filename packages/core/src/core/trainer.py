@@ -74,7 +74,13 @@ from core.runs import RunDir, RunLock, check_not_locked, check_run_dir, resolve_
 from core.settings import TrainConfig
 from core.signals import StopSignal, requeue_slurm_job
 from core.storage import StorageError, check_writable, storage_errors
-from core.strategy import build_fabric, is_sharded, launch_environment, resolve_precision
+from core.strategy import (
+    build_fabric,
+    is_sharded,
+    launch_environment,
+    resolve_precision,
+    watch_launched_ranks,
+)
 from core.task import Ranks, Task
 
 log = logging.getLogger(__name__)
@@ -222,8 +228,20 @@ class Trainer:
         """
         # The handlers stay installed until the end: a signal during set-up stops at the first
         # step boundary, and one during the final export does not kill the run half-written.
-        with launch_environment(), StopSignal() as stop, self.run_lock_scope():
-            self.setup()
+        with (
+            launch_environment(),
+            StopSignal() as stop,
+            self.rank_watch_scope(),
+            self.run_lock_scope(),
+        ):
+            try:
+                self.setup()
+            except RuntimeError as err:
+                # A launched rank ended (or a collective failed) during set-up: the same paragraph.
+                fault = self.peer_rank_lost(err)
+                if fault is None:
+                    raise
+                raise fault from None
             start = time.perf_counter()
             try:
                 stopped = self.train_loop(stop)
@@ -267,11 +285,14 @@ class Trainer:
         On rank 0 of a local launch it also ends the ranks it launched (see
         :func:`core.strategy.release_child_ranks`), which names the rank that died.
         """
-        from core.strategy import release_child_ranks
+        from core.strategy import LaunchedRankEnded, release_child_ranks, stand_down_rank_watch
 
+        # First: a LaunchedRankEnded from Lightning's watcher must not replace the error being
+        # handled here (a failed collective and the watcher's next poll can come together).
+        stand_down_rank_watch()
         text = str(err)
         if self.fabric.world_size == 1 or not (
-            isinstance(err, torch.distributed.DistError)
+            isinstance(err, (torch.distributed.DistError, LaunchedRankEnded))
             or any(marker in text for marker in PEER_LOST_MARKERS)
         ):
             return None
@@ -315,6 +336,9 @@ class Trainer:
         loaders and resume if asked."""
         cfg, fabric = self.cfg, self.fabric
         fabric.launch()
+        # Rank 0 of a local launch: a launched rank that dies raises LaunchedRankEnded here, in
+        # whatever this process is doing, instead of Lightning's silent SIGKILL of it.
+        watch_launched_ranks(fabric)
         self.task.ranks = Ranks(fabric, sharded=is_sharded(fabric))
         torch.set_float32_matmul_precision(cfg.trainer.matmul_precision)
         transformers_quiet()
@@ -338,6 +362,17 @@ class Trainer:
         except BaseException as err:
             self.setup_failed(err)
             raise
+
+    @contextlib.contextmanager
+    def rank_watch_scope(self) -> Iterator[None]:
+        """Undo :func:`core.strategy.watch_launched_ranks` (armed by :meth:`setup`) when
+        ``fit`` ends, whatever the outcome."""
+        from core.strategy import unwatch_launched_ranks
+
+        try:
+            yield
+        finally:
+            unwatch_launched_ranks()
 
     # -- the run folder's lock (core.runs.RunLock): taken by open_run, removed when fit ends --
     run_lock: RunLock | None = None
