@@ -20,7 +20,7 @@ import torch
 from core.config import load_config
 from core.errors import FaultError
 from core.task import StepOutput
-from core.testing import ToyConfig, ToyTask, child_env, read_jsonl, script_result
+from core.testing import ToyConfig, ToyTask, child_env, read_jsonl, script_result, wait_for_step
 from core.trainer import MAX_SKIPS_IN_A_ROW, Trainer
 
 pytestmark = pytest.mark.faults  # the fault suite (issue 20): uv run pytest -m faults
@@ -154,17 +154,6 @@ def test_a_diverging_run_exits_1_with_one_paragraph_through_the_command_line(tmp
     assert _summary(tmp_path)["status"] == "failed"
 
 
-def _wait_for_step(root: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        for metrics in root.glob("*/metrics.jsonl"):
-            if f'"step": {step},' in metrics.read_text():
-                return
-        assert proc.poll() is None, "the run ended before it could be interrupted"
-        time.sleep(0.05)
-    raise TimeoutError(f"no step {step} within {timeout} s")
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("uv") is None, reason="needs uv on PATH")
 def test_sigint_to_the_process_group_of_uv_run_without_a_terminal_is_one_stop_request(tmp_path):
@@ -196,7 +185,7 @@ def test_sigint_to_the_process_group_of_uv_run_without_a_terminal_is_one_stop_re
         start_new_session=True,
     )
     try:
-        _wait_for_step(tmp_path / "runs", 3, proc)
+        wait_for_step(tmp_path / "runs", 3, proc)
         os.killpg(proc.pid, signal.SIGINT)
         code = proc.wait(timeout=120)
     finally:
@@ -265,7 +254,7 @@ def test_a_killed_peer_rank_stops_the_other_with_one_paragraph_and_leaves_no_pro
         start_new_session=True,
     )
     try:
-        _wait_for_step(tmp_path / "runs", 3, proc)
+        wait_for_step(tmp_path / "runs", 3, proc)
         (rank1,) = _children(proc.pid)
         os.kill(rank1, signal.SIGKILL)
         killed = time.monotonic()

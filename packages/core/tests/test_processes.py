@@ -15,7 +15,14 @@ from pathlib import Path
 import pytest
 
 from core.signals import REPEAT_WINDOW
-from core.testing import child_env, final_weights, max_weight_diff, read_jsonl, train_losses
+from core.testing import (
+    child_env,
+    final_weights,
+    max_weight_diff,
+    read_jsonl,
+    train_losses,
+    wait_for_step,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -30,17 +37,6 @@ def _start(args: list[str], log: Path, **env: str) -> subprocess.Popen:
     return subprocess.Popen(
         [*TOY, "train", *args], stdout=open(log, "w"), stderr=subprocess.STDOUT, env=_env(**env)
     )
-
-
-def _wait_for_step(root: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        for metrics in root.glob("*/metrics.jsonl"):
-            if f'"step": {step},' in metrics.read_text():
-                return
-        assert proc.poll() is None, "the run ended before it could be interrupted"
-        time.sleep(0.05)
-    raise TimeoutError(f"no step {step} within {timeout} s")
 
 
 def _only_run(root: Path) -> Path:
@@ -89,7 +85,7 @@ def test_stopped_run_resumes_to_bit_identical_weights_and_losses(tmp_path, sig, 
     env = {"SLURM_JOB_ID": "4242"} if slurm else {}
     full = _start([*SLOW_RUN, *extra, f"run.root={tmp_path / 'full'}"], tmp_path / "full.log")
     cut = _start([*SLOW_RUN, *extra, f"run.root={tmp_path / 'cut'}"], tmp_path / "cut.log", **env)
-    _wait_for_step(tmp_path / "cut", 5, cut)
+    wait_for_step(tmp_path / "cut", 5, cut)
     cut.send_signal(sig)
     assert cut.wait(timeout=120) == 0, (tmp_path / "cut.log").read_text()
     run = _only_run(tmp_path / "cut")
@@ -261,7 +257,7 @@ def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path):
     # Batches slow enough that the step boundary is still ahead when the second SIGINT comes,
     # after the repeat window (core.signals.REPEAT_WINDOW).
     proc = _start([*SLOW_RUN, "data.collate_delay=4.0", f"run.root={tmp_path}"], tmp_path / "log")
-    _wait_for_step(tmp_path, 2, proc)
+    wait_for_step(tmp_path, 2, proc)
     proc.send_signal(signal.SIGINT)
     deadline = time.time() + 60  # the second one only after the first was handled (not merged)
     while "Received SIGINT" not in (tmp_path / "log").read_text() and time.time() < deadline:

@@ -211,6 +211,24 @@ class ToyTask(Task):
 # -- helpers for tests of runs --------------------------------------------------------------
 
 
+def wait_for_step(root: Path, step: int, proc: Any, timeout: float = 240) -> None:
+    """Wait until a run under ``root`` has logged ``step`` in its ``metrics.jsonl`` (a test that
+    signals or kills a training process at a chosen step).
+
+    Raises:
+        AssertionError: ``proc`` (a ``subprocess.Popen``) ended first.
+        TimeoutError: not within ``timeout`` seconds.
+    """
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for metrics in Path(root).glob("*/metrics.jsonl"):
+            if f'"step": {step},' in metrics.read_text():
+                return
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        time.sleep(0.05)
+    raise TimeoutError(f"no step {step} within {timeout} s")
+
+
 def child_env(**extra: str) -> dict[str, str]:
     """This process's environment for a test's child process: without SLURM's variables, the task
     selection and any launch variable of a run made in this process (the child decides its own
