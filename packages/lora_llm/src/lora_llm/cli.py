@@ -36,6 +36,7 @@ from core.cli import (
     check_model_dir,
     config_for_model,
     evaluation_outputs,
+    model_owner,
     parse_model_command,
     parse_train_args,
     train_command,
@@ -246,11 +247,15 @@ def adapter_setup(
     """
     from lora_llm.model import load_tokenizer, read_adapter, resolve_base
 
-    # Another task's run or model is named as such (infer and merge; evaluate checks first).
-    check_model_dir(
-        adapter, "adapter_config.json", "an adapter folder (a run's final/)", "lora_llm"
-    )
-    adapter_config, settings = read_adapter(adapter)
+    try:
+        adapter_config, settings = read_adapter(adapter)
+    except UserError:
+        # A run or model of another task is named as such (infer and merge; evaluate checks
+        # first); any other folder keeps read_adapter's message.
+        owner = model_owner(adapter) if Path(adapter).is_dir() else None
+        if owner is not None and owner[0] != "lora_llm":
+            check_model_dir(adapter, "adapter_config.json", "an adapter folder", "lora_llm")
+        raise
     base_name = resolve_base(adapter, adapter_config, base)
     source = adapter if (adapter / "tokenizer_config.json").is_file() else base_name
     tokenizer = load_tokenizer(ModelConfig(name=base_name), source)
