@@ -201,6 +201,22 @@ def test_sigint_to_the_process_group_of_uv_run_without_a_terminal_is_one_stop_re
     assert f"resume with: train run.dir={run}" in log.read_text()
 
 
+def _peer_lost(text: str, code: int, left: list, runs: Path, stopped: str) -> dict:
+    """What rank 0 of a 2-rank run shows when rank 1 is gone: exit 1, one paragraph naming the
+    rank (no traceback), no process left in its session, summary ``failed`` with the reason.
+
+    Returns:
+        The run's summary.
+    """
+    assert code == 1, text
+    assert stopped in text and "rank 1 is gone" in text, text
+    assert "Traceback" not in text, text
+    assert left == [], left
+    summary = _summary(runs)
+    assert summary["status"] == "failed" and "rank 1 is gone" in summary["error"]
+    return summary
+
+
 def _children(pid: int) -> list[int]:
     found = []
     for task in Path(f"/proc/{pid}/task").iterdir():
@@ -264,13 +280,7 @@ def test_a_killed_peer_rank_stops_the_other_with_one_paragraph_and_leaves_no_pro
     finally:
         if proc.poll() is None or _session_alive(proc.pid):
             os.killpg(proc.pid, signal.SIGKILL)
-    text = log.read_text()
-    assert code == 1, text
-    assert "Rank 0 stopped at step" in text and "rank 1 is gone" in text, text
-    assert "Traceback" not in text, text
-    assert left == [], left
-    summary = _summary(tmp_path / "runs")
-    assert summary["status"] == "failed" and "rank 1 is gone" in summary["error"]
+    _peer_lost(log.read_text(), code, left, tmp_path / "runs", "Rank 0 stopped at step")
     assert not (_run_dir(tmp_path / "runs") / "final").exists()
 
 
@@ -342,10 +352,5 @@ def test_a_peer_rank_dying_while_rank_0_is_outside_collectives_gives_one_paragra
         if proc.poll() is None or _session_alive(proc.pid):
             os.killpg(proc.pid, signal.SIGKILL)
     text = log.read_text()
-    assert code == 1, text
-    assert "Rank 0 stopped at step 3 of" in text and "rank 1 is gone" in text, text
-    assert "Traceback" not in text, text
-    assert left == [], left
-    summary = _summary(tmp_path / "runs")
-    assert summary["status"] == "failed" and "rank 1 is gone" in summary["error"]
+    summary = _peer_lost(text, code, left, tmp_path / "runs", "Rank 0 stopped at step 3 of")
     assert "step-0000002" in summary["error"], summary
