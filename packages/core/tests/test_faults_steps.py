@@ -201,6 +201,52 @@ def test_sigint_to_the_process_group_of_uv_run_without_a_terminal_is_one_stop_re
     assert f"resume with: train run.dir={run}" in log.read_text()
 
 
+_LATE_COPY_SCRIPT = """
+import time
+from core.signals import StopSignal
+
+class SlowTeardown:  # stands for a library whose clean-up at exit takes a moment (torch's does)
+    def __del__(self):
+        time.sleep(1.0)
+
+keep = SlowTeardown()
+with StopSignal() as stop:
+    print("ready", flush=True)
+    while stop.received is None:
+        time.sleep(0.01)
+print("stopped by", stop.name, flush=True)
+"""
+
+
+@pytest.mark.skipif(shutil.which("uv") is None, reason="needs uv on PATH")
+def test_uv_runs_copy_of_a_group_sigint_landing_after_a_quick_stop_does_not_kill_the_process(
+    tmp_path,
+):
+    """`uv run` relays a SIGINT 200 ms after it got it. A run that stops sooner is shutting down
+    by then, and Python puts back the default action while it shuts down: the copy used to kill
+    the cleanly stopped process (exit 130; CI saw it when the step and checkpoint were quick)."""
+    script = tmp_path / "late_copy.py"
+    script.write_text(_LATE_COPY_SCRIPT)
+    proc = subprocess.Popen(
+        ["uv", "run", "--frozen", "python", str(script)],
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=child_env(),
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        os.killpg(proc.pid, signal.SIGINT)
+        out = proc.stdout.read()
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert (code, out.strip()) == (0, "stopped by SIGINT")
+
+
 def _peer_lost(text: str, code: int, left: list, runs: Path, stopped: str) -> dict:
     """What rank 0 of a 2-rank run shows when rank 1 is gone: exit 1, one paragraph naming the
     rank (no traceback), no process left in its session, summary ``failed`` with the reason.

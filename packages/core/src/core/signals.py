@@ -11,11 +11,20 @@ directly *and* through ``uv run`` (or ``srun``), which forwards it to its child.
 signal that arrive within :data:`REPEAT_WINDOW` seconds of the first are one request; only a
 SIGINT later than that counts as the second Ctrl-C.
 
+The copies can outlive the training loop: ``uv run`` relays a SIGINT 200 ms after it got it
+(to give a terminal's own delivery time to land first), and a short step plus checkpoint may end
+``fit`` sooner. So on leaving the context, the stop signal's handler stays in place until the
+window has passed (a later delivery goes to the handler that was there before), and if the
+process exits inside the window it ignores the signal for its last moments: Python puts back the
+default action while it shuts down, which would otherwise turn a copy into "killed by SIGINT",
+exit 130, after a clean stop.
+
 Self-check: ``python -m core.signals``.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import signal
@@ -41,6 +50,27 @@ STOP_SIGNALS = tuple(
 )
 
 
+# Signal number -> time.monotonic() until which its deliveries are copies of a request that a
+# finished StopSignal has already handled. Read at interpreter exit (_ignore_copies_at_exit).
+_COPIES_UNTIL: dict[int, float] = {}
+
+
+def _ignore_copies_at_exit() -> None:
+    """At exit, ignore the signals whose copies may still be on their way.
+
+    Python restores the default action of every signal it handled while it shuts down (after the
+    atexit callbacks), so a copy landing then would kill the process (exit 128 + signal number)
+    after it stopped cleanly. Ignoring the signal is safe: the process is exiting anyway.
+    """
+    now = time.monotonic()
+    for sig, until in _COPIES_UNTIL.items():
+        if now < until:
+            signal.signal(sig, signal.SIG_IGN)
+
+
+atexit.register(_ignore_copies_at_exit)
+
+
 class StopSignal:
     """Installs handlers for SIGTERM, SIGUSR1 and SIGINT while active (a context manager).
 
@@ -54,7 +84,7 @@ class StopSignal:
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.received is not None and time.monotonic() - self._received_at < REPEAT_WINDOW:
+        if self._is_copy():
             return  # a copy of the same delivery (process group + uv's / srun's forwarding)
         if signum == signal.SIGINT and self.received == signal.SIGINT:
             raise KeyboardInterrupt  # the second Ctrl-C: stop now, without a checkpoint
@@ -79,8 +109,32 @@ class StopSignal:
 
     def __exit__(self, *exc: Any) -> None:
         for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
+            if sig == self.received and self._is_copy():
+                until = self._received_at + REPEAT_WINDOW
+                _COPIES_UNTIL[sig] = max(_COPIES_UNTIL.get(sig, 0.0), until)
+                signal.signal(sig, self._copies_then(previous))
+            else:
+                signal.signal(sig, previous)
         self._previous.clear()
+
+    def _is_copy(self) -> bool:
+        """Whether a delivery now is a copy of the request already received."""
+        return self.received is not None and time.monotonic() - self._received_at < REPEAT_WINDOW
+
+    def _copies_then(self, previous: Any) -> Any:
+        """A handler for after the context: drops copies of the handled request, then hands
+        every later delivery to ``previous`` (the handler from before the context)."""
+
+        def handle(signum: int, frame: FrameType | None) -> None:
+            if self._is_copy():
+                return
+            signal.signal(signum, previous)  # the window is over: the signal is previous's again
+            if callable(previous):
+                previous(signum, frame)
+            elif previous == signal.SIG_DFL:
+                os.kill(os.getpid(), signum)  # deliver again, to the default action
+
+        return handle
 
     @property
     def name(self) -> str | None:
@@ -131,4 +185,19 @@ if __name__ == "__main__":  # self-check: python -m core.signals
             raise AssertionError("a later SIGINT must stop at once")
         except KeyboardInterrupt:
             print("copies merged; a later SIGINT stops at once")
+    with StopSignal() as stop:  # the loop ends before uv's copy (200 ms later) arrives
+        os.kill(os.getpid(), signal.SIGINT)
+    os.kill(os.getpid(), signal.SIGINT)  # the copy, after the context: dropped
+    _ignore_copies_at_exit()  # exiting inside the window: the copy may land at shutdown
+    assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    with StopSignal() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(REPEAT_WINDOW + 0.1)
+    try:  # after the window a SIGINT is the previous handler's again
+        os.kill(os.getpid(), signal.SIGINT)
+        raise AssertionError("a SIGINT after the window must reach the previous handler")
+    except KeyboardInterrupt:
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        print("a copy after the loop is dropped; a later SIGINT is the previous handler's")
     print("core.signals: ok")
