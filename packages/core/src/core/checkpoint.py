@@ -503,25 +503,13 @@ class CheckpointManager:
         final = self.root / f"step-{step:07d}"
         tmp = self.root / f".tmp-step-{step:07d}"
         what = f"checkpoint {final.name}"
-        needed: list[int | None] = [None]
+        # Bytes the checkpoint will take: known on rank 0, which reports storage errors.
+        needed = on_rank_zero(fabric, lambda: self._prepare_save(tmp, state, what))
+        try:
+            self._write_state(fabric, tmp / STATE_NAME, state, filter, what, needed)
+            files = self._hash_files(fabric, tmp)
 
-        def prepare() -> None:
-            with storage_errors(what, self.root):
-                self.root.mkdir(parents=True, exist_ok=True)
-                for stale in self.root.glob(".tmp-*"):
-                    shutil.rmtree(stale, ignore_errors=True)
-                needed[0] = self.expected_bytes(state)
-                check_free_space(
-                    self.root,
-                    needed[0],
-                    what,
-                    hint="Free space there (older runs' checkpoints, checkpoint.keep_last) or "
-                    "move run.root to a larger disk, then resume the run.",
-                )
-                tmp.mkdir()
-
-        def finish(files: dict[str, dict[str, Any]]) -> None:
-            with storage_errors(what, tmp, needed[0]):
+            def finish() -> None:
                 meta = {
                     "step": step,
                     "metrics": metrics or {},
@@ -531,39 +519,85 @@ class CheckpointManager:
                     "format": CHECKPOINT_FORMAT,
                     "files": files,
                 }
-                # The manifest goes last: a folder whose meta.json lists every file is complete.
-                (tmp / META_NAME).write_text(json.dumps(meta, indent=1), encoding="utf-8")
-                _fsync_tree(tmp)
-                if final.exists():  # the same step saved again (e.g. after a resume): replace it
-                    old = self.root / f".old-step-{step:07d}"
-                    os.replace(final, old)
-                    os.replace(tmp, final)
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
-                    os.replace(tmp, final)
-                _fsync_dir(self.root)
-            self.prune()
+                self._publish(tmp, final, meta, what, needed)
 
-        on_rank_zero(fabric, prepare)
-        try:
-            with storage_errors(what, tmp / STATE_NAME, needed[0]):
-                with _deferred_write_errors() as errors:
-                    fabric.save(tmp / STATE_NAME, state, filter=filter)  # ends with a barrier
-
-            def written() -> None:
-                if errors:
-                    with storage_errors(what, tmp / STATE_NAME, needed[0]):
-                        raise errors[0]
-
-            on_rank_zero(fabric, written)
-            files = self._hash_files(fabric, tmp)
-            on_rank_zero(fabric, lambda: finish(files))
+            on_rank_zero(fabric, finish)
         except Exception:
             if fabric.global_rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
         fabric.barrier()
         return final
+
+    def _prepare_save(self, tmp: Path, state: dict[str, Any], what: str) -> int:
+        """Rank 0, before a save: remove stale temporary folders, check the free space, create
+        ``tmp``.
+
+        Returns:
+            The bytes the checkpoint is expected to take.
+
+        Raises:
+            StorageError: the checkpoint does not fit, or the folder cannot be written.
+        """
+        with storage_errors(what, self.root):
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob(".tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            needed = self.expected_bytes(state)
+            check_free_space(
+                self.root,
+                needed,
+                what,
+                hint="Free space there (older runs' checkpoints, checkpoint.keep_last) or "
+                "move run.root to a larger disk, then resume the run.",
+            )
+            tmp.mkdir()
+        return needed
+
+    @staticmethod
+    def _write_state(
+        fabric: Any,
+        path: Path,
+        state: dict[str, Any],
+        filter: dict[str, Callable[[str, Any], bool]] | None,
+        what: str,
+        needed: int | None,
+    ) -> None:
+        """``fabric.save`` the state to ``path`` (every rank); a write error on rank 0 that
+        the save swallowed is raised on every rank after its closing barrier.
+
+        Raises:
+            StorageError: the disk is full, read-only or refuses access.
+        """
+        with storage_errors(what, path, needed):
+            with _deferred_write_errors() as errors:
+                fabric.save(path, state, filter=filter)  # ends with a barrier
+
+        def written() -> None:
+            if errors:
+                with storage_errors(what, path, needed):
+                    raise errors[0]
+
+        on_rank_zero(fabric, written)
+
+    def _publish(
+        self, tmp: Path, final: Path, meta: dict[str, Any], what: str, needed: int | None
+    ) -> None:
+        """Rank 0, after a save: write the manifest into ``tmp``, sync it and rename it to
+        ``final`` (replacing an earlier save of the same step), then prune old checkpoints."""
+        with storage_errors(what, tmp, needed):
+            # The manifest goes last: a folder whose meta.json lists every file is complete.
+            (tmp / META_NAME).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+            _fsync_tree(tmp)
+            if final.exists():  # the same step saved again (e.g. after a resume): replace it
+                old = self.root / f".old-{final.name}"
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+            _fsync_dir(self.root)
+        self.prune()
 
     def _hash_files(self, fabric: Any, tmp: Path) -> dict[str, dict[str, Any]]:
         """The manifest of the files below ``tmp`` (on rank 0): files this rank hashed while

@@ -156,32 +156,9 @@ def _coerce(value: Any, tp: Any) -> Any:
             return None
         raise _Mismatch("expected null")
     if origin is Literal:
-        choices = get_args(tp)
-        for choice in choices:
-            # YAML may read `auto` as str and `1` as int; compare as given and as strings.
-            if value == choice and type(value) is type(choice):
-                return choice
-        for choice in choices:
-            if isinstance(choice, str) and str(value) == choice and not isinstance(value, bool):
-                return choice
-        raise _Mismatch(f"expected one of {', '.join(repr(c) for c in choices)}")
+        return _coerce_literal(value, tp)
     if origin in (Union, types.UnionType):
-        args = get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise _Mismatch(f"expected {type_name(tp)}, not null")
-        errors = []
-        # Try exact-type members first so that `1` stays an int in `int | str`.
-        ordered = sorted(args, key=lambda a: 0 if isinstance(a, type) and type(value) is a else 1)
-        for arg in ordered:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg)
-            except _Mismatch as err:
-                errors.append(str(err))
-        raise _Mismatch(f"expected {type_name(tp)}")
+        return _coerce_union(value, tp)
     if _is_dataclass_type(tp):
         if dataclasses.is_dataclass(value) and isinstance(value, tp):
             return value
@@ -189,60 +166,11 @@ def _coerce(value: Any, tp: Any) -> Any:
             raise _Mismatch(f"expected a mapping of {tp.__name__} keys")
         return value  # handled by from_dict
     if origin in (list, Sequence, tuple) or tp in (list, tuple):
-        if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-            raise _Mismatch(f"expected {type_name(tp)}, e.g. [a, b]")
-        args = [a for a in get_args(tp) if a is not Ellipsis]
-        items = [_coerce(v, args[0]) if args else v for v in value]
-        return tuple(items) if (origin is tuple or tp is tuple) else items
+        return _coerce_sequence(value, tp)
     if origin in (dict, Mapping) or tp is dict:
-        if not isinstance(value, Mapping):
-            raise _Mismatch("expected a mapping")
-        args = get_args(tp)
-        if len(args) == 2:
-            return {_coerce(k, args[0]): _coerce(v, args[1]) for k, v in value.items()}
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
-            return value.lower() in ("true", "yes", "on")
-        raise _Mismatch("expected true or false")
-    if tp is int:
-        if isinstance(value, bool):
-            raise _Mismatch("expected an integer, not a boolean")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.replace("_", ""))
-            except ValueError:
-                try:
-                    as_float = float(value)
-                except ValueError:
-                    pass
-                else:
-                    if as_float.is_integer():
-                        return int(as_float)
-        raise _Mismatch("expected an integer")
-    if tp is float:
-        if isinstance(value, bool):
-            raise _Mismatch("expected a number, not a boolean")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:  # YAML 1.1 reads `1e-4` (no dot) as a string
-                return float(value)
-            except ValueError:
-                pass
-        raise _Mismatch("expected a number")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise _Mismatch("expected a string")
+        return _coerce_mapping(value, tp)
+    if isinstance(tp, type) and tp in _SCALARS:
+        return _SCALARS[tp](value)
     if isinstance(tp, type) and issubclass(tp, PurePath):
         if isinstance(value, (str, PurePath)):
             return Path(value)
@@ -252,6 +180,120 @@ def _coerce(value: Any, tp: Any) -> Any:
             return value
         raise _Mismatch(f"expected {tp.__name__}")
     return value
+
+
+def _coerce_literal(value: Any, tp: Any) -> Any:
+    """``value`` as one of the choices of ``Literal[...]`` annotation ``tp``."""
+    choices = get_args(tp)
+    for choice in choices:
+        # YAML may read `auto` as str and `1` as int; compare as given and as strings.
+        if value == choice and type(value) is type(choice):
+            return choice
+    for choice in choices:
+        if isinstance(choice, str) and str(value) == choice and not isinstance(value, bool):
+            return choice
+    raise _Mismatch(f"expected one of {', '.join(repr(c) for c in choices)}")
+
+
+def _coerce_union(value: Any, tp: Any) -> Any:
+    """``value`` as the first member of union ``tp`` that takes it (``None`` for an optional)."""
+    args = get_args(tp)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise _Mismatch(f"expected {type_name(tp)}, not null")
+    # Try exact-type members first so that `1` stays an int in `int | str`.
+    ordered = sorted(args, key=lambda a: 0 if isinstance(a, type) and type(value) is a else 1)
+    for arg in ordered:
+        if arg is type(None):
+            continue
+        try:
+            return _coerce(value, arg)
+        except _Mismatch:
+            pass
+    raise _Mismatch(f"expected {type_name(tp)}")
+
+
+def _coerce_sequence(value: Any, tp: Any) -> list[Any] | tuple[Any, ...]:
+    """``value`` (any non-string iterable) as a list, or a tuple for a tuple annotation."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise _Mismatch(f"expected {type_name(tp)}, e.g. [a, b]")
+    args = [a for a in get_args(tp) if a is not Ellipsis]
+    items = [_coerce(v, args[0]) if args else v for v in value]
+    return tuple(items) if (get_origin(tp) is tuple or tp is tuple) else items
+
+
+def _coerce_mapping(value: Any, tp: Any) -> dict[Any, Any]:
+    """``value`` as a dict, keys and values coerced when ``tp`` names their types."""
+    if not isinstance(value, Mapping):
+        raise _Mismatch("expected a mapping")
+    args = get_args(tp)
+    if len(args) == 2:
+        return {_coerce(k, args[0]): _coerce(v, args[1]) for k, v in value.items()}
+    return dict(value)
+
+
+def _coerce_bool(value: Any) -> bool:
+    """A boolean, or one of the words true/false, yes/no, on/off (any case)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
+        return value.lower() in ("true", "yes", "on")
+    raise _Mismatch("expected true or false")
+
+
+def _coerce_int(value: Any) -> int:
+    """An int, a whole float, or a text of one (``1_000``, ``1e3``); never a boolean."""
+    if isinstance(value, bool):
+        raise _Mismatch("expected an integer, not a boolean")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.replace("_", ""))
+        except ValueError:
+            try:
+                as_float = float(value)
+            except ValueError:
+                pass
+            else:
+                if as_float.is_integer():
+                    return int(as_float)
+    raise _Mismatch("expected an integer")
+
+
+def _coerce_float(value: Any) -> float:
+    """A number or the text of one as a float; never a boolean."""
+    if isinstance(value, bool):
+        raise _Mismatch("expected a number, not a boolean")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:  # YAML 1.1 reads `1e-4` (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    raise _Mismatch("expected a number")
+
+
+def _coerce_str(value: Any) -> str:
+    """A string, or a number written as one (YAML reads ``name: 1`` as an int)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise _Mismatch("expected a string")
+
+
+# The scalar annotations and their coercions (looked up by the annotation itself).
+_SCALARS: dict[Any, Any] = {
+    bool: _coerce_bool,
+    int: _coerce_int,
+    float: _coerce_float,
+    str: _coerce_str,
+}
 
 
 def _close_key(key: str, valid: Iterable[str]) -> str:

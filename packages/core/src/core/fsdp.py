@@ -194,32 +194,8 @@ def parallelize(
     Returns:
         The same module, now an ``FSDPModule`` whose parameters are ``DTensor`` shards.
     """
-    from torch.distributed.fsdp import (
-        CPUOffloadPolicy,
-        MixedPrecisionPolicy,
-        OffloadPolicy,
-        fully_shard,
-        register_fsdp_forward_method,
-    )
-
     if cfg.activation_checkpointing:
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-            CheckpointImpl,
-            apply_activation_checkpointing,
-            checkpoint_wrapper,
-        )
-
-        if not wrap_classes:
-            raise ConfigError(
-                "fsdp.activation_checkpointing=true needs block classes: set fsdp.auto_wrap."
-            )
-        apply_activation_checkpointing(
-            model,
-            checkpoint_wrapper_fn=lambda m: checkpoint_wrapper(
-                m, checkpoint_impl=CheckpointImpl.NO_REENTRANT
-            ),
-            check_fn=lambda m: isinstance(m, tuple(wrap_classes)),
-        )
+        _apply_activation_checkpointing(model, wrap_classes)
     rank0_state = None
     if cfg.sync_module_states and torch.distributed.get_world_size() > 1:
         # Copied before sharding: afterwards each rank only holds its slice of its own copy.
@@ -230,6 +206,91 @@ def parallelize(
         )
     mesh = shard_mesh(device_mesh, cfg, devices_per_node)
     param_dtype, reduce_dtype = mixed_precision_dtypes(cfg, precision)
+    dtypes = (param_dtype, reduce_dtype)
+    blocks = _shard_units(model, mesh, cfg, wrap_classes, dtypes, compile_blocks)
+    if rank0_state is not None:
+        _load_from_rank0(model, rank0_state)
+    log.info(
+        "FSDP2: %d blocks (%s) + root, %s over mesh %s, param dtype %s, reduce dtype %s%s%s",
+        len(blocks),
+        ", ".join(sorted(c.__name__ for c in wrap_classes)) or "none",
+        cfg.sharding_strategy,
+        tuple(mesh.shape),
+        param_dtype or "as stored",
+        reduce_dtype or "as stored",
+        ", activation checkpointing" if cfg.activation_checkpointing else "",
+        ", CPU offload" if cfg.cpu_offload else "",
+    )
+    if compile_blocks:
+        log.info("trainer.compile: %d blocks compiled (dynamic shapes) with FSDP2", len(blocks))
+    return model
+
+
+def _apply_activation_checkpointing(model: nn.Module, wrap_classes: set[type[nn.Module]]) -> None:
+    """Wrap every block of ``wrap_classes`` in ``model`` in a non-reentrant checkpoint wrapper.
+
+    Raises:
+        ConfigError: no block classes to wrap.
+    """
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl,
+        apply_activation_checkpointing,
+        checkpoint_wrapper,
+    )
+
+    if not wrap_classes:
+        raise ConfigError(
+            "fsdp.activation_checkpointing=true needs block classes: set fsdp.auto_wrap."
+        )
+    apply_activation_checkpointing(
+        model,
+        checkpoint_wrapper_fn=lambda m: checkpoint_wrapper(
+            m, checkpoint_impl=CheckpointImpl.NO_REENTRANT
+        ),
+        check_fn=lambda m: isinstance(m, tuple(wrap_classes)),
+    )
+
+
+def _load_from_rank0(model: nn.Module, rank0_state: dict[str, Any]) -> None:
+    """Overwrite every rank's shards with rank 0's full weights (a broadcast; rank 0 passes
+    its full state dict, the others an empty one)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(
+        model,
+        rank0_state,
+        options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
+    )
+
+
+def _shard_units(
+    model: nn.Module,
+    mesh: Any,
+    cfg: FSDPConfig,
+    wrap_classes: set[type[nn.Module]],
+    dtypes: tuple[torch.dtype | None, torch.dtype | None],
+    compile_blocks: bool,
+) -> list[nn.Module]:
+    """``fully_shard`` each block (compiled first if asked), then the root; set prefetching.
+
+    Args:
+        model: the model (its blocks already checkpoint-wrapped if asked).
+        mesh: the sharding mesh (:func:`shard_mesh`).
+        cfg, wrap_classes, compile_blocks: as for :func:`parallelize`.
+        dtypes: ``(param_dtype, reduce_dtype)`` from :func:`mixed_precision_dtypes`.
+
+    Returns:
+        The sharded blocks in forward order.
+    """
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        MixedPrecisionPolicy,
+        OffloadPolicy,
+        fully_shard,
+        register_fsdp_forward_method,
+    )
+
+    param_dtype, reduce_dtype = dtypes
     kwargs = {
         "mesh": mesh,
         "reshard_after_forward": cfg.sharding_strategy != "SHARD_GRAD_OP",
@@ -255,28 +316,7 @@ def parallelize(
         # the root's forward hooks so the root's parameters (the embeddings) are gathered.
         register_fsdp_forward_method(model, "generate")
     set_prefetch(blocks, cfg.prefetch_forward, cfg.prefetch_backward)
-    if rank0_state is not None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        set_model_state_dict(
-            model,
-            rank0_state,
-            options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
-        )
-    log.info(
-        "FSDP2: %d blocks (%s) + root, %s over mesh %s, param dtype %s, reduce dtype %s%s%s",
-        len(blocks),
-        ", ".join(sorted(c.__name__ for c in wrap_classes)) or "none",
-        cfg.sharding_strategy,
-        tuple(mesh.shape),
-        param_dtype or "as stored",
-        reduce_dtype or "as stored",
-        ", activation checkpointing" if cfg.activation_checkpointing else "",
-        ", CPU offload" if cfg.cpu_offload else "",
-    )
-    if compile_blocks:
-        log.info("trainer.compile: %d blocks compiled (dynamic shapes) with FSDP2", len(blocks))
-    return model
+    return blocks
 
 
 def set_prefetch(blocks: list[nn.Module], forward: int, backward: int) -> None:
@@ -396,48 +436,77 @@ class FSDP2Strategy(ModelParallelStrategy):
         Returns:
             The metadata entries that were not requested in ``state``.
         """
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
-
         path = Path(self.broadcast(str(path)))
         if not isinstance(state, dict) or not (path / ".metadata").is_file():
             return super().load_checkpoint(path, state, strict=strict, weights_only=weights_only)
-        module_key = next(k for k, v in state.items() if isinstance(v, nn.Module))
-        module = state[module_key]
-        stored = set(dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
-        model_state = get_model_state_dict(module)
-        wanted = {k: v for k, v in model_state.items() if strict or f"{module_key}.{k}" in stored}
-        missing = [k for k in wanted if f"{module_key}.{k}" not in stored]
-        if missing:
-            raise KeyError(
-                f"the checkpoint lacks {len(missing)} model tensors, e.g. {missing[0]!r}"
-            )
-        dcp.load({module_key: wanted}, checkpoint_id=path)
-        set_model_state_dict(module, wanted, options=StateDictOptions(strict=strict))
-        for key, optimizer in state.items():
-            if isinstance(optimizer, Optimizer):
-                optim_state = {key: get_optimizer_state_dict(module, optimizer)}
-                dcp.load(optim_state, checkpoint_id=path)
-                set_optimizer_state_dict(module, optimizer, optim_state_dict=optim_state[key])
+        _load_sharded_tensors(path, state, strict)
         metadata = torch.load(path / METADATA_FILE, weights_only=bool(weights_only))
-        requested = [k for k, v in state.items() if not isinstance(v, (nn.Module, Optimizer))]
-        absent = [k for k in requested if k not in metadata]
-        if strict and absent:
-            raise KeyError(f"the checkpoint has no {absent}")
-        for key in requested:
-            if key not in metadata:
-                continue
-            if isinstance(state[key], _Stateful):
-                state[key].load_state_dict(metadata.pop(key))
-            else:
-                state[key] = metadata.pop(key)
-        return metadata
+        return _restore_metadata(metadata, state, strict)
+
+
+def _load_sharded_tensors(path: Path, state: dict[str, Any], strict: bool) -> None:
+    """Load the model's (and each optimizer's) shards of a checkpoint folder into ``state``.
+
+    Args:
+        path: the checkpoint folder.
+        state: as for :meth:`FSDP2Strategy.load_checkpoint` (one module, optimizers, others).
+        strict: False loads only the model tensors the checkpoint holds.
+
+    Raises:
+        KeyError: ``strict`` and the checkpoint lacks a model tensor.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    module_key = next(k for k, v in state.items() if isinstance(v, nn.Module))
+    module = state[module_key]
+    stored = set(dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
+    model_state = get_model_state_dict(module)
+    wanted = {k: v for k, v in model_state.items() if strict or f"{module_key}.{k}" in stored}
+    missing = [k for k in wanted if f"{module_key}.{k}" not in stored]
+    if missing:
+        raise KeyError(f"the checkpoint lacks {len(missing)} model tensors, e.g. {missing[0]!r}")
+    dcp.load({module_key: wanted}, checkpoint_id=path)
+    set_model_state_dict(module, wanted, options=StateDictOptions(strict=strict))
+    for key, optimizer in state.items():
+        if isinstance(optimizer, Optimizer):
+            optim_state = {key: get_optimizer_state_dict(module, optimizer)}
+            dcp.load(optim_state, checkpoint_id=path)
+            set_optimizer_state_dict(module, optimizer, optim_state_dict=optim_state[key])
+
+
+def _restore_metadata(
+    metadata: dict[str, Any], state: dict[str, Any], strict: bool
+) -> dict[str, Any]:
+    """Fill the non-tensor entries of ``state`` from a checkpoint's metadata.
+
+    Args:
+        metadata: the checkpoint's metadata file, loaded (entries are popped as used).
+        state: as for :meth:`FSDP2Strategy.load_checkpoint`; stateful objects load in place,
+            other entries are replaced.
+        strict: True requires every requested key.
+
+    Returns:
+        The metadata entries that were not requested in ``state``.
+    """
+    requested = [k for k, v in state.items() if not isinstance(v, (nn.Module, Optimizer))]
+    absent = [k for k in requested if k not in metadata]
+    if strict and absent:
+        raise KeyError(f"the checkpoint has no {absent}")
+    for key in requested:
+        if key not in metadata:
+            continue
+        if isinstance(state[key], _Stateful):
+            state[key].load_state_dict(metadata.pop(key))
+        else:
+            state[key] = metadata.pop(key)
+    return metadata
 
 
 def _single_module(state: dict[str, Any]) -> nn.Module:

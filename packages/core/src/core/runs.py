@@ -292,17 +292,7 @@ def slurm_claim(
     record.parent.mkdir(parents=True, exist_ok=True)
     with _RecordMutex(record):
         entries = _read_slurm_entries(record)
-        found = None
-        for entry in entries:
-            path = Path(entry["run_dir"])
-            if (
-                int(entry.get("claimed", entry.get("restart", 0))) < restart
-                and entry.get("command") in (None, command)
-                and path.is_dir()
-                and (task is None or run_task(path) in (task, None))
-            ):
-                found = entry
-                break
+        found = _requeued_entry(entries, restart, command, task)
         if found is not None:
             found["claimed"] = restart
             run = RunDir(Path(found["run_dir"]), created=False, reason="slurm requeue")
@@ -322,6 +312,24 @@ def slurm_claim(
         tmp.write_text(json.dumps({"job": job, "runs": entries}, indent=1), encoding="utf-8")
         os.replace(tmp, record)
     return run
+
+
+def _requeued_entry(
+    entries: list[dict[str, Any]], restart: int, command: str | None, task: str | None
+) -> dict[str, Any] | None:
+    """The first record entry a requeued ``train`` continues (see :func:`slurm_claim`): made by
+    an earlier incarnation, not yet claimed by this one, same command line, its folder still
+    there and of the same task. None: start a new run."""
+    for entry in entries:
+        path = Path(entry["run_dir"])
+        if (
+            int(entry.get("claimed", entry.get("restart", 0))) < restart
+            and entry.get("command") in (None, command)
+            and path.is_dir()
+            and (task is None or run_task(path) in (task, None))
+        ):
+            return entry
+    return None
 
 
 def resolve_run_dir(
