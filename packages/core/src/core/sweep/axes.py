@@ -1,34 +1,5 @@
-"""Sweeps: a grid of ordinary training runs, run locally one by one or as one SLURM job array.
-
-    sweep [-c PRESET] [key=value ...] key=v1,v2,... [key=a,b ...] [--name NAME] [--seeds N]
-          [--max-points N] [--max-parallel M] [--new | --resume DIR] [--dry-run]
-          [--slurm [sbatch args ...]]
-
-- ``key=v1,v2`` (a comma at the top level) is an **axis**; the grid is the cartesian product of
-  the axes (last axis fastest). Commas inside ``[...]``, ``{...}`` or quotes stay in one value:
-  ``lora.target_modules=[q_proj,v_proj],[q_proj,k_proj,v_proj,o_proj]`` is an axis of two lists.
-  ``key=value`` without a top-level comma is a fixed override of every point.
-- ``--seeds N`` repeats each point with ``trainer.seed`` = the base seed, +1, ..., +N-1.
-- A sweep is a folder ``<run.root>/sweeps/NNN_YYYYMMDD_HHMMSS[_name]/`` holding ``sweep.yaml``
-  (the command, the resolved base config, the axes and the points) and one ordinary run folder per
-  point, ``<index>_<key>=<value>_...``: each point is a normal ``train`` run with
-  ``run.dir=<point folder>``, so it has its manifest, metrics, checkpoints and ``final/``.
-- Locally the points run one after another, each as its own ``train`` process (DDP launch,
-  signals and memory stay exactly those of a normal run). Running the same command again (or
-  ``sweep --resume DIR``) skips completed points, continues interrupted ones from their newest
-  checkpoint (``trainer.resume=auto`` in the same folder) and starts the rest.
-- ``--slurm [sbatch args]`` submits one job array ``sbatch --array=<points>%M`` of the task's own
-  ``train.sbatch``; array task *i* reads its point's arguments from ``<sweep>/slurm/<i>.args``
-  (``slurm/lib/launch.sh``), so a requeued task (USR1 -> checkpoint -> ``scontrol requeue``)
-  resumes its own point folder.
-- Every point is started with exactly the same preset and overrides each time (the trainer
-  accepts an existing run folder only with the config it was started with).
-- Input is checked before anything is created, run or submitted: unknown keys (with the closest
-  key), values of the wrong type, empty axes, grids larger than ``--max-points`` (default
-  :data:`DEFAULT_MAX_POINTS`), and a sweep folder whose base config differs from the command's
-  exit with code 2 and one paragraph.
-
-Self-check: ``python -m core.sweep``.
+"""The grid of a sweep: axes and fixed overrides split from a command line, the points of their
+cartesian product and their folder names (see :mod:`core.sweep`).
 """
 
 from __future__ import annotations
@@ -1085,37 +1056,3 @@ def sweep_command(
     if code == 0 and all(point_status(sweep.point_dir(p)) == "completed" for p in sweep.points):
         print(compare_sweep_text(sweep.path))
     return code
-
-
-if __name__ == "__main__":  # self-check: python -m core.sweep
-    import doctest
-    import tempfile
-
-    from core.testing import train as toy_train
-
-    doctest.testmod(verbose=False)
-    fixed, axes = split_overrides(
-        ["trainer.max_steps=2", "optim.lr=1e-3,3e-4", "model.n_layer=1,2"]
-    )
-    points = grid(axes)
-    assert (
-        fixed == ["trainer.max_steps=2"]
-        and [p.dir_name for p in points][-1] == "003_lr=3e-4_n_layer=2"
-    )
-    for bad in (["optim.lrr=1,2"], ["optim.lr=abc,1e-3"], ["optim.lr=,"], ["optim.lr=1e-3,"]):
-        try:
-            spec = SweepSpec("toy", None, [], split_overrides(bad)[1])
-            check_grid(toy_train, spec, grid(spec.axes))
-        except UserError as err:
-            print(f"{bad[0]:<20} -> {str(err)[:110]}...")
-        else:
-            raise AssertionError(f"{bad} was accepted")
-    with tempfile.TemporaryDirectory() as tmp:
-        code = sweep_command(
-            [f"run.root={tmp}", "optim.lr=1e-3,3e-4", "--seeds", "2", "--dry-run"],
-            task="toy",
-            train=toy_train,
-            train_cmd=[sys.executable, "-m", "core.testing", "train"],
-        )
-        assert code == 0 and not any(Path(tmp).iterdir()), "a dry run must not write anything"
-    print("core.sweep: ok")
