@@ -41,40 +41,50 @@ Self-check: ``python -m core.sweep`` (runs the doctests of every module and a dr
 """
 
 from core.sweep.axes import (
-    DEFAULT_MAX_POINTS,
     RESERVED_KEYS,
     SEED_KEY,
-    SWEEP_FILE,
     Axis,
     Point,
-    Sweep,
     SweepSpec,
     TrainFn,
-    array_ranges,
-    check_grid,
-    config_changes,
-    find_sbatch_script,
-    find_sweep,
     grid,
-    live_array_jobs,
-    next_sweep_path,
     point_dir_name,
-    point_status,
-    read_sweep,
-    resolved_config,
-    run_local,
-    sbatch_command,
     seed_axis,
-    set_aside_unstarted,
     split_overrides,
     split_values,
-    submit_array,
+)
+from core.sweep.check import (
+    check_grid,
+    config_changes,
+    resolved_config,
+)
+from core.sweep.command import (
+    DEFAULT_MAX_POINTS,
     sweep_command,
-    sweep_lock,
     sweep_parser,
+)
+from core.sweep.folder import (
+    SWEEP_FILE,
+    Sweep,
+    find_sweep,
+    next_sweep_path,
+    point_status,
+    read_sweep,
     sweeps_root,
-    write_array_args,
     write_sweep,
+)
+from core.sweep.local import (
+    run_local,
+    set_aside_unstarted,
+    sweep_lock,
+)
+from core.sweep.slurm import (
+    array_ranges,
+    find_sbatch_script,
+    live_array_jobs,
+    sbatch_command,
+    submit_array,
+    write_array_args,
 )
 
 __all__ = [
