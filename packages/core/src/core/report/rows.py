@@ -1,30 +1,4 @@
-"""``runs``: list and compare run folders and sweeps, as tables and one PNG of overlaid curves.
-
-    runs list [ROOT] [--format table|md|csv|json] [--wide]
-    runs compare RUN_OR_SWEEP ... [--format table|md|csv|json] [--png PATH | --no-png] [--overwrite]
-                 [--mixed]
-
-- ``runs list`` prints one row per run folder under ``ROOT`` (default ``runs``; a sweep folder
-  lists its points): number, name, status, steps, best monitored metric and its step, wall time,
-  and the config keys whose values differ between the listed runs. Runs of several tasks get
-  one table per task. On a terminal the table is cut to its width (long values shortened, the
-  last differing keys left out and named); ``--wide`` (or a pipe) shows everything. A run whose
-  summary says ``running`` but whose process is gone shows as ``stopped (no live process)``; an
-  unreadable ``summary.json`` as ``corrupt``, with its path below the table. Sweeps under
-  ``ROOT/sweeps`` get one row each.
-- ``runs compare`` prints the same table for the given runs (a sweep stands for its points),
-  sorted by the monitored metric (best first), and writes one PNG that overlays their training
-  loss, validation loss and monitored metric. Points that differ only in ``trainer.seed`` are
-  also summarised as one row each, with mean ± std of the best metric over the seeds. Runs of
-  different tasks or monitored metrics are not ranked against each other unless ``--mixed``
-  (then each metric is ranked on its own).
-
-Everything is read from what the trainer writes: ``config.yaml``, ``summary.json``,
-``metrics.jsonl`` (and ``sweep.yaml`` for sweeps). The PNG is never written over a file that
-``runs compare`` did not write itself (:mod:`core.outputs`), unless ``--overwrite``.
-
-Self-check: ``python -m core.report``.
-"""
+"""Reading run folders and sweeps into rows, and comparing them (see :mod:`core.report`)."""
 
 from __future__ import annotations
 
@@ -949,35 +923,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     if note:
         print(" ".join(note.split()), file=sys.stderr)
     return 0
-
-
-if __name__ == "__main__":  # self-check: python -m core.report
-    import doctest
-    import tempfile
-
-    doctest.testmod(verbose=False)
-    with tempfile.TemporaryDirectory() as tmp:
-        for i, lr in enumerate((1e-3, 3e-4), start=1):
-            run = Path(tmp) / f"{i:03d}_20260101_12000{i}"
-            run.mkdir()
-            config = {"optim": {"lr": lr}, "trainer": {"seed": 1}, "checkpoint": {"mode": "min"}}
-            (run / "config.yaml").write_text(yaml.safe_dump(config))
-            summary = {
-                "status": "completed",
-                "global_step": 4,
-                "total_steps": 4,
-                "wall_seconds": 3,
-                "best": {"metric": "val/loss", "value": 2.0 / i, "step": 4},
-            }
-            (run / "summary.json").write_text(json.dumps(summary))
-            lines = [{"step": s, "train/loss": 3.0 / s / i} for s in range(1, 5)]
-            lines.append({"step": 4, "val/loss": 2.0 / i})
-            (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-        print(list_command(Path(tmp), "table"))
-        rows = collect(sorted(Path(tmp).iterdir()))
-        assert differing_keys(rows) == ["optim.lr"], differing_keys(rows)
-        assert ranked(rows)[0].number == "002"
-        png = plot_compare(rows, Path(tmp) / "compare.png")
-        assert png is not None and _ours(png)
-        print(compare_output(rows, "md", png))
-    print("core.report: ok")
