@@ -35,41 +35,47 @@ Self-check: ``python -m core.report`` (doctests of every module, a list and a co
 runs).
 """
 
-from core.report.rows import (
-    FORMATS,
-    IGNORED_KEYS,
-    KEY_CELL_WIDTH,
+from core.report.command import (
+    list_command,
+    main,
+    runs_parser,
+    terminal_width,
+)
+from core.report.plot import (
     PNG_MARK,
+    default_png,
+    plot_compare,
+)
+from core.report.rows import (
+    IGNORED_KEYS,
     SEED_KEY,
     STOPPED,
     Group,
     RunRow,
     check_comparable,
     collect,
-    compare_output,
-    compare_sweep_text,
-    default_png,
     differing_keys,
-    fit_table,
     flatten,
-    group_table,
     is_run,
     is_sweep,
-    list_command,
     list_runs,
     load_run,
-    main,
-    plot_compare,
     ranked,
+    seed_groups,
+    split_name,
+    sweep_rows,
+)
+from core.report.tables import (
+    FORMATS,
+    KEY_CELL_WIDTH,
+    compare_output,
+    compare_sweep_text,
+    fit_table,
+    group_table,
     render,
     run_records,
     run_table,
-    runs_parser,
-    seed_groups,
-    split_name,
     sweep_list_rows,
-    sweep_rows,
-    terminal_width,
 )
 
 __all__ = [

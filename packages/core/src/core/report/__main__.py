@@ -13,7 +13,7 @@ import yaml
 
 from core.report import collect, compare_output, differing_keys, list_command, plot_compare, ranked
 from core.report import rows as rows_module
-from core.report.rows import _ours
+from core.report.plot import _ours
 
 for module in (rows_module,):
     assert doctest.testmod(module, verbose=False).failed == 0, module.__name__
