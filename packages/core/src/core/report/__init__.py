@@ -31,8 +31,8 @@ Modules (one per section of the former ``core/report.py``):
 - :mod:`core.report.plot`: the PNG of overlaid curves that ``runs compare`` writes.
 - :mod:`core.report.command`: the ``runs`` command (``list``, ``compare``).
 
-Self-check: ``python -m core.report`` (doctests of every module, a list and a compare of two
-runs).
+Self-check: ``python -m core.report`` (the doctests of rows, a list and a compare of two runs
+with their PNG).
 """
 
 from core.report.command import (

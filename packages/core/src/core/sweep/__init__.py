@@ -37,7 +37,8 @@ Modules (one per section of the former ``core/sweep.py``):
 - :mod:`core.sweep.slurm`: submitting the points as one SLURM job array.
 - :mod:`core.sweep.command`: the ``sweep`` command (parser, plan, dispatch).
 
-Self-check: ``python -m core.sweep`` (runs the doctests of every module and a dry run).
+Self-check: ``python -m core.sweep`` (the doctests of axes and slurm, a sweep folder written
+and read back, the local lock, a dry run).
 """
 
 from core.sweep.axes import (
