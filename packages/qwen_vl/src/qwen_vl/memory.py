@@ -269,10 +269,12 @@ def render(report: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":  # self-check: python -m qwen_vl.memory
-    from core.config import load_config
-    from qwen_vl.cli import PRESETS_DIR
+    from pathlib import Path
 
+    from core.config import load_config
+
+    presets = Path(__file__).parent / "presets"  # the module does not import the cli
     for preset in ("qwen2_5_vl_3b", "qwen2_5_vl_7b"):
-        report = estimate(load_config(QwenVLConfig, preset, ["trainer.devices=4"], PRESETS_DIR))
+        report = estimate(load_config(QwenVLConfig, preset, ["trainer.devices=4"], presets))
         print(f"--- {preset}\n{render(report)}")
     print("qwen_vl.memory: ok")
