@@ -354,14 +354,14 @@ def _llava_turns(raw: dict[str, Any], name: str, add_image: Any) -> list[dict[st
     return messages
 
 
-def _check_roles(messages: list[dict[str, Any]], name: str) -> int:
-    """Check where system and assistant turns are.
-
-    Returns:
-        The index of the last assistant turn.
+def _up_to_last_answer(
+    messages: list[dict[str, Any]], images: list[ImageSource], name: str
+) -> tuple[list[dict[str, Any]], list[ImageSource]]:
+    """The turns through the last assistant turn (and their images), checked: one system turn
+    at most and first, at least one assistant turn, every assistant turn text without images.
 
     Raises:
-        UserError: a system turn after the first, or no assistant turn.
+        UserError: a misplaced system turn, no assistant turn, an empty answer or one with an image.
     """
     for t, message in enumerate(messages):
         if message["role"] == "system" and t > 0:
@@ -372,15 +372,11 @@ def _check_roles(messages: list[dict[str, Any]], name: str) -> int:
             f"{name}: has no assistant turn, so there is nothing to train on; add the expected "
             "answer as an assistant turn."
         )
-    return last
-
-
-def _check_answers(messages: list[dict[str, Any]], name: str) -> None:
-    """Every assistant turn holds text and no image.
-
-    Raises:
-        UserError: an image in an assistant turn, or an empty one.
-    """
+    dropped = messages[last + 1 :]
+    messages = messages[: last + 1]
+    used = {p["image"] for m in messages for p in m["content"] if p["type"] == "image"}
+    if dropped and len(used) != len(images):
+        images = images[: len(used)]  # images of dropped trailing turns
     for t, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
@@ -394,6 +390,7 @@ def _check_answers(messages: list[dict[str, Any]], name: str) -> None:
                 f"{name}: assistant turn {t} is empty; every assistant turn is trained and needs "
                 "text."
             )
+    return messages, images
 
 
 def parse_record(
@@ -433,13 +430,7 @@ def parse_record(
             f"{name}: needs 'messages' (role/content turns) or 'conversations' (LLaVA from/value "
             "turns)."
         )
-    last = _check_roles(messages, name)
-    dropped = messages[last + 1 :]
-    messages = messages[: last + 1]
-    used = {p["image"] for m in messages for p in m["content"] if p["type"] == "image"}
-    if dropped and len(used) != len(images):
-        images = images[: len(used)]  # images of dropped trailing turns
-    _check_answers(messages, name)
+    messages, images = _up_to_last_answer(messages, images, name)
     if system_prompt is not None and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system_prompt}]})
     reference = "".join(p["text"] for p in messages[-1]["content"])
@@ -671,6 +662,15 @@ class Encoder:
         w, h = vision_size(width, height, self.factor, self.min_pixels, self.max_pixels)
         return (w // self.factor) * (h // self.factor)
 
+    def image_part(self, image: Image.Image) -> dict[str, Any]:
+        """A qwen_vl_utils image part of ``image`` at this encoder's pixel limits."""
+        return {
+            "type": "image",
+            "image": image,
+            "min_pixels": self.min_pixels,
+            "max_pixels": self.max_pixels,
+        }
+
     # -- whole records -------------------------------------------------------------------------
 
     def encode(self, conv: Conversation, images: list[Image.Image]) -> dict[str, Any]:
@@ -692,14 +692,7 @@ class Encoder:
             {
                 "role": m["role"],
                 "content": [
-                    {
-                        "type": "image",
-                        "image": images[p["image"]],
-                        "min_pixels": self.min_pixels,
-                        "max_pixels": self.max_pixels,
-                    }
-                    if p["type"] == "image"
-                    else p
+                    self.image_part(images[p["image"]]) if p["type"] == "image" else p
                     for p in m["content"]
                 ],
             }
@@ -738,33 +731,21 @@ class Encoder:
         """
         from qwen_vl_utils import process_vision_info
 
-        parts: list[dict[str, Any]] = [
-            {
-                "type": "image",
-                "image": im,
-                "min_pixels": self.min_pixels,
-                "max_pixels": self.max_pixels,
-            }
-            for im in images
-        ]
+        parts: list[dict[str, Any]] = [self.image_part(im) for im in images]
         messages = [{"role": "user", "content": [*parts, {"type": "text", "text": prompt}]}]
         resized = (
             process_vision_info(messages, image_patch_size=self.patch_size)[0] if images else None
         )
         text = self.chat_text(messages, add_generation_prompt=True)
         out = self.processor(text=[text], images=resized, return_tensors="pt")
-        return {
-            k: v
-            for k, v in out.items()
-            if k
-            in (
-                "input_ids",
-                "attention_mask",
-                "mm_token_type_ids",
-                "pixel_values",
-                "image_grid_thw",
-            )
-        }
+        keep = (
+            "input_ids",
+            "attention_mask",
+            "mm_token_type_ids",
+            "pixel_values",
+            "image_grid_thw",
+        )
+        return {k: v for k, v in out.items() if k in keep}
 
     def dummy_pixels(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The smallest image the vision tower accepts: one merge window, all zeros.
@@ -1005,9 +986,7 @@ def _measure_all(
     kept, lengths, dropped = [], [], []
     fingerprint = hashlib.sha256()
     for conv, name, image_sizes, ids in zip(convs, names, sizes, all_ids):
-        vision = _vision_tokens(conv, name, image_sizes, encoder, fingerprint)
-        _check_tokens(conv, name, ids, encoder)
-        length = len(ids) - len(conv.images) + vision  # each <|image_pad|> -> its vision tokens
+        length, vision = _record_length(conv, name, image_sizes, ids, encoder, fingerprint)
         if cut_long is not None and max_length is not None:
             if cut_long.count(length) < length:
                 length = shorten_question(conv, encoder, length, max_length) + vision
@@ -1052,17 +1031,23 @@ def _parse_all(
     return convs, names
 
 
-def _vision_tokens(
+def _record_length(
     conv: Conversation,
     name: str,
     image_sizes: list[tuple[int, int, int]],
+    ids: list[int],
     encoder: Encoder,
     fingerprint: Any,
-) -> int:
-    """Vision tokens of a record's images; adds each image to the data set's ``fingerprint``.
+) -> tuple[int, int]:
+    """Tokens of a record, its images' vision tokens included; adds each image to the data set's
+    ``fingerprint``. The tokenized text must hold every assistant turn and one image token per
+    image.
+
+    Returns:
+        ``(length, vision tokens)``.
 
     Raises:
-        UserError: an image the processor cannot use (e.g. too small).
+        UserError: an image the processor cannot use, or a count that does not match.
     """
     vision = 0
     for src, (width, height, nbytes) in zip(conv.images, image_sizes):
@@ -1071,15 +1056,6 @@ def _vision_tokens(
         except ValueError as err:
             raise UserError(f"{name}: image {src.label!r} cannot be used: {err}.") from None
         fingerprint.update(f"{src.path or src.label}|{width}x{height}|{nbytes}".encode())
-    return vision
-
-
-def _check_tokens(conv: Conversation, name: str, ids: list[int], encoder: Encoder) -> None:
-    """The tokenized text holds every assistant turn and one image token per image.
-
-    Raises:
-        UserError: a count that does not match.
-    """
     found = assistant_spans(ids, encoder.header_ids, encoder.end_id)
     if len(found) != conv.n_assistant:
         raise UserError(
@@ -1093,6 +1069,7 @@ def _check_tokens(conv: Conversation, name: str, ids: list[int], encoder: Encode
             f"{name}: the image-token count of the text does not match its {len(conv.images)} "
             "image(s)."
         )
+    return len(ids) - len(conv.images) + vision, vision  # each <|image_pad|> -> its vision tokens
 
 
 def _report_dropped(

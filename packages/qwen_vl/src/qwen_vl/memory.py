@@ -151,13 +151,13 @@ def sample_shape(cfg: QwenVLConfig, vision: Any) -> dict[str, int]:
     vision_tokens = patches // vision.spatial_merge_size**2
     seq = cfg.data.max_length or vision_tokens + TEXT_TOKENS
     text_tokens = max(seq - vision_tokens, 1)
-    return {
-        "pixels": pixels,
-        "patches": patches,
-        "vision_tokens": vision_tokens,
-        "seq": seq,
-        "text_tokens": text_tokens,
-    }
+    return dict(
+        pixels=pixels,
+        patches=patches,
+        vision_tokens=vision_tokens,
+        seq=seq,
+        text_tokens=text_tokens,
+    )
 
 
 def activations(
@@ -169,26 +169,12 @@ def activations(
     batch, offload = cfg.trainer.batch_size, cfg.trainer.offload_activations
     lora_targets = len(m.lora.target_modules) if m.lora.enabled else 0
     per_token = layer_activation_bytes(text.hidden_size, text.intermediate_size, e, lora_targets)
-    total = stack_activation_bytes(
-        text.num_hidden_layers,
-        batch * shape["seq"],
-        per_token,
-        text.hidden_size,
-        e,
-        checkpointed,
-        offload,
-    )
+    tokens, layers, hidden = batch * shape["seq"], text.num_hidden_layers, text.hidden_size
+    total = stack_activation_bytes(layers, tokens, per_token, hidden, e, checkpointed, offload)
     if m.train_vision:  # a frozen tower's outputs need no gradient inside it: nothing is kept
         per_patch = layer_activation_bytes(vision.hidden_size, vision.intermediate_size, e, 0)
-        total += stack_activation_bytes(
-            vision.depth,
-            batch * shape["patches"],
-            per_patch,
-            vision.hidden_size,
-            e,
-            checkpointed,
-            offload,
-        )
+        patches, depth, hidden = batch * shape["patches"], vision.depth, vision.hidden_size
+        total += stack_activation_bytes(depth, patches, per_patch, hidden, e, checkpointed, offload)
     return total
 
 
