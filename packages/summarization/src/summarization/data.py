@@ -29,6 +29,7 @@ import torch
 
 from core.errors import UserError
 from core.padding import length_mask, pad_rows
+from core.storage import writable_cache
 from core.task import IGNORE_INDEX
 
 CACHE_VERSION = "2"  # 2: source_tokens (length before truncation)
@@ -360,8 +361,6 @@ def tokenize_rows(
     fingerprint = cache_fingerprint(
         sources, targets, tokenizer, prefix, max_source_length, max_target_length
     )
-    from core.storage import writable_cache
-
     # A read-only cache (HOME, a shared HF_DATASETS_CACHE) falls back to $TMPDIR with a warning.
     folder = writable_cache(
         Path(cache_dir) if cache_dir else default_cache_dir(),
