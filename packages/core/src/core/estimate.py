@@ -205,12 +205,16 @@ def logits_bytes(tokens: int, vocab: int, hidden: int, act_bytes: int, loss: Los
     return float(3 * 4 * min(tokens, loss.chunk_tokens) * vocab + tokens * hidden * act_bytes)
 
 
-def setup_lines(cfg: TrainConfig, shape: str) -> dict[str, str]:
+def setup_lines(
+    cfg: TrainConfig, shape: str, switches: str = "", auto_bf16: bool = False
+) -> dict[str, str]:
     """The report's lines on the run's shape: strategy and ranks, precision, batch, switches.
 
     Args:
         cfg: the root config (``loss`` group read when the task has one).
         shape: the task's description of one sample's size (sequence length, image size).
+        switches: the task's own switches, appended to the shared ones (``", name=value, ..."``).
+        auto_bf16: the estimate counts ``trainer.precision=auto`` as bf16-mixed (and says so).
     """
     split = shard_ranks(cfg)
     strategy = cfg.trainer.strategy
@@ -228,19 +232,22 @@ def setup_lines(cfg: TrainConfig, shape: str) -> dict[str, str]:
         replicas = "1 rank" if split["world"] == 1 else f"DDP over {split['world']} ranks"
         how = f"{replicas}: every rank holds everything"
     loss = getattr(cfg, "loss", None)
-    switches = [
+    shared = [
         f"loss.chunked={str(loss.chunked).lower()} ({loss.chunk_tokens} tokens per chunk)"
         if loss is not None
         else "loss: plain (task without a chunked loss)",
         f"trainer.offload_activations={str(cfg.trainer.offload_activations).lower()}",
         f"trainer.compile={str(cfg.trainer.compile).lower()} (not modelled)",
     ]
+    precision = cfg.trainer.precision
+    if auto_bf16 and precision == "auto":
+        precision = "auto (bf16-mixed on a GPU with bfloat16)"
     return {
         "strategy": how,
-        "precision": cfg.trainer.precision,
+        "precision": precision,
         "batch": f"micro-batch {cfg.trainer.batch_size} x accumulation "
         f"{cfg.trainer.accumulate_grad_batches} x {split['world']} ranks; {shape}",
-        "switches": ", ".join(switches),
+        "switches": ", ".join(shared) + switches,
     }
 
 
@@ -261,12 +268,6 @@ def largest_unit(model: torch.nn.Module, suffixes: tuple[str, ...]) -> int:
         ),
         default=0,
     )
-
-
-def precision_line(setup: dict[str, str], precision: str) -> None:
-    """Under ``trainer.precision=auto``, say in ``setup`` what the estimate assumed."""
-    if precision == "auto":
-        setup["precision"] = "auto (bf16-mixed on a GPU with bfloat16)"
 
 
 def on(value: bool) -> str:

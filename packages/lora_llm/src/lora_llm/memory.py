@@ -47,7 +47,6 @@ from core.estimate import (
     memory_report,
     on,
     optimizer_bytes,
-    precision_line,
     setup_lines,
     shard_ranks,
     stack_activation_bytes,
@@ -262,14 +261,12 @@ def setup(cfg: LoraLLMConfig) -> dict[str, str]:
     data = cfg.data
     layout = "padding-free rows" if data.padding_free else "padded to the longest"
     shape = f"{data.max_length:,} tokens per sample ({'packed rows' if data.packing else layout})"
-    lines = setup_lines(cfg, shape)
-    precision_line(lines, cfg.trainer.precision)
-    lines["switches"] += (
+    switches = (
         f", lora.use_dora={on(cfg.lora.use_dora)}, lora.use_rslora={on(cfg.lora.use_rslora)}, "
         f"data.padding_free={on(data.padding_free)}, "
         f"model.liger_kernel={on(cfg.model.liger_kernel)} (not modelled)"
     )
-    return lines
+    return setup_lines(cfg, shape, switches, auto_bf16=True)
 
 
 def estimate(cfg: LoraLLMConfig) -> dict[str, Any]:

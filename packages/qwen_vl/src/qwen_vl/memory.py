@@ -181,18 +181,17 @@ def activations(
 def setup(cfg: QwenVLConfig, shape: dict[str, int], checkpointed: bool) -> dict[str, str]:
     """:func:`core.estimate.setup_lines` with the sample's shape and the task's switches."""
     m = cfg.model
-    lines = setup_lines(
-        cfg,
+    sample = (
         f"{shape['seq']:,} tokens per sample: one image at data.max_pixels={shape['pixels']:,} "
         f"({shape['vision_tokens']:,} vision tokens, {shape['patches']:,} patches) + "
-        f"{shape['text_tokens']:,} text tokens",
+        f"{shape['text_tokens']:,} text tokens"
     )
-    lines["switches"] += (
+    switches = (
         f", activation checkpointing={on(checkpointed)}, "
         f"model.lora.enabled={on(m.lora.enabled)} (use_dora={on(m.lora.use_dora)}), "
         f"model.liger_kernel={on(m.liger_kernel)} (not modelled)"
     )
-    return lines
+    return setup_lines(cfg, sample, switches)
 
 
 def estimate(cfg: QwenVLConfig) -> dict[str, Any]:

@@ -33,7 +33,6 @@ from core.estimate import (
     layer_activation_bytes,
     memory_report,
     on,
-    precision_line,
     setup_lines,
     shipped_config,
     stack_activation_bytes,
@@ -144,9 +143,8 @@ def estimate(cfg: SummarizationConfig) -> dict[str, Any]:
     batch, src, tgt = cfg.trainer.batch_size, cfg.data.max_source_length, cfg.data.max_target_length
     checkpointed = checkpointing(cfg, cfg.model.gradient_checkpointing)
     unit = largest_unit(model, ("EncoderLayer", "DecoderLayer", "Block"))
-    setup = setup_lines(cfg, f"source {src} + summary {tgt} tokens per sample")
-    precision_line(setup, cfg.trainer.precision)
-    setup["switches"] += f", activation checkpointing={on(checkpointed)}"
+    shape = f"source {src} + summary {tgt} tokens per sample"
+    switches = f", activation checkpointing={on(checkpointed)}"
     return memory_report(
         model=cfg.model.name if cfg.model.init == "pretrained" else "scratch",
         architecture={
@@ -158,7 +156,7 @@ def estimate(cfg: SummarizationConfig) -> dict[str, Any]:
         config_source=source,
         parameters=total,
         trainable=trainable,
-        setup=setup,
+        setup=setup_lines(cfg, shape, switches, auto_bf16=True),
         components={
             **state,
             "activations": activations(cfg, config, e, checkpointed),
