@@ -30,10 +30,12 @@ Self-check: ``python -m core.estimate``.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from core.errors import UserError
 from core.settings import LossConfig, TrainConfig
 
 GIB = 2**30
@@ -84,6 +86,12 @@ def shard_ranks(cfg: TrainConfig) -> dict[str, int]:
 def compute_bytes(precision: str) -> int:
     """Bytes per activation value: 2 under 16-bit precision (mixed or true), 4 in float32."""
     return 2 if precision.startswith(("bf16", "16")) else 4
+
+
+def autocast_bytes(precision: str) -> int:
+    """Bytes per activation value when ``auto`` counts as what it picks on a GPU with bfloat16
+    (bf16-mixed: 2); else :func:`compute_bytes`."""
+    return 2 if precision == "auto" else compute_bytes(precision)
 
 
 def weight_bytes(precision: str) -> int:
@@ -197,12 +205,16 @@ def logits_bytes(tokens: int, vocab: int, hidden: int, act_bytes: int, loss: Los
     return float(3 * 4 * min(tokens, loss.chunk_tokens) * vocab + tokens * hidden * act_bytes)
 
 
-def setup_lines(cfg: TrainConfig, shape: str) -> dict[str, str]:
+def setup_lines(
+    cfg: TrainConfig, shape: str, switches: str = "", auto_bf16: bool = False
+) -> dict[str, str]:
     """The report's lines on the run's shape: strategy and ranks, precision, batch, switches.
 
     Args:
         cfg: the root config (``loss`` group read when the task has one).
         shape: the task's description of one sample's size (sequence length, image size).
+        switches: the task's own switches, appended to the shared ones (``", name=value, ..."``).
+        auto_bf16: the estimate counts ``trainer.precision=auto`` as bf16-mixed (and says so).
     """
     split = shard_ranks(cfg)
     strategy = cfg.trainer.strategy
@@ -220,20 +232,78 @@ def setup_lines(cfg: TrainConfig, shape: str) -> dict[str, str]:
         replicas = "1 rank" if split["world"] == 1 else f"DDP over {split['world']} ranks"
         how = f"{replicas}: every rank holds everything"
     loss = getattr(cfg, "loss", None)
-    switches = [
+    shared = [
         f"loss.chunked={str(loss.chunked).lower()} ({loss.chunk_tokens} tokens per chunk)"
         if loss is not None
         else "loss: plain (task without a chunked loss)",
         f"trainer.offload_activations={str(cfg.trainer.offload_activations).lower()}",
         f"trainer.compile={str(cfg.trainer.compile).lower()} (not modelled)",
     ]
+    precision = cfg.trainer.precision
+    if auto_bf16 and precision == "auto":
+        precision = "auto (bf16-mixed on a GPU with bfloat16)"
     return {
         "strategy": how,
-        "precision": cfg.trainer.precision,
+        "precision": precision,
         "batch": f"micro-batch {cfg.trainer.batch_size} x accumulation "
         f"{cfg.trainer.accumulate_grad_batches} x {split['world']} ranks; {shape}",
-        "switches": ", ".join(switches),
+        "switches": ", ".join(shared) + switches,
     }
+
+
+def checkpointing(cfg: TrainConfig, model_switch: bool) -> bool:
+    """Whether activations are checkpointed: ``fsdp.activation_checkpointing`` under FSDP, else
+    the task's own switch (``model.gradient_checkpointing``)."""
+    return cfg.fsdp.activation_checkpointing if cfg.trainer.strategy == "fsdp" else model_switch
+
+
+def largest_unit(model: torch.nn.Module, suffixes: tuple[str, ...]) -> int:
+    """Parameters of the largest module whose class name ends with one of ``suffixes`` (the
+    layers FSDP wraps as units); 0 when there is none."""
+    return max(
+        (
+            sum(p.numel() for p in m.parameters())
+            for m in model.modules()
+            if type(m).__name__.endswith(suffixes)
+        ),
+        default=0,
+    )
+
+
+def on(value: bool) -> str:
+    """A switch as the report writes it: ``true`` / ``false``."""
+    return str(value).lower()
+
+
+def shipped_config(name: str, known: dict[str, Any], build: Any = None) -> tuple[Any, str]:
+    """The transformers config of a model whose architecture is shipped in ``known`` or lies in a
+    local folder.
+
+    Args:
+        name: ``model.name``.
+        known: shipped ``config.json`` values by model name.
+        build: ``values -> config`` (default: ``AutoConfig.for_model(model_type, **rest)``).
+
+    Returns:
+        ``(config, source)``.
+
+    Raises:
+        UserError: neither shipped nor a local folder with a ``config.json``.
+    """
+    from transformers import AutoConfig
+
+    if name in known:
+        values = dict(known[name])
+        config = (
+            build(values) if build else AutoConfig.for_model(values.pop("model_type"), **values)
+        )
+        return config, "shipped copy of config.json"
+    if (Path(name) / "config.json").is_file():
+        return AutoConfig.from_pretrained(name), "config.json"
+    raise UserError(
+        f"Cannot read the architecture of '{name}' (model.name) offline: not a local folder and "
+        f"not one of the shipped architectures ({', '.join(known)})."
+    )
 
 
 def gathered_unit_bytes(cfg: TrainConfig, largest_unit_params: int) -> float:
@@ -386,6 +456,10 @@ if __name__ == "__main__":  # self-check: python -m core.estimate
         overrides=["trainer.strategy=fsdp", "trainer.devices=4", "trainer.precision=bf16-true"],
     )
     assert shard_ranks(cfg)["weights"] == 4
+    assert checkpointing(cfg, False) == cfg.fsdp.activation_checkpointing
+    assert autocast_bytes("auto") == 2 and autocast_bytes("32-true") == 4
+    stack = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 3))
+    assert largest_unit(stack, ("Linear",)) == 12 and largest_unit(stack, ("Block",)) == 0
     assert logits_bytes(4096, 151_936, 2048, 2, LossConfig()) < logits_bytes(
         4096, 151_936, 2048, 2, LossConfig(chunked=False)
     )

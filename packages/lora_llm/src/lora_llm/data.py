@@ -548,6 +548,39 @@ class Encoder:
             ids = cut_ids(ids, self.prompt_limit, PROMPT_TAIL)
         return ids
 
+    def labelled(self, record: Record) -> tuple[list[int], list[int], list[bool], str]:
+        """The record's full token ids with their labels.
+
+        Returns:
+            ``(ids, labels, trained, style)``: labels ``-100`` on untrained tokens (unless
+            ``train_on_prompt``), ``trained`` marks the response tokens.
+        """
+        if record.kind == "tokenized":
+            labels = list(record.labels)
+            return list(record.input_ids), labels, [t != IGNORE_INDEX for t in labels], "tokenized"
+        ids, trained = self.tokens(record)
+        labels = [
+            t if (keep or self.train_on_prompt) else IGNORE_INDEX for t, keep in zip(ids, trained)
+        ]
+        return ids, labels, trained, self.style(record)
+
+    def cut_prompt(
+        self, ids: list[int], labels: list[int], trained: list[bool], prompt_tokens: int
+    ) -> tuple[list[int], list[int], list[bool], int]:
+        """Cut a prompt over ``prompt_limit`` (and the room the response leaves) to its start and
+        its end, as :meth:`prompt_ids` cuts it.
+
+        Returns:
+            ``(ids, labels, trained, prompt_tokens)``, unchanged when the prompt fits.
+        """
+        room = min(self.prompt_limit, self.max_length - self.min_response_tokens)
+        if prompt_tokens <= room:
+            return ids, labels, trained, prompt_tokens
+        keep = cut_ids(range(prompt_tokens), room, PROMPT_TAIL)
+        keep += range(prompt_tokens, len(ids))
+        pick = [ids[i] for i in keep], [labels[i] for i in keep], [trained[i] for i in keep]
+        return *pick, room
+
     def encode(self, record: Record) -> dict[str, Any]:
         """``input_ids`` / ``labels`` for training, truncated to ``max_length``.
 
@@ -561,30 +594,16 @@ class Encoder:
             PromptTooLong: the prompt leaves fewer than ``min_response_tokens`` tokens.
             BadRecord: the response has no tokens.
         """
-        if record.kind == "tokenized":
-            ids, labels = list(record.input_ids), list(record.labels)
-            trained = [t != IGNORE_INDEX for t in labels]
-            style = "tokenized"
-        else:
-            ids, trained = self.tokens(record)
-            style = self.style(record)
-            labels = [
-                t if (keep or self.train_on_prompt) else IGNORE_INDEX
-                for t, keep in zip(ids, trained)
-            ]
+        ids, labels, trained, style = self.labelled(record)
         if not any(trained):
             raise BadRecord(f"{record.source}: the response has no tokens.")
         prompt_tokens = trained.index(True)
         full_tokens = len(ids)
         cut = 0
         if self.prompt_limit is not None:
-            room = min(self.prompt_limit, self.max_length - self.min_response_tokens)
-            if prompt_tokens > room:  # the prompt's start and its end, as prompt_ids cuts it
-                keep = cut_ids(range(prompt_tokens), room, PROMPT_TAIL)
-                keep += range(prompt_tokens, len(ids))
-                ids, labels = [ids[i] for i in keep], [labels[i] for i in keep]
-                trained = [trained[i] for i in keep]
-                prompt_tokens = room
+            ids, labels, trained, prompt_tokens = self.cut_prompt(
+                ids, labels, trained, prompt_tokens
+            )
         if len(ids) > self.max_length:
             if prompt_tokens > self.max_length - self.min_response_tokens:
                 raise PromptTooLong(

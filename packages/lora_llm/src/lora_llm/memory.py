@@ -37,18 +37,21 @@ import torch
 from torch import nn
 
 from core.errors import UserError
-from core.estimate import format_report as core_format_report
 from core.estimate import (
+    autocast_bytes,
     gathered_unit_bytes,
     gpu_verdict,
+    largest_unit,
     layer_activation_bytes,
     logits_bytes,
     memory_report,
+    on,
     optimizer_bytes,
     setup_lines,
     shard_ranks,
     stack_activation_bytes,
 )
+from core.estimate import format_report as core_format_report
 from core.hub import hub_reachable, is_cached, looks_like_path
 from lora_llm.config import LoraLLMConfig
 from lora_llm.model import (
@@ -198,21 +201,21 @@ def activation_bytes(
     }
 
 
-def estimate(cfg: LoraLLMConfig) -> dict[str, Any]:
-    """Parameters and training memory of ``cfg`` per GPU, without loading weights.
+def base_weights(
+    model: nn.Module, cfg: LoraLLMConfig, frozen: int, ranks: int
+) -> tuple[float, str, int]:
+    """Bytes per GPU of the frozen base weights: quantized linear layers at their bits (the
+    rest in float32), or all in ``model.dtype``; divided by the ``ranks`` that shard them.
 
     Returns:
-        A report for :func:`format_report`: model facts, parameter counts, the run's setup and
-        switches, and bytes per component (weights, adapters, activations, logits, total).
+        ``(bytes, note, quantized weights)``.
     """
-    config, source = model_config(cfg)
-    model = meta_model(config, cfg)
-    trainable, total = parameter_counts(model)
-    quant, tc = cfg.quant, cfg.trainer
-    split = shard_ranks(cfg)
-    base_bytes = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}[cfg.model.dtype]
-    frozen = total - trainable
-    if quant.bits is not None:
+    quant = cfg.quant
+    if quant.bits is None:
+        per_weight = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}[cfg.model.dtype]
+        note = f"{frozen:,} weights in {'16' if per_weight == 2 else '32'}-bit"
+        quantized, weights = 0, float(frozen * per_weight)
+    else:
         quantized = quantizable_weights(model, list(quant.skip_modules))
         per_weight = (
             (0.5 + 1 / 64 + 4 / (64 * 256))
@@ -220,69 +223,76 @@ def estimate(cfg: LoraLLMConfig) -> dict[str, Any]:
             else (0.5 + 4 / 64 if quant.bits == 4 else 1.0)
         )
         weights = quantized * per_weight + (frozen - quantized) * 4
-        weights_note = (
+        note = (
             f"{quantized:,} weights in {quant.bits}-bit"
             f"{' ' + quant.quant_type.upper() if quant.bits == 4 else ''}, "
             f"{frozen - quantized:,} in float32"
         )
-    else:
-        quantized = 0
-        weights = frozen * base_bytes
-        weights_note = f"{frozen:,} weights in {'16' if base_bytes == 2 else '32'}-bit"
-    weights /= split["weights"]
-    if split["weights"] > 1:
-        weights_note += f", / {split['weights']} ranks"
-    trainable_params = [p for p in model.parameters() if p.requires_grad]
-    adapters = trainable * 4 / split["weights"] + trainable * 4 / split["gradients"]
-    adapters += (
-        optimizer_bytes(cfg.optim.name, trainable_params, cfg.optim.momentum) / split["optimizer"]
-    )
-    act_bytes = 4 if tc.precision in ("32-true", "32", "64-true") else 2
+    if ranks > 1:
+        note += f", / {ranks} ranks"
+    return weights / ranks, note, quantized
+
+
+def adapted_activations(config: Any, model: nn.Module, cfg: LoraLLMConfig, act_bytes: int) -> float:
+    """:func:`activation_bytes` of the run's micro-batch, plus what DoRA keeps."""
+    tc, checkpointed = cfg.trainer, cfg.model.gradient_checkpointing
     targets = round(
         sum(1 for n, _ in model.named_modules() if n.endswith("lora_A"))
         / max(config.num_hidden_layers, 1)
     )
-    seq = cfg.data.max_length
-    acts = activation_bytes(
-        config,
-        tc.batch_size,
-        seq,
-        act_bytes,
-        cfg.model.gradient_checkpointing,
-        targets,
-        cfg.model.attn_implementation == "eager",
-        tc.offload_activations,
-    )
-    tokens = tc.batch_size * seq
+    eager = cfg.model.attn_implementation == "eager"
+    seq, offload = cfg.data.max_length, tc.offload_activations
+    kept = activation_bytes(
+        config, tc.batch_size, seq, act_bytes, checkpointed, targets, eager, offload
+    )["activations"]
     if cfg.lora.use_dora:
         # DoRA keeps the adapter's output and the base output of each adapted projection, and
         # builds the full (dequantized) weight of one projection at a time for its column norms.
         h = config.hidden_size
-        layers = 1 if (cfg.model.gradient_checkpointing or tc.offload_activations) else None
-        kept = (layers or config.num_hidden_layers) * targets * tokens * 2 * h * act_bytes
+        layers = 1 if (checkpointed or offload) else config.num_hidden_layers
+        dora = layers * targets * tc.batch_size * seq * 2 * h * act_bytes
         inner = getattr(config, "intermediate_size", None) or 4 * h
-        acts["activations"] += kept + h * inner * act_bytes
+        kept += dora + h * inner * act_bytes
+    return kept
+
+
+def setup(cfg: LoraLLMConfig) -> dict[str, str]:
+    """:func:`core.estimate.setup_lines` with the sample's shape and the task's switches."""
+    data = cfg.data
+    layout = "padding-free rows" if data.padding_free else "padded to the longest"
+    shape = f"{data.max_length:,} tokens per sample ({'packed rows' if data.packing else layout})"
+    switches = (
+        f", lora.use_dora={on(cfg.lora.use_dora)}, lora.use_rslora={on(cfg.lora.use_rslora)}, "
+        f"data.padding_free={on(data.padding_free)}, "
+        f"model.liger_kernel={on(cfg.model.liger_kernel)} (not modelled)"
+    )
+    return setup_lines(cfg, shape, switches, auto_bf16=True)
+
+
+def estimate(cfg: LoraLLMConfig) -> dict[str, Any]:
+    """Parameters and training memory of ``cfg`` per GPU, without loading weights.
+
+    Returns:
+        A report of :func:`core.estimate.memory_report`: model facts, parameter counts, the run's
+        setup and switches, bytes per component (base weights, adapters + optimizer,
+        activations, logits, gathered FSDP units, total) and ``quantized_weights``.
+    """
+    config, source = model_config(cfg)
+    model = meta_model(config, cfg)
+    trainable, total = parameter_counts(model)
+    tc, split = cfg.trainer, shard_ranks(cfg)
+    weights, weights_note, quantized = base_weights(model, cfg, total - trainable, split["weights"])
+    trainable_params = [p for p in model.parameters() if p.requires_grad]
+    adapters = trainable * 4 / split["weights"] + trainable * 4 / split["gradients"]
+    optim = optimizer_bytes(cfg.optim.name, trainable_params, cfg.optim.momentum)
+    adapters += optim / split["optimizer"]
+    act_bytes = autocast_bytes(tc.precision)
+    tokens = tc.batch_size * cfg.data.max_length
     logits = logits_bytes(tokens, config.vocab_size, config.hidden_size, act_bytes, cfg.loss)
-    if quant.bits is not None and act_bytes == 2:
+    if cfg.quant.bits is not None and act_bytes == 2:
         # Autocast keeps a 16-bit copy of the float32 output head for the matmul and its backward.
         logits += model.get_output_embeddings().weight.numel() * act_bytes
-    unit = max(
-        (sum(p.numel() for p in m.parameters()) for m in model.modules() if _is_layer(m)),
-        default=0,
-    )
-    gathered = gathered_unit_bytes(cfg, unit)
-    layout = "padding-free rows" if cfg.data.padding_free else "padded to the longest"
-    shape = f"{seq:,} tokens per sample ({'packed rows' if cfg.data.packing else layout})"
-    setup = setup_lines(cfg, shape)
-    if tc.precision == "auto":
-        setup["precision"] = "auto (bf16-mixed on a GPU with bfloat16)"
-    setup["switches"] += (
-        f", lora.use_dora={str(cfg.lora.use_dora).lower()}, "
-        f"lora.use_rslora={str(cfg.lora.use_rslora).lower()}, "
-        f"data.padding_free={str(cfg.data.padding_free).lower()}, "
-        f"model.liger_kernel={str(cfg.model.liger_kernel).lower()} (not modelled)"
-    )
-    checkpointing = "with" if cfg.model.gradient_checkpointing else "without"
+    checkpointed = "with" if cfg.model.gradient_checkpointing else "without"
     offloaded = ", layer inputs offloaded to CPU" if tc.offload_activations else ""
     return memory_report(
         model=cfg.model.name,
@@ -296,18 +306,18 @@ def estimate(cfg: LoraLLMConfig) -> dict[str, Any]:
         parameters=total,
         trainable=trainable,
         quantized_weights=quantized,
-        setup=setup,
+        setup=setup(cfg),
         components={
             "base_weights": weights,
             "adapters_and_optimizer": adapters,
-            "activations": acts["activations"],
+            "activations": adapted_activations(config, model, cfg, act_bytes),
             "logits": logits,
-            "gathered": gathered,
+            "gathered": gathered_unit_bytes(cfg, largest_unit(model, ("DecoderLayer", "Block"))),
         },
         notes={
             "base_weights": weights_note,
-            "activations": f"micro-batch {tc.batch_size} x {seq} tokens, {checkpointing} "
-            f"gradient checkpointing{offloaded}, {8 * act_bytes}-bit activations",
+            "activations": f"micro-batch {tc.batch_size} x {cfg.data.max_length} tokens, "
+            f"{checkpointed} gradient checkpointing{offloaded}, {8 * act_bytes}-bit activations",
             "adapters_and_optimizer": f"float32 weights + gradients + {cfg.optim.name} state",
             "logits": f"chunks of {cfg.loss.chunk_tokens} tokens"
             if cfg.loss.chunked
@@ -317,17 +327,14 @@ def estimate(cfg: LoraLLMConfig) -> dict[str, Any]:
     )
 
 
-def _is_layer(module: nn.Module) -> bool:
-    """A decoder layer (the FSDP unit): a module whose class name ends in ``DecoderLayer`` or
-    ``Block``."""
-    name = type(module).__name__
-    return name.endswith(("DecoderLayer", "Block"))
-
-
-def format_report(report: dict[str, Any]) -> str:
-    """The report as an aligned text table, with the 8 GB verdict."""
+def render(report: dict[str, Any]) -> str:
+    """The report as text (:func:`core.estimate.format_report`), with the 8 GB verdict."""
     advice = "lower data.max_length / trainer.batch_size / lora.r, or quantize (quant.bits=4)"
     return core_format_report(report, gpu_verdict(report, 8, advice))
+
+
+format_report = render
+"""The name ``lora_llm.cli`` imports."""
 
 
 if __name__ == "__main__":  # self-check: python -m lora_llm.memory
@@ -336,5 +343,5 @@ if __name__ == "__main__":  # self-check: python -m lora_llm.memory
     presets = Path(__file__).parent / "presets"
     for preset in ("tiny", "gpt2", "tinyllama", "phi2"):
         report = estimate(load_config(LoraLLMConfig, preset, [], presets))
-        print(f"--- {preset}\n{format_report(report)}")
+        print(f"--- {preset}\n{render(report)}")
     print("lora_llm.memory: ok")

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -285,92 +286,83 @@ def _content_parts(content: Any, t: int, name: str, add_image: Any) -> list[dict
     return parts
 
 
-def parse_record(
-    raw: dict[str, Any], where: str, base_dir: Path, system_prompt: str | None = None
-) -> Conversation:
-    """Validate one record and bring it into the Qwen message layout.
+def record_name(rid: str, where: str, has_id: bool) -> str:
+    """How messages name a record: ``record 'ID' (file:line)``, or ``record at file:line``."""
+    return f"record {rid!r} ({where})" if has_id else f"record at {where}"
 
-    Args:
-        raw: the JSON object.
-        where: ``file:line``.
-        base_dir: folder for relative image paths.
-        system_prompt: system message added when the record has none (None: the template's default).
 
-    Returns:
-        A :class:`Conversation`. Turns after the last assistant turn are dropped (nothing in them
-        is trained, and generation stops at the last assistant turn).
+def _messages_turns(raw: dict[str, Any], name: str, add_image: Any) -> list[dict[str, Any]]:
+    """Qwen messages of a ``messages`` record (role/content turns, images as parts).
 
     Raises:
-        UserError: unknown layout or role, no assistant turn, empty assistant text, an image in
-            an assistant turn, ``<image>`` placeholders that do not match the images, vision tokens
-            in text, videos.
+        UserError: not a non-empty list, a bad turn, or ``image(s)`` next to ``messages``.
     """
-    rid = str(raw.get("id", where))
-    name = f"record {rid!r} ({where})" if "id" in raw else f"record at {where}"
-    images: list[ImageSource] = []
-    messages: list[dict[str, Any]] = []
-
-    def add_image(ref: Any) -> dict[str, Any]:
-        images.append(resolve_image(ref, base_dir, name))
-        return {"type": "image", "image": len(images) - 1}
-
-    if "messages" in raw:
-        turns = raw["messages"]
-        if not isinstance(turns, list) or not turns:
-            raise UserError(f"{name}: 'messages' must be a non-empty list of turns.")
-        for t, turn in enumerate(turns):
-            role = _turn_role(turn, t, name, ("role", "from"), "'role' and 'content'")
-            messages.append(
-                {
-                    "role": role,
-                    "content": _content_parts(
-                        turn.get("content", turn.get("value")), t, name, add_image
-                    ),
-                }
-            )
-        unused = [k for k in ("image", "images") if k in raw]
-        if unused:
-            raise UserError(
-                f"{name}: has both 'messages' and '{unused[0]}'; put images into the messages as "
-                "image parts."
-            )
-    elif "conversations" in raw:
-        turns = raw["conversations"]
-        if not isinstance(turns, list) or not turns:
-            raise UserError(f"{name}: 'conversations' must be a non-empty list of turns.")
-        refs = raw.get("images", raw.get("image", []))
-        refs = [refs] if isinstance(refs, str) else list(refs or [])
-        placeholders = sum(
-            _text_of(turn.get("value"), name, t).count(LLAVA_IMAGE)
-            for t, turn in enumerate(turns)
-            if isinstance(turn, dict)
-        )
-        if placeholders != len(refs):
-            raise UserError(
-                f"{name}: {placeholders} {LLAVA_IMAGE} placeholder(s) in the text but {len(refs)} "
-                "image(s); "
-                f"every image needs exactly one {LLAVA_IMAGE} where it belongs."
-            )
-        pending = iter(refs)
-        for t, turn in enumerate(turns):
-            role = _turn_role(turn, t, name, ("from", "role"), "'from' and 'value'")
-            value = _text_of(turn.get("value"), name, t)
-            _check_no_vision_tokens(value, name, t)
-            parts = []
-            for k, piece in enumerate(value.split(LLAVA_IMAGE)):
-                if k > 0:
-                    parts.append(add_image(next(pending)))
-                # LLaVA puts "<image>\n" before the question: the newline belongs to the placeholder
-                piece = piece[1:] if k > 0 and piece.startswith("\n") else piece
-                if piece:
-                    parts.append({"type": "text", "text": piece})
-            messages.append({"role": role, "content": parts})
-    else:
+    turns = raw["messages"]
+    if not isinstance(turns, list) or not turns:
+        raise UserError(f"{name}: 'messages' must be a non-empty list of turns.")
+    messages = []
+    for t, turn in enumerate(turns):
+        role = _turn_role(turn, t, name, ("role", "from"), "'role' and 'content'")
+        content = turn.get("content", turn.get("value"))
+        messages.append({"role": role, "content": _content_parts(content, t, name, add_image)})
+    unused = [k for k in ("image", "images") if k in raw]
+    if unused:
         raise UserError(
-            f"{name}: needs 'messages' (role/content turns) or 'conversations' (LLaVA from/value "
-            "turns)."
+            f"{name}: has both 'messages' and '{unused[0]}'; put images into the messages as "
+            "image parts."
         )
+    return messages
 
+
+def _llava_turns(raw: dict[str, Any], name: str, add_image: Any) -> list[dict[str, Any]]:
+    """Qwen messages of a LLaVA record: each ``<image>`` placeholder takes the next image.
+
+    Raises:
+        UserError: not a non-empty list, a bad turn, placeholders that do not match the images.
+    """
+    turns = raw["conversations"]
+    if not isinstance(turns, list) or not turns:
+        raise UserError(f"{name}: 'conversations' must be a non-empty list of turns.")
+    refs = raw.get("images", raw.get("image", []))
+    refs = [refs] if isinstance(refs, str) else list(refs or [])
+    placeholders = sum(
+        _text_of(turn.get("value"), name, t).count(LLAVA_IMAGE)
+        for t, turn in enumerate(turns)
+        if isinstance(turn, dict)
+    )
+    if placeholders != len(refs):
+        raise UserError(
+            f"{name}: {placeholders} {LLAVA_IMAGE} placeholder(s) in the text but {len(refs)} "
+            "image(s); "
+            f"every image needs exactly one {LLAVA_IMAGE} where it belongs."
+        )
+    pending = iter(refs)
+    messages = []
+    for t, turn in enumerate(turns):
+        role = _turn_role(turn, t, name, ("from", "role"), "'from' and 'value'")
+        value = _text_of(turn.get("value"), name, t)
+        _check_no_vision_tokens(value, name, t)
+        parts = []
+        for k, piece in enumerate(value.split(LLAVA_IMAGE)):
+            if k > 0:
+                parts.append(add_image(next(pending)))
+            # LLaVA puts "<image>\n" before the question: the newline belongs to the placeholder
+            piece = piece[1:] if k > 0 and piece.startswith("\n") else piece
+            if piece:
+                parts.append({"type": "text", "text": piece})
+        messages.append({"role": role, "content": parts})
+    return messages
+
+
+def _up_to_last_answer(
+    messages: list[dict[str, Any]], images: list[ImageSource], name: str
+) -> tuple[list[dict[str, Any]], list[ImageSource]]:
+    """The turns through the last assistant turn (and their images), checked: one system turn
+    at most and first, at least one assistant turn, every assistant turn text without images.
+
+    Raises:
+        UserError: a misplaced system turn, no assistant turn, an empty answer or one with an image.
+    """
     for t, message in enumerate(messages):
         if message["role"] == "system" and t > 0:
             raise UserError(f"{name}: turn {t} is a system turn; only the first turn may be one.")
@@ -398,6 +390,47 @@ def parse_record(
                 f"{name}: assistant turn {t} is empty; every assistant turn is trained and needs "
                 "text."
             )
+    return messages, images
+
+
+def parse_record(
+    raw: dict[str, Any], where: str, base_dir: Path, system_prompt: str | None = None
+) -> Conversation:
+    """Validate one record and bring it into the Qwen message layout.
+
+    Args:
+        raw: the JSON object.
+        where: ``file:line``.
+        base_dir: folder for relative image paths.
+        system_prompt: system message added when the record has none (None: the template's default).
+
+    Returns:
+        A :class:`Conversation`. Turns after the last assistant turn are dropped (nothing in them
+        is trained, and generation stops at the last assistant turn).
+
+    Raises:
+        UserError: unknown layout or role, no assistant turn, empty assistant text, an image in
+            an assistant turn, ``<image>`` placeholders that do not match the images, vision tokens
+            in text, videos.
+    """
+    rid = str(raw.get("id", where))
+    name = record_name(rid, where, "id" in raw)
+    images: list[ImageSource] = []
+
+    def add_image(ref: Any) -> dict[str, Any]:
+        images.append(resolve_image(ref, base_dir, name))
+        return {"type": "image", "image": len(images) - 1}
+
+    if "messages" in raw:
+        messages = _messages_turns(raw, name, add_image)
+    elif "conversations" in raw:
+        messages = _llava_turns(raw, name, add_image)
+    else:
+        raise UserError(
+            f"{name}: needs 'messages' (role/content turns) or 'conversations' (LLaVA from/value "
+            "turns)."
+        )
+    messages, images = _up_to_last_answer(messages, images, name)
     if system_prompt is not None and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system_prompt}]})
     reference = "".join(p["text"] for p in messages[-1]["content"])
@@ -629,6 +662,15 @@ class Encoder:
         w, h = vision_size(width, height, self.factor, self.min_pixels, self.max_pixels)
         return (w // self.factor) * (h // self.factor)
 
+    def image_part(self, image: Image.Image) -> dict[str, Any]:
+        """A qwen_vl_utils image part of ``image`` at this encoder's pixel limits."""
+        return {
+            "type": "image",
+            "image": image,
+            "min_pixels": self.min_pixels,
+            "max_pixels": self.max_pixels,
+        }
+
     # -- whole records -------------------------------------------------------------------------
 
     def encode(self, conv: Conversation, images: list[Image.Image]) -> dict[str, Any]:
@@ -650,14 +692,7 @@ class Encoder:
             {
                 "role": m["role"],
                 "content": [
-                    {
-                        "type": "image",
-                        "image": images[p["image"]],
-                        "min_pixels": self.min_pixels,
-                        "max_pixels": self.max_pixels,
-                    }
-                    if p["type"] == "image"
-                    else p
+                    self.image_part(images[p["image"]]) if p["type"] == "image" else p
                     for p in m["content"]
                 ],
             }
@@ -696,33 +731,21 @@ class Encoder:
         """
         from qwen_vl_utils import process_vision_info
 
-        parts: list[dict[str, Any]] = [
-            {
-                "type": "image",
-                "image": im,
-                "min_pixels": self.min_pixels,
-                "max_pixels": self.max_pixels,
-            }
-            for im in images
-        ]
+        parts: list[dict[str, Any]] = [self.image_part(im) for im in images]
         messages = [{"role": "user", "content": [*parts, {"type": "text", "text": prompt}]}]
         resized = (
             process_vision_info(messages, image_patch_size=self.patch_size)[0] if images else None
         )
         text = self.chat_text(messages, add_generation_prompt=True)
         out = self.processor(text=[text], images=resized, return_tensors="pt")
-        return {
-            k: v
-            for k, v in out.items()
-            if k
-            in (
-                "input_ids",
-                "attention_mask",
-                "mm_token_type_ids",
-                "pixel_values",
-                "image_grid_thw",
-            )
-        }
+        keep = (
+            "input_ids",
+            "attention_mask",
+            "mm_token_type_ids",
+            "pixel_values",
+            "image_grid_thw",
+        )
+        return {k: v for k, v in out.items() if k in keep}
 
     def dummy_pixels(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The smallest image the vision tower accepts: one merge window, all zeros.
@@ -775,16 +798,10 @@ class ConversationData(Dataset):
             :meth:`Encoder.encode`'s dict plus ``index`` (int).
         """
         conv = self.conversations[i]
-        name = (
-            f"record {conv.id!r} ({conv.where})"
-            if conv.id != conv.where
-            else f"record at {conv.where}"
-        )
+        name = record_name(conv.id, conv.where, conv.id != conv.where)
         images = [load_image(src, name, self.max_source_pixels) for src in conv.images]
         item = self.encoder.encode(conv, images)
-        if (
-            len(item["input_ids"]) != self.lengths[i]
-        ):  # the processor disagrees with our resize rule
+        if len(item["input_ids"]) != self.lengths[i]:  # the processor disagrees with our resize
             raise RuntimeError(
                 f"{name}: encoded to {len(item['input_ids'])} tokens, expected {self.lengths[i]}."
             )
@@ -897,11 +914,9 @@ def load_conversations(
 ) -> ConversationData:
     """Read, validate and measure every record of a data file (no half-valid data reaches training).
 
-    Checks per record: layout and roles (:func:`parse_record`); unique ids; every image opens
-    (and decodes, unless ``decode_images`` is False) and is not too big; every assistant turn is
-    found by its header token sequence (a count mismatch means an answer starting with
-    whitespace that merged into the header, or turn markers typed into the text); the length
-    limit. Images are checked by ``workers`` threads (decoding releases the GIL).
+    Checks per record: layout, roles and unique ids (:func:`parse_record`); every image opens
+    (:func:`measure_images`, in ``workers`` threads: decoding releases the GIL); token counts and
+    the length limit (:func:`_measure_all`).
 
     Args:
         path: ``.jsonl`` or ``.json`` data file.
@@ -925,57 +940,53 @@ def load_conversations(
         UserError: a bad record, by id, file and line (structure is checked for all records
             before images are opened).
     """
-    import hashlib
     from concurrent.futures import ThreadPoolExecutor
+    from functools import partial
 
-    records = read_records(path, key)
-    convs, names = [], []
-    seen: dict[str, str] = {}
-    for where, raw in records:
-        conv = parse_record(raw, where, path.parent, system_prompt)
-        name = f"record {conv.id!r} ({where})" if "id" in raw else f"record at {where}"
-        if conv.id in seen and "id" in raw:
-            raise UserError(
-                f"{name}: id {conv.id!r} is used twice (also at {seen[conv.id]}); ids must be "
-                "unique."
-            )
-        seen[conv.id] = where
-        convs.append(conv)
-        names.append(name)
+    convs, names = _parse_all(read_records(path, key), path.parent, system_prompt)
+    measure = partial(measure_images, max_source_pixels=max_source_pixels, decode=decode_images)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        sizes = list(
-            pool.map(
-                lambda c, n: measure_images(c, n, max_source_pixels, decode_images), convs, names
-            )
-        )
+        sizes = list(pool.map(measure, convs, names))
     texts = [encoder.chat_text(c.messages) for c in convs]
     all_ids = encoder.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-    conversations, lengths, dropped = [], [], []
+    measured = _measure_all(
+        convs, names, sizes, all_ids, encoder, max_length, drop_too_long, cut_long
+    )
+    kept, lengths, dropped, fingerprint = measured
+    _report_dropped(path, key, dropped, max_length, bool(kept))
+    return ConversationData(
+        kept, lengths, encoder, max_source_pixels, generation, [path], fingerprint
+    )
+
+
+def _measure_all(
+    convs: list[Conversation],
+    names: list[str],
+    sizes: list[list[tuple[int, int, int]]],
+    all_ids: list[list[int]],
+    encoder: Encoder,
+    max_length: int | None,
+    drop_too_long: bool,
+    cut_long: Any,
+) -> tuple[list[Conversation], list[int], list[str], str]:
+    """Token lengths of the records (vision tokens included), checked against the limit.
+
+    Every assistant turn must be found by its header token sequence (a count mismatch means an
+    answer starting with whitespace that merged into the header, or turn markers typed into the
+    text). Arguments as for :func:`load_conversations`; ``sizes`` from :func:`measure_images`,
+    ``all_ids`` the token ids of each record's chat text.
+
+    Returns:
+        ``(kept records, their lengths, ids of dropped records, image fingerprint)``.
+
+    Raises:
+        UserError: a count that does not match, or a record over ``max_length`` that may not be
+            dropped.
+    """
+    kept, lengths, dropped = [], [], []
     fingerprint = hashlib.sha256()
     for conv, name, image_sizes, ids in zip(convs, names, sizes, all_ids):
-        vision = 0
-        for src, (width, height, nbytes) in zip(conv.images, image_sizes):
-            try:
-                vision += encoder.image_tokens(width, height)
-            except ValueError as err:
-                raise UserError(f"{name}: image {src.label!r} cannot be used: {err}.") from None
-            fingerprint.update(f"{src.path or src.label}|{width}x{height}|{nbytes}".encode())
-        found = assistant_spans(ids, encoder.header_ids, encoder.end_id)
-        if len(found) != conv.n_assistant:
-            raise UserError(
-                f"{name}: {conv.n_assistant} assistant turn(s) but {len(found)} found in the "
-                "tokenized text. "
-                "Answers must not start with whitespace and no text may contain turn markers "
-                f"like {ASSISTANT_HEADER!r}."
-            )
-        if sum(1 for t in ids if t == encoder.image_token_id) != len(conv.images):
-            raise UserError(
-                f"{name}: the image-token count of the text does not match its {len(conv.images)} "
-                "image(s)."
-            )
-        length = (
-            len(ids) - len(conv.images) + vision
-        )  # each <|image_pad|> expands to its vision tokens
+        length, vision = _record_length(conv, name, image_sizes, ids, encoder, fingerprint)
         if cut_long is not None and max_length is not None:
             if cut_long.count(length) < length:
                 length = shorten_question(conv, encoder, length, max_length) + vision
@@ -988,8 +999,87 @@ def load_conversations(
                 )
             dropped.append(conv.id)
             continue
-        conversations.append(conv)
+        kept.append(conv)
         lengths.append(length)
+    return kept, lengths, dropped, fingerprint.hexdigest()
+
+
+def _parse_all(
+    records: list[tuple[str, dict[str, Any]]], base_dir: Path, system_prompt: str | None
+) -> tuple[list[Conversation], list[str]]:
+    """:func:`parse_record` of every record, with unique ids.
+
+    Returns:
+        ``(conversations, names)``, names as messages give them.
+
+    Raises:
+        UserError: a bad record, or an id used twice.
+    """
+    convs, names = [], []
+    seen: dict[str, str] = {}
+    for where, raw in records:
+        conv = parse_record(raw, where, base_dir, system_prompt)
+        name = record_name(conv.id, where, "id" in raw)
+        if conv.id in seen and "id" in raw:
+            raise UserError(
+                f"{name}: id {conv.id!r} is used twice (also at {seen[conv.id]}); ids must be "
+                "unique."
+            )
+        seen[conv.id] = where
+        convs.append(conv)
+        names.append(name)
+    return convs, names
+
+
+def _record_length(
+    conv: Conversation,
+    name: str,
+    image_sizes: list[tuple[int, int, int]],
+    ids: list[int],
+    encoder: Encoder,
+    fingerprint: Any,
+) -> tuple[int, int]:
+    """Tokens of a record, its images' vision tokens included; adds each image to the data set's
+    ``fingerprint``. The tokenized text must hold every assistant turn and one image token per
+    image.
+
+    Returns:
+        ``(length, vision tokens)``.
+
+    Raises:
+        UserError: an image the processor cannot use, or a count that does not match.
+    """
+    vision = 0
+    for src, (width, height, nbytes) in zip(conv.images, image_sizes):
+        try:
+            vision += encoder.image_tokens(width, height)
+        except ValueError as err:
+            raise UserError(f"{name}: image {src.label!r} cannot be used: {err}.") from None
+        fingerprint.update(f"{src.path or src.label}|{width}x{height}|{nbytes}".encode())
+    found = assistant_spans(ids, encoder.header_ids, encoder.end_id)
+    if len(found) != conv.n_assistant:
+        raise UserError(
+            f"{name}: {conv.n_assistant} assistant turn(s) but {len(found)} found in the "
+            "tokenized text. "
+            "Answers must not start with whitespace and no text may contain turn markers "
+            f"like {ASSISTANT_HEADER!r}."
+        )
+    if sum(1 for t in ids if t == encoder.image_token_id) != len(conv.images):
+        raise UserError(
+            f"{name}: the image-token count of the text does not match its {len(conv.images)} "
+            "image(s)."
+        )
+    return len(ids) - len(conv.images) + vision, vision  # each <|image_pad|> -> its vision tokens
+
+
+def _report_dropped(
+    path: Path, key: str, dropped: list[str], max_length: int | None, kept: bool
+) -> None:
+    """Log the records dropped for their length.
+
+    Raises:
+        UserError: when every record was dropped (``kept`` is False).
+    """
     if dropped:
         log.warning(
             "%s: dropped %d record(s) longer than data.max_length=%s: %s",
@@ -998,21 +1088,12 @@ def load_conversations(
             max_length,
             ", ".join(dropped[:20]),
         )
-    if not conversations:
+    if not kept:
         raise UserError(
             f"Data file '{path}' ({key}): all {len(dropped)} records are longer than "
             f"data.max_length={max_length} "
             "and were dropped. Raise data.max_length or lower data.max_pixels."
         )
-    return ConversationData(
-        conversations,
-        lengths,
-        encoder,
-        max_source_pixels,
-        generation,
-        [path],
-        fingerprint.hexdigest(),
-    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,16 +32,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from core.errors import UserError
 from core.estimate import (
+    checkpointing,
     compute_bytes,
     format_report,
     gathered_unit_bytes,
     gpu_verdict,
+    largest_unit,
     layer_activation_bytes,
     logits_bytes,
     memory_report,
+    on,
     setup_lines,
+    shipped_config,
     stack_activation_bytes,
     trained_state,
 )
@@ -105,32 +108,24 @@ def model_config(cfg: QwenVLConfig) -> tuple[Any, str]:
     Raises:
         UserError: a model whose architecture is neither shipped here nor a local folder.
     """
-    from pathlib import Path
+    from transformers import Qwen2_5_VLConfig
 
-    from transformers import AutoConfig, Qwen2_5_VLConfig
-
-    name = cfg.model.name
-    if name == "tiny":
+    if cfg.model.name == "tiny":
         from qwen_vl.model import load_processor, tiny_config
 
         processor = load_processor(cfg.model)
-        return tiny_config(
-            cfg.model.tiny, processor.tokenizer, processor.image_processor
-        ), "built-in tiny"
-    if name in KNOWN_CONFIGS:
-        known = KNOWN_CONFIGS[name]
-        config = Qwen2_5_VLConfig(
+        config = tiny_config(cfg.model.tiny, processor.tokenizer, processor.image_processor)
+        return config, "built-in tiny"
+
+    def build(known: dict[str, Any]) -> Any:
+        """A ``Qwen2_5_VLConfig`` from the shipped text and vision values."""
+        return Qwen2_5_VLConfig(
             text_config=known["text"],
             vision_config=known["vision"],
             tie_word_embeddings=known["tie_word_embeddings"],
         )
-        return config, "shipped copy of config.json"
-    if (Path(name) / "config.json").is_file():
-        return AutoConfig.from_pretrained(name), "config.json"
-    raise UserError(
-        f"Cannot read the architecture of '{name}' (model.name) offline: not a local folder and "
-        f"not one of the shipped architectures ({', '.join(KNOWN_CONFIGS)})."
-    )
+
+    return shipped_config(cfg.model.name, KNOWN_CONFIGS, build)
 
 
 def meta_model(config: Any, cfg: QwenVLConfig) -> nn.Module:
@@ -144,6 +139,61 @@ def meta_model(config: Any, cfg: QwenVLConfig) -> nn.Module:
         return set_trainable(model, cfg.model)
 
 
+def sample_shape(cfg: QwenVLConfig, vision: Any) -> dict[str, int]:
+    """One sample: an image at ``data.max_pixels`` (patches of 14 x 14, merged 2 x 2 into vision
+    tokens) plus its text.
+
+    Returns:
+        ``{"pixels", "patches", "vision_tokens", "seq", "text_tokens"}``.
+    """
+    pixels = cfg.data.max_pixels or 12_845_056
+    patches = pixels // (vision.patch_size * vision.patch_size)
+    vision_tokens = patches // vision.spatial_merge_size**2
+    seq = cfg.data.max_length or vision_tokens + TEXT_TOKENS
+    text_tokens = max(seq - vision_tokens, 1)
+    return dict(
+        pixels=pixels,
+        patches=patches,
+        vision_tokens=vision_tokens,
+        seq=seq,
+        text_tokens=text_tokens,
+    )
+
+
+def activations(
+    cfg: QwenVLConfig, config: Any, shape: dict[str, int], e: int, checkpointed: bool
+) -> float:
+    """Bytes the language model (over the whole sequence) and, when it trains, the vision tower
+    (over each image's patches) keep for backward; ``e`` bytes per value."""
+    text, vision, m = config.text_config, config.vision_config, cfg.model
+    batch, offload = cfg.trainer.batch_size, cfg.trainer.offload_activations
+    lora_targets = len(m.lora.target_modules) if m.lora.enabled else 0
+    per_token = layer_activation_bytes(text.hidden_size, text.intermediate_size, e, lora_targets)
+    tokens, layers, hidden = batch * shape["seq"], text.num_hidden_layers, text.hidden_size
+    total = stack_activation_bytes(layers, tokens, per_token, hidden, e, checkpointed, offload)
+    if m.train_vision:  # a frozen tower's outputs need no gradient inside it: nothing is kept
+        per_patch = layer_activation_bytes(vision.hidden_size, vision.intermediate_size, e, 0)
+        patches, depth, hidden = batch * shape["patches"], vision.depth, vision.hidden_size
+        total += stack_activation_bytes(depth, patches, per_patch, hidden, e, checkpointed, offload)
+    return total
+
+
+def setup(cfg: QwenVLConfig, shape: dict[str, int], checkpointed: bool) -> dict[str, str]:
+    """:func:`core.estimate.setup_lines` with the sample's shape and the task's switches."""
+    m = cfg.model
+    sample = (
+        f"{shape['seq']:,} tokens per sample: one image at data.max_pixels={shape['pixels']:,} "
+        f"({shape['vision_tokens']:,} vision tokens, {shape['patches']:,} patches) + "
+        f"{shape['text_tokens']:,} text tokens"
+    )
+    switches = (
+        f", activation checkpointing={on(checkpointed)}, "
+        f"model.lora.enabled={on(m.lora.enabled)} (use_dora={on(m.lora.use_dora)}), "
+        f"model.liger_kernel={on(m.liger_kernel)} (not modelled)"
+    )
+    return setup_lines(cfg, sample, switches)
+
+
 def estimate(cfg: QwenVLConfig) -> dict[str, Any]:
     """Parameters and training memory of ``cfg`` per GPU, without loading weights.
 
@@ -151,54 +201,16 @@ def estimate(cfg: QwenVLConfig) -> dict[str, Any]:
         A report for :func:`core.estimate.format_report`.
     """
     config, source = model_config(cfg)
-    text, vision = config.text_config, config.vision_config
+    text, m, batch = config.text_config, cfg.model, cfg.trainer.batch_size
     model = meta_model(config, cfg)
     total, trainable, state, state_notes = trained_state(cfg, model)
-    tc, d, m = cfg.trainer, cfg.data, cfg.model
-    e = compute_bytes(tc.precision)
-    # One image per sample at max_pixels: patches of 14 x 14, merged 2 x 2 into vision tokens.
-    pixels = d.max_pixels or 12_845_056
-    patch = vision.patch_size
-    patches = pixels // (patch * patch)
-    vision_tokens = patches // vision.spatial_merge_size**2
-    seq = d.max_length or vision_tokens + TEXT_TOKENS
-    text_tokens = max(seq - vision_tokens, 1)
-    checkpointing = (
-        cfg.fsdp.activation_checkpointing if tc.strategy == "fsdp" else m.gradient_checkpointing
-    )
-    offload = tc.offload_activations
-    lora_targets = len(m.lora.target_modules) if m.lora.enabled else 0
-    per_token = layer_activation_bytes(text.hidden_size, text.intermediate_size, e, lora_targets)
-    batch = tc.batch_size
-    activations = stack_activation_bytes(
-        text.num_hidden_layers,
-        batch * seq,
-        per_token,
-        text.hidden_size,
-        e,
-        checkpointing,
-        offload,
-    )
-    if m.train_vision:  # a frozen tower's outputs need no gradient inside it: nothing is kept
-        per_patch = layer_activation_bytes(vision.hidden_size, vision.intermediate_size, e, 0)
-        activations += stack_activation_bytes(
-            vision.depth, batch * patches, per_patch, vision.hidden_size, e, checkpointing, offload
-        )
-    logits = logits_bytes(batch * text_tokens, text.vocab_size, text.hidden_size, e, cfg.loss)
-    layer = next(m_ for m_ in model.modules() if type(m_).__name__ == "Qwen2_5_VLDecoderLayer")
-    gathered = gathered_unit_bytes(cfg, sum(p.numel() for p in layer.parameters()))
-    shape = (
-        f"{seq:,} tokens per sample: one image at data.max_pixels={pixels:,} "
-        f"({vision_tokens:,} vision tokens, {patches:,} patches) + {text_tokens:,} text tokens"
-    )
-    setup = setup_lines(cfg, shape)
-    setup["switches"] += (
-        f", activation checkpointing={str(checkpointing).lower()}, "
-        f"model.lora.enabled={str(m.lora.enabled).lower()} "
-        f"(use_dora={str(m.lora.use_dora).lower()}), "
-        f"model.liger_kernel={str(m.liger_kernel).lower()} (not modelled)"
-    )
+    e = compute_bytes(cfg.trainer.precision)
+    shape = sample_shape(cfg, config.vision_config)
+    labelled = batch * shape["text_tokens"]
+    checkpointed = checkpointing(cfg, m.gradient_checkpointing)
+    offloaded = ", inputs offloaded to CPU" if cfg.trainer.offload_activations else ""
     parts = [n for n in ("vision", "merger", "llm") if getattr(m, f"train_{n}")]
+    unit = largest_unit(model, ("Qwen2_5_VLDecoderLayer",))
     return memory_report(
         model=m.name,
         architecture={
@@ -206,21 +218,26 @@ def estimate(cfg: QwenVLConfig) -> dict[str, Any]:
             "layers": text.num_hidden_layers,
             "hidden": text.hidden_size,
             "vocab": text.vocab_size,
-            "vision blocks": vision.depth,
+            "vision blocks": config.vision_config.depth,
         },
         config_source=source,
         parameters=total,
         trainable=trainable,
-        setup=setup,
-        components={**state, "activations": activations, "logits": logits, "gathered": gathered},
+        setup=setup(cfg, shape, checkpointed),
+        components={
+            **state,
+            "activations": activations(cfg, config, shape, e, checkpointed),
+            "logits": logits_bytes(labelled, text.vocab_size, text.hidden_size, e, cfg.loss),
+            "gathered": gathered_unit_bytes(cfg, unit),
+        },
         notes={
             **state_notes,
             "gradients": f"trained: {', '.join(parts) or 'nothing'}"
             + (" (LoRA adapters)" if m.lora.enabled else ""),
-            "activations": f"micro-batch {batch}, {'with' if checkpointing else 'without'} "
-            f"activation checkpointing{', inputs offloaded to CPU' if offload else ''}, "
+            "activations": f"micro-batch {batch}, {'with' if checkpointed else 'without'} "
+            f"activation checkpointing{offloaded}, "
             f"vision tower {'trained' if m.train_vision else 'frozen (keeps nothing)'}",
-            "logits": f"{batch * text_tokens:,} labelled tokens at most, "
+            "logits": f"{labelled:,} labelled tokens at most, "
             + (f"chunks of {cfg.loss.chunk_tokens}" if cfg.loss.chunked else "full logits"),
             "gathered": "two decoder layers unsharded at a time",
         },
@@ -237,10 +254,12 @@ def render(report: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":  # self-check: python -m qwen_vl.memory
-    from core.config import load_config
-    from qwen_vl.cli import PRESETS_DIR
+    from pathlib import Path
 
+    from core.config import load_config
+
+    presets = Path(__file__).parent / "presets"  # the module does not import the cli
     for preset in ("qwen2_5_vl_3b", "qwen2_5_vl_7b"):
-        report = estimate(load_config(QwenVLConfig, preset, ["trainer.devices=4"], PRESETS_DIR))
+        report = estimate(load_config(QwenVLConfig, preset, ["trainer.devices=4"], presets))
         print(f"--- {preset}\n{render(report)}")
     print("qwen_vl.memory: ok")

@@ -34,8 +34,9 @@ def parse_count(text: str) -> int | None:
     Returns:
         The number, or None when the text holds none.
 
-    >>> parse_count("There are 12 people."), parse_count("three"), parse_count("1,024"),
-    parse_count("none")
+    >>> parse_count("There are 12 people."), parse_count("three"), parse_count("1,024"), (
+    ...     parse_count("none")
+    ... )
     (12, 3, 1024, None)
     """
     digit = _NUMBER.search(text)

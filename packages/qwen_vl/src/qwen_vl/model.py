@@ -228,6 +228,33 @@ def set_trainable(model: nn.Module, cfg: ModelConfig) -> nn.Module:
     return model
 
 
+def set_generation(model: nn.Module, tok: Any) -> None:
+    """Check the processor's image token against the model and set greedy generation that stops
+    at the end of a turn.
+
+    Raises:
+        UserError: the processor does not belong to the model.
+    """
+    image_token = tok.convert_tokens_to_ids("<|image_pad|>")
+    if getattr(model.config, "image_token_id", None) != image_token:
+        raise UserError(
+            f"The processor's <|image_pad|> id ({image_token}) differs from the model's "
+            "image_token_id "
+            f"({getattr(model.config, 'image_token_id', None)}): model.processor does not belong "
+            "to model.name."
+        )
+    # Answers end at <|im_end|>; <|endoftext|> also stops (Qwen's own generation config does the
+    # same).
+    model.generation_config.eos_token_id = [
+        tok.convert_tokens_to_ids("<|im_end|>"),
+        tok.convert_tokens_to_ids("<|endoftext|>"),
+    ]
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.do_sample = False
+    for key in ("temperature", "top_p", "top_k"):  # Qwen's Hub config samples; greedy here
+        setattr(model.generation_config, key, None)  # (and without warnings)
+
+
 def build_model(cfg: ModelConfig, processor: Any, gradient_checkpointing: bool) -> nn.Module:
     """The model on the current default device and dtype (Fabric's ``init_module`` sets both), with
     the switches applied.
@@ -256,29 +283,7 @@ def build_model(cfg: ModelConfig, processor: Any, gradient_checkpointing: bool) 
             )
         except (OSError, ValueError) as err:
             raise UserError(f"Cannot load the model {cfg.name!r} (model.name): {err}") from None
-    tok = processor.tokenizer
-    image_token = tok.convert_tokens_to_ids("<|image_pad|>")
-    if getattr(model.config, "image_token_id", None) != image_token:
-        raise UserError(
-            f"The processor's <|image_pad|> id ({image_token}) differs from the model's "
-            "image_token_id "
-            f"({getattr(model.config, 'image_token_id', None)}): model.processor does not belong "
-            "to model.name."
-        )
-    # Answers end at <|im_end|>; <|endoftext|> also stops (Qwen's own generation config does the
-    # same).
-    model.generation_config.eos_token_id = [
-        tok.convert_tokens_to_ids("<|im_end|>"),
-        tok.convert_tokens_to_ids("<|endoftext|>"),
-    ]
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.do_sample = False
-    for key in (
-        "temperature",
-        "top_p",
-        "top_k",
-    ):  # Qwen's Hub config samples; greedy here, without warnings
-        setattr(model.generation_config, key, None)
+    set_generation(model, processor.tokenizer)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.liger_kernel:

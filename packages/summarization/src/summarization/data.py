@@ -29,6 +29,7 @@ import torch
 
 from core.errors import UserError
 from core.padding import length_mask, pad_rows
+from core.storage import writable_cache
 from core.task import IGNORE_INDEX
 
 CACHE_VERSION = "2"  # 2: source_tokens (length before truncation)
@@ -49,6 +50,32 @@ def reference_keys(row: dict[str, Any]) -> list[str]:
     while f"summary{len(keys) + 1}" in row:
         keys.append(f"summary{len(keys) + 1}")
     return keys
+
+
+def check_references(obj: dict[str, Any], where: str, need_references: bool) -> list[str]:
+    """The stripped reference summaries of a row (:func:`reference_keys`).
+
+    Raises:
+        UserError: none although ``need_references``, or one that is empty or not text.
+    """
+    keys = reference_keys(obj)
+    if need_references and not keys:
+        raise UserError(
+            f"{where}: missing field 'summary' (or 'summary1', 'summary2', ... for several "
+            "references); "
+            f"fields present: {', '.join(sorted(obj))}. Training and scoring need a reference "
+            "summary per row."
+        )
+    references = []
+    for key in keys:
+        value = obj[key]
+        if not isinstance(value, str) or not value.strip():
+            what = "empty" if isinstance(value, str) else type(value).__name__
+            raise UserError(
+                f"{where}: field '{key}' is {what}; a reference summary must be non-empty text."
+            )
+        references.append(value.strip())
+    return references
 
 
 def check_row(
@@ -85,23 +112,7 @@ def check_row(
         raise UserError(
             f"{where}: field 'dialogue' is empty. Remove the row or fill in the dialogue."
         )
-    keys = reference_keys(obj)
-    if need_references and not keys:
-        raise UserError(
-            f"{where}: missing field 'summary' (or 'summary1', 'summary2', ... for several "
-            "references); "
-            f"fields present: {', '.join(sorted(obj))}. Training and scoring need a reference "
-            "summary per row."
-        )
-    references = []
-    for key in keys:
-        value = obj[key]
-        if not isinstance(value, str) or not value.strip():
-            what = "empty" if isinstance(value, str) else type(value).__name__
-            raise UserError(
-                f"{where}: field '{key}' is {what}; a reference summary must be non-empty text."
-            )
-        references.append(value.strip())
+    references = check_references(obj, where, need_references)
     fname = obj.get("fname", default_fname)
     if not isinstance(fname, (str, int)) or str(fname) == "":
         raise UserError(
@@ -266,6 +277,54 @@ def default_cache_dir() -> Path:
     return Path(ds_config.HF_DATASETS_CACHE) / "summarization"
 
 
+def cache_fingerprint(
+    sources: list[str],
+    targets: list[str],
+    tokenizer: Any,
+    prefix: str,
+    max_source_length: int,
+    max_target_length: int,
+) -> str:
+    """Hash (32 hex digits) of the texts, the tokenizer and the settings: the cache file's key."""
+    digest = hashlib.sha256()
+    for text in (
+        CACHE_VERSION,
+        tokenizer_fingerprint(tokenizer),
+        prefix,
+        str(max_source_length),
+        str(max_target_length),
+    ):
+        digest.update(text.encode() + b"\0")
+    for source, target in zip(sources, targets):
+        digest.update(source.encode() + b"\0" + target.encode() + b"\0")
+    return digest.hexdigest()[:32]
+
+
+def batch_encoder(tokenizer: Any, max_source_length: int, max_target_length: int) -> Any:
+    """The ``Dataset.map`` function that tokenises a batch of ``source`` / ``target`` texts."""
+
+    def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        """Token ids of a batch of rows: ``{"input_ids": [[int]], "labels": [[int]]}``."""
+        source = tokenizer(batch["source"], max_length=max_source_length, truncation=True)
+        target = tokenizer(
+            text_target=batch["target"], max_length=max_target_length, truncation=True
+        )
+        # Only a dialogue that fills the limit can have been cut: those are tokenized whole.
+        full = [len(ids) for ids in source["input_ids"]]
+        at_limit = [i for i, n in enumerate(full) if n >= max_source_length]
+        if at_limit:
+            whole = tokenizer([batch["source"][i] for i in at_limit], verbose=False)["input_ids"]
+            for i, ids in zip(at_limit, whole, strict=True):
+                full[i] = len(ids)
+        return {
+            "input_ids": source["input_ids"],
+            "labels": target["input_ids"],
+            "source_tokens": full,
+        }
+
+    return encode
+
+
 def tokenize_rows(
     rows: Sequence[dict[str, Any]],
     tokenizer: Any,
@@ -299,46 +358,15 @@ def tokenize_rows(
     datasets.disable_progress_bars()
     sources = [prefix + row["dialogue"] for row in rows]
     targets = [row["references"][0] if row["references"] else "" for row in rows]
-    digest = hashlib.sha256()
-    for text in (
-        CACHE_VERSION,
-        tokenizer_fingerprint(tokenizer),
-        prefix,
-        str(max_source_length),
-        str(max_target_length),
-    ):
-        digest.update(text.encode() + b"\0")
-    for source, target in zip(sources, targets):
-        digest.update(source.encode() + b"\0" + target.encode() + b"\0")
-    fingerprint = digest.hexdigest()[:32]
-    from core.storage import writable_cache
-
+    fingerprint = cache_fingerprint(
+        sources, targets, tokenizer, prefix, max_source_length, max_target_length
+    )
     # A read-only cache (HOME, a shared HF_DATASETS_CACHE) falls back to $TMPDIR with a warning.
     folder = writable_cache(
         Path(cache_dir) if cache_dir else default_cache_dir(),
         "data.cache_dir (or HF_DATASETS_CACHE)" if not cache_dir else "data.cache_dir",
         "the tokenised-data cache",
     )
-
-    def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        """Token ids of a batch of rows: ``{"input_ids": [[int]], "labels": [[int]]}``."""
-        source = tokenizer(batch["source"], max_length=max_source_length, truncation=True)
-        target = tokenizer(
-            text_target=batch["target"], max_length=max_target_length, truncation=True
-        )
-        # Only a dialogue that fills the limit can have been cut: those are tokenized whole.
-        full = [len(ids) for ids in source["input_ids"]]
-        at_limit = [i for i, n in enumerate(full) if n >= max_source_length]
-        if at_limit:
-            whole = tokenizer([batch["source"][i] for i in at_limit], verbose=False)["input_ids"]
-            for i, ids in zip(at_limit, whole, strict=True):
-                full[i] = len(ids)
-        return {
-            "input_ids": source["input_ids"],
-            "labels": target["input_ids"],
-            "source_tokens": full,
-        }
-
     table = datasets.Dataset.from_dict(
         {"index": list(range(len(rows))), "source": sources, "target": targets}
     )
@@ -346,7 +374,7 @@ def tokenize_rows(
     # temporary file and renames it, so DDP ranks that tokenise at the same time never see a
     # half-written cache.
     return table.map(
-        encode,
+        batch_encoder(tokenizer, max_source_length, max_target_length),
         batched=True,
         batch_size=1000,
         remove_columns=["source", "target"],

@@ -23,15 +23,18 @@ from typing import Any
 
 import torch
 
-from core.errors import UserError
 from core.estimate import (
-    compute_bytes,
+    autocast_bytes,
+    checkpointing,
     format_report,
     gathered_unit_bytes,
     gpu_verdict,
+    largest_unit,
     layer_activation_bytes,
     memory_report,
+    on,
     setup_lines,
+    shipped_config,
     stack_activation_bytes,
     trained_state,
 )
@@ -85,24 +88,12 @@ def model_config(cfg: SummarizationConfig) -> tuple[Any, str]:
     Raises:
         UserError: a Hub id whose architecture is not shipped and not a local folder.
     """
-    from pathlib import Path
-
-    from transformers import AutoConfig
-
     m = cfg.model
     if m.init == "scratch":
         from summarization.model import load_tokenizer, scratch_config
 
         return scratch_config(m, load_tokenizer(m)), "model.scratch"
-    if m.name in KNOWN_CONFIGS:
-        known = dict(KNOWN_CONFIGS[m.name])
-        return AutoConfig.for_model(known.pop("model_type"), **known), "shipped copy of config.json"
-    if (Path(m.name) / "config.json").is_file():
-        return AutoConfig.from_pretrained(m.name), "config.json"
-    raise UserError(
-        f"Cannot read the architecture of '{m.name}' (model.name) offline: not a local folder "
-        f"and not one of the shipped architectures ({', '.join(KNOWN_CONFIGS)})."
-    )
+    return shipped_config(m.name, KNOWN_CONFIGS)
 
 
 def sizes(config: Any) -> dict[str, int]:
@@ -113,6 +104,24 @@ def sizes(config: Any) -> dict[str, int]:
         "enc": getattr(config, "encoder_layers", None) or config.num_layers,
         "dec": getattr(config, "decoder_layers", None) or config.num_decoder_layers,
     }
+
+
+def activations(cfg: SummarizationConfig, config: Any, e: int, checkpointed: bool) -> float:
+    """Bytes the encoder and decoder stacks keep for backward (``e`` bytes per value): encoder
+    layers over the source tokens, decoder layers over the summary tokens."""
+    s, batch = sizes(config), cfg.trainer.batch_size
+    src, tgt = cfg.data.max_source_length, cfg.data.max_target_length
+    offload = cfg.trainer.offload_activations
+    per_token = layer_activation_bytes(s["d"], s["ffn"], e, 0)
+    encoder = stack_activation_bytes(
+        s["enc"], batch * src, per_token, s["d"], e, checkpointed, offload
+    )
+    # Decoder layers: self-attention + cross-attention (its queries per summary token, its keys
+    # and values over the source) + FFN.
+    per_target = per_token + 4 * s["d"] * e + 2 * s["d"] * e * src / max(tgt, 1)
+    return encoder + stack_activation_bytes(
+        s["dec"], batch * tgt, per_target, s["d"], e, checkpointed, offload
+    )
 
 
 def estimate(cfg: SummarizationConfig) -> dict[str, Any]:
@@ -130,42 +139,12 @@ def estimate(cfg: SummarizationConfig) -> dict[str, Any]:
         model = AutoModelForSeq2SeqLM.from_config(config)
     apply_freezing(model, cfg.model)
     total, trainable, state, state_notes = trained_state(cfg, model)
-    tc, d = cfg.trainer, cfg.data
-    e = compute_bytes(tc.precision)
-    if tc.precision == "auto":
-        e = 2  # bf16-mixed on a GPU with bfloat16
-    s = sizes(config)
-    batch, src, tgt = tc.batch_size, d.max_source_length, d.max_target_length
-    checkpointing = (
-        cfg.fsdp.activation_checkpointing
-        if tc.strategy == "fsdp"
-        else cfg.model.gradient_checkpointing
-    )
-    offload = tc.offload_activations
-    per_token = layer_activation_bytes(s["d"], s["ffn"], e, 0)
-    activations = stack_activation_bytes(
-        s["enc"], batch * src, per_token, s["d"], e, checkpointing, offload
-    )
-    # Decoder layers: self-attention + cross-attention (its queries per summary token, its keys
-    # and values over the source) + FFN.
-    per_target = per_token + 4 * s["d"] * e + 2 * s["d"] * e * src / max(tgt, 1)
-    activations += stack_activation_bytes(
-        s["dec"], batch * tgt, per_target, s["d"], e, checkpointing, offload
-    )
-    logits = float(batch * tgt * config.vocab_size * (e + 12))
-    layer = max(
-        (
-            sum(p.numel() for p in m_.parameters())
-            for m_ in model.modules()
-            if type(m_).__name__.endswith(("EncoderLayer", "DecoderLayer", "Block"))
-        ),
-        default=0,
-    )
-    gathered = gathered_unit_bytes(cfg, layer)
-    setup = setup_lines(cfg, f"source {src} + summary {tgt} tokens per sample")
-    if tc.precision == "auto":
-        setup["precision"] = "auto (bf16-mixed on a GPU with bfloat16)"
-    setup["switches"] += f", activation checkpointing={str(checkpointing).lower()}"
+    e, s = autocast_bytes(cfg.trainer.precision), sizes(config)
+    batch, src, tgt = cfg.trainer.batch_size, cfg.data.max_source_length, cfg.data.max_target_length
+    checkpointed = checkpointing(cfg, cfg.model.gradient_checkpointing)
+    unit = largest_unit(model, ("EncoderLayer", "DecoderLayer", "Block"))
+    shape = f"source {src} + summary {tgt} tokens per sample"
+    switches = f", activation checkpointing={on(checkpointed)}"
     return memory_report(
         model=cfg.model.name if cfg.model.init == "pretrained" else "scratch",
         architecture={
@@ -177,11 +156,16 @@ def estimate(cfg: SummarizationConfig) -> dict[str, Any]:
         config_source=source,
         parameters=total,
         trainable=trainable,
-        setup=setup,
-        components={**state, "activations": activations, "logits": logits, "gathered": gathered},
+        setup=setup_lines(cfg, shape, switches, auto_bf16=True),
+        components={
+            **state,
+            "activations": activations(cfg, config, e, checkpointed),
+            "logits": float(batch * tgt * config.vocab_size * (e + 12)),
+            "gathered": gathered_unit_bytes(cfg, unit),
+        },
         notes={
             **state_notes,
-            "activations": f"micro-batch {batch}, {'with' if checkpointing else 'without'} "
+            "activations": f"micro-batch {batch}, {'with' if checkpointed else 'without'} "
             "activation checkpointing",
             "logits": f"{batch * tgt:,} summary tokens, full float32 logits",
             "gathered": "two layers unsharded at a time",

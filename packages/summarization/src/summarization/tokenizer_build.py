@@ -35,6 +35,7 @@ import json
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 ASSETS = Path(__file__).parent / "assets"
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
@@ -101,10 +102,37 @@ def build_tokenizer(
     Returns:
         ``out_dir``.
     """
-    import tokenizers
-    import transformers
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
+
+    bpe = train_bpe(files, vocab_size, repeats)
+    vocab = bpe.get_vocab()
+    assert [vocab[t] for t in SPECIAL_TOKENS] == [0, 1, 2, 3, 4], (
+        "special tokens must keep BART's ids"
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        mask_token="<mask>",
+        cls_token="<s>",
+        sep_token="</s>",
+        model_max_length=max_length,
+    )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(out_dir)
+    record = build_record(files, repeats, len(vocab))
+    (out_dir / "BUILD.json").write_text(
+        json.dumps(record, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
+    return out_dir
+
+
+def train_bpe(files: Sequence[Path], vocab_size: int, repeats: Sequence[int] | None) -> Any:
+    """A ``tokenizers.Tokenizer`` (byte-level BPE, BART's special tokens) trained on ``files``."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     bpe = Tokenizer(models.BPE())
     # Speaker tags first, then GPT-2's word pattern; the byte-level step only maps bytes to
@@ -127,29 +155,21 @@ def build_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     bpe.train_from_iterator(corpus_texts(files, repeats), trainer=trainer)
-    vocab = bpe.get_vocab()
-    assert [vocab[t] for t in SPECIAL_TOKENS] == [0, 1, 2, 3, 4], (
-        "special tokens must keep BART's ids"
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        mask_token="<mask>",
-        cls_token="<s>",
-        sep_token="</s>",
-        model_max_length=max_length,
-    )
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(out_dir)
-    record = {
+    return bpe
+
+
+def build_record(
+    files: Sequence[Path], repeats: Sequence[int] | None, vocab_size: int
+) -> dict[str, Any]:
+    """What ``BUILD.json`` records: settings, source files with their sha256, library versions."""
+    import tokenizers
+    import transformers
+
+    return {
         "what": "byte-level BPE for the from-scratch presets (tiny, small) of the summarization "
         "package",
         "built_by": "python -m summarization.tokenizer_build",
-        "vocab_size": len(vocab),
+        "vocab_size": vocab_size,
         "min_frequency": 2,
         "special_tokens": SPECIAL_TOKENS,
         "pre_tokenizer": f"{SPEAKER_TAG}|{GPT2_PATTERN}, then byte-level",
@@ -164,10 +184,6 @@ def build_tokenizer(
         "tokenizers": tokenizers.__version__,
         "transformers": transformers.__version__,
     }
-    (out_dir / "BUILD.json").write_text(
-        json.dumps(record, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
-    )
-    return out_dir
 
 
 KOREAN_REPEATS = 50
