@@ -143,13 +143,10 @@ class TrainState:
         self.step_skipped = False
         self.skips_in_a_row = 0
 
-    def build_model(self) -> dict[str, int]:
+    def build_model(self) -> None:
         """Build the model on the device (``fabric.init_module``), add shape hooks if asked, wrap
-        it.
-
-        Returns:
-            ``{"total", "trainable"}`` parameter counts.
-        """
+        it; the run record notes the parameter counts (its summary says them, also when the
+        set-up fails later)."""
         fabric = self.fabric
         with fabric.init_module(empty_init=False):
             module = self.task.configure_model()
@@ -161,7 +158,7 @@ class TrainState:
             f"{trainable:,}",
             100.0 * trainable / max(total, 1),
         )
-        self.param_counts = {"total": total, "trainable": trainable}
+        self.param_counts = self.record.parameters = {"total": total, "trainable": trainable}
         self.trainable_names = [n for n, p in module.named_parameters() if p.requires_grad]
         self.flops_per_token = self.task.flops_per_token(module)
         self.shape_logger = ShapeLogger(module) if self.cfg.debug.shapes else None
@@ -174,7 +171,6 @@ class TrainState:
             self.model = fabric.setup_module(module)
             if hasattr(module, "generate"):
                 self.model.mark_forward_method("generate")
-        return self.param_counts
 
     def compile_blocks(self, module: nn.Module) -> None:
         """``trainer.compile``: compile each block's forward (dynamic shapes) before DDP / FSDP2
@@ -767,7 +763,8 @@ if __name__ == "__main__":
         state = TrainState(cfg, task, fabric, "32-true", progress, record)
         with record.lock_scope():
             record.open_run()
-            counts = state.build_model()
+            state.build_model()
+            counts = record.parameters
             state.build_optimizer(total_steps=4)
 
             def step() -> None:

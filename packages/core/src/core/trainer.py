@@ -174,7 +174,7 @@ class Trainer:
         self.batches.read()
         self.record.open_run()
         try:
-            self.record.parameters = self.state.build_model()
+            self.state.build_model()
             self.batches.build_dataloaders()
             self.state.build_optimizer(self.batches.total_steps)
             self.state.resume()
