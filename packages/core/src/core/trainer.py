@@ -205,6 +205,7 @@ class Trainer:
         self.meter.open_bar()
         clock = time.perf_counter()
         self.meter.start_interval(clock)
+        budget = tc.max_seconds
         self.state.skips_in_a_row = 0
         if tc.val_at_start and progress.step == 0:
             self.val_loop()
@@ -214,8 +215,8 @@ class Trainer:
             if not window:
                 break  # data exhausted (max_epochs)
             time_up = (
-                tc.max_seconds is not None
-                and progress.train_seconds + time.perf_counter() - clock >= tc.max_seconds
+                budget is not None
+                and progress.train_seconds + time.perf_counter() - clock >= budget
             )
             counts = self.batches.window_counts(window, stop, time_up)
             if counts["stop"] or counts["time_up"]:
