@@ -63,6 +63,7 @@ def seen_lengths(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return lengths
 
 
+@pytest.mark.trains
 def test_infer_cuts_a_50000_word_prompt_with_one_note(adapter_run, capsys, seen_lengths):
     final = adapter_run.run_dir / "final"
     args = ["--adapter", str(final), "--greedy", "--max-new-tokens", "3", "--quant", "none"]
@@ -81,6 +82,7 @@ def test_infer_cuts_a_50000_word_prompt_with_one_note(adapter_run, capsys, seen_
     assert max(seen_lengths) == 100
 
 
+@pytest.mark.trains
 def test_infer_data_notes_once_and_keeps_short_prompts_whole(
     adapter_run, tmp_path, capsys, seen_lengths
 ):
@@ -100,6 +102,7 @@ def test_infer_data_notes_once_and_keeps_short_prompts_whole(
     assert sorted(seen_lengths)[-1] == 64 and min(seen_lengths) >= 1
 
 
+@pytest.mark.trains
 def test_max_input_tokens_above_the_model_is_refused(adapter_run, capsys):
     final = adapter_run.run_dir / "final"
     code = infer(
@@ -109,6 +112,7 @@ def test_max_input_tokens_above_the_model_is_refused(adapter_run, capsys):
     assert "--max-input-tokens 9999 is more than this model takes" in capsys.readouterr().err
 
 
+@pytest.mark.trains
 def test_evaluate_cuts_long_prompts_instead_of_dropping_them(
     adapter_run, tmp_path, capsys, seen_lengths
 ):
@@ -132,6 +136,7 @@ def test_evaluate_cuts_long_prompts_instead_of_dropping_them(
     assert max(seen_lengths) <= 256
 
 
+@pytest.mark.trains
 def test_training_logs_truncated_samples_per_data_set(tmp_path, caplog):
     data = tmp_path / "train.jsonl"
     rows = [{"instruction": "Say it.", "output": LONG[:3000]}] * 3 + [

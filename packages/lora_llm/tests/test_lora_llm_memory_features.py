@@ -188,6 +188,7 @@ def test_dora_trains_its_magnitudes_and_merges_with_the_same_logits(tiny_base, t
     assert not any("lora" in n for n, _ in merged.named_parameters())
 
 
+@pytest.mark.trains
 def test_a_dora_run_saves_its_adapter_and_merge_verifies_it_by_logits(run_tiny, tmp_path, capsys):
     import json
 

@@ -9,6 +9,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -27,6 +28,7 @@ def adapter_tensors(run: Path) -> dict[str, torch.Tensor]:
     return load_file(run / "final" / "adapter_model.safetensors")
 
 
+@pytest.mark.trains
 def test_a_qlora_run_writes_an_adapter_that_plain_peft_loads(trained_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -86,6 +88,7 @@ def test_a_qlora_run_writes_an_adapter_that_plain_peft_loads(trained_run):
     assert manifest["lora_llm"]["quant"]["bits"] == 4 and len(manifest["data_files"]) == 2
 
 
+@pytest.mark.trains
 def test_infer_generates_with_the_training_prompt(trained_run, tmp_path, capsys):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -159,6 +162,7 @@ def test_infer_generates_with_the_training_prompt(trained_run, tmp_path, capsys)
     assert all(isinstance(r["generated"], str) for r in rows)
 
 
+@pytest.mark.trains
 def test_merge_saves_a_model_whose_logits_match_the_adapter(trained_run, tmp_path, capsys):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -199,6 +203,7 @@ def test_merge_saves_a_model_whose_logits_match_the_adapter(trained_run, tmp_pat
     assert "quantized checkpoint" in capsys.readouterr().err and not (tmp_path / "m2").exists()
 
 
+@pytest.mark.trains
 def test_adapters_that_do_not_fit_exit_2(trained_run, tmp_path, capsys, tokenizer):
     final = str(trained_run.run_dir / "final")
     common = ["--prompt", "Hi", "--max-new-tokens", "2", "--quant", "none"]
@@ -242,6 +247,7 @@ def test_adapters_that_do_not_fit_exit_2(trained_run, tmp_path, capsys, tokenize
     )
 
 
+@pytest.mark.trains
 def test_resume_of_an_adapter_run_is_exact(run_tiny):
     args = (
         "trainer.max_steps=6",
@@ -269,6 +275,7 @@ def test_resume_of_an_adapter_run_is_exact(run_tiny):
     assert step4.keys() == a.keys() and any(not torch.equal(step4[k], a[k]) for k in a)
 
 
+@pytest.mark.trains
 def test_packing_trains_with_less_padding(run_tiny, trained_run):
     result = run_tiny(
         "data.packing=true",
@@ -430,6 +437,7 @@ def test_dry_run_reports_parameters_and_memory_without_weights(capsys):
     assert "does NOT fit" in capsys.readouterr().out
 
 
+@pytest.mark.trains
 def test_lora_settings_reach_the_adapter(run_tiny):
     result = run_tiny(
         "lora.r=4",
@@ -466,6 +474,7 @@ class Terminal(io.StringIO):
         return True
 
 
+@pytest.mark.trains
 def test_infer_is_interactive_on_a_terminal_only(trained_run, monkeypatch, capsys):
     final = str(trained_run.run_dir / "final")
     lines = iter(["Name a color.", "Name a fruit.", ""])

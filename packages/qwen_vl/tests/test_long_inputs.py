@@ -52,6 +52,7 @@ def seen_lengths(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return lengths
 
 
+@pytest.mark.trains
 def test_infer_cuts_a_very_long_question_to_the_model_limit(model_dir, capsys, seen_lengths):
     start = time.monotonic()
     code = infer(
@@ -65,6 +66,7 @@ def test_infer_cuts_a_very_long_question_to_the_model_limit(model_dir, capsys, s
     assert time.monotonic() - start < 120
 
 
+@pytest.mark.trains
 def test_infer_data_cuts_questions_keeps_images_and_notes_once(
     model_dir, tmp_path, capsys, seen_lengths
 ):
@@ -88,6 +90,7 @@ def test_infer_data_cuts_questions_keeps_images_and_notes_once(
     assert max(seen_lengths) <= 96
 
 
+@pytest.mark.trains
 def test_images_that_leave_no_room_are_refused(model_dir, tmp_path, capsys):
     Image.new("RGB", (112, 112), "white").save(tmp_path / "a.png")
     code = infer(
@@ -98,6 +101,7 @@ def test_images_that_leave_no_room_are_refused(model_dir, tmp_path, capsys):
     assert "without any of its text" in capsys.readouterr().err
 
 
+@pytest.mark.trains
 def test_evaluate_cuts_a_long_question_instead_of_refusing_the_record(
     model_dir, tmp_path, capsys, seen_lengths
 ):

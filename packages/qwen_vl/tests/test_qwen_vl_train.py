@@ -48,6 +48,7 @@ def env(**extra: str) -> dict[str, str]:
     return child_env(**extra)
 
 
+@pytest.mark.trains
 def test_make_data_train_evaluate_infer(tmp_path, monkeypatch, capsys):
     """The tiny preset end to end, as a user runs it: draw data, train (validation with generated
     counts), reload final/ with the plain Auto classes, evaluate it (same loss as the best
@@ -187,6 +188,7 @@ def test_make_data_train_evaluate_infer(tmp_path, monkeypatch, capsys):
     assert infer(args) == 2 and "already exists" in capsys.readouterr().err
 
 
+@pytest.mark.trains
 def test_bf16_true_training_stays_bf16_and_resumes_bit_identically(tmp_path, counting_data):
     """bf16-true throughout: the checkpoint and final/ hold bf16 tensors, the resumed run checks
     that every parameter is still bf16, and stopping at step 2 then resuming to step 4 gives the

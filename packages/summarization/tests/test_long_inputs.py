@@ -81,6 +81,7 @@ def data_file(tmp_path: Path, rows: int = 4, long_rows: int = 1) -> Path:
     return path
 
 
+@pytest.mark.trains
 def test_predict_cuts_long_dialogues_with_one_note(model_dir, tmp_path, capsys, seen_lengths):
     data = data_file(tmp_path)
     code = predict(["--model", str(model_dir), "--data", str(data), "generation.max_new_tokens=2"])
@@ -115,6 +116,7 @@ def test_max_input_tokens_above_the_model_is_refused(model_dir, tmp_path, capsys
     assert "--max-input-tokens 5000 is more than this model takes (128" in capsys.readouterr().err
 
 
+@pytest.mark.trains
 def test_evaluate_cuts_long_dialogues_with_one_note(
     model_dir, tmp_path, capsys, seen_lengths, cache_dir
 ):
@@ -137,6 +139,7 @@ def test_evaluate_cuts_long_dialogues_with_one_note(
     assert seen_lengths and max(seen_lengths) <= 128
 
 
+@pytest.mark.trains
 def test_training_logs_truncated_samples_per_data_set(train_cli, tmp_path, caplog):
     train = data_file(tmp_path, rows=6, long_rows=2)
     with caplog.at_level(logging.INFO):

@@ -130,6 +130,7 @@ def test_eager_attention_computes_what_sdpa_computes():
         load_config(SummarizationConfig, "tiny", ["model.attn_implementation=fast"], PRESETS_DIR)
 
 
+@pytest.mark.trains
 def test_gradient_checkpointing_trains_like_without_it():
     from dataclasses import replace
 
@@ -151,6 +152,7 @@ def test_gradient_checkpointing_trains_like_without_it():
     assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], atol=1e-7)
 
 
+@pytest.mark.trains
 def test_t5_in_fp16_is_refused(tmp_path, train_cli):
     from transformers import T5Config, T5ForConditionalGeneration
 
@@ -230,6 +232,7 @@ def test_missing_local_model_folder_is_a_user_error(tmp_path):
         load_tokenizer(ModelConfig(name=str(tmp_path / "no-such-model")))
 
 
+@pytest.mark.trains
 def test_local_bart_folder_trains_through_the_auto_classes(tmp_path, train_cli):
     model, tokenizer = build()
     model.save_pretrained(tmp_path / "bart")
@@ -253,6 +256,7 @@ def test_local_bart_folder_trains_through_the_auto_classes(tmp_path, train_cli):
     )
 
 
+@pytest.mark.trains
 def test_mbart_scratch_architecture_is_pre_norm_and_its_final_model_loads_with_auto_classes(
     train_cli,
 ):

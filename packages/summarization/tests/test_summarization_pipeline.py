@@ -34,6 +34,7 @@ def rows_of(path: Path) -> list[dict]:
     ]
 
 
+@pytest.mark.trains
 def test_training_writes_a_complete_run_with_the_best_model_by_rouge_l(tiny_run):
     summary = json.loads((tiny_run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["global_step"] == 30
@@ -67,6 +68,7 @@ def test_training_writes_a_complete_run_with_the_best_model_by_rouge_l(tiny_run)
     assert len(predictions) == 12 and {"fname", "summary", "references"} <= set(predictions[0])
 
 
+@pytest.mark.trains
 def test_final_folder_loads_with_plain_auto_classes_and_generates(tiny_run):
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
@@ -87,6 +89,7 @@ def test_final_folder_loads_with_plain_auto_classes_and_generates(tiny_run):
     assert info["source_prefix"] == "" and info["metric"]["resolved_tokenizer"] == "default"
 
 
+@pytest.mark.trains
 def test_evaluate_predict_and_score_agree(tiny_run, tmp_path, capsys, cache_dir):
     final = tiny_run / "final"
     assert evaluate(["--model", str(final), "--split", "test", f"data.cache_dir={cache_dir}"]) == 0
@@ -155,6 +158,7 @@ def test_evaluate_predict_and_score_agree(tiny_run, tmp_path, capsys, cache_dir)
     assert capsys.readouterr().out.strip() != ""
 
 
+@pytest.mark.trains
 def test_evaluate_rejects_what_it_cannot_use(tiny_run, tmp_path, capsys):
     assert evaluate(["--model", str(tmp_path / "nothing")]) == 2
     assert "does not exist" in capsys.readouterr().err
@@ -167,6 +171,7 @@ def test_evaluate_rejects_what_it_cannot_use(tiny_run, tmp_path, capsys):
     )  # predict needs no references
 
 
+@pytest.mark.trains
 def test_korean_end_to_end_learns_and_scores_with_a_tokenizer_that_keeps_hangul(train_cli, capsys):
     # Overfit the 16 Korean dialogues (validation = training rows): ROUGE must be clearly above 0.
     code, err, root = train_cli(
@@ -264,6 +269,7 @@ def test_console_scripts_exit_2_with_one_paragraph(tmp_path):
     )
 
 
+@pytest.mark.trains
 def test_train_run_dir_latest_continues_that_run_with_its_own_config(train_cli, monkeypatch):
     """`train run.dir=latest` continues the newest run with *its* config.yaml: the default preset
     (bart_large_cnn, a Hub model) is never loaded, so it works offline. A -c that contradicts the

@@ -615,7 +615,7 @@ def unsupported_reason(cfg: Any, device_type: str) -> str | None:
     return None
 
 
-if __name__ == "__main__":  # self-check: python -m core.fsdp (Fabric starts the second process)
+if __name__ == "__main__":  # self-check: python -m core.fsdp (own process: Fabric starts rank 1)
     import functools
 
     from lightning.fabric import Fabric

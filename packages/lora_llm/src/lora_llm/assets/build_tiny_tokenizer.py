@@ -112,5 +112,5 @@ def main() -> int:
     return 0 if same else 1
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # self-check: python -m lora_llm.assets.build_tiny_tokenizer --check
     sys.exit(main())
