@@ -15,40 +15,17 @@ Task packages call :func:`train_command` from their own ``cli.py``.
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from core.config import describe_keys, list_presets, load_config, to_yaml
-from core.errors import ConfigError, UserError
 
-F = TypeVar("F", bound=Callable[..., int])
-
-
-def fail(message: str, code: int = 2) -> int:
-    """Print ``error: <message>`` as one paragraph (one line, so paths stay copyable) to stderr
-    and return ``code``."""
-    print(f"error: {' '.join(message.split())}", file=sys.stderr)
-    return code
-
-
-def user_errors_exit_2(func: F) -> F:
-    """Decorator for command entry points: ``UserError`` -> message + exit code 2, Ctrl-C -> 130."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> int:
-        try:
-            return func(*args, **kwargs)
-        except UserError as err:
-            return fail(str(err), err.exit_code)
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            return 130
-
-    return wrapper  # type: ignore[return-value]
+# fail and user_errors_exit_2 live in core.errors; imported here too so that code importing
+# them from core.cli keeps working.
+from core.errors import ConfigError, UserError, fail, user_errors_exit_2  # noqa: F401
 
 
 def train_parser(
