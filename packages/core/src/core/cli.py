@@ -9,46 +9,25 @@
 - A mistake the user can fix (unknown key, wrong type, missing file, malformed data) prints one
   paragraph and exits with code 2; no traceback.
 
-Task packages call :func:`train_command` from their own ``cli.py``.
+Task packages declare a :class:`core.spec.TaskSpec` in their ``cli.py``, whose ``train`` calls
+:func:`train_command`; the second half of this module is what ``evaluate`` and ``infer`` share
+(:mod:`core.model_io` builds the ``evaluate`` command from it).
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from core.config import describe_keys, list_presets, load_config, to_yaml
-from core.errors import ConfigError, UserError
 
-F = TypeVar("F", bound=Callable[..., int])
-
-
-def fail(message: str, code: int = 2) -> int:
-    """Print ``error: <message>`` as one paragraph (one line, so paths stay copyable) to stderr
-    and return ``code``."""
-    print(f"error: {' '.join(message.split())}", file=sys.stderr)
-    return code
-
-
-def user_errors_exit_2(func: F) -> F:
-    """Decorator for command entry points: ``UserError`` -> message + exit code 2, Ctrl-C -> 130."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> int:
-        try:
-            return func(*args, **kwargs)
-        except UserError as err:
-            return fail(str(err), err.exit_code)
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            return 130
-
-    return wrapper  # type: ignore[return-value]
+# fail and user_errors_exit_2 live in core.errors; imported here too so that code importing
+# them from core.cli keeps working.
+from core.errors import ConfigError, UserError, fail, user_errors_exit_2  # noqa: F401
 
 
 def train_parser(
@@ -142,30 +121,43 @@ def parse_train_args(
             f"-c {args.config}: this config is for {name} ({why}), not for {task}: run it with "
             f"`uv run --package {name} train -c {args.config} ...`."
         ) from None
+    return continued_config(cfg, args, config_cls, presets_dir, task), args
+
+
+def continued_config(
+    cfg: Any, args: argparse.Namespace, config_cls: type, presets_dir: Path | None, task: str | None
+) -> Any:
+    """``cfg``, or, when ``run.dir`` names an earlier run, that run's own ``config.yaml`` with
+    the overrides (and ``run.dir`` set to the run).
+
+    Raises:
+        UserError: ``-c`` and the overrides give another config than the continued run's.
+    """
     run = continued_run(cfg, task)
-    if run is not None:
-        saved = load_config(config_cls, run / "config.yaml", args.overrides, presets_dir)
-        if args.config is not None:
-            differ = config_differences(cfg, saved)
-            if differ:
-                shown = "; ".join(f"{k}: {a!r} (-c) vs {b!r} (run)" for k, a, b in differ[:5])
-                raise UserError(
-                    f"run.dir continues '{run}' with its own config.yaml, but -c {args.config} "
-                    "and the overrides "
-                    f"differ from it in {len(differ)} key(s): {shown}. Drop -c to continue the "
-                    "run as it was "
-                    "(give changes as key=value), or start a new run without run.dir."
-                )
-        cfg = saved
-        cfg.run.dir = run
-    return cfg, args
+    if run is None:
+        return cfg
+    saved = load_config(config_cls, run / "config.yaml", args.overrides, presets_dir)
+    if args.config is not None:
+        differ = config_differences(cfg, saved)
+        if differ:
+            shown = "; ".join(f"{k}: {a!r} (-c) vs {b!r} (run)" for k, a, b in differ[:5])
+            raise UserError(
+                f"run.dir continues '{run}' with its own config.yaml, but -c {args.config} "
+                "and the overrides "
+                f"differ from it in {len(differ)} key(s): {shown}. Drop -c to continue the "
+                "run as it was "
+                "(give changes as key=value), or start a new run without run.dir."
+            )
+    saved.run.dir = run
+    return saved
 
 
 def task_configs() -> dict[str, tuple[type, Path]]:
     """``{task: (root config class, presets folder)}`` of every installed task.
 
     Tasks are the ``core.tasks`` entry points (:func:`core.launcher.installed_tasks`); each names
-    its commands module, which imports the task's root config (the one subclass of
+    its commands module, whose ``SPEC`` (:class:`core.spec.TaskSpec`) names them; failing that,
+    the module imports the task's root config (the one subclass of
     :class:`core.settings.TrainConfig` there); the presets sit in ``presets/`` beside it.
     A task whose module cannot be imported is left out.
     """
@@ -179,6 +171,10 @@ def task_configs() -> dict[str, tuple[type, Path]]:
         try:
             module = importlib.import_module(entry.value)
         except Exception:  # noqa: BLE001 - a broken package is not this message's concern
+            continue
+        spec = getattr(module, "SPEC", None)  # a core.spec.TaskSpec
+        if spec is not None:
+            found[name] = (spec.config_cls, Path(spec.presets))
             continue
         classes = [
             v
@@ -203,51 +199,9 @@ def config_owner(source: str | Path, task: str) -> tuple[str, str] | None:
     Returns:
         ``(task, reason)``, or None when no other task fits (the config error stands).
     """
-    import dataclasses
-
-    import yaml
-
-    from core.runs import is_run_folder, run_task
-
     path = Path(source).expanduser()
     if path.is_file():
-        if is_run_folder(path.parent):
-            owner = run_task(path.parent)
-            if owner and owner != task and owner in task_configs():
-                return owner, f"the run '{path.parent}' was trained by {owner}"
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, yaml.YAMLError):
-            return None
-        if not isinstance(data, dict) or not data:
-            return None
-        keys = set(map(str, data))
-        configs = task_configs()
-
-        def groups(name: str) -> set[str]:
-            return {f.name for f in dataclasses.fields(configs[name][0])}
-
-        def loads(name: str) -> bool:
-            try:
-                load_config(configs[name][0], path, [], configs[name][1])
-            except Exception:  # noqa: BLE001 - any failure means "not this task's config"
-                return False
-            return True
-
-        if task in configs and loads(task):
-            return None  # this task's own config: the mistake is in an override
-        others = sorted(n for n in configs if n != task)
-        own_groups = groups(task) if task in configs else set()
-        # The task whose config class takes the whole file; failing that, the one whose groups
-        # hold every group of the file when this task's do not (the file has a mistake too).
-        by_load = [n for n in others if loads(n)]
-        if len(by_load) == 1:
-            return by_load[0], f"it is a valid {by_load[0]} config"
-        by_groups = [] if keys <= own_groups else [n for n in others if keys <= groups(n)]
-        if len(by_groups) == 1:
-            extra = ", ".join(sorted(keys - own_groups))
-            return by_groups[0], f"its group(s) {extra} belong to {by_groups[0]}"
-        return None
+        return file_owner(path, task)
     if "/" in str(source) or str(source).endswith((".yaml", ".yml")):
         return None
     configs = task_configs()
@@ -256,6 +210,53 @@ def config_owner(source: str | Path, task: str) -> tuple[str, str] | None:
     shipping = sorted(n for n, (_, d) in configs.items() if (d / f"{source}.yaml").is_file())
     if len(shipping) == 1 and shipping[0] != task:
         return shipping[0], f"'{source}' is a preset of {shipping[0]}"
+    return None
+
+
+def file_owner(path: Path, task: str) -> tuple[str, str] | None:
+    """:func:`config_owner` of a YAML file (see there)."""
+    import dataclasses
+
+    import yaml
+
+    from core.runs import is_run_folder, run_task
+
+    if is_run_folder(path.parent):
+        owner = run_task(path.parent)
+        if owner and owner != task and owner in task_configs():
+            return owner, f"the run '{path.parent}' was trained by {owner}"
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    if not isinstance(data, dict) or not data:
+        return None
+    keys = set(map(str, data))
+    configs = task_configs()
+
+    def groups(name: str) -> set[str]:
+        return {f.name for f in dataclasses.fields(configs[name][0])}
+
+    def loads(name: str) -> bool:
+        try:
+            load_config(configs[name][0], path, [], configs[name][1])
+        except Exception:  # noqa: BLE001 - any failure means "not this task's config"
+            return False
+        return True
+
+    if task in configs and loads(task):
+        return None  # this task's own config: the mistake is in an override
+    others = sorted(n for n in configs if n != task)
+    own_groups = groups(task) if task in configs else set()
+    # The task whose config class takes the whole file; failing that, the one whose groups
+    # hold every group of the file when this task's do not (the file has a mistake too).
+    by_load = [n for n in others if loads(n)]
+    if len(by_load) == 1:
+        return by_load[0], f"it is a valid {by_load[0]} config"
+    by_groups = [] if keys <= own_groups else [n for n in others if keys <= groups(n)]
+    if len(by_groups) == 1:
+        extra = ", ".join(sorted(keys - own_groups))
+        return by_groups[0], f"its group(s) {extra} belong to {by_groups[0]}"
     return None
 
 
@@ -531,8 +532,6 @@ def check_model_dir(
     Raises:
         UserError: missing, a file, a model of another task, or without ``marker``.
     """
-    import json
-
     model_dir = Path(model_dir).expanduser()
     if not model_dir.exists():
         raise UserError(
@@ -562,16 +561,28 @@ def check_model_dir(
             + f"; give {what} (a run's final/ folder)."
         )
     if fits is not None and task and owner is None:
-        try:
-            config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            config = None
-        if isinstance(config, dict) and not fits(config):
-            raise UserError(
-                f"--model '{model_dir}' holds {held}, which the {task} task cannot use; "
-                f"give {what}."
-            )
+        check_fits(model_dir, fits, held, task, what)
     return model_dir
+
+
+def check_fits(
+    model_dir: Path, fits: Callable[[dict], bool], held: str | None, task: str, what: str
+) -> None:
+    """Refuse a bare model folder whose ``config.json`` is a model ``task`` cannot use.
+
+    Raises:
+        UserError: ``fits`` says no (the folder's model named as ``held``).
+    """
+    import json
+
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = None
+    if isinstance(config, dict) and not fits(config):
+        raise UserError(
+            f"--model '{model_dir}' holds {held}, which the {task} task cannot use; give {what}."
+        )
 
 
 def data_inputs(cfg: Any) -> list[tuple[Path, str]]:

@@ -34,7 +34,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-from core.cli import fail
+from core.errors import fail
 
 ENV_VAR = "CORE_TASK"
 

@@ -199,6 +199,27 @@ class Ranks:
             yield
 
 
+@dataclass
+class EvaluationRun:
+    """Facts of one ``evaluate`` run that its scores name (:meth:`Task.evaluation_scores`).
+
+    Attributes:
+        model: ``--model``.
+        data: ``--data``, or None for a split of the config's data.
+        split: the split (the default one when ``--data`` is given).
+        world_size: processes that evaluated.
+        records_path: where the records go, or None.
+        samples: records evaluated.
+    """
+
+    model: Path
+    data: Path | None
+    split: str
+    world_size: int
+    records_path: Path | None
+    samples: int
+
+
 class Task(ABC):
     """What a task package provides to the Trainer.
 
@@ -349,3 +370,52 @@ class Task(ABC):
         """Task facts for ``manifest.json``: metric implementation and version, tokenizer, model
         source."""
         return {}
+
+    # -- evaluate: a trained model (core.model_io.evaluate_command, in this order) --------------
+
+    def configure_for_model(self, model_dir: Path, overrides: Sequence[str]) -> None:  # noqa: B027
+        """Adjust ``self.cfg`` to evaluate the trained model in ``model_dir`` (before Fabric
+        starts, cheap: no weights). ``overrides`` are the command's ``key=value``, which win over
+        anything the model folder says. Default: nothing."""
+
+    def evaluation_inputs(self, data: Path | None, split: str) -> list[tuple[Path, str]]:
+        """``(path, option)`` of the files the evaluation reads besides ``--data`` (no output
+        may replace them); raise ``UserError`` when there is nothing to evaluate. Default: none.
+        """
+        return []
+
+    def load_trained(self, model_dir: Path, options: Any, fabric: Any) -> nn.Module:
+        """Load what the trained model in ``model_dir`` was trained with (tokenizer or processor)
+        and the model itself, on every rank, not yet set up by Fabric.
+
+        Args:
+            model_dir: ``--model``, checked.
+            options: the command's parsed arguments (the task's own flags).
+            fabric: the launched Fabric (its device, ``init_module``).
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no evaluate (load_trained)")
+
+    def evaluation_set(self, data: Path | None, split: str, options: Any, report: bool) -> Dataset:
+        """The samples to evaluate: the file ``data``, else the config's ``split``.
+
+        Args:
+            data: ``--data`` or None.
+            split: a split name the task's :class:`core.spec.EvaluateSpec` accepts.
+            options: the command's parsed arguments.
+            report: whether this rank prints the note on cut inputs.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no evaluate (evaluation_set)")
+
+    def evaluation_row(self, record: dict[str, Any]) -> dict[str, Any]:
+        """The row ``evaluate`` writes for one record of :meth:`validation_step`. Default: the
+        record without its ``index``."""
+        return {k: v for k, v in record.items() if k != "index"}
+
+    def evaluation_scores(self, metrics: dict[str, float], run: EvaluationRun) -> dict[str, Any]:
+        """The scores ``evaluate`` prints and writes: the metrics and what was evaluated."""
+        return {
+            **metrics,
+            "model": str(run.model),
+            "data": str(run.data) if run.data is not None else run.split,
+            "world_size": run.world_size,
+        }
