@@ -148,6 +148,7 @@ TEXT_SUFFIXES = {".py", ".md", ".sh", ".sbatch", ".toml", ".yaml", ".yml", ".cfg
 SKIP_NAMES = {"CHANGELOG.md", "uv.lock"}
 SELF = Path(__file__).resolve()
 WIDTH = 100
+DOCSTRING_QUOTES = ('"""', "'''")
 
 
 class LayoutError(SystemExit):
@@ -307,7 +308,9 @@ def prose_lines(text: str) -> dict[int, int]:
     for tok in tokens:
         if tok.type == tokenize.COMMENT:
             prose[tok.start[0]] = tok.start[1]
-        elif tok.type == tokenize.STRING and tok.end[0] > tok.start[0]:
+        elif tok.type == tokenize.STRING and tok.line.lstrip().startswith(DOCSTRING_QUOTES):
+            prose[tok.start[0]] = tok.start[1]  # a docstring: its first line is prose too
+        if tok.type == tokenize.STRING and tok.end[0] > tok.start[0]:
             prose[tok.start[0]] = tok.start[1]
             for row in range(tok.start[0] + 1, tok.end[0] + 1):
                 prose[row] = 0
