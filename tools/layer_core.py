@@ -570,7 +570,13 @@ def main(argv: list[str] | None = None) -> int:
         source.write_text(absolute_imports(text), encoding="utf-8")
     for _, source, target in moves:
         target.parent.mkdir(parents=True, exist_ok=True)
-        git(root, "mv", str(source), str(target))
+        tracked = subprocess.run(
+            ["git", "ls-files", "--error-unmatch", str(source)], cwd=root, capture_output=True
+        )
+        if tracked.returncode == 0:
+            git(root, "mv", str(source), str(target))
+        else:  # a module not committed yet moves all the same
+            source.rename(target)
     changed = rewrite_tree(root, active)
     write_core_init(core)
     written = write_inits(root, core)
