@@ -17,9 +17,10 @@ All the other checks run one after another in ONE subprocess (``self_checks_driv
 process per check would import torch, Lightning and transformers ~50 times (15-20 s each on the
 2-core machine, ~15 minutes); in one process the imports are paid once. Signal handlers, cwd,
 argv, environment, warning filters and logging are put back between checks (measured: all of
-them pass there, ``core.signals`` included, ~1m45s in all at a load of 2-7). The own-process
-checks run beside the driver (``core.fsdp``: ~80 s alone, two interpreters), so the wall time is
-about the driver's. Each check runs in an empty temporary working folder, offline.
+them pass there, ``core.signals`` included). The own-process checks run beside the driver
+(``core.fsdp``: two interpreters), so the wall time is about the longer of the two: this test
+took 85 s on the 2-core machine at a load of 2-6 (8 minutes at a load of 13). Each check runs
+in an empty temporary working folder, offline.
 """
 
 from __future__ import annotations
