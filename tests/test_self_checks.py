@@ -67,9 +67,10 @@ def _from_comment(module: str, text: str) -> SelfCheck:
     return SelfCheck(module, (), False)
 
 
-def discover(repo: Path = REPO) -> list[SelfCheck]:
-    """Every module of ``repo/packages/*/src`` with a ``__main__`` guard or a ``__main__.py``."""
-    checks = []
+def _main_sources(repo: Path) -> list[tuple[str, str]]:
+    """``(module, text)`` of every module of ``repo/packages/*/src`` with a ``__main__`` guard
+    (text: the guard line) or a ``__main__.py`` (text: the file; module: its package)."""
+    found = []
     for src in sorted(repo.glob("packages/*/src")):
         for path in sorted(src.rglob("*.py")):
             if "__pycache__" in path.parts:
@@ -77,10 +78,15 @@ def discover(repo: Path = REPO) -> list[SelfCheck]:
             parts = path.relative_to(src).with_suffix("").parts
             text = path.read_text(encoding="utf-8")
             if parts[-1] == "__main__":
-                checks.append(_from_comment(".".join(parts[:-1]), text))
+                found.append((".".join(parts[:-1]), text))
             elif parts[-1] != "__init__" and (guard := GUARD.search(text)):
-                checks.append(_from_comment(".".join(parts), guard.group(0)))
-    return checks
+                found.append((".".join(parts), guard.group(0)))
+    return found
+
+
+def discover(repo: Path = REPO) -> list[SelfCheck]:
+    """Every module of ``repo/packages/*/src`` with a ``__main__`` guard or a ``__main__.py``."""
+    return [_from_comment(module, text) for module, text in _main_sources(repo)]
 
 
 CHECKS = discover()
@@ -189,6 +195,18 @@ def test_self_check(check: SelfCheck, results: dict[str, dict[str, Any]]) -> Non
     result = results[check.module]
     assert result["ok"], _failure(check, result)
     assert not result["changed"], f"python -m {check.module} wrote in the repo: {result['changed']}"
+
+
+def test_every_self_check_comment_names_its_own_module() -> None:
+    """A comment naming another module (left behind by a move) would be ignored, and the check
+    would run without its arguments or outside its own process: refused here."""
+    stale = [
+        f"{module}: {match.group(0)}"
+        for module, text in _main_sources(REPO)
+        for match in COMMENT.finditer(text)
+        if match.group(1) != module
+    ]
+    assert not stale, "self-check comments that name another module:\n" + "\n".join(stale)
 
 
 def test_discovery_reads_the_comments(tmp_path: Path) -> None:
