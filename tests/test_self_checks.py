@@ -186,8 +186,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any
     return out
 
 
-@pytest.mark.slow
-@pytest.mark.trains  # the task modules' self-checks train a few steps
+@pytest.mark.slow  # subprocesses; the task modules' self-checks train a few steps
 @pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.module)
 def test_self_check(check: SelfCheck, results: dict[str, dict[str, Any]]) -> None:
     """``python -m module`` passes and leaves the repository as it was."""
