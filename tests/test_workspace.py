@@ -108,6 +108,7 @@ def test_uv_run_package_train_runs_that_tasks_trainer_in_any_order_and_after_any
     assert "qwen" in _help("qwen_vl", env, "evaluate").lower()
 
 
+@pytest.mark.slow  # three console-script processes (a torch import each)
 def test_shared_command_needs_a_task_when_several_are_installed(tmp_path):
     train = Path(sys.executable).parent / "train"
     done = subprocess.run(

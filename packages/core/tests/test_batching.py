@@ -76,6 +76,7 @@ def test_two_ranks_see_the_global_batches_of_one_and_resume_by_index():
     assert list(two[1]) == full[7:]
 
 
+@pytest.mark.trains
 def test_trainer_passes_the_key_to_its_sampler(tmp_path: Path):
     cfg = load_config(
         ToyConfig,

@@ -16,6 +16,7 @@ from core.settings import CheckpointConfig
 from core.testing import final_weights, max_weight_diff, read_jsonl, train_losses
 
 
+@pytest.mark.trains
 def test_run_folder_has_everything_and_final_loads_with_from_pretrained(run_toy, tmp_path):
     result = run_toy(
         "trainer.max_steps=6",
@@ -90,6 +91,7 @@ def test_run_folder_has_everything_and_final_loads_with_from_pretrained(run_toy,
     assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 50)
 
 
+@pytest.mark.trains
 def test_accumulation_equivalence_8x1_equals_2x4(run_toy):
     common = (
         "model.dropout=0",
@@ -120,6 +122,7 @@ def test_accumulation_equivalence_8x1_equals_2x4(run_toy):
     )
 
 
+@pytest.mark.trains
 def test_same_seed_same_losses_other_seed_other_losses(run_toy):
     args = (
         "trainer.max_steps=5",
@@ -134,6 +137,7 @@ def test_same_seed_same_losses_other_seed_other_losses(run_toy):
     assert a != c
 
 
+@pytest.mark.trains
 def test_resume_from_path_matches_uninterrupted_run(run_toy):
     args = (
         "trainer.max_steps=8",
@@ -151,6 +155,7 @@ def test_resume_from_path_matches_uninterrupted_run(run_toy):
     assert all(resumed_losses[s] == full_losses[s] for s in resumed_losses)
 
 
+@pytest.mark.trains
 def test_resume_off_refuses_a_run_folder_with_checkpoints(run_toy, tmp_path):
     first = run_toy("trainer.max_steps=2")
     with pytest.raises(UserError, match="already has checkpoints"):
@@ -165,6 +170,7 @@ def test_resume_off_refuses_a_run_folder_with_checkpoints(run_toy, tmp_path):
         run_toy("trainer.max_steps=2", f"trainer.resume={tmp_path / 'nowhere'}")
 
 
+@pytest.mark.trains
 def test_keep_last_k_and_best_k_by_monitored_metric(run_toy):
     result = run_toy(
         "trainer.max_steps=6",
@@ -189,6 +195,7 @@ def test_keep_last_k_and_best_k_by_monitored_metric(run_toy):
     assert summary["best"]["step"] == best.step
 
 
+@pytest.mark.trains
 def test_a_save_killed_before_its_rename_leaves_the_previous_checkpoint_usable(
     run_toy, monkeypatch
 ):
@@ -218,6 +225,7 @@ def test_a_save_killed_before_its_rename_leaves_the_previous_checkpoint_usable(
     assert not list(ckpts.glob(".tmp-*")) and manager.latest().step == 3
 
 
+@pytest.mark.trains
 def test_trainable_only_checkpoints_hold_just_the_trainable_weights_and_resume(run_toy):
     args = (
         "model.freeze_embeddings=true",
@@ -241,6 +249,7 @@ def test_trainable_only_checkpoints_hold_just_the_trainable_weights_and_resume(r
     assert "transformer.wte.weight" in final_weights(full.run_dir)
 
 
+@pytest.mark.trains
 def test_debug_shapes_logs_module_shapes_once(run_toy):
     result = run_toy("trainer.max_steps=2", "debug.shapes=true", "trainer.batch_size=3")
     log = (result.run_dir / "train.log").read_text()
@@ -249,6 +258,7 @@ def test_debug_shapes_logs_module_shapes_once(run_toy):
     assert len([line for line in lines if "lm_head (Linear)" in line]) == 1
 
 
+@pytest.mark.trains
 def test_wandb_offline_and_tensorboard(run_toy, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -263,6 +273,7 @@ def test_wandb_offline_and_tensorboard(run_toy, monkeypatch):
     assert list((result.run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.trains
 @pytest.mark.parametrize("name", ["adafactor", "adamw_8bit", "paged_adamw_8bit", "sgd"])
 def test_optimizers_by_name_train(run_toy, name):
     result = run_toy(
@@ -272,6 +283,7 @@ def test_optimizers_by_name_train(run_toy, name):
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses.values())
 
 
+@pytest.mark.trains
 def test_warmup_ratio_and_cosine_schedule_in_logged_lr(run_toy):
     result = run_toy(
         "trainer.max_steps=10",
@@ -285,6 +297,7 @@ def test_warmup_ratio_and_cosine_schedule_in_logged_lr(run_toy):
     assert lrs[10] < lrs[6] < lrs[4]
 
 
+@pytest.mark.trains
 def test_overfit_batches_learns_a_fixed_batch(run_toy):
     result = run_toy(
         "debug.overfit_batches=1",
@@ -298,6 +311,7 @@ def test_overfit_batches_learns_a_fixed_batch(run_toy):
     assert losses[80] < 0.5 * losses[10], losses
 
 
+@pytest.mark.trains
 def test_bf16_mixed_precision_runs_on_cpu(run_toy):
     result = run_toy(
         "trainer.max_steps=2", "trainer.precision=bf16-mixed", "trainer.log_every_n_steps=1"
@@ -351,6 +365,7 @@ def test_settings_this_machine_cannot_run_fail_by_key_before_anything_is_written
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.trains
 def test_data_loader_workers_are_seeded_and_resume_exactly(run_toy):
     args = (
         "trainer.max_steps=6",
@@ -410,6 +425,7 @@ def test_fsdp_and_bf16_on_one_gpu_log_memory_and_mfu(run_toy):
     AutoModelForCausalLM.from_pretrained(result.run_dir / "final")
 
 
+@pytest.mark.trains
 def test_adafactor_bf16_true_resume_keeps_float32_statistics_and_is_exact(run_toy):
     args = (
         "optim.name=adafactor",
@@ -435,6 +451,7 @@ def test_adafactor_bf16_true_resume_keeps_float32_statistics_and_is_exact(run_to
     assert max_weight_diff(final_weights(full.run_dir), final_weights(resumed.run_dir)) == 0.0
 
 
+@pytest.mark.trains
 def test_max_time_stops_early_and_still_finishes_and_val_at_start_logs_step_0(run_toy):
     result = run_toy(
         "trainer.max_steps=10000",
@@ -456,6 +473,7 @@ def test_max_time_stops_early_and_still_finishes_and_val_at_start_logs_step_0(ru
         run_toy("trainer.max_time=soon")
 
 
+@pytest.mark.trains
 @pytest.mark.parametrize("strategy", ["auto", "ddp", "fsdp"])
 def test_a_run_leaves_no_launch_variables_behind(run_toy, monkeypatch, strategy):
     """A leftover MASTER_PORT would be inherited by every job this process starts (sbatch,

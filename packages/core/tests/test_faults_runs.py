@@ -90,6 +90,7 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int, str]]:
 # ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.trains
 def test_second_train_in_one_slurm_job_gets_a_new_folder_and_a_requeue_continues_its_own(
     train_toy, monkeypatch
 ):
@@ -124,6 +125,7 @@ HOLDER = (
 )
 
 
+@pytest.mark.trains
 def test_a_live_lock_refuses_a_second_writer_and_a_dead_owners_lock_is_taken_over(
     train_toy, tmp_path, capsys, caplog
 ):
@@ -223,6 +225,7 @@ def test_a_sigkilled_run_is_listed_as_stopped_and_continued_after_taking_over_it
 # ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.trains
 def test_a_torn_last_metrics_line_is_dropped_with_a_warning_in_compare_and_resume(
     train_toy, tmp_path, capsys, caplog
 ):
@@ -251,6 +254,7 @@ def test_a_torn_last_metrics_line_is_dropped_with_a_warning_in_compare_and_resum
     assert code == 1 and f"The metrics file {metrics} is corrupt at line 2" in err
 
 
+@pytest.mark.trains
 def test_a_corrupt_summary_is_listed_as_corrupt_with_its_path(train_toy, tmp_path, capsys):
     a = train_toy(*SHORT).run_dir
     summary = a / "summary.json"
@@ -261,6 +265,7 @@ def test_a_corrupt_summary_is_listed_as_corrupt_with_its_path(train_toy, tmp_pat
     assert f"corrupt: {summary} is corrupt" in out
 
 
+@pytest.mark.trains
 def test_compare_refuses_two_tasks_or_two_metrics_and_a_png_name_that_is_not_png(
     train_toy, tmp_path, capsys
 ):
@@ -281,6 +286,7 @@ def test_compare_refuses_two_tasks_or_two_metrics_and_a_png_name_that_is_not_png
     assert not plot.exists() and not list(tmp_path.glob("plot*"))
 
 
+@pytest.mark.trains
 def test_list_of_two_tasks_with_long_differing_keys_fits_100_columns_and_wide_shows_all(
     train_toy, tmp_path, capsys, monkeypatch
 ):

@@ -70,6 +70,7 @@ def _finite(state: dict[str, torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(t.float()).all()) for t in state.values())
 
 
+@pytest.mark.trains
 def test_a_diverging_run_stops_at_the_first_nonfinite_step_naming_it_and_exports_nothing(
     tmp_path,
 ):
@@ -97,6 +98,7 @@ def test_a_diverging_run_stops_at_the_first_nonfinite_step_naming_it_and_exports
     assert all(r["step"] < step for r in read_jsonl(run / "metrics.jsonl") if "train/loss" in r)
 
 
+@pytest.mark.trains
 def test_skip_drops_the_nonfinite_step_counts_it_and_trains_on_to_finite_weights(tmp_path):
     class Task(NaNAtSteps):
         nan_steps = {3}
@@ -117,6 +119,7 @@ def test_skip_drops_the_nonfinite_step_counts_it_and_trains_on_to_finite_weights
     assert _finite(final_weights(run))
 
 
+@pytest.mark.trains
 def test_skip_still_stops_after_too_many_skipped_steps_in_a_row(tmp_path):
     class Task(NaNAtSteps):
         nan_steps = {2, 4, 5, 6, 7, 8, 9, 10}  # 2 alone is skipped; 4..8 is one row too many
@@ -218,6 +221,7 @@ print("stopped by", stop.name, flush=True)
 """
 
 
+@pytest.mark.trains
 @pytest.mark.skipif(shutil.which("uv") is None, reason="needs uv on PATH")
 def test_uv_runs_copy_of_a_group_sigint_landing_after_a_quick_stop_does_not_kill_the_process(
     tmp_path,
@@ -343,6 +347,7 @@ def test_a_nan_on_one_rank_is_skipped_by_every_rank_at_the_same_step():
     }
 
 
+@pytest.mark.trains
 def test_the_way_on_that_a_stopped_run_names_works_with_the_lower_learning_rate(tmp_path):
     """`train run.dir=<run> optim.lr=<lower>` from the message: the resumed run goes on from the
     last good checkpoint with the lower rate (the checkpoint's optimizer and scheduler states

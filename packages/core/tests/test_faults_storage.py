@@ -133,6 +133,7 @@ def copy_run(run: Path, dest: Path) -> Path:
 # -- the checkpoint's own folder, not $TMPDIR ---------------------------------------------------
 
 
+@pytest.mark.trains
 def test_checkpoints_never_pass_through_a_small_tmpdir(mounts, tmp_path, monkeypatch, capsys):
     """$TMPDIR on a 4 KiB tmpfs: checkpoints (400 KB) are written in their own folder anyway,
     and carry a manifest of their files."""
@@ -155,6 +156,7 @@ def test_checkpoints_never_pass_through_a_small_tmpdir(mounts, tmp_path, monkeyp
 # -- a full disk -------------------------------------------------------------------------------
 
 
+@pytest.mark.trains
 def test_disk_full_at_a_checkpoint_is_refused_before_writing_it(mounts, capsys):
     """A 1000 KiB run root: two 390 KiB checkpoints fit, the third does not. Exit 1 with the
     path and the space; no partial folder; the earlier checkpoints intact; summary failed."""
@@ -231,6 +233,7 @@ class FullAfterFinal(FillingTask):
         self.fill()
 
 
+@pytest.mark.trains
 def test_a_full_disk_after_final_costs_only_the_plot(mounts, capsys):
     """Everything that matters is written when the disk fills: the run is completed (exit 0),
     the plot is skipped with a warning and no half PNG is left."""
@@ -245,6 +248,7 @@ def test_a_full_disk_after_final_costs_only_the_plot(mounts, capsys):
     assert "curves.png" in err and "The run itself is complete" in err
 
 
+@pytest.mark.trains
 def test_disk_full_mid_run_stops_at_the_metrics_write_without_a_torn_line(mounts, capsys):
     """The disk fills during step 3; the metrics records fill the last page of metrics.jsonl a
     few steps later: exit 1 naming metrics.jsonl, every line of it whole (the short write is
@@ -269,6 +273,7 @@ def test_disk_full_mid_run_stops_at_the_metrics_write_without_a_torn_line(mounts
     assert not (run / "checkpoints").exists()
 
 
+@pytest.mark.trains
 @pytest.mark.parametrize(
     "free_inodes, fill_at, partial",
     [(1, 2, ".tmp-step-0000002"), (2, 2, ".tmp-step-0000002"), (4, 4, "final.tmp")],
@@ -319,6 +324,7 @@ def test_a_read_only_run_root_is_refused_before_training(mounts, tmp_path, capsy
     assert str(root / "mine") in message and "read-only" in message
 
 
+@pytest.mark.trains
 def test_resuming_a_run_on_a_read_only_mount_says_so(mounts, exact_run, capsys):
     """A finished run seen through a read-only mount: resuming it exits 1 with the path and how
     to go on (a writable copy); nothing in it changes."""
@@ -353,6 +359,7 @@ DAMAGE = {
 }
 
 
+@pytest.mark.trains
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_a_damaged_checkpoint_is_skipped_and_resume_falls_back_bit_identically(
     exact_run, tmp_path, capsys, damage
@@ -374,6 +381,7 @@ def test_a_damaged_checkpoint_is_skipped_and_resume_falls_back_bit_identically(
     )
 
 
+@pytest.mark.trains
 def test_no_intact_checkpoint_exits_1_and_leaves_the_completed_summary_as_it_was(
     exact_run, tmp_path, capsys
 ):
@@ -390,6 +398,7 @@ def test_no_intact_checkpoint_exits_1_and_leaves_the_completed_summary_as_it_was
     assert summary(run)["status"] == "completed"
 
 
+@pytest.mark.trains
 def test_a_checkpoint_without_a_manifest_still_resumes_unverified(exact_run, tmp_path, capsys):
     """A checkpoint as written before checkpoints carried a manifest resumes, with a note."""
     run = copy_run(exact_run, tmp_path / "run")
@@ -411,6 +420,7 @@ def test_a_checkpoint_without_a_manifest_still_resumes_unverified(exact_run, tmp
 # -- a changed model or changed data at resume -------------------------------------------------
 
 
+@pytest.mark.trains
 @pytest.mark.parametrize(
     "change, expected",
     [
@@ -456,6 +466,7 @@ class FileToyTask(ToyTask):
         return [self.data_file]
 
 
+@pytest.mark.trains
 def test_data_edited_before_a_resume_is_refused_unless_asked_for(tmp_path, capsys):
     data = tmp_path / "train.txt"
     data.write_text("5")

@@ -37,6 +37,7 @@ def two_runs(run_toy) -> tuple[Path, Path]:
     return a, b
 
 
+@pytest.mark.trains
 def test_compare_two_runs_names_exactly_the_keys_they_differ_in_and_draws_them(two_runs, capsys):
     a, b = two_runs
     code, out, _ = runs(capsys, "compare", str(a), str(b), "--format", "json")
@@ -68,6 +69,7 @@ def test_compare_two_runs_names_exactly_the_keys_they_differ_in_and_draws_them(t
     assert {r["trainer.seed"] for r in rows} == {"42", "7"}
 
 
+@pytest.mark.trains
 def test_list_has_one_row_per_run_with_steps_best_wall_and_differing_keys(two_runs, capsys):
     a, b = two_runs
     code, out, _ = runs(capsys, "list", str(a.parent))
@@ -92,6 +94,7 @@ def test_list_has_one_row_per_run_with_steps_best_wall_and_differing_keys(two_ru
     assert len(lines) == 4
 
 
+@pytest.mark.trains
 def test_compare_groups_seeds_with_mean_and_std(run_toy, capsys, tmp_path):
     folders = {
         (lr, seed): run_toy(*SHORT, f"optim.lr={lr}", f"trainer.seed={seed}").run_dir
@@ -112,6 +115,7 @@ def test_compare_groups_seeds_with_mean_and_std(run_toy, capsys, tmp_path):
     assert "over seeds:" in out and " ± " in out
 
 
+@pytest.mark.trains
 def test_bad_paths_and_foreign_png_exit_2_and_touch_nothing(two_runs, capsys, tmp_path):
     a, b = two_runs
     code, _, err = runs(capsys, "compare", str(a), str(tmp_path / "nope"))
