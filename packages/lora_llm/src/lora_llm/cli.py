@@ -698,14 +698,9 @@ core's shared names; the package's own scripts carry its name: ``lora-llm-prepar
 def _self_check() -> int:
     """``python -m lora_llm.cli`` without arguments: every command parses ``--help``, and the
     tiny preset's estimate runs offline."""
-    import contextlib
-    import io
+    from core.spec import check_helps
 
-    for name, command in COMMANDS.items():
-        buffer = io.StringIO()
-        with contextlib.redirect_stdout(buffer), contextlib.suppress(SystemExit):
-            command(["--help"])
-        print(f"{name:>9} --help: {buffer.getvalue().splitlines()[0]}")
+    check_helps(COMMANDS)
     assert estimate(["-c", "tiny"]) == 0
     print("lora_llm.cli: ok")
     return 0

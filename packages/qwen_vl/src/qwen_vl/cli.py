@@ -479,12 +479,9 @@ COMMANDS: dict[str, Any] = {
 
 def _self_check() -> int:
     """``python -m qwen_vl.cli`` without arguments: every command's ``--help``."""
-    for name, command in COMMANDS.items():
-        try:
-            command(["--help"])
-        except SystemExit as exit_:
-            assert exit_.code == 0, name
-        print(f"--- {name}: --help ok")
+    from core.spec import check_helps
+
+    check_helps(COMMANDS)
     print("qwen_vl.cli: ok")
     return 0
 

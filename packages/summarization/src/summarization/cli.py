@@ -433,13 +433,10 @@ def _self_check() -> int:
     import io
     import tempfile
 
+    from core.spec import check_helps
     from summarization.config import SAMPLES
 
-    for name in ("evaluate", "predict", "score", "lead3"):
-        buffer = io.StringIO()
-        with contextlib.redirect_stdout(buffer), contextlib.suppress(SystemExit):
-            COMMANDS[name](["--help"])
-        print(f"{name} --help: {buffer.getvalue().splitlines()[0]}")
+    check_helps({n: c for n, c in COMMANDS.items() if n != "train"})
     with tempfile.TemporaryDirectory() as tmp:
         lead = Path(tmp) / "lead3.jsonl"
         with contextlib.redirect_stdout(io.StringIO()):
