@@ -166,6 +166,21 @@ def _dry_run(spec: TaskSpec, argv: list[str]) -> int:
     )
 
 
+def check_helps(commands: dict[str, Callable[..., int]]) -> None:
+    """Self-check of a ``cli.py``: every command's ``--help`` exits 0; prints its first line."""
+    import contextlib
+    import io
+
+    for name, command in commands.items():
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer):
+            try:
+                command(["--help"])
+            except SystemExit as exit_:
+                assert exit_.code in (0, None), f"{name} --help exited {exit_.code}"
+        print(f"{name:>9} --help: {buffer.getvalue().splitlines()[0]}")
+
+
 def main(commands: dict[str, Callable[..., int]], self_check: Callable[[], int]) -> None:
     """The ``__main__`` of every task's ``cli.py``: ``python -m <task>.cli COMMAND [args]`` runs
     the command (what the tests and DDP ranks run; ``sys.argv`` stays as it is, so a rank starts
@@ -212,4 +227,5 @@ if __name__ == "__main__":  # self-check: python -m core.spec
     assert json.loads(printed.getvalue()) == {"max_steps": 3}, printed.getvalue()
     with contextlib.redirect_stderr(io.StringIO()):
         assert toy.train(["--dry-run", "no_such_key=1"]) == 2
+    check_helps({"train": toy.train})
     print("core.spec: ok")

@@ -12,10 +12,18 @@ Self-check: ``python -m lora_llm.config``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from core.errors import ConfigError
 from core.settings import LossConfig, TrainConfig
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+"""The YAML presets shipped in the package."""
+PRESETS = PRESETS_DIR
+"""The same folder under its older name."""
+DEFAULT_PRESET = "phi2"
+"""Preset of ``train`` without ``-c``."""
 
 
 @dataclass
@@ -156,7 +164,7 @@ class ModelConfig:
 
 
 @dataclass
-class LoraSettings:
+class LoraConfig:
     """The LoRA adapter (peft ``LoraConfig``)."""
 
     r: int = 8
@@ -222,7 +230,7 @@ class LoraLLMConfig(TrainConfig):
     """Data files, prompt template, lengths, packing."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The base model."""
-    lora: LoraSettings = field(default_factory=LoraSettings)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     """The adapter."""
     quant: QuantConfig = field(default_factory=QuantConfig)
     """Quantization of the frozen base."""
@@ -249,6 +257,9 @@ class LoraLLMConfig(TrainConfig):
             )
 
 
+# The older class names (code written before the *Config naming).
+LoraSettings = LoraConfig
+
 if __name__ == "__main__":  # self-check: python -m lora_llm.config
     from core.config import iter_keys, load_config
 
@@ -264,5 +275,6 @@ if __name__ == "__main__":  # self-check: python -m lora_llm.config
         print("fsdp + 4-bit refused:", str(err)[:60], "...")
     else:
         raise AssertionError("QLoRA + FSDP must be refused")
+    assert (PRESETS_DIR / f"{DEFAULT_PRESET}.yaml").is_file()
     print(f"{sum(1 for _ in iter_keys(LoraLLMConfig))} keys, all documented")
     print("lora_llm.config: ok")

@@ -35,7 +35,7 @@ from core.task import (
     token_loss_sum,
 )
 from lora_llm import __version__
-from lora_llm.config import LoraLLMConfig
+from lora_llm.config import LoraLLMConfig, ModelConfig, QuantConfig
 from lora_llm.data import (
     Encoder,
     EncodeStats,
@@ -226,7 +226,9 @@ class LoraLLMTask(Task):
         train_records, val_records = split_records(train_records, d.val_size, d.seed)
         return train_records, train_problems, val_records, []
 
-    def evaluation_set(self, records: list[Record], encoder: Encoder, generate: int) -> SFTDataset:
+    def evaluation_samples(
+        self, records: list[Record], encoder: Encoder, generate: int
+    ) -> SFTDataset:
         """Held-out records for ``evaluate``: their loss, and (``generate`` > 0) a greedy answer of
         at most ``generate`` tokens to each prompt, scored against the reference response.
 
@@ -251,6 +253,70 @@ class LoraLLMTask(Task):
         if not examples:
             raise UserError(f"No usable evaluation samples: {self.stats['eval'].describe('eval')}.")
         return SFTDataset(examples)
+
+    # -- evaluate: a trained adapter (core.model_io) --------------------------------------------
+
+    def configure_for_model(self, model_dir: Path, overrides: Any) -> None:
+        """No gradient checkpointing: nothing is trained."""
+        self.cfg.model.gradient_checkpointing = False
+
+    def load_trained(self, model_dir: Path, options: Any, fabric: Any) -> nn.Module:
+        """Base + adapter of ``model_dir`` (``--base``, ``--quant``) with the tokenizer and prompt
+        encoder it was trained with; ``model.name`` becomes the base."""
+        model, self.tokenizer, self.encoder, base = load_for_generation(
+            model_dir, options.base, options.quant, fabric.device
+        )
+        self.cfg.model.name = base
+        self.model_config = getattr(model, "config", None)
+        return model
+
+    def evaluation_set(
+        self, data: Path | None, split: str, options: Any, report: bool
+    ) -> SFTDataset:
+        """The records of ``--data`` or the run's held-out ones, prompts cut (start + template
+        end) to fit ``data.max_length`` with room for the response, and the model's positions
+        with room for the answer (counted in one note), not left out."""
+        from core.truncation import Truncation, input_limit, model_limit
+
+        if data is not None:
+            records, _ = read_records(str(data), self.cfg.data, key="--data")
+        else:
+            records = self.read_splits()[2]
+            if not records:
+                raise UserError(
+                    "The run's config holds out no records (data.val_files empty and "
+                    "data.val_size 0): give --data FILE."
+                )
+        encoder = self.encoder
+        encoder.prompt_limit, origin = input_limit(
+            options.max_input_tokens,
+            encoder.max_length - encoder.min_response_tokens,
+            model_limit(self.model_config, self.tokenizer, reserve=options.max_new_tokens),
+            "data.max_length less data.min_response_tokens",
+        )
+        cut = Truncation(encoder.prompt_limit, origin, "prompts")
+        for record in records:
+            if record.kind != "tokenized":  # pre-tokenized records are cut in encode(), uncounted
+                cut.count(len(encoder.prompt_ids(without_answer(record), cut=False)))
+        cut.report(enabled=report)
+        return self.evaluation_samples(records, encoder, options.max_new_tokens)
+
+    def evaluation_row(self, record: dict[str, Any]) -> dict[str, Any]:
+        """``{source, prediction, reference, loss}``."""
+        return {k: record[k] for k in ("source", "prediction", "reference") if k in record} | {
+            "loss": record["loss_sum"] / max(record["tokens"], 1)
+        }
+
+    def evaluation_scores(self, metrics: dict[str, float], run: Any) -> dict[str, Any]:
+        """The metrics, the samples, the adapter and its base, the data and the processes."""
+        return {
+            **metrics,
+            "samples": run.samples,
+            "model": str(run.model),
+            "base": self.cfg.model.name,
+            "data": str(run.data) if run.data is not None else "val",
+            "world_size": run.world_size,
+        }
 
     def read(self, specs: list[str], limit: int | None, key: str) -> tuple[list[Record], list[str]]:
         """Records of several data sources (the first ``limit`` of each) and the skipped problems.
@@ -533,12 +599,79 @@ class LoraLLMTask(Task):
         }
 
 
+def adapter_setup(
+    adapter: Path, base: str | None
+) -> tuple[dict[str, Any], dict[str, Any], str, Any]:
+    """Read an adapter folder: its configs, its base model, and the tokenizer it was trained with.
+
+    Returns:
+        ``(adapter_config, settings, base, tokenizer)``.
+    """
+    from core.cli import check_model_dir, model_owner
+    from lora_llm.model import read_adapter, resolve_base
+
+    try:
+        adapter_config, settings = read_adapter(adapter)
+    except UserError:
+        # A run or model of another task is named as such (infer and merge; evaluate checks
+        # first); any other folder keeps read_adapter's message.
+        owner = model_owner(adapter) if Path(adapter).is_dir() else None
+        if owner is not None and owner[0] != "lora_llm":
+            check_model_dir(adapter, "adapter_config.json", "an adapter folder", "lora_llm")
+        raise
+    base_name = resolve_base(adapter, adapter_config, base)
+    source = adapter if (adapter / "tokenizer_config.json").is_file() else base_name
+    tokenizer = load_tokenizer(ModelConfig(name=base_name), source)
+    return adapter_config, settings, base_name, tokenizer
+
+
+def trained_encoder(tokenizer: Any, settings: dict[str, Any]) -> Encoder:
+    """The prompt encoder an adapter was trained with (its saved settings)."""
+    return Encoder(
+        tokenizer,
+        settings.get("template", "auto"),
+        settings.get("max_length", 512),
+        chat_source=settings.get("chat_source"),
+    )
+
+
+def load_for_generation(
+    adapter: Path, base: str | None, quant_choice: str, device: Any
+) -> tuple[Any, Any, Any, str]:
+    """Base + adapter ready to generate, with the tokenizer and prompt encoder of training.
+
+    Args:
+        quant_choice: ``auto`` (as in training), ``none``, ``4`` or ``8``.
+
+    Returns:
+        ``(model, tokenizer, encoder, base name)``.
+    """
+    from lora_llm.model import load_adapter_model
+
+    _, settings, base_name, tokenizer = adapter_setup(adapter, base)
+    trained_bits = settings.get("quant", {}).get("bits")
+    bits = (
+        trained_bits
+        if quant_choice == "auto"
+        else (None if quant_choice == "none" else int(quant_choice))
+    )
+    quant = QuantConfig(**{**settings.get("quant", {}), "bits": bits}) if bits else None
+    model = load_adapter_model(
+        adapter,
+        base_name,
+        ModelConfig(name=base_name, dtype=settings.get("model_dtype", "auto")),
+        quant,
+        device,
+    )
+    return model, tokenizer, trained_encoder(tokenizer, settings), base_name
+
+
 if __name__ == "__main__":  # self-check: python -m lora_llm.task
     import tempfile
 
     from core.config import load_config
     from core.trainer import Trainer
-    from lora_llm.cli import PRESETS
+    from lora_llm.config import PRESETS
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(

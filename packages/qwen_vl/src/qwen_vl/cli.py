@@ -19,78 +19,71 @@ Self-check: ``python -m qwen_vl.cli`` (``--help`` of every command). Subprocess 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
-from core.cli import (
-    add_model_arguments,
-    check_model_dir,
-    config_for_model,
-    evaluation_outputs,
-    parse_model_command,
-    train_command,
-    user_errors_exit_2,
-    write_evaluation,
-)
-from core.errors import UserError
+from core.cli import add_model_arguments, check_model_dir, parse_model_command
+from core.errors import UserError, user_errors_exit_2
 from core.outputs import guard_file, guard_folder, mark_folder
+from core.spec import EvaluateSpec, TaskSpec
 from core.storage import StorageError, storage_errors
 from core.truncation import add_option
-from qwen_vl.config import QwenVLConfig
-
-PRESETS_DIR = Path(__file__).parent / "presets"
-"""The YAML presets shipped in the package."""
-DEFAULT_PRESET = "tiny"
-"""Preset of ``train`` without ``-c`` (offline; the built-in counting data, drawn on first use)."""
+from qwen_vl.config import DEFAULT_PRESET, PRESETS_DIR, QwenVLConfig
 
 
-def train(argv: list[str] | None = None) -> int:
-    """``train``: fine-tune Qwen2.5-VL (core's command-line contract; ``--help`` lists the presets).
-    ``--dry-run`` prints parameters and the estimated memory per GPU instead (no weights)."""
-    from qwen_vl.task import QwenVLTask
+def _vision_language(config: dict[str, Any]) -> bool:
+    """Whether a ``config.json`` describes a Qwen2-VL / Qwen2.5-VL model."""
+    return "vl" in str(config.get("model_type", "")) or "vision_config" in config
 
-    args = list(sys.argv[1:] if argv is None else argv)
-    if "--dry-run" in args:
-        args.remove("--dry-run")
-        return dry_run(args)
-    return train_command(
-        args,
-        prog="train",
-        description="Fine-tune Qwen2.5-VL on image+text conversations (qwen_vl).",
-        config_cls=QwenVLConfig,
-        presets_dir=PRESETS_DIR,
-        make_task=QwenVLTask,
-        default_preset=DEFAULT_PRESET,
-        task="qwen_vl",
+
+def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    """``evaluate``'s own flag: ``--max-input-tokens``."""
+    add_option(
+        parser,
+        "data.max_length, at most the model's positions less generation.max_new_tokens; "
+        "a longer record's last question is cut",
     )
 
 
-@user_errors_exit_2
-def dry_run(argv: list[str]) -> int:
-    """``train --dry-run [-c PRESET] [key=value ...] [--json]``: parameters, trainable parameters
-    and the estimated peak memory per GPU of the config (``qwen_vl.memory``), without weights."""
-    from core.estimate import dry_run_command
-    from qwen_vl.memory import estimate, render
+SPEC = TaskSpec(
+    name="qwen_vl",
+    config_cls=QwenVLConfig,
+    presets=PRESETS_DIR,
+    default_preset=DEFAULT_PRESET,
+    task="qwen_vl.task:QwenVLTask",
+    estimator="qwen_vl.memory:estimate",
+    render="qwen_vl.memory:render",
+    description="Fine-tune Qwen2.5-VL on image+text conversations (qwen_vl).",
+    evaluate=EvaluateSpec(
+        description="Loss and counting metrics (exact match, mean absolute error of the parsed "
+        "count) of a saved "
+        "Qwen2.5-VL model on conversations. Runs on all trainer.devices at once (DDP, or FSDP2 "
+        "with trainer.strategy=fsdp).",
+        epilog="Any train key works after the flags: trainer.devices=4 trainer.precision=bf16-true "
+        "trainer.eval_batch_size=16 generation.max_new_tokens=8; -c PRESET takes a preset's "
+        "settings. Prints the metrics "
+        "as one JSON line; the answers ({id, prediction, reference}) go to --out, or, for a run's "
+        "final/, to "
+        "<run>/eval/<name>.jsonl.",
+        model_help="a folder written by save_pretrained (e.g. runs/NNN_.../final)",
+        data_help="JSONL conversations (the last assistant turn is the reference)",
+        split_help="dev: the config's data.val_file (default)",
+        out_help="write every answer and its reference here (JSONL)",
+        splits={"dev": "dev"},
+        split_error="qwen_vl has one held-out split, dev (data.val_file); or give --data FILE.",
+        fits=_vision_language,
+        arguments=_evaluate_arguments,
+    ),
+)
+"""The qwen_vl task, declared once: core gives it ``train`` and ``evaluate``."""
 
-    return dry_run_command(
-        argv,
-        config_cls=QwenVLConfig,
-        presets_dir=PRESETS_DIR,
-        default_preset=DEFAULT_PRESET,
-        estimate=estimate,
-        render=render,
-    )
+train = SPEC.train
+evaluate = SPEC.evaluate_command
 
 
-@user_errors_exit_2
-def make_data(argv: list[str] | None = None) -> int:
-    """``qwen-vl-make-data``: draw images with a known number of objects and write train/dev
-    conversations into a new (or empty, or earlier make-data) folder."""
-    from qwen_vl.synth import SynthSettings, write_dataset
-
+def make_data_parser() -> argparse.ArgumentParser:
+    """Arguments of ``qwen-vl-make-data``."""
     parser = argparse.ArgumentParser(
         prog="qwen-vl-make-data",
         description="Draw a counting data set (images with N circles / squares / triangles; "
@@ -133,7 +126,17 @@ def make_data(argv: list[str] | None = None) -> int:
         default=0.1,
         help="share of two-turn records (default 0.1)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def synth_settings(args: argparse.Namespace) -> Any:
+    """The :class:`qwen_vl.synth.SynthSettings` of ``make-data``'s arguments.
+
+    Raises:
+        UserError: a count, size or share out of range.
+    """
+    from qwen_vl.synth import SynthSettings
+
     if args.n < 1 or (args.n_dev is not None and args.n_dev < 1):
         raise UserError("--n and --n-dev must be at least 1.")
     if not 0 <= args.min_count <= args.max_count:
@@ -150,7 +153,7 @@ def make_data(argv: list[str] | None = None) -> int:
         raise UserError(
             "--text-share and --multi-turn-share must be between 0 and 1 and add up to at most 1."
         )
-    settings = SynthSettings(
+    return SynthSettings(
         n_train=args.n,
         n_dev=args.n_dev if args.n_dev is not None else max(8, args.n // 5),
         seed=args.seed,
@@ -161,6 +164,16 @@ def make_data(argv: list[str] | None = None) -> int:
         text_share=args.text_share,
         multi_turn_share=args.multi_turn_share,
     )
+
+
+@user_errors_exit_2
+def make_data(argv: list[str] | None = None) -> int:
+    """``qwen-vl-make-data``: draw images with a known number of objects and write train/dev
+    conversations into a new (or empty, or earlier make-data) folder."""
+    from qwen_vl.synth import write_dataset
+
+    args = make_data_parser().parse_args(argv)
+    settings = synth_settings(args)
     guard_folder(args.out, "--out", "qwen-vl-make-data", overwrite=args.overwrite)
     made = not args.out.exists()
     try:
@@ -181,120 +194,8 @@ def make_data(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _vision_language(config: dict[str, Any]) -> bool:
-    """Whether a ``config.json`` describes a Qwen2-VL / Qwen2.5-VL model."""
-    return "vl" in str(config.get("model_type", "")) or "vision_config" in config
-
-
-def eval_config(args: argparse.Namespace) -> QwenVLConfig:
-    """The config of ``evaluate``: ``-c``, else the run's own ``config.yaml``, else the default
-    preset; the overrides; then the model and its own processor.
-
-    Unless overridden, the pixel limits are the ones saved with the model's processor (the ones
-    it was trained with), not the config's.
-    """
-    cfg = config_for_model(
-        args.model, args.config, args.overrides, QwenVLConfig, PRESETS_DIR, DEFAULT_PRESET
-    )
-    keys = {r.split("=", 1)[0] for r in args.overrides}
-    if "data.min_pixels" not in keys:
-        cfg.data.min_pixels = None
-    if "data.max_pixels" not in keys:
-        cfg.data.max_pixels = None
-    cfg.model.name, cfg.model.processor = str(args.model), None
-    cfg.model.lora.enabled = False  # final/ holds merged weights
-    return cfg
-
-
-@user_errors_exit_2
-def evaluate(argv: list[str] | None = None) -> int:
-    """``evaluate --model DIR [--data FILE | --split dev] [--out FILE]``: validation loss and
-    counting metrics of a saved model, on every device at once."""
-    parser = argparse.ArgumentParser(
-        prog="evaluate",
-        description="Loss and counting metrics (exact match, mean absolute error of the parsed "
-        "count) of a saved "
-        "Qwen2.5-VL model on conversations. Runs on all trainer.devices at once (DDP, or FSDP2 "
-        "with trainer.strategy=fsdp).",
-        epilog="Any train key works after the flags: trainer.devices=4 trainer.precision=bf16-true "
-        "trainer.eval_batch_size=16 generation.max_new_tokens=8; -c PRESET takes a preset's "
-        "settings. Prints the metrics "
-        "as one JSON line; the answers ({id, prediction, reference}) go to --out, or, for a run's "
-        "final/, to "
-        "<run>/eval/<name>.jsonl.",
-    )
-    add_model_arguments(
-        parser,
-        model_help="a folder written by save_pretrained (e.g. runs/NNN_.../final)",
-        data_help="JSONL conversations (the last assistant turn is the reference)",
-        split_help="dev: the config's data.val_file (default)",
-        out_help="write every answer and its reference here (JSONL)",
-    )
-    add_option(
-        parser,
-        "data.max_length, at most the model's positions less generation.max_new_tokens; "
-        "a longer record's last question is cut",
-    )
-    args = parse_model_command(parser, argv)
-    check_model_dir(args.model, task="qwen_vl", fits=_vision_language)
-    if args.data is None and (args.split or "dev") != "dev":
-        raise UserError(
-            f"--split {args.split!r}: qwen_vl has one held-out split, dev "
-            "(data.val_file); or give --data FILE."
-        )
-    cfg = eval_config(args)
-    source = args.data if args.data is not None else cfg.data.val_file
-    if source is None:
-        raise UserError(
-            "No data to evaluate on: give --data FILE, or a config whose data.val_file is set."
-        )
-    name = args.data.stem if args.data is not None else "dev"
-    records_path, scores_path = evaluation_outputs(
-        args.model, name, args.out, args.overwrite, [(args.data, "--data")], cfg
-    )
-    from core.evaluation import Evaluator
-    from qwen_vl.task import QwenVLTask
-
-    task = QwenVLTask(cfg)
-    evaluator = Evaluator(cfg, task)
-    task.prepare()
-    key = "--data" if args.data is not None else "data.val_file"
-    from transformers import AutoConfig
-
-    from core.truncation import Truncation, input_limit, model_limit
-
-    hard = model_limit(
-        AutoConfig.from_pretrained(args.model), reserve=cfg.generation.max_new_tokens
-    )
-    cfg.data.max_length, origin = input_limit(
-        args.max_input_tokens, cfg.data.max_length, hard, "data.max_length"
-    )
-    cut = Truncation(cfg.data.max_length, origin, "records")
-    task.eval_data = task.load_data(
-        task.resolve_builtin(Path(source), "dev"), generation=True, key=key, cut_long=cut
-    )
-    cut.report(enabled=evaluator.is_global_zero)
-    with evaluator.fabric.init_module(empty_init=False):
-        module = task.configure_model()
-    result = evaluator.run(evaluator.setup_model(module), task.eval_data)
-    if evaluator.is_global_zero:
-        rows = [
-            {k: r[k] for k in ("id", "prediction", "reference") if k in r} for r in result.records
-        ]
-        scores = {
-            **result.metrics,
-            "model": str(args.model),
-            "data": str(source),
-            "world_size": evaluator.fabric.world_size,
-        }
-        write_evaluation(records_path, scores_path, rows, scores)
-    return 0
-
-
-@user_errors_exit_2
-def infer(argv: list[str] | None = None) -> int:
-    """``infer --model DIR (--prompt TEXT [--image FILE ...] | --data FILE) [--out FILE]``:
-    answer questions about images (or none) with a saved model."""
+def infer_parser() -> argparse.ArgumentParser:
+    """Arguments of ``infer``."""
     parser = argparse.ArgumentParser(
         prog="infer",
         description="Answer questions about images with a saved Qwen2.5-VL model.",
@@ -345,7 +246,11 @@ def infer(argv: list[str] | None = None) -> int:
         "data.max_length of the run that wrote --model, at most the model's positions less "
         "--max-new-tokens",
     )
-    args = parse_model_command(parser, argv)
+    return parser
+
+
+def _check_infer(args: argparse.Namespace) -> None:
+    """Refuse what ``infer`` cannot run with (before any loading)."""
     check_model_dir(args.model, task="qwen_vl", fits=_vision_language)
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1.")
@@ -360,6 +265,16 @@ def infer(argv: list[str] | None = None) -> int:
             [(args.data, "--data"), *((i, "--image") for i in args.image)],
             args.overwrite,
         )
+
+
+@user_errors_exit_2
+def infer(argv: list[str] | None = None) -> int:
+    """``infer --model DIR (--prompt TEXT [--image FILE ...] | --data FILE) [--out FILE]``:
+    answer questions about images (or none) with a saved model."""
+    from core.model_io import emit_rows
+
+    args = parse_model_command(infer_parser(), argv)
+    _check_infer(args)
     questions = (
         [("prompt", args.prompt, list(args.image))]
         if args.prompt is not None
@@ -379,16 +294,7 @@ def infer(argv: list[str] | None = None) -> int:
     ]
     if session.cut is not None:
         session.cut.report()
-    if args.out is not None:
-        from core.outputs import write_jsonl
-
-        write_jsonl(args.out, rows)
-        print(f"wrote {len(rows)} answers to {args.out}", file=sys.stderr)
-    elif args.prompt is not None:
-        print(rows[0]["answer"])
-    else:
-        for row in rows:
-            print(json.dumps(row, ensure_ascii=False))
+    emit_rows(rows, args.out, "answer" if args.prompt is not None else None, "answers")
     return 0
 
 
@@ -456,14 +362,10 @@ class AnswerSession:
 
         self.processor = load_processor(ModelConfig(name=str(model_dir)))
         self.encoder = Encoder(self.processor, min_pixels, max_pixels)
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if dtype == "auto":
-            dtype = (
-                "bfloat16"
-                if device.startswith("cuda") and torch.cuda.is_bf16_supported()
-                else "float32"
-            )
+        from core.model_io import inference_device, inference_dtype
+
+        device = str(inference_device(device))
+        dtype = inference_dtype(dtype, device)
         self.device = device
         self.max_input_tokens = max_input_tokens
         self.trained_length = trained_max_length(model_dir)
@@ -575,14 +477,16 @@ COMMANDS: dict[str, Any] = {
 """The commands core's shared ``train`` / ``evaluate`` / ``infer`` scripts dispatch to."""
 
 
-if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] in COMMANDS:
-        sys.exit(COMMANDS[sys.argv[1]](sys.argv[2:]))
-    # self-check: python -m qwen_vl.cli -> every command's --help
-    for name, command in COMMANDS.items():
-        try:
-            command(["--help"])
-        except SystemExit as exit_:
-            assert exit_.code == 0, name
-        print(f"--- {name}: --help ok")
+def _self_check() -> int:
+    """``python -m qwen_vl.cli`` without arguments: every command's ``--help``."""
+    from core.spec import check_helps
+
+    check_helps(COMMANDS)
     print("qwen_vl.cli: ok")
+    return 0
+
+
+if __name__ == "__main__":
+    from core.spec import main
+
+    main(COMMANDS, _self_check)

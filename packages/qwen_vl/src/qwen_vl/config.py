@@ -16,6 +16,11 @@ from typing import Literal
 from core.errors import ConfigError
 from core.settings import LossConfig, TrainConfig
 
+PRESETS_DIR = Path(__file__).parent / "presets"
+"""The YAML presets shipped in the package."""
+DEFAULT_PRESET = "tiny"
+"""Preset of ``train`` without ``-c`` (offline; the built-in counting data, drawn on first use)."""
+
 # Qwen2.5-VL's own limits: at least 4 vision tokens per image, at most 16384 (factor 28 = patch 14 x
 # merge 2).
 QWEN_MIN_PIXELS = 4 * 28 * 28
@@ -88,7 +93,7 @@ class DataConfig:
 
 
 @dataclass
-class LoraSettings:
+class LoraConfig:
     """Optional LoRA adapters on the language model (peft); the vision tower never gets adapters."""
 
     enabled: bool = False
@@ -138,7 +143,7 @@ class LoraSettings:
 
 
 @dataclass
-class TinyModel:
+class TinyModelConfig:
     """Size of the ``tiny`` model (random weights, built from a config; for tests and CPU smoke
     runs)."""
 
@@ -212,9 +217,9 @@ class ModelConfig:
     """Non-reentrant activation checkpointing of decoder layers and vision blocks through
     transformers, for single-device / DDP runs. Under FSDP use ``fsdp.activation_checkpointing``
     (this switch is then ignored, so blocks are not checkpointed twice)."""
-    lora: LoraSettings = field(default_factory=LoraSettings)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA on the language model."""
-    tiny: TinyModel = field(default_factory=TinyModel)
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     """Size of the ``tiny`` model."""
 
     def __post_init__(self) -> None:
@@ -235,7 +240,7 @@ class ModelConfig:
 
 
 @dataclass
-class GenerationSettings:
+class GenerationConfig:
     """Generation during validation, ``evaluate`` and ``infer`` (greedy decoding)."""
 
     max_new_tokens: int = 16
@@ -260,11 +265,16 @@ class QwenVLConfig(TrainConfig):
     """Data settings."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """Model settings."""
-    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
     """Generation settings."""
     loss: LossConfig = field(default_factory=LossConfig)
     """How the token loss is computed over the vocabulary (chunked by default)."""
 
+
+# The older class names (code written before the *Config naming).
+LoraSettings = LoraConfig
+TinyModel = TinyModelConfig
+GenerationSettings = GenerationConfig
 
 if __name__ == "__main__":  # self-check: python -m qwen_vl.config
     from core.config import iter_keys, load_config
@@ -283,5 +293,6 @@ if __name__ == "__main__":  # self-check: python -m qwen_vl.config
         raise AssertionError("LoRA without train_llm must fail")
     except ConfigError as err:
         print("rejected as expected:", str(err)[:80], "...")
+    assert (PRESETS_DIR / f"{DEFAULT_PRESET}.yaml").is_file()
     print(f"{sum(1 for _ in iter_keys(QwenVLConfig))} keys, all documented")
     print("qwen_vl.config: ok")

@@ -239,6 +239,72 @@ class QwenVLTask(Task):
         """``Qwen2_5_VLDecoderLayer`` and ``Qwen2_5_VLVisionBlock``."""
         return wrap_classes()
 
+    # -- evaluate: a trained model (core.model_io) ---------------------------------------------
+
+    def configure_for_model(self, model_dir: Path, overrides: Any) -> None:
+        """The model and its own processor; unless overridden, the pixel limits saved with the
+        model's processor (the ones it was trained with), not the config's."""
+        cfg = self.cfg
+        keys = {r.split("=", 1)[0] for r in overrides}
+        if "data.min_pixels" not in keys:
+            cfg.data.min_pixels = None
+        if "data.max_pixels" not in keys:
+            cfg.data.max_pixels = None
+        cfg.model.name, cfg.model.processor = str(model_dir), None
+        cfg.model.lora.enabled = False  # final/ holds merged weights
+
+    def evaluation_inputs(self, data: Path | None, split: str) -> list[tuple[Path, str]]:
+        """Nothing beyond the config's files; refuses a config without ``data.val_file``."""
+        if data is None and self.cfg.data.val_file is None:
+            raise UserError(
+                "No data to evaluate on: give --data FILE, or a config whose data.val_file is set."
+            )
+        return []
+
+    def load_trained(self, model_dir: Path, options: Any, fabric: Any) -> nn.Module:
+        """The model's processor, then the model (``model.name`` is ``model_dir``)."""
+        self.prepare()
+        with fabric.init_module(empty_init=False):
+            return self.configure_model()
+
+    def evaluation_set(
+        self, data: Path | None, split: str, options: Any, report: bool
+    ) -> ConversationData:
+        """``--data`` or ``data.val_file``, with prompts for generation; a record longer than the
+        input limit gets its last question cut (counted in one note)."""
+        from transformers import AutoConfig
+
+        from core.truncation import Truncation, input_limit, model_limit
+
+        cfg = self.cfg
+        hard = model_limit(
+            AutoConfig.from_pretrained(cfg.model.name), reserve=cfg.generation.max_new_tokens
+        )
+        cfg.data.max_length, origin = input_limit(
+            options.max_input_tokens, cfg.data.max_length, hard, "data.max_length"
+        )
+        cut = Truncation(cfg.data.max_length, origin, "records")
+        source = data if data is not None else cfg.data.val_file
+        key = "--data" if data is not None else "data.val_file"
+        self.eval_data = self.load_data(
+            self.resolve_builtin(Path(source), "dev"), generation=True, key=key, cut_long=cut
+        )
+        cut.report(enabled=report)
+        return self.eval_data
+
+    def evaluation_row(self, record: dict[str, Any]) -> dict[str, Any]:
+        """``{id, prediction, reference}``."""
+        return {k: record[k] for k in ("id", "prediction", "reference") if k in record}
+
+    def evaluation_scores(self, metrics: dict[str, float], run: Any) -> dict[str, Any]:
+        """The metrics, the model, the data file and the processes."""
+        return {
+            **metrics,
+            "model": str(run.model),
+            "data": str(run.data if run.data is not None else self.cfg.data.val_file),
+            "world_size": run.world_size,
+        }
+
     # -- steps ---------------------------------------------------------------------------------
 
     def forward(

@@ -1,10 +1,11 @@
-"""Dialogue summarization (DialogSum) with BART / T5 on the core engine, with ROUGE that works for
-English and Korean.
+"""summarization: dialogue summarization (DialogSum) with BART / T5 on the core engine, with ROUGE
+that works for English and Korean.
 
-Modules: ``config`` (the config tree), ``data`` (reading, checks, tokenising, batching),
-``model`` (loading, from-scratch BART, freezing), ``metrics`` (ROUGE), ``task`` (the engine's
-Task), ``cli`` (train, evaluate, predict, score, lead3), ``tokenizer_build`` (the shipped
-tokenizer).
+Modules, as in every task package: ``config`` (the config tree, the presets folder and default),
+``data`` (reading, checks, tokenising, batching), ``model`` (loading, from-scratch BART,
+freezing), ``task`` (the engine's Task, evaluation hooks included), ``memory`` (the dry-run
+estimate), ``cli`` (``SPEC``, the task's declaration, and its commands: train, evaluate, predict,
+score, lead3); and ``tokenizer_build`` (the shipped tokenizer).
 Each runs a self-check with ``python -m summarization.<module>``.
 """
 

@@ -23,18 +23,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from core.cli import (
-    add_model_arguments,
-    check_model_dir,
-    config_for_model,
-    evaluation_outputs,
-    parse_model_command,
-    train_command,
-    user_errors_exit_2,
-    write_evaluation,
-)
-from core.errors import UserError
+from core.cli import add_model_arguments, check_model_dir, config_for_model, parse_model_command
+from core.errors import UserError, user_errors_exit_2
 from core.outputs import guard_file
+from core.spec import EvaluateSpec, TaskSpec
 from core.truncation import Truncation, add_option
 from summarization.config import DEFAULT_PRESET, PRESETS_DIR, SummarizationConfig
 
@@ -44,79 +36,33 @@ DESCRIPTION = (
 )
 
 
-def _task(cfg: SummarizationConfig) -> Any:
-    """Build the task (imported lazily: ``--help`` stays fast)."""
-    from summarization.task import SummarizationTask
-
-    return SummarizationTask(cfg)
-
-
-def train(argv: Sequence[str] | None = None) -> int:
-    """``train``: fit a model with core's Trainer; see ``--help`` and ``--help-keys``.
-    ``--dry-run`` prints parameters and the estimated memory per GPU instead (no weights)."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if "--dry-run" in args:
-        args.remove("--dry-run")
-        return dry_run(args)
-    return train_command(
-        args,
-        prog="train",
-        description=DESCRIPTION,
-        config_cls=SummarizationConfig,
-        presets_dir=PRESETS_DIR,
-        make_task=_task,
-        default_preset=DEFAULT_PRESET,
-        task="summarization",
-    )
-
-
-@user_errors_exit_2
-def dry_run(argv: list[str]) -> int:
-    """``train --dry-run [-c PRESET] [key=value ...] [--json]``: parameters, trainable parameters
-    and the estimated peak memory per GPU of the config (``summarization.memory``), no weights."""
-    from core.estimate import dry_run_command
-    from summarization.memory import estimate, render
-
-    return dry_run_command(
-        argv,
-        config_cls=SummarizationConfig,
-        presets_dir=PRESETS_DIR,
-        default_preset=DEFAULT_PRESET,
-        estimate=estimate,
-        render=render,
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# evaluate
-# --------------------------------------------------------------------------------------------
-
-
 def _seq2seq(config: dict[str, Any]) -> bool:
     """Whether a ``config.json`` describes an encoder-decoder model (BART, T5, ...)."""
     return bool(config.get("is_encoder_decoder"))
 
 
-def _config_for_model(
-    model_dir: Path, preset: str | None, overrides: Sequence[str]
-) -> SummarizationConfig:
-    """Config for evaluating / predicting with a trained model (see
-    :func:`core.cli.config_for_model`)."""
-    return config_for_model(
-        model_dir, preset, overrides, SummarizationConfig, PRESETS_DIR, DEFAULT_PRESET
-    )
+def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    """``evaluate``'s own flags: ``--limit`` and ``--max-input-tokens``."""
+    parser.add_argument("--limit", type=int, default=None, help="score only the first N rows")
+    add_option(parser, "data.max_source_length, at most the model's positions")
 
 
-@user_errors_exit_2
-def evaluate(argv: Sequence[str] | None = None) -> int:
-    """``evaluate --model DIR [--data FILE | --split dev|test] [--out FILE]``: generate summaries
-    on every rank (``trainer.devices=N``), gather them, score them with ROUGE.
+def _check_evaluate(args: argparse.Namespace) -> None:
+    """Refuse ``--limit`` below 1."""
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit {args.limit}: give at least 1 row.")
 
-    Returns:
-        Exit code (0; 2 for a mistake the user can fix).
-    """
-    parser = argparse.ArgumentParser(
-        prog="evaluate",
+
+SPEC = TaskSpec(
+    name="summarization",
+    config_cls=SummarizationConfig,
+    presets=PRESETS_DIR,
+    default_preset=DEFAULT_PRESET,
+    task="summarization.task:SummarizationTask",
+    estimator="summarization.memory:estimate",
+    render="summarization.memory:render",
+    description=DESCRIPTION,
+    evaluate=EvaluateSpec(
         description="Generate summaries with a trained model and score them with ROUGE (several "
         "processes: trainer.devices=N).",
         epilog=(
@@ -133,103 +79,23 @@ def evaluate(argv: Sequence[str] | None = None) -> int:
             "  evaluate --model runs/001_.../final --data my_dialogues.jsonl --out "
             "my_summaries.jsonl generation.num_beams=4"
         ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_model_arguments(
-        parser,
         model_help="a folder written by save_pretrained (a run's final/)",
         data_help="a JSONL file of dialogues with references (fname, dialogue, summary or "
         "summary1..N)",
         split_help="dev or test: the split of the config's data (default: dev)",
         out_help="write the generated summaries here (JSONL)",
-    )
-    parser.add_argument("--limit", type=int, default=None, help="score only the first N rows")
-    add_option(parser, "data.max_source_length, at most the model's positions")
-    args = parse_model_command(parser, argv)
-    check_model_dir(args.model, task="summarization", fits=_seq2seq)
-    if args.limit is not None and args.limit < 1:
-        raise UserError(f"--limit {args.limit}: give at least 1 row.")
-    split = args.split or "dev"
-    if args.data is None and split not in ("dev", "validation", "test"):
-        raise UserError(
-            f"--split {split!r}: use dev or test, or --data FILE for a file of your own."
-        )
-    cfg = _config_for_model(args.model, args.config, args.overrides)
-    name = args.data.stem if args.data is not None else ("test" if split == "test" else "dev")
-    # The split's file is an input too (also the shipped sample's, when no file is configured).
-    split_file = (
-        [(cfg.data.file_for("test" if split == "test" else "val"), f"--split {split}")]
-        if args.data is None and not cfg.data.dataset
-        else []
-    )
-    records_path, scores_path = evaluation_outputs(
-        args.model, name, args.out, args.overwrite, [(args.data, "--data"), *split_file], cfg
-    )
+        splits={"dev": "dev", "validation": "dev", "test": "test"},
+        split_error="use dev or test, or --data FILE for a file of your own.",
+        fits=_seq2seq,
+        arguments=_evaluate_arguments,
+        check=_check_evaluate,
+        raw_epilog=True,
+    ),
+)
+"""The summarization task, declared once: core gives it ``train`` and ``evaluate``."""
 
-    from transformers import AutoModelForSeq2SeqLM
-
-    from core.evaluation import Evaluator
-    from core.logs import transformers_quiet
-    from core.manifest import sha256_file
-    from core.metrics import describe
-
-    task = _task(cfg)
-    evaluator = Evaluator(cfg, task)
-    transformers_quiet()
-    task.setup_model_side(args.model)
-    origin = source_limit(task, args.max_input_tokens)
-    rows = task.read_split(
-        str(args.data) if args.data is not None else ("test" if split == "test" else "val")
-    )[: args.limit]
-    task.val_data = task.tokenize(rows)
-    task.val_data.truncation(cfg.data.max_source_length, origin).report(
-        enabled=evaluator.is_global_zero
-    )
-    task.choose_rouge_tokenizer(rows)
-    model = AutoModelForSeq2SeqLM.from_pretrained(args.model)
-    task.prepare_generation(model)
-    result = evaluator.run(evaluator.setup_model(model), task.val_data)
-    if evaluator.is_global_zero:
-        from core.config import to_dict
-
-        files = task.data_files()
-        scores = {
-            **result.metrics,
-            **describe(task.rouge_tokenizer, cfg.metric.use_stemmer, cfg.metric.multi_reference),
-            "references_per_sample": max(len(r["references"]) for r in rows),
-            "loss_reference": "first reference of each row (summary or summary1)",
-            "model": str(args.model),
-            "split": str(args.data) if args.data is not None else split,
-            "data": [{"file": str(f), "sha256": sha256_file(f)} for f in files]
-            if files
-            else cfg.data.dataset,
-            "generation": to_dict(cfg.generation),
-            "world_size": evaluator.fabric.world_size,
-            "predictions": str(records_path) if records_path else None,
-        }
-        summaries = [
-            {"fname": r["fname"], "summary": r["prediction"], "references": r["references"]}
-            for r in result.records
-        ]
-        write_evaluation(records_path, scores_path, summaries, scores)
-    return 0
-
-
-def source_limit(task: Any, option: int | None) -> str:
-    """Set ``data.max_source_length`` to the dialogue length ``evaluate`` / ``predict`` keep:
-    ``--max-input-tokens`` if given, else the configured one, at most the model's positions.
-
-    Returns:
-        Where the limit comes from (named in the note on cut dialogues).
-    """
-    from core.truncation import input_limit, model_limit
-
-    hard = model_limit(task.model_config, task.tokenizer)
-    limit, origin = input_limit(
-        option, task.cfg.data.max_source_length, hard, "data.max_source_length"
-    )
-    task.cfg.data.max_source_length = limit
-    return origin
+train = SPEC.train
+evaluate = SPEC.evaluate_command
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,14 +103,8 @@ def source_limit(task: Any, option: int | None) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-@user_errors_exit_2
-def predict(argv: Sequence[str] | None = None) -> int:
-    """``predict --model DIR (--data FILE.jsonl | --prompt "...") [--out FILE]``: summaries of new
-    dialogues.
-
-    Returns:
-        Exit code (0; 2 for a mistake the user can fix).
-    """
+def predict_parser() -> argparse.ArgumentParser:
+    """Arguments of ``predict`` (also ``infer``)."""
     parser = argparse.ArgumentParser(
         prog="summarization-predict",
         description="Summarise dialogues with a trained model (also: infer).",
@@ -275,7 +135,11 @@ def predict(argv: Sequence[str] | None = None) -> int:
         "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)"
     )
     add_option(parser, "data.max_source_length, at most the model's positions")
-    args = parse_model_command(parser, argv)
+    return parser
+
+
+def _check_predict(args: argparse.Namespace) -> None:
+    """Refuse what ``predict`` cannot run with (before any loading)."""
     check_model_dir(args.model, task="summarization", fits=_seq2seq)
     if args.data is None and args.prompt is None:
         raise UserError("Give --data FILE.jsonl (dialogues) or --prompt TEXT (one dialogue).")
@@ -285,36 +149,21 @@ def predict(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"--batch-size {args.batch_size}: use at least 1.")
     if args.out is not None:
         guard_file(args.out, "--out", [(args.data, "--data")], args.overwrite)
-    cfg = _config_for_model(args.model, args.config, args.overrides)
 
+
+def summarize(
+    task: Any, model: Any, rows: list[dict[str, Any]], batch_size: int, cut: Truncation
+) -> list[str]:
+    """The summary of every row's dialogue, in the rows' order (similar lengths batched
+    together; the dialogues cut to ``data.max_source_length`` are counted in ``cut``)."""
     import torch
-    from transformers import AutoModelForSeq2SeqLM
 
-    from core.logs import transformers_quiet
-    from core.outputs import write_jsonl
-    from summarization.data import check_row, read_rows
-
-    transformers_quiet()
-    task = _task(cfg)
-    task.setup_model_side(args.model)
-    origin = source_limit(task, args.max_input_tokens)
-    cut = Truncation(cfg.data.max_source_length, origin, "dialogues")
-    if args.data is not None:
-        rows = read_rows(args.data, "--data", need_references=False)
-    else:
-        rows = [
-            check_row({"fname": "text", "dialogue": args.prompt}, "--prompt", need_references=False)
-        ]
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = AutoModelForSeq2SeqLM.from_pretrained(args.model).to(device).eval()
-    task.prepare_generation(model)
-    tokenizer = task.tokenizer
-    # similar lengths batch together
+    cfg, tokenizer = task.cfg, task.tokenizer
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["dialogue"]))
     summaries: dict[int, str] = {}
     with torch.no_grad():
-        for start in range(0, len(order), args.batch_size):
-            chunk = order[start : start + args.batch_size]
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
             texts = [cfg.model.source_prefix + rows[i]["dialogue"] for i in chunk]
             # whole, to count what is cut (verbose=False: the note below says it once)
             for ids in tokenizer(texts, verbose=False)["input_ids"]:
@@ -325,21 +174,53 @@ def predict(argv: Sequence[str] | None = None) -> int:
                 truncation=True,
                 padding=True,
                 return_tensors="pt",
-            ).to(device)
+            ).to(model.device)
             for i, text in zip(
                 chunk, task.generate(model, enc["input_ids"], enc["attention_mask"]), strict=True
             ):
                 summaries[i] = text
-    cut.report()
-    results = [{"fname": rows[i]["fname"], "summary": summaries[i]} for i in range(len(rows))]
-    if args.prompt is not None:
-        print(results[0]["summary"])
-    elif args.out is not None:
-        write_jsonl(args.out, results)
-        print(f"wrote {len(results)} summaries to {args.out}", file=sys.stderr)
+    return [summaries[i] for i in range(len(rows))]
+
+
+@user_errors_exit_2
+def predict(argv: Sequence[str] | None = None) -> int:
+    """``predict --model DIR (--data FILE.jsonl | --prompt "...") [--out FILE]``: summaries of new
+    dialogues.
+
+    Returns:
+        Exit code (0; 2 for a mistake the user can fix).
+    """
+    args = parse_model_command(predict_parser(), argv)
+    _check_predict(args)
+    cfg = config_for_model(
+        args.model, args.config, args.overrides, SummarizationConfig, PRESETS_DIR, DEFAULT_PRESET
+    )
+    from core.logs import transformers_quiet
+    from core.model_io import emit_rows, inference_device
+    from summarization.data import check_row, read_rows
+
+    transformers_quiet()
+    task = SPEC.make_task(cfg)
+    task.setup_model_side(args.model)
+    origin = task.source_limit(args.max_input_tokens)
+    cut = Truncation(cfg.data.max_source_length, origin, "dialogues")
+    if args.data is not None:
+        rows = read_rows(args.data, "--data", need_references=False)
     else:
-        for row in results:
-            print(json.dumps(row, ensure_ascii=False))
+        rows = [
+            check_row({"fname": "text", "dialogue": args.prompt}, "--prompt", need_references=False)
+        ]
+    from transformers import AutoModelForSeq2SeqLM
+
+    device = inference_device(args.device)
+    model = AutoModelForSeq2SeqLM.from_pretrained(args.model).to(device).eval()
+    task.prepare_generation(model)
+    summaries = summarize(task, model, rows, args.batch_size, cut)
+    cut.report()
+    results = [{"fname": r["fname"], "summary": s} for r, s in zip(rows, summaries, strict=True)]
+    # --prompt prints its summary (an --out with it is not written)
+    out = args.out if args.prompt is None else None
+    emit_rows(results, out, "summary" if args.prompt is not None else None, "summaries")
     return 0
 
 
@@ -552,13 +433,10 @@ def _self_check() -> int:
     import io
     import tempfile
 
+    from core.spec import check_helps
     from summarization.config import SAMPLES
 
-    for name in ("evaluate", "predict", "score", "lead3"):
-        buffer = io.StringIO()
-        with contextlib.redirect_stdout(buffer), contextlib.suppress(SystemExit):
-            COMMANDS[name](["--help"])
-        print(f"{name} --help: {buffer.getvalue().splitlines()[0]}")
+    check_helps({n: c for n, c in COMMANDS.items() if n != "train"})
     with tempfile.TemporaryDirectory() as tmp:
         lead = Path(tmp) / "lead3.jsonl"
         with contextlib.redirect_stdout(io.StringIO()):
@@ -585,8 +463,6 @@ def _self_check() -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
-        sys.exit(_self_check())
-    if sys.argv[1] not in COMMANDS:
-        sys.exit(f"usage: python -m summarization.cli {{{','.join(COMMANDS)}}} ...")
-    sys.exit(COMMANDS[sys.argv[1]](sys.argv[2:]))
+    from core.spec import main
+
+    main(COMMANDS, _self_check)

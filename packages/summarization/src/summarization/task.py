@@ -451,6 +451,83 @@ class SummarizationTask(Task):
             "data_source": self.cfg.data.dataset or "files",
         }
 
+    # -- evaluate: a trained model (core.model_io) ---------------------------------------------
+
+    def evaluation_inputs(self, data: Path | None, split: str) -> list[tuple[Path, str]]:
+        """The split's file (also the shipped sample's, when no file is configured)."""
+        if data is not None or self.cfg.data.dataset:
+            return []
+        return [(self.cfg.data.file_for("test" if split == "test" else "val"), f"--split {split}")]
+
+    def load_trained(self, model_dir: Path, options: Any, fabric: Any) -> nn.Module:
+        """Tokenizer, model config and source prefix of ``model_dir``, and its model with the
+        ``generation`` settings."""
+        from transformers import AutoModelForSeq2SeqLM
+
+        self.setup_model_side(model_dir)
+        model = AutoModelForSeq2SeqLM.from_pretrained(model_dir)
+        self.prepare_generation(model)
+        return model
+
+    def source_limit(self, option: int | None) -> str:
+        """Set ``data.max_source_length`` to the dialogue length ``evaluate`` / ``predict`` keep:
+        ``--max-input-tokens`` if given, else the configured one, at most the model's positions.
+
+        Returns:
+            Where the limit comes from (named in the note on cut dialogues).
+        """
+        from core.truncation import input_limit, model_limit
+
+        hard = model_limit(self.model_config, self.tokenizer)
+        limit, origin = input_limit(
+            option, self.cfg.data.max_source_length, hard, "data.max_source_length"
+        )
+        self.cfg.data.max_source_length = limit
+        return origin
+
+    def evaluation_set(
+        self, data: Path | None, split: str, options: Any, report: bool
+    ) -> SummarizationDataset:
+        """The rows of ``--data`` or of the split (the first ``--limit``), tokenised; the ROUGE
+        tokenizer chosen from them."""
+        origin = self.source_limit(options.max_input_tokens)
+        rows = self.read_split(
+            str(data) if data is not None else ("test" if split == "test" else "val")
+        )[: options.limit]
+        self.val_data = self.tokenize(rows)
+        self.val_data.truncation(self.cfg.data.max_source_length, origin).report(enabled=report)
+        self.choose_rouge_tokenizer(rows)
+        return self.val_data
+
+    def evaluation_row(self, record: dict[str, Any]) -> dict[str, Any]:
+        """``{fname, summary, references}``."""
+        return {
+            "fname": record["fname"],
+            "summary": record["prediction"],
+            "references": record["references"],
+        }
+
+    def evaluation_scores(self, metrics: dict[str, float], run: Any) -> dict[str, Any]:
+        """ROUGE, its tokenizer and convention, the data (hashed) and the generation settings."""
+        from core.config import to_dict
+        from core.manifest import sha256_file
+
+        cfg, files, rows = self.cfg, self.data_files(), self.val_data.rows
+        return {
+            **metrics,
+            **describe(self.rouge_tokenizer, cfg.metric.use_stemmer, cfg.metric.multi_reference),
+            "references_per_sample": max(len(r["references"]) for r in rows),
+            "loss_reference": "first reference of each row (summary or summary1)",
+            "model": str(run.model),
+            "split": str(run.data) if run.data is not None else run.split,
+            "data": [{"file": str(f), "sha256": sha256_file(f)} for f in files]
+            if files
+            else cfg.data.dataset,
+            "generation": to_dict(cfg.generation),
+            "world_size": run.world_size,
+            "predictions": str(run.records_path) if run.records_path else None,
+        }
+
 
 def write_task_file(out_dir: Path, cfg: SummarizationConfig, rouge_tokenizer: str) -> None:
     """``summarization.json``: source prefix, length limits, generation and metric settings."""
