@@ -333,10 +333,6 @@ def render(report: dict[str, Any]) -> str:
     return core_format_report(report, gpu_verdict(report, 8, advice))
 
 
-format_report = render
-"""The name ``lora_llm.cli`` imports."""
-
-
 if __name__ == "__main__":  # self-check: python -m lora_llm.memory
     from core.config import load_config
 

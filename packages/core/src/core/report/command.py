@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from core.cli import user_errors_exit_2
+from core.errors import user_errors_exit_2
 from core.errors import UserError
 from core.report.plot import default_png, plot_compare
 from core.report.rows import RunRow, check_comparable, collect, differing_keys, list_runs

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from core.cli import user_errors_exit_2
+from core.errors import user_errors_exit_2
 from core.errors import UserError
 from core.report import compare_sweep_text
 from core.runs import new_run_dir
