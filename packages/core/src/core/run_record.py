@@ -62,7 +62,7 @@ PEER_LOST_MARKERS = (
 
 @dataclass
 class FitResult:
-    """What :meth:`Trainer.fit` returns.
+    """What :meth:`core.trainer.Trainer.fit` returns.
 
     Attributes:
         status: ``completed`` or ``interrupted``.
