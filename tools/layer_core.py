@@ -66,7 +66,7 @@ MOVES: dict[str, str] = {
     "logs": "run.logs",
     "outputs": "run.outputs",
     "plots": "run.plots",
-    "run_record": "run.record",
+
     # parallel: how one job spreads over ranks, and the checkpoint files it saves across them
     # (fsdp.py and strategy.py write through checkpoint.py; checkpoint.py gathers through
     # collectives).
@@ -87,6 +87,7 @@ MOVES: dict[str, str] = {
     "batches": "engine.batches",
     "meter": "engine.meter",
     "train_state": "engine.state",
+    "run_record": "engine.record",
     "evaluation": "engine.evaluation",
     "data": "engine.sampler",
     "signals": "engine.signals",
