@@ -77,7 +77,6 @@ MOVES: dict[str, str] = {
     "fsdp": "parallel.fsdp",
     # task: the contract a task package fulfils and the pieces it builds on.
     "task": "task.base",
-    "spec": "task.spec",
     "records": "task.records",
     "hub": "task.hub",
     "metrics": "task.metrics",
@@ -98,6 +97,8 @@ MOVES: dict[str, str] = {
     # dry_run() is the `train --dry-run` command (it parses the train arguments).
     "cli": "commands.train",
     "model_io": "commands.model_io",
+    # spec: what a task package declares once and the commands it gets from that declaration.
+    "spec": "commands.spec",
     "launcher": "commands.launcher",
     "estimate": "commands.estimate",
     # testing: the toy task and subprocess helpers; `python -m core.testing` runs the toy task.

@@ -89,8 +89,8 @@ def core_edges(root: Path = CORE) -> tuple[list[Edge], list[str]]:
     for path in sorted(root.rglob("*.py")):
         source = path.relative_to(root).as_posix()
         importer = source.split("/")[0].removesuffix(".py")
-        if importer == "__init__":
-            continue
+        if importer == "__init__" or path.name == "__main__.py":
+            continue  # a package's __main__.py is its self-check: it runs only in its own process
         if importer not in RANK and importer != ANY:
             homeless.append(source)
             continue
