@@ -154,7 +154,7 @@ def build_config(task: str, mode: Mode, seed: int, root: Path, args: argparse.Na
     Returns:
         The task's root config.
     """
-    from core.config import load_config
+    from core.config.loader import load_config
 
     shared = common_overrides(root, seed) + mode.overrides()
     if task == "summarization":
@@ -247,7 +247,7 @@ def sample_table(task_name: str, cfg: Any) -> tuple[np.ndarray, np.ndarray]:
 
 def step_batches(lengths: np.ndarray, batch: int, chunk: int | None, seed: int) -> list[list[int]]:
     """Epoch 0's batches of core's sampler for ``trainer.seed=seed`` (chunk None: random)."""
-    from core.data import ShardedBatchSampler
+    from core.engine.sampler import ShardedBatchSampler
 
     sampler = ShardedBatchSampler(
         len(lengths),
@@ -354,7 +354,7 @@ def analysis(task_name: str, args: argparse.Namespace, root: Path) -> tuple[list
 def study_trainer_class() -> type:
     """core's Trainer, recording per-step facts and the training loop's CPU time (and, for the
     ``-fixed`` modes, dividing by a fixed token count)."""
-    from core.trainer import Trainer
+    from core.engine.trainer import Trainer
 
     class StudyTrainer(Trainer):
         """Trainer that records ``(loss tokens, padded tokens, grad norm)`` of every step."""

@@ -104,7 +104,7 @@ def train_run(cfg, task) -> tuple[dict, list[dict]]:
     """
     import json
 
-    from core.trainer import Trainer
+    from core.engine.trainer import Trainer
 
     run_dir = Trainer(cfg, task, argv=["bench"]).fit().run_dir
     records = [

@@ -34,7 +34,7 @@ VARIANTS = {
 
 def dialogues_per_sec(root: Path, steps: int, attention: str, dropout: float) -> float:
     """Training dialogues per second of a ``steps``-step ``small`` run (summary.json)."""
-    from core.config import load_config
+    from core.config.loader import load_config
     from summarization.config import PRESETS_DIR, SummarizationConfig
     from summarization.task import SummarizationTask
 

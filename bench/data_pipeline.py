@@ -34,7 +34,7 @@ ALPACA = REPO.parent / "shared" / "data" / "alpaca" / "alpaca_5000.json"
 def summarization_setup(cache: Path) -> tuple[int, float]:
     """(records, seconds) of SummarizationTask.setup on DialogSum train with cache folder
     ``cache``."""
-    from core.config import load_config
+    from core.config.loader import load_config
     from summarization.config import PRESETS_DIR, SummarizationConfig
     from summarization.task import SummarizationTask
 
@@ -63,7 +63,7 @@ def alpaca_times_ten(folder: Path) -> Path:
 
 def lora_setup(path: Path = ALPACA) -> tuple[int, float]:
     """(records, seconds) of LoraLLMTask.setup on an Alpaca file at 512 tokens."""
-    from core.config import load_config
+    from core.config.loader import load_config
     from lora_llm.cli import PRESETS
     from lora_llm.config import LoraLLMConfig
     from lora_llm.task import LoraLLMTask
@@ -87,7 +87,7 @@ def lora_setup(path: Path = ALPACA) -> tuple[int, float]:
 
 def qwen_samples(folder: Path) -> tuple[int, float]:
     """(records, seconds) to set up the tiny Qwen-VL task and build every training sample."""
-    from core.config import load_config
+    from core.config.loader import load_config
     from qwen_vl.cli import PRESETS_DIR
     from qwen_vl.config import QwenVLConfig
     from qwen_vl.task import QwenVLTask

@@ -88,9 +88,9 @@ def raw_loop(steps: int, batch: int, lr: float) -> float:
 
 def core_trainer(steps: int, batch: int, lr: float) -> float:
     """core's Trainer on the same model and data; returns the loop time from summary.json."""
-    from core.config import load_config
-    from core.task import StepOutput, Task, token_loss_sum
-    from core.testing import ToyConfig
+    from core.config.loader import load_config
+    from core.task.base import StepOutput, Task, token_loss_sum
+    from core.testing.toy import ToyConfig
 
     class Bench(Task):
         shift_labels = True

@@ -27,9 +27,9 @@ def summaries_per_sec(model_dir: Path, sort: bool, batch: int, limit: int | None
     loop."""
     from transformers import AutoModelForSeq2SeqLM
 
-    from core.config import load_config
-    from core.trainer import build_fabric, eval_dataloader
-    from core.trainer import evaluate as run_evaluation
+    from core.config.loader import load_config
+    from core.engine.trainer import build_fabric, eval_dataloader
+    from core.engine.trainer import evaluate as run_evaluation
     from summarization.config import PRESETS_DIR, SummarizationConfig
     from summarization.task import SummarizationTask
 
@@ -63,8 +63,8 @@ def summaries_per_sec(model_dir: Path, sort: bool, batch: int, limit: int | None
 
 def train_tiny(root: Path) -> Path:
     """A briefly trained tiny model (its final/)."""
-    from core.config import load_config
-    from core.trainer import Trainer
+    from core.config.loader import load_config
+    from core.engine.trainer import Trainer
     from summarization.config import PRESETS_DIR, SummarizationConfig
     from summarization.task import SummarizationTask
 

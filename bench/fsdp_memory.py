@@ -55,9 +55,9 @@ def worker(strategy: str, steps: int, seq: int, batch: int) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    from core.fsdp import FSDP2Strategy, parallelize
-    from core.settings import FSDPConfig
-    from core.strategy import destroy_process_group_at_exit
+    from core.config.schema import FSDPConfig
+    from core.parallel.fsdp import FSDP2Strategy, parallelize
+    from core.parallel.strategy import destroy_process_group_at_exit
 
     if strategy == "fsdp":
         import functools
@@ -120,7 +120,7 @@ def worker(strategy: str, steps: int, seq: int, batch: int) -> None:
         "peak_rss": peak_rss,
         "step_seconds": statistics.median(times[1:]),
     }
-    from core.distributed import gather_objects
+    from core.parallel.collectives import gather_objects
 
     everyone = gather_objects(mine)
     if fabric.global_rank == 0:

@@ -147,7 +147,7 @@ def lora_config(
     extra: tuple[str, ...] = (),
 ):
     """lora_llm's config for one workload; ``extra`` overrides come last (the switches)."""
-    from core.config import load_config
+    from core.config.loader import load_config
     from lora_llm.cli import PRESETS
     from lora_llm.config import LoraLLMConfig
 
@@ -257,7 +257,7 @@ def qwen_full_finetune(
 
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    from core.config import load_config
+    from core.config.loader import load_config
     from qwen_vl.cli import PRESETS_DIR
     from qwen_vl.config import QwenVLConfig
     from qwen_vl.task import QwenVLTask

@@ -5,9 +5,11 @@ states ``(1, seq, hidden)`` -> head ``(vocab, hidden)`` -> summed token cross-en
 of the hidden states (and of the head's weight when it trains). Defaults: Qwen2.5's vocabulary
 151,936, sequence 2,048, hidden 2,048, float32 on the CPU, every position labelled.
 
-- ``plain``: ``core.task.token_loss_sum`` on the head's full ``(1, seq, vocab)`` logits, what the
+- ``plain``: ``core.task.base.token_loss_sum`` on the head's full ``(1, seq, vocab)`` logits, what
+  the
   tasks did before ``loss.chunked``.
-- ``chunked C``: ``core.loss.linear_cross_entropy`` with ``C`` labelled tokens per chunk, what the
+- ``chunked C``: ``core.nn.loss.linear_cross_entropy`` with ``C`` labelled tokens per chunk, what
+  the
   tasks run with ``loss.chunked=true`` (``loss.chunk_tokens=C``).
 
 **How memory is measured.** Each variant runs in a fresh process. After the weights and hidden
@@ -49,8 +51,8 @@ def measure(args: argparse.Namespace) -> dict:
     import torch
     from torch import nn
 
-    from core.loss import linear_cross_entropy
-    from core.task import token_loss_sum
+    from core.nn.loss import linear_cross_entropy
+    from core.task.base import token_loss_sum
 
     torch.manual_seed(0)
     head = nn.Linear(args.hidden, args.vocab, bias=False)

@@ -29,7 +29,7 @@ BATCH = 16
 
 def padding_share(lengths: list[int], grouped: bool, seed: int = 0) -> float:
     """Padding share of one epoch of ``BATCH``-sized batches (the trainer's formula)."""
-    from core.data import ShardedBatchSampler
+    from core.engine.sampler import ShardedBatchSampler
 
     sampler = ShardedBatchSampler(
         len(lengths),
@@ -48,7 +48,7 @@ def padding_share(lengths: list[int], grouped: bool, seed: int = 0) -> float:
 
 
 def summarization_config(*overrides: str):
-    from core.config import load_config
+    from core.config.loader import load_config
     from summarization.config import PRESETS_DIR, SummarizationConfig
 
     return load_config(
@@ -60,7 +60,7 @@ def summarization_config(*overrides: str):
 
 
 def lora_config(*overrides: str):
-    from core.config import load_config
+    from core.config.loader import load_config
     from lora_llm.cli import PRESETS
     from lora_llm.config import LoraLLMConfig
 

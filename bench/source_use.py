@@ -92,7 +92,7 @@ def measure(model, tokenizer, dev: list[dict], batch_size: int = 16) -> dict[str
 def train_and_measure(args: argparse.Namespace, dev: list[dict]) -> list[str]:
     """Train the ``small`` preset's model from scratch (plain AdamW loop, the preset's learning
     rate with a 100-step warm-up, batch 16, fp32) and measure every ``--every`` steps."""
-    from core.config import load_config
+    from core.config.loader import load_config
     from summarization.config import PRESETS_DIR, SummarizationConfig
     from summarization.model import build_model, load_model_config
     from summarization.task import SummarizationTask

@@ -48,7 +48,7 @@ def main() -> None:
 
     if dist.is_initialized():
         dist.destroy_process_group()
-    os._exit(0)  # no interpreter teardown with gloo threads about (see core.strategy)
+    os._exit(0)  # no interpreter teardown with gloo threads about (see core.parallel.strategy)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     python self_checks_driver.py RESULTS.jsonl WORKDIR REPO < checks.json
 
-``checks.json``: ``[{"module": "core.loss", "args": []}, ...]``. Each module runs with
+``checks.json``: ``[{"module": "core.nn.loss", "args": []}, ...]``. Each module runs with
 ``runpy.run_module(module, run_name="__main__", alter_sys=True)`` (so ``doctest.testmod()`` and
 Lightning's launcher see the module as ``__main__``), with ``sys.argv = [module, *args]``, in a
 fresh empty folder under ``WORKDIR`` as its working directory, and with its stdout and stderr

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from core.testing import child_env
+from core.testing.toy import child_env
 
 pytestmark = pytest.mark.slow
 
@@ -264,9 +264,9 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         '{"id": "q1", "prompt": "How many circles?", "images": []}\n', encoding="utf-8"
     )
     # A finished run of another task (core's toy task, 2 steps).
-    from core.config import load_config
-    from core.testing import ToyConfig, ToyTask
-    from core.trainer import Trainer
+    from core.config.loader import load_config
+    from core.engine.trainer import Trainer
+    from core.testing.toy import ToyConfig, ToyTask
 
     cfg = load_config(
         ToyConfig,

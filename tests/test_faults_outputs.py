@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from core.testing import child_env
+from core.testing.toy import child_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
@@ -403,7 +403,7 @@ def test_a_read_only_qwen_vl_cache_falls_back_and_says_which_variable_to_set(
 
 def test_a_sweep_value_spelled_twice_is_refused(tmp_path, capsys):
     from core.sweep import sweep_command
-    from core.testing import train as toy_train
+    from core.testing.toy import train as toy_train
 
     for axis, spellings in (
         ("optim.lr=1e-3,3e-4,0.001", "'1e-3' and '0.001' are both 0.001"),

@@ -28,10 +28,10 @@ from typing import Any
 
 import pytest
 
-from core.config import load_config, read_yaml, resolve_preset, to_dict
+from core.config.loader import load_config, read_yaml, resolve_preset, to_dict
 from core.errors import UserError
-from core.strategy import STRATEGIES, check_machine, resolve_precision
-from core.testing import child_env
+from core.parallel.strategy import STRATEGIES, check_machine, resolve_precision
+from core.testing.toy import child_env
 
 pytestmark = pytest.mark.faults  # the fault suite (issue 20): uv run pytest -m faults
 
@@ -165,8 +165,8 @@ def cases(devices: int = 2) -> list[Case]:
 def refusal(case: Case) -> str | None:
     """The message of the pure config checks ``train`` makes before launching (the config's own
     checks when it is loaded, then the machine, strategy, optimizer and precision), or None."""
-    from core import fsdp
-    from core.optim import check_strategy
+    from core.nn.optim import check_strategy
+    from core.parallel import fsdp
 
     try:
         cfg = config_of(case)

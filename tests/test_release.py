@@ -23,7 +23,7 @@ PACKAGES = ["core", "summarization", "lora_llm", "qwen_vl"]
 TASKS = PACKAGES[1:]
 # What each wheel must carry besides code (glob patterns inside the wheel).
 WHEEL_DATA = {
-    "core": ["core/settings.py", "core/slurm/env.sh", "core/slurm/launch.sh"],
+    "core": ["core/config/schema.py", "core/slurm/env.sh", "core/slurm/launch.sh"],
     "summarization": [
         "summarization/presets/tiny.yaml",
         "summarization/slurm/train.sbatch",

@@ -4,21 +4,23 @@ The checks are found, not listed: every ``packages/*/src/**.py`` with a top-leve
 ``if __name__ == "__main__":`` and every package ``__main__.py``. What to run is read from the
 module itself, from a comment on its guard line (in a ``__main__.py``: anywhere in the file)::
 
-    if __name__ == "__main__":  # self-check: python -m core.fsdp (own process: Fabric ...)
+    if __name__ == "__main__":  # self-check: python -m core.parallel.fsdp (own process: Fabric ...)
 
 - the words after the module name, up to a remark in parentheses, are the check's arguments
   (``python -m lora_llm.assets.build_tiny_tokenizer --check``); without the comment a module runs
   with no arguments;
 - ``own process`` in the remark runs the check in a process of its own, for a check that cannot
-  share one: it starts ranks (``core.fsdp``: Fabric re-runs ``python -m core.fsdp`` as rank 1 and
+  share one: it starts ranks (``core.parallel.fsdp``: Fabric re-runs ``python -m
+  core.parallel.fsdp`` as rank 1 and
   the process group stays set up for the rest of the process).
 
 All the other checks run one after another in ONE subprocess (``self_checks_driver.py``): a
 process per check would import torch, Lightning and transformers ~50 times (15-20 s each on the
 2-core machine, ~15 minutes); in one process the imports are paid once. Signal handlers, cwd,
 argv, environment, warning filters and logging are put back between checks (measured: all of
-them pass there, ``core.signals`` included). The own-process checks run beside the driver
-(``core.fsdp``: two interpreters), so the wall time is about the longer of the two: this test
+them pass there, ``core.engine.signals`` included). The own-process checks run beside the driver
+(``core.parallel.fsdp``: two interpreters), so the wall time is about the longer of the two: this
+test
 took 85 s on the 2-core machine at a load of 2-6 (8 minutes at a load of 13). Each check runs
 in an empty temporary working folder, offline.
 """
@@ -96,8 +98,8 @@ OWN = [c for c in CHECKS if c.own_process]
 
 def _env() -> dict[str, str]:
     """The children's environment: offline, without SLURM or launch variables, data caches in
-    the test's temporary folder (see :func:`core.testing.child_env`)."""
-    from core.testing import child_env
+    the test's temporary folder (see :func:`core.testing.toy.child_env`)."""
+    from core.testing.toy import child_env
 
     return child_env()
 

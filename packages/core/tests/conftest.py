@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from core.config import load_config
-from core.testing import ToyConfig, ToyTask
-from core.trainer import FitResult, Trainer
+from core.config.loader import load_config
+from core.engine.trainer import FitResult, Trainer
+from core.testing.toy import ToyConfig, ToyTask
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Run by ``test_loss.py`` in 2 CPU processes: the chunked cross-entropy (``core.loss``) under
+"""Run by ``test_loss.py`` in 2 CPU processes: the chunked cross-entropy (``core.nn.loss``) under
 FSDP2 takes the same optimizer steps as the plain loss on one unsharded model with the whole
 batch, with tied and untied heads, with activation checkpointing (also with ``trainer.compile``'s
 compiled units), and with a head that is not a plain ``nn.Linear`` (peft LoRA on ``lm_head``).
@@ -16,10 +16,10 @@ from lightning.fabric import Fabric
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-from core.fsdp import FSDP2Strategy, full_state_dict, parallelize
-from core.settings import FSDPConfig
-from core.strategy import destroy_process_group_at_exit
-from core.task import IGNORE_INDEX, chunked_token_loss_sum, token_loss_sum
+from core.config.schema import FSDPConfig
+from core.parallel.fsdp import FSDP2Strategy, full_state_dict, parallelize
+from core.parallel.strategy import destroy_process_group_at_exit
+from core.task.base import IGNORE_INDEX, chunked_token_loss_sum, token_loss_sum
 
 VOCAB = 200
 CASES = {  # name: (tied head, fsdp settings, LoRA on lm_head)

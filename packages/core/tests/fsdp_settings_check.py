@@ -17,11 +17,11 @@ from lightning.fabric import Fabric
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-from core.fsdp import FSDP2Strategy, full_state_dict, parallelize
-from core.optim import Adafactor
-from core.settings import FSDPConfig
-from core.strategy import destroy_process_group_at_exit
-from core.task import IGNORE_INDEX
+from core.config.schema import FSDPConfig
+from core.nn.optim import Adafactor
+from core.parallel.fsdp import FSDP2Strategy, full_state_dict, parallelize
+from core.parallel.strategy import destroy_process_group_at_exit
+from core.task.base import IGNORE_INDEX
 
 SETTINGS = {  # name: (fsdp settings, precision, optimizer)
     "full_shard": ({}, "32-true", "adamw"),

@@ -36,8 +36,8 @@ from typing import Any
 
 import torch
 
-import core.checkpoint as checkpoint
-from core.testing import train
+import core.parallel.checkpoint as checkpoint
+from core.testing.toy import train
 
 KILL_STEP = 4
 POINTS = ("state_half", "before_meta", "final_half", "summary_half", "prune_mid")

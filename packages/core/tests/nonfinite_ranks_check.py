@@ -15,10 +15,10 @@ import tempfile
 
 import torch
 
-from core.config import load_config
-from core.task import StepOutput
-from core.testing import ToyConfig, ToyTask, final_weights
-from core.trainer import Trainer
+from core.config.loader import load_config
+from core.engine.trainer import Trainer
+from core.task.base import StepOutput
+from core.testing.toy import ToyConfig, ToyTask, final_weights
 
 
 class NaNOnRank1(ToyTask):

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from core.config import load_config
-from core.data import GROUP_CHUNK_BATCHES, ShardedBatchSampler
+from core.config.loader import load_config
+from core.config.schema import TrainConfig
+from core.engine.sampler import GROUP_CHUNK_BATCHES, ShardedBatchSampler
+from core.engine.trainer import Trainer
 from core.errors import ConfigError
-from core.settings import TrainConfig
-from core.testing import ToyConfig, ToyTask
-from core.trainer import Trainer
+from core.testing.toy import ToyConfig, ToyTask
 
 LENGTHS = [random.Random(i).randint(1, 200) for i in range(1000)]
 

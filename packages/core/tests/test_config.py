@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from core.cli import train_command
-from core.config import iter_keys, load_config, parse_overrides, to_yaml
+from core.commands.train import train_command
+from core.config.loader import iter_keys, load_config, parse_overrides, to_yaml
+from core.config.schema import TrainConfig
 from core.errors import ConfigError
-from core.settings import TrainConfig
-from core.testing import ToyConfig, ToyTask
+from core.testing.toy import ToyConfig, ToyTask
 
 CONTRACT_KEYS = [
     "run.root",

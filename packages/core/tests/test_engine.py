@@ -10,10 +10,10 @@ import pytest
 import torch
 import yaml
 
-from core.checkpoint import CheckpointManager
+from core.config.schema import CheckpointConfig
 from core.errors import UserError
-from core.settings import CheckpointConfig
-from core.testing import final_weights, max_weight_diff, read_jsonl, train_losses
+from core.parallel.checkpoint import CheckpointManager
+from core.testing.toy import final_weights, max_weight_diff, read_jsonl, train_losses
 
 
 @pytest.mark.trains
@@ -205,7 +205,7 @@ def test_a_save_killed_before_its_rename_leaves_the_previous_checkpoint_usable(
     ckpts = result.run_dir / "checkpoints"
     from lightning.fabric import Fabric
 
-    import core.checkpoint as checkpoint_module
+    import core.parallel.checkpoint as checkpoint_module
 
     fabric = Fabric(accelerator="cpu", devices=1)
     manager = CheckpointManager(ckpts, CheckpointConfig(keep_last=5))
@@ -482,7 +482,7 @@ def test_a_run_leaves_no_launch_variables_behind(run_toy, monkeypatch, strategy)
     forever for a rank it never starts."""
     import os
 
-    from core.strategy import LAUNCH_VARIABLES
+    from core.parallel.strategy import LAUNCH_VARIABLES
 
     for key in LAUNCH_VARIABLES:
         monkeypatch.delenv(key, raising=False)

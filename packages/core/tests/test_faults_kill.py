@@ -22,12 +22,17 @@ from typing import Any
 import pytest
 import torch
 
-from core.checkpoint import CKPT_PATTERN, CheckpointManager, read_checkpoint, verify_checkpoint
+from core.config.schema import CheckpointConfig
+from core.parallel.checkpoint import (
+    CKPT_PATTERN,
+    CheckpointManager,
+    read_checkpoint,
+    verify_checkpoint,
+)
 from core.report import STOPPED
 from core.report import main as runs_main
-from core.runs import lock_state
-from core.settings import CheckpointConfig
-from core.testing import child_env, final_weights, train, train_losses
+from core.run.folder import lock_state
+from core.testing.toy import child_env, final_weights, train, train_losses
 
 pytestmark = pytest.mark.faults  # the fault suite (issue 20): uv run pytest -m faults
 

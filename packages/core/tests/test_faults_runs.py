@@ -24,12 +24,12 @@ from pathlib import Path
 
 import pytest
 
-from core.config import load_config
+from core.config.loader import load_config
+from core.engine.trainer import FitResult, Trainer
 from core.report import main as runs_main
-from core.runs import LOCK_NAME, STALE_SECONDS, owner_dead, read_lock
-from core.testing import ToyConfig, ToyTask, child_env
-from core.testing import train as toy_train
-from core.trainer import FitResult, Trainer
+from core.run.folder import LOCK_NAME, STALE_SECONDS, owner_dead, read_lock
+from core.testing.toy import ToyConfig, ToyTask, child_env
+from core.testing.toy import train as toy_train
 
 pytestmark = pytest.mark.faults  # the fault suite (issue 20): uv run pytest -m faults
 
@@ -120,7 +120,7 @@ def test_second_train_in_one_slurm_job_gets_a_new_folder_and_a_requeue_continues
 # ------------------------------------------------------------------------------------------
 
 HOLDER = (
-    "import sys, time; from pathlib import Path; from core.runs import RunLock; "
+    "import sys, time; from pathlib import Path; from core.run.folder import RunLock; "
     "RunLock.acquire(Path(sys.argv[1])); print('locked', flush=True); time.sleep(300)"
 )
 
@@ -320,7 +320,7 @@ def test_a_sweep_point_whose_process_is_gone_is_stopped_not_running(tmp_path):
     """A sweep's own view of its points agrees with ``runs list``: ``running`` only while the
     run's lock has a live owner."""
     from core.report import STOPPED
-    from core.runs import RunLock
+    from core.run.folder import RunLock
     from core.sweep import point_status
 
     point = tmp_path / "001_20261204_120000_p"

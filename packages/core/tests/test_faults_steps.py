@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.config import load_config
+from core.config.loader import load_config
+from core.engine.trainer import MAX_SKIPS_IN_A_ROW, Trainer
 from core.errors import FaultError
-from core.task import StepOutput
-from core.testing import ToyConfig, ToyTask, child_env, read_jsonl, script_result, wait_for_step
-from core.trainer import MAX_SKIPS_IN_A_ROW, Trainer
+from core.task.base import StepOutput
+from core.testing.toy import ToyConfig, ToyTask, child_env, read_jsonl, script_result, wait_for_step
 
 pytestmark = pytest.mark.faults  # the fault suite (issue 20): uv run pytest -m faults
 
@@ -114,7 +114,7 @@ def test_skip_drops_the_nonfinite_step_counts_it_and_trains_on_to_finite_weights
     # Only the skipped step in that interval: no loss to average (written as the string "nan").
     assert math.isnan(float(records[3]["train/loss"]))
     assert all(math.isfinite(records[s]["train/loss"]) for s in (1, 2, 4, 5, 6))
-    from core.testing import final_weights
+    from core.testing.toy import final_weights
 
     assert _finite(final_weights(run))
 
@@ -171,7 +171,7 @@ def test_sigint_to_the_process_group_of_uv_run_without_a_terminal_is_one_stop_re
             "--frozen",
             "python",
             "-m",
-            "core.testing",
+            "core.testing.toy",
             "train",
             "trainer.max_steps=60",
             "trainer.log_every_n_steps=1",
@@ -206,7 +206,7 @@ def test_sigint_to_the_process_group_of_uv_run_without_a_terminal_is_one_stop_re
 
 _LATE_COPY_SCRIPT = """
 import time
-from core.signals import StopSignal
+from core.engine.signals import StopSignal
 
 class SlowTeardown:  # stands for a library whose clean-up at exit takes a moment (torch's does)
     def __del__(self):

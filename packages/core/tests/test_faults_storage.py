@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from core.checkpoint import CheckpointManager, verify_checkpoint
-from core.settings import CheckpointConfig
-from core.testing import (
+from core.config.schema import CheckpointConfig
+from core.parallel.checkpoint import CheckpointManager, verify_checkpoint
+from core.testing.toy import (
     CountingData,
     ToyTask,
     child_env,
@@ -30,7 +30,7 @@ from core.testing import (
     max_weight_diff,
     train_losses,
 )
-from core.testing import train as toy_command
+from core.testing.toy import train as toy_command
 
 pytestmark = pytest.mark.faults  # the fault suite (issue 20): uv run pytest -m faults
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from core.config import load_config
+from core.config.loader import load_config
+from core.config.schema import TrainConfig
 from core.errors import ConfigError
-from core.settings import TrainConfig
-from core.testing import script_result
+from core.testing.toy import script_result
 
 
 @pytest.mark.slow
@@ -68,8 +68,8 @@ def test_fsdp_settings_are_checked():
 def test_mixed_precision_follows_trainer_precision():
     import torch
 
-    from core.fsdp import mixed_precision_dtypes
-    from core.settings import FSDPConfig
+    from core.config.schema import FSDPConfig
+    from core.parallel.fsdp import mixed_precision_dtypes
 
     assert mixed_precision_dtypes(FSDPConfig(), "bf16-mixed") == (torch.bfloat16, torch.float32)
     assert mixed_precision_dtypes(FSDPConfig(), "bf16-true") == (None, torch.float32)

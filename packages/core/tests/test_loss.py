@@ -1,4 +1,4 @@
-"""Memory and speed switches of the engine: the chunked cross-entropy (``core.loss``) gives the
+"""Memory and speed switches of the engine: the chunked cross-entropy (``core.nn.loss``) gives the
 plain loss and gradients (in one process and under FSDP2 on 2 CPU ranks), activation offloading
 gives the same gradients, ``trainer.compile`` trains to the same losses, and the switches a CPU
 cannot use are refused or skipped by name."""
@@ -13,18 +13,18 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from core.acceleration import offload_saved_tensors
-from core.config import load_config
+from core.config.loader import load_config
+from core.config.schema import TrainConfig
 from core.errors import ConfigError
-from core.loss import IGNORE_INDEX, check_plain_logits, head_loss, linear_cross_entropy
-from core.settings import TrainConfig
-from core.task import (
+from core.nn.acceleration import offload_saved_tensors
+from core.nn.loss import IGNORE_INDEX, check_plain_logits, head_loss, linear_cross_entropy
+from core.task.base import (
     chunked_per_sample_loss,
     chunked_token_loss_sum,
     per_sample_loss,
     token_loss_sum,
 )
-from core.testing import script_result, train_losses
+from core.testing.toy import script_result, train_losses
 
 
 def plain_sum(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -204,7 +204,7 @@ def test_offloaded_activations_give_the_same_gradients_with_checkpointed_blocks(
 
 
 def test_switches_this_machine_cannot_run_are_refused_by_name():
-    from core.strategy import check_machine
+    from core.parallel.strategy import check_machine
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: activation offloading is allowed here")
@@ -212,7 +212,7 @@ def test_switches_this_machine_cannot_run_are_refused_by_name():
     with pytest.raises(ConfigError, match="trainer.offload_activations.*CPU memory already"):
         check_machine(cfg.trainer)
     with pytest.raises(ConfigError, match="loss.chunk_tokens' must be at least 1"):
-        from core.settings import LossConfig
+        from core.config.schema import LossConfig
 
         LossConfig(chunk_tokens=0)
 

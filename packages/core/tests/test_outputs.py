@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from core.errors import UserError
-from core.outputs import guard_file, guard_folder, mark_folder, protected_kind
+from core.run.outputs import guard_file, guard_folder, mark_folder, protected_kind
 
 
 @pytest.fixture

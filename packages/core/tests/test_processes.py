@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from core.signals import REPEAT_WINDOW
-from core.testing import (
+from core.engine.signals import REPEAT_WINDOW
+from core.testing.toy import (
     child_env,
     final_weights,
     max_weight_diff,
@@ -224,8 +224,8 @@ def test_every_rank_destroys_its_gloo_process_group_before_the_interpreter_final
             """
             import atexit, json
             import torch.distributed as dist
-            from core.settings import TrainConfig
-            from core.strategy import build_fabric
+            from core.config.schema import TrainConfig
+            from core.parallel.strategy import build_fabric
 
             cfg = TrainConfig()
             cfg.trainer.accelerator, cfg.trainer.devices, cfg.trainer.strategy = "cpu", 2, "ddp"
@@ -255,7 +255,7 @@ def test_every_rank_destroys_its_gloo_process_group_before_the_interpreter_final
 
 def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path):
     # Batches slow enough that the step boundary is still ahead when the second SIGINT comes,
-    # after the repeat window (core.signals.REPEAT_WINDOW).
+    # after the repeat window (core.engine.signals.REPEAT_WINDOW).
     proc = _start([*SLOW_RUN, "data.collate_delay=4.0", f"run.root={tmp_path}"], tmp_path / "log")
     wait_for_step(tmp_path, 2, proc)
     proc.send_signal(signal.SIGINT)
@@ -276,8 +276,8 @@ def test_kill_9_during_checkpoint_writes_never_leaves_a_broken_checkpoint(tmp_pa
         f"""
         import torch
         from lightning.fabric import Fabric
-        from core.checkpoint import CheckpointManager
-        from core.settings import CheckpointConfig
+        from core.parallel.checkpoint import CheckpointManager
+        from core.config.schema import CheckpointConfig
         fabric = Fabric(accelerator="cpu", devices=1)
         manager = CheckpointManager({str(tmp_path / "ckpt")!r}, CheckpointConfig(keep_last=3,
         keep_best=0, monitor=None))
@@ -298,8 +298,8 @@ def test_kill_9_during_checkpoint_writes_never_leaves_a_broken_checkpoint(tmp_pa
     proc.wait()
     import torch
 
-    from core.checkpoint import CheckpointManager
-    from core.settings import CheckpointConfig
+    from core.config.schema import CheckpointConfig
+    from core.parallel.checkpoint import CheckpointManager
 
     manager = CheckpointManager(
         tmp_path / "ckpt", CheckpointConfig(keep_last=3, keep_best=0, monitor=None)
@@ -313,7 +313,7 @@ def test_kill_9_during_checkpoint_writes_never_leaves_a_broken_checkpoint(tmp_pa
 
 def test_two_jobs_starting_at_once_get_different_experiment_numbers(tmp_path):
     code = (
-        "import sys; from pathlib import Path; from core.runs import new_run_dir; "
+        "import sys; from pathlib import Path; from core.run.folder import new_run_dir; "
         "print(new_run_dir(Path(sys.argv[1]), sys.argv[2]).name)"
     )
     procs = [

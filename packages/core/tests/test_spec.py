@@ -1,4 +1,5 @@
-"""The declared task contract: every installed task package declares one ``core.spec.TaskSpec``
+"""The declared task contract: every installed task package declares one
+``core.commands.spec.TaskSpec``
 and gets ``train`` and ``evaluate`` from it (issue 21)."""
 
 from __future__ import annotations
@@ -7,9 +8,9 @@ import importlib
 
 import pytest
 
-from core.launcher import installed_tasks
-from core.settings import TrainConfig
-from core.spec import TaskSpec
+from core.commands.launcher import installed_tasks
+from core.commands.spec import TaskSpec
+from core.config.schema import TrainConfig
 
 TASKS = sorted(installed_tasks().items())
 

@@ -23,8 +23,8 @@ from core.sweep import (
     split_overrides,
     sweep_command,
 )
-from core.testing import read_jsonl
-from core.testing import train as toy_train
+from core.testing.toy import read_jsonl
+from core.testing.toy import train as toy_train
 
 REPO = Path(__file__).resolve().parents[3]
 TRAIN_CMD = [sys.executable, "-m", "core.testing", "train"]
@@ -32,7 +32,7 @@ TRAIN_CMD = [sys.executable, "-m", "core.testing", "train"]
 SWEEP_CLI = [
     sys.executable,
     "-c",
-    "import sys; from core.sweep import sweep_command; from core.testing import train; "
+    "import sys; from core.sweep import sweep_command; from core.testing.toy import train; "
     "sys.exit(sweep_command(sys.argv[1:], task='toy', train=train, "
     "train_cmd=[sys.executable, '-m', 'core.testing', 'train']))",
 ]
@@ -126,7 +126,7 @@ def test_max_points_admits_a_large_grid_and_dry_run_writes_nothing(tmp_path, cap
     args = ["optim.lr=1,2,3,4,5,6", "trainer.seed=1,2,3,4,5,6", "--max-points", "36", "--dry-run"]
     assert sweep(tmp_path, *FAST, *args) == 0
     out = capsys.readouterr().out
-    assert "36 points of task toy" in out and out.count("core.testing train") == 36
+    assert "36 points of task toy" in out and out.count("core.testing.toy train") == 36
     assert "run.dir=" in out and "logger.wandb_group=" in out
     assert not (tmp_path / "runs").exists()
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from core.config import load_config
-from core.trainer import FitResult, Trainer
+from core.config.loader import load_config
+from core.engine.trainer import FitResult, Trainer
 from lora_llm.cli import PRESETS
 from lora_llm.config import LoraLLMConfig, ModelConfig
 from lora_llm.model import TINY, load_tokenizer

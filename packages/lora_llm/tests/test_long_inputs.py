@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from core.config import load_config
-from core.trainer import FitResult, Trainer
+from core.config.loader import load_config
+from core.engine.trainer import FitResult, Trainer
 from lora_llm.cli import PRESETS, evaluate, infer
 from lora_llm.config import LoraLLMConfig
 from lora_llm.task import LoraLLMTask

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from core.testing import child_env, train_losses
+from core.testing.toy import child_env, train_losses
 
 pytestmark = pytest.mark.slow
 

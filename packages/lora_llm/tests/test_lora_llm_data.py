@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from core.errors import UserError
-from core.task import IGNORE_INDEX
+from core.task.base import IGNORE_INDEX
 from lora_llm.config import DataConfig
 from lora_llm.data import (
     PROMPTS,

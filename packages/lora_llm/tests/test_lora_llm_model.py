@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.config import load_config
+from core.config.loader import load_config
 from core.errors import UserError
-from core.task import token_loss_sum
+from core.task.base import token_loss_sum
 from lora_llm.cli import PRESETS
 from lora_llm.config import LoraLLMConfig, LoraSettings, ModelConfig, QuantConfig, TinyModelConfig
 from lora_llm.data import Encoder, PackedDataset, Record, collate, encode_records

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from core.testing import read_jsonl, train_losses
+from core.testing.toy import read_jsonl, train_losses
 from lora_llm.cli import infer, merge, prepare, train
 from lora_llm.config import ModelConfig, QuantConfig, TinyModelConfig
 from lora_llm.data import Encoder, Record

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from core.config import load_config
+from core.config.loader import load_config
 from qwen_vl.config import QwenVLConfig
 from qwen_vl.synth import SynthSettings, write_dataset
 

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from core.errors import UserError
-from core.task import IGNORE_INDEX
+from core.task.base import IGNORE_INDEX
 from qwen_vl.data import Collator, Encoder, load_conversations, parse_record
 from qwen_vl.synth import SynthSettings, write_dataset
 
@@ -263,7 +263,7 @@ def test_text_only_batch_runs_the_vision_tower_and_adds_exactly_nothing(
     """The masked dummy image changes no logit of a real token and no loss, yet every vision
     parameter gets a (zero) gradient, so DDP finds no unused parameter and FSDP ranks all run
     the vision blocks. Without the dummy the vision tower gets no gradient at all."""
-    from core.task import token_loss_sum
+    from core.task.base import token_loss_sum
 
     rows = [
         {

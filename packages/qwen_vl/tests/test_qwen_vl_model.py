@@ -175,7 +175,7 @@ def test_training_loss_from_kept_positions_equals_the_full_logits_loss(
 ):
     """The task computes the vocabulary head only where a label follows; the loss and its
     token count must equal the plain shifted cross-entropy over the full logits."""
-    from core.task import token_loss_sum
+    from core.task.base import token_loss_sum
     from qwen_vl.model import build_model
     from qwen_vl.task import QwenVLTask
 
@@ -192,7 +192,7 @@ def test_training_loss_from_kept_positions_equals_the_full_logits_loss(
 
 
 def test_fsdp_units_are_decoder_layers_and_vision_blocks(tiny_config):
-    from core.fsdp import resolve_wrap_classes
+    from core.parallel.fsdp import resolve_wrap_classes
     from qwen_vl.task import QwenVLTask
 
     task = QwenVLTask(tiny_config())
@@ -216,7 +216,7 @@ def test_hub_presets_fail_fast_offline(
 ):
     """Offline, a Hub preset stops in seconds with exit code 2, says how to proceed and leaves no
     run folder."""
-    from core.hub import is_cached
+    from core.task.hub import is_cached
     from qwen_vl.cli import train
 
     if is_cached(hub_id):
@@ -245,7 +245,7 @@ def test_hub_presets_fail_fast_offline(
 
 
 def test_presets_carry_the_users_recipe():
-    from core.config import load_config
+    from core.config.loader import load_config
     from qwen_vl.cli import PRESETS_DIR
     from qwen_vl.config import QwenVLConfig
 

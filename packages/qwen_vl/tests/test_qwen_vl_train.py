@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.testing import child_env, final_weights, max_weight_diff, read_jsonl, train_losses
+from core.testing.toy import child_env, final_weights, max_weight_diff, read_jsonl, train_losses
 
 FAST = [
     "trainer.accelerator=cpu",
@@ -194,8 +194,8 @@ def test_bf16_true_training_stays_bf16_and_resumes_bit_identically(tmp_path, cou
     that every parameter is still bf16, and stopping at step 2 then resuming to step 4 gives the
     same weights and losses as running to step 4 at once. (AdamW here; Adafactor's float32
     statistics are covered by the test below.)"""
-    from core.config import load_config
-    from core.trainer import Trainer
+    from core.config.loader import load_config
+    from core.engine.trainer import Trainer
     from qwen_vl.cli import PRESETS_DIR
     from qwen_vl.config import QwenVLConfig
     from qwen_vl.task import QwenVLTask
@@ -240,8 +240,8 @@ def test_bf16_true_training_stays_bf16_and_resumes_bit_identically(tmp_path, cou
 def test_adafactor_state_of_bf16_parameters_keeps_float32_across_a_checkpoint():
     """The users' recipe resumes exactly only if Adafactor's float32 statistics survive the round
     trip."""
-    from core.optim import build_optimizer
-    from core.settings import OptimConfig
+    from core.config.schema import OptimConfig
+    from core.nn.optim import build_optimizer
 
     def make() -> tuple[torch.nn.Parameter, torch.optim.Optimizer]:
         param = torch.nn.Parameter(torch.ones(4, 3, dtype=torch.bfloat16))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from core.errors import UserError
-from core.task import IGNORE_INDEX
+from core.task.base import IGNORE_INDEX
 from summarization.config import SAMPLES, SHIPPED_TOKENIZER
 from summarization.data import (
     Seq2SeqCollator,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from core.testing import child_env
+from core.testing.toy import child_env
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,7 @@ import json
 import pytest
 from rouge_score import rouge_scorer
 
-from core.metrics import DefaultTokenizer, UnicodeWordTokenizer, resolve_tokenizer, rouge
+from core.task.metrics import DefaultTokenizer, UnicodeWordTokenizer, resolve_tokenizer, rouge
 from summarization.cli import lead3, score
 from summarization.config import SAMPLES
 from summarization.data import read_jsonl

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.config import load_config
+from core.config.loader import load_config
 from core.errors import ConfigError, UserError
 from summarization.config import (
     PRESETS_DIR,
@@ -337,7 +337,7 @@ def test_encoder_mlm_masks_only_ordinary_source_tokens():
 
 
 def test_encoder_mlm_adds_the_weighted_masked_lm_loss_to_the_summary_loss():
-    from core.task import token_loss_sum
+    from core.task.base import token_loss_sum
 
     task, model = mlm_task("model.encoder_mlm=0.25", "model.encoder_mlm_weight=2.0")
     tok = task.tokenizer

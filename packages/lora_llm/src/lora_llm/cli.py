@@ -18,7 +18,7 @@
 ``core.tasks`` entry point); ``lora-llm-train``, ``lora-llm-prepare`` and ``lora-llm-merge`` are
 this package's own scripts; every command also runs as ``python -m lora_llm.cli <command> ...``.
 Mistakes a user can fix exit with code 2 and one paragraph (``core.errors.user_errors_exit_2``);
-no command writes onto its inputs or into a folder of other files (``core.outputs``).
+no command writes onto its inputs or into a folder of other files (``core.run.outputs``).
 
 Self-check: ``python -m lora_llm.cli`` (no arguments).
 """
@@ -31,12 +31,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from core.cli import add_model_arguments, parse_model_command, parse_train_args
+from core.commands.spec import EvaluateSpec, TaskSpec
+from core.commands.train import add_model_arguments, parse_model_command, parse_train_args
 from core.errors import UserError, user_errors_exit_2
-from core.outputs import guard_file, guard_folder, mark_folder, write_jsonl, write_text
-from core.spec import EvaluateSpec, TaskSpec
-from core.storage import StorageError, check_free_space, check_writable, storage_errors
-from core.truncation import Truncation, add_option, input_limit, model_limit
+from core.run.outputs import guard_file, guard_folder, mark_folder, write_jsonl, write_text
+from core.run.storage import StorageError, check_free_space, check_writable, storage_errors
+from core.task.truncation import Truncation, add_option, input_limit, model_limit
 from lora_llm.config import DEFAULT_PRESET, PRESETS, PRESETS_DIR, DataConfig, LoraLLMConfig
 
 TRAIN_HELP = (
@@ -332,7 +332,7 @@ class Answerer:
     def __init__(self, args: argparse.Namespace) -> None:
         import torch
 
-        from core.model_io import inference_device
+        from core.commands.model_io import inference_device
         from lora_llm.task import load_for_generation
 
         self.model, self.tokenizer, self.encoder, self.base = load_for_generation(
@@ -413,8 +413,8 @@ def infer(argv: list[str] | None = None) -> int:
     Returns:
         Exit code.
     """
-    from core.logs import transformers_quiet
-    from core.model_io import emit_rows
+    from core.commands.model_io import emit_rows
+    from core.run.logs import transformers_quiet
     from lora_llm.data import Record, read_records
 
     args = parse_model_command(infer_parser(), argv)
@@ -579,7 +579,7 @@ def _merged_model(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any], d
     """
     import torch
 
-    from core.model_io import inference_device
+    from core.commands.model_io import inference_device
     from lora_llm.config import ModelConfig
     from lora_llm.data import Record
     from lora_llm.model import (
@@ -628,7 +628,7 @@ def merge(argv: list[str] | None = None) -> int:
         0 when the logits match within the tolerance, 1 when they do not or the disk is full or
         read-only (the message names the path and the space), 2 for a user mistake.
     """
-    from core.logs import transformers_quiet
+    from core.run.logs import transformers_quiet
 
     args = merge_parser().parse_args(sys.argv[1:] if argv is None else argv)
     transformers_quiet()
@@ -698,7 +698,7 @@ core's shared names; the package's own scripts carry its name: ``lora-llm-prepar
 def _self_check() -> int:
     """``python -m lora_llm.cli`` without arguments: every command parses ``--help``, and the
     tiny preset's estimate runs offline."""
-    from core.spec import check_helps
+    from core.commands.spec import check_helps
 
     check_helps(COMMANDS)
     assert estimate(["-c", "tiny"]) == 0
@@ -707,6 +707,6 @@ def _self_check() -> int:
 
 
 if __name__ == "__main__":
-    from core.spec import main
+    from core.commands.spec import main
 
     main(COMMANDS, _self_check)

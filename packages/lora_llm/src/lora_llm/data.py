@@ -48,9 +48,9 @@ import torch
 from torch.utils.data import Dataset
 
 from core.errors import UserError
-from core.padding import length_mask, pad_rows
-from core.task import IGNORE_INDEX
-from core.truncation import Truncation, cut_ids
+from core.nn.padding import length_mask, pad_rows
+from core.task.base import IGNORE_INDEX
+from core.task.truncation import Truncation, cut_ids
 from lora_llm.config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -303,7 +303,7 @@ def read_records(
     Raises:
         UserError: a bad record when ``data.on_bad_record=error``.
     """
-    from core.records import BadJSON, iter_source
+    from core.task.records import BadJSON, iter_source
 
     records, problems = [], []
     # Malformed lines come back as BadJSON, so they get the same hint (or skip) as bad records.

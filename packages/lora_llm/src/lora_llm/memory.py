@@ -36,8 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from core.errors import UserError
-from core.estimate import (
+from core.commands.estimate import (
     autocast_bytes,
     gathered_unit_bytes,
     gpu_verdict,
@@ -51,8 +50,9 @@ from core.estimate import (
     shard_ranks,
     stack_activation_bytes,
 )
-from core.estimate import format_report as core_format_report
-from core.hub import hub_reachable, is_cached, looks_like_path
+from core.commands.estimate import format_report as core_format_report
+from core.errors import UserError
+from core.task.hub import hub_reachable, is_cached, looks_like_path
 from lora_llm.config import LoraLLMConfig
 from lora_llm.model import (
     TINY_TOKENIZER,
@@ -117,7 +117,7 @@ def model_config(cfg: LoraLLMConfig) -> tuple[Any, str]:
             cfg.model.tiny, load_tokenizer(cfg.model, TINY_TOKENIZER)
         ), "built-in tiny"
     if looks_like_path(name) or is_cached(name) or (name not in KNOWN_CONFIGS and hub_reachable()):
-        from core.hub import ensure_available
+        from core.task.hub import ensure_available
 
         ensure_available(name, what="model", key="model.name")
         return AutoConfig.from_pretrained(
@@ -257,7 +257,8 @@ def adapted_activations(config: Any, model: nn.Module, cfg: LoraLLMConfig, act_b
 
 
 def setup(cfg: LoraLLMConfig) -> dict[str, str]:
-    """:func:`core.estimate.setup_lines` with the sample's shape and the task's switches."""
+    """:func:`core.commands.estimate.setup_lines` with the sample's shape and the task's
+    switches."""
     data = cfg.data
     layout = "padding-free rows" if data.padding_free else "padded to the longest"
     shape = f"{data.max_length:,} tokens per sample ({'packed rows' if data.packing else layout})"
@@ -273,7 +274,8 @@ def estimate(cfg: LoraLLMConfig) -> dict[str, Any]:
     """Parameters and training memory of ``cfg`` per GPU, without loading weights.
 
     Returns:
-        A report of :func:`core.estimate.memory_report`: model facts, parameter counts, the run's
+        A report of :func:`core.commands.estimate.memory_report`: model facts, parameter counts, the
+        run's
         setup and switches, bytes per component (base weights, adapters + optimizer,
         activations, logits, gathered FSDP units, total) and ``quantized_weights``.
     """
@@ -328,13 +330,13 @@ def estimate(cfg: LoraLLMConfig) -> dict[str, Any]:
 
 
 def render(report: dict[str, Any]) -> str:
-    """The report as text (:func:`core.estimate.format_report`), with the 8 GB verdict."""
+    """The report as text (:func:`core.commands.estimate.format_report`), with the 8 GB verdict."""
     advice = "lower data.max_length / trainer.batch_size / lora.r, or quantize (quant.bits=4)"
     return core_format_report(report, gpu_verdict(report, 8, advice))
 
 
 if __name__ == "__main__":  # self-check: python -m lora_llm.memory
-    from core.config import load_config
+    from core.config.loader import load_config
 
     presets = Path(__file__).parent / "presets"
     for preset in ("tiny", "gpt2", "tinyllama", "phi2"):

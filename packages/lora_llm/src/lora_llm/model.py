@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 from core.errors import UserError
-from core.hub import ensure_available
-from core.padding import length_mask, pad_rows
+from core.nn.padding import length_mask, pad_rows
+from core.task.hub import ensure_available
 from lora_llm.config import LoraSettings, ModelConfig, QuantConfig, TinyModelConfig
 from lora_llm.data import ASSETS
 
@@ -288,7 +288,7 @@ def load_base(
         raise UserError(f"Cannot load the model '{name_or_path}' (model.name): {err}") from None
     cpu_4bit_inference_kernel(model, enabled=not training)
     if cfg.liger_kernel and training:
-        from core.acceleration import apply_liger_kernel
+        from core.nn.acceleration import apply_liger_kernel
 
         try:
             apply_liger_kernel(model, "model.liger_kernel")

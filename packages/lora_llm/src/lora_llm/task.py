@@ -25,8 +25,7 @@ import torch
 from torch import nn
 
 from core.errors import ConfigError, UserError
-from core.hub import ensure_available
-from core.task import (
+from core.task.base import (
     StepOutput,
     Task,
     chunked_per_sample_loss,
@@ -34,6 +33,7 @@ from core.task import (
     per_sample_loss,
     token_loss_sum,
 )
+from core.task.hub import ensure_available
 from lora_llm import __version__
 from lora_llm.config import LoraLLMConfig, ModelConfig, QuantConfig
 from lora_llm.data import (
@@ -76,7 +76,7 @@ def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
             ``(batch, seq)`` for packed rows.
 
     Returns:
-        ``(batch, seq, vocab)`` logits (under :func:`core.loss.head_loss`: the loss instead).
+        ``(batch, seq, vocab)`` logits (under :func:`core.nn.loss.head_loss`: the loss instead).
     """
     return call_model(model, batch).logits
 
@@ -254,7 +254,8 @@ class LoraLLMTask(Task):
             raise UserError(f"No usable evaluation samples: {self.stats['eval'].describe('eval')}.")
         return SFTDataset(examples)
 
-    # -- evaluate: a trained adapter (core.model_io) --------------------------------------------
+    # -- evaluate: a trained adapter (core.commands.model_io)
+    # --------------------------------------------
 
     def configure_for_model(self, model_dir: Path, overrides: Any) -> None:
         """No gradient checkpointing: nothing is trained."""
@@ -276,7 +277,7 @@ class LoraLLMTask(Task):
         """The records of ``--data`` or the run's held-out ones, prompts cut (start + template
         end) to fit ``data.max_length`` with room for the response, and the model's positions
         with room for the answer (counted in one note), not left out."""
-        from core.truncation import Truncation, input_limit, model_limit
+        from core.task.truncation import Truncation, input_limit, model_limit
 
         if data is not None:
             records, _ = read_records(str(data), self.cfg.data, key="--data")
@@ -390,7 +391,7 @@ class LoraLLMTask(Task):
                 check_packing(model, self.tokenizer.pad_token_id),
             )
         if cfg.loss.chunked:
-            from core.loss import check_plain_logits
+            from core.nn.loss import check_plain_logits
 
             try:
                 check_plain_logits(model.config)
@@ -473,7 +474,7 @@ class LoraLLMTask(Task):
 
         With ``data.padding_free`` the micro-batch is first flattened into one row without
         padding (:func:`lora_llm.data.flatten_batch`); with ``loss.chunked`` the head computes
-        the loss in chunks inside the model's forward (``core.loss``).
+        the loss in chunks inside the model's forward (``core.nn.loss``).
         """
         if self.cfg.data.padding_free:
             batch = flatten_batch(batch)
@@ -528,7 +529,7 @@ class LoraLLMTask(Task):
         metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
         answered = [r for r in records if "prediction" in r]
         if answered:
-            from core.metrics import resolve_tokenizer, rouge
+            from core.task.metrics import resolve_tokenizer, rouge
 
             predictions, references = (
                 [r["prediction"] for r in answered],
@@ -607,7 +608,7 @@ def adapter_setup(
     Returns:
         ``(adapter_config, settings, base, tokenizer)``.
     """
-    from core.cli import check_model_dir, model_owner
+    from core.commands.train import check_model_dir, model_owner
     from lora_llm.model import read_adapter, resolve_base
 
     try:
@@ -669,8 +670,8 @@ def load_for_generation(
 if __name__ == "__main__":  # self-check: python -m lora_llm.task
     import tempfile
 
-    from core.config import load_config
-    from core.trainer import Trainer
+    from core.config.loader import load_config
+    from core.engine.trainer import Trainer
     from lora_llm.config import PRESETS
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -23,12 +23,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from core.cli import add_model_arguments, check_model_dir, parse_model_command
+from core.commands.spec import EvaluateSpec, TaskSpec
+from core.commands.train import add_model_arguments, check_model_dir, parse_model_command
 from core.errors import UserError, user_errors_exit_2
-from core.outputs import guard_file, guard_folder, mark_folder
-from core.spec import EvaluateSpec, TaskSpec
-from core.storage import StorageError, storage_errors
-from core.truncation import add_option
+from core.run.outputs import guard_file, guard_folder, mark_folder
+from core.run.storage import StorageError, storage_errors
+from core.task.truncation import add_option
 from qwen_vl.config import DEFAULT_PRESET, PRESETS_DIR, QwenVLConfig
 
 
@@ -271,7 +271,7 @@ def _check_infer(args: argparse.Namespace) -> None:
 def infer(argv: list[str] | None = None) -> int:
     """``infer --model DIR (--prompt TEXT [--image FILE ...] | --data FILE) [--out FILE]``:
     answer questions about images (or none) with a saved model."""
-    from core.model_io import emit_rows
+    from core.commands.model_io import emit_rows
 
     args = parse_model_command(infer_parser(), argv)
     _check_infer(args)
@@ -305,7 +305,7 @@ def read_questions(path: Path) -> list[tuple[str, str, list[Path]]]:
         UserError: a row without a text ``prompt`` or with ``images`` that is not a list of paths
             (file and line named).
     """
-    from core.records import read_all
+    from core.task.records import read_all
 
     questions = []
     for record in read_all(path, "--data", what="questions", allow_folders=False):
@@ -362,14 +362,14 @@ class AnswerSession:
 
         self.processor = load_processor(ModelConfig(name=str(model_dir)))
         self.encoder = Encoder(self.processor, min_pixels, max_pixels)
-        from core.model_io import inference_device, inference_dtype
+        from core.commands.model_io import inference_device, inference_dtype
 
         device = str(inference_device(device))
         dtype = inference_dtype(dtype, device)
         self.device = device
         self.max_input_tokens = max_input_tokens
         self.trained_length = trained_max_length(model_dir)
-        self.cut: Any = None  # core.truncation.Truncation, made by the first answer
+        self.cut: Any = None  # core.task.truncation.Truncation, made by the first answer
         self.model = (
             AutoModelForImageTextToText.from_pretrained(model_dir, dtype=getattr(torch, dtype))
             .to(device)
@@ -406,12 +406,13 @@ class AnswerSession:
         ).strip()
 
     def truncation(self, max_new_tokens: int) -> Any:
-        """The :class:`core.truncation.Truncation` of prompts for answers of ``max_new_tokens``.
+        """The :class:`core.task.truncation.Truncation` of prompts for answers of
+        ``max_new_tokens``.
 
         Raises:
             UserError: ``--max-input-tokens`` above what the model takes.
         """
-        from core.truncation import Truncation, input_limit, model_limit
+        from core.task.truncation import Truncation, input_limit, model_limit
 
         hard = model_limit(
             getattr(self.model, "config", None), self.processor.tokenizer, reserve=max_new_tokens
@@ -451,8 +452,8 @@ class AnswerSession:
 def trained_max_length(model_dir: Path) -> int | None:
     """``data.max_length`` of the run whose ``final/`` (or checkpoint) ``model_dir`` is, or None
     (a model folder of its own, or a run without the key)."""
-    from core.cli import run_of_model
-    from core.config import read_yaml
+    from core.commands.train import run_of_model
+    from core.config.loader import read_yaml
 
     run = run_of_model(model_dir)
     if run is None or not (run / "config.yaml").is_file():
@@ -479,7 +480,7 @@ COMMANDS: dict[str, Any] = {
 
 def _self_check() -> int:
     """``python -m qwen_vl.cli`` without arguments: every command's ``--help``."""
-    from core.spec import check_helps
+    from core.commands.spec import check_helps
 
     check_helps(COMMANDS)
     print("qwen_vl.cli: ok")
@@ -487,6 +488,6 @@ def _self_check() -> int:
 
 
 if __name__ == "__main__":
-    from core.spec import main
+    from core.commands.spec import main
 
     main(COMMANDS, _self_check)

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from core.config.schema import LossConfig, TrainConfig
 from core.errors import ConfigError
-from core.settings import LossConfig, TrainConfig
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 """The YAML presets shipped in the package."""
@@ -277,7 +277,7 @@ TinyModel = TinyModelConfig
 GenerationSettings = GenerationConfig
 
 if __name__ == "__main__":  # self-check: python -m qwen_vl.config
-    from core.config import iter_keys, load_config
+    from core.config.loader import iter_keys, load_config
 
     missing = [key for key, _, doc in iter_keys(QwenVLConfig) if not doc]
     assert not missing, f"fields without a docstring: {missing}"

@@ -46,8 +46,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from core.errors import UserError
-from core.padding import pad_rows
-from core.task import IGNORE_INDEX
+from core.nn.padding import pad_rows
+from core.task.base import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def read_records(path: Path, key: str = "data file") -> list[tuple[str, dict[str
         UserError: missing file, a folder, not UTF-8, invalid JSON, no records, or a record that is
             not an object.
     """
-    from core.records import read_all
+    from core.task.records import read_all
 
     records = [
         (r.where, r.value)
@@ -929,7 +929,7 @@ def load_conversations(
         decode_images: decode every image now (False: read headers only).
         workers: threads that open images.
         key: the config key or option that named ``path`` (for messages).
-        cut_long: a :class:`core.truncation.Truncation` (evaluation): a record longer than
+        cut_long: a :class:`core.task.truncation.Truncation` (evaluation): a record longer than
             ``max_length`` has the text of its last question cut (images and answers stay
             whole) and is counted there, instead of being refused or dropped.
 

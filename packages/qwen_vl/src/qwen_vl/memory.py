@@ -3,7 +3,8 @@
 
 The model is built on PyTorch's ``meta`` device from the architecture's public ``config.json``
 values (shipped below for the Hub presets, so this works offline), the training switches are
-applied (which parts train, LoRA / DoRA), and :mod:`core.estimate` turns the sizes into memory
+applied (which parts train, LoRA / DoRA), and :mod:`core.commands.estimate` turns the sizes into
+memory
 per GPU under the run's strategy and precision:
 
 - **weights, gradients, optimizer state**: every parameter in the stored dtype (2 bytes under
@@ -32,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from core.estimate import (
+from core.commands.estimate import (
     checkpointing,
     compute_bytes,
     format_report,
@@ -179,7 +180,8 @@ def activations(
 
 
 def setup(cfg: QwenVLConfig, shape: dict[str, int], checkpointed: bool) -> dict[str, str]:
-    """:func:`core.estimate.setup_lines` with the sample's shape and the task's switches."""
+    """:func:`core.commands.estimate.setup_lines` with the sample's shape and the task's
+    switches."""
     m = cfg.model
     sample = (
         f"{shape['seq']:,} tokens per sample: one image at data.max_pixels={shape['pixels']:,} "
@@ -198,7 +200,7 @@ def estimate(cfg: QwenVLConfig) -> dict[str, Any]:
     """Parameters and training memory of ``cfg`` per GPU, without loading weights.
 
     Returns:
-        A report for :func:`core.estimate.format_report`.
+        A report for :func:`core.commands.estimate.format_report`.
     """
     config, source = model_config(cfg)
     text, m, batch = config.text_config, cfg.model, cfg.trainer.batch_size
@@ -256,7 +258,7 @@ def render(report: dict[str, Any]) -> str:
 if __name__ == "__main__":  # self-check: python -m qwen_vl.memory
     from pathlib import Path
 
-    from core.config import load_config
+    from core.config.loader import load_config
 
     presets = Path(__file__).parent / "presets"  # the module does not import the cli
     for preset in ("qwen2_5_vl_3b", "qwen2_5_vl_7b"):

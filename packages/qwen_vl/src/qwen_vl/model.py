@@ -2,7 +2,7 @@
 ``final/``.
 
 - :func:`load_processor`: the processor of ``model.processor`` / ``model.name`` (``tiny``: the one
-  shipped in ``qwen_vl/assets/tiny_processor``); Hub ids fail fast offline (``core.hub``).
+  shipped in ``qwen_vl/assets/tiny_processor``); Hub ids fail fast offline (``core.task.hub``).
 - :func:`build_model`: ``AutoModelForImageTextToText`` (``Qwen2_5_VLForConditionalGeneration``)
   from a Hub id or folder, or from :func:`tiny_config` with random weights; then the training
   switches: which parts train (vision tower, merger, language model), LoRA on the language model.
@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from core.errors import UserError
-from core.hub import ensure_available
-from core.optim import parameter_groups
+from core.nn.optim import parameter_groups
+from core.task.hub import ensure_available
 from qwen_vl.config import LoraSettings, ModelConfig, TinyModel
 from qwen_vl.tiny_processor import TINY_PROCESSOR_DIR
 
@@ -287,7 +287,7 @@ def build_model(cfg: ModelConfig, processor: Any, gradient_checkpointing: bool) 
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.liger_kernel:
-        from core.acceleration import apply_liger_kernel
+        from core.nn.acceleration import apply_liger_kernel
 
         try:
             apply_liger_kernel(model, "model.liger_kernel")

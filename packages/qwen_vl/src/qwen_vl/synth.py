@@ -351,7 +351,7 @@ def builtin_data(split: str, settings: SynthSettings = BUILTIN_SETTINGS) -> Path
     ).hexdigest()[:12]
     folder = cache_root() / f"counting-{key}"
     if not (folder / "dev.jsonl").is_file():
-        from core.storage import writable_cache
+        from core.run.storage import writable_cache
 
         # Drawn data can be drawn again: a read-only cache falls back to $TMPDIR with a warning.
         root = writable_cache(cache_root(), "QWEN_VL_CACHE", "the built-in counting data")

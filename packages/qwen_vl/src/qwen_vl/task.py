@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from core.errors import ConfigError, UserError
-from core.task import (
+from core.task.base import (
     IGNORE_INDEX,
     StepOutput,
     Task,
@@ -117,7 +117,7 @@ class QwenVLTask(Task):
             path: ``.jsonl`` / ``.json`` conversations.
             generation: items carry prompts for generation (validation / evaluation).
             key: the config key or option that named it (for messages).
-            cut_long: a :class:`core.truncation.Truncation`: records longer than
+            cut_long: a :class:`core.task.truncation.Truncation`: records longer than
                 ``data.max_length`` get their last question cut and are counted there
                 (``evaluate``); None: refused or dropped (``data.drop_too_long``).
         """
@@ -222,7 +222,7 @@ class QwenVLTask(Task):
         model = build_model(m, self.processor, gradient_checkpointing=checkpointing)
         check_dtypes(model, expected_param_dtype(tc.precision))
         if self.cfg.loss.chunked:
-            from core.loss import check_plain_logits
+            from core.nn.loss import check_plain_logits
 
             try:
                 check_plain_logits(model.config)
@@ -239,7 +239,8 @@ class QwenVLTask(Task):
         """``Qwen2_5_VLDecoderLayer`` and ``Qwen2_5_VLVisionBlock``."""
         return wrap_classes()
 
-    # -- evaluate: a trained model (core.model_io) ---------------------------------------------
+    # -- evaluate: a trained model (core.commands.model_io)
+    # ---------------------------------------------
 
     def configure_for_model(self, model_dir: Path, overrides: Any) -> None:
         """The model and its own processor; unless overridden, the pixel limits saved with the
@@ -274,7 +275,7 @@ class QwenVLTask(Task):
         input limit gets its last question cut (counted in one note)."""
         from transformers import AutoConfig
 
-        from core.truncation import Truncation, input_limit, model_limit
+        from core.task.truncation import Truncation, input_limit, model_limit
 
         cfg = self.cfg
         hard = model_limit(
@@ -352,7 +353,7 @@ class QwenVLTask(Task):
         if not self._dtypes_checked:  # also after a resume: the loaded weights keep one dtype
             check_dtypes(model, expected_param_dtype(self.cfg.trainer.precision))
             self._dtypes_checked = True
-        if self.cfg.loss.chunked:  # the head computes the loss in chunks (core.loss)
+        if self.cfg.loss.chunked:  # the head computes the loss in chunks (core.nn.loss)
             keep, targets = self.kept_targets(batch)
             return chunked_token_loss_sum(
                 model,
@@ -479,8 +480,8 @@ class QwenVLTask(Task):
 if __name__ == "__main__":  # self-check: python -m qwen_vl.task
     import tempfile
 
-    from core.config import load_config
-    from core.trainer import Trainer
+    from core.config.loader import load_config
+    from core.engine.trainer import Trainer
     from qwen_vl.synth import SynthSettings, write_dataset
 
     with tempfile.TemporaryDirectory() as tmp:

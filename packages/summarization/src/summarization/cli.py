@@ -23,11 +23,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from core.cli import add_model_arguments, check_model_dir, config_for_model, parse_model_command
+from core.commands.spec import EvaluateSpec, TaskSpec
+from core.commands.train import (
+    add_model_arguments,
+    check_model_dir,
+    config_for_model,
+    parse_model_command,
+)
 from core.errors import UserError, user_errors_exit_2
-from core.outputs import guard_file
-from core.spec import EvaluateSpec, TaskSpec
-from core.truncation import Truncation, add_option
+from core.run.outputs import guard_file
+from core.task.truncation import Truncation, add_option
 from summarization.config import DEFAULT_PRESET, PRESETS_DIR, SummarizationConfig
 
 DESCRIPTION = (
@@ -195,8 +200,8 @@ def predict(argv: Sequence[str] | None = None) -> int:
     cfg = config_for_model(
         args.model, args.config, args.overrides, SummarizationConfig, PRESETS_DIR, DEFAULT_PRESET
     )
-    from core.logs import transformers_quiet
-    from core.model_io import emit_rows, inference_device
+    from core.commands.model_io import emit_rows, inference_device
+    from core.run.logs import transformers_quiet
     from summarization.data import check_row, read_rows
 
     transformers_quiet()
@@ -261,7 +266,7 @@ def score_rows(
     Raises:
         UserError: ids in one file and not the other.
     """
-    from core.metrics import rouge
+    from core.task.metrics import rouge
 
     missing = [f for f in references if f not in predictions]
     extra = [f for f in predictions if f not in references]
@@ -345,7 +350,7 @@ def score(argv: Sequence[str] | None = None) -> int:
     }
     text = json.dumps(result, ensure_ascii=False)
     if args.out is not None:
-        from core.outputs import write_text
+        from core.run.outputs import write_text
 
         write_text(args.out, text + "\n")
     print(text)
@@ -392,7 +397,7 @@ def lead3(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"-n {args.n}: keep at least one utterance.")
     if args.out is not None:
         guard_file(args.out, "--out", [(args.data, "--data")], args.overwrite)
-    from core.outputs import write_jsonl
+    from core.run.outputs import write_jsonl
     from summarization.data import lead_n, read_jsonl
 
     rows = read_jsonl(args.data, "--data", need_references=False)
@@ -433,7 +438,7 @@ def _self_check() -> int:
     import io
     import tempfile
 
-    from core.spec import check_helps
+    from core.commands.spec import check_helps
     from summarization.config import SAMPLES
 
     check_helps({n: c for n, c in COMMANDS.items() if n != "train"})
@@ -463,6 +468,6 @@ def _self_check() -> int:
 
 
 if __name__ == "__main__":
-    from core.spec import main
+    from core.commands.spec import main
 
     main(COMMANDS, _self_check)

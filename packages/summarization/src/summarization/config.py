@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from core.config.schema import CheckpointConfig, TrainConfig
 from core.errors import ConfigError
-from core.settings import CheckpointConfig, TrainConfig
 
 PACKAGE_DIR = Path(__file__).parent
 PRESETS_DIR = PACKAGE_DIR / "presets"
@@ -315,7 +315,7 @@ def refuse_t5_fp16(cfg: SummarizationConfig) -> None:
 
 
 if __name__ == "__main__":  # self-check: python -m summarization.config
-    from core.config import describe_keys, iter_keys, list_presets, load_config
+    from core.config.loader import describe_keys, iter_keys, list_presets, load_config
 
     missing = [key for key, _, doc in iter_keys(SummarizationConfig) if not doc]
     assert not missing, f"fields without a docstring: {missing}"

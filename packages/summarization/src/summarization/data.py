@@ -28,9 +28,9 @@ from typing import Any
 import torch
 
 from core.errors import UserError
-from core.padding import length_mask, pad_rows
-from core.storage import writable_cache
-from core.task import IGNORE_INDEX
+from core.nn.padding import length_mask, pad_rows
+from core.run.storage import writable_cache
+from core.task.base import IGNORE_INDEX
 
 CACHE_VERSION = "2"  # 2: source_tokens (length before truncation)
 """Bump when the tokenised layout changes, so old cache files are not reused."""
@@ -151,7 +151,7 @@ def read_rows(
         UserError: missing file, a folder, bytes that are not UTF-8, malformed JSON, bad or
             duplicate rows, or no rows at all: each with the file and line.
     """
-    from core.records import read_all
+    from core.task.records import read_all
 
     rows: list[dict[str, Any]] = []
     seen: dict[str, str] = {}
@@ -173,7 +173,7 @@ def read_rows(
 
 def read_jsonl(path: Path, key: str = "file", need_references: bool = True) -> list[dict[str, Any]]:
     """Rows of one data *file* (see :func:`read_rows`); a folder is refused as a folder."""
-    from core.records import check_file
+    from core.task.records import check_file
 
     return read_rows(check_file(Path(path), key), key, need_references)
 
@@ -192,7 +192,7 @@ def read_scoring_file(path: Path, key: str, references: bool) -> dict[str, list[
     Raises:
         UserError: bad line, missing ``fname`` / ``summary``, duplicate ``fname``, empty file.
     """
-    from core.records import read_all
+    from core.task.records import read_all
 
     out: dict[str, list[str]] = {}
     lines: dict[str, str] = {}
@@ -414,8 +414,9 @@ class SummarizationDataset(torch.utils.data.Dataset):
         return [len(ids) for ids in self.input_ids]
 
     def truncation(self, limit: int, origin: str, what: str = "dialogues") -> Any:
-        """The dialogues cut to ``limit`` tokens, counted (:class:`core.truncation.Truncation`)."""
-        from core.truncation import Truncation
+        """The dialogues cut to ``limit`` tokens, counted
+        (:class:`core.task.truncation.Truncation`)."""
+        from core.task.truncation import Truncation
 
         cut = Truncation(limit, origin, what)
         for length in self.source_tokens:

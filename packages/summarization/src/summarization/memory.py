@@ -4,7 +4,7 @@
 The encoder-decoder is built on PyTorch's ``meta`` device from its architecture (the public
 ``config.json`` values of the Hub presets ship below; the scratch presets are built from
 ``model.scratch`` and the shipped tokenizer), the freezing switches are applied, and
-:mod:`core.estimate` turns the sizes into memory per GPU:
+:mod:`core.commands.estimate` turns the sizes into memory per GPU:
 
 - weights in float32 (``bf16-true``: 2 bytes), gradients of the trainable ones, optimizer state;
   divided by the FSDP shard group;
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from core.estimate import (
+from core.commands.estimate import (
     autocast_bytes,
     checkpointing,
     format_report,
@@ -128,7 +128,7 @@ def estimate(cfg: SummarizationConfig) -> dict[str, Any]:
     """Parameters and training memory of ``cfg`` per GPU, without loading weights.
 
     Returns:
-        A report for :func:`core.estimate.format_report`.
+        A report for :func:`core.commands.estimate.format_report`.
     """
     from transformers import AutoModelForSeq2SeqLM
 
@@ -183,7 +183,7 @@ def render(report: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":  # self-check: python -m summarization.memory
-    from core.config import load_config
+    from core.config.loader import load_config
     from summarization.config import PRESETS_DIR
 
     for preset in ("bart_large_cnn", "t5_small", "small"):

@@ -1,7 +1,8 @@
 """Seq2seq models: any ``AutoModelForSeq2SeqLM`` by Hub id or folder, or a BART built from scratch.
 
 - ``model.init=pretrained``: ``AutoModelForSeq2SeqLM.from_pretrained(model.name)`` after
-  :func:`core.hub.ensure_available` (a Hub id that cannot be downloaded fails in a second with a
+  :func:`core.task.hub.ensure_available` (a Hub id that cannot be downloaded fails in a second with
+  a
   message that says how to proceed).
 - ``model.init=scratch``: a BART (``model.scratch.architecture=bart``, post-norm) or an
   mBART-layout model (``mbart``, pre-norm) sized by ``model.scratch.*``, random weights, with the
@@ -24,7 +25,7 @@ from typing import Any
 from torch import nn
 
 from core.errors import ConfigError, UserError
-from core.hub import ensure_available
+from core.task.hub import ensure_available
 from summarization.config import SHIPPED_TOKENIZER, ModelConfig
 
 log = logging.getLogger(__name__)

@@ -1,9 +1,10 @@
-"""The summarization :class:`core.task.Task`: DialogSum rows in, a seq2seq model trained, ROUGE out.
+"""The summarization :class:`core.task.base.Task`: DialogSum rows in, a seq2seq model trained, ROUGE
+out.
 
 - ``setup`` (before the run folder exists): tokenizer and model config (a Hub id that cannot be
   downloaded fails here), T5 + fp16 refusal, reading and checking every data row, tokenising.
 - ``training_step``: the summed token cross-entropy of the summary tokens
-  (:func:`core.task.token_loss_sum` with ``shift=False``: seq2seq labels are already aligned).
+  (:func:`core.task.base.token_loss_sum` with ``shift=False``: seq2seq labels are already aligned).
 - ``validation_step``: per-sample loss *and* generated summaries (beams etc. from the
   ``generation`` group); records carry ``index``, ``fname``, ``prediction`` and ``references``,
   so the engine can gather them from every rank.
@@ -29,9 +30,9 @@ import torch
 from torch import nn
 
 from core.errors import ConfigError
-from core.metrics import describe, resolve_tokenizer, rouge
-from core.outputs import write_jsonl
-from core.task import StepOutput, Task, per_sample_loss, token_loss_sum
+from core.run.outputs import write_jsonl
+from core.task.base import StepOutput, Task, per_sample_loss, token_loss_sum
+from core.task.metrics import describe, resolve_tokenizer, rouge
 from summarization.config import SummarizationConfig
 from summarization.data import (
     Seq2SeqCollator,
@@ -451,7 +452,8 @@ class SummarizationTask(Task):
             "data_source": self.cfg.data.dataset or "files",
         }
 
-    # -- evaluate: a trained model (core.model_io) ---------------------------------------------
+    # -- evaluate: a trained model (core.commands.model_io)
+    # ---------------------------------------------
 
     def evaluation_inputs(self, data: Path | None, split: str) -> list[tuple[Path, str]]:
         """The split's file (also the shipped sample's, when no file is configured)."""
@@ -476,7 +478,7 @@ class SummarizationTask(Task):
         Returns:
             Where the limit comes from (named in the note on cut dialogues).
         """
-        from core.truncation import input_limit, model_limit
+        from core.task.truncation import input_limit, model_limit
 
         hard = model_limit(self.model_config, self.tokenizer)
         limit, origin = input_limit(
@@ -509,8 +511,8 @@ class SummarizationTask(Task):
 
     def evaluation_scores(self, metrics: dict[str, float], run: Any) -> dict[str, Any]:
         """ROUGE, its tokenizer and convention, the data (hashed) and the generation settings."""
-        from core.config import to_dict
-        from core.manifest import sha256_file
+        from core.config.loader import to_dict
+        from core.run.manifest import sha256_file
 
         cfg, files, rows = self.cfg, self.data_files(), self.val_data.rows
         return {
@@ -531,7 +533,7 @@ class SummarizationTask(Task):
 
 def write_task_file(out_dir: Path, cfg: SummarizationConfig, rouge_tokenizer: str) -> None:
     """``summarization.json``: source prefix, length limits, generation and metric settings."""
-    from core.config import to_dict
+    from core.config.loader import to_dict
 
     info = {
         "source_prefix": cfg.model.source_prefix,
@@ -548,8 +550,8 @@ def write_task_file(out_dir: Path, cfg: SummarizationConfig, rouge_tokenizer: st
 if __name__ == "__main__":  # self-check: python -m summarization.task
     import tempfile
 
-    from core.config import load_config
-    from core.trainer import Trainer
+    from core.config.loader import load_config
+    from core.engine.trainer import Trainer
     from summarization.config import PRESETS_DIR
 
     with tempfile.TemporaryDirectory() as tmp:

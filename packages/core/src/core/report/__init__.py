@@ -21,7 +21,7 @@
 
 Everything is read from what the trainer writes: ``config.yaml``, ``summary.json``,
 ``metrics.jsonl`` (and ``sweep.yaml`` for sweeps). The PNG is never written over a file that
-``runs compare`` did not write itself (:mod:`core.outputs`), unless ``--overwrite``.
+``runs compare`` did not write itself (:mod:`core.run.outputs`), unless ``--overwrite``.
 
 Modules (one per section of the former ``core/report.py``):
 

@@ -12,8 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from core.errors import user_errors_exit_2
-from core.errors import UserError
+from core.errors import UserError, user_errors_exit_2
 from core.report.plot import default_png, plot_compare
 from core.report.rows import RunRow, check_comparable, collect, differing_keys, list_runs
 from core.report.tables import (
@@ -25,7 +24,7 @@ from core.report.tables import (
     run_table,
     sweep_list_rows,
 )
-from core.storage import StorageError
+from core.run.storage import StorageError
 
 
 def runs_parser() -> argparse.ArgumentParser:

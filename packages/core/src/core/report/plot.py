@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import UserError
-from core.logs import read_metrics
-from core.outputs import guard_file
 from core.report.rows import RunRow, is_sweep
-from core.storage import storage_errors
+from core.run.logs import read_metrics
+from core.run.outputs import guard_file
+from core.run.storage import storage_errors
 
 PNG_MARK = "core.report runs compare"
 """PNG ``Software`` text of the plots ``runs compare`` writes (only those are ever replaced)."""
@@ -80,7 +80,7 @@ def _check_out(rows: Sequence[RunRow], out: Path, overwrite: bool) -> None:
     Raises:
         UserError: ``out`` is another file, one the runs are read from, or not a ``.png``.
     """
-    # core.outputs' guard: never over a file the toolkit did not write; its own plot it may
+    # core.run.outputs' guard: never over a file the toolkit did not write; its own plot it may
     # replace (the PNG carries PNG_MARK), so running the same comparison again just works.
     inputs = [(r.path / name, "a run") for r in rows for name in ("metrics.jsonl", "summary.json")]
     guard_file(out, "--png", inputs, overwrite=overwrite or (out.is_file() and _ours(out)))

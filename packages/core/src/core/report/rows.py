@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from core.errors import UserError
-from core.runs import RUN_DIR_PATTERN, lock_state, run_task
+from core.run.folder import RUN_DIR_PATTERN, lock_state, run_task
 
 # Differs between any two runs by construction (each run's own folder): never a "differing key".
 IGNORED_KEYS = ("run.dir",)

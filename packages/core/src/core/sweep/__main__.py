@@ -29,7 +29,7 @@ from core.sweep import (
 )
 from core.sweep import axes as axes_module
 from core.sweep import slurm as slurm_module
-from core.testing import train as toy_train
+from core.testing.toy import train as toy_train
 
 
 def check_folder(tmp: Path) -> None:

@@ -14,10 +14,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from core.errors import user_errors_exit_2
-from core.errors import UserError
+from core.errors import UserError, user_errors_exit_2
 from core.report import compare_sweep_text
-from core.runs import new_run_dir
+from core.run.folder import new_run_dir
 from core.sweep.axes import SEED_KEY, Point, SweepSpec, TrainFn, grid, seed_axis, split_overrides
 from core.sweep.check import check_grid, config_changes, resolved_config
 from core.sweep.folder import (

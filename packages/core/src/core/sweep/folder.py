@@ -18,7 +18,7 @@ import yaml
 
 from core.errors import UserError
 from core.report import STOPPED
-from core.runs import RUN_DIR_PATTERN, experiment_numbers, lock_state
+from core.run.folder import RUN_DIR_PATTERN, experiment_numbers, lock_state
 from core.sweep.axes import Point, SweepSpec
 
 SWEEP_FILE = "sweep.yaml"
