@@ -66,7 +66,6 @@ MOVES: dict[str, str] = {
     "logs": "run.logs",
     "outputs": "run.outputs",
     "plots": "run.plots",
-
     # parallel: how one job spreads over ranks, and the checkpoint files it saves across them
     # (fsdp.py and strategy.py write through checkpoint.py; checkpoint.py gathers through
     # collectives).
