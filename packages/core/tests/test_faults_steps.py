@@ -171,7 +171,7 @@ def test_sigint_to_the_process_group_of_uv_run_without_a_terminal_is_one_stop_re
             "--frozen",
             "python",
             "-m",
-            "core.testing.toy",
+            "core.testing",
             "train",
             "trainer.max_steps=60",
             "trainer.log_every_n_steps=1",

@@ -126,7 +126,7 @@ def test_max_points_admits_a_large_grid_and_dry_run_writes_nothing(tmp_path, cap
     args = ["optim.lr=1,2,3,4,5,6", "trainer.seed=1,2,3,4,5,6", "--max-points", "36", "--dry-run"]
     assert sweep(tmp_path, *FAST, *args) == 0
     out = capsys.readouterr().out
-    assert "36 points of task toy" in out and out.count("core.testing.toy train") == 36
+    assert "36 points of task toy" in out and out.count("core.testing train") == 36
     assert "run.dir=" in out and "logger.wandb_group=" in out
     assert not (tmp_path / "runs").exists()
 

@@ -3,5 +3,5 @@
 
 import runpy
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # self-check: python -m core.testing train trainer.max_steps=2
     runpy.run_module("core.testing.toy", run_name="__main__", alter_sys=True)

@@ -328,6 +328,6 @@ def evaluate(argv: list[str]) -> int:
     return 0
 
 
-if __name__ == "__main__":  # self-check: python -m core.testing train trainer.max_steps=2
+if __name__ == "__main__":  # self-check: python -m core.testing.toy train trainer.max_steps=2
     command, args = sys.argv[1], sys.argv[2:]
     sys.exit({"train": train, "evaluate": evaluate}[command](args))
