@@ -494,6 +494,31 @@ def test_data_edited_before_a_resume_is_refused_unless_asked_for(tmp_path, capsy
     assert toy_train(f"run.dir={run}", "trainer.max_steps=5", make_task=task) == 0
 
 
+@pytest.mark.trains
+def test_the_same_data_at_another_place_resumes(tmp_path, capsys):
+    """A run resumed from another checkout (or a job's own environment) finds its data files at
+    new paths with the same contents: that is the data it trained on, not a change."""
+    data = tmp_path / "a" / "train.txt"
+    data.parent.mkdir()
+    data.write_text("5")
+    task = type("Files", (FileToyTask,), {"data_file": data})
+    args = ["trainer.max_steps=2", "trainer.ckpt_every_n_steps=1"]
+    assert toy_train(f"run.root={tmp_path / 'runs'}", *args, make_task=task) == 0
+    run = only_run(tmp_path / "runs")
+    moved = tmp_path / "b" / "train.txt"
+    moved.parent.mkdir()
+    moved.write_text("5")
+    data.unlink()
+    capsys.readouterr()
+    task = type("Files", (FileToyTask,), {"data_file": moved})
+    assert toy_train(f"run.dir={run}", "trainer.max_steps=4", make_task=task) == 0
+    assert "same contents" in capsys.readouterr().err
+    assert summary(run)["global_step"] == 4
+    moved.write_text("6")  # moved *and* edited: still refused
+    assert toy_train(f"run.dir={run}", "trainer.max_steps=5", make_task=task) == 2
+    assert "The data changed since checkpoint" in error_of(capsys)[0]
+
+
 # -- FSDP2 on 2 ranks --------------------------------------------------------------------------
 
 

@@ -538,6 +538,13 @@ class TrainState:
         if recorded is None:
             return
         now = self.data_hashes()
+        if recorded != now and _moved(recorded, now):
+            log.info(
+                "The data files are at another place than when checkpoint %s was written, with "
+                "the same contents (a new checkout or environment): resuming.",
+                info.path.name,
+            )
+            return
         changes = []
         for path in sorted(set(recorded) | set(now)):
             before, after = recorded.get(path, "absent"), now.get(path, "absent")
@@ -692,6 +699,13 @@ class TrainState:
 def _canonical_name(name: str) -> str:
     """A tensor name without the prefixes of wrappers (activation checkpointing, compile)."""
     return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+
+
+def _moved(recorded: dict[str, str | None], now: dict[str, str | None]) -> bool:
+    """Whether the data files only moved: the same contents, file for file (a run resumed from
+    another checkout, or a task package installed into a job's own environment)."""
+    before, after = list(recorded.values()), list(now.values())
+    return None not in before and len(before) == len(after) and sorted(before) == sorted(after)
 
 
 def _checkpoint_data_hashes(info: CheckpointInfo) -> dict[str, str | None] | None:
