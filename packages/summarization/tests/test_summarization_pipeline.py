@@ -166,6 +166,9 @@ def test_evaluate_rejects_what_it_cannot_use(tiny_run, tmp_path, capsys):
     no_refs.write_text('{"fname": "x", "dialogue": "#Person1#: hi"}\n', encoding="utf-8")
     assert evaluate(["--model", str(tiny_run / "final"), "--data", str(no_refs)]) == 2
     assert f"{no_refs}:1: missing field 'summary'" in capsys.readouterr().err
+    missing = tmp_path / "missing.jsonl"
+    assert evaluate(["--model", str(tiny_run / "final"), "--data", str(missing)]) == 2
+    assert f"'{missing}' (--data) does not exist" in capsys.readouterr().err
     assert (
         predict(["--model", str(tiny_run / "final"), "--data", str(no_refs)]) == 0
     )  # predict needs no references

@@ -145,9 +145,12 @@ class SummarizationTask(Task):
             self.tokenizer.pad_token_id, decoder_start_id(self.model_config)
         )
 
-    def read_split(self, split: str, need_references: bool = True) -> list[dict[str, Any]]:
+    def read_split(
+        self, split: str, need_references: bool = True, key: str = "--split"
+    ) -> list[dict[str, Any]]:
         """Rows of ``train`` / ``val`` / ``test`` from the configured files, the shipped sample or
-        ``data.dataset``; or of a JSONL file when ``split`` is a path.
+        ``data.dataset``; or of a JSONL file when ``split`` is a path (named ``key`` in errors:
+        the option it came from).
 
         Returns:
             Normalised rows (see :func:`summarization.data.check_row`).
@@ -156,7 +159,7 @@ class SummarizationTask(Task):
         if split not in SPLIT_KEYS:
             path = Path(split).expanduser()
             self.files.append(path)
-            return read_jsonl(path, "--split", need_references)
+            return read_jsonl(path, key, need_references)
         if data.dataset:
             hub_split = {"train": data.train_split, "val": data.val_split, "test": data.test_split}[
                 split
@@ -494,7 +497,8 @@ class SummarizationTask(Task):
         tokenizer chosen from them."""
         origin = self.source_limit(options.max_input_tokens)
         rows = self.read_split(
-            str(data) if data is not None else ("test" if split == "test" else "val")
+            str(data) if data is not None else ("test" if split == "test" else "val"),
+            key="--data" if data is not None else "--split",
         )[: options.limit]
         self.val_data = self.tokenize(rows)
         self.val_data.truncation(self.cfg.data.max_source_length, origin).report(enabled=report)
