@@ -34,7 +34,6 @@ Self-check: ``python -m lora_llm.data``.
 
 from __future__ import annotations
 
-import bisect
 import logging
 import re
 from collections import Counter
@@ -43,14 +42,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-from torch.utils.data import Dataset
-
 from core.errors import UserError
-from core.nn.padding import length_mask, pad_rows
 from core.task.base import IGNORE_INDEX
-from core.task.truncation import Truncation, cut_ids
+from core.task.batching import PackedDataset as PackedDataset
+from core.task.batching import TokenDataset
+from core.task.batching import collate_causal as collate
+from core.task.batching import flatten_batch as flatten_batch
+from core.task.batching import pack as pack
+from core.task.records import split_holdout
+from core.task.truncation import Truncation, cut_ids, length_stats
 from lora_llm.config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -342,30 +342,8 @@ def without_answer(record: Record) -> Record:
     return record
 
 
-def split_records(
-    records: list[Record], val_size: float, seed: int
-) -> tuple[list[Record], list[Record]]:
-    """Hold out a seeded random share of the records for validation.
-
-    Args:
-        records: all training records.
-        val_size: fraction (< 1) or count (>= 1); 0: no validation.
-        seed: split seed.
-
-    Returns:
-        ``(train, val)``, each in the original order.
-    """
-    n = len(records)
-    count = int(round(n * val_size)) if val_size < 1 else int(val_size)
-    if val_size > 0 and n > 1:
-        count = max(1, count)
-    count = min(count, n - 1) if n > 1 else 0
-    if count <= 0:
-        return list(records), []
-    held = set(np.random.default_rng(seed).permutation(n)[:count].tolist())
-    return [r for i, r in enumerate(records) if i not in held], [
-        r for i, r in enumerate(records) if i in held
-    ]
+split_records = split_holdout
+"""``(train, val)`` records: see :func:`core.task.records.split_holdout`."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -661,19 +639,6 @@ class EncodeStats:
     def summary(self, max_length: int) -> dict[str, Any]:
         """Plain-data report: counts, templates, truncation and length percentiles."""
 
-        def pct(values: list[int]) -> dict[str, float]:
-            """Mean, p50 / p90 / p99 and max of a list of lengths."""
-            if not values:
-                return {}
-            arr = np.asarray(values)
-            return {
-                "mean": round(float(arr.mean()), 1),
-                "p50": float(np.percentile(arr, 50)),
-                "p90": float(np.percentile(arr, 90)),
-                "p99": float(np.percentile(arr, 99)),
-                "max": int(arr.max()),
-            }
-
         kept = len(self.total_lengths)
         return {
             "records_read": self.records,
@@ -687,9 +652,9 @@ class EncodeStats:
             "max_length": max_length,
             "templates": dict(self.styles),
             "lengths": {
-                "prompt": pct(self.prompt_lengths),
-                "response": pct(self.response_lengths),
-                "total": pct(self.total_lengths),
+                "prompt": length_stats(self.prompt_lengths),
+                "response": length_stats(self.response_lengths),
+                "total": length_stats(self.total_lengths),
             },
             "problems": self.problems[:20],
         }
@@ -767,162 +732,13 @@ def encode_records(
 # ------------------------------------------------------------------------------------------------
 
 
-class SFTDataset(Dataset):
-    """Encoded examples. Item: ``{"index": int, "input_ids": list[int], "labels": list[int]}``."""
+class SFTDataset(TokenDataset):
+    """Encoded examples (dicts from :meth:`Encoder.encode`, kept as ``examples`` for ``prepare``).
+    Item: ``{"index": int, "input_ids": list[int], "labels": list[int]}``."""
 
     def __init__(self, examples: list[dict[str, Any]]) -> None:
-        """Keep the encoded examples (dicts from :meth:`Encoder.encode`)."""
+        super().__init__([e["input_ids"] for e in examples], [e["labels"] for e in examples])
         self.examples = examples
-
-    def __len__(self) -> int:
-        """Number of samples."""
-        return len(self.examples)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        """Sample ``i``: its index, ``input_ids`` and ``labels`` (lists of length ``seq``)."""
-        example = self.examples[i]
-        return {"index": i, "input_ids": example["input_ids"], "labels": example["labels"]}
-
-    def lengths(self) -> list[int]:
-        """Tokens per item (what the collator pads to)."""
-        return [len(e["input_ids"]) for e in self.examples]
-
-
-def pack(lengths: Sequence[int], capacity: int) -> list[list[int]]:
-    """Best-fit-decreasing bin packing of sample lengths into rows of ``capacity`` tokens.
-
-    Deterministic: longest samples first (ties by index), each into the fullest row it still fits.
-
-    Args:
-        lengths: tokens per sample (each ``<= capacity``).
-        capacity: row length (``data.max_length``).
-
-    Returns:
-        Rows as lists of sample indices (ascending within a row).
-    """
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    rows: list[list[int]] = []
-    free: list[tuple[int, int]] = []  # (room left, row id), sorted
-    for i in order:
-        need = lengths[i]
-        if need > capacity:
-            raise ValueError(f"sample {i} has {need} tokens, more than the row capacity {capacity}")
-        at = bisect.bisect_left(free, (need, -1))
-        if at < len(free):
-            room, row = free.pop(at)
-        else:
-            room, row = capacity, len(rows)
-            rows.append([])
-        rows[row].append(i)
-        if room - need > 0:
-            bisect.insort(free, (room - need, row))
-    return [sorted(r) for r in rows]
-
-
-class PackedDataset(Dataset):
-    """Rows of several examples each. Item: ``{"index", "input_ids", "labels", "position_ids"}``.
-
-    ``position_ids`` restart at 0 for every sample; ``labels`` of each sample's first token are
-    ``-100`` (it would be predicted from the previous sample's last token).
-
-    Args:
-        examples: encoded examples.
-        max_length: row capacity.
-    """
-
-    def __init__(self, examples: list[dict[str, Any]], max_length: int) -> None:
-        """Pack ``examples`` into rows of at most ``max_length`` tokens (see :func:`pack`)."""
-        self.examples = examples
-        self.rows = pack([len(e["input_ids"]) for e in examples], max_length)
-
-    def __len__(self) -> int:
-        """Number of packed rows."""
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        """Row ``i``: its samples concatenated; lists of length ``row tokens``."""
-        ids: list[int] = []
-        labels: list[int] = []
-        positions: list[int] = []
-        for j in self.rows[i]:
-            example = self.examples[j]
-            ids += example["input_ids"]
-            labels += [IGNORE_INDEX] + example["labels"][1:]
-            positions += list(range(len(example["input_ids"])))
-        return {"index": i, "input_ids": ids, "labels": labels, "position_ids": positions}
-
-    def lengths(self) -> list[int]:
-        """Tokens per row."""
-        return [sum(len(self.examples[j]["input_ids"]) for j in row) for row in self.rows]
-
-
-def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a list of items into a batch.
-
-    The masks come from the item lengths, not from token ids: a pad id equal to EOS never hides
-    the trained EOS.
-
-    Args:
-        samples: items of :class:`SFTDataset` or :class:`PackedDataset`.
-        pad_id: token id written into padding positions.
-
-    Returns:
-        ``input_ids``, ``attention_mask`` (1 on real tokens) and ``labels`` (``-100`` on padding),
-        all ``(batch, width)``; ``position_ids`` ``(batch, width)`` for packed rows (padding
-        positions count from 0 again, a segment of their own); ``index`` ``(batch,)``.
-    """
-    lengths = [len(s["input_ids"]) for s in samples]
-    width = max(lengths)
-    ids = pad_rows([s["input_ids"] for s in samples], pad_id, width)
-    labels = pad_rows([s["labels"] for s in samples], IGNORE_INDEX, width)
-    mask = length_mask(lengths, width)
-    positions = None
-    if "position_ids" in samples[0]:  # packed rows: the padding tail counts from 0 again
-        positions = pad_rows(
-            [s["position_ids"] + list(range(width - n)) for s, n in zip(samples, lengths)], 0, width
-        )
-    out = {
-        "input_ids": ids,
-        "attention_mask": mask,
-        "labels": labels,
-        "index": torch.tensor([s["index"] for s in samples]),
-    }
-    if positions is not None:
-        out["position_ids"] = positions
-    return out
-
-
-def flatten_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """One row without padding from a batch of :func:`collate` (``data.padding_free``).
-
-    The real tokens of every row are concatenated; ``position_ids`` restart at 0 for each sample
-    (a packed row keeps its own restarts), which is all flash-attention's variable-length path
-    needs to keep the samples apart (and what transformers builds the block-diagonal mask from
-    under sdpa / eager). The first label of every row is masked: in the flat row it would be
-    predicted from the previous row's last token (the padded batch never trains it either, so
-    the loss-token count is unchanged).
-
-    Args:
-        batch: ``input_ids``, ``attention_mask``, ``labels`` and optionally ``position_ids``, all
-            ``(batch, width)``, and ``index`` ``(batch,)``.
-
-    Returns:
-        ``input_ids``, ``labels``, ``position_ids`` and ``attention_mask`` ``(1, tokens)``
-        (tokens = the batch's non-padding tokens) and ``index`` unchanged.
-    """
-    mask = batch["attention_mask"].bool()  # (batch, width)
-    positions = batch.get("position_ids")
-    if positions is None:
-        positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-    labels = batch["labels"].clone()
-    labels[:, 0] = IGNORE_INDEX
-    return {
-        "input_ids": batch["input_ids"][mask][None],
-        "labels": labels[mask][None],
-        "position_ids": positions[mask][None],
-        "attention_mask": batch["attention_mask"][mask][None],
-        "index": batch["index"],
-    }
 
 
 if __name__ == "__main__":  # self-check: python -m lora_llm.data

@@ -1,24 +1,20 @@
 """Conversation records with images -> token ids, assistant-only labels and pixel patches.
 
 Records (one JSON object per line of a ``.jsonl`` file, or a list in a ``.json`` file) come in
-either common layout:
-
-- **messages** (OpenAI / Qwen / ShareGPT-with-roles): ``{"id": ..., "messages": [{"role": "user",
-  "content": [{"type": "image", "image": "img.png"}, {"type": "text", "text": "How many?"}]},
-  {"role": "assistant", "content": "3"}]}``; ``content`` is a string or a list of parts.
-- **LLaVA**: ``{"id": ..., "image": "img.png" (or "images": [...]), "conversations": [{"from":
-  "human", "value": "<image>\\nHow many?"}, {"from": "gpt", "value": "3"}]}``; each ``<image>``
-  placeholder takes the next image.
+either common layout, each with an optional ``id``: **messages** (role / content turns, content a
+string or a list of text and image parts) or **LLaVA** (``image(s)`` and from / value turns with
+``<image>`` placeholders); :class:`core.task.chat.ChatReader` reads both.
 
 Images are local paths (relative to the data file's folder, or absolute), ``file://`` URIs or
 ``data:image/...;base64,...`` URIs. Records without images (text-only) are fine, also mixed with
 image records in one batch.
 
 Pipeline of one record: :func:`parse_record` (structure, roles, images, placeholders) ->
-:func:`load_image` (missing / corrupt / oversized files) -> ``qwen_vl_utils.process_vision_info``
-and the processor, both with the same ``min_pixels`` / ``max_pixels``, so an image of ``h x w``
-pixels always becomes ``(H/28) * (W/28)`` vision tokens where ``(H, W) = smart_resize(h, w)`` ->
-:func:`assistant_spans` / :func:`build_labels`: only assistant turns (their text and closing
+:func:`core.task.images.load_image` (missing / corrupt / oversized files) ->
+``qwen_vl_utils.process_vision_info`` and the processor, both with the same ``min_pixels`` /
+``max_pixels``, so an image of ``h x w`` pixels always becomes ``(H/28) * (W/28)`` vision tokens
+where ``(H, W) = smart_resize(h, w)`` -> :func:`core.task.chat.assistant_spans` /
+:func:`core.task.chat.build_labels`: only assistant turns (their text and closing
 ``<|im_end|>``) are trained; system and user turns and every vision token are ``-100``.
 
 All checks run in :func:`load_conversations`, before training starts; a bad record raises a
@@ -29,17 +25,11 @@ Self-check: ``python -m qwen_vl.data``.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
-import json
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
-from urllib.request import url2pathname
 
 import torch
 from PIL import Image
@@ -48,6 +38,8 @@ from torch.utils.data import Dataset
 from core.errors import UserError
 from core.nn.padding import pad_rows
 from core.task.base import IGNORE_INDEX
+from core.task.chat import ChatReader, assistant_spans, build_labels, record_name, up_to_last_answer
+from core.task.images import ImageSource, image_sizes, load_image, resolve_image
 
 log = logging.getLogger(__name__)
 
@@ -63,17 +55,6 @@ VISION_TOKENS = (
     "<|video_pad|>",
 )
 """Tokens that belong to images or videos: never trained, never allowed in record text."""
-LLAVA_IMAGE = "<image>"
-"""The LLaVA image placeholder."""
-ROLES = {
-    "system": "system",
-    "user": "user",
-    "human": "user",
-    "assistant": "assistant",
-    "gpt": "assistant",
-    "model": "assistant",
-}
-"""Accepted role names (``role`` or LLaVA ``from``) and what they mean."""
 DUMMY_TOKENS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>")
 """The masked placeholder a batch without images carries for its dummy image (see
 :class:`Collator`)."""
@@ -82,21 +63,6 @@ DUMMY_TOKENS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>")
 # --------------------------------------------------------------------------------------------
 # Records
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ImageSource:
-    """Where one image comes from: a file or inline bytes.
-
-    Attributes:
-        path: the image file (None for inline data).
-        data: decoded bytes of a base64 data URI (None for files).
-        label: how the record wrote it (for messages), shortened.
-    """
-
-    path: Path | None
-    data: bytes | None
-    label: str
 
 
 @dataclass
@@ -151,248 +117,6 @@ def read_records(path: Path, key: str = "data file") -> list[tuple[str, dict[str
     return records
 
 
-def resolve_image(ref: Any, base_dir: Path, where: str) -> ImageSource:
-    """Turn an image reference of a record into an :class:`ImageSource` (the file is not opened
-    yet).
-
-    Args:
-        ref: a path, ``file://`` URI or ``data:image/...;base64,`` URI (or ``{"url": ...}``).
-        base_dir: folder that relative paths are relative to (the data file's folder).
-        where: ``file:line`` of the record, for messages.
-
-    Raises:
-        UserError: not a string, a remote URL, or invalid base64.
-    """
-    if isinstance(ref, dict) and "url" in ref:
-        ref = ref["url"]
-    if not isinstance(ref, str) or not ref.strip():
-        raise UserError(
-            f"{where}: an image reference must be a non-empty string (path, file:// or data: "
-            f"URI), got {ref!r}."
-        )
-    ref = ref.strip()
-    label = ref if len(ref) < 80 else ref[:60] + "..."
-    if ref.startswith("data:"):
-        header, _, payload = ref.partition(",")
-        if not header.startswith("data:image") or ";base64" not in header:
-            raise UserError(
-                f"{where}: a data URI image must look like data:image/png;base64,...; got "
-                f"{label!r}."
-            )
-        try:
-            return ImageSource(None, base64.b64decode(payload, validate=True), label)
-        except (binascii.Error, ValueError):
-            raise UserError(
-                f"{where}: the base64 image data is not valid base64 ({label!r})."
-            ) from None
-    if ref.startswith(("http://", "https://")):
-        raise UserError(
-            f"{where}: image {label!r} is a web URL; training must not depend on the network. "
-            "Download the images "
-            "and refer to the local files (paths relative to the data file, or file:// URIs)."
-        )
-    if ref.startswith("file://"):
-        path = Path(url2pathname(unquote(urlparse(ref).path)))
-    else:
-        path = Path(ref).expanduser()
-    if not path.is_absolute():
-        path = base_dir / path
-    return ImageSource(path, None, label)
-
-
-def _text_of(content: Any, where: str, turn: int) -> str:
-    """The text of a message content that must be plain text (LLaVA ``value``)."""
-    if not isinstance(content, str):
-        raise UserError(
-            f"{where}: turn {turn} must have a string 'value', got {type(content).__name__}."
-        )
-    return content
-
-
-def _check_no_vision_tokens(text: str, where: str, turn: int) -> None:
-    """Refuse text that spells out vision tokens: their count would not match the images."""
-    for token in VISION_TOKENS:
-        if token in text:
-            raise UserError(
-                f"{where}: turn {turn} contains the vision token {token} in its text, so its "
-                "image-token count "
-                "would not match the record's images. Put images in image parts (or LLaVA <image> "
-                "placeholders) instead."
-            )
-
-
-def _turn_role(turn: Any, t: int, name: str, keys: tuple[str, str], fields: str) -> str:
-    """The normalised role of turn ``t`` (``user`` / ``assistant`` / ``system``), read from the
-    first of ``keys`` present.
-
-    Raises:
-        UserError: the turn is not an object, or its role is unknown.
-    """
-    if not isinstance(turn, dict):
-        raise UserError(f"{name}: turn {t} must be an object with {fields}.")
-    key = keys[0] if keys[0] in turn else keys[1]
-    given = turn.get(key)
-    role = ROLES.get(str(given if given is not None else "").lower())
-    if role is None:
-        raise UserError(
-            f"{name}: turn {t} has role {given!r} (its '{key}'); use one of {sorted(set(ROLES))}."
-        )
-    return role
-
-
-def _content_parts(content: Any, t: int, name: str, add_image: Any) -> list[dict[str, Any]]:
-    """Qwen content parts of a ``messages`` turn: a string, or a list of text / image parts.
-
-    Args:
-        content: the turn's ``content``.
-        t: turn index (for messages).
-        name: the record's name (for messages).
-        add_image: registers an image reference and returns its ``{"type": "image", ...}`` part.
-
-    Raises:
-        UserError: videos, image parts without a path, unknown part types, vision tokens in text.
-    """
-    if isinstance(content, str):
-        _check_no_vision_tokens(content, name, t)
-        return [{"type": "text", "text": content}]
-    if not isinstance(content, list):
-        raise UserError(f"{name}: turn {t} needs 'content' as a string or a list of parts.")
-    parts: list[dict[str, Any]] = []
-    for part in content:
-        if isinstance(part, str):
-            part = {"type": "text", "text": part}
-        if not isinstance(part, dict):
-            raise UserError(
-                f"{name}: turn {t} has a content part that is neither text nor an object: {part!r}."
-            )
-        kind = part.get("type")
-        if kind == "video" or "video" in part:
-            raise UserError(
-                f"{name}: turn {t} has a video; this package trains on images and text only."
-            )
-        if kind in ("image", "image_url") or "image" in part or "image_url" in part:
-            if "image" not in part and "image_url" not in part:
-                raise UserError(f"{name}: turn {t} has an image part without an 'image' path.")
-            parts.append(add_image(part.get("image", part.get("image_url"))))
-        elif "text" in part:
-            if not isinstance(part["text"], str):
-                raise UserError(f"{name}: turn {t} has a text part whose 'text' is not a string.")
-            _check_no_vision_tokens(part["text"], name, t)
-            parts.append({"type": "text", "text": part["text"]})
-        else:
-            raise UserError(
-                f"{name}: turn {t} has a content part of unknown type {kind!r} (use text or image)."
-            )
-    return parts
-
-
-def record_name(rid: str, where: str, has_id: bool) -> str:
-    """How messages name a record: ``record 'ID' (file:line)``, or ``record at file:line``."""
-    return f"record {rid!r} ({where})" if has_id else f"record at {where}"
-
-
-def _messages_turns(raw: dict[str, Any], name: str, add_image: Any) -> list[dict[str, Any]]:
-    """Qwen messages of a ``messages`` record (role/content turns, images as parts).
-
-    Raises:
-        UserError: not a non-empty list, a bad turn, or ``image(s)`` next to ``messages``.
-    """
-    turns = raw["messages"]
-    if not isinstance(turns, list) or not turns:
-        raise UserError(f"{name}: 'messages' must be a non-empty list of turns.")
-    messages = []
-    for t, turn in enumerate(turns):
-        role = _turn_role(turn, t, name, ("role", "from"), "'role' and 'content'")
-        content = turn.get("content", turn.get("value"))
-        messages.append({"role": role, "content": _content_parts(content, t, name, add_image)})
-    unused = [k for k in ("image", "images") if k in raw]
-    if unused:
-        raise UserError(
-            f"{name}: has both 'messages' and '{unused[0]}'; put images into the messages as "
-            "image parts."
-        )
-    return messages
-
-
-def _llava_turns(raw: dict[str, Any], name: str, add_image: Any) -> list[dict[str, Any]]:
-    """Qwen messages of a LLaVA record: each ``<image>`` placeholder takes the next image.
-
-    Raises:
-        UserError: not a non-empty list, a bad turn, placeholders that do not match the images.
-    """
-    turns = raw["conversations"]
-    if not isinstance(turns, list) or not turns:
-        raise UserError(f"{name}: 'conversations' must be a non-empty list of turns.")
-    refs = raw.get("images", raw.get("image", []))
-    refs = [refs] if isinstance(refs, str) else list(refs or [])
-    placeholders = sum(
-        _text_of(turn.get("value"), name, t).count(LLAVA_IMAGE)
-        for t, turn in enumerate(turns)
-        if isinstance(turn, dict)
-    )
-    if placeholders != len(refs):
-        raise UserError(
-            f"{name}: {placeholders} {LLAVA_IMAGE} placeholder(s) in the text but {len(refs)} "
-            "image(s); "
-            f"every image needs exactly one {LLAVA_IMAGE} where it belongs."
-        )
-    pending = iter(refs)
-    messages = []
-    for t, turn in enumerate(turns):
-        role = _turn_role(turn, t, name, ("from", "role"), "'from' and 'value'")
-        value = _text_of(turn.get("value"), name, t)
-        _check_no_vision_tokens(value, name, t)
-        parts = []
-        for k, piece in enumerate(value.split(LLAVA_IMAGE)):
-            if k > 0:
-                parts.append(add_image(next(pending)))
-            # LLaVA puts "<image>\n" before the question: the newline belongs to the placeholder
-            piece = piece[1:] if k > 0 and piece.startswith("\n") else piece
-            if piece:
-                parts.append({"type": "text", "text": piece})
-        messages.append({"role": role, "content": parts})
-    return messages
-
-
-def _up_to_last_answer(
-    messages: list[dict[str, Any]], images: list[ImageSource], name: str
-) -> tuple[list[dict[str, Any]], list[ImageSource]]:
-    """The turns through the last assistant turn (and their images), checked: one system turn
-    at most and first, at least one assistant turn, every assistant turn text without images.
-
-    Raises:
-        UserError: a misplaced system turn, no assistant turn, an empty answer or one with an image.
-    """
-    for t, message in enumerate(messages):
-        if message["role"] == "system" and t > 0:
-            raise UserError(f"{name}: turn {t} is a system turn; only the first turn may be one.")
-    last = max((t for t, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-    if last is None:
-        raise UserError(
-            f"{name}: has no assistant turn, so there is nothing to train on; add the expected "
-            "answer as an assistant turn."
-        )
-    dropped = messages[last + 1 :]
-    messages = messages[: last + 1]
-    used = {p["image"] for m in messages for p in m["content"] if p["type"] == "image"}
-    if dropped and len(used) != len(images):
-        images = images[: len(used)]  # images of dropped trailing turns
-    for t, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        if any(p["type"] == "image" for p in message["content"]):
-            raise UserError(
-                f"{name}: assistant turn {t} contains an image; images belong in user (or system) "
-                "turns."
-            )
-        if not "".join(p["text"] for p in message["content"]).strip():
-            raise UserError(
-                f"{name}: assistant turn {t} is empty; every assistant turn is trained and needs "
-                "text."
-            )
-    return messages, images
-
-
 def parse_record(
     raw: dict[str, Any], where: str, base_dir: Path, system_prompt: str | None = None
 ) -> Conversation:
@@ -421,72 +145,13 @@ def parse_record(
         images.append(resolve_image(ref, base_dir, name))
         return {"type": "image", "image": len(images) - 1}
 
-    if "messages" in raw:
-        messages = _messages_turns(raw, name, add_image)
-    elif "conversations" in raw:
-        messages = _llava_turns(raw, name, add_image)
-    else:
-        raise UserError(
-            f"{name}: needs 'messages' (role/content turns) or 'conversations' (LLaVA from/value "
-            "turns)."
-        )
-    messages, images = _up_to_last_answer(messages, images, name)
+    messages = ChatReader(name, add_image, VISION_TOKENS).read(raw)
+    messages, images = up_to_last_answer(messages, images, name)
     if system_prompt is not None and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system_prompt}]})
     reference = "".join(p["text"] for p in messages[-1]["content"])
     n_assistant = sum(1 for m in messages if m["role"] == "assistant")
     return Conversation(rid, where, messages, images, n_assistant, reference)
-
-
-# --------------------------------------------------------------------------------------------
-# Images
-# --------------------------------------------------------------------------------------------
-
-
-def load_image(source: ImageSource, where: str, max_source_pixels: int) -> Image.Image:
-    """Open and decode one image as RGB, refusing files too big to decode safely.
-
-    Args:
-        source: the image.
-        where: the record, for messages.
-        max_source_pixels: largest ``width x height`` accepted before decoding.
-
-    Returns:
-        The decoded RGB image at its original size (:func:`vision_size` gives the model's size).
-
-    Raises:
-        UserError: missing file, undecodable data, or more than ``max_source_pixels`` pixels.
-    """
-    import io
-
-    if source.path is not None and not source.path.is_file():
-        raise UserError(f"{where}: image {source.label!r} not found (looked for {source.path}).")
-    try:
-        image = Image.open(
-            source.path if source.path is not None else io.BytesIO(source.data or b"")
-        )
-        width, height = image.size  # read from the header; nothing decoded yet
-        if width * height > max_source_pixels:
-            raise UserError(
-                f"{where}: image {source.label!r} has {width}x{height} = {width * height:,} "
-                "pixels, more than "
-                f"data.max_source_pixels={max_source_pixels:,}; downscale the file or raise that "
-                "limit."
-            )
-        image.load()
-        # RGBA on white, like qwen_vl_utils: transparent pixels must not turn black
-        if image.mode == "RGBA":
-            canvas = Image.new("RGB", image.size, (255, 255, 255))
-            canvas.paste(image, mask=image.getchannel("A"))
-            return canvas
-        return image.convert("RGB")
-    except UserError:
-        raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise UserError(
-            f"{where}: image {source.label!r} cannot be decoded ({type(err).__name__}: {err}); "
-            "the file is corrupt or not an image."
-        ) from None
 
 
 def vision_size(
@@ -504,72 +169,6 @@ def vision_size(
 
     h, w = smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
     return w, h
-
-
-# --------------------------------------------------------------------------------------------
-# Labels
-# --------------------------------------------------------------------------------------------
-
-
-def find_sequence(ids: Sequence[int], pattern: Sequence[int], start: int = 0) -> int:
-    """Index of the first occurrence of ``pattern`` in ``ids`` at or after ``start``; -1 if none."""
-    n = len(pattern)
-    first = pattern[0]
-    for i in range(start, len(ids) - n + 1):
-        if ids[i] == first and list(ids[i : i + n]) == list(pattern):
-            return i
-    return -1
-
-
-def assistant_spans(
-    ids: Sequence[int], header: Sequence[int], end_id: int
-) -> list[tuple[int, int]]:
-    """Token ranges of the assistant answers: after each assistant header, through the next
-    end-of-turn.
-
-    Args:
-        ids: token ids of a whole conversation, length ``L``.
-        header: token ids of ``<|im_start|>assistant\\n`` (a sequence: ``<|im_start|>`` alone also
-            opens user turns, and ``assistant`` can appear in any text).
-        end_id: id of ``<|im_end|>``.
-
-    Returns:
-        ``[(start, stop), ...]``: ``ids[start:stop]`` is an answer *including* its ``<|im_end|>``
-        (``stop`` is ``L`` for an unterminated last answer).
-    """
-    spans = []
-    pos = find_sequence(ids, header)
-    while pos >= 0:
-        start = pos + len(header)
-        stop = start
-        while stop < len(ids) and ids[stop] != end_id:
-            stop += 1
-        stop = min(stop + 1, len(ids))  # include <|im_end|>
-        spans.append((start, stop))
-        pos = find_sequence(ids, header, stop)
-    return spans
-
-
-def build_labels(
-    ids: Sequence[int], spans: Sequence[tuple[int, int]], vision_ids: set[int]
-) -> list[int]:
-    """Labels for one conversation: token ids inside the assistant spans, ``IGNORE_INDEX``
-    elsewhere.
-
-    Args:
-        ids: token ids, length ``L``.
-        spans: from :func:`assistant_spans`.
-        vision_ids: ids of vision tokens (masked even inside a span).
-
-    Returns:
-        ``L`` labels (not shifted: the loss shifts them, as for any causal LM).
-    """
-    labels = [IGNORE_INDEX] * len(ids)
-    for start, stop in spans:
-        for i in range(start, stop):
-            if ids[i] not in vision_ids:
-                labels[i] = ids[i]
-    return labels
 
 
 # --------------------------------------------------------------------------------------------
@@ -812,50 +411,6 @@ class ConversationData(Dataset):
         return item
 
 
-def measure_images(
-    conv: Conversation, name: str, max_source_pixels: int, decode: bool
-) -> list[tuple[int, int, int]]:
-    """Open every image of a record: ``(width, height, bytes)`` each.
-
-    Args:
-        conv: the record.
-        name: the record, for messages.
-        max_source_pixels: decoding limit per image.
-        decode: decode the pixels (finds truncated or corrupt files now, not during training);
-            False reads only the header (size, format), which is much faster on big data sets.
-
-    Raises:
-        UserError: a missing, undecodable or oversized image.
-    """
-    import io
-
-    sizes = []
-    for src in conv.images:
-        if decode:
-            width, height = load_image(src, name, max_source_pixels).size
-        else:
-            if src.path is not None and not src.path.is_file():
-                raise UserError(f"{name}: image {src.label!r} not found (looked for {src.path}).")
-            try:
-                with Image.open(
-                    src.path if src.path is not None else io.BytesIO(src.data or b"")
-                ) as image:
-                    width, height = image.size
-            except (OSError, SyntaxError, ValueError) as err:
-                raise UserError(
-                    f"{name}: image {src.label!r} cannot be read ({type(err).__name__}: {err})."
-                ) from None
-            if width * height > max_source_pixels:
-                raise UserError(
-                    f"{name}: image {src.label!r} has {width * height:,} pixels, more than "
-                    f"data.max_source_pixels={max_source_pixels:,}."
-                )
-        sizes.append(
-            (width, height, len(src.data) if src.data is not None else src.path.stat().st_size)
-        )
-    return sizes
-
-
 def shorten_question(conv: Conversation, encoder: Encoder, length: int, limit: int) -> int:
     """Cut the text of the last user turn before the reference answer (its start kept) so the
     record fits ``limit`` tokens; changes ``conv.messages``.
@@ -915,8 +470,8 @@ def load_conversations(
     """Read, validate and measure every record of a data file (no half-valid data reaches training).
 
     Checks per record: layout, roles and unique ids (:func:`parse_record`); every image opens
-    (:func:`measure_images`, in ``workers`` threads: decoding releases the GIL); token counts and
-    the length limit (:func:`_measure_all`).
+    (:func:`core.task.images.image_sizes`, in ``workers`` threads: decoding releases the GIL);
+    token counts and the length limit (:func:`_measure_all`).
 
     Args:
         path: ``.jsonl`` or ``.json`` data file.
@@ -941,10 +496,12 @@ def load_conversations(
             before images are opened).
     """
     from concurrent.futures import ThreadPoolExecutor
-    from functools import partial
 
     convs, names = _parse_all(read_records(path, key), path.parent, system_prompt)
-    measure = partial(measure_images, max_source_pixels=max_source_pixels, decode=decode_images)
+
+    def measure(conv: Conversation, name: str) -> list[tuple[int, int, int]]:
+        return image_sizes(conv.images, name, max_source_pixels, decode_images)
+
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         sizes = list(pool.map(measure, convs, names))
     texts = [encoder.chat_text(c.messages) for c in convs]
@@ -973,8 +530,8 @@ def _measure_all(
 
     Every assistant turn must be found by its header token sequence (a count mismatch means an
     answer starting with whitespace that merged into the header, or turn markers typed into the
-    text). Arguments as for :func:`load_conversations`; ``sizes`` from :func:`measure_images`,
-    ``all_ids`` the token ids of each record's chat text.
+    text). Arguments as for :func:`load_conversations`; ``sizes`` from
+    :func:`core.task.images.image_sizes`, ``all_ids`` the token ids of each record's chat text.
 
     Returns:
         ``(kept records, their lengths, ids of dropped records, image fingerprint)``.
@@ -985,8 +542,8 @@ def _measure_all(
     """
     kept, lengths, dropped = [], [], []
     fingerprint = hashlib.sha256()
-    for conv, name, image_sizes, ids in zip(convs, names, sizes, all_ids):
-        length, vision = _record_length(conv, name, image_sizes, ids, encoder, fingerprint)
+    for conv, name, dims, ids in zip(convs, names, sizes, all_ids):
+        length, vision = _record_length(conv, name, dims, ids, encoder, fingerprint)
         if cut_long is not None and max_length is not None:
             if cut_long.count(length) < length:
                 length = shorten_question(conv, encoder, length, max_length) + vision
@@ -1173,6 +730,7 @@ class Collator:
 
 
 if __name__ == "__main__":  # self-check: python -m qwen_vl.data
+    import json
     import tempfile
 
     from transformers import AutoProcessor

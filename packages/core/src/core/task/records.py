@@ -10,7 +10,8 @@ sources.
   missing. Neither message proposes writing anything.
 
 Tasks keep their own *record* checks (which fields, which types); this module only turns a
-source into ``(where, value)`` pairs.
+source into ``(where, value)`` pairs (and holds out a seeded validation share:
+:func:`split_holdout`).
 
 Self-check: ``python -m core.task.records``.
 """
@@ -21,13 +22,14 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from core.errors import UserError
 
 BOM = "\ufeff"
 DATA_SUFFIXES = (".jsonl", ".json", ".ndjson", ".csv", ".parquet", ".arrow")
 """Files that make a folder a ``datasets`` source (one file per split)."""
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -363,6 +365,32 @@ def read_all(source: Path | str, key: str, what: str = "records", **kwargs: Any)
     return records
 
 
+def split_holdout(items: list[T], val_size: float, seed: int) -> tuple[list[T], list[T]]:
+    """Hold out a seeded random share of the records for validation.
+
+    Args:
+        items: all training records.
+        val_size: fraction (< 1) or count (>= 1); 0: no validation.
+        seed: split seed.
+
+    Returns:
+        ``(train, val)``, each in the original order; at least one record stays for training.
+    """
+    import numpy as np
+
+    n = len(items)
+    count = int(round(n * val_size)) if val_size < 1 else int(val_size)
+    if val_size > 0 and n > 1:
+        count = max(1, count)
+    count = min(count, n - 1) if n > 1 else 0
+    if count <= 0:
+        return list(items), []
+    held = set(np.random.default_rng(seed).permutation(n)[:count].tolist())
+    return [r for i, r in enumerate(items) if i not in held], [
+        r for i, r in enumerate(items) if i in held
+    ]
+
+
 if __name__ == "__main__":  # self-check: python -m core.task.records
     import tempfile
 
@@ -385,4 +413,7 @@ if __name__ == "__main__":  # self-check: python -m core.task.records
                 print("refused:", str(err).replace(str(folder), "<tmp>"))
             else:
                 raise AssertionError(f"{bad} must be refused")
+    train, val = split_holdout(list(range(40)), 0.1, seed=1)
+    assert len(val) == 4 and sorted(train + val) == list(range(40))
+    assert split_holdout([1], 0.5, seed=1) == ([1], [])
     print("core.task.records: ok")

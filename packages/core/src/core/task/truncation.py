@@ -9,6 +9,7 @@ through here:
   tokenizer's ``model_max_length``), less room reserved for the answer.
 - :func:`input_limit`: ``--max-input-tokens N`` if given, else the configured limit, never above
   the model's.
+- :func:`length_stats`: percentiles of the lengths of a data set, for its report.
 - :class:`Truncation`: counts inputs against the limit (or cuts token lists itself) and gives
   one note: "2 of 50 inputs were longer than 1,024 tokens and were cut (longest: 229,114
   tokens)".
@@ -128,6 +129,22 @@ def cut_ids(ids: Sequence[Any], limit: int, keep_end: int = 0) -> list[Any]:
     return list(ids[: limit - tail]) + (list(ids[len(ids) - tail :]) if tail else [])
 
 
+def length_stats(values: Sequence[int]) -> dict[str, float]:
+    """Mean, p50 / p90 / p99 and max of a list of lengths (``{}`` for none), for data reports."""
+    import numpy as np
+
+    if not values:
+        return {}
+    arr = np.asarray(values)
+    return {
+        "mean": round(float(arr.mean()), 1),
+        "p50": float(np.percentile(arr, 50)),
+        "p90": float(np.percentile(arr, 90)),
+        "p99": float(np.percentile(arr, 99)),
+        "max": int(arr.max()),
+    }
+
+
 class Truncation:
     """Counts inputs against a limit and says once how many were cut and by how much.
 
@@ -227,6 +244,7 @@ if __name__ == "__main__":  # self-check: python -m core.task.truncation
     short = Truncation(4)
     assert short.apply(list(range(3)), keep_end=1) == [0, 1, 2]
     assert short.apply(list(range(10)), keep_end=1) == [0, 1, 2, 9]
+    assert length_stats([1, 2, 3, 10])["p50"] == 2.5 and length_stats([]) == {}
     print(cut.note())
     assert cut.note().startswith("2 of 50 inputs were longer than 1,024 tokens")
     print("core.task.truncation: ok")
