@@ -20,14 +20,9 @@ Truncation: a sequence longer than ``max_length`` loses the *end of its response
 :class:`EncodeStats`; a prompt that leaves fewer than ``min_response_tokens`` is an error (or
 skipped and counted), so no response is ever dropped silently.
 
-Batching: :func:`collate` pads on the right; the attention mask and the label mask come from the
-sample *lengths*, never from token ids, so an EOS equal to the pad token is still attended and
-trained. :func:`pack` and :class:`PackedDataset` put several samples in one row with positions
-restarting at 0 for each sample, no attention mask and no KV cache: transformers then derives a
-block-diagonal causal mask from the position ids (``masking_utils.find_packed_sequence_indices``)
-for eager, SDPA and flash attention alike, so no sample sees another's tokens (checked on the
-loaded model before training: ``lora_llm.task.check_packing``); the first label of every packed
-sample is masked because it would be predicted from the previous sample.
+Batching: core's :mod:`core.task.batching` (``collate``, ``pack``, ``PackedDataset``,
+``flatten_batch``); whether a model keeps packed samples apart is checked on the loaded model
+before training (``lora_llm.task.check_packing``).
 
 Self-check: ``python -m lora_llm.data``.
 """
@@ -45,10 +40,10 @@ from typing import Any
 from core.errors import UserError
 from core.task.base import IGNORE_INDEX
 from core.task.batching import PackedDataset as PackedDataset
-from core.task.batching import TokenDataset
-from core.task.batching import collate_causal as collate
+from core.task.batching import TokenDataset, collate_causal
 from core.task.batching import flatten_batch as flatten_batch
 from core.task.batching import pack as pack
+from core.task.chat import template_pieces
 from core.task.records import split_holdout
 from core.task.truncation import Truncation, cut_ids, length_stats
 from lora_llm.config import DataConfig
@@ -343,7 +338,9 @@ def without_answer(record: Record) -> Record:
 
 
 split_records = split_holdout
-"""``(train, val)`` records: see :func:`core.task.records.split_holdout`."""
+collate = collate_causal
+"""``split_records`` holds out validation records (:func:`core.task.records.split_holdout`);
+``collate`` pads items into batches (:func:`core.task.batching.collate_causal`)."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -452,8 +449,8 @@ class Encoder:
     def segments(self, record: Record) -> list[tuple[str, bool]]:
         """The record's text as ``(text, trained)`` pieces, prompt pieces untrained.
 
-        For chat, every assistant turn is one trained piece: the text the template adds for that
-        turn after the generation prompt (the answer and the template's end-of-turn marker).
+        For chat, every assistant turn is one trained piece
+        (:func:`core.task.chat.template_pieces`).
 
         Raises:
             BadRecord: a chat template that does not render conversations incrementally.
@@ -464,26 +461,12 @@ class Encoder:
                 instruction=record.instruction, input=record.input
             )
             return [(prompt, False)] + ([(record.output, True)] if record.output else [])
-        messages = self.messages_of(record)
-        pieces: list[tuple[str, bool]] = []
-        done = ""
-        for i, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            prompt = self.render_chat(messages[:i], generation_prompt=True)
-            full = self.render_chat(messages[: i + 1], generation_prompt=False)
-            if not prompt.startswith(done) or not full.startswith(prompt):
-                raise BadRecord(
-                    f"{record.source}: the chat template does not render this conversation turn "
-                    "by turn; use data.template=alpaca."
-                )
-            pieces += [(prompt[len(done) :], False), (full[len(prompt) :], True)]
-            done = full
-        if (
-            messages[-1]["role"] != "assistant"
-        ):  # an inference prompt: end with the generation prompt
-            prompt = self.render_chat(messages, generation_prompt=True)
-            pieces.append((prompt[len(done) :], False))
+        pieces = template_pieces(self.render_chat, self.messages_of(record))
+        if pieces is None:
+            raise BadRecord(
+                f"{record.source}: the chat template does not render this conversation turn "
+                "by turn; use data.template=alpaca."
+            )
         return pieces
 
     # -- tokens ------------------------------------------------------------------------------
@@ -745,30 +728,17 @@ if __name__ == "__main__":  # self-check: python -m lora_llm.data
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(ASSETS / "tiny_tokenizer")
-    cfg = DataConfig()
-    en, _ = read_records("sample:en", cfg)
-    ko, _ = read_records("sample:ko", cfg)
+    en, ko = (read_records(f"sample:{k}", DataConfig())[0] for k in ("en", "ko"))
     encoder = Encoder(tok, max_length=128)
     examples, stats = encode_records(en[:40] + ko[:10], encoder, long_prompts="skip")
     print(stats.describe("sample"))
     first = examples[-1]
-    trained = [t for t in first["labels"] if t != IGNORE_INDEX]
-    print("ko prompt:", repr(tok.decode(first["input_ids"][: first["prompt_tokens"]])[-40:]))
+    prompt, trained = first["prompt_tokens"], [t for t in first["labels"] if t != IGNORE_INDEX]
+    print("ko prompt:", repr(tok.decode(first["input_ids"][:prompt])[-40:]))
     print("ko trained:", repr(tok.decode(trained)))
-    assert (
-        trained[-1] == tok.eos_token_id
-        and first["labels"][: first["prompt_tokens"]] == [IGNORE_INDEX] * first["prompt_tokens"]
-    )
-    chat = Record(
-        source="demo",
-        messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
-    )
-    ids, flags = encoder.tokens(chat)
-    print("chat trained:", repr(tok.decode([t for t, f in zip(ids, flags) if f])))
-    packed = PackedDataset(examples, 128)
-    batch = collate([packed[0], packed[1]], tok.pad_token_id)
-    print(
-        f"{len(examples)} samples -> {len(packed)} packed rows; batch "
-        f"{tuple(batch['input_ids'].shape)}"
-    )
+    assert trained[-1] == tok.eos_token_id and first["labels"][:prompt] == [IGNORE_INDEX] * prompt
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    ids, flags = encoder.tokens(Record(source="demo", messages=turns))
+    answer = tok.decode([t for t, f in zip(ids, flags) if f])
+    assert answer == "Hello!" + tok.eos_token, answer
     print("lora_llm.data: ok")

@@ -36,10 +36,11 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from core.errors import UserError
-from core.nn.padding import pad_rows
+from core.nn.padding import pad_fields
 from core.task.base import IGNORE_INDEX
 from core.task.chat import ChatReader, assistant_spans, build_labels, record_name, up_to_last_answer
 from core.task.images import ImageSource, image_sizes, load_image, resolve_image
+from core.task.records import RawRecord, read_objects
 
 log = logging.getLogger(__name__)
 
@@ -85,36 +86,6 @@ class Conversation:
     images: list[ImageSource]
     n_assistant: int
     reference: str
-
-
-def read_records(path: Path, key: str = "data file") -> list[tuple[str, dict[str, Any]]]:
-    """Records of a ``.jsonl`` file (one per line) or a ``.json`` file (an array), through core's
-    reader (UTF-8 with or without BOM; file, line and column in every message).
-
-    Args:
-        path: the data file.
-        key: the config key or option that named it.
-
-    Returns:
-        ``[(where, record), ...]`` with ``where`` = ``file:line``.
-
-    Raises:
-        UserError: missing file, a folder, not UTF-8, invalid JSON, no records, or a record that is
-            not an object.
-    """
-    from core.task.records import read_all
-
-    records = [
-        (r.where, r.value)
-        for r in read_all(path, key, what="records (conversations)", allow_folders=False)
-    ]
-    for where, record in records:
-        if not isinstance(record, dict):
-            raise UserError(
-                f"{where}: a record must be a JSON object with 'messages' or 'conversations', got "
-                f"{type(record).__name__}."
-            )
-    return records
 
 
 def parse_record(
@@ -285,8 +256,6 @@ class Encoder:
             ``image_grid_thw``: ``(images, 3)`` int64 or None; ``prompt_length``: tokens before
             the last answer (int); ``spans``: the answer ranges.
         """
-        from qwen_vl_utils import process_vision_info
-
         messages = [
             {
                 "role": m["role"],
@@ -297,12 +266,7 @@ class Encoder:
             }
             for m in conv.messages
         ]
-        resized = None
-        if images:
-            resized, _ = process_vision_info(messages, image_patch_size=self.patch_size)[:2]
-        out = self.processor(
-            text=[self.chat_text(conv.messages)], images=resized, return_tensors="pt"
-        )
+        out = self.process(messages, self.chat_text(conv.messages))
         ids = out["input_ids"][0]
         spans = assistant_spans(ids.tolist(), self.header_ids, self.end_id)
         labels = torch.tensor(build_labels(ids.tolist(), spans, self.vision_ids), dtype=torch.long)
@@ -328,23 +292,22 @@ class Encoder:
             ``input_ids``, ``attention_mask``, ``mm_token_type_ids`` ``(1, P)``; with images also
             ``pixel_values`` ``(patches, D)`` and ``image_grid_thw`` ``(images, 3)``.
         """
-        from qwen_vl_utils import process_vision_info
-
         parts: list[dict[str, Any]] = [self.image_part(im) for im in images]
         messages = [{"role": "user", "content": [*parts, {"type": "text", "text": prompt}]}]
-        resized = (
-            process_vision_info(messages, image_patch_size=self.patch_size)[0] if images else None
-        )
-        text = self.chat_text(messages, add_generation_prompt=True)
-        out = self.processor(text=[text], images=resized, return_tensors="pt")
-        keep = (
-            "input_ids",
-            "attention_mask",
-            "mm_token_type_ids",
-            "pixel_values",
-            "image_grid_thw",
-        )
+        out = self.process(messages, self.chat_text(messages, add_generation_prompt=True))
+        keep = "input_ids attention_mask mm_token_type_ids pixel_values image_grid_thw".split()
         return {k: v for k, v in out.items() if k in keep}
+
+    def process(self, messages: list[dict[str, Any]], text: str) -> Any:
+        """The processor's output (tensors, batch of one) for ``text`` and the images of
+        ``messages`` (parts of :meth:`image_part`), which qwen_vl_utils resizes first."""
+        from qwen_vl_utils import process_vision_info
+
+        has_images = any(p["type"] == "image" for m in messages for p in m["content"])
+        resized = None
+        if has_images:
+            resized = process_vision_info(messages, image_patch_size=self.patch_size)[0]
+        return self.processor(text=[text], images=resized, return_tensors="pt")
 
     def dummy_pixels(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The smallest image the vision tower accepts: one merge window, all zeros.
@@ -497,7 +460,10 @@ def load_conversations(
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    convs, names = _parse_all(read_records(path, key), path.parent, system_prompt)
+    records = read_objects(
+        path, key, "records (conversations)", "'messages' or 'conversations'", allow_folders=False
+    )
+    convs, names = _parse_all(records, path.parent, system_prompt)
 
     def measure(conv: Conversation, name: str) -> list[tuple[int, int, int]]:
         return image_sizes(conv.images, name, max_source_pixels, decode_images)
@@ -562,7 +528,7 @@ def _measure_all(
 
 
 def _parse_all(
-    records: list[tuple[str, dict[str, Any]]], base_dir: Path, system_prompt: str | None
+    records: list[RawRecord], base_dir: Path, system_prompt: str | None
 ) -> tuple[list[Conversation], list[str]]:
     """:func:`parse_record` of every record, with unique ids.
 
@@ -574,7 +540,7 @@ def _parse_all(
     """
     convs, names = [], []
     seen: dict[str, str] = {}
-    for where, raw in records:
+    for where, raw in ((r.where, r.value) for r in records):
         conv = parse_record(raw, where, base_dir, system_prompt)
         name = record_name(conv.id, where, "id" in raw)
         if conv.id in seen and "id" in raw:
@@ -689,25 +655,13 @@ class Collator:
         pixels = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
         dummy = not pixels
         extra = len(enc.dummy_ids) if dummy else 0
-        width = max(len(s["input_ids"]) for s in samples) + extra
-        batch = {
-            "input_ids": pad_rows([s["input_ids"] for s in samples], enc.pad_id, width, left=False),
-            "attention_mask": pad_rows(
-                [torch.ones(len(s["input_ids"]), dtype=torch.long) for s in samples],
-                0,
-                width,
-                left=False,
-            ),
-            "labels": pad_rows([s["labels"] for s in samples], IGNORE_INDEX, width, left=False),
-            "mm_token_type_ids": pad_rows(
-                [s["mm_token_type_ids"] for s in samples], 0, width, left=False
-            ),
-            "index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
-            "has_images": torch.tensor(not dummy),
-        }
+        fields = {"input_ids": enc.pad_id, "labels": IGNORE_INDEX, "mm_token_type_ids": 0}
+        batch = pad_fields(samples, fields, extra)
+        batch["index"] = torch.tensor([s["index"] for s in samples], dtype=torch.long)
+        batch["has_images"] = torch.tensor(not dummy)
         if dummy:
-            batch["input_ids"][0, width - extra :] = torch.tensor(enc.dummy_ids)
-            batch["mm_token_type_ids"][0, width - extra :] = torch.tensor([0, 1, 0])
+            batch["input_ids"][0, -extra:] = torch.tensor(enc.dummy_ids)
+            batch["mm_token_type_ids"][0, -extra:] = torch.tensor([0, 1, 0])
             batch["pixel_values"], batch["image_grid_thw"] = enc.dummy_pixels()
         else:
             batch["pixel_values"] = torch.cat(pixels)
@@ -715,14 +669,10 @@ class Collator:
                 [s["image_grid_thw"] for s in samples if s["image_grid_thw"] is not None]
             )
         if "prompt_length" in samples[0]:
-            prompts = [s["input_ids"][: s["prompt_length"]] for s in samples]
-            types = [s["mm_token_type_ids"][: s["prompt_length"]] for s in samples]
-            gen_width = max(len(p) for p in prompts) + extra
-            batch["gen_input_ids"] = pad_rows(prompts, enc.pad_id, gen_width, left=True)
-            batch["gen_attention_mask"] = pad_rows(
-                [torch.ones(len(p), dtype=torch.long) for p in prompts], 0, gen_width, left=True
-            )
-            batch["gen_mm_token_type_ids"] = pad_rows(types, 0, gen_width, left=True)
+            view = ("input_ids", "mm_token_type_ids")
+            prompts = [{k: s[k][: s["prompt_length"]] for k in view} for s in samples]
+            gen = {"input_ids": enc.pad_id, "mm_token_type_ids": 0}
+            batch.update(pad_fields(prompts, gen, extra, left=True, prefix="gen_"))
             if dummy:  # in row 0's left padding, masked
                 batch["gen_input_ids"][0, :extra] = torch.tensor(enc.dummy_ids)
                 batch["gen_mm_token_type_ids"][0, :extra] = torch.tensor([0, 1, 0])
@@ -730,64 +680,33 @@ class Collator:
 
 
 if __name__ == "__main__":  # self-check: python -m qwen_vl.data
-    import json
     import tempfile
 
     from transformers import AutoProcessor
 
     from qwen_vl.tiny_processor import TINY_PROCESSOR_DIR
 
-    encoder = Encoder(
-        AutoProcessor.from_pretrained(TINY_PROCESSOR_DIR), min_pixels=3136, max_pixels=12544
+    encoder = Encoder(AutoProcessor.from_pretrained(TINY_PROCESSOR_DIR), 3136, 12544)
+    rows = (
+        '{"id": "img", "messages": [{"role": "user", "content": [{"type": "image", "image": '
+        '"a.png"}, {"type": "text", "text": "How many circles?"}]}, {"role": "assistant", '
+        '"content": "3"}, {"role": "user", "content": "And plus one?"}, {"role": "assistant", '
+        '"content": "4"}]}\n'
+        '{"id": "llava", "image": "a.png", "conversations": [{"from": "human", "value": '
+        '"<image>\\nHow many?"}, {"from": "gpt", "value": "2"}]}\n'
+        '{"id": "text", "messages": [{"role": "user", "content": "Count the letters of cat."}, '
+        '{"role": "assistant", "content": "3"}]}\n'
     )
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         Image.new("RGB", (300, 200), (200, 30, 30)).save(folder / "a.png")
-        rows = [
-            {
-                "id": "img",
-                "messages": [
-                    {
-                        "role": "user",
-                        "content": [
-                            {"type": "image", "image": "a.png"},
-                            {"type": "text", "text": "How many circles?"},
-                        ],
-                    },
-                    {"role": "assistant", "content": "3"},
-                    {"role": "user", "content": "And plus one?"},
-                    {"role": "assistant", "content": "4"},
-                ],
-            },
-            {
-                "id": "llava",
-                "image": "a.png",
-                "conversations": [
-                    {"from": "human", "value": "<image>\nHow many?"},
-                    {"from": "gpt", "value": "2"},
-                ],
-            },
-            {
-                "id": "text",
-                "messages": [
-                    {"role": "user", "content": "Count the letters of cat."},
-                    {"role": "assistant", "content": "3"},
-                ],
-            },
-        ]
-        (folder / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+        (folder / "d.jsonl").write_text(rows)
         data = load_conversations(
             folder / "d.jsonl", encoder, max_source_pixels=10**8, generation=True
         )
         print("lengths:", data.lengths, "(300x200 -> 112x84 -> 12 vision tokens)")
-        item = data[0]
-        tok = encoder.tokenizer
-        trained = [
-            tok.decode([t])
-            for t, lab in zip(item["input_ids"].tolist(), item["labels"].tolist())
-            if lab != IGNORE_INDEX
-        ]
-        print("trained tokens of the two-turn record:", trained)
+        ids, labels = data[0]["input_ids"].tolist(), data[0]["labels"].tolist()
+        trained = [encoder.tokenizer.decode([t]) for t, lab in zip(ids, labels) if lab >= 0]
         assert "".join(trained) == "3<|im_end|>4<|im_end|>", trained
         batch = Collator(encoder)([data[2]])
         print({k: tuple(v.shape) for k, v in batch.items()}, "(text-only batch: dummy image)")
@@ -796,4 +715,6 @@ if __name__ == "__main__":  # self-check: python -m qwen_vl.data
             parse_record({"messages": [{"role": "user", "content": "hi"}]}, "x.jsonl:1", folder)
         except UserError as err:
             print("rejected:", err)
+        else:
+            raise AssertionError("a record without an answer must be refused")
     print("qwen_vl.data: ok")

@@ -26,40 +26,19 @@ _WORD = re.compile(r"\b(" + "|".join(NUMBER_WORDS) + r")\b", re.IGNORECASE)
 
 
 def parse_count(text: str) -> int | None:
-    """The first whole number in ``text`` (digits or an English word for 0..20).
-
-    Args:
-        text: a generated answer or a reference.
-
-    Returns:
-        The number, or None when the text holds none.
-
-    >>> parse_count("There are 12 people."), parse_count("three"), parse_count("1,024"), (
-    ...     parse_count("none")
-    ... )
-    (12, 3, 1024, None)
-    """
+    """The first whole number in ``text`` (a generated answer or a reference), or None."""
     digit = _NUMBER.search(text)
     word = _WORD.search(text)
     if digit and (not word or digit.start() <= word.start()):
         return int(digit.group().replace(",", ""))
-    if word:
-        return _WORDS[word.group(1).lower()]
-    return None
+    return _WORDS[word.group(1).lower()] if word else None
 
 
 def counting_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """Exact-match accuracy and mean absolute error of parsed counts.
-
-    Args:
-        predictions: generated answers.
-        references: reference answers, same length.
-
-    Returns:
-        ``{"count_accuracy", "count_mae", "count_parsed", "count_samples"}``; empty when no
-        reference holds a count; without ``count_mae`` when no answer holds a number (early in
-        training) rather than a NaN in the logs.
-    """
+    """Exact-match accuracy and mean absolute error of the counts of ``predictions`` against
+    ``references`` (same length): the module docstring's keys; empty when no reference holds a
+    count; without ``count_mae`` when no answer holds a number (early in training) rather than a
+    NaN in the logs."""
     pairs = [(parse_count(p), parse_count(r)) for p, r in zip(predictions, references, strict=True)]
     pairs = [(p, r) for p, r in pairs if r is not None]
     if not pairs:
@@ -76,9 +55,8 @@ def counting_metrics(predictions: Sequence[str], references: Sequence[str]) -> d
 
 
 if __name__ == "__main__":  # self-check: python -m qwen_vl.metrics
-    import doctest
-
-    assert doctest.testmod().failed == 0
+    texts = ("There are 12.", "three", "1,024", "none")
+    assert [parse_count(t) for t in texts] == [12, 3, 1024, None]
     m = counting_metrics(["3", "There are five.", "no idea", "7"], ["3", "4", "2", "9"])
     print(m)
     assert m["count_accuracy"] == 0.25 and m["count_mae"] == 1.0 and m["count_parsed"] == 0.75

@@ -9,7 +9,7 @@ A row becomes ``{"fname", "dialogue", "references": [str, ...], "topic"}``. Toke
 through ``datasets.Dataset.map(batched=True)`` into an Arrow cache file keyed by the data's and
 the tokenizer's fingerprints, so a second run with the same data reads the tokens back.
 
-Items are ``{"index", "input_ids", "labels"}``; :class:`Seq2SeqCollator` pads them per batch
+Items are ``{"index", "input_ids", "labels"}``; core's :class:`Seq2SeqCollator` pads them per batch
 (dynamic padding), fills label padding with ``-100`` (ignored by the loss) and builds the
 decoder inputs by shifting the labels right.
 
@@ -18,19 +18,15 @@ Self-check: ``python -m summarization.data``.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from core.errors import UserError
-from core.nn.padding import length_mask, pad_rows
-from core.run.storage import writable_cache
-from core.task.base import IGNORE_INDEX
+from core.task.batching import Seq2SeqCollator as Seq2SeqCollator
+from core.task.batching import TokenDataset
+from core.task.token_cache import cached_map, content_fingerprint, tokenizer_fingerprint
 
 CACHE_VERSION = "2"  # 2: source_tokens (length before truncation)
 """Bump when the tokenised layout changes, so old cache files are not reused."""
@@ -254,52 +250,6 @@ DATASET_HINT = (
 """The way forward when ``data.dataset`` cannot be loaded."""
 
 
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """A short hash identifying a tokenizer's vocabulary and rules (for the cache key)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(
-        tokenizer, "_tokenizer", None
-    )
-    if backend is not None and hasattr(backend, "to_str"):
-        state = json.loads(backend.to_str())
-        # Calling the tokenizer with truncation / padding changes these two entries in place.
-        state.pop("truncation", None)
-        state.pop("padding", None)
-        text = json.dumps(state, sort_keys=True)
-    else:
-        text = f"{tokenizer.name_or_path}:{len(tokenizer)}"
-    return hashlib.sha256(f"{type(tokenizer).__name__}\n{text}".encode()).hexdigest()[:16]
-
-
-def default_cache_dir() -> Path:
-    """``$HF_DATASETS_CACHE/summarization``."""
-    from datasets import config as ds_config
-
-    return Path(ds_config.HF_DATASETS_CACHE) / "summarization"
-
-
-def cache_fingerprint(
-    sources: list[str],
-    targets: list[str],
-    tokenizer: Any,
-    prefix: str,
-    max_source_length: int,
-    max_target_length: int,
-) -> str:
-    """Hash (32 hex digits) of the texts, the tokenizer and the settings: the cache file's key."""
-    digest = hashlib.sha256()
-    for text in (
-        CACHE_VERSION,
-        tokenizer_fingerprint(tokenizer),
-        prefix,
-        str(max_source_length),
-        str(max_target_length),
-    ):
-        digest.update(text.encode() + b"\0")
-    for source, target in zip(sources, targets):
-        digest.update(source.encode() + b"\0" + target.encode() + b"\0")
-    return digest.hexdigest()[:32]
-
-
 def batch_encoder(tokenizer: Any, max_source_length: int, max_target_length: int) -> Any:
     """The ``Dataset.map`` function that tokenises a batch of ``source`` / ``target`` texts."""
 
@@ -334,7 +284,8 @@ def tokenize_rows(
     max_target_length: int = 128,
     cache_dir: Path | None = None,
 ) -> datasets.Dataset:  # noqa: F821
-    """Tokenise rows with ``datasets.Dataset.map(batched=True)``, cached in an Arrow file.
+    """Tokenise rows with ``datasets.Dataset.map(batched=True)``, cached in an Arrow file
+    (:func:`core.task.token_cache.cached_map`).
 
     The target is the row's first reference. The cache file name hashes the texts, the
     tokenizer and the settings, so changing any of them makes a new file.
@@ -345,48 +296,33 @@ def tokenize_rows(
         prefix: text put before each dialogue (``summarize: `` for T5).
         max_source_length: dialogue tokens kept (truncation).
         max_target_length: summary tokens kept.
-        cache_dir: folder of cache files (default :func:`default_cache_dir`).
+        cache_dir: folder of cache files (default ``$HF_DATASETS_CACHE/summarization``).
 
     Returns:
         A ``datasets.Dataset`` with columns ``index`` (int), ``input_ids`` and ``labels``
         (lists of ints, each ending with the end-of-sequence token) and ``source_tokens`` (the
         dialogue's length before truncation, so the cut ones can be counted).
     """
-    import datasets
+    from datasets import config as ds_config
 
-    # one bar per split floods SLURM logs; the run log says what was read
-    datasets.disable_progress_bars()
     sources = [prefix + row["dialogue"] for row in rows]
     targets = [row["references"][0] if row["references"] else "" for row in rows]
-    fingerprint = cache_fingerprint(
-        sources, targets, tokenizer, prefix, max_source_length, max_target_length
+    settings = [CACHE_VERSION, tokenizer_fingerprint(tokenizer), prefix]
+    key = content_fingerprint(
+        [*settings, str(max_source_length), str(max_target_length)], [sources, targets]
     )
-    # A read-only cache (HOME, a shared HF_DATASETS_CACHE) falls back to $TMPDIR with a warning.
-    folder = writable_cache(
-        Path(cache_dir) if cache_dir else default_cache_dir(),
-        "data.cache_dir (or HF_DATASETS_CACHE)" if not cache_dir else "data.cache_dir",
-        "the tokenised-data cache",
-    )
-    table = datasets.Dataset.from_dict(
-        {"index": list(range(len(rows))), "source": sources, "target": targets}
-    )
-    # An explicit cache file: in-memory datasets are not cached by default. datasets writes to a
-    # temporary file and renames it, so DDP ranks that tokenise at the same time never see a
-    # half-written cache.
-    return table.map(
+    return cached_map(
+        {"index": list(range(len(rows))), "source": sources, "target": targets},
         batch_encoder(tokenizer, max_source_length, max_target_length),
-        batched=True,
-        batch_size=1000,
-        remove_columns=["source", "target"],
-        cache_file_name=str(folder / f"tokens-{fingerprint}.arrow"),
-        new_fingerprint=fingerprint,
-        load_from_cache_file=True,
-        desc="tokenising",
+        key,
+        Path(cache_dir) if cache_dir else Path(ds_config.HF_DATASETS_CACHE) / "summarization",
+        "data.cache_dir" if cache_dir else "data.cache_dir (or HF_DATASETS_CACHE)",
+        remove=["source", "target"],
     )
 
 
-class SummarizationDataset(torch.utils.data.Dataset):
-    """Tokenised rows for the engine: ``len()``, ``[i]`` and per-sample lengths.
+class SummarizationDataset(TokenDataset):
+    """Tokenised rows for the engine: ``len()``, ``[i]`` and per-sample lengths (the source's).
 
     Args:
         rows: the normalised rows (kept for references and ids).
@@ -394,24 +330,11 @@ class SummarizationDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, rows: Sequence[dict[str, Any]], tokens: Any) -> None:
-        self.rows = list(rows)
         columns = tokens.to_dict()  # plain lists: cheap item access, picklable for workers
-        self.input_ids: list[list[int]] = columns["input_ids"]
-        self.labels: list[list[int]] = columns["labels"]
+        super().__init__(columns["input_ids"], columns["labels"])
+        self.rows = list(rows)
         self.source_tokens: list[int] = columns["source_tokens"]
         self.cache_files = [f["filename"] for f in tokens.cache_files]
-
-    def __len__(self) -> int:
-        """Number of rows."""
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        """``{"index": int, "input_ids": list[int], "labels": list[int]}``."""
-        return {"index": i, "input_ids": self.input_ids[i], "labels": self.labels[i]}
-
-    def lengths(self) -> list[int]:
-        """Source lengths in tokens (what dominates padding and generation cost)."""
-        return [len(ids) for ids in self.input_ids]
 
     def truncation(self, limit: int, origin: str, what: str = "dialogues") -> Any:
         """The dialogues cut to ``limit`` tokens, counted
@@ -422,46 +345,6 @@ class SummarizationDataset(torch.utils.data.Dataset):
         for length in self.source_tokens:
             cut.count(length)
         return cut
-
-
-class Seq2SeqCollator:
-    """Pads a list of items into a seq2seq batch.
-
-    Args:
-        pad_token_id: id used to pad inputs and decoder inputs.
-        decoder_start_token_id: first decoder input (BART: ``</s>``; T5: ``<pad>``).
-    """
-
-    def __init__(self, pad_token_id: int, decoder_start_token_id: int) -> None:
-        self.pad_token_id = pad_token_id
-        self.decoder_start_token_id = decoder_start_token_id
-
-    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """Batch items.
-
-        Returns:
-            ``input_ids`` / ``attention_mask``: ``(batch, max_source_len)`` right-padded;
-            ``labels``: ``(batch, max_target_len)`` with ``-100`` on padding;
-            ``decoder_input_ids``: ``(batch, max_target_len)``, the labels shifted right by one
-            with the decoder start token first (what the model would build from ``labels``);
-            ``index``: ``(batch,)`` dataset indices.
-        """
-        sources = [s["input_ids"] for s in samples]
-        input_ids = pad_rows(sources, self.pad_token_id)
-        attention_mask = length_mask([len(s) for s in sources])
-        labels = pad_rows([s["labels"] for s in samples], IGNORE_INDEX)
-        decoder_input_ids = torch.full_like(labels, self.pad_token_id)
-        decoder_input_ids[:, 0] = self.decoder_start_token_id
-        decoder_input_ids[:, 1:] = labels[:, :-1].masked_fill(
-            labels[:, :-1] == IGNORE_INDEX, self.pad_token_id
-        )
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "decoder_input_ids": decoder_input_ids,
-            "labels": labels,
-            "index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
-        }
 
 
 # --------------------------------------------------------------------------------------------
@@ -485,50 +368,28 @@ if __name__ == "__main__":  # self-check: python -m summarization.data
 
     from summarization.config import SAMPLES, SHIPPED_TOKENIZER
 
-    rows = read_jsonl(SAMPLES["en"] / "dev.jsonl")
-    test = read_jsonl(SAMPLES["en"] / "test.jsonl")
-    korean = read_jsonl(SAMPLES["ko"] / "train.jsonl")
-    print(
-        f"{len(rows)} dev rows, {len(test)} test rows with {len(test[0]['references'])} "
-        f"references, {len(korean)} Korean rows"
+    rows = (
+        read_jsonl(SAMPLES["en"] / "dev.jsonl")[:8] + read_jsonl(SAMPLES["ko"] / "train.jsonl")[:4]
     )
+    test = read_jsonl(SAMPLES["en"] / "test.jsonl")
+    print(f"{len(test)} test rows with {len(test[0]['references'])} references")
     with tempfile.TemporaryDirectory() as tmp:
         bad = Path(tmp) / "bad.jsonl"
-        bad.write_text(
-            '{"fname": "a", "dialogue": "x", "summary": "y"}\n{"fname": "b", "dialogue": ""\n',
-            encoding="utf-8",
-        )
+        bad.write_text('{"fname": "a", "dialogue": "x", "summary": "y"}\n{"fname": "b"\n')
         try:
             read_jsonl(bad)
         except UserError as err:
             assert ":2:" in str(err)
             print("bad line ->", str(err).replace(tmp, "TMP"))
         tok = AutoTokenizer.from_pretrained(SHIPPED_TOKENIZER)
-        tokens = tokenize_rows(
-            rows[:8] + korean[:4],
-            tok,
-            max_source_length=64,
-            max_target_length=40,
-            cache_dir=Path(tmp),
-        )
-        data = SummarizationDataset(rows[:8] + korean[:4], tokens)
-        again = tokenize_rows(
-            rows[:8] + korean[:4],
-            tok,
-            max_source_length=64,
-            max_target_length=40,
-            cache_dir=Path(tmp),
-        )
-        assert again.cache_files and again.cache_files[0]["filename"] == data.cache_files[0], (
-            "second call must read the cache"
-        )
+        settings = {"max_source_length": 64, "max_target_length": 40, "cache_dir": Path(tmp)}
+        data = SummarizationDataset(rows, tokenize_rows(rows, tok, **settings))
+        again = tokenize_rows(rows, tok, **settings)
+        assert again.cache_files[0]["filename"] == data.cache_files[0], "must read the cache"
         batch = Seq2SeqCollator(tok.pad_token_id, tok.eos_token_id)([data[i] for i in (0, 9, 11)])
-        for name, tensor in batch.items():
-            print(f"  {name:18s} {tuple(tensor.shape)}")
-        assert (batch["labels"] == IGNORE_INDEX).any() and (
-            batch["decoder_input_ids"][:, 0] == tok.eos_token_id
-        ).all()
+        print({name: tuple(tensor.shape) for name, tensor in batch.items()})
         assert batch["decoder_input_ids"][0, 1] == batch["labels"][0, 0]
+        assert (batch["decoder_input_ids"][:, 0] == tok.eos_token_id).all()
         print("korean round trip:", tok.decode(data[9]["labels"], skip_special_tokens=True)[:40])
     print("lead-3 of dev_0:", lead_n(rows[0]["dialogue"]).replace("\n", " | ")[:100])
     print("summarization.data: ok")

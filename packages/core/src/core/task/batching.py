@@ -6,8 +6,10 @@
   mask come from the item *lengths*, never from token ids, so an EOS equal to the pad token is
   still attended and trained.
 - :func:`pack` / :class:`PackedDataset`: several examples per row, positions restarting at 0 for
-  each (transformers derives a block-diagonal causal mask from such position ids); the first
-  label of every packed example is masked, as it would be predicted from the previous example.
+  each, no attention mask and no KV cache: transformers then derives a block-diagonal causal mask
+  from the position ids (``masking_utils.find_packed_sequence_indices``) for eager, SDPA and
+  flash attention alike, so no example sees another's tokens; the first label of every packed
+  example is masked, as it would be predicted from the previous example.
 - :func:`flatten_batch`: one row without padding (flash-attention's variable-length path).
 - :class:`Seq2SeqCollator`: encoder-decoder batches with decoder inputs shifted from the labels.
 
@@ -23,7 +25,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from core.nn.padding import length_mask, pad_rows
+from core.nn.padding import length_mask, pad_fields, pad_rows
 from core.task.base import IGNORE_INDEX
 
 
@@ -137,12 +139,8 @@ def collate_causal(samples: list[dict[str, Any]], pad_id: int) -> dict[str, torc
     """
     lengths = [len(s["input_ids"]) for s in samples]
     width = max(lengths)
-    out = {
-        "input_ids": pad_rows([s["input_ids"] for s in samples], pad_id, width),
-        "attention_mask": length_mask(lengths, width),
-        "labels": pad_rows([s["labels"] for s in samples], IGNORE_INDEX, width),
-        "index": torch.tensor([s["index"] for s in samples]),
-    }
+    out = pad_fields(samples, {"input_ids": pad_id, "labels": IGNORE_INDEX})
+    out["index"] = torch.tensor([s["index"] for s in samples])
     if "position_ids" in samples[0]:  # packed rows: the padding tail counts from 0 again
         out["position_ids"] = pad_rows(
             [s["position_ids"] + list(range(width - n)) for s, n in zip(samples, lengths)], 0, width

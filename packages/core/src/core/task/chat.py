@@ -14,8 +14,9 @@ text parts ``{"type": "text", "text": str}`` and image parts made by the caller 
 reference). :func:`up_to_last_answer` checks what training needs (one system turn at most and
 first, an assistant turn, every answer non-empty text).
 
-Labels (:func:`assistant_spans`, :func:`build_labels`): the answers are found in the token ids
-by the assistant header's token *sequence* and end at the end-of-turn token, which is trained.
+Labels: :func:`assistant_spans` / :func:`build_labels` find the answers in the token ids by the
+assistant header's token *sequence*, through the end-of-turn token, which is trained;
+:func:`template_pieces` marks them in the text instead, rendering the chat template turn by turn.
 
 Self-check: ``python -m core.task.chat``.
 """
@@ -258,6 +259,40 @@ def up_to_last_answer(
     return messages, images
 
 
+def template_pieces(
+    render: Callable[[list[dict[str, Any]], bool], str], messages: list[dict[str, Any]]
+) -> list[tuple[str, bool]] | None:
+    """A conversation's text through a chat template, as ``(text, trained)`` pieces.
+
+    Every assistant turn is one trained piece: the text the template adds for that turn after
+    the generation prompt (the answer and the template's end-of-turn marker); the rest is
+    untrained. A conversation that does not end with an answer (a prompt) ends with the
+    generation prompt.
+
+    Args:
+        render: ``render(messages, generation_prompt)`` -> the template's text.
+        messages: ``[{"role", "content"}, ...]``.
+
+    Returns:
+        The pieces, or None when the template does not render the conversation turn by turn
+        (each shorter conversation's text a prefix of the longer one's).
+    """
+    pieces: list[tuple[str, bool]] = []
+    done = ""
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = render(messages[:i], True)
+        full = render(messages[: i + 1], False)
+        if not prompt.startswith(done) or not full.startswith(prompt):
+            return None
+        pieces += [(prompt[len(done) :], False), (full[len(prompt) :], True)]
+        done = full
+    if messages[-1]["role"] != "assistant":  # a prompt: end with the generation prompt
+        pieces.append((render(messages, True)[len(done) :], False))
+    return pieces
+
+
 def find_sequence(ids: Sequence[int], pattern: Sequence[int], start: int = 0) -> int:
     """Index of the first occurrence of ``pattern`` in ``ids`` at or after ``start``; -1 if none."""
     n = len(pattern)
@@ -355,4 +390,12 @@ if __name__ == "__main__":  # self-check: python -m core.task.chat
             print("refused:", err)
         else:
             raise AssertionError(f"{turns} must be refused")
+
+    def render(turns: list[dict[str, Any]], generation_prompt: bool) -> str:
+        text = "".join(f"<{m['role']}>{m['content']}</>" for m in turns)
+        return text + ("<assistant>" if generation_prompt else "")
+
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    assert template_pieces(render, chat) == [("<user>Hi</><assistant>", False), ("Hello</>", True)]
+    assert template_pieces(render, chat[:1]) == [("<user>Hi</><assistant>", False)]
     print("core.task.chat: ok")

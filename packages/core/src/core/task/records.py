@@ -365,6 +365,28 @@ def read_all(source: Path | str, key: str, what: str = "records", **kwargs: Any)
     return records
 
 
+def read_objects(
+    source: Path | str, key: str, what: str, fields: str, **kwargs: Any
+) -> list[RawRecord]:
+    """Every record of ``source`` (see :func:`read_all`), each a JSON object.
+
+    Args:
+        source, key, what, kwargs: as for :func:`read_all`.
+        fields: what an object holds, for the message (``'messages' or 'conversations'``).
+
+    Raises:
+        UserError: as :func:`read_all`, or a record that is not an object (file and line).
+    """
+    records = read_all(source, key, what, **kwargs)
+    for record in records:
+        if not isinstance(record.value, dict):
+            raise UserError(
+                f"{record.where}: a record must be a JSON object with {fields}, got "
+                f"{type(record.value).__name__}."
+            )
+    return records
+
+
 def split_holdout(items: list[T], val_size: float, seed: int) -> tuple[list[T], list[T]]:
     """Hold out a seeded random share of the records for validation.
 
@@ -406,9 +428,10 @@ if __name__ == "__main__":  # self-check: python -m core.task.records
             "3 (record 1)",
         ]
         (folder / "c.jsonl").write_bytes(b'{"x": 1}\n{"x": "caf\xe9"}\n')
-        for bad in (folder / "c.jsonl", folder, folder / "missing.jsonl"):
+        (folder / "d.jsonl").write_text('{"x": 1}\n[1]\n', encoding="utf-8")
+        for bad in (folder / "c.jsonl", folder, folder / "missing.jsonl", folder / "d.jsonl"):
             try:
-                read_all(bad, "--data", allow_folders=False)
+                read_objects(bad, "--data", "rows", "'x'", allow_folders=False)
             except UserError as err:
                 print("refused:", str(err).replace(str(folder), "<tmp>"))
             else:
