@@ -28,6 +28,7 @@ from core.task.chat import (
     ChatReader,
     assistant_spans,
     build_labels,
+    map_images,
     template_pieces,
     up_to_last_answer,
 )
@@ -75,6 +76,12 @@ def test_messages_and_llava_layouts_read_to_the_same_messages():
     )
     assert messages == llava and messages_images == llava_images == ["a.png"]
     assert messages[1] == {"role": "assistant", "content": [{"type": "text", "text": "3"}]}
+    decoded = map_images(
+        messages, lambda part: {"type": "image", "image": f"pixels {part['image']}"}
+    )
+    assert (
+        decoded[0]["content"][0]["image"] == "pixels 0" and messages[0]["content"][0]["image"] == 0
+    )
 
 
 @pytest.mark.parametrize(

@@ -644,10 +644,7 @@ class EncodeStats:
 
     def truncation(self, max_length: int, what: str) -> Truncation:
         """The samples longer than ``max_length`` (``data.max_length``), counted."""
-        cut = Truncation(max_length, "data.max_length", what)
-        for length in self.full_lengths:
-            cut.count(length)
-        return cut
+        return Truncation.of(self.full_lengths, max_length, "data.max_length", what)
 
     def describe(self, name: str) -> str:
         """One log line: samples, skips, truncation, length percentiles."""

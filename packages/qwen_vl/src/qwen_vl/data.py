@@ -38,9 +38,16 @@ from torch.utils.data import Dataset
 from core.errors import UserError
 from core.nn.padding import pad_fields
 from core.task.base import IGNORE_INDEX
-from core.task.chat import ChatReader, assistant_spans, build_labels, record_name, up_to_last_answer
+from core.task.chat import (
+    ChatReader,
+    assistant_spans,
+    build_labels,
+    map_images,
+    record_name,
+    up_to_last_answer,
+)
 from core.task.images import ImageSource, image_sizes, load_image, resolve_image
-from core.task.records import RawRecord, read_objects
+from core.task.records import read_objects
 
 log = logging.getLogger(__name__)
 
@@ -216,13 +223,7 @@ class Encoder:
             messages: Qwen-style messages (image parts may hold anything; only their type matters).
             add_generation_prompt: append the assistant header (for inference).
         """
-        plain = [
-            {
-                "role": m["role"],
-                "content": [{"type": "image"} if p["type"] == "image" else p for p in m["content"]],
-            }
-            for m in messages
-        ]
+        plain = map_images(messages, lambda part: {"type": "image"})
         return self.processor.apply_chat_template(
             plain, tokenize=False, add_generation_prompt=add_generation_prompt
         )
@@ -256,16 +257,7 @@ class Encoder:
             ``image_grid_thw``: ``(images, 3)`` int64 or None; ``prompt_length``: tokens before
             the last answer (int); ``spans``: the answer ranges.
         """
-        messages = [
-            {
-                "role": m["role"],
-                "content": [
-                    self.image_part(images[p["image"]]) if p["type"] == "image" else p
-                    for p in m["content"]
-                ],
-            }
-            for m in conv.messages
-        ]
+        messages = map_images(conv.messages, lambda part: self.image_part(images[part["image"]]))
         out = self.process(messages, self.chat_text(conv.messages))
         ids = out["input_ids"][0]
         spans = assistant_spans(ids.tolist(), self.header_ids, self.end_id)
@@ -459,17 +451,12 @@ def load_conversations(
             before images are opened).
     """
     from concurrent.futures import ThreadPoolExecutor
+    from functools import partial
 
-    records = read_objects(
-        path, key, "records (conversations)", "'messages' or 'conversations'", allow_folders=False
-    )
-    convs, names = _parse_all(records, path.parent, system_prompt)
-
-    def measure(conv: Conversation, name: str) -> list[tuple[int, int, int]]:
-        return image_sizes(conv.images, name, max_source_pixels, decode_images)
-
+    convs, names = _parse_all(path, key, system_prompt)
+    measure = partial(image_sizes, max_source_pixels=max_source_pixels, decode=decode_images)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        sizes = list(pool.map(measure, convs, names))
+        sizes = list(pool.map(measure, [c.images for c in convs], names))
     texts = [encoder.chat_text(c.messages) for c in convs]
     all_ids = encoder.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
     measured = _measure_all(
@@ -528,9 +515,10 @@ def _measure_all(
 
 
 def _parse_all(
-    records: list[RawRecord], base_dir: Path, system_prompt: str | None
+    path: Path, key: str, system_prompt: str | None
 ) -> tuple[list[Conversation], list[str]]:
-    """:func:`parse_record` of every record, with unique ids.
+    """:func:`parse_record` of every record of the data file ``path`` (named by ``key``), with
+    unique ids.
 
     Returns:
         ``(conversations, names)``, names as messages give them.
@@ -540,8 +528,11 @@ def _parse_all(
     """
     convs, names = [], []
     seen: dict[str, str] = {}
+    records = read_objects(
+        path, key, "records (conversations)", "'messages' or 'conversations'", allow_folders=False
+    )
     for where, raw in ((r.where, r.value) for r in records):
-        conv = parse_record(raw, where, base_dir, system_prompt)
+        conv = parse_record(raw, where, path.parent, system_prompt)
         name = record_name(conv.id, where, "id" in raw)
         if conv.id in seen and "id" in raw:
             raise UserError(

@@ -341,10 +341,7 @@ class SummarizationDataset(TokenDataset):
         (:class:`core.task.truncation.Truncation`)."""
         from core.task.truncation import Truncation
 
-        cut = Truncation(limit, origin, what)
-        for length in self.source_tokens:
-            cut.count(length)
-        return cut
+        return Truncation.of(self.source_tokens, limit, origin, what)
 
 
 # --------------------------------------------------------------------------------------------

@@ -259,6 +259,20 @@ def up_to_last_answer(
     return messages, images
 
 
+def map_images(
+    messages: list[dict[str, Any]], image: Callable[[dict[str, Any]], dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """A copy of ``messages`` (content as lists of parts) with every image part replaced by
+    ``image(part)`` (a decoded image, or a bare ``{"type": "image"}`` for the chat template)."""
+    return [
+        {
+            "role": m["role"],
+            "content": [image(p) if p["type"] == "image" else p for p in m["content"]],
+        }
+        for m in messages
+    ]
+
+
 def template_pieces(
     render: Callable[[list[dict[str, Any]], bool], str], messages: list[dict[str, Any]]
 ) -> list[tuple[str, bool]] | None:
@@ -376,6 +390,9 @@ if __name__ == "__main__":  # self-check: python -m core.task.chat
     messages, kept = up_to_last_answer(llava, images, reader.name)
     assert [m["role"] for m in messages] == ["user", "assistant"] and kept == ["a.png"]
     assert messages[0]["content"][0] == {"type": "image", "image": 0}
+    assert map_images(messages, lambda part: {"type": "image"})[0]["content"][0] == {
+        "type": "image"
+    }
     ids = [1, 7, 5, 9, 2, 1, 7, 6, 2]  # 1 7 = header, 2 = end of turn
     spans = assistant_spans(ids, [1, 7], 2)
     assert spans == [(2, 5), (7, 9)]

@@ -163,6 +163,16 @@ class Truncation:
         self.longest = 0
         self.tokens_cut = 0
 
+    @classmethod
+    def of(
+        cls, lengths: Sequence[int], limit: int | None, origin: str = "", what: str = "inputs"
+    ) -> Truncation:
+        """A count of the inputs of ``lengths`` (tokens before cutting); arguments as above."""
+        cut = cls(limit, origin, what)
+        for length in lengths:
+            cut.count(length)
+        return cut
+
     def count(self, length: int) -> int:
         """Count one input of ``length`` tokens.
 
@@ -238,9 +248,7 @@ if __name__ == "__main__":  # self-check: python -m core.task.truncation
         print("refused:", err)
     else:
         raise AssertionError("a limit above the model's must be refused")
-    cut = Truncation(1024, "the model's limit")
-    for length in [10] * 48 + [229_114, 2000]:
-        cut.count(length)
+    cut = Truncation.of([10] * 48 + [229_114, 2000], 1024, "the model's limit")
     short = Truncation(4)
     assert short.apply(list(range(3)), keep_end=1) == [0, 1, 2]
     assert short.apply(list(range(10)), keep_end=1) == [0, 1, 2, 9]
