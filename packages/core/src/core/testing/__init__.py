@@ -10,6 +10,7 @@ from core import lazy_exports
 __all__, __getattr__ = lazy_exports(
     __name__,
     {
+        "checks": "QUIET trained_briefly",
         "toy": (
             "CountingData ToyConfig ToyTask child_env final_weights max_weight_diff read_jsonl "
             "script_result train train_losses wait_for_step"
