@@ -10,7 +10,9 @@ Read in this order: ``config.schema`` (config groups) -> ``task.base`` (what a t
 ``engine.trainer`` (the Fabric loop) -> ``parallel.checkpoint`` / ``run`` (what a run writes) ->
 ``commands`` (the command-line contract).
 
-Importing ``core`` itself is cheap; torch loads with the submodules that need it.
+Importing ``core`` itself is cheap; torch loads with the submodules that need it. Each layer's
+``__init__`` lists its public names by module (:func:`lazy_exports`): ``from core.run import X``
+loads X's module on first use; importing the layer alone loads nothing.
 """
 
 from typing import Any

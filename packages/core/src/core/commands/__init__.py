@@ -1,9 +1,6 @@
 """The argparse halves of the console scripts: ``train`` (and ``--dry-run``), the model commands,
 the launcher that dispatches ``train`` / ``evaluate`` / ``infer`` / ``sweep`` to the task asked for.
 Nothing in core imports this layer.
-
-Public names below, by module: ``from core.commands import X`` loads X's module on first
-use; importing the package alone loads nothing.
 """
 
 from core import lazy_exports

@@ -1,8 +1,5 @@
 """Configuration: the typed schema of every config group (``schema``) and the loader that fills it
 from presets, YAML files and ``key=value`` overrides (``loader``).
-
-Public names below, by module: ``from core.config import X`` loads X's module on first
-use; importing the package alone loads nothing.
 """
 
 from core import lazy_exports

@@ -1,8 +1,5 @@
 """The training engine: the Fabric loop (``trainer``) and its collaborators, the sharded sampler,
 signal handling and evaluation.
-
-Public names below, by module: ``from core.engine import X`` loads X's module on first
-use; importing the package alone loads nothing.
 """
 
 from core import lazy_exports

@@ -1,8 +1,5 @@
 """Torch building blocks without engine state: the token loss, optimizers and schedules, padding,
 fused kernels and compilation, shape debugging.
-
-Public names below, by module: ``from core.nn import X`` loads X's module on first
-use; importing the package alone loads nothing.
 """
 
 from core import lazy_exports

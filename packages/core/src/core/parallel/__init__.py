@@ -1,8 +1,5 @@
 """How one job spreads over ranks: collectives, seeding, the Fabric strategy, FSDP2, and the atomic,
 verified checkpoints written across the ranks.
-
-Public names below, by module: ``from core.parallel import X`` loads X's module on first
-use; importing the package alone loads nothing.
 """
 
 from core import lazy_exports

@@ -1,8 +1,5 @@
 """What a run leaves on disk: the run folder and its lock, the manifest, logs and metrics, the
 output guard, plots, free-space checks and the run record.
-
-Public names below, by module: ``from core.run import X`` loads X's module on first
-use; importing the package alone loads nothing.
 """
 
 from core import lazy_exports

@@ -1,8 +1,5 @@
 """The task contract (``base.Task``) and what a task package builds on: records readers, the model
 hub, metrics, input truncation.
-
-Public names below, by module: ``from core.task import X`` loads X's module on first
-use; importing the package alone loads nothing.
 """
 
 from core import lazy_exports

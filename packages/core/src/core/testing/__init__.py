@@ -1,8 +1,5 @@
 """The toy task and the helpers of the test suites. ``python -m core.testing train ...`` trains the
 toy task. Nothing in core imports this package outside a self-check.
-
-Public names below, by module: ``from core.testing import X`` loads X's module on first
-use; importing the package alone loads nothing.
 """
 
 from core import lazy_exports
@@ -10,7 +7,7 @@ from core import lazy_exports
 __all__, __getattr__ = lazy_exports(
     __name__,
     {
-        "checks": "QUIET trained_briefly",
+        "checks": "QUIET check_config refused trained_briefly",
         "toy": (
             "CountingData ToyConfig ToyTask child_env final_weights max_weight_diff read_jsonl "
             "script_result train train_losses wait_for_step"
