@@ -350,14 +350,8 @@ class SummarizationTask(Task):
         ``references``."""
         predictions = self.generate(model, batch["input_ids"], batch["attention_mask"])
         for record, prediction in zip(records, predictions, strict=True):
-            row = self.eval_rows[record["index"]]
+            row = self.val_data.rows[record["index"]]  # validation's, or evaluate's rows
             record.update(fname=row["fname"], prediction=prediction, references=row["references"])
-
-    @property
-    def eval_rows(self) -> list[dict[str, Any]]:
-        """Rows of the dataset being evaluated (validation during training, or the ``evaluate``
-        split)."""
-        return self.val_data.rows
 
     def compute_metrics(self, records: list[dict[str, Any]]) -> dict[str, float]:
         """Validation loss, ROUGE F1s and mean summary length over all gathered records.
@@ -373,12 +367,9 @@ class SummarizationTask(Task):
             use_stemmer=m.use_stemmer,
             multi_reference=m.multi_reference,
         )
-        if self.run_dir is not None:
-            rows = [
-                {"fname": r["fname"], "summary": r["prediction"], "references": r["references"]}
-                for r in records
-            ]
-            write_jsonl(self.run_dir / "val_predictions.jsonl", rows)  # the run's own file
+        if self.run_dir is not None:  # the run's own file, rows as evaluate writes them
+            rows = [self.evaluation_row(r) for r in records]
+            write_jsonl(self.run_dir / "val_predictions.jsonl", rows)
         return {
             **super().compute_metrics(records),
             **{k: float(scores[k]) for k in ("rouge1", "rouge2", "rougeL", "rougeLsum")},
