@@ -123,12 +123,8 @@ def check_packing(model: nn.Module, pad_id: int) -> float:
     return diff
 
 
-class LoraLLMTask(Task):
-    """LoRA / QLoRA supervised fine-tuning of a causal LM on instruction or chat data.
-
-    Args:
-        cfg: the root config.
-    """
+class LoraLLMTask(Task[LoraLLMConfig]):
+    """LoRA / QLoRA supervised fine-tuning of a causal LM on instruction or chat data."""
 
     name = "lora_llm"
     shift_labels = True
@@ -136,7 +132,6 @@ class LoraLLMTask(Task):
     def __init__(self, cfg: LoraLLMConfig) -> None:
         """Keep the config; everything else happens in :meth:`setup` and :meth:`configure_model`."""
         super().__init__(cfg)
-        self.cfg: LoraLLMConfig = cfg
         self.stats: dict[str, EncodeStats] = {}
         # ``evaluate``: prompt ids, reference responses and record sources by dataset index.
         self.eval_prompts: list[list[int]] = []

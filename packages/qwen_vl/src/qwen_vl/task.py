@@ -59,22 +59,14 @@ MODEL_INPUTS = (
 """Batch keys the model's forward takes."""
 
 
-class QwenVLTask(Task):
-    """Fine-tunes Qwen2.5-VL on conversations with images (see the module docstring).
-
-    Args:
-        cfg: the root config.
-    """
+class QwenVLTask(Task[QwenVLConfig]):
+    """Fine-tunes Qwen2.5-VL on conversations with images (see the module docstring)."""
 
     name = "qwen_vl"
     shift_labels = True
-
-    def __init__(self, cfg: QwenVLConfig) -> None:
-        super().__init__(cfg)
-        self.cfg: QwenVLConfig = cfg
-        #: the data set ``validation_step`` reads references from (validation or ``evaluate`` data)
-        self.eval_data: ConversationData | None = None
-        self._dtypes_checked = False
+    #: the data set ``validation_step`` reads references from (validation or ``evaluate`` data)
+    eval_data: ConversationData | None = None
+    _dtypes_checked = False
 
     # -- data ----------------------------------------------------------------------------------
 

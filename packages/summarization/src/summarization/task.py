@@ -59,21 +59,15 @@ TASK_FILE = "summarization.json"
 """Written into ``final/``: what a later ``evaluate`` / ``predict`` needs besides the weights."""
 
 
-class SummarizationTask(Task):
-    """Dialogue summarization with any seq2seq model.
-
-    Args:
-        cfg: the root config.
-    """
+class SummarizationTask(Task[SummarizationConfig]):
+    """Dialogue summarization with any seq2seq model."""
 
     name = "summarization"
     shift_labels = False
-
-    def __init__(self, cfg: SummarizationConfig) -> None:
-        super().__init__(cfg)
-        self.cfg: SummarizationConfig = cfg
-        self.generation_config: Any = None
-        self.rouge_tokenizer = "default"
+    #: The ``transformers.GenerationConfig`` of every summary (:meth:`prepare_generation`).
+    generation_config: Any = None
+    #: The ROUGE word tokenizer of this run (:meth:`choose_rouge_tokenizer`).
+    rouge_tokenizer = "default"
 
     # -- data ----------------------------------------------------------------------------------
 

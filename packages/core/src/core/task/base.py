@@ -16,7 +16,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch import nn
@@ -24,6 +24,9 @@ from torch.utils.data import Dataset
 
 from core.config.schema import TrainConfig
 from core.nn.optim import parameter_groups
+
+ConfigT = TypeVar("ConfigT", bound=TrainConfig)
+"""The root config class of a task (``Task[SummarizationConfig]`` types ``task.cfg``)."""
 
 IGNORE_INDEX = -100
 """Label value that the loss ignores (padding, prompt tokens, vision tokens)."""
@@ -233,7 +236,7 @@ class EvaluationRun:
     samples: int
 
 
-class Task(ABC):
+class Task(ABC, Generic[ConfigT]):
     """What a task package provides to the Trainer.
 
     Call order on every rank: ``setup`` -> ``train_dataset`` / ``val_dataset`` ->
@@ -255,8 +258,8 @@ class Task(ABC):
     # never counts.
     shift_labels: bool = False
 
-    def __init__(self, cfg: TrainConfig) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: ConfigT) -> None:
+        self.cfg: ConfigT = cfg
         #: The run folder; set by the Trainer once it exists (before ``configure_model``).
         self.run_dir: Path | None = None
         #: Rank, world size, barrier and rank-zero-first; set by the engine after launch.
@@ -523,3 +526,39 @@ class Task(ABC):
             "data": str(run.data) if run.data is not None else run.split,
             "world_size": run.world_size,
         }
+
+
+if __name__ == "__main__":  # self-check: python -m core.task.base
+    from types import SimpleNamespace
+
+    class Bigram(Task):
+        """The defaults of :class:`Task` on a bigram LM (embedding -> output layer)."""
+
+        shift_labels = True
+
+        def configure_model(self) -> nn.Module:
+            return nn.Sequential(nn.Embedding(11, 8), nn.Linear(8, 11))
+
+        def training_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
+            forward = lambda: SimpleNamespace(logits=model(batch["input_ids"]))  # noqa: E731
+            return self.loss_sum(model, forward, batch["labels"], shift=True)
+
+        def sample_losses(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> Any:
+            forward = lambda: SimpleNamespace(logits=model(batch["input_ids"]))  # noqa: E731
+            return self.sample_loss_sums(model, forward, batch["labels"], shift=True)
+
+    torch.manual_seed(0)
+    task = Bigram(TrainConfig())
+    model = task.configure_model()
+    ids = torch.randint(0, 11, (3, 6))
+    batch = {"input_ids": ids, "labels": ids.clone(), "index": torch.arange(3)}
+    batch["labels"][:, :2] = IGNORE_INDEX  # a two-token prompt: 4 of 5 shifted labels count
+    with torch.no_grad():
+        step, records = task.training_step(model, batch), task.validation_step(model, batch)
+    assert int(step.num_tokens) == task.count_loss_tokens(batch) == 12
+    assert [(r["index"], r["tokens"]) for r in records] == [(0, 4), (1, 4), (2, 4)]
+    loss = task.compute_metrics(records)["loss"]
+    assert abs(loss - step.loss_sum.item() / 12) < 1e-5, loss
+    task.check_loss_head(model)  # no ``loss`` group in TrainConfig: nothing to check
+    print(f"loss {loss:.4f} over {len(records)} records; data files {task.data_files()}")
+    print("core.task.base: ok")
