@@ -22,11 +22,6 @@ PRESETS_DIR = Path(__file__).parent / "presets"
 DEFAULT_PRESET = "tiny"
 """Preset of ``train`` without ``-c`` (offline; the built-in counting data, drawn on first use)."""
 
-# Qwen2.5-VL's own limits: at least 4 vision tokens per image, at most 16384 (factor 28 = patch 14 x
-# merge 2).
-QWEN_MIN_PIXELS = 4 * 28 * 28
-"""Smallest image area Qwen2.5-VL's processor resizes to by default (4 vision tokens)."""
-
 
 @dataclass
 class DataConfig:
@@ -232,7 +227,6 @@ class QwenVLConfig(TrainConfig):
 # The older class names (code written before the *Config naming).
 LoraSettings = LoraConfig
 TinyModel = TinyModelConfig
-GenerationSettings = GenerationConfig
 
 if __name__ == "__main__":  # self-check: python -m qwen_vl.config
     from core.config.loader import load_config
