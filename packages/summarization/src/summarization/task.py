@@ -100,12 +100,12 @@ class SummarizationTask(Task[SummarizationConfig]):
     def setup_model_side(self, model_dir: Path | None = None) -> None:
         """Tokenizer, model config, precision check and collator.
 
-        Raises:
-            UserError: unreachable Hub model, T5 with fp16, ``model.encoder_mlm`` impossible.
-
         Args:
             model_dir: a trained model folder to use instead of ``model.*`` (evaluate / predict);
                 its ``summarization.json`` supplies the source prefix it was trained with.
+
+        Raises:
+            UserError: unreachable Hub model, T5 with fp16, ``model.encoder_mlm`` impossible.
         """
         cfg = self.cfg
         if model_dir is not None:
