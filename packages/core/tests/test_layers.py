@@ -1,6 +1,6 @@
 """core's layers import one way, and a checkpoint names no core module.
 
-The layers, lowest first (``tools/layer_core.py`` puts every module into one)::
+The layers, lowest first (``core.LAYERS``; every module sits in one)::
 
     errors -> config -> nn -> run -> parallel -> task -> engine -> sweep, report -> commands
 
@@ -14,7 +14,6 @@ are not counted.
 from __future__ import annotations
 
 import ast
-import importlib.util
 import pickletools
 import zipfile
 from dataclasses import dataclass
@@ -23,19 +22,7 @@ from pathlib import Path
 import core
 
 CORE = Path(core.__file__).resolve().parent
-SCRIPT = Path(__file__).resolve().parents[3] / "tools" / "layer_core.py"
-
-
-def load_script():
-    """``tools/layer_core.py`` as a module: its table is the layout, its LAYERS the order."""
-    spec = importlib.util.spec_from_file_location("layer_core", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-LAYER_CORE = load_script()
-LAYERS: list[tuple[str, ...]] = LAYER_CORE.LAYERS
+LAYERS: list[tuple[str, ...]] = core.LAYERS
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 ANY = "testing"  # may import every layer; imported by none
 
@@ -140,7 +127,7 @@ def cycles(edges: list[Edge]) -> list[list[str]]:
 
 def test_every_core_module_sits_in_a_layer():
     _, homeless = core_edges()
-    assert not homeless, f"modules in no layer (see tools/layer_core.py): {homeless}"
+    assert not homeless, f"modules in no layer (see core.LAYERS): {homeless}"
 
 
 def test_no_upward_import_and_no_cycle_between_layers():
@@ -222,60 +209,3 @@ def test_a_toy_checkpoint_names_no_core_module(run_toy):
     }
     named = {k: v for k, v in named.items() if v}
     assert not named, f"checkpoint files that pickle core classes: {named}"
-
-
-# ------------------------------------------------------------------------------------------------
-# The move script itself.
-
-BEFORE = """\
-from core import fsdp, __version__
-from core.config import load_config
-import core.checkpoint as checkpoint
-monkeypatch.setattr("core.trainer.time.sleep", fake)  # see core.trainer.
-cmd = [sys.executable, "-m", "core.testing", "train"]
-from core.testing import ToyTask
-Self-check: ``python -m core.strategy``; a task: ``core.task.Task``; core.tasks stays.
-train = "core.launcher:train"
-[project.entry-points."core.tasks"]
-WHEEL = ["core/settings.py", "core/slurm/env.sh", "core/sweep.py"]
-"""
-AFTER = """\
-from core import __version__
-from core.parallel import fsdp
-from core.config.loader import load_config
-import core.parallel.checkpoint as checkpoint
-monkeypatch.setattr("core.engine.trainer.time.sleep", fake)  # see core.engine.trainer.
-cmd = [sys.executable, "-m", "core.testing", "train"]
-from core.testing.toy import ToyTask
-Self-check: ``python -m core.parallel.strategy``; a task: ``core.task.base.Task``; core.tasks stays.
-train = "core.commands.launcher:train"
-[project.entry-points."core.tasks"]
-WHEEL = ["core/config/schema.py", "core/slurm/env.sh", "core/sweep.py"]
-"""
-
-
-def test_the_move_script_rewrites_every_form_once():
-    active = {old: new for old, new in LAYER_CORE.MOVES.items() if old != new}
-
-    def rewrite(text: str) -> str:
-        return LAYER_CORE.rewrite_dotted(LAYER_CORE.split_from_core(text, active), active)
-
-    assert rewrite(BEFORE) == AFTER
-    assert rewrite(AFTER) == AFTER, "a second run must change nothing"
-
-
-def test_the_move_script_wraps_what_a_longer_name_pushed_past_100_columns():
-    doc = "One line that names core.parallel.checkpoint.CheckpointManager" + " and on" * 5
-    comment = (
-        "core.parallel.fsdp.parallelize compiles the units, after the activation and checkpointing"
-    )
-    source = f'def f():\n    """{doc}."""\n    return 1  # {comment}\n'
-    assert [len(line) > 100 for line in source.splitlines()] == [False, True, True]
-    wrapped = LAYER_CORE.rewrap(source, ".py")
-    assert max(len(line) for line in wrapped.splitlines()) <= 100
-    assert wrapped.splitlines()[-2:] == [
-        f"    return 1  # {comment.removesuffix(' checkpointing')}",
-        "    # checkpointing",
-    ]
-    compile(wrapped, "wrapped.py", "exec")
-    assert LAYER_CORE.rewrap(wrapped, ".py") == wrapped

@@ -16,7 +16,7 @@ from core.task.base import IGNORE_INDEX, per_sample_loss
 from lora_llm.config import LoraSettings, ModelConfig, QuantConfig, TinyModelConfig
 from lora_llm.data import PackedDataset, collate, flatten_batch
 from lora_llm.model import add_adapter, build_tiny_base, load_base, merge_and_check
-from lora_llm.task import LoraLLMTask, call_model, forward_logits
+from lora_llm.task import LoraLLMTask, call_model
 
 CPU = torch.device("cpu")
 
@@ -123,7 +123,9 @@ def test_a_padding_free_batch_gives_each_sample_its_own_loss(
     for j in order:
         single = collate([{"index": 0, **samples[j]}], tokenizer.pad_token_id)
         with torch.no_grad():
-            sums, _ = per_sample_loss(forward_logits(model, single), single["labels"], shift=True)
+            sums, _ = per_sample_loss(
+                call_model(model, single).logits, single["labels"], shift=True
+            )
         alone.append(float(sums[0]))
     got = per_sample_from_flat_row(model, flat)
     assert len(got) == len(alone)
@@ -160,7 +162,7 @@ def test_padding_free_with_flash_attention_varlen_on_a_gpu(tiny_base, tokenizer)
     for s in samples:
         single = {k: v.cuda() for k, v in collate([{"index": 0, **s}], 0).items()}
         with torch.no_grad():
-            logits = forward_logits(model, single)
+            logits = call_model(model, single).logits
             alone.append(float(per_sample_loss(logits, single["labels"], shift=True)[0][0]))
     assert got == pytest.approx(alone, rel=2e-2)
 

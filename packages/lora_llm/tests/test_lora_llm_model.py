@@ -17,7 +17,7 @@ from lora_llm.config import LoraLLMConfig, LoraSettings, ModelConfig, QuantConfi
 from lora_llm.data import Encoder, PackedDataset, Record, collate, encode_records
 from lora_llm.memory import activation_bytes, estimate
 from lora_llm.model import add_adapter, build_tiny_base, load_base, parameter_counts
-from lora_llm.task import LoraLLMTask, check_packing, forward_logits
+from lora_llm.task import LoraLLMTask, call_model, check_packing
 
 CPU = torch.device("cpu")
 
@@ -83,7 +83,7 @@ def test_packed_samples_never_see_each_other(tokenizer, tiny_base, tiny_gpt2, ar
     assert any(len(row) > 1 for row in packed.rows)
     batch = collate([packed[i] for i in range(len(packed))], tokenizer.pad_token_id)
     with torch.no_grad():
-        logits = forward_logits(model, batch)
+        logits = call_model(model, batch).logits
         worst = 0.0
         for r, row in enumerate(packed.rows):
             offset = 0
@@ -100,7 +100,7 @@ def test_packed_samples_never_see_each_other(tokenizer, tiny_base, tiny_gpt2, ar
         ).logits
     assert worst < 1e-4, worst
     assert float((leaky - logits).abs().max()) > 1e-2
-    # With a KV cache transformers skips the packed-sequence mask: forward_logits must not use one.
+    # With a KV cache transformers skips the packed-sequence mask: call_model must not use one.
     with torch.no_grad():
         cached = model(
             input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=True
@@ -115,7 +115,9 @@ def test_packed_samples_never_see_each_other(tokenizer, tiny_base, tiny_gpt2, ar
         for e in examples
     ]
     with torch.no_grad():
-        parts = [token_loss_sum(forward_logits(model, b), b["labels"], shift=True) for b in singles]
+        parts = [
+            token_loss_sum(call_model(model, b).logits, b["labels"], shift=True) for b in singles
+        ]
     assert int(packed_loss.num_tokens) == sum(int(p.num_tokens) for p in parts)
     assert float(packed_loss.loss_sum) == pytest.approx(
         sum(float(p.loss_sum) for p in parts), rel=1e-4

@@ -180,7 +180,7 @@ def test_training_loss_from_kept_positions_equals_the_full_logits_loss(
     from qwen_vl.task import QwenVLTask
 
     task = QwenVLTask(tiny_config())
-    task.prepare()
+    task.setup_model_side()
     model = build_model(ModelConfig(), processor, gradient_checkpointing=False)
     batch = collated(processor, tmp_path)
     out = task.training_step(model, batch)

@@ -10,20 +10,50 @@ Read in this order: ``config.schema`` (config groups) -> ``task.base`` (what a t
 ``engine.trainer`` (the Fabric loop) -> ``parallel.checkpoint`` / ``run`` (what a run writes) ->
 ``commands`` (the command-line contract).
 
-Importing ``core`` itself is cheap; torch loads with the submodules that need it.
+Importing ``core`` itself is cheap; torch loads with the submodules that need it. Each layer's
+``__init__`` lists its public names by module (:func:`lazy_exports`): ``from core.run import X``
+loads X's module on first use; importing the layer alone loads nothing.
 """
+
+from typing import Any
 
 __version__ = "0.1.0"
 
 
-def lazy_exports(package: str, home: dict[str, str]):
-    """``__getattr__`` for a layer's ``__init__``: ``home`` maps each public name to its module
-    in ``package``, imported the first time the name is asked for."""
+LAYERS: list[tuple[str, ...]] = [
+    ("errors",),
+    ("config",),
+    ("nn",),
+    ("run",),
+    ("parallel",),
+    ("task",),
+    ("engine",),
+    ("sweep", "report"),
+    ("commands",),
+]
+"""The layers, lowest first: a module may import from its own layer and the layers before it;
+layers in one tuple share a rank and must not import each other in a cycle. ``testing`` is outside
+the order: it may import every layer, and no layer imports it (a self-check block may)."""
+
+
+def lazy_exports(package: str, names: dict[str, str]) -> tuple[list[str], Any]:
+    """``__all__`` and ``__getattr__`` of a layer's ``__init__``.
+
+    Args:
+        package: the layer's dotted name (``__name__``).
+        names: module of the layer -> its public names, separated by spaces.
+
+    Returns:
+        ``(__all__, __getattr__)``: the sorted names, and the module-level ``__getattr__`` that
+        imports a name's module the first time the name is asked for.
+    """
     import importlib
 
-    def __getattr__(name: str):
+    home = {name: module for module, listed in names.items() for name in listed.split()}
+
+    def __getattr__(name: str) -> Any:
         if name in home:
             return getattr(importlib.import_module(f"{package}.{home[name]}"), name)
         raise AttributeError(f"module {package!r} has no attribute {name!r}")
 
-    return __getattr__
+    return sorted(home), __getattr__

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from core.config.schema import LossConfig, TrainConfig
+from core.config.schema import LoraConfig as CoreLoraConfig
+from core.config.schema import LossConfig, TrainConfig, check_at_least
 from core.errors import ConfigError
 
 PRESETS_DIR = Path(__file__).parent / "presets"
@@ -90,10 +91,7 @@ class DataConfig:
                 "Config key 'data.train_files' is empty: give at least one data file, dataset id "
                 "or sample:en."
             )
-        if self.max_length < 8:
-            raise ConfigError(
-                f"Config key 'data.max_length' must be at least 8, got {self.max_length}."
-            )
+        check_at_least("data", self, 8, "max_length")
         if not 1 <= self.min_response_tokens < self.max_length:
             raise ConfigError(
                 "Config key 'data.min_response_tokens' must be in [1, data.max_length), got "
@@ -104,10 +102,7 @@ class DataConfig:
                 "Config key 'data.val_size' must be 0, a fraction below 1, or a whole record "
                 f"count; got {self.val_size}."
             )
-        if self.max_samples is not None and self.max_samples < 1:
-            raise ConfigError(
-                f"Config key 'data.max_samples' must be at least 1 or null, got {self.max_samples}."
-            )
+        check_at_least("data", self, 1, "max_samples")
 
 
 @dataclass
@@ -164,16 +159,11 @@ class ModelConfig:
 
 
 @dataclass
-class LoraConfig:
-    """The LoRA adapter (peft ``LoraConfig``)."""
+class LoraConfig(CoreLoraConfig):
+    """The LoRA adapter (peft ``LoraConfig``; the shared fields are core's)."""
 
-    r: int = 8
-    """Rank of the low-rank update."""
-    alpha: float = 16.0
-    """Scaling numerator: the update is multiplied by ``alpha / r`` (``alpha / sqrt(r)`` with
-    rsLoRA)."""
-    dropout: float = 0.05
-    """Dropout on the adapter's input."""
+    TARGETS_EXAMPLE = "[q_proj, v_proj] or [all-linear]"
+
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
     )
@@ -181,28 +171,6 @@ class LoraConfig:
     adapts every linear layer except the output head."""
     bias: Literal["none", "all", "lora_only"] = "none"
     """Which biases train along with the adapters."""
-    use_rslora: bool = False
-    """Rank-stabilised scaling ``alpha / sqrt(r)``."""
-    use_dora: bool = False
-    """DoRA (weight-decomposed LoRA, peft): each adapted weight is split into a trained magnitude
-    per output feature and a direction that the low-rank update turns. Adds ``out_features``
-    trainable values per adapted layer and one more matrix product per forward (the base weight's
-    column norms, recomputed from the dequantized weight under QLoRA); ``merge`` folds it in like
-    LoRA."""
-
-    def __post_init__(self) -> None:
-        """Range checks (``ConfigError`` names the key)."""
-        if self.r < 1:
-            raise ConfigError(f"Config key 'lora.r' must be at least 1, got {self.r}.")
-        if self.alpha <= 0:
-            raise ConfigError(f"Config key 'lora.alpha' must be positive, got {self.alpha}.")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"Config key 'lora.dropout' must be in [0, 1), got {self.dropout}.")
-        if not self.target_modules:
-            raise ConfigError(
-                "Config key 'lora.target_modules' is empty: name the layers to adapt, e.g. "
-                "[q_proj, v_proj] or [all-linear]."
-            )
 
 
 @dataclass
@@ -261,20 +229,14 @@ class LoraLLMConfig(TrainConfig):
 LoraSettings = LoraConfig
 
 if __name__ == "__main__":  # self-check: python -m lora_llm.config
-    from core.config.loader import iter_keys, load_config
+    from core.config.loader import load_config
+    from core.testing.checks import check_config, refused
 
-    missing = [key for key, _, doc in iter_keys(LoraLLMConfig) if not doc]
-    assert not missing, f"fields without a docstring: {missing}"
+    check_config(LoraLLMConfig, PRESETS_DIR, DEFAULT_PRESET)
     cfg = load_config(
         LoraLLMConfig, overrides=["lora.r=16", "quant.bits=null", "data.train_files=[a.jsonl]"]
     )
     assert cfg.lora.r == 16 and cfg.quant.bits is None and cfg.data.train_files == ["a.jsonl"]
-    try:
-        load_config(LoraLLMConfig, overrides=["trainer.strategy=fsdp"])
-    except ConfigError as err:
-        print("fsdp + 4-bit refused:", str(err)[:60], "...")
-    else:
-        raise AssertionError("QLoRA + FSDP must be refused")
-    assert (PRESETS_DIR / f"{DEFAULT_PRESET}.yaml").is_file()
-    print(f"{sum(1 for _ in iter_keys(LoraLLMConfig))} keys, all documented")
+    refused(lambda: load_config(LoraLLMConfig, overrides=["trainer.strategy=fsdp"]), "FSDP")
+    refused(lambda: load_config(LoraLLMConfig, overrides=["lora.r=0"]), "'lora.r'")
     print("lora_llm.config: ok")

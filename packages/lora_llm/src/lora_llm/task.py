@@ -25,14 +25,7 @@ import torch
 from torch import nn
 
 from core.errors import ConfigError, UserError
-from core.task.base import (
-    StepOutput,
-    Task,
-    chunked_per_sample_loss,
-    chunked_token_loss_sum,
-    per_sample_loss,
-    token_loss_sum,
-)
+from core.task.base import StepOutput, Task
 from core.task.hub import ensure_available
 from lora_llm import __version__
 from lora_llm.config import LoraLLMConfig, ModelConfig, QuantConfig
@@ -65,20 +58,6 @@ from lora_llm.model import (
 )
 
 log = logging.getLogger(__name__)
-
-
-def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits of a batch from :func:`lora_llm.data.collate`.
-
-    Args:
-        model: the (wrapped) causal LM.
-        batch: ``input_ids`` / ``attention_mask`` ``(batch, seq)``, and ``position_ids``
-            ``(batch, seq)`` for packed rows.
-
-    Returns:
-        ``(batch, seq, vocab)`` logits (under :func:`core.nn.loss.head_loss`: the loss instead).
-    """
-    return call_model(model, batch).logits
 
 
 def call_model(model: nn.Module, batch: dict[str, torch.Tensor]) -> Any:
@@ -144,12 +123,8 @@ def check_packing(model: nn.Module, pad_id: int) -> float:
     return diff
 
 
-class LoraLLMTask(Task):
-    """LoRA / QLoRA supervised fine-tuning of a causal LM on instruction or chat data.
-
-    Args:
-        cfg: the root config.
-    """
+class LoraLLMTask(Task[LoraLLMConfig]):
+    """LoRA / QLoRA supervised fine-tuning of a causal LM on instruction or chat data."""
 
     name = "lora_llm"
     shift_labels = True
@@ -157,8 +132,6 @@ class LoraLLMTask(Task):
     def __init__(self, cfg: LoraLLMConfig) -> None:
         """Keep the config; everything else happens in :meth:`setup` and :meth:`configure_model`."""
         super().__init__(cfg)
-        self.cfg: LoraLLMConfig = cfg
-        self.files: list[Path] = []
         self.stats: dict[str, EncodeStats] = {}
         # ``evaluate``: prompt ids, reference responses and record sources by dataset index.
         self.eval_prompts: list[list[int]] = []
@@ -168,8 +141,10 @@ class LoraLLMTask(Task):
 
     # -- data ----------------------------------------------------------------------------------
 
-    def setup(self) -> None:
-        """Tokenizer, records, encoding, split and packing; raises ``UserError`` for bad input."""
+    def setup_model_side(self, model_dir: Path | None = None) -> None:
+        """The config's tokenizer and prompt encoder (a trained adapter's come with
+        :meth:`load_trained`, which also takes ``--base``); raises ``UserError`` for a Hub model
+        that cannot be reached."""
         cfg = self.cfg
         self.tokenizer = load_tokenizer(cfg.model)
         if not is_tiny(cfg.model.name):
@@ -178,6 +153,10 @@ class LoraLLMTask(Task):
         self.encoder = Encoder(
             self.tokenizer, d.template, d.max_length, d.min_response_tokens, d.train_on_prompt
         )
+
+    def setup_data(self) -> None:
+        """Records, encoding, split and packing; raises ``UserError`` for bad input."""
+        d = self.cfg.data
         train_records, train_problems, val_records, val_problems = self.read_splits()
         train_examples, self.stats["train"] = encode_records(
             train_records, self.encoder, d.long_prompts, train_problems
@@ -343,22 +322,6 @@ class LoraLLMTask(Task):
             problems += bad
         return records, problems
 
-    def data_files(self) -> list[Path]:
-        """Local data files read (their sha256 go into the manifest)."""
-        return self.files
-
-    def train_dataset(self) -> SFTDataset | PackedDataset:
-        """Training samples (packed rows with ``data.packing``)."""
-        return self.train_data
-
-    def val_dataset(self) -> SFTDataset | None:
-        """Validation samples (never packed: losses are per sample)."""
-        return self.val_data
-
-    def sample_lengths(self, dataset: Any) -> list[int]:
-        """Tokens per item, for length grouping and the padding share in the logs."""
-        return dataset.lengths()
-
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """See :func:`lora_llm.data.collate`."""
         return collate(samples, self.tokenizer.pad_token_id)
@@ -390,13 +353,7 @@ class LoraLLMTask(Task):
                 "Packing check: packed vs separate logits differ by %.1e (relative)",
                 check_packing(model, self.tokenizer.pad_token_id),
             )
-        if cfg.loss.chunked:
-            from core.nn.loss import check_plain_logits
-
-            try:
-                check_plain_logits(model.config)
-            except ValueError as err:
-                raise ConfigError(f"loss.chunked=true: {err}; set loss.chunked=false.") from None
+        self.check_loss_head(model)
         if cfg.data.padding_free and cfg.model.attn_implementation != "flash_attention_2":
             log.warning(
                 "data.padding_free=true with attention %s: transformers builds a block-diagonal "
@@ -478,72 +435,49 @@ class LoraLLMTask(Task):
         """
         if self.cfg.data.padding_free:
             batch = flatten_batch(batch)
-        loss = self.cfg.loss
-        if loss.chunked:
-            return chunked_token_loss_sum(
-                model, lambda: call_model(model, batch), batch["labels"], True, loss.chunk_tokens
-            )
-        return token_loss_sum(forward_logits(model, batch), batch["labels"], shift=True)
+        return self.loss_sum(model, lambda: call_model(model, batch), batch["labels"], shift=True)
 
     def sample_losses(
         self, model: nn.Module, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample loss sums and trained-token counts, both ``(batch,)``."""
-        loss = self.cfg.loss
-        if loss.chunked:
-            return chunked_per_sample_loss(
-                model, lambda: call_model(model, batch), batch["labels"], True, loss.chunk_tokens
-            )
-        return per_sample_loss(forward_logits(model, batch), batch["labels"], shift=True)
+        labels = batch["labels"]
+        return self.sample_loss_sums(model, lambda: call_model(model, batch), labels, shift=True)
 
-    def validation_step(
-        self, model: nn.Module, batch: dict[str, torch.Tensor]
-    ) -> list[dict[str, Any]]:
-        """Per-sample loss records; in ``evaluate`` with generation also the greedy answer to each
-        prompt and its reference (all ranks generate in lockstep under sharded strategies)."""
-        records = super().validation_step(model, batch)
-        if self.eval_prompts:
-            indices = batch["index"].tolist()
-            answers = generate(
-                model,
-                self.tokenizer,
-                [self.eval_prompts[i] for i in indices],
-                max_new_tokens=self.eval_new_tokens,
-                do_sample=False,
-                batch_size=len(indices),
-                synced_gpus=self.ranks.sharded,
+    def add_predictions(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], records: list[dict[str, Any]]
+    ) -> None:
+        """In ``evaluate`` with generation: the greedy answer to each prompt, its reference and
+        source (all ranks generate in lockstep under sharded strategies)."""
+        if not self.eval_prompts:
+            return
+        indices = batch["index"].tolist()
+        answers = generate(
+            model,
+            self.tokenizer,
+            [self.eval_prompts[i] for i in indices],
+            max_new_tokens=self.eval_new_tokens,
+            do_sample=False,
+            batch_size=len(indices),
+            synced_gpus=self.ranks.sharded,
+        )
+        for record, i, answer in zip(records, indices, answers, strict=True):
+            record.update(
+                source=self.eval_sources[i], prediction=answer, reference=self.eval_references[i]
             )
-            for record, i, answer in zip(records, indices, answers, strict=True):
-                record.update(
-                    source=self.eval_sources[i],
-                    prediction=answer,
-                    reference=self.eval_references[i],
-                )
-        return records
 
     def compute_metrics(self, records: list[dict[str, Any]]) -> dict[str, float]:
         """Token-weighted loss and its perplexity; with generated answers also ROUGE-L F1 (core's
         ROUGE: Korean is scored, not dropped) and the exact-match rate against the references."""
-        tokens = sum(r["tokens"] for r in records)
-        loss = sum(r["loss_sum"] for r in records) / max(tokens, 1)
-        metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+        metrics = super().compute_metrics(records)
+        metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))
         answered = [r for r in records if "prediction" in r]
         if answered:
-            from core.task.metrics import resolve_tokenizer, rouge
+            from core.task.metrics import answer_scores
 
-            predictions, references = (
-                [r["prediction"] for r in answered],
-                [r["reference"] for r in answered],
+            metrics |= answer_scores(
+                [r["prediction"] for r in answered], [r["reference"] for r in answered]
             )
-            scores = rouge(
-                predictions,
-                [[t] for t in references],
-                tokenizer=resolve_tokenizer("auto", references),
-            )
-            metrics["rougeL"] = float(scores["rougeL"])
-            metrics["exact_match"] = sum(
-                " ".join(p.split()) == " ".join(t.split()) for p, t in zip(predictions, references)
-            ) / len(answered)
         return metrics
 
     # -- output --------------------------------------------------------------------------------
@@ -553,13 +487,12 @@ class LoraLLMTask(Task):
     ) -> None:
         """The adapter only (+ tokenizer and ``lora_llm.json``), loadable with
         ``PeftModel.from_pretrained``."""
-        model.save_pretrained(out_dir, state_dict=state_dict)
-        self.tokenizer.save_pretrained(out_dir)
+        super().save_final(model, state_dict, out_dir)
         write_settings(out_dir, self.settings())
 
     def settings(self) -> dict[str, Any]:
         """What ``infer`` and ``merge`` need to rebuild the training setup."""
-        cfg = self.cfg
+        cfg, quant, lora = self.cfg, self.cfg.quant, self.cfg.lora
         return {
             "lora_llm_version": __version__,
             "base_model": getattr(self, "base_name", cfg.model.name),
@@ -568,18 +501,13 @@ class LoraLLMTask(Task):
             "chat_source": self.encoder.chat_source,
             "max_length": cfg.data.max_length,
             "quant": {
-                "bits": cfg.quant.bits,
-                "quant_type": cfg.quant.quant_type,
-                "double_quant": cfg.quant.double_quant,
-                "compute_dtype": cfg.quant.compute_dtype,
+                k: getattr(quant, k)
+                for k in ("bits", "quant_type", "double_quant", "compute_dtype")
             },
             "model_dtype": cfg.model.dtype,
             "lora": {
-                "r": cfg.lora.r,
-                "alpha": cfg.lora.alpha,
-                "target_modules": list(cfg.lora.target_modules),
-                "use_rslora": cfg.lora.use_rslora,
-                "use_dora": cfg.lora.use_dora,
+                k: getattr(lora, k)
+                for k in ("r", "alpha", "target_modules", "use_rslora", "use_dora")
             },
         }
 
@@ -668,28 +596,15 @@ def load_for_generation(
 
 
 if __name__ == "__main__":  # self-check: python -m lora_llm.task
-    import tempfile
+    from core.testing.checks import trained_briefly
+    from lora_llm.config import PRESETS_DIR
 
-    from core.config.loader import load_config
-    from core.engine.trainer import Trainer
-    from lora_llm.config import PRESETS
-
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(
-            LoraLLMConfig,
-            "tiny",
-            [
-                f"run.root={tmp}",
-                "trainer.max_steps=3",
-                "trainer.max_epochs=null",
-                "data.max_samples=40",
-                "logger.progress_bar=false",
-                "trainer.log_every_n_steps=1",
-                "logger.plot=false",
-            ],
-            PRESETS,
-        )
-        result = Trainer(cfg, LoraLLMTask(cfg), argv=["self-check"]).fit()
-        print(result.status, result.step, result.metrics)
-        print("final/:", sorted(p.name for p in (result.run_dir / "final").iterdir()))
+    steps = ["trainer.max_steps=3", "trainer.max_epochs=null", "trainer.log_every_n_steps=1"]
+    overrides = [*steps, "data.max_samples=40"]
+    with trained_briefly(LoraLLMConfig, LoraLLMTask, overrides, "tiny", PRESETS_DIR) as result:
+        final = result.run_dir / "final"
+        assert result.status == "completed" and result.step == 3, (result.status, result.step)
+        assert (final / "adapter_model.safetensors").is_file() and (
+            final / "lora_llm.json"
+        ).is_file()
     print("lora_llm.task: ok")

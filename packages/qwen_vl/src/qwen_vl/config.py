@@ -13,18 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from core.config.schema import LossConfig, TrainConfig
+from core.config.schema import LoraConfig as CoreLoraConfig
+from core.config.schema import LossConfig, TrainConfig, check_at_least, check_positive
 from core.errors import ConfigError
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 """The YAML presets shipped in the package."""
 DEFAULT_PRESET = "tiny"
 """Preset of ``train`` without ``-c`` (offline; the built-in counting data, drawn on first use)."""
-
-# Qwen2.5-VL's own limits: at least 4 vision tokens per image, at most 16384 (factor 28 = patch 14 x
-# merge 2).
-QWEN_MIN_PIXELS = 4 * 28 * 28
-"""Smallest image area Qwen2.5-VL's processor resizes to by default (4 vision tokens)."""
 
 
 @dataclass
@@ -66,12 +62,9 @@ class DataConfig:
     (``You are a helpful assistant.``)."""
 
     def __post_init__(self) -> None:
-        for key, value in (
-            ("data.min_pixels", self.min_pixels),
-            ("data.max_pixels", self.max_pixels),
-        ):
-            if value is not None and value < 1:
-                raise ConfigError(f"Config key '{key}' must be positive or null, got {value}.")
+        """Range checks; a bad value raises ``ConfigError`` naming the key."""
+        check_positive("data", self, "min_pixels", "max_pixels", "max_source_pixels")
+        check_at_least("data", self, 8, "max_length")
         if (
             self.min_pixels is not None
             and self.max_pixels is not None
@@ -81,31 +74,17 @@ class DataConfig:
                 f"Config key 'data.min_pixels' ({self.min_pixels}) is larger than "
                 f"'data.max_pixels' ({self.max_pixels})."
             )
-        if self.max_length is not None and self.max_length < 8:
-            raise ConfigError(
-                f"Config key 'data.max_length' must be at least 8 or null, got {self.max_length}."
-            )
-        if self.max_source_pixels < 1:
-            raise ConfigError(
-                "Config key 'data.max_source_pixels' must be positive, got "
-                f"{self.max_source_pixels}."
-            )
 
 
 @dataclass
-class LoraConfig:
-    """Optional LoRA adapters on the language model (peft); the vision tower never gets adapters."""
+class LoraConfig(CoreLoraConfig):
+    """Optional LoRA adapters on the language model (peft; the shared fields are core's); the
+    vision tower never gets adapters."""
 
-    enabled: bool = False
-    """Train LoRA adapters instead of the language model's weights (needs ``model.train_llm=true``).
-    ``final/`` holds the merged model (plain ``from_pretrained``) and the adapter in
-    ``final/adapter``."""
-    r: int = 8
-    """Adapter rank."""
+    KEY = "model.lora"
+
     alpha: int = 16
     """Adapter scaling numerator (scale = alpha / r)."""
-    dropout: float = 0.05
-    """Dropout on the adapter input."""
     target_modules: list[str] = field(
         default_factory=lambda: [
             "q_proj",
@@ -119,27 +98,10 @@ class LoraConfig:
     )
     """Linear layers of the language model that get adapters (names inside its decoder layers;
     the vision tower's layers of the same names are excluded)."""
-    use_rslora: bool = False
-    """Rank-stabilised scaling ``alpha / sqrt(r)`` (peft's rsLoRA) instead of ``alpha / r``."""
-    use_dora: bool = False
-    """DoRA (weight-decomposed LoRA, peft): a trained magnitude per output feature besides the
-    low-rank direction update; merged into ``final/`` like LoRA."""
-
-    def __post_init__(self) -> None:
-        if self.r < 1 or self.alpha < 1:
-            raise ConfigError(
-                "Config keys 'model.lora.r' and 'model.lora.alpha' must be at least 1, got "
-                f"{self.r}, {self.alpha}."
-            )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(
-                f"Config key 'model.lora.dropout' must be in [0, 1), got {self.dropout}."
-            )
-        if not self.target_modules:
-            raise ConfigError(
-                "Config key 'model.lora.target_modules' is empty; name at least one layer, e.g. "
-                "[q_proj,v_proj]."
-            )
+    enabled: bool = False
+    """Train LoRA adapters instead of the language model's weights (needs ``model.train_llm=true``).
+    ``final/`` holds the merged model (plain ``from_pretrained``) and the adapter in
+    ``final/adapter``."""
 
 
 @dataclass
@@ -230,13 +192,7 @@ class ModelConfig:
                 "train do nothing. Set model.train_llm=true (the base weights stay frozen) or "
                 "model.lora.enabled=false."
             )
-        for key, value in (
-            ("model.lr_vision", self.lr_vision),
-            ("model.lr_merger", self.lr_merger),
-            ("model.lr_llm", self.lr_llm),
-        ):
-            if value is not None and value <= 0:
-                raise ConfigError(f"Config key '{key}' must be positive or null, got {value}.")
+        check_positive("model", self, "lr_vision", "lr_merger", "lr_llm")
 
 
 @dataclass
@@ -250,11 +206,8 @@ class GenerationConfig:
     absolute error of the parsed count); false: validation loss only (faster)."""
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ConfigError(
-                "Config key 'generation.max_new_tokens' must be at least 1, got "
-                f"{self.max_new_tokens}."
-            )
+        """Range check; a bad value raises ``ConfigError`` naming the key."""
+        check_at_least("generation", self, 1, "max_new_tokens")
 
 
 @dataclass
@@ -274,25 +227,17 @@ class QwenVLConfig(TrainConfig):
 # The older class names (code written before the *Config naming).
 LoraSettings = LoraConfig
 TinyModel = TinyModelConfig
-GenerationSettings = GenerationConfig
 
 if __name__ == "__main__":  # self-check: python -m qwen_vl.config
-    from core.config.loader import iter_keys, load_config
+    from core.config.loader import load_config
+    from core.testing.checks import check_config, refused
 
-    missing = [key for key, _, doc in iter_keys(QwenVLConfig) if not doc]
-    assert not missing, f"fields without a docstring: {missing}"
+    check_config(QwenVLConfig, PRESETS_DIR, DEFAULT_PRESET)
     cfg = load_config(QwenVLConfig, overrides=["data.max_pixels=12544", "model.lr_merger=1e-4"])
     assert cfg.data.max_pixels == 12544 and cfg.model.lr_merger == 1e-4
-    try:
-        load_config(QwenVLConfig, overrides=["trainer.strategy=fsdp", "fsdp.use_orig_params=false"])
-        raise AssertionError("an FSDP1 key must fail")
-    except ConfigError as err:
-        print("retired key:", err)
-    try:
-        load_config(QwenVLConfig, overrides=["model.lora.enabled=true", "model.train_llm=false"])
-        raise AssertionError("LoRA without train_llm must fail")
-    except ConfigError as err:
-        print("rejected as expected:", str(err)[:80], "...")
-    assert (PRESETS_DIR / f"{DEFAULT_PRESET}.yaml").is_file()
-    print(f"{sum(1 for _ in iter_keys(QwenVLConfig))} keys, all documented")
+    fsdp1 = ["trainer.strategy=fsdp", "fsdp.use_orig_params=false"]
+    refused(lambda: load_config(QwenVLConfig, overrides=fsdp1), "use_orig_params")
+    no_llm = ["model.lora.enabled=true", "model.train_llm=false"]
+    refused(lambda: load_config(QwenVLConfig, overrides=no_llm), "model.train_llm")
+    refused(lambda: load_config(QwenVLConfig, overrides=["model.lora.r=0"]), "'model.lora.r'")
     print("qwen_vl.config: ok")

@@ -8,11 +8,11 @@
   vision and prompt tokens that make up most of a sequence.
   Batches without images carry a masked dummy image (:class:`qwen_vl.data.Collator`), so every
   rank runs the vision tower every step: FSDP does not hang and DDP sees no unused parameters.
-- ``validation_step``: per-sample loss, plus greedy answers from the prompts (left-padded) whose
-  parsed counts give ``count_accuracy`` / ``count_mae``; records carry their index, so the
-  engine gathers them from all ranks exactly as one process would see them. Under FSDP2 (or
-  DeepSpeed stage 3) ``generate`` runs with ``synced_gpus`` (``self.ranks.sharded``) so ranks
-  that finish early keep joining the all-gathers.
+- ``validation_step``: per-sample loss, plus greedy answers (``add_predictions``) from the
+  prompts (left-padded) whose parsed counts give ``count_accuracy`` / ``count_mae``; records carry
+  their index, so the engine gathers them from all ranks exactly as one process would see them.
+  Under FSDP2 (or DeepSpeed stage 3) ``generate`` runs with ``synced_gpus``
+  (``self.ranks.sharded``) so ranks that finish early keep joining the all-gathers.
 - ``fsdp_wrap_classes``: decoder layers and vision blocks (also the activation-checkpointing units).
 - ``parameter_groups``: vision / merger / llm with their own learning rates.
 - ``save_final``: merged weights + processor, loadable with plain ``from_pretrained``.
@@ -29,16 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from core.errors import ConfigError, UserError
-from core.task.base import (
-    IGNORE_INDEX,
-    StepOutput,
-    Task,
-    chunked_per_sample_loss,
-    chunked_token_loss_sum,
-    per_sample_loss,
-    token_loss_sum,
-)
+from core.errors import UserError
+from core.task.base import IGNORE_INDEX, StepOutput, Task
 from qwen_vl import __version__
 from qwen_vl.config import QwenVLConfig
 from qwen_vl.data import Collator, ConversationData, Encoder, load_conversations
@@ -67,29 +59,20 @@ MODEL_INPUTS = (
 """Batch keys the model's forward takes."""
 
 
-class QwenVLTask(Task):
-    """Fine-tunes Qwen2.5-VL on conversations with images (see the module docstring).
-
-    Args:
-        cfg: the root config.
-    """
+class QwenVLTask(Task[QwenVLConfig]):
+    """Fine-tunes Qwen2.5-VL on conversations with images (see the module docstring)."""
 
     name = "qwen_vl"
     shift_labels = True
-
-    def __init__(self, cfg: QwenVLConfig) -> None:
-        super().__init__(cfg)
-        self.cfg: QwenVLConfig = cfg
-        self.train_data: ConversationData | None = None
-        self.val_data: ConversationData | None = None
-        #: the data set ``validation_step`` reads references from (validation or ``evaluate`` data)
-        self.eval_data: ConversationData | None = None
-        self._dtypes_checked = False
+    #: the data set ``validation_step`` reads references from (validation or ``evaluate`` data)
+    eval_data: ConversationData | None = None
+    _dtypes_checked = False
 
     # -- data ----------------------------------------------------------------------------------
 
-    def prepare(self) -> None:
-        """Load the processor and set the pixel limits (no data yet).
+    def setup_model_side(self, model_dir: Path | None = None) -> None:
+        """Load the processor and set the pixel limits (no data yet); a trained model's own
+        processor once :meth:`configure_for_model` pointed ``model.name`` at ``model_dir``.
 
         Raises:
             UserError: the model or processor cannot be loaded here (offline Hub id, missing
@@ -146,13 +129,12 @@ class QwenVLTask(Task):
         )
         return data
 
-    def setup(self) -> None:
-        """Processor, then every record of the training and validation files, validated.
+    def setup_data(self) -> None:
+        """Every record of the training and validation files, validated.
 
         Raises:
             UserError: no training file, or a bad record (named by id, file and line).
         """
-        self.prepare()
         d = self.cfg.data
         if d.train_file is None:
             raise UserError(
@@ -188,24 +170,6 @@ class QwenVLTask(Task):
             f for data in (self.train_data, self.val_data) if data is not None for f in data.files
         ]
 
-    def train_dataset(self) -> ConversationData:
-        """The training conversations."""
-        assert self.train_data is not None, "setup() first"
-        return self.train_data
-
-    def val_dataset(self) -> ConversationData | None:
-        """The validation conversations, if ``data.val_file`` is set."""
-        return self.val_data
-
-    def sample_lengths(self, dataset: ConversationData) -> list[int]:
-        """Exact token counts (text + vision tokens), known from the image sizes without
-        decoding."""
-        return dataset.lengths
-
-    def collate(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """See :class:`qwen_vl.data.Collator`."""
-        return self.collator(samples)
-
     # -- model ---------------------------------------------------------------------------------
 
     def configure_model(self) -> nn.Module:
@@ -221,13 +185,7 @@ class QwenVLTask(Task):
             checkpointing = False
         model = build_model(m, self.processor, gradient_checkpointing=checkpointing)
         check_dtypes(model, expected_param_dtype(tc.precision))
-        if self.cfg.loss.chunked:
-            from core.nn.loss import check_plain_logits
-
-            try:
-                check_plain_logits(model.config)
-            except ValueError as err:
-                raise ConfigError(f"loss.chunked=true: {err}; set loss.chunked=false.") from None
+        self.check_loss_head(model)
         return model
 
     def parameter_groups(self, model: nn.Module) -> list[dict[str, Any]]:
@@ -264,7 +222,7 @@ class QwenVLTask(Task):
 
     def load_trained(self, model_dir: Path, options: Any, fabric: Any) -> nn.Module:
         """The model's processor, then the model (``model.name`` is ``model_dir``)."""
-        self.prepare()
+        self.setup_model_side(model_dir)
         with fabric.init_module(empty_init=False):
             return self.configure_model()
 
@@ -308,29 +266,14 @@ class QwenVLTask(Task):
 
     # -- steps ---------------------------------------------------------------------------------
 
-    def forward(
-        self, model: nn.Module, batch: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits at the positions that predict a label, and those labels.
+    def kept_targets(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The positions that predict a label in some row, and those labels.
 
         Only answer tokens are labels, and most of a sequence is vision and prompt tokens, so
         the language-model head (``hidden x vocab``, 152k columns for Qwen) runs only at the
         positions ``t`` whose next token ``t+1`` is a label in some row of the batch
-        (``logits_to_keep``), not over the whole ``(B, T, vocab)``.
-
-        Args:
-            model: the (Fabric-wrapped) model.
-            batch: a :class:`qwen_vl.data.Collator` batch on the device.
-
-        Returns:
-            ``(logits, targets)``: ``(B, K, vocab)`` and ``(B, K)`` (``-100`` where a row has no
-            label at a kept position); already shifted, so the loss takes them as they are.
-        """
-        keep, targets = self.kept_targets(batch)
-        return self.call(model, batch, keep).logits, targets
-
-    def kept_targets(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The positions that predict a label in some row, and those labels.
+        (``logits_to_keep``), not over the whole ``(B, T, vocab)``; the targets are already
+        shifted, so the loss takes them as they are (``-100`` where a row has no label).
 
         Returns:
             ``(keep, targets)``: ``(K,)`` positions and ``(B, K)`` labels of ``keep + 1``.
@@ -353,17 +296,15 @@ class QwenVLTask(Task):
         if not self._dtypes_checked:  # also after a resume: the loaded weights keep one dtype
             check_dtypes(model, expected_param_dtype(self.cfg.trainer.precision))
             self._dtypes_checked = True
-        if self.cfg.loss.chunked:  # the head computes the loss in chunks (core.nn.loss)
-            keep, targets = self.kept_targets(batch)
-            return chunked_token_loss_sum(
-                model,
-                lambda: self.call(model, batch, keep),
-                targets,
-                False,
-                self.cfg.loss.chunk_tokens,
-            )
-        logits, targets = self.forward(model, batch)
-        return token_loss_sum(logits, targets, shift=False)
+        keep, targets = self.kept_targets(batch)
+        return self.loss_sum(model, lambda: self.call(model, batch, keep), targets, shift=False)
+
+    def sample_losses(
+        self, model: nn.Module, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample loss sums and answer-token counts, both ``(B,)``."""
+        keep, targets = self.kept_targets(batch)
+        return self.sample_loss_sums(model, lambda: self.call(model, batch, keep), targets, False)
 
     def generate(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> list[str]:
         """Greedy answers to the prompts of a batch (the conversation up to its last answer).
@@ -391,41 +332,19 @@ class QwenVLTask(Task):
             out[:, prompt.shape[1] :], skip_special_tokens=True
         )
 
-    def validation_step(
-        self, model: nn.Module, batch: dict[str, torch.Tensor]
-    ) -> list[dict[str, Any]]:
-        """Per-sample loss records, with the generated answer and the reference when generating.
-
-        Returns:
-            ``[{"index", "loss_sum", "tokens"[, "prediction", "reference", "id"]}, ...]``.
-        """
-        if self.cfg.loss.chunked:
-            keep, targets = self.kept_targets(batch)
-            sums, counts = chunked_per_sample_loss(
-                model,
-                lambda: self.call(model, batch, keep),
-                targets,
-                False,
-                self.cfg.loss.chunk_tokens,
-            )
-        else:
-            sums, counts = per_sample_loss(*self.forward(model, batch), shift=False)
-        indices = batch["index"].tolist()
-        records = [
-            {"index": int(i), "loss_sum": float(s), "tokens": int(c)}
-            for i, s, c in zip(indices, sums.tolist(), counts.tolist())
-        ]
+    def add_predictions(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], records: list[dict[str, Any]]
+    ) -> None:
+        """When generating: the answer, the reference and the record ``id`` of each sample."""
         if "gen_input_ids" in batch and self.eval_data is not None:
             for record, answer in zip(records, self.generate(model, batch)):
                 conv = self.eval_data.conversations[record["index"]]
                 record.update(prediction=answer.strip(), reference=conv.reference, id=conv.id)
-        return records
 
     def compute_metrics(self, records: list[dict[str, Any]]) -> dict[str, float]:
         """``loss`` (token-weighted), and with generation ``count_accuracy``, ``count_mae``,
         ``count_parsed``, ``count_samples``."""
-        tokens = sum(r["tokens"] for r in records)
-        metrics = {"loss": sum(r["loss_sum"] for r in records) / max(tokens, 1)}
+        metrics = super().compute_metrics(records)
         answered = [r for r in records if "prediction" in r]
         if answered:
             metrics.update(
@@ -478,31 +397,15 @@ class QwenVLTask(Task):
 
 
 if __name__ == "__main__":  # self-check: python -m qwen_vl.task
-    import tempfile
-
-    from core.config.loader import load_config
-    from core.engine.trainer import Trainer
+    from core.testing.checks import trained_briefly
     from qwen_vl.synth import SynthSettings, write_dataset
 
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
+    def draw(folder: Path) -> None:
         write_dataset(folder / "data", SynthSettings(n_train=16, n_dev=4, seed=1))
-        cfg = load_config(
-            QwenVLConfig,
-            overrides=[
-                f"data.train_file={folder / 'data' / 'train.jsonl'}",
-                f"data.val_file={folder / 'data' / 'dev.jsonl'}",
-                "data.max_pixels=12544",
-                f"run.root={folder / 'runs'}",
-                "trainer.max_steps=3",
-                "trainer.batch_size=4",
-                "trainer.accelerator=cpu",
-                "logger.progress_bar=false",
-                "logger.plot=false",
-                "generation.max_new_tokens=3",
-            ],
-        )
-        result = Trainer(cfg, QwenVLTask(cfg), argv=["self-check"]).fit()
-        print(result.status, result.step, {k: round(v, 4) for k, v in result.metrics.items()})
+
+    data = ["data.train_file={tmp}/data/train.jsonl", "data.val_file={tmp}/data/dev.jsonl"]
+    small = ["data.max_pixels=12544", "trainer.batch_size=4", "generation.max_new_tokens=3"]
+    overrides = [*data, *small, "trainer.max_steps=3"]
+    with trained_briefly(QwenVLConfig, QwenVLTask, overrides, prepare=draw) as result:
         assert (result.run_dir / "final" / "model.safetensors").is_file()
     print("qwen_vl.task: ok")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from core.config.schema import CheckpointConfig, TrainConfig
+from core.config.schema import CheckpointConfig, TrainConfig, check_at_least
 from core.errors import ConfigError
 
 PACKAGE_DIR = Path(__file__).parent
@@ -68,17 +68,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         """Range checks; a bad value raises ``ConfigError`` naming the key."""
-        for key in ("max_source_length", "max_target_length"):
-            if getattr(self, key) < 8:
-                raise ConfigError(
-                    f"Config key 'data.{key}' must be at least 8, got {getattr(self, key)}."
-                )
-        for key in ("max_train_samples", "max_val_samples"):
-            value = getattr(self, key)
-            if value is not None and value < 1:
-                raise ConfigError(
-                    f"Config key 'data.{key}' must be at least 1 or null, got {value}."
-                )
+        check_at_least("data", self, 8, "max_source_length", "max_target_length")
+        check_at_least("data", self, 1, "max_train_samples", "max_val_samples")
 
     def file_for(self, split: Literal["train", "val", "test"]) -> Path:
         """The file of a split: the configured one, or the shipped sample's."""
@@ -315,28 +306,14 @@ def refuse_t5_fp16(cfg: SummarizationConfig) -> None:
 
 
 if __name__ == "__main__":  # self-check: python -m summarization.config
-    from core.config.loader import describe_keys, iter_keys, list_presets, load_config
+    from core.config.loader import load_config
+    from core.testing.checks import check_config, refused
 
-    missing = [key for key, _, doc in iter_keys(SummarizationConfig) if not doc]
-    assert not missing, f"fields without a docstring: {missing}"
-    presets = list_presets(PRESETS_DIR)
-    for preset in presets:
-        load_config(SummarizationConfig, preset, [], PRESETS_DIR)
+    check_config(SummarizationConfig, PRESETS_DIR, DEFAULT_PRESET)
     cfg = load_config(SummarizationConfig, "tiny", ["model.freeze_encoder_layers=[0]"], PRESETS_DIR)
     assert cfg.model.freeze_encoder_layers == [0] and cfg.checkpoint.monitor == "val/rougeL"
-    assert (
-        cfg.data.file_for("train").is_file()
-        and model_type_of("google/flan-t5-base") == "t5"
-        and model_type_of("facebook/bart-base") is None
-    )
-    try:
-        load_config(SummarizationConfig, "t5_small", ["trainer.precision=16-mixed"], PRESETS_DIR)
-        raise AssertionError("T5 in fp16 must be refused")
-    except ConfigError as err:
-        print("t5 + fp16 ->", str(err)[:90], "...")
-    print(describe_keys(SummarizationConfig).splitlines()[0])
-    print(
-        f"presets: {', '.join(presets)}; {sum(1 for _ in iter_keys(SummarizationConfig))} keys, "
-        "all documented"
-    )
+    assert cfg.data.file_for("train").is_file() and model_type_of("google/flan-t5-base") == "t5"
+    assert model_type_of("facebook/bart-base") is None
+    t5_fp16 = ["trainer.precision=16-mixed"]
+    refused(lambda: load_config(SummarizationConfig, "t5_small", t5_fp16, PRESETS_DIR), "T5")
     print("summarization.config: ok")

@@ -5,9 +5,9 @@ out.
   downloaded fails here), T5 + fp16 refusal, reading and checking every data row, tokenising.
 - ``training_step``: the summed token cross-entropy of the summary tokens
   (:func:`core.task.base.token_loss_sum` with ``shift=False``: seq2seq labels are already aligned).
-- ``validation_step``: per-sample loss *and* generated summaries (beams etc. from the
-  ``generation`` group); records carry ``index``, ``fname``, ``prediction`` and ``references``,
-  so the engine can gather them from every rank.
+- ``validation_step``: per-sample loss *and* generated summaries (``add_predictions``; beams etc.
+  from the ``generation`` group); records carry ``index``, ``fname``, ``prediction`` and
+  ``references``, so the engine can gather them from every rank.
 - ``compute_metrics``: validation loss, ROUGE-1/2/L/Lsum (F1, fractions in [0, 1]) and the mean
   summary length in words; the last validation's predictions go to ``val_predictions.jsonl``.
 - ``save_final``: ``save_pretrained`` of model and tokenizer, the generation settings in
@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ from torch import nn
 
 from core.errors import ConfigError
 from core.run.outputs import write_jsonl
-from core.task.base import StepOutput, Task, per_sample_loss, token_loss_sum
+from core.task.base import StepOutput, Task, no_split_classes, per_sample_loss, token_loss_sum
 from core.task.metrics import describe, resolve_tokenizer, rouge
 from summarization.config import SummarizationConfig
 from summarization.data import (
@@ -60,35 +59,25 @@ TASK_FILE = "summarization.json"
 """Written into ``final/``: what a later ``evaluate`` / ``predict`` needs besides the weights."""
 
 
-class SummarizationTask(Task):
-    """Dialogue summarization with any seq2seq model.
-
-    Args:
-        cfg: the root config.
-    """
+class SummarizationTask(Task[SummarizationConfig]):
+    """Dialogue summarization with any seq2seq model."""
 
     name = "summarization"
     shift_labels = False
-
-    def __init__(self, cfg: SummarizationConfig) -> None:
-        super().__init__(cfg)
-        self.cfg: SummarizationConfig = cfg
-        self.files: list[Path] = []
-        self.train_data: SummarizationDataset | None = None
-        self.val_data: SummarizationDataset | None = None
-        self.generation_config: Any = None
-        self.rouge_tokenizer = "default"
+    #: The ``transformers.GenerationConfig`` of every summary (:meth:`prepare_generation`).
+    generation_config: Any = None
+    #: The ROUGE word tokenizer of this run (:meth:`choose_rouge_tokenizer`).
+    rouge_tokenizer = "default"
 
     # -- data ----------------------------------------------------------------------------------
 
-    def setup(self) -> None:
-        """Tokenizer, model config and checks, then read, check and tokenise train and validation
-        rows.
+    def setup_data(self) -> None:
+        """Read, check and tokenise the train and validation rows (after
+        :meth:`setup_model_side`).
 
         Raises:
-            UserError: unreachable Hub model, T5 with fp16, or bad data (file and line named).
+            UserError: bad data (file and line named).
         """
-        self.setup_model_side()
         train_rows = self.read_split("train")
         val_rows = self.read_split("val")
         self.train_data = self.tokenize(train_rows[: self.cfg.data.max_train_samples])
@@ -114,6 +103,9 @@ class SummarizationTask(Task):
         Args:
             model_dir: a trained model folder to use instead of ``model.*`` (evaluate / predict);
                 its ``summarization.json`` supplies the source prefix it was trained with.
+
+        Raises:
+            UserError: unreachable Hub model, T5 with fp16, ``model.encoder_mlm`` impossible.
         """
         cfg = self.cfg
         if model_dir is not None:
@@ -188,26 +180,6 @@ class SummarizationTask(Task):
         texts = [r["dialogue"] for r in rows] + [ref for r in rows for ref in r["references"]]
         self.rouge_tokenizer = resolve_tokenizer(self.cfg.metric.tokenizer, texts)
 
-    def data_files(self) -> list[Path]:
-        """The local data files read (hashed into the manifest)."""
-        return list(dict.fromkeys(self.files))
-
-    def train_dataset(self) -> SummarizationDataset:
-        """Tokenised training rows."""
-        return self.train_data
-
-    def val_dataset(self) -> SummarizationDataset:
-        """Tokenised validation rows."""
-        return self.val_data
-
-    def sample_lengths(self, dataset: SummarizationDataset) -> list[int]:
-        """Source lengths in tokens (length grouping, longest-first evaluation)."""
-        return dataset.lengths()
-
-    def collate(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """See :class:`summarization.data.Seq2SeqCollator`."""
-        return self.collator(samples)
-
     # -- model ---------------------------------------------------------------------------------
 
     def configure_model(self) -> nn.Module:
@@ -262,17 +234,13 @@ class SummarizationTask(Task):
         decoder layers)."""
         from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
-        if self.cfg.model.init == "scratch":
-            config_class = scratch_config_class(self.cfg.model)
-        else:
-            config_class = type(AutoConfig.from_pretrained(self.cfg.model.name))
-        model_cls = AutoModelForSeq2SeqLM._model_mapping[config_class]
-        module = sys.modules[model_cls.__module__]
-        return {
-            getattr(module, name)
-            for name in (model_cls._no_split_modules or [])
-            if hasattr(module, name)
-        }
+        m = self.cfg.model
+        config_class = (
+            scratch_config_class(m)
+            if m.init == "scratch"
+            else type(AutoConfig.from_pretrained(m.name))
+        )
+        return no_split_classes(AutoModelForSeq2SeqLM._model_mapping[config_class])
 
     # -- steps ---------------------------------------------------------------------------------
 
@@ -363,41 +331,21 @@ class SummarizationTask(Task):
         )
         return [text.strip() for text in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
-    def validation_step(
+    def sample_losses(
         self, model: nn.Module, batch: dict[str, torch.Tensor]
-    ) -> list[dict[str, Any]]:
-        """Per-sample loss (against the first reference) and a generated summary per sample.
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample loss sums (against the first reference) and summary-token counts."""
+        return per_sample_loss(self.forward_logits(model, batch), batch["labels"], shift=False)
 
-        Returns:
-            Records ``{"index", "fname", "loss_sum", "tokens", "prediction", "references"}``.
-        """
-        sums, counts = per_sample_loss(
-            self.forward_logits(model, batch), batch["labels"], shift=False
-        )
+    def add_predictions(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], records: list[dict[str, Any]]
+    ) -> None:
+        """A generated summary per sample: records gain ``fname``, ``prediction`` and
+        ``references``."""
         predictions = self.generate(model, batch["input_ids"], batch["attention_mask"])
-        rows = self.eval_rows
-        records = []
-        for i, loss, count, prediction in zip(
-            batch["index"].tolist(), sums.tolist(), counts.tolist(), predictions
-        ):
-            row = rows[i]
-            records.append(
-                {
-                    "index": int(i),
-                    "fname": row["fname"],
-                    "loss_sum": float(loss),
-                    "tokens": int(count),
-                    "prediction": prediction,
-                    "references": row["references"],
-                }
-            )
-        return records
-
-    @property
-    def eval_rows(self) -> list[dict[str, Any]]:
-        """Rows of the dataset being evaluated (validation during training, or the ``evaluate``
-        split)."""
-        return self.val_data.rows
+        for record, prediction in zip(records, predictions, strict=True):
+            row = self.val_data.rows[record["index"]]  # validation's, or evaluate's rows
+            record.update(fname=row["fname"], prediction=prediction, references=row["references"])
 
     def compute_metrics(self, records: list[dict[str, Any]]) -> dict[str, float]:
         """Validation loss, ROUGE F1s and mean summary length over all gathered records.
@@ -405,7 +353,6 @@ class SummarizationTask(Task):
         Returns:
             ``{"loss", "rouge1", "rouge2", "rougeL", "rougeLsum", "gen_words", "samples"}``.
         """
-        tokens = sum(r["tokens"] for r in records)
         m = self.cfg.metric
         scores = rouge(
             [r["prediction"] for r in records],
@@ -414,14 +361,11 @@ class SummarizationTask(Task):
             use_stemmer=m.use_stemmer,
             multi_reference=m.multi_reference,
         )
-        if self.run_dir is not None:
-            rows = [
-                {"fname": r["fname"], "summary": r["prediction"], "references": r["references"]}
-                for r in records
-            ]
-            write_jsonl(self.run_dir / "val_predictions.jsonl", rows)  # the run's own file
+        if self.run_dir is not None:  # the run's own file, rows as evaluate writes them
+            rows = [self.evaluation_row(r) for r in records]
+            write_jsonl(self.run_dir / "val_predictions.jsonl", rows)
         return {
-            "loss": sum(r["loss_sum"] for r in records) / max(tokens, 1),
+            **super().compute_metrics(records),
             **{k: float(scores[k]) for k in ("rouge1", "rouge2", "rougeL", "rougeLsum")},
             "gen_words": sum(len(r["prediction"].split()) for r in records) / max(len(records), 1),
             "samples": float(len(records)),
@@ -434,8 +378,7 @@ class SummarizationTask(Task):
     ) -> None:
         """Model (safetensors), tokenizer, generation settings and ``summarization.json`` into
         ``out_dir``."""
-        model.save_pretrained(out_dir, state_dict=state_dict)
-        self.tokenizer.save_pretrained(out_dir)
+        super().save_final(model, state_dict, out_dir)
         if self.generation_config is not None:
             self.generation_config.save_pretrained(out_dir)
         write_task_file(out_dir, self.cfg, self.rouge_tokenizer)
@@ -552,35 +495,19 @@ def write_task_file(out_dir: Path, cfg: SummarizationConfig, rouge_tokenizer: st
 
 
 if __name__ == "__main__":  # self-check: python -m summarization.task
-    import tempfile
-
-    from core.config.loader import load_config
-    from core.engine.trainer import Trainer
+    from core.testing.checks import trained_briefly
     from summarization.config import PRESETS_DIR
 
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(
-            SummarizationConfig,
-            "tiny",
-            [
-                f"run.root={tmp}",
-                "trainer.max_steps=3",
-                "trainer.accelerator=cpu",
-                "data.max_train_samples=24",
-                "data.max_val_samples=4",
-                "model.scratch.d_model=32",
-                "model.scratch.ffn_dim=64",
-                "generation.max_new_tokens=8",
-                "logger.progress_bar=false",
-                "logger.plot=false",
-                f"data.cache_dir={tmp}/cache",
-            ],
-            PRESETS_DIR,
-        )
-        result = Trainer(cfg, SummarizationTask(cfg), argv=["self-check"]).fit()
-        print({k: round(v, 4) for k, v in result.metrics.items()})
+    small = ["model.scratch.d_model=32", "model.scratch.ffn_dim=64", "generation.max_new_tokens=8"]
+    data = ["data.max_train_samples=24", "data.max_val_samples=4", "data.cache_dir={tmp}/cache"]
+    with trained_briefly(
+        SummarizationConfig,
+        SummarizationTask,
+        ["trainer.max_steps=3", *small, *data],
+        "tiny",
+        PRESETS_DIR,
+    ) as result:
         final = result.run_dir / "final"
-        print(sorted(p.name for p in final.iterdir()))
         assert (
             (final / "model.safetensors").is_file()
             and (final / "tokenizer.json").is_file()

@@ -11,15 +11,40 @@ Self-check: ``python -m core.config.schema``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from core.errors import ConfigError
 
 Precision = Literal[
     "auto", "32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true"
 ]
+
+
+def check_at_least(group: str, settings: Any, minimum: float, *names: str) -> None:
+    """A range check for a config group's ``__post_init__``: each field in ``names`` is at least
+    ``minimum`` (or null, where its type allows None).
+
+    Raises:
+        ConfigError: ``Config key '<group>.<name>' must be at least <minimum>[ or null], got <v>.``
+    """
+    _check(group, settings, names, lambda v: v >= minimum, f"at least {minimum}")
+
+
+def check_positive(group: str, settings: Any, *names: str) -> None:
+    """Like :func:`check_at_least`: each field in ``names`` is above 0 (or null, where its type
+    allows None); the message says ``must be positive[ or null]``."""
+    _check(group, settings, names, lambda v: v > 0, "positive")
+
+
+def _check(group: str, settings: Any, names: tuple[str, ...], ok: Any, rule: str) -> None:
+    nullable = {f.name: "None" in str(f.type) for f in fields(settings)}
+    for name in names:
+        value = getattr(settings, name)
+        if value is not None and not ok(value):
+            rule += " or null" if nullable[name] else ""
+            raise ConfigError(f"Config key '{group}.{name}' must be {rule}, got {value}.")
 
 
 @dataclass
@@ -453,6 +478,48 @@ class LossConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters (peft ``LoraConfig``): the fields every task with adapters shares; a task
+    subclasses it for its own defaults and switches (``KEY`` names the group in messages)."""
+
+    KEY: ClassVar[str] = "lora"
+    TARGETS_EXAMPLE: ClassVar[str] = "[q_proj, v_proj]"
+
+    r: int = 8
+    """Rank of the low-rank update."""
+    alpha: float = 16.0
+    """Scaling numerator: the update is multiplied by ``alpha / r`` (``alpha / sqrt(r)`` with
+    rsLoRA)."""
+    dropout: float = 0.05
+    """Dropout on the adapter's input."""
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+    """Module names (or name suffixes such as ``attn.c_attn``) that get adapters."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling ``alpha / sqrt(r)`` (peft's rsLoRA) instead of ``alpha / r``."""
+    use_dora: bool = False
+    """DoRA (weight-decomposed LoRA, peft): each adapted weight is split into a trained magnitude
+    per output feature and a direction that the low-rank update turns. Adds ``out_features``
+    trainable values per adapted layer and one more matrix product per forward (the base weight's
+    column norms, recomputed from the dequantized weight under QLoRA); merged like LoRA."""
+
+    def __post_init__(self) -> None:
+        """Range checks (``ConfigError`` names the key)."""
+        check_at_least(self.KEY, self, 1, "r")
+        check_positive(self.KEY, self, "alpha")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(
+                f"Config key '{self.KEY}.dropout' must be in [0, 1), got {self.dropout}."
+            )
+        if not self.target_modules:
+            raise ConfigError(
+                f"Config key '{self.KEY}.target_modules' is empty: name the layers to adapt, "
+                f"e.g. {self.TARGETS_EXAMPLE}."
+            )
+
+
+@dataclass
 class TrainConfig:
     """The engine's part of every task's root config; task packages subclass it and add groups."""
 
@@ -484,4 +551,16 @@ if __name__ == "__main__":  # self-check: python -m core.config.schema
         f"{sum(1 for _ in iter_keys(TrainConfig))} keys, all documented; "
         f"{len(field_docs(TrainerConfig))} trainer keys"
     )
+    try:
+        check_at_least("data", LoraConfig(), 9, "r")
+        raise AssertionError("r=8 is below 9")
+    except ConfigError as err:
+        assert str(err) == "Config key 'data.r' must be at least 9, got 8.", err
+    try:
+        trainer = TrainerConfig()
+        trainer.max_steps = 0  # past TrainerConfig's own check
+        check_at_least("trainer", trainer, 1, "max_steps")
+        raise AssertionError("max_steps=0 is below 1")
+    except ConfigError as err:
+        assert "'trainer.max_steps' must be at least 1 or null, got 0." in str(err), err
     print("core.config.schema: ok")

@@ -16,7 +16,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch import nn
@@ -24,6 +24,9 @@ from torch.utils.data import Dataset
 
 from core.config.schema import TrainConfig
 from core.nn.optim import parameter_groups
+
+ConfigT = TypeVar("ConfigT", bound=TrainConfig)
+"""The root config class of a task (``Task[SummarizationConfig]`` types ``task.cfg``)."""
 
 IGNORE_INDEX = -100
 """Label value that the loss ignores (padding, prompt tokens, vision tokens)."""
@@ -147,6 +150,19 @@ def chunked_per_sample_loss(
     return losses.sum(dim=1), (targets != IGNORE_INDEX).sum(dim=1)
 
 
+def no_split_classes(model_cls: type) -> set[type[nn.Module]]:
+    """The transformer block classes of a transformers model class (its ``_no_split_modules``,
+    looked up in the class's own module): the FSDP units of :meth:`Task.fsdp_wrap_classes`."""
+    import sys
+
+    module = sys.modules[model_cls.__module__]
+    return {
+        getattr(module, name)
+        for name in (getattr(model_cls, "_no_split_modules", None) or [])
+        if hasattr(module, name)
+    }
+
+
 class Ranks:
     """What a task may know and do about the processes it runs in, given by the engine (the
     Trainer or an ``Evaluator``) after launch; without one, a single process.
@@ -220,12 +236,17 @@ class EvaluationRun:
     samples: int
 
 
-class Task(ABC):
+class Task(ABC, Generic[ConfigT]):
     """What a task package provides to the Trainer.
 
     Call order on every rank: ``setup`` -> ``train_dataset`` / ``val_dataset`` ->
     ``configure_model`` -> (``training_step`` per micro-batch, ``validation_step`` per batch,
     ``compute_metrics`` on rank 0) -> ``save_final`` on rank 0.
+
+    The defaults below are what the task packages share: a package sets ``train_data`` /
+    ``val_data`` / ``collator`` / ``files`` in :meth:`setup_data` and :meth:`setup_model_side`,
+    computes its loss through :meth:`loss_sum` / :meth:`sample_loss_sums` (plain or chunked, as
+    the config's ``loss`` group says) and adds generated text in :meth:`add_predictions`.
 
     Args:
         cfg: the task's root config (a :class:`core.config.schema.TrainConfig` subclass).
@@ -237,41 +258,63 @@ class Task(ABC):
     # never counts.
     shift_labels: bool = False
 
-    def __init__(self, cfg: TrainConfig) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: ConfigT) -> None:
+        self.cfg: ConfigT = cfg
         #: The run folder; set by the Trainer once it exists (before ``configure_model``).
         self.run_dir: Path | None = None
         #: Rank, world size, barrier and rank-zero-first; set by the engine after launch.
         self.ranks = Ranks()
+        #: Local data files read, in order (:meth:`data_files`).
+        self.files: list[Path] = []
+        #: The training and validation samples (:meth:`train_dataset`, :meth:`val_dataset`).
+        self.train_data: Dataset | None = None
+        self.val_data: Dataset | None = None
 
     # -- data ----------------------------------------------------------------------------------
 
-    def setup(self) -> None:  # noqa: B027 (an optional hook: the base has nothing to do)
+    def setup(self) -> None:
         """Read and validate the data, build the tokenizer. Raise ``UserError`` for bad input.
 
-        Runs before the run folder exists, so bad input leaves no half-made run behind.
+        Runs before the run folder exists, so bad input leaves no half-made run behind. Default:
+        :meth:`setup_model_side`, then :meth:`setup_data`.
         """
+        self.setup_model_side()
+        self.setup_data()
+
+    def setup_model_side(self, model_dir: Path | None = None) -> None:  # noqa: B027 (optional)
+        """What turns samples into batches and outputs into text: tokenizer or processor, model
+        config, collator. With ``model_dir`` (``evaluate``, ``predict``): the ones that trained
+        model folder was saved with, not the config's. Default: nothing."""
+
+    def setup_data(self) -> None:  # noqa: B027 (an optional hook: the base has nothing to do)
+        """Read, check and encode the data into ``train_data`` / ``val_data`` (after
+        :meth:`setup_model_side`). Default: nothing."""
 
     def data_files(self) -> list[Path]:
-        """Every local data file the task read (their sha256 goes into the manifest)."""
-        return []
+        """Every local data file the task read (their sha256 goes into the manifest); default:
+        ``self.files`` without repeats."""
+        return list(dict.fromkeys(self.files))
 
-    @abstractmethod
     def train_dataset(self) -> Dataset:
-        """The training samples (``len`` and ``[i]``)."""
+        """The training samples (``len`` and ``[i]``); default: ``self.train_data``."""
+        assert self.train_data is not None, "setup() first"
+        return self.train_data
 
     def val_dataset(self) -> Dataset | None:
-        """The validation samples, or None for no validation."""
-        return None
+        """The validation samples, or None for no validation; default: ``self.val_data``."""
+        return self.val_data
 
     def sample_lengths(self, dataset: Dataset) -> Sequence[int] | None:
         """Per-sample lengths (tokens, as the collator pads them) for length grouping, sorted
-        evaluation and the per-epoch padding share in the logs; None if unknown."""
-        return None
+        evaluation and the per-epoch padding share in the logs; None if unknown. Default: the
+        dataset's ``lengths`` (a list, or a method returning one), if it has them."""
+        lengths = getattr(dataset, "lengths", None)
+        return lengths() if callable(lengths) else lengths
 
-    @abstractmethod
     def collate(self, samples: list[Any]) -> dict[str, torch.Tensor]:
-        """Stack samples into a batch of tensors (dynamic padding here)."""
+        """Stack samples into a batch of tensors (dynamic padding here); default:
+        ``self.collator(samples)``."""
+        return self.collator(samples)
 
     # -- model ---------------------------------------------------------------------------------
 
@@ -324,13 +367,73 @@ class Task(ABC):
         """Per-sample validation records; each needs ``"index"`` and, by default, ``loss_sum`` /
         ``tokens``.
 
-        The default runs :meth:`training_step`-style forward per sample via :meth:`sample_losses`.
+        The default takes the losses from :meth:`sample_losses`, then lets
+        :meth:`add_predictions` add generated text.
         """
         sums, counts = self.sample_losses(model, batch)
-        return [
+        records = [
             {"index": int(i), "loss_sum": float(s), "tokens": int(c)}
             for i, s, c in zip(batch["index"].tolist(), sums.tolist(), counts.tolist())
         ]
+        self.add_predictions(model, batch, records)
+        return records
+
+    def add_predictions(  # noqa: B027 (an optional hook: the base has nothing to do)
+        self, model: nn.Module, batch: dict[str, torch.Tensor], records: list[dict[str, Any]]
+    ) -> None:
+        """Add what the model generates for ``batch`` (and its references) to its ``records``,
+        in place; every rank runs it (``self.ranks.sharded``: generate in lockstep). Default:
+        nothing."""
+
+    def loss_sum(
+        self,
+        model: nn.Module,
+        forward: Callable[[], Any],
+        labels: torch.Tensor,
+        shift: bool,
+        label_smoothing: float = 0.0,
+    ) -> StepOutput:
+        """The summed token loss of one forward: :func:`token_loss_sum` of ``forward()``'s
+        logits, or :func:`chunked_token_loss_sum` when the config's ``loss.chunked`` is set.
+
+        Args:
+            model: the (wrapped) model that ``forward`` runs.
+            forward: runs the model once on the batch and returns its output (``.logits``
+                ``(batch, K, vocab)``).
+            labels: ``(batch, K)`` targets; ``shift`` as in :func:`token_loss_sum`.
+            label_smoothing: as in :func:`token_loss_sum` (plain logits only).
+        """
+        loss = getattr(self.cfg, "loss", None)
+        if loss is not None and loss.chunked:
+            return chunked_token_loss_sum(model, forward, labels, shift, loss.chunk_tokens)
+        return token_loss_sum(forward().logits, labels, shift, label_smoothing)
+
+    def sample_loss_sums(
+        self, model: nn.Module, forward: Callable[[], Any], labels: torch.Tensor, shift: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`loss_sum` per sample: ``(loss_sums, counts)``, both ``(batch,)``."""
+        loss = getattr(self.cfg, "loss", None)
+        if loss is not None and loss.chunked:
+            return chunked_per_sample_loss(model, forward, labels, shift, loss.chunk_tokens)
+        return per_sample_loss(forward().logits, labels, shift)
+
+    def check_loss_head(self, model: nn.Module) -> None:
+        """With ``loss.chunked``: refuse a model whose output head cannot compute the loss in
+        chunks (``core.nn.loss.check_plain_logits``).
+
+        Raises:
+            ConfigError: naming ``loss.chunked``.
+        """
+        loss = getattr(self.cfg, "loss", None)
+        if loss is None or not loss.chunked:
+            return
+        from core.errors import ConfigError
+        from core.nn.loss import check_plain_logits
+
+        try:
+            check_plain_logits(model.config)
+        except ValueError as err:
+            raise ConfigError(f"loss.chunked=true: {err}; set loss.chunked=false.") from None
 
     def sample_losses(
         self, model: nn.Module, batch: dict[str, torch.Tensor]
@@ -354,7 +457,8 @@ class Task(ABC):
     def save_final(
         self, model: nn.Module, state_dict: dict[str, torch.Tensor], out_dir: Path
     ) -> None:
-        """Write the trained model to ``out_dir`` (rank 0 only), loadable by ``from_pretrained``.
+        """Write the trained model to ``out_dir`` (rank 0 only), loadable by ``from_pretrained``;
+        default: ``save_pretrained`` of the model and of ``self.tokenizer`` if there is one.
 
         Args:
             model: the unwrapped model.
@@ -365,6 +469,8 @@ class Task(ABC):
             torch.save(state_dict, out_dir / "model.pt")
             return
         model.save_pretrained(out_dir, state_dict=state_dict)
+        if getattr(self, "tokenizer", None) is not None:
+            self.tokenizer.save_pretrained(out_dir)
 
     def manifest_entries(self) -> dict[str, Any]:
         """Task facts for ``manifest.json``: metric implementation and version, tokenizer, model
@@ -420,3 +526,39 @@ class Task(ABC):
             "data": str(run.data) if run.data is not None else run.split,
             "world_size": run.world_size,
         }
+
+
+if __name__ == "__main__":  # self-check: python -m core.task.base
+    from types import SimpleNamespace
+
+    class Bigram(Task):
+        """The defaults of :class:`Task` on a bigram LM (embedding -> output layer)."""
+
+        shift_labels = True
+
+        def configure_model(self) -> nn.Module:
+            return nn.Sequential(nn.Embedding(11, 8), nn.Linear(8, 11))
+
+        def training_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
+            forward = lambda: SimpleNamespace(logits=model(batch["input_ids"]))  # noqa: E731
+            return self.loss_sum(model, forward, batch["labels"], shift=True)
+
+        def sample_losses(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> Any:
+            forward = lambda: SimpleNamespace(logits=model(batch["input_ids"]))  # noqa: E731
+            return self.sample_loss_sums(model, forward, batch["labels"], shift=True)
+
+    torch.manual_seed(0)
+    task = Bigram(TrainConfig())
+    model = task.configure_model()
+    ids = torch.randint(0, 11, (3, 6))
+    batch = {"input_ids": ids, "labels": ids.clone(), "index": torch.arange(3)}
+    batch["labels"][:, :2] = IGNORE_INDEX  # a two-token prompt: 4 of 5 shifted labels count
+    with torch.no_grad():
+        step, records = task.training_step(model, batch), task.validation_step(model, batch)
+    assert int(step.num_tokens) == task.count_loss_tokens(batch) == 12
+    assert [(r["index"], r["tokens"]) for r in records] == [(0, 4), (1, 4), (2, 4)]
+    loss = task.compute_metrics(records)["loss"]
+    assert abs(loss - step.loss_sum.item() / 12) < 1e-5, loss
+    task.check_loss_head(model)  # no ``loss`` group in TrainConfig: nothing to check
+    print(f"loss {loss:.4f} over {len(records)} records; data files {task.data_files()}")
+    print("core.task.base: ok")

@@ -200,6 +200,22 @@ def rouge(
     }
 
 
+def answer_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Generated answers against one reference each: ROUGE-L F1 (tokenizer ``auto``, so Korean
+    is scored, not dropped) and the exact-match rate (whitespace runs count as one space).
+
+    Returns:
+        ``{"rougeL", "exact_match"}``, both in [0, 1].
+    """
+    scores = rouge(
+        predictions,
+        [[t] for t in references],
+        tokenizer=resolve_tokenizer("auto", references),
+    )
+    same = sum(" ".join(p.split()) == " ".join(t.split()) for p, t in zip(predictions, references))
+    return {"rougeL": float(scores["rougeL"]), "exact_match": same / max(len(predictions), 1)}
+
+
 if __name__ == "__main__":  # self-check: python -m core.task.metrics
     english = rouge(
         ["The cat sat on the mat."], [["A cat was sitting on the mat."]], tokenizer="auto"
@@ -225,4 +241,6 @@ if __name__ == "__main__":  # self-check: python -m core.task.metrics
     )
     assert best["rouge1"] == 1.0 and mean["rouge1"] == 0.5, (mean["rouge1"], best["rouge1"])
     print(f"two references: mean {mean['rouge1']:.2f}, max {best['rouge1']:.2f}")
+    answers = answer_scores(["the  cat sat", "a dog"], ["the cat sat", "the dog ran"])
+    assert answers["exact_match"] == 0.5 and 0.5 < answers["rougeL"] < 1.0, answers
     print("core.task.metrics: ok")
