@@ -1,5 +1,6 @@
-"""The task contract (``base.Task``) and what a task package builds on: records readers, the model
-hub, metrics, input truncation.
+"""The task contract (``base.Task``) and what a task package builds on: records readers, chat
+turns and images, datasets and collators, the token cache, the model hub, metrics, input
+truncation.
 """
 
 from core import lazy_exports
@@ -11,11 +12,20 @@ __all__, __getattr__ = lazy_exports(
             "EvaluationRun IGNORE_INDEX Ranks StepOutput Task chunked_per_sample_loss "
             "chunked_token_loss_sum no_split_classes per_sample_loss token_loss_sum"
         ),
+        "batching": (
+            "PackedDataset Seq2SeqCollator TokenDataset collate_causal flatten_batch pack"
+        ),
+        "chat": (
+            "ChatReader assistant_spans build_labels map_images record_name template_pieces "
+            "up_to_last_answer"
+        ),
         "hub": "ensure_available hub_reachable is_cached looks_like_path",
         "metrics": (
             "DefaultTokenizer UnicodeWordTokenizer answer_scores describe resolve_tokenizer rouge"
         ),
-        "records": "BadJSON check_file iter_source read_all",
-        "truncation": "Truncation add_option cut_ids input_limit model_limit",
+        "images": "ImageSource image_sizes load_image resolve_image",
+        "records": "BadJSON check_file iter_source read_all read_objects split_holdout",
+        "token_cache": "cached_map content_fingerprint tokenizer_fingerprint",
+        "truncation": "Truncation add_option cut_ids input_limit length_stats model_limit",
     },
 )
