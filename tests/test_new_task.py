@@ -81,9 +81,9 @@ def intent(workspace: Path) -> dict:
     """``new-task intent`` (classification) and ``train -c tiny`` right after it."""
     start = time.monotonic()
     made = run("uv", "run", "new-task", "intent", "--kind", "classification", cwd=workspace)
-    trained = run("uv", "run", "--package", "intent", "train", "-c", "tiny", cwd=workspace)
+    run("uv", "run", "--package", "intent", "train", "-c", "tiny", cwd=workspace)
     seconds = time.monotonic() - start
-    run_dir = workspace / trained.stdout.strip().splitlines()[-1].split(": ", 1)[1]
+    (run_dir,) = (p.parent for p in (workspace / "runs").glob("*/summary.json"))
     print(f"new-task -> finished train -c tiny: {seconds:.0f} s")
     return {"made": made, "run": run_dir, "seconds": seconds}
 
@@ -218,3 +218,75 @@ def test_the_new_package_is_small(intent: dict) -> None:
     lines = sum(len(p.read_text().splitlines()) for p in source.rglob("*.py"))
     print(f"classification package: {lines} lines of Python in src")
     assert lines < 600
+
+
+@pytest.mark.release
+def test_the_new_package_builds_a_wheel_that_trains_outside_the_workspace(
+    workspace: Path, intent: dict, tmp_path: Path
+) -> None:
+    dist = tmp_path / "dist"
+    for package in ("core", "intent"):
+        run(
+            "uv",
+            "build",
+            "--package",
+            package,
+            "--no-sources",
+            "--wheel",
+            "--out-dir",
+            str(dist),
+            cwd=workspace,
+        )
+    constraints = tmp_path / "constraints.txt"
+    run(
+        "uv",
+        "export",
+        "--frozen",
+        "--package",
+        "intent",
+        "--no-emit-workspace",
+        "--no-hashes",
+        "--no-header",
+        "--no-dev",
+        "-o",
+        str(constraints),
+        cwd=workspace,
+    )
+    venv = tmp_path / "venv"
+    run("uv", "venv", "--quiet", str(venv), cwd=tmp_path)
+    run(
+        "uv",
+        "pip",
+        "install",
+        "--quiet",
+        "--python",
+        str(venv / "bin" / "python"),
+        "-c",
+        str(constraints),
+        *(str(w) for w in dist.glob("*.whl")),
+        cwd=tmp_path,
+    )
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    run(
+        str(venv / "bin" / "train"),
+        "-c",
+        "tiny",
+        "trainer.max_steps=2",
+        "trainer.val_at_start=false",
+        "trainer.val_every_n_steps=null",
+        f"run.root={outside / 'runs'}",
+        cwd=outside,
+    )
+    (summary,) = (outside / "runs").glob("*/summary.json")
+    assert json.loads(summary.read_text())["status"] == "completed"
+    wheel = next(dist.glob("intent-*.whl"))
+    import zipfile
+
+    names = zipfile.ZipFile(wheel).namelist()
+    for needed in (
+        "intent/presets/tiny.yaml",
+        "intent/assets/train.jsonl",
+        "intent/slurm/train.sbatch",
+    ):
+        assert needed in names, f"{wheel.name} lacks {needed}"
