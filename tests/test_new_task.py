@@ -1,0 +1,292 @@
+"""``new-task``: a fourth task package from one command, in a copy of this workspace.
+
+The copy holds the tracked and untracked (not ignored) files of this checkout and its own
+``.venv`` (``uv sync``: hard links from the uv cache, seconds). Right after ``new-task``, with
+nothing edited, the package trains, evaluates, infers, sweeps, passes its own tests, lints, and
+builds a wheel that trains outside the workspace; bad names and places exit 2 with nothing written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("uv") is None, reason="uv is not on PATH"),
+]
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(
+    *args: str, cwd: Path, expect: int | None = 0, timeout: int = 900
+) -> subprocess.CompletedProcess:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "VIRTUAL_ENV", "CORE_TASK", "MASTER_", "UV_PROJECT"))
+    }
+    env.update({"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+    done = subprocess.run(
+        list(args), cwd=cwd, capture_output=True, text=True, env=env, timeout=timeout
+    )
+    if expect is not None:
+        assert done.returncode == expect, f"{' '.join(args)}\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+def copy_workspace(target: Path) -> Path:
+    """A copy of this checkout's files (what git tracks, and untracked files it does not ignore)
+    with its own synced ``.venv``."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
+    for name in filter(None, listed):
+        source, dest = REPO / name.decode(), target / name.decode()
+        if not source.exists() and not source.is_symlink():
+            continue  # deleted in the working tree
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_symlink():
+            dest.symlink_to(os.readlink(source))
+        else:
+            shutil.copy2(source, dest)
+    run("uv", "sync", "--frozen", "--all-packages", "-q", cwd=target)
+    return target
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """The bytes of the files ``new-task`` may touch."""
+    files = [root / "pyproject.toml", root / "uv.lock"]
+    listing = sorted(p.name for p in (root / "packages").iterdir())
+    return {str(p): p.read_bytes() for p in files} | {"packages/": "\n".join(listing).encode()}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return copy_workspace(tmp_path_factory.mktemp("ws"))
+
+
+@pytest.fixture(scope="module")
+def intent(workspace: Path) -> dict:
+    """``new-task intent`` (classification) and ``train -c tiny`` right after it."""
+    start = time.monotonic()
+    made = run("uv", "run", "new-task", "intent", "--kind", "classification", cwd=workspace)
+    run("uv", "run", "--package", "intent", "train", "-c", "tiny", cwd=workspace)
+    seconds = time.monotonic() - start
+    (run_dir,) = (p.parent for p in (workspace / "runs").glob("*/summary.json"))
+    print(f"new-task -> finished train -c tiny: {seconds:.0f} s")
+    return {"made": made, "run": run_dir, "seconds": seconds}
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("summarization", "packages/summarization exists already"),
+        ("My-Task", "cannot name a task package"),
+        ("2fast", "cannot name a task package"),
+        ("import", "cannot name a task package"),
+        ("torch", "would shadow it"),
+        ("core", "exists already"),
+        ("datasets", "would shadow it"),
+        ("json", "would shadow it"),
+    ],
+)
+def test_a_name_that_cannot_be_a_new_package_exits_2_with_nothing_written(
+    workspace: Path, name: str, message: str
+) -> None:
+    before = snapshot(workspace)
+    done = run(".venv/bin/new-task", name, cwd=workspace, expect=2)
+    assert message in done.stderr, done.stderr
+    assert snapshot(workspace) == before
+
+
+def test_outside_the_workspace_root_exits_2_with_nothing_written(workspace: Path) -> None:
+    before = snapshot(workspace)
+    done = run(str(workspace / ".venv/bin/new-task"), "demo", cwd=workspace / "packages", expect=2)
+    assert f"run it from {workspace}" in done.stderr, done.stderr
+    elsewhere = workspace.parent / "elsewhere"
+    elsewhere.mkdir(exist_ok=True)
+    done = run(str(workspace / ".venv/bin/new-task"), "demo", cwd=elsewhere, expect=2)
+    assert "is not the root of a workspace" in done.stderr
+    assert snapshot(workspace) == before and not any(elsewhere.iterdir())
+
+
+def test_dry_run_lists_the_files_and_writes_nothing(workspace: Path) -> None:
+    before = snapshot(workspace)
+    done = run(".venv/bin/new-task", "demo", "--dry-run", cwd=workspace)
+    listed = done.stdout.splitlines()
+    assert "packages/demo/src/demo/task.py" in listed and "packages/demo/pyproject.toml" in listed
+    assert snapshot(workspace) == before
+
+
+def test_classification_trains_right_after_new_task_and_learns(intent: dict) -> None:
+    records = [
+        json.loads(line)
+        for line in (intent["run"] / "metrics.jsonl").read_text().splitlines()
+        if "val/accuracy" in line
+    ]
+    first, last = records[0], records[-1]
+    assert first["step"] == 0 and last["step"] > 0
+    assert last["val/loss"] < first["val/loss"] and last["val/accuracy"] > first["val/accuracy"]
+    summary = json.loads((intent["run"] / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert (intent["run"] / "final" / "tokenizer.json").is_file()
+
+
+def test_the_new_package_evaluates_and_infers_on_its_final_model(
+    workspace: Path, intent: dict
+) -> None:
+    final = intent["run"] / "final"
+    done = run("uv", "run", "--package", "intent", "evaluate", "--model", str(final), cwd=workspace)
+    scores = json.loads(done.stdout.strip().splitlines()[-1])
+    assert scores["accuracy"] > 0.5 and 0 <= scores["macro_f1"] <= 1
+    rows = (intent["run"] / "eval" / "dev.jsonl").read_text().splitlines()
+    assert set(json.loads(rows[0])) == {"text", "label", "prediction"}
+    done = run(
+        "uv",
+        "run",
+        "--package",
+        "intent",
+        "infer",
+        "--model",
+        str(final),
+        "--prompt",
+        "play some jazz please",
+        cwd=workspace,
+    )
+    assert done.stdout.strip() == "music"
+
+
+def test_the_new_package_sweeps_and_its_runs_compare(workspace: Path, intent: dict) -> None:
+    root = workspace / "sweep-runs"
+    run(
+        "uv",
+        "run",
+        "--package",
+        "intent",
+        "sweep",
+        "-c",
+        "tiny",
+        "optim.lr=1e-3,2e-3",
+        "trainer.max_steps=4",
+        "trainer.val_every_n_steps=4",
+        "trainer.val_at_start=false",
+        f"run.root={root}",
+        cwd=workspace,
+    )
+    runs = sorted(p for p in root.rglob("summary.json"))
+    assert len(runs) == 2
+    done = run(
+        "uv", "run", "runs", "compare", *(str(p.parent) for p in runs), "--no-png", cwd=workspace
+    )
+    assert "optim.lr" in done.stdout, done.stdout
+
+
+def test_the_new_package_passes_its_own_tests_lint_and_self_checks(
+    workspace: Path, intent: dict
+) -> None:
+    run(
+        "uv",
+        "run",
+        "--package",
+        "intent",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "packages/intent/tests",
+        cwd=workspace,
+    )
+    run("uv", "run", "ruff", "check", "packages/intent", cwd=workspace)
+    run("uv", "run", "ruff", "format", "--check", "packages/intent", cwd=workspace)
+    for module in ("config", "data", "model", "memory", "cli"):
+        run("uv", "run", "--package", "intent", "python", "-m", f"intent.{module}", cwd=workspace)
+
+
+def test_the_new_package_is_small(intent: dict) -> None:
+    source = intent["run"].parents[1] / "packages" / "intent" / "src"
+    lines = sum(len(p.read_text().splitlines()) for p in source.rglob("*.py"))
+    print(f"classification package: {lines} lines of Python in src")
+    assert lines < 600
+
+
+@pytest.mark.release
+def test_the_new_package_builds_a_wheel_that_trains_outside_the_workspace(
+    workspace: Path, intent: dict, tmp_path: Path
+) -> None:
+    dist = tmp_path / "dist"
+    for package in ("core", "intent"):
+        run(
+            "uv",
+            "build",
+            "--package",
+            package,
+            "--no-sources",
+            "--wheel",
+            "--out-dir",
+            str(dist),
+            cwd=workspace,
+        )
+    constraints = tmp_path / "constraints.txt"
+    run(
+        "uv",
+        "export",
+        "--frozen",
+        "--package",
+        "intent",
+        "--no-emit-workspace",
+        "--no-hashes",
+        "--no-header",
+        "--no-dev",
+        "-o",
+        str(constraints),
+        cwd=workspace,
+    )
+    venv = tmp_path / "venv"
+    run("uv", "venv", "--quiet", str(venv), cwd=tmp_path)
+    run(
+        "uv",
+        "pip",
+        "install",
+        "--quiet",
+        "--python",
+        str(venv / "bin" / "python"),
+        "-c",
+        str(constraints),
+        *(str(w) for w in dist.glob("*.whl")),
+        cwd=tmp_path,
+    )
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    run(
+        str(venv / "bin" / "train"),
+        "-c",
+        "tiny",
+        "trainer.max_steps=2",
+        "trainer.val_at_start=false",
+        "trainer.val_every_n_steps=null",
+        f"run.root={outside / 'runs'}",
+        cwd=outside,
+    )
+    (summary,) = (outside / "runs").glob("*/summary.json")
+    assert json.loads(summary.read_text())["status"] == "completed"
+    wheel = next(dist.glob("intent-*.whl"))
+    import zipfile
+
+    names = zipfile.ZipFile(wheel).namelist()
+    for needed in (
+        "intent/presets/tiny.yaml",
+        "intent/assets/train.jsonl",
+        "intent/slurm/train.sbatch",
+    ):
+        assert needed in names, f"{wheel.name} lacks {needed}"
