@@ -31,12 +31,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from core.commands.infer import InferSpec
 from core.commands.spec import EvaluateSpec, TaskSpec
-from core.commands.train import add_model_arguments, parse_model_command, parse_train_args
+from core.commands.train import parse_train_args
 from core.errors import UserError, user_errors_exit_2
-from core.run.outputs import guard_file, guard_folder, mark_folder, write_jsonl, write_text
+from core.run.outputs import guard_folder, mark_folder, write_jsonl, write_text
 from core.run.storage import StorageError, check_free_space, check_writable, storage_errors
-from core.task.truncation import Truncation, add_option, input_limit, model_limit
+from core.task.truncation import add_option
 from lora_llm.config import DEFAULT_PRESET, PRESETS, PRESETS_DIR, DataConfig, LoraLLMConfig
 
 TRAIN_HELP = (
@@ -46,16 +47,10 @@ TRAIN_HELP = (
 )
 
 
-def add_generation_arguments(parser: argparse.ArgumentParser, greedy_default: bool = False) -> None:
-    """Base-model and decoding flags shared by ``infer`` and ``evaluate``."""
+def _base_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--base`` and ``--quant``: the base model under the adapter and how it is loaded."""
     parser.add_argument(
         "--base", help="base model (Hub id or folder); default: the one the adapter was trained on"
-    )
-    parser.add_argument(
-        "--max-new-tokens",
-        type=int,
-        default=256 if not greedy_default else 128,
-        help=f"tokens to generate at most (default {256 if not greedy_default else 128})",
     )
     parser.add_argument(
         "--quant",
@@ -63,10 +58,18 @@ def add_generation_arguments(parser: argparse.ArgumentParser, greedy_default: bo
         default="auto",
         help="load the base in 4/8 bits; auto: as in training",
     )
+
+
+def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    """``evaluate``'s own flags: the base, ``--max-new-tokens`` and ``--max-input-tokens``."""
+    _base_arguments(parser)
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=128, help="tokens to generate at most (default 128)"
+    )
     add_option(
         parser,
-        "the model's positions less --max-new-tokens"
-        + ("; at most data.max_length less data.min_response_tokens" if greedy_default else ""),
+        "the model's positions less --max-new-tokens; at most data.max_length less "
+        "data.min_response_tokens",
     )
 
 
@@ -103,7 +106,7 @@ SPEC = TaskSpec(
         split_error="lora_llm has one held-out split, val; or give --data FILE.",
         marker="adapter_config.json",
         what="an adapter folder (a run's final/)",
-        arguments=lambda parser: add_generation_arguments(parser, greedy_default=True),
+        arguments=_evaluate_arguments,
         check=_check_evaluate,
     ),
 )
@@ -247,78 +250,33 @@ def write_examples(path: Path, examples: list[dict[str, Any]], tokenizer: Any) -
 # --------------------------------------------------------------------------------------------
 
 
-def infer_parser() -> argparse.ArgumentParser:
-    """Arguments of ``infer``."""
-    parser = argparse.ArgumentParser(
-        prog="infer",
-        description="Generate text with a base model + trained LoRA adapter.",
-        epilog=(
-            "examples:\n  infer --model runs/001_x/final --prompt 'Give three tips for staying "
-            "healthy.'\n"
-            "  infer --model runs/001_x/final --data prompts.jsonl --out answers.jsonl --greedy\n"
-            "  infer --model runs/001_x/final            # interactive, on a terminal"
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_model_arguments(
-        parser,
-        model_help="adapter folder (a run's final/)",
-        data_help="JSONL / JSON of instruction records (instruction, input) or chat records "
-        "(messages)",
-        prompt_help="an instruction to answer",
-        out_help="write JSONL here instead of stdout (with --data)",
-    )
+def _infer_arguments(parser: argparse.ArgumentParser) -> None:
+    """``infer``'s own flags: ``--context``, the base and how it is loaded."""
     parser.add_argument("--context", default="", help="the 'input' field that goes with --prompt")
-    add_generation_arguments(parser)
-    parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
-    parser.add_argument(
-        "--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)"
-    )
-    parser.add_argument(
-        "--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)"
-    )
-    parser.add_argument(
-        "--top-k", type=int, default=50, help="sample among the k most likely tokens (default 50)"
-    )
-    parser.add_argument(
-        "--repetition-penalty",
-        type=float,
-        default=1.0,
-        help="> 1 discourages repeats (default 1.0)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    parser.add_argument(
-        "--batch-size", type=int, default=8, help="prompts per generate call (default 8)"
-    )
-    parser.add_argument(
-        "--device",
-        choices=["auto", "cpu", "cuda"],
-        default="auto",
-        help="default: CUDA when available",
-    )
-    return parser
+    _base_arguments(parser)
 
 
-def _check_infer(args: argparse.Namespace) -> bool:
-    """Refuse what ``infer`` cannot run with (before any loading).
+def _check_infer(args: argparse.Namespace) -> None:
+    """Refuse ``--out`` without ``--data``."""
+    if args.out is not None and args.data is None:
+        raise UserError("--out goes with --data (a file of prompts); --prompt prints its answer.")
 
-    Returns:
-        Whether to answer interactively (neither ``--prompt`` nor ``--data``).
+
+def read_prompts(args: argparse.Namespace) -> list[Any]:
+    """The :class:`lora_llm.data.Record` of ``--prompt`` (with ``--context``), or those of
+    ``--data``.
+
+    Raises:
+        UserError: an unreadable ``--data`` or one without records.
     """
-    interactive = args.prompt is None and args.data is None
-    if interactive and not sys.stdin.isatty():
-        raise UserError(
-            "Give --prompt TEXT or --data FILE.jsonl (the interactive mode needs a terminal)."
-        )
-    if args.temperature <= 0 and not args.greedy:
-        raise UserError("--temperature must be positive (or use --greedy).")
-    if args.out is not None:
-        if args.data is None:
-            raise UserError(
-                "--out goes with --data (a file of prompts); --prompt prints its answer."
-            )
-        guard_file(args.out, "--out", [(args.data, "--data")], args.overwrite)
-    return interactive
+    from lora_llm.data import Record, read_records
+
+    if args.data is None:
+        return [Record(source="--prompt", instruction=args.prompt, input=args.context)]
+    records, _ = read_records(str(args.data), DataConfig(), for_inference=True, key="--data")
+    if not records:
+        raise UserError(f"--data '{args.data}' holds no records.")
+    return records
 
 
 class Answerer:
@@ -332,29 +290,21 @@ class Answerer:
     def __init__(self, args: argparse.Namespace) -> None:
         import torch
 
+        from core.commands.infer import prompt_truncation, sampling_settings
         from core.commands.model_io import inference_device
         from lora_llm.task import load_for_generation
 
         self.model, self.tokenizer, self.encoder, self.base = load_for_generation(
             args.model, args.base, args.quant, inference_device(args.device)
         )
-        self.limit, self.origin = input_limit(
-            args.max_input_tokens,
-            None,
-            model_limit(
-                getattr(self.model, "config", None), self.tokenizer, reserve=args.max_new_tokens
-            ),
+        self.cut = prompt_truncation(
+            self.model, self.tokenizer, args.max_input_tokens, args.max_new_tokens
         )
-        self.cut = Truncation(self.limit, self.origin, "prompts")
         torch.manual_seed(args.seed)
         self.sampling = dict(
             max_new_tokens=args.max_new_tokens,
-            do_sample=not args.greedy,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            top_k=args.top_k,
-            repetition_penalty=args.repetition_penalty,
             batch_size=args.batch_size,
+            **sampling_settings(args),
         )
 
     def __call__(self, batch: list[Any]) -> list[str]:
@@ -365,79 +315,72 @@ class Answerer:
         prompts = [self.cut.apply(self.encoder.prompt_ids(r), PROMPT_TAIL) for r in batch]
         return generate(self.model, self.tokenizer, prompts, **self.sampling)
 
-    def interact(self, adapter: Path) -> None:
-        """Answer instructions typed on the terminal until an empty line (or end of input)."""
-        from lora_llm.data import Record
 
-        print(
-            f"Adapter {adapter} on {self.base}. Type an instruction; an empty line quits.",
-            file=sys.stderr,
-        )
-        while True:
-            try:
-                line = input("instruction> ").strip()
-            except EOFError:
-                break
-            if not line:
-                break
-            self.cut = Truncation(self.limit, self.origin, "prompts")  # a note for each cut line
-            text = self([Record(source="terminal", instruction=line)])[0]
-            self.cut.report()
-            print(text)
-
-
-def answer_rows(records: list[Any], texts: list[str]) -> list[dict[str, Any]]:
-    """One output row per record: its source, its messages or instruction / input (and
+def answer_row(record: Any, text: str) -> dict[str, Any]:
+    """The output row of a record: its source, its messages or instruction / input (and
     reference), and the generated text."""
-    rows = []
-    for record, text in zip(records, texts, strict=True):
-        row: dict[str, Any] = {"source": record.source}
-        if record.messages is not None:
-            row["messages"] = record.messages
-        else:
-            row.update(instruction=record.instruction, input=record.input)
-            if record.output:
-                row["reference"] = record.output
-        row["generated"] = text
-        rows.append(row)
-    return rows
+    row: dict[str, Any] = {"source": record.source}
+    if record.messages is not None:
+        row["messages"] = record.messages
+    else:
+        row.update(instruction=record.instruction, input=record.input)
+        if record.output:
+            row["reference"] = record.output
+    row["generated"] = text
+    return row
 
 
-@user_errors_exit_2
+def _typed(line: str) -> Any:
+    """The record of an instruction typed on the terminal."""
+    from lora_llm.data import Record
+
+    return Record(source="terminal", instruction=line)
+
+
+INFER = InferSpec(
+    description="Generate text with a base model + trained LoRA adapter.",
+    epilog=(
+        "examples:\n  infer --model runs/001_x/final --prompt 'Give three tips for staying "
+        "healthy.'\n"
+        "  infer --model runs/001_x/final --data prompts.jsonl --out answers.jsonl --greedy\n"
+        "  infer --model runs/001_x/final            # interactive, on a terminal"
+    ),
+    raw_epilog=True,
+    model_help="adapter folder (a run's final/)",
+    data_help="JSONL / JSON of instruction records (instruction, input) or chat records (messages)",
+    prompt_help="an instruction to answer",
+    out_help="write JSONL here instead of stdout (with --data)",
+    missing="Give --prompt TEXT or --data FILE.jsonl (the interactive mode needs a terminal).",
+    read=read_prompts,
+    load=Answerer,
+    row=answer_row,
+    single="generated",
+    limit_help="the model's positions less --max-new-tokens",
+    max_new_tokens=256,
+    sampling=True,
+    batch_size=8,
+    device_choices=("auto", "cpu", "cuda"),
+    arguments=_infer_arguments,
+    check=_check_infer,
+    check_model=False,
+    terminal=_typed,
+    terminal_label="instruction",
+    banner=lambda args, answer: (
+        f"Adapter {args.model} on {answer.base}. Type an instruction; an empty line quits."
+    ),
+)
+"""lora_llm's ``infer`` (core's :func:`core.commands.infer.infer_command`); without ``--prompt``
+/ ``--data`` on a terminal, an interactive loop (an empty line quits)."""
+
+
 def infer(argv: list[str] | None = None) -> int:
     """``infer --model DIR [--base NAME_OR_DIR] (--prompt TEXT | --data FILE.jsonl) [--out FILE]
-    [sampling flags]``.
-
-    Without ``--prompt`` / ``--data`` on a terminal: an interactive loop (an empty line quits).
+    [sampling flags]``; interactive on a terminal without ``--prompt`` / ``--data``.
 
     Returns:
         Exit code.
     """
-    from core.commands.model_io import emit_rows
-    from core.run.logs import transformers_quiet
-    from lora_llm.data import Record, read_records
-
-    args = parse_model_command(infer_parser(), argv)
-    transformers_quiet()
-    interactive = _check_infer(args)
-    records: list[Record] = []
-    if args.data is not None:
-        records, _ = read_records(str(args.data), DataConfig(), for_inference=True, key="--data")
-        if not records:
-            raise UserError(f"--data '{args.data}' holds no records.")
-    answer = Answerer(args)
-    if interactive:
-        answer.interact(args.model)
-        return 0
-    if args.prompt is not None:
-        records = [Record(source="--prompt", instruction=args.prompt, input=args.context)]
-    texts = answer(records)
-    answer.cut.report()
-    if args.prompt is not None:
-        print(texts[0])
-    else:
-        emit_rows(answer_rows(records, texts), args.out, None, "answers")
-    return 0
+    return INFER.command("lora_llm", argv)
 
 
 # --------------------------------------------------------------------------------------------

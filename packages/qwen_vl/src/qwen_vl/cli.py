@@ -23,10 +23,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from core.commands.infer import InferSpec
 from core.commands.spec import EvaluateSpec, TaskSpec
-from core.commands.train import add_model_arguments, check_model_dir, parse_model_command
 from core.errors import UserError, user_errors_exit_2
-from core.run.outputs import guard_file, guard_folder, mark_folder
+from core.run.outputs import guard_folder, mark_folder
 from core.run.storage import StorageError, storage_errors
 from core.task.truncation import add_option
 from qwen_vl.config import DEFAULT_PRESET, PRESETS_DIR, QwenVLConfig
@@ -194,22 +194,8 @@ def make_data(argv: list[str] | None = None) -> int:
     return 0
 
 
-def infer_parser() -> argparse.ArgumentParser:
-    """Arguments of ``infer``."""
-    parser = argparse.ArgumentParser(
-        prog="infer",
-        description="Answer questions about images with a saved Qwen2.5-VL model.",
-        epilog='--data rows: {"id": ..., "prompt": "How many circles?", "images": '
-        '["a.png"]} (image paths relative '
-        "to the file); the answers ({id, prompt, answer}) go to --out or stdout.",
-    )
-    add_model_arguments(
-        parser,
-        model_help="a folder written by save_pretrained (e.g. runs/NNN_.../final)",
-        data_help="JSONL of questions: {id, prompt, images}",
-        prompt_help="one question (with --image files)",
-        out_help="write the answers here (JSONL; default: stdout)",
-    )
+def _infer_arguments(parser: argparse.ArgumentParser) -> None:
+    """``infer``'s own flags: ``--image``, ``--min-pixels``, ``--max-pixels``."""
     parser.add_argument(
         "--image",
         type=Path,
@@ -217,116 +203,43 @@ def infer_parser() -> argparse.ArgumentParser:
         default=[],
         help="an image file for --prompt (repeat for several)",
     )
-    parser.add_argument(
-        "--max-new-tokens", type=int, default=64, help="most tokens to generate (default 64)"
-    )
-    parser.add_argument(
-        "--min-pixels",
-        type=int,
-        default=None,
-        help="smallest image area (default: the model's processor setting)",
-    )
-    parser.add_argument(
-        "--max-pixels",
-        type=int,
-        default=None,
-        help="largest image area (default: the model's processor setting)",
-    )
-    parser.add_argument(
-        "--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)"
-    )
-    parser.add_argument(
-        "--dtype",
-        choices=["auto", "bfloat16", "float16", "float32"],
-        default="auto",
-        help="weights dtype (default: bfloat16 on a GPU that supports it, else float32)",
-    )
-    add_option(
-        parser,
-        "data.max_length of the run that wrote --model, at most the model's positions less "
-        "--max-new-tokens",
-    )
-    return parser
-
-
-def _check_infer(args: argparse.Namespace) -> None:
-    """Refuse what ``infer`` cannot run with (before any loading)."""
-    check_model_dir(args.model, task="qwen_vl", fits=_vision_language)
-    if args.max_new_tokens < 1:
-        raise UserError("--max-new-tokens must be at least 1.")
-    if args.prompt is None and args.data is None:
-        raise UserError("Give --prompt TEXT (with --image FILE) or --data FILE.jsonl of questions.")
-    if args.data is not None and args.image:
-        raise UserError("--image goes with --prompt; in --data each row lists its own images.")
-    if args.out is not None:
-        guard_file(
-            args.out,
-            "--out",
-            [(args.data, "--data"), *((i, "--image") for i in args.image)],
-            args.overwrite,
+    for side, word in (("min", "smallest"), ("max", "largest")):
+        parser.add_argument(
+            f"--{side}-pixels",
+            type=int,
+            default=None,
+            help=f"{word} image area (default: the model's processor setting)",
         )
 
 
-@user_errors_exit_2
-def infer(argv: list[str] | None = None) -> int:
-    """``infer --model DIR (--prompt TEXT [--image FILE ...] | --data FILE) [--out FILE]``:
-    answer questions about images (or none) with a saved model."""
-    from core.commands.model_io import emit_rows
-
-    args = parse_model_command(infer_parser(), argv)
-    _check_infer(args)
-    questions = (
-        [("prompt", args.prompt, list(args.image))]
-        if args.prompt is not None
-        else read_questions(args.data)
-    )
-    session = AnswerSession(
-        args.model,
-        args.min_pixels,
-        args.max_pixels,
-        args.device,
-        args.dtype,
-        max_input_tokens=args.max_input_tokens,
-    )
-    rows = [
-        {"id": qid, "prompt": text, "answer": session.answer(images, text, args.max_new_tokens)}
-        for qid, text, images in questions
-    ]
-    if session.cut is not None:
-        session.cut.report()
-    emit_rows(rows, args.out, "answer" if args.prompt is not None else None, "answers")
-    return 0
+def _check_infer(args: argparse.Namespace) -> None:
+    """Refuse ``--max-new-tokens`` below 1 and ``--image`` with ``--data``."""
+    if args.max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be at least 1.")
+    if args.data is not None and args.image:
+        raise UserError("--image goes with --prompt; in --data each row lists its own images.")
 
 
-def read_questions(path: Path) -> list[tuple[str, str, list[Path]]]:
-    """``(id, prompt, image paths)`` of every row of an ``infer --data`` file.
+def read_questions(args: argparse.Namespace) -> list[tuple[str, str, list[Path]]]:
+    """``(id, prompt, image paths)`` of ``--prompt`` (with ``--image``) or of every row of
+    ``--data`` (image paths relative to the file).
 
     Raises:
         UserError: a row without a text ``prompt`` or with ``images`` that is not a list of paths
             (file and line named).
     """
-    from core.task.records import read_all
+    from core.commands.infer import read_prompt_rows
 
+    if args.prompt is not None:
+        return [("prompt", args.prompt, list(args.image))]
     questions = []
-    for record in read_all(path, "--data", what="questions", allow_folders=False):
-        row = record.value
-        if (
-            not isinstance(row, dict)
-            or not isinstance(row.get("prompt"), str)
-            or not row["prompt"].strip()
-        ):
-            raise UserError(
-                f"{record.where}: each row needs a non-empty text 'prompt' (and "
-                "optionally 'images': [paths])."
-            )
+    for qid, row, where in read_prompt_rows(
+        args.data, "prompt", "(and optionally 'images': [paths])"
+    ):
         images = row.get("images", [row["image"]] if "image" in row else [])
         if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
-            raise UserError(
-                f"{record.where}: 'images' must be a list of image paths, got {images!r}."
-            )
-        questions.append(
-            (str(row.get("id", record.line)), row["prompt"], [path.parent / i for i in images])
-        )
+            raise UserError(f"{where}: 'images' must be a list of image paths, got {images!r}.")
+        questions.append((qid, row["prompt"], [args.data.parent / i for i in images]))
     return questions
 
 
@@ -335,48 +248,50 @@ class AnswerSession:
     image loading, ``process_vision_info`` and pixel limits as in training.
 
     Args:
-        model_dir: a folder written by ``save_pretrained``.
-        min_pixels, max_pixels: image area limits (None: the model's processor setting).
-        device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``, ...
-        dtype: ``auto`` (bfloat16 on a GPU that supports it, else float32) or a dtype name.
-        max_input_tokens: tokens a prompt (images included) may have; None: ``data.max_length``
-            of the run that wrote ``model_dir``, at most the model's positions less the tokens
-            to generate. Longer questions are cut (their start is kept) and counted in ``cut``.
+        args: ``infer``'s arguments: ``model`` (a folder written by ``save_pretrained``),
+            ``min_pixels`` / ``max_pixels`` (None: the model's processor setting), ``device``
+            (``auto``: CUDA when available), ``dtype`` (``auto``: bfloat16 on a GPU that
+            supports it, else float32), ``max_new_tokens``, ``max_input_tokens`` (None:
+            ``data.max_length`` of the run that wrote the model, at most the model's positions
+            less the tokens to generate; longer questions are cut, their start kept, and
+            counted in ``cut``).
     """
 
-    def __init__(
-        self,
-        model_dir: Path,
-        min_pixels: int | None = None,
-        max_pixels: int | None = None,
-        device: str = "auto",
-        dtype: str = "auto",
-        max_input_tokens: int | None = None,
-    ) -> None:
+    def __init__(self, args: argparse.Namespace) -> None:
         import torch
         from transformers import AutoModelForImageTextToText
 
+        from core.commands.infer import prompt_truncation, trained_setting
+        from core.commands.model_io import inference_device, inference_dtype
         from qwen_vl.config import ModelConfig
         from qwen_vl.data import Encoder
         from qwen_vl.model import load_processor
 
-        self.processor = load_processor(ModelConfig(name=str(model_dir)))
-        self.encoder = Encoder(self.processor, min_pixels, max_pixels)
-        from core.commands.model_io import inference_device, inference_dtype
-
-        device = str(inference_device(device))
-        dtype = inference_dtype(dtype, device)
-        self.device = device
-        self.max_input_tokens = max_input_tokens
-        self.trained_length = trained_max_length(model_dir)
-        self.cut: Any = None  # core.task.truncation.Truncation, made by the first answer
+        self.processor = load_processor(ModelConfig(name=str(args.model)))
+        self.encoder = Encoder(self.processor, args.min_pixels, args.max_pixels)
+        self.device = str(inference_device(args.device))
+        dtype = getattr(torch, inference_dtype(args.dtype, self.device))
         self.model = (
-            AutoModelForImageTextToText.from_pretrained(model_dir, dtype=getattr(torch, dtype))
-            .to(device)
+            AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype)
+            .to(self.device)
             .eval()
         )
+        self.max_new_tokens = args.max_new_tokens
+        trained = trained_setting(args.model, "data", "max_length")
+        self.cut = prompt_truncation(
+            self.model,
+            self.processor.tokenizer,
+            args.max_input_tokens,
+            args.max_new_tokens,
+            trained,
+            "data.max_length of the run",
+        )
 
-    def answer(self, images: list[Path], prompt: str, max_new_tokens: int = 64) -> str:
+    def __call__(self, questions: list[tuple[str, str, list[Path]]]) -> list[str]:
+        """The answers to ``(id, prompt, images)`` questions, one by one."""
+        return [self.answer(images, prompt) for _, prompt, images in questions]
+
+    def answer(self, images: list[Path], prompt: str) -> str:
         """The greedy answer to ``prompt`` about ``images`` (special tokens removed).
 
         Raises:
@@ -390,39 +305,19 @@ class AnswerSession:
         sources = [resolve_image(str(p), Path.cwd(), "--image") for p in images]
         pil = [load_image(s, "--image", DataConfig().max_source_pixels) for s in sources]
         inputs = self.encoder.encode_prompt(prompt, pil)
-        cut = self.truncation(max_new_tokens)
         length = inputs["input_ids"].shape[1]
-        kept = cut.count(length)
+        kept = self.cut.count(length)
         if kept < length:
             inputs = self.shorten(prompt, pil, length - kept, kept)
         with torch.no_grad():
             out = self.model.generate(
                 **{k: v.to(self.device) for k, v in inputs.items()},
-                max_new_tokens=max_new_tokens,
+                max_new_tokens=self.max_new_tokens,
                 do_sample=False,
             )
         return self.processor.tokenizer.decode(
             out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
         ).strip()
-
-    def truncation(self, max_new_tokens: int) -> Any:
-        """The :class:`core.task.truncation.Truncation` of prompts for answers of
-        ``max_new_tokens``.
-
-        Raises:
-            UserError: ``--max-input-tokens`` above what the model takes.
-        """
-        from core.task.truncation import Truncation, input_limit, model_limit
-
-        hard = model_limit(
-            getattr(self.model, "config", None), self.processor.tokenizer, reserve=max_new_tokens
-        )
-        limit, origin = input_limit(
-            self.max_input_tokens, self.trained_length, hard, "data.max_length of the run"
-        )
-        if self.cut is None or self.cut.limit != limit:
-            self.cut = Truncation(limit, origin, "prompts")
-        return self.cut
 
     def shorten(self, prompt: str, images: list[Any], excess: int, limit: int) -> dict[str, Any]:
         """Model inputs with the question cut by about ``excess`` tokens (its start kept), so the
@@ -449,24 +344,39 @@ class AnswerSession:
         return inputs
 
 
-def trained_max_length(model_dir: Path) -> int | None:
-    """``data.max_length`` of the run whose ``final/`` (or checkpoint) ``model_dir`` is, or None
-    (a model folder of its own, or a run without the key)."""
-    from core.commands.train import run_of_model
-    from core.config.loader import read_yaml
+INFER = InferSpec(
+    description="Answer questions about images with a saved Qwen2.5-VL model.",
+    epilog='--data rows: {"id": ..., "prompt": "How many circles?", "images": ["a.png"]} (image '
+    "paths relative to the file); the answers ({id, prompt, answer}) go to --out or stdout.",
+    model_help="a folder written by save_pretrained (e.g. runs/NNN_.../final)",
+    data_help="JSONL of questions: {id, prompt, images}",
+    prompt_help="one question (with --image files)",
+    out_help="write the answers here (JSONL; default: stdout)",
+    missing="Give --prompt TEXT (with --image FILE) or --data FILE.jsonl of questions.",
+    read=read_questions,
+    load=AnswerSession,
+    row=lambda q, answer: {"id": q[0], "prompt": q[1], "answer": answer},
+    single="answer",
+    limit_help="data.max_length of the run that wrote --model, at most the model's positions "
+    "less --max-new-tokens",
+    max_new_tokens=64,
+    dtype=True,
+    arguments=_infer_arguments,
+    check=_check_infer,
+    inputs=lambda args: [(i, "--image") for i in args.image],
+    fits=_vision_language,
+)
+"""qwen_vl's ``infer`` (core's :func:`core.commands.infer.infer_command`)."""
 
-    run = run_of_model(model_dir)
-    if run is None or not (run / "config.yaml").is_file():
-        return None
-    value = (read_yaml(run / "config.yaml").get("data") or {}).get("max_length")
-    return value if isinstance(value, int) and value > 0 else None
 
+def infer(argv: list[str] | None = None) -> int:
+    """``infer --model DIR (--prompt TEXT [--image FILE ...] | --data FILE) [--out FILE]``:
+    answer questions about images (or none) with a saved model.
 
-def answer_question(
-    model_dir: str, images: list[Path], prompt: str, max_new_tokens: int = 64, **settings: Any
-) -> str:
-    """One answer from a freshly loaded model (see :class:`AnswerSession`)."""
-    return AnswerSession(Path(model_dir), **settings).answer(images, prompt, max_new_tokens)
+    Returns:
+        Exit code (0; 2 for a mistake the user can fix).
+    """
+    return INFER.command("qwen_vl", argv)
 
 
 COMMANDS: dict[str, Any] = {

@@ -23,13 +23,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from core.commands.infer import InferSpec
 from core.commands.spec import EvaluateSpec, TaskSpec
-from core.commands.train import (
-    add_model_arguments,
-    check_model_dir,
-    config_for_model,
-    parse_model_command,
-)
+from core.commands.train import config_for_model
 from core.errors import UserError, user_errors_exit_2
 from core.run.outputs import guard_file
 from core.task.truncation import Truncation, add_option
@@ -108,86 +104,121 @@ evaluate = SPEC.evaluate_command
 # --------------------------------------------------------------------------------------------
 
 
-def predict_parser() -> argparse.ArgumentParser:
-    """Arguments of ``predict`` (also ``infer``)."""
-    parser = argparse.ArgumentParser(
-        prog="summarization-predict",
-        description="Summarise dialogues with a trained model (also: infer).",
-        epilog=(
-            "--data rows need 'dialogue' (and optionally 'fname'); the output has one {fname, "
-            "summary} row per input,\n"
-            "to --out or stdout. --prompt prints the summary of one dialogue (turns separated by "
-            "newlines).\n\n"
-            "examples:\n"
-            "  summarization-predict --model runs/001_.../final --data dialogues.jsonl --out "
-            "summaries.jsonl\n"
-            "  summarization-predict --model runs/001_.../final --prompt $'#Person1#: "
-            "Hi!\\n#Person2#: Hello.' generation.num_beams=4"
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_model_arguments(
-        parser,
-        model_help="a folder written by save_pretrained (a run's final/)",
-        data_help="JSONL file with a 'dialogue' per row",
-        prompt_help="one dialogue as text",
-        out_help="JSONL output file (default: stdout)",
-    )
-    parser.add_argument(
-        "--batch-size", type=int, default=8, help="dialogues per generate() call (default 8)"
-    )
-    parser.add_argument(
-        "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)"
-    )
-    add_option(parser, "data.max_source_length, at most the model's positions")
-    return parser
-
-
 def _check_predict(args: argparse.Namespace) -> None:
-    """Refuse what ``predict`` cannot run with (before any loading)."""
-    check_model_dir(args.model, task="summarization", fits=_seq2seq)
-    if args.data is None and args.prompt is None:
-        raise UserError("Give --data FILE.jsonl (dialogues) or --prompt TEXT (one dialogue).")
+    """Refuse an empty ``--prompt`` and ``--batch-size`` below 1."""
     if args.prompt is not None and not args.prompt.strip():
         raise UserError("--prompt is empty; give the dialogue to summarise.")
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: use at least 1.")
-    if args.out is not None:
-        guard_file(args.out, "--out", [(args.data, "--data")], args.overwrite)
 
 
-def summarize(
-    task: Any, model: Any, rows: list[dict[str, Any]], batch_size: int, cut: Truncation
-) -> list[str]:
-    """The summary of every row's dialogue, in the rows' order (similar lengths batched
-    together; the dialogues cut to ``data.max_source_length`` are counted in ``cut``)."""
-    import torch
+def read_dialogues(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The rows (``fname``, ``dialogue``) of ``--data``, or the one of ``--prompt``.
 
-    cfg, tokenizer = task.cfg, task.tokenizer
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["dialogue"]))
-    summaries: dict[int, str] = {}
-    with torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            texts = [cfg.model.source_prefix + rows[i]["dialogue"] for i in chunk]
-            # whole, to count what is cut (verbose=False: the note below says it once)
-            for ids in tokenizer(texts, verbose=False)["input_ids"]:
-                cut.count(len(ids))
-            enc = tokenizer(
-                texts,
-                max_length=cfg.data.max_source_length,
-                truncation=True,
-                padding=True,
-                return_tensors="pt",
-            ).to(model.device)
-            for i, text in zip(
-                chunk, task.generate(model, enc["input_ids"], enc["attention_mask"]), strict=True
-            ):
-                summaries[i] = text
-    return [summaries[i] for i in range(len(rows))]
+    Raises:
+        UserError: an unreadable file or a row without a dialogue (file and line named).
+    """
+    from summarization.data import check_row, read_rows
+
+    if args.data is not None:
+        return read_rows(args.data, "--data", need_references=False)
+    row = {"fname": "text", "dialogue": args.prompt}
+    return [check_row(row, "--prompt", need_references=False)]
 
 
-@user_errors_exit_2
+class Summarizer:
+    """A trained model with the config it was trained with (``-c`` and overrides apply),
+    summarising dialogues; those cut to ``data.max_source_length`` are counted in :attr:`cut`.
+
+    Args:
+        args: ``predict``'s arguments (model, config, overrides, device, batch size, limit).
+    """
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from transformers import AutoModelForSeq2SeqLM
+
+        from core.commands.model_io import inference_device
+
+        cfg = config_for_model(
+            args.model,
+            args.config,
+            args.overrides,
+            SummarizationConfig,
+            PRESETS_DIR,
+            DEFAULT_PRESET,
+        )
+        self.task = SPEC.make_task(cfg)
+        self.task.setup_model_side(args.model)
+        origin = self.task.source_limit(args.max_input_tokens)
+        self.cut = Truncation(cfg.data.max_source_length, origin, "dialogues")
+        self.batch_size = args.batch_size
+        device = inference_device(args.device)
+        self.model = AutoModelForSeq2SeqLM.from_pretrained(args.model).to(device).eval()
+        self.task.prepare_generation(self.model)
+
+    def __call__(self, rows: list[dict[str, Any]]) -> list[str]:
+        """The summary of every row's dialogue, in the rows' order (similar lengths batched
+        together)."""
+        import torch
+
+        cfg, tokenizer = self.task.cfg, self.task.tokenizer
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["dialogue"]))
+        summaries: dict[int, str] = {}
+        with torch.no_grad():
+            for start in range(0, len(order), self.batch_size):
+                chunk = order[start : start + self.batch_size]
+                texts = [cfg.model.source_prefix + rows[i]["dialogue"] for i in chunk]
+                # whole, to count what is cut (verbose=False: the note says it once)
+                for ids in tokenizer(texts, verbose=False)["input_ids"]:
+                    self.cut.count(len(ids))
+                enc = tokenizer(
+                    texts,
+                    max_length=cfg.data.max_source_length,
+                    truncation=True,
+                    padding=True,
+                    return_tensors="pt",
+                ).to(self.model.device)
+                generated = self.task.generate(self.model, enc["input_ids"], enc["attention_mask"])
+                summaries.update(zip(chunk, generated, strict=True))
+        return [summaries[i] for i in range(len(rows))]
+
+
+PREDICT = InferSpec(
+    prog="summarization-predict",
+    description="Summarise dialogues with a trained model (also: infer).",
+    epilog=(
+        "--data rows need 'dialogue' (and optionally 'fname'); the output has one {fname, "
+        "summary} row per input,\n"
+        "to --out or stdout. --prompt prints the summary of one dialogue (turns separated by "
+        "newlines).\n\n"
+        "examples:\n"
+        "  summarization-predict --model runs/001_.../final --data dialogues.jsonl --out "
+        "summaries.jsonl\n"
+        "  summarization-predict --model runs/001_.../final --prompt $'#Person1#: "
+        "Hi!\\n#Person2#: Hello.' generation.num_beams=4"
+    ),
+    raw_epilog=True,
+    model_help="a folder written by save_pretrained (a run's final/)",
+    data_help="JSONL file with a 'dialogue' per row",
+    prompt_help="one dialogue as text",
+    out_help="JSONL output file (default: stdout)",
+    missing="Give --data FILE.jsonl (dialogues) or --prompt TEXT (one dialogue).",
+    read=read_dialogues,
+    load=Summarizer,
+    row=lambda row, summary: {"fname": row["fname"], "summary": summary},
+    single="summary",
+    what="summaries",
+    limit_help="data.max_source_length, at most the model's positions",
+    batch_size=8,
+    batch_what="dialogues",
+    device_default=None,
+    check=_check_predict,
+    fits=_seq2seq,
+)
+"""summarization's ``predict`` / ``infer`` (core's :func:`core.commands.infer.infer_command`);
+``--prompt`` prints its summary (an ``--out`` with it is not written)."""
+
+
 def predict(argv: Sequence[str] | None = None) -> int:
     """``predict --model DIR (--data FILE.jsonl | --prompt "...") [--out FILE]``: summaries of new
     dialogues.
@@ -195,38 +226,7 @@ def predict(argv: Sequence[str] | None = None) -> int:
     Returns:
         Exit code (0; 2 for a mistake the user can fix).
     """
-    args = parse_model_command(predict_parser(), argv)
-    _check_predict(args)
-    cfg = config_for_model(
-        args.model, args.config, args.overrides, SummarizationConfig, PRESETS_DIR, DEFAULT_PRESET
-    )
-    from core.commands.model_io import emit_rows, inference_device
-    from core.run.logs import transformers_quiet
-    from summarization.data import check_row, read_rows
-
-    transformers_quiet()
-    task = SPEC.make_task(cfg)
-    task.setup_model_side(args.model)
-    origin = task.source_limit(args.max_input_tokens)
-    cut = Truncation(cfg.data.max_source_length, origin, "dialogues")
-    if args.data is not None:
-        rows = read_rows(args.data, "--data", need_references=False)
-    else:
-        rows = [
-            check_row({"fname": "text", "dialogue": args.prompt}, "--prompt", need_references=False)
-        ]
-    from transformers import AutoModelForSeq2SeqLM
-
-    device = inference_device(args.device)
-    model = AutoModelForSeq2SeqLM.from_pretrained(args.model).to(device).eval()
-    task.prepare_generation(model)
-    summaries = summarize(task, model, rows, args.batch_size, cut)
-    cut.report()
-    results = [{"fname": r["fname"], "summary": s} for r, s in zip(rows, summaries, strict=True)]
-    # --prompt prints its summary (an --out with it is not written)
-    out = args.out if args.prompt is None else None
-    emit_rows(results, out, "summary" if args.prompt is not None else None, "summaries")
-    return 0
+    return PREDICT.command("summarization", argv)
 
 
 # --------------------------------------------------------------------------------------------
