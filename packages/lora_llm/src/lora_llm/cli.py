@@ -638,18 +638,10 @@ COMMANDS = {
 core's shared names; the package's own scripts carry its name: ``lora-llm-prepare``, ...)."""
 
 
-def _self_check() -> int:
-    """``python -m lora_llm.cli`` without arguments: every command parses ``--help``, and the
-    tiny preset's estimate runs offline."""
-    from core.commands.spec import check_helps
-
-    check_helps(COMMANDS)
-    assert estimate(["-c", "tiny"]) == 0
-    print("lora_llm.cli: ok")
-    return 0
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # self-check: every command's --help, the tiny preset's estimate
     from core.commands.spec import main
 
-    main(COMMANDS, _self_check)
+    def _estimate_offline() -> None:
+        assert estimate(["-c", "tiny"]) == 0
+
+    main(COMMANDS, "lora_llm.cli", _estimate_offline)

@@ -388,16 +388,7 @@ COMMANDS: dict[str, Any] = {
 """The commands core's shared ``train`` / ``evaluate`` / ``infer`` scripts dispatch to."""
 
 
-def _self_check() -> int:
-    """``python -m qwen_vl.cli`` without arguments: every command's ``--help``."""
-    from core.commands.spec import check_helps
-
-    check_helps(COMMANDS)
-    print("qwen_vl.cli: ok")
-    return 0
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # self-check: every command's --help
     from core.commands.spec import main
 
-    main(COMMANDS, _self_check)
+    main(COMMANDS, "qwen_vl.cli")

@@ -431,43 +431,27 @@ COMMANDS = {
 ``predict``); the package's own scripts carry its name (``summarization-predict``, ...)."""
 
 
-def _self_check() -> int:
-    """``python -m summarization.cli`` without arguments: help of every command, Lead-3 + score on
-    the shipped test sample."""
+if __name__ == "__main__":  # self-check: every command's --help, Lead-3 + score on the sample
     import contextlib
     import io
     import tempfile
 
-    from core.commands.spec import check_helps
+    from core.commands.spec import main
     from summarization.config import SAMPLES
 
-    check_helps({n: c for n, c in COMMANDS.items() if n != "train"})
-    with tempfile.TemporaryDirectory() as tmp:
-        lead = Path(tmp) / "lead3.jsonl"
-        with contextlib.redirect_stdout(io.StringIO()):
-            assert lead3(["--data", str(SAMPLES["en"] / "test.jsonl"), "--out", str(lead)]) == 0
-        buffer = io.StringIO()
-        with contextlib.redirect_stdout(buffer):
-            assert (
-                score(
-                    ["--predictions", str(lead), "--references", str(SAMPLES["en"] / "test.jsonl")]
-                )
-                == 0
+    def _lead3_and_score() -> None:
+        test, dev = SAMPLES["en"] / "test.jsonl", SAMPLES["en"] / "dev.jsonl"
+        with tempfile.TemporaryDirectory() as tmp:
+            lead, printed = Path(tmp) / "lead3.jsonl", io.StringIO()
+            with contextlib.redirect_stdout(io.StringIO()):
+                assert lead3(["--data", str(test), "--out", str(lead)]) == 0
+            with contextlib.redirect_stdout(printed):
+                assert score(["--predictions", str(lead), "--references", str(test)]) == 0
+            result = json.loads(printed.getvalue())
+            print(
+                f"lead-3 on the shipped test sample: rouge1={result['rouge1']:.4f} "
+                f"rougeL={result['rougeL']:.4f} ({result['multi_reference'][:4]})"
             )
-        result = json.loads(buffer.getvalue())
-        print(
-            f"lead-3 on the shipped test sample: rouge1={result['rouge1']:.4f} "
-            f"rougeL={result['rougeL']:.4f} ({result['multi_reference'][:4]})"
-        )
-        assert (
-            score(["--predictions", str(lead), "--references", str(SAMPLES["en"] / "dev.jsonl")])
-            == 2
-        )  # ids do not match
-    print("summarization.cli: ok")
-    return 0
+            assert score(["--predictions", str(lead), "--references", str(dev)]) == 2  # other ids
 
-
-if __name__ == "__main__":
-    from core.commands.spec import main
-
-    main(COMMANDS, _self_check)
+    main(COMMANDS, "summarization.cli", _lead3_and_score)

@@ -183,10 +183,14 @@ def check_helps(commands: dict[str, Callable[..., int]]) -> None:
         print(f"{name:>9} --help: {buffer.getvalue().splitlines()[0]}")
 
 
-def main(commands: dict[str, Callable[..., int]], self_check: Callable[[], int]) -> None:
+def main(
+    commands: dict[str, Callable[..., int]], name: str, check: Callable[[], None] | None = None
+) -> None:
     """The ``__main__`` of every task's ``cli.py``: ``python -m <task>.cli COMMAND [args]`` runs
     the command (what the tests and DDP ranks run; ``sys.argv`` stays as it is, so a rank starts
-    again with the same command line); without arguments, the module's self-check.
+    again with the same command line); without arguments, the module's self-check: every
+    command's ``--help`` (:func:`check_helps`), then ``check`` (the module's own), then
+    ``<name>: ok``.
 
     Raises:
         SystemExit: always, with the command's exit code.
@@ -196,7 +200,11 @@ def main(commands: dict[str, Callable[..., int]], self_check: Callable[[], int])
         if command not in commands:
             sys.exit(f"unknown command '{command}'; commands: {', '.join(commands)}")
         sys.exit(commands[command](sys.argv[2:]))
-    sys.exit(self_check())
+    check_helps(commands)
+    if check is not None:
+        check()
+    print(f"{name}: ok")
+    sys.exit(0)
 
 
 if __name__ == "__main__":  # self-check: python -m core.commands.spec
