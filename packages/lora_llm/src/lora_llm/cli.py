@@ -3,14 +3,10 @@
 
 ::
 
-    uv run --package lora_llm train -c tiny trainer.max_steps=20          # QLoRA on the CPU,
-    offline
-    uv run --package lora_llm train -c phi2 --dry-run                      # parameters + memory, no
-    weights
-    uv run --package lora_llm evaluate --model runs/001_.../final          # held-out loss,
-    perplexity, ROUGE-L
-    uv run --package lora_llm infer --model runs/001_.../final --prompt "Give three tips for
-    sleeping well."
+    uv run --package lora_llm train -c tiny trainer.max_steps=20  # QLoRA on the CPU, offline
+    uv run --package lora_llm train -c phi2 --dry-run              # parameters + memory
+    uv run --package lora_llm evaluate --model runs/001_.../final  # loss, perplexity, ROUGE-L
+    uv run --package lora_llm infer --model runs/001_.../final --prompt "Give three tips."
     uv run --package lora_llm lora-llm-prepare -c tiny --data my.jsonl --out prepared/
     uv run --package lora_llm lora-llm-merge --model runs/001_.../final --out merged/
 
@@ -77,43 +73,6 @@ def _check_evaluate(args: argparse.Namespace) -> None:
     """Refuse a negative ``--max-new-tokens``."""
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens {args.max_new_tokens}: use 0 (no generation) or more.")
-
-
-SPEC = TaskSpec(
-    name="lora_llm",
-    config_cls=LoraLLMConfig,
-    presets=PRESETS_DIR,
-    default_preset=DEFAULT_PRESET,
-    task="lora_llm.task:LoraLLMTask",
-    estimator="lora_llm.memory:estimate",
-    render="lora_llm.memory:render",
-    description=TRAIN_HELP,
-    evaluate=EvaluateSpec(
-        description="Held-out loss, perplexity and answer quality (ROUGE-L, exact match) of a "
-        "LoRA adapter; several "
-        "processes with trainer.devices=N.",
-        epilog="The config comes from -c, else from the config.yaml of the run that wrote "
-        "--model, else the default preset. "
-        "Prints the metrics as one JSON line; the answers ({source, prediction, reference, loss}) "
-        "go to --out, or, for a "
-        "run's final/, to <run>/eval/<name>.jsonl. --max-new-tokens 0: loss and perplexity only.",
-        model_help="adapter folder (a run's final/)",
-        data_help="instruction or chat records with reference responses (JSONL / JSON)",
-        split_help="val: the run's held-out records (data.val_files, or the seeded data.val_size "
-        "share) (default)",
-        out_help="write each record's answer, reference and loss here (JSONL)",
-        splits={"val": "val"},
-        split_error="lora_llm has one held-out split, val; or give --data FILE.",
-        marker="adapter_config.json",
-        what="an adapter folder (a run's final/)",
-        arguments=_evaluate_arguments,
-        check=_check_evaluate,
-    ),
-)
-"""The lora_llm task, declared once: core gives it ``train`` (``--dry-run``) and ``evaluate``."""
-
-train = SPEC.train
-evaluate = SPEC.evaluate_command
 
 
 def estimate(argv: list[str] | None = None) -> int:
@@ -335,52 +294,6 @@ def _typed(line: str) -> Any:
     from lora_llm.data import Record
 
     return Record(source="terminal", instruction=line)
-
-
-INFER = InferSpec(
-    description="Generate text with a base model + trained LoRA adapter.",
-    epilog=(
-        "examples:\n  infer --model runs/001_x/final --prompt 'Give three tips for staying "
-        "healthy.'\n"
-        "  infer --model runs/001_x/final --data prompts.jsonl --out answers.jsonl --greedy\n"
-        "  infer --model runs/001_x/final            # interactive, on a terminal"
-    ),
-    raw_epilog=True,
-    model_help="adapter folder (a run's final/)",
-    data_help="JSONL / JSON of instruction records (instruction, input) or chat records (messages)",
-    prompt_help="an instruction to answer",
-    out_help="write JSONL here instead of stdout (with --data)",
-    missing="Give --prompt TEXT or --data FILE.jsonl (the interactive mode needs a terminal).",
-    read=read_prompts,
-    load=Answerer,
-    row=answer_row,
-    single="generated",
-    limit_help="the model's positions less --max-new-tokens",
-    max_new_tokens=256,
-    sampling=True,
-    batch_size=8,
-    device_choices=("auto", "cpu", "cuda"),
-    arguments=_infer_arguments,
-    check=_check_infer,
-    check_model=False,
-    terminal=_typed,
-    terminal_label="instruction",
-    banner=lambda args, answer: (
-        f"Adapter {args.model} on {answer.base}. Type an instruction; an empty line quits."
-    ),
-)
-"""lora_llm's ``infer`` (core's :func:`core.commands.infer.infer_command`); without ``--prompt``
-/ ``--data`` on a terminal, an interactive loop (an empty line quits)."""
-
-
-def infer(argv: list[str] | None = None) -> int:
-    """``infer --model DIR [--base NAME_OR_DIR] (--prompt TEXT | --data FILE.jsonl) [--out FILE]
-    [sampling flags]``; interactive on a terminal without ``--prompt`` / ``--data``.
-
-    Returns:
-        Exit code.
-    """
-    return INFER.command("lora_llm", argv)
 
 
 # --------------------------------------------------------------------------------------------
@@ -624,6 +537,76 @@ def _remove_half_made(out: Path, existed: bool) -> None:
             shutil.rmtree(child, ignore_errors=True)
         else:
             child.unlink(missing_ok=True)
+
+
+SPEC = TaskSpec(
+    name="lora_llm",
+    config_cls=LoraLLMConfig,
+    presets=PRESETS_DIR,
+    default_preset=DEFAULT_PRESET,
+    task="lora_llm.task:LoraLLMTask",
+    estimator="lora_llm.memory:estimate",
+    render="lora_llm.memory:render",
+    description=TRAIN_HELP,
+    evaluate=EvaluateSpec(
+        description="Held-out loss, perplexity and answer quality (ROUGE-L, exact match) of a "
+        "LoRA adapter; several processes with trainer.devices=N.",
+        epilog="The config comes from -c, else from the config.yaml of the run that wrote "
+        "--model, else the default preset. Prints the metrics as one JSON line; the answers "
+        "({source, prediction, reference, loss}) go to --out, or, for a run's final/, to "
+        "<run>/eval/<name>.jsonl. --max-new-tokens 0: loss and perplexity only.",
+        model_help="adapter folder (a run's final/)",
+        data_help="instruction or chat records with reference responses (JSONL / JSON)",
+        split_help="val: the run's held-out records (data.val_files, or the seeded data.val_size "
+        "share) (default)",
+        out_help="write each record's answer, reference and loss here (JSONL)",
+        splits={"val": "val"},
+        split_error="lora_llm has one held-out split, val; or give --data FILE.",
+        marker="adapter_config.json",
+        what="an adapter folder (a run's final/)",
+        arguments=_evaluate_arguments,
+        check=_check_evaluate,
+    ),
+    infer=InferSpec(
+        description="Generate text with a base model + trained LoRA adapter.",
+        epilog=(
+            "examples:\n  infer --model runs/001_x/final --prompt 'Give three tips for staying "
+            "healthy.'\n"
+            "  infer --model runs/001_x/final --data prompts.jsonl --out answers.jsonl --greedy\n"
+            "  infer --model runs/001_x/final            # interactive, on a terminal"
+        ),
+        raw_epilog=True,
+        model_help="adapter folder (a run's final/)",
+        data_help="JSONL / JSON of instruction records (instruction, input) or chat records "
+        "(messages)",
+        prompt_help="an instruction to answer",
+        out_help="write JSONL here instead of stdout (with --data)",
+        missing="Give --prompt TEXT or --data FILE.jsonl (the interactive mode needs a terminal).",
+        read=read_prompts,
+        load=Answerer,
+        row=answer_row,
+        single="generated",
+        limit_help="the model's positions less --max-new-tokens",
+        max_new_tokens=256,
+        sampling=True,
+        batch_size=8,
+        device_choices=("auto", "cpu", "cuda"),
+        arguments=_infer_arguments,
+        check=_check_infer,
+        check_model=False,
+        terminal=_typed,
+        terminal_label="instruction",
+        banner=lambda args, answer: (
+            f"Adapter {args.model} on {answer.base}. Type an instruction; an empty line quits."
+        ),
+    ),
+)
+"""The lora_llm task, declared once: core gives it ``train`` (with ``--dry-run``), ``evaluate``
+and ``infer``."""
+
+train = SPEC.train
+evaluate = SPEC.evaluate_command
+infer = SPEC.infer_command
 
 
 COMMANDS = {

@@ -1,16 +1,15 @@
 """Commands of the qwen_vl package.
 
-    qwen-vl-make-data --out DIR --n N [--seed S]                   draw the counting data set
-    train [-c PRESET|FILE] [key=value ...]                         fine-tune (core's contract; also
-    qwen-vl-train)
-    evaluate --model DIR [--data FILE | --split dev] [--out FILE]  loss + counting metrics of a
-    saved model
-    infer --model DIR (--prompt TEXT [--image FILE] | --data FILE) answer questions about images
+    qwen-vl-make-data --out DIR --n N [--seed S]                    draw the counting data set
+    train [-c PRESET|FILE] [key=value ...]                          fine-tune (also qwen-vl-train)
+    evaluate --model DIR [--data FILE | --split dev] [--out FILE]   loss + counting metrics
+    infer --model DIR (--prompt TEXT [--image FILE] | --data FILE)  answer questions about images
 
-``train``, ``evaluate`` and ``infer`` are the shared console scripts of core, dispatched here
-through the ``core.tasks`` entry point (``uv run --package qwen_vl train ...``); ``COMMANDS``
-maps them; the package's own script carries its name. A mistake the user can fix exits with
-code 2 and one paragraph; no command writes onto its inputs or into a folder of other files.
+``train``, ``evaluate`` and ``infer`` are core's shared commands (:mod:`core.commands`),
+dispatched here through the ``core.tasks`` entry point (``uv run --package qwen_vl train ...``);
+``COMMANDS`` maps them; the package's own script carries its name. A mistake the user can fix
+exits with code 2 and one paragraph; no command writes onto its inputs or into a folder of other
+files.
 
 Self-check: ``python -m qwen_vl.cli`` (``--help`` of every command). Subprocess tests also run
 ``python -m qwen_vl.cli COMMAND ...``.
@@ -46,42 +45,6 @@ def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-SPEC = TaskSpec(
-    name="qwen_vl",
-    config_cls=QwenVLConfig,
-    presets=PRESETS_DIR,
-    default_preset=DEFAULT_PRESET,
-    task="qwen_vl.task:QwenVLTask",
-    estimator="qwen_vl.memory:estimate",
-    render="qwen_vl.memory:render",
-    description="Fine-tune Qwen2.5-VL on image+text conversations (qwen_vl).",
-    evaluate=EvaluateSpec(
-        description="Loss and counting metrics (exact match, mean absolute error of the parsed "
-        "count) of a saved "
-        "Qwen2.5-VL model on conversations. Runs on all trainer.devices at once (DDP, or FSDP2 "
-        "with trainer.strategy=fsdp).",
-        epilog="Any train key works after the flags: trainer.devices=4 trainer.precision=bf16-true "
-        "trainer.eval_batch_size=16 generation.max_new_tokens=8; -c PRESET takes a preset's "
-        "settings. Prints the metrics "
-        "as one JSON line; the answers ({id, prediction, reference}) go to --out, or, for a run's "
-        "final/, to "
-        "<run>/eval/<name>.jsonl.",
-        model_help="a folder written by save_pretrained (e.g. runs/NNN_.../final)",
-        data_help="JSONL conversations (the last assistant turn is the reference)",
-        split_help="dev: the config's data.val_file (default)",
-        out_help="write every answer and its reference here (JSONL)",
-        splits={"dev": "dev"},
-        split_error="qwen_vl has one held-out split, dev (data.val_file); or give --data FILE.",
-        fits=_vision_language,
-        arguments=_evaluate_arguments,
-    ),
-)
-"""The qwen_vl task, declared once: core gives it ``train`` and ``evaluate``."""
-
-train = SPEC.train
-evaluate = SPEC.evaluate_command
-
-
 def make_data_parser() -> argparse.ArgumentParser:
     """Arguments of ``qwen-vl-make-data``."""
     parser = argparse.ArgumentParser(
@@ -103,29 +66,19 @@ def make_data_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--n-dev", type=int, default=None, help="dev records (default: n/5, at least 8)"
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of everything (default 0)")
-    parser.add_argument("--size", type=int, default=112, help="image side in pixels (default 112)")
-    parser.add_argument(
-        "--min-count", type=int, default=1, help="fewest objects per image (default 1)"
-    )
-    parser.add_argument(
-        "--max-count", type=int, default=9, help="most objects per image (default 9)"
-    )
-    parser.add_argument(
-        "--max-distractors",
-        type=int,
-        default=0,
-        help="most objects of another shape per image (default 0)",
-    )
-    parser.add_argument(
-        "--text-share", type=float, default=0.1, help="share of text-only records (default 0.1)"
-    )
-    parser.add_argument(
-        "--multi-turn-share",
-        type=float,
-        default=0.1,
-        help="share of two-turn records (default 0.1)",
-    )
+    for flag, default, text in (
+        ("--seed", 0, "seed of everything"),
+        ("--size", 112, "image side in pixels"),
+        ("--min-count", 1, "fewest objects per image"),
+        ("--max-count", 9, "most objects per image"),
+        ("--max-distractors", 0, "most objects of another shape per image"),
+    ):
+        parser.add_argument(flag, type=int, default=default, help=f"{text} (default {default})")
+    for flag, text in (
+        ("--text-share", "text-only records"),
+        ("--multi-turn-share", "two-turn records"),
+    ):
+        parser.add_argument(flag, type=float, default=0.1, help=f"share of {text} (default 0.1)")
     return parser
 
 
@@ -153,16 +106,12 @@ def synth_settings(args: argparse.Namespace) -> Any:
         raise UserError(
             "--text-share and --multi-turn-share must be between 0 and 1 and add up to at most 1."
         )
+    same = ("seed", "size", "min_count", "max_count", "max_distractors", "text_share")
     return SynthSettings(
         n_train=args.n,
         n_dev=args.n_dev if args.n_dev is not None else max(8, args.n // 5),
-        seed=args.seed,
-        size=args.size,
-        min_count=args.min_count,
-        max_count=args.max_count,
-        max_distractors=args.max_distractors,
-        text_share=args.text_share,
         multi_turn_share=args.multi_turn_share,
+        **{name: getattr(args, name) for name in same},
     )
 
 
@@ -344,39 +293,60 @@ class AnswerSession:
         return inputs
 
 
-INFER = InferSpec(
-    description="Answer questions about images with a saved Qwen2.5-VL model.",
-    epilog='--data rows: {"id": ..., "prompt": "How many circles?", "images": ["a.png"]} (image '
-    "paths relative to the file); the answers ({id, prompt, answer}) go to --out or stdout.",
-    model_help="a folder written by save_pretrained (e.g. runs/NNN_.../final)",
-    data_help="JSONL of questions: {id, prompt, images}",
-    prompt_help="one question (with --image files)",
-    out_help="write the answers here (JSONL; default: stdout)",
-    missing="Give --prompt TEXT (with --image FILE) or --data FILE.jsonl of questions.",
-    read=read_questions,
-    load=AnswerSession,
-    row=lambda q, answer: {"id": q[0], "prompt": q[1], "answer": answer},
-    single="answer",
-    limit_help="data.max_length of the run that wrote --model, at most the model's positions "
-    "less --max-new-tokens",
-    max_new_tokens=64,
-    dtype=True,
-    arguments=_infer_arguments,
-    check=_check_infer,
-    inputs=lambda args: [(i, "--image") for i in args.image],
-    fits=_vision_language,
+SPEC = TaskSpec(
+    name="qwen_vl",
+    config_cls=QwenVLConfig,
+    presets=PRESETS_DIR,
+    default_preset=DEFAULT_PRESET,
+    task="qwen_vl.task:QwenVLTask",
+    estimator="qwen_vl.memory:estimate",
+    render="qwen_vl.memory:render",
+    description="Fine-tune Qwen2.5-VL on image+text conversations (qwen_vl).",
+    evaluate=EvaluateSpec(
+        description="Loss and counting metrics (exact match, mean absolute error of the parsed "
+        "count) of a saved Qwen2.5-VL model on conversations. Runs on all trainer.devices at "
+        "once (DDP, or FSDP2 with trainer.strategy=fsdp).",
+        epilog="Any train key works after the flags: trainer.devices=4 trainer.precision=bf16-true "
+        "trainer.eval_batch_size=16 generation.max_new_tokens=8; -c PRESET takes a preset's "
+        "settings. Prints the metrics as one JSON line; the answers ({id, prediction, reference}) "
+        "go to --out, or, for a run's final/, to <run>/eval/<name>.jsonl.",
+        model_help="a folder written by save_pretrained (e.g. runs/NNN_.../final)",
+        data_help="JSONL conversations (the last assistant turn is the reference)",
+        split_help="dev: the config's data.val_file (default)",
+        out_help="write every answer and its reference here (JSONL)",
+        splits={"dev": "dev"},
+        split_error="qwen_vl has one held-out split, dev (data.val_file); or give --data FILE.",
+        fits=_vision_language,
+        arguments=_evaluate_arguments,
+    ),
+    infer=InferSpec(
+        description="Answer questions about images with a saved Qwen2.5-VL model.",
+        epilog='--data rows: {"id": ..., "prompt": "How many circles?", "images": ["a.png"]} (image '
+        "paths relative to the file); the answers ({id, prompt, answer}) go to --out or stdout.",
+        model_help="a folder written by save_pretrained (e.g. runs/NNN_.../final)",
+        data_help="JSONL of questions: {id, prompt, images}",
+        prompt_help="one question (with --image files)",
+        out_help="write the answers here (JSONL; default: stdout)",
+        missing="Give --prompt TEXT (with --image FILE) or --data FILE.jsonl of questions.",
+        read=read_questions,
+        load=AnswerSession,
+        row=lambda q, answer: {"id": q[0], "prompt": q[1], "answer": answer},
+        single="answer",
+        limit_help="data.max_length of the run that wrote --model, at most the model's positions "
+        "less --max-new-tokens",
+        max_new_tokens=64,
+        dtype=True,
+        arguments=_infer_arguments,
+        check=_check_infer,
+        inputs=lambda args: [(i, "--image") for i in args.image],
+        fits=_vision_language,
+    ),
 )
-"""qwen_vl's ``infer`` (core's :func:`core.commands.infer.infer_command`)."""
+"""The qwen_vl task, declared once: core gives it ``train``, ``evaluate`` and ``infer``."""
 
-
-def infer(argv: list[str] | None = None) -> int:
-    """``infer --model DIR (--prompt TEXT [--image FILE ...] | --data FILE) [--out FILE]``:
-    answer questions about images (or none) with a saved model.
-
-    Returns:
-        Exit code (0; 2 for a mistake the user can fix).
-    """
-    return INFER.command("qwen_vl", argv)
+train = SPEC.train
+evaluate = SPEC.evaluate_command
+infer = SPEC.infer_command
 
 
 COMMANDS: dict[str, Any] = {

@@ -54,51 +54,6 @@ def _check_evaluate(args: argparse.Namespace) -> None:
         raise UserError(f"--limit {args.limit}: give at least 1 row.")
 
 
-SPEC = TaskSpec(
-    name="summarization",
-    config_cls=SummarizationConfig,
-    presets=PRESETS_DIR,
-    default_preset=DEFAULT_PRESET,
-    task="summarization.task:SummarizationTask",
-    estimator="summarization.memory:estimate",
-    render="summarization.memory:render",
-    description=DESCRIPTION,
-    evaluate=EvaluateSpec(
-        description="Generate summaries with a trained model and score them with ROUGE (several "
-        "processes: trainer.devices=N).",
-        epilog=(
-            "The config comes from -c, else from the config.yaml of the run that wrote --model, "
-            "else the default preset;\n"
-            "generation.* / metric.* / trainer.* overrides apply. Prints the scores "
-            "(rouge1/2/L/Lsum F1 in [0,1], loss,\n"
-            "tokenizer, multi-reference convention) as one JSON line. The summaries ({fname, "
-            "summary, references}) go to\n"
-            "--out, or, for a run's final/, to <run>/eval/<split>.jsonl with the scores in "
-            "<run>/eval/<split>.scores.json.\n\n"
-            "examples:\n"
-            "  evaluate --model runs/001_20261122_101500/final --split test\n"
-            "  evaluate --model runs/001_.../final --data my_dialogues.jsonl --out "
-            "my_summaries.jsonl generation.num_beams=4"
-        ),
-        model_help="a folder written by save_pretrained (a run's final/)",
-        data_help="a JSONL file of dialogues with references (fname, dialogue, summary or "
-        "summary1..N)",
-        split_help="dev or test: the split of the config's data (default: dev)",
-        out_help="write the generated summaries here (JSONL)",
-        splits={"dev": "dev", "validation": "dev", "test": "test"},
-        split_error="use dev or test, or --data FILE for a file of your own.",
-        fits=_seq2seq,
-        arguments=_evaluate_arguments,
-        check=_check_evaluate,
-        raw_epilog=True,
-    ),
-)
-"""The summarization task, declared once: core gives it ``train`` and ``evaluate``."""
-
-train = SPEC.train
-evaluate = SPEC.evaluate_command
-
-
 # --------------------------------------------------------------------------------------------
 # predict
 # --------------------------------------------------------------------------------------------
@@ -181,52 +136,6 @@ class Summarizer:
                 generated = self.task.generate(self.model, enc["input_ids"], enc["attention_mask"])
                 summaries.update(zip(chunk, generated, strict=True))
         return [summaries[i] for i in range(len(rows))]
-
-
-PREDICT = InferSpec(
-    prog="summarization-predict",
-    description="Summarise dialogues with a trained model (also: infer).",
-    epilog=(
-        "--data rows need 'dialogue' (and optionally 'fname'); the output has one {fname, "
-        "summary} row per input,\n"
-        "to --out or stdout. --prompt prints the summary of one dialogue (turns separated by "
-        "newlines).\n\n"
-        "examples:\n"
-        "  summarization-predict --model runs/001_.../final --data dialogues.jsonl --out "
-        "summaries.jsonl\n"
-        "  summarization-predict --model runs/001_.../final --prompt $'#Person1#: "
-        "Hi!\\n#Person2#: Hello.' generation.num_beams=4"
-    ),
-    raw_epilog=True,
-    model_help="a folder written by save_pretrained (a run's final/)",
-    data_help="JSONL file with a 'dialogue' per row",
-    prompt_help="one dialogue as text",
-    out_help="JSONL output file (default: stdout)",
-    missing="Give --data FILE.jsonl (dialogues) or --prompt TEXT (one dialogue).",
-    read=read_dialogues,
-    load=Summarizer,
-    row=lambda row, summary: {"fname": row["fname"], "summary": summary},
-    single="summary",
-    what="summaries",
-    limit_help="data.max_source_length, at most the model's positions",
-    batch_size=8,
-    batch_what="dialogues",
-    device_default=None,
-    check=_check_predict,
-    fits=_seq2seq,
-)
-"""summarization's ``predict`` / ``infer`` (core's :func:`core.commands.infer.infer_command`);
-``--prompt`` prints its summary (an ``--out`` with it is not written)."""
-
-
-def predict(argv: Sequence[str] | None = None) -> int:
-    """``predict --model DIR (--data FILE.jsonl | --prompt "...") [--out FILE]``: summaries of new
-    dialogues.
-
-    Returns:
-        Exit code (0; 2 for a mistake the user can fix).
-    """
-    return PREDICT.command("summarization", argv)
 
 
 # --------------------------------------------------------------------------------------------
@@ -417,6 +326,84 @@ def lead3(argv: Sequence[str] | None = None) -> int:
         for f, p in predictions.items():
             print(json.dumps({"fname": f, "summary": p[0]}, ensure_ascii=False))
     return 0
+
+
+SPEC = TaskSpec(
+    name="summarization",
+    config_cls=SummarizationConfig,
+    presets=PRESETS_DIR,
+    default_preset=DEFAULT_PRESET,
+    task="summarization.task:SummarizationTask",
+    estimator="summarization.memory:estimate",
+    render="summarization.memory:render",
+    description=DESCRIPTION,
+    evaluate=EvaluateSpec(
+        description="Generate summaries with a trained model and score them with ROUGE (several "
+        "processes: trainer.devices=N).",
+        epilog=(
+            "The config comes from -c, else from the config.yaml of the run that wrote --model, "
+            "else the default preset;\n"
+            "generation.* / metric.* / trainer.* overrides apply. Prints the scores "
+            "(rouge1/2/L/Lsum F1 in [0,1], loss,\n"
+            "tokenizer, multi-reference convention) as one JSON line. The summaries ({fname, "
+            "summary, references}) go to\n"
+            "--out, or, for a run's final/, to <run>/eval/<split>.jsonl with the scores in "
+            "<run>/eval/<split>.scores.json.\n\n"
+            "examples:\n"
+            "  evaluate --model runs/001_20261122_101500/final --split test\n"
+            "  evaluate --model runs/001_.../final --data my_dialogues.jsonl --out "
+            "my_summaries.jsonl generation.num_beams=4"
+        ),
+        model_help="a folder written by save_pretrained (a run's final/)",
+        data_help="a JSONL file of dialogues with references (fname, dialogue, summary or "
+        "summary1..N)",
+        split_help="dev or test: the split of the config's data (default: dev)",
+        out_help="write the generated summaries here (JSONL)",
+        splits={"dev": "dev", "validation": "dev", "test": "test"},
+        split_error="use dev or test, or --data FILE for a file of your own.",
+        fits=_seq2seq,
+        arguments=_evaluate_arguments,
+        check=_check_evaluate,
+        raw_epilog=True,
+    ),
+    infer=InferSpec(
+        prog="summarization-predict",
+        description="Summarise dialogues with a trained model (also: infer).",
+        epilog=(
+            "--data rows need 'dialogue' (and optionally 'fname'); the output has one {fname, "
+            "summary} row per input,\n"
+            "to --out or stdout. --prompt prints the summary of one dialogue (turns separated by "
+            "newlines).\n\n"
+            "examples:\n"
+            "  summarization-predict --model runs/001_.../final --data dialogues.jsonl --out "
+            "summaries.jsonl\n"
+            "  summarization-predict --model runs/001_.../final --prompt $'#Person1#: "
+            "Hi!\\n#Person2#: Hello.' generation.num_beams=4"
+        ),
+        raw_epilog=True,
+        model_help="a folder written by save_pretrained (a run's final/)",
+        data_help="JSONL file with a 'dialogue' per row",
+        prompt_help="one dialogue as text",
+        out_help="JSONL output file (default: stdout)",
+        missing="Give --data FILE.jsonl (dialogues) or --prompt TEXT (one dialogue).",
+        read=read_dialogues,
+        load=Summarizer,
+        row=lambda row, summary: {"fname": row["fname"], "summary": summary},
+        single="summary",
+        what="summaries",
+        limit_help="data.max_source_length, at most the model's positions",
+        batch_size=8,
+        batch_what="dialogues",
+        device_default=None,
+        check=_check_predict,
+        fits=_seq2seq,
+    ),
+)
+"""The summarization task, declared once: core gives it ``train``, ``evaluate`` and ``infer``."""
+
+train = SPEC.train
+evaluate = SPEC.evaluate_command
+predict = SPEC.infer_command
 
 
 COMMANDS = {
