@@ -28,11 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from core.commands.infer import InferSpec
+from core.commands.model_io import removed_if_half_made
 from core.commands.spec import EvaluateSpec, TaskSpec
 from core.commands.train import parse_train_args
 from core.errors import UserError, user_errors_exit_2
 from core.run.outputs import guard_folder, mark_folder, write_jsonl, write_text
-from core.run.storage import StorageError, check_free_space, check_writable, storage_errors
+from core.run.storage import check_free_space, check_writable, storage_errors
 from core.task.truncation import add_option
 from lora_llm.config import DEFAULT_PRESET, PRESETS, PRESETS_DIR, DataConfig, LoraLLMConfig
 
@@ -371,26 +372,15 @@ def _check_merge_target(args: argparse.Namespace) -> None:
     check_writable(args.out, "the merged model")
 
 
-def _save_merged(merged: Any, tokenizer: Any, out: Path) -> bool:
+def _save_merged(merged: Any, tokenizer: Any, out: Path) -> None:
     """``save_pretrained`` of the merged model and its tokenizer into ``out``; refused before a
-    byte lands when the weights cannot fit, and removed when the disk fails midway.
-
-    Returns:
-        Whether ``out`` existed before (what :func:`_remove_half_made` keeps).
-    """
-    # The weights are most of what is written; refused before a byte lands when they cannot fit.
+    byte lands when the weights (most of what is written) cannot fit."""
     needed = sum(t.numel() * t.element_size() for t in merged.state_dict().values())
     check_free_space(out, needed, "the merged model")
-    existed = out.is_dir()
-    try:
-        with storage_errors("the merged model", out, needed):
-            out.mkdir(parents=True, exist_ok=True)
-            merged.save_pretrained(out)
-            tokenizer.save_pretrained(out)
-    except StorageError:
-        _remove_half_made(out, existed)
-        raise
-    return existed
+    with storage_errors("the merged model", out, needed):
+        out.mkdir(parents=True, exist_ok=True)
+        merged.save_pretrained(out)
+        tokenizer.save_pretrained(out)
 
 
 def _reload_difference(merged: Any, out: Path, probe: Any, dtype_name: str, device: Any) -> float:
@@ -490,53 +480,36 @@ def merge(argv: list[str] | None = None) -> int:
     transformers_quiet()
     _check_merge_target(args)
     merged, tokenizer, facts, numbers = _merged_model(args)
-    existed = _save_merged(merged, tokenizer, args.out)
-    numbers["reloaded_max_abs_diff"] = _reload_difference(
-        merged, args.out, facts["probe"], facts["dtype"], facts["device"]
-    )
-    tolerance = (
-        args.tolerance
-        if args.tolerance is not None
-        else (1e-4 if facts["dtype"] == "float32" else 2e-2)
-    )
-    scale = max(numbers["max_abs_logit"], 1.0)
-    ok = (
-        numbers["max_abs_diff"] <= tolerance * scale
-        and numbers["reloaded_max_abs_diff"] <= tolerance * scale
-    )
-    report = {
-        "adapter": str(args.adapter),
-        "base": facts["base"],
-        "dtype": facts["dtype"],
-        "probe_tokens": facts["probe"].shape[1],
-        "tolerance_relative": tolerance,
-        "ok": ok,
-        **numbers,
-    }
-    try:
+    # A full or read-only disk met while writing removes what was written.
+    with removed_if_half_made(args.out):
+        _save_merged(merged, tokenizer, args.out)
+        numbers["reloaded_max_abs_diff"] = _reload_difference(
+            merged, args.out, facts["probe"], facts["dtype"], facts["device"]
+        )
+        tolerance = (
+            args.tolerance
+            if args.tolerance is not None
+            else (1e-4 if facts["dtype"] == "float32" else 2e-2)
+        )
+        scale = max(numbers["max_abs_logit"], 1.0)
+        ok = (
+            numbers["max_abs_diff"] <= tolerance * scale
+            and numbers["reloaded_max_abs_diff"] <= tolerance * scale
+        )
+        report = {
+            "adapter": str(args.adapter),
+            "base": facts["base"],
+            "dtype": facts["dtype"],
+            "probe_tokens": facts["probe"].shape[1],
+            "tolerance_relative": tolerance,
+            "ok": ok,
+            **numbers,
+        }
         write_text(args.out / "merge_report.json", json.dumps(report, indent=1), "the merge report")
         # Marked last: a folder with the marker is a whole merged model, never a half-made one.
         mark_folder(args.out, "lora-llm-merge")
-    except StorageError:
-        _remove_half_made(args.out, existed)
-        raise
     print(_merge_verdict(report, args))
     return 0 if ok else 1
-
-
-def _remove_half_made(out: Path, existed: bool) -> None:
-    """Remove what ``merge`` wrote into ``out`` (the folder too, unless it existed, empty, before):
-    a half-written model must not look like a merged one."""
-    import shutil
-
-    if not existed:
-        shutil.rmtree(out, ignore_errors=True)
-        return
-    for child in out.iterdir():
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child, ignore_errors=True)
-        else:
-            child.unlink(missing_ok=True)
 
 
 SPEC = TaskSpec(

@@ -18,15 +18,15 @@ Self-check: ``python -m qwen_vl.cli`` (``--help`` of every command). Subprocess 
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 from typing import Any
 
 from core.commands.infer import InferSpec
+from core.commands.model_io import removed_if_half_made
 from core.commands.spec import EvaluateSpec, TaskSpec
 from core.errors import UserError, user_errors_exit_2
 from core.run.outputs import guard_folder, mark_folder
-from core.run.storage import StorageError, storage_errors
+from core.run.storage import storage_errors
 from core.task.truncation import add_option
 from qwen_vl.config import DEFAULT_PRESET, PRESETS_DIR, QwenVLConfig
 
@@ -124,16 +124,12 @@ def make_data(argv: list[str] | None = None) -> int:
     args = make_data_parser().parse_args(argv)
     settings = synth_settings(args)
     guard_folder(args.out, "--out", "qwen-vl-make-data", overwrite=args.overwrite)
-    made = not args.out.exists()
-    try:
-        with storage_errors("the counting data set", args.out):
-            stats = write_dataset(args.out, settings)
+    try:  # a folder this command made and could not finish: nothing half-made stays
+        with removed_if_half_made(args.out, clear=False):
+            with storage_errors("the counting data set", args.out):
+                stats = write_dataset(args.out, settings)
     except ValueError as err:
         raise UserError(str(err)) from None
-    except StorageError:
-        if made:  # a folder this command made and could not finish: nothing half-made stays
-            shutil.rmtree(args.out, ignore_errors=True)
-        raise
     mark_folder(args.out, "qwen-vl-make-data")
     print(
         f"wrote {stats['train']} train and {stats['dev']} dev records ({stats['images']} images) "
@@ -321,8 +317,9 @@ SPEC = TaskSpec(
     ),
     infer=InferSpec(
         description="Answer questions about images with a saved Qwen2.5-VL model.",
-        epilog='--data rows: {"id": ..., "prompt": "How many circles?", "images": ["a.png"]} (image '
-        "paths relative to the file); the answers ({id, prompt, answer}) go to --out or stdout.",
+        epilog='--data rows: {"id": ..., "prompt": "How many circles?", "images": ["a.png"]} '
+        "(image paths relative to the file); the answers ({id, prompt, answer}) go to --out or "
+        "stdout.",
         model_help="a folder written by save_pretrained (e.g. runs/NNN_.../final)",
         data_help="JSONL of questions: {id, prompt, images}",
         prompt_help="one question (with --image files)",

@@ -1,17 +1,16 @@
 """Commands of the summarization package.
 
-    train    [-c PRESET|FILE.yaml] [key=value ...]          (core's contract; default preset
-    bart_large_cnn)
+    train    [-c PRESET|FILE.yaml] [key=value ...]     (core's; default preset bart_large_cnn)
     evaluate --model DIR [--split dev|test|FILE] [--out DIR] [-c ...] [key=value ...]
     predict  --model DIR (--input FILE.jsonl | --text "...") [--output FILE]
     score    --predictions FILE --references FILE [--lang auto|en|ko] [--multi-reference mean|max]
-    lead3    --input FILE [--output FILE]                   (the Lead-3 baseline: first three
-    utterances)
+    lead3    --input FILE [--output FILE]              (the Lead-3 baseline: first 3 utterances)
 
-``train`` and ``evaluate`` are core's shared console scripts (``uv run --package summarization
-train``); ``summarization-train``, ``predict``, ``score`` and ``summarization-lead3`` are this
-package's own. ``python -m summarization.cli COMMAND ...`` runs any of them; without arguments it
-runs a self-check. Mistakes a user can fix exit with code 2 and a one-paragraph message.
+``train``, ``evaluate`` and ``infer`` (= ``predict``) are core's shared commands (``uv run
+--package summarization train``); ``summarization-train``, ``predict``, ``score`` and
+``summarization-lead3`` are this package's own. ``python -m summarization.cli COMMAND ...`` runs
+any of them; without arguments it runs a self-check. Mistakes a user can fix exit with code 2
+and a one-paragraph message.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ from typing import Any
 
 from core.commands.infer import InferSpec
 from core.commands.spec import EvaluateSpec, TaskSpec
-from core.commands.train import config_for_model
+from core.commands.train import add_out_arguments, config_for_model
 from core.errors import UserError, user_errors_exit_2
 from core.run.outputs import guard_file
 from core.task.truncation import Truncation, add_option
@@ -234,15 +233,7 @@ def score(argv: Sequence[str] | None = None) -> int:
         required=True,
         help="JSONL with {fname, summary} or {fname, summary1..N}",
     )
-    parser.add_argument(
-        "--out",
-        "--output",
-        dest="out",
-        type=Path,
-        default=None,
-        help="also write the JSON object to this file",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    add_out_arguments(parser, "also write the JSON object to this file")
     _add_metric_options(parser)
     args = parser.parse_args(argv)
     from summarization.data import read_scoring_file
@@ -290,15 +281,7 @@ def lead3(argv: Sequence[str] | None = None) -> int:
         required=True,
         help="DialogSum-style JSONL (dialogue; references optional)",
     )
-    parser.add_argument(
-        "--out",
-        "--output",
-        dest="out",
-        type=Path,
-        default=None,
-        help="write {fname, summary} rows here",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    add_out_arguments(parser, "write {fname, summary} rows here")
     parser.add_argument("-n", type=int, default=3, help="utterances to keep (default 3)")
     _add_metric_options(parser)
     args = parser.parse_args(argv)
