@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from core.commands.model_io import emit_rows
-from core.commands.train import add_model_arguments, check_model_dir, parse_model_command
+from core.commands.model_io import emit_rows, model_parser
+from core.commands.train import check_model_dir, parse_model_command
 from core.errors import UserError, user_errors_exit_2
 from core.run.outputs import guard_file
 from core.task.truncation import Truncation, add_option, input_limit, model_limit
@@ -152,14 +152,11 @@ def sampling_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def infer_parser(spec: InferSpec) -> argparse.ArgumentParser:
     """The ``infer`` parser of a task: the shared flags, then the task's own."""
-    parser = argparse.ArgumentParser(
-        prog=spec.prog,
-        description=spec.description,
-        epilog=spec.epilog,
-        **({"formatter_class": argparse.RawDescriptionHelpFormatter} if spec.raw_epilog else {}),
-    )
-    add_model_arguments(
-        parser,
+    parser = model_parser(
+        spec.prog,
+        spec.description,
+        spec.epilog,
+        spec.raw_epilog,
         model_help=spec.model_help,
         data_help=spec.data_help,
         prompt_help=spec.prompt_help,

@@ -38,18 +38,30 @@ from core.errors import UserError, user_errors_exit_2
 from core.task.base import EvaluationRun
 
 
+def model_parser(
+    prog: str, description: str, epilog: str, raw_epilog: bool, **helps: str | None
+) -> argparse.ArgumentParser:
+    """A parser with :func:`core.commands.train.add_model_arguments` (``helps``: its help texts);
+    ``raw_epilog`` keeps the epilog's line breaks."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=epilog,
+        **({"formatter_class": argparse.RawDescriptionHelpFormatter} if raw_epilog else {}),
+    )
+    add_model_arguments(parser, **helps)  # type: ignore[arg-type]
+    return parser
+
+
 def evaluate_parser(spec: Any) -> argparse.ArgumentParser:
     """The ``evaluate`` parser of a task (its :class:`core.commands.spec.EvaluateSpec` texts and
     flags)."""
     ev = spec.evaluate
-    parser = argparse.ArgumentParser(
-        prog="evaluate",
-        description=ev.description,
-        epilog=ev.epilog,
-        **({"formatter_class": argparse.RawDescriptionHelpFormatter} if ev.raw_epilog else {}),
-    )
-    add_model_arguments(
-        parser,
+    parser = model_parser(
+        "evaluate",
+        ev.description,
+        ev.epilog,
+        ev.raw_epilog,
         model_help=ev.model_help,
         data_help=ev.data_help,
         split_help=ev.split_help,
