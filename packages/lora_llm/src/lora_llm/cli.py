@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from core.commands.infer import InferSpec
+from core.commands.infer import InferSpec, add_device_argument
 from core.commands.model_io import removed_if_half_made
 from core.commands.spec import EvaluateSpec, TaskSpec
 from core.commands.train import parse_train_args
@@ -44,11 +44,16 @@ TRAIN_HELP = (
 )
 
 
-def _base_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--base`` and ``--quant``: the base model under the adapter and how it is loaded."""
+def _base_argument(parser: argparse.ArgumentParser) -> None:
+    """``--base``: the base model under the adapter."""
     parser.add_argument(
         "--base", help="base model (Hub id or folder); default: the one the adapter was trained on"
     )
+
+
+def _base_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--base`` and ``--quant``: the base model under the adapter and how it is loaded."""
+    _base_argument(parser)
     parser.add_argument(
         "--quant",
         choices=["auto", "4", "8", "none"],
@@ -324,9 +329,7 @@ def merge_parser() -> argparse.ArgumentParser:
         type=Path,
         help="new folder for the merged model (must not exist or be empty)",
     )
-    parser.add_argument(
-        "--base", help="base model (Hub id or folder); default: the one the adapter was trained on"
-    )
+    _base_argument(parser)
     parser.add_argument(
         "--dtype",
         choices=["auto", "float32", "bfloat16", "float16"],
@@ -334,12 +337,7 @@ def merge_parser() -> argparse.ArgumentParser:
         help="dtype of the base and the merged model; auto: float32 on the CPU, bfloat16/float16 "
         "on a GPU",
     )
-    parser.add_argument(
-        "--device",
-        choices=["auto", "cpu", "cuda"],
-        default="auto",
-        help="default: CUDA when available",
-    )
+    add_device_argument(parser, choices=("auto", "cpu", "cuda"))
     parser.add_argument(
         "--probe",
         default="Give three tips for staying healthy.",

@@ -185,16 +185,27 @@ def infer_parser(spec: InferSpec) -> argparse.ArgumentParser:
     return parser
 
 
-def _add_device_arguments(parser: argparse.ArgumentParser, spec: InferSpec) -> None:
-    """``--device`` (and ``--dtype``) as the spec declares them."""
+def add_device_argument(
+    parser: argparse.ArgumentParser,
+    default: str | None = "auto",
+    choices: Sequence[str] | None = None,
+) -> None:
+    """``--device``: ``auto`` (or None) is CUDA when available
+    (:func:`core.commands.model_io.inference_device`); ``choices`` limits the names (None: any
+    device name, ``cuda:1`` too)."""
     parser.add_argument(
         "--device",
-        default=spec.device_default,
-        choices=spec.device_choices,
+        default=default,
+        choices=choices,
         help="cpu, cuda, cuda:1, ... (default: cuda when available)"
-        if spec.device_choices is None
+        if choices is None
         else "default: CUDA when available",
     )
+
+
+def _add_device_arguments(parser: argparse.ArgumentParser, spec: InferSpec) -> None:
+    """``--device`` (and ``--dtype``) as the spec declares them."""
+    add_device_argument(parser, spec.device_default, spec.device_choices)
     if spec.dtype:
         parser.add_argument(
             "--dtype",
