@@ -3,14 +3,10 @@
 
 ::
 
-    uv run --package lora_llm train -c tiny trainer.max_steps=20          # QLoRA on the CPU,
-    offline
-    uv run --package lora_llm train -c phi2 --dry-run                      # parameters + memory, no
-    weights
-    uv run --package lora_llm evaluate --model runs/001_.../final          # held-out loss,
-    perplexity, ROUGE-L
-    uv run --package lora_llm infer --model runs/001_.../final --prompt "Give three tips for
-    sleeping well."
+    uv run --package lora_llm train -c tiny trainer.max_steps=20  # QLoRA on the CPU, offline
+    uv run --package lora_llm train -c phi2 --dry-run              # parameters + memory
+    uv run --package lora_llm evaluate --model runs/001_.../final  # loss, perplexity, ROUGE-L
+    uv run --package lora_llm infer --model runs/001_.../final --prompt "Give three tips."
     uv run --package lora_llm lora-llm-prepare -c tiny --data my.jsonl --out prepared/
     uv run --package lora_llm lora-llm-merge --model runs/001_.../final --out merged/
 
@@ -31,12 +27,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from core.commands.infer import InferSpec, add_device_argument
+from core.commands.model_io import removed_if_half_made
 from core.commands.spec import EvaluateSpec, TaskSpec
-from core.commands.train import add_model_arguments, parse_model_command, parse_train_args
+from core.commands.train import parse_train_args
 from core.errors import UserError, user_errors_exit_2
-from core.run.outputs import guard_file, guard_folder, mark_folder, write_jsonl, write_text
-from core.run.storage import StorageError, check_free_space, check_writable, storage_errors
-from core.task.truncation import Truncation, add_option, input_limit, model_limit
+from core.run.outputs import guard_folder, mark_folder, write_jsonl, write_text
+from core.run.storage import check_free_space, check_writable, storage_errors
+from core.task.truncation import add_option
 from lora_llm.config import DEFAULT_PRESET, PRESETS, PRESETS_DIR, DataConfig, LoraLLMConfig
 
 TRAIN_HELP = (
@@ -46,27 +44,34 @@ TRAIN_HELP = (
 )
 
 
-def add_generation_arguments(parser: argparse.ArgumentParser, greedy_default: bool = False) -> None:
-    """Base-model and decoding flags shared by ``infer`` and ``evaluate``."""
+def _base_argument(parser: argparse.ArgumentParser) -> None:
+    """``--base``: the base model under the adapter."""
     parser.add_argument(
         "--base", help="base model (Hub id or folder); default: the one the adapter was trained on"
     )
-    parser.add_argument(
-        "--max-new-tokens",
-        type=int,
-        default=256 if not greedy_default else 128,
-        help=f"tokens to generate at most (default {256 if not greedy_default else 128})",
-    )
+
+
+def _base_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--base`` and ``--quant``: the base model under the adapter and how it is loaded."""
+    _base_argument(parser)
     parser.add_argument(
         "--quant",
         choices=["auto", "4", "8", "none"],
         default="auto",
         help="load the base in 4/8 bits; auto: as in training",
     )
+
+
+def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    """``evaluate``'s own flags: the base, ``--max-new-tokens`` and ``--max-input-tokens``."""
+    _base_arguments(parser)
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=128, help="tokens to generate at most (default 128)"
+    )
     add_option(
         parser,
-        "the model's positions less --max-new-tokens"
-        + ("; at most data.max_length less data.min_response_tokens" if greedy_default else ""),
+        "the model's positions less --max-new-tokens; at most data.max_length less "
+        "data.min_response_tokens",
     )
 
 
@@ -74,43 +79,6 @@ def _check_evaluate(args: argparse.Namespace) -> None:
     """Refuse a negative ``--max-new-tokens``."""
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens {args.max_new_tokens}: use 0 (no generation) or more.")
-
-
-SPEC = TaskSpec(
-    name="lora_llm",
-    config_cls=LoraLLMConfig,
-    presets=PRESETS_DIR,
-    default_preset=DEFAULT_PRESET,
-    task="lora_llm.task:LoraLLMTask",
-    estimator="lora_llm.memory:estimate",
-    render="lora_llm.memory:render",
-    description=TRAIN_HELP,
-    evaluate=EvaluateSpec(
-        description="Held-out loss, perplexity and answer quality (ROUGE-L, exact match) of a "
-        "LoRA adapter; several "
-        "processes with trainer.devices=N.",
-        epilog="The config comes from -c, else from the config.yaml of the run that wrote "
-        "--model, else the default preset. "
-        "Prints the metrics as one JSON line; the answers ({source, prediction, reference, loss}) "
-        "go to --out, or, for a "
-        "run's final/, to <run>/eval/<name>.jsonl. --max-new-tokens 0: loss and perplexity only.",
-        model_help="adapter folder (a run's final/)",
-        data_help="instruction or chat records with reference responses (JSONL / JSON)",
-        split_help="val: the run's held-out records (data.val_files, or the seeded data.val_size "
-        "share) (default)",
-        out_help="write each record's answer, reference and loss here (JSONL)",
-        splits={"val": "val"},
-        split_error="lora_llm has one held-out split, val; or give --data FILE.",
-        marker="adapter_config.json",
-        what="an adapter folder (a run's final/)",
-        arguments=lambda parser: add_generation_arguments(parser, greedy_default=True),
-        check=_check_evaluate,
-    ),
-)
-"""The lora_llm task, declared once: core gives it ``train`` (``--dry-run``) and ``evaluate``."""
-
-train = SPEC.train
-evaluate = SPEC.evaluate_command
 
 
 def estimate(argv: list[str] | None = None) -> int:
@@ -247,78 +215,33 @@ def write_examples(path: Path, examples: list[dict[str, Any]], tokenizer: Any) -
 # --------------------------------------------------------------------------------------------
 
 
-def infer_parser() -> argparse.ArgumentParser:
-    """Arguments of ``infer``."""
-    parser = argparse.ArgumentParser(
-        prog="infer",
-        description="Generate text with a base model + trained LoRA adapter.",
-        epilog=(
-            "examples:\n  infer --model runs/001_x/final --prompt 'Give three tips for staying "
-            "healthy.'\n"
-            "  infer --model runs/001_x/final --data prompts.jsonl --out answers.jsonl --greedy\n"
-            "  infer --model runs/001_x/final            # interactive, on a terminal"
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_model_arguments(
-        parser,
-        model_help="adapter folder (a run's final/)",
-        data_help="JSONL / JSON of instruction records (instruction, input) or chat records "
-        "(messages)",
-        prompt_help="an instruction to answer",
-        out_help="write JSONL here instead of stdout (with --data)",
-    )
+def _infer_arguments(parser: argparse.ArgumentParser) -> None:
+    """``infer``'s own flags: ``--context``, the base and how it is loaded."""
     parser.add_argument("--context", default="", help="the 'input' field that goes with --prompt")
-    add_generation_arguments(parser)
-    parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
-    parser.add_argument(
-        "--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)"
-    )
-    parser.add_argument(
-        "--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)"
-    )
-    parser.add_argument(
-        "--top-k", type=int, default=50, help="sample among the k most likely tokens (default 50)"
-    )
-    parser.add_argument(
-        "--repetition-penalty",
-        type=float,
-        default=1.0,
-        help="> 1 discourages repeats (default 1.0)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    parser.add_argument(
-        "--batch-size", type=int, default=8, help="prompts per generate call (default 8)"
-    )
-    parser.add_argument(
-        "--device",
-        choices=["auto", "cpu", "cuda"],
-        default="auto",
-        help="default: CUDA when available",
-    )
-    return parser
+    _base_arguments(parser)
 
 
-def _check_infer(args: argparse.Namespace) -> bool:
-    """Refuse what ``infer`` cannot run with (before any loading).
+def _check_infer(args: argparse.Namespace) -> None:
+    """Refuse ``--out`` without ``--data``."""
+    if args.out is not None and args.data is None:
+        raise UserError("--out goes with --data (a file of prompts); --prompt prints its answer.")
 
-    Returns:
-        Whether to answer interactively (neither ``--prompt`` nor ``--data``).
+
+def read_prompts(args: argparse.Namespace) -> list[Any]:
+    """The :class:`lora_llm.data.Record` of ``--prompt`` (with ``--context``), or those of
+    ``--data``.
+
+    Raises:
+        UserError: an unreadable ``--data`` or one without records.
     """
-    interactive = args.prompt is None and args.data is None
-    if interactive and not sys.stdin.isatty():
-        raise UserError(
-            "Give --prompt TEXT or --data FILE.jsonl (the interactive mode needs a terminal)."
-        )
-    if args.temperature <= 0 and not args.greedy:
-        raise UserError("--temperature must be positive (or use --greedy).")
-    if args.out is not None:
-        if args.data is None:
-            raise UserError(
-                "--out goes with --data (a file of prompts); --prompt prints its answer."
-            )
-        guard_file(args.out, "--out", [(args.data, "--data")], args.overwrite)
-    return interactive
+    from lora_llm.data import Record, read_records
+
+    if args.data is None:
+        return [Record(source="--prompt", instruction=args.prompt, input=args.context)]
+    records, _ = read_records(str(args.data), DataConfig(), for_inference=True, key="--data")
+    if not records:
+        raise UserError(f"--data '{args.data}' holds no records.")
+    return records
 
 
 class Answerer:
@@ -332,29 +255,21 @@ class Answerer:
     def __init__(self, args: argparse.Namespace) -> None:
         import torch
 
+        from core.commands.infer import prompt_truncation, sampling_settings
         from core.commands.model_io import inference_device
         from lora_llm.task import load_for_generation
 
         self.model, self.tokenizer, self.encoder, self.base = load_for_generation(
             args.model, args.base, args.quant, inference_device(args.device)
         )
-        self.limit, self.origin = input_limit(
-            args.max_input_tokens,
-            None,
-            model_limit(
-                getattr(self.model, "config", None), self.tokenizer, reserve=args.max_new_tokens
-            ),
+        self.cut = prompt_truncation(
+            self.model, self.tokenizer, args.max_input_tokens, args.max_new_tokens
         )
-        self.cut = Truncation(self.limit, self.origin, "prompts")
         torch.manual_seed(args.seed)
         self.sampling = dict(
             max_new_tokens=args.max_new_tokens,
-            do_sample=not args.greedy,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            top_k=args.top_k,
-            repetition_penalty=args.repetition_penalty,
             batch_size=args.batch_size,
+            **sampling_settings(args),
         )
 
     def __call__(self, batch: list[Any]) -> list[str]:
@@ -365,79 +280,26 @@ class Answerer:
         prompts = [self.cut.apply(self.encoder.prompt_ids(r), PROMPT_TAIL) for r in batch]
         return generate(self.model, self.tokenizer, prompts, **self.sampling)
 
-    def interact(self, adapter: Path) -> None:
-        """Answer instructions typed on the terminal until an empty line (or end of input)."""
-        from lora_llm.data import Record
 
-        print(
-            f"Adapter {adapter} on {self.base}. Type an instruction; an empty line quits.",
-            file=sys.stderr,
-        )
-        while True:
-            try:
-                line = input("instruction> ").strip()
-            except EOFError:
-                break
-            if not line:
-                break
-            self.cut = Truncation(self.limit, self.origin, "prompts")  # a note for each cut line
-            text = self([Record(source="terminal", instruction=line)])[0]
-            self.cut.report()
-            print(text)
-
-
-def answer_rows(records: list[Any], texts: list[str]) -> list[dict[str, Any]]:
-    """One output row per record: its source, its messages or instruction / input (and
+def answer_row(record: Any, text: str) -> dict[str, Any]:
+    """The output row of a record: its source, its messages or instruction / input (and
     reference), and the generated text."""
-    rows = []
-    for record, text in zip(records, texts, strict=True):
-        row: dict[str, Any] = {"source": record.source}
-        if record.messages is not None:
-            row["messages"] = record.messages
-        else:
-            row.update(instruction=record.instruction, input=record.input)
-            if record.output:
-                row["reference"] = record.output
-        row["generated"] = text
-        rows.append(row)
-    return rows
-
-
-@user_errors_exit_2
-def infer(argv: list[str] | None = None) -> int:
-    """``infer --model DIR [--base NAME_OR_DIR] (--prompt TEXT | --data FILE.jsonl) [--out FILE]
-    [sampling flags]``.
-
-    Without ``--prompt`` / ``--data`` on a terminal: an interactive loop (an empty line quits).
-
-    Returns:
-        Exit code.
-    """
-    from core.commands.model_io import emit_rows
-    from core.run.logs import transformers_quiet
-    from lora_llm.data import Record, read_records
-
-    args = parse_model_command(infer_parser(), argv)
-    transformers_quiet()
-    interactive = _check_infer(args)
-    records: list[Record] = []
-    if args.data is not None:
-        records, _ = read_records(str(args.data), DataConfig(), for_inference=True, key="--data")
-        if not records:
-            raise UserError(f"--data '{args.data}' holds no records.")
-    answer = Answerer(args)
-    if interactive:
-        answer.interact(args.model)
-        return 0
-    if args.prompt is not None:
-        records = [Record(source="--prompt", instruction=args.prompt, input=args.context)]
-    texts = answer(records)
-    answer.cut.report()
-    if args.prompt is not None:
-        print(texts[0])
+    row: dict[str, Any] = {"source": record.source}
+    if record.messages is not None:
+        row["messages"] = record.messages
     else:
-        emit_rows(answer_rows(records, texts), args.out, None, "answers")
-    return 0
+        row.update(instruction=record.instruction, input=record.input)
+        if record.output:
+            row["reference"] = record.output
+    row["generated"] = text
+    return row
+
+
+def _typed(line: str) -> Any:
+    """The record of an instruction typed on the terminal."""
+    from lora_llm.data import Record
+
+    return Record(source="terminal", instruction=line)
 
 
 # --------------------------------------------------------------------------------------------
@@ -467,9 +329,7 @@ def merge_parser() -> argparse.ArgumentParser:
         type=Path,
         help="new folder for the merged model (must not exist or be empty)",
     )
-    parser.add_argument(
-        "--base", help="base model (Hub id or folder); default: the one the adapter was trained on"
-    )
+    _base_argument(parser)
     parser.add_argument(
         "--dtype",
         choices=["auto", "float32", "bfloat16", "float16"],
@@ -477,12 +337,7 @@ def merge_parser() -> argparse.ArgumentParser:
         help="dtype of the base and the merged model; auto: float32 on the CPU, bfloat16/float16 "
         "on a GPU",
     )
-    parser.add_argument(
-        "--device",
-        choices=["auto", "cpu", "cuda"],
-        default="auto",
-        help="default: CUDA when available",
-    )
+    add_device_argument(parser, choices=("auto", "cpu", "cuda"))
     parser.add_argument(
         "--probe",
         default="Give three tips for staying healthy.",
@@ -515,26 +370,15 @@ def _check_merge_target(args: argparse.Namespace) -> None:
     check_writable(args.out, "the merged model")
 
 
-def _save_merged(merged: Any, tokenizer: Any, out: Path) -> bool:
+def _save_merged(merged: Any, tokenizer: Any, out: Path) -> None:
     """``save_pretrained`` of the merged model and its tokenizer into ``out``; refused before a
-    byte lands when the weights cannot fit, and removed when the disk fails midway.
-
-    Returns:
-        Whether ``out`` existed before (what :func:`_remove_half_made` keeps).
-    """
-    # The weights are most of what is written; refused before a byte lands when they cannot fit.
+    byte lands when the weights (most of what is written) cannot fit."""
     needed = sum(t.numel() * t.element_size() for t in merged.state_dict().values())
     check_free_space(out, needed, "the merged model")
-    existed = out.is_dir()
-    try:
-        with storage_errors("the merged model", out, needed):
-            out.mkdir(parents=True, exist_ok=True)
-            merged.save_pretrained(out)
-            tokenizer.save_pretrained(out)
-    except StorageError:
-        _remove_half_made(out, existed)
-        raise
-    return existed
+    with storage_errors("the merged model", out, needed):
+        out.mkdir(parents=True, exist_ok=True)
+        merged.save_pretrained(out)
+        tokenizer.save_pretrained(out)
 
 
 def _reload_difference(merged: Any, out: Path, probe: Any, dtype_name: str, device: Any) -> float:
@@ -634,53 +478,106 @@ def merge(argv: list[str] | None = None) -> int:
     transformers_quiet()
     _check_merge_target(args)
     merged, tokenizer, facts, numbers = _merged_model(args)
-    existed = _save_merged(merged, tokenizer, args.out)
-    numbers["reloaded_max_abs_diff"] = _reload_difference(
-        merged, args.out, facts["probe"], facts["dtype"], facts["device"]
-    )
-    tolerance = (
-        args.tolerance
-        if args.tolerance is not None
-        else (1e-4 if facts["dtype"] == "float32" else 2e-2)
-    )
-    scale = max(numbers["max_abs_logit"], 1.0)
-    ok = (
-        numbers["max_abs_diff"] <= tolerance * scale
-        and numbers["reloaded_max_abs_diff"] <= tolerance * scale
-    )
-    report = {
-        "adapter": str(args.adapter),
-        "base": facts["base"],
-        "dtype": facts["dtype"],
-        "probe_tokens": facts["probe"].shape[1],
-        "tolerance_relative": tolerance,
-        "ok": ok,
-        **numbers,
-    }
-    try:
+    # A full or read-only disk met while writing removes what was written.
+    with removed_if_half_made(args.out):
+        _save_merged(merged, tokenizer, args.out)
+        numbers["reloaded_max_abs_diff"] = _reload_difference(
+            merged, args.out, facts["probe"], facts["dtype"], facts["device"]
+        )
+        tolerance = (
+            args.tolerance
+            if args.tolerance is not None
+            else (1e-4 if facts["dtype"] == "float32" else 2e-2)
+        )
+        scale = max(numbers["max_abs_logit"], 1.0)
+        ok = (
+            numbers["max_abs_diff"] <= tolerance * scale
+            and numbers["reloaded_max_abs_diff"] <= tolerance * scale
+        )
+        report = {
+            "adapter": str(args.adapter),
+            "base": facts["base"],
+            "dtype": facts["dtype"],
+            "probe_tokens": facts["probe"].shape[1],
+            "tolerance_relative": tolerance,
+            "ok": ok,
+            **numbers,
+        }
         write_text(args.out / "merge_report.json", json.dumps(report, indent=1), "the merge report")
         # Marked last: a folder with the marker is a whole merged model, never a half-made one.
         mark_folder(args.out, "lora-llm-merge")
-    except StorageError:
-        _remove_half_made(args.out, existed)
-        raise
     print(_merge_verdict(report, args))
     return 0 if ok else 1
 
 
-def _remove_half_made(out: Path, existed: bool) -> None:
-    """Remove what ``merge`` wrote into ``out`` (the folder too, unless it existed, empty, before):
-    a half-written model must not look like a merged one."""
-    import shutil
+SPEC = TaskSpec(
+    name="lora_llm",
+    config_cls=LoraLLMConfig,
+    presets=PRESETS_DIR,
+    default_preset=DEFAULT_PRESET,
+    task="lora_llm.task:LoraLLMTask",
+    estimator="lora_llm.memory:estimate",
+    render="lora_llm.memory:render",
+    description=TRAIN_HELP,
+    evaluate=EvaluateSpec(
+        description="Held-out loss, perplexity and answer quality (ROUGE-L, exact match) of a "
+        "LoRA adapter; several processes with trainer.devices=N.",
+        epilog="The config comes from -c, else from the config.yaml of the run that wrote "
+        "--model, else the default preset. Prints the metrics as one JSON line; the answers "
+        "({source, prediction, reference, loss}) go to --out, or, for a run's final/, to "
+        "<run>/eval/<name>.jsonl. --max-new-tokens 0: loss and perplexity only.",
+        model_help="adapter folder (a run's final/)",
+        data_help="instruction or chat records with reference responses (JSONL / JSON)",
+        split_help="val: the run's held-out records (data.val_files, or the seeded data.val_size "
+        "share) (default)",
+        out_help="write each record's answer, reference and loss here (JSONL)",
+        splits={"val": "val"},
+        split_error="lora_llm has one held-out split, val; or give --data FILE.",
+        marker="adapter_config.json",
+        what="an adapter folder (a run's final/)",
+        arguments=_evaluate_arguments,
+        check=_check_evaluate,
+    ),
+    infer=InferSpec(
+        description="Generate text with a base model + trained LoRA adapter.",
+        epilog=(
+            "examples:\n  infer --model runs/001_x/final --prompt 'Give three tips for staying "
+            "healthy.'\n"
+            "  infer --model runs/001_x/final --data prompts.jsonl --out answers.jsonl --greedy\n"
+            "  infer --model runs/001_x/final            # interactive, on a terminal"
+        ),
+        raw_epilog=True,
+        model_help="adapter folder (a run's final/)",
+        data_help="JSONL / JSON of instruction records (instruction, input) or chat records "
+        "(messages)",
+        prompt_help="an instruction to answer",
+        out_help="write JSONL here instead of stdout (with --data)",
+        missing="Give --prompt TEXT or --data FILE.jsonl (the interactive mode needs a terminal).",
+        read=read_prompts,
+        load=Answerer,
+        row=answer_row,
+        single="generated",
+        limit_help="the model's positions less --max-new-tokens",
+        max_new_tokens=256,
+        sampling=True,
+        batch_size=8,
+        device_choices=("auto", "cpu", "cuda"),
+        arguments=_infer_arguments,
+        check=_check_infer,
+        check_model=False,
+        terminal=_typed,
+        terminal_label="instruction",
+        banner=lambda args, answer: (
+            f"Adapter {args.model} on {answer.base}. Type an instruction; an empty line quits."
+        ),
+    ),
+)
+"""The lora_llm task, declared once: core gives it ``train`` (with ``--dry-run``), ``evaluate``
+and ``infer``."""
 
-    if not existed:
-        shutil.rmtree(out, ignore_errors=True)
-        return
-    for child in out.iterdir():
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child, ignore_errors=True)
-        else:
-            child.unlink(missing_ok=True)
+train = SPEC.train
+evaluate = SPEC.evaluate_command
+infer = SPEC.infer_command
 
 
 COMMANDS = {
@@ -695,18 +592,10 @@ COMMANDS = {
 core's shared names; the package's own scripts carry its name: ``lora-llm-prepare``, ...)."""
 
 
-def _self_check() -> int:
-    """``python -m lora_llm.cli`` without arguments: every command parses ``--help``, and the
-    tiny preset's estimate runs offline."""
-    from core.commands.spec import check_helps
-
-    check_helps(COMMANDS)
-    assert estimate(["-c", "tiny"]) == 0
-    print("lora_llm.cli: ok")
-    return 0
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # self-check: every command's --help, the tiny preset's estimate
     from core.commands.spec import main
 
-    main(COMMANDS, _self_check)
+    def _estimate_offline() -> None:
+        assert estimate(["-c", "tiny"]) == 0
+
+    main(COMMANDS, "lora_llm.cli", _estimate_offline)

@@ -1,16 +1,15 @@
 """Commands of the qwen_vl package.
 
-    qwen-vl-make-data --out DIR --n N [--seed S]                   draw the counting data set
-    train [-c PRESET|FILE] [key=value ...]                         fine-tune (core's contract; also
-    qwen-vl-train)
-    evaluate --model DIR [--data FILE | --split dev] [--out FILE]  loss + counting metrics of a
-    saved model
-    infer --model DIR (--prompt TEXT [--image FILE] | --data FILE) answer questions about images
+    qwen-vl-make-data --out DIR --n N [--seed S]                    draw the counting data set
+    train [-c PRESET|FILE] [key=value ...]                          fine-tune (also qwen-vl-train)
+    evaluate --model DIR [--data FILE | --split dev] [--out FILE]   loss + counting metrics
+    infer --model DIR (--prompt TEXT [--image FILE] | --data FILE)  answer questions about images
 
-``train``, ``evaluate`` and ``infer`` are the shared console scripts of core, dispatched here
-through the ``core.tasks`` entry point (``uv run --package qwen_vl train ...``); ``COMMANDS``
-maps them; the package's own script carries its name. A mistake the user can fix exits with
-code 2 and one paragraph; no command writes onto its inputs or into a folder of other files.
+``train``, ``evaluate`` and ``infer`` are core's shared commands (:mod:`core.commands`),
+dispatched here through the ``core.tasks`` entry point (``uv run --package qwen_vl train ...``);
+``COMMANDS`` maps them; the package's own script carries its name. A mistake the user can fix
+exits with code 2 and one paragraph; no command writes onto its inputs or into a folder of other
+files.
 
 Self-check: ``python -m qwen_vl.cli`` (``--help`` of every command). Subprocess tests also run
 ``python -m qwen_vl.cli COMMAND ...``.
@@ -19,15 +18,15 @@ Self-check: ``python -m qwen_vl.cli`` (``--help`` of every command). Subprocess 
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 from typing import Any
 
+from core.commands.infer import InferSpec
+from core.commands.model_io import removed_if_half_made
 from core.commands.spec import EvaluateSpec, TaskSpec
-from core.commands.train import add_model_arguments, check_model_dir, parse_model_command
 from core.errors import UserError, user_errors_exit_2
-from core.run.outputs import guard_file, guard_folder, mark_folder
-from core.run.storage import StorageError, storage_errors
+from core.run.outputs import guard_folder, mark_folder
+from core.run.storage import storage_errors
 from core.task.truncation import add_option
 from qwen_vl.config import DEFAULT_PRESET, PRESETS_DIR, QwenVLConfig
 
@@ -44,42 +43,6 @@ def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         "data.max_length, at most the model's positions less generation.max_new_tokens; "
         "a longer record's last question is cut",
     )
-
-
-SPEC = TaskSpec(
-    name="qwen_vl",
-    config_cls=QwenVLConfig,
-    presets=PRESETS_DIR,
-    default_preset=DEFAULT_PRESET,
-    task="qwen_vl.task:QwenVLTask",
-    estimator="qwen_vl.memory:estimate",
-    render="qwen_vl.memory:render",
-    description="Fine-tune Qwen2.5-VL on image+text conversations (qwen_vl).",
-    evaluate=EvaluateSpec(
-        description="Loss and counting metrics (exact match, mean absolute error of the parsed "
-        "count) of a saved "
-        "Qwen2.5-VL model on conversations. Runs on all trainer.devices at once (DDP, or FSDP2 "
-        "with trainer.strategy=fsdp).",
-        epilog="Any train key works after the flags: trainer.devices=4 trainer.precision=bf16-true "
-        "trainer.eval_batch_size=16 generation.max_new_tokens=8; -c PRESET takes a preset's "
-        "settings. Prints the metrics "
-        "as one JSON line; the answers ({id, prediction, reference}) go to --out, or, for a run's "
-        "final/, to "
-        "<run>/eval/<name>.jsonl.",
-        model_help="a folder written by save_pretrained (e.g. runs/NNN_.../final)",
-        data_help="JSONL conversations (the last assistant turn is the reference)",
-        split_help="dev: the config's data.val_file (default)",
-        out_help="write every answer and its reference here (JSONL)",
-        splits={"dev": "dev"},
-        split_error="qwen_vl has one held-out split, dev (data.val_file); or give --data FILE.",
-        fits=_vision_language,
-        arguments=_evaluate_arguments,
-    ),
-)
-"""The qwen_vl task, declared once: core gives it ``train`` and ``evaluate``."""
-
-train = SPEC.train
-evaluate = SPEC.evaluate_command
 
 
 def make_data_parser() -> argparse.ArgumentParser:
@@ -103,29 +66,19 @@ def make_data_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--n-dev", type=int, default=None, help="dev records (default: n/5, at least 8)"
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of everything (default 0)")
-    parser.add_argument("--size", type=int, default=112, help="image side in pixels (default 112)")
-    parser.add_argument(
-        "--min-count", type=int, default=1, help="fewest objects per image (default 1)"
-    )
-    parser.add_argument(
-        "--max-count", type=int, default=9, help="most objects per image (default 9)"
-    )
-    parser.add_argument(
-        "--max-distractors",
-        type=int,
-        default=0,
-        help="most objects of another shape per image (default 0)",
-    )
-    parser.add_argument(
-        "--text-share", type=float, default=0.1, help="share of text-only records (default 0.1)"
-    )
-    parser.add_argument(
-        "--multi-turn-share",
-        type=float,
-        default=0.1,
-        help="share of two-turn records (default 0.1)",
-    )
+    for flag, default, text in (
+        ("--seed", 0, "seed of everything"),
+        ("--size", 112, "image side in pixels"),
+        ("--min-count", 1, "fewest objects per image"),
+        ("--max-count", 9, "most objects per image"),
+        ("--max-distractors", 0, "most objects of another shape per image"),
+    ):
+        parser.add_argument(flag, type=int, default=default, help=f"{text} (default {default})")
+    for flag, text in (
+        ("--text-share", "text-only records"),
+        ("--multi-turn-share", "two-turn records"),
+    ):
+        parser.add_argument(flag, type=float, default=0.1, help=f"share of {text} (default 0.1)")
     return parser
 
 
@@ -153,16 +106,12 @@ def synth_settings(args: argparse.Namespace) -> Any:
         raise UserError(
             "--text-share and --multi-turn-share must be between 0 and 1 and add up to at most 1."
         )
+    same = ("seed", "size", "min_count", "max_count", "max_distractors", "text_share")
     return SynthSettings(
         n_train=args.n,
         n_dev=args.n_dev if args.n_dev is not None else max(8, args.n // 5),
-        seed=args.seed,
-        size=args.size,
-        min_count=args.min_count,
-        max_count=args.max_count,
-        max_distractors=args.max_distractors,
-        text_share=args.text_share,
         multi_turn_share=args.multi_turn_share,
+        **{name: getattr(args, name) for name in same},
     )
 
 
@@ -175,16 +124,12 @@ def make_data(argv: list[str] | None = None) -> int:
     args = make_data_parser().parse_args(argv)
     settings = synth_settings(args)
     guard_folder(args.out, "--out", "qwen-vl-make-data", overwrite=args.overwrite)
-    made = not args.out.exists()
-    try:
-        with storage_errors("the counting data set", args.out):
-            stats = write_dataset(args.out, settings)
+    try:  # a folder this command made and could not finish: nothing half-made stays
+        with removed_if_half_made(args.out, clear=False):
+            with storage_errors("the counting data set", args.out):
+                stats = write_dataset(args.out, settings)
     except ValueError as err:
         raise UserError(str(err)) from None
-    except StorageError:
-        if made:  # a folder this command made and could not finish: nothing half-made stays
-            shutil.rmtree(args.out, ignore_errors=True)
-        raise
     mark_folder(args.out, "qwen-vl-make-data")
     print(
         f"wrote {stats['train']} train and {stats['dev']} dev records ({stats['images']} images) "
@@ -194,22 +139,8 @@ def make_data(argv: list[str] | None = None) -> int:
     return 0
 
 
-def infer_parser() -> argparse.ArgumentParser:
-    """Arguments of ``infer``."""
-    parser = argparse.ArgumentParser(
-        prog="infer",
-        description="Answer questions about images with a saved Qwen2.5-VL model.",
-        epilog='--data rows: {"id": ..., "prompt": "How many circles?", "images": '
-        '["a.png"]} (image paths relative '
-        "to the file); the answers ({id, prompt, answer}) go to --out or stdout.",
-    )
-    add_model_arguments(
-        parser,
-        model_help="a folder written by save_pretrained (e.g. runs/NNN_.../final)",
-        data_help="JSONL of questions: {id, prompt, images}",
-        prompt_help="one question (with --image files)",
-        out_help="write the answers here (JSONL; default: stdout)",
-    )
+def _infer_arguments(parser: argparse.ArgumentParser) -> None:
+    """``infer``'s own flags: ``--image``, ``--min-pixels``, ``--max-pixels``."""
     parser.add_argument(
         "--image",
         type=Path,
@@ -217,116 +148,43 @@ def infer_parser() -> argparse.ArgumentParser:
         default=[],
         help="an image file for --prompt (repeat for several)",
     )
-    parser.add_argument(
-        "--max-new-tokens", type=int, default=64, help="most tokens to generate (default 64)"
-    )
-    parser.add_argument(
-        "--min-pixels",
-        type=int,
-        default=None,
-        help="smallest image area (default: the model's processor setting)",
-    )
-    parser.add_argument(
-        "--max-pixels",
-        type=int,
-        default=None,
-        help="largest image area (default: the model's processor setting)",
-    )
-    parser.add_argument(
-        "--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)"
-    )
-    parser.add_argument(
-        "--dtype",
-        choices=["auto", "bfloat16", "float16", "float32"],
-        default="auto",
-        help="weights dtype (default: bfloat16 on a GPU that supports it, else float32)",
-    )
-    add_option(
-        parser,
-        "data.max_length of the run that wrote --model, at most the model's positions less "
-        "--max-new-tokens",
-    )
-    return parser
-
-
-def _check_infer(args: argparse.Namespace) -> None:
-    """Refuse what ``infer`` cannot run with (before any loading)."""
-    check_model_dir(args.model, task="qwen_vl", fits=_vision_language)
-    if args.max_new_tokens < 1:
-        raise UserError("--max-new-tokens must be at least 1.")
-    if args.prompt is None and args.data is None:
-        raise UserError("Give --prompt TEXT (with --image FILE) or --data FILE.jsonl of questions.")
-    if args.data is not None and args.image:
-        raise UserError("--image goes with --prompt; in --data each row lists its own images.")
-    if args.out is not None:
-        guard_file(
-            args.out,
-            "--out",
-            [(args.data, "--data"), *((i, "--image") for i in args.image)],
-            args.overwrite,
+    for side, word in (("min", "smallest"), ("max", "largest")):
+        parser.add_argument(
+            f"--{side}-pixels",
+            type=int,
+            default=None,
+            help=f"{word} image area (default: the model's processor setting)",
         )
 
 
-@user_errors_exit_2
-def infer(argv: list[str] | None = None) -> int:
-    """``infer --model DIR (--prompt TEXT [--image FILE ...] | --data FILE) [--out FILE]``:
-    answer questions about images (or none) with a saved model."""
-    from core.commands.model_io import emit_rows
-
-    args = parse_model_command(infer_parser(), argv)
-    _check_infer(args)
-    questions = (
-        [("prompt", args.prompt, list(args.image))]
-        if args.prompt is not None
-        else read_questions(args.data)
-    )
-    session = AnswerSession(
-        args.model,
-        args.min_pixels,
-        args.max_pixels,
-        args.device,
-        args.dtype,
-        max_input_tokens=args.max_input_tokens,
-    )
-    rows = [
-        {"id": qid, "prompt": text, "answer": session.answer(images, text, args.max_new_tokens)}
-        for qid, text, images in questions
-    ]
-    if session.cut is not None:
-        session.cut.report()
-    emit_rows(rows, args.out, "answer" if args.prompt is not None else None, "answers")
-    return 0
+def _check_infer(args: argparse.Namespace) -> None:
+    """Refuse ``--max-new-tokens`` below 1 and ``--image`` with ``--data``."""
+    if args.max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be at least 1.")
+    if args.data is not None and args.image:
+        raise UserError("--image goes with --prompt; in --data each row lists its own images.")
 
 
-def read_questions(path: Path) -> list[tuple[str, str, list[Path]]]:
-    """``(id, prompt, image paths)`` of every row of an ``infer --data`` file.
+def read_questions(args: argparse.Namespace) -> list[tuple[str, str, list[Path]]]:
+    """``(id, prompt, image paths)`` of ``--prompt`` (with ``--image``) or of every row of
+    ``--data`` (image paths relative to the file).
 
     Raises:
         UserError: a row without a text ``prompt`` or with ``images`` that is not a list of paths
             (file and line named).
     """
-    from core.task.records import read_all
+    from core.commands.infer import read_prompt_rows
 
+    if args.prompt is not None:
+        return [("prompt", args.prompt, list(args.image))]
     questions = []
-    for record in read_all(path, "--data", what="questions", allow_folders=False):
-        row = record.value
-        if (
-            not isinstance(row, dict)
-            or not isinstance(row.get("prompt"), str)
-            or not row["prompt"].strip()
-        ):
-            raise UserError(
-                f"{record.where}: each row needs a non-empty text 'prompt' (and "
-                "optionally 'images': [paths])."
-            )
+    for qid, row, where in read_prompt_rows(
+        args.data, "prompt", "(and optionally 'images': [paths])"
+    ):
         images = row.get("images", [row["image"]] if "image" in row else [])
         if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
-            raise UserError(
-                f"{record.where}: 'images' must be a list of image paths, got {images!r}."
-            )
-        questions.append(
-            (str(row.get("id", record.line)), row["prompt"], [path.parent / i for i in images])
-        )
+            raise UserError(f"{where}: 'images' must be a list of image paths, got {images!r}.")
+        questions.append((qid, row["prompt"], [args.data.parent / i for i in images]))
     return questions
 
 
@@ -335,48 +193,50 @@ class AnswerSession:
     image loading, ``process_vision_info`` and pixel limits as in training.
 
     Args:
-        model_dir: a folder written by ``save_pretrained``.
-        min_pixels, max_pixels: image area limits (None: the model's processor setting).
-        device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``, ...
-        dtype: ``auto`` (bfloat16 on a GPU that supports it, else float32) or a dtype name.
-        max_input_tokens: tokens a prompt (images included) may have; None: ``data.max_length``
-            of the run that wrote ``model_dir``, at most the model's positions less the tokens
-            to generate. Longer questions are cut (their start is kept) and counted in ``cut``.
+        args: ``infer``'s arguments: ``model`` (a folder written by ``save_pretrained``),
+            ``min_pixels`` / ``max_pixels`` (None: the model's processor setting), ``device``
+            (``auto``: CUDA when available), ``dtype`` (``auto``: bfloat16 on a GPU that
+            supports it, else float32), ``max_new_tokens``, ``max_input_tokens`` (None:
+            ``data.max_length`` of the run that wrote the model, at most the model's positions
+            less the tokens to generate; longer questions are cut, their start kept, and
+            counted in ``cut``).
     """
 
-    def __init__(
-        self,
-        model_dir: Path,
-        min_pixels: int | None = None,
-        max_pixels: int | None = None,
-        device: str = "auto",
-        dtype: str = "auto",
-        max_input_tokens: int | None = None,
-    ) -> None:
+    def __init__(self, args: argparse.Namespace) -> None:
         import torch
         from transformers import AutoModelForImageTextToText
 
+        from core.commands.infer import prompt_truncation, trained_setting
+        from core.commands.model_io import inference_device, inference_dtype
         from qwen_vl.config import ModelConfig
         from qwen_vl.data import Encoder
         from qwen_vl.model import load_processor
 
-        self.processor = load_processor(ModelConfig(name=str(model_dir)))
-        self.encoder = Encoder(self.processor, min_pixels, max_pixels)
-        from core.commands.model_io import inference_device, inference_dtype
-
-        device = str(inference_device(device))
-        dtype = inference_dtype(dtype, device)
-        self.device = device
-        self.max_input_tokens = max_input_tokens
-        self.trained_length = trained_max_length(model_dir)
-        self.cut: Any = None  # core.task.truncation.Truncation, made by the first answer
+        self.processor = load_processor(ModelConfig(name=str(args.model)))
+        self.encoder = Encoder(self.processor, args.min_pixels, args.max_pixels)
+        self.device = str(inference_device(args.device))
+        dtype = getattr(torch, inference_dtype(args.dtype, self.device))
         self.model = (
-            AutoModelForImageTextToText.from_pretrained(model_dir, dtype=getattr(torch, dtype))
-            .to(device)
+            AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype)
+            .to(self.device)
             .eval()
         )
+        self.max_new_tokens = args.max_new_tokens
+        trained = trained_setting(args.model, "data", "max_length")
+        self.cut = prompt_truncation(
+            self.model,
+            self.processor.tokenizer,
+            args.max_input_tokens,
+            args.max_new_tokens,
+            trained,
+            "data.max_length of the run",
+        )
 
-    def answer(self, images: list[Path], prompt: str, max_new_tokens: int = 64) -> str:
+    def __call__(self, questions: list[tuple[str, str, list[Path]]]) -> list[str]:
+        """The answers to ``(id, prompt, images)`` questions, one by one."""
+        return [self.answer(images, prompt) for _, prompt, images in questions]
+
+    def answer(self, images: list[Path], prompt: str) -> str:
         """The greedy answer to ``prompt`` about ``images`` (special tokens removed).
 
         Raises:
@@ -390,39 +250,19 @@ class AnswerSession:
         sources = [resolve_image(str(p), Path.cwd(), "--image") for p in images]
         pil = [load_image(s, "--image", DataConfig().max_source_pixels) for s in sources]
         inputs = self.encoder.encode_prompt(prompt, pil)
-        cut = self.truncation(max_new_tokens)
         length = inputs["input_ids"].shape[1]
-        kept = cut.count(length)
+        kept = self.cut.count(length)
         if kept < length:
             inputs = self.shorten(prompt, pil, length - kept, kept)
         with torch.no_grad():
             out = self.model.generate(
                 **{k: v.to(self.device) for k, v in inputs.items()},
-                max_new_tokens=max_new_tokens,
+                max_new_tokens=self.max_new_tokens,
                 do_sample=False,
             )
         return self.processor.tokenizer.decode(
             out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
         ).strip()
-
-    def truncation(self, max_new_tokens: int) -> Any:
-        """The :class:`core.task.truncation.Truncation` of prompts for answers of
-        ``max_new_tokens``.
-
-        Raises:
-            UserError: ``--max-input-tokens`` above what the model takes.
-        """
-        from core.task.truncation import Truncation, input_limit, model_limit
-
-        hard = model_limit(
-            getattr(self.model, "config", None), self.processor.tokenizer, reserve=max_new_tokens
-        )
-        limit, origin = input_limit(
-            self.max_input_tokens, self.trained_length, hard, "data.max_length of the run"
-        )
-        if self.cut is None or self.cut.limit != limit:
-            self.cut = Truncation(limit, origin, "prompts")
-        return self.cut
 
     def shorten(self, prompt: str, images: list[Any], excess: int, limit: int) -> dict[str, Any]:
         """Model inputs with the question cut by about ``excess`` tokens (its start kept), so the
@@ -449,24 +289,61 @@ class AnswerSession:
         return inputs
 
 
-def trained_max_length(model_dir: Path) -> int | None:
-    """``data.max_length`` of the run whose ``final/`` (or checkpoint) ``model_dir`` is, or None
-    (a model folder of its own, or a run without the key)."""
-    from core.commands.train import run_of_model
-    from core.config.loader import read_yaml
+SPEC = TaskSpec(
+    name="qwen_vl",
+    config_cls=QwenVLConfig,
+    presets=PRESETS_DIR,
+    default_preset=DEFAULT_PRESET,
+    task="qwen_vl.task:QwenVLTask",
+    estimator="qwen_vl.memory:estimate",
+    render="qwen_vl.memory:render",
+    description="Fine-tune Qwen2.5-VL on image+text conversations (qwen_vl).",
+    evaluate=EvaluateSpec(
+        description="Loss and counting metrics (exact match, mean absolute error of the parsed "
+        "count) of a saved Qwen2.5-VL model on conversations. Runs on all trainer.devices at "
+        "once (DDP, or FSDP2 with trainer.strategy=fsdp).",
+        epilog="Any train key works after the flags: trainer.devices=4 trainer.precision=bf16-true "
+        "trainer.eval_batch_size=16 generation.max_new_tokens=8; -c PRESET takes a preset's "
+        "settings. Prints the metrics as one JSON line; the answers ({id, prediction, reference}) "
+        "go to --out, or, for a run's final/, to <run>/eval/<name>.jsonl.",
+        model_help="a folder written by save_pretrained (e.g. runs/NNN_.../final)",
+        data_help="JSONL conversations (the last assistant turn is the reference)",
+        split_help="dev: the config's data.val_file (default)",
+        out_help="write every answer and its reference here (JSONL)",
+        splits={"dev": "dev"},
+        split_error="qwen_vl has one held-out split, dev (data.val_file); or give --data FILE.",
+        fits=_vision_language,
+        arguments=_evaluate_arguments,
+    ),
+    infer=InferSpec(
+        description="Answer questions about images with a saved Qwen2.5-VL model.",
+        epilog='--data rows: {"id": ..., "prompt": "How many circles?", "images": ["a.png"]} '
+        "(image paths relative to the file); the answers ({id, prompt, answer}) go to --out or "
+        "stdout.",
+        model_help="a folder written by save_pretrained (e.g. runs/NNN_.../final)",
+        data_help="JSONL of questions: {id, prompt, images}",
+        prompt_help="one question (with --image files)",
+        out_help="write the answers here (JSONL; default: stdout)",
+        missing="Give --prompt TEXT (with --image FILE) or --data FILE.jsonl of questions.",
+        read=read_questions,
+        load=AnswerSession,
+        row=lambda q, answer: {"id": q[0], "prompt": q[1], "answer": answer},
+        single="answer",
+        limit_help="data.max_length of the run that wrote --model, at most the model's positions "
+        "less --max-new-tokens",
+        max_new_tokens=64,
+        dtype=True,
+        arguments=_infer_arguments,
+        check=_check_infer,
+        inputs=lambda args: [(i, "--image") for i in args.image],
+        fits=_vision_language,
+    ),
+)
+"""The qwen_vl task, declared once: core gives it ``train``, ``evaluate`` and ``infer``."""
 
-    run = run_of_model(model_dir)
-    if run is None or not (run / "config.yaml").is_file():
-        return None
-    value = (read_yaml(run / "config.yaml").get("data") or {}).get("max_length")
-    return value if isinstance(value, int) and value > 0 else None
-
-
-def answer_question(
-    model_dir: str, images: list[Path], prompt: str, max_new_tokens: int = 64, **settings: Any
-) -> str:
-    """One answer from a freshly loaded model (see :class:`AnswerSession`)."""
-    return AnswerSession(Path(model_dir), **settings).answer(images, prompt, max_new_tokens)
+train = SPEC.train
+evaluate = SPEC.evaluate_command
+infer = SPEC.infer_command
 
 
 COMMANDS: dict[str, Any] = {
@@ -478,16 +355,7 @@ COMMANDS: dict[str, Any] = {
 """The commands core's shared ``train`` / ``evaluate`` / ``infer`` scripts dispatch to."""
 
 
-def _self_check() -> int:
-    """``python -m qwen_vl.cli`` without arguments: every command's ``--help``."""
-    from core.commands.spec import check_helps
-
-    check_helps(COMMANDS)
-    print("qwen_vl.cli: ok")
-    return 0
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # self-check: every command's --help
     from core.commands.spec import main
 
-    main(COMMANDS, _self_check)
+    main(COMMANDS, "qwen_vl.cli")

@@ -1,17 +1,16 @@
 """Commands of the summarization package.
 
-    train    [-c PRESET|FILE.yaml] [key=value ...]          (core's contract; default preset
-    bart_large_cnn)
+    train    [-c PRESET|FILE.yaml] [key=value ...]     (core's; default preset bart_large_cnn)
     evaluate --model DIR [--split dev|test|FILE] [--out DIR] [-c ...] [key=value ...]
     predict  --model DIR (--input FILE.jsonl | --text "...") [--output FILE]
     score    --predictions FILE --references FILE [--lang auto|en|ko] [--multi-reference mean|max]
-    lead3    --input FILE [--output FILE]                   (the Lead-3 baseline: first three
-    utterances)
+    lead3    --input FILE [--output FILE]              (the Lead-3 baseline: first 3 utterances)
 
-``train`` and ``evaluate`` are core's shared console scripts (``uv run --package summarization
-train``); ``summarization-train``, ``predict``, ``score`` and ``summarization-lead3`` are this
-package's own. ``python -m summarization.cli COMMAND ...`` runs any of them; without arguments it
-runs a self-check. Mistakes a user can fix exit with code 2 and a one-paragraph message.
+``train``, ``evaluate`` and ``infer`` (= ``predict``) are core's shared commands (``uv run
+--package summarization train``); ``summarization-train``, ``predict``, ``score`` and
+``summarization-lead3`` are this package's own. ``python -m summarization.cli COMMAND ...`` runs
+any of them; without arguments it runs a self-check. Mistakes a user can fix exit with code 2
+and a one-paragraph message.
 """
 
 from __future__ import annotations
@@ -23,13 +22,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from core.commands.infer import InferSpec
 from core.commands.spec import EvaluateSpec, TaskSpec
-from core.commands.train import (
-    add_model_arguments,
-    check_model_dir,
-    config_for_model,
-    parse_model_command,
-)
+from core.commands.train import add_out_arguments, config_for_model
 from core.errors import UserError, user_errors_exit_2
 from core.run.outputs import guard_file
 from core.task.truncation import Truncation, add_option
@@ -58,175 +53,88 @@ def _check_evaluate(args: argparse.Namespace) -> None:
         raise UserError(f"--limit {args.limit}: give at least 1 row.")
 
 
-SPEC = TaskSpec(
-    name="summarization",
-    config_cls=SummarizationConfig,
-    presets=PRESETS_DIR,
-    default_preset=DEFAULT_PRESET,
-    task="summarization.task:SummarizationTask",
-    estimator="summarization.memory:estimate",
-    render="summarization.memory:render",
-    description=DESCRIPTION,
-    evaluate=EvaluateSpec(
-        description="Generate summaries with a trained model and score them with ROUGE (several "
-        "processes: trainer.devices=N).",
-        epilog=(
-            "The config comes from -c, else from the config.yaml of the run that wrote --model, "
-            "else the default preset;\n"
-            "generation.* / metric.* / trainer.* overrides apply. Prints the scores "
-            "(rouge1/2/L/Lsum F1 in [0,1], loss,\n"
-            "tokenizer, multi-reference convention) as one JSON line. The summaries ({fname, "
-            "summary, references}) go to\n"
-            "--out, or, for a run's final/, to <run>/eval/<split>.jsonl with the scores in "
-            "<run>/eval/<split>.scores.json.\n\n"
-            "examples:\n"
-            "  evaluate --model runs/001_20261122_101500/final --split test\n"
-            "  evaluate --model runs/001_.../final --data my_dialogues.jsonl --out "
-            "my_summaries.jsonl generation.num_beams=4"
-        ),
-        model_help="a folder written by save_pretrained (a run's final/)",
-        data_help="a JSONL file of dialogues with references (fname, dialogue, summary or "
-        "summary1..N)",
-        split_help="dev or test: the split of the config's data (default: dev)",
-        out_help="write the generated summaries here (JSONL)",
-        splits={"dev": "dev", "validation": "dev", "test": "test"},
-        split_error="use dev or test, or --data FILE for a file of your own.",
-        fits=_seq2seq,
-        arguments=_evaluate_arguments,
-        check=_check_evaluate,
-        raw_epilog=True,
-    ),
-)
-"""The summarization task, declared once: core gives it ``train`` and ``evaluate``."""
-
-train = SPEC.train
-evaluate = SPEC.evaluate_command
-
-
 # --------------------------------------------------------------------------------------------
 # predict
 # --------------------------------------------------------------------------------------------
 
 
-def predict_parser() -> argparse.ArgumentParser:
-    """Arguments of ``predict`` (also ``infer``)."""
-    parser = argparse.ArgumentParser(
-        prog="summarization-predict",
-        description="Summarise dialogues with a trained model (also: infer).",
-        epilog=(
-            "--data rows need 'dialogue' (and optionally 'fname'); the output has one {fname, "
-            "summary} row per input,\n"
-            "to --out or stdout. --prompt prints the summary of one dialogue (turns separated by "
-            "newlines).\n\n"
-            "examples:\n"
-            "  summarization-predict --model runs/001_.../final --data dialogues.jsonl --out "
-            "summaries.jsonl\n"
-            "  summarization-predict --model runs/001_.../final --prompt $'#Person1#: "
-            "Hi!\\n#Person2#: Hello.' generation.num_beams=4"
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_model_arguments(
-        parser,
-        model_help="a folder written by save_pretrained (a run's final/)",
-        data_help="JSONL file with a 'dialogue' per row",
-        prompt_help="one dialogue as text",
-        out_help="JSONL output file (default: stdout)",
-    )
-    parser.add_argument(
-        "--batch-size", type=int, default=8, help="dialogues per generate() call (default 8)"
-    )
-    parser.add_argument(
-        "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)"
-    )
-    add_option(parser, "data.max_source_length, at most the model's positions")
-    return parser
-
-
 def _check_predict(args: argparse.Namespace) -> None:
-    """Refuse what ``predict`` cannot run with (before any loading)."""
-    check_model_dir(args.model, task="summarization", fits=_seq2seq)
-    if args.data is None and args.prompt is None:
-        raise UserError("Give --data FILE.jsonl (dialogues) or --prompt TEXT (one dialogue).")
+    """Refuse an empty ``--prompt`` and ``--batch-size`` below 1."""
     if args.prompt is not None and not args.prompt.strip():
         raise UserError("--prompt is empty; give the dialogue to summarise.")
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: use at least 1.")
-    if args.out is not None:
-        guard_file(args.out, "--out", [(args.data, "--data")], args.overwrite)
 
 
-def summarize(
-    task: Any, model: Any, rows: list[dict[str, Any]], batch_size: int, cut: Truncation
-) -> list[str]:
-    """The summary of every row's dialogue, in the rows' order (similar lengths batched
-    together; the dialogues cut to ``data.max_source_length`` are counted in ``cut``)."""
-    import torch
+def read_dialogues(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The rows (``fname``, ``dialogue``) of ``--data``, or the one of ``--prompt``.
 
-    cfg, tokenizer = task.cfg, task.tokenizer
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["dialogue"]))
-    summaries: dict[int, str] = {}
-    with torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            texts = [cfg.model.source_prefix + rows[i]["dialogue"] for i in chunk]
-            # whole, to count what is cut (verbose=False: the note below says it once)
-            for ids in tokenizer(texts, verbose=False)["input_ids"]:
-                cut.count(len(ids))
-            enc = tokenizer(
-                texts,
-                max_length=cfg.data.max_source_length,
-                truncation=True,
-                padding=True,
-                return_tensors="pt",
-            ).to(model.device)
-            for i, text in zip(
-                chunk, task.generate(model, enc["input_ids"], enc["attention_mask"]), strict=True
-            ):
-                summaries[i] = text
-    return [summaries[i] for i in range(len(rows))]
-
-
-@user_errors_exit_2
-def predict(argv: Sequence[str] | None = None) -> int:
-    """``predict --model DIR (--data FILE.jsonl | --prompt "...") [--out FILE]``: summaries of new
-    dialogues.
-
-    Returns:
-        Exit code (0; 2 for a mistake the user can fix).
+    Raises:
+        UserError: an unreadable file or a row without a dialogue (file and line named).
     """
-    args = parse_model_command(predict_parser(), argv)
-    _check_predict(args)
-    cfg = config_for_model(
-        args.model, args.config, args.overrides, SummarizationConfig, PRESETS_DIR, DEFAULT_PRESET
-    )
-    from core.commands.model_io import emit_rows, inference_device
-    from core.run.logs import transformers_quiet
     from summarization.data import check_row, read_rows
 
-    transformers_quiet()
-    task = SPEC.make_task(cfg)
-    task.setup_model_side(args.model)
-    origin = task.source_limit(args.max_input_tokens)
-    cut = Truncation(cfg.data.max_source_length, origin, "dialogues")
     if args.data is not None:
-        rows = read_rows(args.data, "--data", need_references=False)
-    else:
-        rows = [
-            check_row({"fname": "text", "dialogue": args.prompt}, "--prompt", need_references=False)
-        ]
-    from transformers import AutoModelForSeq2SeqLM
+        return read_rows(args.data, "--data", need_references=False)
+    row = {"fname": "text", "dialogue": args.prompt}
+    return [check_row(row, "--prompt", need_references=False)]
 
-    device = inference_device(args.device)
-    model = AutoModelForSeq2SeqLM.from_pretrained(args.model).to(device).eval()
-    task.prepare_generation(model)
-    summaries = summarize(task, model, rows, args.batch_size, cut)
-    cut.report()
-    results = [{"fname": r["fname"], "summary": s} for r, s in zip(rows, summaries, strict=True)]
-    # --prompt prints its summary (an --out with it is not written)
-    out = args.out if args.prompt is None else None
-    emit_rows(results, out, "summary" if args.prompt is not None else None, "summaries")
-    return 0
+
+class Summarizer:
+    """A trained model with the config it was trained with (``-c`` and overrides apply),
+    summarising dialogues; those cut to ``data.max_source_length`` are counted in :attr:`cut`.
+
+    Args:
+        args: ``predict``'s arguments (model, config, overrides, device, batch size, limit).
+    """
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from transformers import AutoModelForSeq2SeqLM
+
+        from core.commands.model_io import inference_device
+
+        cfg = config_for_model(
+            args.model,
+            args.config,
+            args.overrides,
+            SummarizationConfig,
+            PRESETS_DIR,
+            DEFAULT_PRESET,
+        )
+        self.task = SPEC.make_task(cfg)
+        self.task.setup_model_side(args.model)
+        origin = self.task.source_limit(args.max_input_tokens)
+        self.cut = Truncation(cfg.data.max_source_length, origin, "dialogues")
+        self.batch_size = args.batch_size
+        device = inference_device(args.device)
+        self.model = AutoModelForSeq2SeqLM.from_pretrained(args.model).to(device).eval()
+        self.task.prepare_generation(self.model)
+
+    def __call__(self, rows: list[dict[str, Any]]) -> list[str]:
+        """The summary of every row's dialogue, in the rows' order (similar lengths batched
+        together)."""
+        import torch
+
+        cfg, tokenizer = self.task.cfg, self.task.tokenizer
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["dialogue"]))
+        summaries: dict[int, str] = {}
+        with torch.no_grad():
+            for start in range(0, len(order), self.batch_size):
+                chunk = order[start : start + self.batch_size]
+                texts = [cfg.model.source_prefix + rows[i]["dialogue"] for i in chunk]
+                # whole, to count what is cut (verbose=False: the note says it once)
+                for ids in tokenizer(texts, verbose=False)["input_ids"]:
+                    self.cut.count(len(ids))
+                enc = tokenizer(
+                    texts,
+                    max_length=cfg.data.max_source_length,
+                    truncation=True,
+                    padding=True,
+                    return_tensors="pt",
+                ).to(self.model.device)
+                generated = self.task.generate(self.model, enc["input_ids"], enc["attention_mask"])
+                summaries.update(zip(chunk, generated, strict=True))
+        return [summaries[i] for i in range(len(rows))]
 
 
 # --------------------------------------------------------------------------------------------
@@ -325,15 +233,7 @@ def score(argv: Sequence[str] | None = None) -> int:
         required=True,
         help="JSONL with {fname, summary} or {fname, summary1..N}",
     )
-    parser.add_argument(
-        "--out",
-        "--output",
-        dest="out",
-        type=Path,
-        default=None,
-        help="also write the JSON object to this file",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    add_out_arguments(parser, "also write the JSON object to this file")
     _add_metric_options(parser)
     args = parser.parse_args(argv)
     from summarization.data import read_scoring_file
@@ -381,15 +281,7 @@ def lead3(argv: Sequence[str] | None = None) -> int:
         required=True,
         help="DialogSum-style JSONL (dialogue; references optional)",
     )
-    parser.add_argument(
-        "--out",
-        "--output",
-        dest="out",
-        type=Path,
-        default=None,
-        help="write {fname, summary} rows here",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    add_out_arguments(parser, "write {fname, summary} rows here")
     parser.add_argument("-n", type=int, default=3, help="utterances to keep (default 3)")
     _add_metric_options(parser)
     args = parser.parse_args(argv)
@@ -419,6 +311,84 @@ def lead3(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+SPEC = TaskSpec(
+    name="summarization",
+    config_cls=SummarizationConfig,
+    presets=PRESETS_DIR,
+    default_preset=DEFAULT_PRESET,
+    task="summarization.task:SummarizationTask",
+    estimator="summarization.memory:estimate",
+    render="summarization.memory:render",
+    description=DESCRIPTION,
+    evaluate=EvaluateSpec(
+        description="Generate summaries with a trained model and score them with ROUGE (several "
+        "processes: trainer.devices=N).",
+        epilog=(
+            "The config comes from -c, else from the config.yaml of the run that wrote --model, "
+            "else the default preset;\n"
+            "generation.* / metric.* / trainer.* overrides apply. Prints the scores "
+            "(rouge1/2/L/Lsum F1 in [0,1], loss,\n"
+            "tokenizer, multi-reference convention) as one JSON line. The summaries ({fname, "
+            "summary, references}) go to\n"
+            "--out, or, for a run's final/, to <run>/eval/<split>.jsonl with the scores in "
+            "<run>/eval/<split>.scores.json.\n\n"
+            "examples:\n"
+            "  evaluate --model runs/001_20261122_101500/final --split test\n"
+            "  evaluate --model runs/001_.../final --data my_dialogues.jsonl --out "
+            "my_summaries.jsonl generation.num_beams=4"
+        ),
+        model_help="a folder written by save_pretrained (a run's final/)",
+        data_help="a JSONL file of dialogues with references (fname, dialogue, summary or "
+        "summary1..N)",
+        split_help="dev or test: the split of the config's data (default: dev)",
+        out_help="write the generated summaries here (JSONL)",
+        splits={"dev": "dev", "validation": "dev", "test": "test"},
+        split_error="use dev or test, or --data FILE for a file of your own.",
+        fits=_seq2seq,
+        arguments=_evaluate_arguments,
+        check=_check_evaluate,
+        raw_epilog=True,
+    ),
+    infer=InferSpec(
+        prog="summarization-predict",
+        description="Summarise dialogues with a trained model (also: infer).",
+        epilog=(
+            "--data rows need 'dialogue' (and optionally 'fname'); the output has one {fname, "
+            "summary} row per input,\n"
+            "to --out or stdout. --prompt prints the summary of one dialogue (turns separated by "
+            "newlines).\n\n"
+            "examples:\n"
+            "  summarization-predict --model runs/001_.../final --data dialogues.jsonl --out "
+            "summaries.jsonl\n"
+            "  summarization-predict --model runs/001_.../final --prompt $'#Person1#: "
+            "Hi!\\n#Person2#: Hello.' generation.num_beams=4"
+        ),
+        raw_epilog=True,
+        model_help="a folder written by save_pretrained (a run's final/)",
+        data_help="JSONL file with a 'dialogue' per row",
+        prompt_help="one dialogue as text",
+        out_help="JSONL output file (default: stdout)",
+        missing="Give --data FILE.jsonl (dialogues) or --prompt TEXT (one dialogue).",
+        read=read_dialogues,
+        load=Summarizer,
+        row=lambda row, summary: {"fname": row["fname"], "summary": summary},
+        single="summary",
+        what="summaries",
+        limit_help="data.max_source_length, at most the model's positions",
+        batch_size=8,
+        batch_what="dialogues",
+        device_default=None,
+        check=_check_predict,
+        fits=_seq2seq,
+    ),
+)
+"""The summarization task, declared once: core gives it ``train``, ``evaluate`` and ``infer``."""
+
+train = SPEC.train
+evaluate = SPEC.evaluate_command
+predict = SPEC.infer_command
+
+
 COMMANDS = {
     "train": train,
     "evaluate": evaluate,
@@ -431,43 +401,27 @@ COMMANDS = {
 ``predict``); the package's own scripts carry its name (``summarization-predict``, ...)."""
 
 
-def _self_check() -> int:
-    """``python -m summarization.cli`` without arguments: help of every command, Lead-3 + score on
-    the shipped test sample."""
+if __name__ == "__main__":  # self-check: every command's --help, Lead-3 + score on the sample
     import contextlib
     import io
     import tempfile
 
-    from core.commands.spec import check_helps
+    from core.commands.spec import main
     from summarization.config import SAMPLES
 
-    check_helps({n: c for n, c in COMMANDS.items() if n != "train"})
-    with tempfile.TemporaryDirectory() as tmp:
-        lead = Path(tmp) / "lead3.jsonl"
-        with contextlib.redirect_stdout(io.StringIO()):
-            assert lead3(["--data", str(SAMPLES["en"] / "test.jsonl"), "--out", str(lead)]) == 0
-        buffer = io.StringIO()
-        with contextlib.redirect_stdout(buffer):
-            assert (
-                score(
-                    ["--predictions", str(lead), "--references", str(SAMPLES["en"] / "test.jsonl")]
-                )
-                == 0
+    def _lead3_and_score() -> None:
+        test, dev = SAMPLES["en"] / "test.jsonl", SAMPLES["en"] / "dev.jsonl"
+        with tempfile.TemporaryDirectory() as tmp:
+            lead, printed = Path(tmp) / "lead3.jsonl", io.StringIO()
+            with contextlib.redirect_stdout(io.StringIO()):
+                assert lead3(["--data", str(test), "--out", str(lead)]) == 0
+            with contextlib.redirect_stdout(printed):
+                assert score(["--predictions", str(lead), "--references", str(test)]) == 0
+            result = json.loads(printed.getvalue())
+            print(
+                f"lead-3 on the shipped test sample: rouge1={result['rouge1']:.4f} "
+                f"rougeL={result['rougeL']:.4f} ({result['multi_reference'][:4]})"
             )
-        result = json.loads(buffer.getvalue())
-        print(
-            f"lead-3 on the shipped test sample: rouge1={result['rouge1']:.4f} "
-            f"rougeL={result['rougeL']:.4f} ({result['multi_reference'][:4]})"
-        )
-        assert (
-            score(["--predictions", str(lead), "--references", str(SAMPLES["en"] / "dev.jsonl")])
-            == 2
-        )  # ids do not match
-    print("summarization.cli: ok")
-    return 0
+            assert score(["--predictions", str(lead), "--references", str(dev)]) == 2  # other ids
 
-
-if __name__ == "__main__":
-    from core.commands.spec import main
-
-    main(COMMANDS, _self_check)
+    main(COMMANDS, "summarization.cli", _lead3_and_score)

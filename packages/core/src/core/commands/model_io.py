@@ -12,15 +12,17 @@ the task's evaluation hooks (:class:`core.task.base.Task`: ``configure_for_model
 (:func:`core.commands.train.write_evaluation`).
 No command reaches into a task's attributes.
 
-Self-check: ``python -m core.commands.model_io`` (device / dtype choice and the answer writer).
+Self-check: ``python -m core.commands.model_io`` (device / dtype choice, the answer writer, the
+removal of a half-written folder).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,18 +38,30 @@ from core.errors import UserError, user_errors_exit_2
 from core.task.base import EvaluationRun
 
 
+def model_parser(
+    prog: str, description: str, epilog: str, raw_epilog: bool, **helps: str | None
+) -> argparse.ArgumentParser:
+    """A parser with :func:`core.commands.train.add_model_arguments` (``helps``: its help texts);
+    ``raw_epilog`` keeps the epilog's line breaks."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=epilog,
+        **({"formatter_class": argparse.RawDescriptionHelpFormatter} if raw_epilog else {}),
+    )
+    add_model_arguments(parser, **helps)  # type: ignore[arg-type]
+    return parser
+
+
 def evaluate_parser(spec: Any) -> argparse.ArgumentParser:
     """The ``evaluate`` parser of a task (its :class:`core.commands.spec.EvaluateSpec` texts and
     flags)."""
     ev = spec.evaluate
-    parser = argparse.ArgumentParser(
-        prog="evaluate",
-        description=ev.description,
-        epilog=ev.epilog,
-        **({"formatter_class": argparse.RawDescriptionHelpFormatter} if ev.raw_epilog else {}),
-    )
-    add_model_arguments(
-        parser,
+    parser = model_parser(
+        "evaluate",
+        ev.description,
+        ev.epilog,
+        ev.raw_epilog,
         model_help=ev.model_help,
         data_help=ev.data_help,
         split_help=ev.split_help,
@@ -178,8 +192,37 @@ def emit_rows(rows: list[dict[str, Any]], out: Path | None, single: str | None, 
             print(json.dumps(row, ensure_ascii=False))
 
 
+@contextlib.contextmanager
+def removed_if_half_made(out: Path, clear: bool = True) -> Iterator[None]:
+    """Remove what a command wrote into the folder ``out`` when a full or read-only disk stops it
+    (a :class:`core.run.storage.StorageError` inside), then raise again: a half-written model or
+    data set must not look like a whole one.
+
+    Args:
+        out: the output folder.
+        clear: when ``out`` existed before: empty it (True), or leave it as it is (False). A
+            folder that did not exist is removed either way.
+    """
+    import shutil
+
+    from core.run.storage import StorageError
+
+    existed = out.is_dir()
+    try:
+        yield
+    except StorageError:
+        if not existed:
+            shutil.rmtree(out, ignore_errors=True)
+        elif clear:
+            for child in out.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink(missing_ok=True)
+        raise
+
+
 if __name__ == "__main__":  # self-check: python -m core.commands.model_io
-    import contextlib
     import io
     import tempfile
 
@@ -198,4 +241,15 @@ if __name__ == "__main__":  # self-check: python -m core.commands.model_io
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stderr(io.StringIO()):
         emit_rows([{"id": "a"}], Path(tmp) / "out.jsonl", "id", "answers")
         assert (Path(tmp) / "out.jsonl").read_text().strip() == '{"id": "a"}'
+        from core.run.storage import StorageError
+
+        for made, clear in ((Path(tmp) / "new", True), (Path(tmp), False)):
+            try:
+                with removed_if_half_made(made, clear):
+                    made.mkdir(exist_ok=True)
+                    (made / "half.bin").write_bytes(b"1")
+                    raise StorageError("disk full")
+            except StorageError:
+                pass
+        assert not (Path(tmp) / "new").exists() and (Path(tmp) / "half.bin").exists()
     print("core.commands.model_io: ok")

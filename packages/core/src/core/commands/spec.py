@@ -12,12 +12,14 @@ A task package states once, in its ``cli.py``, what core needs to give it the sh
         render="summarization.memory:render",
         description="Fine-tune a seq2seq model ...",
         evaluate=EvaluateSpec(...),               # help texts, splits, the model folder's marker
+        infer=InferSpec(...),                     # texts, flags, reading, loading, one row
     )
-    train, evaluate = SPEC.train, SPEC.evaluate
+    train, evaluate, infer = SPEC.train, SPEC.evaluate_command, SPEC.infer_command
 
-and gets ``train`` (with ``--dry-run``) and ``evaluate`` from core (:mod:`core.commands.train`,
-:mod:`core.commands.model_io`). The task class, the estimator and the renderer are named as
-``module:attribute`` strings, imported only when a command runs (``--help`` stays fast).
+and gets ``train`` (with ``--dry-run``), ``evaluate`` and ``infer`` from core
+(:mod:`core.commands.train`, :mod:`core.commands.model_io`, :mod:`core.commands.infer`). The task
+class, the estimator and the renderer are named as ``module:attribute`` strings, imported only
+when a command runs (``--help`` stays fast).
 
 Self-check: ``python -m core.commands.spec`` (the toy task's spec: train --print-config and
 --dry-run).
@@ -97,6 +99,8 @@ class TaskSpec:
         render: ``module:function`` ``report -> text`` of ``train --dry-run``.
         description: one line for ``train --help``.
         evaluate: the ``evaluate`` command's texts and checks (None: no ``evaluate``).
+        infer: the ``infer`` command's texts, flags and task parts
+            (:class:`core.commands.infer.InferSpec`; None: no ``infer``).
         train_prog: the program name in ``train --help``.
     """
 
@@ -109,6 +113,7 @@ class TaskSpec:
     render: str
     description: str
     evaluate: EvaluateSpec | None = None
+    infer: Any = None
     train_prog: str = field(default="train")
 
     def make_task(self, cfg: Any) -> Any:
@@ -152,6 +157,11 @@ class TaskSpec:
 
         return evaluate_command(self, argv)
 
+    def infer_command(self, argv: Sequence[str] | None = None) -> int:
+        """``infer --model DIR (--prompt TEXT | --data FILE) [--out FILE]``: see
+        :func:`core.commands.infer.infer_command`."""
+        return self.infer.command(self.name, argv)
+
 
 @user_errors_exit_2
 def _dry_run(spec: TaskSpec, argv: list[str]) -> int:
@@ -183,10 +193,14 @@ def check_helps(commands: dict[str, Callable[..., int]]) -> None:
         print(f"{name:>9} --help: {buffer.getvalue().splitlines()[0]}")
 
 
-def main(commands: dict[str, Callable[..., int]], self_check: Callable[[], int]) -> None:
+def main(
+    commands: dict[str, Callable[..., int]], name: str, check: Callable[[], None] | None = None
+) -> None:
     """The ``__main__`` of every task's ``cli.py``: ``python -m <task>.cli COMMAND [args]`` runs
     the command (what the tests and DDP ranks run; ``sys.argv`` stays as it is, so a rank starts
-    again with the same command line); without arguments, the module's self-check.
+    again with the same command line); without arguments, the module's self-check: every
+    command's ``--help`` (:func:`check_helps`), then ``check`` (the module's own), then
+    ``<name>: ok``.
 
     Raises:
         SystemExit: always, with the command's exit code.
@@ -196,7 +210,11 @@ def main(commands: dict[str, Callable[..., int]], self_check: Callable[[], int])
         if command not in commands:
             sys.exit(f"unknown command '{command}'; commands: {', '.join(commands)}")
         sys.exit(commands[command](sys.argv[2:]))
-    sys.exit(self_check())
+    check_helps(commands)
+    if check is not None:
+        check()
+    print(f"{name}: ok")
+    sys.exit(0)
 
 
 if __name__ == "__main__":  # self-check: python -m core.commands.spec

@@ -421,8 +421,7 @@ def add_model_arguments(
         source.add_argument("--split", metavar="NAME", help=split_help)
     if prompt_help is not None:
         source.add_argument("--prompt", "--text", dest="prompt", metavar="TEXT", help=prompt_help)
-    parser.add_argument("--out", "--output", dest="out", type=Path, metavar="FILE", help=out_help)
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    add_out_arguments(parser, out_help)
     parser.add_argument(
         "-c",
         "--config",
@@ -433,6 +432,13 @@ def add_model_arguments(
     parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. trainer.devices=2"
     )
+
+
+def add_out_arguments(parser: argparse.ArgumentParser, out_help: str) -> None:
+    """``--out FILE`` (also ``--output``; default None) and ``--overwrite`` (replace an existing
+    ``--out`` file; see :func:`core.run.outputs.guard_file`)."""
+    parser.add_argument("--out", "--output", dest="out", type=Path, metavar="FILE", help=out_help)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
 
 def parse_model_command(
