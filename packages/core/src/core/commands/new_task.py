@@ -140,9 +140,7 @@ def render(text: str, values: dict[str, str]) -> str:
 
 def template_values(name: str, kind: str) -> dict[str, str]:
     """The placeholders of a template: names, the kind, the requirements."""
-    from core import __version__
-
-    major, minor = (int(x) for x in __version__.split(".")[:2])
+    major, minor = (int(x) for x in importlib.metadata.version("core").split(".")[:2])
     summary = KINDS[kind].summary
     return {
         "name": name,
