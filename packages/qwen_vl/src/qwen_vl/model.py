@@ -33,9 +33,11 @@ from core.errors import UserError
 from core.nn.optim import parameter_groups
 from core.task.hub import ensure_available
 from qwen_vl.config import LoraSettings, ModelConfig, TinyModel
-from qwen_vl.tiny_processor import TINY_PROCESSOR_DIR
 
 log = logging.getLogger(__name__)
+
+TINY_PROCESSOR_DIR = Path(__file__).parent / "assets" / "tiny_processor"
+"""The shipped tiny processor (built by ``packages/qwen_vl/tools/tiny_processor.py``)."""
 
 TINY = "tiny"
 """``model.name`` of the small random model."""
