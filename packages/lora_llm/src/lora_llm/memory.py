@@ -30,6 +30,7 @@ Self-check: ``python -m lora_llm.memory``.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -63,41 +64,10 @@ from lora_llm.model import (
     tiny_config,
 )
 
-KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
-    "gpt2": {
-        "model_type": "gpt2",
-        "n_embd": 768,
-        "n_layer": 12,
-        "n_head": 12,
-        "n_positions": 1024,
-        "vocab_size": 50257,
-    },
-    "TinyLlama/TinyLlama-1.1B-Chat-v1.0": {
-        "model_type": "llama",
-        "hidden_size": 2048,
-        "intermediate_size": 5632,
-        "num_hidden_layers": 22,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 4,
-        "max_position_embeddings": 2048,
-        "vocab_size": 32000,
-        "tie_word_embeddings": False,
-    },
-    "microsoft/phi-2": {
-        "model_type": "phi",
-        "hidden_size": 2560,
-        "intermediate_size": 10240,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 32,
-        "max_position_embeddings": 2048,
-        "vocab_size": 51200,
-        "partial_rotary_factor": 0.4,
-        "tie_word_embeddings": False,
-    },
-}
+KNOWN_CONFIGS: dict[str, dict[str, Any]] = json.loads(
+    (Path(__file__).parent / "assets" / "architectures.json").read_text(encoding="utf-8")
+)
 """Architectures of the Hub presets (from their ``config.json``), so ``--dry-run`` works offline."""
-KNOWN_CONFIGS["TinyLlama/TinyLlama_v1.1"] = KNOWN_CONFIGS["TinyLlama/TinyLlama-1.1B-Chat-v1.0"]
 
 
 def model_config(cfg: LoraLLMConfig) -> tuple[Any, str]:

@@ -19,6 +19,8 @@ Self-check: ``python -m summarization.memory``.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,46 +42,10 @@ from core.commands.estimate import (
 )
 from summarization.config import SummarizationConfig
 
-BART_LARGE = {
-    "model_type": "bart",
-    "d_model": 1024,
-    "encoder_layers": 12,
-    "decoder_layers": 12,
-    "encoder_attention_heads": 16,
-    "decoder_attention_heads": 16,
-    "encoder_ffn_dim": 4096,
-    "decoder_ffn_dim": 4096,
-    "vocab_size": 50264,
-    "max_position_embeddings": 1024,
-}
-KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
-    "facebook/bart-large-cnn": BART_LARGE,
-    "facebook/bart-large": {**BART_LARGE, "vocab_size": 50265},
-    "facebook/bart-base": {
-        **BART_LARGE,
-        "d_model": 768,
-        "encoder_layers": 6,
-        "decoder_layers": 6,
-        "encoder_attention_heads": 12,
-        "decoder_attention_heads": 12,
-        "encoder_ffn_dim": 3072,
-        "decoder_ffn_dim": 3072,
-        "vocab_size": 50265,
-    },
-    "t5-small": {
-        "model_type": "t5",
-        "d_model": 512,
-        "d_ff": 2048,
-        "d_kv": 64,
-        "num_heads": 8,
-        "num_layers": 6,
-        "num_decoder_layers": 6,
-        "vocab_size": 32128,
-        "feed_forward_proj": "relu",
-    },
-}
+KNOWN_CONFIGS: dict[str, dict[str, Any]] = json.loads(
+    (Path(__file__).parent / "assets" / "architectures.json").read_text(encoding="utf-8")
+)
 """Architectures of the Hub presets (the public ``config.json`` values that set the sizes)."""
-KNOWN_CONFIGS["google-t5/t5-small"] = KNOWN_CONFIGS["t5-small"]
 
 
 def model_config(cfg: SummarizationConfig) -> tuple[Any, str]:
