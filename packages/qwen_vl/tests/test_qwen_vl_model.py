@@ -147,7 +147,8 @@ def test_lora_adapts_only_the_language_model_and_final_holds_the_merged_model(pr
 def test_bf16_model_exports_bf16_safetensors(processor, tmp_path):
     from safetensors import safe_open
 
-    from qwen_vl.model import build_model, check_dtypes, export_final
+    from core.nn.models import check_dtypes
+    from qwen_vl.model import build_model, export_final
 
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # what Fabric's init_module does for bf16-true

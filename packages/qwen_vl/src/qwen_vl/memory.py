@@ -39,17 +39,14 @@ from core.commands.estimate import (
     checkpointing,
     compute_bytes,
     format_report,
-    gathered_unit_bytes,
     gpu_verdict,
-    largest_unit,
     layer_activation_bytes,
     logits_bytes,
-    memory_report,
     on,
     setup_lines,
     shipped_config,
     stack_activation_bytes,
-    trained_state,
+    trained_report,
 )
 from qwen_vl.config import QwenVLConfig
 
@@ -165,43 +162,39 @@ def estimate(cfg: QwenVLConfig) -> dict[str, Any]:
     config, source = model_config(cfg)
     text, m, batch = config.text_config, cfg.model, cfg.trainer.batch_size
     model = meta_model(config, cfg)
-    total, trainable, state, state_notes = trained_state(cfg, model)
     e = compute_bytes(cfg.trainer.precision)
     shape = sample_shape(cfg, config.vision_config)
     labelled = batch * shape["text_tokens"]
     checkpointed = checkpointing(cfg, m.gradient_checkpointing)
     offloaded = ", inputs offloaded to CPU" if cfg.trainer.offload_activations else ""
     parts = [n for n in ("vision", "merger", "llm") if getattr(m, f"train_{n}")]
-    unit = largest_unit(model, ("Qwen2_5_VLDecoderLayer",))
-    return memory_report(
-        model=m.name,
-        architecture={
-            "type": config.model_type,
+    kept = (
+        f"micro-batch {batch}, {'with' if checkpointed else 'without'} activation checkpointing"
+        f"{offloaded}, vision tower {'trained' if m.train_vision else 'frozen (keeps nothing)'}"
+    )
+    chunks = f"chunks of {cfg.loss.chunk_tokens}" if cfg.loss.chunked else "full logits"
+    logits = logits_bytes(labelled, text.vocab_size, text.hidden_size, e, cfg.loss)
+    return trained_report(
+        cfg,
+        model,
+        name=m.name,
+        config=config,
+        source=source,
+        facts={
             "layers": text.num_hidden_layers,
             "hidden": text.hidden_size,
             "vocab": text.vocab_size,
             "vision blocks": config.vision_config.depth,
         },
-        config_source=source,
-        parameters=total,
-        trainable=trainable,
         setup=setup(cfg, shape, checkpointed),
-        components={
-            **state,
-            "activations": activations(cfg, config, shape, e, checkpointed),
-            "logits": logits_bytes(labelled, text.vocab_size, text.hidden_size, e, cfg.loss),
-            "gathered": gathered_unit_bytes(cfg, unit),
+        units=("decoder layers", ("Qwen2_5_VLDecoderLayer",)),
+        parts={
+            "activations": (activations(cfg, config, shape, e, checkpointed), kept),
+            "logits": (logits, f"{labelled:,} labelled tokens at most, {chunks}"),
         },
         notes={
-            **state_notes,
             "gradients": f"trained: {', '.join(parts) or 'nothing'}"
-            + (" (LoRA adapters)" if m.lora.enabled else ""),
-            "activations": f"micro-batch {batch}, {'with' if checkpointed else 'without'} "
-            f"activation checkpointing{offloaded}, "
-            f"vision tower {'trained' if m.train_vision else 'frozen (keeps nothing)'}",
-            "logits": f"{labelled:,} labelled tokens at most, "
-            + (f"chunks of {cfg.loss.chunk_tokens}" if cfg.loss.chunked else "full logits"),
-            "gathered": "two decoder layers unsharded at a time",
+            + (" (LoRA adapters)" if m.lora.enabled else "")
         },
     )
 

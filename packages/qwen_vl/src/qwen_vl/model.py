@@ -331,32 +331,6 @@ def param_groups(
     return groups
 
 
-def expected_param_dtype(precision: str) -> torch.dtype:
-    """The dtype every parameter has under a Fabric precision (``-true``: that dtype; mixed:
-    float32)."""
-    return {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}.get(
-        precision, torch.float32
-    )
-
-
-def check_dtypes(model: nn.Module, expected: torch.dtype) -> None:
-    """Fail when any floating parameter has another dtype than ``expected`` (e.g. after a resume).
-
-    Raises:
-        RuntimeError: with the first offending parameter names.
-    """
-    wrong = [
-        f"{n} ({p.dtype})"
-        for n, p in model.named_parameters()
-        if p.is_floating_point() and p.dtype != expected
-    ]
-    if wrong:
-        raise RuntimeError(
-            f"{len(wrong)} parameters are not {expected}: {wrong[:5]}; every tensor must share "
-            "one dtype."
-        )
-
-
 def wrap_classes() -> set[type[nn.Module]]:
     """The FSDP units (and activation-checkpointing units): decoder layers and vision blocks."""
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (

@@ -29,16 +29,13 @@ from core.commands.estimate import (
     autocast_bytes,
     checkpointing,
     format_report,
-    gathered_unit_bytes,
     gpu_verdict,
-    largest_unit,
     layer_activation_bytes,
-    memory_report,
     on,
     setup_lines,
     shipped_config,
     stack_activation_bytes,
-    trained_state,
+    trained_report,
 )
 from summarization.config import SummarizationConfig
 
@@ -104,37 +101,24 @@ def estimate(cfg: SummarizationConfig) -> dict[str, Any]:
     with torch.device("meta"):
         model = AutoModelForSeq2SeqLM.from_config(config)
     apply_freezing(model, cfg.model)
-    total, trainable, state, state_notes = trained_state(cfg, model)
     e, s = autocast_bytes(cfg.trainer.precision), sizes(config)
     batch, src, tgt = cfg.trainer.batch_size, cfg.data.max_source_length, cfg.data.max_target_length
     checkpointed = checkpointing(cfg, cfg.model.gradient_checkpointing)
-    unit = largest_unit(model, ("EncoderLayer", "DecoderLayer", "Block"))
     shape = f"source {src} + summary {tgt} tokens per sample"
-    switches = f", activation checkpointing={on(checkpointed)}"
-    return memory_report(
-        model=cfg.model.name if cfg.model.init == "pretrained" else "scratch",
-        architecture={
-            "type": config.model_type,
-            "layers": f"{s['enc']}+{s['dec']}",
-            "hidden": s["d"],
-            "vocab": config.vocab_size,
-        },
-        config_source=source,
-        parameters=total,
-        trainable=trainable,
-        setup=setup_lines(cfg, shape, switches, auto_bf16=True),
-        components={
-            **state,
-            "activations": activations(cfg, config, e, checkpointed),
-            "logits": float(batch * tgt * config.vocab_size * (e + 12)),
-            "gathered": gathered_unit_bytes(cfg, unit),
-        },
-        notes={
-            **state_notes,
-            "activations": f"micro-batch {batch}, {'with' if checkpointed else 'without'} "
-            "activation checkpointing",
-            "logits": f"{batch * tgt:,} summary tokens, full float32 logits",
-            "gathered": "two layers unsharded at a time",
+    kept = f"micro-batch {batch}, {'with' if checkpointed else 'without'} activation checkpointing"
+    logits = f"{batch * tgt:,} summary tokens, full float32 logits"
+    return trained_report(
+        cfg,
+        model,
+        name=cfg.model.name if cfg.model.init == "pretrained" else "scratch",
+        config=config,
+        source=source,
+        facts={"layers": f"{s['enc']}+{s['dec']}", "hidden": s["d"], "vocab": config.vocab_size},
+        setup=setup_lines(cfg, shape, f", activation checkpointing={on(checkpointed)}", True),
+        units=("layers", ("EncoderLayer", "DecoderLayer", "Block")),
+        parts={
+            "activations": (activations(cfg, config, e, checkpointed), kept),
+            "logits": (float(batch * tgt * config.vocab_size * (e + 12)), logits),
         },
     )
 

@@ -373,6 +373,51 @@ def memory_report(
     }
 
 
+def trained_report(
+    cfg: TrainConfig,
+    model: torch.nn.Module,
+    *,
+    name: str,
+    config: Any,
+    source: str,
+    facts: dict[str, Any],
+    setup: dict[str, str],
+    units: tuple[str, tuple[str, ...]],
+    parts: dict[str, tuple[float, str]],
+    notes: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """:func:`memory_report` of a model trained in full or in parts: :func:`trained_state`
+    (weights, gradients, optimizer state), the task's ``parts`` and the gathered FSDP units.
+
+    Args:
+        cfg: the root config.
+        model: the task's meta-device model with ``requires_grad`` set as training sets it.
+        name / config / source: ``model`` (shown name), the transformers config (its
+            ``model_type``) and where it came from.
+        facts: the architecture facts to show (``layers``, ``hidden``, ...).
+        setup: :func:`setup_lines` of the run.
+        units: what FSDP wraps as units: their name in the note (``"layers"``) and class-name
+            endings (:func:`largest_unit`).
+        parts: ``{key: (bytes, note)}`` the task computes (``activations``, ``logits``).
+        notes: more notes, e.g. on ``gradients``.
+    """
+    total, trainable, state, state_notes = trained_state(cfg, model)
+    what, suffixes = units
+    unit = largest_unit(model, suffixes)
+    return memory_report(
+        model=name,
+        architecture={"type": config.model_type, **facts},
+        config_source=source,
+        parameters=total,
+        trainable=trainable,
+        setup=setup,
+        components={**state, **{k: v for k, (v, _) in parts.items()}}
+        | {"gathered": gathered_unit_bytes(cfg, unit)},
+        notes={**state_notes, **(notes or {}), **{k: n for k, (_, n) in parts.items()}}
+        | {"gathered": f"two {what} unsharded at a time"},
+    )
+
+
 def gpu_verdict(report: dict[str, Any], gpu_gb: int, advice: str) -> str:
     """``"<N> GB GPU  fits"`` when the peak plus 1 GiB of CUDA context and slack fits in
     ``gpu_gb`` GB, else ``does NOT fit: <advice>``."""
