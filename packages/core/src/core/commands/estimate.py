@@ -385,6 +385,8 @@ def trained_report(
     units: tuple[str, tuple[str, ...]],
     parts: dict[str, tuple[float, str]],
     notes: dict[str, str] | None = None,
+    state: tuple[int, int, dict[str, float], dict[str, str]] | None = None,
+    **extra: Any,
 ) -> dict[str, Any]:
     """:func:`memory_report` of a model trained in full or in parts: :func:`trained_state`
     (weights, gradients, optimizer state), the task's ``parts`` and the gathered FSDP units.
@@ -399,9 +401,12 @@ def trained_report(
         units: what FSDP wraps as units: their name in the note (``"layers"``) and class-name
             endings (:func:`largest_unit`).
         parts: ``{key: (bytes, note)}`` the task computes (``activations``, ``logits``).
-        notes: more notes, e.g. on ``gradients``.
+        notes: more notes, e.g. on ``gradients`` (they come before the parts' notes).
+        state: the task's own ``(parameters, trainable, bytes, notes)`` in place of
+            :func:`trained_state` (lora_llm: quantized base weights, adapters).
+        extra: task facts for the report (:func:`memory_report`).
     """
-    total, trainable, state, state_notes = trained_state(cfg, model)
+    total, trainable, sizes, state_notes = state or trained_state(cfg, model)
     what, suffixes = units
     unit = largest_unit(model, suffixes)
     return memory_report(
@@ -411,10 +416,11 @@ def trained_report(
         parameters=total,
         trainable=trainable,
         setup=setup,
-        components={**state, **{k: v for k, (v, _) in parts.items()}}
+        components={**sizes, **{k: v for k, (v, _) in parts.items()}}
         | {"gathered": gathered_unit_bytes(cfg, unit)},
         notes={**state_notes, **(notes or {}), **{k: n for k, (_, n) in parts.items()}}
         | {"gathered": f"two {what} unsharded at a time"},
+        **extra,
     )
 
 
