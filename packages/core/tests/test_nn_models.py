@@ -76,3 +76,13 @@ def test_trained_report_is_memory_report_of_trained_state() -> None:
         | {"gathered": "two blocks unsharded at a time"},
     )
     assert report == expected and list(report["notes"]) == list(expected["notes"])
+
+
+def test_liger_kernel_refusal_is_a_user_error() -> None:
+    from core.errors import UserError
+    from core.nn.models import liger_kernel
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(UserError, match="model.liger_kernel"):
+        liger_kernel(nn.Linear(2, 2))

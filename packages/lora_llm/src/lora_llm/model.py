@@ -37,6 +37,7 @@ from core.nn.models import (
     auto_dtype,
     default_dtype,
     enable_checkpointing,
+    liger_kernel,
     parameter_counts,
     transformers_errors_only,
 )
@@ -257,12 +258,7 @@ def load_base(
         raise UserError(f"Cannot load the model '{name_or_path}' (model.name): {err}") from None
     cpu_4bit_inference_kernel(model, enabled=not training)
     if cfg.liger_kernel and training:
-        from core.nn.acceleration import apply_liger_kernel
-
-        try:
-            apply_liger_kernel(model, "model.liger_kernel")
-        except ValueError as err:
-            raise UserError(str(err)) from None
+        liger_kernel(model)
     return model
 
 
@@ -360,18 +356,6 @@ def add_adapter(model: nn.Module, lora: LoraSettings, gradient_checkpointing: bo
             "Its linear layers are: "
             f"{', '.join(linear_module_names(model))}; or use lora.target_modules=[all-linear]."
         ) from None
-
-
-def decoder_layer_classes(model_cls: type) -> set[type[nn.Module]]:
-    """The transformer block classes of a transformers model class (its ``_no_split_modules``)."""
-    import sys
-
-    module = sys.modules[model_cls.__module__]
-    return {
-        getattr(module, name)
-        for name in (getattr(model_cls, "_no_split_modules", None) or [])
-        if hasattr(module, name)
-    }
 
 
 def causal_lm_class(config: Any) -> type:

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from core.errors import UserError
+from core.nn.models import liger_kernel
 from core.nn.optim import parameter_groups
 from core.task.hub import ensure_available
 from qwen_vl.config import LoraSettings, ModelConfig, TinyModel
@@ -289,12 +290,7 @@ def build_model(cfg: ModelConfig, processor: Any, gradient_checkpointing: bool) 
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.liger_kernel:
-        from core.nn.acceleration import apply_liger_kernel
-
-        try:
-            apply_liger_kernel(model, "model.liger_kernel")
-        except ValueError as err:
-            raise UserError(str(err)) from None
+        liger_kernel(model)
     return set_trainable(model, cfg)
 
 

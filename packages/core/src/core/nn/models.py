@@ -7,7 +7,9 @@ checkpointing, quiet loading, parameter counts.
   (torch's default dtype for a block).
 - :func:`enable_checkpointing`: transformers' non-reentrant activation checkpointing (the
   transformers 5 name, or the older one), the KV cache off.
+- :func:`liger_kernel`: Liger Kernel's fused kernels, a refusal as a user error (exit code 2).
 - :func:`transformers_errors_only`: hide transformers' info and warning output while loading.
+- :func:`block_classes`: a model class's transformer blocks (the FSDP units).
 - :func:`real_numel` / :func:`parameter_counts`: counts with packed 4-bit weights at their size.
 
 Self-check: ``python -m core.nn.models``.
@@ -20,6 +22,8 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+
+from core.errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 """The dtype names a config or flag may give."""
@@ -104,6 +108,30 @@ def transformers_errors_only() -> Iterator[None]:
         hf_logging.set_verbosity(before)
 
 
+def block_classes(model_cls: type) -> set[type[nn.Module]]:
+    """The transformer block classes of a transformers model class (its ``_no_split_modules``),
+    the units FSDP wraps."""
+    import sys
+
+    module = sys.modules[model_cls.__module__]
+    return {
+        getattr(module, name)
+        for name in (getattr(model_cls, "_no_split_modules", None) or [])
+        if hasattr(module, name)
+    }
+
+
+def liger_kernel(model: nn.Module) -> None:
+    """``model.liger_kernel``: :func:`core.nn.acceleration.apply_liger_kernel`, its refusal (no
+    GPU, not installed, no kernels for the model type) a :class:`~core.errors.UserError`."""
+    from core.nn.acceleration import apply_liger_kernel
+
+    try:
+        apply_liger_kernel(model, "model.liger_kernel")
+    except ValueError as err:
+        raise UserError(str(err)) from None
+
+
 def real_numel(param: torch.Tensor) -> int:
     """Number of weights a parameter stands for (a packed 4-bit tensor holds two per byte)."""
     quant_state = getattr(param, "quant_state", None)
@@ -145,6 +173,7 @@ if __name__ == "__main__":  # self-check: python -m core.nn.models
             num_attention_heads=2, num_key_value_heads=1,
         )  # fmt: skip
         model = LlamaForCausalLM(config)
+    assert {c.__name__ for c in block_classes(type(model))} == {"LlamaDecoderLayer"}
     enable_checkpointing(model)
     assert model.is_activation_checkpointing and not model.config.use_cache
     print("core.nn.models: ok")
