@@ -1,4 +1,5 @@
-"""Build the byte-level BPE tokenizer that the ``tiny`` and ``small`` presets ship with.
+"""Build the byte-level BPE tokenizer that the ``tiny`` and ``small`` presets ship with
+(``summarization/assets/tokenizer``; a maintainer tool: nothing at run time calls it).
 
 BART's scheme (byte-level BPE, ``<s>``=0, ``<pad>``=1, ``</s>``=2, ``<unk>``=3, ``<mask>``=4,
 ``<s> text </s>`` around every text), trained by :mod:`core.task.tiny_tokenizer`, with one
@@ -7,9 +8,10 @@ GPT-2's pattern cuts ``#Person1#`` into four tokens; kept whole, the train split
 9% and its summaries 20% shorter in tokens (191 and 30 on average instead of 210 and 38): more
 training steps for the 30-minute ``small`` preset. The shipped ``assets/tokenizer`` was built
 from the full DialogSum train split plus the Korean sample (``BUILD.json`` records the files and
-their sha256); ``--write`` / ``--out DIR`` build, ``--check`` compares byte for byte::
+their sha256); ``--write`` / ``--out DIR`` build, ``--check`` compares byte for byte (from the
+repository root)::
 
-    python -m summarization.tokenizer_build --check \\
+    python packages/summarization/tools/tokenizer.py --check \\
         --train-file ../shared/data/dialogsum/dialogsum.train.2021-05-26.jsonl
 
 Without flags (the self-check) it builds from the shipped samples into a temporary folder and
@@ -31,8 +33,9 @@ from core.task.tiny_tokenizer import (
     train_bpe,
     write_record,
 )
+from summarization.config import SHIPPED_TOKENIZER
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = SHIPPED_TOKENIZER.parent
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
 SPEAKER_TAG = r" ?#[A-Za-z]+\d*#"
 """A DialogSum speaker or placeholder tag (``#Person1#``) with an optional leading space."""
@@ -74,7 +77,7 @@ def build(out_dir: Path, args: argparse.Namespace) -> Path:
     names |= {"mask_token": "<mask>", "cls_token": "<s>", "sep_token": "</s>"}
     save_fast(bpe, out_dir, **names, model_max_length=1024)
     what = "byte-level BPE for the from-scratch presets (tiny, small) of the summarization package"
-    about = {"what": what, "built_by": "python -m summarization.tokenizer_build"}
+    about = {"what": what, "built_by": "python packages/summarization/tools/tokenizer.py"}
     write_record(out_dir, bpe, recipe, list(zip(files, repeats)), **about)
     return out_dir
 
@@ -101,11 +104,11 @@ def options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary (8192)")
 
 
-if __name__ == "__main__":  # self-check: python -m summarization.tokenizer_build
-    doc, shipped = __doc__.splitlines()[0], ASSETS / "tokenizer"
+if __name__ == "__main__":  # self-check: python packages/summarization/tools/tokenizer.py
+    doc, shipped = __doc__.splitlines()[0], SHIPPED_TOKENIZER
     code = main(
         None,
-        prog="python -m summarization.tokenizer_build",
+        prog="tokenizer.py",
         description=doc,
         shipped=shipped,
         build=build,
