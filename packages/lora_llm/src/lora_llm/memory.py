@@ -30,7 +30,6 @@ Self-check: ``python -m lora_llm.memory``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +45,7 @@ from core.commands.estimate import (
     optimizer_bytes,
     setup_lines,
     shard_ranks,
+    shipped_architectures,
     stack_activation_bytes,
     trained_report,
 )
@@ -62,9 +62,7 @@ from lora_llm.model import (
     tiny_config,
 )
 
-KNOWN_CONFIGS: dict[str, dict[str, Any]] = json.loads(
-    (Path(__file__).parent / "assets" / "architectures.json").read_text(encoding="utf-8")
-)
+KNOWN_CONFIGS = shipped_architectures(__file__)
 """Architectures of the Hub presets (from their ``config.json``), so ``--dry-run`` works offline."""
 
 

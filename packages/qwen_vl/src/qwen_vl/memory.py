@@ -28,7 +28,6 @@ Self-check: ``python -m qwen_vl.memory`` (the 3B and 7B presets on 4 GPUs).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -44,15 +43,14 @@ from core.commands.estimate import (
     logits_bytes,
     on,
     setup_lines,
+    shipped_architectures,
     shipped_config,
     stack_activation_bytes,
     trained_report,
 )
 from qwen_vl.config import QwenVLConfig
 
-KNOWN_CONFIGS: dict[str, dict[str, Any]] = json.loads(
-    (Path(__file__).parent / "assets" / "architectures.json").read_text(encoding="utf-8")
-)
+KNOWN_CONFIGS = shipped_architectures(__file__)
 """Architectures of the Hub presets (the public ``config.json`` values that set the sizes: text
 model, vision tower, tied embeddings)."""
 

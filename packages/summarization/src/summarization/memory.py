@@ -19,8 +19,6 @@ Self-check: ``python -m summarization.memory``.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,15 +31,14 @@ from core.commands.estimate import (
     layer_activation_bytes,
     on,
     setup_lines,
+    shipped_architectures,
     shipped_config,
     stack_activation_bytes,
     trained_report,
 )
 from summarization.config import SummarizationConfig
 
-KNOWN_CONFIGS: dict[str, dict[str, Any]] = json.loads(
-    (Path(__file__).parent / "assets" / "architectures.json").read_text(encoding="utf-8")
-)
+KNOWN_CONFIGS = shipped_architectures(__file__)
 """Architectures of the Hub presets (the public ``config.json`` values that set the sizes)."""
 
 

@@ -275,6 +275,16 @@ def on(value: bool) -> str:
     return str(value).lower()
 
 
+def shipped_architectures(module_file: str | Path) -> dict[str, dict[str, Any]]:
+    """The ``assets/architectures.json`` of a task package (``module_file``: a module of it):
+    the public ``config.json`` values of its Hub presets, by model name, so that a dry run works
+    offline."""
+    import json
+
+    path = Path(module_file).parent / "assets" / "architectures.json"
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 def shipped_config(name: str, known: dict[str, Any], build: Any = None) -> tuple[Any, str]:
     """The transformers config of a model whose architecture is shipped in ``known`` or lies in a
     local folder.
