@@ -85,9 +85,11 @@ def _handlers() -> dict[int, object]:
     return out
 
 
-def run_check(module: str, args: list[str], folder: Path, log: Path) -> tuple[bool, str]:
-    """Run ``python -m module *args`` in this process inside ``folder``; its output goes to
-    ``log``. Returns ``(passed, traceback or "")``."""
+def run_check(
+    module: str, args: list[str], folder: Path, log: Path, path: Path | None = None
+) -> tuple[bool, str]:
+    """Run ``python -m module *args`` (or ``python path *args`` for a script) in this process
+    inside ``folder``; its output goes to ``log``. Returns ``(passed, traceback or "")``."""
     env, cwd, argv = dict(os.environ), os.getcwd(), sys.argv[:]
     handlers = _handlers()
     saved_logging = {
@@ -106,7 +108,10 @@ def run_check(module: str, args: list[str], folder: Path, log: Path) -> tuple[bo
         with warnings.catch_warnings():
             # An earlier check imported the module already; alone it would be fresh.
             warnings.filterwarnings("ignore", "'.*' found in sys.modules", RuntimeWarning)
-            runpy.run_module(module, run_name="__main__", alter_sys=True)
+            if path is None:
+                runpy.run_module(module, run_name="__main__", alter_sys=True)
+            else:
+                runpy.run_path(str(path), run_name="__main__")
     except SystemExit as stop:
         if stop.code not in (None, 0):
             passed, error = False, f"SystemExit({stop.code!r})"
@@ -139,7 +144,8 @@ def main() -> None:
         folder = Path(tempfile.mkdtemp(prefix=module.replace(".", "_") + "-", dir=workdir))
         log = workdir / f"{module}.log"
         before, start = snapshot(repo), time.perf_counter()
-        passed, error = run_check(module, args, folder, log)
+        path = repo / check["path"] if check.get("path") else None
+        passed, error = run_check(module, args, folder, log, path)
         seconds, after = time.perf_counter() - start, snapshot(repo)
         output = log.read_text(encoding="utf-8", errors="replace") + error
         record = {

@@ -1,13 +1,15 @@
 """Every module's ``python -m`` self-check runs and passes, and none writes into the repository.
 
 The checks are found, not listed: every ``packages/*/src/**.py`` with a top-level
-``if __name__ == "__main__":`` and every package ``__main__.py``. What to run is read from the
+``if __name__ == "__main__":``, every package ``__main__.py``, and every maintainer script
+``packages/*/tools/*.py`` with such a guard (run by its path: ``python packages/x/tools/y.py``;
+its module name in the results is ``x.tools.y``). What to run is read from the
 module itself, from a comment on its guard line (in a ``__main__.py``: anywhere in the file)::
 
     if __name__ == "__main__":  # self-check: python -m core.parallel.fsdp (own process: Fabric ...)
 
 - the words after the module name, up to a remark in parentheses, are the check's arguments
-  (``python -m lora_llm.assets.build_tiny_tokenizer --check``); without the comment a module runs
+  (``python packages/lora_llm/tools/tiny_tokenizer.py --check``); without the comment a module runs
   with no arguments;
 - ``own process`` in the remark runs the check in a process of its own, for a check that cannot
   share one: it starts ranks (``core.parallel.fsdp``: Fabric re-runs ``python -m
@@ -42,7 +44,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DRIVER = Path(__file__).with_name("self_checks_driver.py")
 GUARD = re.compile(r"""^if __name__ == ["']__main__["']:(.*)$""", re.MULTILINE)
-COMMENT = re.compile(r"#\s*self-check:\s*python -m ([\w.]+)(.*)$", re.MULTILINE)
+COMMENT = re.compile(r"#\s*self-check:\s*python (?:-m )?([\w./]+)(.*)$", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -55,18 +57,28 @@ class SelfCheck:
     """Its command-line arguments."""
     own_process: bool
     """Whether it must run in a process of its own."""
+    path: str | None = None
+    """A maintainer script's path relative to the repository (run by path, not by ``-m``)."""
 
 
-def _from_comment(module: str, text: str) -> SelfCheck:
+def _named(words: str) -> str:
+    """The module name a comment's ``python -m a.b`` or ``python packages/x/tools/y.py`` names."""
+    if not words.endswith(".py"):
+        return words
+    parts = Path(words).with_suffix("").parts
+    return ".".join(parts[1:] if parts[0] == "packages" else parts)
+
+
+def _from_comment(module: str, text: str, path: str | None = None) -> SelfCheck:
     """The check of ``module`` as its ``# self-check: python -m ...`` comment in ``text`` (a guard
     line or a ``__main__.py``) states it; no arguments when there is no such comment."""
     for match in COMMENT.finditer(text):
-        if match.group(1) == module:
+        if _named(match.group(1)) == module:
             words, remark = match.group(2).strip(), ""
             if "(" in words:
                 words, remark = words.split("(", 1)
-            return SelfCheck(module, tuple(words.split()), "own process" in remark)
-    return SelfCheck(module, (), False)
+            return SelfCheck(module, tuple(words.split()), "own process" in remark, path)
+    return SelfCheck(module, (), False, path)
 
 
 def _main_sources(repo: Path) -> list[tuple[str, str]]:
@@ -86,9 +98,22 @@ def _main_sources(repo: Path) -> list[tuple[str, str]]:
     return found
 
 
+def _tool_sources(repo: Path) -> list[tuple[str, str, str]]:
+    """``(module, guard line, path)`` of every ``packages/<pkg>/tools/*.py`` with a guard;
+    module: ``<pkg>.tools.<name>``."""
+    found = []
+    for path in sorted(repo.glob("packages/*/tools/*.py")):
+        if guard := GUARD.search(path.read_text(encoding="utf-8")):
+            relative = path.relative_to(repo)
+            found.append((_named(str(relative)), guard.group(0), relative.as_posix()))
+    return found
+
+
 def discover(repo: Path = REPO) -> list[SelfCheck]:
-    """Every module of ``repo/packages/*/src`` with a ``__main__`` guard or a ``__main__.py``."""
-    return [_from_comment(module, text) for module, text in _main_sources(repo)]
+    """Every module of ``repo/packages/*/src`` with a ``__main__`` guard or a ``__main__.py``,
+    then every maintainer script of ``repo/packages/*/tools`` with a guard."""
+    modules = [_from_comment(module, text) for module, text in _main_sources(repo)]
+    return modules + [_from_comment(m, text, path) for m, text, path in _tool_sources(repo)]
 
 
 CHECKS = discover()
@@ -106,7 +131,7 @@ def _env() -> dict[str, str]:
 
 def _failure(check: SelfCheck, result: dict[str, Any]) -> str:
     """What a failing check printed, under the command that runs it alone."""
-    command = " ".join(["python -m", check.module, *check.args])
+    command = " ".join(["python", check.path or f"-m {check.module}", *check.args])
     return f"`{command}` failed:\n{result['output'][-6000:]}"
 
 
@@ -125,7 +150,8 @@ def _start_alone(check: SelfCheck, work: Path) -> tuple[subprocess.Popen, Path]:
     log = folder.with_suffix(".log")
     with log.open("wb") as sink:
         child = subprocess.Popen(
-            [sys.executable, "-m", check.module, *check.args],
+            [sys.executable, *([str(REPO / check.path)] if check.path else ["-m", check.module])]
+            + list(check.args),
             cwd=folder,
             stdout=sink,
             stderr=subprocess.STDOUT,
@@ -138,7 +164,7 @@ def _run_shared(work: Path) -> dict[str, dict[str, Any]]:
     """Run the :data:`SHARED` checks in one driver process; a check the driver did not finish
     gets the driver's own output."""
     results = work / "results.jsonl"
-    checks = [{"module": c.module, "args": list(c.args)} for c in SHARED]
+    checks = [{"module": c.module, "args": list(c.args), "path": c.path} for c in SHARED]
     done = subprocess.run(
         [sys.executable, str(DRIVER), str(results), str(work), str(REPO)],
         input=json.dumps(checks),
@@ -203,9 +229,9 @@ def test_every_self_check_comment_names_its_own_module() -> None:
     would run without its arguments or outside its own process: refused here."""
     stale = [
         f"{module}: {match.group(0)}"
-        for module, text in _main_sources(REPO)
+        for module, text in _main_sources(REPO) + [t[:2] for t in _tool_sources(REPO)]
         for match in COMMENT.finditer(text)
-        if match.group(1) != module
+        if _named(match.group(1)) != module
     ]
     assert not stale, "self-check comments that name another module:\n" + "\n".join(stale)
 
@@ -224,6 +250,11 @@ def test_discovery_reads_the_comments(tmp_path: Path) -> None:
         "if __name__ == '__main__':  # self-check: python -m demo.ranks (own process: ranks)\n"
     )
     (src / "lib.py").write_text('"""No guard here: if __name__ == "__main__": in a docstring."""\n')
+    tools = tmp_path / "packages" / "demo" / "tools"
+    tools.mkdir()
+    (tools / "make.py").write_text(
+        'if __name__ == "__main__":  # self-check: python packages/demo/tools/make.py --check\n'
+    )
     (src / "sub").mkdir()
     (src / "sub" / "__main__.py").write_text('"""Demo."""\n# self-check: python -m demo.sub x\n')
     assert discover(tmp_path) == [
@@ -231,5 +262,6 @@ def test_discovery_reads_the_comments(tmp_path: Path) -> None:
         SelfCheck("demo.ranks", (), True),
         SelfCheck("demo.sub", ("x",), False),
         SelfCheck("demo.tool", ("--check", "-n", "2"), False),
+        SelfCheck("demo.tools.make", ("--check",), False, "packages/demo/tools/make.py"),
     ]
     assert len(CHECKS) >= 40, CHECKS  # the repository's own: ~50

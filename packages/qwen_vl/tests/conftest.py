@@ -48,7 +48,7 @@ def processor() -> Any:
     """The tiny processor shipped in the package, loaded with ``AutoProcessor``."""
     from transformers import AutoProcessor
 
-    from qwen_vl.tiny_processor import TINY_PROCESSOR_DIR
+    from qwen_vl.model import TINY_PROCESSOR_DIR
 
     return AutoProcessor.from_pretrained(TINY_PROCESSOR_DIR)
 

@@ -147,7 +147,8 @@ def test_lora_adapts_only_the_language_model_and_final_holds_the_merged_model(pr
 def test_bf16_model_exports_bf16_safetensors(processor, tmp_path):
     from safetensors import safe_open
 
-    from qwen_vl.model import build_model, check_dtypes, export_final
+    from core.nn.models import check_dtypes
+    from qwen_vl.model import build_model, export_final
 
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # what Fabric's init_module does for bf16-true
@@ -276,8 +277,13 @@ def test_presets_carry_the_users_recipe():
 
 
 def test_shipped_tiny_processor_is_reproducible(tmp_path):
-    from qwen_vl.tiny_processor import TINY_PROCESSOR_DIR, build, same_files
+    import runpy
 
+    from core.task.tiny_tokenizer import differing_files as same_files
+    from qwen_vl.model import TINY_PROCESSOR_DIR
+
+    tool = Path(__file__).parents[1] / "tools" / "tiny_processor.py"
+    build = runpy.run_path(str(tool))["build"]
     assert same_files(build(tmp_path / "tiny"), TINY_PROCESSOR_DIR) == []
     assert all(p.stat().st_size < 100_000 for p in TINY_PROCESSOR_DIR.iterdir())
 

@@ -386,7 +386,7 @@ def _reload_difference(merged: Any, out: Path, probe: Any, dtype_name: str, devi
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lora_llm.model import DTYPES
+    from core.nn.models import DTYPES
 
     reloaded = AutoModelForCausalLM.from_pretrained(
         out, dtype=DTYPES[dtype_name], device_map={"": device}
@@ -424,14 +424,10 @@ def _merged_model(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any], d
     import torch
 
     from core.commands.model_io import inference_device
+    from core.nn.models import cuda_dtype
     from lora_llm.config import ModelConfig
     from lora_llm.data import Record
-    from lora_llm.model import (
-        check_not_quantized_checkpoint,
-        cuda_dtype,
-        load_adapter_model,
-        merge_and_check,
-    )
+    from lora_llm.model import check_not_quantized_checkpoint, load_adapter_model, merge_and_check
     from lora_llm.task import adapter_setup, trained_encoder
 
     _, settings, base, tokenizer = adapter_setup(args.adapter, args.base)

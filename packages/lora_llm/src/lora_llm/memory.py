@@ -38,17 +38,16 @@ from torch import nn
 
 from core.commands.estimate import (
     autocast_bytes,
-    gathered_unit_bytes,
     gpu_verdict,
-    largest_unit,
     layer_activation_bytes,
     logits_bytes,
-    memory_report,
     on,
     optimizer_bytes,
     setup_lines,
     shard_ranks,
+    shipped_architectures,
     stack_activation_bytes,
+    trained_report,
 )
 from core.commands.estimate import format_report as core_format_report
 from core.errors import UserError
@@ -63,41 +62,8 @@ from lora_llm.model import (
     tiny_config,
 )
 
-KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
-    "gpt2": {
-        "model_type": "gpt2",
-        "n_embd": 768,
-        "n_layer": 12,
-        "n_head": 12,
-        "n_positions": 1024,
-        "vocab_size": 50257,
-    },
-    "TinyLlama/TinyLlama-1.1B-Chat-v1.0": {
-        "model_type": "llama",
-        "hidden_size": 2048,
-        "intermediate_size": 5632,
-        "num_hidden_layers": 22,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 4,
-        "max_position_embeddings": 2048,
-        "vocab_size": 32000,
-        "tie_word_embeddings": False,
-    },
-    "microsoft/phi-2": {
-        "model_type": "phi",
-        "hidden_size": 2560,
-        "intermediate_size": 10240,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 32,
-        "max_position_embeddings": 2048,
-        "vocab_size": 51200,
-        "partial_rotary_factor": 0.4,
-        "tie_word_embeddings": False,
-    },
-}
+KNOWN_CONFIGS = shipped_architectures(__file__)
 """Architectures of the Hub presets (from their ``config.json``), so ``--dry-run`` works offline."""
-KNOWN_CONFIGS["TinyLlama/TinyLlama_v1.1"] = KNOWN_CONFIGS["TinyLlama/TinyLlama-1.1B-Chat-v1.0"]
 
 
 def model_config(cfg: LoraLLMConfig) -> tuple[Any, str]:
@@ -296,36 +262,36 @@ def estimate(cfg: LoraLLMConfig) -> dict[str, Any]:
         logits += model.get_output_embeddings().weight.numel() * act_bytes
     checkpointed = "with" if cfg.model.gradient_checkpointing else "without"
     offloaded = ", layer inputs offloaded to CPU" if tc.offload_activations else ""
-    return memory_report(
-        model=cfg.model.name,
-        architecture={
-            "type": config.model_type,
+    kept = (
+        f"micro-batch {tc.batch_size} x {cfg.data.max_length} tokens, {checkpointed} gradient "
+        f"checkpointing{offloaded}, {8 * act_bytes}-bit activations"
+    )
+    chunks = f"chunks of {cfg.loss.chunk_tokens} tokens" if cfg.loss.chunked else None
+    sizes = {"base_weights": weights, "adapters_and_optimizer": adapters}
+    return trained_report(
+        cfg,
+        model,
+        name=cfg.model.name,
+        config=config,
+        source=source,
+        facts={
             "layers": config.num_hidden_layers,
             "hidden": config.hidden_size,
             "vocab": config.vocab_size,
         },
-        config_source=source,
-        parameters=total,
-        trainable=trainable,
-        quantized_weights=quantized,
         setup=setup(cfg),
-        components={
-            "base_weights": weights,
-            "adapters_and_optimizer": adapters,
-            "activations": adapted_activations(config, model, cfg, act_bytes),
-            "logits": logits,
-            "gathered": gathered_unit_bytes(cfg, largest_unit(model, ("DecoderLayer", "Block"))),
+        units=("decoder layers", ("DecoderLayer", "Block")),
+        parts={
+            "activations": (adapted_activations(config, model, cfg, act_bytes), kept),
+            "logits": (logits, chunks or "full float32 logits"),
         },
+        # the notes' order of the report's JSON: base weights, activations, adapters, logits
         notes={
-            "base_weights": weights_note,
-            "activations": f"micro-batch {tc.batch_size} x {cfg.data.max_length} tokens, "
-            f"{checkpointed} gradient checkpointing{offloaded}, {8 * act_bytes}-bit activations",
+            "activations": kept,
             "adapters_and_optimizer": f"float32 weights + gradients + {cfg.optim.name} state",
-            "logits": f"chunks of {cfg.loss.chunk_tokens} tokens"
-            if cfg.loss.chunked
-            else "full float32 logits",
-            "gathered": "two decoder layers unsharded at a time",
         },
+        state=(total, trainable, sizes, {"base_weights": weights_note}),
+        quantized_weights=quantized,
     )
 
 

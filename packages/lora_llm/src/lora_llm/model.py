@@ -33,6 +33,14 @@ import torch
 from torch import nn
 
 from core.errors import UserError
+from core.nn.models import (
+    auto_dtype,
+    default_dtype,
+    enable_checkpointing,
+    liger_kernel,
+    parameter_counts,
+    transformers_errors_only,
+)
 from core.nn.padding import length_mask, pad_rows
 from core.task.hub import ensure_available
 from lora_llm.config import LoraSettings, ModelConfig, QuantConfig, TinyModelConfig
@@ -48,38 +56,11 @@ TINY_TOKENIZER = ASSETS / "tiny_tokenizer"
 SETTINGS_FILE = "lora_llm.json"
 """Written next to the adapter: the prompt template, quantization and base model it was trained
 with."""
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def is_tiny(name: str) -> bool:
     """Whether ``model.name`` asks for the built-in tiny model."""
     return str(name) == TINY
-
-
-def cuda_dtype() -> torch.dtype:
-    """bfloat16 on GPUs that support it, else float16."""
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def base_dtype(choice: str, device_type: str) -> torch.dtype:
-    """The dtype of the frozen base weights for ``model.dtype`` (see its documentation).
-
-    Args:
-        choice: ``model.dtype``.
-        device_type: where the model computes (``cuda`` or ``cpu``).
-    """
-    if choice != "auto":
-        return DTYPES[choice]
-    if device_type != "cuda":
-        return torch.float32
-    return cuda_dtype()
-
-
-def compute_dtype(choice: str, device_type: str) -> torch.dtype:
-    """The dtype 4-bit weights are dequantized to for ``quant.compute_dtype``."""
-    if choice != "auto":
-        return DTYPES[choice]
-    return cuda_dtype() if device_type == "cuda" else torch.float32
 
 
 @contextmanager
@@ -95,17 +76,6 @@ def peft_quietly() -> Iterator[None]:
             "ignore", message="Found missing adapter keys", category=UserWarning
         )
         yield
-
-
-@contextmanager
-def default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    """Temporarily set torch's default dtype (the trainer's ``init_module`` may have changed it)."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -209,7 +179,7 @@ def quantization_config(quant: QuantConfig, device_type: str) -> Any:
         load_in_4bit=True,
         bnb_4bit_quant_type=quant.quant_type,
         bnb_4bit_use_double_quant=quant.double_quant,
-        bnb_4bit_compute_dtype=compute_dtype(quant.compute_dtype, device_type),
+        bnb_4bit_compute_dtype=auto_dtype(quant.compute_dtype, device_type),
         llm_int8_skip_modules=list(quant.skip_modules) or None,
     )
 
@@ -271,7 +241,7 @@ def load_base(
     ensure_available(name_or_path, what="model", key="model.name")
     bnb = quantization_config(quant, device.type) if quant is not None else None
     kwargs: dict[str, Any] = {
-        "dtype": base_dtype(cfg.dtype, (compute_device or device).type),
+        "dtype": auto_dtype(cfg.dtype, (compute_device or device).type),
         "revision": cfg.revision,
         "trust_remote_code": cfg.trust_remote_code,
         "device_map": {"": device},
@@ -288,27 +258,8 @@ def load_base(
         raise UserError(f"Cannot load the model '{name_or_path}' (model.name): {err}") from None
     cpu_4bit_inference_kernel(model, enabled=not training)
     if cfg.liger_kernel and training:
-        from core.nn.acceleration import apply_liger_kernel
-
-        try:
-            apply_liger_kernel(model, "model.liger_kernel")
-        except ValueError as err:
-            raise UserError(str(err)) from None
+        liger_kernel(model)
     return model
-
-
-@contextmanager
-def transformers_errors_only() -> Iterator[None]:
-    """Hide transformers' info and warning output (its weight "load report" table) while loading;
-    a mismatch that matters becomes one :class:`UserError` paragraph from our own checks."""
-    from transformers.utils import logging as hf_logging
-
-    before = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(before)
 
 
 def check_causal_lm(name_or_path: str | Path, cfg: ModelConfig) -> None:
@@ -334,21 +285,6 @@ def check_causal_lm(name_or_path: str | Path, cfg: ModelConfig) -> None:
             "not a causal language model: give the base the adapter was trained on (--base), or a "
             "causal LM for model.name."
         )
-
-
-def enable_checkpointing(model: nn.Module) -> None:
-    """Non-reentrant activation checkpointing, with gradients flowing from a frozen embedding.
-
-    ``enable_input_require_grads`` makes the embedding output require grad, so the first
-    checkpointed block has an input that carries a gradient even though every base weight is
-    frozen (needed by reentrant checkpointing, harmless for the non-reentrant kind used here).
-    """
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:  # pragma: no cover - older transformers
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    model.enable_input_require_grads()
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
@@ -388,6 +324,9 @@ def add_adapter(model: nn.Module, lora: LoraSettings, gradient_checkpointing: bo
         model.requires_grad_(False)
     if gradient_checkpointing:
         enable_checkpointing(model)
+        # the embedding output requires grad, so the first checkpointed block's input carries a
+        # gradient although every base weight is frozen
+        model.enable_input_require_grads()
     model.config.use_cache = (
         False  # the cache is useless in training and conflicts with checkpointing
     )
@@ -417,36 +356,6 @@ def add_adapter(model: nn.Module, lora: LoraSettings, gradient_checkpointing: bo
             "Its linear layers are: "
             f"{', '.join(linear_module_names(model))}; or use lora.target_modules=[all-linear]."
         ) from None
-
-
-def real_numel(param: torch.Tensor) -> int:
-    """Number of weights a parameter stands for (a packed 4-bit tensor holds two per byte)."""
-    quant_state = getattr(param, "quant_state", None)
-    if quant_state is not None and getattr(quant_state, "shape", None) is not None:
-        return int(torch.Size(quant_state.shape).numel())
-    return param.numel()
-
-
-def parameter_counts(model: nn.Module) -> tuple[int, int]:
-    """``(trainable, total)`` parameters, counting 4-bit weights at their real size."""
-    trainable = total = 0
-    for param in model.parameters():
-        n = real_numel(param)
-        total += n
-        trainable += n if param.requires_grad else 0
-    return trainable, total
-
-
-def decoder_layer_classes(model_cls: type) -> set[type[nn.Module]]:
-    """The transformer block classes of a transformers model class (its ``_no_split_modules``)."""
-    import sys
-
-    module = sys.modules[model_cls.__module__]
-    return {
-        getattr(module, name)
-        for name in (getattr(model_cls, "_no_split_modules", None) or [])
-        if hasattr(module, name)
-    }
 
 
 def causal_lm_class(config: Any) -> type:

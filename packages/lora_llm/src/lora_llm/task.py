@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from core.errors import ConfigError, UserError
+from core.nn.models import block_classes as decoder_layer_classes
 from core.task.base import StepOutput, Task
 from core.task.hub import ensure_available
 from lora_llm import __version__
@@ -48,7 +49,6 @@ from lora_llm.model import (
     add_adapter,
     build_tiny_base,
     causal_lm_class,
-    decoder_layer_classes,
     generate,
     is_tiny,
     load_base,

@@ -675,7 +675,7 @@ if __name__ == "__main__":  # self-check: python -m qwen_vl.data
 
     from transformers import AutoProcessor
 
-    from qwen_vl.tiny_processor import TINY_PROCESSOR_DIR
+    from qwen_vl.model import TINY_PROCESSOR_DIR
 
     encoder = Encoder(AutoProcessor.from_pretrained(TINY_PROCESSOR_DIR), 3136, 12544)
     rows = (

@@ -2,10 +2,10 @@
 (``train -c qwen2_5_vl_3b --dry-run``).
 
 The model is built on PyTorch's ``meta`` device from the architecture's public ``config.json``
-values (shipped below for the Hub presets, so this works offline), the training switches are
-applied (which parts train, LoRA / DoRA), and :mod:`core.commands.estimate` turns the sizes into
-memory
-per GPU under the run's strategy and precision:
+values (shipped in ``assets/architectures.json`` for the Hub presets, so this works offline), the
+training switches are applied (which parts train, LoRA / DoRA), and
+:mod:`core.commands.estimate` turns the sizes into memory per GPU under the run's strategy and
+precision:
 
 - **weights, gradients, optimizer state**: every parameter in the stored dtype (2 bytes under
   ``bf16-true``), the trainable ones' gradients in the same dtype, the optimizer's state
@@ -28,6 +28,7 @@ Self-check: ``python -m qwen_vl.memory`` (the 3B and 7B presets on 4 GPUs).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,67 +38,21 @@ from core.commands.estimate import (
     checkpointing,
     compute_bytes,
     format_report,
-    gathered_unit_bytes,
     gpu_verdict,
-    largest_unit,
     layer_activation_bytes,
     logits_bytes,
-    memory_report,
     on,
     setup_lines,
+    shipped_architectures,
     shipped_config,
     stack_activation_bytes,
-    trained_state,
+    trained_report,
 )
 from qwen_vl.config import QwenVLConfig
 
-VISION = {
-    "depth": 32,
-    "hidden_size": 1280,
-    "intermediate_size": 3420,
-    "num_heads": 16,
-    "in_chans": 3,
-    "patch_size": 14,
-    "spatial_merge_size": 2,
-    "temporal_patch_size": 2,
-    "window_size": 112,
-    "fullatt_block_indexes": [7, 15, 23, 31],
-    "tokens_per_second": 2,
-    "hidden_act": "silu",
-}
-"""The vision tower both Hub presets share (their ``config.json``'s ``vision_config``)."""
-
-KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
-    "Qwen/Qwen2.5-VL-3B-Instruct": {
-        "text": {
-            "vocab_size": 151_936,
-            "hidden_size": 2048,
-            "intermediate_size": 11008,
-            "num_hidden_layers": 36,
-            "num_attention_heads": 16,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 128000,
-            "rms_norm_eps": 1e-6,
-        },
-        "vision": {**VISION, "out_hidden_size": 2048},
-        "tie_word_embeddings": True,
-    },
-    "Qwen/Qwen2.5-VL-7B-Instruct": {
-        "text": {
-            "vocab_size": 152_064,
-            "hidden_size": 3584,
-            "intermediate_size": 18944,
-            "num_hidden_layers": 28,
-            "num_attention_heads": 28,
-            "num_key_value_heads": 4,
-            "max_position_embeddings": 128000,
-            "rms_norm_eps": 1e-6,
-        },
-        "vision": {**VISION, "out_hidden_size": 3584},
-        "tie_word_embeddings": False,
-    },
-}
-"""Architectures of the Hub presets (the public ``config.json`` values that set the sizes)."""
+KNOWN_CONFIGS = shipped_architectures(__file__)
+"""Architectures of the Hub presets (the public ``config.json`` values that set the sizes: text
+model, vision tower, tied embeddings)."""
 
 TEXT_TOKENS = 256
 """Text tokens of a sample besides its image when ``data.max_length`` is not set."""
@@ -205,43 +160,39 @@ def estimate(cfg: QwenVLConfig) -> dict[str, Any]:
     config, source = model_config(cfg)
     text, m, batch = config.text_config, cfg.model, cfg.trainer.batch_size
     model = meta_model(config, cfg)
-    total, trainable, state, state_notes = trained_state(cfg, model)
     e = compute_bytes(cfg.trainer.precision)
     shape = sample_shape(cfg, config.vision_config)
     labelled = batch * shape["text_tokens"]
     checkpointed = checkpointing(cfg, m.gradient_checkpointing)
     offloaded = ", inputs offloaded to CPU" if cfg.trainer.offload_activations else ""
     parts = [n for n in ("vision", "merger", "llm") if getattr(m, f"train_{n}")]
-    unit = largest_unit(model, ("Qwen2_5_VLDecoderLayer",))
-    return memory_report(
-        model=m.name,
-        architecture={
-            "type": config.model_type,
+    kept = (
+        f"micro-batch {batch}, {'with' if checkpointed else 'without'} activation checkpointing"
+        f"{offloaded}, vision tower {'trained' if m.train_vision else 'frozen (keeps nothing)'}"
+    )
+    chunks = f"chunks of {cfg.loss.chunk_tokens}" if cfg.loss.chunked else "full logits"
+    logits = logits_bytes(labelled, text.vocab_size, text.hidden_size, e, cfg.loss)
+    return trained_report(
+        cfg,
+        model,
+        name=m.name,
+        config=config,
+        source=source,
+        facts={
             "layers": text.num_hidden_layers,
             "hidden": text.hidden_size,
             "vocab": text.vocab_size,
             "vision blocks": config.vision_config.depth,
         },
-        config_source=source,
-        parameters=total,
-        trainable=trainable,
         setup=setup(cfg, shape, checkpointed),
-        components={
-            **state,
-            "activations": activations(cfg, config, shape, e, checkpointed),
-            "logits": logits_bytes(labelled, text.vocab_size, text.hidden_size, e, cfg.loss),
-            "gathered": gathered_unit_bytes(cfg, unit),
+        units=("decoder layers", ("Qwen2_5_VLDecoderLayer",)),
+        parts={
+            "activations": (activations(cfg, config, shape, e, checkpointed), kept),
+            "logits": (logits, f"{labelled:,} labelled tokens at most, {chunks}"),
         },
         notes={
-            **state_notes,
             "gradients": f"trained: {', '.join(parts) or 'nothing'}"
-            + (" (LoRA adapters)" if m.lora.enabled else ""),
-            "activations": f"micro-batch {batch}, {'with' if checkpointed else 'without'} "
-            f"activation checkpointing{offloaded}, "
-            f"vision tower {'trained' if m.train_vision else 'frozen (keeps nothing)'}",
-            "logits": f"{labelled:,} labelled tokens at most, "
-            + (f"chunks of {cfg.loss.chunk_tokens}" if cfg.loss.chunked else "full logits"),
-            "gathered": "two decoder layers unsharded at a time",
+            + (" (LoRA adapters)" if m.lora.enabled else "")
         },
     )
 
@@ -256,8 +207,6 @@ def render(report: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":  # self-check: python -m qwen_vl.memory
-    from pathlib import Path
-
     from core.config.loader import load_config
 
     presets = Path(__file__).parent / "presets"  # the module does not import the cli

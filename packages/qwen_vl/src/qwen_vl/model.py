@@ -30,12 +30,15 @@ import torch
 from torch import nn
 
 from core.errors import UserError
+from core.nn.models import liger_kernel
 from core.nn.optim import parameter_groups
 from core.task.hub import ensure_available
 from qwen_vl.config import LoraSettings, ModelConfig, TinyModel
-from qwen_vl.tiny_processor import TINY_PROCESSOR_DIR
 
 log = logging.getLogger(__name__)
+
+TINY_PROCESSOR_DIR = Path(__file__).parent / "assets" / "tiny_processor"
+"""The shipped tiny processor (built by ``packages/qwen_vl/tools/tiny_processor.py``)."""
 
 TINY = "tiny"
 """``model.name`` of the small random model."""
@@ -287,12 +290,7 @@ def build_model(cfg: ModelConfig, processor: Any, gradient_checkpointing: bool) 
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.liger_kernel:
-        from core.nn.acceleration import apply_liger_kernel
-
-        try:
-            apply_liger_kernel(model, "model.liger_kernel")
-        except ValueError as err:
-            raise UserError(str(err)) from None
+        liger_kernel(model)
     return set_trainable(model, cfg)
 
 
@@ -327,32 +325,6 @@ def param_groups(
             f"Trainable parameters outside the vision / merger / llm parts: {stray[:5]}"
         )
     return groups
-
-
-def expected_param_dtype(precision: str) -> torch.dtype:
-    """The dtype every parameter has under a Fabric precision (``-true``: that dtype; mixed:
-    float32)."""
-    return {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}.get(
-        precision, torch.float32
-    )
-
-
-def check_dtypes(model: nn.Module, expected: torch.dtype) -> None:
-    """Fail when any floating parameter has another dtype than ``expected`` (e.g. after a resume).
-
-    Raises:
-        RuntimeError: with the first offending parameter names.
-    """
-    wrong = [
-        f"{n} ({p.dtype})"
-        for n, p in model.named_parameters()
-        if p.is_floating_point() and p.dtype != expected
-    ]
-    if wrong:
-        raise RuntimeError(
-            f"{len(wrong)} parameters are not {expected}: {wrong[:5]}; every tensor must share "
-            "one dtype."
-        )
 
 
 def wrap_classes() -> set[type[nn.Module]]:

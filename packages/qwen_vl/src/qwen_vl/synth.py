@@ -45,58 +45,16 @@ FOLLOW_UPS = ("And if {k} more {shape} were added, how many would there be?",)
 TEXT_QUESTIONS = ('How many letters are in the word "{word}"?',)
 """Question templates of the text-only records (answer: the word's length)."""
 
-WORDS = (
-    "cat",
-    "dog",
-    "tree",
-    "house",
-    "river",
-    "people",
-    "crowd",
-    "street",
-    "window",
-    "garden",
-    "mountain",
-    "counting",
-    "station",
-    "bicycle",
-    "yellow",
-    "orange",
-    "market",
-    "festival",
-    "stadium",
-    "airport",
-    "bridge",
-    "camera",
-    "picture",
-    "circle",
-    "square",
-    "triangle",
+WORDS = tuple(
+    "cat dog tree house river people crowd street window garden mountain counting station "
+    "bicycle yellow orange market festival stadium airport bridge camera picture circle square "
+    "triangle".split()
 )
 """Words of the text-only records."""
 
-NUMBER_WORDS = (
-    "zero",
-    "one",
-    "two",
-    "three",
-    "four",
-    "five",
-    "six",
-    "seven",
-    "eight",
-    "nine",
-    "ten",
-    "eleven",
-    "twelve",
-    "thirteen",
-    "fourteen",
-    "fifteen",
-    "sixteen",
-    "seventeen",
-    "eighteen",
-    "nineteen",
-    "twenty",
+NUMBER_WORDS = tuple(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+    "fifteen sixteen seventeen eighteen nineteen twenty".split()
 )
 """English number words 0..20 (the metric parses them too)."""
 

@@ -30,6 +30,8 @@ import torch
 from torch import nn
 
 from core.errors import UserError
+from core.nn.models import check_dtypes
+from core.nn.models import precision_dtype as expected_param_dtype
 from core.task.base import IGNORE_INDEX, StepOutput, Task
 from qwen_vl import __version__
 from qwen_vl.config import QwenVLConfig
@@ -37,8 +39,6 @@ from qwen_vl.data import Collator, ConversationData, Encoder, load_conversations
 from qwen_vl.metrics import METRIC_VERSION, counting_metrics
 from qwen_vl.model import (
     build_model,
-    check_dtypes,
-    expected_param_dtype,
     export_final,
     load_processor,
     param_groups,

@@ -27,59 +27,19 @@ from core.commands.estimate import (
     autocast_bytes,
     checkpointing,
     format_report,
-    gathered_unit_bytes,
     gpu_verdict,
-    largest_unit,
     layer_activation_bytes,
-    memory_report,
     on,
     setup_lines,
+    shipped_architectures,
     shipped_config,
     stack_activation_bytes,
-    trained_state,
+    trained_report,
 )
 from summarization.config import SummarizationConfig
 
-BART_LARGE = {
-    "model_type": "bart",
-    "d_model": 1024,
-    "encoder_layers": 12,
-    "decoder_layers": 12,
-    "encoder_attention_heads": 16,
-    "decoder_attention_heads": 16,
-    "encoder_ffn_dim": 4096,
-    "decoder_ffn_dim": 4096,
-    "vocab_size": 50264,
-    "max_position_embeddings": 1024,
-}
-KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
-    "facebook/bart-large-cnn": BART_LARGE,
-    "facebook/bart-large": {**BART_LARGE, "vocab_size": 50265},
-    "facebook/bart-base": {
-        **BART_LARGE,
-        "d_model": 768,
-        "encoder_layers": 6,
-        "decoder_layers": 6,
-        "encoder_attention_heads": 12,
-        "decoder_attention_heads": 12,
-        "encoder_ffn_dim": 3072,
-        "decoder_ffn_dim": 3072,
-        "vocab_size": 50265,
-    },
-    "t5-small": {
-        "model_type": "t5",
-        "d_model": 512,
-        "d_ff": 2048,
-        "d_kv": 64,
-        "num_heads": 8,
-        "num_layers": 6,
-        "num_decoder_layers": 6,
-        "vocab_size": 32128,
-        "feed_forward_proj": "relu",
-    },
-}
+KNOWN_CONFIGS = shipped_architectures(__file__)
 """Architectures of the Hub presets (the public ``config.json`` values that set the sizes)."""
-KNOWN_CONFIGS["google-t5/t5-small"] = KNOWN_CONFIGS["t5-small"]
 
 
 def model_config(cfg: SummarizationConfig) -> tuple[Any, str]:
@@ -138,37 +98,24 @@ def estimate(cfg: SummarizationConfig) -> dict[str, Any]:
     with torch.device("meta"):
         model = AutoModelForSeq2SeqLM.from_config(config)
     apply_freezing(model, cfg.model)
-    total, trainable, state, state_notes = trained_state(cfg, model)
     e, s = autocast_bytes(cfg.trainer.precision), sizes(config)
     batch, src, tgt = cfg.trainer.batch_size, cfg.data.max_source_length, cfg.data.max_target_length
     checkpointed = checkpointing(cfg, cfg.model.gradient_checkpointing)
-    unit = largest_unit(model, ("EncoderLayer", "DecoderLayer", "Block"))
     shape = f"source {src} + summary {tgt} tokens per sample"
-    switches = f", activation checkpointing={on(checkpointed)}"
-    return memory_report(
-        model=cfg.model.name if cfg.model.init == "pretrained" else "scratch",
-        architecture={
-            "type": config.model_type,
-            "layers": f"{s['enc']}+{s['dec']}",
-            "hidden": s["d"],
-            "vocab": config.vocab_size,
-        },
-        config_source=source,
-        parameters=total,
-        trainable=trainable,
-        setup=setup_lines(cfg, shape, switches, auto_bf16=True),
-        components={
-            **state,
-            "activations": activations(cfg, config, e, checkpointed),
-            "logits": float(batch * tgt * config.vocab_size * (e + 12)),
-            "gathered": gathered_unit_bytes(cfg, unit),
-        },
-        notes={
-            **state_notes,
-            "activations": f"micro-batch {batch}, {'with' if checkpointed else 'without'} "
-            "activation checkpointing",
-            "logits": f"{batch * tgt:,} summary tokens, full float32 logits",
-            "gathered": "two layers unsharded at a time",
+    kept = f"micro-batch {batch}, {'with' if checkpointed else 'without'} activation checkpointing"
+    logits = f"{batch * tgt:,} summary tokens, full float32 logits"
+    return trained_report(
+        cfg,
+        model,
+        name=cfg.model.name if cfg.model.init == "pretrained" else "scratch",
+        config=config,
+        source=source,
+        facts={"layers": f"{s['enc']}+{s['dec']}", "hidden": s["d"], "vocab": config.vocab_size},
+        setup=setup_lines(cfg, shape, f", activation checkpointing={on(checkpointed)}", True),
+        units=("layers", ("EncoderLayer", "DecoderLayer", "Block")),
+        parts={
+            "activations": (activations(cfg, config, e, checkpointed), kept),
+            "logits": (float(batch * tgt * config.vocab_size * (e + 12)), logits),
         },
     )
 

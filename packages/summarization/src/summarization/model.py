@@ -25,6 +25,7 @@ from typing import Any
 from torch import nn
 
 from core.errors import ConfigError, UserError
+from core.nn.models import enable_checkpointing
 from core.task.hub import ensure_available
 from summarization.config import SHIPPED_TOKENIZER, ModelConfig
 
@@ -174,17 +175,7 @@ def build_model(cfg: ModelConfig, config: Any) -> nn.Module:
     else:
         model = AutoModelForSeq2SeqLM.from_pretrained(cfg.name, **kwargs)
     if cfg.gradient_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # the transformers 5 name
-            model.activation_checkpointing_enable(
-                activation_checkpointing_kwargs={"use_reentrant": False}
-            )
-        else:  # pragma: no cover - older transformers
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
-        model.config.use_cache = (
-            False  # the cache is useless in training and conflicts with checkpointing
-        )
+        enable_checkpointing(model)
     apply_freezing(model, cfg)
     model.train()
     return model

@@ -275,6 +275,16 @@ def on(value: bool) -> str:
     return str(value).lower()
 
 
+def shipped_architectures(module_file: str | Path) -> dict[str, dict[str, Any]]:
+    """The ``assets/architectures.json`` of a task package (``module_file``: a module of it):
+    the public ``config.json`` values of its Hub presets, by model name, so that a dry run works
+    offline."""
+    import json
+
+    path = Path(module_file).parent / "assets" / "architectures.json"
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 def shipped_config(name: str, known: dict[str, Any], build: Any = None) -> tuple[Any, str]:
     """The transformers config of a model whose architecture is shipped in ``known`` or lies in a
     local folder.
@@ -371,6 +381,57 @@ def memory_report(
         "bytes": {**components, "total": sum(components.values())},
         "notes": notes,
     }
+
+
+def trained_report(
+    cfg: TrainConfig,
+    model: torch.nn.Module,
+    *,
+    name: str,
+    config: Any,
+    source: str,
+    facts: dict[str, Any],
+    setup: dict[str, str],
+    units: tuple[str, tuple[str, ...]],
+    parts: dict[str, tuple[float, str]],
+    notes: dict[str, str] | None = None,
+    state: tuple[int, int, dict[str, float], dict[str, str]] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """:func:`memory_report` of a model trained in full or in parts: :func:`trained_state`
+    (weights, gradients, optimizer state), the task's ``parts`` and the gathered FSDP units.
+
+    Args:
+        cfg: the root config.
+        model: the task's meta-device model with ``requires_grad`` set as training sets it.
+        name / config / source: ``model`` (shown name), the transformers config (its
+            ``model_type``) and where it came from.
+        facts: the architecture facts to show (``layers``, ``hidden``, ...).
+        setup: :func:`setup_lines` of the run.
+        units: what FSDP wraps as units: their name in the note (``"layers"``) and class-name
+            endings (:func:`largest_unit`).
+        parts: ``{key: (bytes, note)}`` the task computes (``activations``, ``logits``).
+        notes: more notes, e.g. on ``gradients`` (they come before the parts' notes).
+        state: the task's own ``(parameters, trainable, bytes, notes)`` in place of
+            :func:`trained_state` (lora_llm: quantized base weights, adapters).
+        extra: task facts for the report (:func:`memory_report`).
+    """
+    total, trainable, sizes, state_notes = state or trained_state(cfg, model)
+    what, suffixes = units
+    unit = largest_unit(model, suffixes)
+    return memory_report(
+        model=name,
+        architecture={"type": config.model_type, **facts},
+        config_source=source,
+        parameters=total,
+        trainable=trainable,
+        setup=setup,
+        components={**sizes, **{k: v for k, (v, _) in parts.items()}}
+        | {"gathered": gathered_unit_bytes(cfg, unit)},
+        notes={**state_notes, **(notes or {}), **{k: n for k, (_, n) in parts.items()}}
+        | {"gathered": f"two {what} unsharded at a time"},
+        **extra,
+    )
 
 
 def gpu_verdict(report: dict[str, Any], gpu_gb: int, advice: str) -> str:

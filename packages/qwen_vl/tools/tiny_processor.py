@@ -15,11 +15,11 @@ machines cannot reach. The tiny preset needs a processor that behaves the same w
 - Qwen2.5-VL's image and video processors (patch 14, merge 2, temporal patch 2, CLIP mean/std).
 
 ``AutoProcessor.from_pretrained(folder)`` loads the result offline. Training the tokenizer is
-deterministic, so the shipped files can be rebuilt and compared::
+deterministic (:mod:`core.task.tiny_tokenizer`), so the shipped files can be rebuilt and
+compared; a maintainer tool, nothing at run time calls it. From the repository root::
 
-    python -m qwen_vl.tiny_processor            # rebuild in a temp folder, compare with the shipped
-    files
-    python -m qwen_vl.tiny_processor --write    # overwrite the shipped files
+    python packages/qwen_vl/tools/tiny_processor.py --check   # compare byte for byte
+    python packages/qwen_vl/tools/tiny_processor.py --write   # overwrite the shipped files
 """
 
 from __future__ import annotations
@@ -27,11 +27,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
-TINY_PROCESSOR_DIR = Path(__file__).parent / "assets" / "tiny_processor"
-"""Where the shipped tiny processor lives."""
+from core.task.tiny_tokenizer import BpeRecipe, main, train_bpe
+from qwen_vl.model import TINY_PROCESSOR_DIR
 
 VOCAB_SIZE = 1024
 """Largest BPE vocabulary before the special tokens (the small corpus stops earlier, at about
@@ -135,27 +134,12 @@ def train_tokenizer() -> object:
     Returns:
         The tokenizer (``transformers`` object).
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import AddedToken
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
 
     # The same normaliser and pre-tokeniser as Qwen2Tokenizer, so the trained merges fit it.
-    bpe = Tokenizer(models.BPE())
-    bpe.normalizer = normalizers.NFC()
-    bpe.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-        special_tokens=[],
-    )
-    bpe.train_from_iterator(corpus(), trainer)
+    recipe = BpeRecipe((), VOCAB_SIZE, min_frequency=0, split=PRETOKENIZE_REGEX, nfc=True)
+    bpe = train_bpe(corpus(), recipe)
     model = json.loads(bpe.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
     vocab = dict(model["vocab"])
@@ -177,7 +161,7 @@ def train_tokenizer() -> object:
     return tokenizer
 
 
-def build(out_dir: Path) -> Path:
+def build(out_dir: Path, args: argparse.Namespace | None = None) -> Path:
     """Write the tiny processor (tokenizer, chat template, image and video processors) to
     ``out_dir``.
 
@@ -207,45 +191,11 @@ def build(out_dir: Path) -> Path:
     return out_dir
 
 
-def same_files(a: Path, b: Path) -> list[str]:
-    """Names of files that differ between two folders (missing on either side counts)."""
-    names = {p.name for p in a.iterdir()} | {p.name for p in b.iterdir()}
-    return sorted(
-        n
-        for n in names
-        if not (
-            (a / n).is_file() and (b / n).is_file() and (a / n).read_bytes() == (b / n).read_bytes()
-        )
-    )
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Rebuild the tiny processor and compare with (or ``--write`` over) the shipped one."""
-    parser = argparse.ArgumentParser(
-        prog="python -m qwen_vl.tiny_processor", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument(
-        "--write", action="store_true", help=f"overwrite the shipped files in {TINY_PROCESSOR_DIR}"
-    )
-    args = parser.parse_args(argv)
-    if args.write:
-        for old in TINY_PROCESSOR_DIR.glob("*.json*"):
-            old.unlink()
-        build(TINY_PROCESSOR_DIR)
-        print(
-            f"wrote {sorted(p.name for p in TINY_PROCESSOR_DIR.iterdir())} to {TINY_PROCESSOR_DIR}"
-        )
-        return 0
+def try_it(folder: Path) -> None:
+    """Load ``folder`` with ``AutoProcessor`` and render a conversation with an image."""
     from transformers import AutoProcessor
 
-    with tempfile.TemporaryDirectory() as tmp:
-        fresh = build(Path(tmp) / "tiny")
-        diff = same_files(fresh, TINY_PROCESSOR_DIR)
-        print("rebuilt files:", sorted(p.name for p in fresh.iterdir()))
-        if diff:
-            print(f"differ from the shipped ones: {diff}", file=sys.stderr)
-            return 1
-    processor = AutoProcessor.from_pretrained(TINY_PROCESSOR_DIR)
+    processor = AutoProcessor.from_pretrained(folder)
     tok = processor.tokenizer
     ids = {
         t: tok.convert_tokens_to_ids(t)
@@ -258,10 +208,18 @@ def main(argv: list[str] | None = None) -> int:
             "content": [{"type": "image"}, {"type": "text", "text": "How many circles?"}],
         }
     ]
-    print(repr(processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)))
-    print("qwen_vl.tiny_processor: ok (the shipped files are reproducible)")
-    return 0
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert "<|vision_start|><|image_pad|><|vision_end|>How many circles?" in text, text
+    print(repr(text))
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # self-check: python packages/qwen_vl/tools/tiny_processor.py --check
+    code = main(
+        None,
+        prog="tiny_processor.py",
+        description=__doc__.split("\n\n")[0],
+        shipped=TINY_PROCESSOR_DIR,
+        build=build,
+        try_it=try_it,
+    )
+    sys.exit(code)
