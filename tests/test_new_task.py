@@ -211,7 +211,6 @@ def test_the_new_package_passes_its_own_tests_and_self_checks_and_lints(
     run("uv", "run", "ruff", "format", "--check", "packages/intent", cwd=workspace)
 
 
-
 def test_the_new_package_is_small(intent: dict) -> None:
     source = intent["run"].parents[1] / "packages" / "intent" / "src"
     lines = sum(len(p.read_text().splitlines()) for p in source.rglob("*.py"))

@@ -29,8 +29,9 @@ import torch
 from torch import nn
 
 from core.errors import ConfigError
+from core.nn.models import block_classes
 from core.run.outputs import write_jsonl
-from core.task.base import StepOutput, Task, no_split_classes, per_sample_loss, token_loss_sum
+from core.task.base import StepOutput, Task, per_sample_loss, token_loss_sum
 from core.task.metrics import describe, resolve_tokenizer, rouge
 from summarization.config import SummarizationConfig
 from summarization.data import (
@@ -240,7 +241,7 @@ class SummarizationTask(Task[SummarizationConfig]):
             if m.init == "scratch"
             else type(AutoConfig.from_pretrained(m.name))
         )
-        return no_split_classes(AutoModelForSeq2SeqLM._model_mapping[config_class])
+        return block_classes(AutoModelForSeq2SeqLM._model_mapping[config_class])
 
     # -- steps ---------------------------------------------------------------------------------
 

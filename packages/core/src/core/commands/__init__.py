@@ -1,6 +1,7 @@
 """The argparse halves of the console scripts: ``train`` (and ``--dry-run``), the model commands,
-``infer`` (declared by a task as an ``InferSpec``), the launcher that dispatches ``train`` / ``evaluate`` / ``infer`` / ``sweep`` to the task asked for.
-Nothing in core imports this layer.
+``infer`` (declared by a task as an ``InferSpec``), ``new-task``, and the launcher that dispatches
+``train`` / ``evaluate`` / ``infer`` / ``sweep`` to the task asked for. Nothing in core imports
+this layer.
 """
 
 from core import lazy_exports
@@ -11,8 +12,8 @@ __all__, __getattr__ = lazy_exports(
         "estimate": (
             "autocast_bytes checkpointing compute_bytes format_report gathered_unit_bytes "
             "gpu_verdict largest_unit layer_activation_bytes logits_bytes memory_report on "
-            "optimizer_bytes setup_lines shard_ranks shipped_config stack_activation_bytes "
-            "trained_state"
+            "optimizer_bytes setup_lines shard_ranks shipped_architectures shipped_config "
+            "stack_activation_bytes trained_report trained_state"
         ),
         "infer": (
             "InferSpec add_device_argument add_sampling_arguments infer_command "
@@ -24,8 +25,8 @@ __all__, __getattr__ = lazy_exports(
         ),
         "spec": "EvaluateSpec TaskSpec check_helps main",
         "train": (
-            "add_model_arguments add_out_arguments check_model_dir config_for_model model_owner parse_model_command "
-            "parse_train_args run_of_model train_command user_errors_exit_2"
+            "add_model_arguments add_out_arguments check_model_dir config_for_model model_owner "
+            "parse_model_command parse_train_args run_of_model train_command user_errors_exit_2"
         ),
     },
 )

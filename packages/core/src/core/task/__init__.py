@@ -10,7 +10,7 @@ __all__, __getattr__ = lazy_exports(
     {
         "base": (
             "EvaluationRun IGNORE_INDEX Ranks StepOutput Task chunked_per_sample_loss "
-            "chunked_token_loss_sum no_split_classes per_sample_loss token_loss_sum"
+            "chunked_token_loss_sum per_sample_loss token_loss_sum"
         ),
         "batching": (
             "PackedDataset Seq2SeqCollator TokenDataset collate_causal flatten_batch pack"
@@ -25,6 +25,7 @@ __all__, __getattr__ = lazy_exports(
         ),
         "images": "ImageSource image_sizes load_image resolve_image",
         "records": "BadJSON check_file iter_source read_all read_objects split_holdout",
+        "tiny_tokenizer": "BpeRecipe save_fast train_bpe write_record",
         "token_cache": "cached_map content_fingerprint tokenizer_fingerprint",
         "truncation": "Truncation add_option cut_ids input_limit length_stats model_limit",
     },

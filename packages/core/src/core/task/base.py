@@ -150,19 +150,6 @@ def chunked_per_sample_loss(
     return losses.sum(dim=1), (targets != IGNORE_INDEX).sum(dim=1)
 
 
-def no_split_classes(model_cls: type) -> set[type[nn.Module]]:
-    """The transformer block classes of a transformers model class (its ``_no_split_modules``,
-    looked up in the class's own module): the FSDP units of :meth:`Task.fsdp_wrap_classes`."""
-    import sys
-
-    module = sys.modules[model_cls.__module__]
-    return {
-        getattr(module, name)
-        for name in (getattr(model_cls, "_no_split_modules", None) or [])
-        if hasattr(module, name)
-    }
-
-
 class Ranks:
     """What a task may know and do about the processes it runs in, given by the engine (the
     Trainer or an ``Evaluator``) after launch; without one, a single process.
