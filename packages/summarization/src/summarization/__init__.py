@@ -5,8 +5,8 @@ Modules, as in every task package: ``config`` (the config tree, the presets fold
 ``data`` (reading, checks, tokenising, batching), ``model`` (loading, from-scratch BART,
 freezing), ``task`` (the engine's Task, evaluation hooks included), ``memory`` (the dry-run
 estimate), ``cli`` (``SPEC``, the task's declaration, and its commands: train, evaluate, predict,
-score, lead3); and ``tokenizer_build`` (the shipped tokenizer).
-Each runs a self-check with ``python -m summarization.<module>``.
+score, lead3). Each runs a self-check with ``python -m summarization.<module>``. The shipped
+tokenizer is rebuilt by ``packages/summarization/tools/tokenizer.py`` (not part of the package).
 """
 
 __version__ = "0.1.0"
