@@ -4,6 +4,8 @@ each in its own network, UTS and mount namespace; see tests/slurm/conftest.py).
 1. Where the ranks run: every rank of a 2-node x 2-task job reports the node whose slurmd started
    it (``SLURMD_NODENAME``, its hostname), ``SLURM_NODEID``, its global and local rank, and joins
    one gloo process group at the allocation's first node; a 3-node step runs once on each node.
+2. summarization ``tiny`` with DDP on 2 nodes x 1 task ends with the weights of the same job on
+   one node x 2 tasks (tolerance 1e-5), and its manifest names the nodes it ran on.
 """
 
 from __future__ import annotations
@@ -69,6 +71,62 @@ def sbatch(cluster, workdir: Path, script: str, *options: str) -> str:
     return done.stdout.strip().split(";")[0]
 
 
+def submit_task(cluster, workdir: Path, task: str, nodes: int, per_node: int, *args: str) -> str:
+    """Submit ``packages/<task>/slurm/train.sbatch`` in CPU mode on ``nodes`` x ``per_node``
+    tasks of the ``tiny`` preset; returns the job id."""
+    (workdir / "logs").mkdir(parents=True, exist_ok=True)
+    env = cluster.env(
+        REPO_DIR=str(REPO), DEVICE="cpu", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", HOME=str(workdir)
+    )
+    done = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            f"--chdir={workdir}",
+            "--gres=none",
+            f"--nodes={nodes}",
+            f"--ntasks-per-node={per_node}",
+            "--cpus-per-task=1",
+            "--mem=3G",
+            "--time=20",
+            f"--partition={cluster.partition}",
+            str(REPO / "packages" / task / "slurm" / "train.sbatch"),
+            "-c",
+            "tiny",
+            f"run.root={workdir / 'runs'}",
+            "logger.progress_bar=false",
+            "trainer.deterministic=true",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().split(";")[0]
+
+
+def finished_run(cluster, workdir: Path, task: str, job: str) -> tuple[Path, dict[str, str]]:
+    """Wait for the job; assert it completed; returns its run folder and its last job record."""
+    info = cluster.wait(job, timeout=900)
+    log = (workdir / "logs" / f"{task}_{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED", log[-4000:]
+    runs = [p for p in (workdir / "runs").iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert len(runs) == 1, runs
+    return runs[0], info
+
+
+def assert_same_weights(a_run: Path, b_run: Path, tol: float = 1e-5) -> None:
+    from safetensors.torch import load_file
+
+    a = load_file(a_run / "final" / "model.safetensors")
+    b = load_file(b_run / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst <= tol, f"final weights differ by up to {worst:g}"
+
+
 def test_ranks_run_on_their_nodes_and_meet_at_the_first_node(multi_node_cluster, tmp_path):
     cluster = multi_node_cluster
     (tmp_path / "report.py").write_text(RANK_REPORT)
@@ -100,3 +158,25 @@ def test_ranks_run_on_their_nodes_and_meet_at_the_first_node(multi_node_cluster,
         assert r["local_rank"] == r["global_rank"] % 2
         assert r["master_addr"] == first
         assert r["group_hosts"] == [first, first, second, second]
+
+
+def test_summarization_ddp_on_two_nodes_equals_one_node(multi_node_cluster, tmp_path):
+    cluster = multi_node_cluster
+    args = (
+        "trainer.max_steps=4",
+        "trainer.val_every_n_steps=1000",
+        "data.max_val_samples=8",
+        "generation.max_new_tokens=8",
+    )
+    two = submit_task(cluster, tmp_path / "two", "summarization", 2, 1, *args)
+    one = submit_task(cluster, tmp_path / "one", "summarization", 1, 2, *args)
+    two_run, info = finished_run(cluster, tmp_path / "two", "summarization", two)
+    one_run, _ = finished_run(cluster, tmp_path / "one", "summarization", one)
+    manifest = json.loads((two_run / "manifest.json").read_text())
+    allocated = cluster.run("scontrol", "show", "hostnames", info["NodeList"]).split()
+    assert len(allocated) == 2 and set(allocated) <= set(cluster.nodes)
+    assert manifest["world_size"] == 2 and manifest["nodes"] == 2
+    assert manifest["ranks_per_node"] == 1 and manifest["node_names"] == allocated
+    one_manifest = json.loads((one_run / "manifest.json").read_text())
+    assert one_manifest["nodes"] == 1 and one_manifest["ranks_per_node"] == 2
+    assert_same_weights(two_run, one_run)
