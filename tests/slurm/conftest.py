@@ -236,7 +236,9 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]
 # cluster's names only) and its own node-local folder, so Slurm and torch.distributed see distinct
 # hosts. What the nodes share is the file system (as an NFS home would be) and the munge socket.
 
-NODE_CPUS = 2
+# More CPUs than this machine has (SlurmdParameters=config_overrides): the 4 ranks of a one-node
+# reference run fit on one node.
+NODE_CPUS = 4
 NODE_MEM_MB = 6000
 
 
@@ -314,6 +316,7 @@ KillWait=10
 MinJobAge=600
 InactiveLimit=0
 SlurmdTimeout=30
+SlurmdParameters=config_overrides
 {chr(10).join(lines)}
 PartitionName=multi Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 """

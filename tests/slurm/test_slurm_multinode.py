@@ -6,6 +6,9 @@ each in its own network, UTS and mount namespace; see tests/slurm/conftest.py).
    one gloo process group at the allocation's first node; a 3-node step runs once on each node.
 2. summarization ``tiny`` with DDP on 2 nodes x 1 task ends with the weights of the same job on
    one node x 2 tasks (tolerance 1e-5), and its manifest names the nodes it ran on.
+3. lora_llm ``tiny`` (bfloat16 base, LoRA) with FSDP2 ``HYBRID_SHARD`` on 2 nodes x 2 tasks: the
+   shard groups are the ranks of one node (replicas across nodes), and the adapter equals that of
+   the same mesh on one node x 4 tasks.
 """
 
 from __future__ import annotations
@@ -117,11 +120,13 @@ def finished_run(cluster, workdir: Path, task: str, job: str) -> tuple[Path, dic
     return runs[0], info
 
 
-def assert_same_weights(a_run: Path, b_run: Path, tol: float = 1e-5) -> None:
+def assert_same_weights(
+    a_run: Path, b_run: Path, tol: float = 1e-5, name: str = "model.safetensors"
+) -> None:
     from safetensors.torch import load_file
 
-    a = load_file(a_run / "final" / "model.safetensors")
-    b = load_file(b_run / "final" / "model.safetensors")
+    a = load_file(a_run / "final" / name)
+    b = load_file(b_run / "final" / name)
     assert a.keys() == b.keys()
     worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
     assert worst <= tol, f"final weights differ by up to {worst:g}"
@@ -180,3 +185,40 @@ def test_summarization_ddp_on_two_nodes_equals_one_node(multi_node_cluster, tmp_
     one_manifest = json.loads((one_run / "manifest.json").read_text())
     assert one_manifest["nodes"] == 1 and one_manifest["ranks_per_node"] == 2
     assert_same_weights(two_run, one_run)
+
+
+def shard_groups(run: Path) -> list[list[int]]:
+    """The ``HYBRID_SHARD`` shard groups that rank 0 logged (core.parallel.fsdp)."""
+    marker = "HYBRID_SHARD shard groups (global ranks): "
+    lines = [line for line in (run / "train.log").read_text().splitlines() if marker in line]
+    assert lines, "no shard groups in train.log"
+    return json.loads(lines[0].split(marker, 1)[1])
+
+
+def test_lora_llm_hybrid_shard_follows_the_node_boundary(multi_node_cluster, tmp_path):
+    cluster = multi_node_cluster
+    args = (
+        "quant.bits=null",
+        "model.dtype=bfloat16",
+        "optim.name=adamw",  # paged_adamw_8bit cannot step DTensor shards
+        "trainer.strategy=fsdp",
+        "fsdp.sharding_strategy=HYBRID_SHARD",
+        "trainer.max_steps=3",
+        "trainer.max_epochs=null",
+        "trainer.batch_size=2",
+        "data.max_samples=32",
+        "trainer.val_every_n_steps=1000",
+        "logger.plot=false",
+    )
+    # fsdp.shard_size stays null on two nodes: a shard group is the tasks of one node.
+    two = submit_task(cluster, tmp_path / "two", "lora_llm", 2, 2, *args)
+    one = submit_task(cluster, tmp_path / "one", "lora_llm", 1, 4, *args, "fsdp.shard_size=2")
+    two_run, info = finished_run(cluster, tmp_path / "two", "lora_llm", two)
+    one_run, _ = finished_run(cluster, tmp_path / "one", "lora_llm", one)
+    manifest = json.loads((two_run / "manifest.json").read_text())
+    allocated = cluster.run("scontrol", "show", "hostnames", info["NodeList"]).split()
+    assert manifest["nodes"] == 2 and manifest["ranks_per_node"] == 2
+    assert manifest["node_names"] == allocated and manifest["strategy"] == "FSDP2Strategy"
+    # Slurm places ranks 0, 1 on the first node and 2, 3 on the second (checked above).
+    assert shard_groups(two_run) == [[0, 1], [2, 3]] == shard_groups(one_run)
+    assert_same_weights(two_run, one_run, name="adapter_model.safetensors")
