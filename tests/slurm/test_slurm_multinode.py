@@ -9,13 +9,20 @@ each in its own network, UTS and mount namespace; see tests/slurm/conftest.py).
 3. lora_llm ``tiny`` (bfloat16 base, LoRA) with FSDP2 ``HYBRID_SHARD`` on 2 nodes x 2 tasks: the
    shard groups are the ranks of one node (replicas across nodes), and the adapter equals that of
    the same mesh on one node x 4 tasks.
+4. A lost node never hangs: the ranks of node 2 are killed mid-epoch; node 1's rank leaves within
+   ``trainer.dist_timeout`` plus a minute with one message naming the step and the gone peer, the
+   job ends FAILED, and the job submitted again resumes from the last complete checkpoint.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -222,3 +229,68 @@ def test_lora_llm_hybrid_shard_follows_the_node_boundary(multi_node_cluster, tmp
     # Slurm places ranks 0, 1 on the first node and 2, 3 on the second (checked above).
     assert shard_groups(two_run) == [[0, 1], [2, 3]] == shard_groups(one_run)
     assert_same_weights(two_run, one_run, name="adapter_model.safetensors")
+
+
+def wait_for_step(cluster, job: str, runs: Path, step: int, timeout: float = 600) -> Path:
+    """Wait until the job's run has logged ``step`` (metrics.jsonl); returns the run folder."""
+    deadline = time.time() + timeout
+    while True:
+        found = list(runs.glob("*/metrics.jsonl")) if runs.is_dir() else []
+        if found and f'"step": {step},' in found[0].read_text():
+            return found[0].parent
+        assert time.time() < deadline, f"job {job} did not reach step {step}"
+        state = cluster.job_state(job).get("JobState")
+        assert state in ("PENDING", "RUNNING", "CONFIGURING"), cluster.job_state(job)
+        time.sleep(0.2)
+
+
+def kill_ranks(cluster, node: str) -> list[int]:
+    """SIGKILL the training ranks running on ``node``; returns their pids."""
+    pids = []
+    for pid in cluster.node_pids(node):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(part.endswith(b"/bin/train") for part in cmdline):
+            os.kill(pid, signal.SIGKILL)
+            pids.append(pid)
+    return pids
+
+
+def test_a_lost_node_fails_the_job_quickly_and_a_new_job_resumes(multi_node_cluster, tmp_path):
+    cluster, timeout = multi_node_cluster, 20
+    args = (
+        "trainer.max_steps=12",
+        "trainer.log_every_n_steps=1",
+        "trainer.ckpt_every_n_steps=2",
+        "trainer.val_every_n_steps=1000",
+        "data.max_val_samples=8",
+        "generation.max_new_tokens=8",
+        f"trainer.dist_timeout={timeout}",
+    )
+    job = submit_task(cluster, tmp_path, "summarization", 2, 1, *args)
+    run = wait_for_step(cluster, job, tmp_path / "runs", 3)
+    second = cluster.run("scontrol", "show", "hostnames", cluster.job_state(job)["NodeList"])
+    killed_at = time.time()
+    assert kill_ranks(cluster, second.split()[1]), "no rank found on the second node"
+    info = cluster.wait(job, timeout=timeout + 60)
+    left_after = time.time() - killed_at
+    log = (tmp_path / "logs" / f"summarization_{job}.out").read_text()
+    assert info["JobState"] == "FAILED", log[-3000:]
+    assert left_after < timeout + 60
+    stopped = re.search(r"Rank 0 stopped at step (\d+) of 12: rank 1 is gone", log)
+    assert stopped and int(stopped.group(1)) >= 3, log[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "failed"
+    last = max(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*"))
+
+    again = submit_task(cluster, tmp_path, "summarization", 2, 1, *args, f"run.dir={run}")
+    info = cluster.wait(again, timeout=900)
+    log = (tmp_path / "logs" / f"summarization_{again}.out").read_text()
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    assert f"Resumed from {run / 'checkpoints' / f'step-{last:07d}'}: step {last}," in log
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(r.get("step", 0) for r in metrics) == 12
+    print(f"node 1's rank left {left_after:.0f} s after the kill; resumed from step {last}")
