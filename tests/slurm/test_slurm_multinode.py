@@ -12,6 +12,9 @@ each in its own network, UTS and mount namespace; see tests/slurm/conftest.py).
 4. A lost node never hangs: the ranks of node 2 are killed mid-epoch; node 1's rank leaves within
    ``trainer.dist_timeout`` plus a minute with one message naming the step and the gone peer, the
    job ends FAILED, and the job submitted again resumes from the last complete checkpoint.
+5. Preemption across nodes: USR1 to every rank of a 2-node job (what ``--signal=USR1@N`` does
+   before the time limit) -> one checkpoint -> requeue -> resume, ending bit-identical to the
+   uninterrupted 2-node job.
 """
 
 from __future__ import annotations
@@ -172,28 +175,6 @@ def test_ranks_run_on_their_nodes_and_meet_at_the_first_node(multi_node_cluster,
         assert r["group_hosts"] == [first, first, second, second]
 
 
-def test_summarization_ddp_on_two_nodes_equals_one_node(multi_node_cluster, tmp_path):
-    cluster = multi_node_cluster
-    args = (
-        "trainer.max_steps=4",
-        "trainer.val_every_n_steps=1000",
-        "data.max_val_samples=8",
-        "generation.max_new_tokens=8",
-    )
-    two = submit_task(cluster, tmp_path / "two", "summarization", 2, 1, *args)
-    one = submit_task(cluster, tmp_path / "one", "summarization", 1, 2, *args)
-    two_run, info = finished_run(cluster, tmp_path / "two", "summarization", two)
-    one_run, _ = finished_run(cluster, tmp_path / "one", "summarization", one)
-    manifest = json.loads((two_run / "manifest.json").read_text())
-    allocated = cluster.run("scontrol", "show", "hostnames", info["NodeList"]).split()
-    assert len(allocated) == 2 and set(allocated) <= set(cluster.nodes)
-    assert manifest["world_size"] == 2 and manifest["nodes"] == 2
-    assert manifest["ranks_per_node"] == 1 and manifest["node_names"] == allocated
-    one_manifest = json.loads((one_run / "manifest.json").read_text())
-    assert one_manifest["nodes"] == 1 and one_manifest["ranks_per_node"] == 2
-    assert_same_weights(two_run, one_run)
-
-
 def shard_groups(run: Path) -> list[list[int]]:
     """The ``HYBRID_SHARD`` shard groups that rank 0 logged (core.parallel.fsdp)."""
     marker = "HYBRID_SHARD shard groups (global ranks): "
@@ -294,3 +275,48 @@ def test_a_lost_node_fails_the_job_quickly_and_a_new_job_resumes(multi_node_clus
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert max(r.get("step", 0) for r in metrics) == 12
     print(f"node 1's rank left {left_after:.0f} s after the kill; resumed from step {last}")
+
+
+def test_summarization_on_two_nodes_equals_one_node_and_resumes_after_usr1_bit_identical(
+    multi_node_cluster, tmp_path
+):
+    """Steps 2 and 5 of the module docstring share the uninterrupted 2-node job (CI time)."""
+    from safetensors.torch import load_file
+
+    cluster = multi_node_cluster
+    args = (
+        "trainer.max_steps=10",
+        "trainer.log_every_n_steps=1",
+        "trainer.val_every_n_steps=1000",
+        "data.max_val_samples=8",
+        "generation.max_new_tokens=8",
+    )
+    full = submit_task(cluster, tmp_path / "full", "summarization", 2, 1, *args)
+    cut = submit_task(cluster, tmp_path / "cut", "summarization", 2, 1, *args)
+    one = submit_task(cluster, tmp_path / "one", "summarization", 1, 2, *args)
+    wait_for_step(cluster, cut, tmp_path / "cut" / "runs", 3)
+    cluster.run("scancel", "--signal=USR1", cut)  # every rank of the job's steps, on both nodes
+    full_run, info = finished_run(cluster, tmp_path / "full", "summarization", full)
+    one_run, _ = finished_run(cluster, tmp_path / "one", "summarization", one)
+    cut_run, cut_info = finished_run(cluster, tmp_path / "cut", "summarization", cut)
+
+    manifest = json.loads((full_run / "manifest.json").read_text())
+    allocated = cluster.run("scontrol", "show", "hostnames", info["NodeList"]).split()
+    assert len(allocated) == 2 and set(allocated) <= set(cluster.nodes)
+    assert manifest["world_size"] == 2 and manifest["nodes"] == 2
+    assert manifest["ranks_per_node"] == 1 and manifest["node_names"] == allocated
+    one_manifest = json.loads((one_run / "manifest.json").read_text())
+    assert one_manifest["nodes"] == 1 and one_manifest["ranks_per_node"] == 2
+    assert_same_weights(full_run, one_run)
+
+    log = (tmp_path / "cut" / "logs" / f"summarization_{cut}.out").read_text()
+    assert int(cut_info.get("Restarts", "0")) == 1, f"the job was not requeued once: {cut_info}"
+    assert "Received SIGUSR1" in log and "Requeued SLURM job" in log and "Resumed from" in log
+    assert json.loads((cut_run / "manifest.json").read_text())["nodes"] == 2
+    metrics = [json.loads(line) for line in (cut_run / "metrics.jsonl").read_text().splitlines()]
+    assert max(r.get("step", 0) for r in metrics) == 10
+    a = load_file(full_run / "final" / "model.safetensors")
+    b = load_file(cut_run / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a), (
+        "resumed weights differ from the uninterrupted 2-node job"
+    )
