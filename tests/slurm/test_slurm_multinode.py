@@ -11,7 +11,9 @@ each in its own network, UTS and mount namespace; see tests/slurm/conftest.py).
    the same mesh on one node x 4 tasks.
 4. A lost node never hangs: the ranks of node 2 are killed mid-epoch; node 1's rank leaves within
    ``trainer.dist_timeout`` plus a minute with one message naming the step and the gone peer, the
-   job ends FAILED, and the job submitted again resumes from the last complete checkpoint.
+   job ends FAILED, and the job submitted again resumes from the last complete checkpoint. Its
+   venv is on node-local storage (``LOCAL_SCRATCH``): synced once per node, and each rank runs
+   from its own node's copy.
 5. Preemption across nodes: USR1 to every rank of a 2-node job (what ``--signal=USR1@N`` does
    before the time limit) -> one checkpoint -> requeue -> resume, ending bit-identical to the
    uninterrupted 2-node job.
@@ -84,12 +86,19 @@ def sbatch(cluster, workdir: Path, script: str, *options: str) -> str:
     return done.stdout.strip().split(";")[0]
 
 
-def submit_task(cluster, workdir: Path, task: str, nodes: int, per_node: int, *args: str) -> str:
+def submit_task(
+    cluster, workdir: Path, task: str, nodes: int, per_node: int, *args: str, **job_env: str
+) -> str:
     """Submit ``packages/<task>/slurm/train.sbatch`` in CPU mode on ``nodes`` x ``per_node``
-    tasks of the ``tiny`` preset; returns the job id."""
+    tasks of the ``tiny`` preset (``job_env``: more environment); returns the job id."""
     (workdir / "logs").mkdir(parents=True, exist_ok=True)
     env = cluster.env(
-        REPO_DIR=str(REPO), DEVICE="cpu", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", HOME=str(workdir)
+        REPO_DIR=str(REPO),
+        DEVICE="cpu",
+        HF_HUB_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        HOME=str(workdir),
+        **job_env,
     )
     done = subprocess.run(
         [
@@ -225,8 +234,8 @@ def wait_for_step(cluster, job: str, runs: Path, step: int, timeout: float = 600
         time.sleep(0.2)
 
 
-def kill_ranks(cluster, node: str) -> list[int]:
-    """SIGKILL the training ranks running on ``node``; returns their pids."""
+def train_pids(cluster, node: str) -> list[int]:
+    """The training ranks running on ``node``."""
     pids = []
     for pid in cluster.node_pids(node):
         try:
@@ -234,9 +243,23 @@ def kill_ranks(cluster, node: str) -> list[int]:
         except OSError:
             continue
         if any(part.endswith(b"/bin/train") for part in cmdline):
-            os.kill(pid, signal.SIGKILL)
             pids.append(pid)
     return pids
+
+
+def assert_ranks_use_their_nodes_venv(cluster, nodes: list[str], venv: str) -> None:
+    """Every rank on each of ``nodes`` runs from the venv in that node's own local folder (the
+    same path on every node, a different folder behind it: ``/proc/<pid>/root`` is the rank's
+    view of the file system), and only those nodes have one."""
+    for node in nodes:
+        own = (cluster.root / "nodes" / node / venv / "pyvenv.cfg").stat()
+        pids = train_pids(cluster, node)
+        assert pids, f"no rank on {node}"
+        for pid in pids:
+            seen = Path(f"/proc/{pid}/root{cluster.local}/{venv}/pyvenv.cfg").stat()
+            assert (seen.st_dev, seen.st_ino) == (own.st_dev, own.st_ino), (node, pid)
+    synced = [n for n in cluster.nodes if (cluster.root / "nodes" / n / venv).is_dir()]
+    assert synced == sorted(nodes)
 
 
 def test_a_lost_node_fails_the_job_quickly_and_a_new_job_resumes(multi_node_cluster, tmp_path):
@@ -250,15 +273,28 @@ def test_a_lost_node_fails_the_job_quickly_and_a_new_job_resumes(multi_node_clus
         "generation.max_new_tokens=8",
         f"trainer.dist_timeout={timeout}",
     )
-    job = submit_task(cluster, tmp_path, "summarization", 2, 1, *args)
+    # The venv on node-local storage, synced once per node from the machine's uv cache (the
+    # same path on every node: the cluster's node-local folder).
+    local = {
+        "LOCAL_SCRATCH": str(cluster.local),
+        "UV_CACHE_DIR": subprocess.run(
+            ["uv", "cache", "dir"], capture_output=True, text=True, check=True
+        ).stdout.strip(),
+        "UV_LINK_MODE": "symlink",
+        "UV_OFFLINE": "1",
+    }
+    job = submit_task(cluster, tmp_path, "summarization", 2, 1, *args, **local)
     run = wait_for_step(cluster, job, tmp_path / "runs", 3)
-    second = cluster.run("scontrol", "show", "hostnames", cluster.job_state(job)["NodeList"])
+    nodes = cluster.run("scontrol", "show", "hostnames", cluster.job_state(job)["NodeList"])
+    assert_ranks_use_their_nodes_venv(cluster, nodes.split(), "venv-summarization")
     killed_at = time.time()
-    assert kill_ranks(cluster, second.split()[1]), "no rank found on the second node"
+    for pid in train_pids(cluster, nodes.split()[1]):
+        os.kill(pid, signal.SIGKILL)
     info = cluster.wait(job, timeout=timeout + 60)
     left_after = time.time() - killed_at
     log = (tmp_path / "logs" / f"summarization_{job}.out").read_text()
     assert info["JobState"] == "FAILED", log[-3000:]
+    assert len(re.findall(r"^Installed \d+ packages", log, re.M)) == 2, "one sync per node"
     assert left_after < timeout + 60
     stopped = re.search(r"Rank 0 stopped at step (\d+) of 12: rank 1 is gone", log)
     assert stopped and int(stopped.group(1)) >= 3, log[-3000:]
@@ -266,7 +302,7 @@ def test_a_lost_node_fails_the_job_quickly_and_a_new_job_resumes(multi_node_clus
     assert summary["status"] == "failed"
     last = max(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*"))
 
-    again = submit_task(cluster, tmp_path, "summarization", 2, 1, *args, f"run.dir={run}")
+    again = submit_task(cluster, tmp_path, "summarization", 2, 1, *args, f"run.dir={run}", **local)
     info = cluster.wait(again, timeout=900)
     log = (tmp_path / "logs" / f"summarization_{again}.out").read_text()
     assert info["JobState"] == "COMPLETED", log[-3000:]
