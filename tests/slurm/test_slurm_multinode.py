@@ -17,6 +17,8 @@ each in its own network, UTS and mount namespace; see tests/slurm/conftest.py).
 5. Preemption across nodes: USR1 to every rank of a 2-node job (what ``--signal=USR1@N`` does
    before the time limit) -> one checkpoint -> requeue -> resume, ending bit-identical to the
    uninterrupted 2-node job.
+6. qwen_vl ``tiny`` with FSDP2 and the users' recipe settings (7B preset's ``fsdp`` group) on 2
+   nodes x 1 task ends with the weights of 1 node x 2 tasks.
 """
 
 from __future__ import annotations
@@ -356,3 +358,28 @@ def test_summarization_on_two_nodes_equals_one_node_and_resumes_after_usr1_bit_i
     assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a), (
         "resumed weights differ from the uninterrupted 2-node job"
     )
+
+
+def test_qwen_vl_fsdp2_on_two_nodes_equals_one_node(multi_node_cluster, tmp_path):
+    cluster = multi_node_cluster
+    args = (
+        "trainer.strategy=fsdp",
+        "fsdp.sharding_strategy=FULL_SHARD",
+        "fsdp.activation_checkpointing=true",
+        "fsdp.prefetch_backward=1",
+        "fsdp.sync_module_states=true",
+        "trainer.max_steps=3",
+        "trainer.val_every_n_steps=1000",
+        "trainer.ckpt_every_n_steps=1000",
+        "checkpoint.load_best_at_end=false",
+        "logger.plot=false",
+    )
+    two = submit_task(cluster, tmp_path / "two", "qwen_vl", 2, 1, *args)
+    one = submit_task(cluster, tmp_path / "one", "qwen_vl", 1, 2, *args)
+    two_run, info = finished_run(cluster, tmp_path / "two", "qwen_vl", two)
+    one_run, _ = finished_run(cluster, tmp_path / "one", "qwen_vl", one)
+    manifest = json.loads((two_run / "manifest.json").read_text())
+    allocated = cluster.run("scontrol", "show", "hostnames", info["NodeList"]).split()
+    assert manifest["nodes"] == 2 and manifest["node_names"] == allocated
+    assert manifest["strategy"] == "FSDP2Strategy"
+    assert_same_weights(two_run, one_run)
