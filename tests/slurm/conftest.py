@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -47,6 +48,49 @@ class Cluster:
         env = {k: v for k, v in os.environ.items() if not k.startswith(launch)}
         env.update({"SLURM_CONF": str(self.conf), **extra})
         return env
+
+    def task_env(self, workdir: Path, **extra: str) -> dict[str, str]:
+        """The environment of a task's ``train.sbatch`` in CPU test mode from this checkout, with
+        ``workdir`` as home."""
+        return self.env(
+            REPO_DIR=str(REPO),
+            DEVICE="cpu",
+            HF_HUB_OFFLINE="1",
+            OMP_NUM_THREADS="1",
+            HOME=str(workdir),
+            **extra,
+        )
+
+    def submit_task(
+        self, workdir: Path, task: str, options: list[str], train_args: list[str], **extra: str
+    ) -> str:
+        """``sbatch <options> packages/<task>/slurm/train.sbatch -c tiny <train_args>`` in CPU
+        test mode, from ``workdir`` (logs in ``workdir/logs``, runs in ``workdir/runs``); returns
+        the job id."""
+        (workdir / "logs").mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(
+            [
+                "sbatch",
+                "--parsable",
+                f"--chdir={workdir}",
+                "--gres=none",
+                "--cpus-per-task=1",
+                f"--partition={self.partition}",
+                *options,
+                str(REPO / "packages" / task / "slurm" / "train.sbatch"),
+                "-c",
+                "tiny",
+                f"run.root={workdir / 'runs'}",
+                "logger.progress_bar=false",
+                *train_args,
+            ],
+            capture_output=True,
+            text=True,
+            env=self.task_env(workdir, **extra),
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip().split(";")[0]
 
     def run(self, *args: str, check: bool = True) -> str:
         done = subprocess.run(
@@ -108,14 +152,13 @@ def _install() -> None:
         pytest.skip(f"could not install Slurm: {done.stderr[-500:]}")
 
 
-def _write_config(root: Path) -> Path:
-    host = socket.gethostname()
-    cpus = os.cpu_count() or 2
-    mem_mb = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20 * 0.8)
-    conf = root / "slurm.conf"
-    conf.write_text(
-        f"""ClusterName=finetune-test
-SlurmctldHost={host}(127.0.0.1)
+def _config_text(root: Path, cluster: str, ctl_addr: str, per_node: bool) -> str:
+    """The slurm.conf lines both test clusters share: slurmctld on this host at ``ctl_addr``,
+    state, logs and munge under ``root``; with ``per_node`` each slurmd has its own pid file,
+    spool folder and log (``%n``: the node's name)."""
+    slurmd, spool = ("slurmd-%n", "spool/%n") if per_node else ("slurmd", "spool")
+    return f"""ClusterName={cluster}
+SlurmctldHost={socket.gethostname()}({ctl_addr})
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -126,13 +169,13 @@ ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 ReturnToService=2
 SlurmctldPidFile={root}/state/slurmctld.pid
-SlurmdPidFile={root}/state/slurmd.pid
+SlurmdPidFile={root}/state/{slurmd}.pid
 SlurmctldPort={_free_port()}
 SlurmdPort={_free_port()}
 StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
+SlurmdSpoolDir={root}/{spool}
 SlurmctldLogFile={root}/log/slurmctld.log
-SlurmdLogFile={root}/log/slurmd.log
+SlurmdLogFile={root}/log/{slurmd}.log
 SchedulerType=sched/backfill
 SchedulerParameters=bf_interval=1
 SelectType=select/cons_tres
@@ -144,7 +187,17 @@ JobRequeue=1
 KillWait=10
 MinJobAge=600
 InactiveLimit=0
-NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={mem_mb} State=UNKNOWN
+"""
+
+
+def _write_config(root: Path) -> Path:
+    host = socket.gethostname()
+    cpus = os.cpu_count() or 2
+    mem_mb = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20 * 0.8)
+    conf = root / "slurm.conf"
+    conf.write_text(
+        _config_text(root, "finetune-test", "127.0.0.1", per_node=False)
+        + f"""NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={mem_mb} State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 """
     )
@@ -157,72 +210,86 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]
     root = tmp_path_factory.mktemp("slurm")
     for sub in ("munge", "state", "spool", "log"):
         (root / sub).mkdir()
-    key = root / "munge" / "munge.key"
-    key.write_bytes(os.urandom(1024))
-    key.chmod(0o400)
     conf = _write_config(root)
     cluster = Cluster(root=root, conf=conf)
     env = cluster.env()
     logs = open(root / "log" / "daemons.out", "w")
-    daemons = [
-        subprocess.Popen(
-            [
-                "munged",
-                "--foreground",
-                "--force",
-                f"--key-file={key}",
-                f"--socket={root}/munge/munge.socket",
-                f"--pid-file={root}/munge/munged.pid",
-                f"--log-file={root}/munge/munged.log",
-                f"--seed-file={root}/munge/seed",
-            ],
-            stdout=logs,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-    ]
-    time.sleep(0.5)
-    daemons.append(
-        subprocess.Popen(
-            ["slurmctld", "-D", "-i", "-f", str(conf)],
-            stdout=logs,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-    )
-    time.sleep(0.5)
-    daemons.append(
-        subprocess.Popen(
-            ["slurmd", "-D", "-f", str(conf)], stdout=logs, stderr=subprocess.STDOUT, env=env
-        )
-    )
+    daemons = [_start_munge(root, logs, env)]
     try:
-        deadline = time.time() + 60
-        while True:
-            out = subprocess.run(
-                ["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, env=env
-            ).stdout.strip()
-            if out in ("idle", "mix", "alloc"):
-                break
-            if time.time() > deadline:
-                raise RuntimeError(f"Slurm node not ready: {out!r}; logs in {root / 'log'}")
-            time.sleep(0.5)
+        daemons.append(_start_slurmctld(conf, logs, env))
+        daemons.append(
+            subprocess.Popen(
+                ["slurmd", "-D", "-f", str(conf)], stdout=logs, stderr=subprocess.STDOUT, env=env
+            )
+        )
+        _wait_idle(cluster, 1)
         yield cluster
     finally:
-        subprocess.run(
-            ["scancel", "--user", os.environ.get("USER", "root")], env=env, capture_output=True
-        )
-        time.sleep(1)
-        for proc in reversed(daemons):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in reversed(daemons):
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        _stop_all(cluster, daemons)
         logs.close()
+
+
+def _start_munge(root: Path, logs, env: dict[str, str]) -> subprocess.Popen:
+    """munged with a new key and its socket in ``root/munge``."""
+    key = root / "munge" / "munge.key"
+    key.write_bytes(os.urandom(1024))
+    key.chmod(0o400)
+    munged = subprocess.Popen(
+        [
+            "munged",
+            "--foreground",
+            "--force",
+            f"--key-file={key}",
+            f"--socket={root}/munge/munge.socket",
+            f"--pid-file={root}/munge/munged.pid",
+            f"--log-file={root}/munge/munged.log",
+            f"--seed-file={root}/munge/seed",
+        ],
+        stdout=logs,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    time.sleep(0.5)
+    return munged
+
+
+def _start_slurmctld(conf: Path, logs, env: dict[str, str]) -> subprocess.Popen:
+    ctld = subprocess.Popen(
+        ["slurmctld", "-D", "-i", "-f", str(conf)], stdout=logs, stderr=subprocess.STDOUT, env=env
+    )
+    time.sleep(0.5)
+    return ctld
+
+
+def _wait_idle(cluster: Cluster, count: int) -> None:
+    """Wait until the cluster's ``count`` nodes are up."""
+    deadline = time.time() + 60
+    while True:
+        out = cluster.run("sinfo", "-h", "-N", "-o", "%t", check=False).split()
+        if len(out) == count and all(s in ("idle", "mix", "alloc") for s in out):
+            return
+        if time.time() > deadline:
+            raise RuntimeError(f"Slurm nodes not ready: {out!r}; logs in {cluster.root / 'log'}")
+        time.sleep(0.5)
+
+
+def _stop_all(cluster: Cluster, daemons: list[subprocess.Popen]) -> None:
+    """Cancel the cluster's jobs, then stop ``daemons`` (the last started first)."""
+    subprocess.run(
+        ["scancel", "--user", os.environ.get("USER", "root")],
+        env=cluster.env(),
+        capture_output=True,
+    )
+    time.sleep(1)
+    for proc in reversed(daemons):
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in reversed(daemons):
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 # --- several nodes -------------------------------------------------------------------------------
@@ -276,50 +343,17 @@ def _free_subnet() -> str:
 
 def _multi_node_config(root: Path, subnet: str, nodes: list[str]) -> Path:
     """slurm.conf for slurmctld on this host (at ``<subnet>.1``) and ``nodes`` at ``.2``, ..."""
-    host = socket.gethostname()
     lines = [
         f"NodeName={name} NodeHostname={name} NodeAddr={subnet}.{i + 2} CPUs={NODE_CPUS} "
-        f"RealMemory={NODE_MEM_MB} State=UNKNOWN"
+        f"RealMemory={NODE_MEM_MB} State=UNKNOWN\n"
         for i, name in enumerate(nodes)
     ]
     conf = root / "slurm.conf"
     conf.write_text(
-        f"""ClusterName=finetune-multi
-SlurmctldHost={host}({subnet}.1)
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-AuthInfo=socket={root}/munge/munge.socket
-CredType=cred/munge
-MpiDefault=none
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-ReturnToService=2
-SlurmctldPidFile={root}/state/slurmctld.pid
-SlurmdPidFile={root}/state/slurmd-%n.pid
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
-SrunPortRange=42000-42999
-StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool/%n
-SlurmctldLogFile={root}/log/slurmctld.log
-SlurmdLogFile={root}/log/slurmd-%n.log
-SchedulerType=sched/backfill
-SchedulerParameters=bf_interval=1
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-JobCompType=jobcomp/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-JobRequeue=1
-KillWait=10
-MinJobAge=600
-InactiveLimit=0
-SlurmdTimeout=30
-SlurmdParameters=config_overrides
-{chr(10).join(lines)}
-PartitionName=multi Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
-"""
+        _config_text(root, "finetune-multi", f"{subnet}.1", per_node=True)
+        + "SrunPortRange=42000-42999\nSlurmdTimeout=30\nSlurmdParameters=config_overrides\n"
+        + "".join(lines)
+        + "PartitionName=multi Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO\n"
     )
     return conf
 
@@ -380,27 +414,6 @@ class _Namespaces:
             subprocess.run(["ip", "link", "del", link], capture_output=True)
 
 
-def _start_munge(root: Path, logs, env: dict[str, str]) -> subprocess.Popen:
-    key = root / "munge" / "munge.key"
-    key.write_bytes(os.urandom(1024))
-    key.chmod(0o400)
-    return subprocess.Popen(
-        [
-            "munged",
-            "--foreground",
-            "--force",
-            f"--key-file={key}",
-            f"--socket={root}/munge/munge.socket",
-            f"--pid-file={root}/munge/munged.pid",
-            f"--log-file={root}/munge/munged.log",
-            f"--seed-file={root}/munge/seed",
-        ],
-        stdout=logs,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
-
-
 def _start_node(cluster: MultiNodeCluster, ns: str, name: str, hosts: Path, logs, env):
     """slurmd of node ``name`` in namespace ``ns``, with its own hostname, /etc/hosts and
     node-local folder (``cluster.local``)."""
@@ -453,46 +466,12 @@ def multi_node_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mul
         except RuntimeError as err:
             pytest.skip(f"cannot make network namespaces here: {err}")
         daemons.append(_start_munge(root, logs, env))
-        time.sleep(0.5)
-        daemons.append(
-            subprocess.Popen(
-                ["slurmctld", "-D", "-i", "-f", str(conf)],
-                stdout=logs,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
-        )
-        time.sleep(0.5)
+        daemons.append(_start_slurmctld(conf, logs, env))
         for ns, name in zip(namespaces, names):
             daemons.append(_start_node(cluster, ns, name, hosts, logs, env))
         _wait_idle(cluster, len(names))
         yield cluster
     finally:
-        subprocess.run(["scancel", "--user", "root"], env=env, capture_output=True)
-        time.sleep(1)
-        _stop(daemons)
+        _stop_all(cluster, daemons)
         spaces.remove()
         logs.close()
-
-
-def _wait_idle(cluster: Cluster, count: int) -> None:
-    deadline = time.time() + 60
-    while True:
-        out = cluster.run("sinfo", "-h", "-N", "-o", "%t", check=False).split()
-        if len(out) == count and all(s in ("idle", "mix", "alloc") for s in out):
-            return
-        if time.time() > deadline:
-            raise RuntimeError(f"Slurm nodes not ready: {out!r}; logs in {cluster.root / 'log'}")
-        time.sleep(0.5)
-
-
-def _stop(daemons: list[subprocess.Popen]) -> None:
-    for proc in reversed(daemons):
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    for proc in reversed(daemons):
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()

@@ -92,43 +92,21 @@ def submit_task(
     cluster, workdir: Path, task: str, nodes: int, per_node: int, *args: str, **job_env: str
 ) -> str:
     """Submit ``packages/<task>/slurm/train.sbatch`` in CPU mode on ``nodes`` x ``per_node``
-    tasks of the ``tiny`` preset (``job_env``: more environment); returns the job id."""
-    (workdir / "logs").mkdir(parents=True, exist_ok=True)
-    env = cluster.env(
-        REPO_DIR=str(REPO),
-        DEVICE="cpu",
-        HF_HUB_OFFLINE="1",
-        OMP_NUM_THREADS="1",
-        HOME=str(workdir),
-        **job_env,
+    tasks of the ``tiny`` preset, deterministic (``job_env``: more environment); returns the job
+    id."""
+    options = [f"--nodes={nodes}", f"--ntasks-per-node={per_node}", "--mem=3G", "--time=20"]
+    return cluster.submit_task(
+        workdir, task, options, ["trainer.deterministic=true", *args], **job_env
     )
-    done = subprocess.run(
-        [
-            "sbatch",
-            "--parsable",
-            f"--chdir={workdir}",
-            "--gres=none",
-            f"--nodes={nodes}",
-            f"--ntasks-per-node={per_node}",
-            "--cpus-per-task=1",
-            "--mem=3G",
-            "--time=20",
-            f"--partition={cluster.partition}",
-            str(REPO / "packages" / task / "slurm" / "train.sbatch"),
-            "-c",
-            "tiny",
-            f"run.root={workdir / 'runs'}",
-            "logger.progress_bar=false",
-            "trainer.deterministic=true",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip().split(";")[0]
+
+
+def assert_ran_on(cluster, run: Path, info: dict[str, str], per_node: int) -> None:
+    """The run's manifest names the nodes of the job (``info``) and ``per_node`` ranks on each."""
+    manifest = json.loads((run / "manifest.json").read_text())
+    allocated = cluster.run("scontrol", "show", "hostnames", info["NodeList"]).split()
+    assert len(allocated) == manifest["nodes"] and set(allocated) <= set(cluster.nodes)
+    assert manifest["world_size"] == len(allocated) * per_node
+    assert manifest["ranks_per_node"] == per_node and manifest["node_names"] == allocated
 
 
 def finished_run(cluster, workdir: Path, task: str, job: str) -> tuple[Path, dict[str, str]]:
@@ -213,11 +191,10 @@ def test_lora_llm_hybrid_shard_follows_the_node_boundary(multi_node_cluster, tmp
     two = submit_task(cluster, tmp_path / "two", "lora_llm", 2, 2, *args)
     one = submit_task(cluster, tmp_path / "one", "lora_llm", 1, 4, *args, "fsdp.shard_size=2")
     two_run, info = finished_run(cluster, tmp_path / "two", "lora_llm", two)
-    one_run, _ = finished_run(cluster, tmp_path / "one", "lora_llm", one)
-    manifest = json.loads((two_run / "manifest.json").read_text())
-    allocated = cluster.run("scontrol", "show", "hostnames", info["NodeList"]).split()
-    assert manifest["nodes"] == 2 and manifest["ranks_per_node"] == 2
-    assert manifest["node_names"] == allocated and manifest["strategy"] == "FSDP2Strategy"
+    one_run, one_info = finished_run(cluster, tmp_path / "one", "lora_llm", one)
+    assert_ran_on(cluster, two_run, info, 2)
+    assert_ran_on(cluster, one_run, one_info, 4)
+    assert json.loads((two_run / "manifest.json").read_text())["strategy"] == "FSDP2Strategy"
     # Slurm places ranks 0, 1 on the first node and 2, 3 on the second (checked above).
     assert shard_groups(two_run) == [[0, 1], [2, 3]] == shard_groups(one_run)
     assert_same_weights(two_run, one_run, name="adapter_model.safetensors")
@@ -335,22 +312,16 @@ def test_summarization_on_two_nodes_equals_one_node_and_resumes_after_usr1_bit_i
     wait_for_step(cluster, cut, tmp_path / "cut" / "runs", 3)
     cluster.run("scancel", "--signal=USR1", cut)  # every rank of the job's steps, on both nodes
     full_run, info = finished_run(cluster, tmp_path / "full", "summarization", full)
-    one_run, _ = finished_run(cluster, tmp_path / "one", "summarization", one)
+    one_run, one_info = finished_run(cluster, tmp_path / "one", "summarization", one)
     cut_run, cut_info = finished_run(cluster, tmp_path / "cut", "summarization", cut)
-
-    manifest = json.loads((full_run / "manifest.json").read_text())
-    allocated = cluster.run("scontrol", "show", "hostnames", info["NodeList"]).split()
-    assert len(allocated) == 2 and set(allocated) <= set(cluster.nodes)
-    assert manifest["world_size"] == 2 and manifest["nodes"] == 2
-    assert manifest["ranks_per_node"] == 1 and manifest["node_names"] == allocated
-    one_manifest = json.loads((one_run / "manifest.json").read_text())
-    assert one_manifest["nodes"] == 1 and one_manifest["ranks_per_node"] == 2
+    assert_ran_on(cluster, full_run, info, 1)
+    assert_ran_on(cluster, one_run, one_info, 2)
+    assert_ran_on(cluster, cut_run, cut_info, 1)
     assert_same_weights(full_run, one_run)
 
     log = (tmp_path / "cut" / "logs" / f"summarization_{cut}.out").read_text()
     assert int(cut_info.get("Restarts", "0")) == 1, f"the job was not requeued once: {cut_info}"
     assert "Received SIGUSR1" in log and "Requeued SLURM job" in log and "Resumed from" in log
-    assert json.loads((cut_run / "manifest.json").read_text())["nodes"] == 2
     metrics = [json.loads(line) for line in (cut_run / "metrics.jsonl").read_text().splitlines()]
     assert max(r.get("step", 0) for r in metrics) == 10
     a = load_file(full_run / "final" / "model.safetensors")
@@ -378,8 +349,6 @@ def test_qwen_vl_fsdp2_on_two_nodes_equals_one_node(multi_node_cluster, tmp_path
     one = submit_task(cluster, tmp_path / "one", "qwen_vl", 1, 2, *args)
     two_run, info = finished_run(cluster, tmp_path / "two", "qwen_vl", two)
     one_run, _ = finished_run(cluster, tmp_path / "one", "qwen_vl", one)
-    manifest = json.loads((two_run / "manifest.json").read_text())
-    allocated = cluster.run("scontrol", "show", "hostnames", info["NodeList"]).split()
-    assert manifest["nodes"] == 2 and manifest["node_names"] == allocated
-    assert manifest["strategy"] == "FSDP2Strategy"
+    assert_ran_on(cluster, two_run, info, 1)
+    assert json.loads((two_run / "manifest.json").read_text())["strategy"] == "FSDP2Strategy"
     assert_same_weights(two_run, one_run)
