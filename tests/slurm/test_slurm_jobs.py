@@ -29,42 +29,9 @@ FILE_SECRET = "hf_FromSecretsFile987654321"
 def submit(cluster, workdir: Path, task: str, *train_args: str, **env: str) -> str:
     """Submit ``packages/<task>/slurm/train.sbatch`` in CPU mode with 2 tasks; returns the job
     id."""
-    (workdir / "logs").mkdir(parents=True, exist_ok=True)
-    job_env = cluster.env(
-        REPO_DIR=str(REPO),
-        DEVICE="cpu",
-        HF_HUB_OFFLINE="1",
-        OMP_NUM_THREADS="1",
-        HOME=str(workdir),
-        **env,
+    return cluster.submit_task(
+        workdir, task, ["--ntasks-per-node=2", "--mem=8G", "--time=30"], list(train_args), **env
     )
-    import subprocess
-
-    done = subprocess.run(
-        [
-            "sbatch",
-            "--parsable",
-            f"--chdir={workdir}",
-            "--gres=none",
-            "--ntasks-per-node=2",
-            "--cpus-per-task=1",
-            "--mem=8G",
-            "--time=30",
-            f"--partition={cluster.partition}",
-            str(REPO / "packages" / task / "slurm" / "train.sbatch"),
-            "-c",
-            "tiny",
-            f"run.root={workdir / 'runs'}",
-            "logger.progress_bar=false",
-            *train_args,
-        ],
-        capture_output=True,
-        text=True,
-        env=job_env,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip().split(";")[0]
 
 
 def only_run(root: Path) -> Path:

@@ -38,14 +38,7 @@ def submit_sweep(cluster, workdir: Path) -> tuple[str, Path]:
         ``(array job id, sweep folder)``.
     """
     workdir.mkdir(parents=True, exist_ok=True)
-    env = cluster.env(
-        REPO_DIR=str(REPO),
-        DEVICE="cpu",
-        HF_HUB_OFFLINE="1",
-        OMP_NUM_THREADS="1",
-        HOME=str(workdir),
-        PYTHONUNBUFFERED="1",
-    )
+    env = cluster.task_env(workdir, PYTHONUNBUFFERED="1")
     done = subprocess.run(
         [
             str(BIN / "sweep"),

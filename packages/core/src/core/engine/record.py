@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shlex
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from core.config.loader import to_dict, to_yaml
 from core.config.schema import RunConfig, TrainConfig
 from core.errors import FaultError, UserError
 from core.parallel.checkpoint import CheckpointManager
-from core.parallel.collectives import broadcast_object
+from core.parallel.collectives import broadcast_object, gather_objects
 from core.run.folder import RunDir, RunLock, check_not_locked, check_run_dir, resolve_run_dir
 from core.run.logs import MetricsLogger, setup_logging
 from core.run.manifest import build_manifest
@@ -213,8 +214,10 @@ class RunRecord:
         # <run>/config.yaml` reproduces the run in a new folder.
         cfg.trainer.precision = self.precision
         self.resolved_config = to_dict(cfg)
+        # Every rank's host (a collective: all ranks): the nodes the run really spans.
+        hosts = gather_objects(socket.gethostname())
         if fabric.global_rank == 0:
-            self.write_config_and_manifest()
+            self.write_config_and_manifest(hosts)
         self.logger = MetricsLogger(
             self.run.path,
             cfg.logger,
@@ -224,10 +227,12 @@ class RunRecord:
         )
         self.write_summary("running", 0.0, {})
 
-    def write_config_and_manifest(self) -> None:
+    def write_config_and_manifest(self, hosts: list[str]) -> None:
         """Rank 0: ``config.yaml`` (as resolved) and ``manifest.json`` (seed, data hashes,
-        command, environment, task entries), each kept when it exists (see :meth:`_write_once`)."""
+        command, environment, nodes, task entries), each kept when it exists (see
+        :meth:`_write_once`). ``hosts``: the hostname of each rank, in rank order."""
         cfg, fabric = self.cfg, self.fabric
+        nodes = list(dict.fromkeys(hosts))
         self._write_once("config.yaml", to_yaml(cfg))
         entries = self.task.manifest_entries()
         manifest = build_manifest(
@@ -238,6 +243,9 @@ class RunRecord:
             extra={
                 "task": self.task.name,
                 "world_size": fabric.world_size,
+                "nodes": len(nodes),
+                "ranks_per_node": fabric.world_size // len(nodes),
+                "node_names": nodes,
                 "strategy": type(fabric.strategy).__name__,
                 "precision": self.precision,
                 "run_dir": str(self.run.path),

@@ -222,6 +222,8 @@ def parallelize(
         ", activation checkpointing" if cfg.activation_checkpointing else "",
         ", CPU offload" if cfg.cpu_offload else "",
     )
+    if mesh.ndim == 2:  # which ranks share a shard group: those of one node, unless set otherwise
+        log.info("HYBRID_SHARD shard groups (global ranks): %s", mesh.mesh.tolist())
     if compile_blocks:
         log.info("trainer.compile: %d blocks compiled (dynamic shapes) with FSDP2", len(blocks))
     return model
