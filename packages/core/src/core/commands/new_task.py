@@ -61,6 +61,14 @@ KINDS = {
         "text classification (AutoModelForSequenceClassification)",
         ("transformers>=4.46", "tokenizers>=0.19"),
     ),
+    "seq2seq": Kind(
+        "sequence-to-sequence generation (AutoModelForSeq2SeqLM)",
+        ("transformers>=4.46", "tokenizers>=0.19"),
+    ),
+    "causal-lm": Kind(
+        "a LoRA adapter of a causal language model (AutoModelForCausalLM, peft)",
+        ("transformers>=4.46", "tokenizers>=0.19", "peft>=0.13"),
+    ),
 }
 """The kinds ``--kind`` accepts (each a folder under ``core/templates``)."""
 
