@@ -62,11 +62,11 @@ KINDS = {
         ("transformers>=4.46", "tokenizers>=0.19"),
     ),
     "seq2seq": Kind(
-        "sequence-to-sequence generation (AutoModelForSeq2SeqLM)",
+        "seq2seq generation (AutoModelForSeq2SeqLM)",
         ("transformers>=4.46", "tokenizers>=0.19"),
     ),
     "causal-lm": Kind(
-        "a LoRA adapter of a causal language model (AutoModelForCausalLM, peft)",
+        "a causal LM with a LoRA adapter (peft)",
         ("transformers>=4.46", "tokenizers>=0.19", "peft>=0.13"),
     ),
 }
