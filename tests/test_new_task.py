@@ -246,7 +246,10 @@ def generated(request: pytest.FixtureRequest, workspace: Path) -> dict:
     run("uv", "run", "new-task", name, "--kind", kind, cwd=workspace)
     trained = run("uv", "run", "--package", name, "train", "-c", "tiny", cwd=workspace)
     seconds = time.monotonic() - start
-    run_dir = workspace / trained.stdout.strip().splitlines()[-1].split(": ", 1)[1]
+    # train names its run folder on stderr: "completed: runs/..."
+    done = [line for line in trained.stderr.splitlines() if line.startswith("completed: ")]
+    assert done, trained.stderr[-2000:]
+    run_dir = workspace / done[-1].split(": ", 1)[1]
     print(f"{kind}: new-task -> finished train -c tiny: {seconds:.0f} s")
     return {"kind": kind, "name": name, "run": run_dir, "seconds": seconds}
 
