@@ -81,9 +81,9 @@ def intent(workspace: Path) -> dict:
     """``new-task intent`` (classification) and ``train -c tiny`` right after it."""
     start = time.monotonic()
     made = run("uv", "run", "new-task", "intent", "--kind", "classification", cwd=workspace)
-    run("uv", "run", "--package", "intent", "train", "-c", "tiny", cwd=workspace)
+    trained = run("uv", "run", "--package", "intent", "train", "-c", "tiny", cwd=workspace)
     seconds = time.monotonic() - start
-    (run_dir,) = (p.parent for p in (workspace / "runs").glob("*/summary.json"))
+    run_dir = workspace / trained.stderr.split("completed: ")[-1].splitlines()[0]
     print(f"new-task -> finished train -c tiny: {seconds:.0f} s")
     return {"made": made, "run": run_dir, "seconds": seconds}
 
@@ -288,3 +288,105 @@ def test_the_new_package_builds_a_wheel_that_trains_outside_the_workspace(
         "intent/slurm/train.sbatch",
     ):
         assert needed in names, f"{wheel.name} lacks {needed}"
+
+
+# -- the other kinds: seq2seq and causal-lm ----------------------------------------------------
+
+OTHER_KINDS = {"seq2seq": "rewriter", "causal-lm": "responder"}
+"""Kind -> the package name it is generated as here."""
+
+FINAL_FILES = {
+    "seq2seq": ["config.json", "tokenizer.json"],
+    "causal-lm": ["adapter_config.json", "tokenizer.json", "base/config.json"],
+}
+"""What ``final/`` holds per kind (causal-lm: the adapter, and the random tiny base beside it)."""
+
+INFER = {
+    "seq2seq": ("wake me up at 7 am tomorrow", "alarm"),
+    "causal-lm": ("text anna that i am late", "sending"),
+}
+"""A prompt per kind and the first word its trained tiny model answers with."""
+
+
+@pytest.fixture(scope="module", params=sorted(OTHER_KINDS))
+def generated(request: pytest.FixtureRequest, workspace: Path) -> dict:
+    """``new-task NAME --kind KIND`` and ``train -c tiny`` right after it."""
+    kind, name = request.param, OTHER_KINDS[request.param]
+    start = time.monotonic()
+    run("uv", "run", "new-task", name, "--kind", kind, cwd=workspace)
+    trained = run("uv", "run", "--package", name, "train", "-c", "tiny", cwd=workspace)
+    seconds = time.monotonic() - start
+    # train names its run folder on stderr: "completed: runs/..."
+    done = [line for line in trained.stderr.splitlines() if line.startswith("completed: ")]
+    assert done, trained.stderr[-2000:]
+    run_dir = workspace / done[-1].split(": ", 1)[1]
+    print(f"{kind}: new-task -> finished train -c tiny: {seconds:.0f} s")
+    return {"kind": kind, "name": name, "run": run_dir, "seconds": seconds}
+
+
+def validation_records(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "val/loss" in r]
+
+
+def test_other_kinds_train_right_after_new_task_and_learn(generated: dict) -> None:
+    records = validation_records(generated["run"])
+    first, last = records[0], records[-1]
+    assert first["step"] == 0 and last["step"] > 0
+    assert last["val/loss"] < 0.9 * first["val/loss"], records
+    summary = json.loads((generated["run"] / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    for name in FINAL_FILES[generated["kind"]]:
+        assert (generated["run"] / "final" / name).is_file(), name
+
+
+def test_other_kinds_evaluate_and_infer_on_their_final_model(
+    workspace: Path, generated: dict
+) -> None:
+    name, final = generated["name"], generated["run"] / "final"
+    done = run("uv", "run", "--package", name, "evaluate", "--model", str(final), cwd=workspace)
+    scores = json.loads(done.stdout.strip().splitlines()[-1])
+    # final/ is the model of the last step, validated on the same file: the same loss.
+    assert scores["loss"] == pytest.approx(validation_records(generated["run"])[-1]["val/loss"])
+    metric = "exact_match" if generated["kind"] == "seq2seq" else "perplexity"
+    assert metric in scores
+    assert (generated["run"] / "eval" / "dev.jsonl").is_file()
+    prompt, first_word = INFER[generated["kind"]]
+    done = run(
+        "uv",
+        "run",
+        "--package",
+        name,
+        "infer",
+        "--model",
+        str(final),
+        "--prompt",
+        prompt,
+        cwd=workspace,
+    )
+    assert done.stdout.split()[0] == first_word, done.stdout
+
+
+def test_other_kinds_pass_their_tests_lint_and_self_checks_and_are_small(
+    workspace: Path, generated: dict
+) -> None:
+    name = generated["name"]
+    tests = f"packages/{name}/tests"
+    run(
+        "uv",
+        "run",
+        "--package",
+        name,
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        tests,
+        cwd=workspace,
+    )
+    run("uv", "run", "ruff", "check", f"packages/{name}", cwd=workspace)
+    run("uv", "run", "ruff", "format", "--check", f"packages/{name}", cwd=workspace)
+    source = workspace / "packages" / name / "src"
+    lines = sum(len(p.read_text().splitlines()) for p in source.rglob("*.py"))
+    print(f"{generated['kind']} package: {lines} lines of Python in src")
+    assert lines < 600

@@ -61,6 +61,14 @@ KINDS = {
         "text classification (AutoModelForSequenceClassification)",
         ("transformers>=4.46", "tokenizers>=0.19"),
     ),
+    "seq2seq": Kind(
+        "seq2seq generation (AutoModelForSeq2SeqLM)",
+        ("transformers>=4.46", "tokenizers>=0.19"),
+    ),
+    "causal-lm": Kind(
+        "a causal LM with a LoRA adapter (peft)",
+        ("transformers>=4.46", "tokenizers>=0.19", "peft>=0.13"),
+    ),
 }
 """The kinds ``--kind`` accepts (each a folder under ``core/templates``)."""
 
@@ -238,6 +246,17 @@ def write_package(root: Path, name: str, files: dict[Path, bytes]) -> Path:
     return target
 
 
+def tidy(package: Path) -> None:
+    """Sort the new package's imports and format it with the workspace's ruff, when this
+    environment has ruff (the workspace's dev group does): where the package's own imports stand
+    among the first-party ones, and how long its lines are, depend on its name."""
+    ruff = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
+    if ruff is None:
+        return
+    for args in (["check", "--fix", "--select", "I", "--quiet"], ["format", "--quiet"]):
+        subprocess.run([ruff, *args, str(package)], capture_output=True, cwd=package.parent)
+
+
 def create(root: Path, name: str, kind: str) -> Path:
     """Write the package, add it to the workspace, update ``uv.lock``; undo both on failure.
 
@@ -256,6 +275,7 @@ def create(root: Path, name: str, kind: str) -> Path:
         )
         if done.returncode != 0:
             raise RuntimeError(f"uv lock failed:\n{done.stderr.strip()}")
+        tidy(target)
     except BaseException:
         shutil.rmtree(target, ignore_errors=True)
         pyproject.write_text(before, encoding="utf-8")

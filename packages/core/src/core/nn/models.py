@@ -108,15 +108,23 @@ def transformers_errors_only() -> Iterator[None]:
         hf_logging.set_verbosity(before)
 
 
-def block_classes(model_cls: type) -> set[type[nn.Module]]:
-    """The transformer block classes of a transformers model class (its ``_no_split_modules``),
-    the units FSDP wraps."""
+def block_classes(model: type | nn.Module) -> set[type[nn.Module]]:
+    """The transformer block classes of a transformers model (its ``_no_split_modules``), the
+    units FSDP wraps.
+
+    Args:
+        model: a model class (the names are looked up in its module), or a built model (the
+            classes of its modules that any of them names: a wrapper such as peft's included).
+    """
+    if isinstance(model, nn.Module):
+        names = {n for m in model.modules() for n in getattr(m, "_no_split_modules", None) or []}
+        return {type(m) for m in model.modules() if type(m).__name__ in names}
     import sys
 
-    module = sys.modules[model_cls.__module__]
+    module = sys.modules[model.__module__]
     return {
         getattr(module, name)
-        for name in (getattr(model_cls, "_no_split_modules", None) or [])
+        for name in (getattr(model, "_no_split_modules", None) or [])
         if hasattr(module, name)
     }
 

@@ -25,8 +25,11 @@ __all__, __getattr__ = lazy_exports(
         ),
         "images": "ImageSource image_sizes load_image resolve_image",
         "records": "BadJSON check_file iter_source read_all read_objects split_holdout",
+        "textbatch": "continuations pad_batch",
+        "textrecords": "TextRecord read_text_records",
         "tiny_tokenizer": "BpeRecipe save_fast train_bpe write_record",
         "token_cache": "cached_map content_fingerprint tokenizer_fingerprint",
         "truncation": "Truncation add_option cut_ids input_limit length_stats model_limit",
+        "wordlevel": "word_tokenizer",
     },
 )
