@@ -1,16 +1,7 @@
-"""Commands of the summarization package.
-
-    train    [-c PRESET|FILE.yaml] [key=value ...]     (core's; default preset bart_large_cnn)
-    evaluate --model DIR [--split dev|test|FILE] [--out DIR] [-c ...] [key=value ...]
-    predict  --model DIR (--input FILE.jsonl | --text "...") [--output FILE]
-    score    --predictions FILE --references FILE [--lang auto|en|ko] [--multi-reference mean|max]
-    lead3    --input FILE [--output FILE]              (the Lead-3 baseline: first 3 utterances)
-
-``train``, ``evaluate`` and ``infer`` (= ``predict``) are core's shared commands (``uv run
---package summarization train``); ``summarization-train``, ``predict``, ``score`` and
-``summarization-lead3`` are this package's own. ``python -m summarization.cli COMMAND ...`` runs
-any of them; without arguments it runs a self-check. Mistakes a user can fix exit with code 2
-and a one-paragraph message.
+"""Commands of the summarization package: ``train``, ``evaluate`` and ``predict`` (= ``infer``)
+are core's, from :data:`SPEC`; ``score`` (ROUGE of two files) and ``lead3`` (the Lead-3 baseline)
+are its own. ``python -m summarization.cli COMMAND ...`` runs any of them (no arguments: a
+self-check). Mistakes a user can fix exit with code 2 and a one-paragraph message.
 """
 
 from __future__ import annotations
@@ -53,9 +44,7 @@ def _check_evaluate(args: argparse.Namespace) -> None:
         raise UserError(f"--limit {args.limit}: give at least 1 row.")
 
 
-# --------------------------------------------------------------------------------------------
-# predict
-# --------------------------------------------------------------------------------------------
+# -- predict ---------------------------------------------------------------------------------
 
 
 def _check_predict(args: argparse.Namespace) -> None:
@@ -89,8 +78,6 @@ class Summarizer:
     """
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from transformers import AutoModelForSeq2SeqLM
-
         from core.commands.model_io import inference_device
 
         cfg = config_for_model(
@@ -102,13 +89,11 @@ class Summarizer:
             DEFAULT_PRESET,
         )
         self.task = SPEC.make_task(cfg)
-        self.task.setup_model_side(args.model)
+        model = self.task.load_trained(args.model, args, None)
         origin = self.task.source_limit(args.max_input_tokens)
         self.cut = Truncation(cfg.data.max_source_length, origin, "dialogues")
         self.batch_size = args.batch_size
-        device = inference_device(args.device)
-        self.model = AutoModelForSeq2SeqLM.from_pretrained(args.model).to(device).eval()
-        self.task.prepare_generation(self.model)
+        self.model = model.to(inference_device(args.device)).eval()
 
     def __call__(self, rows: list[dict[str, Any]]) -> list[str]:
         """The summary of every row's dialogue, in the rows' order (similar lengths batched
@@ -137,9 +122,7 @@ class Summarizer:
         return [summaries[i] for i in range(len(rows))]
 
 
-# --------------------------------------------------------------------------------------------
-# score and the Lead-3 baseline
-# --------------------------------------------------------------------------------------------
+# -- score and the Lead-3 baseline -----------------------------------------------------------
 
 
 def _add_metric_options(parser: argparse.ArgumentParser) -> None:
@@ -178,17 +161,15 @@ def score_rows(
 
     missing = [f for f in references if f not in predictions]
     extra = [f for f in predictions if f not in references]
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(
-                f"{len(missing)} reference id(s) have no prediction in {pred_key} (e.g. "
-                f"{', '.join(missing[:5])})"
-            )
-        if extra:
-            parts.append(
-                f"{len(extra)} prediction id(s) are not in {ref_key} (e.g. {', '.join(extra[:5])})"
-            )
+    parts = [
+        f"{len(ids)} {what} (e.g. {', '.join(ids[:5])})"
+        for ids, what in (
+            (missing, f"reference id(s) have no prediction in {pred_key}"),
+            (extra, f"prediction id(s) are not in {ref_key}"),
+        )
+        if ids
+    ]
+    if parts:
         raise UserError(
             "Predictions and references must cover the same fname ids: " + "; ".join(parts) + "."
         )
@@ -215,12 +196,11 @@ def score(argv: Sequence[str] | None = None) -> int:
         "matched by fname.",
         epilog=(
             "predictions: JSONL rows {fname, summary}. references: rows {fname, summary} or "
-            "{fname, summary1, summary2, ...}\n"
-            "(a DialogSum file works as it is). Every id must be in both files. Prints one JSON "
-            "object with rouge1, rouge2,\n"
-            "rougeL, rougeLsum, the tokenizer, stemmer and multi-reference convention.\n\n"
-            "example:\n  summarization-score --predictions runs/001_.../eval/test.jsonl "
-            "--references ../shared/data/dialogsum/dialogsum.test.jsonl"
+            "{fname, summary1, summary2, ...}\n(a DialogSum file works as it is). Every id must be "
+            "in both files. Prints one JSON object with rouge1, rouge2,\nrougeL, rougeLsum, the "
+            "tokenizer, stemmer and multi-reference convention.\n\nexample:\n  summarization-score "
+            "--predictions runs/001_.../eval/test.jsonl --references "
+            "../shared/data/dialogsum/dialogsum.test.jsonl"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -325,17 +305,13 @@ SPEC = TaskSpec(
         "processes: trainer.devices=N).",
         epilog=(
             "The config comes from -c, else from the config.yaml of the run that wrote --model, "
-            "else the default preset;\n"
-            "generation.* / metric.* / trainer.* overrides apply. Prints the scores "
-            "(rouge1/2/L/Lsum F1 in [0,1], loss,\n"
-            "tokenizer, multi-reference convention) as one JSON line. The summaries ({fname, "
-            "summary, references}) go to\n"
+            "else the default preset;\ngeneration.* / metric.* / trainer.* overrides apply. Prints "
+            "the scores (rouge1/2/L/Lsum F1 in [0,1], loss,\ntokenizer, multi-reference "
+            "convention) as one JSON line. The summaries ({fname, summary, references}) go to\n"
             "--out, or, for a run's final/, to <run>/eval/<split>.jsonl with the scores in "
-            "<run>/eval/<split>.scores.json.\n\n"
-            "examples:\n"
-            "  evaluate --model runs/001_20261122_101500/final --split test\n"
-            "  evaluate --model runs/001_.../final --data my_dialogues.jsonl --out "
-            "my_summaries.jsonl generation.num_beams=4"
+            "<run>/eval/<split>.scores.json.\n\nexamples:\n  evaluate --model "
+            "runs/001_20261122_101500/final --split test\n  evaluate --model runs/001_.../final "
+            "--data my_dialogues.jsonl --out my_summaries.jsonl generation.num_beams=4"
         ),
         model_help="a folder written by save_pretrained (a run's final/)",
         data_help="a JSONL file of dialogues with references (fname, dialogue, summary or "
@@ -354,13 +330,10 @@ SPEC = TaskSpec(
         description="Summarise dialogues with a trained model (also: infer).",
         epilog=(
             "--data rows need 'dialogue' (and optionally 'fname'); the output has one {fname, "
-            "summary} row per input,\n"
-            "to --out or stdout. --prompt prints the summary of one dialogue (turns separated by "
-            "newlines).\n\n"
-            "examples:\n"
-            "  summarization-predict --model runs/001_.../final --data dialogues.jsonl --out "
-            "summaries.jsonl\n"
-            "  summarization-predict --model runs/001_.../final --prompt $'#Person1#: "
+            "summary} row per input,\nto --out or stdout. --prompt prints the summary of one "
+            "dialogue (turns separated by newlines).\n\nexamples:\n  summarization-predict --model "
+            "runs/001_.../final --data dialogues.jsonl --out summaries.jsonl\n  "
+            "summarization-predict --model runs/001_.../final --prompt $'#Person1#: "
             "Hi!\\n#Person2#: Hello.' generation.num_beams=4"
         ),
         raw_epilog=True,

@@ -298,10 +298,9 @@ def refuse_t5_fp16(cfg: SummarizationConfig) -> None:
     if kind is not None and "t5" in kind:
         raise ConfigError(
             f"trainer.precision={cfg.trainer.precision} with the T5-family model "
-            f"'{cfg.model.name}' ({kind}): T5 overflows "
-            "in float16 and its loss becomes NaN. Use trainer.precision=bf16-mixed on a GPU that "
-            "supports bfloat16 "
-            "(A100, H100, RTX 30xx and newer), or trainer.precision=32-true."
+            f"'{cfg.model.name}' ({kind}): T5 overflows in float16 and its loss becomes NaN. Use "
+            "trainer.precision=bf16-mixed on a GPU that supports bfloat16 (A100, H100, RTX 30xx "
+            "and newer), or trainer.precision=32-true."
         )
 
 

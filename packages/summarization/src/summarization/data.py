@@ -1,17 +1,6 @@
-"""DialogSum data: reading with per-line checks, tokenising through ``datasets``, batching.
-
-Rows are JSON lines with ``fname``, ``dialogue``, ``summary`` and ``topic``; test rows carry
-several references ``summary1..N`` instead of ``summary``. Every line is checked when it is
-read, and a bad one raises :class:`core.errors.UserError` naming the file and line (malformed
-JSON, a missing or empty field, bytes that are not UTF-8, a duplicate ``fname``).
-
-A row becomes ``{"fname", "dialogue", "references": [str, ...], "topic"}``. Tokenisation runs
-through ``datasets.Dataset.map(batched=True)`` into an Arrow cache file keyed by the data's and
-the tokenizer's fingerprints, so a second run with the same data reads the tokens back.
-
-Items are ``{"index", "input_ids", "labels"}``; core's :class:`Seq2SeqCollator` pads them per batch
-(dynamic padding), fills label padding with ``-100`` (ignored by the loss) and builds the
-decoder inputs by shifting the labels right.
+"""DialogSum data: JSON lines ``{fname, dialogue, summary | summary1..N, topic}``, each checked
+when read (a bad one raises :class:`core.errors.UserError` naming the file and line), tokenised
+into a ``datasets`` Arrow cache, batched by core's :class:`Seq2SeqCollator`.
 
 Self-check: ``python -m summarization.data``.
 """
@@ -32,9 +21,7 @@ CACHE_VERSION = "2"  # 2: source_tokens (length before truncation)
 """Bump when the tokenised layout changes, so old cache files are not reused."""
 
 
-# --------------------------------------------------------------------------------------------
-# Reading and checking rows
-# --------------------------------------------------------------------------------------------
+# -- reading and checking rows ---------------------------------------------------------------
 
 
 def reference_keys(row: dict[str, Any]) -> list[str]:
@@ -49,18 +36,14 @@ def reference_keys(row: dict[str, Any]) -> list[str]:
 
 
 def check_references(obj: dict[str, Any], where: str, need_references: bool) -> list[str]:
-    """The stripped reference summaries of a row (:func:`reference_keys`).
-
-    Raises:
-        UserError: none although ``need_references``, or one that is empty or not text.
-    """
+    """The stripped reference summaries of a row (:func:`reference_keys`); ``UserError`` for none
+    although ``need_references``, or one that is empty or not text."""
     keys = reference_keys(obj)
     if need_references and not keys:
         raise UserError(
             f"{where}: missing field 'summary' (or 'summary1', 'summary2', ... for several "
-            "references); "
-            f"fields present: {', '.join(sorted(obj))}. Training and scoring need a reference "
-            "summary per row."
+            f"references); fields present: {', '.join(sorted(obj))}. Training and scoring need a "
+            "reference summary per row."
         )
     references = []
     for key in keys:
@@ -77,16 +60,9 @@ def check_references(obj: dict[str, Any], where: str, need_references: bool) -> 
 def check_row(
     obj: Any, where: str, need_references: bool = True, default_fname: str = ""
 ) -> dict[str, Any]:
-    """Validate one parsed row and normalise it.
-
-    Args:
-        obj: the parsed JSON value of one line.
-        where: ``"FILE:LINE"`` (or a dataset row) for messages.
-        need_references: whether a ``summary`` / ``summary1..N`` field is required.
-        default_fname: id to use when the row has no ``fname``.
-
-    Returns:
-        ``{"fname": str, "dialogue": str, "references": list[str], "topic": str}``.
+    """One parsed row (named ``where``, ``"FILE:LINE"``, in messages), checked and normalised to
+    ``{"fname": str, "dialogue": str, "references": list[str], "topic": str}``; ``fname``
+    defaults to ``default_fname``.
 
     Raises:
         UserError: not an object, a missing / empty / non-text field.
@@ -130,22 +106,16 @@ def read_rows(
     split: str = "train",
     hint: str = "",
 ) -> list[dict[str, Any]]:
-    """Read and check DialogSum-style rows from a JSON-lines / JSON file or a ``datasets`` source
-    (core's reader: UTF-8 with or without BOM, every problem named with file and line).
+    """The rows (:func:`check_row`), in order, of a JSON-lines / JSON file, a dataset folder or a
+    Hub dataset id (its ``split``), through :func:`core.task.records.read_all`.
 
     Args:
-        source: a file, a dataset folder, or a Hub dataset id.
-        key: the config key or option that named it (for messages).
+        key: the config key or option that named ``source`` (for messages).
         need_references: require a summary on every row (training, validation, scoring).
-        split: the split of a ``datasets`` source.
         hint: added to the error when a ``datasets`` source cannot be loaded.
 
-    Returns:
-        Normalised rows (see :func:`check_row`), in order.
-
     Raises:
-        UserError: missing file, a folder, bytes that are not UTF-8, malformed JSON, bad or
-            duplicate rows, or no rows at all: each with the file and line.
+        UserError: an unreadable source, bad or duplicate rows, or no rows: file and line named.
     """
     from core.task.records import read_all
 
@@ -175,15 +145,9 @@ def read_jsonl(path: Path, key: str = "file", need_references: bool = True) -> l
 
 
 def read_scoring_file(path: Path, key: str, references: bool) -> dict[str, list[str]]:
-    """Rows of a predictions or references file for ``score``, by ``fname``.
-
-    Args:
-        path: JSONL with ``{fname, summary}`` rows, or (references) ``{fname, summary1..N}``.
-        key: the option that named it (``--predictions`` / ``--references``).
-        references: whether these are references (``summary1..N`` allowed, empty text refused).
-
-    Returns:
-        ``{fname: [summary, ...]}`` in file order (one entry per prediction).
+    """``{fname: [summary, ...]}`` (file order) of the ``{fname, summary}`` rows of a predictions
+    file for ``score`` (option ``key``), or of a references file (``references``: ``summary1..N``
+    allowed, empty text refused).
 
     Raises:
         UserError: bad line, missing ``fname`` / ``summary``, duplicate ``fname``, empty file.
@@ -199,11 +163,8 @@ def read_scoring_file(path: Path, key: str, references: bool) -> dict[str, list[
                 f'{where}: expected a JSON object {{"fname": ..., "summary": ...}}, got '
                 f"{type(obj).__name__}."
             )
-        if (
-            "fname" not in obj
-            or not isinstance(obj["fname"], (str, int))
-            or str(obj["fname"]) == ""
-        ):
+        fname = obj.get("fname")
+        if not isinstance(fname, (str, int)) or str(fname) == "":
             raise UserError(
                 f"{where}: missing field 'fname' (fields present: "
                 f"{', '.join(sorted(obj)) or 'none'}); rows are matched by fname."
@@ -222,7 +183,7 @@ def read_scoring_file(path: Path, key: str, references: bool) -> dict[str, list[
                     f"{obj[k]!r}."
                 )
             texts.append(obj[k].strip())
-        fname = str(obj["fname"])
+        fname = str(fname)
         if fname in out:
             raise UserError(
                 f"{where}: duplicate fname '{fname}' (first at {lines[fname]}); ids must be unique."
@@ -244,8 +205,7 @@ def read_hub_split(
 
 DATASET_HINT = (
     "Or set data.train_file / data.val_file / data.test_file to local JSONL files, or leave "
-    "data.dataset null "
-    "to use the shipped sample."
+    "data.dataset null to use the shipped sample."
 )
 """The way forward when ``data.dataset`` cannot be loaded."""
 
@@ -284,19 +244,10 @@ def tokenize_rows(
     max_target_length: int = 128,
     cache_dir: Path | None = None,
 ) -> datasets.Dataset:  # noqa: F821
-    """Tokenise rows with ``datasets.Dataset.map(batched=True)``, cached in an Arrow file
-    (:func:`core.task.token_cache.cached_map`).
-
-    The target is the row's first reference. The cache file name hashes the texts, the
-    tokenizer and the settings, so changing any of them makes a new file.
-
-    Args:
-        rows: normalised rows.
-        tokenizer: a transformers tokenizer.
-        prefix: text put before each dialogue (``summarize: `` for T5).
-        max_source_length: dialogue tokens kept (truncation).
-        max_target_length: summary tokens kept.
-        cache_dir: folder of cache files (default ``$HF_DATASETS_CACHE/summarization``).
+    """Tokenise ``prefix + dialogue`` (at most ``max_source_length`` tokens) and the first
+    reference (``max_target_length``) of each row with ``Dataset.map(batched=True)``, cached in
+    an Arrow file under ``cache_dir`` (default ``$HF_DATASETS_CACHE/summarization``) whose name
+    hashes the texts, the tokenizer and the settings (:func:`core.task.token_cache.cached_map`).
 
     Returns:
         A ``datasets.Dataset`` with columns ``index`` (int), ``input_ids`` and ``labels``
@@ -322,12 +273,8 @@ def tokenize_rows(
 
 
 class SummarizationDataset(TokenDataset):
-    """Tokenised rows for the engine: ``len()``, ``[i]`` and per-sample lengths (the source's).
-
-    Args:
-        rows: the normalised rows (kept for references and ids).
-        tokens: the output of :func:`tokenize_rows` for these rows.
-    """
+    """Tokenised rows for the engine: ``len()``, ``[i]`` and per-sample lengths (the source's),
+    from the normalised ``rows`` (kept for references and ids) and their :func:`tokenize_rows`."""
 
     def __init__(self, rows: Sequence[dict[str, Any]], tokens: Any) -> None:
         columns = tokens.to_dict()  # plain lists: cheap item access, picklable for workers
@@ -344,9 +291,7 @@ class SummarizationDataset(TokenDataset):
         return Truncation.of(self.source_tokens, limit, origin, what)
 
 
-# --------------------------------------------------------------------------------------------
-# Lead-3 baseline
-# --------------------------------------------------------------------------------------------
+# -- Lead-3 baseline --------------------------------------------------------------------------
 
 TURN = re.compile(r"\r?\n")
 

@@ -1,17 +1,7 @@
-"""Seq2seq models: any ``AutoModelForSeq2SeqLM`` by Hub id or folder, or a BART built from scratch.
-
-- ``model.init=pretrained``: ``AutoModelForSeq2SeqLM.from_pretrained(model.name)`` after
-  :func:`core.task.hub.ensure_available` (a Hub id that cannot be downloaded fails in a second with
-  a
-  message that says how to proceed).
-- ``model.init=scratch``: a BART (``model.scratch.architecture=bart``, post-norm) or an
-  mBART-layout model (``mbart``, pre-norm) sized by ``model.scratch.*``, random weights, with the
-  byte-level BPE tokenizer shipped in
-  ``summarization/assets/tokenizer`` — no download at all (the ``tiny`` and ``small`` presets).
-
-Fine-tuning switches: activation (gradient) checkpointing, freezing the embeddings, the first N
-or listed encoder / decoder blocks, or the whole encoder. :func:`parameter_report` counts total
-and trainable parameters per part; the task logs it at the start of training.
+"""Seq2seq models: any ``AutoModelForSeq2SeqLM`` by Hub id or folder (``model.init=pretrained``;
+one that cannot be downloaded fails in a second, :func:`core.task.hub.ensure_available`), or a
+random (m)BART sized by ``model.scratch.*`` with the shipped tokenizer (``scratch``: no download).
+Fine-tuning switches (activation checkpointing, freezing) and a per-part parameter count.
 
 Self-check: ``python -m summarization.model``.
 """
@@ -32,9 +22,7 @@ from summarization.config import SHIPPED_TOKENIZER, ModelConfig
 log = logging.getLogger(__name__)
 
 
-# --------------------------------------------------------------------------------------------
-# Loading
-# --------------------------------------------------------------------------------------------
+# -- loading ---------------------------------------------------------------------------------
 
 
 def tokenizer_source(cfg: ModelConfig) -> str:
@@ -46,11 +34,8 @@ def tokenizer_source(cfg: ModelConfig) -> str:
 
 
 def load_tokenizer(cfg: ModelConfig) -> Any:
-    """The tokenizer, checked for availability first.
-
-    Raises:
-        UserError: a folder that does not exist, or a Hub id that cannot be downloaded here.
-    """
+    """The tokenizer, checked for availability first (``UserError``: a folder that does not
+    exist, a Hub id that cannot be downloaded here, or no padding token)."""
     from transformers import AutoTokenizer
 
     source = tokenizer_source(cfg)
@@ -70,11 +55,8 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
 
 
 def load_model_config(cfg: ModelConfig, tokenizer: Any) -> Any:
-    """The transformers config of the model to train (downloads nothing for scratch models).
-
-    Returns:
-        A ``PretrainedConfig`` (``BartConfig`` or ``MBartConfig`` for scratch models).
-    """
+    """The ``PretrainedConfig`` of the model to train (scratch: a ``BartConfig`` or
+    ``MBartConfig``, nothing downloaded)."""
     if cfg.init == "scratch":
         return scratch_config(cfg, tokenizer)
     from transformers import AutoConfig
@@ -84,17 +66,15 @@ def load_model_config(cfg: ModelConfig, tokenizer: Any) -> Any:
     if not getattr(config, "is_encoder_decoder", False):
         raise UserError(
             f"model.name='{cfg.name}' is a {config.model_type} model, not an encoder-decoder "
-            "(seq2seq) model; "
-            "summarization needs one such as facebook/bart-large-cnn, facebook/bart-base or "
-            "t5-small."
+            "(seq2seq) model; summarization needs one such as facebook/bart-large-cnn, "
+            "facebook/bart-base or t5-small."
         )
     return config
 
 
 def scratch_config(cfg: ModelConfig, tokenizer: Any) -> Any:
     """A ``BartConfig`` or ``MBartConfig`` (``model.scratch.architecture``) sized by
-    ``model.scratch``
-    for ``tokenizer``'s vocabulary and special tokens."""
+    ``model.scratch`` for ``tokenizer``'s vocabulary and special tokens."""
     s = cfg.scratch
     return scratch_config_class(cfg)(
         vocab_size=len(tokenizer),
@@ -126,11 +106,7 @@ def scratch_config_class(cfg: ModelConfig) -> type:
 
 
 def decoder_start_id(config: Any) -> int:
-    """The decoder's first input id (BART: ``</s>``; T5: ``<pad>``).
-
-    Raises:
-        UserError: a config without one.
-    """
+    """The decoder's first input id (BART: ``</s>``; T5: ``<pad>``); ``UserError`` if none."""
     start = getattr(config, "decoder_start_token_id", None)
     if start is None:
         start = getattr(getattr(config, "decoder", None), "decoder_start_token_id", None)
@@ -143,11 +119,8 @@ def decoder_start_id(config: Any) -> int:
 
 
 def check_precision(config: Any, precision: str) -> None:
-    """Refuse float16 for T5-family models (they overflow to inf/NaN in fp16).
-
-    Raises:
-        ConfigError: ``precision`` is a 16-bit float precision and the model is T5-like.
-    """
+    """Refuse (``ConfigError``) a 16-bit float ``precision`` for T5-family models: they overflow
+    to inf/NaN in fp16."""
     if "t5" in str(getattr(config, "model_type", "")) and str(precision).startswith("16"):
         raise ConfigError(
             f"trainer.precision={precision} with a {config.model_type} model: T5 overflows in "
@@ -157,16 +130,8 @@ def check_precision(config: Any, precision: str) -> None:
 
 
 def build_model(cfg: ModelConfig, config: Any) -> nn.Module:
-    """The seq2seq model: pretrained weights or a random (m)BART, with the fine-tuning switches
-    applied.
-
-    Args:
-        cfg: the ``model`` config group.
-        config: from :func:`load_model_config`.
-
-    Returns:
-        An ``AutoModelForSeq2SeqLM`` model (e.g. ``BartForConditionalGeneration``), in train mode.
-    """
+    """The ``AutoModelForSeq2SeqLM`` model (pretrained, or random from ``config``, the output of
+    :func:`load_model_config`) with the fine-tuning switches of ``cfg`` applied, in train mode."""
     from transformers import AutoModelForSeq2SeqLM
 
     kwargs = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
@@ -181,18 +146,12 @@ def build_model(cfg: ModelConfig, config: Any) -> nn.Module:
     return model
 
 
-# --------------------------------------------------------------------------------------------
-# Freezing and counting
-# --------------------------------------------------------------------------------------------
+# -- freezing and counting -------------------------------------------------------------------
 
 
 def blocks(stack: nn.Module) -> nn.ModuleList:
     """The list of transformer blocks of an encoder or decoder (``layers`` in BART, ``block`` in
-    T5).
-
-    Raises:
-        UserError: no such list found.
-    """
+    T5); ``UserError`` if none is found."""
     for attr in ("layers", "block", "layer"):
         found = getattr(stack, attr, None)
         if isinstance(found, nn.ModuleList):
@@ -204,11 +163,8 @@ def blocks(stack: nn.Module) -> nn.ModuleList:
 
 
 def chosen_layers(spec: int | Sequence[int], count: int, key: str) -> list[int]:
-    """Indices selected by a freeze setting: ``N`` -> the first N, a list -> those indices.
-
-    Raises:
-        ConfigError: N larger than the number of blocks, or an index out of range.
-    """
+    """Indices selected by a freeze setting: ``N`` -> the first N, a list -> those indices;
+    ``ConfigError`` for N above ``count`` or an index out of range."""
     if isinstance(spec, int):
         if not 0 <= spec <= count:
             raise ConfigError(
@@ -235,12 +191,8 @@ def embedding_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def apply_freezing(model: nn.Module, cfg: ModelConfig) -> None:
-    """Set ``requires_grad=False`` on the parts named by the ``model.freeze_*`` switches.
-
-    Args:
-        model: an encoder-decoder model with ``get_encoder()`` / ``get_decoder()``.
-        cfg: the ``model`` config group.
-    """
+    """Set ``requires_grad=False`` on the parts of an encoder-decoder ``model`` named by the
+    ``model.freeze_*`` switches of ``cfg``."""
     encoder, decoder = model.get_encoder(), model.get_decoder()
     if cfg.freeze_encoder:
         # The token embeddings are shared with the decoder (and tied to the output layer): leave

@@ -1,18 +1,8 @@
-"""The summarization :class:`core.task.base.Task`: DialogSum rows in, a seq2seq model trained, ROUGE
-out.
+"""The summarization :class:`core.task.base.Task`: DialogSum rows in, a seq2seq model trained
+on the summary tokens' cross-entropy, ROUGE-1/2/L/Lsum F1 of generated summaries out.
 
-- ``setup`` (before the run folder exists): tokenizer and model config (a Hub id that cannot be
-  downloaded fails here), T5 + fp16 refusal, reading and checking every data row, tokenising.
-- ``training_step``: the summed token cross-entropy of the summary tokens
-  (:func:`core.task.base.token_loss_sum` with ``shift=False``: seq2seq labels are already aligned).
-- ``validation_step``: per-sample loss *and* generated summaries (``add_predictions``; beams etc.
-  from the ``generation`` group); records carry ``index``, ``fname``, ``prediction`` and
-  ``references``, so the engine can gather them from every rank.
-- ``compute_metrics``: validation loss, ROUGE-1/2/L/Lsum (F1, fractions in [0, 1]) and the mean
-  summary length in words; the last validation's predictions go to ``val_predictions.jsonl``.
-- ``save_final``: ``save_pretrained`` of model and tokenizer, the generation settings in
-  ``generation_config.json``, and ``summarization.json`` (source prefix, length limits, metric),
-  so ``AutoModelForSeq2SeqLM`` / ``AutoTokenizer.from_pretrained(final/)`` just work.
+``final/`` holds the model, tokenizer, ``generation_config.json`` and ``summarization.json``
+(source prefix, length limits, metric): ``AutoModelForSeq2SeqLM.from_pretrained(final/)`` works.
 
 Self-check: ``python -m summarization.task`` (a few training steps of a very small model).
 """
@@ -74,11 +64,7 @@ class SummarizationTask(Task[SummarizationConfig]):
 
     def setup_data(self) -> None:
         """Read, check and tokenise the train and validation rows (after
-        :meth:`setup_model_side`).
-
-        Raises:
-            UserError: bad data (file and line named).
-        """
+        :meth:`setup_model_side`); bad data raises ``UserError`` (file and line named)."""
         train_rows = self.read_split("train")
         val_rows = self.read_split("val")
         self.train_data = self.tokenize(train_rows[: self.cfg.data.max_train_samples])
@@ -123,16 +109,14 @@ class SummarizationTask(Task[SummarizationConfig]):
             if self.tokenizer.mask_token_id is None:
                 raise ConfigError(
                     f"model.encoder_mlm={cfg.model.encoder_mlm} needs a tokenizer with a mask "
-                    "token, and "
-                    f"'{tokenizer_source(cfg.model)}' has none. Set model.encoder_mlm=0 or use a "
-                    "tokenizer with one (BART's <mask>)."
+                    f"token, and '{tokenizer_source(cfg.model)}' has none. Set model.encoder_mlm=0 "
+                    "or use a tokenizer with one (BART's <mask>)."
                 )
             if "fsdp" in str(cfg.trainer.strategy) or "stage_3" in str(cfg.trainer.strategy):
                 raise ConfigError(
-                    f"model.encoder_mlm={cfg.model.encoder_mlm} reads the output layer outside "
-                    "the model's forward, which "
-                    f"trainer.strategy={cfg.trainer.strategy} shards. Use ddp (or DeepSpeed stage "
-                    "1/2) or set model.encoder_mlm=0."
+                    f"model.encoder_mlm={cfg.model.encoder_mlm} reads the output layer outside the "
+                    f"model's forward, which trainer.strategy={cfg.trainer.strategy} shards. Use "
+                    "ddp (or DeepSpeed stage 1/2) or set model.encoder_mlm=0."
                 )
         self.collator = Seq2SeqCollator(
             self.tokenizer.pad_token_id, decoder_start_id(self.model_config)
@@ -141,22 +125,16 @@ class SummarizationTask(Task[SummarizationConfig]):
     def read_split(
         self, split: str, need_references: bool = True, key: str = "--split"
     ) -> list[dict[str, Any]]:
-        """Rows of ``train`` / ``val`` / ``test`` from the configured files, the shipped sample or
-        ``data.dataset``; or of a JSONL file when ``split`` is a path (named ``key`` in errors:
-        the option it came from).
-
-        Returns:
-            Normalised rows (see :func:`summarization.data.check_row`).
-        """
+        """Normalised rows (:func:`summarization.data.check_row`) of ``train`` / ``val`` / ``test``
+        from the configured files, the shipped sample or ``data.dataset``; or of a JSONL file when
+        ``split`` is a path (named ``key`` in errors: the option it came from)."""
         data = self.cfg.data
         if split not in SPLIT_KEYS:
             path = Path(split).expanduser()
             self.files.append(path)
             return read_jsonl(path, key, need_references)
         if data.dataset:
-            hub_split = {"train": data.train_split, "val": data.val_split, "test": data.test_split}[
-                split
-            ]
+            hub_split = getattr(data, f"{split}_split")  # data.train_split, ...
             return read_hub_split(data.dataset, hub_split, "data.dataset", need_references)
         path = data.file_for(split)  # type: ignore[arg-type]
         self.files.append(path)
@@ -206,13 +184,9 @@ class SummarizationTask(Task[SummarizationConfig]):
         )
 
     def prepare_generation(self, model: nn.Module) -> Any:
-        """The ``GenerationConfig`` used for every summary: the model's own, updated with the
-        ``generation`` group (``min_length`` reset so e.g. bart-large-cnn's 56 for news does not
-        apply).
-
-        Returns:
-            The ``transformers.GenerationConfig`` (also kept in ``self.generation_config``).
-        """
+        """The ``transformers.GenerationConfig`` of every summary (kept in
+        ``self.generation_config``): the model's own, updated with the ``generation`` group
+        (``min_length`` reset so e.g. bart-large-cnn's 56 for news does not apply)."""
         g = self.cfg.generation
         config = copy.deepcopy(model.generation_config)
         config.update(
@@ -235,23 +209,26 @@ class SummarizationTask(Task[SummarizationConfig]):
         decoder layers)."""
         from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
-        m = self.cfg.model
+        m, scratch = self.cfg.model, self.cfg.model.init == "scratch"
         config_class = (
-            scratch_config_class(m)
-            if m.init == "scratch"
-            else type(AutoConfig.from_pretrained(m.name))
+            scratch_config_class(m) if scratch else type(AutoConfig.from_pretrained(m.name))
         )
         return block_classes(AutoModelForSeq2SeqLM._model_mapping[config_class])
 
     # -- steps ---------------------------------------------------------------------------------
 
-    def forward_logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Teacher-forced decoder logits ``(batch, target_len, vocab)`` for ``batch``."""
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor], source: Any = None) -> Any:
+        """The teacher-forced output for ``batch`` (``.logits``: ``(batch, target_len, vocab)``),
+        with ``source`` ``(batch, source_len)`` as the dialogues' ids if given."""
         return model(
-            input_ids=batch["input_ids"],
+            input_ids=batch["input_ids"] if source is None else source,
             attention_mask=batch["attention_mask"],
             decoder_input_ids=batch["decoder_input_ids"],
-        ).logits
+        )
+
+    def forward_logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Teacher-forced decoder logits ``(batch, target_len, vocab)`` for ``batch``."""
+        return self.forward(model, batch).logits
 
     def training_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
         """Summed cross-entropy over the summary tokens of a micro-batch (label-smoothed by
@@ -259,24 +236,14 @@ class SummarizationTask(Task[SummarizationConfig]):
         weighted masked-LM loss of the encoder (see :meth:`masked_source`), scaled to the
         summary-token count so the engine's per-token normalisation gives
         ``summary mean + weight x MLM mean``."""
-        smoothing = self.cfg.model.label_smoothing
-        if self.cfg.model.encoder_mlm <= 0:
-            return token_loss_sum(
-                self.forward_logits(model, batch),
-                batch["labels"],
-                shift=False,
-                label_smoothing=smoothing,
-            )
-        source, chosen = self.masked_source(batch["input_ids"], batch["attention_mask"])
-        out = model(
-            input_ids=source,
-            attention_mask=batch["attention_mask"],
-            decoder_input_ids=batch["decoder_input_ids"],
-        )
-        summary = token_loss_sum(
-            out.logits, batch["labels"], shift=False, label_smoothing=smoothing
-        )
-        if not bool(chosen.any()):  # a micro-batch of very short dialogues can draw no position
+        source, chosen = None, None
+        if self.cfg.model.encoder_mlm > 0:
+            source, chosen = self.masked_source(batch["input_ids"], batch["attention_mask"])
+        out = self.forward(model, batch, source)
+        eps = self.cfg.model.label_smoothing
+        summary = token_loss_sum(out.logits, batch["labels"], shift=False, label_smoothing=eps)
+        # a micro-batch of very short dialogues can draw no position
+        if chosen is None or not bool(chosen.any()):
             return summary
         # (masked positions, d_model) -> (masked positions, vocab) through the tied output layer;
         # ``.module`` is the model inside Fabric's wrapper (the weights are the same tensors)
@@ -312,16 +279,8 @@ class SummarizationTask(Task[SummarizationConfig]):
     def generate(
         self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> list[str]:
-        """Summaries for a batch of tokenised dialogues.
-
-        Args:
-            model: the (possibly Fabric-wrapped) model.
-            input_ids: ``(batch, source_len)``.
-            attention_mask: ``(batch, source_len)``.
-
-        Returns:
-            One decoded, stripped summary per row.
-        """
+        """One decoded, stripped summary per dialogue of ``input_ids`` / ``attention_mask``
+        ``(batch, source_len)``; ``model`` may be Fabric-wrapped."""
         # Sharded parameters (FSDP2) are gathered in every forward: all ranks must keep stepping
         # until the longest summary of any rank is done.
         out = model.generate(
@@ -399,8 +358,7 @@ class SummarizationTask(Task[SummarizationConfig]):
             "data_source": self.cfg.data.dataset or "files",
         }
 
-    # -- evaluate: a trained model (core.commands.model_io)
-    # ---------------------------------------------
+    # -- evaluate: a trained model (core.commands.model_io) ----------------------------------
 
     def evaluation_inputs(self, data: Path | None, split: str) -> list[tuple[Path, str]]:
         """The split's file (also the shipped sample's, when no file is configured)."""
