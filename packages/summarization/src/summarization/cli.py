@@ -17,7 +17,7 @@ from core.commands.infer import InferSpec
 from core.commands.spec import EvaluateSpec, TaskSpec
 from core.commands.train import add_out_arguments, config_for_model
 from core.errors import UserError, user_errors_exit_2
-from core.run.outputs import guard_file
+from core.run.outputs import guard_file, write_jsonl, write_text
 from core.task.truncation import Truncation, add_option
 from summarization.config import DEFAULT_PRESET, PRESETS_DIR, SummarizationConfig
 
@@ -56,11 +56,8 @@ def _check_predict(args: argparse.Namespace) -> None:
 
 
 def read_dialogues(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The rows (``fname``, ``dialogue``) of ``--data``, or the one of ``--prompt``.
-
-    Raises:
-        UserError: an unreadable file or a row without a dialogue (file and line named).
-    """
+    """The rows (``fname``, ``dialogue``) of ``--data``, or the one of ``--prompt``; ``UserError``
+    for an unreadable file or a row without a dialogue (file and line named)."""
     from summarization.data import check_row, read_rows
 
     if args.data is not None:
@@ -152,11 +149,8 @@ def score_rows(
     pred_key: str,
     ref_key: str,
 ) -> dict[str, Any]:
-    """ROUGE of predictions matched to references by ``fname``.
-
-    Raises:
-        UserError: ids in one file and not the other.
-    """
+    """ROUGE of predictions matched to references by ``fname``; ``UserError`` for ids in one file
+    and not the other (``pred_key`` / ``ref_key`` name them)."""
     from core.task.metrics import rouge
 
     missing = [f for f in references if f not in predictions]
@@ -185,11 +179,8 @@ def score_rows(
 
 @user_errors_exit_2
 def score(argv: Sequence[str] | None = None) -> int:
-    """``score --predictions FILE --references FILE``: print ROUGE as one JSON object.
-
-    Returns:
-        Exit code (0; 2 for bad files or ids that do not match).
-    """
+    """``score --predictions FILE --references FILE``: print ROUGE as one JSON object. Exit code
+    0; 2 for bad files or ids that do not match."""
     parser = argparse.ArgumentParser(
         prog="summarization-score",
         description="ROUGE-1/2/L/Lsum F1 (fractions in [0, 1]) of predictions against references, "
@@ -230,8 +221,6 @@ def score(argv: Sequence[str] | None = None) -> int:
     }
     text = json.dumps(result, ensure_ascii=False)
     if args.out is not None:
-        from core.run.outputs import write_text
-
         write_text(args.out, text + "\n")
     print(text)
     return 0
@@ -241,10 +230,7 @@ def score(argv: Sequence[str] | None = None) -> int:
 def lead3(argv: Sequence[str] | None = None) -> int:
     """``lead3 --input FILE``: the Lead-3 baseline (first three utterances as the summary);
     writes ``{fname, summary}`` rows and, when the input has references, prints their ROUGE.
-
-    Returns:
-        Exit code (0; 2 for a bad input file).
-    """
+    Exit code 0; 2 for a bad input file."""
     parser = argparse.ArgumentParser(
         prog="summarization-lead3",
         description="Lead-N baseline: the first N utterances of each dialogue (speaker tags kept, "
@@ -269,7 +255,6 @@ def lead3(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"-n {args.n}: keep at least one utterance.")
     if args.out is not None:
         guard_file(args.out, "--out", [(args.data, "--data")], args.overwrite)
-    from core.run.outputs import write_jsonl
     from summarization.data import lead_n, read_jsonl
 
     rows = read_jsonl(args.data, "--data", need_references=False)

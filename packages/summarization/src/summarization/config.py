@@ -1,8 +1,5 @@
 """The summarization task's config: the engine's groups plus ``data``, ``model``, ``generation``,
-``metric``.
-
-Every field has a docstring (``train --help-keys`` prints them). Presets in
-``summarization/presets/*.yaml`` fill in parts of this tree; ``key=value`` overrides the rest.
+``metric``; the presets are ``summarization/presets/*.yaml``.
 
 Self-check: ``python -m summarization.config``.
 """
@@ -60,11 +57,9 @@ class DataConfig:
     max_train_samples: int | None = None
     """Use only the first N training rows (null: all)."""
     max_val_samples: int | None = None
-    """Use only the first N validation rows (null: all); generation makes validation the slow
-    part."""
+    """Use only the first N validation rows (null: all); generation makes validation slow."""
     cache_dir: Path | None = None
-    """Folder of the tokenised-data cache (``datasets`` Arrow files). null:
-    ``$HF_DATASETS_CACHE/summarization``."""
+    """Folder of the tokenised-data cache (null: ``$HF_DATASETS_CACHE/summarization``)."""
 
     def __post_init__(self) -> None:
         """Range checks; a bad value raises ``ConfigError`` naming the key."""
@@ -73,13 +68,10 @@ class DataConfig:
 
     def file_for(self, split: Literal["train", "val", "test"]) -> Path:
         """The file of a split: the configured one, or the shipped sample's."""
-        configured = {"train": self.train_file, "val": self.val_file, "test": self.test_file}[split]
+        configured = getattr(self, f"{split}_file")  # train_file, val_file, test_file
         if configured is not None:
             return Path(configured).expanduser()
-        return (
-            SAMPLES[self.sample]
-            / {"train": "train.jsonl", "val": "dev.jsonl", "test": "test.jsonl"}[split]
-        )
+        return SAMPLES[self.sample] / f"{'dev' if split == 'val' else split}.jsonl"
 
 
 @dataclass
@@ -136,8 +128,7 @@ class ModelConfig:
     """Sizes of the from-scratch BART."""
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
     """Attention kernel (null: the transformers default, ``sdpa``). On a CPU ``eager`` trains a
-    small
-    model faster: PyTorch's CPU flash-attention backward is slow for 64-wide heads (measured in the
+    small model faster: PyTorch's CPU flash-attention backward is slow for 64-wide heads (the
     ``small`` preset: 1.2x the steps/s)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (non-reentrant): less memory, ~30% slower."""
@@ -145,14 +136,11 @@ class ModelConfig:
     """Freeze the token embeddings (shared by encoder, decoder and, tied, the output layer) and the
     position embeddings."""
     freeze_encoder_layers: int | list[int] = 0
-    """Encoder blocks to freeze: a number N freezes the first N; a list freezes those indices
-    (0-based)."""
+    """Encoder blocks to freeze: a number N, the first N; a list, those indices (0-based)."""
     freeze_decoder_layers: int | list[int] = 0
-    """Decoder blocks to freeze: a number N freezes the first N; a list freezes those indices
-    (0-based)."""
+    """Decoder blocks to freeze: a number N, the first N; a list, those indices (0-based)."""
     freeze_encoder: bool = False
-    """Freeze the whole encoder (embeddings shared with the decoder stay trainable unless frozen
-    too)."""
+    """Freeze the whole encoder but the embeddings it shares (see ``freeze_embeddings``)."""
     encoder_mlm: float = 0.0
     """Auxiliary masked-language-model objective on the encoder, for training from scratch: this
     fraction of each training dialogue's tokens is replaced by the tokenizer's mask token, and the
@@ -161,8 +149,7 @@ class ModelConfig:
     0 turns it off; validation, evaluation and prediction never mask. Needs a tokenizer with a mask
     token and a strategy other than FSDP."""
     encoder_mlm_weight: float = 1.0
-    """Weight of the masked-LM loss (a mean over masked tokens) added to the summary loss (a mean
-    over summary tokens)."""
+    """Weight of the masked-LM loss (mean over masked tokens) added to the summary loss (mean)."""
     label_smoothing: float = 0.0
     """Label smoothing of the training summary loss, in [0, 1): each target token keeps ``1 - eps``
     and ``eps`` is spread over the vocabulary (``label_smoothing_factor`` of the Hugging Face
@@ -191,8 +178,7 @@ class GenerationConfig:
     max_new_tokens: int = 80
     """Longest summary in tokens."""
     min_new_tokens: int = 0
-    """Shortest summary in tokens (overrides a model's own ``min_length``, e.g. 56 of
-    bart-large-cnn)."""
+    """Shortest summary in tokens (replaces a model's ``min_length``, e.g. bart-large-cnn's 56)."""
     length_penalty: float = 1.0
     """Beam score exponent on length: > 1 favours longer summaries, < 1 shorter ones."""
     no_repeat_ngram_size: int = 3
@@ -210,8 +196,8 @@ class GenerationConfig:
         ):
             raise ConfigError(
                 "Config keys 'generation.num_beams' and 'generation.max_new_tokens' must be at "
-                "least 1, "
-                "'generation.min_new_tokens' and 'generation.no_repeat_ngram_size' at least 0."
+                "least 1, 'generation.min_new_tokens' and 'generation.no_repeat_ngram_size' at "
+                "least 0."
             )
         if self.min_new_tokens > self.max_new_tokens:
             raise ConfigError(
@@ -230,8 +216,7 @@ class MetricConfig:
     letters and digits of any script (keeps Hangul; identical to ``default`` on ASCII text).
     ``auto``: ``unicode`` when the texts contain non-ASCII letters, else ``default``."""
     use_stemmer: bool = True
-    """Porter-stem English words longer than 3 letters (rouge_score's ``use_stemmer``); never
-    applied to non-ASCII words."""
+    """Porter-stem English words longer than 3 letters (rouge_score's ``use_stemmer``)."""
     multi_reference: Literal["mean", "max"] = "mean"
     """Rows with several references (test: ``summary1..3``): ``mean`` averages each ROUGE F1 over
     the references; ``max`` takes the best reference per sample and ROUGE type
@@ -270,9 +255,8 @@ class SummarizationConfig(TrainConfig):
 
 
 def model_type_of(name: str) -> str | None:
-    """The ``model_type`` of a local model folder (from its ``config.json``), else a guess from a
-    Hub id's name (``t5`` for ``t5-small``, ``google/flan-t5-base``, ``google/mt5-small``...); None
-    if unknown."""
+    """The ``model_type`` of a local model folder (its ``config.json``), else a guess from a Hub
+    id's name (``t5`` for ``t5-small``, ``google/flan-t5-base``, ...); None if unknown."""
     folder = Path(name).expanduser()
     config = folder / "config.json"
     if config.is_file():
@@ -286,12 +270,8 @@ def model_type_of(name: str) -> str | None:
 
 
 def refuse_t5_fp16(cfg: SummarizationConfig) -> None:
-    """T5 overflows in float16 (its feed-forward activations exceed 65504 and become inf/NaN);
-    refuse 16-bit float precisions for T5-family models. bfloat16 and float32 are fine.
-
-    Raises:
-        ConfigError: a T5-family model with ``trainer.precision`` ``16-mixed`` / ``16-true``.
-    """
+    """Refuse (``ConfigError``) ``trainer.precision`` ``16-mixed`` / ``16-true`` for T5-family
+    models: their feed-forward activations exceed float16's 65504 and become inf/NaN."""
     if cfg.model.init != "pretrained" or not str(cfg.trainer.precision).startswith("16"):
         return
     kind = model_type_of(cfg.model.name)

@@ -1,18 +1,9 @@
 """Parameters and GPU memory of a summarization training config, without loading weights
-(``train -c bart_large_cnn --dry-run``).
-
-The encoder-decoder is built on PyTorch's ``meta`` device from its architecture (the public
-``config.json`` values of the Hub presets ship below; the scratch presets are built from
-``model.scratch`` and the shipped tokenizer), the freezing switches are applied, and
-:mod:`core.commands.estimate` turns the sizes into memory per GPU:
-
-- weights in float32 (``bf16-true``: 2 bytes), gradients of the trainable ones, optimizer state;
-  divided by the FSDP shard group;
-- activations: encoder layers over ``batch x data.max_source_length`` tokens, decoder layers over
-  ``batch x data.max_target_length`` tokens (plus their cross-attention keys and values over the
-  source); activation checkpointing keeps each layer's input and one recomputed layer;
-- logits and loss over the summary tokens (plain float32 logits: the seq2seq head adds
-  ``final_logits_bias`` after it, so ``loss.chunked`` does not apply to this task).
+(``train -c bart_large_cnn --dry-run``): the encoder-decoder is built on the ``meta`` device
+(Hub presets from their shipped ``config.json`` values), frozen as configured, and
+:mod:`core.commands.estimate` turns its sizes into memory per GPU. Encoder activations cover the
+source tokens, decoder ones the summary tokens; the logits are plain float32 (the seq2seq head
+adds ``final_logits_bias`` after them, so ``loss.chunked`` does not apply to this task).
 
 Self-check: ``python -m summarization.memory``.
 """
@@ -43,11 +34,8 @@ KNOWN_CONFIGS = shipped_architectures(__file__)
 
 
 def model_config(cfg: SummarizationConfig) -> tuple[Any, str]:
-    """The transformers config of the model to train and where it came from.
-
-    Raises:
-        UserError: a Hub id whose architecture is not shipped and not a local folder.
-    """
+    """The transformers config of the model to train and where it came from; ``UserError`` for
+    a Hub id whose architecture is not shipped and not a local folder."""
     m = cfg.model
     if m.init == "scratch":
         from summarization.model import load_tokenizer, scratch_config
@@ -85,11 +73,8 @@ def activations(cfg: SummarizationConfig, config: Any, e: int, checkpointed: boo
 
 
 def estimate(cfg: SummarizationConfig) -> dict[str, Any]:
-    """Parameters and training memory of ``cfg`` per GPU, without loading weights.
-
-    Returns:
-        A report for :func:`core.commands.estimate.format_report`.
-    """
+    """Parameters and training memory of ``cfg`` per GPU, without loading weights: a report for
+    :func:`core.commands.estimate.format_report`."""
     from transformers import AutoModelForSeq2SeqLM
 
     from summarization.model import apply_freezing

@@ -85,15 +85,9 @@ class SummarizationTask(Task[SummarizationConfig]):
         )
 
     def setup_model_side(self, model_dir: Path | None = None) -> None:
-        """Tokenizer, model config, precision check and collator.
-
-        Args:
-            model_dir: a trained model folder to use instead of ``model.*`` (evaluate / predict);
-                its ``summarization.json`` supplies the source prefix it was trained with.
-
-        Raises:
-            UserError: unreachable Hub model, T5 with fp16, ``model.encoder_mlm`` impossible.
-        """
+        """Tokenizer, model config, precision check and collator of ``model.*``, or of a trained
+        ``model_dir`` (evaluate / predict; its ``summarization.json`` gives the source prefix).
+        ``UserError``: unreachable Hub model, T5 with fp16, ``model.encoder_mlm`` impossible."""
         cfg = self.cfg
         if model_dir is not None:
             cfg.model.init, cfg.model.name, cfg.model.tokenizer = "pretrained", str(model_dir), None
@@ -250,24 +244,19 @@ class SummarizationTask(Task[SummarizationConfig]):
         head = getattr(model, "module", model).get_output_embeddings()
         mlm_logits = head(out.encoder_last_hidden_state[chosen].to(head.weight.dtype))
         mlm = torch.nn.functional.cross_entropy(mlm_logits.float(), batch["input_ids"][chosen])
-        weight = self.cfg.model.encoder_mlm_weight * torch.as_tensor(
-            summary.num_tokens, device=mlm.device
-        )
+        count = torch.as_tensor(summary.num_tokens, device=mlm.device)
+        weight = self.cfg.model.encoder_mlm_weight * count
         return StepOutput(loss_sum=summary.loss_sum + weight * mlm, num_tokens=summary.num_tokens)
 
     def masked_source(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Replace a random ``model.encoder_mlm`` fraction of the ordinary (not special, not
-        padding) source tokens by the mask token.
-
-        Args:
-            input_ids, attention_mask: ``(batch, source_len)``.
+        padding) tokens of ``input_ids`` ``(batch, source_len)`` by the mask token.
 
         Returns:
-            ``(masked input_ids, chosen)``, both ``(batch, source_len)``; ``chosen`` is a bool mask
-            of the replaced positions. Draws from torch's global generator, which the engine seeds
-            and restores on resume.
+            ``(masked input_ids, chosen)``, ``chosen`` the bool mask of the replaced positions.
+            Draws from torch's global generator, which the engine seeds and restores on resume.
         """
         special = torch.as_tensor(self.tokenizer.all_special_ids, device=input_ids.device)
         eligible = attention_mask.bool() & ~torch.isin(input_ids, special)
@@ -377,12 +366,9 @@ class SummarizationTask(Task[SummarizationConfig]):
         return model
 
     def source_limit(self, option: int | None) -> str:
-        """Set ``data.max_source_length`` to the dialogue length ``evaluate`` / ``predict`` keep:
-        ``--max-input-tokens`` if given, else the configured one, at most the model's positions.
-
-        Returns:
-            Where the limit comes from (named in the note on cut dialogues).
-        """
+        """Set ``data.max_source_length`` to the dialogue length ``evaluate`` / ``predict`` keep
+        (``--max-input-tokens`` if given, else the configured one, at most the model's positions)
+        and return where it comes from (named in the note on cut dialogues)."""
         from core.task.truncation import input_limit, model_limit
 
         hard = model_limit(self.model_config, self.tokenizer)
