@@ -79,11 +79,10 @@ class ScratchConfig:
     """Architecture and sizes of a model built with random weights (``model.init=scratch``)."""
 
     architecture: Literal["bart", "mbart"] = "bart"
-    """``bart``: BART's post-norm blocks (LayerNorm after each residual). ``mbart``: the same model
-    with pre-norm blocks and a final LayerNorm per stack (mBART's layout), which keeps the encoder's
-    token representations apart when training from random weights at a high learning rate; the
-    post-norm encoder can collapse to one vector for every token, and the decoder then never
-    reads the source (see the package README's from-scratch section)."""
+    """``bart``: BART's post-norm blocks. ``mbart``: pre-norm blocks and a final LayerNorm per
+    stack (mBART's layout), which keeps the encoder's token representations apart when training
+    from random weights at a high learning rate, where the post-norm encoder can collapse to one
+    vector for every token (see the package README's from-scratch section)."""
     d_model: int = 128
     """Hidden size."""
     encoder_layers: int = 2

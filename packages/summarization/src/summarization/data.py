@@ -211,10 +211,10 @@ DATASET_HINT = (
 
 
 def batch_encoder(tokenizer: Any, max_source_length: int, max_target_length: int) -> Any:
-    """The ``Dataset.map`` function that tokenises a batch of ``source`` / ``target`` texts."""
+    """The ``Dataset.map`` function that tokenises a batch of ``source`` / ``target`` texts into
+    ``{"input_ids": [[int]], "labels": [[int]], "source_tokens": [int]}``."""
 
     def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        """Token ids of a batch of rows: ``{"input_ids": [[int]], "labels": [[int]]}``."""
         source = tokenizer(batch["source"], max_length=max_source_length, truncation=True)
         target = tokenizer(
             text_target=batch["target"], max_length=max_target_length, truncation=True
@@ -297,8 +297,7 @@ TURN = re.compile(r"\r?\n")
 
 
 def lead_n(dialogue: str, n: int = 3) -> str:
-    """The first ``n`` utterances of a dialogue, speaker tags kept, one per line (Lead-3
-    baseline)."""
+    """The first ``n`` utterances of a dialogue, speaker tags kept, one per line (Lead-N)."""
     turns = [t.strip() for t in TURN.split(dialogue) if t.strip()]
     return "\n".join(turns[:n])
 

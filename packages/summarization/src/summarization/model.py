@@ -217,12 +217,9 @@ def apply_freezing(model: nn.Module, cfg: ModelConfig) -> None:
 
 
 def parameter_report(model: nn.Module) -> dict[str, dict[str, int]]:
-    """Parameter counts per part of an encoder-decoder model (tied weights counted once).
-
-    Returns:
-        ``{part: {"total": n, "trainable": n}}`` for ``embeddings``, ``encoder.N`` /
-        ``decoder.N`` blocks, ``other`` (norms, heads, biases) and ``all``.
-    """
+    """Parameter counts ``{part: {"total": n, "trainable": n}}`` of an encoder-decoder model (tied
+    weights once) for ``embeddings``, ``encoder.N`` / ``decoder.N`` blocks, ``other`` (norms,
+    heads, biases) and ``all``."""
     part_of: dict[int, str] = {}
     for module in embedding_modules(model):
         for p in module.parameters():
@@ -265,12 +262,10 @@ if __name__ == "__main__":  # self-check: python -m summarization.model
 
     from summarization.config import ScratchConfig
 
-    cfg = ModelConfig(
-        init="scratch",
-        scratch=ScratchConfig(
-            d_model=32, encoder_layers=2, decoder_layers=2, attention_heads=2, ffn_dim=64
-        ),
+    sizes = ScratchConfig(
+        d_model=32, encoder_layers=2, decoder_layers=2, attention_heads=2, ffn_dim=64
     )
+    cfg = ModelConfig(init="scratch", scratch=sizes)
     tokenizer = load_tokenizer(cfg)
     config = load_model_config(cfg, tokenizer)
     model = build_model(cfg, config)
@@ -286,16 +281,9 @@ if __name__ == "__main__":  # self-check: python -m summarization.model
     frozen = build_model(frozen_cfg, config)
     report = parameter_report(frozen)
     print(format_report(report))
-    assert (
-        report["embeddings"]["trainable"] == 0
-        and report["encoder.0"]["trainable"] == 0
-        and report["decoder.1"]["trainable"] == 0
-    )
-    assert (
-        report["encoder.1"]["trainable"] > 0
-        and full["trainable"] == full["total"]
-        and frozen.is_activation_checkpointing
-    )
+    assert all(report[part]["trainable"] == 0 for part in ("embeddings", "encoder.0", "decoder.1"))
+    assert report["encoder.1"]["trainable"] > 0 and full["trainable"] == full["total"]
+    assert frozen.is_activation_checkpointing
     batch = tokenizer(["#Person1#: 안녕하세요. #Person2#: Hello!"], return_tensors="pt")
     out = model(**batch, decoder_input_ids=batch["input_ids"][:, :4])
     print("logits", tuple(out.logits.shape), "(batch, target length, vocab)")
@@ -303,9 +291,8 @@ if __name__ == "__main__":  # self-check: python -m summarization.model
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         again = AutoModelForSeq2SeqLM.from_pretrained(tmp)
-        assert type(again).__name__ == "BartForConditionalGeneration" and len(
-            AutoTokenizer.from_pretrained(tmp)
-        ) == len(tokenizer)
+        assert type(again).__name__ == "BartForConditionalGeneration"
+        assert len(AutoTokenizer.from_pretrained(tmp)) == len(tokenizer)
     try:
         ensure_available("facebook/bart-large-cnn")
         print("facebook/bart-large-cnn is available here")
