@@ -67,23 +67,16 @@ def read_dialogues(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 class Summarizer:
-    """A trained model with the config it was trained with (``-c`` and overrides apply),
-    summarising dialogues; those cut to ``data.max_source_length`` are counted in :attr:`cut`.
-
-    Args:
-        args: ``predict``'s arguments (model, config, overrides, device, batch size, limit).
-    """
+    """A trained model with the config it was trained with (``predict``'s ``args``: ``-c`` and
+    overrides apply), summarising dialogues; those cut to ``data.max_source_length`` are counted
+    in :attr:`cut`."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         from core.commands.model_io import inference_device
 
+        a = args
         cfg = config_for_model(
-            args.model,
-            args.config,
-            args.overrides,
-            SummarizationConfig,
-            PRESETS_DIR,
-            DEFAULT_PRESET,
+            a.model, a.config, a.overrides, SummarizationConfig, PRESETS_DIR, DEFAULT_PRESET
         )
         self.task = SPEC.make_task(cfg)
         model = self.task.load_trained(args.model, args, None)
