@@ -74,9 +74,8 @@ class Summarizer:
     def __init__(self, args: argparse.Namespace) -> None:
         from core.commands.model_io import inference_device
 
-        a = args
         cfg = config_for_model(
-            a.model, a.config, a.overrides, SummarizationConfig, PRESETS_DIR, DEFAULT_PRESET
+            args.model, args.config, args.overrides, SPEC.config_cls, PRESETS_DIR, DEFAULT_PRESET
         )
         self.task = SPEC.make_task(cfg)
         model = self.task.load_trained(args.model, args, None)
