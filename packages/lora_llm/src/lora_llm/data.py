@@ -20,7 +20,7 @@ import logging
 import re
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -125,11 +125,8 @@ def parse_record(obj: Any, source: str, for_inference: bool = False) -> Record:
         return _parse_tokenized(obj, source)
     if "messages" in obj:
         return _parse_chat(obj, source, for_inference)
-    missing = [
-        k
-        for k in ("instruction", "output")
-        if k not in obj and not (for_inference and k == "output")
-    ]
+    required = ("instruction",) if for_inference else ("instruction", "output")
+    missing = [k for k in required if k not in obj]
     if missing:
         raise BadRecord(
             f"{source}: the record has no {' / '.join(repr(m) for m in missing)} field (its keys: "
@@ -139,9 +136,7 @@ def parse_record(obj: Any, source: str, for_inference: bool = False) -> Record:
         )
     fields = {}
     for key in ("instruction", "input", "output"):
-        value = obj.get(key)
-        if value is None:
-            value = ""
+        value = "" if obj.get(key) is None else obj[key]
         if not isinstance(value, str):
             raise BadRecord(
                 f"{source}: '{key}' must be text, got {type(value).__name__} ({str(value)[:40]!r})."
@@ -366,14 +361,11 @@ class Encoder:
             return "alpaca_ko" if is_korean(record.instruction + " " + record.input) else "alpaca"
         return self.template
 
-    def use_chat(self) -> None:
-        """Install the built-in chat template on a tokenizer that has none."""
+    def render_chat(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+        """The chat template's text for ``messages`` (the built-in one when the tokenizer has
+        none: it is installed on the tokenizer)."""
         if not has_chat_template(self.tokenizer):
             self.tokenizer.chat_template = BUILTIN_CHAT_TEMPLATE
-
-    def render_chat(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
-        """The chat template's text for ``messages``."""
-        self.use_chat()
         return self.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=generation_prompt
         )
@@ -430,14 +422,7 @@ class Encoder:
     def prompt_ids(self, record: Record, cut: bool = True) -> list[int]:
         """Token ids of the prompt to generate from (a record without output / final answer),
         cut to ``prompt_limit`` when it is set (and ``cut``)."""
-        ids, _ = self.tokens(
-            Record(
-                source=record.source,
-                instruction=record.instruction,
-                input=record.input,
-                messages=record.messages,
-            )
-        )
+        ids, _ = self.tokens(replace(record, output=""))
         if cut and self.prompt_limit is not None:
             ids = cut_ids(ids, self.prompt_limit, PROMPT_TAIL)
         return ids
@@ -498,11 +483,7 @@ class Encoder:
                     f"data.max_length={self.max_length} for the response."
                 )
             cut = sum(trained[self.max_length :])
-            ids, labels, trained = (
-                ids[: self.max_length],
-                labels[: self.max_length],
-                trained[: self.max_length],
-            )
+            ids, labels, trained = (x[: self.max_length] for x in (ids, labels, trained))
         return {
             "input_ids": ids,
             "labels": labels,
@@ -557,9 +538,8 @@ class EncodeStats:
             "max_length": max_length,
             "templates": dict(self.styles),
             "lengths": {
-                "prompt": length_stats(self.prompt_lengths),
-                "response": length_stats(self.response_lengths),
-                "total": length_stats(self.total_lengths),
+                k: length_stats(getattr(self, f"{k}_lengths"))
+                for k in ("prompt", "response", "total")
             },
             "problems": self.problems[:20],
         }
