@@ -349,8 +349,6 @@ class Encoder:
             and tokenizer.encode("a", add_special_tokens=False)[:1] != [bos]
         )
 
-    # -- text --------------------------------------------------------------------------------
-
     def style(self, record: Record) -> str:
         """The template a record uses: ``alpaca``, ``alpaca_ko`` or ``chat``."""
         if record.kind == "chat" or self.template == "chat":
@@ -396,8 +394,6 @@ class Encoder:
                 "by turn; use data.template=alpaca."
             )
         return pieces
-
-    # -- tokens ------------------------------------------------------------------------------
 
     def tokens(self, record: Record) -> tuple[list[int], list[bool]]:
         """``(ids, trained)``: a record's token ids and whether each is trained (response +

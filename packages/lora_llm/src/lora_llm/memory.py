@@ -35,6 +35,7 @@ from core.commands.estimate import (
     setup_lines,
     shard_ranks,
     shipped_architectures,
+    shipped_config,
     stack_activation_bytes,
     trained_report,
 )
@@ -72,8 +73,7 @@ def model_config(cfg: LoraLLMConfig) -> tuple[Any, str]:
             name, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
         ), "config.json"
     if name in KNOWN_CONFIGS:
-        known = dict(KNOWN_CONFIGS[name])
-        return AutoConfig.for_model(known.pop("model_type"), **known), "shipped copy of config.json"
+        return shipped_config(name, KNOWN_CONFIGS)
     raise UserError(
         f"Cannot read the architecture of '{name}' (model.name): not a local folder, not in the "
         "Hugging Face cache, the Hub is not reachable, and it is not one of the shipped "

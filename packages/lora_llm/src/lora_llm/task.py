@@ -161,26 +161,6 @@ class LoraLLMTask(Task[LoraLLMConfig]):
         train_records, val_records = split_records(train_records, d.val_size, d.seed)
         return train_records, train_problems, val_records, []
 
-    def evaluation_samples(
-        self, records: list[Record], encoder: Encoder, generate: int
-    ) -> SFTDataset:
-        """The dataset of ``evaluate``: ``records`` encoded by the adapter's ``encoder``, with
-        (``generate`` > 0) each prompt and reference kept by index for a greedy answer of at most
-        ``generate`` tokens."""
-        self.encoder = encoder
-        examples, self.stats["eval"] = encode_records(records, encoder, "skip")
-        kept = {e["source"] for e in examples}
-        chosen = [r for r in records if r.source in kept]
-        self.eval_prompts = (
-            [encoder.prompt_ids(without_answer(r)) for r in chosen] if generate else []
-        )
-        self.eval_references = [reference_text(r) for r in chosen]
-        self.eval_sources = [r.source for r in chosen]
-        self.eval_new_tokens = generate
-        if not examples:
-            raise UserError(f"No usable evaluation samples: {self.stats['eval'].describe('eval')}.")
-        return SFTDataset(examples)
-
     # -- evaluate: a trained adapter (core.commands.model_io) ----------------------------------
 
     def configure_for_model(self, model_dir: Path, overrides: Any) -> None:
@@ -201,7 +181,8 @@ class LoraLLMTask(Task[LoraLLMConfig]):
         self, data: Path | None, split: str, options: Any, report: bool
     ) -> SFTDataset:
         """The records of ``--data`` or the run's held-out ones; prompts too long for the
-        response's or the answer's room are cut (start + template end, counted), not left out."""
+        response's or the answer's room are cut (start + template end, counted), not left out.
+        With ``--max-new-tokens`` each prompt gets a greedy answer, scored against its reference."""
         from core.task.truncation import Truncation, input_limit, model_limit
 
         if data is not None:
@@ -225,7 +206,19 @@ class LoraLLMTask(Task[LoraLLMConfig]):
             if record.kind != "tokenized":  # pre-tokenized records are cut in encode(), uncounted
                 cut.count(len(encoder.prompt_ids(without_answer(record), cut=False)))
         cut.report(enabled=report)
-        return self.evaluation_samples(records, encoder, options.max_new_tokens)
+        examples, self.stats["eval"] = encode_records(records, encoder, "skip")
+        # validation_step finds each sample's prompt, reference and source by its index
+        kept = {e["source"] for e in examples}
+        chosen = [r for r in records if r.source in kept]
+        self.eval_new_tokens = generate = options.max_new_tokens
+        self.eval_prompts = (
+            [encoder.prompt_ids(without_answer(r)) for r in chosen] if generate else []
+        )
+        self.eval_references = [reference_text(r) for r in chosen]
+        self.eval_sources = [r.source for r in chosen]
+        if not examples:
+            raise UserError(f"No usable evaluation samples: {self.stats['eval'].describe('eval')}.")
+        return SFTDataset(examples)
 
     def evaluation_row(self, record: dict[str, Any]) -> dict[str, Any]:
         """``{source, prediction, reference, loss}``."""
