@@ -1,10 +1,5 @@
 """The LoRA / QLoRA task's config: the engine's groups plus ``data``, ``model``, ``lora`` and
-``quant``.
-
-The field defaults are the users' proposed recipe (r=8, alpha=16, dropout 0.05 on the q/k/v/o
-projections, 4-bit NF4 with double quantisation, max length 512, gradient checkpointing); the
-engine groups (batch 1 x accumulation 16, lr 2e-4, 3 epochs, warmup 100, ``paged_adamw_8bit``,
-adapter-only checkpoints) are set by the presets in ``lora_llm/presets/``.
+``quant``. Defaults are the users' recipe; the presets in ``lora_llm/presets/`` set the engine's.
 
 Self-check: ``python -m lora_llm.config``.
 """
@@ -20,9 +15,8 @@ from core.config.schema import LossConfig, TrainConfig, check_at_least
 from core.errors import ConfigError
 
 PRESETS_DIR = Path(__file__).parent / "presets"
-"""The YAML presets shipped in the package."""
+"""The YAML presets shipped in the package (``PRESETS``: its older name)."""
 PRESETS = PRESETS_DIR
-"""The same folder under its older name."""
 DEFAULT_PRESET = "phi2"
 """Preset of ``train`` without ``-c``."""
 
@@ -59,9 +53,8 @@ class DataConfig:
     """Longest token sequence (prompt + response + EOS); longer responses are cut at the end
     (counted and reported), never dropped whole."""
     min_response_tokens: int = 8
-    """A record whose prompt leaves fewer response tokens than this within ``max_length`` counts as
-    a
-    too-long prompt (see ``long_prompts``)."""
+    """A record whose prompt leaves fewer response tokens than this within ``max_length`` counts
+    as a too-long prompt (see ``long_prompts``)."""
     long_prompts: Literal["error", "skip"] = "error"
     """What to do with a record whose prompt is too long for ``max_length``: ``error`` (exit code 2,
     naming the file and line) or ``skip`` it (counted and reported)."""
@@ -72,8 +65,7 @@ class DataConfig:
     """Also train on the prompt tokens (default: only the response and its EOS carry loss)."""
     packing: bool = False
     """Pack several samples into each row of up to ``max_length`` tokens (less padding). Every
-    sample
-    keeps its own positions and attends only to itself (see the package README)."""
+    sample keeps its own positions and attends only to itself (see the package README)."""
     padding_free: bool = False
     """Train on each micro-batch as one row without padding: its samples (or packed rows)
     concatenated, ``position_ids`` restarting at 0 for every sample, no attention mask. With
@@ -132,9 +124,8 @@ class ModelConfig:
 
     name: str = "microsoft/phi-2"
     """A Hugging Face Hub id (``gpt2``, ``TinyLlama/TinyLlama-1.1B-Chat-v1.0``,
-    ``microsoft/phi-2``),
-    a local folder written by ``save_pretrained``, or ``tiny`` (built from ``model.tiny`` with the
-    tokenizer shipped in the package, saved to ``<run>/base``)."""
+    ``microsoft/phi-2``), a local folder written by ``save_pretrained``, or ``tiny`` (built from
+    ``model.tiny`` with the tokenizer shipped in the package, saved to ``<run>/base``)."""
     tokenizer: str | None = None
     """Tokenizer to use (Hub id or folder); null: the model's own."""
     revision: str | None = None
@@ -206,22 +197,19 @@ class LoraLLMConfig(TrainConfig):
     """How the token loss is computed over the vocabulary (chunked by default)."""
 
     def __post_init__(self) -> None:
-        """Refuse combinations that cannot work with a quantized base (FSDP, 16-bit-true
-        precision)."""
+        """Refuse a quantized base with FSDP or 16-bit-true precision."""
         if self.quant.bits is not None and self.trainer.strategy == "fsdp":
             raise ConfigError(
                 "QLoRA (quant.bits=4/8) cannot be sharded with FSDP: bitsandbytes' packed 4/8-bit "
-                "weights are not "
-                "DTensors that FSDP2 can shard. Use trainer.strategy=ddp for QLoRA on several "
-                "GPUs (only the adapters "
-                "are synchronised), or quant.bits=null for LoRA with FSDP."
+                "weights are not DTensors that FSDP2 can shard. Use trainer.strategy=ddp for QLoRA "
+                "on several GPUs (only the adapters are synchronised), or quant.bits=null for LoRA "
+                "with FSDP."
             )
         if self.quant.bits is not None and self.trainer.precision in ("bf16-true", "16-true"):
             raise ConfigError(
                 f"trainer.precision={self.trainer.precision} casts every weight, which "
-                "bitsandbytes forbids for a "
-                "quantized base: use bf16-mixed (GPU), 16-mixed (GPU) or 32-true, or "
-                "quant.bits=null."
+                "bitsandbytes forbids for a quantized base: use bf16-mixed (GPU), 16-mixed (GPU) "
+                "or 32-true, or quant.bits=null."
             )
 
 

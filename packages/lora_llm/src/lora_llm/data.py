@@ -1,28 +1,15 @@
 """Instruction and chat records -> token sequences whose loss covers only the response.
 
-Reading (:func:`read_records`): JSON arrays or JSONL files of
+Reading (:func:`read_records`): instruction records ``{"instruction", "input" (optional),
+"output"}``, chat records ``{"messages": [{"role", "content"}, ...]}`` or pre-tokenized ones
+``{"input_ids", "labels"}`` from JSON / JSONL files, a Hugging Face dataset or a shipped sample.
 
-- instruction records ``{"instruction", "input" (optional), "output"}`` (Stanford Alpaca, KoAlpaca),
-- chat records ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``,
-- pre-tokenized records ``{"input_ids": [...], "labels": [...]}`` (what ``prepare`` writes),
-
-or a Hugging Face dataset (Hub id or local folder), or a shipped sample (``sample:en``,
-``sample:ko``). Every problem names the file and line (or record) and how to fix it.
-
-Encoding (:class:`Encoder`): an instruction record becomes a prompt (the Alpaca template in
-English, the same template in Korean, or the tokenizer's chat template) plus the response; a
-chat record is rendered with the chat template, and every assistant turn is trained. The prompt
-and each response are tokenized separately and concatenated, so the boundary between masked
-and trained tokens is exact and inference sees exactly the training prompt. EOS is appended to
-the response and trained. Labels are ``-100`` on prompt tokens (unless ``train_on_prompt``).
-
-Truncation: a sequence longer than ``max_length`` loses the *end of its response*, counted in
-:class:`EncodeStats`; a prompt that leaves fewer than ``min_response_tokens`` is an error (or
-skipped and counted), so no response is ever dropped silently.
-
-Batching: core's :mod:`core.task.batching` (``collate``, ``pack``, ``PackedDataset``,
-``flatten_batch``); whether a model keeps packed samples apart is checked on the loaded model
-before training (``lora_llm.task.check_packing``).
+Encoding (:class:`Encoder`): the prompt (Alpaca template, in English or Korean, or the chat
+template) and each response are tokenized separately, so the boundary between masked and trained
+tokens is exact and inference sees the training prompt; EOS ends each response and is trained.
+A sequence over ``max_length`` loses the end of its response (counted in :class:`EncodeStats`);
+a prompt that leaves under ``min_response_tokens`` is an error (or skipped and counted).
+Batching is core's :mod:`core.task.batching`.
 
 Self-check: ``python -m lora_llm.data``.
 """
@@ -33,7 +20,7 @@ import logging
 import re
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -96,22 +83,11 @@ _HANGUL = re.compile(r"[\uac00-\ud7a3\u1100-\u11ff\u3130-\u318f]")
 _LETTER = re.compile(r"[^\W\d_]")
 
 
-# ------------------------------------------------------------------------------------------------
-# Records
-# ------------------------------------------------------------------------------------------------
-
-
 @dataclass
 class Record:
-    """One training or inference record, normalised.
-
-    Attributes:
-        source: where it came from (``file:line``), for messages.
-        instruction / input / output: an instruction record's fields (``output`` may be empty
-            for inference prompts).
-        messages: a chat record's turns (``[{"role", "content"}]``), else None.
-        input_ids / labels: a pre-tokenized record's tokens, else None.
-    """
+    """One record, normalised: ``source`` (``file:line``), an instruction record's fields
+    (``output`` empty for inference prompts), a chat record's ``messages`` or a pre-tokenized
+    record's ``input_ids`` / ``labels``."""
 
     source: str
     instruction: str = ""
@@ -140,30 +116,17 @@ def is_korean(text: str) -> bool:
 
 
 def parse_record(obj: Any, source: str, for_inference: bool = False) -> Record:
-    """Check one raw record and normalise it.
-
-    Args:
-        obj: the decoded JSON value (or dataset row).
-        source: ``file:line`` for messages.
-        for_inference: accept records without a response (``output`` / final assistant turn).
-
-    Returns:
-        The :class:`Record`.
-
-    Raises:
-        BadRecord: wrong type, missing or non-text fields, empty output, bad roles.
-    """
+    """The :class:`Record` of one decoded JSON value (or dataset row) from ``source``;
+    ``for_inference``: no response needed. Raises ``BadRecord`` (wrong type, missing or non-text
+    fields, empty output, bad roles)."""
     if not isinstance(obj, dict):
         raise BadRecord(f"{source}: a record must be a JSON object, got {type(obj).__name__}.")
     if "input_ids" in obj:
         return _parse_tokenized(obj, source)
     if "messages" in obj:
         return _parse_chat(obj, source, for_inference)
-    missing = [
-        k
-        for k in ("instruction", "output")
-        if k not in obj and not (for_inference and k == "output")
-    ]
+    required = ("instruction",) if for_inference else ("instruction", "output")
+    missing = [k for k in required if k not in obj]
     if missing:
         raise BadRecord(
             f"{source}: the record has no {' / '.join(repr(m) for m in missing)} field (its keys: "
@@ -173,9 +136,7 @@ def parse_record(obj: Any, source: str, for_inference: bool = False) -> Record:
         )
     fields = {}
     for key in ("instruction", "input", "output"):
-        value = obj.get(key)
-        if value is None:
-            value = ""
+        value = "" if obj.get(key) is None else obj[key]
         if not isinstance(value, str):
             raise BadRecord(
                 f"{source}: '{key}' must be text, got {type(value).__name__} ({str(value)[:40]!r})."
@@ -253,11 +214,7 @@ def _parse_tokenized(obj: dict[str, Any], source: str) -> Record:
 
 def resolve_spec(spec: str) -> Path | str:
     """``sample:<name>`` -> the shipped file; an existing path -> Path; anything else stays a
-    dataset id.
-
-    Raises:
-        UserError: an unknown sample name, or something that looks like a missing local file.
-    """
+    dataset id. ``UserError``: an unknown sample, or what looks like a missing local file."""
     if spec.startswith("sample:"):
         key = spec.split(":", 1)[1]
         if key not in SAMPLES:
@@ -284,20 +241,8 @@ def resolve_spec(spec: str) -> Path | str:
 def read_records(
     spec: str, cfg: DataConfig, for_inference: bool = False, key: str = "data.train_files"
 ) -> tuple[list[Record], list[str]]:
-    """Read and check every record of one data source.
-
-    Args:
-        spec: a ``data.train_files`` entry (a file, a dataset folder or id, ``sample:<name>``).
-        cfg: the data settings (``on_bad_record``, ``hf_split``, ``hf_subset``).
-        for_inference: records without responses are fine (``infer --data``).
-        key: the config key or option that named ``spec`` (for messages).
-
-    Returns:
-        ``(records, problems)``: the good records, and one message per skipped bad record.
-
-    Raises:
-        UserError: a bad record when ``data.on_bad_record=error``.
-    """
+    """``(records, problems)`` of one source ``spec`` (named by ``key``): the good records, and
+    one message per bad one skipped (``UserError`` instead under ``data.on_bad_record=error``)."""
     from core.task.records import BadJSON, iter_source
 
     records, problems = [], []
@@ -320,8 +265,7 @@ def read_records(
 
 
 def reference_text(record: Record) -> str:
-    """The response a record trains: its ``output``, or the content of its last assistant
-    message."""
+    """The response a record trains: ``output``, or its last assistant message's content."""
     if record.messages is not None:
         return next(
             (m["content"] for m in reversed(record.messages) if m.get("role") == "assistant"), ""
@@ -330,8 +274,7 @@ def reference_text(record: Record) -> str:
 
 
 def without_answer(record: Record) -> Record:
-    """The record as a prompt: a chat record without its last assistant message (the reference
-    an evaluation compares the generated answer with); instruction records as they are."""
+    """The record as a prompt: a chat record without its last assistant message."""
     if record.messages and record.messages[-1].get("role") == "assistant":
         return Record(source=record.source, messages=record.messages[:-1])
     return record
@@ -341,11 +284,6 @@ split_records = split_holdout
 collate = collate_causal
 """``split_records`` holds out validation records (:func:`core.task.records.split_holdout`);
 ``collate`` pads items into batches (:func:`core.task.batching.collate_causal`)."""
-
-
-# ------------------------------------------------------------------------------------------------
-# Encoding
-# ------------------------------------------------------------------------------------------------
 
 
 PROMPT_TAIL = 32
@@ -372,9 +310,8 @@ class Encoder:
         min_response_tokens: response room a prompt must leave.
         train_on_prompt: labels on the prompt tokens too.
         chat_source: ``tokenizer`` or ``builtin``: where the chat template comes from; None:
-            ``tokenizer`` when it has one. Inference passes what training used (the built-in
-            template is saved with the adapter's tokenizer, which then *has* a chat template, but
-            ``auto`` must still pick the Alpaca prompt the adapter was trained on).
+            ``tokenizer`` when it has one. Inference passes what training used (an adapter's
+            tokenizer has the built-in template, but ``auto`` must still pick its Alpaca prompt).
     """
 
     def __init__(
@@ -412,8 +349,6 @@ class Encoder:
             and tokenizer.encode("a", add_special_tokens=False)[:1] != [bos]
         )
 
-    # -- text --------------------------------------------------------------------------------
-
     def style(self, record: Record) -> str:
         """The template a record uses: ``alpaca``, ``alpaca_ko`` or ``chat``."""
         if record.kind == "chat" or self.template == "chat":
@@ -424,14 +359,11 @@ class Encoder:
             return "alpaca_ko" if is_korean(record.instruction + " " + record.input) else "alpaca"
         return self.template
 
-    def use_chat(self) -> None:
-        """Install the built-in chat template on a tokenizer that has none."""
+    def render_chat(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+        """The chat template's text for ``messages`` (the built-in one when the tokenizer has
+        none: it is installed on the tokenizer)."""
         if not has_chat_template(self.tokenizer):
             self.tokenizer.chat_template = BUILTIN_CHAT_TEMPLATE
-
-    def render_chat(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
-        """The chat template's text for ``messages``."""
-        self.use_chat()
         return self.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=generation_prompt
         )
@@ -447,14 +379,8 @@ class Encoder:
         return turns
 
     def segments(self, record: Record) -> list[tuple[str, bool]]:
-        """The record's text as ``(text, trained)`` pieces, prompt pieces untrained.
-
-        For chat, every assistant turn is one trained piece
-        (:func:`core.task.chat.template_pieces`).
-
-        Raises:
-            BadRecord: a chat template that does not render conversations incrementally.
-        """
+        """The record's text as ``(text, trained)`` pieces (chat: every assistant turn trained);
+        ``BadRecord`` for a chat template that does not render turn by turn."""
         style = self.style(record)
         if style != "chat":
             prompt = PROMPTS[style]["input" if record.input.strip() else "no_input"].format(
@@ -469,14 +395,9 @@ class Encoder:
             )
         return pieces
 
-    # -- tokens ------------------------------------------------------------------------------
-
     def tokens(self, record: Record) -> tuple[list[int], list[bool]]:
-        """Token ids of a record and whether each is trained (response + EOS).
-
-        Returns:
-            ``(ids, trained)``, two lists of equal length ``seq``.
-        """
+        """``(ids, trained)``: a record's token ids and whether each is trained (response +
+        EOS), two lists of length ``seq``."""
         ids: list[int] = []
         trained: list[bool] = []
         chat = self.style(record) == "chat"
@@ -497,25 +418,14 @@ class Encoder:
     def prompt_ids(self, record: Record, cut: bool = True) -> list[int]:
         """Token ids of the prompt to generate from (a record without output / final answer),
         cut to ``prompt_limit`` when it is set (and ``cut``)."""
-        ids, _ = self.tokens(
-            Record(
-                source=record.source,
-                instruction=record.instruction,
-                input=record.input,
-                messages=record.messages,
-            )
-        )
+        ids, _ = self.tokens(replace(record, output=""))
         if cut and self.prompt_limit is not None:
             ids = cut_ids(ids, self.prompt_limit, PROMPT_TAIL)
         return ids
 
     def labelled(self, record: Record) -> tuple[list[int], list[int], list[bool], str]:
-        """The record's full token ids with their labels.
-
-        Returns:
-            ``(ids, labels, trained, style)``: labels ``-100`` on untrained tokens (unless
-            ``train_on_prompt``), ``trained`` marks the response tokens.
-        """
+        """``(ids, labels, trained, style)`` of the whole record: labels ``-100`` on untrained
+        tokens (unless ``train_on_prompt``), ``trained`` marks the response tokens."""
         if record.kind == "tokenized":
             labels = list(record.labels)
             return list(record.input_ids), labels, [t != IGNORE_INDEX for t in labels], "tokenized"
@@ -528,12 +438,8 @@ class Encoder:
     def cut_prompt(
         self, ids: list[int], labels: list[int], trained: list[bool], prompt_tokens: int
     ) -> tuple[list[int], list[int], list[bool], int]:
-        """Cut a prompt over ``prompt_limit`` (and the room the response leaves) to its start and
-        its end, as :meth:`prompt_ids` cuts it.
-
-        Returns:
-            ``(ids, labels, trained, prompt_tokens)``, unchanged when the prompt fits.
-        """
+        """``(ids, labels, trained, prompt_tokens)`` with a prompt over ``prompt_limit`` (or the
+        response's room) cut to its start and end as :meth:`prompt_ids` cuts it."""
         room = min(self.prompt_limit, self.max_length - self.min_response_tokens)
         if prompt_tokens <= room:
             return ids, labels, trained, prompt_tokens
@@ -569,16 +475,11 @@ class Encoder:
             if prompt_tokens > self.max_length - self.min_response_tokens:
                 raise PromptTooLong(
                     f"{record.source}: the prompt has {prompt_tokens} tokens, which leaves fewer "
-                    "than "
-                    f"data.min_response_tokens={self.min_response_tokens} of "
+                    f"than data.min_response_tokens={self.min_response_tokens} of "
                     f"data.max_length={self.max_length} for the response."
                 )
             cut = sum(trained[self.max_length :])
-            ids, labels, trained = (
-                ids[: self.max_length],
-                labels[: self.max_length],
-                trained[: self.max_length],
-            )
+            ids, labels, trained = (x[: self.max_length] for x in (ids, labels, trained))
         return {
             "input_ids": ids,
             "labels": labels,
@@ -593,8 +494,7 @@ class Encoder:
 
 @dataclass
 class EncodeStats:
-    """Counts and length distributions of an encoded data set (logged, and written by
-    ``prepare``)."""
+    """Counts and length distributions of an encoded data set (logged; ``prepare`` writes it)."""
 
     records: int = 0
     bad_records_skipped: int = 0
@@ -621,7 +521,6 @@ class EncodeStats:
 
     def summary(self, max_length: int) -> dict[str, Any]:
         """Plain-data report: counts, templates, truncation and length percentiles."""
-
         kept = len(self.total_lengths)
         return {
             "records_read": self.records,
@@ -635,9 +534,8 @@ class EncodeStats:
             "max_length": max_length,
             "templates": dict(self.styles),
             "lengths": {
-                "prompt": length_stats(self.prompt_lengths),
-                "response": length_stats(self.response_lengths),
-                "total": length_stats(self.total_lengths),
+                k: length_stats(getattr(self, f"{k}_lengths"))
+                for k in ("prompt", "response", "total")
             },
             "problems": self.problems[:20],
         }
@@ -651,13 +549,10 @@ class EncodeStats:
         total = self.summary(0)["lengths"]["total"]
         return (
             f"{name}: {len(self.total_lengths)} samples from {self.records} records "
-            f"({dict(self.styles)}); "
-            f"skipped {self.bad_records_skipped} bad, {self.long_prompts_skipped} with too-long "
-            "prompts; "
-            f"{self.truncated_samples} responses truncated ({self.response_tokens_cut} response "
-            "tokens cut); "
-            f"tokens p50 {total.get('p50', 0):.0f}, p90 {total.get('p90', 0):.0f}, max "
-            f"{total.get('max', 0)}"
+            f"({dict(self.styles)}); skipped {self.bad_records_skipped} bad, "
+            f"{self.long_prompts_skipped} with too-long prompts; {self.truncated_samples} "
+            f"responses truncated ({self.response_tokens_cut} response tokens cut); tokens p50 "
+            f"{total.get('p50', 0):.0f}, p90 {total.get('p90', 0):.0f}, max {total.get('max', 0)}"
         )
 
 
@@ -667,20 +562,8 @@ def encode_records(
     long_prompts: str = "error",
     problems: Sequence[str] = (),
 ) -> tuple[list[dict[str, Any]], EncodeStats]:
-    """Encode records, applying the too-long-prompt policy.
-
-    Args:
-        records: parsed records.
-        encoder: the :class:`Encoder`.
-        long_prompts: ``error`` or ``skip``.
-        problems: messages of bad records skipped while reading (counted in the stats).
-
-    Returns:
-        ``(examples, stats)``.
-
-    Raises:
-        UserError: a too-long prompt (``long_prompts=error``) or a response without tokens.
-    """
+    """``(examples, stats)`` of ``records`` under the too-long-prompt policy ``long_prompts``
+    (``error``: ``UserError``; ``skip``); ``problems`` (bad records skipped) count in the stats."""
     stats = EncodeStats(
         records=len(records) + len(problems),
         bad_records_skipped=len(problems),
@@ -694,8 +577,7 @@ def encode_records(
             if long_prompts == "error":
                 raise UserError(
                     f"Prompt too long: {err} Raise data.max_length, shorten the record, or set "
-                    "data.long_prompts=skip "
-                    "to leave such records out (they are counted)."
+                    "data.long_prompts=skip to leave such records out (they are counted)."
                 ) from None
             stats.long_prompts_skipped += 1
             stats.problems.append(str(err))
@@ -705,11 +587,6 @@ def encode_records(
         stats.add(example)
         examples.append(example)
     return examples, stats
-
-
-# ------------------------------------------------------------------------------------------------
-# Datasets, packing, collation
-# ------------------------------------------------------------------------------------------------
 
 
 class SFTDataset(TokenDataset):

@@ -1,29 +1,18 @@
-"""Parameters, trainable parameters and GPU memory of a training config, without loading weights.
+"""Parameters and peak GPU memory of a training config, without loading weights
+(``train -c phi2 --dry-run``): the model and its LoRA adapter are built on the ``meta`` device
+from ``config.json`` and :mod:`core.commands.estimate` turns the sizes into bytes per GPU:
 
-``train -c phi2 --dry-run`` (or ``estimate -c phi2``) builds the model on PyTorch's ``meta``
-device (shapes only, no memory, no download beyond ``config.json``), adds the LoRA adapter with
-peft, counts parameters exactly, and estimates the peak training memory of one GPU:
+- **base weights**: quantized linear layers at 4.13 bits (NF4 + double-quantised constants) or
+  4.5 bits, 1 B in 8 bits, the rest (embeddings, head, norms, biases) in float32 as
+  ``prepare_model_for_kbit_training`` upcasts it; unquantized: all in ``model.dtype``.
+- **adapters**: float32 weights + gradients + optimizer state.
+- **activations** of a micro-batch ``b x s``: per layer and token about ``e*((10 + t)h + 4i) +
+  28h`` bytes (``e`` bytes per value, ``t`` adapted projections per layer), fitted to what
+  autograd saves for Llama layers; eager attention adds ``heads*s*s*(2e+1)`` per layer.
+- **logits and loss**: ``b*s*vocab*(e + 12)``, plus autocast's 16-bit copy of a float32 head.
 
-- **base weights**: quantized linear layers at 4.13 bits (NF4 + double-quantised constants:
-  0.5 B + 1 B per 64-block + 4 B per 256 blocks) or 4.5 bits without double quantisation, 1 B in
-  8 bits; everything bitsandbytes leaves alone (embeddings, output head, norms, biases) in float32,
-  which ``prepare_model_for_kbit_training`` upcasts it to; without quantization all in
-  ``model.dtype``.
-- **adapters**: float32 weights + float32 gradients + optimizer state (AdamW 8 B, 8-bit AdamW 2 B,
-  SGD 0-4 B per parameter).
-- **activations** of a micro-batch ``b x s``: per layer and token about
-  ``e*((10 + t)h + 4i) + 28h`` bytes (``e`` = 2 under bf16/fp16 autocast, 4 in float32; ``t``
-  adapted projections per layer, each keeping a dropout copy of its input; the ``28h`` are the
-  float32 copies the RMSNorm / LayerNorm upcasts keep). The coefficients were fitted to the
-  tensors autograd saves for Llama layers (float32 and bfloat16 autocast). With gradient
-  checkpointing only each layer's input (``e*h``) is kept, plus one layer being recomputed.
-  Eager attention adds ``heads*s*s*(2e+1)`` per layer.
-- **logits and loss**: ``b*s*vocab*(e + 12)`` (the logits, their float32 copy, log-softmax and its
-  gradient), plus autocast's 16-bit copy of a float32 output head.
-
-It is an estimate (the tests check the activation and logit terms against the tensors autograd
-really saves for a small Llama); the CUDA context and allocator slack (0.5-1 GiB) come on top.
-Real numbers appear in ``metrics.jsonl`` as ``memory/peak_allocated_gb`` during training.
+The CUDA context and allocator slack (0.5-1 GiB) come on top; ``metrics.jsonl`` has the real
+``memory/peak_allocated_gb``.
 
 Self-check: ``python -m lora_llm.memory``.
 """
@@ -46,6 +35,7 @@ from core.commands.estimate import (
     setup_lines,
     shard_ranks,
     shipped_architectures,
+    shipped_config,
     stack_activation_bytes,
     trained_report,
 )
@@ -63,18 +53,11 @@ from lora_llm.model import (
 )
 
 KNOWN_CONFIGS = shipped_architectures(__file__)
-"""Architectures of the Hub presets (from their ``config.json``), so ``--dry-run`` works offline."""
 
 
 def model_config(cfg: LoraLLMConfig) -> tuple[Any, str]:
-    """The transformers config of ``model.name`` and where it came from.
-
-    Returns:
-        ``(config, source)``; source is ``built-in tiny``, ``config.json`` or ``shipped copy``.
-
-    Raises:
-        UserError: a model whose config is neither local, cached, downloadable nor shipped.
-    """
+    """``(transformers config of model.name, its source)``; ``UserError`` when it is neither
+    local, cached, downloadable nor shipped."""
     from transformers import AutoConfig
 
     name = cfg.model.name
@@ -90,13 +73,11 @@ def model_config(cfg: LoraLLMConfig) -> tuple[Any, str]:
             name, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
         ), "config.json"
     if name in KNOWN_CONFIGS:
-        known = dict(KNOWN_CONFIGS[name])
-        return AutoConfig.for_model(known.pop("model_type"), **known), "shipped copy of config.json"
+        return shipped_config(name, KNOWN_CONFIGS)
     raise UserError(
         f"Cannot read the architecture of '{name}' (model.name): not a local folder, not in the "
-        "Hugging Face cache, the Hub "
-        "is not reachable, and it is not one of the shipped architectures "
-        f"({', '.join(KNOWN_CONFIGS)})."
+        "Hugging Face cache, the Hub is not reachable, and it is not one of the shipped "
+        f"architectures ({', '.join(KNOWN_CONFIGS)})."
     )
 
 
@@ -112,8 +93,7 @@ def meta_model(config: Any, cfg: LoraLLMConfig) -> nn.Module:
 
 
 def quantizable_weights(model: nn.Module, skip: list[str]) -> int:
-    """Weights of the linear layers bitsandbytes would quantize (all but the output head and
-    ``skip``)."""
+    """Weights of the linear layers bitsandbytes quantizes (not the head, not ``skip``)."""
     from transformers.pytorch_utils import Conv1D
 
     head = model.get_output_embeddings()
@@ -137,21 +117,8 @@ def activation_bytes(
     eager: bool,
     offload: bool = False,
 ) -> dict[str, float]:
-    """Activation and plain-logit memory of one micro-batch (see the module docstring).
-
-    Args:
-        config: the transformers config (hidden size, layers, heads, vocab).
-        batch: micro-batch size ``b``.
-        seq: tokens per sample ``s``.
-        act_bytes: bytes per activation value ``e`` (2 under 16-bit autocast, 4 in float32).
-        checkpointing: gradient checkpointing.
-        lora_targets: adapted projections per layer (each keeps a dropout copy of its input).
-        eager: eager attention (materialises the ``s x s`` attention matrix).
-        offload: ``trainer.offload_activations`` (checkpointed layer inputs in CPU memory).
-
-    Returns:
-        ``{"activations", "logits"}`` in bytes (``logits``: the plain, unchunked path).
-    """
+    """``{"activations", "logits"}``: bytes of one ``batch x seq`` micro-batch (the module
+    docstring's terms; ``act_bytes`` = ``e``, ``lora_targets`` = ``t``; logits unchunked)."""
     h = config.hidden_size
     inner = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * h
     tokens = batch * seq
@@ -170,12 +137,7 @@ def activation_bytes(
 def base_weights(
     model: nn.Module, cfg: LoraLLMConfig, frozen: int, ranks: int
 ) -> tuple[float, str, int]:
-    """Bytes per GPU of the frozen base weights: quantized linear layers at their bits (the
-    rest in float32), or all in ``model.dtype``; divided by the ``ranks`` that shard them.
-
-    Returns:
-        ``(bytes, note, quantized weights)``.
-    """
+    """``(bytes per GPU, note, quantized weights)`` of the frozen base over ``ranks`` shards."""
     quant = cfg.quant
     if quant.bits is None:
         per_weight = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}[cfg.model.dtype]
@@ -223,8 +185,7 @@ def adapted_activations(config: Any, model: nn.Module, cfg: LoraLLMConfig, act_b
 
 
 def setup(cfg: LoraLLMConfig) -> dict[str, str]:
-    """:func:`core.commands.estimate.setup_lines` with the sample's shape and the task's
-    switches."""
+    """:func:`core.commands.estimate.setup_lines` with the sample's shape and switches."""
     data = cfg.data
     layout = "padding-free rows" if data.padding_free else "padded to the longest"
     shape = f"{data.max_length:,} tokens per sample ({'packed rows' if data.packing else layout})"
@@ -237,14 +198,8 @@ def setup(cfg: LoraLLMConfig) -> dict[str, str]:
 
 
 def estimate(cfg: LoraLLMConfig) -> dict[str, Any]:
-    """Parameters and training memory of ``cfg`` per GPU, without loading weights.
-
-    Returns:
-        A report of :func:`core.commands.estimate.memory_report`: model facts, parameter counts, the
-        run's
-        setup and switches, bytes per component (base weights, adapters + optimizer,
-        activations, logits, gathered FSDP units, total) and ``quantized_weights``.
-    """
+    """The :func:`core.commands.estimate.trained_report` of ``cfg`` (plus
+    ``quantized_weights``)."""
     config, source = model_config(cfg)
     model = meta_model(config, cfg)
     trainable, total = parameter_counts(model)

@@ -1,14 +1,6 @@
-"""The task glue: data, model and loss of LoRA / QLoRA fine-tuning for the core Trainer.
-
-- ``setup`` (before the run folder exists): tokenizer, records read and checked, encoded,
-  split, packed if asked; every bad input raises ``UserError`` (exit code 2).
-- ``configure_model``: the base (the ``tiny`` one is first written to ``<run>/base``), 4/8-bit
-  loading, gradient checkpointing, LoRA; logs the data statistics and the trainable share and
-  writes ``<run>/data_stats.json``.
-- ``training_step``: causal-LM token loss as a sum (``shift=True``), so accumulation and ranks
-  normalise per token. Packed rows pass ``position_ids`` and no attention mask.
-- ``save_final``: only the adapter (``adapter_model.safetensors`` + ``adapter_config.json``),
-  the tokenizer and ``lora_llm.json``: ``PeftModel.from_pretrained(base, final)`` loads it.
+"""The LoRA / QLoRA task for the core Trainer: records -> encoded (packed) samples, base model
+(``tiny``: written to ``<run>/base``) + adapter, summed causal-LM token loss, and an adapter-only
+``final`` folder (``PeftModel.from_pretrained(base, final)`` loads it).
 
 Self-check: ``python -m lora_llm.task`` (a few optimizer steps of the tiny preset in a temp folder).
 """
@@ -64,40 +56,22 @@ def call_model(model: nn.Module, batch: dict[str, torch.Tensor]) -> Any:
     """One forward of the model on a batch; returns the model's output object.
 
     Packed and padding-free rows carry ``position_ids`` and get no attention mask and no KV
-    cache: transformers then builds the block-diagonal causal mask from the restarting position
-    ids (sdpa, eager) or passes the sample boundaries to flash-attention's variable-length kernel
-    (``flash_attention_2``), so each sample attends only to itself; with a cache it would silently
-    treat the row as one sequence.
+    cache: transformers then keeps the samples apart by the restarting position ids (a
+    block-diagonal mask, or flash-attention's variable-length kernel); a cache would treat the
+    row as one sequence.
     """
-    if "position_ids" in batch:
-        return model(
-            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
-        )
-    return model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-    )
+    key = "position_ids" if "position_ids" in batch else "attention_mask"
+    return model(input_ids=batch["input_ids"], **{key: batch[key]}, use_cache=False)
 
 
 def check_packing(model: nn.Module, pad_id: int) -> float:
-    """Check on the loaded model that packed samples do not see each other.
-
-    Runs two random sequences packed into one row and each on its own, and compares logits.
-
-    Args:
-        model: the base model (before the adapter).
-        pad_id: a valid token id.
-
-    Returns:
-        The largest logit difference, relative to the largest logit.
-
-    Raises:
-        ConfigError: the architecture lets packed samples attend to each other.
-    """
+    """The largest relative logit difference between two random sequences packed into one row
+    and each on its own, run on the base ``model``; ``ConfigError`` when packed samples see each
+    other."""
     vocab = model.get_input_embeddings().weight.shape[0]
     device = model.get_input_embeddings().weight.device
     gen = torch.Generator().manual_seed(0)
-    first = torch.randint(0, vocab, (1, 7), generator=gen).to(device)
-    second = torch.randint(0, vocab, (1, 5), generator=gen).to(device)
+    first, second = (torch.randint(0, vocab, (1, n), generator=gen).to(device) for n in (7, 5))
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -109,12 +83,7 @@ def check_packing(model: nn.Module, pad_id: int) -> float:
     model.train(was_training)
     reference = torch.cat(alone, dim=1)
     diff = float((packed - reference).abs().max() / (reference.abs().max() + 1e-6))
-    tolerance = (
-        1e-4
-        if reference.dtype == torch.float32 and next(model.parameters()).dtype == torch.float32
-        else 2e-2
-    )
-    if diff > tolerance:
+    if diff > (1e-4 if next(model.parameters()).dtype == torch.float32 else 2e-2):
         raise ConfigError(
             "data.packing=true is not safe for this model: packed samples change each other's "
             f"logits (relative difference {diff:.2e}). "
@@ -130,7 +99,6 @@ class LoraLLMTask(Task[LoraLLMConfig]):
     shift_labels = True
 
     def __init__(self, cfg: LoraLLMConfig) -> None:
-        """Keep the config; everything else happens in :meth:`setup` and :meth:`configure_model`."""
         super().__init__(cfg)
         self.stats: dict[str, EncodeStats] = {}
         # ``evaluate``: prompt ids, reference responses and record sources by dataset index.
@@ -142,9 +110,8 @@ class LoraLLMTask(Task[LoraLLMConfig]):
     # -- data ----------------------------------------------------------------------------------
 
     def setup_model_side(self, model_dir: Path | None = None) -> None:
-        """The config's tokenizer and prompt encoder (a trained adapter's come with
-        :meth:`load_trained`, which also takes ``--base``); raises ``UserError`` for a Hub model
-        that cannot be reached."""
+        """The config's tokenizer and prompt encoder (a trained adapter's: :meth:`load_trained`);
+        ``UserError`` for a Hub model that cannot be reached."""
         cfg = self.cfg
         self.tokenizer = load_tokenizer(cfg.model)
         if not is_tiny(cfg.model.name):
@@ -157,46 +124,35 @@ class LoraLLMTask(Task[LoraLLMConfig]):
     def setup_data(self) -> None:
         """Records, encoding, split and packing; raises ``UserError`` for bad input."""
         d = self.cfg.data
-        train_records, train_problems, val_records, val_problems = self.read_splits()
-        train_examples, self.stats["train"] = encode_records(
-            train_records, self.encoder, d.long_prompts, train_problems
-        )
-        if not train_examples:
-            raise UserError(
-                f"No usable training samples in data.train_files={d.train_files}: "
-                f"{self.stats['train'].describe('train')}."
-            )
-        self.note_truncation("train")
+        train, train_problems, val, val_problems = self.read_splits()
+        examples = self.encode_split("train", train, train_problems, "training", d.train_files)
         self.train_data = (
-            PackedDataset(train_examples, d.max_length) if d.packing else SFTDataset(train_examples)
+            PackedDataset(examples, d.max_length) if d.packing else SFTDataset(examples)
         )
-        self.val_data = None
-        if val_records:
-            val_examples, self.stats["val"] = encode_records(
-                val_records, self.encoder, d.long_prompts, val_problems
-            )
-            if not val_examples and d.val_files:
-                raise UserError(
-                    f"No usable validation samples in data.val_files={d.val_files}: "
-                    f"{self.stats['val'].describe('val')}."
-                )
-            self.val_data = SFTDataset(val_examples) if val_examples else None
-            self.note_truncation("val")
+        examples = (
+            self.encode_split("val", val, val_problems, "validation", d.val_files) if val else []
+        )
+        self.val_data = SFTDataset(examples) if examples else None
 
-    def note_truncation(self, split: str) -> None:
-        """Log one line for a data set: its samples cut to ``data.max_length`` (a warning), or
-        its counts and lengths when none was."""
-        stats = self.stats[split]
-        if not stats.truncation(self.cfg.data.max_length, f"{split} samples").report(log):
+    def encode_split(
+        self, split: str, records: list[Record], problems: list[str], noun: str, files: list[str]
+    ) -> list[dict[str, Any]]:
+        """``records`` encoded, their statistics in ``self.stats[split]`` and logged (a warning on
+        samples cut to ``data.max_length``); ``UserError`` when none is usable from ``files``."""
+        d = self.cfg.data
+        examples, stats = encode_records(records, self.encoder, d.long_prompts, problems)
+        self.stats[split] = stats
+        if not examples and files:
+            raise UserError(
+                f"No usable {noun} samples in data.{split}_files={files}: {stats.describe(split)}."
+            )
+        if not stats.truncation(d.max_length, f"{split} samples").report(log):
             log.info(stats.describe(split))
+        return examples
 
     def read_splits(self) -> tuple[list[Record], list[str], list[Record], list[str]]:
-        """The training and held-out records, exactly as training splits them: ``data.val_files``
-        when set, else a seeded ``data.val_size`` share of the training records.
-
-        Returns:
-            ``(train records, their skipped problems, validation records, their problems)``.
-        """
+        """``(train records, their skipped problems, validation records, their problems)``: the
+        validation records are ``data.val_files``, else a seeded ``data.val_size`` share."""
         d = self.cfg.data
         train_records, train_problems = self.read(d.train_files, d.max_samples, "data.train_files")
         if d.val_files:
@@ -205,44 +161,15 @@ class LoraLLMTask(Task[LoraLLMConfig]):
         train_records, val_records = split_records(train_records, d.val_size, d.seed)
         return train_records, train_problems, val_records, []
 
-    def evaluation_samples(
-        self, records: list[Record], encoder: Encoder, generate: int
-    ) -> SFTDataset:
-        """Held-out records for ``evaluate``: their loss, and (``generate`` > 0) a greedy answer of
-        at most ``generate`` tokens to each prompt, scored against the reference response.
-
-        Args:
-            records: records with responses.
-            encoder: the encoder the adapter was trained with (template, max length).
-            generate: new tokens per answer (0: loss and perplexity only).
-
-        Returns:
-            The dataset; ``validation_step`` finds each item's prompt and reference by its index.
-        """
-        self.encoder = encoder
-        examples, self.stats["eval"] = encode_records(records, encoder, "skip")
-        kept = {e["source"] for e in examples}
-        chosen = [r for r in records if r.source in kept]
-        self.eval_prompts = (
-            [encoder.prompt_ids(without_answer(r)) for r in chosen] if generate else []
-        )
-        self.eval_references = [reference_text(r) for r in chosen]
-        self.eval_sources = [r.source for r in chosen]
-        self.eval_new_tokens = generate
-        if not examples:
-            raise UserError(f"No usable evaluation samples: {self.stats['eval'].describe('eval')}.")
-        return SFTDataset(examples)
-
-    # -- evaluate: a trained adapter (core.commands.model_io)
-    # --------------------------------------------
+    # -- evaluate: a trained adapter (core.commands.model_io) ----------------------------------
 
     def configure_for_model(self, model_dir: Path, overrides: Any) -> None:
         """No gradient checkpointing: nothing is trained."""
         self.cfg.model.gradient_checkpointing = False
 
     def load_trained(self, model_dir: Path, options: Any, fabric: Any) -> nn.Module:
-        """Base + adapter of ``model_dir`` (``--base``, ``--quant``) with the tokenizer and prompt
-        encoder it was trained with; ``model.name`` becomes the base."""
+        """Base + adapter of ``model_dir`` (``--base``, ``--quant``) with their tokenizer and
+        encoder; ``model.name`` becomes the base."""
         model, self.tokenizer, self.encoder, base = load_for_generation(
             model_dir, options.base, options.quant, fabric.device
         )
@@ -253,9 +180,9 @@ class LoraLLMTask(Task[LoraLLMConfig]):
     def evaluation_set(
         self, data: Path | None, split: str, options: Any, report: bool
     ) -> SFTDataset:
-        """The records of ``--data`` or the run's held-out ones, prompts cut (start + template
-        end) to fit ``data.max_length`` with room for the response, and the model's positions
-        with room for the answer (counted in one note), not left out."""
+        """The records of ``--data`` or the run's held-out ones; prompts too long for the
+        response's or the answer's room are cut (start + template end, counted), not left out.
+        With ``--max-new-tokens`` each prompt gets a greedy answer, scored against its reference."""
         from core.task.truncation import Truncation, input_limit, model_limit
 
         if data is not None:
@@ -279,7 +206,19 @@ class LoraLLMTask(Task[LoraLLMConfig]):
             if record.kind != "tokenized":  # pre-tokenized records are cut in encode(), uncounted
                 cut.count(len(encoder.prompt_ids(without_answer(record), cut=False)))
         cut.report(enabled=report)
-        return self.evaluation_samples(records, encoder, options.max_new_tokens)
+        examples, self.stats["eval"] = encode_records(records, encoder, "skip")
+        # validation_step finds each sample's prompt, reference and source by its index
+        kept = {e["source"] for e in examples}
+        chosen = [r for r in records if r.source in kept]
+        self.eval_new_tokens = generate = options.max_new_tokens
+        self.eval_prompts = (
+            [encoder.prompt_ids(without_answer(r)) for r in chosen] if generate else []
+        )
+        self.eval_references = [reference_text(r) for r in chosen]
+        self.eval_sources = [r.source for r in chosen]
+        if not examples:
+            raise UserError(f"No usable evaluation samples: {self.stats['eval'].describe('eval')}.")
+        return SFTDataset(examples)
 
     def evaluation_row(self, record: dict[str, Any]) -> dict[str, Any]:
         """``{source, prediction, reference, loss}``."""
@@ -299,13 +238,8 @@ class LoraLLMTask(Task[LoraLLMConfig]):
         }
 
     def read(self, specs: list[str], limit: int | None, key: str) -> tuple[list[Record], list[str]]:
-        """Records of several data sources (the first ``limit`` of each) and the skipped problems.
-
-        Args:
-            specs: files, dataset folders or ids, ``sample:<name>``.
-            limit: records to keep per source (None: all).
-            key: the config key that lists them (for messages).
-        """
+        """Records of the sources ``specs`` (config key ``key``; the first ``limit`` of each)
+        and the skipped problems."""
         records: list[Record] = []
         problems: list[str] = []
         for spec in specs:
@@ -315,8 +249,8 @@ class LoraLLMTask(Task[LoraLLMConfig]):
             found, bad = read_records(spec, self.cfg.data, key=key)
             if not found and not bad:
                 raise UserError(
-                    f"Data source '{spec}' ({key}) holds no records: it is empty or "
-                    "has only blank lines."
+                    f"Data source '{spec}' ({key}) holds no records: it is empty or has only "
+                    "blank lines."
                 )
             records += found[:limit] if limit else found
             problems += bad
@@ -342,10 +276,10 @@ class LoraLLMTask(Task[LoraLLMConfig]):
             name = base
         self.base_name = str(name)
         model = load_base(name, cfg.model, cfg.quant, device, compute_device=self.ranks.device)
-        if len(self.tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        embeddings = model.get_input_embeddings().weight.shape[0]
+        if len(self.tokenizer) > embeddings:
             raise UserError(
-                f"The tokenizer has {len(self.tokenizer)} tokens but the model only "
-                f"{model.get_input_embeddings().weight.shape[0]} "
+                f"The tokenizer has {len(self.tokenizer)} tokens but the model only {embeddings} "
                 "embeddings: model.tokenizer does not belong to model.name."
             )
         if cfg.data.packing:
@@ -381,8 +315,7 @@ class LoraLLMTask(Task[LoraLLMConfig]):
         return model
 
     def report_data(self) -> None:
-        """Log the data statistics (truncation included) and write ``<run>/data_stats.json`` (rank
-        0)."""
+        """Log the data statistics and write ``<run>/data_stats.json`` (rank 0)."""
         if not self.ranks.is_global_zero:
             return
         for split, stats in self.stats.items():
@@ -411,8 +344,7 @@ class LoraLLMTask(Task[LoraLLMConfig]):
             )
 
     def fsdp_wrap_classes(self) -> set[type[nn.Module]]:
-        """The model's decoder block class (``LlamaDecoderLayer``, ``PhiDecoderLayer``, ...), read
-        from its config (the Hub presets' architectures ship with the package)."""
+        """The model's decoder block class, read from its config."""
         from lora_llm.memory import model_config
 
         config, _ = model_config(self.cfg)
@@ -427,12 +359,8 @@ class LoraLLMTask(Task[LoraLLMConfig]):
     # -- steps ---------------------------------------------------------------------------------
 
     def training_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
-        """Summed next-token loss over the trained (response) tokens of a micro-batch.
-
-        With ``data.padding_free`` the micro-batch is first flattened into one row without
-        padding (:func:`lora_llm.data.flatten_batch`); with ``loss.chunked`` the head computes
-        the loss in chunks inside the model's forward (``core.nn.loss``).
-        """
+        """Summed next-token loss over the trained tokens (``data.padding_free``: the
+        micro-batch flattened into one row first)."""
         if self.cfg.data.padding_free:
             batch = flatten_batch(batch)
         return self.loss_sum(model, lambda: call_model(model, batch), batch["labels"], shift=True)
@@ -447,8 +375,7 @@ class LoraLLMTask(Task[LoraLLMConfig]):
     def add_predictions(
         self, model: nn.Module, batch: dict[str, torch.Tensor], records: list[dict[str, Any]]
     ) -> None:
-        """In ``evaluate`` with generation: the greedy answer to each prompt, its reference and
-        source (all ranks generate in lockstep under sharded strategies)."""
+        """In ``evaluate`` with generation: each prompt's greedy answer, reference and source."""
         if not self.eval_prompts:
             return
         indices = batch["index"].tolist()
@@ -467,8 +394,7 @@ class LoraLLMTask(Task[LoraLLMConfig]):
             )
 
     def compute_metrics(self, records: list[dict[str, Any]]) -> dict[str, float]:
-        """Token-weighted loss and its perplexity; with generated answers also ROUGE-L F1 (core's
-        ROUGE: Korean is scored, not dropped) and the exact-match rate against the references."""
+        """Loss and perplexity; with generated answers also core's answer scores."""
         metrics = super().compute_metrics(records)
         metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))
         answered = [r for r in records if "prediction" in r]
@@ -485,8 +411,7 @@ class LoraLLMTask(Task[LoraLLMConfig]):
     def save_final(
         self, model: nn.Module, state_dict: dict[str, torch.Tensor], out_dir: Path
     ) -> None:
-        """The adapter only (+ tokenizer and ``lora_llm.json``), loadable with
-        ``PeftModel.from_pretrained``."""
+        """The adapter, tokenizer and ``lora_llm.json``."""
         super().save_final(model, state_dict, out_dir)
         write_settings(out_dir, self.settings())
 
@@ -531,11 +456,7 @@ class LoraLLMTask(Task[LoraLLMConfig]):
 def adapter_setup(
     adapter: Path, base: str | None
 ) -> tuple[dict[str, Any], dict[str, Any], str, Any]:
-    """Read an adapter folder: its configs, its base model, and the tokenizer it was trained with.
-
-    Returns:
-        ``(adapter_config, settings, base, tokenizer)``.
-    """
+    """``(adapter_config, settings, base, tokenizer)`` of an adapter folder."""
     from core.commands.train import check_model_dir, model_owner
     from lora_llm.model import read_adapter, resolve_base
 
@@ -567,23 +488,13 @@ def trained_encoder(tokenizer: Any, settings: dict[str, Any]) -> Encoder:
 def load_for_generation(
     adapter: Path, base: str | None, quant_choice: str, device: Any
 ) -> tuple[Any, Any, Any, str]:
-    """Base + adapter ready to generate, with the tokenizer and prompt encoder of training.
-
-    Args:
-        quant_choice: ``auto`` (as in training), ``none``, ``4`` or ``8``.
-
-    Returns:
-        ``(model, tokenizer, encoder, base name)``.
-    """
+    """``(model, tokenizer, encoder, base name)`` of an adapter, ready to generate;
+    ``quant_choice``: ``auto`` (as in training), ``none``, ``4`` or ``8``."""
     from lora_llm.model import load_adapter_model
 
     _, settings, base_name, tokenizer = adapter_setup(adapter, base)
-    trained_bits = settings.get("quant", {}).get("bits")
-    bits = (
-        trained_bits
-        if quant_choice == "auto"
-        else (None if quant_choice == "none" else int(quant_choice))
-    )
+    named = {"auto": settings.get("quant", {}).get("bits"), "none": None}
+    bits = named[quant_choice] if quant_choice in named else int(quant_choice)
     quant = QuantConfig(**{**settings.get("quant", {}), "bits": bits}) if bits else None
     model = load_adapter_model(
         adapter,
