@@ -421,23 +421,6 @@ def resolve_base(adapter_dir: Path, adapter_config: dict[str, Any], base: str | 
     )
 
 
-def check_not_quantized_checkpoint(base: str) -> None:
-    """Refuse a base folder saved in 4/8 bits (merging into it would corrupt the weights).
-
-    Raises:
-        UserError: ``config.json`` of the folder has a bitsandbytes ``quantization_config``.
-    """
-    config_file = Path(base) / "config.json"
-    if config_file.is_file():
-        quant = json.loads(config_file.read_text(encoding="utf-8")).get("quantization_config")
-        if quant:
-            raise UserError(
-                f"The base '{base}' is a quantized checkpoint "
-                f"({quant.get('quant_method', 'bitsandbytes')}); merging an adapter into "
-                "4/8-bit weights corrupts them. Give the original 16/32-bit base with --base."
-            )
-
-
 def load_adapter_model(
     adapter_dir: Path, base: str, cfg: ModelConfig, quant: QuantConfig | None, device: torch.device
 ) -> nn.Module:
@@ -545,31 +528,6 @@ def generate(
         for row, i in enumerate(chunk):
             results[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
     return [results[i] for i in range(len(prompts))]
-
-
-def merge_and_check(model: nn.Module, probe: torch.Tensor) -> tuple[nn.Module, dict[str, float]]:
-    """Merge the adapter into the (16/32-bit) base and compare logits on a probe input.
-
-    Args:
-        model: a ``PeftModel`` on an unquantized base, eval mode.
-        probe: ``(1, seq)`` token ids.
-
-    Returns:
-        ``(merged model, numbers)`` with ``max_abs_diff`` (merged vs adapter logits),
-        ``max_abs_logit`` and ``adapter_effect`` (adapter vs plain base logits: shows the check is
-        not trivially met by an adapter that changes nothing).
-    """
-    with torch.no_grad():
-        with model.disable_adapter():
-            plain = model(input_ids=probe).logits.float()
-        adapted = model(input_ids=probe).logits.float()
-        merged = model.merge_and_unload()
-        after = merged(input_ids=probe).logits.float()
-    return merged, {
-        "max_abs_diff": float((after - adapted).abs().max()),
-        "max_abs_logit": float(adapted.abs().max()),
-        "adapter_effect": float((adapted - plain).abs().max()),
-    }
 
 
 if __name__ == "__main__":  # self-check: python -m lora_llm.model
