@@ -1,20 +1,8 @@
-"""Commands of the ``lora_llm`` package: ``train``, ``evaluate``, ``infer``, ``prepare``, ``merge``,
-``estimate``.
-
-::
-
-    uv run --package lora_llm train -c tiny trainer.max_steps=20  # QLoRA on the CPU, offline
-    uv run --package lora_llm train -c phi2 --dry-run              # parameters + memory
-    uv run --package lora_llm evaluate --model runs/001_.../final  # loss, perplexity, ROUGE-L
-    uv run --package lora_llm infer --model runs/001_.../final --prompt "Give three tips."
-    uv run --package lora_llm lora-llm-prepare -c tiny --data my.jsonl --out prepared/
-    uv run --package lora_llm lora-llm-merge --model runs/001_.../final --out merged/
-
-``train``, ``evaluate`` and ``infer`` are core's shared command names (dispatched here through the
-``core.tasks`` entry point); ``lora-llm-train``, ``lora-llm-prepare`` and ``lora-llm-merge`` are
-this package's own scripts; every command also runs as ``python -m lora_llm.cli <command> ...``.
-Mistakes a user can fix exit with code 2 and one paragraph (``core.errors.user_errors_exit_2``);
-no command writes onto its inputs or into a folder of other files (``core.run.outputs``).
+"""Commands of ``lora_llm``: core's ``train`` (with ``--dry-run``; ``estimate`` is its older
+name), ``evaluate`` and ``infer`` (declared in ``SPEC``), ``merge`` (core's
+:mod:`core.commands.merge`, declared in ``MERGE``) and ``prepare`` (the data exactly as ``train``
+reads it, written out). Scripts: ``lora-llm-train``, ``lora-llm-prepare``, ``lora-llm-merge``;
+every command also runs as ``python -m lora_llm.cli <command> ...``.
 
 Self-check: ``python -m lora_llm.cli`` (no arguments).
 """
@@ -75,17 +63,11 @@ def _check_evaluate(args: argparse.Namespace) -> None:
 
 def estimate(argv: list[str] | None = None) -> int:
     """``estimate [-c PRESET] [key=value ...] [--json]``: ``train --dry-run`` under its older name
-    (parameters and training memory, no weights loaded).
-
-    Returns:
-        Exit code.
-    """
+    (parameters and training memory, no weights loaded); returns the exit code."""
     return SPEC.dry_run(list(sys.argv[1:] if argv is None else argv))
 
 
-# --------------------------------------------------------------------------------------------
-# prepare
-# --------------------------------------------------------------------------------------------
+# -- prepare ---------------------------------------------------------------------------------
 
 
 def prepare_parser() -> argparse.ArgumentParser:
@@ -202,9 +184,7 @@ def write_examples(path: Path, examples: list[dict[str, Any]], tokenizer: Any) -
     return write_jsonl(path, rows)
 
 
-# --------------------------------------------------------------------------------------------
-# infer
-# --------------------------------------------------------------------------------------------
+# -- infer -----------------------------------------------------------------------------------
 
 
 def _infer_arguments(parser: argparse.ArgumentParser) -> None:
@@ -266,11 +246,11 @@ class Answerer:
 
     def __call__(self, batch: list[Any]) -> list[str]:
         """Generated texts for records."""
+        from core.task.textbatch import continuations
         from lora_llm.data import PROMPT_TAIL
-        from lora_llm.model import generate
 
         prompts = [self.cut.apply(self.encoder.prompt_ids(r), PROMPT_TAIL) for r in batch]
-        return generate(self.model, self.tokenizer, prompts, **self.sampling)
+        return continuations(self.model, self.tokenizer, prompts, **self.sampling)
 
 
 def answer_row(record: Any, text: str) -> dict[str, Any]:
@@ -294,9 +274,7 @@ def _typed(line: str) -> Any:
     return Record(source="terminal", instruction=line)
 
 
-# --------------------------------------------------------------------------------------------
-# merge
-# --------------------------------------------------------------------------------------------
+# -- merge -----------------------------------------------------------------------------------
 
 
 def _merge_input(args: argparse.Namespace) -> Loaded:
