@@ -116,9 +116,7 @@ def prepare(argv: list[str] | None = None) -> int:
     policy, split), and writes ``train.jsonl`` / ``val.jsonl`` (one sample per line: source,
     template, token counts, decoded text, ``input_ids`` and ``labels``; ``train`` accepts these
     files as pre-tokenized data) and ``stats.json`` (counts, length percentiles, truncation).
-
-    Returns:
-        Exit code.
+    Returns the exit code.
     """
     args = prepare_parser().parse_args(sys.argv[1:] if argv is None else argv)
     overrides = list(args.overrides)
@@ -169,8 +167,7 @@ def write_prepared(out: Path, task: Any) -> None:
 
 
 def write_examples(path: Path, examples: list[dict[str, Any]], tokenizer: Any) -> int:
-    """Write encoded examples as JSON lines (with their decoded text) atomically; returns how
-    many."""
+    """Write encoded examples as JSON lines (with their decoded text) atomically; how many."""
     keys = ("source", "style", "prompt_tokens", "response_tokens", "cut_tokens")
     rows = [
         {
