@@ -85,6 +85,10 @@ def test_continuations_of_left_padded_prompts_match_one_prompt_at_a_time() -> No
     together = continuations(model, tokenizer, prompts, 4)
     alone = [continuations(model, tokenizer, [p], 4)[0] for p in prompts]
     assert len(together) == 2 and together == alone, (together, alone)
+    # one prompt a call (longest first), greedy without do_sample: the same texts, in order
+    assert continuations(model, tokenizer, prompts, 4, batch_size=1, temperature=0.1) == together
+    sampled = continuations(model, tokenizer, prompts, 4, 1, do_sample=True, top_k=2)
+    assert len(sampled) == 2 and all(isinstance(t, str) for t in sampled), sampled
 
 
 def test_block_classes_are_the_layers_a_model_names_as_unsplittable() -> None:

@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from core.commands.merge import merge_and_check
 from core.nn.loss import head_loss, shift_targets
 from core.task.base import IGNORE_INDEX, per_sample_loss
 from lora_llm.config import LoraSettings, ModelConfig, QuantConfig, TinyModelConfig
 from lora_llm.data import PackedDataset, collate, flatten_batch
-from lora_llm.model import add_adapter, build_tiny_base, load_base, merge_and_check
+from lora_llm.model import add_adapter, build_tiny_base, load_base
 from lora_llm.task import LoraLLMTask, call_model
 
 CPU = torch.device("cpu")

@@ -1,20 +1,8 @@
-"""Commands of the ``lora_llm`` package: ``train``, ``evaluate``, ``infer``, ``prepare``, ``merge``,
-``estimate``.
-
-::
-
-    uv run --package lora_llm train -c tiny trainer.max_steps=20  # QLoRA on the CPU, offline
-    uv run --package lora_llm train -c phi2 --dry-run              # parameters + memory
-    uv run --package lora_llm evaluate --model runs/001_.../final  # loss, perplexity, ROUGE-L
-    uv run --package lora_llm infer --model runs/001_.../final --prompt "Give three tips."
-    uv run --package lora_llm lora-llm-prepare -c tiny --data my.jsonl --out prepared/
-    uv run --package lora_llm lora-llm-merge --model runs/001_.../final --out merged/
-
-``train``, ``evaluate`` and ``infer`` are core's shared command names (dispatched here through the
-``core.tasks`` entry point); ``lora-llm-train``, ``lora-llm-prepare`` and ``lora-llm-merge`` are
-this package's own scripts; every command also runs as ``python -m lora_llm.cli <command> ...``.
-Mistakes a user can fix exit with code 2 and one paragraph (``core.errors.user_errors_exit_2``);
-no command writes onto its inputs or into a folder of other files (``core.run.outputs``).
+"""Commands of ``lora_llm``: core's ``train`` (with ``--dry-run``; ``estimate`` is its older
+name), ``evaluate`` and ``infer`` (declared in ``SPEC``), ``merge`` (core's
+:mod:`core.commands.merge`, declared in ``MERGE``) and ``prepare`` (the data exactly as ``train``
+reads it, written out). Scripts: ``lora-llm-train``, ``lora-llm-prepare``, ``lora-llm-merge``;
+every command also runs as ``python -m lora_llm.cli <command> ...``.
 
 Self-check: ``python -m lora_llm.cli`` (no arguments).
 """
@@ -27,13 +15,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from core.commands.infer import InferSpec, add_device_argument
-from core.commands.model_io import removed_if_half_made
+from core.commands.infer import InferSpec
+from core.commands.merge import Loaded, MergeSpec
 from core.commands.spec import EvaluateSpec, TaskSpec
 from core.commands.train import parse_train_args
 from core.errors import UserError, user_errors_exit_2
 from core.run.outputs import guard_folder, mark_folder, write_jsonl, write_text
-from core.run.storage import check_free_space, check_writable, storage_errors
 from core.task.truncation import add_option
 from lora_llm.config import DEFAULT_PRESET, PRESETS, PRESETS_DIR, DataConfig, LoraLLMConfig
 
@@ -44,16 +31,9 @@ TRAIN_HELP = (
 )
 
 
-def _base_argument(parser: argparse.ArgumentParser) -> None:
-    """``--base``: the base model under the adapter."""
-    parser.add_argument(
-        "--base", help="base model (Hub id or folder); default: the one the adapter was trained on"
-    )
-
-
 def _base_arguments(parser: argparse.ArgumentParser) -> None:
     """``--base`` and ``--quant``: the base model under the adapter and how it is loaded."""
-    _base_argument(parser)
+    parser.add_argument("--base", help=MergeSpec.base_help)
     parser.add_argument(
         "--quant",
         choices=["auto", "4", "8", "none"],
@@ -83,17 +63,11 @@ def _check_evaluate(args: argparse.Namespace) -> None:
 
 def estimate(argv: list[str] | None = None) -> int:
     """``estimate [-c PRESET] [key=value ...] [--json]``: ``train --dry-run`` under its older name
-    (parameters and training memory, no weights loaded).
-
-    Returns:
-        Exit code.
-    """
+    (parameters and training memory, no weights loaded); returns the exit code."""
     return SPEC.dry_run(list(sys.argv[1:] if argv is None else argv))
 
 
-# --------------------------------------------------------------------------------------------
-# prepare
-# --------------------------------------------------------------------------------------------
+# -- prepare ---------------------------------------------------------------------------------
 
 
 def prepare_parser() -> argparse.ArgumentParser:
@@ -142,9 +116,7 @@ def prepare(argv: list[str] | None = None) -> int:
     policy, split), and writes ``train.jsonl`` / ``val.jsonl`` (one sample per line: source,
     template, token counts, decoded text, ``input_ids`` and ``labels``; ``train`` accepts these
     files as pre-tokenized data) and ``stats.json`` (counts, length percentiles, truncation).
-
-    Returns:
-        Exit code.
+    Returns the exit code.
     """
     args = prepare_parser().parse_args(sys.argv[1:] if argv is None else argv)
     overrides = list(args.overrides)
@@ -195,8 +167,7 @@ def write_prepared(out: Path, task: Any) -> None:
 
 
 def write_examples(path: Path, examples: list[dict[str, Any]], tokenizer: Any) -> int:
-    """Write encoded examples as JSON lines (with their decoded text) atomically; returns how
-    many."""
+    """Write encoded examples as JSON lines (with their decoded text) atomically; how many."""
     keys = ("source", "style", "prompt_tokens", "response_tokens", "cut_tokens")
     rows = [
         {
@@ -210,9 +181,7 @@ def write_examples(path: Path, examples: list[dict[str, Any]], tokenizer: Any) -
     return write_jsonl(path, rows)
 
 
-# --------------------------------------------------------------------------------------------
-# infer
-# --------------------------------------------------------------------------------------------
+# -- infer -----------------------------------------------------------------------------------
 
 
 def _infer_arguments(parser: argparse.ArgumentParser) -> None:
@@ -274,11 +243,11 @@ class Answerer:
 
     def __call__(self, batch: list[Any]) -> list[str]:
         """Generated texts for records."""
+        from core.task.textbatch import continuations
         from lora_llm.data import PROMPT_TAIL
-        from lora_llm.model import generate
 
         prompts = [self.cut.apply(self.encoder.prompt_ids(r), PROMPT_TAIL) for r in batch]
-        return generate(self.model, self.tokenizer, prompts, **self.sampling)
+        return continuations(self.model, self.tokenizer, prompts, **self.sampling)
 
 
 def answer_row(record: Any, text: str) -> dict[str, Any]:
@@ -302,208 +271,45 @@ def _typed(line: str) -> Any:
     return Record(source="terminal", instruction=line)
 
 
-# --------------------------------------------------------------------------------------------
-# merge
-# --------------------------------------------------------------------------------------------
+# -- merge -----------------------------------------------------------------------------------
 
 
-def merge_parser() -> argparse.ArgumentParser:
-    """Arguments of ``merge``."""
-    parser = argparse.ArgumentParser(
-        prog="lora-llm-merge",
-        description="Merge a LoRA adapter into its 16/32-bit base model and save the result "
-        "(save_pretrained).",
-        epilog="example: lora-llm-merge --model runs/001_x/final --out merged/ --dtype bfloat16",
-    )
-    parser.add_argument(
-        "--model",
-        "--adapter",
-        dest="adapter",
-        required=True,
-        type=Path,
-        help="adapter folder (a run's final/)",
-    )
-    parser.add_argument(
-        "--out",
-        required=True,
-        type=Path,
-        help="new folder for the merged model (must not exist or be empty)",
-    )
-    _base_argument(parser)
-    parser.add_argument(
-        "--dtype",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        default="auto",
-        help="dtype of the base and the merged model; auto: float32 on the CPU, bfloat16/float16 "
-        "on a GPU",
-    )
-    add_device_argument(parser, choices=("auto", "cpu", "cuda"))
-    parser.add_argument(
-        "--probe",
-        default="Give three tips for staying healthy.",
-        help="instruction whose logits are compared",
-    )
-    parser.add_argument(
-        "--tolerance",
-        type=float,
-        default=None,
-        help="largest allowed |merged - adapter| logit difference relative to the largest logit "
-        "(default 1e-4 in float32, 2e-2 in 16 bits)",
-    )
-    return parser
-
-
-def _check_merge_target(args: argparse.Namespace) -> None:
-    """Never into a folder of other files or of an earlier merge, nor onto the adapter or the
-    base it reads; a target that cannot be written is refused before minutes of loading."""
-    guard_folder(
-        args.out,
-        "--out",
-        "lora-llm-merge",
-        inputs=[(args.adapter, "--model"), *([(Path(args.base), "--base")] if args.base else [])],
-    )
-    if args.out.is_dir() and any(args.out.iterdir()):
-        raise UserError(
-            f"--out '{args.out}' already holds a merged model; merge writes a new "
-            "folder: choose another --out."
-        )
-    check_writable(args.out, "the merged model")
-
-
-def _save_merged(merged: Any, tokenizer: Any, out: Path) -> None:
-    """``save_pretrained`` of the merged model and its tokenizer into ``out``; refused before a
-    byte lands when the weights (most of what is written) cannot fit."""
-    needed = sum(t.numel() * t.element_size() for t in merged.state_dict().values())
-    check_free_space(out, needed, "the merged model")
-    with storage_errors("the merged model", out, needed):
-        out.mkdir(parents=True, exist_ok=True)
-        merged.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-
-
-def _reload_difference(merged: Any, out: Path, probe: Any, dtype_name: str, device: Any) -> float:
-    """Largest ``|reloaded - merged|`` logit on the probe, the model reloaded from ``out``."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from core.nn.models import DTYPES
-
-    reloaded = AutoModelForCausalLM.from_pretrained(
-        out, dtype=DTYPES[dtype_name], device_map={"": device}
-    )
-    with torch.no_grad():
-        again = reloaded(input_ids=probe).logits.float()
-        reference = merged(input_ids=probe).logits.float()
-    return float((again - reference).abs().max())
-
-
-def _merge_verdict(report: dict[str, Any], args: argparse.Namespace) -> str:
-    """The lines ``merge`` prints: what was merged, the probe's logit differences, the verdict."""
-    scale = max(report["max_abs_logit"], 1.0)
-    return (
-        f"merged {args.adapter} into {report['base']} ({report['dtype']}) -> {args.out}\n"
-        f"probe logits: max |merged - adapter| = {report['max_abs_diff']:.3e}, max |reloaded - "
-        f"merged| = {report['reloaded_max_abs_diff']:.3e} "
-        f"(largest logit {report['max_abs_logit']:.2f}; the adapter itself moves logits by up to "
-        f"{report['adapter_effect']:.3e})\n"
-        + (
-            "verification passed"
-            if report["ok"]
-            else f"VERIFICATION FAILED: difference above {report['tolerance_relative']:g} x "
-            f"{scale:.2f}"
-        )
-    )
-
-
-def _merged_model(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any], dict[str, Any]]:
-    """Load base + adapter in 16/32 bits, merge, and compare the probe's logits.
-
-    Returns:
-        ``(merged model, tokenizer, probe facts {base, dtype, device, probe}, numbers)``.
-    """
+def _merge_input(args: argparse.Namespace) -> Loaded:
+    """Base + adapter in 16/32 bits (never a 4/8-bit checkpoint: merging into quantized weights
+    corrupts them), and the ``--probe`` instruction prompted as in training."""
     import torch
 
+    from core.commands.merge import check_not_quantized_checkpoint, merge_dtype
     from core.commands.model_io import inference_device
-    from core.nn.models import cuda_dtype
     from lora_llm.config import ModelConfig
     from lora_llm.data import Record
-    from lora_llm.model import check_not_quantized_checkpoint, load_adapter_model, merge_and_check
+    from lora_llm.model import load_adapter_model
     from lora_llm.task import adapter_setup, trained_encoder
 
     _, settings, base, tokenizer = adapter_setup(args.adapter, args.base)
     check_not_quantized_checkpoint(base)
     device = inference_device(args.device)
-    dtype_name = (
-        args.dtype
-        if args.dtype != "auto"
-        else ("float32" if device.type == "cpu" else str(cuda_dtype()).removeprefix("torch."))
-    )
+    dtype = merge_dtype(args.dtype, device)
     model = load_adapter_model(
-        args.adapter, base, ModelConfig(name=base, dtype=dtype_name), None, device
+        args.adapter, base, ModelConfig(name=base, dtype=dtype), None, device
     )
     encoder = trained_encoder(tokenizer, settings)
-    probe = torch.tensor(
-        [encoder.prompt_ids(Record(source="--probe", instruction=args.probe))], device=device
-    )
-    merged, numbers = merge_and_check(model, probe)
-    facts = {"base": base, "dtype": dtype_name, "device": device, "probe": probe}
-    return merged, tokenizer, facts, numbers
+    probe = [encoder.prompt_ids(Record(source="--probe", instruction=args.probe))]
+    return Loaded(model, tokenizer, torch.tensor(probe, device=device), base, dtype)
 
 
-@user_errors_exit_2
+MERGE = MergeSpec(
+    prog="lora-llm-merge",
+    load=_merge_input,
+    probe="Give three tips for staying healthy.",
+    probe_help="instruction whose logits are compared",
+)
+
+
 def merge(argv: list[str] | None = None) -> int:
-    """``merge --adapter DIR --out DIR [--base NAME_OR_DIR] [--dtype ...]``: merge, save, verify.
-
-    The base is loaded in 16 or 32 bits (never 4-bit: merging into quantized weights corrupts
-    them), the adapter merged with ``merge_and_unload``, and the merged model saved with
-    ``save_pretrained`` (+ tokenizer). Logits of the merged model (in memory and reloaded from
-    ``--out``) are compared with the adapter model's on a probe prompt; the report goes to stdout
-    and ``--out/merge_report.json``.
-
-    A target without room for the merged weights is refused before anything is written; a full
-    or read-only disk met while writing removes what was written. The folder's
-    ``.written-by.json`` marker is written last, so a marked folder always holds a whole model.
-
-    Returns:
-        0 when the logits match within the tolerance, 1 when they do not or the disk is full or
-        read-only (the message names the path and the space), 2 for a user mistake.
-    """
-    from core.run.logs import transformers_quiet
-
-    args = merge_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    transformers_quiet()
-    _check_merge_target(args)
-    merged, tokenizer, facts, numbers = _merged_model(args)
-    # A full or read-only disk met while writing removes what was written.
-    with removed_if_half_made(args.out):
-        _save_merged(merged, tokenizer, args.out)
-        numbers["reloaded_max_abs_diff"] = _reload_difference(
-            merged, args.out, facts["probe"], facts["dtype"], facts["device"]
-        )
-        tolerance = (
-            args.tolerance
-            if args.tolerance is not None
-            else (1e-4 if facts["dtype"] == "float32" else 2e-2)
-        )
-        scale = max(numbers["max_abs_logit"], 1.0)
-        ok = (
-            numbers["max_abs_diff"] <= tolerance * scale
-            and numbers["reloaded_max_abs_diff"] <= tolerance * scale
-        )
-        report = {
-            "adapter": str(args.adapter),
-            "base": facts["base"],
-            "dtype": facts["dtype"],
-            "probe_tokens": facts["probe"].shape[1],
-            "tolerance_relative": tolerance,
-            "ok": ok,
-            **numbers,
-        }
-        write_text(args.out / "merge_report.json", json.dumps(report, indent=1), "the merge report")
-        # Marked last: a folder with the marker is a whole merged model, never a half-made one.
-        mark_folder(args.out, "lora-llm-merge")
-    print(_merge_verdict(report, args))
-    return 0 if ok else 1
+    """``merge --adapter DIR --out DIR [--base NAME_OR_DIR] [--dtype ...]``: merge, save, verify
+    (:mod:`core.commands.merge`). Returns the exit code."""
+    return MERGE.command(argv)
 
 
 SPEC = TaskSpec(

@@ -1,18 +1,7 @@
-"""The base causal LM (Hub id, local folder or the ``tiny`` model), quantization, and the LoRA
-adapter.
-
-- :func:`load_tokenizer`: the model's tokenizer (the ``tiny`` model's ships in ``assets/``); a
-  missing pad token becomes EOS (the collator masks by length, so EOS is still trained).
-- :func:`build_tiny_base`: a small ``LlamaForCausalLM`` from a config with seeded random weights,
-  saved with ``save_pretrained`` so it loads (and quantizes) through the real loading code.
-- :func:`load_base`: ``AutoModelForCausalLM.from_pretrained`` in 16/32 bits or, with
-  ``BitsAndBytesConfig``, in 4-bit NF4 / FP4 (double quantisation, compute dtype) or 8 bits.
-  bitsandbytes >= 0.45 runs both on the CPU too.
-- :func:`add_adapter`: ``prepare_model_for_kbit_training`` for a quantized base (frozen, norms in
-  float32), non-reentrant gradient checkpointing with input gradients enabled (a frozen embedding
-  would otherwise cut the gradient path), then peft's ``get_peft_model`` with a ``LoraConfig``.
-- :func:`load_adapter_model`: base + a saved adapter for ``infer`` / ``merge``, with checks that
-  the adapter fits the base (exit code 2 otherwise).
+"""The base causal LM (a Hub id, a folder, or ``tiny``: a small Llama with seeded random
+weights, saved so it loads and quantizes through the real loading code), its 4/8-bit loading
+(bitsandbytes, on the CPU too), the LoRA adapter it trains, and a saved adapter on its base for
+``infer`` / ``merge`` (:mod:`core.task.adapters` checks that it fits).
 
 Self-check: ``python -m lora_llm.model`` (tiny model, 4-bit, one backward pass, save and reload).
 """
@@ -23,9 +12,6 @@ import json
 import logging
 import os
 import shutil
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +27,16 @@ from core.nn.models import (
     parameter_counts,
     transformers_errors_only,
 )
-from core.nn.padding import length_mask, pad_rows
+from core.task.adapters import (
+    attach_adapter,
+    linear_module_names,
+    peft_quietly,
+    read_adapter_config,
+)
 from core.task.hub import ensure_available
 from lora_llm.config import LoraSettings, ModelConfig, QuantConfig, TinyModelConfig
 from lora_llm.data import ASSETS
 
-log = logging.getLogger(__name__)
 # bitsandbytes warns at import that an optional extra ('kernels') is missing, then uses its own
 # CPU kernel; the message only confuses.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
@@ -61,26 +51,6 @@ with."""
 def is_tiny(name: str) -> bool:
     """Whether ``model.name`` asks for the built-in tiny model."""
     return str(name) == TINY
-
-
-@contextmanager
-def peft_quietly() -> Iterator[None]:
-    """Hide the deprecation warning peft 0.21 triggers in transformers 5
-    (``is_gradient_checkpointing``),
-    and its missing-keys warning (:func:`load_adapter_model` turns a mismatch into an error)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning
-        )
-        warnings.filterwarnings(
-            "ignore", message="Found missing adapter keys", category=UserWarning
-        )
-        yield
-
-
-# ------------------------------------------------------------------------------------------------
-# Tokenizer and the tiny model
-# ------------------------------------------------------------------------------------------------
 
 
 def load_tokenizer(cfg: ModelConfig, source: str | Path | None = None) -> Any:
@@ -132,19 +102,9 @@ def tiny_config(spec: TinyModelConfig, tokenizer: Any) -> Any:
 
 
 def build_tiny_base(spec: TinyModelConfig, tokenizer: Any, out_dir: Path) -> Path:
-    """Write the tiny model (seeded random weights) and its tokenizer to ``out_dir``.
-
-    An existing ``out_dir`` (a resumed run) is kept as it is. The weights depend only on
-    ``spec`` (``seed`` included), so every rank and session builds the same model.
-
-    Args:
-        spec: ``model.tiny``.
-        tokenizer: the shipped tiny tokenizer.
-        out_dir: ``<run>/base``.
-
-    Returns:
-        ``out_dir``.
-    """
+    """Write the tiny model of ``spec`` (``model.tiny``) and its ``tokenizer`` to ``out_dir``
+    (``<run>/base``, returned); an existing one (a resumed run) is kept. The weights depend only
+    on ``spec`` (``seed`` included), so every rank and session builds the same model."""
     from transformers import LlamaForCausalLM
 
     if (out_dir / "config.json").is_file():
@@ -158,11 +118,6 @@ def build_tiny_base(spec: TinyModelConfig, tokenizer: Any, out_dir: Path) -> Pat
     tokenizer.save_pretrained(tmp)
     os.replace(tmp, out_dir)
     return out_dir
-
-
-# ------------------------------------------------------------------------------------------------
-# Base model and adapter
-# ------------------------------------------------------------------------------------------------
 
 
 def quantization_config(quant: QuantConfig, device_type: str) -> Any:
@@ -287,19 +242,6 @@ def check_causal_lm(name_or_path: str | Path, cfg: ModelConfig) -> None:
         )
 
 
-def linear_module_names(model: nn.Module) -> list[str]:
-    """Distinct last name parts of the linear layers (candidates for ``lora.target_modules``)."""
-    names = set()
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) or type(module).__name__ in (
-            "Conv1D",
-            "Linear4bit",
-            "Linear8bitLt",
-        ):
-            names.add(name.rsplit(".", 1)[-1])
-    return sorted(names)
-
-
 def add_adapter(model: nn.Module, lora: LoraSettings, gradient_checkpointing: bool) -> nn.Module:
     """Freeze the base, set up checkpointing, and wrap it in a peft ``PeftModel`` with LoRA.
 
@@ -317,8 +259,7 @@ def add_adapter(model: nn.Module, lora: LoraSettings, gradient_checkpointing: bo
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if is_quantized(model):
-        # Freezes everything and casts the remaining 16-bit weights (norms, embeddings, head) to
-        # float32.
+        # Freezes everything and casts the other 16-bit weights (norms, embeddings, head) to fp32.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     else:
         model.requires_grad_(False)
@@ -327,14 +268,11 @@ def add_adapter(model: nn.Module, lora: LoraSettings, gradient_checkpointing: bo
         # the embedding output requires grad, so the first checkpointed block's input carries a
         # gradient although every base weight is frozen
         model.enable_input_require_grads()
-    model.config.use_cache = (
-        False  # the cache is useless in training and conflicts with checkpointing
-    )
+    model.config.use_cache = False  # useless in training, in conflict with checkpointing
     targets: Any = (
         "all-linear" if list(lora.target_modules) == ["all-linear"] else list(lora.target_modules)
     )
-    # GPT-2 style Conv1D layers store their weight transposed; peft must know (it would warn and
-    # guess).
+    # GPT-2's Conv1D layers store their weight transposed; peft must know (it would warn, guess).
     conv1d = any(type(m).__name__ == "Conv1D" for m in model.modules())
     config = LoraConfig(
         r=lora.r,
@@ -366,122 +304,24 @@ def causal_lm_class(config: Any) -> type:
     return AutoModelForCausalLM._model_mapping[type(config)]
 
 
-# ------------------------------------------------------------------------------------------------
-# Saved adapters: infer and merge
-# ------------------------------------------------------------------------------------------------
-
-
 def read_adapter(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """``adapter_config.json`` and this package's ``lora_llm.json`` (empty if absent) of an adapter
-    folder.
-
-    Raises:
-        UserError: the folder does not exist or is not a peft adapter.
-    """
-    adapter_dir = Path(adapter_dir)
-    if not adapter_dir.is_dir():
-        raise UserError(
-            f"Adapter folder '{adapter_dir}' does not exist; give a run's final/ folder "
-            "(runs/NNN_.../final)."
-        )
-    config_file = adapter_dir / "adapter_config.json"
-    if not config_file.is_file() or not any(adapter_dir.glob("adapter_model.*")):
-        raise UserError(
-            f"'{adapter_dir}' is not a LoRA adapter folder: it needs adapter_config.json and "
-            "adapter_model.safetensors "
-            "(what train writes to <run>/final)."
-        )
-    settings_file = adapter_dir / SETTINGS_FILE
+    folder (:func:`core.task.adapters.read_adapter_config` says why a folder is not one)."""
+    settings_file = Path(adapter_dir) / SETTINGS_FILE
+    config = read_adapter_config(adapter_dir)
     settings = (
         json.loads(settings_file.read_text(encoding="utf-8")) if settings_file.is_file() else {}
     )
-    return json.loads(config_file.read_text(encoding="utf-8")), settings
-
-
-def resolve_base(adapter_dir: Path, adapter_config: dict[str, Any], base: str | None) -> str:
-    """The base model for an adapter: ``--base``, else the adapter's ``base_model_name_or_path``
-    (for a moved run folder of the ``tiny`` preset: its sibling ``base/`` folder).
-
-    Raises:
-        UserError: no base is known.
-    """
-    if base:
-        return str(base)
-    named = adapter_config.get("base_model_name_or_path")
-    if named and Path(named).is_dir():
-        return named
-    sibling = Path(adapter_dir).resolve().parent / "base"
-    if (sibling / "config.json").is_file():
-        return str(sibling)
-    if named and not Path(named).is_absolute():
-        return named
-    raise UserError(
-        f"The adapter in '{adapter_dir}' names base model '{named}', which is not here; pass "
-        "--base NAME_OR_DIR."
-    )
-
-
-def check_not_quantized_checkpoint(base: str) -> None:
-    """Refuse a base folder saved in 4/8 bits (merging into it would corrupt the weights).
-
-    Raises:
-        UserError: ``config.json`` of the folder has a bitsandbytes ``quantization_config``.
-    """
-    config_file = Path(base) / "config.json"
-    if config_file.is_file():
-        quant = json.loads(config_file.read_text(encoding="utf-8")).get("quantization_config")
-        if quant:
-            raise UserError(
-                f"The base '{base}' is a quantized checkpoint "
-                f"({quant.get('quant_method', 'bitsandbytes')}); merging an adapter into "
-                "4/8-bit weights corrupts them. Give the original 16/32-bit base with --base."
-            )
+    return config, settings
 
 
 def load_adapter_model(
     adapter_dir: Path, base: str, cfg: ModelConfig, quant: QuantConfig | None, device: torch.device
 ) -> nn.Module:
-    """Base model + saved adapter, checked to fit, in eval mode.
-
-    Args:
-        adapter_dir: a ``final/`` folder.
-        base: the base model (see :func:`resolve_base`).
-        cfg: model settings (dtype, attention).
-        quant: quantization of the base, or None.
-        device: where to load.
-
-    Returns:
-        The ``PeftModel``.
-
-    Raises:
-        UserError: the adapter does not match the base (missing layers, other shapes, other depth).
-    """
-    from peft import PeftModel
-    from safetensors import safe_open
-
+    """Base model (:func:`load_base` with ``cfg`` and ``quant``, on ``device``) + the saved
+    adapter, checked to fit (:func:`core.task.adapters.attach_adapter`), in eval mode."""
     model = load_base(base, cfg, quant, device, training=False)
-    try:
-        with peft_quietly():
-            model = PeftModel.from_pretrained(model, str(adapter_dir))
-    except (ValueError, RuntimeError, KeyError) as err:
-        raise UserError(
-            f"The adapter in '{adapter_dir}' does not match the base model '{base}': "
-            f"{' '.join(str(err).split())[:400]}"
-        ) from None
-    weights = adapter_dir / "adapter_model.safetensors"
-    if weights.is_file():
-        with safe_open(str(weights), framework="pt") as handle:
-            saved = len(list(handle.keys()))
-        present = sum(1 for name, _ in model.named_parameters() if "lora_" in name)
-        if saved != present:
-            raise UserError(
-                f"The adapter in '{adapter_dir}' does not match the base model '{base}': it holds "
-                f"{saved} LoRA tensors, "
-                f"the base has places for {present} (another depth or other layer names). Pass "
-                "the base it was trained on with --base."
-            )
-    model.eval()
-    return model
+    return attach_adapter(model, adapter_dir, base)
 
 
 def write_settings(out_dir: Path, settings: dict[str, Any]) -> None:
@@ -491,92 +331,8 @@ def write_settings(out_dir: Path, settings: dict[str, Any]) -> None:
     )
 
 
-def generate(
-    model: nn.Module,
-    tokenizer: Any,
-    prompts: list[list[int]],
-    *,
-    max_new_tokens: int = 256,
-    do_sample: bool = True,
-    temperature: float = 0.7,
-    top_p: float = 0.9,
-    top_k: int = 50,
-    repetition_penalty: float = 1.0,
-    batch_size: int = 8,
-    synced_gpus: bool = False,
-) -> list[str]:
-    """Generate a continuation for each prompt (batched, left-padded).
-
-    Args:
-        model: the causal LM (with or without adapter), eval mode.
-        tokenizer: its tokenizer (pad and EOS tokens set).
-        prompts: token ids of each prompt (as :meth:`lora_llm.data.Encoder.prompt_ids` makes them).
-        max_new_tokens / do_sample / temperature / top_p / top_k / repetition_penalty: sampling
-        settings.
-        batch_size: prompts per ``generate`` call.
-        synced_gpus: keep stepping until every rank is done (sharded parameters, FSDP2).
-
-    Returns:
-        The generated text of each prompt (special tokens removed), in order.
-    """
-    device = model.get_input_embeddings().weight.device
-    sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample else {}
-    # Longest prompts together: less padding per batch; results are put back in order.
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    results: dict[int, str] = {}
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        # left padding: every prompt ends where generation starts
-        ids = pad_rows([prompts[i] for i in chunk], tokenizer.pad_token_id, left=True)
-        mask = length_mask([len(prompts[i]) for i in chunk], left=True)
-        width = ids.shape[1]
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                max_new_tokens=max_new_tokens,
-                do_sample=do_sample,
-                repetition_penalty=repetition_penalty,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                synced_gpus=synced_gpus,
-                **sampling,
-            )
-        for row, i in enumerate(chunk):
-            results[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
-    return [results[i] for i in range(len(prompts))]
-
-
-def merge_and_check(model: nn.Module, probe: torch.Tensor) -> tuple[nn.Module, dict[str, float]]:
-    """Merge the adapter into the (16/32-bit) base and compare logits on a probe input.
-
-    Args:
-        model: a ``PeftModel`` on an unquantized base, eval mode.
-        probe: ``(1, seq)`` token ids.
-
-    Returns:
-        ``(merged model, numbers)`` with ``max_abs_diff`` (merged vs adapter logits),
-        ``max_abs_logit`` and ``adapter_effect`` (adapter vs plain base logits: shows the check is
-        not trivially met by an adapter that changes nothing).
-    """
-    with torch.no_grad():
-        with model.disable_adapter():
-            plain = model(input_ids=probe).logits.float()
-        adapted = model(input_ids=probe).logits.float()
-        merged = model.merge_and_unload()
-        after = merged(input_ids=probe).logits.float()
-    return merged, {
-        "max_abs_diff": float((after - adapted).abs().max()),
-        "max_abs_logit": float(adapted.abs().max()),
-        "adapter_effect": float((adapted - plain).abs().max()),
-    }
-
-
 if __name__ == "__main__":  # self-check: python -m lora_llm.model
     import tempfile
-
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     tok = load_tokenizer(ModelConfig(name=TINY))
     with tempfile.TemporaryDirectory() as tmp:
@@ -602,10 +358,8 @@ if __name__ == "__main__":  # self-check: python -m lora_llm.model
             "LoRA B must get gradients through the frozen 4-bit base"
         )
         model.save_pretrained(Path(tmp) / "adapter")
-        with peft_quietly():
-            again = PeftModel.from_pretrained(
-                AutoModelForCausalLM.from_pretrained(base), Path(tmp) / "adapter"
-            )
+        cfg = ModelConfig(name=str(base))
+        again = load_adapter_model(Path(tmp) / "adapter", str(base), cfg, None, torch.device("cpu"))
         print(
             f"loss {loss.item():.3f}; adapter files: "
             f"{sorted(p.name for p in (Path(tmp) / 'adapter').iterdir())}; reloaded "

@@ -20,6 +20,7 @@ from core.errors import ConfigError, UserError
 from core.nn.models import block_classes as decoder_layer_classes
 from core.task.base import StepOutput, Task
 from core.task.hub import ensure_available
+from core.task.textbatch import continuations
 from lora_llm import __version__
 from lora_llm.config import LoraLLMConfig, ModelConfig, QuantConfig
 from lora_llm.data import (
@@ -41,7 +42,6 @@ from lora_llm.model import (
     add_adapter,
     build_tiny_base,
     causal_lm_class,
-    generate,
     is_tiny,
     load_base,
     load_tokenizer,
@@ -379,7 +379,7 @@ class LoraLLMTask(Task[LoraLLMConfig]):
         if not self.eval_prompts:
             return
         indices = batch["index"].tolist()
-        answers = generate(
+        answers = continuations(
             model,
             self.tokenizer,
             [self.eval_prompts[i] for i in indices],
@@ -458,7 +458,8 @@ def adapter_setup(
 ) -> tuple[dict[str, Any], dict[str, Any], str, Any]:
     """``(adapter_config, settings, base, tokenizer)`` of an adapter folder."""
     from core.commands.train import check_model_dir, model_owner
-    from lora_llm.model import read_adapter, resolve_base
+    from core.task.adapters import resolve_base
+    from lora_llm.model import read_adapter
 
     try:
         adapter_config, settings = read_adapter(adapter)

@@ -20,6 +20,10 @@ __all__, __getattr__ = lazy_exports(
             "prompt_truncation read_prompt_rows sampling_settings trained_setting"
         ),
         "launcher": "ENV_VAR installed_tasks",
+        "merge": (
+            "Loaded MergeSpec check_not_quantized_checkpoint merge_and_check merge_command "
+            "merge_dtype"
+        ),
         "model_io": (
             "emit_rows inference_device inference_dtype model_parser removed_if_half_made"
         ),

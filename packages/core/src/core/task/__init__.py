@@ -8,6 +8,9 @@ from core import lazy_exports
 __all__, __getattr__ = lazy_exports(
     __name__,
     {
+        "adapters": (
+            "attach_adapter linear_module_names peft_quietly read_adapter_config resolve_base"
+        ),
         "base": (
             "EvaluationRun IGNORE_INDEX Ranks StepOutput Task chunked_per_sample_loss "
             "chunked_token_loss_sum per_sample_loss token_loss_sum"

@@ -1,5 +1,5 @@
-"""Batches of token ids for small text tasks: samples right-padded for training
-(:func:`pad_batch`, a collator), prompts left-padded for generation (:func:`continuations`).
+"""Batches of token ids for text tasks: samples right-padded for training (:func:`pad_batch`, a
+collator), prompts left-padded for generation (:func:`continuations`).
 
 Self-check: ``python -m core.task.textbatch``.
 """
@@ -32,32 +32,54 @@ def pad_batch(samples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Ten
 
 
 def continuations(
-    model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int
+    model: Any,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    batch_size: int | None = None,
+    **settings: Any,
 ) -> list[str]:
-    """The greedy continuation of each prompt by a causal LM, decoded without special tokens.
+    """The continuation of each prompt by a causal LM (greedy unless ``settings`` sample),
+    decoded without special tokens.
 
     Args:
         model: a transformers (or peft) causal LM, in eval mode.
         tokenizer: its tokenizer (``pad_token_id``, ``eos_token_id``, ``batch_decode``).
-        prompts: token ids of each prompt; they are left-padded into one batch so that every row
+        prompts: token ids of each prompt; they are left-padded into batches so that every row
             ends where generation starts.
         max_new_tokens: the most tokens generated per prompt (fewer at the end token).
+        batch_size: prompts per ``generate`` call (None: all at once); the longest go together
+            (less padding), the texts come back in the order of ``prompts``.
+        settings: more ``generate`` arguments (``do_sample``, ``temperature``, ``top_p``,
+            ``top_k``, ``repetition_penalty``, ``synced_gpus``); the sampling ones are dropped
+            without ``do_sample`` (transformers warns about them).
 
     Returns:
         One stripped text per prompt.
     """
-    ids = pad_rows(prompts, tokenizer.pad_token_id, left=True).to(model.device)
-    mask = length_mask([len(p) for p in prompts], left=True).to(model.device)
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    texts = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
-    return [t.strip() for t in texts]
+    settings = {"do_sample": False, **settings}
+    if not settings["do_sample"]:
+        settings = {k: v for k, v in settings.items() if k not in ("temperature", "top_p", "top_k")}
+    device = model.get_input_embeddings().weight.device
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    size = batch_size or max(len(prompts), 1)
+    texts: dict[int, str] = {}
+    for start in range(0, len(order), size):
+        chunk = order[start : start + size]
+        ids = pad_rows([prompts[i] for i in chunk], tokenizer.pad_token_id, left=True).to(device)
+        mask = length_mask([len(prompts[i]) for i in chunk], left=True).to(device)
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                **settings,
+            )
+        decoded = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+        texts.update((i, text.strip()) for i, text in zip(chunk, decoded, strict=True))
+    return [texts[i] for i in range(len(prompts))]
 
 
 if __name__ == "__main__":  # self-check: python -m core.task.textbatch
@@ -86,6 +108,11 @@ if __name__ == "__main__":  # self-check: python -m core.task.textbatch
         vocab_size=4, n_embd=8, n_layer=1, n_head=2, bos_token_id=1, eos_token_id=1, pad_token_id=0
     )
     torch.manual_seed(0)
-    texts = continuations(GPT2LMHeadModel(config).eval(), tokenizer, [[2, 3, 2], [3]], 3)
+    model = GPT2LMHeadModel(config).eval()
+    texts = continuations(model, tokenizer, [[2, 3, 2], [3]], 3)
     assert len(texts) == 2 and all(set(t.split()) <= {"a", "b"} for t in texts), texts
+    # one prompt a call, in another order inside: the same greedy texts, in the prompts' order
+    assert continuations(model, tokenizer, [[2, 3, 2], [3]], 3, batch_size=1) == texts
+    sampled = continuations(model, tokenizer, [[3], [2]], 3, 1, do_sample=True, temperature=0.7)
+    assert len(sampled) == 2 and all(set(t.split()) <= {"a", "b"} for t in sampled), sampled
     print("core.task.textbatch: ok")
