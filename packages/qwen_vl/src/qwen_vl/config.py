@@ -1,10 +1,5 @@
 """The root config of the qwen_vl task: the engine's groups plus ``data``, ``model`` and
-``generation``.
-
-Every field has a docstring (``train --help-keys`` prints them). Range checks live in
-``__post_init__`` so a bad value fails when the config is built, naming the key.
-
-Self-check: ``python -m qwen_vl.config``.
+``generation``; range checks in ``__post_init__``. Self-check: ``python -m qwen_vl.config``.
 """
 
 from __future__ import annotations
@@ -65,11 +60,7 @@ class DataConfig:
         """Range checks; a bad value raises ``ConfigError`` naming the key."""
         check_positive("data", self, "min_pixels", "max_pixels", "max_source_pixels")
         check_at_least("data", self, 8, "max_length")
-        if (
-            self.min_pixels is not None
-            and self.max_pixels is not None
-            and self.min_pixels > self.max_pixels
-        ):
+        if None not in (self.min_pixels, self.max_pixels) and self.min_pixels > self.max_pixels:
             raise ConfigError(
                 f"Config key 'data.min_pixels' ({self.min_pixels}) is larger than "
                 f"'data.max_pixels' ({self.max_pixels})."
@@ -86,15 +77,7 @@ class LoraConfig(CoreLoraConfig):
     alpha: int = 16
     """Adapter scaling numerator (scale = alpha / r)."""
     target_modules: list[str] = field(
-        default_factory=lambda: [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ]
+        default_factory=lambda: "q_proj k_proj v_proj o_proj gate_proj up_proj down_proj".split()
     )
     """Linear layers of the language model that get adapters (names inside its decoder layers;
     the vision tower's layers of the same names are excluded)."""
@@ -132,8 +115,7 @@ class TinyModelConfig:
         if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 4:
             raise ConfigError(
                 "Config keys 'model.tiny.hidden_size' / 'model.tiny.num_heads': the head size "
-                "must be a whole "
-                f"multiple of 4, got {self.hidden_size} / {self.num_heads}."
+                f"must be a whole multiple of 4, got {self.hidden_size} / {self.num_heads}."
             )
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
@@ -188,9 +170,8 @@ class ModelConfig:
         if self.lora.enabled and not self.train_llm:
             raise ConfigError(
                 "Config key 'model.lora.enabled' is true but 'model.train_llm' is false: LoRA "
-                "adapters that do not "
-                "train do nothing. Set model.train_llm=true (the base weights stay frozen) or "
-                "model.lora.enabled=false."
+                "adapters that do not train do nothing. Set model.train_llm=true (the base "
+                "weights stay frozen) or model.lora.enabled=false."
             )
         check_positive("model", self, "lr_vision", "lr_merger", "lr_llm")
 

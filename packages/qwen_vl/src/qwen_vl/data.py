@@ -1,26 +1,12 @@
 """Conversation records with images -> token ids, assistant-only labels and pixel patches.
 
-Records (one JSON object per line of a ``.jsonl`` file, or a list in a ``.json`` file) come in
-either common layout, each with an optional ``id``: **messages** (role / content turns, content a
-string or a list of text and image parts) or **LLaVA** (``image(s)`` and from / value turns with
-``<image>`` placeholders); :class:`core.task.chat.ChatReader` reads both.
-
-Images are local paths (relative to the data file's folder, or absolute), ``file://`` URIs or
-``data:image/...;base64,...`` URIs. Records without images (text-only) are fine, also mixed with
-image records in one batch.
-
-Pipeline of one record: :func:`parse_record` (structure, roles, images, placeholders) ->
-:func:`core.task.images.load_image` (missing / corrupt / oversized files) ->
-``qwen_vl_utils.process_vision_info`` and the processor, both with the same ``min_pixels`` /
-``max_pixels``, so an image of ``h x w`` pixels always becomes ``(H/28) * (W/28)`` vision tokens
-where ``(H, W) = smart_resize(h, w)`` -> :func:`core.task.chat.assistant_spans` /
-:func:`core.task.chat.build_labels`: only assistant turns (their text and closing
-``<|im_end|>``) are trained; system and user turns and every vision token are ``-100``.
-
-All checks run in :func:`load_conversations`, before training starts; a bad record raises a
-``UserError`` naming its id, file and line.
-
-Self-check: ``python -m qwen_vl.data``.
+Records (``.jsonl`` / ``.json``) use the messages or the LLaVA layout
+(:class:`core.task.chat.ChatReader`); images are paths relative to the data file, ``file://`` or
+``data:`` URIs; text-only records may mix with image records. qwen_vl_utils and the processor get
+the same ``min_pixels`` / ``max_pixels``, so an ``h x w`` image always makes
+``(H/28) * (W/28)`` vision tokens, ``(H, W) = smart_resize(h, w)``. Only assistant turns (text
+and closing ``<|im_end|>``) are trained. :func:`load_conversations` checks every record before
+training; a bad one raises a ``UserError`` naming its id, file and line.
 """
 
 from __future__ import annotations
@@ -64,28 +50,14 @@ VISION_TOKENS = (
 )
 """Tokens that belong to images or videos: never trained, never allowed in record text."""
 DUMMY_TOKENS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>")
-"""The masked placeholder a batch without images carries for its dummy image (see
-:class:`Collator`)."""
-
-
-# --------------------------------------------------------------------------------------------
-# Records
-# --------------------------------------------------------------------------------------------
+"""The masked placeholder of a batch's dummy image (see :class:`Collator`)."""
 
 
 @dataclass
 class Conversation:
-    """One validated record.
-
-    Attributes:
-        id: the record's ``id`` (or ``file:line``).
-        where: ``file:line`` of the record.
-        messages: Qwen-style messages; content is a list of parts, image parts are
-            ``{"type": "image", "image": <index into images>}``.
-        images: the images in order of appearance.
-        n_assistant: assistant turns (all trained).
-        reference: text of the last assistant turn (what generation is compared with).
-    """
+    """One validated record: ``id`` (or ``file:line``), ``where`` (``file:line``), Qwen-style
+    ``messages`` (image parts ``{"type": "image", "image": <index into images>}``), ``images``,
+    ``n_assistant`` (trained turns) and ``reference`` (the last answer's text)."""
 
     id: str
     where: str
@@ -98,22 +70,12 @@ class Conversation:
 def parse_record(
     raw: dict[str, Any], where: str, base_dir: Path, system_prompt: str | None = None
 ) -> Conversation:
-    """Validate one record and bring it into the Qwen message layout.
-
-    Args:
-        raw: the JSON object.
-        where: ``file:line``.
-        base_dir: folder for relative image paths.
-        system_prompt: system message added when the record has none (None: the template's default).
-
-    Returns:
-        A :class:`Conversation`. Turns after the last assistant turn are dropped (nothing in them
-        is trained, and generation stops at the last assistant turn).
+    """Validate the JSON object ``raw`` found at ``where`` (``file:line``) into a
+    :class:`Conversation`; relative image paths are under ``base_dir``; ``system_prompt`` is added
+    when the record has no system turn. Turns after the last answer are dropped.
 
     Raises:
-        UserError: unknown layout or role, no assistant turn, empty assistant text, an image in
-            an assistant turn, ``<image>`` placeholders that do not match the images, vision tokens
-            in text, videos.
+        UserError: a bad layout, role, answer, image or placeholder (:class:`ChatReader`).
     """
     rid = str(raw.get("id", where))
     name = record_name(rid, where, "id" in raw)
@@ -135,10 +97,8 @@ def parse_record(
 def vision_size(
     width: int, height: int, factor: int, min_pixels: int, max_pixels: int
 ) -> tuple[int, int]:
-    """The ``(width, height)`` an image is resized to before patching (qwen_vl_utils' rule).
-
-    Both sides become multiples of ``factor`` (patch size x merge size = 28) with an area in
-    ``[min_pixels, max_pixels]`` and the aspect ratio kept as well as possible.
+    """The ``(width, height)`` qwen_vl_utils resizes an image to: multiples of ``factor`` (28)
+    with an area in ``[min_pixels, max_pixels]``.
 
     Raises:
         ValueError: aspect ratio above 200 (qwen_vl_utils' limit).
@@ -149,22 +109,12 @@ def vision_size(
     return w, h
 
 
-# --------------------------------------------------------------------------------------------
-# Encoding with the processor
-# --------------------------------------------------------------------------------------------
-
-
 class Encoder:
-    """Applies the chat template, qwen_vl_utils and the processor with one pixel setting, and builds
-    labels.
+    """The chat template, qwen_vl_utils and a Qwen2.5-VL ``processor`` under one pixel setting
+    (``min_pixels`` / ``max_pixels``; None: the processor's own), and the labels.
 
-    Args:
-        processor: a Qwen2.5-VL processor (``AutoProcessor``).
-        min_pixels: smallest image area; None: the processor's ``size["shortest_edge"]``.
-        max_pixels: largest image area; None: the processor's ``size["longest_edge"]``.
-
-    The processor's image size is set to the same limits, so its own resize is a no-op on images
-    that qwen_vl_utils already resized, and ``final/`` saves the limits the model was trained with.
+    The processor gets the same limits, so its resize is a no-op after qwen_vl_utils' and
+    ``final/`` saves the limits the model was trained with.
     """
 
     def __init__(
@@ -188,41 +138,25 @@ class Encoder:
         self.merge_size = int(image_processor.merge_size)
         self.temporal_patch_size = int(image_processor.temporal_patch_size)
         self.factor = self.patch_size * self.merge_size
-        tok = self.tokenizer
+        tok, ids = self.tokenizer, self.tokenizer.convert_tokens_to_ids
         self.header_ids = tok.encode(ASSISTANT_HEADER, add_special_tokens=False)
-        self.end_id = tok.convert_tokens_to_ids(END_OF_TURN)
-        self.image_token_id = tok.convert_tokens_to_ids("<|image_pad|>")
-        self.vision_ids = {
-            tok.convert_tokens_to_ids(t)
-            for t in VISION_TOKENS
-            if tok.convert_tokens_to_ids(t) is not None
-        }
-        self.dummy_ids = [tok.convert_tokens_to_ids(t) for t in DUMMY_TOKENS]
-        self.pad_id = (
-            tok.pad_token_id
-            if tok.pad_token_id is not None
-            else tok.convert_tokens_to_ids("<|endoftext|>")
-        )
-        missing = [
-            t
-            for t in (END_OF_TURN, *DUMMY_TOKENS)
-            if tok.convert_tokens_to_ids(t) in (None, tok.unk_token_id)
-        ]
+        self.end_id = ids(END_OF_TURN)
+        self.image_token_id = ids("<|image_pad|>")
+        self.vision_ids = {i for i in map(ids, VISION_TOKENS) if i is not None}
+        self.dummy_ids = [ids(t) for t in DUMMY_TOKENS]
+        self.pad_id = tok.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = ids("<|endoftext|>")
+        missing = [t for t in (END_OF_TURN, *DUMMY_TOKENS) if ids(t) in (None, tok.unk_token_id)]
         if missing or len(self.header_ids) < 2:
             raise UserError(
                 f"The tokenizer lacks Qwen's chat tokens {missing or ASSISTANT_HEADER!r}; use a "
                 "Qwen2.5-VL processor."
             )
 
-    # -- text ----------------------------------------------------------------------------------
-
     def chat_text(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
-        """The conversation rendered by the chat template, one ``<|image_pad|>`` per image.
-
-        Args:
-            messages: Qwen-style messages (image parts may hold anything; only their type matters).
-            add_generation_prompt: append the assistant header (for inference).
-        """
+        """``messages`` rendered by the chat template, one ``<|image_pad|>`` per image (and the
+        assistant header with ``add_generation_prompt``)."""
         plain = map_images(messages, lambda part: {"type": "image"})
         return self.processor.apply_chat_template(
             plain, tokenize=False, add_generation_prompt=add_generation_prompt
@@ -242,20 +176,13 @@ class Encoder:
             "max_pixels": self.max_pixels,
         }
 
-    # -- whole records -------------------------------------------------------------------------
-
     def encode(self, conv: Conversation, images: list[Image.Image]) -> dict[str, Any]:
-        """Token ids, labels and pixel patches of one conversation.
-
-        Args:
-            conv: the validated record.
-            images: its decoded images, in order (original sizes).
+        """Encode ``conv`` with its decoded ``images`` (in order, original sizes).
 
         Returns:
-            ``input_ids``, ``labels``, ``mm_token_type_ids``: ``(L,)`` int64 tensors;
-            ``pixel_values``: ``(patches, 3 * temporal_patch * patch * patch)`` float32 or None;
-            ``image_grid_thw``: ``(images, 3)`` int64 or None; ``prompt_length``: tokens before
-            the last answer (int); ``spans``: the answer ranges.
+            ``input_ids``, ``labels``, ``mm_token_type_ids`` ``(L,)``; ``pixel_values``
+            ``(patches, 3 * temporal_patch * patch**2)`` and ``image_grid_thw`` ``(images, 3)``
+            or None; ``prompt_length`` (tokens before the last answer); ``spans`` (the answers).
         """
         messages = map_images(conv.messages, lambda part: self.image_part(images[part["image"]]))
         out = self.process(messages, self.chat_text(conv.messages))
@@ -273,17 +200,9 @@ class Encoder:
         }
 
     def encode_prompt(self, prompt: str, images: list[Image.Image]) -> dict[str, torch.Tensor]:
-        """Model inputs for answering ``prompt`` about ``images`` (one user turn, then the assistant
-        header).
-
-        Args:
-            prompt: the question.
-            images: decoded images (original sizes), shown before the question.
-
-        Returns:
-            ``input_ids``, ``attention_mask``, ``mm_token_type_ids`` ``(1, P)``; with images also
-            ``pixel_values`` ``(patches, D)`` and ``image_grid_thw`` ``(images, 3)``.
-        """
+        """Model inputs of one user turn, ``images`` then ``prompt``, and the assistant header:
+        ``input_ids``, ``attention_mask``, ``mm_token_type_ids`` ``(1, P)``; with images also
+        ``pixel_values`` ``(patches, D)`` and ``image_grid_thw`` ``(images, 3)``."""
         parts: list[dict[str, Any]] = [self.image_part(im) for im in images]
         messages = [{"role": "user", "content": [*parts, {"type": "text", "text": prompt}]}]
         out = self.process(messages, self.chat_text(messages, add_generation_prompt=True))
@@ -302,11 +221,8 @@ class Encoder:
         return self.processor(text=[text], images=resized, return_tensors="pt")
 
     def dummy_pixels(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The smallest image the vision tower accepts: one merge window, all zeros.
-
-        Returns:
-            ``pixel_values`` ``(merge**2, 3 * temporal_patch * patch**2)`` and ``image_grid_thw``
-            ``[[1, merge, merge]]``; it makes exactly one vision token.
+        """The smallest image (one vision token, zeros): ``pixel_values``
+        ``(merge**2, 3 * temporal_patch * patch**2)``, ``image_grid_thw`` ``[[1, merge, merge]]``.
         """
         dim = 3 * self.temporal_patch_size * self.patch_size**2
         pixels = torch.zeros(self.merge_size**2, dim)
@@ -314,22 +230,13 @@ class Encoder:
         return pixels, grid
 
 
-# --------------------------------------------------------------------------------------------
-# Data sets
-# --------------------------------------------------------------------------------------------
-
-
 @dataclass
 class ConversationData(Dataset):
-    """Validated conversations of one file; items are encoded on access (in the loader workers).
+    """Validated conversations of one file, encoded on access (in the loader workers).
 
     Attributes:
-        conversations: the records.
-        lengths: exact token count of each record (text + vision tokens), from the image sizes.
-        encoder: the encoder.
-        max_source_pixels: decoding limit per image.
-        generation: items also carry ``prompt_length`` (validation / evaluation batches then get a
-            left-padded prompt view for ``generate``).
+        lengths: exact tokens of each record (text + vision tokens).
+        generation: items carry ``prompt_length`` (batches then get prompts for ``generate``).
         files: data files read (for the manifest).
         image_fingerprint: sha256 over every image's path, size and bytes length (the manifest).
     """
@@ -346,11 +253,7 @@ class ConversationData(Dataset):
         return len(self.conversations)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        """Encode record ``i``.
-
-        Returns:
-            :meth:`Encoder.encode`'s dict plus ``index`` (int).
-        """
+        """:meth:`Encoder.encode` of record ``i``, plus ``index``."""
         conv = self.conversations[i]
         name = record_name(conv.id, conv.where, conv.id != conv.where)
         images = [load_image(src, name, self.max_source_pixels) for src in conv.images]
@@ -367,20 +270,9 @@ class ConversationData(Dataset):
 
 
 def shorten_question(conv: Conversation, encoder: Encoder, length: int, limit: int) -> int:
-    """Cut the text of the last user turn before the reference answer (its start kept) so the
-    record fits ``limit`` tokens; changes ``conv.messages``.
-
-    Args:
-        conv: the record.
-        encoder: the encoder (tokenizer, chat template).
-        length: the record's length in tokens, vision tokens included.
-        limit: the tokens it may have.
-
-    Returns:
-        The record's text tokens without its images' vision tokens (what ``length`` is made of
-        besides them); unchanged when there is no question text to cut (the caller's length
-        check then refuses or drops the record as before).
-    """
+    """Cut the last question's text (its start kept) so ``conv`` (``length`` tokens, vision
+    included) fits ``limit``; changes ``conv.messages``. Returns its text tokens (vision excluded),
+    unchanged without question text (the caller's length check then decides)."""
     tokenizer = encoder.tokenizer
     last_answer = max(i for i, m in enumerate(conv.messages) if m["role"] == "assistant")
     users = [i for i, m in enumerate(conv.messages[:last_answer]) if m["role"] == "user"]
@@ -422,33 +314,19 @@ def load_conversations(
     key: str = "data file",
     cut_long: Any = None,
 ) -> ConversationData:
-    """Read, validate and measure every record of a data file (no half-valid data reaches training).
+    """Read, validate and measure every record of the data file ``path`` (named by ``key``).
 
-    Checks per record: layout, roles and unique ids (:func:`parse_record`); every image opens
-    (:func:`core.task.images.image_sizes`, in ``workers`` threads: decoding releases the GIL);
-    token counts and the length limit (:func:`_measure_all`).
-
-    Args:
-        path: ``.jsonl`` or ``.json`` data file.
-        encoder: the encoder (tokenizer and pixel limits).
-        max_source_pixels: decoding limit per image.
-        max_length: token limit per record (None: none).
-        drop_too_long: drop longer records (logged) instead of failing.
-        system_prompt: system message for records without one.
-        generation: items carry the prompt length for generation.
-        decode_images: decode every image now (False: read headers only).
-        workers: threads that open images.
-        key: the config key or option that named ``path`` (for messages).
-        cut_long: a :class:`core.task.truncation.Truncation` (evaluation): a record longer than
-            ``max_length`` has the text of its last question cut (images and answers stay
-            whole) and is counted there, instead of being refused or dropped.
+    Structure and ids are checked for all records first (:func:`parse_record`), then every image
+    opens (in ``workers`` threads: decoding releases the GIL; headers only unless
+    ``decode_images``), then token counts against ``max_length`` (:func:`_measure_all`); longer
+    records fail, are dropped (``drop_too_long``), or with ``cut_long`` (a
+    :class:`core.task.truncation.Truncation`, for evaluation) have their last question cut.
 
     Returns:
-        The data set with exact lengths (at least one record).
+        The data set (at least one record).
 
     Raises:
-        UserError: a bad record, by id, file and line (structure is checked for all records
-            before images are opened).
+        UserError: a bad record, by id, file and line.
     """
     from concurrent.futures import ThreadPoolExecutor
     from functools import partial
@@ -479,19 +357,14 @@ def _measure_all(
     drop_too_long: bool,
     cut_long: Any,
 ) -> tuple[list[Conversation], list[int], list[str], str]:
-    """Token lengths of the records (vision tokens included), checked against the limit.
-
-    Every assistant turn must be found by its header token sequence (a count mismatch means an
-    answer starting with whitespace that merged into the header, or turn markers typed into the
-    text). Arguments as for :func:`load_conversations`; ``sizes`` from
-    :func:`core.task.images.image_sizes`, ``all_ids`` the token ids of each record's chat text.
+    """Lengths (vision tokens included) of the records, whose chat texts tokenize to
+    ``all_ids`` and whose images have ``sizes``, checked against ``max_length``.
 
     Returns:
         ``(kept records, their lengths, ids of dropped records, image fingerprint)``.
 
     Raises:
-        UserError: a count that does not match, or a record over ``max_length`` that may not be
-            dropped.
+        UserError: see :func:`_record_length`; a record too long that may not be dropped.
     """
     kept, lengths, dropped = [], [], []
     fingerprint = hashlib.sha256()
@@ -517,11 +390,7 @@ def _measure_all(
 def _parse_all(
     path: Path, key: str, system_prompt: str | None
 ) -> tuple[list[Conversation], list[str]]:
-    """:func:`parse_record` of every record of the data file ``path`` (named by ``key``), with
-    unique ids.
-
-    Returns:
-        ``(conversations, names)``, names as messages give them.
+    """``(conversations, names for messages)`` of the data file ``path`` (named by ``key``).
 
     Raises:
         UserError: a bad record, or an id used twice.
@@ -553,15 +422,13 @@ def _record_length(
     encoder: Encoder,
     fingerprint: Any,
 ) -> tuple[int, int]:
-    """Tokens of a record, its images' vision tokens included; adds each image to the data set's
-    ``fingerprint``. The tokenized text must hold every assistant turn and one image token per
-    image.
-
-    Returns:
-        ``(length, vision tokens)``.
+    """``(length, vision tokens)`` of a record whose text tokenizes to ``ids``; adds its images
+    to ``fingerprint``.
 
     Raises:
-        UserError: an image the processor cannot use, or a count that does not match.
+        UserError: an image the processor cannot use; an assistant turn not found by its header
+            (an answer starting with whitespace, or typed turn markers); an image-token count
+            that does not match.
     """
     vision = 0
     for src, (width, height, nbytes) in zip(conv.images, image_sizes):
@@ -589,11 +456,7 @@ def _record_length(
 def _report_dropped(
     path: Path, key: str, dropped: list[str], max_length: int | None, kept: bool
 ) -> None:
-    """Log the records dropped for their length.
-
-    Raises:
-        UserError: when every record was dropped (``kept`` is False).
-    """
+    """Log the records dropped for their length; a ``UserError`` when none is ``kept``."""
     if dropped:
         log.warning(
             "%s: dropped %d record(s) longer than data.max_length=%s: %s",
@@ -610,32 +473,19 @@ def _report_dropped(
         )
 
 
-# --------------------------------------------------------------------------------------------
-# Batches
-# --------------------------------------------------------------------------------------------
-
-
 class Collator:
     """Pads encoded items into a batch; a batch without images gets a masked dummy image.
 
-    Why the dummy: a batch without images would skip the vision tower. Under DDP that leaves its
-    parameters without gradients (an error without the slow unused-parameter search), and under
-    FSDP a rank that skips it never joins the vision blocks' all-gathers, so the other ranks hang.
-    The dummy is one vision token (``<|vision_start|><|image_pad|><|vision_end|>``) in the padding
-    of row 0, with attention mask 0 and label -100: it runs the vision tower inside the model's
-    forward (where FSDP gathers the parameters) and contributes exactly 0 to the loss and the
-    gradients; no real token can attend to it.
-
-    Args:
-        encoder: gives pad id, dummy tokens and dummy pixels.
+    Why: a batch without images would skip the vision tower; DDP then finds parameters without
+    gradients, and under FSDP that rank never joins the vision blocks' all-gathers (a hang). The
+    dummy (:data:`DUMMY_TOKENS`, one vision token) sits in row 0's padding with attention mask 0
+    and label -100: the tower runs, adding exactly 0 to loss and gradients.
 
     Returns (``__call__``):
-        ``input_ids``, ``attention_mask``, ``labels``, ``mm_token_type_ids``: ``(B, T)``,
-        right-padded;
-        ``pixel_values`` ``(patches, D)``; ``image_grid_thw`` ``(images, 3)``; ``index`` ``(B,)``;
-        ``has_images`` ``()`` bool (False when the images are only the dummy). Items with
-        ``prompt_length`` add ``gen_input_ids``, ``gen_attention_mask``, ``gen_mm_token_type_ids``:
-        ``(B, P)``, the prompts before each last answer, *left*-padded for ``generate``.
+        ``input_ids``, ``attention_mask``, ``labels``, ``mm_token_type_ids`` ``(B, T)``
+        right-padded; ``pixel_values`` ``(patches, D)``; ``image_grid_thw`` ``(images, 3)``;
+        ``index`` ``(B,)``; ``has_images`` ``()``. With ``prompt_length`` also ``gen_input_ids``,
+        ``gen_attention_mask``, ``gen_mm_token_type_ids`` ``(B, P)``: the prompts, left-padded.
     """
 
     def __init__(self, encoder: Encoder) -> None:

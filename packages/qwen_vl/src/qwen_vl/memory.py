@@ -1,27 +1,12 @@
 """Parameters and GPU memory of a qwen_vl training config, without loading weights
 (``train -c qwen2_5_vl_3b --dry-run``).
 
-The model is built on PyTorch's ``meta`` device from the architecture's public ``config.json``
-values (shipped in ``assets/architectures.json`` for the Hub presets, so this works offline), the
-training switches are applied (which parts train, LoRA / DoRA), and
-:mod:`core.commands.estimate` turns the sizes into memory per GPU under the run's strategy and
-precision:
-
-- **weights, gradients, optimizer state**: every parameter in the stored dtype (2 bytes under
-  ``bf16-true``), the trainable ones' gradients in the same dtype, the optimizer's state
-  (Adafactor: float32 row and column statistics); divided by the FSDP shard group.
-- **gathered FSDP units**: two decoder layers unsharded at a time (the one computing and the one
-  prefetched).
-- **activations**: the language model over the whole sequence, and the vision tower over each
-  image's patches (``max_pixels / 14^2`` per image) when it trains; a frozen tower keeps nothing
-  for backward. Activation checkpointing (``fsdp.activation_checkpointing``, or
-  ``model.gradient_checkpointing`` without FSDP) keeps each block's input plus one recomputed
-  block; ``trainer.offload_activations`` moves those inputs to CPU memory.
-- **logits and loss**: the head runs only at labelled positions (``logits_to_keep``); the report
-  takes every text token of a sample as labelled (an upper bound).
-
-A sample is one image at ``data.max_pixels`` plus its text: ``data.max_length`` tokens when set,
-else the image's vision tokens plus 256 text tokens.
+The model is built on the ``meta`` device from the architecture's ``config.json`` values (shipped
+in ``assets/architectures.json`` for the Hub presets: offline) with the training switches, and
+:mod:`core.commands.estimate` turns the sizes into memory per GPU. Activations: the language model
+over the whole sequence, and the vision tower over each image's patches when it trains (a frozen
+tower keeps nothing for backward). A sample is one image at ``data.max_pixels`` plus its text:
+``data.max_length`` tokens, else the vision tokens plus 256 text tokens.
 
 Self-check: ``python -m qwen_vl.memory`` (the 3B and 7B presets on 4 GPUs).
 """
@@ -51,19 +36,15 @@ from core.commands.estimate import (
 from qwen_vl.config import QwenVLConfig
 
 KNOWN_CONFIGS = shipped_architectures(__file__)
-"""Architectures of the Hub presets (the public ``config.json`` values that set the sizes: text
-model, vision tower, tied embeddings)."""
+"""Architectures of the Hub presets (text model, vision tower, tied embeddings)."""
 
 TEXT_TOKENS = 256
 """Text tokens of a sample besides its image when ``data.max_length`` is not set."""
 
 
 def model_config(cfg: QwenVLConfig) -> tuple[Any, str]:
-    """The transformers config of ``model.name`` and where it came from.
-
-    Raises:
-        UserError: a model whose architecture is neither shipped here nor a local folder.
-    """
+    """The transformers config of ``model.name`` and where it came from (``UserError``: neither
+    shipped here nor a local folder)."""
     from transformers import Qwen2_5_VLConfig
 
     if cfg.model.name == "tiny":
@@ -75,11 +56,8 @@ def model_config(cfg: QwenVLConfig) -> tuple[Any, str]:
 
     def build(known: dict[str, Any]) -> Any:
         """A ``Qwen2_5_VLConfig`` from the shipped text and vision values."""
-        return Qwen2_5_VLConfig(
-            text_config=known["text"],
-            vision_config=known["vision"],
-            tie_word_embeddings=known["tie_word_embeddings"],
-        )
+        text, vision, tied = known["text"], known["vision"], known["tie_word_embeddings"]
+        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tied)
 
     return shipped_config(cfg.model.name, KNOWN_CONFIGS, build)
 
@@ -96,24 +74,15 @@ def meta_model(config: Any, cfg: QwenVLConfig) -> nn.Module:
 
 
 def sample_shape(cfg: QwenVLConfig, vision: Any) -> dict[str, int]:
-    """One sample: an image at ``data.max_pixels`` (patches of 14 x 14, merged 2 x 2 into vision
-    tokens) plus its text.
-
-    Returns:
-        ``{"pixels", "patches", "vision_tokens", "seq", "text_tokens"}``.
-    """
+    """``{"pixels", "patches", "vision_tokens", "seq", "text_tokens"}`` of one sample: an image at
+    ``data.max_pixels`` (patches of 14 x 14, merged 2 x 2 into vision tokens) plus its text."""
     pixels = cfg.data.max_pixels or 12_845_056
     patches = pixels // (vision.patch_size * vision.patch_size)
     vision_tokens = patches // vision.spatial_merge_size**2
     seq = cfg.data.max_length or vision_tokens + TEXT_TOKENS
     text_tokens = max(seq - vision_tokens, 1)
-    return dict(
-        pixels=pixels,
-        patches=patches,
-        vision_tokens=vision_tokens,
-        seq=seq,
-        text_tokens=text_tokens,
-    )
+    shape = dict(pixels=pixels, patches=patches, vision_tokens=vision_tokens, seq=seq)
+    return {**shape, "text_tokens": text_tokens}
 
 
 def activations(
@@ -152,11 +121,8 @@ def setup(cfg: QwenVLConfig, shape: dict[str, int], checkpointed: bool) -> dict[
 
 
 def estimate(cfg: QwenVLConfig) -> dict[str, Any]:
-    """Parameters and training memory of ``cfg`` per GPU, without loading weights.
-
-    Returns:
-        A report for :func:`core.commands.estimate.format_report`.
-    """
+    """Parameters and training memory of ``cfg`` per GPU: a report for
+    :func:`core.commands.estimate.format_report`."""
     config, source = model_config(cfg)
     text, m, batch = config.text_config, cfg.model, cfg.trainer.batch_size
     model = meta_model(config, cfg)

@@ -1,17 +1,6 @@
-"""Qwen2.5-VL models: the tiny random one, Hub presets, local folders; what trains; export to
-``final/``.
+"""Qwen2.5-VL models: the tiny random one, Hub presets, local folders; what trains; ``final/``.
 
-- :func:`load_processor`: the processor of ``model.processor`` / ``model.name`` (``tiny``: the one
-  shipped in ``qwen_vl/assets/tiny_processor``); Hub ids fail fast offline (``core.task.hub``).
-- :func:`build_model`: ``AutoModelForImageTextToText`` (``Qwen2_5_VLForConditionalGeneration``)
-  from a Hub id or folder, or from :func:`tiny_config` with random weights; then the training
-  switches: which parts train (vision tower, merger, language model), LoRA on the language model.
-- :func:`param_groups`: one optimizer group per part (``vision``, ``merger``, ``llm``), each with
-  its own learning rate, split into decay / no-decay.
-- :func:`export_final`: ``final/`` that plain ``AutoModelForImageTextToText.from_pretrained`` and
-  ``AutoProcessor.from_pretrained`` load (LoRA merged; the adapter also in ``final/adapter``).
-
-The model's parts (transformers 5 layout of ``Qwen2_5_VLForConditionalGeneration``)::
+The parts that train (transformers 5 layout of ``Qwen2_5_VLForConditionalGeneration``)::
 
     model.visual.patch_embed, model.visual.blocks[i]  (Qwen2_5_VLVisionBlock)   -> "vision"
     model.visual.merger                              (Qwen2_5_VLPatchMerger)   -> "merger"
@@ -53,11 +42,8 @@ def processor_source(cfg: ModelConfig) -> str:
 
 
 def check_sources(cfg: ModelConfig) -> None:
-    """Fail fast (seconds, not a 30 s retry loop) when the model or processor cannot be loaded here.
-
-    Raises:
-        UserError: a missing local folder, or a Hub id that is neither cached nor downloadable.
-    """
+    """Fail fast (not a 30 s retry loop) with a ``UserError`` when the model or processor is
+    neither a local folder nor a cached or downloadable Hub id."""
     if cfg.name != TINY:
         ensure_available(cfg.name, what="model", key="model.name", offline_preset=TINY)
     # a Hub processor repo may lack config.json; every Qwen2.5-VL one has preprocessor_config.json
@@ -71,11 +57,7 @@ def check_sources(cfg: ModelConfig) -> None:
 
 
 def load_processor(cfg: ModelConfig) -> Any:
-    """The Qwen2.5-VL processor (tokenizer with chat template, image and video processors).
-
-    Raises:
-        UserError: it cannot be found or is not a Qwen2.5-VL style processor.
-    """
+    """The Qwen2.5-VL processor (``UserError``: not found, or not a vision-language one)."""
     from transformers import AutoProcessor
 
     check_sources(cfg)
@@ -93,23 +75,13 @@ def load_processor(cfg: ModelConfig) -> Any:
 
 
 def tiny_config(t: TinyModel, tokenizer: Any, image_processor: Any) -> Any:
-    """A small ``Qwen2_5_VLConfig`` that fits the tiny processor.
-
-    Args:
-        t: sizes.
-        tokenizer: gives the vocabulary size and the special token ids.
-        image_processor: gives patch, merge and temporal patch sizes (must agree with the vision
-        tower).
-
-    Returns:
-        The config (``model_type`` ``qwen2_5_vl``).
-    """
+    """A small ``Qwen2_5_VLConfig`` of sizes ``t`` that fits the tokenizer (vocabulary, special
+    ids) and the image processor (patch, merge and temporal patch sizes)."""
     from transformers import Qwen2_5_VLConfig
 
     ids = tokenizer.convert_tokens_to_ids
     half = t.hidden_size // t.num_heads // 2
-    # 3D RoPE splits each head's rotary half into temporal / height / width sections (Qwen: 16/24/24
-    # of 64).
+    # 3D RoPE splits each head's rotary half into temporal / height / width (Qwen: 16/24/24 of 64)
     section = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
     text = dict(
         vocab_size=len(tokenizer),
@@ -155,14 +127,8 @@ def hf_model(model: nn.Module) -> nn.Module:
 
 
 def model_parts(model: nn.Module) -> dict[str, list[nn.Module]]:
-    """The modules of each trainable part.
-
-    Returns:
-        ``{"vision": [patch_embed, blocks], "merger": [merger], "llm": [language_model, lm_head]}``.
-
-    Raises:
-        UserError: the model does not have Qwen2.5-VL's layout.
-    """
+    """``{"vision": [patch_embed, blocks], "merger": [merger], "llm": [language_model, lm_head]}``
+    (``UserError``: not Qwen2.5-VL's layout)."""
     base = hf_model(model)
     try:
         visual, language = base.model.visual, base.model.language_model
@@ -180,9 +146,8 @@ def model_parts(model: nn.Module) -> dict[str, list[nn.Module]]:
 
 
 def lora_targets(lora: LoraSettings) -> str:
-    """peft ``target_modules`` regex: the named linear layers inside the language model's decoder
-    layers only
-    (the vision blocks have layers of the same names, e.g. ``gate_proj``)."""
+    """peft ``target_modules`` regex: the named linear layers of the language model's decoder
+    layers only (the vision blocks have layers of the same names, e.g. ``gate_proj``)."""
     names = "|".join(sorted(lora.target_modules))
     return rf".*language_model\.layers\.\d+\.(?:self_attn|mlp)\.(?:{names})"
 
@@ -203,41 +168,25 @@ def lora_config(lora: LoraSettings) -> Any:
 
 
 def set_trainable(model: nn.Module, cfg: ModelConfig) -> nn.Module:
-    """Apply the training switches: LoRA (optional) and which parts train.
-
-    Args:
-        model: the Qwen2.5-VL model.
-        cfg: the ``model`` config group.
-
-    Returns:
-        The model, or a peft model around it when ``model.lora.enabled``.
-    """
+    """Apply the ``model`` group's switches: LoRA (then returns a peft model) and which parts
+    train."""
     if cfg.lora.enabled:
         from peft import get_peft_model
 
         model = get_peft_model(model, lora_config(cfg.lora))  # freezes everything but the adapters
     parts = model_parts(model)
-    wanted = {
-        "vision": cfg.train_vision,
-        "merger": cfg.train_merger,
-        "llm": cfg.train_llm and not cfg.lora.enabled,
-    }
+    llm = cfg.train_llm and not cfg.lora.enabled
+    wanted = {"vision": cfg.train_vision, "merger": cfg.train_merger, "llm": llm}
     for name, modules in parts.items():
-        for module in modules:
-            for param_name, param in module.named_parameters():
-                if "lora_" in param_name:
-                    continue  # adapters stay trainable
+        for param_name, param in nn.ModuleList(modules).named_parameters():
+            if "lora_" not in param_name:  # adapters stay trainable
                 param.requires_grad_(wanted[name])
     return model
 
 
 def set_generation(model: nn.Module, tok: Any) -> None:
-    """Check the processor's image token against the model and set greedy generation that stops
-    at the end of a turn.
-
-    Raises:
-        UserError: the processor does not belong to the model.
-    """
+    """Set greedy generation that stops at the end of a turn (``UserError``: the tokenizer's
+    image token is not the model's)."""
     image_token = tok.convert_tokens_to_ids("<|image_pad|>")
     if getattr(model.config, "image_token_id", None) != image_token:
         raise UserError(
@@ -246,12 +195,10 @@ def set_generation(model: nn.Module, tok: Any) -> None:
             f"({getattr(model.config, 'image_token_id', None)}): model.processor does not belong "
             "to model.name."
         )
-    # Answers end at <|im_end|>; <|endoftext|> also stops (Qwen's own generation config does the
-    # same).
-    model.generation_config.eos_token_id = [
-        tok.convert_tokens_to_ids("<|im_end|>"),
-        tok.convert_tokens_to_ids("<|endoftext|>"),
-    ]
+    # Answers end at <|im_end|>; <|endoftext|> also stops (as in Qwen's own generation config)
+    model.generation_config.eos_token_id = tok.convert_tokens_to_ids(
+        ["<|im_end|>", "<|endoftext|>"]
+    )
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.do_sample = False
     for key in ("temperature", "top_p", "top_k"):  # Qwen's Hub config samples; greedy here
@@ -259,31 +206,18 @@ def set_generation(model: nn.Module, tok: Any) -> None:
 
 
 def build_model(cfg: ModelConfig, processor: Any, gradient_checkpointing: bool) -> nn.Module:
-    """The model on the current default device and dtype (Fabric's ``init_module`` sets both), with
-    the switches applied.
-
-    Args:
-        cfg: the ``model`` config group.
-        processor: gives the tokenizer ids (tiny model) and is checked against the model.
-        gradient_checkpointing: turn on transformers' non-reentrant checkpointing.
-
-    Returns:
-        ``Qwen2_5_VLForConditionalGeneration`` (or a peft model around it).
-    """
+    """The model of the ``model`` group on the default device and dtype (Fabric's
+    ``init_module`` sets both), checked against ``processor``, with the switches applied."""
     from transformers import AutoModelForImageTextToText
 
-    dtype = torch.get_default_dtype()
+    options = {"dtype": torch.get_default_dtype(), "attn_implementation": cfg.attn_implementation}
     if cfg.name == TINY:
         config = tiny_config(cfg.tiny, processor.tokenizer, processor.image_processor)
-        model = AutoModelForImageTextToText.from_config(
-            config, dtype=dtype, attn_implementation=cfg.attn_implementation
-        )
+        model = AutoModelForImageTextToText.from_config(config, **options)
     else:
         check_sources(cfg)
         try:
-            model = AutoModelForImageTextToText.from_pretrained(
-                cfg.name, dtype=dtype, attn_implementation=cfg.attn_implementation
-            )
+            model = AutoModelForImageTextToText.from_pretrained(cfg.name, **options)
         except (OSError, ValueError) as err:
             raise UserError(f"Cannot load the model {cfg.name!r} (model.name): {err}") from None
     set_generation(model, processor.tokenizer)
@@ -297,18 +231,8 @@ def build_model(cfg: ModelConfig, processor: Any, gradient_checkpointing: bool) 
 def param_groups(
     model: nn.Module, cfg: ModelConfig, lr: float, weight_decay: float
 ) -> list[dict[str, Any]]:
-    """Optimizer groups: ``vision``, ``merger``, ``llm`` with their learning rates, each split into
-    decay / no-decay.
-
-    Args:
-        model: the (possibly wrapped) model.
-        cfg: the ``model`` group (per-part learning rates).
-        lr: ``optim.lr``, for parts without their own.
-        weight_decay: ``optim.weight_decay``.
-
-    Returns:
-        Param-group dicts named ``vision/decay``, ``llm/no_decay``, ...; parts without trainable
-        parameters are left out.
+    """Optimizer groups ``vision/decay``, ``llm/no_decay``, ... at the ``model`` group's rates
+    (else ``lr``); parts without trainable parameters are left out.
 
     Raises:
         RuntimeError: a trainable parameter that no part holds (the model layout changed).
@@ -344,20 +268,12 @@ def export_final(
     processor: Any,
     lora: LoraSettings | None,
 ) -> None:
-    """Write ``final/``: the model in ``save_pretrained`` form (safetensors) and its processor.
+    """Write ``model`` (its full CPU ``state_dict``) in ``save_pretrained`` form and ``processor``
+    to ``out_dir``.
 
-    The weights come from ``state_dict`` (gathered from all shards under FSDP) into a fresh
-    skeleton of the same config on the meta device, so the (possibly sharded, wrapped) training
-    model is not touched. With LoRA the adapters are merged into the weights (peft's
-    ``merge_and_unload``) so ``final/`` loads as a plain model; the adapter alone goes to
-    ``final/adapter``.
-
-    Args:
-        model: the unwrapped training model (gives config and generation config).
-        state_dict: its full state dict on the CPU.
-        out_dir: an empty folder.
-        processor: saved next to the model (with the pixel limits used in training).
-        lora: the LoRA settings when adapters were trained, else None.
+    The weights go into a fresh meta-device skeleton, so the (sharded, wrapped) training model is
+    not touched. With ``lora`` settings the adapters are merged so ``final/`` loads as a plain
+    model; the adapter alone goes to ``final/adapter``.
     """
     from transformers import AutoModelForImageTextToText
 

@@ -1,21 +1,10 @@
 """The Qwen2.5-VL task: what the core Trainer needs to fine-tune it.
 
-- ``setup``: processor (fails fast offline for Hub ids), pixel limits, every record validated
-  and measured (bad input -> ``UserError`` before the run folder exists).
-- ``training_step``: one forward of text + images; the loss is the summed cross-entropy of the
-  assistant tokens (causal shift), normalised by the engine per token of the optimizer step.
-  The vocabulary head runs only where a label follows (``logits_to_keep``), not over the
-  vision and prompt tokens that make up most of a sequence.
-  Batches without images carry a masked dummy image (:class:`qwen_vl.data.Collator`), so every
-  rank runs the vision tower every step: FSDP does not hang and DDP sees no unused parameters.
-- ``validation_step``: per-sample loss, plus greedy answers (``add_predictions``) from the
-  prompts (left-padded) whose parsed counts give ``count_accuracy`` / ``count_mae``; records carry
-  their index, so the engine gathers them from all ranks exactly as one process would see them.
-  Under FSDP2 (or DeepSpeed stage 3) ``generate`` runs with ``synced_gpus``
-  (``self.ranks.sharded``) so ranks that finish early keep joining the all-gathers.
-- ``fsdp_wrap_classes``: decoder layers and vision blocks (also the activation-checkpointing units).
-- ``parameter_groups``: vision / merger / llm with their own learning rates.
-- ``save_final``: merged weights + processor, loadable with plain ``from_pretrained``.
+The loss is the summed cross-entropy of the assistant tokens, with the vocabulary head only where
+a label follows (``logits_to_keep``). Batches without images carry a masked dummy image
+(:class:`qwen_vl.data.Collator`), so every rank runs the vision tower every step. Validation adds
+greedy answers whose parsed counts give ``count_accuracy`` / ``count_mae``; under a sharded
+strategy ``generate`` runs with ``synced_gpus``. ``final/`` loads with plain ``from_pretrained``.
 
 Self-check: ``python -m qwen_vl.task`` (a few training steps of the tiny model on drawn data).
 """
@@ -68,42 +57,25 @@ class QwenVLTask(Task[QwenVLConfig]):
     eval_data: ConversationData | None = None
     _dtypes_checked = False
 
-    # -- data ----------------------------------------------------------------------------------
-
     def setup_model_side(self, model_dir: Path | None = None) -> None:
-        """Load the processor and set the pixel limits (no data yet); a trained model's own
-        processor once :meth:`configure_for_model` pointed ``model.name`` at ``model_dir``.
-
-        Raises:
-            UserError: the model or processor cannot be loaded here (offline Hub id, missing
-            folder).
-        """
+        """The processor and pixel limits (a trained model's own once :meth:`configure_for_model`
+        pointed ``model.name`` at it); ``UserError`` when it cannot be loaded here."""
         self.processor = load_processor(self.cfg.model)
         self.encoder = Encoder(self.processor, self.cfg.data.min_pixels, self.cfg.data.max_pixels)
         self.collator = Collator(self.encoder)
+        e = self.encoder
         log.info(
             "Processor %s; images resized into [%d, %d] pixels (multiples of %d): at most %d "
             "vision tokens each",
-            processor_source(self.cfg.model),
-            self.encoder.min_pixels,
-            self.encoder.max_pixels,
-            self.encoder.factor,
-            self.encoder.max_pixels // self.encoder.factor**2,
+            *(processor_source(self.cfg.model), e.min_pixels, e.max_pixels, e.factor),
+            e.max_pixels // e.factor**2,
         )
 
     def load_data(
         self, path: Path, generation: bool, key: str, cut_long: Any = None
     ) -> ConversationData:
-        """Read and validate one data file with this task's encoder and data settings.
-
-        Args:
-            path: ``.jsonl`` / ``.json`` conversations.
-            generation: items carry prompts for generation (validation / evaluation).
-            key: the config key or option that named it (for messages).
-            cut_long: a :class:`core.task.truncation.Truncation`: records longer than
-                ``data.max_length`` get their last question cut and are counted there
-                (``evaluate``); None: refused or dropped (``data.drop_too_long``).
-        """
+        """:func:`qwen_vl.data.load_conversations` of ``path`` (named by ``key``) with this task's
+        encoder and data settings."""
         d = self.cfg.data
         data = load_conversations(
             Path(path),
@@ -119,22 +91,20 @@ class QwenVLTask(Task[QwenVLConfig]):
         )
         images = sum(len(c.images) for c in data.conversations)
         text_only = sum(1 for c in data.conversations if not c.images)
+        longest = max(data.lengths, default=0)
         log.info(
             "%s: %d records (%d text-only), %d images, %d tokens at most",
             path,
             len(data),
             text_only,
             images,
-            max(data.lengths, default=0),
+            longest,
         )
         return data
 
     def setup_data(self) -> None:
-        """Every record of the training and validation files, validated.
-
-        Raises:
-            UserError: no training file, or a bad record (named by id, file and line).
-        """
+        """Every record of the training and validation files, validated (``UserError``: no
+        training file, or a bad record)."""
         d = self.cfg.data
         if d.train_file is None:
             raise UserError(
@@ -145,10 +115,8 @@ class QwenVLTask(Task[QwenVLConfig]):
             )
         # The config keeps ``builtin:counting`` (so a continued run's config is unchanged); the
         # task reads the cached files it stands for.
-        train_file, val_file = (
-            self.resolve_builtin(d.train_file, "train"),
-            self.resolve_builtin(d.val_file, "dev"),
-        )
+        train_file = self.resolve_builtin(d.train_file, "train")
+        val_file = self.resolve_builtin(d.val_file, "dev")
         self.train_data = self.load_data(train_file, generation=False, key="data.train_file")
         if val_file is not None:
             self.val_data = self.load_data(
@@ -157,8 +125,8 @@ class QwenVLTask(Task[QwenVLConfig]):
             self.eval_data = self.val_data
 
     def resolve_builtin(self, path: Path | None, split: str) -> Path | None:
-        """``builtin:counting`` -> the cached file of the built-in counting data (rank 0 draws it
-        the first time, the other ranks wait); anything else as it is."""
+        """``builtin:counting`` -> the cached file of the built-in data (rank 0 draws it first);
+        anything else as it is."""
         if path is None or str(path) != BUILTIN:
             return path
         with self.ranks.rank_zero_first():
@@ -166,11 +134,7 @@ class QwenVLTask(Task[QwenVLConfig]):
 
     def data_files(self) -> list[Path]:
         """The JSONL files read (images are covered by the manifest's image fingerprint)."""
-        return [
-            f for data in (self.train_data, self.val_data) if data is not None for f in data.files
-        ]
-
-    # -- model ---------------------------------------------------------------------------------
+        return [f for d in (self.train_data, self.val_data) if d is not None for f in d.files]
 
     def configure_model(self) -> nn.Module:
         """The model with its training switches, on Fabric's default device and dtype."""
@@ -189,16 +153,12 @@ class QwenVLTask(Task[QwenVLConfig]):
         return model
 
     def parameter_groups(self, model: nn.Module) -> list[dict[str, Any]]:
-        """Groups ``vision`` / ``merger`` / ``llm`` (``lr/<name>`` in the logs), decay / no-decay
-        each."""
+        """Groups ``vision`` / ``merger`` / ``llm``, decay / no-decay each."""
         return param_groups(model, self.cfg.model, self.cfg.optim.lr, self.cfg.optim.weight_decay)
 
     def fsdp_wrap_classes(self) -> set[type[nn.Module]]:
         """``Qwen2_5_VLDecoderLayer`` and ``Qwen2_5_VLVisionBlock``."""
         return wrap_classes()
-
-    # -- evaluate: a trained model (core.commands.model_io)
-    # ---------------------------------------------
 
     def configure_for_model(self, model_dir: Path, overrides: Any) -> None:
         """The model and its own processor; unless overridden, the pixel limits saved with the
@@ -229,8 +189,8 @@ class QwenVLTask(Task[QwenVLConfig]):
     def evaluation_set(
         self, data: Path | None, split: str, options: Any, report: bool
     ) -> ConversationData:
-        """``--data`` or ``data.val_file``, with prompts for generation; a record longer than the
-        input limit gets its last question cut (counted in one note)."""
+        """``--data`` or ``data.val_file`` for generation; a record over the input limit gets its
+        last question cut (counted in one note)."""
         from transformers import AutoConfig
 
         from core.task.truncation import Truncation, input_limit, model_limit
@@ -264,20 +224,10 @@ class QwenVLTask(Task[QwenVLConfig]):
             "world_size": run.world_size,
         }
 
-    # -- steps ---------------------------------------------------------------------------------
-
     def kept_targets(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The positions that predict a label in some row, and those labels.
-
-        Only answer tokens are labels, and most of a sequence is vision and prompt tokens, so
-        the language-model head (``hidden x vocab``, 152k columns for Qwen) runs only at the
-        positions ``t`` whose next token ``t+1`` is a label in some row of the batch
-        (``logits_to_keep``), not over the whole ``(B, T, vocab)``; the targets are already
-        shifted, so the loss takes them as they are (``-100`` where a row has no label).
-
-        Returns:
-            ``(keep, targets)``: ``(K,)`` positions and ``(B, K)`` labels of ``keep + 1``.
-        """
+        """``(keep, targets)``: the ``(K,)`` positions whose next token is a label in some row, and
+        the ``(B, K)`` labels at ``keep + 1`` (already shifted). Most tokens are vision and prompt
+        tokens, so the head (152k columns for Qwen) runs only there (``logits_to_keep``)."""
         labels = batch["labels"]
         keep = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)  # (K,)
         return keep, labels[:, keep + 1]
@@ -287,12 +237,7 @@ class QwenVLTask(Task[QwenVLConfig]):
         return model(**{k: batch[k] for k in MODEL_INPUTS}, use_cache=False, logits_to_keep=keep)
 
     def training_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
-        """Summed loss of the assistant tokens and their count.
-
-        Args:
-            model: the wrapped model.
-            batch: ``input_ids`` / ``labels`` ``(B, T)``, ``pixel_values`` ``(patches, D)``, ...
-        """
+        """Summed loss of the assistant tokens of ``batch`` (:class:`Collator`) and their count."""
         if not self._dtypes_checked:  # also after a resume: the loaded weights keep one dtype
             check_dtypes(model, expected_param_dtype(self.cfg.trainer.precision))
             self._dtypes_checked = True
@@ -307,16 +252,8 @@ class QwenVLTask(Task[QwenVLConfig]):
         return self.sample_loss_sums(model, lambda: self.call(model, batch, keep), targets, False)
 
     def generate(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> list[str]:
-        """Greedy answers to the prompts of a batch (the conversation up to its last answer).
-
-        Args:
-            model: the wrapped model (``generate`` marked as a forward method).
-            batch: with ``gen_input_ids`` / ``gen_attention_mask`` / ``gen_mm_token_type_ids``
-                ``(B, P)`` (left-padded), ``pixel_values`` and ``image_grid_thw``.
-
-        Returns:
-            ``B`` decoded answers, special tokens removed.
-        """
+        """The ``B`` greedy answers (special tokens removed) to the left-padded ``gen_*`` prompts of
+        ``batch``."""
         prompt = batch["gen_input_ids"]
         out = model.generate(
             input_ids=prompt,
@@ -347,30 +284,20 @@ class QwenVLTask(Task[QwenVLConfig]):
         metrics = super().compute_metrics(records)
         answered = [r for r in records if "prediction" in r]
         if answered:
-            metrics.update(
-                counting_metrics(
-                    [r["prediction"] for r in answered], [r["reference"] for r in answered]
-                )
-            )
+            predictions = [r["prediction"] for r in answered]
+            metrics.update(counting_metrics(predictions, [r["reference"] for r in answered]))
         return metrics
-
-    # -- output --------------------------------------------------------------------------------
 
     def save_final(
         self, model: nn.Module, state_dict: dict[str, torch.Tensor], out_dir: Path
     ) -> None:
-        """Model (LoRA merged) and processor, so ``AutoModelForImageTextToText`` / ``AutoProcessor``
-        load ``out_dir``."""
-        export_final(
-            model,
-            state_dict,
-            out_dir,
-            self.processor,
-            self.cfg.model.lora if self.cfg.model.lora.enabled else None,
-        )
+        """Model (LoRA merged) and processor (:func:`qwen_vl.model.export_final`)."""
+        lora = self.cfg.model.lora if self.cfg.model.lora.enabled else None
+        export_final(model, state_dict, out_dir, self.processor, lora)
 
     def manifest_entries(self) -> dict[str, Any]:
         """Metric implementation, model and processor sources, pixel limits, image fingerprints."""
+        e, data = self.encoder, (self.train_data, self.val_data)
         return {
             "metrics": {
                 name: {
@@ -383,15 +310,9 @@ class QwenVLTask(Task[QwenVLConfig]):
             "qwen_vl_version": __version__,
             "model": self.cfg.model.name,
             "processor": processor_source(self.cfg.model),
-            "pixels": {
-                "min": self.encoder.min_pixels,
-                "max": self.encoder.max_pixels,
-                "factor": self.encoder.factor,
-            },
+            "pixels": {"min": e.min_pixels, "max": e.max_pixels, "factor": e.factor},
             "image_fingerprints": {
-                str(d.files[0]): d.image_fingerprint
-                for d in (self.train_data, self.val_data)
-                if d is not None
+                str(d.files[0]): d.image_fingerprint for d in data if d is not None
             },
         }
 
