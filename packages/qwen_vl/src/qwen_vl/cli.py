@@ -47,19 +47,13 @@ def make_data_parser() -> argparse.ArgumentParser:
         "'How many ... are in the image?' -> N) as train.jsonl / dev.jsonl + images/. Same "
         "--seed, same files.",
     )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        required=True,
-        help="output folder (created; must be new, empty or an earlier make-data folder)",
-    )
-    parser.add_argument(
-        "--overwrite", action="store_true", help="write into a folder that holds other files"
-    )
+    out = "output folder (created; must be new, empty or an earlier make-data folder)"
+    parser.add_argument("--out", type=Path, required=True, help=out)
+    overwrite = "write into a folder that holds other files"
+    parser.add_argument("--overwrite", action="store_true", help=overwrite)
     parser.add_argument("--n", type=int, required=True, help="training records")
-    parser.add_argument(
-        "--n-dev", type=int, default=None, help="dev records (default: n/5, at least 8)"
-    )
+    n_dev = "dev records (default: n/5, at least 8)"
+    parser.add_argument("--n-dev", type=int, default=None, help=n_dev)
     for flag, default, text in (
         ("--seed", 0, "seed of everything"),
         ("--size", 112, "image side in pixels"),

@@ -41,12 +41,8 @@ ASSISTANT_HEADER = "<|im_start|>assistant\n"
 """Text that opens an assistant turn; matched as a token *sequence*, never as one token id."""
 END_OF_TURN = "<|im_end|>"
 """Token that closes every turn (trained at the end of assistant turns)."""
-VISION_TOKENS = (
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
+VISION_TOKENS = tuple(
+    "<|vision_start|> <|vision_end|> <|vision_pad|> <|image_pad|> <|video_pad|>".split()
 )
 """Tokens that belong to images or videos: never trained, never allowed in record text."""
 DUMMY_TOKENS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>")
@@ -92,21 +88,6 @@ def parse_record(
     reference = "".join(p["text"] for p in messages[-1]["content"])
     n_assistant = sum(1 for m in messages if m["role"] == "assistant")
     return Conversation(rid, where, messages, images, n_assistant, reference)
-
-
-def vision_size(
-    width: int, height: int, factor: int, min_pixels: int, max_pixels: int
-) -> tuple[int, int]:
-    """The ``(width, height)`` qwen_vl_utils resizes an image to: multiples of ``factor`` (28)
-    with an area in ``[min_pixels, max_pixels]``.
-
-    Raises:
-        ValueError: aspect ratio above 200 (qwen_vl_utils' limit).
-    """
-    from qwen_vl_utils.vision_process import smart_resize
-
-    h, w = smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
-    return w, h
 
 
 class Encoder:
@@ -163,8 +144,13 @@ class Encoder:
         )
 
     def image_tokens(self, width: int, height: int) -> int:
-        """Vision tokens of a ``width x height`` image under this encoder's pixel limits."""
-        w, h = vision_size(width, height, self.factor, self.min_pixels, self.max_pixels)
+        """Vision tokens of a ``width x height`` image: qwen_vl_utils resizes it to multiples of
+        ``factor`` (28) with an area within the pixel limits (``ValueError``: aspect ratio > 200).
+        """
+        from qwen_vl_utils.vision_process import smart_resize
+
+        limits = {"min_pixels": self.min_pixels, "max_pixels": self.max_pixels}
+        h, w = smart_resize(height, width, factor=self.factor, **limits)
         return (w // self.factor) * (h // self.factor)
 
     def image_part(self, image: Image.Image) -> dict[str, Any]:
@@ -370,15 +356,14 @@ def _measure_all(
     fingerprint = hashlib.sha256()
     for conv, name, dims, ids in zip(convs, names, sizes, all_ids):
         length, vision = _record_length(conv, name, dims, ids, encoder, fingerprint)
-        if cut_long is not None and max_length is not None:
-            if cut_long.count(length) < length:
-                length = shorten_question(conv, encoder, length, max_length) + vision
+        if cut_long is not None and max_length is not None and cut_long.count(length) < length:
+            length = shorten_question(conv, encoder, length, max_length) + vision
         if max_length is not None and length > max_length:
             if not drop_too_long:
                 raise UserError(
-                    f"{name}: {length} tokens ({vision} of them vision tokens), more than "
-                    f"data.max_length={max_length}. "
-                    "Lower data.max_pixels, raise data.max_length, or set data.drop_too_long=true."
+                    f"{name}: {length} tokens ({vision} of them vision tokens), more than data."
+                    f"max_length={max_length}. Lower data.max_pixels, raise data.max_length, or "
+                    "set data.drop_too_long=true."
                 )
             dropped.append(conv.id)
             continue
@@ -404,9 +389,9 @@ def _parse_all(
         conv = parse_record(raw, where, path.parent, system_prompt)
         name = record_name(conv.id, where, "id" in raw)
         if conv.id in seen and "id" in raw:
+            also = seen[conv.id]
             raise UserError(
-                f"{name}: id {conv.id!r} is used twice (also at {seen[conv.id]}); ids must be "
-                "unique."
+                f"{name}: id {conv.id!r} is used twice (also at {also}); ids must be unique."
             )
         seen[conv.id] = where
         convs.append(conv)
@@ -440,15 +425,14 @@ def _record_length(
     found = assistant_spans(ids, encoder.header_ids, encoder.end_id)
     if len(found) != conv.n_assistant:
         raise UserError(
-            f"{name}: {conv.n_assistant} assistant turn(s) but {len(found)} found in the "
-            "tokenized text. "
-            "Answers must not start with whitespace and no text may contain turn markers "
+            f"{name}: {conv.n_assistant} assistant turn(s) but {len(found)} found in the tokenized"
+            " text. Answers must not start with whitespace and no text may contain turn markers "
             f"like {ASSISTANT_HEADER!r}."
         )
-    if sum(1 for t in ids if t == encoder.image_token_id) != len(conv.images):
+    if ids.count(encoder.image_token_id) != len(conv.images):
+        n = len(conv.images)
         raise UserError(
-            f"{name}: the image-token count of the text does not match its {len(conv.images)} "
-            "image(s)."
+            f"{name}: the image-token count of the text does not match its {n} image(s)."
         )
     return len(ids) - len(conv.images) + vision, vision  # each <|image_pad|> -> its vision tokens
 
@@ -458,18 +442,13 @@ def _report_dropped(
 ) -> None:
     """Log the records dropped for their length; a ``UserError`` when none is ``kept``."""
     if dropped:
-        log.warning(
-            "%s: dropped %d record(s) longer than data.max_length=%s: %s",
-            path,
-            len(dropped),
-            max_length,
-            ", ".join(dropped[:20]),
-        )
+        facts = (path, len(dropped), max_length, ", ".join(dropped[:20]))
+        log.warning("%s: dropped %d record(s) longer than data.max_length=%s: %s", *facts)
     if not kept:
         raise UserError(
-            f"Data file '{path}' ({key}): all {len(dropped)} records are longer than "
-            f"data.max_length={max_length} "
-            "and were dropped. Raise data.max_length or lower data.max_pixels."
+            f"Data file '{path}' ({key}): all {len(dropped)} records are longer than data."
+            f"max_length={max_length} and were dropped. Raise data.max_length or lower "
+            "data.max_pixels."
         )
 
 

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from core.commands.estimate import (
     checkpointing,
@@ -60,17 +59,6 @@ def model_config(cfg: QwenVLConfig) -> tuple[Any, str]:
         return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tied)
 
     return shipped_config(cfg.model.name, KNOWN_CONFIGS, build)
-
-
-def meta_model(config: Any, cfg: QwenVLConfig) -> nn.Module:
-    """The model with the task's training switches on the ``meta`` device (shapes only)."""
-    from transformers import AutoModelForImageTextToText
-
-    from qwen_vl.model import set_trainable
-
-    with torch.device("meta"):
-        model = AutoModelForImageTextToText.from_config(config)
-        return set_trainable(model, cfg.model)
 
 
 def sample_shape(cfg: QwenVLConfig, vision: Any) -> dict[str, int]:
@@ -123,9 +111,14 @@ def setup(cfg: QwenVLConfig, shape: dict[str, int], checkpointed: bool) -> dict[
 def estimate(cfg: QwenVLConfig) -> dict[str, Any]:
     """Parameters and training memory of ``cfg`` per GPU: a report for
     :func:`core.commands.estimate.format_report`."""
+    from transformers import AutoModelForImageTextToText
+
+    from qwen_vl.model import set_trainable
+
     config, source = model_config(cfg)
     text, m, batch = config.text_config, cfg.model, cfg.trainer.batch_size
-    model = meta_model(config, cfg)
+    with torch.device("meta"):  # shapes only
+        model = set_trainable(AutoModelForImageTextToText.from_config(config), cfg.model)
     e = compute_bytes(cfg.trainer.precision)
     shape = sample_shape(cfg, config.vision_config)
     labelled = batch * shape["text_tokens"]

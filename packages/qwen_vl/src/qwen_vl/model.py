@@ -21,6 +21,7 @@ from torch import nn
 from core.errors import UserError
 from core.nn.models import liger_kernel
 from core.nn.optim import parameter_groups
+from core.nn.peft_lora import peft_lora_config
 from core.task.hub import ensure_available
 from qwen_vl.config import LoraSettings, ModelConfig, TinyModel
 
@@ -154,17 +155,7 @@ def lora_targets(lora: LoraSettings) -> str:
 
 def lora_config(lora: LoraSettings) -> Any:
     """The peft ``LoraConfig`` for the settings."""
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora_targets(lora),
-        bias="none",
-        use_rslora=lora.use_rslora,
-        use_dora=lora.use_dora,
-    )
+    return peft_lora_config(lora, target_modules=lora_targets(lora), bias="none")
 
 
 def set_trainable(model: nn.Module, cfg: ModelConfig) -> nn.Module:

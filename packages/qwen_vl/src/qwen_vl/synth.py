@@ -11,9 +11,12 @@ Self-check: ``python -m qwen_vl.synth``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -234,8 +237,6 @@ BUILTIN_SETTINGS = SynthSettings(n_train=400, n_dev=80, seed=0)
 def cache_root() -> Path:
     """Where drawn data is kept: ``$QWEN_VL_CACHE``, else ``$XDG_CACHE_HOME/finetune/qwen_vl``
     (``~/.cache/finetune/qwen_vl``)."""
-    import os
-
     if os.environ.get("QWEN_VL_CACHE"):
         return Path(os.environ["QWEN_VL_CACHE"]).expanduser()
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
@@ -246,15 +247,10 @@ def builtin_data(split: str, settings: SynthSettings = BUILTIN_SETTINGS) -> Path
     """``<cache>/counting-<hash of settings>/<split>.jsonl`` of the built-in data, drawn the first
     time into a temporary folder renamed into place (concurrent or killed runs never leave a
     half-drawn set)."""
-    import hashlib
-    import os
-    import shutil
-
     from qwen_vl import __version__
 
-    key = hashlib.sha256(
-        json.dumps({**vars(settings), "version": __version__}, sort_keys=True).encode()
-    ).hexdigest()[:12]
+    facts = json.dumps({**vars(settings), "version": __version__}, sort_keys=True)
+    key = hashlib.sha256(facts.encode()).hexdigest()[:12]
     folder = cache_root() / f"counting-{key}"
     if not (folder / "dev.jsonl").is_file():
         from core.run.storage import writable_cache
@@ -274,7 +270,6 @@ def builtin_data(split: str, settings: SynthSettings = BUILTIN_SETTINGS) -> Path
 
 
 if __name__ == "__main__":  # self-check: python -m qwen_vl.synth
-    import hashlib
     import tempfile
 
     def digest(folder: Path) -> str:

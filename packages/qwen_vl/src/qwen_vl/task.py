@@ -38,12 +38,8 @@ from qwen_vl.synth import BUILTIN, builtin_data
 
 log = logging.getLogger(__name__)
 
-MODEL_INPUTS = (
-    "input_ids",
-    "attention_mask",
-    "mm_token_type_ids",
-    "pixel_values",
-    "image_grid_thw",
+MODEL_INPUTS = tuple(
+    "input_ids attention_mask mm_token_type_ids pixel_values image_grid_thw".split()
 )
 """Batch keys the model's forward takes."""
 
@@ -64,12 +60,9 @@ class QwenVLTask(Task[QwenVLConfig]):
         self.encoder = Encoder(self.processor, self.cfg.data.min_pixels, self.cfg.data.max_pixels)
         self.collator = Collator(self.encoder)
         e = self.encoder
-        log.info(
-            "Processor %s; images resized into [%d, %d] pixels (multiples of %d): at most %d "
-            "vision tokens each",
-            *(processor_source(self.cfg.model), e.min_pixels, e.max_pixels, e.factor),
-            e.max_pixels // e.factor**2,
-        )
+        facts = (e.min_pixels, e.max_pixels, e.factor, e.max_pixels // e.factor**2)
+        message = "Processor %s; images resized into [%d, %d] pixels (multiples of %d): at most %d"
+        log.info(message + " vision tokens each", processor_source(self.cfg.model), *facts)
 
     def load_data(
         self, path: Path, generation: bool, key: str, cut_long: Any = None
@@ -89,17 +82,10 @@ class QwenVLTask(Task[QwenVLConfig]):
             decode_images=d.verify_images == "decode",
             cut_long=cut_long,
         )
-        images = sum(len(c.images) for c in data.conversations)
-        text_only = sum(1 for c in data.conversations if not c.images)
-        longest = max(data.lengths, default=0)
-        log.info(
-            "%s: %d records (%d text-only), %d images, %d tokens at most",
-            path,
-            len(data),
-            text_only,
-            images,
-            longest,
-        )
+        convs = data.conversations
+        images, text_only = sum(len(c.images) for c in convs), sum(not c.images for c in convs)
+        facts = (len(data), text_only, images, max(data.lengths, default=0))
+        log.info("%s: %d records (%d text-only), %d images, %d tokens at most", path, *facts)
         return data
 
     def setup_data(self) -> None:
@@ -196,18 +182,14 @@ class QwenVLTask(Task[QwenVLConfig]):
         from core.task.truncation import Truncation, input_limit, model_limit
 
         cfg = self.cfg
-        hard = model_limit(
-            AutoConfig.from_pretrained(cfg.model.name), reserve=cfg.generation.max_new_tokens
-        )
-        cfg.data.max_length, origin = input_limit(
-            options.max_input_tokens, cfg.data.max_length, hard, "data.max_length"
-        )
+        config = AutoConfig.from_pretrained(cfg.model.name)
+        hard = model_limit(config, reserve=cfg.generation.max_new_tokens)
+        limits = (options.max_input_tokens, cfg.data.max_length, hard, "data.max_length")
+        cfg.data.max_length, origin = input_limit(*limits)
         cut = Truncation(cfg.data.max_length, origin, "records")
-        source = data if data is not None else cfg.data.val_file
-        key = "--data" if data is not None else "data.val_file"
-        self.eval_data = self.load_data(
-            self.resolve_builtin(Path(source), "dev"), generation=True, key=key, cut_long=cut
-        )
+        source, key = (data, "--data") if data is not None else (cfg.data.val_file, "data.val_file")
+        path = self.resolve_builtin(Path(source), "dev")
+        self.eval_data = self.load_data(path, generation=True, key=key, cut_long=cut)
         cut.report(enabled=report)
         return self.eval_data
 
@@ -254,20 +236,12 @@ class QwenVLTask(Task[QwenVLConfig]):
     def generate(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> list[str]:
         """The ``B`` greedy answers (special tokens removed) to the left-padded ``gen_*`` prompts of
         ``batch``."""
-        prompt = batch["gen_input_ids"]
-        out = model.generate(
-            input_ids=prompt,
-            attention_mask=batch["gen_attention_mask"],
-            mm_token_type_ids=batch["gen_mm_token_type_ids"],
-            pixel_values=batch["pixel_values"],
-            image_grid_thw=batch["image_grid_thw"],
-            max_new_tokens=self.cfg.generation.max_new_tokens,
-            do_sample=False,
-            synced_gpus=self.ranks.sharded,
-        )
-        return self.processor.tokenizer.batch_decode(
-            out[:, prompt.shape[1] :], skip_special_tokens=True
-        )
+        inputs = {k: batch[f"gen_{k}"] for k in MODEL_INPUTS[:3]}  # the prompts
+        inputs.update(pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"])
+        greedy = {"max_new_tokens": self.cfg.generation.max_new_tokens, "do_sample": False}
+        out = model.generate(**inputs, **greedy, synced_gpus=self.ranks.sharded)
+        answers = out[:, inputs["input_ids"].shape[1] :]
+        return self.processor.tokenizer.batch_decode(answers, skip_special_tokens=True)
 
     def add_predictions(
         self, model: nn.Module, batch: dict[str, torch.Tensor], records: list[dict[str, Any]]
@@ -298,15 +272,10 @@ class QwenVLTask(Task[QwenVLConfig]):
     def manifest_entries(self) -> dict[str, Any]:
         """Metric implementation, model and processor sources, pixel limits, image fingerprints."""
         e, data = self.encoder, (self.train_data, self.val_data)
+        how = "qwen_vl.metrics.counting_metrics (first number in the answer)"
+        metric = {"implementation": how, "version": METRIC_VERSION}
         return {
-            "metrics": {
-                name: {
-                    "implementation": "qwen_vl.metrics.counting_metrics (first number in the "
-                    "answer)",
-                    "version": METRIC_VERSION,
-                }
-                for name in ("count_accuracy", "count_mae")
-            },
+            "metrics": {name: metric for name in ("count_accuracy", "count_mae")},
             "qwen_vl_version": __version__,
             "model": self.cfg.model.name,
             "processor": processor_source(self.cfg.model),
