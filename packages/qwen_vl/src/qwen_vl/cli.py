@@ -120,20 +120,11 @@ def make_data(argv: list[str] | None = None) -> int:
 
 def _infer_arguments(parser: argparse.ArgumentParser) -> None:
     """``infer``'s own flags: ``--image``, ``--min-pixels``, ``--max-pixels``."""
-    parser.add_argument(
-        "--image",
-        type=Path,
-        action="append",
-        default=[],
-        help="an image file for --prompt (repeat for several)",
-    )
+    image = "an image file for --prompt (repeat for several)"
+    parser.add_argument("--image", type=Path, action="append", default=[], help=image)
     for side, word in (("min", "smallest"), ("max", "largest")):
-        parser.add_argument(
-            f"--{side}-pixels",
-            type=int,
-            default=None,
-            help=f"{word} image area (default: the model's processor setting)",
-        )
+        area = f"{word} image area (default: the model's processor setting)"
+        parser.add_argument(f"--{side}-pixels", type=int, default=None, help=area)
 
 
 def _check_infer(args: argparse.Namespace) -> None:

@@ -23,18 +23,16 @@ class DataConfig:
     """Conversation files, image size limits and sequence length."""
 
     train_file: Path | None = None
-    """JSONL of training conversations (one record per line; the ``messages`` or the LLaVA
-    ``conversations`` layout, see the package README). Relative image paths are resolved against
-    the folder of this file. ``builtin:counting``: the built-in counting data (400 records, drawn
-    into a cache folder on first use; see ``qwen_vl.synth``)."""
+    """JSONL of training conversations (``messages`` or LLaVA ``conversations`` layout, see the
+    README; image paths relative to this file). ``builtin:counting``: the built-in counting data
+    (400 records, drawn into a cache folder on first use)."""
     val_file: Path | None = None
     """JSONL of validation conversations (same layout); ``builtin:counting``: the built-in
     counting data's dev split (80 records); null: no validation."""
     min_pixels: int | None = 3136
-    """Smallest image area (height x width) fed to the vision tower: smaller images are upscaled.
-    Applied both to ``qwen_vl_utils.process_vision_info`` and to the processor, so the vision
-    tokens per image are ``round(h/28) * round(w/28)`` after resizing into [min_pixels, max_pixels].
-    null: the processor's own setting (the one saved with the model)."""
+    """Smallest image area (height x width) fed to the vision tower: smaller images are upscaled
+    (an image makes ``round(h/28) * round(w/28)`` vision tokens after resizing into
+    [min_pixels, max_pixels]). null: the processor's own setting (saved with the model)."""
     max_pixels: int | None = 401408
     """Largest image area fed to the vision tower: bigger images are downscaled, so no image makes
     more than ``max_pixels / 784`` vision tokens (401408 = 512 tokens). null: the processor's own
@@ -43,10 +41,9 @@ class DataConfig:
     """Refuse image files with more pixels than this before decoding them (they would take
     ``3 x pixels`` bytes of memory to decode); such a record is an input error."""
     verify_images: Literal["decode", "header"] = "decode"
-    """How images are checked before training: ``decode`` every one (a truncated or corrupt file
-    stops the run before it starts), or read only each ``header`` (size and format; much faster
-    for hundreds of thousands of images, but a corrupt file then stops the run when it is reached,
-    still naming the record, with the checkpoints so far kept)."""
+    """How images are checked before training: ``decode`` every one (a corrupt file stops the run
+    before it starts), or read only each ``header`` (much faster for many images; a corrupt file
+    then stops the run when it is reached, naming the record)."""
     max_length: int | None = None
     """Longest conversation in tokens (text + vision tokens); a longer record is an input error
     (or dropped with ``data.drop_too_long``). null: no limit."""
@@ -69,8 +66,7 @@ class DataConfig:
 
 @dataclass
 class LoraConfig(CoreLoraConfig):
-    """Optional LoRA adapters on the language model (peft; the shared fields are core's); the
-    vision tower never gets adapters."""
+    """LoRA adapters on the language model (never on the vision tower)."""
 
     KEY = "model.lora"
 
@@ -82,15 +78,13 @@ class LoraConfig(CoreLoraConfig):
     """Linear layers of the language model that get adapters (names inside its decoder layers;
     the vision tower's layers of the same names are excluded)."""
     enabled: bool = False
-    """Train LoRA adapters instead of the language model's weights (needs ``model.train_llm=true``).
-    ``final/`` holds the merged model (plain ``from_pretrained``) and the adapter in
-    ``final/adapter``."""
+    """Train LoRA adapters instead of the language model's weights (needs ``model.train_llm=true``);
+    ``final/`` holds the merged model and the adapter in ``final/adapter``."""
 
 
 @dataclass
 class TinyModelConfig:
-    """Size of the ``tiny`` model (random weights, built from a config; for tests and CPU smoke
-    runs)."""
+    """Size of the ``tiny`` model (random weights; for tests and CPU smoke runs)."""
 
     hidden_size: int = 64
     """Language model hidden size."""
@@ -132,18 +126,16 @@ class ModelConfig:
     """Which model, which parts train, and their learning rates."""
 
     name: str = "tiny"
-    """``tiny`` (a small Qwen2.5-VL with random weights and the processor shipped in this package;
-    offline), a Hub id such as ``Qwen/Qwen2.5-VL-3B-Instruct``, or a local ``save_pretrained``
-    folder."""
+    """``tiny`` (a small random Qwen2.5-VL with the processor shipped here; offline), a Hub id
+    such as ``Qwen/Qwen2.5-VL-3B-Instruct``, or a local ``save_pretrained`` folder."""
     processor: str | None = None
     """Processor (tokenizer, chat template, image processor) folder or Hub id; null: the same as
     ``model.name`` (for ``tiny``: the processor shipped in this package)."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """Attention kernel (``flash_attention_2`` needs the flash-attn package and a GPU)."""
     liger_kernel: bool = False
-    """Patch Liger Kernel's fused Triton kernels (RMSNorm, RoPE, SwiGLU) into the model. CUDA
-    only; needs the ``liger`` extra (``uv sync --all-packages --extra liger``). The loss stays
-    ``loss``'s."""
+    """Patch Liger Kernel's fused Triton kernels (RMSNorm, RoPE, SwiGLU) into the model (CUDA; the
+    ``liger`` extra: ``uv sync --all-packages --extra liger``). The loss stays ``loss``'s."""
     train_vision: bool = False
     """Train the vision tower (patch embedding and vision blocks)."""
     train_merger: bool = True
@@ -158,9 +150,8 @@ class ModelConfig:
     lr_llm: float | None = None
     """Learning rate of the language model (or its adapters); null: ``optim.lr``."""
     gradient_checkpointing: bool = False
-    """Non-reentrant activation checkpointing of decoder layers and vision blocks through
-    transformers, for single-device / DDP runs. Under FSDP use ``fsdp.activation_checkpointing``
-    (this switch is then ignored, so blocks are not checkpointed twice)."""
+    """Activation checkpointing of decoder layers and vision blocks (transformers', for single
+    device / DDP; ignored under FSDP, where ``fsdp.activation_checkpointing`` applies)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA on the language model."""
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
@@ -183,8 +174,7 @@ class GenerationConfig:
     max_new_tokens: int = 16
     """Most tokens generated per answer."""
     in_validation: bool = True
-    """Generate answers during validation and compute the counting metrics (exact match and mean
-    absolute error of the parsed count); false: validation loss only (faster)."""
+    """Generate answers during validation for the counting metrics; false: loss only (faster)."""
 
     def __post_init__(self) -> None:
         """Range check; a bad value raises ``ConfigError`` naming the key."""
@@ -204,10 +194,6 @@ class QwenVLConfig(TrainConfig):
     loss: LossConfig = field(default_factory=LossConfig)
     """How the token loss is computed over the vocabulary (chunked by default)."""
 
-
-# The older class names (code written before the *Config naming).
-LoraSettings = LoraConfig
-TinyModel = TinyModelConfig
 
 if __name__ == "__main__":  # self-check: python -m qwen_vl.config
     from core.config.loader import load_config

@@ -18,23 +18,10 @@ from typing import Any
 
 import torch
 
-from core.commands.estimate import (
-    checkpointing,
-    compute_bytes,
-    format_report,
-    gpu_verdict,
-    layer_activation_bytes,
-    logits_bytes,
-    on,
-    setup_lines,
-    shipped_architectures,
-    shipped_config,
-    stack_activation_bytes,
-    trained_report,
-)
+import core.commands.estimate as est
 from qwen_vl.config import QwenVLConfig
 
-KNOWN_CONFIGS = shipped_architectures(__file__)
+KNOWN_CONFIGS = est.shipped_architectures(__file__)
 """Architectures of the Hub presets (text model, vision tower, tied embeddings)."""
 
 TEXT_TOKENS = 256
@@ -58,7 +45,7 @@ def model_config(cfg: QwenVLConfig) -> tuple[Any, str]:
         text, vision, tied = known["text"], known["vision"], known["tie_word_embeddings"]
         return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tied)
 
-    return shipped_config(cfg.model.name, KNOWN_CONFIGS, build)
+    return est.shipped_config(cfg.model.name, KNOWN_CONFIGS, build)
 
 
 def sample_shape(cfg: QwenVLConfig, vision: Any) -> dict[str, int]:
@@ -81,13 +68,17 @@ def activations(
     text, vision, m = config.text_config, config.vision_config, cfg.model
     batch, offload = cfg.trainer.batch_size, cfg.trainer.offload_activations
     lora_targets = len(m.lora.target_modules) if m.lora.enabled else 0
-    per_token = layer_activation_bytes(text.hidden_size, text.intermediate_size, e, lora_targets)
+    per_token = est.layer_activation_bytes(
+        text.hidden_size, text.intermediate_size, e, lora_targets
+    )
     tokens, layers, hidden = batch * shape["seq"], text.num_hidden_layers, text.hidden_size
-    total = stack_activation_bytes(layers, tokens, per_token, hidden, e, checkpointed, offload)
+    total = est.stack_activation_bytes(layers, tokens, per_token, hidden, e, checkpointed, offload)
     if m.train_vision:  # a frozen tower's outputs need no gradient inside it: nothing is kept
-        per_patch = layer_activation_bytes(vision.hidden_size, vision.intermediate_size, e, 0)
+        per_patch = est.layer_activation_bytes(vision.hidden_size, vision.intermediate_size, e, 0)
         patches, depth, hidden = batch * shape["patches"], vision.depth, vision.hidden_size
-        total += stack_activation_bytes(depth, patches, per_patch, hidden, e, checkpointed, offload)
+        total += est.stack_activation_bytes(
+            depth, patches, per_patch, hidden, e, checkpointed, offload
+        )
     return total
 
 
@@ -101,11 +92,11 @@ def setup(cfg: QwenVLConfig, shape: dict[str, int], checkpointed: bool) -> dict[
         f"{shape['text_tokens']:,} text tokens"
     )
     switches = (
-        f", activation checkpointing={on(checkpointed)}, "
-        f"model.lora.enabled={on(m.lora.enabled)} (use_dora={on(m.lora.use_dora)}), "
-        f"model.liger_kernel={on(m.liger_kernel)} (not modelled)"
+        f", activation checkpointing={est.on(checkpointed)}, "
+        f"model.lora.enabled={est.on(m.lora.enabled)} (use_dora={est.on(m.lora.use_dora)}), "
+        f"model.liger_kernel={est.on(m.liger_kernel)} (not modelled)"
     )
-    return setup_lines(cfg, sample, switches)
+    return est.setup_lines(cfg, sample, switches)
 
 
 def estimate(cfg: QwenVLConfig) -> dict[str, Any]:
@@ -119,50 +110,42 @@ def estimate(cfg: QwenVLConfig) -> dict[str, Any]:
     text, m, batch = config.text_config, cfg.model, cfg.trainer.batch_size
     with torch.device("meta"):  # shapes only
         model = set_trainable(AutoModelForImageTextToText.from_config(config), cfg.model)
-    e = compute_bytes(cfg.trainer.precision)
+    e = est.compute_bytes(cfg.trainer.precision)
     shape = sample_shape(cfg, config.vision_config)
     labelled = batch * shape["text_tokens"]
-    checkpointed = checkpointing(cfg, m.gradient_checkpointing)
+    checkpointed = est.checkpointing(cfg, m.gradient_checkpointing)
     offloaded = ", inputs offloaded to CPU" if cfg.trainer.offload_activations else ""
     parts = [n for n in ("vision", "merger", "llm") if getattr(m, f"train_{n}")]
+    adapters = " (LoRA adapters)" if m.lora.enabled else ""
     kept = (
         f"micro-batch {batch}, {'with' if checkpointed else 'without'} activation checkpointing"
         f"{offloaded}, vision tower {'trained' if m.train_vision else 'frozen (keeps nothing)'}"
     )
     chunks = f"chunks of {cfg.loss.chunk_tokens}" if cfg.loss.chunked else "full logits"
-    logits = logits_bytes(labelled, text.vocab_size, text.hidden_size, e, cfg.loss)
-    return trained_report(
+    logits = est.logits_bytes(labelled, text.vocab_size, text.hidden_size, e, cfg.loss)
+    sizes = (text.num_hidden_layers, text.hidden_size, text.vocab_size, config.vision_config.depth)
+    return est.trained_report(
         cfg,
         model,
         name=m.name,
         config=config,
         source=source,
-        facts={
-            "layers": text.num_hidden_layers,
-            "hidden": text.hidden_size,
-            "vocab": text.vocab_size,
-            "vision blocks": config.vision_config.depth,
-        },
+        facts=dict(zip(("layers", "hidden", "vocab", "vision blocks"), sizes)),
         setup=setup(cfg, shape, checkpointed),
         units=("decoder layers", ("Qwen2_5_VLDecoderLayer",)),
         parts={
             "activations": (activations(cfg, config, shape, e, checkpointed), kept),
             "logits": (logits, f"{labelled:,} labelled tokens at most, {chunks}"),
         },
-        notes={
-            "gradients": f"trained: {', '.join(parts) or 'nothing'}"
-            + (" (LoRA adapters)" if m.lora.enabled else "")
-        },
+        notes={"gradients": f"trained: {', '.join(parts) or 'nothing'}{adapters}"},
     )
 
 
 def render(report: dict[str, Any]) -> str:
     """The report as text, with a verdict for 80 GB GPUs (H100 / A100 80 GB)."""
-    advice = (
-        "more ranks (fsdp), fsdp.activation_checkpointing=true, lower data.max_pixels / "
-        "data.max_length / trainer.batch_size"
-    )
-    return format_report(report, gpu_verdict(report, 80, advice))
+    advice = "more ranks (fsdp), fsdp.activation_checkpointing=true, lower data.max_pixels / "
+    advice += "data.max_length / trainer.batch_size"
+    return est.format_report(report, est.gpu_verdict(report, 80, advice))
 
 
 if __name__ == "__main__":  # self-check: python -m qwen_vl.memory

@@ -23,7 +23,7 @@ from core.nn.models import liger_kernel
 from core.nn.optim import parameter_groups
 from core.nn.peft_lora import peft_lora_config
 from core.task.hub import ensure_available
-from qwen_vl.config import LoraSettings, ModelConfig, TinyModel
+from qwen_vl.config import LoraConfig, ModelConfig, TinyModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def load_processor(cfg: ModelConfig) -> Any:
     return processor
 
 
-def tiny_config(t: TinyModel, tokenizer: Any, image_processor: Any) -> Any:
+def tiny_config(t: TinyModelConfig, tokenizer: Any, image_processor: Any) -> Any:
     """A small ``Qwen2_5_VLConfig`` of sizes ``t`` that fits the tokenizer (vocabulary, special
     ids) and the image processor (patch, merge and temporal patch sizes)."""
     from transformers import Qwen2_5_VLConfig
@@ -140,20 +140,19 @@ def model_parts(model: nn.Module) -> dict[str, list[nn.Module]]:
         }
     except AttributeError:
         raise UserError(
-            f"{type(base).__name__} does not have Qwen2.5-VL's layout (model.visual / "
-            "model.language_model / lm_head); "
-            "model.name must be a Qwen2.5-VL model."
+            f"{type(base).__name__} does not have Qwen2.5-VL's layout (model.visual / model."
+            "language_model / lm_head); model.name must be a Qwen2.5-VL model."
         ) from None
 
 
-def lora_targets(lora: LoraSettings) -> str:
+def lora_targets(lora: LoraConfig) -> str:
     """peft ``target_modules`` regex: the named linear layers of the language model's decoder
     layers only (the vision blocks have layers of the same names, e.g. ``gate_proj``)."""
     names = "|".join(sorted(lora.target_modules))
     return rf".*language_model\.layers\.\d+\.(?:self_attn|mlp)\.(?:{names})"
 
 
-def lora_config(lora: LoraSettings) -> Any:
+def lora_config(lora: LoraConfig) -> Any:
     """The peft ``LoraConfig`` for the settings."""
     return peft_lora_config(lora, target_modules=lora_targets(lora), bias="none")
 
@@ -179,21 +178,18 @@ def set_generation(model: nn.Module, tok: Any) -> None:
     """Set greedy generation that stops at the end of a turn (``UserError``: the tokenizer's
     image token is not the model's)."""
     image_token = tok.convert_tokens_to_ids("<|image_pad|>")
-    if getattr(model.config, "image_token_id", None) != image_token:
+    own = getattr(model.config, "image_token_id", None)
+    if own != image_token:
         raise UserError(
-            f"The processor's <|image_pad|> id ({image_token}) differs from the model's "
-            "image_token_id "
-            f"({getattr(model.config, 'image_token_id', None)}): model.processor does not belong "
-            "to model.name."
+            f"The processor's <|image_pad|> id ({image_token}) differs from the model's image_"
+            f"token_id ({own}): model.processor does not belong to model.name."
         )
+    gen = model.generation_config
     # Answers end at <|im_end|>; <|endoftext|> also stops (as in Qwen's own generation config)
-    model.generation_config.eos_token_id = tok.convert_tokens_to_ids(
-        ["<|im_end|>", "<|endoftext|>"]
-    )
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.do_sample = False
+    gen.eos_token_id = tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    gen.pad_token_id, gen.do_sample = tok.pad_token_id, False
     for key in ("temperature", "top_p", "top_k"):  # Qwen's Hub config samples; greedy here
-        setattr(model.generation_config, key, None)  # (and without warnings)
+        setattr(gen, key, None)  # (and without warnings)
 
 
 def build_model(cfg: ModelConfig, processor: Any, gradient_checkpointing: bool) -> nn.Module:
@@ -242,22 +238,12 @@ def param_groups(
     return groups
 
 
-def wrap_classes() -> set[type[nn.Module]]:
-    """The FSDP units (and activation-checkpointing units): decoder layers and vision blocks."""
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
-        Qwen2_5_VLDecoderLayer,
-        Qwen2_5_VLVisionBlock,
-    )
-
-    return {Qwen2_5_VLDecoderLayer, Qwen2_5_VLVisionBlock}
-
-
 def export_final(
     model: nn.Module,
     state_dict: dict[str, torch.Tensor],
     out_dir: Path,
     processor: Any,
-    lora: LoraSettings | None,
+    lora: LoraConfig | None,
 ) -> None:
     """Write ``model`` (its full CPU ``state_dict``) in ``save_pretrained`` form and ``processor``
     to ``out_dir``.
@@ -303,7 +289,7 @@ if __name__ == "__main__":  # self-check: python -m qwen_vl.model
     groups = param_groups(model, cfg, lr=1e-4, weight_decay=0.0)
     print("groups:", [(g["name"], g.get("lr"), len(g["params"])) for g in groups])
     lora = build_model(
-        ModelConfig(lora=LoraSettings(enabled=True)), processor, gradient_checkpointing=False
+        ModelConfig(lora=LoraConfig(enabled=True)), processor, gradient_checkpointing=False
     )
     adapters = [n for n, p in lora.named_parameters() if p.requires_grad and "lora_" in n]
     assert adapters and all("language_model" in n for n in adapters)

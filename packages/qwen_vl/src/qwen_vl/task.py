@@ -19,21 +19,14 @@ import torch
 from torch import nn
 
 from core.errors import UserError
-from core.nn.models import check_dtypes
+from core.nn.models import block_classes, check_dtypes
 from core.nn.models import precision_dtype as expected_param_dtype
 from core.task.base import IGNORE_INDEX, StepOutput, Task
 from qwen_vl import __version__
 from qwen_vl.config import QwenVLConfig
 from qwen_vl.data import Collator, ConversationData, Encoder, load_conversations
 from qwen_vl.metrics import METRIC_VERSION, counting_metrics
-from qwen_vl.model import (
-    build_model,
-    export_final,
-    load_processor,
-    param_groups,
-    processor_source,
-    wrap_classes,
-)
+from qwen_vl.model import build_model, export_final, load_processor, param_groups, processor_source
 from qwen_vl.synth import BUILTIN, builtin_data
 
 log = logging.getLogger(__name__)
@@ -143,8 +136,10 @@ class QwenVLTask(Task[QwenVLConfig]):
         return param_groups(model, self.cfg.model, self.cfg.optim.lr, self.cfg.optim.weight_decay)
 
     def fsdp_wrap_classes(self) -> set[type[nn.Module]]:
-        """``Qwen2_5_VLDecoderLayer`` and ``Qwen2_5_VLVisionBlock``."""
-        return wrap_classes()
+        """``Qwen2_5_VLDecoderLayer`` and ``Qwen2_5_VLVisionBlock`` (its ``_no_split_modules``)."""
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        return block_classes(Qwen2_5_VLForConditionalGeneration)
 
     def configure_for_model(self, model_dir: Path, overrides: Any) -> None:
         """The model and its own processor; unless overridden, the pixel limits saved with the
