@@ -153,15 +153,6 @@ class Encoder:
         h, w = smart_resize(height, width, factor=self.factor, **limits)
         return (w // self.factor) * (h // self.factor)
 
-    def image_part(self, image: Image.Image) -> dict[str, Any]:
-        """A qwen_vl_utils image part of ``image`` at this encoder's pixel limits."""
-        return {
-            "type": "image",
-            "image": image,
-            "min_pixels": self.min_pixels,
-            "max_pixels": self.max_pixels,
-        }
-
     def encode(self, conv: Conversation, images: list[Image.Image]) -> dict[str, Any]:
         """Encode ``conv`` with its decoded ``images`` (in order, original sizes).
 
@@ -170,8 +161,7 @@ class Encoder:
             ``(patches, 3 * temporal_patch * patch**2)`` and ``image_grid_thw`` ``(images, 3)``
             or None; ``prompt_length`` (tokens before the last answer); ``spans`` (the answers).
         """
-        messages = map_images(conv.messages, lambda part: self.image_part(images[part["image"]]))
-        out = self.process(messages, self.chat_text(conv.messages))
+        out = self.process(conv.messages, images)
         ids = out["input_ids"][0]
         spans = assistant_spans(ids.tolist(), self.header_ids, self.end_id)
         labels = torch.tensor(build_labels(ids.tolist(), spans, self.vision_ids), dtype=torch.long)
@@ -189,21 +179,22 @@ class Encoder:
         """Model inputs of one user turn, ``images`` then ``prompt``, and the assistant header:
         ``input_ids``, ``attention_mask``, ``mm_token_type_ids`` ``(1, P)``; with images also
         ``pixel_values`` ``(patches, D)`` and ``image_grid_thw`` ``(images, 3)``."""
-        parts: list[dict[str, Any]] = [self.image_part(im) for im in images]
+        parts = [{"type": "image", "image": i} for i in range(len(images))]
         messages = [{"role": "user", "content": [*parts, {"type": "text", "text": prompt}]}]
-        out = self.process(messages, self.chat_text(messages, add_generation_prompt=True))
+        out = self.process(messages, images, add_generation_prompt=True)
         keep = "input_ids attention_mask mm_token_type_ids pixel_values image_grid_thw".split()
         return {k: v for k, v in out.items() if k in keep}
 
-    def process(self, messages: list[dict[str, Any]], text: str) -> Any:
-        """The processor's output (tensors, batch of one) for ``text`` and the images of
-        ``messages`` (parts of :meth:`image_part`), which qwen_vl_utils resizes first."""
+    def process(self, messages: list[dict[str, Any]], images: list[Any], **template: Any) -> Any:
+        """The processor's output (tensors, batch of one) for ``messages`` whose image parts index
+        ``images``; qwen_vl_utils resizes the images first, within the pixel limits."""
         from qwen_vl_utils import process_vision_info
 
-        has_images = any(p["type"] == "image" for m in messages for p in m["content"])
-        resized = None
-        if has_images:
-            resized = process_vision_info(messages, image_patch_size=self.patch_size)[0]
+        text, resized = self.chat_text(messages, **template), None
+        if images:
+            limits = {"min_pixels": self.min_pixels, "max_pixels": self.max_pixels}
+            parts = map_images(messages, lambda p: {**p, "image": images[p["image"]], **limits})
+            resized = process_vision_info(parts, image_patch_size=self.patch_size)[0]
         return self.processor(text=[text], images=resized, return_tensors="pt")
 
     def dummy_pixels(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -485,9 +476,8 @@ class Collator:
             batch["pixel_values"], batch["image_grid_thw"] = enc.dummy_pixels()
         else:
             batch["pixel_values"] = torch.cat(pixels)
-            batch["image_grid_thw"] = torch.cat(
-                [s["image_grid_thw"] for s in samples if s["image_grid_thw"] is not None]
-            )
+            grids = [s["image_grid_thw"] for s in samples if s["image_grid_thw"] is not None]
+            batch["image_grid_thw"] = torch.cat(grids)
         if "prompt_length" in samples[0]:
             view = ("input_ids", "mm_token_type_ids")
             prompts = [{k: s[k][: s["prompt_length"]] for k in view} for s in samples]

@@ -295,13 +295,8 @@ if __name__ == "__main__":  # self-check: python -m qwen_vl.model
     assert adapters and all("language_model" in n for n in adapters)
     print(f"LoRA: {len(adapters)} adapter tensors, all in the language model")
     with tempfile.TemporaryDirectory() as tmp:
-        export_final(
-            lora,
-            {k: v.detach().clone() for k, v in lora.state_dict().items()},
-            Path(tmp),
-            processor,
-            ModelConfig().lora,
-        )
+        state = {k: v.detach().clone() for k, v in lora.state_dict().items()}
+        export_final(lora, state, Path(tmp), processor, ModelConfig().lora)
         loaded = AutoModelForImageTextToText.from_pretrained(tmp)
         AutoProcessor.from_pretrained(tmp)
         print("final/ with merged LoRA loads as", type(loaded).__name__)

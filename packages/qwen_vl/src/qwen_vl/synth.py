@@ -92,10 +92,8 @@ def place_objects(
                 placed.append((x, y, r))
                 break
         else:
-            raise ValueError(
-                f"cannot place {n} objects on a {size}x{size} image; lower --max-count or raise "
-                "--size"
-            )
+            hint = "lower --max-count or raise --size"
+            raise ValueError(f"cannot place {n} objects on a {size}x{size} image; {hint}")
     return placed
 
 
@@ -117,11 +115,8 @@ def draw_shape(
         half = int(r / math.sqrt(2)) + 1
         draw.rectangle((x - half, y - half, x + half, y + half), fill=colour)
     else:  # triangles
-        points = [
-            (x + r * math.cos(a), y + r * math.sin(a))
-            for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)
-        ]
-        draw.polygon(points, fill=colour)
+        corners = (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)
+        draw.polygon([(x + r * math.cos(a), y + r * math.sin(a)) for a in corners], fill=colour)
 
 
 def draw_image(
@@ -141,9 +136,10 @@ def draw_image(
     return image
 
 
-def text(content: str) -> dict[str, str]:
-    """A text content part."""
-    return {"type": "text", "text": content}
+def turn(role: str, *parts: Any) -> dict[str, Any]:
+    """A message of ``role`` whose string ``parts`` become text parts."""
+    content = [{"type": "text", "text": p} if isinstance(p, str) else p for p in parts]
+    return {"role": role, "content": content}
 
 
 def make_record(
@@ -155,10 +151,8 @@ def make_record(
     roll = rng.random()
     if roll < settings.text_share:
         word = rng.choice(WORDS)
-        messages = [
-            {"role": "user", "content": [text(rng.choice(TEXT_QUESTIONS).format(word=word))]},
-            {"role": "assistant", "content": [text(str(len(word)))]},
-        ]
+        question = rng.choice(TEXT_QUESTIONS).format(word=word)
+        messages = [turn("user", question), turn("assistant", str(len(word)))]
         return {"id": record_id, "messages": messages, "count": len(word)}
     kind = rng.choice(SHAPES)
     count = rng.randint(settings.min_count, settings.max_count)
@@ -168,18 +162,13 @@ def make_record(
     image.save(out / relative, format="PNG", optimize=False)
     question = rng.choice(QUESTIONS).format(shape=kind)
     image_part = {"type": "image", "image": relative.as_posix()}
-    messages = [
-        {"role": "user", "content": [image_part, text(question)]},
-        {"role": "assistant", "content": [text(str(count))]},
-    ]
+    messages = [turn("user", image_part, question), turn("assistant", str(count))]
     answer = count
     if roll < settings.text_share + settings.multi_turn_share:
         k = rng.randint(1, 3)
-        messages.append(
-            {"role": "user", "content": [text(rng.choice(FOLLOW_UPS).format(k=k, shape=kind))]}
-        )
-        messages.append({"role": "assistant", "content": [text(str(count + k))]})
+        follow_up = rng.choice(FOLLOW_UPS).format(k=k, shape=kind)
         answer = count + k
+        messages += [turn("user", follow_up), turn("assistant", str(answer))]
     return {"id": record_id, "messages": messages, "count": answer}
 
 
