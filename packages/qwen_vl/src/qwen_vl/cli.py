@@ -88,13 +88,9 @@ def synth_settings(args: argparse.Namespace) -> Any:
         raise UserError(
             "--text-share and --multi-turn-share must be between 0 and 1 and add up to at most 1."
         )
-    same = ("seed", "size", "min_count", "max_count", "max_distractors", "text_share")
-    return SynthSettings(
-        n_train=args.n,
-        n_dev=args.n_dev if args.n_dev is not None else max(8, args.n // 5),
-        multi_turn_share=args.multi_turn_share,
-        **{name: getattr(args, name) for name in same},
-    )
+    n_dev = args.n_dev if args.n_dev is not None else max(8, args.n // 5)
+    same = "seed size min_count max_count max_distractors text_share multi_turn_share".split()
+    return SynthSettings(n_train=args.n, n_dev=n_dev, **{k: getattr(args, k) for k in same})
 
 
 @user_errors_exit_2

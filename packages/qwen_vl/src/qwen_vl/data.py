@@ -109,12 +109,10 @@ class Encoder:
         size = image_processor.size
         self.min_pixels = int(min_pixels if min_pixels is not None else size.shortest_edge)
         self.max_pixels = int(max_pixels if max_pixels is not None else size.longest_edge)
-        if self.min_pixels > self.max_pixels:
-            raise UserError(
-                f"data.min_pixels={self.min_pixels} is larger than "
-                f"data.max_pixels={self.max_pixels}."
-            )
-        image_processor.size = SizeDict(shortest_edge=self.min_pixels, longest_edge=self.max_pixels)
+        lo, hi = self.min_pixels, self.max_pixels
+        if lo > hi:
+            raise UserError(f"data.min_pixels={lo} is larger than data.max_pixels={hi}.")
+        image_processor.size = SizeDict(shortest_edge=lo, longest_edge=hi)
         self.patch_size = int(image_processor.patch_size)
         self.merge_size = int(image_processor.merge_size)
         self.temporal_patch_size = int(image_processor.temporal_patch_size)
@@ -209,14 +207,10 @@ class Encoder:
 
 @dataclass
 class ConversationData(Dataset):
-    """Validated conversations of one file, encoded on access (in the loader workers).
-
-    Attributes:
-        lengths: exact tokens of each record (text + vision tokens).
-        generation: items carry ``prompt_length`` (batches then get prompts for ``generate``).
-        files: data files read (for the manifest).
-        image_fingerprint: sha256 over every image's path, size and bytes length (the manifest).
-    """
+    """Validated conversations of one file, encoded on access (in the loader workers): their
+    exact ``lengths`` (text + vision tokens), the data ``files`` and an ``image_fingerprint``
+    (sha256 of every image's path, size and bytes) for the manifest; with ``generation`` items
+    carry ``prompt_length`` (batches then get prompts for ``generate``)."""
 
     conversations: list[Conversation]
     lengths: list[int]
@@ -291,19 +285,12 @@ def load_conversations(
     key: str = "data file",
     cut_long: Any = None,
 ) -> ConversationData:
-    """Read, validate and measure every record of the data file ``path`` (named by ``key``).
-
-    Structure and ids are checked for all records first (:func:`parse_record`), then every image
-    opens (in ``workers`` threads: decoding releases the GIL; headers only unless
-    ``decode_images``), then token counts against ``max_length`` (:func:`_measure_all`); longer
-    records fail, are dropped (``drop_too_long``), or with ``cut_long`` (a
-    :class:`core.task.truncation.Truncation`, for evaluation) have their last question cut.
-
-    Returns:
-        The data set (at least one record).
-
-    Raises:
-        UserError: a bad record, by id, file and line.
+    """The data set (at least one record) of the data file ``path`` (named by ``key``), every
+    record validated: structure and ids first, then every image opens (in ``workers`` threads;
+    headers only unless ``decode_images``), then its tokens against ``max_length``: a longer one
+    fails, is dropped (``drop_too_long``), or with ``cut_long`` (a
+    :class:`core.task.truncation.Truncation`, for evaluation) has its last question cut.
+    A bad record raises a ``UserError`` naming its id, file and line.
     """
     from concurrent.futures import ThreadPoolExecutor
     from functools import partial

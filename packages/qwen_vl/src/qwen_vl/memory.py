@@ -1,12 +1,8 @@
 """Parameters and GPU memory of a qwen_vl training config, without loading weights
-(``train -c qwen2_5_vl_3b --dry-run``).
-
-The model is built on the ``meta`` device from the architecture's ``config.json`` values (shipped
-in ``assets/architectures.json`` for the Hub presets: offline) with the training switches, and
-:mod:`core.commands.estimate` turns the sizes into memory per GPU. Activations: the language model
-over the whole sequence, and the vision tower over each image's patches when it trains (a frozen
-tower keeps nothing for backward). A sample is one image at ``data.max_pixels`` plus its text:
-``data.max_length`` tokens, else the vision tokens plus 256 text tokens.
+(``train -c qwen2_5_vl_3b --dry-run``): the model on the ``meta`` device from the architecture's
+shipped ``config.json`` values (offline), sized by :mod:`core.commands.estimate`. A sample is one
+image at ``data.max_pixels`` plus its text (``data.max_length`` tokens, else 256 more); a frozen
+vision tower keeps no activations for backward.
 
 Self-check: ``python -m qwen_vl.memory`` (the 3B and 7B presets on 4 GPUs).
 """

@@ -258,16 +258,14 @@ def export_final(
     dtype = next((t.dtype for t in state_dict.values() if t.is_floating_point()), torch.float32)
     with torch.device("meta"):
         skeleton = AutoModelForImageTextToText.from_config(base.config, dtype=dtype)
-    if lora is not None:
-        from peft import get_peft_model
+        if lora is not None:
+            from peft import get_peft_model
 
-        with torch.device("meta"):
             skeleton = get_peft_model(skeleton, lora_config(lora))
-        skeleton.load_state_dict(state_dict, strict=True, assign=True)
+    skeleton.load_state_dict(state_dict, strict=True, assign=True)
+    if lora is not None:
         skeleton.save_pretrained(out_dir / "adapter")
         skeleton = skeleton.merge_and_unload()
-    else:
-        skeleton.load_state_dict(state_dict, strict=True, assign=True)
     skeleton.generation_config = base.generation_config
     skeleton.config.dtype = dtype
     skeleton.save_pretrained(out_dir)

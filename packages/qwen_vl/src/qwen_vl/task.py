@@ -62,19 +62,11 @@ class QwenVLTask(Task[QwenVLConfig]):
     ) -> ConversationData:
         """:func:`qwen_vl.data.load_conversations` of ``path`` (named by ``key``) with this task's
         encoder and data settings."""
-        d = self.cfg.data
-        data = load_conversations(
-            Path(path),
-            self.encoder,
-            key=key,
-            max_source_pixels=d.max_source_pixels,
-            max_length=d.max_length,
-            drop_too_long=d.drop_too_long,
-            system_prompt=d.system_prompt,
-            generation=generation,
-            decode_images=d.verify_images == "decode",
-            cut_long=cut_long,
-        )
+        d, settings = self.cfg.data, {"generation": generation, "cut_long": cut_long, "key": key}
+        for name in ("max_source_pixels", "max_length", "drop_too_long", "system_prompt"):
+            settings[name] = getattr(d, name)
+        decode = d.verify_images == "decode"
+        data = load_conversations(Path(path), self.encoder, decode_images=decode, **settings)
         convs = data.conversations
         images, text_only = sum(len(c.images) for c in convs), sum(not c.images for c in convs)
         facts = (len(data), text_only, images, max(data.lengths, default=0))
@@ -88,9 +80,8 @@ class QwenVLTask(Task[QwenVLConfig]):
         if d.train_file is None:
             raise UserError(
                 "data.train_file is not set. Point it at your JSONL conversations, or use "
-                f"data.train_file={BUILTIN} "
-                f"data.val_file={BUILTIN} for the built-in counting data (drawn into a cache "
-                "folder on first use)."
+                f"data.train_file={BUILTIN} data.val_file={BUILTIN} for the built-in counting "
+                "data (drawn into a cache folder on first use)."
             )
         # The config keeps ``builtin:counting`` (so a continued run's config is unchanged); the
         # task reads the cached files it stands for.
@@ -146,10 +137,9 @@ class QwenVLTask(Task[QwenVLConfig]):
         model's processor (the ones it was trained with), not the config's."""
         cfg = self.cfg
         keys = {r.split("=", 1)[0] for r in overrides}
-        if "data.min_pixels" not in keys:
-            cfg.data.min_pixels = None
-        if "data.max_pixels" not in keys:
-            cfg.data.max_pixels = None
+        for limit in ("min_pixels", "max_pixels"):
+            if f"data.{limit}" not in keys:
+                setattr(cfg.data, limit, None)
         cfg.model.name, cfg.model.processor = str(model_dir), None
         cfg.model.lora.enabled = False  # final/ holds merged weights
 
