@@ -111,14 +111,11 @@ class TinyModelConfig:
                 "Config keys 'model.tiny.hidden_size' / 'model.tiny.num_heads': the head size "
                 f"must be a whole multiple of 4, got {self.hidden_size} / {self.num_heads}."
             )
-        if self.num_heads % self.num_kv_heads:
-            raise ConfigError(
-                "Config key 'model.tiny.num_kv_heads' must divide 'model.tiny.num_heads'."
-            )
-        if self.vision_hidden_size % self.vision_heads:
-            raise ConfigError(
-                "Config key 'model.tiny.vision_heads' must divide 'model.tiny.vision_hidden_size'."
-            )
+        for part, whole in (("num_kv_heads", "num_heads"), ("vision_heads", "vision_hidden_size")):
+            if getattr(self, whole) % getattr(self, part):
+                raise ConfigError(
+                    f"Config key 'model.tiny.{part}' must divide 'model.tiny.{whole}'."
+                )
 
 
 @dataclass

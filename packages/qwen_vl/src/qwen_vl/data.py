@@ -157,7 +157,7 @@ class Encoder:
         Returns:
             ``input_ids``, ``labels``, ``mm_token_type_ids`` ``(L,)``; ``pixel_values``
             ``(patches, 3 * temporal_patch * patch**2)`` and ``image_grid_thw`` ``(images, 3)``
-            or None; ``prompt_length`` (tokens before the last answer); ``spans`` (the answers).
+            or None; ``prompt_length`` (tokens before the last answer).
         """
         out = self.process(conv.messages, images)
         ids = out["input_ids"][0]
@@ -170,7 +170,6 @@ class Encoder:
             "pixel_values": out.get("pixel_values") if images else None,
             "image_grid_thw": out.get("image_grid_thw") if images else None,
             "prompt_length": spans[-1][0] if spans else len(ids),
-            "spans": spans,
         }
 
     def encode_prompt(self, prompt: str, images: list[Image.Image]) -> dict[str, torch.Tensor]:
@@ -236,7 +235,6 @@ class ConversationData(Dataset):
         item["index"] = i
         if not self.generation:
             item.pop("prompt_length")
-        item.pop("spans")
         return item
 
 

@@ -11,7 +11,6 @@ Self-check: ``python -m qwen_vl.model``.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +23,6 @@ from core.nn.optim import parameter_groups
 from core.nn.peft_lora import peft_lora_config
 from core.task.hub import ensure_available
 from qwen_vl.config import LoraConfig, ModelConfig, TinyModelConfig
-
-log = logging.getLogger(__name__)
 
 TINY_PROCESSOR_DIR = Path(__file__).parent / "assets" / "tiny_processor"
 """The shipped tiny processor (built by ``packages/qwen_vl/tools/tiny_processor.py``)."""
@@ -280,15 +277,13 @@ if __name__ == "__main__":  # self-check: python -m qwen_vl.model
     cfg = ModelConfig(train_vision=True, lr_vision=1e-5)
     processor = load_processor(cfg)
     model = build_model(cfg, processor, gradient_checkpointing=False)
-    counts = {
-        k: sum(p.numel() for m in v for p in m.parameters()) for k, v in model_parts(model).items()
-    }
+    parts = model_parts(model).items()
+    counts = {k: sum(p.numel() for m in v for p in m.parameters()) for k, v in parts}
     print(type(model).__name__, "parameters per part:", counts)
     groups = param_groups(model, cfg, lr=1e-4, weight_decay=0.0)
     print("groups:", [(g["name"], g.get("lr"), len(g["params"])) for g in groups])
-    lora = build_model(
-        ModelConfig(lora=LoraConfig(enabled=True)), processor, gradient_checkpointing=False
-    )
+    lora_cfg = ModelConfig(lora=LoraConfig(enabled=True))
+    lora = build_model(lora_cfg, processor, gradient_checkpointing=False)
     adapters = [n for n, p in lora.named_parameters() if p.requires_grad and "lora_" in n]
     assert adapters and all("language_model" in n for n in adapters)
     print(f"LoRA: {len(adapters)} adapter tensors, all in the language model")
