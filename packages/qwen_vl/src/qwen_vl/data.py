@@ -1,12 +1,8 @@
 """Conversation records with images -> token ids, assistant-only labels and pixel patches.
 
-Records (``.jsonl`` / ``.json``) use the messages or the LLaVA layout
-(:class:`core.task.chat.ChatReader`); images are paths relative to the data file, ``file://`` or
-``data:`` URIs; text-only records may mix with image records. qwen_vl_utils and the processor get
-the same ``min_pixels`` / ``max_pixels``, so an ``h x w`` image always makes
-``(H/28) * (W/28)`` vision tokens, ``(H, W) = smart_resize(h, w)``. Only assistant turns (text
-and closing ``<|im_end|>``) are trained. :func:`load_conversations` checks every record before
-training; a bad one raises a ``UserError`` naming its id, file and line.
+Records use the messages or the LLaVA layout (:class:`core.task.chat.ChatReader`); text-only
+records may mix with image records. Only assistant turns (text and closing ``<|im_end|>``) are
+trained. :func:`load_conversations` checks every record before training.
 """
 
 from __future__ import annotations
@@ -66,13 +62,9 @@ class Conversation:
 def parse_record(
     raw: dict[str, Any], where: str, base_dir: Path, system_prompt: str | None = None
 ) -> Conversation:
-    """Validate the JSON object ``raw`` found at ``where`` (``file:line``) into a
-    :class:`Conversation`; relative image paths are under ``base_dir``; ``system_prompt`` is added
-    when the record has no system turn. Turns after the last answer are dropped.
-
-    Raises:
-        UserError: a bad layout, role, answer, image or placeholder (:class:`ChatReader`).
-    """
+    """The :class:`Conversation` of the JSON object ``raw`` at ``where`` (``file:line``; image
+    paths relative to ``base_dir``), with ``system_prompt`` when it has no system turn and without
+    the turns after its last answer; ``UserError`` for a bad record (:class:`ChatReader`)."""
     rid = str(raw.get("id", where))
     name = record_name(rid, where, "id" in raw)
     images: list[ImageSource] = []
@@ -319,15 +311,9 @@ def _measure_all(
     drop_too_long: bool,
     cut_long: Any,
 ) -> tuple[list[Conversation], list[int], list[str], str]:
-    """Lengths (vision tokens included) of the records, whose chat texts tokenize to
-    ``all_ids`` and whose images have ``sizes``, checked against ``max_length``.
-
-    Returns:
-        ``(kept records, their lengths, ids of dropped records, image fingerprint)``.
-
-    Raises:
-        UserError: see :func:`_record_length`; a record too long that may not be dropped.
-    """
+    """``(kept records, their lengths, ids of dropped records, image fingerprint)``: the records
+    (chat texts tokenized to ``all_ids``, images of ``sizes``) against ``max_length``; a
+    ``UserError`` for a record too long that may not be dropped (or see :func:`_record_length`)."""
     kept, lengths, dropped = [], [], []
     fingerprint = hashlib.sha256()
     for conv, name, dims, ids in zip(convs, names, sizes, all_ids):
@@ -384,13 +370,8 @@ def _record_length(
     fingerprint: Any,
 ) -> tuple[int, int]:
     """``(length, vision tokens)`` of a record whose text tokenizes to ``ids``; adds its images
-    to ``fingerprint``.
-
-    Raises:
-        UserError: an image the processor cannot use; an assistant turn not found by its header
-            (an answer starting with whitespace, or typed turn markers); an image-token count
-            that does not match.
-    """
+    to ``fingerprint``. ``UserError``: an image the processor cannot use, an assistant turn not
+    found by its header, or an image-token count that does not match."""
     vision = 0
     for src, (width, height, nbytes) in zip(conv.images, image_sizes):
         try:

@@ -216,11 +216,8 @@ def param_groups(
     model: nn.Module, cfg: ModelConfig, lr: float, weight_decay: float
 ) -> list[dict[str, Any]]:
     """Optimizer groups ``vision/decay``, ``llm/no_decay``, ... at the ``model`` group's rates
-    (else ``lr``); parts without trainable parameters are left out.
-
-    Raises:
-        RuntimeError: a trainable parameter that no part holds (the model layout changed).
-    """
+    (else ``lr``), parts without trainable parameters left out (``RuntimeError``: a trainable
+    parameter that no part holds)."""
     rates = {"vision": cfg.lr_vision, "merger": cfg.lr_merger, "llm": cfg.lr_llm}
     groups: list[dict[str, Any]] = []
     for name, modules in model_parts(model).items():

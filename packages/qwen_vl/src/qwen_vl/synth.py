@@ -1,12 +1,7 @@
-"""A counting data set that needs no download: drawn images with a known number of objects.
-
-The users' crowd counting in miniature: each image holds ``n`` non-overlapping shapes of one kind
-(and optionally distractors of another), and the answer to "How many circles are in the image?"
-is ``n``; a share of the records are text-only and a share have two turns. The same ``--seed``
-writes byte-identical files; train and dev use separate random streams (dev does not change with
-``--n``). Written: ``train.jsonl``, ``dev.jsonl``, ``images/train-00000.png`` ..., ``README.md``.
-
-Self-check: ``python -m qwen_vl.synth``.
+"""A counting data set that needs no download: the users' crowd counting in miniature. Each
+image holds ``n`` shapes of one kind (and optionally distractors), "How many circles are in the
+image?" -> ``n``; some records are text-only, some have two turns. The same seed writes the same
+bytes. Self-check: ``python -m qwen_vl.synth``.
 """
 
 from __future__ import annotations

@@ -1,10 +1,7 @@
-"""The Qwen2.5-VL task: what the core Trainer needs to fine-tune it.
-
-The loss is the summed cross-entropy of the assistant tokens, with the vocabulary head only where
-a label follows (``logits_to_keep``). Batches without images carry a masked dummy image
-(:class:`qwen_vl.data.Collator`), so every rank runs the vision tower every step. Validation adds
-greedy answers whose parsed counts give ``count_accuracy`` / ``count_mae``; under a sharded
-strategy ``generate`` runs with ``synced_gpus``. ``final/`` loads with plain ``from_pretrained``.
+"""The Qwen2.5-VL task: what the core Trainer needs to fine-tune it. The loss is the summed
+cross-entropy of the answer tokens; validation adds greedy answers whose parsed counts give
+``count_accuracy`` / ``count_mae`` (under a sharded strategy ``generate`` runs with
+``synced_gpus``).
 
 Self-check: ``python -m qwen_vl.task`` (a few training steps of the tiny model on drawn data).
 """
