@@ -5,8 +5,7 @@
     evaluate --model DIR [--data FILE | --split dev] [--out FILE]   loss + counting metrics
     infer --model DIR (--prompt TEXT [--image FILE] | --data FILE)  answer questions about images
 
-``train``, ``evaluate`` and ``infer`` are core's (:data:`SPEC`), dispatched through the
-``core.tasks`` entry point (:data:`COMMANDS`). Self-check: ``python -m qwen_vl.cli`` (``--help``).
+``train``, ``evaluate``, ``infer``: core's (:data:`SPEC`). Self-check: ``python -m qwen_vl.cli``.
 """
 
 from __future__ import annotations
@@ -28,15 +27,6 @@ from qwen_vl.config import DEFAULT_PRESET, PRESETS_DIR, QwenVLConfig
 def _vision_language(config: dict[str, Any]) -> bool:
     """Whether a ``config.json`` describes a Qwen2-VL / Qwen2.5-VL model."""
     return "vl" in str(config.get("model_type", "")) or "vision_config" in config
-
-
-def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
-    """``evaluate``'s own flag: ``--max-input-tokens``."""
-    add_option(
-        parser,
-        "data.max_length, at most the model's positions less generation.max_new_tokens; "
-        "a longer record's last question is cut",
-    )
 
 
 def make_data_parser() -> argparse.ArgumentParser:
@@ -149,9 +139,8 @@ def read_questions(args: argparse.Namespace) -> list[tuple[str, str, list[Path]]
 
 
 class AnswerSession:
-    """A saved model and its processor (``infer``'s ``args``), answering greedily with the
-    image handling and pixel limits of training; questions over ``--max-input-tokens`` are cut
-    (their start kept) and counted in ``cut``."""
+    """A saved model (``infer``'s ``args``) answering greedily with the image handling of
+    training; questions over ``--max-input-tokens`` are cut (start kept), counted in ``cut``."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         import torch
@@ -246,7 +235,11 @@ SPEC = TaskSpec(
         splits={"dev": "dev"},
         split_error="qwen_vl has one held-out split, dev (data.val_file); or give --data FILE.",
         fits=_vision_language,
-        arguments=_evaluate_arguments,
+        arguments=lambda parser: add_option(  # evaluate's own flag: --max-input-tokens
+            parser,
+            "data.max_length, at most the model's positions less generation.max_new_tokens; "
+            "a longer record's last question is cut",
+        ),
     ),
     infer=InferSpec(
         description="Answer questions about images with a saved Qwen2.5-VL model.",

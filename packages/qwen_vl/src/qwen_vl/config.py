@@ -23,38 +23,30 @@ class DataConfig:
     """Conversation files, image size limits and sequence length."""
 
     train_file: Path | None = None
-    """JSONL of training conversations (``messages`` or LLaVA ``conversations`` layout, see the
-    README; image paths relative to this file). ``builtin:counting``: the built-in counting data
-    (400 records, drawn into a cache folder on first use)."""
+    """JSONL of training conversations (image paths relative to it); ``builtin:counting``: the
+    built-in counting data (400 records, drawn into a cache folder on first use)."""
     val_file: Path | None = None
     """JSONL of validation conversations (same layout); ``builtin:counting``: the built-in
     counting data's dev split (80 records); null: no validation."""
     min_pixels: int | None = 3136
-    """Smallest image area (height x width) fed to the vision tower: smaller images are upscaled
-    (an image makes ``round(h/28) * round(w/28)`` vision tokens after resizing into
-    [min_pixels, max_pixels]). null: the processor's own setting (saved with the model)."""
+    """Smallest image area (height x width) fed to the vision tower (an image makes
+    ``round(h/28) * round(w/28)`` vision tokens after resizing); null: the processor's own."""
     max_pixels: int | None = 401408
-    """Largest image area fed to the vision tower: bigger images are downscaled, so no image makes
-    more than ``max_pixels / 784`` vision tokens (401408 = 512 tokens). null: the processor's own
-    setting (Qwen2.5-VL ships 12845056 = 16384 tokens: set this for big images)."""
+    """Largest image area fed to the vision tower (at most ``max_pixels / 784`` vision tokens: 512);
+    null: the processor's own (Qwen2.5-VL's: 16384 tokens; set this for big images)."""
     max_source_pixels: int = 100_000_000
-    """Refuse image files with more pixels than this before decoding them (they would take
-    ``3 x pixels`` bytes of memory to decode); such a record is an input error."""
+    """Refuse image files with more pixels than this before decoding them (an input error)."""
     verify_images: Literal["decode", "header"] = "decode"
-    """How images are checked before training: ``decode`` every one (a corrupt file stops the run
-    before it starts), or read only each ``header`` (much faster for many images; a corrupt file
-    then stops the run when it is reached, naming the record)."""
+    """Check images before training by ``decode`` (a corrupt file stops the run before it starts)
+    or by ``header`` only (faster; a corrupt file stops the run when it is reached)."""
     max_length: int | None = None
-    """Longest conversation in tokens (text + vision tokens); a longer record is an input error
-    (or dropped with ``data.drop_too_long``). null: no limit."""
+    """Longest conversation in tokens (text + vision); longer is an input error; null: no limit."""
     drop_too_long: bool = False
     """Drop records longer than ``data.max_length`` (logged with their ids) instead of failing."""
     system_prompt: str | None = None
-    """System message for records that have none; null: the chat template's default
-    (``You are a helpful assistant.``)."""
+    """System message for records that have none; null: the chat template's default."""
 
     def __post_init__(self) -> None:
-        """Range checks; a bad value raises ``ConfigError`` naming the key."""
         check_positive("data", self, "min_pixels", "max_pixels", "max_source_pixels")
         check_at_least("data", self, 8, "max_length")
         if None not in (self.min_pixels, self.max_pixels) and self.min_pixels > self.max_pixels:
@@ -126,8 +118,7 @@ class ModelConfig:
     """``tiny`` (a small random Qwen2.5-VL with the processor shipped here; offline), a Hub id
     such as ``Qwen/Qwen2.5-VL-3B-Instruct``, or a local ``save_pretrained`` folder."""
     processor: str | None = None
-    """Processor (tokenizer, chat template, image processor) folder or Hub id; null: the same as
-    ``model.name`` (for ``tiny``: the processor shipped in this package)."""
+    """Processor folder or Hub id; null: the one of ``model.name``."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """Attention kernel (``flash_attention_2`` needs the flash-attn package and a GPU)."""
     liger_kernel: bool = False
@@ -174,7 +165,6 @@ class GenerationConfig:
     """Generate answers during validation for the counting metrics; false: loss only (faster)."""
 
     def __post_init__(self) -> None:
-        """Range check; a bad value raises ``ConfigError`` naming the key."""
         check_at_least("generation", self, 1, "max_new_tokens")
 
 

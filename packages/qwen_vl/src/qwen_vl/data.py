@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -84,11 +86,8 @@ def parse_record(
 
 class Encoder:
     """The chat template, qwen_vl_utils and a Qwen2.5-VL ``processor`` under one pixel setting
-    (``min_pixels`` / ``max_pixels``; None: the processor's own), and the labels.
-
-    The processor gets the same limits, so its resize is a no-op after qwen_vl_utils' and
-    ``final/`` saves the limits the model was trained with.
-    """
+    (``min_pixels`` / ``max_pixels``; None: the processor's own; set on the processor too, so
+    ``final/`` saves the limits the model was trained with), and the labels."""
 
     def __init__(
         self, processor: Any, min_pixels: int | None = None, max_pixels: int | None = None
@@ -144,13 +143,9 @@ class Encoder:
         return (w // self.factor) * (h // self.factor)
 
     def encode(self, conv: Conversation, images: list[Image.Image]) -> dict[str, Any]:
-        """Encode ``conv`` with its decoded ``images`` (in order, original sizes).
-
-        Returns:
-            ``input_ids``, ``labels``, ``mm_token_type_ids`` ``(L,)``; ``pixel_values``
-            ``(patches, 3 * temporal_patch * patch**2)`` and ``image_grid_thw`` ``(images, 3)``
-            or None; ``prompt_length`` (tokens before the last answer).
-        """
+        """``conv`` with its decoded ``images``: ``input_ids``, ``labels``, ``mm_token_type_ids``
+        ``(L,)``; ``pixel_values`` ``(patches, 3 * temporal_patch * patch**2)`` and
+        ``image_grid_thw`` ``(images, 3)`` or None; ``prompt_length`` (before the last answer)."""
         out = self.process(conv.messages, images)
         ids = out["input_ids"][0]
         spans = assistant_spans(ids.tolist(), self.header_ids, self.end_id)
@@ -198,10 +193,9 @@ class Encoder:
 
 @dataclass
 class ConversationData(Dataset):
-    """Validated conversations of one file, encoded on access (in the loader workers): their
-    exact ``lengths`` (text + vision tokens), the data ``files`` and an ``image_fingerprint``
-    (sha256 of every image's path, size and bytes) for the manifest; with ``generation`` items
-    carry ``prompt_length`` (batches then get prompts for ``generate``)."""
+    """Validated conversations of one file, encoded on access: exact ``lengths`` (with vision
+    tokens), the ``files`` and an ``image_fingerprint`` (paths, sizes, bytes) for the manifest;
+    with ``generation`` items carry ``prompt_length`` (batches then get prompts to generate)."""
 
     conversations: list[Conversation]
     lengths: list[int]
@@ -282,9 +276,6 @@ def load_conversations(
     :class:`core.task.truncation.Truncation`, for evaluation) has its last question cut.
     A bad record raises a ``UserError`` naming its id, file and line.
     """
-    from concurrent.futures import ThreadPoolExecutor
-    from functools import partial
-
     convs, names = _parse_all(path, key, system_prompt)
     measure = partial(image_sizes, max_source_pixels=max_source_pixels, decode=decode_images)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -295,7 +286,15 @@ def load_conversations(
         convs, names, sizes, all_ids, encoder, max_length, drop_too_long, cut_long
     )
     kept, lengths, dropped, fingerprint = measured
-    _report_dropped(path, key, dropped, max_length, bool(kept))
+    if dropped:
+        facts = (path, len(dropped), max_length, ", ".join(dropped[:20]))
+        log.warning("%s: dropped %d record(s) longer than data.max_length=%s: %s", *facts)
+    if not kept:
+        raise UserError(
+            f"Data file '{path}' ({key}): all {len(dropped)} records are longer than data."
+            f"max_length={max_length} and were dropped. Raise data.max_length or lower "
+            "data.max_pixels."
+        )
     return ConversationData(
         kept, lengths, encoder, max_source_pixels, generation, [path], fingerprint
     )
@@ -337,11 +336,8 @@ def _measure_all(
 def _parse_all(
     path: Path, key: str, system_prompt: str | None
 ) -> tuple[list[Conversation], list[str]]:
-    """``(conversations, names for messages)`` of the data file ``path`` (named by ``key``).
-
-    Raises:
-        UserError: a bad record, or an id used twice.
-    """
+    """``(conversations, names for messages)`` of the data file ``path`` (named by ``key``);
+    ``UserError``: a bad record, or an id used twice."""
     convs, names = [], []
     seen: dict[str, str] = {}
     records = read_objects(
@@ -394,34 +390,14 @@ def _record_length(
     return len(ids) - len(conv.images) + vision, vision  # each <|image_pad|> -> its vision tokens
 
 
-def _report_dropped(
-    path: Path, key: str, dropped: list[str], max_length: int | None, kept: bool
-) -> None:
-    """Log the records dropped for their length; a ``UserError`` when none is ``kept``."""
-    if dropped:
-        facts = (path, len(dropped), max_length, ", ".join(dropped[:20]))
-        log.warning("%s: dropped %d record(s) longer than data.max_length=%s: %s", *facts)
-    if not kept:
-        raise UserError(
-            f"Data file '{path}' ({key}): all {len(dropped)} records are longer than data."
-            f"max_length={max_length} and were dropped. Raise data.max_length or lower "
-            "data.max_pixels."
-        )
-
-
 class Collator:
-    """Pads encoded items into a batch; a batch without images gets a masked dummy image.
-
-    Why: a batch without images would skip the vision tower; DDP then finds parameters without
-    gradients, and under FSDP that rank never joins the vision blocks' all-gathers (a hang). The
-    dummy (:data:`DUMMY_TOKENS`, one vision token) sits in row 0's padding with attention mask 0
-    and label -100: the tower runs, adding exactly 0 to loss and gradients.
-
-    Returns (``__call__``):
-        ``input_ids``, ``attention_mask``, ``labels``, ``mm_token_type_ids`` ``(B, T)``
-        right-padded; ``pixel_values`` ``(patches, D)``; ``image_grid_thw`` ``(images, 3)``;
-        ``index`` ``(B,)``; ``has_images`` ``()``. With ``prompt_length`` also ``gen_input_ids``,
-        ``gen_attention_mask``, ``gen_mm_token_type_ids`` ``(B, P)``: the prompts, left-padded.
+    """Pads encoded items into a batch: ``input_ids``, ``attention_mask``, ``labels``,
+    ``mm_token_type_ids`` ``(B, T)`` right-padded, ``pixel_values`` ``(patches, D)``,
+    ``image_grid_thw`` ``(images, 3)``, ``index`` ``(B,)``, ``has_images``; with ``prompt_length``
+    also ``gen_input_ids`` / ``gen_attention_mask`` / ``gen_mm_token_type_ids`` ``(B, P)``, the
+    prompts left-padded. A batch without images would skip the vision tower (DDP: parameters
+    without gradients; FSDP: a rank missing the all-gathers, a hang), so it gets a dummy image in
+    row 0's padding (:data:`DUMMY_TOKENS`), masked and labelled -100: it adds exactly 0.
     """
 
     def __init__(self, encoder: Encoder) -> None:

@@ -1,9 +1,5 @@
 """Parameters and GPU memory of a qwen_vl training config, without loading weights
-(``train -c qwen2_5_vl_3b --dry-run``): the model on the ``meta`` device from the architecture's
-shipped ``config.json`` values (offline), sized by :mod:`core.commands.estimate`. A sample is one
-image at ``data.max_pixels`` plus its text (``data.max_length`` tokens, else 256 more); a frozen
-vision tower keeps no activations for backward.
-
+(``train --dry-run``; :mod:`core.commands.estimate` on the model built on the ``meta`` device).
 Self-check: ``python -m qwen_vl.memory`` (the 3B and 7B presets on 4 GPUs).
 """
 

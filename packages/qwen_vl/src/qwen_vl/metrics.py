@@ -29,10 +29,9 @@ def parse_count(text: str) -> int | None:
 
 
 def counting_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """The counts of ``predictions`` against ``references`` (same length), over the references
-    that hold one: ``count_accuracy`` (exact match; no number is wrong), ``count_parsed`` (share
-    of answers with a number), ``count_samples``, and ``count_mae`` over the answers with a number
-    (absent when none has one, rather than a NaN in the logs); empty when no reference counts."""
+    """Over the ``references`` with a count: ``count_accuracy`` of ``predictions`` (no number is
+    wrong), ``count_parsed`` (share with a number), ``count_samples``, and ``count_mae`` over the
+    answers with a number (absent when none has one: no NaN in the logs); ``{}`` without counts."""
     pairs = [(parse_count(p), parse_count(r)) for p, r in zip(predictions, references, strict=True)]
     pairs = [(p, r) for p, r in pairs if r is not None]
     if not pairs:

@@ -34,14 +34,11 @@ TINY = "tiny"
 def processor_source(cfg: ModelConfig) -> str:
     """Where the processor comes from: ``model.processor``, else ``model.name`` (``tiny``: the
     shipped folder)."""
-    if cfg.processor:
-        return cfg.processor
-    return str(TINY_PROCESSOR_DIR) if cfg.name == TINY else cfg.name
+    return cfg.processor or (str(TINY_PROCESSOR_DIR) if cfg.name == TINY else cfg.name)
 
 
 def check_sources(cfg: ModelConfig) -> None:
-    """Fail fast (not a 30 s retry loop) with a ``UserError`` when the model or processor is
-    neither a local folder nor a cached or downloadable Hub id."""
+    """Fail fast (``UserError``, not a 30 s retry loop) on a model or processor not found here."""
     if cfg.name != TINY:
         ensure_available(cfg.name, what="model", key="model.name", offline_preset=TINY)
     # a Hub processor repo may lack config.json; every Qwen2.5-VL one has preprocessor_config.json
@@ -142,16 +139,12 @@ def model_parts(model: nn.Module) -> dict[str, list[nn.Module]]:
         ) from None
 
 
-def lora_targets(lora: LoraConfig) -> str:
-    """peft ``target_modules`` regex: the named linear layers of the language model's decoder
-    layers only (the vision blocks have layers of the same names, e.g. ``gate_proj``)."""
-    names = "|".join(sorted(lora.target_modules))
-    return rf".*language_model\.layers\.\d+\.(?:self_attn|mlp)\.(?:{names})"
-
-
 def lora_config(lora: LoraConfig) -> Any:
-    """The peft ``LoraConfig`` for the settings."""
-    return peft_lora_config(lora, target_modules=lora_targets(lora), bias="none")
+    """The peft ``LoraConfig``: adapters on the named linear layers of the language model's
+    decoder layers only (the vision blocks have layers of the same names, e.g. ``gate_proj``)."""
+    names = "|".join(sorted(lora.target_modules))
+    targets = rf".*language_model\.layers\.\d+\.(?:self_attn|mlp)\.(?:{names})"
+    return peft_lora_config(lora, target_modules=targets, bias="none")
 
 
 def set_trainable(model: nn.Module, cfg: ModelConfig) -> nn.Module:
@@ -239,13 +232,9 @@ def export_final(
     processor: Any,
     lora: LoraConfig | None,
 ) -> None:
-    """Write ``model`` (its full CPU ``state_dict``) in ``save_pretrained`` form and ``processor``
-    to ``out_dir``.
-
-    The weights go into a fresh meta-device skeleton, so the (sharded, wrapped) training model is
-    not touched. With ``lora`` settings the adapters are merged so ``final/`` loads as a plain
-    model; the adapter alone goes to ``final/adapter``.
-    """
+    """Write ``model`` (its full CPU ``state_dict``, put into a fresh meta-device skeleton: the
+    training model is not touched) and ``processor`` to ``out_dir``; with ``lora`` the adapters
+    are merged, and the adapter alone goes to ``out_dir/adapter``."""
     from transformers import AutoModelForImageTextToText
 
     base = hf_model(model)

@@ -181,11 +181,8 @@ The images are drawn by the program: no third-party content, no license restrict
 
 
 def write_dataset(out: Path, settings: SynthSettings) -> dict[str, Any]:
-    """Write ``train.jsonl``, ``dev.jsonl``, the images and a data card to ``out`` (created).
-
-    Returns:
-        ``{"train": n, "dev": n, "images": n, "count_histogram": {count: n}}``.
-    """
+    """Write ``train.jsonl``, ``dev.jsonl``, the images and a data card to ``out`` (created);
+    returns ``{"train": n, "dev": n, "images": n, "count_histogram": {count: n}}``."""
     from qwen_vl import __version__
 
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -219,8 +216,7 @@ BUILTIN_SETTINGS = SynthSettings(n_train=400, n_dev=80, seed=0)
 
 
 def cache_root() -> Path:
-    """Where drawn data is kept: ``$QWEN_VL_CACHE``, else ``$XDG_CACHE_HOME/finetune/qwen_vl``
-    (``~/.cache/finetune/qwen_vl``)."""
+    """Where drawn data is kept: ``$QWEN_VL_CACHE``, else ``$XDG_CACHE_HOME/finetune/qwen_vl``."""
     if os.environ.get("QWEN_VL_CACHE"):
         return Path(os.environ["QWEN_VL_CACHE"]).expanduser()
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
@@ -228,9 +224,8 @@ def cache_root() -> Path:
 
 
 def builtin_data(split: str, settings: SynthSettings = BUILTIN_SETTINGS) -> Path:
-    """``<cache>/counting-<hash of settings>/<split>.jsonl`` of the built-in data, drawn the first
-    time into a temporary folder renamed into place (concurrent or killed runs never leave a
-    half-drawn set)."""
+    """``<cache>/counting-<hash of settings>/<split>.jsonl``, drawn the first time into a temporary
+    folder renamed into place (concurrent or killed runs never leave a half-drawn set)."""
     from qwen_vl import __version__
 
     facts = json.dumps({**vars(settings), "version": __version__}, sort_keys=True)

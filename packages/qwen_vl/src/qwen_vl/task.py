@@ -28,6 +28,8 @@ from qwen_vl.synth import BUILTIN, builtin_data
 
 log = logging.getLogger(__name__)
 
+Tensors = dict[str, torch.Tensor]  # a batch, or a state dict
+
 MODEL_INPUTS = tuple(
     "input_ids attention_mask mm_token_type_ids pixel_values image_grid_thw".split()
 )
@@ -92,8 +94,7 @@ class QwenVLTask(Task[QwenVLConfig]):
             self.eval_data = self.val_data
 
     def resolve_builtin(self, path: Path | None, split: str) -> Path | None:
-        """``builtin:counting`` -> the cached file of the built-in data (rank 0 draws it first);
-        anything else as it is."""
+        """``builtin:counting`` -> the cached built-in file (rank 0 draws it); others unchanged."""
         if path is None or str(path) != BUILTIN:
             return path
         with self.ranks.rank_zero_first():
@@ -188,7 +189,7 @@ class QwenVLTask(Task[QwenVLConfig]):
             "world_size": run.world_size,
         }
 
-    def kept_targets(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def kept_targets(self, batch: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
         """``(keep, targets)``: the ``(K,)`` positions whose next token is a label in some row, and
         the ``(B, K)`` labels at ``keep + 1`` (already shifted). Most tokens are vision and prompt
         tokens, so the head (152k columns for Qwen) runs only there (``logits_to_keep``)."""
@@ -196,11 +197,11 @@ class QwenVLTask(Task[QwenVLConfig]):
         keep = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)  # (K,)
         return keep, labels[:, keep + 1]
 
-    def call(self, model: nn.Module, batch: dict[str, torch.Tensor], keep: torch.Tensor) -> Any:
+    def call(self, model: nn.Module, batch: Tensors, keep: torch.Tensor) -> Any:
         """One forward of the model with the head at the ``keep`` positions; the output object."""
         return model(**{k: batch[k] for k in MODEL_INPUTS}, use_cache=False, logits_to_keep=keep)
 
-    def training_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
+    def training_step(self, model: nn.Module, batch: Tensors) -> StepOutput:
         """Summed loss of the assistant tokens of ``batch`` (:class:`Collator`) and their count."""
         if not self._dtypes_checked:  # also after a resume: the loaded weights keep one dtype
             check_dtypes(model, expected_param_dtype(self.cfg.trainer.precision))
@@ -208,14 +209,12 @@ class QwenVLTask(Task[QwenVLConfig]):
         keep, targets = self.kept_targets(batch)
         return self.loss_sum(model, lambda: self.call(model, batch, keep), targets, shift=False)
 
-    def sample_losses(
-        self, model: nn.Module, batch: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample_losses(self, model: nn.Module, batch: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample loss sums and answer-token counts, both ``(B,)``."""
         keep, targets = self.kept_targets(batch)
         return self.sample_loss_sums(model, lambda: self.call(model, batch, keep), targets, False)
 
-    def generate(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> list[str]:
+    def generate(self, model: nn.Module, batch: Tensors) -> list[str]:
         """The ``B`` greedy answers (special tokens removed) to the left-padded ``gen_*`` prompts of
         ``batch``."""
         inputs = {k: batch[f"gen_{k}"] for k in MODEL_INPUTS[:3]}  # the prompts
@@ -226,7 +225,7 @@ class QwenVLTask(Task[QwenVLConfig]):
         return self.processor.tokenizer.batch_decode(answers, skip_special_tokens=True)
 
     def add_predictions(
-        self, model: nn.Module, batch: dict[str, torch.Tensor], records: list[dict[str, Any]]
+        self, model: nn.Module, batch: Tensors, records: list[dict[str, Any]]
     ) -> None:
         """When generating: the answer, the reference and the record ``id`` of each sample."""
         if "gen_input_ids" in batch and self.eval_data is not None:
@@ -235,8 +234,7 @@ class QwenVLTask(Task[QwenVLConfig]):
                 record.update(prediction=answer.strip(), reference=conv.reference, id=conv.id)
 
     def compute_metrics(self, records: list[dict[str, Any]]) -> dict[str, float]:
-        """``loss`` (token-weighted), and with generation ``count_accuracy``, ``count_mae``,
-        ``count_parsed``, ``count_samples``."""
+        """``loss`` (token-weighted), and with generation the counting metrics."""
         metrics = super().compute_metrics(records)
         answered = [r for r in records if "prediction" in r]
         if answered:
@@ -244,9 +242,7 @@ class QwenVLTask(Task[QwenVLConfig]):
             metrics.update(counting_metrics(predictions, [r["reference"] for r in answered]))
         return metrics
 
-    def save_final(
-        self, model: nn.Module, state_dict: dict[str, torch.Tensor], out_dir: Path
-    ) -> None:
+    def save_final(self, model: nn.Module, state_dict: Tensors, out_dir: Path) -> None:
         """Model (LoRA merged) and processor (:func:`qwen_vl.model.export_final`)."""
         lora = self.cfg.model.lora if self.cfg.model.lora.enabled else None
         export_final(model, state_dict, out_dir, self.processor, lora)
