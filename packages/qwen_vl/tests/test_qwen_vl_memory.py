@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from qwen_vl.config import LoraSettings, ModelConfig
+from qwen_vl.config import LoraConfig as LoraSettings
+from qwen_vl.config import ModelConfig
 
 
 def test_dora_and_rslora_reach_the_adapter(processor, tmp_path):

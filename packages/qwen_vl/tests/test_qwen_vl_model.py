@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 import torch
 
-from qwen_vl.config import LoraSettings, ModelConfig
+from qwen_vl.config import LoraConfig as LoraSettings
+from qwen_vl.config import ModelConfig
 
 
 def collated(processor: Any, tmp_path: Path) -> dict[str, torch.Tensor]:

@@ -5,14 +5,7 @@
     evaluate --model DIR [--data FILE | --split dev] [--out FILE]   loss + counting metrics
     infer --model DIR (--prompt TEXT [--image FILE] | --data FILE)  answer questions about images
 
-``train``, ``evaluate`` and ``infer`` are core's shared commands (:mod:`core.commands`),
-dispatched here through the ``core.tasks`` entry point (``uv run --package qwen_vl train ...``);
-``COMMANDS`` maps them; the package's own script carries its name. A mistake the user can fix
-exits with code 2 and one paragraph; no command writes onto its inputs or into a folder of other
-files.
-
-Self-check: ``python -m qwen_vl.cli`` (``--help`` of every command). Subprocess tests also run
-``python -m qwen_vl.cli COMMAND ...``.
+``train``, ``evaluate``, ``infer``: core's (:data:`SPEC`). Self-check: ``python -m qwen_vl.cli``.
 """
 
 from __future__ import annotations
@@ -36,15 +29,6 @@ def _vision_language(config: dict[str, Any]) -> bool:
     return "vl" in str(config.get("model_type", "")) or "vision_config" in config
 
 
-def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
-    """``evaluate``'s own flag: ``--max-input-tokens``."""
-    add_option(
-        parser,
-        "data.max_length, at most the model's positions less generation.max_new_tokens; "
-        "a longer record's last question is cut",
-    )
-
-
 def make_data_parser() -> argparse.ArgumentParser:
     """Arguments of ``qwen-vl-make-data``."""
     parser = argparse.ArgumentParser(
@@ -53,19 +37,13 @@ def make_data_parser() -> argparse.ArgumentParser:
         "'How many ... are in the image?' -> N) as train.jsonl / dev.jsonl + images/. Same "
         "--seed, same files.",
     )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        required=True,
-        help="output folder (created; must be new, empty or an earlier make-data folder)",
-    )
-    parser.add_argument(
-        "--overwrite", action="store_true", help="write into a folder that holds other files"
-    )
+    out = "output folder (created; must be new, empty or an earlier make-data folder)"
+    parser.add_argument("--out", type=Path, required=True, help=out)
+    overwrite = "write into a folder that holds other files"
+    parser.add_argument("--overwrite", action="store_true", help=overwrite)
     parser.add_argument("--n", type=int, required=True, help="training records")
-    parser.add_argument(
-        "--n-dev", type=int, default=None, help="dev records (default: n/5, at least 8)"
-    )
+    n_dev = "dev records (default: n/5, at least 8)"
+    parser.add_argument("--n-dev", type=int, default=None, help=n_dev)
     for flag, default, text in (
         ("--seed", 0, "seed of everything"),
         ("--size", 112, "image side in pixels"),
@@ -83,11 +61,8 @@ def make_data_parser() -> argparse.ArgumentParser:
 
 
 def synth_settings(args: argparse.Namespace) -> Any:
-    """The :class:`qwen_vl.synth.SynthSettings` of ``make-data``'s arguments.
-
-    Raises:
-        UserError: a count, size or share out of range.
-    """
+    """The :class:`qwen_vl.synth.SynthSettings` of ``make-data``'s arguments (``UserError``: a
+    count, size or share out of range)."""
     from qwen_vl.synth import SynthSettings
 
     if args.n < 1 or (args.n_dev is not None and args.n_dev < 1):
@@ -98,27 +73,19 @@ def synth_settings(args: argparse.Namespace) -> Any:
         )
     if args.size < 28:
         raise UserError(f"--size {args.size} is too small; use at least 28 pixels.")
-    if not (
-        0 <= args.text_share
-        and 0 <= args.multi_turn_share
-        and args.text_share + args.multi_turn_share <= 1
-    ):
+    shares = (args.text_share, args.multi_turn_share)
+    if min(shares) < 0 or sum(shares) > 1:
         raise UserError(
             "--text-share and --multi-turn-share must be between 0 and 1 and add up to at most 1."
         )
-    same = ("seed", "size", "min_count", "max_count", "max_distractors", "text_share")
-    return SynthSettings(
-        n_train=args.n,
-        n_dev=args.n_dev if args.n_dev is not None else max(8, args.n // 5),
-        multi_turn_share=args.multi_turn_share,
-        **{name: getattr(args, name) for name in same},
-    )
+    n_dev = args.n_dev if args.n_dev is not None else max(8, args.n // 5)
+    same = "seed size min_count max_count max_distractors text_share multi_turn_share".split()
+    return SynthSettings(n_train=args.n, n_dev=n_dev, **{k: getattr(args, k) for k in same})
 
 
 @user_errors_exit_2
 def make_data(argv: list[str] | None = None) -> int:
-    """``qwen-vl-make-data``: draw images with a known number of objects and write train/dev
-    conversations into a new (or empty, or earlier make-data) folder."""
+    """``qwen-vl-make-data``: draw the counting data set into ``--out``."""
     from qwen_vl.synth import write_dataset
 
     args = make_data_parser().parse_args(argv)
@@ -131,30 +98,19 @@ def make_data(argv: list[str] | None = None) -> int:
     except ValueError as err:
         raise UserError(str(err)) from None
     mark_folder(args.out, "qwen-vl-make-data")
-    print(
-        f"wrote {stats['train']} train and {stats['dev']} dev records ({stats['images']} images) "
-        f"to {args.out}"
-    )
+    counts = f"{stats['train']} train and {stats['dev']} dev records ({stats['images']} images)"
+    print(f"wrote {counts} to {args.out}")
     print(f"answer histogram: {stats['count_histogram']}")
     return 0
 
 
 def _infer_arguments(parser: argparse.ArgumentParser) -> None:
     """``infer``'s own flags: ``--image``, ``--min-pixels``, ``--max-pixels``."""
-    parser.add_argument(
-        "--image",
-        type=Path,
-        action="append",
-        default=[],
-        help="an image file for --prompt (repeat for several)",
-    )
+    image = "an image file for --prompt (repeat for several)"
+    parser.add_argument("--image", type=Path, action="append", default=[], help=image)
     for side, word in (("min", "smallest"), ("max", "largest")):
-        parser.add_argument(
-            f"--{side}-pixels",
-            type=int,
-            default=None,
-            help=f"{word} image area (default: the model's processor setting)",
-        )
+        area = f"{word} image area (default: the model's processor setting)"
+        parser.add_argument(f"--{side}-pixels", type=int, default=None, help=area)
 
 
 def _check_infer(args: argparse.Namespace) -> None:
@@ -167,20 +123,14 @@ def _check_infer(args: argparse.Namespace) -> None:
 
 def read_questions(args: argparse.Namespace) -> list[tuple[str, str, list[Path]]]:
     """``(id, prompt, image paths)`` of ``--prompt`` (with ``--image``) or of every row of
-    ``--data`` (image paths relative to the file).
-
-    Raises:
-        UserError: a row without a text ``prompt`` or with ``images`` that is not a list of paths
-            (file and line named).
-    """
+    ``--data`` (paths relative to the file); ``UserError`` for a bad row, by file and line."""
     from core.commands.infer import read_prompt_rows
 
     if args.prompt is not None:
         return [("prompt", args.prompt, list(args.image))]
     questions = []
-    for qid, row, where in read_prompt_rows(
-        args.data, "prompt", "(and optionally 'images': [paths])"
-    ):
+    hint = "(and optionally 'images': [paths])"
+    for qid, row, where in read_prompt_rows(args.data, "prompt", hint):
         images = row.get("images", [row["image"]] if "image" in row else [])
         if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
             raise UserError(f"{where}: 'images' must be a list of image paths, got {images!r}.")
@@ -189,18 +139,8 @@ def read_questions(args: argparse.Namespace) -> list[tuple[str, str, list[Path]]
 
 
 class AnswerSession:
-    """A saved model and its processor, loaded once, answering questions greedily with the same
-    image loading, ``process_vision_info`` and pixel limits as in training.
-
-    Args:
-        args: ``infer``'s arguments: ``model`` (a folder written by ``save_pretrained``),
-            ``min_pixels`` / ``max_pixels`` (None: the model's processor setting), ``device``
-            (``auto``: CUDA when available), ``dtype`` (``auto``: bfloat16 on a GPU that
-            supports it, else float32), ``max_new_tokens``, ``max_input_tokens`` (None:
-            ``data.max_length`` of the run that wrote the model, at most the model's positions
-            less the tokens to generate; longer questions are cut, their start kept, and
-            counted in ``cut``).
-    """
+    """A saved model (``infer``'s ``args``) answering greedily with the image handling of
+    training; questions over ``--max-input-tokens`` are cut (start kept), counted in ``cut``."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         import torch
@@ -216,20 +156,14 @@ class AnswerSession:
         self.encoder = Encoder(self.processor, args.min_pixels, args.max_pixels)
         self.device = str(inference_device(args.device))
         dtype = getattr(torch, inference_dtype(args.dtype, self.device))
-        self.model = (
-            AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype)
-            .to(self.device)
-            .eval()
-        )
+        model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype)
+        self.model = model.to(self.device).eval()
         self.max_new_tokens = args.max_new_tokens
         trained = trained_setting(args.model, "data", "max_length")
+        limits = (args.max_input_tokens, args.max_new_tokens, trained)
+        self.tokenizer = self.processor.tokenizer
         self.cut = prompt_truncation(
-            self.model,
-            self.processor.tokenizer,
-            args.max_input_tokens,
-            args.max_new_tokens,
-            trained,
-            "data.max_length of the run",
+            self.model, self.tokenizer, *limits, "data.max_length of the run"
         )
 
     def __call__(self, questions: list[tuple[str, str, list[Path]]]) -> list[str]:
@@ -237,11 +171,7 @@ class AnswerSession:
         return [self.answer(images, prompt) for _, prompt, images in questions]
 
     def answer(self, images: list[Path], prompt: str) -> str:
-        """The greedy answer to ``prompt`` about ``images`` (special tokens removed).
-
-        Raises:
-            UserError: a missing or undecodable image.
-        """
+        """The greedy answer to ``prompt`` about ``images`` (``UserError``: a bad image)."""
         import torch
 
         from qwen_vl.config import DataConfig
@@ -254,24 +184,16 @@ class AnswerSession:
         kept = self.cut.count(length)
         if kept < length:
             inputs = self.shorten(prompt, pil, length - kept, kept)
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
         with torch.no_grad():
-            out = self.model.generate(
-                **{k: v.to(self.device) for k, v in inputs.items()},
-                max_new_tokens=self.max_new_tokens,
-                do_sample=False,
-            )
-        return self.processor.tokenizer.decode(
-            out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
-        ).strip()
+            out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
+        answer = out[0, inputs["input_ids"].shape[1] :]
+        return self.tokenizer.decode(answer, skip_special_tokens=True).strip()
 
     def shorten(self, prompt: str, images: list[Any], excess: int, limit: int) -> dict[str, Any]:
-        """Model inputs with the question cut by about ``excess`` tokens (its start kept), so the
-        whole prompt fits ``limit`` tokens; the images stay whole.
-
-        Raises:
-            UserError: the images alone leave no room for the question.
-        """
-        tokenizer = self.processor.tokenizer
+        """Model inputs with the question cut by about ``excess`` tokens (its start kept) to fit
+        ``limit``; ``UserError`` when the images alone leave no room for it."""
+        tokenizer = self.tokenizer
         words = tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"]
         for _ in range(8):  # re-tokenizing at the cut can add a token or two
             keep = len(words) - excess
@@ -313,7 +235,11 @@ SPEC = TaskSpec(
         splits={"dev": "dev"},
         split_error="qwen_vl has one held-out split, dev (data.val_file); or give --data FILE.",
         fits=_vision_language,
-        arguments=_evaluate_arguments,
+        arguments=lambda parser: add_option(  # evaluate's own flag: --max-input-tokens
+            parser,
+            "data.max_length, at most the model's positions less generation.max_new_tokens; "
+            "a longer record's last question is cut",
+        ),
     ),
     infer=InferSpec(
         description="Answer questions about images with a saved Qwen2.5-VL model.",

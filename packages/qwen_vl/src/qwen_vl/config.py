@@ -1,10 +1,5 @@
 """The root config of the qwen_vl task: the engine's groups plus ``data``, ``model`` and
-``generation``.
-
-Every field has a docstring (``train --help-keys`` prints them). Range checks live in
-``__post_init__`` so a bad value fails when the config is built, naming the key.
-
-Self-check: ``python -m qwen_vl.config``.
+``generation``; range checks in ``__post_init__``. Self-check: ``python -m qwen_vl.config``.
 """
 
 from __future__ import annotations
@@ -28,48 +23,33 @@ class DataConfig:
     """Conversation files, image size limits and sequence length."""
 
     train_file: Path | None = None
-    """JSONL of training conversations (one record per line; the ``messages`` or the LLaVA
-    ``conversations`` layout, see the package README). Relative image paths are resolved against
-    the folder of this file. ``builtin:counting``: the built-in counting data (400 records, drawn
-    into a cache folder on first use; see ``qwen_vl.synth``)."""
+    """JSONL of training conversations (image paths relative to it); ``builtin:counting``: the
+    built-in counting data (400 records, drawn into a cache folder on first use)."""
     val_file: Path | None = None
     """JSONL of validation conversations (same layout); ``builtin:counting``: the built-in
     counting data's dev split (80 records); null: no validation."""
     min_pixels: int | None = 3136
-    """Smallest image area (height x width) fed to the vision tower: smaller images are upscaled.
-    Applied both to ``qwen_vl_utils.process_vision_info`` and to the processor, so the vision
-    tokens per image are ``round(h/28) * round(w/28)`` after resizing into [min_pixels, max_pixels].
-    null: the processor's own setting (the one saved with the model)."""
+    """Smallest image area (height x width) fed to the vision tower (an image makes
+    ``round(h/28) * round(w/28)`` vision tokens after resizing); null: the processor's own."""
     max_pixels: int | None = 401408
-    """Largest image area fed to the vision tower: bigger images are downscaled, so no image makes
-    more than ``max_pixels / 784`` vision tokens (401408 = 512 tokens). null: the processor's own
-    setting (Qwen2.5-VL ships 12845056 = 16384 tokens: set this for big images)."""
+    """Largest image area fed to the vision tower (at most ``max_pixels / 784`` vision tokens: 512);
+    null: the processor's own (Qwen2.5-VL's: 16384 tokens; set this for big images)."""
     max_source_pixels: int = 100_000_000
-    """Refuse image files with more pixels than this before decoding them (they would take
-    ``3 x pixels`` bytes of memory to decode); such a record is an input error."""
+    """Refuse image files with more pixels than this before decoding them (an input error)."""
     verify_images: Literal["decode", "header"] = "decode"
-    """How images are checked before training: ``decode`` every one (a truncated or corrupt file
-    stops the run before it starts), or read only each ``header`` (size and format; much faster
-    for hundreds of thousands of images, but a corrupt file then stops the run when it is reached,
-    still naming the record, with the checkpoints so far kept)."""
+    """Check images before training by ``decode`` (a corrupt file stops the run before it starts)
+    or by ``header`` only (faster; a corrupt file stops the run when it is reached)."""
     max_length: int | None = None
-    """Longest conversation in tokens (text + vision tokens); a longer record is an input error
-    (or dropped with ``data.drop_too_long``). null: no limit."""
+    """Longest conversation in tokens (text + vision); longer is an input error; null: no limit."""
     drop_too_long: bool = False
     """Drop records longer than ``data.max_length`` (logged with their ids) instead of failing."""
     system_prompt: str | None = None
-    """System message for records that have none; null: the chat template's default
-    (``You are a helpful assistant.``)."""
+    """System message for records that have none; null: the chat template's default."""
 
     def __post_init__(self) -> None:
-        """Range checks; a bad value raises ``ConfigError`` naming the key."""
         check_positive("data", self, "min_pixels", "max_pixels", "max_source_pixels")
         check_at_least("data", self, 8, "max_length")
-        if (
-            self.min_pixels is not None
-            and self.max_pixels is not None
-            and self.min_pixels > self.max_pixels
-        ):
+        if None not in (self.min_pixels, self.max_pixels) and self.min_pixels > self.max_pixels:
             raise ConfigError(
                 f"Config key 'data.min_pixels' ({self.min_pixels}) is larger than "
                 f"'data.max_pixels' ({self.max_pixels})."
@@ -78,36 +58,25 @@ class DataConfig:
 
 @dataclass
 class LoraConfig(CoreLoraConfig):
-    """Optional LoRA adapters on the language model (peft; the shared fields are core's); the
-    vision tower never gets adapters."""
+    """LoRA adapters on the language model (never on the vision tower)."""
 
     KEY = "model.lora"
 
     alpha: int = 16
     """Adapter scaling numerator (scale = alpha / r)."""
     target_modules: list[str] = field(
-        default_factory=lambda: [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ]
+        default_factory=lambda: "q_proj k_proj v_proj o_proj gate_proj up_proj down_proj".split()
     )
     """Linear layers of the language model that get adapters (names inside its decoder layers;
     the vision tower's layers of the same names are excluded)."""
     enabled: bool = False
-    """Train LoRA adapters instead of the language model's weights (needs ``model.train_llm=true``).
-    ``final/`` holds the merged model (plain ``from_pretrained``) and the adapter in
-    ``final/adapter``."""
+    """Train LoRA adapters instead of the language model's weights (needs ``model.train_llm=true``);
+    ``final/`` holds the merged model and the adapter in ``final/adapter``."""
 
 
 @dataclass
 class TinyModelConfig:
-    """Size of the ``tiny`` model (random weights, built from a config; for tests and CPU smoke
-    runs)."""
+    """Size of the ``tiny`` model (random weights; for tests and CPU smoke runs)."""
 
     hidden_size: int = 64
     """Language model hidden size."""
@@ -132,17 +101,13 @@ class TinyModelConfig:
         if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 4:
             raise ConfigError(
                 "Config keys 'model.tiny.hidden_size' / 'model.tiny.num_heads': the head size "
-                "must be a whole "
-                f"multiple of 4, got {self.hidden_size} / {self.num_heads}."
+                f"must be a whole multiple of 4, got {self.hidden_size} / {self.num_heads}."
             )
-        if self.num_heads % self.num_kv_heads:
-            raise ConfigError(
-                "Config key 'model.tiny.num_kv_heads' must divide 'model.tiny.num_heads'."
-            )
-        if self.vision_hidden_size % self.vision_heads:
-            raise ConfigError(
-                "Config key 'model.tiny.vision_heads' must divide 'model.tiny.vision_hidden_size'."
-            )
+        for part, whole in (("num_kv_heads", "num_heads"), ("vision_heads", "vision_hidden_size")):
+            if getattr(self, whole) % getattr(self, part):
+                raise ConfigError(
+                    f"Config key 'model.tiny.{part}' must divide 'model.tiny.{whole}'."
+                )
 
 
 @dataclass
@@ -150,18 +115,15 @@ class ModelConfig:
     """Which model, which parts train, and their learning rates."""
 
     name: str = "tiny"
-    """``tiny`` (a small Qwen2.5-VL with random weights and the processor shipped in this package;
-    offline), a Hub id such as ``Qwen/Qwen2.5-VL-3B-Instruct``, or a local ``save_pretrained``
-    folder."""
+    """``tiny`` (a small random Qwen2.5-VL with the processor shipped here; offline), a Hub id
+    such as ``Qwen/Qwen2.5-VL-3B-Instruct``, or a local ``save_pretrained`` folder."""
     processor: str | None = None
-    """Processor (tokenizer, chat template, image processor) folder or Hub id; null: the same as
-    ``model.name`` (for ``tiny``: the processor shipped in this package)."""
+    """Processor folder or Hub id; null: the one of ``model.name``."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """Attention kernel (``flash_attention_2`` needs the flash-attn package and a GPU)."""
     liger_kernel: bool = False
-    """Patch Liger Kernel's fused Triton kernels (RMSNorm, RoPE, SwiGLU) into the model. CUDA
-    only; needs the ``liger`` extra (``uv sync --all-packages --extra liger``). The loss stays
-    ``loss``'s."""
+    """Patch Liger Kernel's fused Triton kernels (RMSNorm, RoPE, SwiGLU) into the model (CUDA; the
+    ``liger`` extra: ``uv sync --all-packages --extra liger``). The loss stays ``loss``'s."""
     train_vision: bool = False
     """Train the vision tower (patch embedding and vision blocks)."""
     train_merger: bool = True
@@ -176,9 +138,8 @@ class ModelConfig:
     lr_llm: float | None = None
     """Learning rate of the language model (or its adapters); null: ``optim.lr``."""
     gradient_checkpointing: bool = False
-    """Non-reentrant activation checkpointing of decoder layers and vision blocks through
-    transformers, for single-device / DDP runs. Under FSDP use ``fsdp.activation_checkpointing``
-    (this switch is then ignored, so blocks are not checkpointed twice)."""
+    """Activation checkpointing of decoder layers and vision blocks (transformers', for single
+    device / DDP; ignored under FSDP, where ``fsdp.activation_checkpointing`` applies)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA on the language model."""
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
@@ -188,9 +149,8 @@ class ModelConfig:
         if self.lora.enabled and not self.train_llm:
             raise ConfigError(
                 "Config key 'model.lora.enabled' is true but 'model.train_llm' is false: LoRA "
-                "adapters that do not "
-                "train do nothing. Set model.train_llm=true (the base weights stay frozen) or "
-                "model.lora.enabled=false."
+                "adapters that do not train do nothing. Set model.train_llm=true (the base "
+                "weights stay frozen) or model.lora.enabled=false."
             )
         check_positive("model", self, "lr_vision", "lr_merger", "lr_llm")
 
@@ -202,11 +162,9 @@ class GenerationConfig:
     max_new_tokens: int = 16
     """Most tokens generated per answer."""
     in_validation: bool = True
-    """Generate answers during validation and compute the counting metrics (exact match and mean
-    absolute error of the parsed count); false: validation loss only (faster)."""
+    """Generate answers during validation for the counting metrics; false: loss only (faster)."""
 
     def __post_init__(self) -> None:
-        """Range check; a bad value raises ``ConfigError`` naming the key."""
         check_at_least("generation", self, 1, "max_new_tokens")
 
 
@@ -223,10 +181,6 @@ class QwenVLConfig(TrainConfig):
     loss: LossConfig = field(default_factory=LossConfig)
     """How the token loss is computed over the vocabulary (chunked by default)."""
 
-
-# The older class names (code written before the *Config naming).
-LoraSettings = LoraConfig
-TinyModel = TinyModelConfig
 
 if __name__ == "__main__":  # self-check: python -m qwen_vl.config
     from core.config.loader import load_config

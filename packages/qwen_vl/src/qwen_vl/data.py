@@ -1,33 +1,17 @@
 """Conversation records with images -> token ids, assistant-only labels and pixel patches.
 
-Records (one JSON object per line of a ``.jsonl`` file, or a list in a ``.json`` file) come in
-either common layout, each with an optional ``id``: **messages** (role / content turns, content a
-string or a list of text and image parts) or **LLaVA** (``image(s)`` and from / value turns with
-``<image>`` placeholders); :class:`core.task.chat.ChatReader` reads both.
-
-Images are local paths (relative to the data file's folder, or absolute), ``file://`` URIs or
-``data:image/...;base64,...`` URIs. Records without images (text-only) are fine, also mixed with
-image records in one batch.
-
-Pipeline of one record: :func:`parse_record` (structure, roles, images, placeholders) ->
-:func:`core.task.images.load_image` (missing / corrupt / oversized files) ->
-``qwen_vl_utils.process_vision_info`` and the processor, both with the same ``min_pixels`` /
-``max_pixels``, so an image of ``h x w`` pixels always becomes ``(H/28) * (W/28)`` vision tokens
-where ``(H, W) = smart_resize(h, w)`` -> :func:`core.task.chat.assistant_spans` /
-:func:`core.task.chat.build_labels`: only assistant turns (their text and closing
-``<|im_end|>``) are trained; system and user turns and every vision token are ``-100``.
-
-All checks run in :func:`load_conversations`, before training starts; a bad record raises a
-``UserError`` naming its id, file and line.
-
-Self-check: ``python -m qwen_vl.data``.
+Records use the messages or the LLaVA layout (:class:`core.task.chat.ChatReader`); text-only
+records may mix with image records. Only assistant turns (text and closing ``<|im_end|>``) are
+trained. :func:`load_conversations` checks every record before training.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -55,37 +39,19 @@ ASSISTANT_HEADER = "<|im_start|>assistant\n"
 """Text that opens an assistant turn; matched as a token *sequence*, never as one token id."""
 END_OF_TURN = "<|im_end|>"
 """Token that closes every turn (trained at the end of assistant turns)."""
-VISION_TOKENS = (
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
+VISION_TOKENS = tuple(
+    "<|vision_start|> <|vision_end|> <|vision_pad|> <|image_pad|> <|video_pad|>".split()
 )
 """Tokens that belong to images or videos: never trained, never allowed in record text."""
 DUMMY_TOKENS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>")
-"""The masked placeholder a batch without images carries for its dummy image (see
-:class:`Collator`)."""
-
-
-# --------------------------------------------------------------------------------------------
-# Records
-# --------------------------------------------------------------------------------------------
+"""The masked placeholder of a batch's dummy image (see :class:`Collator`)."""
 
 
 @dataclass
 class Conversation:
-    """One validated record.
-
-    Attributes:
-        id: the record's ``id`` (or ``file:line``).
-        where: ``file:line`` of the record.
-        messages: Qwen-style messages; content is a list of parts, image parts are
-            ``{"type": "image", "image": <index into images>}``.
-        images: the images in order of appearance.
-        n_assistant: assistant turns (all trained).
-        reference: text of the last assistant turn (what generation is compared with).
-    """
+    """One validated record: ``id`` (or ``file:line``), ``where`` (``file:line``), Qwen-style
+    ``messages`` (image parts ``{"type": "image", "image": <index into images>}``), ``images``,
+    ``n_assistant`` (trained turns) and ``reference`` (the last answer's text)."""
 
     id: str
     where: str
@@ -98,23 +64,9 @@ class Conversation:
 def parse_record(
     raw: dict[str, Any], where: str, base_dir: Path, system_prompt: str | None = None
 ) -> Conversation:
-    """Validate one record and bring it into the Qwen message layout.
-
-    Args:
-        raw: the JSON object.
-        where: ``file:line``.
-        base_dir: folder for relative image paths.
-        system_prompt: system message added when the record has none (None: the template's default).
-
-    Returns:
-        A :class:`Conversation`. Turns after the last assistant turn are dropped (nothing in them
-        is trained, and generation stops at the last assistant turn).
-
-    Raises:
-        UserError: unknown layout or role, no assistant turn, empty assistant text, an image in
-            an assistant turn, ``<image>`` placeholders that do not match the images, vision tokens
-            in text, videos.
-    """
+    """The :class:`Conversation` of the JSON object ``raw`` at ``where`` (``file:line``; image
+    paths relative to ``base_dir``), with ``system_prompt`` when it has no system turn and without
+    the turns after its last answer; ``UserError`` for a bad record (:class:`ChatReader`)."""
     rid = str(raw.get("id", where))
     name = record_name(rid, where, "id" in raw)
     images: list[ImageSource] = []
@@ -132,40 +84,10 @@ def parse_record(
     return Conversation(rid, where, messages, images, n_assistant, reference)
 
 
-def vision_size(
-    width: int, height: int, factor: int, min_pixels: int, max_pixels: int
-) -> tuple[int, int]:
-    """The ``(width, height)`` an image is resized to before patching (qwen_vl_utils' rule).
-
-    Both sides become multiples of ``factor`` (patch size x merge size = 28) with an area in
-    ``[min_pixels, max_pixels]`` and the aspect ratio kept as well as possible.
-
-    Raises:
-        ValueError: aspect ratio above 200 (qwen_vl_utils' limit).
-    """
-    from qwen_vl_utils.vision_process import smart_resize
-
-    h, w = smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
-    return w, h
-
-
-# --------------------------------------------------------------------------------------------
-# Encoding with the processor
-# --------------------------------------------------------------------------------------------
-
-
 class Encoder:
-    """Applies the chat template, qwen_vl_utils and the processor with one pixel setting, and builds
-    labels.
-
-    Args:
-        processor: a Qwen2.5-VL processor (``AutoProcessor``).
-        min_pixels: smallest image area; None: the processor's ``size["shortest_edge"]``.
-        max_pixels: largest image area; None: the processor's ``size["longest_edge"]``.
-
-    The processor's image size is set to the same limits, so its own resize is a no-op on images
-    that qwen_vl_utils already resized, and ``final/`` saves the limits the model was trained with.
-    """
+    """The chat template, qwen_vl_utils and a Qwen2.5-VL ``processor`` under one pixel setting
+    (``min_pixels`` / ``max_pixels``; None: the processor's own; set on the processor too, so
+    ``final/`` saves the limits the model was trained with), and the labels."""
 
     def __init__(
         self, processor: Any, min_pixels: int | None = None, max_pixels: int | None = None
@@ -178,87 +100,53 @@ class Encoder:
         size = image_processor.size
         self.min_pixels = int(min_pixels if min_pixels is not None else size.shortest_edge)
         self.max_pixels = int(max_pixels if max_pixels is not None else size.longest_edge)
-        if self.min_pixels > self.max_pixels:
-            raise UserError(
-                f"data.min_pixels={self.min_pixels} is larger than "
-                f"data.max_pixels={self.max_pixels}."
-            )
-        image_processor.size = SizeDict(shortest_edge=self.min_pixels, longest_edge=self.max_pixels)
+        lo, hi = self.min_pixels, self.max_pixels
+        if lo > hi:
+            raise UserError(f"data.min_pixels={lo} is larger than data.max_pixels={hi}.")
+        image_processor.size = SizeDict(shortest_edge=lo, longest_edge=hi)
         self.patch_size = int(image_processor.patch_size)
         self.merge_size = int(image_processor.merge_size)
         self.temporal_patch_size = int(image_processor.temporal_patch_size)
         self.factor = self.patch_size * self.merge_size
-        tok = self.tokenizer
+        tok, ids = self.tokenizer, self.tokenizer.convert_tokens_to_ids
         self.header_ids = tok.encode(ASSISTANT_HEADER, add_special_tokens=False)
-        self.end_id = tok.convert_tokens_to_ids(END_OF_TURN)
-        self.image_token_id = tok.convert_tokens_to_ids("<|image_pad|>")
-        self.vision_ids = {
-            tok.convert_tokens_to_ids(t)
-            for t in VISION_TOKENS
-            if tok.convert_tokens_to_ids(t) is not None
-        }
-        self.dummy_ids = [tok.convert_tokens_to_ids(t) for t in DUMMY_TOKENS]
-        self.pad_id = (
-            tok.pad_token_id
-            if tok.pad_token_id is not None
-            else tok.convert_tokens_to_ids("<|endoftext|>")
-        )
-        missing = [
-            t
-            for t in (END_OF_TURN, *DUMMY_TOKENS)
-            if tok.convert_tokens_to_ids(t) in (None, tok.unk_token_id)
-        ]
+        self.end_id = ids(END_OF_TURN)
+        self.image_token_id = ids("<|image_pad|>")
+        self.vision_ids = {i for i in map(ids, VISION_TOKENS) if i is not None}
+        self.dummy_ids = [ids(t) for t in DUMMY_TOKENS]
+        self.pad_id = tok.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = ids("<|endoftext|>")
+        missing = [t for t in (END_OF_TURN, *DUMMY_TOKENS) if ids(t) in (None, tok.unk_token_id)]
         if missing or len(self.header_ids) < 2:
             raise UserError(
                 f"The tokenizer lacks Qwen's chat tokens {missing or ASSISTANT_HEADER!r}; use a "
                 "Qwen2.5-VL processor."
             )
 
-    # -- text ----------------------------------------------------------------------------------
-
     def chat_text(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
-        """The conversation rendered by the chat template, one ``<|image_pad|>`` per image.
-
-        Args:
-            messages: Qwen-style messages (image parts may hold anything; only their type matters).
-            add_generation_prompt: append the assistant header (for inference).
-        """
+        """``messages`` rendered by the chat template, one ``<|image_pad|>`` per image (and the
+        assistant header with ``add_generation_prompt``)."""
         plain = map_images(messages, lambda part: {"type": "image"})
         return self.processor.apply_chat_template(
             plain, tokenize=False, add_generation_prompt=add_generation_prompt
         )
 
     def image_tokens(self, width: int, height: int) -> int:
-        """Vision tokens of a ``width x height`` image under this encoder's pixel limits."""
-        w, h = vision_size(width, height, self.factor, self.min_pixels, self.max_pixels)
+        """Vision tokens of a ``width x height`` image: qwen_vl_utils resizes it to multiples of
+        ``factor`` (28) with an area within the pixel limits (``ValueError``: aspect ratio > 200).
+        """
+        from qwen_vl_utils.vision_process import smart_resize
+
+        limits = {"min_pixels": self.min_pixels, "max_pixels": self.max_pixels}
+        h, w = smart_resize(height, width, factor=self.factor, **limits)
         return (w // self.factor) * (h // self.factor)
 
-    def image_part(self, image: Image.Image) -> dict[str, Any]:
-        """A qwen_vl_utils image part of ``image`` at this encoder's pixel limits."""
-        return {
-            "type": "image",
-            "image": image,
-            "min_pixels": self.min_pixels,
-            "max_pixels": self.max_pixels,
-        }
-
-    # -- whole records -------------------------------------------------------------------------
-
     def encode(self, conv: Conversation, images: list[Image.Image]) -> dict[str, Any]:
-        """Token ids, labels and pixel patches of one conversation.
-
-        Args:
-            conv: the validated record.
-            images: its decoded images, in order (original sizes).
-
-        Returns:
-            ``input_ids``, ``labels``, ``mm_token_type_ids``: ``(L,)`` int64 tensors;
-            ``pixel_values``: ``(patches, 3 * temporal_patch * patch * patch)`` float32 or None;
-            ``image_grid_thw``: ``(images, 3)`` int64 or None; ``prompt_length``: tokens before
-            the last answer (int); ``spans``: the answer ranges.
-        """
-        messages = map_images(conv.messages, lambda part: self.image_part(images[part["image"]]))
-        out = self.process(messages, self.chat_text(conv.messages))
+        """``conv`` with its decoded ``images``: ``input_ids``, ``labels``, ``mm_token_type_ids``
+        ``(L,)``; ``pixel_values`` ``(patches, 3 * temporal_patch * patch**2)`` and
+        ``image_grid_thw`` ``(images, 3)`` or None; ``prompt_length`` (before the last answer)."""
+        out = self.process(conv.messages, images)
         ids = out["input_ids"][0]
         spans = assistant_spans(ids.tolist(), self.header_ids, self.end_id)
         labels = torch.tensor(build_labels(ids.tolist(), spans, self.vision_ids), dtype=torch.long)
@@ -269,44 +157,33 @@ class Encoder:
             "pixel_values": out.get("pixel_values") if images else None,
             "image_grid_thw": out.get("image_grid_thw") if images else None,
             "prompt_length": spans[-1][0] if spans else len(ids),
-            "spans": spans,
         }
 
     def encode_prompt(self, prompt: str, images: list[Image.Image]) -> dict[str, torch.Tensor]:
-        """Model inputs for answering ``prompt`` about ``images`` (one user turn, then the assistant
-        header).
-
-        Args:
-            prompt: the question.
-            images: decoded images (original sizes), shown before the question.
-
-        Returns:
-            ``input_ids``, ``attention_mask``, ``mm_token_type_ids`` ``(1, P)``; with images also
-            ``pixel_values`` ``(patches, D)`` and ``image_grid_thw`` ``(images, 3)``.
-        """
-        parts: list[dict[str, Any]] = [self.image_part(im) for im in images]
+        """Model inputs of one user turn, ``images`` then ``prompt``, and the assistant header:
+        ``input_ids``, ``attention_mask``, ``mm_token_type_ids`` ``(1, P)``; with images also
+        ``pixel_values`` ``(patches, D)`` and ``image_grid_thw`` ``(images, 3)``."""
+        parts = [{"type": "image", "image": i} for i in range(len(images))]
         messages = [{"role": "user", "content": [*parts, {"type": "text", "text": prompt}]}]
-        out = self.process(messages, self.chat_text(messages, add_generation_prompt=True))
+        out = self.process(messages, images, add_generation_prompt=True)
         keep = "input_ids attention_mask mm_token_type_ids pixel_values image_grid_thw".split()
         return {k: v for k, v in out.items() if k in keep}
 
-    def process(self, messages: list[dict[str, Any]], text: str) -> Any:
-        """The processor's output (tensors, batch of one) for ``text`` and the images of
-        ``messages`` (parts of :meth:`image_part`), which qwen_vl_utils resizes first."""
+    def process(self, messages: list[dict[str, Any]], images: list[Any], **template: Any) -> Any:
+        """The processor's output (tensors, batch of one) for ``messages`` whose image parts index
+        ``images``; qwen_vl_utils resizes the images first, within the pixel limits."""
         from qwen_vl_utils import process_vision_info
 
-        has_images = any(p["type"] == "image" for m in messages for p in m["content"])
-        resized = None
-        if has_images:
-            resized = process_vision_info(messages, image_patch_size=self.patch_size)[0]
+        text, resized = self.chat_text(messages, **template), None
+        if images:
+            limits = {"min_pixels": self.min_pixels, "max_pixels": self.max_pixels}
+            parts = map_images(messages, lambda p: {**p, "image": images[p["image"]], **limits})
+            resized = process_vision_info(parts, image_patch_size=self.patch_size)[0]
         return self.processor(text=[text], images=resized, return_tensors="pt")
 
     def dummy_pixels(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The smallest image the vision tower accepts: one merge window, all zeros.
-
-        Returns:
-            ``pixel_values`` ``(merge**2, 3 * temporal_patch * patch**2)`` and ``image_grid_thw``
-            ``[[1, merge, merge]]``; it makes exactly one vision token.
+        """The smallest image (one vision token, zeros): ``pixel_values``
+        ``(merge**2, 3 * temporal_patch * patch**2)``, ``image_grid_thw`` ``[[1, merge, merge]]``.
         """
         dim = 3 * self.temporal_patch_size * self.patch_size**2
         pixels = torch.zeros(self.merge_size**2, dim)
@@ -314,25 +191,11 @@ class Encoder:
         return pixels, grid
 
 
-# --------------------------------------------------------------------------------------------
-# Data sets
-# --------------------------------------------------------------------------------------------
-
-
 @dataclass
 class ConversationData(Dataset):
-    """Validated conversations of one file; items are encoded on access (in the loader workers).
-
-    Attributes:
-        conversations: the records.
-        lengths: exact token count of each record (text + vision tokens), from the image sizes.
-        encoder: the encoder.
-        max_source_pixels: decoding limit per image.
-        generation: items also carry ``prompt_length`` (validation / evaluation batches then get a
-            left-padded prompt view for ``generate``).
-        files: data files read (for the manifest).
-        image_fingerprint: sha256 over every image's path, size and bytes length (the manifest).
-    """
+    """Validated conversations of one file, encoded on access: exact ``lengths`` (with vision
+    tokens), the ``files`` and an ``image_fingerprint`` (paths, sizes, bytes) for the manifest;
+    with ``generation`` items carry ``prompt_length`` (batches then get prompts to generate)."""
 
     conversations: list[Conversation]
     lengths: list[int]
@@ -346,11 +209,7 @@ class ConversationData(Dataset):
         return len(self.conversations)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        """Encode record ``i``.
-
-        Returns:
-            :meth:`Encoder.encode`'s dict plus ``index`` (int).
-        """
+        """:meth:`Encoder.encode` of record ``i``, plus ``index``."""
         conv = self.conversations[i]
         name = record_name(conv.id, conv.where, conv.id != conv.where)
         images = [load_image(src, name, self.max_source_pixels) for src in conv.images]
@@ -362,25 +221,13 @@ class ConversationData(Dataset):
         item["index"] = i
         if not self.generation:
             item.pop("prompt_length")
-        item.pop("spans")
         return item
 
 
 def shorten_question(conv: Conversation, encoder: Encoder, length: int, limit: int) -> int:
-    """Cut the text of the last user turn before the reference answer (its start kept) so the
-    record fits ``limit`` tokens; changes ``conv.messages``.
-
-    Args:
-        conv: the record.
-        encoder: the encoder (tokenizer, chat template).
-        length: the record's length in tokens, vision tokens included.
-        limit: the tokens it may have.
-
-    Returns:
-        The record's text tokens without its images' vision tokens (what ``length`` is made of
-        besides them); unchanged when there is no question text to cut (the caller's length
-        check then refuses or drops the record as before).
-    """
+    """Cut the last question's text (its start kept) so ``conv`` (``length`` tokens, vision
+    included) fits ``limit``; changes ``conv.messages``. Returns its text tokens (vision excluded),
+    unchanged without question text (the caller's length check then decides)."""
     tokenizer = encoder.tokenizer
     last_answer = max(i for i, m in enumerate(conv.messages) if m["role"] == "assistant")
     users = [i for i, m in enumerate(conv.messages[:last_answer]) if m["role"] == "user"]
@@ -422,37 +269,13 @@ def load_conversations(
     key: str = "data file",
     cut_long: Any = None,
 ) -> ConversationData:
-    """Read, validate and measure every record of a data file (no half-valid data reaches training).
-
-    Checks per record: layout, roles and unique ids (:func:`parse_record`); every image opens
-    (:func:`core.task.images.image_sizes`, in ``workers`` threads: decoding releases the GIL);
-    token counts and the length limit (:func:`_measure_all`).
-
-    Args:
-        path: ``.jsonl`` or ``.json`` data file.
-        encoder: the encoder (tokenizer and pixel limits).
-        max_source_pixels: decoding limit per image.
-        max_length: token limit per record (None: none).
-        drop_too_long: drop longer records (logged) instead of failing.
-        system_prompt: system message for records without one.
-        generation: items carry the prompt length for generation.
-        decode_images: decode every image now (False: read headers only).
-        workers: threads that open images.
-        key: the config key or option that named ``path`` (for messages).
-        cut_long: a :class:`core.task.truncation.Truncation` (evaluation): a record longer than
-            ``max_length`` has the text of its last question cut (images and answers stay
-            whole) and is counted there, instead of being refused or dropped.
-
-    Returns:
-        The data set with exact lengths (at least one record).
-
-    Raises:
-        UserError: a bad record, by id, file and line (structure is checked for all records
-            before images are opened).
+    """The data set (at least one record) of the data file ``path`` (named by ``key``), every
+    record validated: structure and ids first, then every image opens (in ``workers`` threads;
+    headers only unless ``decode_images``), then its tokens against ``max_length``: a longer one
+    fails, is dropped (``drop_too_long``), or with ``cut_long`` (a
+    :class:`core.task.truncation.Truncation`, for evaluation) has its last question cut.
+    A bad record raises a ``UserError`` naming its id, file and line.
     """
-    from concurrent.futures import ThreadPoolExecutor
-    from functools import partial
-
     convs, names = _parse_all(path, key, system_prompt)
     measure = partial(image_sizes, max_source_pixels=max_source_pixels, decode=decode_images)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -463,7 +286,15 @@ def load_conversations(
         convs, names, sizes, all_ids, encoder, max_length, drop_too_long, cut_long
     )
     kept, lengths, dropped, fingerprint = measured
-    _report_dropped(path, key, dropped, max_length, bool(kept))
+    if dropped:
+        facts = (path, len(dropped), max_length, ", ".join(dropped[:20]))
+        log.warning("%s: dropped %d record(s) longer than data.max_length=%s: %s", *facts)
+    if not kept:
+        raise UserError(
+            f"Data file '{path}' ({key}): all {len(dropped)} records are longer than data."
+            f"max_length={max_length} and were dropped. Raise data.max_length or lower "
+            "data.max_pixels."
+        )
     return ConversationData(
         kept, lengths, encoder, max_source_pixels, generation, [path], fingerprint
     )
@@ -479,33 +310,21 @@ def _measure_all(
     drop_too_long: bool,
     cut_long: Any,
 ) -> tuple[list[Conversation], list[int], list[str], str]:
-    """Token lengths of the records (vision tokens included), checked against the limit.
-
-    Every assistant turn must be found by its header token sequence (a count mismatch means an
-    answer starting with whitespace that merged into the header, or turn markers typed into the
-    text). Arguments as for :func:`load_conversations`; ``sizes`` from
-    :func:`core.task.images.image_sizes`, ``all_ids`` the token ids of each record's chat text.
-
-    Returns:
-        ``(kept records, their lengths, ids of dropped records, image fingerprint)``.
-
-    Raises:
-        UserError: a count that does not match, or a record over ``max_length`` that may not be
-            dropped.
-    """
+    """``(kept records, their lengths, ids of dropped records, image fingerprint)``: the records
+    (chat texts tokenized to ``all_ids``, images of ``sizes``) against ``max_length``; a
+    ``UserError`` for a record too long that may not be dropped (or see :func:`_record_length`)."""
     kept, lengths, dropped = [], [], []
     fingerprint = hashlib.sha256()
     for conv, name, dims, ids in zip(convs, names, sizes, all_ids):
         length, vision = _record_length(conv, name, dims, ids, encoder, fingerprint)
-        if cut_long is not None and max_length is not None:
-            if cut_long.count(length) < length:
-                length = shorten_question(conv, encoder, length, max_length) + vision
+        if cut_long is not None and max_length is not None and cut_long.count(length) < length:
+            length = shorten_question(conv, encoder, length, max_length) + vision
         if max_length is not None and length > max_length:
             if not drop_too_long:
                 raise UserError(
-                    f"{name}: {length} tokens ({vision} of them vision tokens), more than "
-                    f"data.max_length={max_length}. "
-                    "Lower data.max_pixels, raise data.max_length, or set data.drop_too_long=true."
+                    f"{name}: {length} tokens ({vision} of them vision tokens), more than data."
+                    f"max_length={max_length}. Lower data.max_pixels, raise data.max_length, or "
+                    "set data.drop_too_long=true."
                 )
             dropped.append(conv.id)
             continue
@@ -517,15 +336,8 @@ def _measure_all(
 def _parse_all(
     path: Path, key: str, system_prompt: str | None
 ) -> tuple[list[Conversation], list[str]]:
-    """:func:`parse_record` of every record of the data file ``path`` (named by ``key``), with
-    unique ids.
-
-    Returns:
-        ``(conversations, names)``, names as messages give them.
-
-    Raises:
-        UserError: a bad record, or an id used twice.
-    """
+    """``(conversations, names for messages)`` of the data file ``path`` (named by ``key``);
+    ``UserError``: a bad record, or an id used twice."""
     convs, names = [], []
     seen: dict[str, str] = {}
     records = read_objects(
@@ -535,9 +347,9 @@ def _parse_all(
         conv = parse_record(raw, where, path.parent, system_prompt)
         name = record_name(conv.id, where, "id" in raw)
         if conv.id in seen and "id" in raw:
+            also = seen[conv.id]
             raise UserError(
-                f"{name}: id {conv.id!r} is used twice (also at {seen[conv.id]}); ids must be "
-                "unique."
+                f"{name}: id {conv.id!r} is used twice (also at {also}); ids must be unique."
             )
         seen[conv.id] = where
         convs.append(conv)
@@ -553,16 +365,9 @@ def _record_length(
     encoder: Encoder,
     fingerprint: Any,
 ) -> tuple[int, int]:
-    """Tokens of a record, its images' vision tokens included; adds each image to the data set's
-    ``fingerprint``. The tokenized text must hold every assistant turn and one image token per
-    image.
-
-    Returns:
-        ``(length, vision tokens)``.
-
-    Raises:
-        UserError: an image the processor cannot use, or a count that does not match.
-    """
+    """``(length, vision tokens)`` of a record whose text tokenizes to ``ids``; adds its images
+    to ``fingerprint``. ``UserError``: an image the processor cannot use, an assistant turn not
+    found by its header, or an image-token count that does not match."""
     vision = 0
     for src, (width, height, nbytes) in zip(conv.images, image_sizes):
         try:
@@ -573,69 +378,26 @@ def _record_length(
     found = assistant_spans(ids, encoder.header_ids, encoder.end_id)
     if len(found) != conv.n_assistant:
         raise UserError(
-            f"{name}: {conv.n_assistant} assistant turn(s) but {len(found)} found in the "
-            "tokenized text. "
-            "Answers must not start with whitespace and no text may contain turn markers "
+            f"{name}: {conv.n_assistant} assistant turn(s) but {len(found)} found in the tokenized"
+            " text. Answers must not start with whitespace and no text may contain turn markers "
             f"like {ASSISTANT_HEADER!r}."
         )
-    if sum(1 for t in ids if t == encoder.image_token_id) != len(conv.images):
+    if ids.count(encoder.image_token_id) != len(conv.images):
+        n = len(conv.images)
         raise UserError(
-            f"{name}: the image-token count of the text does not match its {len(conv.images)} "
-            "image(s)."
+            f"{name}: the image-token count of the text does not match its {n} image(s)."
         )
     return len(ids) - len(conv.images) + vision, vision  # each <|image_pad|> -> its vision tokens
 
 
-def _report_dropped(
-    path: Path, key: str, dropped: list[str], max_length: int | None, kept: bool
-) -> None:
-    """Log the records dropped for their length.
-
-    Raises:
-        UserError: when every record was dropped (``kept`` is False).
-    """
-    if dropped:
-        log.warning(
-            "%s: dropped %d record(s) longer than data.max_length=%s: %s",
-            path,
-            len(dropped),
-            max_length,
-            ", ".join(dropped[:20]),
-        )
-    if not kept:
-        raise UserError(
-            f"Data file '{path}' ({key}): all {len(dropped)} records are longer than "
-            f"data.max_length={max_length} "
-            "and were dropped. Raise data.max_length or lower data.max_pixels."
-        )
-
-
-# --------------------------------------------------------------------------------------------
-# Batches
-# --------------------------------------------------------------------------------------------
-
-
 class Collator:
-    """Pads encoded items into a batch; a batch without images gets a masked dummy image.
-
-    Why the dummy: a batch without images would skip the vision tower. Under DDP that leaves its
-    parameters without gradients (an error without the slow unused-parameter search), and under
-    FSDP a rank that skips it never joins the vision blocks' all-gathers, so the other ranks hang.
-    The dummy is one vision token (``<|vision_start|><|image_pad|><|vision_end|>``) in the padding
-    of row 0, with attention mask 0 and label -100: it runs the vision tower inside the model's
-    forward (where FSDP gathers the parameters) and contributes exactly 0 to the loss and the
-    gradients; no real token can attend to it.
-
-    Args:
-        encoder: gives pad id, dummy tokens and dummy pixels.
-
-    Returns (``__call__``):
-        ``input_ids``, ``attention_mask``, ``labels``, ``mm_token_type_ids``: ``(B, T)``,
-        right-padded;
-        ``pixel_values`` ``(patches, D)``; ``image_grid_thw`` ``(images, 3)``; ``index`` ``(B,)``;
-        ``has_images`` ``()`` bool (False when the images are only the dummy). Items with
-        ``prompt_length`` add ``gen_input_ids``, ``gen_attention_mask``, ``gen_mm_token_type_ids``:
-        ``(B, P)``, the prompts before each last answer, *left*-padded for ``generate``.
+    """Pads encoded items into a batch: ``input_ids``, ``attention_mask``, ``labels``,
+    ``mm_token_type_ids`` ``(B, T)`` right-padded, ``pixel_values`` ``(patches, D)``,
+    ``image_grid_thw`` ``(images, 3)``, ``index`` ``(B,)``, ``has_images``; with ``prompt_length``
+    also ``gen_input_ids`` / ``gen_attention_mask`` / ``gen_mm_token_type_ids`` ``(B, P)``, the
+    prompts left-padded. A batch without images would skip the vision tower (DDP: parameters
+    without gradients; FSDP: a rank missing the all-gathers, a hang), so it gets a dummy image in
+    row 0's padding (:data:`DUMMY_TOKENS`), masked and labelled -100: it adds exactly 0.
     """
 
     def __init__(self, encoder: Encoder) -> None:
@@ -656,9 +418,8 @@ class Collator:
             batch["pixel_values"], batch["image_grid_thw"] = enc.dummy_pixels()
         else:
             batch["pixel_values"] = torch.cat(pixels)
-            batch["image_grid_thw"] = torch.cat(
-                [s["image_grid_thw"] for s in samples if s["image_grid_thw"] is not None]
-            )
+            grids = [s["image_grid_thw"] for s in samples if s["image_grid_thw"] is not None]
+            batch["image_grid_thw"] = torch.cat(grids)
         if "prompt_length" in samples[0]:
             view = ("input_ids", "mm_token_type_ids")
             prompts = [{k: s[k][: s["prompt_length"]] for k in view} for s in samples]

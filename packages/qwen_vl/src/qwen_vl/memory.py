@@ -1,28 +1,5 @@
 """Parameters and GPU memory of a qwen_vl training config, without loading weights
-(``train -c qwen2_5_vl_3b --dry-run``).
-
-The model is built on PyTorch's ``meta`` device from the architecture's public ``config.json``
-values (shipped in ``assets/architectures.json`` for the Hub presets, so this works offline), the
-training switches are applied (which parts train, LoRA / DoRA), and
-:mod:`core.commands.estimate` turns the sizes into memory per GPU under the run's strategy and
-precision:
-
-- **weights, gradients, optimizer state**: every parameter in the stored dtype (2 bytes under
-  ``bf16-true``), the trainable ones' gradients in the same dtype, the optimizer's state
-  (Adafactor: float32 row and column statistics); divided by the FSDP shard group.
-- **gathered FSDP units**: two decoder layers unsharded at a time (the one computing and the one
-  prefetched).
-- **activations**: the language model over the whole sequence, and the vision tower over each
-  image's patches (``max_pixels / 14^2`` per image) when it trains; a frozen tower keeps nothing
-  for backward. Activation checkpointing (``fsdp.activation_checkpointing``, or
-  ``model.gradient_checkpointing`` without FSDP) keeps each block's input plus one recomputed
-  block; ``trainer.offload_activations`` moves those inputs to CPU memory.
-- **logits and loss**: the head runs only at labelled positions (``logits_to_keep``); the report
-  takes every text token of a sample as labelled (an upper bound).
-
-A sample is one image at ``data.max_pixels`` plus its text: ``data.max_length`` tokens when set,
-else the image's vision tokens plus 256 text tokens.
-
+(``train --dry-run``; :mod:`core.commands.estimate` on the model built on the ``meta`` device).
 Self-check: ``python -m qwen_vl.memory`` (the 3B and 7B presets on 4 GPUs).
 """
 
@@ -32,38 +9,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from core.commands.estimate import (
-    checkpointing,
-    compute_bytes,
-    format_report,
-    gpu_verdict,
-    layer_activation_bytes,
-    logits_bytes,
-    on,
-    setup_lines,
-    shipped_architectures,
-    shipped_config,
-    stack_activation_bytes,
-    trained_report,
-)
+import core.commands.estimate as est
 from qwen_vl.config import QwenVLConfig
 
-KNOWN_CONFIGS = shipped_architectures(__file__)
-"""Architectures of the Hub presets (the public ``config.json`` values that set the sizes: text
-model, vision tower, tied embeddings)."""
+KNOWN_CONFIGS = est.shipped_architectures(__file__)
+"""Architectures of the Hub presets (text model, vision tower, tied embeddings)."""
 
 TEXT_TOKENS = 256
 """Text tokens of a sample besides its image when ``data.max_length`` is not set."""
 
 
 def model_config(cfg: QwenVLConfig) -> tuple[Any, str]:
-    """The transformers config of ``model.name`` and where it came from.
-
-    Raises:
-        UserError: a model whose architecture is neither shipped here nor a local folder.
-    """
+    """The transformers config of ``model.name`` and where it came from (``UserError``: neither
+    shipped here nor a local folder)."""
     from transformers import Qwen2_5_VLConfig
 
     if cfg.model.name == "tiny":
@@ -75,45 +34,22 @@ def model_config(cfg: QwenVLConfig) -> tuple[Any, str]:
 
     def build(known: dict[str, Any]) -> Any:
         """A ``Qwen2_5_VLConfig`` from the shipped text and vision values."""
-        return Qwen2_5_VLConfig(
-            text_config=known["text"],
-            vision_config=known["vision"],
-            tie_word_embeddings=known["tie_word_embeddings"],
-        )
+        text, vision, tied = known["text"], known["vision"], known["tie_word_embeddings"]
+        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tied)
 
-    return shipped_config(cfg.model.name, KNOWN_CONFIGS, build)
-
-
-def meta_model(config: Any, cfg: QwenVLConfig) -> nn.Module:
-    """The model with the task's training switches on the ``meta`` device (shapes only)."""
-    from transformers import AutoModelForImageTextToText
-
-    from qwen_vl.model import set_trainable
-
-    with torch.device("meta"):
-        model = AutoModelForImageTextToText.from_config(config)
-        return set_trainable(model, cfg.model)
+    return est.shipped_config(cfg.model.name, KNOWN_CONFIGS, build)
 
 
 def sample_shape(cfg: QwenVLConfig, vision: Any) -> dict[str, int]:
-    """One sample: an image at ``data.max_pixels`` (patches of 14 x 14, merged 2 x 2 into vision
-    tokens) plus its text.
-
-    Returns:
-        ``{"pixels", "patches", "vision_tokens", "seq", "text_tokens"}``.
-    """
+    """``{"pixels", "patches", "vision_tokens", "seq", "text_tokens"}`` of one sample: an image at
+    ``data.max_pixels`` (patches of 14 x 14, merged 2 x 2 into vision tokens) plus its text."""
     pixels = cfg.data.max_pixels or 12_845_056
     patches = pixels // (vision.patch_size * vision.patch_size)
     vision_tokens = patches // vision.spatial_merge_size**2
     seq = cfg.data.max_length or vision_tokens + TEXT_TOKENS
     text_tokens = max(seq - vision_tokens, 1)
-    return dict(
-        pixels=pixels,
-        patches=patches,
-        vision_tokens=vision_tokens,
-        seq=seq,
-        text_tokens=text_tokens,
-    )
+    shape = dict(pixels=pixels, patches=patches, vision_tokens=vision_tokens, seq=seq)
+    return {**shape, "text_tokens": text_tokens}
 
 
 def activations(
@@ -124,13 +60,17 @@ def activations(
     text, vision, m = config.text_config, config.vision_config, cfg.model
     batch, offload = cfg.trainer.batch_size, cfg.trainer.offload_activations
     lora_targets = len(m.lora.target_modules) if m.lora.enabled else 0
-    per_token = layer_activation_bytes(text.hidden_size, text.intermediate_size, e, lora_targets)
+    per_token = est.layer_activation_bytes(
+        text.hidden_size, text.intermediate_size, e, lora_targets
+    )
     tokens, layers, hidden = batch * shape["seq"], text.num_hidden_layers, text.hidden_size
-    total = stack_activation_bytes(layers, tokens, per_token, hidden, e, checkpointed, offload)
+    total = est.stack_activation_bytes(layers, tokens, per_token, hidden, e, checkpointed, offload)
     if m.train_vision:  # a frozen tower's outputs need no gradient inside it: nothing is kept
-        per_patch = layer_activation_bytes(vision.hidden_size, vision.intermediate_size, e, 0)
+        per_patch = est.layer_activation_bytes(vision.hidden_size, vision.intermediate_size, e, 0)
         patches, depth, hidden = batch * shape["patches"], vision.depth, vision.hidden_size
-        total += stack_activation_bytes(depth, patches, per_patch, hidden, e, checkpointed, offload)
+        total += est.stack_activation_bytes(
+            depth, patches, per_patch, hidden, e, checkpointed, offload
+        )
     return total
 
 
@@ -144,66 +84,60 @@ def setup(cfg: QwenVLConfig, shape: dict[str, int], checkpointed: bool) -> dict[
         f"{shape['text_tokens']:,} text tokens"
     )
     switches = (
-        f", activation checkpointing={on(checkpointed)}, "
-        f"model.lora.enabled={on(m.lora.enabled)} (use_dora={on(m.lora.use_dora)}), "
-        f"model.liger_kernel={on(m.liger_kernel)} (not modelled)"
+        f", activation checkpointing={est.on(checkpointed)}, "
+        f"model.lora.enabled={est.on(m.lora.enabled)} (use_dora={est.on(m.lora.use_dora)}), "
+        f"model.liger_kernel={est.on(m.liger_kernel)} (not modelled)"
     )
-    return setup_lines(cfg, sample, switches)
+    return est.setup_lines(cfg, sample, switches)
 
 
 def estimate(cfg: QwenVLConfig) -> dict[str, Any]:
-    """Parameters and training memory of ``cfg`` per GPU, without loading weights.
+    """Parameters and training memory of ``cfg`` per GPU: a report for
+    :func:`core.commands.estimate.format_report`."""
+    from transformers import AutoModelForImageTextToText
 
-    Returns:
-        A report for :func:`core.commands.estimate.format_report`.
-    """
+    from qwen_vl.model import set_trainable
+
     config, source = model_config(cfg)
     text, m, batch = config.text_config, cfg.model, cfg.trainer.batch_size
-    model = meta_model(config, cfg)
-    e = compute_bytes(cfg.trainer.precision)
+    with torch.device("meta"):  # shapes only
+        model = set_trainable(AutoModelForImageTextToText.from_config(config), cfg.model)
+    e = est.compute_bytes(cfg.trainer.precision)
     shape = sample_shape(cfg, config.vision_config)
     labelled = batch * shape["text_tokens"]
-    checkpointed = checkpointing(cfg, m.gradient_checkpointing)
+    checkpointed = est.checkpointing(cfg, m.gradient_checkpointing)
     offloaded = ", inputs offloaded to CPU" if cfg.trainer.offload_activations else ""
     parts = [n for n in ("vision", "merger", "llm") if getattr(m, f"train_{n}")]
+    adapters = " (LoRA adapters)" if m.lora.enabled else ""
     kept = (
         f"micro-batch {batch}, {'with' if checkpointed else 'without'} activation checkpointing"
         f"{offloaded}, vision tower {'trained' if m.train_vision else 'frozen (keeps nothing)'}"
     )
     chunks = f"chunks of {cfg.loss.chunk_tokens}" if cfg.loss.chunked else "full logits"
-    logits = logits_bytes(labelled, text.vocab_size, text.hidden_size, e, cfg.loss)
-    return trained_report(
+    logits = est.logits_bytes(labelled, text.vocab_size, text.hidden_size, e, cfg.loss)
+    sizes = (text.num_hidden_layers, text.hidden_size, text.vocab_size, config.vision_config.depth)
+    return est.trained_report(
         cfg,
         model,
         name=m.name,
         config=config,
         source=source,
-        facts={
-            "layers": text.num_hidden_layers,
-            "hidden": text.hidden_size,
-            "vocab": text.vocab_size,
-            "vision blocks": config.vision_config.depth,
-        },
+        facts=dict(zip(("layers", "hidden", "vocab", "vision blocks"), sizes)),
         setup=setup(cfg, shape, checkpointed),
         units=("decoder layers", ("Qwen2_5_VLDecoderLayer",)),
         parts={
             "activations": (activations(cfg, config, shape, e, checkpointed), kept),
             "logits": (logits, f"{labelled:,} labelled tokens at most, {chunks}"),
         },
-        notes={
-            "gradients": f"trained: {', '.join(parts) or 'nothing'}"
-            + (" (LoRA adapters)" if m.lora.enabled else "")
-        },
+        notes={"gradients": f"trained: {', '.join(parts) or 'nothing'}{adapters}"},
     )
 
 
 def render(report: dict[str, Any]) -> str:
     """The report as text, with a verdict for 80 GB GPUs (H100 / A100 80 GB)."""
-    advice = (
-        "more ranks (fsdp), fsdp.activation_checkpointing=true, lower data.max_pixels / "
-        "data.max_length / trainer.batch_size"
-    )
-    return format_report(report, gpu_verdict(report, 80, advice))
+    advice = "more ranks (fsdp), fsdp.activation_checkpointing=true, lower data.max_pixels / "
+    advice += "data.max_length / trainer.batch_size"
+    return est.format_report(report, est.gpu_verdict(report, 80, advice))
 
 
 if __name__ == "__main__":  # self-check: python -m qwen_vl.memory

@@ -1,11 +1,5 @@
-"""The counting metric: parse a count from generated text and compare it with the reference.
-
-- :func:`parse_count`: the first whole number in a text, written in digits (``12``, ``1,024``) or
-  as an English number word from zero to twenty (``three``); None when there is none.
-- :func:`counting_metrics`: over the records whose *reference* holds a count,
-  ``count_accuracy`` (exact match; an answer without a number counts as wrong),
-  ``count_mae`` (mean absolute error over the answers that hold a number; absent when none does),
-  ``count_parsed`` (share of answers that hold a number) and ``count_samples``.
+"""The counting metric: the first whole number of a generated text (digits such as ``1,024``, or
+an English number word up to twenty) against the reference's.
 
 Self-check: ``python -m qwen_vl.metrics``.
 """
@@ -35,10 +29,9 @@ def parse_count(text: str) -> int | None:
 
 
 def counting_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """Exact-match accuracy and mean absolute error of the counts of ``predictions`` against
-    ``references`` (same length): the module docstring's keys; empty when no reference holds a
-    count; without ``count_mae`` when no answer holds a number (early in training) rather than a
-    NaN in the logs."""
+    """Over the ``references`` with a count: ``count_accuracy`` of ``predictions`` (no number is
+    wrong), ``count_parsed`` (share with a number), ``count_samples``, and ``count_mae`` over the
+    answers with a number (absent when none has one: no NaN in the logs); ``{}`` without counts."""
     pairs = [(parse_count(p), parse_count(r)) for p, r in zip(predictions, references, strict=True)]
     pairs = [(p, r) for p, r in pairs if r is not None]
     if not pairs:

@@ -1,17 +1,6 @@
-"""Qwen2.5-VL models: the tiny random one, Hub presets, local folders; what trains; export to
-``final/``.
+"""Qwen2.5-VL models: the tiny random one, Hub presets, local folders; what trains; ``final/``.
 
-- :func:`load_processor`: the processor of ``model.processor`` / ``model.name`` (``tiny``: the one
-  shipped in ``qwen_vl/assets/tiny_processor``); Hub ids fail fast offline (``core.task.hub``).
-- :func:`build_model`: ``AutoModelForImageTextToText`` (``Qwen2_5_VLForConditionalGeneration``)
-  from a Hub id or folder, or from :func:`tiny_config` with random weights; then the training
-  switches: which parts train (vision tower, merger, language model), LoRA on the language model.
-- :func:`param_groups`: one optimizer group per part (``vision``, ``merger``, ``llm``), each with
-  its own learning rate, split into decay / no-decay.
-- :func:`export_final`: ``final/`` that plain ``AutoModelForImageTextToText.from_pretrained`` and
-  ``AutoProcessor.from_pretrained`` load (LoRA merged; the adapter also in ``final/adapter``).
-
-The model's parts (transformers 5 layout of ``Qwen2_5_VLForConditionalGeneration``)::
+The parts that train (transformers 5 layout of ``Qwen2_5_VLForConditionalGeneration``)::
 
     model.visual.patch_embed, model.visual.blocks[i]  (Qwen2_5_VLVisionBlock)   -> "vision"
     model.visual.merger                              (Qwen2_5_VLPatchMerger)   -> "merger"
@@ -22,7 +11,6 @@ Self-check: ``python -m qwen_vl.model``.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +20,9 @@ from torch import nn
 from core.errors import UserError
 from core.nn.models import liger_kernel
 from core.nn.optim import parameter_groups
+from core.nn.peft_lora import peft_lora_config
 from core.task.hub import ensure_available
-from qwen_vl.config import LoraSettings, ModelConfig, TinyModel
-
-log = logging.getLogger(__name__)
+from qwen_vl.config import LoraConfig, ModelConfig, TinyModelConfig
 
 TINY_PROCESSOR_DIR = Path(__file__).parent / "assets" / "tiny_processor"
 """The shipped tiny processor (built by ``packages/qwen_vl/tools/tiny_processor.py``)."""
@@ -47,17 +34,11 @@ TINY = "tiny"
 def processor_source(cfg: ModelConfig) -> str:
     """Where the processor comes from: ``model.processor``, else ``model.name`` (``tiny``: the
     shipped folder)."""
-    if cfg.processor:
-        return cfg.processor
-    return str(TINY_PROCESSOR_DIR) if cfg.name == TINY else cfg.name
+    return cfg.processor or (str(TINY_PROCESSOR_DIR) if cfg.name == TINY else cfg.name)
 
 
 def check_sources(cfg: ModelConfig) -> None:
-    """Fail fast (seconds, not a 30 s retry loop) when the model or processor cannot be loaded here.
-
-    Raises:
-        UserError: a missing local folder, or a Hub id that is neither cached nor downloadable.
-    """
+    """Fail fast (``UserError``, not a 30 s retry loop) on a model or processor not found here."""
     if cfg.name != TINY:
         ensure_available(cfg.name, what="model", key="model.name", offline_preset=TINY)
     # a Hub processor repo may lack config.json; every Qwen2.5-VL one has preprocessor_config.json
@@ -71,11 +52,7 @@ def check_sources(cfg: ModelConfig) -> None:
 
 
 def load_processor(cfg: ModelConfig) -> Any:
-    """The Qwen2.5-VL processor (tokenizer with chat template, image and video processors).
-
-    Raises:
-        UserError: it cannot be found or is not a Qwen2.5-VL style processor.
-    """
+    """The Qwen2.5-VL processor (``UserError``: not found, or not a vision-language one)."""
     from transformers import AutoProcessor
 
     check_sources(cfg)
@@ -92,24 +69,14 @@ def load_processor(cfg: ModelConfig) -> Any:
     return processor
 
 
-def tiny_config(t: TinyModel, tokenizer: Any, image_processor: Any) -> Any:
-    """A small ``Qwen2_5_VLConfig`` that fits the tiny processor.
-
-    Args:
-        t: sizes.
-        tokenizer: gives the vocabulary size and the special token ids.
-        image_processor: gives patch, merge and temporal patch sizes (must agree with the vision
-        tower).
-
-    Returns:
-        The config (``model_type`` ``qwen2_5_vl``).
-    """
+def tiny_config(t: TinyModelConfig, tokenizer: Any, image_processor: Any) -> Any:
+    """A small ``Qwen2_5_VLConfig`` of sizes ``t`` that fits the tokenizer (vocabulary, special
+    ids) and the image processor (patch, merge and temporal patch sizes)."""
     from transformers import Qwen2_5_VLConfig
 
     ids = tokenizer.convert_tokens_to_ids
     half = t.hidden_size // t.num_heads // 2
-    # 3D RoPE splits each head's rotary half into temporal / height / width sections (Qwen: 16/24/24
-    # of 64).
+    # 3D RoPE splits each head's rotary half into temporal / height / width (Qwen: 16/24/24 of 64)
     section = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
     text = dict(
         vocab_size=len(tokenizer),
@@ -155,14 +122,8 @@ def hf_model(model: nn.Module) -> nn.Module:
 
 
 def model_parts(model: nn.Module) -> dict[str, list[nn.Module]]:
-    """The modules of each trainable part.
-
-    Returns:
-        ``{"vision": [patch_embed, blocks], "merger": [merger], "llm": [language_model, lm_head]}``.
-
-    Raises:
-        UserError: the model does not have Qwen2.5-VL's layout.
-    """
+    """``{"vision": [patch_embed, blocks], "merger": [merger], "llm": [language_model, lm_head]}``
+    (``UserError``: not Qwen2.5-VL's layout)."""
     base = hf_model(model)
     try:
         visual, language = base.model.visual, base.model.language_model
@@ -173,117 +134,67 @@ def model_parts(model: nn.Module) -> dict[str, list[nn.Module]]:
         }
     except AttributeError:
         raise UserError(
-            f"{type(base).__name__} does not have Qwen2.5-VL's layout (model.visual / "
-            "model.language_model / lm_head); "
-            "model.name must be a Qwen2.5-VL model."
+            f"{type(base).__name__} does not have Qwen2.5-VL's layout (model.visual / model."
+            "language_model / lm_head); model.name must be a Qwen2.5-VL model."
         ) from None
 
 
-def lora_targets(lora: LoraSettings) -> str:
-    """peft ``target_modules`` regex: the named linear layers inside the language model's decoder
-    layers only
-    (the vision blocks have layers of the same names, e.g. ``gate_proj``)."""
+def lora_config(lora: LoraConfig) -> Any:
+    """The peft ``LoraConfig``: adapters on the named linear layers of the language model's
+    decoder layers only (the vision blocks have layers of the same names, e.g. ``gate_proj``)."""
     names = "|".join(sorted(lora.target_modules))
-    return rf".*language_model\.layers\.\d+\.(?:self_attn|mlp)\.(?:{names})"
-
-
-def lora_config(lora: LoraSettings) -> Any:
-    """The peft ``LoraConfig`` for the settings."""
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora_targets(lora),
-        bias="none",
-        use_rslora=lora.use_rslora,
-        use_dora=lora.use_dora,
-    )
+    targets = rf".*language_model\.layers\.\d+\.(?:self_attn|mlp)\.(?:{names})"
+    return peft_lora_config(lora, target_modules=targets, bias="none")
 
 
 def set_trainable(model: nn.Module, cfg: ModelConfig) -> nn.Module:
-    """Apply the training switches: LoRA (optional) and which parts train.
-
-    Args:
-        model: the Qwen2.5-VL model.
-        cfg: the ``model`` config group.
-
-    Returns:
-        The model, or a peft model around it when ``model.lora.enabled``.
-    """
+    """Apply the ``model`` group's switches: LoRA (then returns a peft model) and which parts
+    train."""
     if cfg.lora.enabled:
         from peft import get_peft_model
 
         model = get_peft_model(model, lora_config(cfg.lora))  # freezes everything but the adapters
     parts = model_parts(model)
-    wanted = {
-        "vision": cfg.train_vision,
-        "merger": cfg.train_merger,
-        "llm": cfg.train_llm and not cfg.lora.enabled,
-    }
+    llm = cfg.train_llm and not cfg.lora.enabled
+    wanted = {"vision": cfg.train_vision, "merger": cfg.train_merger, "llm": llm}
     for name, modules in parts.items():
-        for module in modules:
-            for param_name, param in module.named_parameters():
-                if "lora_" in param_name:
-                    continue  # adapters stay trainable
+        for param_name, param in nn.ModuleList(modules).named_parameters():
+            if "lora_" not in param_name:  # adapters stay trainable
                 param.requires_grad_(wanted[name])
     return model
 
 
 def set_generation(model: nn.Module, tok: Any) -> None:
-    """Check the processor's image token against the model and set greedy generation that stops
-    at the end of a turn.
-
-    Raises:
-        UserError: the processor does not belong to the model.
-    """
+    """Set greedy generation that stops at the end of a turn (``UserError``: the tokenizer's
+    image token is not the model's)."""
     image_token = tok.convert_tokens_to_ids("<|image_pad|>")
-    if getattr(model.config, "image_token_id", None) != image_token:
+    own = getattr(model.config, "image_token_id", None)
+    if own != image_token:
         raise UserError(
-            f"The processor's <|image_pad|> id ({image_token}) differs from the model's "
-            "image_token_id "
-            f"({getattr(model.config, 'image_token_id', None)}): model.processor does not belong "
-            "to model.name."
+            f"The processor's <|image_pad|> id ({image_token}) differs from the model's image_"
+            f"token_id ({own}): model.processor does not belong to model.name."
         )
-    # Answers end at <|im_end|>; <|endoftext|> also stops (Qwen's own generation config does the
-    # same).
-    model.generation_config.eos_token_id = [
-        tok.convert_tokens_to_ids("<|im_end|>"),
-        tok.convert_tokens_to_ids("<|endoftext|>"),
-    ]
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.do_sample = False
+    gen = model.generation_config
+    # Answers end at <|im_end|>; <|endoftext|> also stops (as in Qwen's own generation config)
+    gen.eos_token_id = tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    gen.pad_token_id, gen.do_sample = tok.pad_token_id, False
     for key in ("temperature", "top_p", "top_k"):  # Qwen's Hub config samples; greedy here
-        setattr(model.generation_config, key, None)  # (and without warnings)
+        setattr(gen, key, None)  # (and without warnings)
 
 
 def build_model(cfg: ModelConfig, processor: Any, gradient_checkpointing: bool) -> nn.Module:
-    """The model on the current default device and dtype (Fabric's ``init_module`` sets both), with
-    the switches applied.
-
-    Args:
-        cfg: the ``model`` config group.
-        processor: gives the tokenizer ids (tiny model) and is checked against the model.
-        gradient_checkpointing: turn on transformers' non-reentrant checkpointing.
-
-    Returns:
-        ``Qwen2_5_VLForConditionalGeneration`` (or a peft model around it).
-    """
+    """The model of the ``model`` group on the default device and dtype (Fabric's
+    ``init_module`` sets both), checked against ``processor``, with the switches applied."""
     from transformers import AutoModelForImageTextToText
 
-    dtype = torch.get_default_dtype()
+    options = {"dtype": torch.get_default_dtype(), "attn_implementation": cfg.attn_implementation}
     if cfg.name == TINY:
         config = tiny_config(cfg.tiny, processor.tokenizer, processor.image_processor)
-        model = AutoModelForImageTextToText.from_config(
-            config, dtype=dtype, attn_implementation=cfg.attn_implementation
-        )
+        model = AutoModelForImageTextToText.from_config(config, **options)
     else:
         check_sources(cfg)
         try:
-            model = AutoModelForImageTextToText.from_pretrained(
-                cfg.name, dtype=dtype, attn_implementation=cfg.attn_implementation
-            )
+            model = AutoModelForImageTextToText.from_pretrained(cfg.name, **options)
         except (OSError, ValueError) as err:
             raise UserError(f"Cannot load the model {cfg.name!r} (model.name): {err}") from None
     set_generation(model, processor.tokenizer)
@@ -297,22 +208,9 @@ def build_model(cfg: ModelConfig, processor: Any, gradient_checkpointing: bool) 
 def param_groups(
     model: nn.Module, cfg: ModelConfig, lr: float, weight_decay: float
 ) -> list[dict[str, Any]]:
-    """Optimizer groups: ``vision``, ``merger``, ``llm`` with their learning rates, each split into
-    decay / no-decay.
-
-    Args:
-        model: the (possibly wrapped) model.
-        cfg: the ``model`` group (per-part learning rates).
-        lr: ``optim.lr``, for parts without their own.
-        weight_decay: ``optim.weight_decay``.
-
-    Returns:
-        Param-group dicts named ``vision/decay``, ``llm/no_decay``, ...; parts without trainable
-        parameters are left out.
-
-    Raises:
-        RuntimeError: a trainable parameter that no part holds (the model layout changed).
-    """
+    """Optimizer groups ``vision/decay``, ``llm/no_decay``, ... at the ``model`` group's rates
+    (else ``lr``), parts without trainable parameters left out (``RuntimeError``: a trainable
+    parameter that no part holds)."""
     rates = {"vision": cfg.lr_vision, "merger": cfg.lr_merger, "llm": cfg.lr_llm}
     groups: list[dict[str, Any]] = []
     for name, modules in model_parts(model).items():
@@ -327,54 +225,30 @@ def param_groups(
     return groups
 
 
-def wrap_classes() -> set[type[nn.Module]]:
-    """The FSDP units (and activation-checkpointing units): decoder layers and vision blocks."""
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
-        Qwen2_5_VLDecoderLayer,
-        Qwen2_5_VLVisionBlock,
-    )
-
-    return {Qwen2_5_VLDecoderLayer, Qwen2_5_VLVisionBlock}
-
-
 def export_final(
     model: nn.Module,
     state_dict: dict[str, torch.Tensor],
     out_dir: Path,
     processor: Any,
-    lora: LoraSettings | None,
+    lora: LoraConfig | None,
 ) -> None:
-    """Write ``final/``: the model in ``save_pretrained`` form (safetensors) and its processor.
-
-    The weights come from ``state_dict`` (gathered from all shards under FSDP) into a fresh
-    skeleton of the same config on the meta device, so the (possibly sharded, wrapped) training
-    model is not touched. With LoRA the adapters are merged into the weights (peft's
-    ``merge_and_unload``) so ``final/`` loads as a plain model; the adapter alone goes to
-    ``final/adapter``.
-
-    Args:
-        model: the unwrapped training model (gives config and generation config).
-        state_dict: its full state dict on the CPU.
-        out_dir: an empty folder.
-        processor: saved next to the model (with the pixel limits used in training).
-        lora: the LoRA settings when adapters were trained, else None.
-    """
+    """Write ``model`` (its full CPU ``state_dict``, put into a fresh meta-device skeleton: the
+    training model is not touched) and ``processor`` to ``out_dir``; with ``lora`` the adapters
+    are merged, and the adapter alone goes to ``out_dir/adapter``."""
     from transformers import AutoModelForImageTextToText
 
     base = hf_model(model)
     dtype = next((t.dtype for t in state_dict.values() if t.is_floating_point()), torch.float32)
     with torch.device("meta"):
         skeleton = AutoModelForImageTextToText.from_config(base.config, dtype=dtype)
-    if lora is not None:
-        from peft import get_peft_model
+        if lora is not None:
+            from peft import get_peft_model
 
-        with torch.device("meta"):
             skeleton = get_peft_model(skeleton, lora_config(lora))
-        skeleton.load_state_dict(state_dict, strict=True, assign=True)
+    skeleton.load_state_dict(state_dict, strict=True, assign=True)
+    if lora is not None:
         skeleton.save_pretrained(out_dir / "adapter")
         skeleton = skeleton.merge_and_unload()
-    else:
-        skeleton.load_state_dict(state_dict, strict=True, assign=True)
     skeleton.generation_config = base.generation_config
     skeleton.config.dtype = dtype
     skeleton.save_pretrained(out_dir)
@@ -389,26 +263,19 @@ if __name__ == "__main__":  # self-check: python -m qwen_vl.model
     cfg = ModelConfig(train_vision=True, lr_vision=1e-5)
     processor = load_processor(cfg)
     model = build_model(cfg, processor, gradient_checkpointing=False)
-    counts = {
-        k: sum(p.numel() for m in v for p in m.parameters()) for k, v in model_parts(model).items()
-    }
+    parts = model_parts(model).items()
+    counts = {k: sum(p.numel() for m in v for p in m.parameters()) for k, v in parts}
     print(type(model).__name__, "parameters per part:", counts)
     groups = param_groups(model, cfg, lr=1e-4, weight_decay=0.0)
     print("groups:", [(g["name"], g.get("lr"), len(g["params"])) for g in groups])
-    lora = build_model(
-        ModelConfig(lora=LoraSettings(enabled=True)), processor, gradient_checkpointing=False
-    )
+    lora_cfg = ModelConfig(lora=LoraConfig(enabled=True))
+    lora = build_model(lora_cfg, processor, gradient_checkpointing=False)
     adapters = [n for n, p in lora.named_parameters() if p.requires_grad and "lora_" in n]
     assert adapters and all("language_model" in n for n in adapters)
     print(f"LoRA: {len(adapters)} adapter tensors, all in the language model")
     with tempfile.TemporaryDirectory() as tmp:
-        export_final(
-            lora,
-            {k: v.detach().clone() for k, v in lora.state_dict().items()},
-            Path(tmp),
-            processor,
-            ModelConfig().lora,
-        )
+        state = {k: v.detach().clone() for k, v in lora.state_dict().items()}
+        export_final(lora, state, Path(tmp), processor, ModelConfig().lora)
         loaded = AutoModelForImageTextToText.from_pretrained(tmp)
         AutoProcessor.from_pretrained(tmp)
         print("final/ with merged LoRA loads as", type(loaded).__name__)

@@ -1,28 +1,17 @@
-"""A counting data set that needs no download: drawn images with a known number of objects.
-
-The users' real task was crowd counting (images in, counts out). ``make-data`` draws that task in
-miniature with PIL: each image holds ``n`` non-overlapping shapes of one kind (circles, squares
-or triangles, random colours and sizes), optionally a few distractors of another kind, and the
-conversation asks "How many circles are in the image?" with the answer ``n``. A share of the
-records are text-only counting questions (letters in a word) and a share are two-turn
-conversations, so the default training data mixes image and text-only samples and trains
-several assistant turns per record.
-
-Everything is a pure function of ``--seed``: the same seed writes byte-identical files. The
-train and dev splits use separate random streams, so the dev set does not change with ``--n``.
-
-Layout written to ``--out DIR``::
-
-    DIR/train.jsonl  DIR/dev.jsonl  DIR/images/train-00000.png ...  DIR/README.md
-
-Self-check: ``python -m qwen_vl.synth``.
+"""A counting data set that needs no download: the users' crowd counting in miniature. Each
+image holds ``n`` shapes of one kind (and optionally distractors), "How many circles are in the
+image?" -> ``n``; some records are text-only, some have two turns. The same seed writes the same
+bytes. Self-check: ``python -m qwen_vl.synth``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,48 +50,33 @@ NUMBER_WORDS = tuple(
 
 @dataclass
 class SynthSettings:
-    """What ``make-data`` draws.
-
-    Attributes:
-        n_train: training records.
-        n_dev: dev records.
-        seed: seed of everything.
-        size: image side in pixels (square images).
-        min_count: fewest objects per image.
-        max_count: most objects per image.
-        max_distractors: most objects of another kind per image (0: none).
-        text_share: share of text-only records.
-        multi_turn_share: share of two-turn image records.
-    """
+    """What ``make-data`` draws."""
 
     n_train: int = 200
+    """Training records."""
     n_dev: int = 40
+    """Dev records."""
     seed: int = 0
+    """Seed of everything."""
     size: int = 112
+    """Image side in pixels (square images)."""
     min_count: int = 1
+    """Fewest objects per image."""
     max_count: int = 9
+    """Most objects per image."""
     max_distractors: int = 0
+    """Most objects of another kind per image (0: none)."""
     text_share: float = 0.1
+    """Share of text-only records."""
     multi_turn_share: float = 0.1
+    """Share of two-turn image records."""
 
 
 def place_objects(
     rng: random.Random, n: int, size: int, radius_range: tuple[int, int]
 ) -> list[tuple[int, int, int]]:
-    """Centres and radii of ``n`` non-overlapping objects inside a ``size`` x ``size`` canvas.
-
-    Args:
-        rng: the random stream.
-        n: objects to place.
-        size: canvas side in pixels.
-        radius_range: (smallest, largest) bounding radius in pixels.
-
-    Returns:
-        ``[(x, y, r), ...]`` of length ``n``.
-
-    Raises:
-        ValueError: the objects do not fit (lower ``--max-count`` or raise ``--size``).
-    """
+    """``[(x, y, r)] * n``: centres and radii (in ``radius_range``) of ``n`` non-overlapping
+    objects on a ``size`` x ``size`` canvas (``ValueError``: they do not fit)."""
     placed: list[tuple[int, int, int]] = []
     for _ in range(n):
         for _attempt in range(2000):
@@ -113,10 +87,8 @@ def place_objects(
                 placed.append((x, y, r))
                 break
         else:
-            raise ValueError(
-                f"cannot place {n} objects on a {size}x{size} image; lower --max-count or raise "
-                "--size"
-            )
+            hint = "lower --max-count or raise --size"
+            raise ValueError(f"cannot place {n} objects on a {size}x{size} image; {hint}")
     return placed
 
 
@@ -138,21 +110,14 @@ def draw_shape(
         half = int(r / math.sqrt(2)) + 1
         draw.rectangle((x - half, y - half, x + half, y + half), fill=colour)
     else:  # triangles
-        points = [
-            (x + r * math.cos(a), y + r * math.sin(a))
-            for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)
-        ]
-        draw.polygon(points, fill=colour)
+        corners = (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)
+        draw.polygon([(x + r * math.cos(a), y + r * math.sin(a)) for a in corners], fill=colour)
 
 
 def draw_image(
     rng: random.Random, kind: str, count: int, distractors: int, settings: SynthSettings
 ) -> Image.Image:
-    """An RGB image with ``count`` objects of ``kind`` and ``distractors`` objects of other kinds.
-
-    Returns:
-        A ``size`` x ``size`` PIL image.
-    """
+    """An RGB image with ``count`` objects of ``kind`` and ``distractors`` of other kinds."""
     size = settings.size
     background = tuple(rng.randint(200, 255) for _ in range(3))
     image = Image.new("RGB", (size, size), background)  # type: ignore[arg-type]
@@ -166,34 +131,23 @@ def draw_image(
     return image
 
 
-def text(content: str) -> dict[str, str]:
-    """A text content part."""
-    return {"type": "text", "text": content}
+def turn(role: str, *parts: Any) -> dict[str, Any]:
+    """A message of ``role`` whose string ``parts`` become text parts."""
+    content = [{"type": "text", "text": p} if isinstance(p, str) else p for p in parts]
+    return {"role": role, "content": content}
 
 
 def make_record(
     rng: random.Random, split: str, i: int, out: Path, settings: SynthSettings
 ) -> dict[str, Any]:
-    """One conversation record; draws and writes its image when it has one.
-
-    Args:
-        rng: the split's random stream.
-        split: ``train`` or ``dev``.
-        i: record number within the split.
-        out: the output folder (images go to ``out/images``).
-        settings: what to draw.
-
-    Returns:
-        ``{"id", "messages", "count"}``; ``count`` is the answer of the last turn.
-    """
+    """Record ``i`` of ``split``, ``{"id", "messages", "count"}`` (``count``: the last answer);
+    its image, if any, goes to ``out/images``."""
     record_id = f"{split}-{i:05d}"
     roll = rng.random()
     if roll < settings.text_share:
         word = rng.choice(WORDS)
-        messages = [
-            {"role": "user", "content": [text(rng.choice(TEXT_QUESTIONS).format(word=word))]},
-            {"role": "assistant", "content": [text(str(len(word)))]},
-        ]
+        question = rng.choice(TEXT_QUESTIONS).format(word=word)
+        messages = [turn("user", question), turn("assistant", str(len(word)))]
         return {"id": record_id, "messages": messages, "count": len(word)}
     kind = rng.choice(SHAPES)
     count = rng.randint(settings.min_count, settings.max_count)
@@ -202,21 +156,14 @@ def make_record(
     relative = Path("images") / f"{record_id}.png"
     image.save(out / relative, format="PNG", optimize=False)
     question = rng.choice(QUESTIONS).format(shape=kind)
-    messages = [
-        {
-            "role": "user",
-            "content": [{"type": "image", "image": relative.as_posix()}, text(question)],
-        },
-        {"role": "assistant", "content": [text(str(count))]},
-    ]
+    image_part = {"type": "image", "image": relative.as_posix()}
+    messages = [turn("user", image_part, question), turn("assistant", str(count))]
     answer = count
     if roll < settings.text_share + settings.multi_turn_share:
         k = rng.randint(1, 3)
-        messages.append(
-            {"role": "user", "content": [text(rng.choice(FOLLOW_UPS).format(k=k, shape=kind))]}
-        )
-        messages.append({"role": "assistant", "content": [text(str(count + k))]})
+        follow_up = rng.choice(FOLLOW_UPS).format(k=k, shape=kind)
         answer = count + k
+        messages += [turn("user", follow_up), turn("assistant", str(answer))]
     return {"id": record_id, "messages": messages, "count": answer}
 
 
@@ -234,18 +181,12 @@ The images are drawn by the program: no third-party content, no license restrict
 
 
 def write_dataset(out: Path, settings: SynthSettings) -> dict[str, Any]:
-    """Write ``train.jsonl``, ``dev.jsonl``, the images and a data card to ``out``.
-
-    Args:
-        out: output folder (created; existing files of the same names are overwritten).
-        settings: what to draw.
-
-    Returns:
-        ``{"train": n, "dev": n, "images": n, "count_histogram": {count: n}}``.
-    """
+    """Write ``train.jsonl``, ``dev.jsonl``, the images and a data card to ``out`` (created);
+    returns ``{"train": n, "dev": n, "images": n, "count_histogram": {count: n}}``."""
     from qwen_vl import __version__
 
     (out / "images").mkdir(parents=True, exist_ok=True)
+    hist: dict[int, int] = {}
     stats: dict[str, Any] = {"images": 0, "count_histogram": {}}
     for split, n, stream in (("train", settings.n_train, 0), ("dev", settings.n_dev, 1)):
         # one stream per split: the dev set does not depend on --n
@@ -254,9 +195,8 @@ def write_dataset(out: Path, settings: SynthSettings) -> dict[str, Any]:
         for i in range(n):
             record = make_record(rng, split, i, out, settings)
             stats["images"] += sum(
-                1 for m in record["messages"] for p in m["content"] if p.get("type") == "image"
+                p["type"] == "image" for m in record["messages"] for p in m["content"]
             )
-            hist = stats["count_histogram"]
             hist[record["count"]] = hist.get(record["count"], 0) + 1
             lines.append(json.dumps(record, ensure_ascii=False))
         (out / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -264,7 +204,7 @@ def write_dataset(out: Path, settings: SynthSettings) -> dict[str, Any]:
     (out / "README.md").write_text(
         DATA_CARD.format(version=__version__, **vars(settings)), encoding="utf-8"
     )
-    stats["count_histogram"] = dict(sorted(stats["count_histogram"].items()))
+    stats["count_histogram"] = dict(sorted(hist.items()))
     return stats
 
 
@@ -276,10 +216,7 @@ BUILTIN_SETTINGS = SynthSettings(n_train=400, n_dev=80, seed=0)
 
 
 def cache_root() -> Path:
-    """Where drawn data is kept: ``$QWEN_VL_CACHE``, else ``$XDG_CACHE_HOME/finetune/qwen_vl``
-    (``~/.cache/finetune/qwen_vl``)."""
-    import os
-
+    """Where drawn data is kept: ``$QWEN_VL_CACHE``, else ``$XDG_CACHE_HOME/finetune/qwen_vl``."""
     if os.environ.get("QWEN_VL_CACHE"):
         return Path(os.environ["QWEN_VL_CACHE"]).expanduser()
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
@@ -287,26 +224,12 @@ def cache_root() -> Path:
 
 
 def builtin_data(split: str, settings: SynthSettings = BUILTIN_SETTINGS) -> Path:
-    """The ``train`` or ``dev`` file of the built-in counting data, drawn into the cache the first
-    time (into a temporary folder renamed into place, so concurrent or killed runs never leave a
-    half-drawn set). Nothing is written outside the cache folder.
-
-    Args:
-        split: ``train`` or ``dev``.
-        settings: what to draw (part of the cache folder's name).
-
-    Returns:
-        The path of ``<cache>/counting-<hash>/<split>.jsonl``.
-    """
-    import hashlib
-    import os
-    import shutil
-
+    """``<cache>/counting-<hash of settings>/<split>.jsonl``, drawn the first time into a temporary
+    folder renamed into place (concurrent or killed runs never leave a half-drawn set)."""
     from qwen_vl import __version__
 
-    key = hashlib.sha256(
-        json.dumps({**vars(settings), "version": __version__}, sort_keys=True).encode()
-    ).hexdigest()[:12]
+    facts = json.dumps({**vars(settings), "version": __version__}, sort_keys=True)
+    key = hashlib.sha256(facts.encode()).hexdigest()[:12]
     folder = cache_root() / f"counting-{key}"
     if not (folder / "dev.jsonl").is_file():
         from core.run.storage import writable_cache
@@ -326,7 +249,6 @@ def builtin_data(split: str, settings: SynthSettings = BUILTIN_SETTINGS) -> Path
 
 
 if __name__ == "__main__":  # self-check: python -m qwen_vl.synth
-    import hashlib
     import tempfile
 
     def digest(folder: Path) -> str:

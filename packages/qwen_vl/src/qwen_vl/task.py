@@ -1,21 +1,7 @@
-"""The Qwen2.5-VL task: what the core Trainer needs to fine-tune it.
-
-- ``setup``: processor (fails fast offline for Hub ids), pixel limits, every record validated
-  and measured (bad input -> ``UserError`` before the run folder exists).
-- ``training_step``: one forward of text + images; the loss is the summed cross-entropy of the
-  assistant tokens (causal shift), normalised by the engine per token of the optimizer step.
-  The vocabulary head runs only where a label follows (``logits_to_keep``), not over the
-  vision and prompt tokens that make up most of a sequence.
-  Batches without images carry a masked dummy image (:class:`qwen_vl.data.Collator`), so every
-  rank runs the vision tower every step: FSDP does not hang and DDP sees no unused parameters.
-- ``validation_step``: per-sample loss, plus greedy answers (``add_predictions``) from the
-  prompts (left-padded) whose parsed counts give ``count_accuracy`` / ``count_mae``; records carry
-  their index, so the engine gathers them from all ranks exactly as one process would see them.
-  Under FSDP2 (or DeepSpeed stage 3) ``generate`` runs with ``synced_gpus``
-  (``self.ranks.sharded``) so ranks that finish early keep joining the all-gathers.
-- ``fsdp_wrap_classes``: decoder layers and vision blocks (also the activation-checkpointing units).
-- ``parameter_groups``: vision / merger / llm with their own learning rates.
-- ``save_final``: merged weights + processor, loadable with plain ``from_pretrained``.
+"""The Qwen2.5-VL task: what the core Trainer needs to fine-tune it. The loss is the summed
+cross-entropy of the answer tokens; validation adds greedy answers whose parsed counts give
+``count_accuracy`` / ``count_mae`` (under a sharded strategy ``generate`` runs with
+``synced_gpus``).
 
 Self-check: ``python -m qwen_vl.task`` (a few training steps of the tiny model on drawn data).
 """
@@ -30,31 +16,22 @@ import torch
 from torch import nn
 
 from core.errors import UserError
-from core.nn.models import check_dtypes
+from core.nn.models import block_classes, check_dtypes
 from core.nn.models import precision_dtype as expected_param_dtype
 from core.task.base import IGNORE_INDEX, StepOutput, Task
 from qwen_vl import __version__
 from qwen_vl.config import QwenVLConfig
 from qwen_vl.data import Collator, ConversationData, Encoder, load_conversations
 from qwen_vl.metrics import METRIC_VERSION, counting_metrics
-from qwen_vl.model import (
-    build_model,
-    export_final,
-    load_processor,
-    param_groups,
-    processor_source,
-    wrap_classes,
-)
+from qwen_vl.model import build_model, export_final, load_processor, param_groups, processor_source
 from qwen_vl.synth import BUILTIN, builtin_data
 
 log = logging.getLogger(__name__)
 
-MODEL_INPUTS = (
-    "input_ids",
-    "attention_mask",
-    "mm_token_type_ids",
-    "pixel_values",
-    "image_grid_thw",
+Tensors = dict[str, torch.Tensor]  # a batch, or a state dict
+
+MODEL_INPUTS = tuple(
+    "input_ids attention_mask mm_token_type_ids pixel_values image_grid_thw".split()
 )
 """Batch keys the model's forward takes."""
 
@@ -68,87 +45,47 @@ class QwenVLTask(Task[QwenVLConfig]):
     eval_data: ConversationData | None = None
     _dtypes_checked = False
 
-    # -- data ----------------------------------------------------------------------------------
-
     def setup_model_side(self, model_dir: Path | None = None) -> None:
-        """Load the processor and set the pixel limits (no data yet); a trained model's own
-        processor once :meth:`configure_for_model` pointed ``model.name`` at ``model_dir``.
-
-        Raises:
-            UserError: the model or processor cannot be loaded here (offline Hub id, missing
-            folder).
-        """
+        """The processor and pixel limits (a trained model's own once :meth:`configure_for_model`
+        pointed ``model.name`` at it); ``UserError`` when it cannot be loaded here."""
         self.processor = load_processor(self.cfg.model)
         self.encoder = Encoder(self.processor, self.cfg.data.min_pixels, self.cfg.data.max_pixels)
         self.collator = Collator(self.encoder)
-        log.info(
-            "Processor %s; images resized into [%d, %d] pixels (multiples of %d): at most %d "
-            "vision tokens each",
-            processor_source(self.cfg.model),
-            self.encoder.min_pixels,
-            self.encoder.max_pixels,
-            self.encoder.factor,
-            self.encoder.max_pixels // self.encoder.factor**2,
-        )
+        e = self.encoder
+        facts = (e.min_pixels, e.max_pixels, e.factor, e.max_pixels // e.factor**2)
+        message = "Processor %s; images resized into [%d, %d] pixels (multiples of %d): at most %d"
+        log.info(message + " vision tokens each", processor_source(self.cfg.model), *facts)
 
     def load_data(
         self, path: Path, generation: bool, key: str, cut_long: Any = None
     ) -> ConversationData:
-        """Read and validate one data file with this task's encoder and data settings.
-
-        Args:
-            path: ``.jsonl`` / ``.json`` conversations.
-            generation: items carry prompts for generation (validation / evaluation).
-            key: the config key or option that named it (for messages).
-            cut_long: a :class:`core.task.truncation.Truncation`: records longer than
-                ``data.max_length`` get their last question cut and are counted there
-                (``evaluate``); None: refused or dropped (``data.drop_too_long``).
-        """
-        d = self.cfg.data
-        data = load_conversations(
-            Path(path),
-            self.encoder,
-            key=key,
-            max_source_pixels=d.max_source_pixels,
-            max_length=d.max_length,
-            drop_too_long=d.drop_too_long,
-            system_prompt=d.system_prompt,
-            generation=generation,
-            decode_images=d.verify_images == "decode",
-            cut_long=cut_long,
-        )
-        images = sum(len(c.images) for c in data.conversations)
-        text_only = sum(1 for c in data.conversations if not c.images)
-        log.info(
-            "%s: %d records (%d text-only), %d images, %d tokens at most",
-            path,
-            len(data),
-            text_only,
-            images,
-            max(data.lengths, default=0),
-        )
+        """:func:`qwen_vl.data.load_conversations` of ``path`` (named by ``key``) with this task's
+        encoder and data settings."""
+        d, settings = self.cfg.data, {"generation": generation, "cut_long": cut_long, "key": key}
+        for name in ("max_source_pixels", "max_length", "drop_too_long", "system_prompt"):
+            settings[name] = getattr(d, name)
+        decode = d.verify_images == "decode"
+        data = load_conversations(Path(path), self.encoder, decode_images=decode, **settings)
+        convs = data.conversations
+        images, text_only = sum(len(c.images) for c in convs), sum(not c.images for c in convs)
+        facts = (len(data), text_only, images, max(data.lengths, default=0))
+        log.info("%s: %d records (%d text-only), %d images, %d tokens at most", path, *facts)
         return data
 
     def setup_data(self) -> None:
-        """Every record of the training and validation files, validated.
-
-        Raises:
-            UserError: no training file, or a bad record (named by id, file and line).
-        """
+        """Every record of the training and validation files, validated (``UserError``: no
+        training file, or a bad record)."""
         d = self.cfg.data
         if d.train_file is None:
             raise UserError(
                 "data.train_file is not set. Point it at your JSONL conversations, or use "
-                f"data.train_file={BUILTIN} "
-                f"data.val_file={BUILTIN} for the built-in counting data (drawn into a cache "
-                "folder on first use)."
+                f"data.train_file={BUILTIN} data.val_file={BUILTIN} for the built-in counting "
+                "data (drawn into a cache folder on first use)."
             )
         # The config keeps ``builtin:counting`` (so a continued run's config is unchanged); the
         # task reads the cached files it stands for.
-        train_file, val_file = (
-            self.resolve_builtin(d.train_file, "train"),
-            self.resolve_builtin(d.val_file, "dev"),
-        )
+        train_file = self.resolve_builtin(d.train_file, "train")
+        val_file = self.resolve_builtin(d.val_file, "dev")
         self.train_data = self.load_data(train_file, generation=False, key="data.train_file")
         if val_file is not None:
             self.val_data = self.load_data(
@@ -157,8 +94,7 @@ class QwenVLTask(Task[QwenVLConfig]):
             self.eval_data = self.val_data
 
     def resolve_builtin(self, path: Path | None, split: str) -> Path | None:
-        """``builtin:counting`` -> the cached file of the built-in counting data (rank 0 draws it
-        the first time, the other ranks wait); anything else as it is."""
+        """``builtin:counting`` -> the cached built-in file (rank 0 draws it); others unchanged."""
         if path is None or str(path) != BUILTIN:
             return path
         with self.ranks.rank_zero_first():
@@ -166,11 +102,7 @@ class QwenVLTask(Task[QwenVLConfig]):
 
     def data_files(self) -> list[Path]:
         """The JSONL files read (images are covered by the manifest's image fingerprint)."""
-        return [
-            f for data in (self.train_data, self.val_data) if data is not None for f in data.files
-        ]
-
-    # -- model ---------------------------------------------------------------------------------
+        return [f for d in (self.train_data, self.val_data) if d is not None for f in d.files]
 
     def configure_model(self) -> nn.Module:
         """The model with its training switches, on Fabric's default device and dtype."""
@@ -189,26 +121,23 @@ class QwenVLTask(Task[QwenVLConfig]):
         return model
 
     def parameter_groups(self, model: nn.Module) -> list[dict[str, Any]]:
-        """Groups ``vision`` / ``merger`` / ``llm`` (``lr/<name>`` in the logs), decay / no-decay
-        each."""
+        """Groups ``vision`` / ``merger`` / ``llm``, decay / no-decay each."""
         return param_groups(model, self.cfg.model, self.cfg.optim.lr, self.cfg.optim.weight_decay)
 
     def fsdp_wrap_classes(self) -> set[type[nn.Module]]:
-        """``Qwen2_5_VLDecoderLayer`` and ``Qwen2_5_VLVisionBlock``."""
-        return wrap_classes()
+        """``Qwen2_5_VLDecoderLayer`` and ``Qwen2_5_VLVisionBlock`` (its ``_no_split_modules``)."""
+        from transformers import Qwen2_5_VLForConditionalGeneration
 
-    # -- evaluate: a trained model (core.commands.model_io)
-    # ---------------------------------------------
+        return block_classes(Qwen2_5_VLForConditionalGeneration)
 
     def configure_for_model(self, model_dir: Path, overrides: Any) -> None:
         """The model and its own processor; unless overridden, the pixel limits saved with the
         model's processor (the ones it was trained with), not the config's."""
         cfg = self.cfg
         keys = {r.split("=", 1)[0] for r in overrides}
-        if "data.min_pixels" not in keys:
-            cfg.data.min_pixels = None
-        if "data.max_pixels" not in keys:
-            cfg.data.max_pixels = None
+        for limit in ("min_pixels", "max_pixels"):
+            if f"data.{limit}" not in keys:
+                setattr(cfg.data, limit, None)
         cfg.model.name, cfg.model.processor = str(model_dir), None
         cfg.model.lora.enabled = False  # final/ holds merged weights
 
@@ -229,25 +158,21 @@ class QwenVLTask(Task[QwenVLConfig]):
     def evaluation_set(
         self, data: Path | None, split: str, options: Any, report: bool
     ) -> ConversationData:
-        """``--data`` or ``data.val_file``, with prompts for generation; a record longer than the
-        input limit gets its last question cut (counted in one note)."""
+        """``--data`` or ``data.val_file`` for generation; a record over the input limit gets its
+        last question cut (counted in one note)."""
         from transformers import AutoConfig
 
         from core.task.truncation import Truncation, input_limit, model_limit
 
         cfg = self.cfg
-        hard = model_limit(
-            AutoConfig.from_pretrained(cfg.model.name), reserve=cfg.generation.max_new_tokens
-        )
-        cfg.data.max_length, origin = input_limit(
-            options.max_input_tokens, cfg.data.max_length, hard, "data.max_length"
-        )
+        config = AutoConfig.from_pretrained(cfg.model.name)
+        hard = model_limit(config, reserve=cfg.generation.max_new_tokens)
+        limits = (options.max_input_tokens, cfg.data.max_length, hard, "data.max_length")
+        cfg.data.max_length, origin = input_limit(*limits)
         cut = Truncation(cfg.data.max_length, origin, "records")
-        source = data if data is not None else cfg.data.val_file
-        key = "--data" if data is not None else "data.val_file"
-        self.eval_data = self.load_data(
-            self.resolve_builtin(Path(source), "dev"), generation=True, key=key, cut_long=cut
-        )
+        source, key = (data, "--data") if data is not None else (cfg.data.val_file, "data.val_file")
+        path = self.resolve_builtin(Path(source), "dev")
+        self.eval_data = self.load_data(path, generation=True, key=key, cut_long=cut)
         cut.report(enabled=report)
         return self.eval_data
 
@@ -264,76 +189,43 @@ class QwenVLTask(Task[QwenVLConfig]):
             "world_size": run.world_size,
         }
 
-    # -- steps ---------------------------------------------------------------------------------
-
-    def kept_targets(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The positions that predict a label in some row, and those labels.
-
-        Only answer tokens are labels, and most of a sequence is vision and prompt tokens, so
-        the language-model head (``hidden x vocab``, 152k columns for Qwen) runs only at the
-        positions ``t`` whose next token ``t+1`` is a label in some row of the batch
-        (``logits_to_keep``), not over the whole ``(B, T, vocab)``; the targets are already
-        shifted, so the loss takes them as they are (``-100`` where a row has no label).
-
-        Returns:
-            ``(keep, targets)``: ``(K,)`` positions and ``(B, K)`` labels of ``keep + 1``.
-        """
+    def kept_targets(self, batch: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(keep, targets)``: the ``(K,)`` positions whose next token is a label in some row, and
+        the ``(B, K)`` labels at ``keep + 1`` (already shifted). Most tokens are vision and prompt
+        tokens, so the head (152k columns for Qwen) runs only there (``logits_to_keep``)."""
         labels = batch["labels"]
         keep = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)  # (K,)
         return keep, labels[:, keep + 1]
 
-    def call(self, model: nn.Module, batch: dict[str, torch.Tensor], keep: torch.Tensor) -> Any:
+    def call(self, model: nn.Module, batch: Tensors, keep: torch.Tensor) -> Any:
         """One forward of the model with the head at the ``keep`` positions; the output object."""
         return model(**{k: batch[k] for k in MODEL_INPUTS}, use_cache=False, logits_to_keep=keep)
 
-    def training_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
-        """Summed loss of the assistant tokens and their count.
-
-        Args:
-            model: the wrapped model.
-            batch: ``input_ids`` / ``labels`` ``(B, T)``, ``pixel_values`` ``(patches, D)``, ...
-        """
+    def training_step(self, model: nn.Module, batch: Tensors) -> StepOutput:
+        """Summed loss of the assistant tokens of ``batch`` (:class:`Collator`) and their count."""
         if not self._dtypes_checked:  # also after a resume: the loaded weights keep one dtype
             check_dtypes(model, expected_param_dtype(self.cfg.trainer.precision))
             self._dtypes_checked = True
         keep, targets = self.kept_targets(batch)
         return self.loss_sum(model, lambda: self.call(model, batch, keep), targets, shift=False)
 
-    def sample_losses(
-        self, model: nn.Module, batch: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample_losses(self, model: nn.Module, batch: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample loss sums and answer-token counts, both ``(B,)``."""
         keep, targets = self.kept_targets(batch)
         return self.sample_loss_sums(model, lambda: self.call(model, batch, keep), targets, False)
 
-    def generate(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> list[str]:
-        """Greedy answers to the prompts of a batch (the conversation up to its last answer).
-
-        Args:
-            model: the wrapped model (``generate`` marked as a forward method).
-            batch: with ``gen_input_ids`` / ``gen_attention_mask`` / ``gen_mm_token_type_ids``
-                ``(B, P)`` (left-padded), ``pixel_values`` and ``image_grid_thw``.
-
-        Returns:
-            ``B`` decoded answers, special tokens removed.
-        """
-        prompt = batch["gen_input_ids"]
-        out = model.generate(
-            input_ids=prompt,
-            attention_mask=batch["gen_attention_mask"],
-            mm_token_type_ids=batch["gen_mm_token_type_ids"],
-            pixel_values=batch["pixel_values"],
-            image_grid_thw=batch["image_grid_thw"],
-            max_new_tokens=self.cfg.generation.max_new_tokens,
-            do_sample=False,
-            synced_gpus=self.ranks.sharded,
-        )
-        return self.processor.tokenizer.batch_decode(
-            out[:, prompt.shape[1] :], skip_special_tokens=True
-        )
+    def generate(self, model: nn.Module, batch: Tensors) -> list[str]:
+        """The ``B`` greedy answers (special tokens removed) to the left-padded ``gen_*`` prompts of
+        ``batch``."""
+        inputs = {k: batch[f"gen_{k}"] for k in MODEL_INPUTS[:3]}  # the prompts
+        inputs.update(pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"])
+        greedy = {"max_new_tokens": self.cfg.generation.max_new_tokens, "do_sample": False}
+        out = model.generate(**inputs, **greedy, synced_gpus=self.ranks.sharded)
+        answers = out[:, inputs["input_ids"].shape[1] :]
+        return self.processor.tokenizer.batch_decode(answers, skip_special_tokens=True)
 
     def add_predictions(
-        self, model: nn.Module, batch: dict[str, torch.Tensor], records: list[dict[str, Any]]
+        self, model: nn.Module, batch: Tensors, records: list[dict[str, Any]]
     ) -> None:
         """When generating: the answer, the reference and the record ``id`` of each sample."""
         if "gen_input_ids" in batch and self.eval_data is not None:
@@ -342,56 +234,32 @@ class QwenVLTask(Task[QwenVLConfig]):
                 record.update(prediction=answer.strip(), reference=conv.reference, id=conv.id)
 
     def compute_metrics(self, records: list[dict[str, Any]]) -> dict[str, float]:
-        """``loss`` (token-weighted), and with generation ``count_accuracy``, ``count_mae``,
-        ``count_parsed``, ``count_samples``."""
+        """``loss`` (token-weighted), and with generation the counting metrics."""
         metrics = super().compute_metrics(records)
         answered = [r for r in records if "prediction" in r]
         if answered:
-            metrics.update(
-                counting_metrics(
-                    [r["prediction"] for r in answered], [r["reference"] for r in answered]
-                )
-            )
+            predictions = [r["prediction"] for r in answered]
+            metrics.update(counting_metrics(predictions, [r["reference"] for r in answered]))
         return metrics
 
-    # -- output --------------------------------------------------------------------------------
-
-    def save_final(
-        self, model: nn.Module, state_dict: dict[str, torch.Tensor], out_dir: Path
-    ) -> None:
-        """Model (LoRA merged) and processor, so ``AutoModelForImageTextToText`` / ``AutoProcessor``
-        load ``out_dir``."""
-        export_final(
-            model,
-            state_dict,
-            out_dir,
-            self.processor,
-            self.cfg.model.lora if self.cfg.model.lora.enabled else None,
-        )
+    def save_final(self, model: nn.Module, state_dict: Tensors, out_dir: Path) -> None:
+        """Model (LoRA merged) and processor (:func:`qwen_vl.model.export_final`)."""
+        lora = self.cfg.model.lora if self.cfg.model.lora.enabled else None
+        export_final(model, state_dict, out_dir, self.processor, lora)
 
     def manifest_entries(self) -> dict[str, Any]:
         """Metric implementation, model and processor sources, pixel limits, image fingerprints."""
+        e, data = self.encoder, (self.train_data, self.val_data)
+        how = "qwen_vl.metrics.counting_metrics (first number in the answer)"
+        metric = {"implementation": how, "version": METRIC_VERSION}
         return {
-            "metrics": {
-                name: {
-                    "implementation": "qwen_vl.metrics.counting_metrics (first number in the "
-                    "answer)",
-                    "version": METRIC_VERSION,
-                }
-                for name in ("count_accuracy", "count_mae")
-            },
+            "metrics": {name: metric for name in ("count_accuracy", "count_mae")},
             "qwen_vl_version": __version__,
             "model": self.cfg.model.name,
             "processor": processor_source(self.cfg.model),
-            "pixels": {
-                "min": self.encoder.min_pixels,
-                "max": self.encoder.max_pixels,
-                "factor": self.encoder.factor,
-            },
+            "pixels": {"min": e.min_pixels, "max": e.max_pixels, "factor": e.factor},
             "image_fingerprints": {
-                str(d.files[0]): d.image_fingerprint
-                for d in (self.train_data, self.val_data)
-                if d is not None
+                str(d.files[0]): d.image_fingerprint for d in data if d is not None
             },
         }
 

@@ -18,5 +18,6 @@ __all__, __getattr__ = lazy_exports(
         ),
         "optim": "Adafactor build_optimizer build_scheduler check_strategy parameter_groups",
         "padding": "length_mask pad_fields pad_rows",
+        "peft_lora": "peft_lora_config",
     },
 )
