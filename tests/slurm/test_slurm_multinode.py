@@ -321,7 +321,7 @@ def test_a_hung_node_fails_the_job_in_time_and_4_ranks_on_2_nodes_equal_1_node(
     run = wait_for_step(cluster, job, tmp_path / "runs", 3)
     node2 = cluster.run("scontrol", "show", "hostnames", cluster.job_state(job)["NodeList"])
     frozen = train_pids(cluster, node2.split()[1])
-    assert len(frozen) == 2, frozen
+    assert len(frozen) >= 2, frozen  # its two ranks (and any data-loading workers)
     stopped_at = time.time()
     for pid in frozen:
         os.kill(pid, signal.SIGSTOP)
