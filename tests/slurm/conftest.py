@@ -152,6 +152,13 @@ def _install() -> None:
         pytest.skip(f"could not install Slurm: {done.stderr[-500:]}")
 
 
+# Slurm holds a requeued job until the job's credential has expired (``cred_expire``, 120 s by
+# default): with this a USR1 -> requeue -> resume test waits 11 s for its second start instead of
+# two minutes. It is also the lifetime of a step's credential, from srun to slurmd on the same
+# machine: a few seconds are plenty.
+CRED_EXPIRE_S = 10
+
+
 def _config_text(root: Path, cluster: str, ctl_addr: str, per_node: bool) -> str:
     """The slurm.conf lines both test clusters share: slurmctld on this host at ``ctl_addr``,
     state, logs and munge under ``root``; with ``per_node`` each slurmd has its own pid file,
@@ -162,7 +169,7 @@ SlurmctldHost={socket.gethostname()}({ctl_addr})
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket={root}/munge/munge.socket
+AuthInfo=socket={root}/munge/munge.socket,cred_expire={CRED_EXPIRE_S}
 CredType=cred/munge
 MpiDefault=none
 ProctrackType=proctrack/linuxproc

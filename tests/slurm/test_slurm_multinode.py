@@ -10,15 +10,23 @@ each in its own network, UTS and mount namespace; see tests/slurm/conftest.py).
    shard groups are the ranks of one node (replicas across nodes), and the adapter equals that of
    the same mesh on one node x 4 tasks.
 4. A lost node never hangs: the ranks of node 2 are killed mid-epoch; node 1's rank leaves within
-   ``trainer.dist_timeout`` plus a minute with one message naming the step and the gone peer, the
-   job ends FAILED, and the job submitted again resumes from the last complete checkpoint. Its
+   ``trainer.dist_timeout`` plus a minute with one message naming the step and the gone peer, and
+   the job ends FAILED (the job submitted again resumes from the last complete checkpoint: item
+   7, after a hung node, checks it). Its
    venv is on node-local storage (``LOCAL_SCRATCH``): synced once per node, and each rank runs
    from its own node's copy.
 5. Preemption across nodes: USR1 to every rank of a 2-node job (what ``--signal=USR1@N`` does
    before the time limit) -> one checkpoint -> requeue -> resume, ending bit-identical to the
    uninterrupted 2-node job.
+   With FSDP2 (qwen_vl, next item): every rank's shard file is written once, holds that rank's
+   slice, and is read back by the same two ranks.
 6. qwen_vl ``tiny`` with FSDP2 and the users' recipe settings (7B preset's ``fsdp`` group) on 2
    nodes x 1 task ends with the weights of 1 node x 2 tasks.
+7. A hung node never hangs the job: node 2's ranks are frozen (SIGSTOP) mid-epoch; node 1's
+   ranks leave within ``trainer.dist_timeout`` plus a minute with a message naming the step and
+   the peer that did not answer, the job ends FAILED, and the job submitted again resumes from the
+   last complete checkpoint and ends with the weights of the same job on 1 node x 4 tasks
+   (summarization DDP on 2 nodes x 2 tasks).
 """
 
 from __future__ import annotations
@@ -241,17 +249,22 @@ def assert_ranks_use_their_nodes_venv(cluster, nodes: list[str], venv: str) -> N
     assert synced == sorted(nodes)
 
 
-def test_a_lost_node_fails_the_job_quickly_and_a_new_job_resumes(multi_node_cluster, tmp_path):
-    cluster, timeout = multi_node_cluster, 20
-    args = (
-        "trainer.max_steps=12",
-        "trainer.log_every_n_steps=1",
-        "trainer.ckpt_every_n_steps=2",
-        "trainer.val_every_n_steps=1000",
-        "data.max_val_samples=8",
-        "generation.max_new_tokens=8",
-        f"trainer.dist_timeout={timeout}",
-    )
+# The jobs that lose a node: 12 steps of summarization ``tiny``, a checkpoint every 2, and a
+# collective timeout of FAULT_TIMEOUT seconds.
+FAULT_TIMEOUT = 20
+FAULT_ARGS = (
+    "trainer.max_steps=12",
+    "trainer.log_every_n_steps=1",
+    "trainer.ckpt_every_n_steps=2",
+    "trainer.val_every_n_steps=1000",
+    "data.max_val_samples=8",
+    "generation.max_new_tokens=8",
+    f"trainer.dist_timeout={FAULT_TIMEOUT}",
+)
+
+
+def test_a_lost_node_fails_the_job_quickly(multi_node_cluster, tmp_path):
+    cluster, timeout, args = multi_node_cluster, FAULT_TIMEOUT, FAULT_ARGS
     # The venv on node-local storage, synced once per node from the machine's uv cache (the
     # same path on every node: the cluster's node-local folder).
     local = {
@@ -279,9 +292,44 @@ def test_a_lost_node_fails_the_job_quickly_and_a_new_job_resumes(multi_node_clus
     assert stopped and int(stopped.group(1)) >= 3, log[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "failed"
+    # The job submitted again resumes from the last complete checkpoint: checked after the
+    # hung node below (the same failed run -> the same command with run.dir=), which needs that
+    # job anyway (CI time).
+    print(f"node 1's rank left {left_after:.0f} s after the kill")
+
+
+def test_a_hung_node_fails_the_job_in_time_and_4_ranks_on_2_nodes_equal_1_node(
+    multi_node_cluster, tmp_path
+):
+    """Step 7 of the module docstring: node 2's two ranks are stopped (SIGSTOP: alive, their
+    connections open, silent, as a frozen node or a network partition looks), so node 1's ranks
+    can only find out by ``trainer.dist_timeout``. The run resumed after it is also the 2 nodes x
+    2 tasks DDP job compared with 1 node x 4 tasks (the resume is exact; CI time)."""
+    cluster, timeout, args = multi_node_cluster, FAULT_TIMEOUT, FAULT_ARGS
+    one = submit_task(cluster, tmp_path / "one", "summarization", 1, 4, *args)
+    job = submit_task(cluster, tmp_path, "summarization", 2, 2, *args)
+    run = wait_for_step(cluster, job, tmp_path / "runs", 3)
+    node2 = cluster.run("scontrol", "show", "hostnames", cluster.job_state(job)["NodeList"])
+    frozen = train_pids(cluster, node2.split()[1])
+    assert len(frozen) >= 2, frozen  # its two ranks (and any data-loading workers)
+    stopped_at = time.time()
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    info = cluster.wait(job, timeout=timeout + 60)
+    left_after = time.time() - stopped_at
+    log = (tmp_path / "logs" / f"summarization_{job}.out").read_text()
+    assert info["JobState"] == "FAILED", log[-3000:]
+    assert left_after < timeout + 60
+    stopped = re.search(
+        r"Rank 0 stopped at step (\d+) of 12: another rank did not answer within "
+        rf"trainer.dist_timeout={timeout} s",
+        log,
+    )
+    assert stopped and int(stopped.group(1)) >= 3, log[-3000:]
+    assert json.loads((run / "summary.json").read_text())["status"] == "failed"
     last = max(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*"))
 
-    again = submit_task(cluster, tmp_path, "summarization", 2, 1, *args, f"run.dir={run}", **local)
+    again = submit_task(cluster, tmp_path, "summarization", 2, 2, *args, f"run.dir={run}")
     info = cluster.wait(again, timeout=900)
     log = (tmp_path / "logs" / f"summarization_{again}.out").read_text()
     assert info["JobState"] == "COMPLETED", log[-3000:]
@@ -289,7 +337,11 @@ def test_a_lost_node_fails_the_job_quickly_and_a_new_job_resumes(multi_node_clus
     assert json.loads((run / "summary.json").read_text())["status"] == "completed"
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert max(r.get("step", 0) for r in metrics) == 12
-    print(f"node 1's rank left {left_after:.0f} s after the kill; resumed from step {last}")
+    one_run, one_info = finished_run(cluster, tmp_path / "one", "summarization", one)
+    assert_ran_on(cluster, run, info, 2)
+    assert_ran_on(cluster, one_run, one_info, 4)
+    assert_same_weights(run, one_run)
+    print(f"node 1's ranks left {left_after:.0f} s after node 2 froze; resumed from step {last}")
 
 
 def test_summarization_on_two_nodes_equals_one_node_and_resumes_after_usr1_bit_identical(
@@ -331,7 +383,36 @@ def test_summarization_on_two_nodes_equals_one_node_and_resumes_after_usr1_bit_i
     )
 
 
-def test_qwen_vl_fsdp2_on_two_nodes_equals_one_node(multi_node_cluster, tmp_path):
+def assert_shards_written_once_by_their_ranks(run: Path, restarted: str) -> None:
+    """The one USR1 checkpoint of a 2-rank FSDP2 run: one shard file per rank, ``__<r>_0.distcp``
+    holding rank ``r``'s dim-0 slice of every sharded tensor (as ``.metadata`` records it), and
+    no file of it written after the job's last start (``restarted``: Slurm's StartTime)."""
+    import datetime
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    cut = min((run / "checkpoints").glob("step-*"))
+    files = sorted((cut / "state").glob("*.distcp"))
+    assert [p.name for p in files] == ["__0_0.distcp", "__1_0.distcp"]
+    chunks: dict[str, list[tuple[int, str]]] = {}
+    for index, where in FileSystemReader(str(cut / "state")).read_metadata().storage_data.items():
+        if index.offset is not None and len(index.offset) > 0:
+            chunks.setdefault(index.fqn, []).append((index.offset[0], where.relative_path))
+    sharded = {fqn: sorted(c) for fqn, c in chunks.items() if len(c) == 2}
+    assert sharded, "no tensor sharded over the two ranks in the checkpoint"
+    for fqn, ((_, first), (_, second)) in sharded.items():
+        assert (first, second) == ("__0_0.distcp", "__1_0.distcp"), fqn
+    started = datetime.datetime.fromisoformat(restarted).timestamp()
+    for path in [*files, cut / "state" / ".metadata"]:
+        assert path.stat().st_mtime < started, f"{path} was written again after the requeue"
+
+
+def test_qwen_vl_fsdp2_on_two_nodes_equals_one_node_and_resumes_after_usr1(
+    multi_node_cluster, tmp_path
+):
+    """Step 6 of the module docstring, and step 5 with FSDP2 (sharded checkpoints): the
+    uninterrupted 2-node job is the reference of both. It replaces the single-node FSDP2 USR1 test
+    (a strict subset: 2 ranks, USR1, requeue, resume, same weights, one shard file per rank)."""
     cluster = multi_node_cluster
     args = (
         "trainer.strategy=fsdp",
@@ -339,16 +420,37 @@ def test_qwen_vl_fsdp2_on_two_nodes_equals_one_node(multi_node_cluster, tmp_path
         "fsdp.activation_checkpointing=true",
         "fsdp.prefetch_backward=1",
         "fsdp.sync_module_states=true",
-        "trainer.max_steps=3",
+        "trainer.max_steps=16",
+        "trainer.log_every_n_steps=1",
         "trainer.val_every_n_steps=1000",
         "trainer.ckpt_every_n_steps=1000",
         "checkpoint.load_best_at_end=false",
+        "checkpoint.keep_last=2",  # the USR1 checkpoint stays next to the final one
         "logger.plot=false",
     )
     two = submit_task(cluster, tmp_path / "two", "qwen_vl", 2, 1, *args)
+    cut = submit_task(cluster, tmp_path / "cut", "qwen_vl", 2, 1, *args)
     one = submit_task(cluster, tmp_path / "one", "qwen_vl", 1, 2, *args)
+    wait_for_step(cluster, cut, tmp_path / "cut" / "runs", 2)
+    cluster.run("scancel", "--signal=USR1", cut)  # every rank of the job's steps, on both nodes
     two_run, info = finished_run(cluster, tmp_path / "two", "qwen_vl", two)
     one_run, _ = finished_run(cluster, tmp_path / "one", "qwen_vl", one)
+    cut_run, cut_info = finished_run(cluster, tmp_path / "cut", "qwen_vl", cut)
     assert_ran_on(cluster, two_run, info, 1)
-    assert json.loads((two_run / "manifest.json").read_text())["strategy"] == "FSDP2Strategy"
+    assert_ran_on(cluster, cut_run, cut_info, 1)
+    for run in (two_run, cut_run):
+        manifest = json.loads((run / "manifest.json").read_text())
+        assert manifest["strategy"] == "FSDP2Strategy"
     assert_same_weights(two_run, one_run)
+
+    log = (tmp_path / "cut" / "logs" / f"qwen_vl_{cut}.out").read_text()
+    assert int(cut_info.get("Restarts", "0")) == 1, f"the job was not requeued once: {cut_info}"
+    assert "Received SIGUSR1" in log and "Requeued SLURM job" in log and "Resumed from" in log
+    # Both starts of the job numbered the same two ranks (Lightning's line per rank and start).
+    for rank in (0, 1):
+        assert log.count(f"GLOBAL_RANK: {rank}, MEMBER: {rank + 1}/2") == 2, log[-3000:]
+    assert json.loads((cut_run / "summary.json").read_text())["status"] == "completed"
+    metrics = [json.loads(line) for line in (cut_run / "metrics.jsonl").read_text().splitlines()]
+    assert max(r.get("step", 0) for r in metrics) == 16
+    assert_shards_written_once_by_their_ranks(cut_run, cut_info["StartTime"])
+    assert_same_weights(two_run, cut_run, tol=0.0)
