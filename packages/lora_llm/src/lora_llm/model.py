@@ -27,6 +27,7 @@ from core.nn.models import (
     parameter_counts,
     transformers_errors_only,
 )
+from core.nn.peft_lora import peft_lora_config
 from core.task.adapters import (
     attach_adapter,
     linear_module_names,
@@ -256,7 +257,7 @@ def add_adapter(model: nn.Module, lora: LoraSettings, gradient_checkpointing: bo
     Raises:
         UserError: ``lora.target_modules`` names layers the model does not have.
     """
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
     if is_quantized(model):
         # Freezes everything and casts the other 16-bit weights (norms, embeddings, head) to fp32.
@@ -274,16 +275,8 @@ def add_adapter(model: nn.Module, lora: LoraSettings, gradient_checkpointing: bo
     )
     # GPT-2's Conv1D layers store their weight transposed; peft must know (it would warn, guess).
     conv1d = any(type(m).__name__ == "Conv1D" for m in model.modules())
-    config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=targets,
-        bias=lora.bias,
-        use_rslora=lora.use_rslora,
-        use_dora=lora.use_dora,
-        fan_in_fan_out=conv1d,
-        task_type="CAUSAL_LM",
+    config = peft_lora_config(
+        lora, target_modules=targets, bias=lora.bias, fan_in_fan_out=conv1d, task_type="CAUSAL_LM"
     )
     try:
         with peft_quietly():
