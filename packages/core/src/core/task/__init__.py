@@ -25,6 +25,7 @@ __all__, __getattr__ = lazy_exports(
         ),
         "encode_report": "EncodeStats",
         "images": "ImageSource image_sizes load_image resolve_image",
+        "packed_forward": "call_model check_packing",
         "records": "BadJSON check_file iter_source read_all read_objects split_holdout",
         "response_encoder": "PROMPT_TAIL PromptTooLong ResponseEncoder encode_records",
         "textbatch": "continuations pad_batch",
