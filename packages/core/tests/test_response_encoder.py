@@ -4,6 +4,7 @@ counts of what was skipped and cut."""
 
 from __future__ import annotations
 
+import logging
 from types import SimpleNamespace
 from typing import Any
 
@@ -68,7 +69,7 @@ def test_long_responses_lose_their_end_and_long_prompts_are_refused_or_cut(token
     assert tokenizer.decode(cut["input_ids"][3:6]) == "w8 w9 answer" and PROMPT_TAIL >= 3
 
 
-def test_encode_records_skips_or_refuses_long_prompts_and_reports_the_counts(tokenizer):
+def test_encode_records_skips_or_refuses_long_prompts_and_reports_the_counts(tokenizer, caplog):
     encoder = Pairs(tokenizer, max_length=12, min_response_tokens=4)
     records = [pair("f:1", 2, 2), pair("f:2", 10, 2), pair("f:3", 2, 20)]
     with pytest.raises(UserError, match="Prompt too long: f:2: .* data.long_prompts=skip"):
@@ -83,6 +84,12 @@ def test_encode_records_skips_or_refuses_long_prompts_and_reports_the_counts(tok
     assert report["lengths"]["total"]["max"] == 12
     assert "skipped 1 bad, 1 with too-long prompts; 1 responses truncated" in stats.describe("x")
     assert stats.truncation(12, "samples").note().startswith("1 of 2 samples were longer")
+    with caplog.at_level(logging.INFO):
+        stats.log("train", 12, logging.getLogger("test"))
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == stats.describe("train") and len(lines) == 4
+    assert lines[1].startswith("train: 1 of 2 responses were cut at data.max_length=12")
+    assert lines[2:] == ["train: skipped: f:4: bad", f"train: skipped: {report['problems'][1]}"]
 
 
 def test_an_empty_report_is_plain_data():

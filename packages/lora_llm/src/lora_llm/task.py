@@ -280,19 +280,7 @@ class LoraLLMTask(Task[LoraLLMConfig]):
         if not self.ranks.is_global_zero:
             return
         for split, stats in self.stats.items():
-            log.info("%s", stats.describe(split))
-            if stats.truncated_samples:
-                log.warning(
-                    "%s: %d of %d responses were cut at data.max_length=%d (%d response tokens "
-                    "lost); raise data.max_length to keep them",
-                    split,
-                    stats.truncated_samples,
-                    len(stats.total_lengths),
-                    self.cfg.data.max_length,
-                    stats.response_tokens_cut,
-                )
-            for problem in stats.problems[:5]:
-                log.warning("%s: skipped: %s", split, problem)
+            stats.log(split, self.cfg.data.max_length, log)
         if self.run_dir is not None:
             report = {
                 split: stats.summary(self.cfg.data.max_length)

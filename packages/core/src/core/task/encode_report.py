@@ -2,15 +2,16 @@
 length percentiles of what is left (:class:`EncodeStats`).
 
 A task that encodes records into token samples counts each sample here; ``describe`` gives the
-log line, ``summary`` the plain data for ``<run>/data_stats.json`` and the manifest, and
-``truncation`` the one note on samples cut to the length limit (:class:`core.task.truncation.
-Truncation`).
+log line, ``log`` that line and warnings on what was cut or skipped, ``summary`` the plain data
+for ``<run>/data_stats.json`` and the manifest, and ``truncation`` the one note on samples cut to
+the length limit (:class:`core.task.truncation.Truncation`).
 
 Self-check: ``python -m core.task.encode_report``.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -89,6 +90,22 @@ class EncodeStats:
             f"{total.get('p50', 0):.0f}, p90 {total.get('p90', 0):.0f}, max {total.get('max', 0)}"
         )
 
+    def log(self, split: str, max_length: int, logger: logging.Logger) -> None:
+        """Log :meth:`describe`, a warning on cut responses and the first 5 skipped records."""
+        logger.info("%s", self.describe(split))
+        if self.truncated_samples:
+            logger.warning(
+                "%s: %d of %d responses were cut at data.max_length=%d (%d response tokens "
+                "lost); raise data.max_length to keep them",
+                split,
+                self.truncated_samples,
+                len(self.total_lengths),
+                max_length,
+                self.response_tokens_cut,
+            )
+        for problem in self.problems[:5]:
+            logger.warning("%s: skipped: %s", split, problem)
+
 
 if __name__ == "__main__":  # self-check: python -m core.task.encode_report
     stats = EncodeStats(records=4, bad_records_skipped=1, problems=["x:3: bad"])
@@ -101,4 +118,6 @@ if __name__ == "__main__":  # self-check: python -m core.task.encode_report
     assert report["trained_tokens"] == 14 and report["lengths"]["total"]["max"] == 13, report
     print(stats.describe("train"))
     assert stats.truncation(10, "samples").cut == 1
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    stats.log("train", 10, logging.getLogger("encode_report"))
     print("core.task.encode_report: ok")
