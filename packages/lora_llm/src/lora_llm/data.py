@@ -5,11 +5,8 @@ Reading (:func:`read_records`): instruction records ``{"instruction", "input" (o
 ``{"input_ids", "labels"}`` from JSON / JSONL files, a Hugging Face dataset or a shipped sample.
 
 Encoding (:class:`Encoder`): the prompt (Alpaca template, in English or Korean, or the chat
-template) and each response are tokenized separately, so the boundary between masked and trained
-tokens is exact and inference sees the training prompt; EOS ends each response and is trained.
-A sequence over ``max_length`` loses the end of its response (counted in :class:`EncodeStats`);
-a prompt that leaves under ``min_response_tokens`` is an error (or skipped and counted).
-Batching is core's :mod:`core.task.batching`.
+template) and the response as pieces for core's :mod:`core.task.response_encoder` (labels,
+truncation, the ``EncodeStats`` report); batching is core's :mod:`core.task.batching`.
 
 Self-check: ``python -m lora_llm.data``.
 """
@@ -18,9 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +26,11 @@ from core.task.batching import TokenDataset, collate_causal
 from core.task.batching import flatten_batch as flatten_batch
 from core.task.batching import pack as pack
 from core.task.chat import template_pieces
+from core.task.encode_report import EncodeStats as EncodeStats
 from core.task.records import split_holdout
-from core.task.truncation import Truncation, cut_ids, length_stats
+from core.task.response_encoder import PROMPT_TAIL, ResponseEncoder
+from core.task.response_encoder import encode_records as encode_records
+from core.task.truncation import cut_ids
 from lora_llm.config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -286,33 +284,25 @@ collate = collate_causal
 ``collate`` pads items into batches (:func:`core.task.batching.collate_causal`)."""
 
 
-PROMPT_TAIL = 32
-"""Tokens a cut prompt keeps from its end: the template's closing part (``### Response:``, a chat
-generation prompt) and the last words before it, so the model still answers."""
-
-
-class PromptTooLong(ValueError):
-    """A prompt that leaves no room for the response within ``max_length``."""
-
-
 def has_chat_template(tokenizer: Any) -> bool:
     """Whether the tokenizer brings its own chat template."""
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-class Encoder:
-    """Turns records into ``input_ids`` / ``labels`` (and prompts into ids for generation).
+class Encoder(ResponseEncoder):
+    """Records -> ``input_ids`` / ``labels`` (:class:`core.task.response_encoder.ResponseEncoder`)
+    and prompts -> ids for generation.
 
     Args:
         tokenizer: a Hugging Face tokenizer (pad token set).
         template: ``data.template`` (``auto``, ``alpaca``, ``alpaca_ko``, ``chat``).
-        max_length: longest sequence.
-        min_response_tokens: response room a prompt must leave.
-        train_on_prompt: labels on the prompt tokens too.
+        max_length, min_response_tokens, train_on_prompt: as in ``ResponseEncoder``.
         chat_source: ``tokenizer`` or ``builtin``: where the chat template comes from; None:
             ``tokenizer`` when it has one. Inference passes what training used (an adapter's
             tokenizer has the built-in template, but ``auto`` must still pick its Alpaca prompt).
     """
+
+    no_response = BadRecord
 
     def __init__(
         self,
@@ -323,30 +313,10 @@ class Encoder:
         train_on_prompt: bool = False,
         chat_source: str | None = None,
     ) -> None:
-        """See the class docstring; decides once whether the tokenizer adds BOS by itself."""
-        self.tokenizer = tokenizer
+        super().__init__(tokenizer, max_length, min_response_tokens, train_on_prompt)
         self.template = template
-        self.max_length = max_length
-        self.min_response_tokens = min_response_tokens
-        self.train_on_prompt = train_on_prompt
-        # Set by infer / evaluate: prompts are cut to this many tokens (start + PROMPT_TAIL)
-        # instead of being refused; None: training's policy (data.long_prompts).
-        self.prompt_limit: int | None = None
         self.chat_source = chat_source or (
             "tokenizer" if has_chat_template(tokenizer) else "builtin"
-        )
-        self.eos_id = tokenizer.eos_token_id
-        if self.eos_id is None:
-            raise UserError(
-                "The tokenizer has no EOS token; the model could never learn to stop. Choose a "
-                "tokenizer with one (model.tokenizer)."
-            )
-        bos = tokenizer.bos_token_id
-        # Does the tokenizer add BOS by itself (Llama) or not (GPT-2)? Prompts get it the same way.
-        self.add_bos = (
-            bos is not None
-            and tokenizer.encode("a", add_special_tokens=True)[:1] == [bos]
-            and tokenizer.encode("a", add_special_tokens=False)[:1] != [bos]
         )
 
     def style(self, record: Record) -> str:
@@ -395,26 +365,6 @@ class Encoder:
             )
         return pieces
 
-    def tokens(self, record: Record) -> tuple[list[int], list[bool]]:
-        """``(ids, trained)``: a record's token ids and whether each is trained (response +
-        EOS), two lists of length ``seq``."""
-        ids: list[int] = []
-        trained: list[bool] = []
-        chat = self.style(record) == "chat"
-        if self.add_bos and not chat:
-            ids.append(self.tokenizer.bos_token_id)
-            trained.append(False)
-        pieces = self.segments(record)
-        for text, is_trained in pieces:
-            piece = self.tokenizer.encode(text, add_special_tokens=False)
-            ids += piece
-            trained += [is_trained] * len(piece)
-        # EOS ends every response and is trained; a chat template's turn may already end with it.
-        if pieces and pieces[-1][1] and ids[-1] != self.eos_id:
-            ids.append(self.eos_id)
-            trained.append(True)
-        return ids, trained
-
     def prompt_ids(self, record: Record, cut: bool = True) -> list[int]:
         """Token ids of the prompt to generate from (a record without output / final answer),
         cut to ``prompt_limit`` when it is set (and ``cut``)."""
@@ -422,171 +372,6 @@ class Encoder:
         if cut and self.prompt_limit is not None:
             ids = cut_ids(ids, self.prompt_limit, PROMPT_TAIL)
         return ids
-
-    def labelled(self, record: Record) -> tuple[list[int], list[int], list[bool], str]:
-        """``(ids, labels, trained, style)`` of the whole record: labels ``-100`` on untrained
-        tokens (unless ``train_on_prompt``), ``trained`` marks the response tokens."""
-        if record.kind == "tokenized":
-            labels = list(record.labels)
-            return list(record.input_ids), labels, [t != IGNORE_INDEX for t in labels], "tokenized"
-        ids, trained = self.tokens(record)
-        labels = [
-            t if (keep or self.train_on_prompt) else IGNORE_INDEX for t, keep in zip(ids, trained)
-        ]
-        return ids, labels, trained, self.style(record)
-
-    def cut_prompt(
-        self, ids: list[int], labels: list[int], trained: list[bool], prompt_tokens: int
-    ) -> tuple[list[int], list[int], list[bool], int]:
-        """``(ids, labels, trained, prompt_tokens)`` with a prompt over ``prompt_limit`` (or the
-        response's room) cut to its start and end as :meth:`prompt_ids` cuts it."""
-        room = min(self.prompt_limit, self.max_length - self.min_response_tokens)
-        if prompt_tokens <= room:
-            return ids, labels, trained, prompt_tokens
-        keep = cut_ids(range(prompt_tokens), room, PROMPT_TAIL)
-        keep += range(prompt_tokens, len(ids))
-        pick = [ids[i] for i in keep], [labels[i] for i in keep], [trained[i] for i in keep]
-        return *pick, room
-
-    def encode(self, record: Record) -> dict[str, Any]:
-        """``input_ids`` / ``labels`` for training, truncated to ``max_length``.
-
-        Returns:
-            ``{"input_ids", "labels"}`` (lists of length ``seq <= max_length``; labels ``-100`` on
-            untrained tokens), ``"source"``, ``"style"``, ``"prompt_tokens"`` (before the first
-            trained token), ``"response_tokens"`` (trained tokens kept) and ``"cut_tokens"``
-            (trained tokens removed by truncation).
-
-        Raises:
-            PromptTooLong: the prompt leaves fewer than ``min_response_tokens`` tokens.
-            BadRecord: the response has no tokens.
-        """
-        ids, labels, trained, style = self.labelled(record)
-        if not any(trained):
-            raise BadRecord(f"{record.source}: the response has no tokens.")
-        prompt_tokens = trained.index(True)
-        full_tokens = len(ids)
-        cut = 0
-        if self.prompt_limit is not None:
-            ids, labels, trained, prompt_tokens = self.cut_prompt(
-                ids, labels, trained, prompt_tokens
-            )
-        if len(ids) > self.max_length:
-            if prompt_tokens > self.max_length - self.min_response_tokens:
-                raise PromptTooLong(
-                    f"{record.source}: the prompt has {prompt_tokens} tokens, which leaves fewer "
-                    f"than data.min_response_tokens={self.min_response_tokens} of "
-                    f"data.max_length={self.max_length} for the response."
-                )
-            cut = sum(trained[self.max_length :])
-            ids, labels, trained = (x[: self.max_length] for x in (ids, labels, trained))
-        return {
-            "input_ids": ids,
-            "labels": labels,
-            "source": record.source,
-            "style": style,
-            "prompt_tokens": prompt_tokens,
-            "response_tokens": sum(trained),
-            "cut_tokens": cut,
-            "full_tokens": full_tokens,
-        }
-
-
-@dataclass
-class EncodeStats:
-    """Counts and length distributions of an encoded data set (logged; ``prepare`` writes it)."""
-
-    records: int = 0
-    bad_records_skipped: int = 0
-    long_prompts_skipped: int = 0
-    truncated_samples: int = 0
-    response_tokens_cut: int = 0
-    styles: Counter = field(default_factory=Counter)
-    prompt_lengths: list[int] = field(default_factory=list)
-    response_lengths: list[int] = field(default_factory=list)
-    total_lengths: list[int] = field(default_factory=list)
-    full_lengths: list[int] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-
-    def add(self, example: dict[str, Any]) -> None:
-        """Count one encoded example (from :meth:`Encoder.encode`)."""
-        self.styles[example["style"]] += 1
-        self.prompt_lengths.append(example["prompt_tokens"])
-        self.response_lengths.append(example["response_tokens"])
-        self.total_lengths.append(len(example["input_ids"]))
-        self.full_lengths.append(example.get("full_tokens", len(example["input_ids"])))
-        if example["cut_tokens"]:
-            self.truncated_samples += 1
-            self.response_tokens_cut += example["cut_tokens"]
-
-    def summary(self, max_length: int) -> dict[str, Any]:
-        """Plain-data report: counts, templates, truncation and length percentiles."""
-        kept = len(self.total_lengths)
-        return {
-            "records_read": self.records,
-            "samples": kept,
-            "bad_records_skipped": self.bad_records_skipped,
-            "long_prompts_skipped": self.long_prompts_skipped,
-            "truncated_samples": self.truncated_samples,
-            "truncated_share": self.truncated_samples / max(kept, 1),
-            "response_tokens_cut": self.response_tokens_cut,
-            "trained_tokens": int(sum(self.response_lengths)),
-            "max_length": max_length,
-            "templates": dict(self.styles),
-            "lengths": {
-                k: length_stats(getattr(self, f"{k}_lengths"))
-                for k in ("prompt", "response", "total")
-            },
-            "problems": self.problems[:20],
-        }
-
-    def truncation(self, max_length: int, what: str) -> Truncation:
-        """The samples longer than ``max_length`` (``data.max_length``), counted."""
-        return Truncation.of(self.full_lengths, max_length, "data.max_length", what)
-
-    def describe(self, name: str) -> str:
-        """One log line: samples, skips, truncation, length percentiles."""
-        total = self.summary(0)["lengths"]["total"]
-        return (
-            f"{name}: {len(self.total_lengths)} samples from {self.records} records "
-            f"({dict(self.styles)}); skipped {self.bad_records_skipped} bad, "
-            f"{self.long_prompts_skipped} with too-long prompts; {self.truncated_samples} "
-            f"responses truncated ({self.response_tokens_cut} response tokens cut); tokens p50 "
-            f"{total.get('p50', 0):.0f}, p90 {total.get('p90', 0):.0f}, max {total.get('max', 0)}"
-        )
-
-
-def encode_records(
-    records: Sequence[Record],
-    encoder: Encoder,
-    long_prompts: str = "error",
-    problems: Sequence[str] = (),
-) -> tuple[list[dict[str, Any]], EncodeStats]:
-    """``(examples, stats)`` of ``records`` under the too-long-prompt policy ``long_prompts``
-    (``error``: ``UserError``; ``skip``); ``problems`` (bad records skipped) count in the stats."""
-    stats = EncodeStats(
-        records=len(records) + len(problems),
-        bad_records_skipped=len(problems),
-        problems=list(problems),
-    )
-    examples = []
-    for record in records:
-        try:
-            example = encoder.encode(record)
-        except PromptTooLong as err:
-            if long_prompts == "error":
-                raise UserError(
-                    f"Prompt too long: {err} Raise data.max_length, shorten the record, or set "
-                    "data.long_prompts=skip to leave such records out (they are counted)."
-                ) from None
-            stats.long_prompts_skipped += 1
-            stats.problems.append(str(err))
-            continue
-        except BadRecord as err:
-            raise UserError(f"Bad record: {err}") from None
-        stats.add(example)
-        examples.append(example)
-    return examples, stats
 
 
 class SFTDataset(TokenDataset):

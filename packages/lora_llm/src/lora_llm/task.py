@@ -16,10 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from core.errors import ConfigError, UserError
+from core.errors import UserError
 from core.nn.models import block_classes as decoder_layer_classes
 from core.task.base import StepOutput, Task
 from core.task.hub import ensure_available
+from core.task.packed_forward import call_model, check_packing
 from core.task.textbatch import continuations
 from lora_llm import __version__
 from lora_llm.config import LoraLLMConfig, ModelConfig, QuantConfig
@@ -50,46 +51,6 @@ from lora_llm.model import (
 )
 
 log = logging.getLogger(__name__)
-
-
-def call_model(model: nn.Module, batch: dict[str, torch.Tensor]) -> Any:
-    """One forward of the model on a batch; returns the model's output object.
-
-    Packed and padding-free rows carry ``position_ids`` and get no attention mask and no KV
-    cache: transformers then keeps the samples apart by the restarting position ids (a
-    block-diagonal mask, or flash-attention's variable-length kernel); a cache would treat the
-    row as one sequence.
-    """
-    key = "position_ids" if "position_ids" in batch else "attention_mask"
-    return model(input_ids=batch["input_ids"], **{key: batch[key]}, use_cache=False)
-
-
-def check_packing(model: nn.Module, pad_id: int) -> float:
-    """The largest relative logit difference between two random sequences packed into one row
-    and each on its own, run on the base ``model``; ``ConfigError`` when packed samples see each
-    other."""
-    vocab = model.get_input_embeddings().weight.shape[0]
-    device = model.get_input_embeddings().weight.device
-    gen = torch.Generator().manual_seed(0)
-    first, second = (torch.randint(0, vocab, (1, n), generator=gen).to(device) for n in (7, 5))
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        alone = [model(input_ids=x, use_cache=False).logits.float() for x in (first, second)]
-        positions = torch.cat([torch.arange(7), torch.arange(5)]).unsqueeze(0).to(device)
-        packed = model(
-            input_ids=torch.cat([first, second], dim=1), position_ids=positions, use_cache=False
-        ).logits.float()
-    model.train(was_training)
-    reference = torch.cat(alone, dim=1)
-    diff = float((packed - reference).abs().max() / (reference.abs().max() + 1e-6))
-    if diff > (1e-4 if next(model.parameters()).dtype == torch.float32 else 2e-2):
-        raise ConfigError(
-            "data.packing=true is not safe for this model: packed samples change each other's "
-            f"logits (relative difference {diff:.2e}). "
-            "Its attention does not follow restarting position ids; set data.packing=false."
-        )
-    return diff
 
 
 class LoraLLMTask(Task[LoraLLMConfig]):
@@ -319,19 +280,7 @@ class LoraLLMTask(Task[LoraLLMConfig]):
         if not self.ranks.is_global_zero:
             return
         for split, stats in self.stats.items():
-            log.info("%s", stats.describe(split))
-            if stats.truncated_samples:
-                log.warning(
-                    "%s: %d of %d responses were cut at data.max_length=%d (%d response tokens "
-                    "lost); raise data.max_length to keep them",
-                    split,
-                    stats.truncated_samples,
-                    len(stats.total_lengths),
-                    self.cfg.data.max_length,
-                    stats.response_tokens_cut,
-                )
-            for problem in stats.problems[:5]:
-                log.warning("%s: skipped: %s", split, problem)
+            stats.log(split, self.cfg.data.max_length, log)
         if self.run_dir is not None:
             report = {
                 split: stats.summary(self.cfg.data.max_length)

@@ -26,8 +26,11 @@ __all__, __getattr__ = lazy_exports(
         "metrics": (
             "DefaultTokenizer UnicodeWordTokenizer answer_scores describe resolve_tokenizer rouge"
         ),
+        "encode_report": "EncodeStats",
         "images": "ImageSource image_sizes load_image resolve_image",
+        "packed_forward": "call_model check_packing",
         "records": "BadJSON check_file iter_source read_all read_objects split_holdout",
+        "response_encoder": "PROMPT_TAIL PromptTooLong ResponseEncoder encode_records",
         "textbatch": "continuations pad_batch",
         "textrecords": "TextRecord read_text_records",
         "tiny_tokenizer": "BpeRecipe save_fast train_bpe write_record",
