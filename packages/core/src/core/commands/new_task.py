@@ -69,6 +69,10 @@ KINDS = {
         "a causal LM with a LoRA adapter (peft)",
         ("transformers>=4.46", "tokenizers>=0.19", "peft>=0.13"),
     ),
+    "vision-language": Kind(
+        "visual question answering (AutoModelForImageTextToText)",
+        ("transformers>=5.20,<6", "tokenizers>=0.19", "pillow>=10"),
+    ),
 }
 """The kinds ``--kind`` accepts (each a folder under ``core/templates``)."""
 

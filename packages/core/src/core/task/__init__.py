@@ -24,7 +24,9 @@ __all__, __getattr__ = lazy_exports(
             "DefaultTokenizer UnicodeWordTokenizer answer_scores describe resolve_tokenizer rouge"
         ),
         "images": "ImageSource image_sizes load_image resolve_image",
+        "imagetext": "VISION_TOKENS answers image_prompt pad_image_batch",
         "records": "BadJSON check_file iter_source read_all read_objects split_holdout",
+        "shapes": "data_uri draw example_records write_examples",
         "textbatch": "continuations pad_batch",
         "textrecords": "TextRecord read_text_records",
         "tiny_tokenizer": "BpeRecipe save_fast train_bpe write_record",
