@@ -20,8 +20,7 @@ from typing import Any
 
 import torch
 
-from core.nn.padding import length_mask, pad_rows
-from core.task.textbatch import pad_batch
+from core.task.textbatch import continuations, pad_batch
 
 VISION_TOKENS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>")
 """Start, placeholder and end of an image in the text (Qwen2-VL's vocabulary)."""
@@ -68,24 +67,12 @@ def pad_image_batch(samples: list[dict[str, Any]], pad_id: int) -> dict[str, tor
 def answers(
     model: Any, tokenizer: Any, batch: dict[str, torch.Tensor], max_new_tokens: int, **kw: Any
 ) -> list[str]:
-    """The greedy continuation of each sample's prompt (its first ``prompt_length`` tokens, left
-    padded), decoded without special tokens and stripped; ``kw`` goes to ``generate``
+    """The greedy continuation of each sample's prompt (its first ``prompt_length`` tokens) with
+    its image (:func:`core.task.textbatch.continuations`); ``kw`` goes to ``generate``
     (``synced_gpus`` under FSDP)."""
     prompts = [ids[:n].tolist() for ids, n in zip(batch["input_ids"], batch["prompt_length"])]
-    ids = pad_rows(prompts, tokenizer.pad_token_id, left=True).to(batch["input_ids"].device)
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=length_mask([len(p) for p in prompts], left=True).to(ids.device),
-        pixel_values=batch["pixel_values"],
-        image_grid_thw=batch["image_grid_thw"],
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **kw,
-    )
-    texts = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
-    return [t.strip() for t in texts]
+    images = {k: batch[k] for k in ("pixel_values", "image_grid_thw")}
+    return continuations(model, tokenizer, prompts, max_new_tokens, **images, **kw)
 
 
 if __name__ == "__main__":  # self-check: python -m core.task.imagetext

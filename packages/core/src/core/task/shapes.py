@@ -90,7 +90,7 @@ def write_examples(folder: Path) -> list[Path]:
     return written
 
 
-if __name__ == "__main__":  # self-check: python -m core.task.shapes [--write DIR]
+if __name__ == "__main__":  # self-check: python -m core.task.shapes (--write DIR: the files)
     import sys
     import tempfile
 

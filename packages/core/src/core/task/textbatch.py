@@ -32,7 +32,7 @@ def pad_batch(samples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Ten
 
 
 def continuations(
-    model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int
+    model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int, **inputs: Any
 ) -> list[str]:
     """The greedy continuation of each prompt by a causal LM, decoded without special tokens.
 
@@ -42,6 +42,7 @@ def continuations(
         prompts: token ids of each prompt; they are left-padded into one batch so that every row
             ends where generation starts.
         max_new_tokens: the most tokens generated per prompt (fewer at the end token).
+        inputs: more arguments of ``generate`` (an image's ``pixel_values``, ``synced_gpus``).
 
     Returns:
         One stripped text per prompt.
@@ -55,6 +56,7 @@ def continuations(
         do_sample=False,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        **inputs,
     )
     texts = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
     return [t.strip() for t in texts]
