@@ -71,7 +71,8 @@ KINDS = {
     ),
     "vision-language": Kind(
         "visual question answering (AutoModelForImageTextToText)",
-        ("transformers>=5.20,<6", "tokenizers>=0.19", "pillow>=10"),
+        # Qwen2VLImageProcessor is torchvision-based in transformers 5
+        ("transformers>=5.20,<6", "tokenizers>=0.19", "pillow>=10", "torchvision>=0.17"),
     ),
 }
 """The kinds ``--kind`` accepts (each a folder under ``core/templates``)."""
