@@ -290,22 +290,43 @@ def test_the_new_package_builds_a_wheel_that_trains_outside_the_workspace(
         assert needed in names, f"{wheel.name} lacks {needed}"
 
 
-# -- the other kinds: seq2seq and causal-lm ----------------------------------------------------
+# -- the other kinds: seq2seq, causal-lm and vision-language ----------------------------------
 
-OTHER_KINDS = {"seq2seq": "rewriter", "causal-lm": "responder"}
+OTHER_KINDS = {"seq2seq": "rewriter", "causal-lm": "responder", "vision-language": "shape_qa"}
 """Kind -> the package name it is generated as here."""
 
 FINAL_FILES = {
     "seq2seq": ["config.json", "tokenizer.json"],
     "causal-lm": ["adapter_config.json", "tokenizer.json", "base/config.json"],
+    "vision-language": ["config.json", "tokenizer.json", "preprocessor_config.json"],
 }
 """What ``final/`` holds per kind (causal-lm: the adapter, and the random tiny base beside it)."""
 
 INFER = {
-    "seq2seq": ("wake me up at 7 am tomorrow", "alarm"),
-    "causal-lm": ("text anna that i am late", "sending"),
+    "seq2seq": ("wake me up at 7 am tomorrow", {"alarm"}),
+    "causal-lm": ("text anna that i am late", {"sending"}),
+    "vision-language": ("what colour is the shape?", {"red", "green", "blue", "yellow"}),
 }
-"""A prompt per kind and the first word its trained tiny model answers with."""
+"""A prompt per kind and the first words its trained tiny model may answer with (vision-language:
+a question about a drawn blue square, :func:`infer_image`; the tiny model answers with a colour,
+not necessarily the right one)."""
+
+METRIC = {"seq2seq": "exact_match", "causal-lm": "perplexity", "vision-language": "accuracy"}
+"""A validation metric per kind besides the loss."""
+
+
+def infer_image(kind: str, folder: Path) -> list[str]:
+    """The ``--image`` argument of ``infer`` for a kind that reads images: a drawn blue square
+    (``core.task.shapes``, like the examples the tiny model trained on)."""
+    if kind != "vision-language":
+        return []
+    import random
+
+    from core.task.shapes import draw
+
+    path = folder / "blue_square.png"
+    draw("square", "blue", 56, random.Random(0)).save(path)
+    return ["--image", str(path)]
 
 
 @pytest.fixture(scope="module", params=sorted(OTHER_KINDS))
@@ -348,10 +369,9 @@ def test_other_kinds_evaluate_and_infer_on_their_final_model(
     scores = json.loads(done.stdout.strip().splitlines()[-1])
     # final/ is the model of the last step, validated on the same file: the same loss.
     assert scores["loss"] == pytest.approx(validation_records(generated["run"])[-1]["val/loss"])
-    metric = "exact_match" if generated["kind"] == "seq2seq" else "perplexity"
-    assert metric in scores
+    assert METRIC[generated["kind"]] in scores
     assert (generated["run"] / "eval" / "dev.jsonl").is_file()
-    prompt, first_word = INFER[generated["kind"]]
+    prompt, first_words = INFER[generated["kind"]]
     done = run(
         "uv",
         "run",
@@ -362,9 +382,10 @@ def test_other_kinds_evaluate_and_infer_on_their_final_model(
         str(final),
         "--prompt",
         prompt,
+        *infer_image(generated["kind"], generated["run"]),
         cwd=workspace,
     )
-    assert done.stdout.split()[0] == first_word, done.stdout
+    assert done.stdout.split()[0] in first_words, done.stdout
 
 
 def test_other_kinds_pass_their_tests_lint_and_self_checks_and_are_small(

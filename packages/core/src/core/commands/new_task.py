@@ -69,6 +69,11 @@ KINDS = {
         "a causal LM with a LoRA adapter (peft)",
         ("transformers>=4.46", "tokenizers>=0.19", "peft>=0.13"),
     ),
+    "vision-language": Kind(
+        "visual question answering (AutoModelForImageTextToText)",
+        # Qwen2VLImageProcessor is torchvision-based in transformers 5
+        ("transformers>=5.20,<6", "tokenizers>=0.19", "pillow>=10", "torchvision>=0.17"),
+    ),
 }
 """The kinds ``--kind`` accepts (each a folder under ``core/templates``)."""
 

@@ -51,8 +51,10 @@ def continuations(
         batch_size: prompts per ``generate`` call (None: all at once); the longest go together
             (less padding), the texts come back in the order of ``prompts``.
         settings: more ``generate`` arguments (``do_sample``, ``temperature``, ``top_p``,
-            ``top_k``, ``repetition_penalty``, ``synced_gpus``); the sampling ones are dropped
-            without ``do_sample`` (transformers warns about them).
+            ``top_k``, ``repetition_penalty``, ``synced_gpus``, an image batch's
+            ``pixel_values``); the sampling ones are dropped without ``do_sample`` (transformers
+            warns about them). Inputs with one entry per prompt need ``batch_size=None``: then
+            the rows keep their order.
 
     Returns:
         One stripped text per prompt.
@@ -61,8 +63,10 @@ def continuations(
     if not settings["do_sample"]:
         settings = {k: v for k, v in settings.items() if k not in ("temperature", "top_p", "top_k")}
     device = model.get_input_embeddings().weight.device
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     size = batch_size or max(len(prompts), 1)
+    order = list(range(len(prompts)))
+    if size < len(prompts):  # several calls: the longest go together (less padding)
+        order.sort(key=lambda i: -len(prompts[i]))
     texts: dict[int, str] = {}
     for start in range(0, len(order), size):
         chunk = order[start : start + size]
