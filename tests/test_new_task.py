@@ -9,13 +9,14 @@ builds a wheel that trains outside the workspace; bad names and places exit 2 wi
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+
+from core.testing.workspace import clean_env, copy_workspace
 
 pytestmark = [
     pytest.mark.slow,
@@ -28,40 +29,12 @@ REPO = Path(__file__).resolve().parents[1]
 def run(
     *args: str, cwd: Path, expect: int | None = 0, timeout: int = 900
 ) -> subprocess.CompletedProcess:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("SLURM_", "VIRTUAL_ENV", "CORE_TASK", "MASTER_", "UV_PROJECT"))
-    }
-    env.update({"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
     done = subprocess.run(
-        list(args), cwd=cwd, capture_output=True, text=True, env=env, timeout=timeout
+        list(args), cwd=cwd, capture_output=True, text=True, env=clean_env(), timeout=timeout
     )
     if expect is not None:
         assert done.returncode == expect, f"{' '.join(args)}\n{done.stdout}\n{done.stderr}"
     return done
-
-
-def copy_workspace(target: Path) -> Path:
-    """A copy of this checkout's files (what git tracks, and untracked files it does not ignore)
-    with its own synced ``.venv``."""
-    listed = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard", "-z"],
-        cwd=REPO,
-        capture_output=True,
-        check=True,
-    ).stdout.split(b"\0")
-    for name in filter(None, listed):
-        source, dest = REPO / name.decode(), target / name.decode()
-        if not source.exists() and not source.is_symlink():
-            continue  # deleted in the working tree
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if source.is_symlink():
-            dest.symlink_to(os.readlink(source))
-        else:
-            shutil.copy2(source, dest)
-    run("uv", "sync", "--frozen", "--all-packages", "-q", cwd=target)
-    return target
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
@@ -73,7 +46,7 @@ def snapshot(root: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return copy_workspace(tmp_path_factory.mktemp("ws"))
+    return copy_workspace(REPO, tmp_path_factory.mktemp("ws"))
 
 
 @pytest.fixture(scope="module")

@@ -49,11 +49,11 @@ class Cluster:
         env.update({"SLURM_CONF": str(self.conf), **extra})
         return env
 
-    def task_env(self, workdir: Path, **extra: str) -> dict[str, str]:
-        """The environment of a task's ``train.sbatch`` in CPU test mode from this checkout, with
-        ``workdir`` as home."""
+    def task_env(self, workdir: Path, repo: Path = REPO, **extra: str) -> dict[str, str]:
+        """The environment of a task's ``train.sbatch`` in CPU test mode from the checkout
+        ``repo``, with ``workdir`` as home."""
         return self.env(
-            REPO_DIR=str(REPO),
+            REPO_DIR=str(repo),
             DEVICE="cpu",
             HF_HUB_OFFLINE="1",
             OMP_NUM_THREADS="1",
@@ -62,11 +62,17 @@ class Cluster:
         )
 
     def submit_task(
-        self, workdir: Path, task: str, options: list[str], train_args: list[str], **extra: str
+        self,
+        workdir: Path,
+        task: str,
+        options: list[str],
+        train_args: list[str],
+        repo: Path = REPO,
+        **extra: str,
     ) -> str:
-        """``sbatch <options> packages/<task>/slurm/train.sbatch -c tiny <train_args>`` in CPU
-        test mode, from ``workdir`` (logs in ``workdir/logs``, runs in ``workdir/runs``); returns
-        the job id."""
+        """``sbatch <options> packages/<task>/slurm/train.sbatch -c tiny <train_args>`` of the
+        checkout ``repo`` in CPU test mode, from ``workdir`` (logs in ``workdir/logs``, runs in
+        ``workdir/runs``); returns the job id."""
         (workdir / "logs").mkdir(parents=True, exist_ok=True)
         done = subprocess.run(
             [
@@ -77,7 +83,7 @@ class Cluster:
                 "--cpus-per-task=1",
                 f"--partition={self.partition}",
                 *options,
-                str(REPO / "packages" / task / "slurm" / "train.sbatch"),
+                str(repo / "packages" / task / "slurm" / "train.sbatch"),
                 "-c",
                 "tiny",
                 f"run.root={workdir / 'runs'}",
@@ -86,7 +92,7 @@ class Cluster:
             ],
             capture_output=True,
             text=True,
-            env=self.task_env(workdir, **extra),
+            env=self.task_env(workdir, repo, **extra),
             timeout=60,
         )
         assert done.returncode == 0, done.stderr

@@ -12,5 +12,6 @@ __all__, __getattr__ = lazy_exports(
             "CountingData ToyConfig ToyTask child_env final_weights max_weight_diff read_jsonl "
             "script_result train train_losses wait_for_step"
         ),
+        "workspace": "LAUNCH_PREFIXES clean_env copy_workspace",
     },
 )
