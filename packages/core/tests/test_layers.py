@@ -209,3 +209,49 @@ def test_a_toy_checkpoint_names_no_core_module(run_toy):
     }
     named = {k: v for k, v in named.items() if v}
     assert not named, f"checkpoint files that pickle core classes: {named}"
+
+
+# -- size: what a reader takes in at once -------------------------------------------------------
+
+PACKAGES = CORE.parents[2]  # packages/ of the workspace
+MAX_FUNCTION_LINES = 60
+TASK_PACKAGE_LINES = 2000
+"""A task package's ``src`` (every line: code, docstrings, comments): small enough to read whole;
+what it shares with another task belongs in core."""
+
+
+def long_functions(root: Path) -> list[str]:
+    """``file:line name (N lines)`` of every function under ``root`` longer than
+    ``MAX_FUNCTION_LINES`` (from its ``def`` line to its last line, docstring included)."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    found.append(f"{path}:{node.lineno} {node.name} ({lines} lines)")
+    return found
+
+
+def test_no_function_in_core_or_a_task_package_is_over_60_lines():
+    sources = sorted(PACKAGES.glob("*/src"))
+    assert len(sources) >= 4, sources
+    assert [f for src in sources for f in long_functions(src)] == []
+
+
+def test_each_task_package_stays_within_its_line_budget():
+    sizes = {
+        src.parent.name: sum(
+            len(p.read_text(encoding="utf-8").splitlines()) for p in src.rglob("*.py")
+        )
+        for src in sorted(PACKAGES.glob("*/src"))
+        if src.parent.name != "core"
+    }
+    assert {"summarization", "lora_llm", "qwen_vl"} <= set(sizes), sizes
+    assert {k: v for k, v in sizes.items() if v >= TASK_PACKAGE_LINES} == {}, sizes
+
+
+def test_the_size_checks_find_a_long_function(tmp_path):
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    (tmp_path / "big.py").write_text(f"def big():\n{body}\n")
+    assert long_functions(tmp_path) == [f"{tmp_path / 'big.py'}:1 big (61 lines)"]
