@@ -62,10 +62,8 @@ class LoraLLMTask(Task[LoraLLMConfig]):
     def __init__(self, cfg: LoraLLMConfig) -> None:
         super().__init__(cfg)
         self.stats: dict[str, EncodeStats] = {}
-        # ``evaluate``: prompt ids, reference responses and record sources by dataset index.
-        self.eval_prompts: list[list[int]] = []
-        self.eval_references: list[str] = []
-        self.eval_sources: list[str] = []
+        # ``evaluate``: the evaluated records by dataset index, and the tokens to generate.
+        self.eval_records: list[Record] = []
         self.eval_new_tokens = 0
 
     # -- data ----------------------------------------------------------------------------------
@@ -168,15 +166,10 @@ class LoraLLMTask(Task[LoraLLMConfig]):
                 cut.count(len(encoder.prompt_ids(without_answer(record), cut=False)))
         cut.report(enabled=report)
         examples, self.stats["eval"] = encode_records(records, encoder, "skip")
-        # validation_step finds each sample's prompt, reference and source by its index
+        # add_predictions finds each sample's record by its index
         kept = {e["source"] for e in examples}
-        chosen = [r for r in records if r.source in kept]
-        self.eval_new_tokens = generate = options.max_new_tokens
-        self.eval_prompts = (
-            [encoder.prompt_ids(without_answer(r)) for r in chosen] if generate else []
-        )
-        self.eval_references = [reference_text(r) for r in chosen]
-        self.eval_sources = [r.source for r in chosen]
+        self.eval_records = [r for r in records if r.source in kept]
+        self.eval_new_tokens = options.max_new_tokens
         if not examples:
             raise UserError(f"No usable evaluation samples: {self.stats['eval'].describe('eval')}.")
         return SFTDataset(examples)
@@ -325,22 +318,21 @@ class LoraLLMTask(Task[LoraLLMConfig]):
         self, model: nn.Module, batch: dict[str, torch.Tensor], records: list[dict[str, Any]]
     ) -> None:
         """In ``evaluate`` with generation: each prompt's greedy answer, reference and source."""
-        if not self.eval_prompts:
+        if not self.eval_new_tokens:
             return
-        indices = batch["index"].tolist()
+        chosen = [self.eval_records[i] for i in batch["index"].tolist()]
         answers = continuations(
             model,
             self.tokenizer,
-            [self.eval_prompts[i] for i in indices],
+            [self.encoder.prompt_ids(without_answer(r)) for r in chosen],
             max_new_tokens=self.eval_new_tokens,
             do_sample=False,
-            batch_size=len(indices),
+            batch_size=len(chosen),
             synced_gpus=self.ranks.sharded,
         )
-        for record, i, answer in zip(records, indices, answers, strict=True):
-            record.update(
-                source=self.eval_sources[i], prediction=answer, reference=self.eval_references[i]
-            )
+        for record, chosen_record, answer in zip(records, chosen, answers, strict=True):
+            reference = reference_text(chosen_record)
+            record.update(source=chosen_record.source, prediction=answer, reference=reference)
 
     def compute_metrics(self, records: list[dict[str, Any]]) -> dict[str, float]:
         """Loss and perplexity; with generated answers also core's answer scores."""
