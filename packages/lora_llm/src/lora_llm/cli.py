@@ -230,8 +230,8 @@ class Answerer:
 
     def __call__(self, batch: list[Any]) -> list[str]:
         """Generated texts for records."""
+        from core.task.response_encoder import PROMPT_TAIL
         from core.task.textbatch import continuations
-        from lora_llm.data import PROMPT_TAIL
 
         prompts = [self.cut.apply(self.encoder.prompt_ids(r), PROMPT_TAIL) for r in batch]
         return continuations(self.model, self.tokenizer, prompts, **self.sampling)
@@ -361,8 +361,6 @@ SPEC = TaskSpec(
         ),
     ),
 )
-"""The lora_llm task, declared once: core gives it ``train`` (with ``--dry-run``), ``evaluate``
-and ``infer``."""
 
 train = SPEC.train
 evaluate = SPEC.evaluate_command

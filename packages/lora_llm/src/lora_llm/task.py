@@ -19,24 +19,22 @@ from torch import nn
 from core.errors import UserError
 from core.nn.models import block_classes as decoder_layer_classes
 from core.task.base import StepOutput, Task
+from core.task.batching import PackedDataset, collate_causal, flatten_batch
+from core.task.encode_report import EncodeStats
 from core.task.hub import ensure_available
 from core.task.packed_forward import call_model, check_packing
+from core.task.records import split_holdout
+from core.task.response_encoder import encode_records
 from core.task.textbatch import continuations
 from lora_llm import __version__
 from lora_llm.config import LoraLLMConfig, ModelConfig, QuantConfig
 from lora_llm.data import (
     Encoder,
-    EncodeStats,
-    PackedDataset,
     Record,
     SFTDataset,
-    collate,
-    encode_records,
-    flatten_batch,
     read_records,
     reference_text,
     resolve_spec,
-    split_records,
     without_answer,
 )
 from lora_llm.model import (
@@ -117,7 +115,7 @@ class LoraLLMTask(Task[LoraLLMConfig]):
         if d.val_files:
             val_records, val_problems = self.read(d.val_files, None, "data.val_files")
             return train_records, train_problems, val_records, val_problems
-        train_records, val_records = split_records(train_records, d.val_size, d.seed)
+        train_records, val_records = split_holdout(train_records, d.val_size, d.seed)
         return train_records, train_problems, val_records, []
 
     # -- evaluate: a trained adapter (core.commands.model_io) ----------------------------------
@@ -211,8 +209,8 @@ class LoraLLMTask(Task[LoraLLMConfig]):
         return records, problems
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """See :func:`lora_llm.data.collate`."""
-        return collate(samples, self.tokenizer.pad_token_id)
+        """See :func:`core.task.batching.collate_causal`."""
+        return collate_causal(samples, self.tokenizer.pad_token_id)
 
     # -- model ---------------------------------------------------------------------------------
 
