@@ -10,20 +10,19 @@ import pytest
 
 from core.errors import UserError
 from core.task.base import IGNORE_INDEX
+from core.task.batching import PackedDataset, pack
+from core.task.batching import collate_causal as collate
+from core.task.records import split_holdout as split_records
+from core.task.response_encoder import encode_records
 from lora_llm.config import DataConfig
 from lora_llm.data import (
     PROMPTS,
     Encoder,
-    PackedDataset,
     Record,
     SFTDataset,
-    collate,
-    encode_records,
     is_korean,
-    pack,
     parse_record,
     read_records,
-    split_records,
 )
 from lora_llm.model import TINY_TOKENIZER
 

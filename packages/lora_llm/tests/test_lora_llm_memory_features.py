@@ -14,8 +14,9 @@ import torch
 from core.commands.merge import merge_and_check
 from core.nn.loss import head_loss, shift_targets
 from core.task.base import IGNORE_INDEX, per_sample_loss
+from core.task.batching import PackedDataset, flatten_batch
+from core.task.batching import collate_causal as collate
 from lora_llm.config import LoraSettings, ModelConfig, QuantConfig, TinyModelConfig
-from lora_llm.data import PackedDataset, collate, flatten_batch
 from lora_llm.model import add_adapter, build_tiny_base, load_base
 from lora_llm.task import LoraLLMTask, call_model
 
@@ -30,7 +31,8 @@ def tiny_base(tmp_path_factory, tokenizer) -> Path:
 
 def examples(tokenizer, n: int = 7, train_on_prompt: bool = False) -> list[dict]:
     """A few encoded instruction samples of different lengths."""
-    from lora_llm.data import Encoder, Record, encode_records
+    from core.task.response_encoder import encode_records
+    from lora_llm.data import Encoder, Record
 
     records = [
         Record(source=str(i), instruction=f"Count to {i}.", output=" ".join(["one"] * (2 * i + 1)))

@@ -9,13 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from core.commands.estimate import decoder_activation_bytes as activation_bytes
 from core.config.loader import load_config
 from core.errors import UserError
 from core.task.base import token_loss_sum
+from core.task.batching import PackedDataset
+from core.task.batching import collate_causal as collate
+from core.task.response_encoder import encode_records
 from lora_llm.cli import PRESETS
 from lora_llm.config import LoraLLMConfig, LoraSettings, ModelConfig, QuantConfig, TinyModelConfig
-from lora_llm.data import Encoder, PackedDataset, Record, collate, encode_records
-from lora_llm.memory import activation_bytes, estimate
+from lora_llm.data import Encoder, Record
+from lora_llm.memory import estimate
 from lora_llm.model import add_adapter, build_tiny_base, load_base, parameter_counts
 from lora_llm.task import LoraLLMTask, call_model, check_packing
 

@@ -79,32 +79,21 @@ def prepare_parser() -> argparse.ArgumentParser:
         epilog="example: lora-llm-prepare -c tiny --data my_data.jsonl --out prepared/ "
         "data.max_length=512",
     )
+    preset = f"preset or YAML file (default: {DEFAULT_PRESET})"
     parser.add_argument(
-        "-c",
-        "--config",
-        metavar="PRESET|FILE",
-        default=DEFAULT_PRESET,
-        help=f"preset or YAML file (default: {DEFAULT_PRESET})",
+        "-c", "--config", metavar="PRESET|FILE", default=DEFAULT_PRESET, help=preset
     )
-    parser.add_argument(
-        "--data", nargs="+", metavar="FILE", help="training data (replaces data.train_files)"
-    )
-    parser.add_argument(
-        "--val-data", nargs="+", metavar="FILE", help="validation data (replaces data.val_files)"
-    )
+    for flag, what, key in (("--data", "training", "train"), ("--val-data", "validation", "val")):
+        help_text = f"{what} data (replaces data.{key}_files)"
+        parser.add_argument(flag, nargs="+", metavar="FILE", help=help_text)
     parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="write into an --out folder that holds other files (train.jsonl / val.jsonl / "
-        "stats.json are replaced)",
+    overwrite = (
+        "write into an --out folder that holds other files (train.jsonl / val.jsonl / "
+        "stats.json are replaced)"
     )
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="key=value",
-        help="config overrides, e.g. data.max_length=512",
-    )
+    parser.add_argument("--overwrite", action="store_true", help=overwrite)
+    overrides = "config overrides, e.g. data.max_length=512"
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help=overrides)
     return parser
 
 
@@ -119,11 +108,9 @@ def prepare(argv: list[str] | None = None) -> int:
     Returns the exit code.
     """
     args = prepare_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    overrides = list(args.overrides)
-    if args.data:
-        overrides.append("data.train_files=" + json.dumps(args.data))
-    if args.val_data:
-        overrides.append("data.val_files=" + json.dumps(args.val_data))
+    files = {"train": args.data, "val": args.val_data}
+    overrides = [f"data.{k}_files={json.dumps(v)}" for k, v in files.items() if v]
+    overrides = [*args.overrides, *overrides]
     cfg, _ = parse_train_args(
         ["-c", args.config, *overrides],
         prog="prepare",
@@ -243,8 +230,8 @@ class Answerer:
 
     def __call__(self, batch: list[Any]) -> list[str]:
         """Generated texts for records."""
+        from core.task.response_encoder import PROMPT_TAIL
         from core.task.textbatch import continuations
-        from lora_llm.data import PROMPT_TAIL
 
         prompts = [self.cut.apply(self.encoder.prompt_ids(r), PROMPT_TAIL) for r in batch]
         return continuations(self.model, self.tokenizer, prompts, **self.sampling)
@@ -374,8 +361,6 @@ SPEC = TaskSpec(
         ),
     ),
 )
-"""The lora_llm task, declared once: core gives it ``train`` (with ``--dry-run``), ``evaluate``
-and ``infer``."""
 
 train = SPEC.train
 evaluate = SPEC.evaluate_command

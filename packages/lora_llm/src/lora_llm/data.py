@@ -1,12 +1,10 @@
 """Instruction and chat records -> token sequences whose loss covers only the response.
 
-Reading (:func:`read_records`): instruction records ``{"instruction", "input" (optional),
-"output"}``, chat records ``{"messages": [{"role", "content"}, ...]}`` or pre-tokenized ones
-``{"input_ids", "labels"}`` from JSON / JSONL files, a Hugging Face dataset or a shipped sample.
-
-Encoding (:class:`Encoder`): the prompt (Alpaca template, in English or Korean, or the chat
-template) and the response as pieces for core's :mod:`core.task.response_encoder` (labels,
-truncation, the ``EncodeStats`` report); batching is core's :mod:`core.task.batching`.
+Reading (:func:`read_records`): instruction, chat or pre-tokenized records (the forms of
+``data.train_files``). Encoding (:class:`Encoder`): the prompt (Alpaca template, in English or
+Korean, or the chat template) and the response as pieces for core's
+:mod:`core.task.response_encoder` (labels, truncation, the ``EncodeStats`` report); batching is
+core's :mod:`core.task.batching`.
 
 Self-check: ``python -m lora_llm.data``.
 """
@@ -21,15 +19,9 @@ from typing import Any
 
 from core.errors import UserError
 from core.task.base import IGNORE_INDEX
-from core.task.batching import PackedDataset as PackedDataset
-from core.task.batching import TokenDataset, collate_causal
-from core.task.batching import flatten_batch as flatten_batch
-from core.task.batching import pack as pack
+from core.task.batching import TokenDataset
 from core.task.chat import template_pieces
-from core.task.encode_report import EncodeStats as EncodeStats
-from core.task.records import split_holdout
-from core.task.response_encoder import PROMPT_TAIL, ResponseEncoder
-from core.task.response_encoder import encode_records as encode_records
+from core.task.response_encoder import PROMPT_TAIL, ResponseEncoder, encode_records
 from core.task.truncation import cut_ids
 from lora_llm.config import DataConfig
 
@@ -276,12 +268,6 @@ def without_answer(record: Record) -> Record:
     if record.messages and record.messages[-1].get("role") == "assistant":
         return Record(source=record.source, messages=record.messages[:-1])
     return record
-
-
-split_records = split_holdout
-collate = collate_causal
-"""``split_records`` holds out validation records (:func:`core.task.records.split_holdout`);
-``collate`` pads items into batches (:func:`core.task.batching.collate_causal`)."""
 
 
 def has_chat_template(tokenizer: Any) -> bool:

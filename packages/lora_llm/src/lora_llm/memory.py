@@ -1,18 +1,13 @@
 """Parameters and peak GPU memory of a training config, without loading weights
 (``train -c phi2 --dry-run``): the model and its LoRA adapter are built on the ``meta`` device
-from ``config.json`` and :mod:`core.commands.estimate` turns the sizes into bytes per GPU:
+and :mod:`core.commands.estimate` turns the sizes into bytes per GPU (its activation and logits
+terms, ``t`` = adapted projections per layer). The task's own terms:
 
 - **base weights**: quantized linear layers at 4.13 bits (NF4 + double-quantised constants) or
   4.5 bits, 1 B in 8 bits, the rest (embeddings, head, norms, biases) in float32 as
   ``prepare_model_for_kbit_training`` upcasts it; unquantized: all in ``model.dtype``.
-- **adapters**: float32 weights + gradients + optimizer state.
-- **activations** of a micro-batch ``b x s``: per layer and token about ``e*((10 + t)h + 4i) +
-  28h`` bytes (``e`` bytes per value, ``t`` adapted projections per layer), fitted to what
-  autograd saves for Llama layers; eager attention adds ``heads*s*s*(2e+1)`` per layer.
-- **logits and loss**: ``b*s*vocab*(e + 12)``, plus autocast's 16-bit copy of a float32 head.
-
-The CUDA context and allocator slack (0.5-1 GiB) come on top; ``metrics.jsonl`` has the real
-``memory/peak_allocated_gb``.
+- **adapters**: float32 weights + gradients + optimizer state; DoRA's kept outputs and norms.
+- **logits**: autocast's 16-bit copy of a float32 (quantized-base) head on top.
 
 Self-check: ``python -m lora_llm.memory``.
 """
@@ -26,22 +21,19 @@ import torch
 from torch import nn
 
 from core.commands.estimate import (
+    architecture_config,
     autocast_bytes,
+    decoder_activation_bytes,
     gpu_verdict,
-    layer_activation_bytes,
     logits_bytes,
     on,
     optimizer_bytes,
     setup_lines,
     shard_ranks,
     shipped_architectures,
-    shipped_config,
-    stack_activation_bytes,
     trained_report,
 )
 from core.commands.estimate import format_report as core_format_report
-from core.errors import UserError
-from core.task.hub import hub_reachable, is_cached, looks_like_path
 from lora_llm.config import LoraLLMConfig
 from lora_llm.model import (
     TINY_TOKENIZER,
@@ -56,40 +48,12 @@ KNOWN_CONFIGS = shipped_architectures(__file__)
 
 
 def model_config(cfg: LoraLLMConfig) -> tuple[Any, str]:
-    """``(transformers config of model.name, its source)``; ``UserError`` when it is neither
-    local, cached, downloadable nor shipped."""
-    from transformers import AutoConfig
-
-    name = cfg.model.name
-    if is_tiny(name):
-        return tiny_config(
-            cfg.model.tiny, load_tokenizer(cfg.model, TINY_TOKENIZER)
-        ), "built-in tiny"
-    if looks_like_path(name) or is_cached(name) or (name not in KNOWN_CONFIGS and hub_reachable()):
-        from core.task.hub import ensure_available
-
-        ensure_available(name, what="model", key="model.name")
-        return AutoConfig.from_pretrained(
-            name, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
-        ), "config.json"
-    if name in KNOWN_CONFIGS:
-        return shipped_config(name, KNOWN_CONFIGS)
-    raise UserError(
-        f"Cannot read the architecture of '{name}' (model.name): not a local folder, not in the "
-        "Hugging Face cache, the Hub is not reachable, and it is not one of the shipped "
-        f"architectures ({', '.join(KNOWN_CONFIGS)})."
-    )
-
-
-def meta_model(config: Any, cfg: LoraLLMConfig) -> nn.Module:
-    """The model with its LoRA adapter on the ``meta`` device (shapes only, no memory)."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(
-            config, trust_remote_code=cfg.model.trust_remote_code
-        )
-        return add_adapter(model, cfg.lora, gradient_checkpointing=False)
+    """``(transformers config of model.name, its source)``: built-in tiny, else
+    :func:`core.commands.estimate.architecture_config`."""
+    m = cfg.model
+    if is_tiny(m.name):
+        return tiny_config(m.tiny, load_tokenizer(m, TINY_TOKENIZER)), "built-in tiny"
+    return architecture_config(m.name, KNOWN_CONFIGS, m.revision, m.trust_remote_code)
 
 
 def quantizable_weights(model: nn.Module, skip: list[str]) -> int:
@@ -105,33 +69,6 @@ def quantizable_weights(model: nn.Module, skip: list[str]) -> int:
             continue
         count += module.weight.numel()
     return count
-
-
-def activation_bytes(
-    config: Any,
-    batch: int,
-    seq: int,
-    act_bytes: int,
-    checkpointing: bool,
-    lora_targets: int,
-    eager: bool,
-    offload: bool = False,
-) -> dict[str, float]:
-    """``{"activations", "logits"}``: bytes of one ``batch x seq`` micro-batch (the module
-    docstring's terms; ``act_bytes`` = ``e``, ``lora_targets`` = ``t``; logits unchunked)."""
-    h = config.hidden_size
-    inner = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * h
-    tokens = batch * seq
-    per_token = layer_activation_bytes(h, inner, act_bytes, lora_targets)
-    if eager:
-        per_token += config.num_attention_heads * seq * (2 * act_bytes + 1)
-    activations = stack_activation_bytes(
-        config.num_hidden_layers, tokens, per_token, h, act_bytes, checkpointing, offload
-    )
-    return {
-        "activations": float(activations),
-        "logits": float(tokens * config.vocab_size * (act_bytes + 12)),
-    }
 
 
 def base_weights(
@@ -162,7 +99,8 @@ def base_weights(
 
 
 def adapted_activations(config: Any, model: nn.Module, cfg: LoraLLMConfig, act_bytes: int) -> float:
-    """:func:`activation_bytes` of the run's micro-batch, plus what DoRA keeps."""
+    """:func:`core.commands.estimate.decoder_activation_bytes` of the run's micro-batch, plus
+    what DoRA keeps."""
     tc, checkpointed = cfg.trainer, cfg.model.gradient_checkpointing
     targets = round(
         sum(1 for n, _ in model.named_modules() if n.endswith("lora_A"))
@@ -170,7 +108,7 @@ def adapted_activations(config: Any, model: nn.Module, cfg: LoraLLMConfig, act_b
     )
     eager = cfg.model.attn_implementation == "eager"
     seq, offload = cfg.data.max_length, tc.offload_activations
-    kept = activation_bytes(
+    kept = decoder_activation_bytes(
         config, tc.batch_size, seq, act_bytes, checkpointed, targets, eager, offload
     )["activations"]
     if cfg.lora.use_dora:
@@ -200,8 +138,14 @@ def setup(cfg: LoraLLMConfig) -> dict[str, str]:
 def estimate(cfg: LoraLLMConfig) -> dict[str, Any]:
     """The :func:`core.commands.estimate.trained_report` of ``cfg`` (plus
     ``quantized_weights``)."""
+    from transformers import AutoModelForCausalLM
+
     config, source = model_config(cfg)
-    model = meta_model(config, cfg)
+    with torch.device("meta"):  # shapes only
+        model = AutoModelForCausalLM.from_config(
+            config, trust_remote_code=cfg.model.trust_remote_code
+        )
+        model = add_adapter(model, cfg.lora, gradient_checkpointing=False)
     trainable, total = parameter_counts(model)
     tc, split = cfg.trainer, shard_ranks(cfg)
     weights, weights_note, quantized = base_weights(model, cfg, total - trainable, split["weights"])
@@ -229,11 +173,9 @@ def estimate(cfg: LoraLLMConfig) -> dict[str, Any]:
         name=cfg.model.name,
         config=config,
         source=source,
-        facts={
-            "layers": config.num_hidden_layers,
-            "hidden": config.hidden_size,
-            "vocab": config.vocab_size,
-        },
+        facts=dict(
+            layers=config.num_hidden_layers, hidden=config.hidden_size, vocab=config.vocab_size
+        ),
         setup=setup(cfg),
         units=("decoder layers", ("DecoderLayer", "Block")),
         parts={

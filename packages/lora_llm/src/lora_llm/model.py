@@ -201,11 +201,10 @@ def load_base(
         "revision": cfg.revision,
         "trust_remote_code": cfg.trust_remote_code,
         "device_map": {"": device},
+        "quantization_config": bnb,  # None: not quantized (from_pretrained's default)
     }
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
-    if bnb is not None:
-        kwargs["quantization_config"] = bnb
     check_causal_lm(name_or_path, cfg)
     try:
         with transformers_errors_only():

@@ -19,24 +19,22 @@ from torch import nn
 from core.errors import UserError
 from core.nn.models import block_classes as decoder_layer_classes
 from core.task.base import StepOutput, Task
+from core.task.batching import PackedDataset, collate_causal, flatten_batch
+from core.task.encode_report import EncodeStats
 from core.task.hub import ensure_available
 from core.task.packed_forward import call_model, check_packing
+from core.task.records import split_holdout
+from core.task.response_encoder import encode_records
 from core.task.textbatch import continuations
 from lora_llm import __version__
 from lora_llm.config import LoraLLMConfig, ModelConfig, QuantConfig
 from lora_llm.data import (
     Encoder,
-    EncodeStats,
-    PackedDataset,
     Record,
     SFTDataset,
-    collate,
-    encode_records,
-    flatten_batch,
     read_records,
     reference_text,
     resolve_spec,
-    split_records,
     without_answer,
 )
 from lora_llm.model import (
@@ -62,10 +60,8 @@ class LoraLLMTask(Task[LoraLLMConfig]):
     def __init__(self, cfg: LoraLLMConfig) -> None:
         super().__init__(cfg)
         self.stats: dict[str, EncodeStats] = {}
-        # ``evaluate``: prompt ids, reference responses and record sources by dataset index.
-        self.eval_prompts: list[list[int]] = []
-        self.eval_references: list[str] = []
-        self.eval_sources: list[str] = []
+        # ``evaluate``: the evaluated records by dataset index, and the tokens to generate.
+        self.eval_records: list[Record] = []
         self.eval_new_tokens = 0
 
     # -- data ----------------------------------------------------------------------------------
@@ -119,7 +115,7 @@ class LoraLLMTask(Task[LoraLLMConfig]):
         if d.val_files:
             val_records, val_problems = self.read(d.val_files, None, "data.val_files")
             return train_records, train_problems, val_records, val_problems
-        train_records, val_records = split_records(train_records, d.val_size, d.seed)
+        train_records, val_records = split_holdout(train_records, d.val_size, d.seed)
         return train_records, train_problems, val_records, []
 
     # -- evaluate: a trained adapter (core.commands.model_io) ----------------------------------
@@ -168,15 +164,10 @@ class LoraLLMTask(Task[LoraLLMConfig]):
                 cut.count(len(encoder.prompt_ids(without_answer(record), cut=False)))
         cut.report(enabled=report)
         examples, self.stats["eval"] = encode_records(records, encoder, "skip")
-        # validation_step finds each sample's prompt, reference and source by its index
+        # add_predictions finds each sample's record by its index
         kept = {e["source"] for e in examples}
-        chosen = [r for r in records if r.source in kept]
-        self.eval_new_tokens = generate = options.max_new_tokens
-        self.eval_prompts = (
-            [encoder.prompt_ids(without_answer(r)) for r in chosen] if generate else []
-        )
-        self.eval_references = [reference_text(r) for r in chosen]
-        self.eval_sources = [r.source for r in chosen]
+        self.eval_records = [r for r in records if r.source in kept]
+        self.eval_new_tokens = options.max_new_tokens
         if not examples:
             raise UserError(f"No usable evaluation samples: {self.stats['eval'].describe('eval')}.")
         return SFTDataset(examples)
@@ -218,8 +209,8 @@ class LoraLLMTask(Task[LoraLLMConfig]):
         return records, problems
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """See :func:`lora_llm.data.collate`."""
-        return collate(samples, self.tokenizer.pad_token_id)
+        """See :func:`core.task.batching.collate_causal`."""
+        return collate_causal(samples, self.tokenizer.pad_token_id)
 
     # -- model ---------------------------------------------------------------------------------
 
@@ -325,22 +316,21 @@ class LoraLLMTask(Task[LoraLLMConfig]):
         self, model: nn.Module, batch: dict[str, torch.Tensor], records: list[dict[str, Any]]
     ) -> None:
         """In ``evaluate`` with generation: each prompt's greedy answer, reference and source."""
-        if not self.eval_prompts:
+        if not self.eval_new_tokens:
             return
-        indices = batch["index"].tolist()
+        chosen = [self.eval_records[i] for i in batch["index"].tolist()]
         answers = continuations(
             model,
             self.tokenizer,
-            [self.eval_prompts[i] for i in indices],
+            [self.encoder.prompt_ids(without_answer(r)) for r in chosen],
             max_new_tokens=self.eval_new_tokens,
             do_sample=False,
-            batch_size=len(indices),
+            batch_size=len(chosen),
             synced_gpus=self.ranks.sharded,
         )
-        for record, i, answer in zip(records, indices, answers, strict=True):
-            record.update(
-                source=self.eval_sources[i], prediction=answer, reference=self.eval_references[i]
-            )
+        for record, chosen_record, answer in zip(records, chosen, answers, strict=True):
+            reference = reference_text(chosen_record)
+            record.update(source=chosen_record.source, prediction=answer, reference=reference)
 
     def compute_metrics(self, records: list[dict[str, Any]]) -> dict[str, float]:
         """Loss and perplexity; with generated answers also core's answer scores."""

@@ -509,7 +509,78 @@ def dry_run_command(
     return 0
 
 
+def decoder_activation_bytes(
+    config: Any,
+    batch: int,
+    seq: int,
+    act_bytes: int,
+    checkpointing: bool,
+    lora_targets: int,
+    eager: bool,
+    offload: bool = False,
+) -> dict[str, float]:
+    """Activations and plain logits of one ``batch x seq`` micro-batch of a decoder-only
+    transformers ``config`` (``hidden_size``, ``intermediate_size`` or ``n_inner``,
+    ``num_attention_heads``, ``num_hidden_layers``, ``vocab_size``).
+
+    Args:
+        act_bytes / lora_targets / checkpointing / offload: as for
+            :func:`layer_activation_bytes` and :func:`stack_activation_bytes`.
+        eager: eager attention, which keeps ``heads*seq*seq*(2e+1)`` bytes per layer and token
+            row besides.
+
+    Returns:
+        ``{"activations", "logits"}`` in bytes (logits unchunked).
+    """
+    h = config.hidden_size
+    inner = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * h
+    tokens = batch * seq
+    per_token = layer_activation_bytes(h, inner, act_bytes, lora_targets)
+    if eager:
+        per_token += config.num_attention_heads * seq * (2 * act_bytes + 1)
+    activations = stack_activation_bytes(
+        config.num_hidden_layers, tokens, per_token, h, act_bytes, checkpointing, offload
+    )
+    return {
+        "activations": float(activations),
+        "logits": float(tokens * config.vocab_size * (act_bytes + 12)),
+    }
+
+
+def architecture_config(
+    name: str, known: dict[str, Any], revision: str | None = None, trust_remote_code: bool = False
+) -> tuple[Any, str]:
+    """The transformers config of ``name`` from where it can be read: a local folder, the
+    Hugging Face cache or the Hub (when reachable and ``name`` is not shipped), else the shipped
+    ``known`` values (:func:`shipped_config`).
+
+    Returns:
+        ``(config, source)``.
+
+    Raises:
+        UserError: none of these has it.
+    """
+    from core.task.hub import ensure_available, hub_reachable, is_cached, looks_like_path
+
+    if looks_like_path(name) or is_cached(name) or (name not in known and hub_reachable()):
+        from transformers import AutoConfig
+
+        ensure_available(name, what="model", key="model.name")
+        return AutoConfig.from_pretrained(
+            name, revision=revision, trust_remote_code=trust_remote_code
+        ), "config.json"
+    if name in known:
+        return shipped_config(name, known)
+    raise UserError(
+        f"Cannot read the architecture of '{name}' (model.name): not a local folder, not in the "
+        "Hugging Face cache, the Hub is not reachable, and it is not one of the shipped "
+        f"architectures ({', '.join(known)})."
+    )
+
+
 if __name__ == "__main__":  # self-check: python -m core.commands.estimate
+    from transformers import AutoConfig
+
     from core.config.loader import load_config
 
     cfg = load_config(
@@ -524,5 +595,14 @@ if __name__ == "__main__":  # self-check: python -m core.commands.estimate
     assert logits_bytes(4096, 151_936, 2048, 2, LossConfig()) < logits_bytes(
         4096, 151_936, 2048, 2, LossConfig(chunked=False)
     )
+    gpt2 = AutoConfig.for_model("gpt2", n_embd=64, n_layer=2, n_head=2, vocab_size=100)
+    eager = decoder_activation_bytes(gpt2, 2, 32, 2, False, 4, eager=True)
+    assert (
+        eager["activations"]
+        > decoder_activation_bytes(gpt2, 2, 32, 2, False, 4, False)["activations"]
+        and eager["logits"] == 2 * 32 * 100 * 14
+    )
+    shipped = {"example-org/shipped-gpt2": {"model_type": "gpt2", "n_layer": 3}}
+    assert architecture_config("example-org/shipped-gpt2", shipped)[0].n_layer == 3
     print(setup_lines(cfg, "4,096 tokens"))
     print("core.commands.estimate: ok")
