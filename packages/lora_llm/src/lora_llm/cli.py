@@ -104,9 +104,8 @@ def prepare(argv: list[str] | None = None) -> int:
     Reads and checks the records exactly as ``train`` would (same tokenizer, template, length
     policy, split), and writes ``train.jsonl`` / ``val.jsonl`` (one sample per line: source,
     template, token counts, decoded text, ``input_ids`` and ``labels``; ``train`` accepts these
-    files as pre-tokenized data) and ``stats.json`` (counts, length percentiles, truncation).
-    Returns the exit code.
-    """
+    files as pre-tokenized data) and ``stats.json`` (counts, length percentiles, truncation);
+    returns the exit code."""
     args = prepare_parser().parse_args(sys.argv[1:] if argv is None else argv)
     files = {"train": args.data, "val": args.val_data}
     overrides = [f"data.{k}_files={json.dumps(v)}" for k, v in files.items() if v]
@@ -185,11 +184,7 @@ def _check_infer(args: argparse.Namespace) -> None:
 
 def read_prompts(args: argparse.Namespace) -> list[Any]:
     """The :class:`lora_llm.data.Record` of ``--prompt`` (with ``--context``), or those of
-    ``--data``.
-
-    Raises:
-        UserError: an unreadable ``--data`` or one without records.
-    """
+    ``--data``; ``UserError`` for an unreadable ``--data`` or one without records."""
     from lora_llm.data import Record, read_records
 
     if args.data is None:
@@ -201,12 +196,9 @@ def read_prompts(args: argparse.Namespace) -> list[Any]:
 
 
 class Answerer:
-    """Base + adapter answering records prompted as in training; prompts longer than the
-    limit are cut (their start and their template's end) and counted in :attr:`cut`.
-
-    Args:
-        args: ``infer``'s parsed arguments (model, base, quant, device, sampling flags).
-    """
+    """Base + adapter (from ``infer``'s parsed ``args``: model, base, quant, device, sampling
+    flags) answering records prompted as in training; prompts longer than the limit are cut
+    (their start and their template's end) and counted in :attr:`cut`."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         import torch

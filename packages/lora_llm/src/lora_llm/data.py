@@ -276,17 +276,12 @@ def has_chat_template(tokenizer: Any) -> bool:
 
 
 class Encoder(ResponseEncoder):
-    """Records -> ``input_ids`` / ``labels`` (:class:`core.task.response_encoder.ResponseEncoder`)
-    and prompts -> ids for generation.
-
-    Args:
-        tokenizer: a Hugging Face tokenizer (pad token set).
-        template: ``data.template`` (``auto``, ``alpaca``, ``alpaca_ko``, ``chat``).
-        max_length, min_response_tokens, train_on_prompt: as in ``ResponseEncoder``.
-        chat_source: ``tokenizer`` or ``builtin``: where the chat template comes from; None:
-            ``tokenizer`` when it has one. Inference passes what training used (an adapter's
-            tokenizer has the built-in template, but ``auto`` must still pick its Alpaca prompt).
-    """
+    """Records -> ``input_ids`` / ``labels`` (:class:`core.task.response_encoder.ResponseEncoder`,
+    whose arguments it takes, with a tokenizer whose pad token is set) and prompts -> ids for
+    generation. ``template``: ``data.template``. ``chat_source``: where the chat template comes
+    from, ``tokenizer`` or ``builtin`` (None: ``tokenizer`` when it has one); inference passes
+    what training used (an adapter's tokenizer has the built-in template, but ``auto`` must still
+    pick its Alpaca prompt)."""
 
     no_response = BadRecord
 

@@ -55,15 +55,9 @@ def is_tiny(name: str) -> bool:
 
 
 def load_tokenizer(cfg: ModelConfig, source: str | Path | None = None) -> Any:
-    """Load the tokenizer of ``cfg`` (or from ``source``), with a pad token and right padding.
-
-    Args:
-        cfg: the ``model`` group.
-        source: a folder or Hub id that overrides ``model.tokenizer`` / ``model.name``.
-
-    Raises:
-        UserError: a Hub id that cannot be downloaded here, or a missing folder.
-    """
+    """The tokenizer of the ``model`` group ``cfg`` (or of ``source``, a folder or Hub id that
+    overrides ``model.tokenizer`` / ``model.name``), with a pad token and right padding;
+    ``UserError`` for a Hub id that cannot be downloaded here or a missing folder."""
     from transformers import AutoTokenizer
 
     key = "model.tokenizer" if cfg.tokenizer else "model.name"
@@ -148,17 +142,14 @@ def is_quantized(model: nn.Module) -> bool:
 
 
 def cpu_4bit_inference_kernel(model: nn.Module, enabled: bool) -> None:
-    """Allow or forbid bitsandbytes' AVX512-BF16 4-bit kernel on the CPU.
+    """Allow (``enabled``: inference) or forbid (training) bitsandbytes' AVX512-BF16 4-bit
+    kernel on the CPU in a 4-bit ``model`` (other models are left alone).
 
     bitsandbytes 0.50 repacks a ``Linear4bit`` weight for that kernel the first time it runs in
     eval mode without gradients (a validation pass), and from then on uses the kernel in training
     too, although it has no backward: gradients through the frozen base are silently lost
     (``tests/test_lora_llm_model.py`` shows it). Training therefore turns it off. For inference it
     stays on where bitsandbytes can use it (output features a multiple of 32).
-
-    Args:
-        model: a model loaded in 4 bits (other models are left alone).
-        enabled: True for inference, False for training.
     """
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
@@ -175,23 +166,12 @@ def load_base(
     training: bool = True,
     compute_device: torch.device | None = None,
 ) -> nn.Module:
-    """``AutoModelForCausalLM.from_pretrained`` on ``device``, quantized when ``quant.bits`` is set.
-
-    Args:
-        name_or_path: Hub id or folder.
-        cfg: the ``model`` group (dtype, attention, revision).
-        quant: the ``quant`` group, or None for a 16/32-bit base.
-        device: where the weights go.
-        training: the model will be trained (see :func:`cpu_4bit_inference_kernel`).
-        compute_device: where the model will compute, if not ``device`` (FSDP2 loads on the CPU
-            and moves each rank's shards to its GPU); picks the ``auto`` dtype.
-
-    Returns:
-        The model (eval mode, as from_pretrained leaves it).
-
-    Raises:
-        UserError: the model cannot be found or loaded.
-    """
+    """``AutoModelForCausalLM.from_pretrained(name_or_path)`` with the ``model`` group's dtype,
+    attention and revision, its weights on ``device``, quantized by the ``quant`` group (None: a
+    16/32-bit base); in eval mode, as from_pretrained leaves it. ``training``: see
+    :func:`cpu_4bit_inference_kernel`. ``compute_device``: where the model will compute, if not
+    ``device`` (FSDP2 loads on the CPU and moves each rank's shards to its GPU); it picks the
+    ``auto`` dtype. ``UserError`` when the model cannot be found or loaded."""
     from transformers import AutoModelForCausalLM
 
     ensure_available(name_or_path, what="model", key="model.name")
@@ -243,19 +223,10 @@ def check_causal_lm(name_or_path: str | Path, cfg: ModelConfig) -> None:
 
 
 def add_adapter(model: nn.Module, lora: LoraSettings, gradient_checkpointing: bool) -> nn.Module:
-    """Freeze the base, set up checkpointing, and wrap it in a peft ``PeftModel`` with LoRA.
-
-    Args:
-        model: a transformers causal LM (quantized or not).
-        lora: the ``lora`` group.
-        gradient_checkpointing: ``model.gradient_checkpointing``.
-
-    Returns:
-        The ``PeftModel``; only the adapter weights (float32) require grad.
-
-    Raises:
-        UserError: ``lora.target_modules`` names layers the model does not have.
-    """
+    """Freeze the causal LM ``model`` (quantized or not), set up checkpointing
+    (``model.gradient_checkpointing``), and wrap it in a peft ``PeftModel`` with the ``lora``
+    group's adapter: only the adapter weights (float32) require grad. ``UserError`` when
+    ``lora.target_modules`` names layers the model does not have."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if is_quantized(model):
