@@ -30,13 +30,13 @@ import argparse
 import json
 import logging
 import shutil
-import statistics
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from common import REPO, emit, machine, report, table
+from common import PEER_HEADER, REPO, cached_runs, emit, machine, peer_rows, report, table
 
 ALPACA = REPO.parent / "shared" / "data" / "alpaca" / "alpaca_5000.json"
 MAX_LENGTH = 256
@@ -307,33 +307,6 @@ def run_once(variant: str, seed: int, base: Path, train: list[dict], val: list[d
         shutil.rmtree(out, ignore_errors=True)
 
 
-def spread(values: list[float], digits: int) -> str:
-    """``mean ± std`` (std over seeds; just the mean for one seed)."""
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-
-def rows_of(runs: dict[str, list[dict]]) -> list[list[str]]:
-    """One table row per variant: loss against TRL's, time against TRL's."""
-    trl = runs.get("trl")
-    rows = []
-    for variant, results in runs.items():
-        loss = [r["val_loss"] for r in results]
-        wall = [r["train_seconds"] for r in results]
-        row = [variant, str(len(results)), spread(loss, 4), spread(wall, 1)]
-        if trl:
-            ref_loss = statistics.fmean(r["val_loss"] for r in trl)
-            ref_wall = statistics.fmean(r["train_seconds"] for r in trl)
-            row += [
-                f"{100 * (statistics.fmean(loss) / ref_loss - 1):+.2f}%",
-                f"{ref_wall / statistics.fmean(wall):.2f}x",
-            ]
-        rows.append(row + [str(results[0]["steps"])])
-    return rows
-
-
 def main() -> None:
     """Run the study (or re-make its tables from cached results) and print / append the section."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -363,38 +336,26 @@ def main() -> None:
         tokenizer = AutoTokenizer.from_pretrained(base)
         for n_train in args.train:
             train, val = split_records(tokenizer, n_train, args.val)
-            runs: dict[str, list[dict]] = {}
-            for seed in range(args.seeds):  # seeds outermost: slow phases hit every variant
-                for variant in args.variants:
-                    path = args.results / f"{size}-n{n_train}-{variant}-seed{seed}.json"
-                    if not path.is_file():
-                        if args.report_only or (args.train_seeds and seed not in args.train_seeds):
-                            continue
-                        path.write_text(json.dumps(run_once(variant, seed, base, train, val)))
-                    out = json.loads(path.read_text())
-                    print(f"  {size} n{n_train} {variant} seed {seed}: {out}", flush=True)
-                    runs.setdefault(variant, []).append(out)
+            runs = cached_runs(
+                args.results,
+                f"{size}-n{n_train}",
+                args.variants,
+                args.seeds,
+                partial(run_once, base=base, train=train, val=val),
+                args.train_seeds,
+                args.report_only,
+            )
             hidden, _, layers, _, _ = SIZES[size]
             sections.append(
                 f"**size {size} (d {hidden}, {layers} layers), {n_train} training records**\n\n"
-                + table(
-                    [
-                        "run",
-                        "seeds",
-                        "held-out loss",
-                        "train wall s",
-                        "loss vs TRL",
-                        "speed vs TRL",
-                        "steps",
-                    ],
-                    rows_of(runs),
-                )
+                + table(PEER_HEADER, peer_rows(runs, "trl"))
             )
         shutil.rmtree(scratch, ignore_errors=True)
     body = (
         f"LoRA r 8 / alpha 16 on q/k/v/o of random bf16 Llama bases, batch {BATCH}, max length "
         f"{MAX_LENGTH}, AdamW {LR} cosine, one epoch; held-out loss on {args.val} other Alpaca "
-        f"records by one plain-peft evaluation, mean ± std over seeds. "
+        f"records by one plain-peft evaluation, mean ± std over seeds; the ref is TRL with its "
+        "defaults. "
         f"{machine().split(';')[0]}.\n\n" + "\n\n".join(sections)
     )
     command = (
