@@ -129,3 +129,74 @@ def emit(text: str, out: str | Path | None) -> None:
     if out:
         with open(out, "a", encoding="utf-8") as handle:
             handle.write("\n" + text)
+
+
+def mean_std(values: Sequence[float], digits: int) -> str:
+    """``mean ± std`` over seeds (just the mean for one value)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def peer_rows(runs: dict[str, list[dict]], reference: str) -> list[list[str]]:
+    """Rows ``[run, seeds, held-out loss, train wall s, loss vs ref, speed vs ref, steps]`` of a
+    study whose runs (per variant, one dict per seed with ``val_loss``, ``train_seconds``,
+    ``steps``) are compared with the ``reference`` variant's means."""
+    ref = runs.get(reference)
+    rows = []
+    for variant, results in runs.items():
+        loss = [r["val_loss"] for r in results]
+        wall = [r["train_seconds"] for r in results]
+        row = [variant, str(len(results)), mean_std(loss, 4), mean_std(wall, 1)]
+        if ref:
+            ref_loss = statistics.fmean(r["val_loss"] for r in ref)
+            ref_wall = statistics.fmean(r["train_seconds"] for r in ref)
+            row += [
+                f"{100 * (statistics.fmean(loss) / ref_loss - 1):+.2f}%",
+                f"{ref_wall / statistics.fmean(wall):.2f}x",
+            ]
+        else:
+            row += ["", ""]
+        rows.append(row + [str(results[0]["steps"])])
+    return rows
+
+
+PEER_HEADER = [
+    "run",
+    "seeds",
+    "held-out loss",
+    "train wall s",
+    "loss vs ref",
+    "speed vs ref",
+    "steps",
+]
+
+
+def cached_runs(
+    results: Path,
+    prefix: str,
+    variants: Sequence[str],
+    seeds: int,
+    train: Callable[[str, int], dict],
+    only_seeds: Sequence[int] | None = None,
+    report_only: bool = False,
+) -> dict[str, list[dict]]:
+    """Every (variant, seed) result of a study, trained by ``train(variant, seed)`` unless cached
+    as ``results/<prefix>-<variant>-seed<seed>.json``; seeds outermost, so a slow phase of the
+    machine hits every variant alike. ``only_seeds`` / ``report_only`` train fewer (the others
+    are read from the cache if there)."""
+    import json
+
+    runs: dict[str, list[dict]] = {}
+    for seed in range(seeds):
+        for variant in variants:
+            path = results / f"{prefix}-{variant}-seed{seed}.json"
+            if not path.is_file():
+                if report_only or (only_seeds and seed not in only_seeds):
+                    continue
+                path.write_text(json.dumps(train(variant, seed)))
+            out = json.loads(path.read_text())
+            print(f"  {prefix} {variant} seed {seed}: {out}", flush=True)
+            runs.setdefault(variant, []).append(out)
+    return runs
