@@ -12,9 +12,8 @@ each in its own network, UTS and mount namespace; see tests/slurm/conftest.py).
 4. A lost node never hangs: the ranks of node 2 are killed mid-epoch; node 1's rank leaves within
    ``trainer.dist_timeout`` plus a minute with one message naming the step and the gone peer, and
    the job ends FAILED (the job submitted again resumes from the last complete checkpoint: item
-   7, after a hung node, checks it). Its
-   venv is on node-local storage (``LOCAL_SCRATCH``): synced once per node, and each rank runs
-   from its own node's copy.
+   7, after a hung node, checks it). Its venv is on node-local storage (``LOCAL_SCRATCH``):
+   synced once per node, and each rank runs from its own node's copy.
 5. Preemption across nodes: USR1 to every rank of a 2-node job (what ``--signal=USR1@N`` does
    before the time limit) -> one checkpoint -> requeue -> resume, ending bit-identical to the
    uninterrupted 2-node job.
@@ -109,8 +108,11 @@ def submit_task(
 
 
 def assert_ran_on(cluster, run: Path, info: dict[str, str], per_node: int) -> None:
-    """The run's manifest names the nodes of the job (``info``) and ``per_node`` ranks on each."""
-    manifest = json.loads((run / "manifest.json").read_text())
+    """The manifest of the run's last start names the nodes of the job's last start (``info``)
+    and ``per_node`` ranks on each. A resume keeps ``manifest.json`` and, when it ran on other
+    nodes, writes a timestamped copy: the newest copy is the last start's."""
+    copies = sorted(run.glob("manifest.*.json"))
+    manifest = json.loads((copies[-1] if copies else run / "manifest.json").read_text())
     allocated = cluster.run("scontrol", "show", "hostnames", info["NodeList"]).split()
     assert len(allocated) == manifest["nodes"] and set(allocated) <= set(cluster.nodes)
     assert manifest["world_size"] == len(allocated) * per_node

@@ -157,8 +157,14 @@ def requeue_slurm_job() -> bool:
     if not job:
         return False
     try:
+        # Requeueing ends this job's steps: SLURM sends SIGTERM to every process of the step,
+        # scontrol included, and could kill it before it reports the requeue it just made. A
+        # shell that ignores SIGTERM execs it (an ignored signal stays ignored across exec).
         done = subprocess.run(
-            ["scontrol", "requeue", job], capture_output=True, text=True, timeout=60
+            ["sh", "-c", 'trap "" TERM; exec scontrol requeue "$0"', job],
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
     except (OSError, subprocess.SubprocessError) as err:
         log.error("Could not requeue SLURM job %s: %s", job, err)
