@@ -1,14 +1,15 @@
 """Benchmark 13 — lora_llm against TRL's ``SFTTrainer``: held-out loss and training time, side by
 side, over seeds, and one factor at a time.
 
-Both tools fine-tune the same base (a random Llama saved with ``save_pretrained`` in bfloat16,
-loaded back through ``from_pretrained``) with LoRA r 8, alpha 16 on q/k/v/o, on the same Alpaca
-records in the same prompt template (``lora_llm.data.PROMPTS["alpaca"]``), batch 8, max length
-256, AdamW at 2e-3 with a cosine schedule, one epoch. TRL gets its defaults for prompt-completion
-data (``completion_only_loss``, bf16 autocast, gradient checkpointing, no warmup, LoRA dropout 0,
-random batches); lora_llm gets its preset's (``tiny`` with a 16-bit base: bf16-mixed, length
-grouping, warmup, LoRA dropout 0.05) with the study's sizes. Each variant (``--variants``) changes
-one thing of lora_llm's run, so the table shows where a difference in quality comes from.
+Both tools fine-tune the same base (a random Llama written by lora_llm's ``tiny`` base builder with
+``save_pretrained``, loaded back in bfloat16 through ``from_pretrained``) with LoRA r 8, alpha 16
+on q/k/v/o, on the same Alpaca records in the same prompt template
+(``lora_llm.data.PROMPTS["alpaca"]``), batch 8, max length 256, AdamW at 2e-3 with a cosine
+schedule, one epoch. TRL gets its defaults for prompt-completion data (``completion_only_loss``,
+bf16 autocast, gradient checkpointing, no warmup, LoRA dropout 0, random batches); lora_llm gets
+its preset's (``tiny`` with a 16-bit base: bf16-mixed, length grouping, warmup, LoRA dropout 0.05)
+with the study's sizes. Each variant (``--variants``) changes one thing of lora_llm's run, so the
+table shows where a difference in quality comes from.
 
 The held-out loss of every run is computed by the same plain-peft code (:func:`held_out_loss`):
 the base in float32 plus the saved adapter, token-weighted mean cross-entropy over the response
@@ -99,30 +100,20 @@ def split_records(tokenizer: Any, n_train: int, n_val: int) -> tuple[list[dict],
 
 
 def make_base(size: str, folder: Path) -> Path:
-    """Write a random Llama of ``size`` (bfloat16 weights) and lora_llm's tiny tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from lora_llm.model import TINY_TOKENIZER
+    """Write a random Llama of ``size`` and lora_llm's tiny tokenizer to ``folder``: lora_llm's
+    own ``tiny`` base builder (seed 0, float32 weights; both tools load them in bfloat16)."""
+    from lora_llm.config import ModelConfig, TinyModelConfig
+    from lora_llm.model import TINY, build_tiny_base, load_tokenizer
 
     hidden, inner, layers, heads, kv_heads = SIZES[size]
-    tokenizer = AutoTokenizer.from_pretrained(TINY_TOKENIZER)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
+    spec = TinyModelConfig(
         hidden_size=hidden,
         intermediate_size=inner,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
     )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return build_tiny_base(spec, load_tokenizer(ModelConfig(name=TINY)), folder)
 
 
 # -- the two tools -------------------------------------------------------------------------------
