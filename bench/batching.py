@@ -40,14 +40,13 @@ import math
 import shutil
 import statistics
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import REPO, emit, machine, report, table
+from common import REPO, cpu_timed_trainer, emit, machine, report, table
 
 DATA = REPO.parent / "shared" / "data"
 DIALOGSUM_TRAIN = DATA / "dialogsum" / "dialogsum.train.2021-05-26.jsonl"
@@ -354,9 +353,8 @@ def analysis(task_name: str, args: argparse.Namespace, root: Path) -> tuple[list
 def study_trainer_class() -> type:
     """core's Trainer, recording per-step facts and the training loop's CPU time (and, for the
     ``-fixed`` modes, dividing by a fixed token count)."""
-    from core.engine.trainer import Trainer
 
-    class StudyTrainer(Trainer):
+    class StudyTrainer(cpu_timed_trainer()):
         """Trainer that records ``(loss tokens, padded tokens, grad norm)`` of every step."""
 
         fixed_divisor: float | None = None
@@ -364,15 +362,6 @@ def study_trainer_class() -> type:
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.step_records: list[tuple[int, int, float]] = []
-            self.cpu_seconds = 0.0
-
-        def train_loop(self, stop: Any) -> str | None:
-            """The engine's loop, timed in process CPU seconds."""
-            start = time.process_time()
-            try:
-                return super().train_loop(stop)
-            finally:
-                self.cpu_seconds += time.process_time() - start
 
         def training_step(self, window: list[dict], global_tokens: int) -> tuple:
             """The engine's step; records the step's loss tokens, its padded input size and the

@@ -115,6 +115,27 @@ def train_run(cfg, task) -> tuple[dict, list[dict]]:
     return json.loads((run_dir / "summary.json").read_text()), records
 
 
+def cpu_timed_trainer() -> type:
+    """core's Trainer, adding up the CPU seconds of its training loop in ``cpu_seconds`` (model
+    loading, tokenisation and the final save outside it): on a shared machine the steadier
+    figure than wall time."""
+    import time
+
+    from core.engine.trainer import Trainer
+
+    class CpuTimedTrainer(Trainer):
+        cpu_seconds = 0.0
+
+        def train_loop(self, stop):
+            start = time.process_time()
+            try:
+                return super().train_loop(stop)
+            finally:
+                self.cpu_seconds += time.process_time() - start
+
+    return CpuTimedTrainer
+
+
 def report(title: str, command: str, body: str) -> str:
     """A section for docs/benchmarks.md."""
     return (

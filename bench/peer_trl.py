@@ -37,7 +37,17 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from common import PEER_HEADER, REPO, cached_runs, emit, machine, peer_rows, report, table
+from common import (
+    PEER_HEADER,
+    REPO,
+    cached_runs,
+    cpu_timed_trainer,
+    emit,
+    machine,
+    peer_rows,
+    report,
+    table,
+)
 
 ALPACA = REPO.parent / "shared" / "data" / "alpaca" / "alpaca_5000.json"
 MAX_LENGTH = 256
@@ -126,7 +136,6 @@ def train_lora_llm(variant: str, seed: int, base: Path, train: Path, out: Path) 
         ``{"adapter": folder, "train_seconds", "cpu_seconds", "steps"}``.
     """
     from core.config.loader import load_config
-    from core.engine.trainer import Trainer
     from lora_llm.cli import PRESETS
     from lora_llm.config import LoraLLMConfig
     from lora_llm.task import LoraLLMTask
@@ -163,19 +172,7 @@ def train_lora_llm(variant: str, seed: int, base: Path, train: Path, out: Path) 
         PRESETS,
     )
 
-    class TimedTrainer(Trainer):
-        """core's Trainer, counting the training loop's CPU seconds (like TRL's below)."""
-
-        cpu_seconds = 0.0
-
-        def train_loop(self, stop: Any) -> str | None:
-            start = time.process_time()
-            try:
-                return super().train_loop(stop)
-            finally:
-                self.cpu_seconds += time.process_time() - start
-
-    trainer = TimedTrainer(cfg, LoraLLMTask(cfg), argv=["bench/peer_trl.py"])
+    trainer = cpu_timed_trainer()(cfg, LoraLLMTask(cfg), argv=["bench/peer_trl.py"])
     result = trainer.fit()
     summary = json.loads((result.run_dir / "summary.json").read_text())
     return {
