@@ -160,19 +160,22 @@ def mean_std(values: Sequence[float], digits: int) -> str:
     return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def peer_rows(runs: dict[str, list[dict]], reference: str) -> list[list[str]]:
-    """Rows ``[run, seeds, held-out loss, train wall s, loss vs ref, speed vs ref, steps]`` of a
-    study whose runs (per variant, one dict per seed with ``val_loss``, ``train_seconds``,
-    ``steps``) are compared with the ``reference`` variant's means."""
+def peer_rows(
+    runs: dict[str, list[dict]], reference: str, seconds: str = "train_seconds"
+) -> list[list[str]]:
+    """Rows ``[run, seeds, held-out loss, train s, loss vs ref, speed vs ref, steps]`` of a
+    study whose runs (per variant, one dict per seed with ``val_loss``, ``seconds`` (wall:
+    ``train_seconds``; CPU: ``cpu_seconds``), ``steps``) are compared with the ``reference``
+    variant's means."""
     ref = runs.get(reference)
     rows = []
     for variant, results in runs.items():
         loss = [r["val_loss"] for r in results]
-        wall = [r["train_seconds"] for r in results]
+        wall = [r[seconds] for r in results]
         row = [variant, str(len(results)), mean_std(loss, 4), mean_std(wall, 1)]
         if ref:
             ref_loss = statistics.fmean(r["val_loss"] for r in ref)
-            ref_wall = statistics.fmean(r["train_seconds"] for r in ref)
+            ref_wall = statistics.fmean(r[seconds] for r in ref)
             row += [
                 f"{100 * (statistics.fmean(loss) / ref_loss - 1):+.2f}%",
                 f"{ref_wall / statistics.fmean(wall):.2f}x",
@@ -192,6 +195,7 @@ PEER_HEADER = [
     "speed vs ref",
     "steps",
 ]
+PEER_HEADER_CPU = [*PEER_HEADER[:3], "train CPU s", *PEER_HEADER[4:]]
 
 
 def cached_runs(

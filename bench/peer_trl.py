@@ -7,17 +7,25 @@ on q/k/v/o, on the same Alpaca records in the same prompt template
 (``lora_llm.data.PROMPTS["alpaca"]``), batch 8, max length 256, AdamW at 2e-3 with a cosine
 schedule, one epoch. TRL gets its defaults for prompt-completion data (``completion_only_loss``,
 bf16 autocast, gradient checkpointing, no warmup, LoRA dropout 0, random batches); lora_llm gets
-its preset's (``tiny`` with a 16-bit base: bf16-mixed, length grouping, warmup, LoRA dropout 0.05)
+its preset's (``tiny`` with a 16-bit base: bf16-mixed, length grouping, warmup, LoRA dropout 0)
 with the study's sizes. Each variant (``--variants``) changes one thing of lora_llm's run, so the
-table shows where a difference in quality comes from.
+table shows where a difference in quality comes from; the ``-dropout0.05`` variants are the
+runs of the preset as it was before this study (LoRA dropout 0.05, now 0).
 
 The held-out loss of every run is computed by the same plain-peft code (:func:`held_out_loss`):
 the base in float32 plus the saved adapter, token-weighted mean cross-entropy over the response
-and its EOS of ``--val`` records the runs never saw. Training time is the wall and CPU time of the
-training loop only (model loading, tokenisation and evaluation are outside it).
+and its EOS of ``--val`` records the runs never saw. Training time is the CPU time of the
+training loop only, robust to a busy machine (the wall time is cached too); model loading,
+tokenisation and evaluation are outside it.
 
-    OMP_NUM_THREADS=1 uv run --group bench python bench/peer_trl.py --sizes s m \
-        --train 1200 4800 --seeds 3 --out docs/benchmarks.md
+    OMP_NUM_THREADS=1 uv run --group bench python bench/peer_trl.py --sizes s --train 1200 \
+        --seeds 3 --variants trl trl-no-checkpointing lora_llm packed5 dropout0.05 \
+        random-dropout0.05 group64-dropout0.05 packed5-dropout0.05 warmup0-dropout0.05 \
+        decay0.01-dropout0.05 prompt-loss-dropout0.05 accum2-dropout0.05 \
+        accum2-mean-dropout0.05 --out docs/benchmarks.md
+    OMP_NUM_THREADS=1 uv run --group bench python bench/peer_trl.py --sizes xs --train 2400 \
+        --seeds 3 --variants trl lora_llm packed5 dropout0.05 random-dropout0.05 \
+        group64-dropout0.05 packed5-dropout0.05 --out docs/benchmarks.md
 
 Per-run results are cached as JSON under ``--results`` (so a long study can be stopped and
 continued, or shared by two processes with ``--train-seeds``); ``--report-only`` re-makes the
@@ -38,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from common import (
-    PEER_HEADER,
+    PEER_HEADER_CPU,
     REPO,
     cached_runs,
     cpu_timed_trainer,
@@ -57,23 +65,39 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 SIZES = {
     # name: (hidden, intermediate, layers, heads, kv heads): random Llama bases.
+    "xs": (256, 704, 6, 4, 2),
     "s": (384, 1024, 8, 6, 2),  # 14.3M parameters with the tiny tokenizer (benchmark 10's base)
     "m": (512, 1408, 12, 8, 2),
 }
 
-VARIANTS: dict[str, list[str]] = {
-    # lora_llm runs: the preset with the study's sizes, then one factor changed at a time.
-    "lora_llm": [],
+FACTORS: dict[str, list[str]] = {
+    # One factor of lora_llm's run changed at a time (TRL's setting where it has one).
     "random": ["trainer.group_by_length=false"],
     "group64": ["trainer.group_chunk_batches=64"],
+    # Packed rows, 5 per step (about the tokens of 8 samples): benchmark 10's fastest mode.
+    "packed5": ["data.packing=true", "trainer.batch_size=5"],
     "warmup0": ["optim.warmup_steps=0"],
-    "dropout0": ["lora.dropout=0.0"],
     "decay0.01": ["optim.weight_decay=0.01"],
-    "trl-like": [
-        "trainer.group_by_length=false",
-        "optim.warmup_steps=0",
-        "lora.dropout=0.0",
+    "prompt-loss": ["data.train_on_prompt=true"],
+    # Loss normalisation only differs with accumulation: at 8 x 1 both ways divide a step's
+    # summed token loss by that step's loss tokens (as TRL does). So both at 4 x 2.
+    "accum2": ["trainer.batch_size=4", "trainer.accumulate_grad_batches=2"],
+    "accum2-mean": [
+        "trainer.batch_size=4",
+        "trainer.accumulate_grad_batches=2",
+        "trainer.loss_normalization=mean",
     ],
+}
+OLD_DROPOUT = ["lora.dropout=0.05"]
+"""The ``tiny`` preset's LoRA dropout before this study (now 0.0): the ``-dropout0.05`` variants
+measure each factor against the preset as it was."""
+
+VARIANTS: dict[str, list[str]] = {
+    "lora_llm": [],  # the preset with the study's sizes
+    **FACTORS,
+    "trl-like": ["trainer.group_by_length=false", "optim.warmup_steps=0"],
+    "dropout0.05": OLD_DROPOUT,
+    **{f"{name}-dropout0.05": [*changes, *OLD_DROPOUT] for name, changes in FACTORS.items()},
 }
 TRL_VARIANTS = ("trl", "trl-no-checkpointing")
 """TRL runs: its defaults, and the same without gradient checkpointing (its only default that
@@ -306,7 +330,7 @@ def main() -> None:
     parser.add_argument(
         "--variants",
         nargs="+",
-        default=["trl", "lora_llm", "random", "warmup0", "dropout0", "trl-like"],
+        default=["trl", "lora_llm", "random", "group64", "packed5", "dropout0.05"],
         choices=[*TRL_VARIANTS, *VARIANTS],
     )
     parser.add_argument("--results", type=Path, default=Path(tempfile.gettempdir()) / "peer_trl")
@@ -336,7 +360,7 @@ def main() -> None:
             hidden, _, layers, _, _ = SIZES[size]
             sections.append(
                 f"**size {size} (d {hidden}, {layers} layers), {n_train} training records**\n\n"
-                + table(PEER_HEADER, peer_rows(runs, "trl"))
+                + table(PEER_HEADER_CPU, peer_rows(runs, "trl", seconds="cpu_seconds"))
             )
         shutil.rmtree(scratch, ignore_errors=True)
     body = (
