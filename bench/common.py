@@ -171,14 +171,14 @@ def peer_rows(
     rows = []
     for variant, results in runs.items():
         loss = [r["val_loss"] for r in results]
-        wall = [r[seconds] for r in results]
-        row = [variant, str(len(results)), mean_std(loss, 4), mean_std(wall, 1)]
+        times = [r[seconds] for r in results]
+        row = [variant, str(len(results)), mean_std(loss, 4), mean_std(times, 1)]
         if ref:
             ref_loss = statistics.fmean(r["val_loss"] for r in ref)
-            ref_wall = statistics.fmean(r[seconds] for r in ref)
+            ref_time = statistics.fmean(r[seconds] for r in ref)
             row += [
                 f"{100 * (statistics.fmean(loss) / ref_loss - 1):+.2f}%",
-                f"{ref_wall / statistics.fmean(wall):.2f}x",
+                f"{ref_time / statistics.fmean(times):.2f}x",
             ]
         else:
             row += ["", ""]
