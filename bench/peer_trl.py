@@ -7,10 +7,12 @@ on q/k/v/o, on the same Alpaca records in the same prompt template
 (``lora_llm.data.PROMPTS["alpaca"]``), batch 8, max length 256, AdamW at 2e-3 with a cosine
 schedule, one epoch. TRL gets its defaults for prompt-completion data (``completion_only_loss``,
 bf16 autocast, gradient checkpointing, no warmup, LoRA dropout 0, random batches); lora_llm gets
-its preset's (``tiny`` with a 16-bit base: bf16-mixed, length grouping, warmup, LoRA dropout 0)
-with the study's sizes. Each variant (``--variants``) changes one thing of lora_llm's run, so the
-table shows where a difference in quality comes from; the ``-dropout0.05`` variants are the
-runs of the preset as it was before this study (LoRA dropout 0.05, now 0).
+its preset's (``tiny`` with a 16-bit base: bf16-mixed, packed rows, 5 per step, about the tokens
+of 8 samples; warmup, LoRA dropout 0) with the study's sizes. Each variant (``--variants``)
+changes one thing of lora_llm's run, so the table shows where a difference in quality comes
+from; ``grouped8`` is the preset's batching before this study (unpacked, batch 8, grouped by
+length) and the ``-dropout0.05`` variants are the preset as it was before this study (that
+batching and LoRA dropout 0.05), each with one factor changed.
 
 The held-out loss of every run is computed by the same plain-peft code (:func:`held_out_loss`):
 the base in float32 plus the saved adapter, token-weighted mean cross-entropy over the response
@@ -19,13 +21,17 @@ training loop only, robust to a busy machine (the wall time is cached too); mode
 tokenisation and evaluation are outside it.
 
     OMP_NUM_THREADS=1 uv run --group bench python bench/peer_trl.py --sizes s --train 1200 \
-        --seeds 3 --variants trl trl-no-checkpointing lora_llm packed5 dropout0.05 \
+        --seeds 3 --variants trl trl-no-checkpointing lora_llm grouped8 dropout0.05 \
         random-dropout0.05 group64-dropout0.05 packed5-dropout0.05 warmup0-dropout0.05 \
         decay0.01-dropout0.05 prompt-loss-dropout0.05 accum2-dropout0.05 \
         accum2-mean-dropout0.05 --out docs/benchmarks.md
     OMP_NUM_THREADS=1 uv run --group bench python bench/peer_trl.py --sizes xs --train 2400 \
-        --seeds 3 --variants trl lora_llm packed5 dropout0.05 random-dropout0.05 \
+        --seeds 3 --variants trl lora_llm grouped8 dropout0.05 random-dropout0.05 \
         group64-dropout0.05 packed5-dropout0.05 --out docs/benchmarks.md
+
+and more seeds of the headline rows (``--sizes s ... --seeds 10 --train-seeds 3 4 5 6 7 8 9
+--variants trl lora_llm``; ``--sizes xs ... --seeds 5 --train-seeds 3 4 --variants trl lora_llm``);
+``--report-only`` with ``--seeds 10`` / ``--seeds 5`` then tables every cached seed.
 
 Per-run results are cached as JSON under ``--results`` (so a long study can be stopped and
 continued, or shared by two processes with ``--train-seeds``); ``--report-only`` re-makes the
@@ -88,16 +94,25 @@ FACTORS: dict[str, list[str]] = {
         "trainer.loss_normalization=mean",
     ],
 }
-OLD_DROPOUT = ["lora.dropout=0.05"]
-"""The ``tiny`` preset's LoRA dropout before this study (now 0.0): the ``-dropout0.05`` variants
-measure each factor against the preset as it was."""
+GROUPED8 = [
+    "data.packing=false",
+    f"trainer.batch_size={BATCH}",
+    "trainer.group_by_length=true",
+    "trainer.group_chunk_batches=8",
+]
+"""The ``tiny`` preset's batching before this study: unpacked samples, batch 8, grouped by length
+in mega-batches of 8 (now packed rows, 5 per step)."""
+OLD_PRESET = [*GROUPED8, "lora.dropout=0.05"]
+"""The ``tiny`` preset as it was before this study (LoRA dropout 0.05, now 0.0): the
+``-dropout0.05`` variants measure each factor against it."""
 
 VARIANTS: dict[str, list[str]] = {
     "lora_llm": [],  # the preset with the study's sizes
+    "grouped8": GROUPED8,  # the preset's batching before this study, with dropout 0
     **FACTORS,
     "trl-like": ["trainer.group_by_length=false", "optim.warmup_steps=0"],
-    "dropout0.05": OLD_DROPOUT,
-    **{f"{name}-dropout0.05": [*changes, *OLD_DROPOUT] for name, changes in FACTORS.items()},
+    "dropout0.05": OLD_PRESET,
+    **{f"{name}-dropout0.05": [*OLD_PRESET, *changes] for name, changes in FACTORS.items()},
 }
 TRL_VARIANTS = ("trl", "trl-no-checkpointing")
 """TRL runs: its defaults, and the same without gradient checkpointing (its only default that
@@ -175,7 +190,6 @@ def train_lora_llm(variant: str, seed: int, base: Path, train: Path, out: Path) 
             f"data.train_files=[{train}]",
             "data.val_size=0",
             f"data.max_length={MAX_LENGTH}",
-            f"trainer.batch_size={BATCH}",
             "trainer.accumulate_grad_batches=1",
             "trainer.precision=bf16-mixed",
             "trainer.accelerator=cpu",
@@ -364,7 +378,8 @@ def main() -> None:
             )
         shutil.rmtree(scratch, ignore_errors=True)
     body = (
-        f"LoRA r 8 / alpha 16 on q/k/v/o of random bf16 Llama bases, batch {BATCH}, max length "
+        f"LoRA r 8 / alpha 16 on q/k/v/o of random bf16 Llama bases, batch {BATCH} (lora_llm's "
+        "preset: 5 packed rows, about as many tokens), max length "
         f"{MAX_LENGTH}, AdamW {LR} cosine, one epoch; held-out loss on {args.val} other Alpaca "
         f"records by one plain-peft evaluation, mean ± std over seeds; the ref is TRL with its "
         "defaults. "

@@ -248,8 +248,14 @@ def test_adapters_that_do_not_fit_exit_2(trained_run, tmp_path, capsys, tokenize
 
 
 @pytest.mark.trains
-def test_resume_of_an_adapter_run_is_exact(run_tiny):
+@pytest.mark.parametrize(
+    "batching",
+    [(), ("data.packing=false", "trainer.batch_size=8")],
+    ids=["packed-the-preset", "unpacked-grouped"],
+)
+def test_resume_of_an_adapter_run_is_exact(run_tiny, batching):
     args = (
+        *batching,
         "trainer.max_steps=6",
         "trainer.max_epochs=null",
         "trainer.log_every_n_steps=1",
@@ -276,33 +282,35 @@ def test_resume_of_an_adapter_run_is_exact(run_tiny):
 
 
 @pytest.mark.trains
-def test_packing_trains_with_less_padding(run_tiny, trained_run):
-    result = run_tiny(
-        "data.packing=true",
+def test_packing_trains_with_less_padding(run_tiny):
+    """The tiny preset packs (data.packing=true); the same two steps unpacked pad far more."""
+    short = (
         "trainer.max_steps=2",
         "trainer.max_epochs=null",
         "data.max_samples=96",
         "trainer.val_every_n_steps=null",
         "trainer.log_every_n_steps=1",
     )
-    padding = [
-        r["data/padding_share"]
-        for r in read_jsonl(result.run_dir / "metrics.jsonl")
-        if "data/padding_share" in r
-    ]
-    unpacked = [
-        r["data/padding_share"]
-        for r in read_jsonl(trained_run.run_dir / "metrics.jsonl")
-        if "data/padding_share" in r
-    ]
-    assert padding[0] < unpacked[0] / 2, (padding, unpacked)
-    stats = json.loads((result.run_dir / "data_stats.json").read_text())
+    packed = run_tiny(*short, root="packed")
+    unpacked = run_tiny(*short, "data.packing=false", "trainer.batch_size=8", root="unpacked")
+
+    def padding(result):
+        rows = read_jsonl(result.run_dir / "metrics.jsonl")
+        return [r["data/padding_share"] for r in rows if "data/padding_share" in r]
+
+    assert padding(packed)[0] < padding(unpacked)[0] / 2, (padding(packed), padding(unpacked))
+    stats = json.loads((packed.run_dir / "data_stats.json").read_text())
     assert stats["train"]["packed_rows"] < stats["train"]["samples"]
     assert (
-        "Packing check: packed vs separate logits differ by"
-        in (result.run_dir / "train.log").read_text()
+        "packed_rows" not in json.loads((unpacked.run_dir / "data_stats.json").read_text())["train"]
     )
-    assert all(v == v for v in train_losses(result.run_dir).values())  # finite
+    log = (packed.run_dir / "train.log").read_text()
+    assert "Packing check: packed vs separate logits differ by" in log
+    samples, rows = stats["train"]["samples"], stats["train"]["packed_rows"]
+    assert f"Packing: {samples} samples in {rows} rows of up to 256 tokens" in log
+    assert f"Data: {rows} training samples" in log  # the engine batches rows
+    assert "Packing check" not in (unpacked.run_dir / "train.log").read_text()
+    assert all(v == v for v in train_losses(packed.run_dir).values())  # finite
 
 
 def test_bad_input_exits_2_and_leaves_no_run_folder(tmp_path, capsys):
