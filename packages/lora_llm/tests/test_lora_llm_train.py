@@ -307,9 +307,10 @@ def test_packing_trains_with_less_padding(run_tiny):
     log = (packed.run_dir / "train.log").read_text()
     assert "Packing check: packed vs separate logits differ by" in log
     samples, rows = stats["train"]["samples"], stats["train"]["packed_rows"]
-    assert f"Packing: {samples} samples in {rows} rows of up to 256 tokens" in log
-    assert f"Data: {rows} training samples" in log  # the engine batches rows
-    assert "Packing check" not in (unpacked.run_dir / "train.log").read_text()
+    assert f"Data: {rows} packed rows ({samples} samples), " in log  # batches count rows
+    unpacked_log = (unpacked.run_dir / "train.log").read_text()
+    assert f"Data: {samples} training samples, " in unpacked_log
+    assert "Packing check" not in unpacked_log
     assert all(v == v for v in train_losses(packed.run_dir).values())  # finite
 
 

@@ -272,17 +272,6 @@ class LoraLLMTask(Task[LoraLLMConfig]):
             return
         for split, stats in self.stats.items():
             stats.log(split, self.cfg.data.max_length, log)
-        if isinstance(self.train_data, PackedDataset):
-            # The engine counts and batches training items, which are rows here, not samples.
-            samples, rows = len(self.train_data.examples), len(self.train_data)
-            log.info(
-                "Packing: %d samples in %d rows of up to %d tokens (%.2f per row); "
-                "trainer.batch_size counts rows",
-                samples,
-                rows,
-                self.cfg.data.max_length,
-                samples / max(rows, 1),
-            )
         if self.run_dir is not None:
             report = {
                 split: stats.summary(self.cfg.data.max_length)

@@ -27,6 +27,7 @@ from core.engine.evaluation import eval_dataloader
 from core.engine.sampler import ShardedBatchSampler, build_dataloader
 from core.errors import ConfigError, UserError
 from core.task.base import Task
+from core.task.batching import PackedDataset
 
 if TYPE_CHECKING:
     from core.engine.signals import StopSignal
@@ -117,10 +118,13 @@ class Batches:
         if tc.epoch_limit and not cfg.debug.overfit_batches:
             steps.append(math.ceil(tc.epoch_limit * per_epoch / accum))
         self.total_steps = min(steps)
+        items = f"{len(self.train_data)} training samples"
+        if isinstance(self.train_data, PackedDataset):  # a batch counts rows, not samples
+            items = f"{len(self.train_data)} packed rows ({len(self.train_data.examples)} samples)"
         log.info(
-            "Data: %d training samples, %d micro-batches/epoch/rank, %d optimizer steps (batch %d "
-            "x accumulation %d x %d ranks)",
-            len(self.train_data),
+            "Data: %s, %d micro-batches/epoch/rank, %d optimizer steps (batch %d x accumulation %d "
+            "x %d ranks)",
+            items,
             per_epoch,
             self.total_steps,
             tc.batch_size,
