@@ -8,11 +8,11 @@ on q/k/v/o, on the same Alpaca records in the same prompt template
 schedule, one epoch. TRL gets its defaults for prompt-completion data (``completion_only_loss``,
 bf16 autocast, gradient checkpointing, no warmup, LoRA dropout 0, random batches); lora_llm gets
 its preset's (``tiny`` with a 16-bit base: bf16-mixed, packed rows, 5 per step, about the tokens
-of 8 samples; warmup, LoRA dropout 0) with the study's sizes. Each variant (``--variants``)
-changes one thing of lora_llm's run, so the table shows where a difference in quality comes
-from; ``grouped8`` is the preset's batching before this study (unpacked, batch 8, grouped by
-length) and the ``-dropout0.05`` variants are the preset as it was before this study (that
-batching and LoRA dropout 0.05), each with one factor changed.
+of 8 samples; warmup, LoRA dropout 0) with the study's sizes. ``grouped8`` is the preset's
+batching before this study (unpacked, batch 8, grouped by length), ``dropout0.05`` the preset as
+it was before this study (that batching and LoRA dropout 0.05), and each ``<factor>-dropout0.05``
+variant changes one factor of it (``FACTORS``), so the table shows where a difference in quality
+comes from.
 
 The held-out loss of every run is computed by the same plain-peft code (:func:`held_out_loss`):
 the base in float32 plus the saved adapter, token-weighted mean cross-entropy over the response
@@ -77,7 +77,7 @@ SIZES = {
 }
 
 FACTORS: dict[str, list[str]] = {
-    # One factor of lora_llm's run changed at a time (TRL's setting where it has one).
+    # One factor of the old preset (OLD_PRESET) changed at a time (TRL's setting where it has one).
     "random": ["trainer.group_by_length=false"],
     "group64": ["trainer.group_chunk_batches=64"],
     # Packed rows, 5 per step (about the tokens of 8 samples): benchmark 10's fastest mode.
@@ -109,8 +109,6 @@ OLD_PRESET = [*GROUPED8, "lora.dropout=0.05"]
 VARIANTS: dict[str, list[str]] = {
     "lora_llm": [],  # the preset with the study's sizes
     "grouped8": GROUPED8,  # the preset's batching before this study, with dropout 0
-    **FACTORS,
-    "trl-like": ["trainer.group_by_length=false", "optim.warmup_steps=0"],
     "dropout0.05": OLD_PRESET,
     **{f"{name}-dropout0.05": [*OLD_PRESET, *changes] for name, changes in FACTORS.items()},
 }
@@ -344,7 +342,7 @@ def main() -> None:
     parser.add_argument(
         "--variants",
         nargs="+",
-        default=["trl", "lora_llm", "random", "group64", "packed5", "dropout0.05"],
+        default=["trl", "lora_llm", "grouped8", "random-dropout0.05", "dropout0.05"],
         choices=[*TRL_VARIANTS, *VARIANTS],
     )
     parser.add_argument("--results", type=Path, default=Path(tempfile.gettempdir()) / "peer_trl")
